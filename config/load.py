@@ -1,0 +1,433 @@
+"""Read ``swarm.yaml`` and the role templates it names into a ``Config``.
+
+A role in ``swarm.yaml`` names a template (``roles/<template>.yaml``, by
+default the role's own name) and may override any template field. Overrides of
+``resources``, ``restart`` (and ``restart.backoff``) and ``pool`` merge field by
+field over the template; every other field replaces the template's value. The
+template is validated on its own first, so an error in the merged role is the
+override's fault and is reported against ``swarm.yaml``.
+
+Exceptions::
+
+    ConfigError     anything wrong with swarm.yaml or a template: unreadable,
+                    not YAML, not a mapping, a field missing, unknown, out of
+                    range or inconsistent, an unknown template. str() is one
+                    line: "<file>: <field.path>: <what>".
+
+A program that gives up because of a ConfigError exits with ``EX_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from importlib.resources.abc import Traversable
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+import msgspec.inspect as mi
+import yaml
+from fireclaw.config.model import (
+    ROLE_NAME_PATTERN,
+    Backend,
+    Config,
+    ControlSpec,
+    NonEmptyStr,
+    Role,
+    StopSpec,
+)
+from msgspec import Meta
+
+try:
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+__all__ = ["EX_CONFIG", "ConfigError", "load_config", "parse_config"]
+
+EX_CONFIG: Final = 78
+"""sysexits.h EX_CONFIG: the exit status of a program stopped by a bad config."""
+
+# Far above any real config; keeps a wrong path (a log, an image) from being slurped.
+MAX_FILE_BYTES: Final = 1 << 20
+
+_ROLE_NAME_RE: Final = re.compile(ROLE_NAME_PATTERN)
+_PACKAGED_TEMPLATES: Final = "fireclaw.roles"
+
+_POLICY_ALIASES: Final = {"always": "permanent", "on-failure": "transient", "no": "temporary"}
+
+# Which overrides merge into the template's value instead of replacing it.
+_MergeSpec = Mapping[str, "_MergeSpec"]
+_MERGED: Final[_MergeSpec] = {"resources": {}, "restart": {"backoff": {}}, "pool": {}}
+
+# msgspec's names for JSON types, as a YAML author knows them.
+_YAML_TYPE_NAMES: Final = {
+    "object": "mapping",
+    "array": "list",
+    "object | null": "mapping or null",
+    "array | null": "list or null",
+}
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config file is missing, unreadable or invalid.
+
+    ``file`` is the file at fault (as the user named it), ``field`` the dotted
+    path of the offending field (``None`` when the whole file is at fault),
+    ``line``/``column`` (1-based) the place of a YAML syntax error.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        field: str | None,
+        detail: str,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        super().__init__(file, field, detail)
+        self.file = file
+        self.field = field
+        self.detail = " ".join(detail.split())
+        self.line = line
+        self.column = column
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
+        return ": ".join(part for part in (where, self.field, self.detail) if part)
+
+
+class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """swarm.yaml as written. Role entries stay raw until merged with their template."""
+
+    version: Literal[1]
+    backend: Backend = "auto"
+    state_dir: NonEmptyStr = "state"
+    roles_dir: NonEmptyStr | None = None
+    control: ControlSpec = msgspec.field(default_factory=ControlSpec)
+    stop: StopSpec = msgspec.field(default_factory=StopSpec)
+    task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    roles: dict[str, Any]
+
+
+class _Loader(_SafeLoader):
+    """Safe YAML loader that rejects a key given twice in one mapping.
+
+    PyYAML keeps the last value silently, so a role listed twice would quietly
+    lose its first entry.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable; the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the swarm file at ``path``; raise ConfigError if it is not usable.
+
+    Blocking file I/O: from trio, call it through ``trio.to_thread.run_sync``.
+    """
+    shown = os.fspath(path)
+    return parse_config(_read(pathlib.Path(shown), shown), path=pathlib.Path(shown))
+
+
+def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
+    """Validate ``text`` as the swarm file at ``path``; raise ConfigError if it is not usable.
+
+    ``path`` names the file in errors and anchors relative paths (``state_dir``,
+    ``roles_dir``, the default ``roles/`` folder). Templates are read from disk,
+    so this blocks like ``load_config``.
+    """
+    shown = os.fspath(path)
+    file = pathlib.Path(shown).resolve()
+    swarm = _convert(_parse_yaml(text, shown), _SwarmFile, shown, "")
+    base = file.parent
+    templates = _TemplateDir(_templates_dir(swarm.roles_dir, base, shown))
+    roles: dict[str, Role] = {}
+    nick_owner: dict[str, str] = {}
+    for name, entry in swarm.roles.items():
+        role = _build_role(name, entry, templates, shown)
+        other = nick_owner.setdefault(role.nick_pattern, name)
+        if other != name:
+            raise ConfigError(
+                shown,
+                f"roles.{name}.nick_pattern",
+                f"{role.nick_pattern!r} is also the nick pattern of role {other!r}",
+            )
+        roles[name] = role
+    return Config(
+        path=file,
+        state_dir=(base / pathlib.Path(swarm.state_dir).expanduser()).resolve(),
+        backend=swarm.backend,
+        control=swarm.control,
+        stop=swarm.stop,
+        task_max_attempts=swarm.task_max_attempts,
+        roles=roles,
+    )
+
+
+def _templates_dir(roles_dir: str | None, base: pathlib.Path, shown: str) -> Traversable:
+    if roles_dir is not None:
+        found = (base / pathlib.Path(roles_dir).expanduser()).resolve()
+        if not found.is_dir():
+            raise ConfigError(shown, "roles_dir", f"no such directory: {found}")
+        return found
+    beside = base / "roles"
+    if beside.is_dir():
+        return beside
+    return importlib.resources.files(_PACKAGED_TEMPLATES)
+
+
+class _TemplateDir:
+    """Role templates from one directory, each read and validated once per load."""
+
+    def __init__(self, root: Traversable) -> None:
+        self.root = root
+        self._raw: dict[str, dict[str, Any]] = {}
+
+    def get(self, name: str, *, shown: str, field: str) -> dict[str, Any]:
+        """The validated raw mapping of template ``name``; errors blame ``shown``:``field``."""
+        if name in self._raw:
+            return self._raw[name]
+        file = self.root.joinpath(f"{name}.yaml")
+        if not file.is_file():
+            raise ConfigError(shown, field, f"no template {name!r} in {self.root}")
+        file_shown = str(file)
+        raw = _parse_yaml(_read(file, file_shown), file_shown)
+        _normalise_policy(raw)
+        template = _convert(raw, Role, file_shown, "")
+        if template.name != name:
+            raise ConfigError(
+                file_shown, "name", f"expected {name!r} (the file's name), got {template.name!r}"
+            )
+        self._raw[name] = raw
+        return raw
+
+
+def _build_role(name: object, entry: object, templates: _TemplateDir, shown: str) -> Role:
+    if not isinstance(name, str) or not _ROLE_NAME_RE.match(name):
+        raise ConfigError(shown, "roles", f"role name {name!r} must match {ROLE_NAME_PATTERN}")
+    where = f"roles.{name}"
+    if entry is None:  # `worker:` with nothing under it: the template as is
+        entry = {}
+    if not isinstance(entry, dict):
+        raise ConfigError(shown, where, f"expected mapping, got {_show(entry)}")
+    overrides = dict(entry)
+    if "name" in overrides:
+        raise ConfigError(shown, f"{where}.name", "a role's name is its key under roles")
+    template = overrides.pop("template", name)
+    if not isinstance(template, str) or not _ROLE_NAME_RE.match(template):
+        raise ConfigError(
+            shown, f"{where}.template", f"expected a name matching {ROLE_NAME_PATTERN}"
+        )
+    raw = templates.get(template, shown=shown, field=f"{where}.template")
+    _normalise_policy(overrides)
+    merged = _merge(raw, overrides, _MERGED)
+    merged["name"] = name
+    if isinstance(merged.get("nick_pattern"), str):
+        merged["nick_pattern"] = merged["nick_pattern"].replace("{role}", name)
+    return _convert(merged, Role, shown, where)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], spec: _MergeSpec) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        nested = spec.get(key)
+        current = out.get(key)
+        if nested is not None and isinstance(value, dict) and isinstance(current, dict):
+            out[key] = _merge(current, value, nested)
+        else:
+            out[key] = value
+    return out
+
+
+def _normalise_policy(raw: dict[str, Any]) -> None:
+    """Rewrite a systemd-style restart policy to its OTP name, in place."""
+    restart = raw.get("restart")
+    if not isinstance(restart, dict) or "policy" not in restart:
+        return
+    policy = restart["policy"]
+    if policy is False:  # YAML 1.1 reads a bare `no` as false
+        policy = "no"
+    if isinstance(policy, str):
+        policy = _POLICY_ALIASES.get(policy, policy)
+    raw["restart"] = {**restart, "policy": policy}
+
+
+def _read(file: Traversable, shown: str) -> str:
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(shown, None, f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(shown, None, f"larger than {MAX_FILE_BYTES} bytes; not a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(shown, None, f"not UTF-8 text (bad byte at offset {exc.start})") from exc
+
+
+def _parse_yaml(text: str, shown: str) -> dict[str, Any]:
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except yaml.MarkedYAMLError as exc:
+        what = " ".join(p for p in (exc.problem, f"({exc.context})" if exc.context else "") if p)
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise ConfigError(
+            shown, None, f"invalid YAML: {what or exc}", line=line, column=column
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(shown, None, f"invalid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(shown, None, "empty document; expected a mapping")
+    if not isinstance(data, dict):
+        raise ConfigError(shown, None, f"expected a mapping at the top level, got {_show(data)}")
+    return data
+
+
+def _convert(raw: object, typ: type[T], shown: str, prefix: str) -> T:
+    try:
+        return msgspec.convert(raw, typ, strict=True)
+    except msgspec.ValidationError as exc:
+        field, what = _explain(str(exc), typ, raw)
+        raise ConfigError(shown, _join(prefix, field), what) from exc
+
+
+_AT_RE: Final = re.compile(r"(?s)(?P<what>.*?) - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`")
+_SEGMENT_RE: Final = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+
+
+def _explain(message: str, typ: type[Any], raw: object) -> tuple[str, str]:
+    """Turn a msgspec validation message into (field path, what is wrong)."""
+    match = _AT_RE.fullmatch(message)
+    what, path = (match["what"], match["path"]) if match else (message, "")
+    segments: list[str | int] = [
+        name if name else (int(index) if index.isdigit() else index)
+        for name, index in _SEGMENT_RE.findall(path)
+    ]
+    if match and match["key"]:
+        return _path(segments), f"key: {_yaml_words(what)}"
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", what):
+        fields = _struct_fields(_type_at(mi.type_info(typ), segments))
+        expected = f"; expected one of: {', '.join(fields)}" if fields else ""
+        return _path([*segments, m[1]]), f"unknown field{expected}"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", what):
+        return _path([*segments, m[1]]), "required field is missing"
+    if m := re.fullmatch(r"Invalid enum value (.+)", what):
+        choices = _literal_values(_type_at(mi.type_info(typ), segments))
+        if segments and segments[-1] == "policy":
+            choices += list(_POLICY_ALIASES)
+        return _path(segments), f"expected one of: {', '.join(choices)}; got {m[1]}"
+    if what.startswith("Expected "):
+        what = _yaml_words("expected " + what.removeprefix("Expected "))
+        found, value = _lookup(raw, segments)
+        if found and ", got" not in what:
+            what += f", got {_show(value)}"
+        if found and what.startswith("expected str") and isinstance(value, bool | int | float):
+            # YAML reads bare true, no, 1.5 as non-strings.
+            what += f" {_show(value)} (quote it to make it a string)"
+        return _path(segments), what
+    return _path(segments), what
+
+
+def _yaml_words(text: str) -> str:
+    return re.sub(r"`([^`]*)`", lambda m: _YAML_TYPE_NAMES.get(m[1], m[1]), text)
+
+
+def _path(segments: list[str | int]) -> str:
+    out = ""
+    for seg in segments:
+        if isinstance(seg, int) or seg == "...":
+            out += f"[{seg}]"
+        else:
+            out += f".{seg}" if out else seg
+    return out
+
+
+def _join(prefix: str, field: str) -> str:
+    if not prefix or not field:
+        return prefix or field
+    return prefix + field if field.startswith("[") else f"{prefix}.{field}"
+
+
+def _type_at(t: mi.Type, segments: list[str | int]) -> mi.Type | None:
+    for seg in segments:
+        if isinstance(t, mi.UnionType):
+            structs = [u for u in t.types if not isinstance(u, mi.NoneType)]
+            if len(structs) != 1:
+                return None
+            t = structs[0]
+        if isinstance(t, mi.StructType) and isinstance(seg, str):
+            found = [f.type for f in t.fields if f.encode_name == seg]
+            if not found:
+                return None
+            t = found[0]
+        elif isinstance(t, mi.VarTupleType | mi.ListType) and isinstance(seg, int):
+            t = t.item_type
+        elif isinstance(t, mi.DictType):
+            t = t.value_type
+        else:
+            return None
+    return t
+
+
+def _struct_fields(t: mi.Type | None) -> list[str]:
+    if isinstance(t, mi.UnionType):
+        return [f for u in t.types for f in _struct_fields(u)]
+    if isinstance(t, mi.StructType):
+        return [f.encode_name for f in t.fields]
+    return []
+
+
+def _literal_values(t: mi.Type | None) -> list[str]:
+    if isinstance(t, mi.LiteralType):
+        return [str(v) for v in t.values]
+    return []
+
+
+def _lookup(raw: object, segments: list[str | int]) -> tuple[bool, object]:
+    for seg in segments:
+        if isinstance(raw, dict) and isinstance(seg, str) and seg in raw:
+            raw = raw[seg]
+        elif isinstance(raw, list) and isinstance(seg, int) and seg < len(raw):
+            raw = raw[seg]
+        else:
+            return False, None
+    return True, raw
+
+
+def _show(value: object) -> str:
+    """A value as the YAML author wrote it, short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__

@@ -1,0 +1,191 @@
+"""The control protocol between the supervisor (host) and a guest daemon (VM).
+
+One WebSocket connection per VM; the guest dials, the host listens. Every
+message is one binary frame holding one msgpack-encoded Struct from the tagged
+unions below (the tag field is ``type``). Nothing else is accepted: text frames,
+unknown message types, unknown fields, out-of-range values and frames larger
+than ``MAX_FRAME_BYTES`` are protocol violations.
+
+The host treats everything a guest sends as untrusted input: it decodes with
+``decode_guest`` (which enforces the schema and the size cap) and kills a guest
+that breaks the protocol. The guest trusts the host.
+
+Conversation::
+
+    guest                              host
+      | -- Hello(vm_id, token) -------> |   within boot_timeout of the VM starting
+      | <------- Welcome(entropy, now) -- |   guest reseeds its RNG, sets its clock
+      | -- Heartbeat ------------------> |   every heartbeat_interval
+      | <-------------- Run(req, argv) -- |   parked guest runs a command
+      | -- Output(req, stream, data) ---> |   zero or more
+      | -- Exited(req, code) -----------> |
+      | <---- Promote(name, role, ...) -- |   becomes an agent
+      | -- Promoted(name) --------------> |
+      | <------------ Task(id, prompt) -- |
+      | -- TaskDone(id, code, output) --> |
+      | <--------------- Stop(reason) --- |   asks the guest to stop
+      | -- Goodbye(reason) -------------> |   then the guest exits 0
+
+This module imports only msgspec: it ships inside VM images.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION: Final = 1
+
+#: Largest frame either side accepts. Output is chunked well below this.
+MAX_FRAME_BYTES: Final = 64 * 1024
+#: Largest chunk of command output carried by one ``Output`` message.
+MAX_OUTPUT_CHUNK: Final = 16 * 1024
+#: Largest task result carried by ``TaskDone`` (the rest is cut, and says so).
+MAX_RESULT_BYTES: Final = 32 * 1024
+
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]{}|^`\\]+$")]
+Token = Annotated[str, Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
+ReqId = Annotated[int, Meta(ge=0, le=2**53)]
+Seq = Annotated[int, Meta(ge=0, le=2**53)]
+ExitCode = Annotated[int, Meta(ge=-255, le=255)]
+ShortText = Annotated[str, Meta(max_length=1024)]
+Argv = Annotated[list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1, max_length=256)]
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    pass
+
+
+# --- guest -> host -----------------------------------------------------------
+
+
+class Hello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="hello"):
+    """First message on a connection: who the guest claims to be."""
+
+    vm_id: Name
+    token: Token
+    version: Annotated[int, Meta(ge=0, le=1000)]
+    pid: Annotated[int, Meta(ge=0, le=2**31)] = 0
+
+
+class Heartbeat(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="heartbeat"):
+    seq: Seq
+
+
+class Output(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="output"):
+    """A chunk of a running command's stdout or stderr."""
+
+    req: ReqId
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[bytes, Meta(max_length=MAX_OUTPUT_CHUNK)]
+
+
+class Exited(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="exited"):
+    """A ``Run`` request finished. ``code`` is negative for a signal, like Popen."""
+
+    req: ReqId
+    code: ExitCode
+    error: ShortText = ""
+
+
+class Promoted(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="promoted"):
+    name: Name
+
+
+class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task_done"):
+    task_id: Annotated[int, Meta(ge=1, le=2**53)]
+    code: ExitCode
+    output: Annotated[str, Meta(max_length=MAX_RESULT_BYTES)]
+    truncated: bool = False
+
+
+class Goodbye(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="goodbye"):
+    reason: ShortText = ""
+
+
+GuestMessage = Hello | Heartbeat | Output | Exited | Promoted | TaskDone | Goodbye
+
+
+# --- host -> guest -----------------------------------------------------------
+
+
+class Welcome(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="welcome"):
+    """Sent after a valid ``Hello``. A restored clone reseeds and resets its clock."""
+
+    entropy: Annotated[bytes, Meta(min_length=32, max_length=512)]
+    unix_time: float
+    heartbeat_interval: Annotated[float, Meta(gt=0, le=3600)]
+
+
+class Run(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="run"):
+    """Run ``argv`` (no shell) in the guest and stream its output back."""
+
+    req: ReqId
+    argv: Argv
+    cwd: Annotated[str, Meta(max_length=4096)] = ""
+
+
+class Harness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="command"):
+    """The ``command`` harness: ``argv`` with ``{prompt}`` replaced by the prompt."""
+
+    argv: Argv
+    timeout: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+
+
+class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="promote"):
+    """Become an agent named ``name`` of ``role``."""
+
+    name: Name
+    role: Name
+    persona: Annotated[str, Meta(max_length=16384)] = ""
+    model: Annotated[str, Meta(max_length=256)] = ""
+    harness: Harness
+
+
+class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):
+    task_id: Annotated[int, Meta(ge=1, le=2**53)]
+    prompt: Annotated[str, Meta(max_length=65536)]
+
+
+class Stop(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="stop"):
+    reason: ShortText = ""
+
+
+HostMessage = Welcome | Run | Promote | Task | Stop
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid message: too big, undecodable, or off-schema."""
+
+
+_guest_decoder = msgspec.msgpack.Decoder(GuestMessage)
+_host_decoder = msgspec.msgpack.Decoder(HostMessage)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: GuestMessage | HostMessage) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_guest(frame: bytes | str) -> GuestMessage:
+    """Decode a frame from an untrusted guest, enforcing type, size and schema."""
+    return _decode(_guest_decoder, frame)
+
+
+def decode_host(frame: bytes | str) -> HostMessage:
+    return _decode(_host_decoder, frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | str) -> object:  # type: ignore[type-arg]
+    if not isinstance(frame, bytes):
+        raise ProtocolError("text frame (only binary msgpack frames are allowed)")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid message: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable frame: {exc}") from exc

@@ -1,0 +1,543 @@
+"""fireclaw.config: loading, merging, validation errors, diffing and role hashes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import textwrap
+
+import pytest
+from fireclaw.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    HarnessSpec,
+    PoolSpec,
+    RestartPolicy,
+    Role,
+    diff_config,
+    load_config,
+    parse_config,
+    role_hash,
+)
+from fireclaw.config.load import MAX_FILE_BYTES
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TEMPLATES = ("worker", "coder", "researcher", "quick", "creative")
+
+TEMPLATE = """\
+name: {name}
+description: test role
+nick_pattern: "{{role}}-{{n}}"
+persona: You test things.
+model: test-model
+harness:
+  kind: command
+  command: ["sh", "-c", "echo hi"]
+resources: {{vcpus: 1, memory_mib: 256}}
+restart:
+  policy: permanent
+  max_restarts: 5
+  backoff: {{base: 1, max: 60}}
+pool: {{min_idle: 1, max_active: 4}}
+channels: ["#test"]
+"""
+
+
+def write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def swarm_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A directory with roles/alpha.yaml and roles/beta.yaml beside where swarm.yaml goes."""
+    for name in ("alpha", "beta"):
+        write(tmp_path / "roles" / f"{name}.yaml", TEMPLATE.format(name=name))
+    return tmp_path
+
+
+def load(swarm_dir: pathlib.Path, body: str) -> Config:
+    return load_config(write(swarm_dir / "swarm.yaml", body))
+
+
+def error_of(swarm_dir: pathlib.Path, body: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(swarm_dir, body)
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+# --- what ships --------------------------------------------------------------
+
+
+def test_default_swarm_yaml_loads() -> None:
+    config = load_config(REPO / "swarm.yaml")
+    assert config.path == (REPO / "swarm.yaml").resolve()
+    assert config.state_dir == (REPO / "state").resolve()
+    assert config.backend == "auto"
+    assert list(config.roles) == ["worker", "coder"]
+    assert config.roles["worker"].pool.min_idle == 2
+    assert config.roles["coder"].pool.min_idle == 1
+    assert config.roles["worker"].nick(3) == "worker-3"
+    assert config.task_max_attempts == 3
+    assert EX_CONFIG == 78
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_every_packaged_template_loads(name: str, tmp_path: pathlib.Path) -> None:
+    # No roles/ beside this file: the templates shipped in fireclaw.roles are used.
+    config = load(tmp_path, f"version: 1\nroles:\n  {name}:\n")
+    role = config.roles[name]
+    assert role.name == name
+    assert role.nick_pattern == f"{name}-{{n}}"
+    assert role.persona and role.model and role.description
+    assert role.harness.kind == "command"
+    assert role.harness.command[0] == "sh"
+
+
+def test_templates_are_distinct() -> None:
+    config = parse_config(
+        "version: 1\nroles: {" + ", ".join(f"{n}: {{}}" for n in TEMPLATES) + "}\n",
+        path=REPO / "swarm.yaml",
+    )
+    assert len({r.persona for r in config.roles.values()}) == len(TEMPLATES)
+    assert len({r.model for r in config.roles.values()}) == len(TEMPLATES)
+
+
+def test_template_harness_echoes_agent_and_prompt() -> None:
+    import subprocess
+
+    role = load_config(REPO / "swarm.yaml").roles["worker"]
+    env = {**os.environ, "FIRECLAW_AGENT": "worker-1", "FIRECLAW_PROMPT": "hi: 100% -n"}
+    out = subprocess.run(role.harness.command, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout == "worker-1: hi: 100% -n\n"
+
+
+# --- merging and normalising -------------------------------------------------
+
+
+def test_defaults_without_overrides(swarm_dir: pathlib.Path) -> None:
+    config = load(swarm_dir, "version: 1\nroles:\n  alpha:\n")
+    assert config.control.heartbeat_interval == 2.0
+    assert config.stop.fleet_deadline == 60.0
+    role = config.roles["alpha"]
+    assert role.restart == RestartPolicy(policy="permanent")
+    assert role.guest_command is None
+    assert role.channels == ("#test",)
+
+
+def test_overrides_merge_field_by_field(swarm_dir: pathlib.Path) -> None:
+    config = load(
+        swarm_dir,
+        """\
+        version: 1
+        roles:
+          alpha:
+            pool: {min_idle: 3}
+            resources: {memory_mib: 512}
+            restart: {max_restarts: 9, backoff: {max: 120}}
+            model: other-model
+            harness: {command: [echo, "{prompt}"], timeout: 5}
+            guest_command: [python3, -m, fireclaw.guest_daemon]
+        """,
+    )
+    role = config.roles["alpha"]
+    assert role.pool == PoolSpec(min_idle=3, max_active=4)
+    assert (role.resources.vcpus, role.resources.memory_mib) == (1, 512)
+    assert role.restart.max_restarts == 9
+    assert role.restart.policy == "permanent"
+    assert (role.restart.backoff.base, role.restart.backoff.max) == (1.0, 120.0)
+    assert role.model == "other-model"
+    assert role.persona == "You test things."
+    # A harness is replaced whole, not merged.
+    assert role.harness == HarnessSpec(command=("echo", "{prompt}"), timeout=5.0)
+    assert role.guest_command == ("python3", "-m", "fireclaw.guest_daemon")
+
+
+def test_role_with_other_template_and_file_order(swarm_dir: pathlib.Path) -> None:
+    config = load(
+        swarm_dir,
+        """\
+        version: 1
+        roles:
+          zeta: {template: alpha}
+          beta: {}
+          alpha: {}
+        """,
+    )
+    assert list(config.roles) == ["zeta", "beta", "alpha"]
+    assert config.roles["zeta"].name == "zeta"
+    assert config.roles["zeta"].nick_pattern == "zeta-{n}"
+
+
+@pytest.mark.parametrize(
+    ("written", "policy"),
+    [
+        ("always", "permanent"),
+        ("on-failure", "transient"),
+        ("no", "temporary"),
+        ('"no"', "temporary"),
+        ("permanent", "permanent"),
+        ("transient", "transient"),
+        ("temporary", "temporary"),
+    ],
+)
+def test_restart_policy_aliases_normalise(
+    swarm_dir: pathlib.Path, written: str, policy: str
+) -> None:
+    config = load(swarm_dir, f"version: 1\nroles:\n  alpha:\n    restart: {{policy: {written}}}\n")
+    assert config.roles["alpha"].restart.policy == policy
+
+
+def test_alias_in_template_normalises(swarm_dir: pathlib.Path) -> None:
+    text = TEMPLATE.format(name="alpha").replace("policy: permanent", "policy: on-failure")
+    write(swarm_dir / "roles" / "alpha.yaml", text)
+    assert load(swarm_dir, "version: 1\nroles: {alpha: {}}\n").roles["alpha"].restart.policy == (
+        "transient"
+    )
+
+
+def test_ints_accepted_for_floats(swarm_dir: pathlib.Path) -> None:
+    config = load(swarm_dir, "version: 1\ncontrol: {heartbeat_interval: 1}\nroles: {}\n")
+    assert config.control.heartbeat_interval == 1.0
+    assert isinstance(config.control.heartbeat_interval, float)
+
+
+def test_state_dir_relative_to_file(
+    swarm_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(swarm_dir / "roles")  # somewhere else: must not matter
+    config = load(swarm_dir, "version: 1\nstate_dir: var/run\nroles: {}\n")
+    assert config.state_dir == (swarm_dir / "var" / "run").resolve()
+    assert config.path == (swarm_dir / "swarm.yaml").resolve()
+    absolute = load(swarm_dir, f"version: 1\nstate_dir: {swarm_dir / 'abs'}\nroles: {{}}\n")
+    assert absolute.state_dir == (swarm_dir / "abs").resolve()
+
+
+def test_parse_config_uses_path_for_relative_dirs(swarm_dir: pathlib.Path) -> None:
+    config = parse_config("version: 1\nroles: {alpha: {}}\n", path=swarm_dir / "nowhere.yaml")
+    assert config.state_dir == (swarm_dir / "state").resolve()
+    assert config.roles["alpha"].model == "test-model"
+
+
+def test_roles_dir_setting(swarm_dir: pathlib.Path) -> None:
+    write(swarm_dir / "elsewhere" / "gamma.yaml", TEMPLATE.format(name="gamma"))
+    config = load(swarm_dir, "version: 1\nroles_dir: elsewhere\nroles: {gamma: {}}\n")
+    assert list(config.roles) == ["gamma"]
+
+
+# --- errors: one line, file and field path -----------------------------------
+
+
+def test_error_out_of_range(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    pool: {min_idle: -1}\n")
+    file = swarm_dir / "swarm.yaml"
+    assert msg == f"{file}: roles.alpha.pool.min_idle: expected int >= 0, got -1"
+
+
+def test_error_wrong_type(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    pool: {max_active: lots}\n")
+    assert msg.endswith(": roles.alpha.pool.max_active: expected int, got str")
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    harness: {command: [true]}\n")
+    assert msg.endswith(
+        ": roles.alpha.harness.command[0]: expected str, got bool true"
+        " (quote it to make it a string)"
+    )
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    pool: 3\n")
+    assert msg.endswith(": roles.alpha.pool: expected mapping, got int")
+
+
+def test_error_list_item(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, 'version: 1\nroles:\n  alpha:\n    channels: ["#ok", "nope"]\n')
+    assert ": roles.alpha.channels[1]: expected str matching regex" in msg
+    assert msg.endswith("got 'nope'")
+
+
+def test_error_unknown_field(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    pool: {min_idel: 2}\n")
+    assert msg == (
+        f"{swarm_dir / 'swarm.yaml'}: roles.alpha.pool.min_idel: unknown field;"
+        " expected one of: min_idle, max_active"
+    )
+    msg = error_of(swarm_dir, "version: 1\nbakend: qemu\nroles: {}\n")
+    assert ": bakend: unknown field; expected one of: version, backend," in msg
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {modle: x}\n")
+    assert ": roles.alpha.modle: unknown field" in msg
+
+
+def test_error_missing_field(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "roles: {}\n")
+    assert msg.endswith("swarm.yaml: version: required field is missing")
+
+
+def test_error_bad_choice(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nbackend: kvm\nroles: {}\n")
+    assert msg.endswith(": backend: expected one of: auto, firecracker, process, qemu; got 'kvm'")
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    restart: {policy: sometimes}\n")
+    assert ": roles.alpha.restart.policy: expected one of: permanent, temporary, transient," in msg
+    assert msg.endswith("always, on-failure, no; got 'sometimes'")
+    msg = error_of(swarm_dir, "version: 2\nroles: {}\n")
+    assert msg.endswith(": version: expected one of: 1; got 2")
+
+
+def test_error_cross_field(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha:\n    restart: {backoff: {base: 90}}\n")
+    assert msg.endswith(": roles.alpha.restart.backoff: max (60) must be >= base (90)")
+    msg = error_of(swarm_dir, "version: 1\ncontrol: {heartbeat_timeout: 2}\nroles: {}\n")
+    assert ": control: heartbeat_timeout (2) must be greater than heartbeat_interval (2)" in msg
+    msg = error_of(swarm_dir, "version: 1\ncontrol: {max_message_bytes: 70000}\nroles: {}\n")
+    assert msg.endswith(": control.max_message_bytes: expected int <= 65536, got 70000")
+
+
+def test_error_task_max_attempts(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\ntask_max_attempts: 0\nroles: {}\n")
+    assert msg.endswith("swarm.yaml: task_max_attempts: expected int >= 1, got 0")
+
+
+def test_error_missing_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert str(info.value) == f"{tmp_path / 'absent.yaml'}: cannot read: No such file or directory"
+
+
+def test_error_unreadable(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.yaml: cannot read: Is a directory$"):
+        load_config(tmp_path / "dir.yaml")
+    bad = tmp_path / "binary.yaml"
+    bad.write_bytes(b"version: 1\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: not UTF-8 text"):
+        load_config(bad)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_FILE_BYTES + 1))
+    with pytest.raises(ConfigError, match=r"big\.yaml: larger than"):
+        load_config(big)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_error_permission_denied(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path / "swarm.yaml", "version: 1\nroles: {}\n")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match=r"swarm\.yaml: cannot read: Permission denied$"):
+        load_config(path)
+
+
+def test_error_yaml_syntax(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {pool: [}\n")
+    assert msg.startswith(f"{swarm_dir / 'swarm.yaml'}:3:")
+    assert ": invalid YAML: " in msg
+    msg = error_of(swarm_dir, "version: 1\nbackend: a: b\n")
+    # libyaml and the pure-Python parser word this differently.
+    assert msg.startswith(f"{swarm_dir / 'swarm.yaml'}:2:11: invalid YAML: mapping values are not")
+
+
+def test_error_duplicate_key(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {}\n  alpha: {}\n")
+    assert msg == f"{swarm_dir / 'swarm.yaml'}:4:3: invalid YAML: duplicate key 'alpha'"
+
+
+def test_error_not_a_mapping(swarm_dir: pathlib.Path) -> None:
+    assert error_of(swarm_dir, "- version\n- 1\n").endswith(
+        "swarm.yaml: expected a mapping at the top level, got a list"
+    )
+    assert error_of(swarm_dir, "# nothing\n").endswith(
+        "swarm.yaml: empty document; expected a mapping"
+    )
+    assert error_of(swarm_dir, "version: 1\nroles: {alpha: [1]}\n").endswith(
+        "swarm.yaml: roles.alpha: expected mapping, got a list"
+    )
+
+
+def test_error_unknown_template(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  foo: {}\n")
+    file, roles = swarm_dir / "swarm.yaml", swarm_dir / "roles"
+    assert msg == f"{file}: roles.foo.template: no template 'foo' in {roles}"
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {template: nope}\n")
+    assert msg.endswith(": roles.alpha.template: no template 'nope' in " + str(swarm_dir / "roles"))
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {template: ../alpha}\n")
+    assert ": roles.alpha.template: expected a name matching" in msg
+
+
+def test_error_bad_role_name(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  Alpha: {}\n")
+    assert msg.endswith("swarm.yaml: roles: role name 'Alpha' must match ^[a-z][a-z0-9-]{0,30}$")
+    msg = error_of(swarm_dir, "version: 1\nroles:\n  alpha: {name: x}\n")
+    assert msg.endswith(": roles.alpha.name: a role's name is its key under roles")
+
+
+def test_error_missing_roles_dir(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(swarm_dir, "version: 1\nroles_dir: gone\nroles: {}\n")
+    assert msg == f"{swarm_dir / 'swarm.yaml'}: roles_dir: no such directory: {swarm_dir / 'gone'}"
+
+
+def test_error_in_template_names_template_file(swarm_dir: pathlib.Path) -> None:
+    template = swarm_dir / "roles" / "alpha.yaml"
+    write(template, TEMPLATE.format(name="alpha").replace("max_active: 4", "max_active: 0"))
+    msg = error_of(swarm_dir, "version: 1\nroles: {alpha: {}}\n")
+    assert msg == f"{template}: pool.max_active: expected int >= 1, got 0"
+
+    write(template, TEMPLATE.format(name="alpha").replace("model: test-model\n", ""))
+    assert error_of(swarm_dir, "version: 1\nroles: {alpha: {}}\n") == (
+        f"{template}: model: required field is missing"
+    )
+
+    write(template, TEMPLATE.format(name="other"))
+    assert error_of(swarm_dir, "version: 1\nroles: {alpha: {}}\n") == (
+        f"{template}: name: expected 'alpha' (the file's name), got 'other'"
+    )
+
+    write(template, "name: [alpha\n")
+    assert error_of(swarm_dir, "version: 1\nroles: {alpha: {}}\n").startswith(
+        f"{template}:2:1: invalid YAML: "
+    )
+
+    write(template, TEMPLATE.format(name="alpha").replace('"{role}-{n}"', '"{role}"'))
+    assert error_of(swarm_dir, "version: 1\nroles: {alpha: {}}\n").startswith(
+        f"{template}: nick_pattern '{{role}}' must be a nick with '{{n}}' exactly once"
+    )
+
+
+def test_error_same_nick_pattern(swarm_dir: pathlib.Path) -> None:
+    msg = error_of(
+        swarm_dir,
+        "version: 1\nroles:\n  alpha: {}\n  beta: {nick_pattern: 'alpha-{n}'}\n",
+    )
+    assert msg.endswith(
+        ": roles.beta.nick_pattern: 'alpha-{n}' is also the nick pattern of role 'alpha'"
+    )
+
+
+# --- diff and role_hash ------------------------------------------------------
+
+BASE = """\
+version: 1
+roles:
+  alpha: {}
+  beta: {}
+"""
+
+
+def test_diff_identical_is_empty(swarm_dir: pathlib.Path) -> None:
+    diff = diff_config(load(swarm_dir, BASE), load(swarm_dir, BASE))
+    assert diff.is_empty
+    assert diff.unchanged == ("alpha", "beta")
+    assert (diff.added, diff.removed, diff.changed) == ((), (), {})
+
+
+def test_diff_add_and_remove(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(swarm_dir, "version: 1\nroles:\n  beta: {}\n  gamma: {template: alpha}\n")
+    diff = diff_config(old, new)
+    assert diff.added == ("gamma",)
+    assert diff.removed == ("alpha",)
+    assert diff.unchanged == ("beta",)
+    assert diff.changed == {}
+    assert not diff.is_empty
+
+
+def test_diff_scale(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(swarm_dir, BASE.replace("alpha: {}", "alpha: {pool: {max_active: 9}}"))
+    diff = diff_config(old, new)
+    change = diff.changed["alpha"]
+    assert (change.scale, change.replace, change.restart_policy, change.hot) == (
+        True,
+        False,
+        False,
+        (),
+    )
+    assert diff.unchanged == ("beta",)
+
+
+def test_diff_hot(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(
+        swarm_dir,
+        BASE.replace("alpha: {}", "alpha: {persona: New., model: m2, channels: ['#x']}"),
+    )
+    change = diff_config(old, new).changed["alpha"]
+    assert change.hot == ("model", "persona", "channels")
+    assert not (change.replace or change.scale or change.restart_policy)
+
+
+def test_diff_replace_and_restart(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(
+        swarm_dir,
+        BASE.replace("alpha: {}", "alpha: {resources: {vcpus: 2}}").replace(
+            "beta: {}", "beta: {restart: {policy: no}}"
+        ),
+    )
+    diff = diff_config(old, new)
+    assert diff.changed["alpha"].replace
+    assert not diff.changed["alpha"].scale
+    assert diff.changed["beta"].restart_policy
+    assert not diff.changed["beta"].replace
+    assert diff.unchanged == ()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["harness: {command: ['true']}", "guest_command: [sh]", "nick_pattern: 'a{n}'"],
+)
+def test_diff_vm_fields_replace(swarm_dir: pathlib.Path, override: str) -> None:
+    new = load(swarm_dir, BASE.replace("alpha: {}", f"alpha: {{{override}}}"))
+    assert diff_config(load(swarm_dir, BASE), new).changed["alpha"].replace
+
+
+def test_diff_global_sections(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(
+        swarm_dir,
+        "version: 1\nbackend: process\nstate_dir: other\ncontrol: {boot_timeout: 5}\n"
+        "stop: {grace_period: 1}\ntask_max_attempts: 1\n" + BASE.removeprefix("version: 1\n"),
+    )
+    diff = diff_config(old, new)
+    assert diff.backend_changed and diff.state_dir_changed
+    assert diff.control_changed and diff.stop_changed and diff.task_max_attempts_changed
+    assert diff.unchanged == ("alpha", "beta")
+    assert not diff.is_empty
+
+
+def test_role_hash_stable_and_selective(swarm_dir: pathlib.Path) -> None:
+    first = load(swarm_dir, BASE).roles["alpha"]
+    again = load(swarm_dir, BASE).roles["alpha"]
+    assert role_hash(first) == role_hash(again)
+    assert len(role_hash(first)) == 64
+    tuned = load(
+        swarm_dir,
+        BASE.replace(
+            "alpha: {}",
+            "alpha: {pool: {min_idle: 5}, model: m2, persona: P., restart: {policy: no},"
+            " channels: [], description: d}",
+        ),
+    ).roles["alpha"]
+    assert role_hash(tuned) == role_hash(first)
+    bigger = load(swarm_dir, BASE.replace("alpha: {}", "alpha: {resources: {memory_mib: 512}}"))
+    assert role_hash(bigger.roles["alpha"]) != role_hash(first)
+
+
+def test_role_hash_known_value() -> None:
+    # Pinned: a hash that changed for an unchanged spec would replace every VM after an upgrade.
+    def role(**fields: object) -> Role:
+        spec: dict[str, object] = {
+            "name": "r",
+            "description": "",
+            "nick_pattern": "r-{n}",
+            "persona": "",
+            "model": "m",
+            "harness": HarnessSpec(command=("true",)),
+        }
+        spec.update(fields)
+        return Role(**spec)  # type: ignore[arg-type]
+
+    pinned = "c2bb8873a9e27b4013dab9619450a4fc29b2ea88f82df008395cda1e1f56519b"
+    assert role_hash(role()) == pinned
+    assert role_hash(role(name="s", description="d", persona="p", model="z")) == pinned
+    assert role_hash(role(pool=PoolSpec(min_idle=0), channels=("#a",))) == pinned
+    assert role_hash(role(restart=RestartPolicy(policy="temporary"))) == pinned
+    assert role_hash(role(guest_command=("sh",))) != pinned
+    assert role_hash(role(harness=HarnessSpec(command=("true",), timeout=1))) != pinned
