@@ -31,10 +31,12 @@ This module imports only msgspec: it ships inside VM images.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
+
+_T = TypeVar("_T")
 
 PROTOCOL_VERSION: Final = 1
 
@@ -42,6 +44,8 @@ PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 64 * 1024
 #: Largest chunk of command output carried by one ``Output`` message.
 MAX_OUTPUT_CHUNK: Final = 16 * 1024
+#: Largest prompt a ``Task`` carries; with 3-byte characters it still fits a frame.
+MAX_PROMPT_CHARS: Final = 16 * 1024
 #: Largest task result carried by ``TaskDone`` (the rest is cut, and says so).
 MAX_RESULT_BYTES: Final = 32 * 1024
 
@@ -146,7 +150,7 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
 
 class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):
     task_id: Annotated[int, Meta(ge=1, le=2**53)]
-    prompt: Annotated[str, Meta(max_length=65536)]
+    prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
 
 
 class Stop(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="stop"):
@@ -160,8 +164,8 @@ class ProtocolError(Exception):
     """A frame that is not a valid message: too big, undecodable, or off-schema."""
 
 
-_guest_decoder = msgspec.msgpack.Decoder(GuestMessage)
-_host_decoder = msgspec.msgpack.Decoder(HostMessage)
+_guest_decoder: msgspec.msgpack.Decoder[GuestMessage] = msgspec.msgpack.Decoder(GuestMessage)
+_host_decoder: msgspec.msgpack.Decoder[HostMessage] = msgspec.msgpack.Decoder(HostMessage)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -178,7 +182,7 @@ def decode_host(frame: bytes | str) -> HostMessage:
     return _decode(_host_decoder, frame)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | str) -> object:  # type: ignore[type-arg]
+def _decode(decoder: msgspec.msgpack.Decoder[_T], frame: bytes | str) -> _T:
     if not isinstance(frame, bytes):
         raise ProtocolError("text frame (only binary msgpack frames are allowed)")
     if len(frame) > MAX_FRAME_BYTES:

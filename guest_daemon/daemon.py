@@ -1,0 +1,487 @@
+"""The guest daemon: dials the host, says hello, heartbeats, serves requests.
+
+Entry point: ``main(argv)`` (``python -m fireclaw.guest_daemon``), which
+returns the process exit code:
+
+* 0  stopped: the host sent ``Stop`` (or the daemon got SIGTERM/SIGINT);
+     children were ended, ``Goodbye`` was sent, the socket closed cleanly.
+* 1  the host could not be reached before the connect deadline, the
+     connection was lost or closed without ``Stop``, or the host sent a frame
+     that is not a valid message. Children were ended.
+* 78 missing or invalid configuration (EX_CONFIG), one line on stderr.
+
+Configuration, lowest precedence first: the environment
+(``FIRECLAW_CONTROL_URL``, ``FIRECLAW_VM_ID``, ``FIRECLAW_TOKEN``), then a
+kernel command line read with ``--cmdline FILE`` (``fireclaw.url=``,
+``fireclaw.vm_id=``, ``fireclaw.token=``), then ``--url``, ``--vm-id`` and
+``--token``. The clock is set from ``Welcome`` only when
+``FIRECLAW_SET_CLOCK=1``, which only a VM image sets.
+
+Exceptions::
+
+    GuestDaemonError
+    └── ConfigError      bad or missing configuration (exit 78)
+
+Everything that goes wrong after configuration is an exit code, not an
+exception: ``protocol.ProtocolError`` and trio-websocket's errors are caught
+where they happen and end the session.
+
+The daemon imports nothing from the host side: it ships into VM images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, NoReturn
+from urllib.parse import urlsplit
+
+import msgspec
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from .harness import Children, Identity, child_env, one_line, run_command, run_task
+from .protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Goodbye,
+    GuestMessage,
+    Heartbeat,
+    Hello,
+    HostMessage,
+    Name,
+    Promote,
+    Promoted,
+    ProtocolError,
+    Run,
+    Stop,
+    Task,
+    Token,
+    Welcome,
+    decode_host,
+    encode,
+)
+
+log = logging.getLogger("fireclaw.guest_daemon")
+
+EXIT_STOPPED: Final = 0
+EXIT_FAILED: Final = 1
+EX_CONFIG: Final = 78
+
+#: Messages queued for the writer before senders wait: the backpressure.
+OUTBOX_SIZE: Final = 16
+#: Children get SIGTERM, then SIGKILL after this many seconds.
+KILL_GRACE: Final = 2.0
+#: After the children are dead, how long their runs may take to report.
+REPORT_GRACE: Final = 2.0
+#: How long the last messages and the close handshake may take.
+CLOSE_TIMEOUT: Final = 5.0
+#: One dial attempt never takes longer than this (a silent host would
+#: otherwise eat the whole connect deadline in one try).
+ATTEMPT_TIMEOUT: Final = 5.0
+BACKOFF_FIRST: Final = 0.1
+BACKOFF_MAX: Final = 2.0
+
+# WebSocket close codes (RFC 6455).
+_CLOSE_NORMAL: Final = 1000
+_CLOSE_PROTOCOL_ERROR: Final = 1002
+
+
+class GuestDaemonError(Exception):
+    """Base of the guest daemon's own errors."""
+
+
+class ConfigError(GuestDaemonError):
+    """Missing or invalid configuration; ``str()`` is one line."""
+
+
+# --- configuration -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    vm_id: str
+    token: str
+    connect_timeout: float = 30.0
+    set_clock: bool = False
+
+
+_ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
+_CMDLINE: Final = {"url": "fireclaw.url", "vm_id": "fireclaw.vm_id", "token": "fireclaw.token"}
+_FLAG: Final = {"url": "--url", "vm_id": "--vm-id", "token": "--token"}
+# A kernel command line word: runs of non-blanks, where "..." may hold blanks.
+_CMDLINE_WORD: Final = re.compile(r'(?:[^\s"]+|"[^"]*")+')
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="python -m fireclaw.guest_daemon",
+        description="fireclaw guest daemon: serves the host's control channel inside a VM.",
+    )
+    parser.add_argument("--url", help=f"control endpoint, ws://HOST:PORT/ (${_ENV['url']})")
+    parser.add_argument("--vm-id", help=f"this VM's id (${_ENV['vm_id']})")
+    parser.add_argument("--token", help=f"this VM's secret token (${_ENV['token']})")
+    parser.add_argument(
+        "--cmdline",
+        metavar="FILE",
+        help="read fireclaw.url=, fireclaw.vm_id=, fireclaw.token= from a kernel command line",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up when the host cannot be reached for this long (default 30)",
+    )
+    return parser
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """The ``key=value`` words of a kernel command line (quotes removed)."""
+    params: dict[str, str] = {}
+    for word in _CMDLINE_WORD.findall(text):
+        key, sep, value = word.replace('"', "").partition("=")
+        if sep:
+            params[key] = value
+    return params
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Build the configuration from flags, a kernel command line and the environment.
+
+    Raises ConfigError (one line) when something is missing or invalid.
+    """
+    args = _parser().parse_args(list(argv))
+    values = {field: environ.get(var) or None for field, var in _ENV.items()}
+    if args.cmdline:
+        try:
+            with open(args.cmdline, encoding="utf-8", errors="replace") as file:
+                params = parse_cmdline(file.read())
+        except OSError as exc:
+            raise ConfigError(f"--cmdline {args.cmdline}: {exc.strerror or exc}") from exc
+        for field, key in _CMDLINE.items():
+            values[field] = params.get(key) or values[field]
+    for field in _ENV:
+        values[field] = getattr(args, field) or values[field]
+
+    for field, value in values.items():
+        if value is None:
+            raise ConfigError(
+                f"missing {field}: set {_ENV[field]}, pass {_FLAG[field]}"
+                f" or put {_CMDLINE[field]}= on the kernel command line"
+            )
+    url, vm_id, token = values["url"], values["vm_id"], values["token"]
+    assert url is not None and vm_id is not None and token is not None
+    _check_url(url)
+    try:
+        msgspec.convert(vm_id, Name)
+    except msgspec.ValidationError:
+        raise ConfigError(
+            f"invalid vm_id {vm_id!r}: 1-64 of letters, digits and _.-[]{{}}|^`\\"
+        ) from None
+    try:
+        msgspec.convert(token, Token)
+    except msgspec.ValidationError:
+        # The token is a secret: say what is wrong with it, never what it is.
+        raise ConfigError(
+            f"invalid token ({len(token)} characters): 16-128 of letters, digits, _ and -"
+        ) from None
+    timeout = args.connect_timeout
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"invalid --connect-timeout {timeout}: must be a positive number")
+    return Config(
+        url=url,
+        vm_id=vm_id,
+        token=token,
+        connect_timeout=timeout,
+        set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
+    )
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("ws", "wss") and bool(parts.hostname) and parts.port != 0
+    except ValueError as exc:  # a port that is not a number in 0-65535
+        raise ConfigError(f"invalid url {url!r}: {exc}") from None
+    if not valid:
+        raise ConfigError(f"invalid url {url!r}: expected ws://HOST:PORT/ or wss://HOST:PORT/")
+
+
+# --- what a Welcome asks of the machine ----------------------------------------
+
+
+def mix_entropy(entropy: bytes) -> None:
+    """Stir ``entropy`` into the kernel pool and reseed ``random``.
+
+    A clone restored from a snapshot shares its RNG state with every sibling;
+    this is what makes them diverge. Writing to /dev/urandom mixes without
+    crediting, and needs no privilege on most systems; if refused, the
+    kernel's own reseeding still applies.
+    """
+    try:
+        with open("/dev/urandom", "wb", buffering=0) as pool:
+            pool.write(entropy)
+    except OSError as exc:
+        log.info("cannot write /dev/urandom (%s); kernel pool not mixed", exc.strerror)
+    random.seed(os.urandom(32) + entropy)
+
+
+def set_clock(unix_time: float) -> None:
+    """Set CLOCK_REALTIME; a restored snapshot wakes up with the time it was taken."""
+    try:
+        time.clock_settime(time.CLOCK_REALTIME, unix_time)
+    except OSError as exc:
+        log.warning("cannot set the clock (%s); keeping %.3f", exc.strerror, time.time())
+    else:
+        log.info("clock set to %.3f", unix_time)
+
+
+# --- the session -----------------------------------------------------------------
+
+
+class Session:
+    """One conversation with the host over an open WebSocket.
+
+    Every outgoing message goes through one memory channel to one writer
+    task, so frames never interleave and a slow host slows the senders down.
+    ``run()`` returns the exit code; it does not raise for anything the host
+    or the children do.
+    """
+
+    def __init__(self, ws: WebSocketConnection, config: Config, environ: Mapping[str, str]):
+        self._ws = ws
+        self._config = config
+        self._env = child_env(environ)
+        self._send, self._outbox = trio.open_memory_channel[GuestMessage](OUTBOX_SIZE)
+        self._children = Children()
+        self._identity: Identity | None = None
+        self._talk = trio.CancelScope()
+        self._outcome: tuple[int, str] | None = None
+        self._connected = True
+
+    async def run(self) -> int:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._write_loop)
+            async with trio.open_nursery() as jobs:
+                await self._converse(jobs)
+                await self._children.terminate(KILL_GRACE)
+                # Runs whose children died report Exited/TaskDone before Goodbye.
+                jobs.cancel_scope.deadline = trio.current_time() + REPORT_GRACE
+            assert self._outcome is not None
+            code, reason = self._outcome
+            if code == EXIT_STOPPED:
+                await self._send.send(Goodbye(reason=reason))
+            await self._send.aclose()
+            outer.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if code == EXIT_STOPPED:
+                await self._ws.aclose(_CLOSE_NORMAL, "stopped")
+            else:  # a no-op when the connection is already gone
+                await self._ws.aclose(_CLOSE_PROTOCOL_ERROR, "protocol error")
+        if code == EXIT_STOPPED:
+            log.info("stopped: %s", reason or "asked by the host")
+        else:
+            log.error("%s", reason)
+        return code
+
+    def _end(self, code: int, reason: str) -> None:
+        """Finish the conversation; the first reason given is the one that counts."""
+        if self._outcome is None:
+            self._outcome = (code, reason)
+        self._talk.cancel()
+
+    async def _converse(self, jobs: trio.Nursery) -> None:
+        """Hello, Welcome, then serve host messages until ``_end`` is called."""
+        with self._talk:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                await self._send.send(
+                    Hello(
+                        vm_id=self._config.vm_id,
+                        token=self._config.token,
+                        version=PROTOCOL_VERSION,
+                        pid=os.getpid(),
+                    )
+                )
+                first: HostMessage | None = None
+                with trio.move_on_after(self._config.connect_timeout) as waiting:
+                    first = await self._receive()
+                if waiting.cancelled_caught:
+                    self._end(EXIT_FAILED, "no welcome from the host after hello")
+                match first:
+                    case Welcome():
+                        self._welcome(first)
+                        nursery.start_soon(self._heartbeat, first.heartbeat_interval)
+                    case Stop():
+                        self._end(EXIT_STOPPED, first.reason)
+                    case None:
+                        pass
+                    case _:
+                        self._end(EXIT_FAILED, f"expected welcome, got {type(first).__name__}")
+                while (msg := await self._receive()) is not None:
+                    await self._dispatch(msg, jobs)
+        if self._outcome is None:  # pragma: no cover - _talk is only cancelled by _end
+            self._outcome = (EXIT_FAILED, "session ended without a reason")
+
+    async def _receive(self) -> HostMessage | None:
+        """The next host message, or None once the session has ended."""
+        try:
+            frame = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            self._end(EXIT_FAILED, f"connection closed by the host without stop ({_why(exc)})")
+            return None
+        try:
+            return decode_host(frame)
+        except ProtocolError as exc:
+            self._end(EXIT_FAILED, one_line(f"bad frame from the host: {exc}"))
+            return None
+
+    async def _dispatch(self, msg: HostMessage, jobs: trio.Nursery) -> None:
+        match msg:
+            case Run():
+                jobs.start_soon(run_command, msg, self._send.send, self._children, self._env)
+            case Task():
+                jobs.start_soon(
+                    run_task, msg, self._identity, self._send.send, self._children, self._env
+                )
+            case Promote():
+                again = self._identity is not None
+                self._identity = Identity.from_promote(msg)
+                log.info(
+                    "%s as %s (role %s, model %s)",
+                    "re-identified" if again else "promoted",
+                    msg.name,
+                    msg.role,
+                    msg.model or "-",
+                )
+                await self._send.send(Promoted(name=msg.name))
+            case Welcome():
+                self._welcome(msg)
+            case Stop():
+                self._end(EXIT_STOPPED, msg.reason)
+
+    def _welcome(self, msg: Welcome) -> None:
+        mix_entropy(msg.entropy)
+        if self._config.set_clock:
+            set_clock(msg.unix_time)
+        log.info("welcomed; heartbeat every %gs", msg.heartbeat_interval)
+
+    async def _heartbeat(self, interval: float) -> None:
+        seq = 0
+        next_beat = trio.current_time()
+        while True:
+            await self._send.send(Heartbeat(seq=seq))
+            seq += 1
+            next_beat = max(next_beat + interval, trio.current_time())
+            await trio.sleep_until(next_beat)
+
+    async def _write_loop(self) -> None:
+        """The one writer. After the connection breaks it keeps draining (and
+        dropping) so that no sender waits forever."""
+        async with self._outbox:
+            async for msg in self._outbox:
+                if not self._connected:
+                    continue
+                try:
+                    await self._ws.send_message(encode(msg))
+                except ConnectionClosed as exc:
+                    self._connected = False
+                    self._end(EXIT_FAILED, f"connection lost ({_why(exc)})")
+
+    async def _watch_signals(self) -> None:
+        """SIGTERM or SIGINT stops like a ``Stop``, so children never outlive us."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self._end(EXIT_STOPPED, f"signal {signal.Signals(signum).name}")
+                return
+
+
+def _why(exc: ConnectionClosed) -> str:
+    reason: CloseReason | None = exc.reason
+    if reason is None:
+        return "no close reason"
+    return f"{reason.code} {reason.name}" + (f": {reason.reason}" if reason.reason else "")
+
+
+# --- connecting and main -------------------------------------------------------
+
+
+async def serve(config: Config, environ: Mapping[str, str]) -> int:
+    """Dial the host (retrying until the connect deadline), then run a session."""
+    deadline = trio.current_time() + config.connect_timeout
+    delay = BACKOFF_FIRST
+    attempts = 0
+    while True:
+        attempts += 1
+        code: int | None = None
+        try:
+            attempt = min(ATTEMPT_TIMEOUT, max(0.0, deadline - trio.current_time()))
+            async with open_websocket_url(
+                config.url,
+                max_message_size=MAX_FRAME_BYTES,
+                connect_timeout=attempt,
+                disconnect_timeout=CLOSE_TIMEOUT,
+            ) as ws:
+                log.info("connected to %s", config.url)
+                code = await Session(ws, config, environ).run()
+        except (HandshakeError, OSError) as exc:
+            if code is not None:
+                return code  # the session is over; only the close was untidy
+            error = one_line(str(exc.__cause__ or exc) or type(exc).__name__, 200)
+            left = deadline - trio.current_time()
+            if left <= 0:
+                log.error(
+                    "cannot reach the host at %s after %d attempts in %gs: %s",
+                    config.url,
+                    attempts,
+                    config.connect_timeout,
+                    error,
+                )
+                return EXIT_FAILED
+            log.debug("dial %s failed (%s); retrying in %.1fs", config.url, error, delay)
+            await trio.sleep(min(delay, left))
+            delay = min(delay * 2, BACKOFF_MAX)
+        else:
+            assert code is not None
+            return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the guest daemon; returns the process exit code."""
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        print(f"fireclaw guest daemon: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format=f"%(asctime)s {config.vm_id} %(levelname)s %(message)s",
+    )
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    try:
+        return trio.run(serve, config, dict(os.environ))
+    except KeyboardInterrupt:  # SIGINT while dialling, before any child exists
+        return 128 + signal.SIGINT

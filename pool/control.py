@@ -1,0 +1,300 @@
+"""The host side of one guest's control channel.
+
+The guest is untrusted. Every frame it sends is size-capped (by the WebSocket
+layer, ``max_message_bytes``), rate-limited (a token bucket of
+``max_messages_per_second``), decoded against the protocol schema, and checked
+against what the conversation allows. Any breach ends the session with
+``GuestViolation``; the VM above then kills and replaces the guest.
+
+Errors::
+
+    GuestLost               the session is over; the VM cannot be used any more
+    ├── GuestViolation      the guest broke the protocol (too big, malformed, off-script, flooding)
+    ├── HeartbeatMissed     nothing heard for heartbeat_timeout
+    └── ConnectionLost      the connection closed or the stream broke
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+import trio_websocket
+
+from fireclaw.config import ControlSpec
+from fireclaw.guest_daemon import protocol as p
+
+#: A run's output waiting to be taken; beyond this the reader waits (TCP backpressure).
+_RUN_BUFFER: Final = 64
+
+Emit = Callable[[dict[str, object]], Awaitable[None]]
+
+
+class GuestLost(Exception):
+    """The control session ended; ``reason`` says why in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class GuestViolation(GuestLost):
+    """The guest broke the protocol."""
+
+
+class HeartbeatMissed(GuestLost):
+    """The guest went quiet for longer than the heartbeat timeout."""
+
+
+class ConnectionLost(GuestLost):
+    """The control connection closed."""
+
+
+class TokenBucket:
+    """Allows ``rate`` events per second with bursts up to ``rate``. Sans-I/O."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class ControlSession:
+    """One connected, authenticated guest. Create with ``handshake``, then ``serve``."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, hello: p.Hello, spec: ControlSpec) -> None:
+        self._ws = ws
+        self.hello = hello
+        self._spec = spec
+        self._bucket = TokenBucket(spec.max_messages_per_second, trio.current_time())
+        self._last_seen = trio.current_time()
+        self._stalled = False
+        self._req_ids = itertools.count(1)
+        self._runs: dict[int, trio.MemorySendChannel[p.Output | p.Exited]] = {}
+        self._promoted: dict[str, trio.Event] = {}
+        self._tasks: dict[int, trio.MemorySendChannel[p.TaskDone]] = {}
+        self._lost: GuestLost | None = None
+        self._closed = trio.Event()
+        self.goodbye: p.Goodbye | None = None
+
+    @classmethod
+    async def handshake(
+        cls, ws: trio_websocket.WebSocketConnection, *, vm_id: str, token: str, spec: ControlSpec
+    ) -> ControlSession:
+        """Read the guest's Hello, check who it is, answer with Welcome."""
+        msg = p.decode_guest(await _receive(ws))  # ProtocolError handled by the caller
+        if not isinstance(msg, p.Hello):
+            raise GuestViolation(f"first message was {type(msg).__name__}, not Hello")
+        if msg.vm_id != vm_id or not secrets.compare_digest(msg.token, token):
+            raise GuestViolation(f"hello from {msg.vm_id!r} with a wrong identity or token")
+        if msg.version != p.PROTOCOL_VERSION:
+            raise GuestViolation(f"protocol version {msg.version}, expected {p.PROTOCOL_VERSION}")
+        welcome = p.Welcome(
+            entropy=os.urandom(64),
+            unix_time=time.time(),
+            heartbeat_interval=spec.heartbeat_interval,
+        )
+        await _send(ws, welcome)
+        return cls(ws, msg, spec)
+
+    async def serve(self) -> None:
+        """Read and dispatch frames until the session ends; always raises GuestLost."""
+        lost: GuestLost | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def guard(part: Callable[[], Awaitable[None]]) -> None:
+                    nonlocal lost
+                    try:
+                        await part()
+                    except GuestLost as exc:
+                        lost = lost or exc
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(guard, self._watch_heartbeat)
+                nursery.start_soon(guard, self._read_loop)
+        finally:
+            self._end(lost or ConnectionLost("supervisor closed the session"))
+        assert lost is not None  # both parts only ever end by raising
+        raise lost
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                frame = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise _closed_reason(exc, self.goodbye) from None
+            now = trio.current_time()
+            self._last_seen = now
+            if not self._bucket.take(now):
+                raise GuestViolation(
+                    f"more than {self._spec.max_messages_per_second:g} messages per second"
+                )
+            try:
+                msg = p.decode_guest(frame)
+            except p.ProtocolError as exc:
+                raise GuestViolation(str(exc)) from None
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: p.GuestMessage) -> None:
+        match msg:
+            case p.Heartbeat():
+                pass
+            case p.Output(req=req) | p.Exited(req=req):
+                channel = self._runs.get(req)
+                if channel is None:
+                    raise GuestViolation(f"{type(msg).__name__} for unknown request {req}")
+                if isinstance(msg, p.Exited):
+                    del self._runs[req]
+                self._stalled = True
+                try:
+                    await channel.send(msg)
+                except trio.BrokenResourceError:
+                    pass  # the caller went away; the guest's output is dropped
+                finally:
+                    self._stalled = False
+                    self._last_seen = trio.current_time()
+                if isinstance(msg, p.Exited):
+                    channel.close()
+            case p.Promoted(name=name):
+                event = self._promoted.get(name)
+                if event is None:
+                    raise GuestViolation(f"promoted as {name!r} without being asked")
+                event.set()
+            case p.TaskDone(task_id=task_id):
+                channel_t = self._tasks.pop(task_id, None)
+                if channel_t is None:
+                    raise GuestViolation(f"result for unknown task {task_id}")
+                channel_t.send_nowait(msg)
+            case p.Goodbye():
+                self.goodbye = msg
+            case p.Hello():
+                raise GuestViolation("second Hello")
+
+    async def _watch_heartbeat(self) -> None:
+        timeout = self._spec.heartbeat_timeout
+        while True:
+            deadline = self._last_seen + timeout
+            if trio.current_time() >= deadline and not self._stalled:
+                raise HeartbeatMissed(f"no heartbeat for {timeout:g}s")
+            await trio.sleep_until(max(deadline, trio.current_time() + 0.001))
+
+    def _end(self, exc: GuestLost) -> None:
+        if self._lost is None:
+            self._lost = exc
+        for ch in itertools.chain(self._runs.values(), self._tasks.values()):
+            ch.close()
+        for event in self._promoted.values():
+            event.set()
+        self._runs.clear()
+        self._tasks.clear()
+        self._closed.set()
+
+    def _check(self) -> None:
+        if self._lost is not None:
+            raise ConnectionLost(f"guest lost: {self._lost.reason}")
+
+    # --- requests, called by the pool while serve() runs ---------------------
+
+    async def run(self, argv: list[str], emit: Emit) -> int:
+        """Run argv in the guest, emitting output lines as they come; its exit code."""
+        self._check()
+        req = next(self._req_ids)
+        send, receive = trio.open_memory_channel[p.Output | p.Exited](_RUN_BUFFER)
+        self._runs[req] = send
+        try:
+            await _send(self._ws, p.Run(req=req, argv=argv))
+            async with receive:
+                async for msg in receive:
+                    if isinstance(msg, p.Output):
+                        data = base64.b64encode(msg.data).decode("ascii")
+                        await emit({"stream": msg.stream, "data": data})
+                    else:
+                        if msg.error:
+                            await emit({"error": msg.error})
+                        return msg.code
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            self._runs.pop(req, None)
+        self._check()
+        raise ConnectionLost("guest went away during the run")
+
+    async def promote(self, promote: p.Promote) -> None:
+        """Make the guest an agent; returns once it says it is one."""
+        self._check()
+        done = self._promoted[promote.name] = trio.Event()
+        try:
+            await _send(self._ws, promote)
+            with trio.move_on_after(self._spec.promote_timeout):
+                await done.wait()  # also set when the session ends
+            self._check()
+            if not done.is_set():
+                raise GuestViolation(f"no answer to promotion within {self._spec.promote_timeout:g}s")
+        except trio_websocket.ConnectionClosed:
+            self._check()
+            raise ConnectionLost("guest went away during promotion") from None
+        finally:
+            self._promoted.pop(promote.name, None)
+
+    async def task(self, task_id: int, prompt: str) -> p.TaskDone:
+        self._check()
+        send, receive = trio.open_memory_channel[p.TaskDone](1)
+        self._tasks[task_id] = send
+        try:
+            await _send(self._ws, p.Task(task_id=task_id, prompt=prompt))
+            async with receive:
+                async for done in receive:
+                    return done
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            self._tasks.pop(task_id, None)
+        self._check()
+        raise ConnectionLost("guest went away during the task")
+
+    async def ask_stop(self, reason: str) -> None:
+        """Ask the guest to stop; never raises (the stop goes on by force anyway)."""
+        if self._lost is None:
+            try:
+                await _send(self._ws, p.Stop(reason=reason[:1024]))
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+                pass
+
+    async def closed(self) -> None:
+        await self._closed.wait()
+
+
+async def _receive(ws: trio_websocket.WebSocketConnection) -> bytes | str:
+    try:
+        return await ws.get_message()
+    except trio_websocket.ConnectionClosed as exc:
+        raise _closed_reason(exc, None) from None
+
+
+async def _send(ws: trio_websocket.WebSocketConnection, msg: p.HostMessage) -> None:
+    await ws.send_message(p.encode(msg))
+
+
+def _closed_reason(exc: trio_websocket.ConnectionClosed, goodbye: p.Goodbye | None) -> GuestLost:
+    reason = exc.reason
+    if reason is not None and reason.code == 1009:
+        return GuestViolation(f"message too large ({reason.reason or 'over the limit'})")
+    if goodbye is not None:
+        return ConnectionLost(f"guest said goodbye: {goodbye.reason or 'no reason'}")
+    code = reason.code if reason is not None else "none"
+    return ConnectionLost(f"control connection closed (code {code})")

@@ -1,0 +1,118 @@
+"""The ``process`` driver: the guest daemon as a local subprocess.
+
+No kernel of its own, so no isolation a user should trust with hostile code;
+it exists for the fast path (tests, development, hosts without virtualisation)
+and behaves like a VM towards everything above it. As root, each "VM" runs in
+its own network namespace (via ``nsenter``) and cgroup; otherwise it shares the
+host's loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import trio
+
+from fireclaw.pool import cgroup
+from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.netns import NETNS_DIR
+
+#: Host variables a guest process may see; the rest of the supervisor's environment stays out.
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+
+
+class ProcessVm:
+    def __init__(self, proc: trio.Process, spec: VmSpec) -> None:
+        self._proc = proc
+        self._spec = spec
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    def terminate(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+
+    async def kill(self) -> None:
+        if self._proc.returncode is None:
+            await trio.to_thread.run_sync(self._kill_tree)
+        await self._proc.wait()
+
+    def _kill_tree(self) -> None:
+        # Processes the guest started in sessions of their own are not in our process
+        # group: find them as descendants first. In a cgroup none can escape at all.
+        try:
+            descendants = psutil.Process(self._proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        if self._spec.cgroup is not None:
+            cgroup.kill_all(self._spec.cgroup)
+
+    def info(self) -> dict[str, object]:
+        return {"driver": "process", "pid": self._proc.pid, "netns": self._spec.netns}
+
+
+class ProcessDriver:
+    name = "process"
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self._python = python
+
+    def argv(self, spec: VmSpec) -> list[str]:
+        argv = list(spec.guest_command or (self._python, "-m", "fireclaw.guest_daemon"))
+        if spec.netns is not None:
+            argv = ["nsenter", f"--net={NETNS_DIR / spec.netns}", "--", *argv]
+        return argv
+
+    async def start(self, spec: VmSpec) -> ProcessVm:
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        env.update(
+            FIRECLAW_CONTROL_URL=spec.control_url,
+            FIRECLAW_VM_ID=spec.vm_id,
+            FIRECLAW_TOKEN=spec.token,
+            FIRECLAW_NAME=spec.name,
+            FIRECLAW_ROLE=spec.role,
+        )
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            proc = await trio.lowlevel.open_process(
+                self.argv(spec),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+                cwd="/",
+            )
+        except OSError as exc:
+            raise DriverError(f"starting {spec.name}: {exc}") from exc
+        finally:
+            os.close(log_fd)
+        vm = ProcessVm(proc, spec)
+        if spec.cgroup is not None:
+            try:
+                await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
+            except cgroup.CgroupError as exc:
+                with trio.CancelScope(shield=True):
+                    await vm.kill()
+                raise DriverError(str(exc)) from exc
+        return vm
+
+

@@ -1,0 +1,304 @@
+"""A role group: the warm pool of one role, its claimed VMs and its task queue.
+
+Pool children are named ``<role>-<ordinal>`` with the lowest free ordinal, and
+the group keeps ``target`` of them (``pool.min_idle``, or a ``scale``
+override). ``claim()`` hands out an idle child at once, marks it ``oneshot``
+and wakes the reconciler, which starts a new pool child in its place (while
+``max_active`` allows). Scaling down stops the highest ordinals first.
+
+More than half of the pool children ``failed`` makes the role ``degraded``:
+its refills and restarts pause until a reset or reload.
+
+Errors::
+
+    PoolError
+    ├── NoCapacity      the role is at max_active, degraded, or has no pool
+    └── ClaimTimeout    no VM became idle in time
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+
+from fireclaw.config import Role, role_hash
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool.control import GuestLost
+from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, Event, State
+from fireclaw.pool.vm import Child, Runtime
+
+log = logging.getLogger("fireclaw.pool")
+
+#: Task result text kept in the state database.
+_RESULT_CAP: Final = p.MAX_RESULT_BYTES
+
+
+class PoolError(Exception):
+    """A VM could not be handed out."""
+
+
+class NoCapacity(PoolError):
+    pass
+
+
+class ClaimTimeout(PoolError):
+    pass
+
+
+class RoleGroup:
+    def __init__(self, role: Role, runtime: Runtime, *, max_attempts: int, scale: int | None) -> None:
+        self.role = role
+        self.rt = runtime
+        self.max_attempts = max_attempts
+        self.scale_override = scale
+        self.spec_hash = role_hash(role)
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self._changed = trio.Event()
+        self._claim_waiters = 0
+        self._tasks_queued = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+
+    @property
+    def name(self) -> str:
+        return self.role.name
+
+    @property
+    def target(self) -> int:
+        return self.scale_override if self.scale_override is not None else self.role.pool.min_idle
+
+    # --- views ----------------------------------------------------------------------
+
+    def pool_children(self) -> list[Child]:
+        return [
+            c for c in self.children.values()
+            if not c.oneshot and not c.stopping and c.state in POOL_STATES
+        ]
+
+    def active_children(self) -> list[Child]:
+        return [c for c in self.children.values() if c.oneshot and not c.stopping]
+
+    @property
+    def degraded(self) -> bool:
+        pool = self.pool_children()
+        failed = sum(1 for c in pool if c.state is State.FAILED)
+        return bool(pool) and failed * 2 > len(pool)
+
+    def counts(self) -> dict[str, object]:
+        states = [c.state for c in self.children.values()]
+        return {
+            "target": self.target,
+            "min_idle": self.role.pool.min_idle,
+            "max_active": self.role.pool.max_active,
+            "idle": states.count(State.IDLE),
+            "active": sum(1 for s in states if s in BUSY_STATES),
+            "starting": states.count(State.RESTORING),
+            "backoff": states.count(State.BACKOFF) + states.count(State.CRASHED),
+            "failed": states.count(State.FAILED),
+            "draining": states.count(State.DRAINING),
+            "degraded": self.degraded,
+        }
+
+    # --- change notification --------------------------------------------------------
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        self.rt.bump()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def child_done(self, child: Child) -> None:
+        if self.children.get(child.name) is child:
+            del self.children[child.name]
+        self.changed()
+
+    # --- the group task ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reconcile_loop)
+                nursery.start_soon(self._task_loop)
+                task_status.started()
+
+    def _reconcile(self) -> None:
+        if self.stopping or self._nursery is None:
+            return
+        pool = self.pool_children()
+        room = self.role.pool.max_active - len(self.active_children())
+        want = max(self.target, min(self._claim_waiters, max(room, 0)))
+        if len(pool) < want and not self.degraded:
+            for _ in range(want - len(pool)):
+                self._spawn()
+        elif len(pool) > want:
+            # Highest ordinals go first; idle before active (active ones are not in the pool).
+            for child in sorted(pool, key=_ordinal, reverse=True)[: len(pool) - want]:
+                self._nursery.start_soon(child.stop, "scaled down")
+
+    def _spawn(self) -> Child:
+        assert self._nursery is not None
+        ordinal = 0
+        while f"{self.name}-{ordinal}" in self.children:
+            ordinal += 1
+        child = Child(f"{self.name}-{ordinal}", self, self.rt, now=trio.current_time())
+        self.children[child.name] = child
+        self._nursery.start_soon(child.run)
+        return child
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            changed = self._changed
+            self._reconcile()
+            await changed.wait()
+
+    # --- claims -----------------------------------------------------------------------
+
+    def try_claim(self) -> Child | None:
+        """An idle child, now claimed, or None. Never waits."""
+        if len(self.active_children()) >= self.role.pool.max_active:
+            return None
+        for child in sorted(self.pool_children(), key=_ordinal):
+            if child.state is State.IDLE:
+                child.oneshot = True
+                child.lifecycle.fire(Event.CLAIM, trio.current_time())
+                self.changed()  # the reconciler refills the pool
+                return child
+        return None
+
+    async def claim(self, timeout: float) -> Child:
+        """Hand out an idle child, waiting up to ``timeout`` for one to boot."""
+        child = self.try_claim()
+        if child is not None:
+            return child
+        if self.stopping:
+            raise NoCapacity(f"role {self.name} is stopping")
+        if self.role.pool.max_active <= 0:
+            raise NoCapacity(f"role {self.name} has max_active 0")
+        self._claim_waiters += 1
+        self.changed()
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    if self.degraded:
+                        raise NoCapacity(f"role {self.name} is degraded (most of its VMs failed)")
+                    child = self.try_claim()
+                    if child is not None:
+                        return child
+                    await self.wait_changed()
+        finally:
+            self._claim_waiters -= 1
+        raise ClaimTimeout(f"no {self.name} VM became ready within {timeout:g}s")
+
+    def retire(self, child: Child, reason: str) -> None:
+        """Stop a claimed child in the background; its work is done."""
+        if self._nursery is not None:
+            self._nursery.start_soon(child.stop, reason)
+
+    # --- tasks ------------------------------------------------------------------------
+
+    def tasks_queued(self) -> None:
+        self._tasks_queued.set()
+
+    async def _task_loop(self) -> None:
+        store = self.rt.store
+        while True:
+            await self._tasks_queued.wait()
+            self._tasks_queued = trio.Event()
+            while not self.stopping and store.count_queued(self.name) > 0:
+                try:
+                    child = await self.claim(self.rt.control.boot_timeout)
+                except PoolError as exc:
+                    log.warning("tasks for %s wait: %s", self.name, exc)
+                    await self.wait_changed()
+                    continue
+                task = store.claim_task(self.name, child.name)
+                if task is None:
+                    self.retire(child, "no task after all")
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_task, child, task.id, task.prompt)
+
+    async def _run_task(self, child: Child, task_id: int, prompt: str) -> None:
+        store, role = self.rt.store, self.role
+        self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
+        finished = False
+        try:
+            await child.promote(
+                p.Promote(
+                    name=child.name, role=role.name, persona=role.persona, model=role.model,
+                    harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+                )
+            )
+            assert child.session is not None
+            done = await child.session.task(task_id, prompt)
+            store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
+            finished = True
+            self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+        except GuestLost as exc:
+            row = store.requeue_task(task_id, reason=exc.reason, max_attempts=self.max_attempts)
+            finished = True
+            self.rt.event("task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state)
+        finally:
+            if not finished:
+                # Cancelled (shutdown): the task is not lost, it goes back to the queue.
+                with trio.CancelScope(shield=True):
+                    store.requeue_task(task_id, reason="supervisor stopped", max_attempts=self.max_attempts)
+            self.retire(child, "task finished")
+            self.tasks_queued()
+
+    # --- changes from outside -----------------------------------------------------------
+
+    def set_scale(self, n: int | None) -> None:
+        self.scale_override = n
+        self.changed()
+
+    def update(self, role: Role) -> None:
+        """Take a new spec for this role (reload); new incarnations use it."""
+        self.role = role
+        self.spec_hash = role_hash(role)
+        for child in self.children.values():
+            child.tracker.policy = role.restart
+        self.changed()
+
+    def reset(self) -> int:
+        n = 0
+        for child in self.children.values():
+            if child.state in (State.FAILED, State.BACKOFF):
+                child.reset()
+                n += 1
+        self.changed()
+        return n
+
+    async def roll(self) -> None:
+        """Replace the pool children one at a time (after a spec change)."""
+        for child in sorted(self.pool_children(), key=_ordinal):
+            if child.state is State.FAILED:
+                child.reset()
+            await child.stop("role changed")
+            with trio.move_on_after(self.rt.control.boot_timeout):
+                while not any(c.state is State.IDLE for c in self.pool_children()):
+                    if self.degraded or self.stopping:
+                        return
+                    await self.wait_changed()
+
+    async def stop_all(self, reason: str) -> None:
+        """Stop every child concurrently; returns when all are gone."""
+        self.stopping = True
+        async with trio.open_nursery() as nursery:
+            for child in list(self.children.values()):
+                nursery.start_soon(child.stop, reason)
+        self._scope.cancel()
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [c.snapshot() for c in sorted(self.children.values(), key=_ordinal)]
+
+
+def _ordinal(child: Child) -> int:
+    tail = child.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,145 @@
+"""Per-VM network namespaces, each holding that VM's own control listener.
+
+A VM can only reach the listener inside its namespace, so the namespace is its
+identity. The supervisor creates the namespace and opens the listening socket
+inside it from a fresh OS thread: ``unshare(CLONE_NEWNET)`` moves only the
+calling thread, the socket keeps the namespace it was created in, and the
+thread then ends, so no thread of the supervisor is ever left in the wrong
+namespace (trio's worker threads are reused, so they are never used for this).
+
+Namespaces are bind-mounted under ``/run/netns`` like ``ip netns add`` does,
+named ``<PREFIX><vm id>``, so ``ip netns`` shows them and leftovers after a
+crash can be found and removed.
+
+Errors::
+
+    NetnsError          creating, configuring or removing a namespace failed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, TypeVar
+
+import trio
+
+PREFIX: Final = "fireclaw-"
+NETNS_DIR: Final = Path("/run/netns")
+_CLONE_NEWNET: Final = 0x40000000
+
+T = TypeVar("T")
+
+
+class NetnsError(Exception):
+    """A network namespace could not be created, configured or removed."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _in_fresh_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a new OS thread that exits afterwards, and return its result."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the caller below
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="fireclaw-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _create_with_listener(name: str) -> socket.socket:
+    # Imported here: pyroute2 is heavy and only needed with namespaces.
+    from pyroute2 import IPRoute
+    from pyroute2.netns import attach
+
+    libc = _libc()
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"unshare(CLONE_NEWNET) for {name}: {os.strerror(err)}")
+    try:
+        attach(name, "thread-self")
+    except OSError as exc:
+        raise NetnsError(f"mounting namespace {name}: {exc}") from exc
+    try:
+        with IPRoute() as ipr:
+            (lo,) = ipr.link_lookup(ifname="lo")
+            ipr.link("set", index=lo, state="up")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(4)
+        except OSError:
+            sock.close()
+            raise
+    except Exception as exc:
+        _remove(name)
+        raise NetnsError(f"configuring namespace {name}: {exc}") from exc
+    return sock
+
+
+def _remove(name: str) -> None:
+    path = NETNS_DIR / name
+    libc = _libc()
+    # MNT_DETACH: a socket or process still inside keeps the namespace alive, but the
+    # name is gone at once and the namespace dies with its last user.
+    if libc.umount2(str(path).encode(), 2) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise NetnsError(f"unmounting {path}: {os.strerror(err)}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def create_with_listener(name: str) -> socket.socket:
+    """Create namespace ``name`` with loopback up and a listener on 127.0.0.1 in it."""
+    return await trio.to_thread.run_sync(_in_fresh_thread, lambda: _create_with_listener(name))
+
+
+async def remove(name: str) -> None:
+    await trio.to_thread.run_sync(_remove, name)
+
+
+def leftovers(prefix: str = PREFIX) -> list[str]:
+    """Names of namespaces this project created that still exist."""
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def remove_sync(name: str) -> None:
+    _remove(name)
+
+
+def probe() -> str | None:
+    """Return None if namespaces work here, else one line saying why not."""
+    if os.geteuid() != 0:
+        return "not running as root"
+    name = f"{PREFIX}probe-{os.getpid()}"
+    try:
+        sock = _in_fresh_thread(lambda: _create_with_listener(name))
+    except (NetnsError, OSError) as exc:
+        return str(exc)
+    sock.close()
+    try:
+        _remove(name)
+    except NetnsError as exc:
+        return str(exc)
+    return None

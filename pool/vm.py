@@ -1,0 +1,360 @@
+"""One VM child: a named slot that runs VM incarnations and restarts them per policy.
+
+A child is one trio task. Each incarnation creates its resources (a control
+listener, inside a fresh network namespace when isolation is on; a cgroup when
+available), starts the VMM through the driver, waits for the guest's Hello and
+serves the control session until the VM ends. Whatever happens, a shielded,
+bounded teardown stops the VMM (TERM, then KILL) and releases every resource
+the incarnation created.
+
+A claimed child (``oneshot``) serves one piece of work and is then retired;
+it is never restarted. A pool child is restarted per the role's policy, with
+backoff, until its circuit breaker opens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+import trio_websocket
+
+from fireclaw.config import ControlSpec, Role, StopSpec
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
+from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.lifecycle import Event, Lifecycle, State
+from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
+from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.state import Store, VmRecord
+
+if TYPE_CHECKING:
+    from fireclaw.pool.group import RoleGroup
+
+log = logging.getLogger("fireclaw.vm")
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """What every VM of the swarm shares; owned by the supervisor."""
+
+    driver: Driver
+    store: Store
+    state_dir: Path
+    control: ControlSpec
+    stop: StopSpec
+    isolate_net: bool
+    use_cgroups: bool
+    graceful: bool = True  # False after a second SIGINT: kill at once
+    on_event: Callable[[str, str, dict[str, object]], None] = field(default=lambda k, s, d: None)
+    #: Bumped on every state change of any VM, so watchers can wait for "something changed".
+    version: int = 0
+    _change: trio.Event = field(default_factory=trio.Event)
+
+    def event(self, kind: str, subject: str, **detail: object) -> None:
+        self.on_event(kind, subject, detail)
+
+    def bump(self) -> None:
+        self.version += 1
+        self._change.set()
+        self._change = trio.Event()
+
+    async def wait_change(self, since: int, timeout: float) -> None:
+        """Return once ``version`` is past ``since``, or after ``timeout``."""
+        with trio.move_on_after(timeout):
+            while self.version <= since:
+                await self._change.wait()
+
+
+@dataclass
+class Outcome:
+    """How an incarnation ended."""
+
+    code: int | None = None  # the VMM's exit code, None when unknown or killed by us
+    reason: str = ""
+    broke_protocol: bool = False
+
+
+class Child:
+    def __init__(self, name: str, group: RoleGroup, runtime: Runtime, *, now: float) -> None:
+        self.name = name
+        self.group = group
+        self.rt = runtime
+        self.lifecycle = Lifecycle(now)
+        self.tracker = RestartTracker(group.role.restart)
+        self.oneshot = False  # claimed: serves one piece of work, then retired
+        self.stopping = False
+        self.session: ControlSession | None = None
+        self.handle: VmHandle | None = None
+        self.restarts = 0
+        self.reason = ""  # why it last crashed or failed
+        self.promoted_as: str | None = None
+        self._scope = trio.CancelScope()
+        self._reset = trio.Event()
+        self._exited = trio.Event()  # the current incarnation's VMM has exited
+        self.done = trio.Event()  # the child task has finished
+
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid if self.handle is not None else None
+
+    def _fire(self, event: Event) -> None:
+        self.lifecycle.fire(event, trio.current_time())
+        self.group.changed()
+
+    # --- the child task ----------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                while True:
+                    outcome = await self._incarnate()
+                    if self.stopping or self.oneshot:
+                        return
+                    self._fire(Event.CRASH)
+                    if not await self._after_crash(outcome):
+                        return
+        finally:
+            self.session = None
+            if self.lifecycle.can(Event.STOP):
+                self.lifecycle.fire(Event.STOP, trio.current_time())
+            if self.lifecycle.can(Event.EXIT):
+                self.lifecycle.fire(Event.EXIT, trio.current_time())
+            self.done.set()
+            self.group.child_done(self)
+
+    async def _after_crash(self, outcome: Outcome) -> bool:
+        """Decide and wait out the restart; False when the child should end."""
+        self.reason = outcome.reason
+        policy = self.group.role.restart
+        exit_class = ExitClass.FAILURE if outcome.broke_protocol else classify_exit(outcome.code, policy)
+        decision = self.tracker.exited(trio.current_time(), exit_class)
+        self.rt.event(
+            "crashed", self.name, role=self.group.name, reason=outcome.reason, exit_code=outcome.code,
+            restart=decision.restart, delay=round(decision.delay, 3), failed=decision.failed,
+        )
+        log.warning("%s crashed: %s", self.name, outcome.reason)
+        if not decision.restart:
+            self.reason = f"{outcome.reason}; not restarted: {decision.reason}"
+            self._fire(Event.GIVE_UP)
+            self.rt.event("failed", self.name, role=self.group.name, reason=self.reason)
+            log.error("%s failed: %s", self.name, self.reason)
+            await self._reset.wait()
+            self._reset = trio.Event()
+            self.tracker.reset()
+            self._fire(Event.RESET)
+            return True
+        self.restarts += 1
+        self.rt.store.record_restart(
+            self.name, self.group.name, reason=outcome.reason, exit_code=outcome.code,
+            delay=decision.delay,
+        )
+        if decision.delay > 0:
+            self._fire(Event.RETRY)
+            with trio.move_on_after(decision.delay):
+                await self._reset.wait()  # a reset or reload cuts the wait short
+            self._reset = trio.Event()
+        while self.group.degraded and not self.group.stopping:
+            await self.group.wait_changed()  # a degraded role pauses its restarts
+        self._fire(Event.RESTART)
+        return True
+
+    def reset(self) -> None:
+        """Clear a failed child, or cut a backoff wait short."""
+        self.tracker.reset()
+        self._reset.set()
+
+    async def stop(self, reason: str, *, graceful: bool = True) -> None:
+        """Stop this child (ask the guest, then TERM, then KILL) and wait for it to end."""
+        self.stopping = True
+        if self.lifecycle.can(Event.STOP):
+            self._fire(Event.STOP)
+        session = self.session
+        if graceful and self.rt.graceful and session is not None and self.handle is not None:
+            await session.ask_stop(reason)
+            with trio.move_on_after(self.rt.stop.grace_period):
+                await self._exited.wait()
+        self._scope.cancel()
+        await self.done.wait()
+
+    def cancel(self) -> None:
+        self.stopping = True
+        self._scope.cancel()
+
+    # --- one incarnation ------------------------------------------------------------
+
+    async def _incarnate(self) -> Outcome:
+        role = self.group.role
+        vm_id = f"{self.name}-{secrets.token_hex(3)}"
+        token = secrets.token_urlsafe(24)
+        outcome = Outcome()
+        self._exited = trio.Event()
+        ns_name: str | None = None
+        cg: Path | None = None
+        listener_sock: socket.socket | None = None
+        try:
+            try:
+                if self.rt.isolate_net:
+                    ns_name = netns.PREFIX + vm_id
+                    listener_sock = await netns.create_with_listener(ns_name)
+                else:
+                    listener_sock = _loopback_listener()
+                if self.rt.use_cgroups:
+                    cg = await trio.to_thread.run_sync(cgroup.create, vm_id, role.resources.memory_mib)
+                port = listener_sock.getsockname()[1]
+                spec = VmSpec(
+                    vm_id=vm_id, name=self.name, role=role.name, vcpus=role.resources.vcpus,
+                    memory_mib=role.resources.memory_mib, control_url=f"ws://127.0.0.1:{port}/",
+                    token=token, netns=ns_name, cgroup=cg,
+                    log_path=self.rt.state_dir / "logs" / f"{self.name}.log",
+                    guest_command=role.guest_command,
+                )
+                self.handle = await self.rt.driver.start(spec)
+            except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
+                outcome.reason = f"could not start: {exc}"
+                return outcome
+            self._register(vm_id, ns_name, cg)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
+            listener_sock = None  # the listener owns it now
+            async with trio.open_nursery() as ws_nursery, listener:
+                await self._serve(ws_nursery, listener, vm_id, token, outcome)
+                ws_nursery.cancel_scope.cancel()
+            return outcome
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(outcome, ns_name, cg, listener_sock)
+
+    async def _serve(
+        self, ws_nursery: trio.Nursery, listener: trio.SocketListener, vm_id: str, token: str,
+        outcome: Outcome,
+    ) -> None:
+        assert self.handle is not None
+        handle = self.handle
+        async with trio.open_nursery() as nursery:
+
+            async def watch_vmm() -> None:
+                code = await handle.wait()
+                outcome.code = code
+                outcome.reason = outcome.reason or f"VMM exited with code {code}"
+                self._exited.set()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_vmm)
+            try:
+                with trio.fail_after(self.rt.control.boot_timeout):
+                    session = await self._accept(ws_nursery, listener, vm_id, token)
+                await listener.aclose()  # one connection per VM: nobody else may dial in
+                self.session = session
+                self.tracker.ready(trio.current_time())
+                self._fire(Event.READY)
+                await session.serve()
+            except trio.TooSlowError:
+                outcome.reason = f"guest did not connect within {self.rt.control.boot_timeout:g}s"
+            except GuestLost as exc:
+                outcome.reason = exc.reason
+                outcome.broke_protocol = isinstance(exc, GuestViolation | HeartbeatMissed)
+                if not outcome.broke_protocol:
+                    # The guest is going away by itself: learn how it exited.
+                    with trio.move_on_after(1.0):
+                        await self._exited.wait()
+            except p.ProtocolError as exc:
+                outcome.reason = str(exc)
+                outcome.broke_protocol = True
+            nursery.cancel_scope.cancel()
+
+    async def _accept(
+        self, ws_nursery: trio.Nursery, listener: trio.SocketListener, vm_id: str, token: str
+    ) -> ControlSession:
+        stream = await listener.accept()
+        try:
+            request = await trio_websocket.wrap_server_stream(
+                ws_nursery, stream, max_message_size=self.rt.control.max_message_bytes
+            )
+            ws = await request.accept()
+        except (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError) as exc:
+            await stream.aclose()
+            raise GuestViolation(f"bad WebSocket handshake: {exc}") from None
+        except trio_websocket.ConnectionClosed as exc:
+            raise GuestViolation(f"connection closed during the handshake: {exc}") from None
+        return await ControlSession.handshake(ws, vm_id=vm_id, token=token, spec=self.rt.control)
+
+    async def _teardown(
+        self, outcome: Outcome, ns_name: str | None, cg: Path | None, sock: socket.socket | None
+    ) -> None:
+        self.session = None
+        handle, self.handle = self.handle, None
+        stop = self.rt.stop
+        with trio.move_on_after(stop.term_timeout + 10):
+            if handle is not None:
+                if not self._exited.is_set() and self.rt.graceful:
+                    handle.terminate()
+                    with trio.move_on_after(stop.term_timeout):
+                        await handle.wait()
+                await handle.kill()  # also takes whatever the guest left behind
+                self._exited.set()
+            if sock is not None:
+                sock.close()
+            if cg is not None:
+                with contextlib.suppress(cgroup.CgroupError):
+                    await trio.to_thread.run_sync(cgroup.remove, cg)
+            if ns_name is not None:
+                with contextlib.suppress(netns.NetnsError):
+                    await netns.remove(ns_name)
+            self.rt.store.drop_vm(self.name)
+
+    def _register(self, vm_id: str, ns_name: str | None, cg: Path | None) -> None:
+        assert self.handle is not None
+        ident = process_identity(self.handle.pid)
+        self.rt.store.put_vm(
+            VmRecord(
+                name=self.name, role=self.group.name, pid=self.handle.pid,
+                start_time=ident.start_time if ident else 0, boot_id=ident.boot_id if ident else "",
+                spec_hash=self.group.spec_hash, netns=ns_name, cgroup=str(cg) if cg else None,
+                socket=None, log=str(self.rt.state_dir / "logs" / f"{self.name}.log"),
+            )
+        )
+
+    # --- work ---------------------------------------------------------------------
+
+    async def promote(self, msg: p.Promote) -> None:
+        if self.session is None:
+            raise GuestLost(f"{self.name} has no guest connected")
+        self._fire(Event.PROMOTE)
+        await self.session.promote(msg)
+        self.promoted_as = msg.name
+        self._fire(Event.PROMOTED)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "role": self.group.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "for": round(trio.current_time() - self.lifecycle.since, 1),
+            "agent": self.promoted_as,
+            "reason": self.reason,
+        }
+
+
+def _loopback_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,172 @@
+"""The host side of the control channel, over in-memory streams and a fake clock."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+import trio_websocket
+import pytest
+
+from fireclaw.config import ControlSpec
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool.control import (
+    ConnectionLost,
+    ControlSession,
+    GuestViolation,
+    HeartbeatMissed,
+    TokenBucket,
+)
+
+SPEC = ControlSpec(heartbeat_interval=1.0, heartbeat_timeout=5.0, max_message_bytes=4096,
+                   max_messages_per_second=20.0, promote_timeout=3.0)
+TOKEN = "t" * 24
+
+
+async def pair(nursery: trio.Nursery) -> tuple[trio_websocket.WebSocketConnection, trio_websocket.WebSocketConnection]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> trio_websocket.WebSocketConnection:
+        req = await trio_websocket.wrap_server_stream(
+            nursery, server_stream, max_message_size=SPEC.max_message_bytes
+        )
+        return await req.accept()
+
+    send, recv = trio.open_memory_channel[trio_websocket.WebSocketConnection](1)
+
+    async def serve() -> None:
+        await send.send(await server())
+
+    nursery.start_soon(serve)
+    guest = await trio_websocket.wrap_client_stream(nursery, client_stream, "vm", "/")
+    host = await recv.receive()
+    return host, guest
+
+
+async def connected(nursery: trio.Nursery) -> tuple[ControlSession, trio_websocket.WebSocketConnection]:
+    host, guest = await pair(nursery)
+    await guest.send_message(p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION)))
+    session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+    welcome = p.decode_host(await guest.get_message())
+    assert isinstance(welcome, p.Welcome) and welcome.heartbeat_interval == 1.0
+    return session, guest
+
+
+async def test_wrong_token_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        host, guest = await pair(nursery)
+        await guest.send_message(p.encode(p.Hello(vm_id="w-0", token="x" * 24, version=1)))
+        with pytest.raises(GuestViolation, match="wrong identity or token"):
+            await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+        nursery.cancel_scope.cancel()
+
+
+async def test_heartbeat_missed_exactly_after_the_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        start = trio.current_time()
+        for _ in range(3):  # heartbeats keep it alive
+            await trio.sleep(1.0)
+            await guest.send_message(p.encode(p.Heartbeat(seq=1)))
+        with pytest.raises(HeartbeatMissed):
+            await session.serve()
+        # Last heartbeat at start+3, the timeout is 5 s.
+        assert trio.current_time() - start == pytest.approx(8.0)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (b"\xc1garbage", "undecodable"),
+        ("text frame", "text frame"),
+        (p.encode(p.Output(req=99, stream="stdout", data=b"x")), "unknown request"),
+        (b"\x81\xa4type\xa6launch", "invalid message"),
+        (b"x" * 5000, "too large"),
+    ],
+)
+async def test_hostile_frames_end_the_session(
+    autojump_clock: trio.testing.MockClock, frame: bytes | str, match: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        await guest.send_message(frame)
+        with pytest.raises(GuestViolation, match=match):
+            await session.serve()
+        nursery.cancel_scope.cancel()
+
+
+async def test_flooding_is_a_violation(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        for i in range(25):  # no time passes: more than 20 per second
+            await guest.send_message(p.encode(p.Heartbeat(seq=i)))
+        with pytest.raises(GuestViolation, match="messages per second"):
+            await session.serve()
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_streams_output_and_returns_the_code(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        nursery.start_soon(session.serve)
+        emitted: list[dict[str, object]] = []
+
+        async def emit(obj: dict[str, object]) -> None:
+            emitted.append(obj)
+
+        async def guest_side() -> None:
+            run = p.decode_host(await guest.get_message())
+            assert isinstance(run, p.Run) and run.argv == ["echo", "hi"]
+            await guest.send_message(p.encode(p.Output(req=run.req, stream="stdout", data=b"hi\n")))
+            await guest.send_message(p.encode(p.Exited(req=run.req, code=3)))
+
+        nursery.start_soon(guest_side)
+        assert await session.run(["echo", "hi"], emit) == 3
+        assert emitted == [{"stream": "stdout", "data": "aGkK"}]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lost_guest_fails_the_pending_run(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+
+        async def serve() -> None:
+            with pytest.raises(ConnectionLost):
+                await session.serve()
+
+        nursery.start_soon(serve)
+
+        async def emit(obj: dict[str, object]) -> None:
+            pass
+
+        async def guest_side() -> None:
+            await guest.get_message()  # the Run
+            await guest.aclose()
+
+        nursery.start_soon(guest_side)
+        with pytest.raises(ConnectionLost):
+            await session.run(["sleep", "100"], emit)
+
+
+async def test_promotion_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        nursery.start_soon(session.serve)
+        nursery.start_soon(_heartbeats, guest)
+        start = trio.current_time()
+        with pytest.raises(GuestViolation, match="no answer to promotion within 3s"):
+            await session.promote(p.Promote(name="a", role="r", harness=p.Harness(argv=["x"])))
+        assert trio.current_time() - start == pytest.approx(3.0)
+        nursery.cancel_scope.cancel()
+
+
+async def _heartbeats(guest: trio_websocket.WebSocketConnection) -> None:
+    while True:
+        msg = await guest.get_message()
+        del msg
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(2.0, now=0.0)
+    assert bucket.take(0.0) and bucket.take(0.0) and not bucket.take(0.0)
+    assert bucket.take(0.5) and not bucket.take(0.5)
