@@ -1,0 +1,517 @@
+"""Durable supervisor state: tasks, the audit trail, restarts, the VM registry
+and runtime scale overrides, in one SQLite database (``state_dir/swarm.db``).
+
+The database runs in WAL mode with ``synchronous=FULL``: a call that returned
+has been fsynced and survives a crash of the supervisor or of the machine.
+Every public method is one transaction. Other processes (the CLI, a second
+supervisor being refused by the pid lock) may open the same file; writers wait
+up to ``BUSY_TIMEOUT`` for each other.
+
+Threads: the connection is opened with ``check_same_thread=False`` so that it
+may be handed to a worker thread, but a ``Store`` is NOT safe for concurrent
+use. The supervisor uses its one ``Store`` from one thread at a time (the trio
+loop, or one ``trio.to_thread.run_sync`` call at a time).
+
+Task states::
+
+    queued --claim_task--> claimed --finish_task(ok)--> done
+       ^                      |  \\--finish_task(not ok)--> failed
+       +----requeue_task------+
+            requeue_orphans   \\--(attempts reach max_attempts)--> failed
+
+Exceptions::
+
+    StateError              any failure of the database, one line naming the file
+     +-- TaskNotFound       no task with that id
+     +-- TaskConflict       the task is not in a state that allows the move
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, Literal, NoReturn
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+#: Seconds a writer waits for another connection's write transaction.
+BUSY_TIMEOUT: Final = 10.0
+
+TaskState = Literal["queued", "claimed", "done", "failed"]
+TASK_STATES: Final[tuple[TaskState, ...]] = ("queued", "claimed", "done", "failed")
+
+
+class StateError(Exception):
+    pass
+
+
+class TaskNotFound(StateError):
+    pass
+
+
+class TaskConflict(StateError):
+    pass
+
+
+class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: int
+    role: str
+    prompt: str
+    state: TaskState
+    attempts: int
+    #: The VM (agent name) that claimed it; kept on a failed task for the record.
+    owner: str | None
+    exit_code: int | None
+    #: Output of a finished task, or why it was last requeued or failed.
+    result: str | None
+    created_at: float
+    updated_at: float
+
+
+class EventRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: int
+    at: float
+    kind: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One running VM, as needed to adopt or reclaim it after a supervisor crash."""
+
+    name: str
+    role: str
+    pid: int
+    start_time: int
+    boot_id: str
+    spec_hash: str
+    netns: str | None = None
+    cgroup: str | None = None
+    socket: str | None = None
+    log: str | None = None
+
+
+# Each entry migrates the schema from version i to i + 1, in one transaction.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            role TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'claimed', 'done', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            owner TEXT,
+            exit_code INTEGER,
+            result TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX tasks_by_role_state ON tasks (role, state, id)",
+        "CREATE INDEX tasks_by_state ON tasks (state, id)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        """CREATE TABLE restarts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            exit_code INTEGER,
+            delay REAL NOT NULL
+        )""",
+        "CREATE INDEX restarts_by_name ON restarts (name)",
+        """CREATE TABLE vms (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            start_time INTEGER NOT NULL,
+            boot_id TEXT NOT NULL,
+            spec_hash TEXT NOT NULL,
+            netns TEXT,
+            cgroup TEXT,
+            socket TEXT,
+            log TEXT
+        )""",
+        """CREATE TABLE scales (
+            role TEXT PRIMARY KEY,
+            n INTEGER NOT NULL CHECK (n >= 0)
+        )""",
+    ),
+)
+
+_TASK_COLUMNS: Final = (
+    "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at"
+)
+_VM_COLUMNS: Final = "name, role, pid, start_time, boot_id, spec_hash, netns, cgroup, socket, log"
+
+# Audit details are best effort: a value JSON cannot carry (a Path, an
+# exception) is recorded as its str() rather than failing the caller.
+_detail_encoder = msgspec.json.Encoder(enc_hook=str)
+_detail_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _task(row: tuple[Any, ...]) -> TaskRow:
+    return TaskRow(
+        id=row[0],
+        role=row[1],
+        prompt=row[2],
+        state=row[3],
+        attempts=row[4],
+        owner=row[5],
+        exit_code=row[6],
+        result=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+def _vm(row: tuple[Any, ...]) -> VmRecord:
+    return VmRecord(
+        name=row[0],
+        role=row[1],
+        pid=row[2],
+        start_time=row[3],
+        boot_id=row[4],
+        spec_hash=row[5],
+        netns=row[6],
+        cgroup=row[7],
+        socket=row[8],
+        log=row[9],
+    )
+
+
+class Store:
+    """The state database. Open with ``Store.open(path)``; close with ``close()``
+    (or use it as a context manager)."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: pathlib.Path, clock: Callable[[], float]
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self._clock = clock
+
+    @classmethod
+    def open(cls, path: pathlib.Path, *, clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating if needed) the database at ``path``, migrating its schema.
+
+        The parent directory is created with mode 0700 and a new file with 0600.
+        ``clock`` gives the unix time stamped on rows. Raises ``StateError`` if
+        the file cannot be opened, is not a database, or has a newer schema.
+        """
+        path = pathlib.Path(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise StateError(f"state database {path}: cannot open: {exc.strerror}") from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            store = cls(conn, path, clock)
+            store._migrate()
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StateError(f"state database {path}: {exc}") from exc
+        except StateError:
+            if conn is not None:
+                conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Close the connection. Idempotent; any later call raises ``StateError``."""
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- tasks ---------------------------------------------------------------
+
+    def add_task(self, role: str, prompt: str) -> TaskRow:
+        """Queue a new task for ``role``."""
+        now = self._clock()
+        with self._errors():
+            row = self._conn.execute(
+                "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
+                f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {_TASK_COLUMNS}",
+                (role, prompt, now, now),
+            ).fetchone()
+        return _task(row)
+
+    def claim_task(self, role: str, owner: str) -> TaskRow | None:
+        """Atomically move the oldest queued task of ``role`` to claimed by
+        ``owner``; ``None`` if there is none. Two claims never get the same task,
+        also from different processes."""
+        with self._errors(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = 'claimed', owner = ?, updated_at = ?"
+                " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
+                "             ORDER BY id LIMIT 1)"
+                f" RETURNING {_TASK_COLUMNS}",
+                (owner, self._clock(), role),
+            ).fetchone()
+        return None if row is None else _task(row)
+
+    def finish_task(self, task_id: int, *, ok: bool, exit_code: int | None, result: str) -> TaskRow:
+        """A claimed task ran to the end: done if ``ok``, else failed.
+
+        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed
+        (already finished, or requeued after its VM was declared gone).
+        """
+        with self._errors(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
+                f" WHERE id = ? AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
+                ("done" if ok else "failed", exit_code, result, self._clock(), task_id),
+            ).fetchone()
+            if row is None:
+                self._not_claimed(task_id)
+        return _task(row)
+
+    def requeue_task(self, task_id: int, *, reason: str, max_attempts: int) -> TaskRow:
+        """Give a claimed task back: ``attempts`` grows by one; the task goes back
+        to queued, or to failed once ``attempts`` reaches ``max_attempts``.
+        ``reason`` is stored in ``result`` either way.
+
+        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed.
+        """
+        _check_max_attempts(max_attempts)
+        with self._errors(), self._write():
+            row = self._requeue(task_id, reason, max_attempts, self._clock())
+            if row is None:
+                self._not_claimed(task_id)
+        return _task(row)
+
+    def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
+        """Requeue (as ``requeue_task``) every claimed task whose owner is not in
+        ``live_owners``: its VM is gone. Returns the tasks as they are now."""
+        _check_max_attempts(max_attempts)
+        now = self._clock()
+        out: list[TaskRow] = []
+        with self._errors(), self._write():
+            claimed = self._conn.execute(
+                "SELECT id, owner FROM tasks WHERE state = 'claimed' ORDER BY id"
+            ).fetchall()
+            for task_id, owner in claimed:
+                if owner in live_owners:
+                    continue
+                row = self._requeue(task_id, f"owner {owner} is gone", max_attempts, now)
+                if row is not None:
+                    out.append(_task(row))
+        return out
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        with self._errors():
+            row = self._conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        return None if row is None else _task(row)
+
+    def list_tasks(self, *, state: str | None = None, limit: int = 100) -> list[TaskRow]:
+        """The most recent ``limit`` tasks (of ``state``, if given), newest first."""
+        with self._errors():
+            if state is None:
+                rows = self._conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (state, limit),
+                ).fetchall()
+        return [_task(r) for r in rows]
+
+    def count_tasks(self) -> dict[str, int]:
+        """Number of tasks in each state; every state is present, 0 if empty."""
+        counts: dict[str, int] = {state: 0 for state in TASK_STATES}
+        with self._errors():
+            for state, n in self._conn.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
+                counts[state] = n
+        return counts
+
+    def count_queued(self, role: str) -> int:
+        """Number of tasks of ``role`` waiting for an agent."""
+        with self._errors():
+            row = self._conn.execute(
+                "SELECT count(*) FROM tasks WHERE state = 'queued' AND role = ?", (role,)
+            ).fetchone()
+        return int(row[0])
+
+    # --- events --------------------------------------------------------------
+
+    def event(self, kind: str, subject: str, **detail: object) -> None:
+        """Append to the audit trail. Values JSON cannot hold are stored as str()."""
+        with self._errors():
+            self._conn.execute(
+                "INSERT INTO events (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
+                (self._clock(), kind, subject, _detail_encoder.encode(detail).decode()),
+            )
+
+    def events(self, *, after: int = 0, limit: int = 100) -> list[EventRow]:
+        """Events with ``id > after``, oldest first (page with the last id seen)."""
+        with self._errors():
+            rows = self._conn.execute(
+                "SELECT id, at, kind, subject, detail FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [
+            EventRow(id=i, at=at, kind=kind, subject=subject, detail=_detail_decoder.decode(d))
+            for i, at, kind, subject, d in rows
+        ]
+
+    # --- restarts ------------------------------------------------------------
+
+    def record_restart(
+        self, name: str, role: str, *, reason: str, exit_code: int | None, delay: float
+    ) -> None:
+        with self._errors():
+            self._conn.execute(
+                "INSERT INTO restarts (at, name, role, reason, exit_code, delay)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (self._clock(), name, role, reason, exit_code, delay),
+            )
+
+    def restart_count(self, name: str) -> int:
+        """All restarts ever recorded for ``name``."""
+        with self._errors():
+            (n,) = self._conn.execute(
+                "SELECT count(*) FROM restarts WHERE name = ?", (name,)
+            ).fetchone()
+        return int(n)
+
+    # --- VM registry ---------------------------------------------------------
+
+    def put_vm(self, rec: VmRecord) -> None:
+        """Insert or replace the record named ``rec.name``."""
+        with self._errors():
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO vms ({_VM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.name,
+                    rec.role,
+                    rec.pid,
+                    rec.start_time,
+                    rec.boot_id,
+                    rec.spec_hash,
+                    rec.netns,
+                    rec.cgroup,
+                    rec.socket,
+                    rec.log,
+                ),
+            )
+
+    def drop_vm(self, name: str) -> None:
+        """Forget ``name``; no error if it is not there."""
+        with self._errors():
+            self._conn.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+    def vms(self) -> list[VmRecord]:
+        with self._errors():
+            rows = self._conn.execute(f"SELECT {_VM_COLUMNS} FROM vms ORDER BY name").fetchall()
+        return [_vm(r) for r in rows]
+
+    # --- scale overrides -----------------------------------------------------
+
+    def set_scale(self, role: str, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"scale must be >= 0, got {n}")
+        with self._errors():
+            self._conn.execute(
+                "INSERT INTO scales (role, n) VALUES (?, ?)"
+                " ON CONFLICT (role) DO UPDATE SET n = excluded.n",
+                (role, n),
+            )
+
+    def clear_scale(self, role: str) -> None:
+        with self._errors():
+            self._conn.execute("DELETE FROM scales WHERE role = ?", (role,))
+
+    def scales(self) -> dict[str, int]:
+        with self._errors():
+            rows = self._conn.execute("SELECT role, n FROM scales ORDER BY role").fetchall()
+        return {role: n for role, n in rows}
+
+    # --- internals -----------------------------------------------------------
+
+    def _migrate(self) -> None:
+        while True:
+            with self._write():
+                (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+                if version > len(_MIGRATIONS):
+                    raise StateError(
+                        f"state database {self.path}: schema version {version} is newer"
+                        f" than this fireclaw-swarm knows ({SCHEMA_VERSION})"
+                    )
+                if version == len(_MIGRATIONS):
+                    return
+                for statement in _MIGRATIONS[version]:
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {version + 1}")
+
+    def _requeue(
+        self, task_id: int, reason: str, max_attempts: int, now: float
+    ) -> tuple[Any, ...] | None:
+        # SET expressions all see the old row, so ``attempts + 1`` is the new count.
+        row: tuple[Any, ...] | None = self._conn.execute(
+            "UPDATE tasks SET attempts = attempts + 1,"
+            " state = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'queued' END,"
+            " owner = CASE WHEN attempts + 1 >= :max THEN owner ELSE NULL END,"
+            " result = :reason, updated_at = :now"
+            f" WHERE id = :id AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
+            {"max": max_attempts, "reason": reason, "now": now, "id": task_id},
+        ).fetchone()
+        return row
+
+    def _not_claimed(self, task_id: int) -> NoReturn:
+        row = self._conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id}")
+        raise TaskConflict(f"task {task_id} is {row[0]}, not claimed")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front: a read-then-write in a deferred
+        # transaction could find its snapshot stale (SQLITE_BUSY_SNAPSHOT), which
+        # the busy timeout does not retry.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT can leave the transaction open; never leave it so.
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StateError(f"state database {self.path}: {exc}") from exc
+
+
+def _check_max_attempts(max_attempts: int) -> None:
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")

@@ -1,0 +1,384 @@
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fireclaw.supervisor.state import (
+    SCHEMA_VERSION,
+    StateError,
+    Store,
+    TaskConflict,
+    TaskNotFound,
+    VmRecord,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db_path(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "state" / "swarm.db"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(db_path: pathlib.Path, clock: FakeClock) -> Iterator[Store]:
+    with Store.open(db_path, clock=clock) as s:
+        yield s
+
+
+# --- opening ---------------------------------------------------------------
+
+
+def test_open_creates_private_dir_file_and_schema(db_path: pathlib.Path) -> None:
+    with Store.open(db_path) as store:
+        assert store.path == db_path
+        assert (db_path.parent.stat().st_mode & 0o777) == 0o700
+        assert (db_path.stat().st_mode & 0o777) == 0o600
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    assert {"tasks", "events", "restarts", "vms", "scales"} <= tables
+
+
+def test_connection_settings(store: Store) -> None:
+    conn = store._conn
+    assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+def test_reopen_keeps_data_and_does_not_migrate_again(db_path: pathlib.Path) -> None:
+    with Store.open(db_path) as store:
+        task = store.add_task("coder", "hello")
+    with Store.open(db_path) as store:
+        assert store.get_task(task.id) == task
+
+
+def test_corrupt_file_is_one_line_naming_it(db_path: pathlib.Path) -> None:
+    db_path.parent.mkdir()
+    db_path.write_bytes(b"this is not a database, just some text\n" * 200)
+    with pytest.raises(StateError) as info:
+        Store.open(db_path)
+    message = str(info.value)
+    assert str(db_path) in message and "\n" not in message
+    assert "not a database" in message
+
+
+def test_directory_in_place_of_file(db_path: pathlib.Path) -> None:
+    db_path.mkdir(parents=True)
+    with pytest.raises(StateError, match="swarm.db") as info:
+        Store.open(db_path)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_file(db_path: pathlib.Path) -> None:
+    Store.open(db_path).close()
+    db_path.chmod(0)
+    try:
+        os.close(os.open(db_path, os.O_RDONLY))
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("this user reads any file (root with CAP_DAC_OVERRIDE)")
+    with pytest.raises(StateError, match="swarm.db"):
+        Store.open(db_path)
+
+
+def test_newer_schema_is_refused(db_path: pathlib.Path) -> None:
+    Store.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StateError, match="schema version 99 is newer"):
+        Store.open(db_path)
+
+
+def test_closed_store_raises_state_error(db_path: pathlib.Path) -> None:
+    store = Store.open(db_path)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(StateError, match="swarm.db"):
+        store.add_task("coder", "x")
+
+
+# --- tasks -----------------------------------------------------------------
+
+
+def test_task_round_trip(store: Store, clock: FakeClock) -> None:
+    task = store.add_task("coder", "write a haiku")
+    assert task.role == "coder" and task.prompt == "write a haiku"
+    assert task.state == "queued" and task.attempts == 0
+    assert task.owner is None and task.exit_code is None and task.result is None
+    assert task.created_at == task.updated_at == 1000.0
+    assert store.get_task(task.id) == task
+    assert store.get_task(task.id + 1) is None
+
+    clock.now = 1001.0
+    claimed = store.claim_task("coder", "coder-0")
+    assert claimed is not None
+    assert (claimed.id, claimed.state, claimed.owner) == (task.id, "claimed", "coder-0")
+    assert claimed.updated_at == 1001.0 and claimed.created_at == 1000.0
+
+    clock.now = 1002.0
+    done = store.finish_task(task.id, ok=True, exit_code=0, result="five seven five")
+    assert (done.state, done.exit_code, done.result) == ("done", 0, "five seven five")
+    assert done.owner == "coder-0" and done.updated_at == 1002.0
+    assert store.get_task(task.id) == done
+
+
+def test_failed_finish(store: Store) -> None:
+    task = store.add_task("coder", "x")
+    store.claim_task("coder", "coder-0")
+    failed = store.finish_task(task.id, ok=False, exit_code=2, result="boom")
+    assert (failed.state, failed.exit_code, failed.result) == ("failed", 2, "boom")
+
+
+def test_finish_needs_a_claimed_task(store: Store) -> None:
+    task = store.add_task("coder", "x")
+    with pytest.raises(TaskConflict, match=f"task {task.id} is queued"):
+        store.finish_task(task.id, ok=True, exit_code=0, result="")
+    with pytest.raises(TaskNotFound):
+        store.finish_task(task.id + 100, ok=True, exit_code=0, result="")
+    store.claim_task("coder", "coder-0")
+    store.finish_task(task.id, ok=True, exit_code=0, result="")
+    with pytest.raises(TaskConflict, match="is done"):
+        store.finish_task(task.id, ok=False, exit_code=1, result="late")
+    assert store.get_task(task.id).result == ""  # type: ignore[union-attr]
+
+
+def test_claim_takes_the_oldest_of_the_role(store: Store) -> None:
+    a = store.add_task("coder", "a")
+    r = store.add_task("reviewer", "r")
+    b = store.add_task("coder", "b")
+    assert store.claim_task("tester", "t-0") is None
+    assert store.claim_task("coder", "coder-0").id == a.id  # type: ignore[union-attr]
+    assert store.claim_task("coder", "coder-1").id == b.id  # type: ignore[union-attr]
+    assert store.claim_task("coder", "coder-2") is None
+    assert store.claim_task("reviewer", "reviewer-0").id == r.id  # type: ignore[union-attr]
+
+
+def test_two_claimers_never_get_the_same_task(db_path: pathlib.Path) -> None:
+    with Store.open(db_path) as store:
+        ids = {store.add_task("coder", f"t{i}").id for i in range(300)}
+    start = threading.Barrier(2)
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    def claimer(owner: str) -> None:
+        # Separate connections, as two processes would have.
+        with Store.open(db_path) as own:
+            start.wait(timeout=10)
+            while (task := own.claim_task("coder", owner)) is not None:
+                assert task.owner == owner
+                claimed[owner].append(task.id)
+
+    threads = [threading.Thread(target=claimer, args=(o,)) for o in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    a, b = set(claimed["a"]), set(claimed["b"])
+    assert len(a) == len(claimed["a"]) and len(b) == len(claimed["b"])
+    assert not a & b
+    assert a | b == ids
+
+
+def test_requeue_counts_attempts_until_failed(store: Store) -> None:
+    task = store.add_task("coder", "x")
+    for attempt in (1, 2):
+        store.claim_task("coder", "coder-0")
+        again = store.requeue_task(task.id, reason="vm crashed", max_attempts=3)
+        assert (again.state, again.attempts, again.owner) == ("queued", attempt, None)
+        assert again.result == "vm crashed"
+    store.claim_task("coder", "coder-0")
+    final = store.requeue_task(task.id, reason="vm crashed again", max_attempts=3)
+    assert (final.state, final.attempts, final.result) == ("failed", 3, "vm crashed again")
+    assert final.owner == "coder-0"
+    assert store.claim_task("coder", "coder-1") is None
+
+
+def test_requeue_needs_a_claimed_task(store: Store) -> None:
+    task = store.add_task("coder", "x")
+    with pytest.raises(TaskConflict):
+        store.requeue_task(task.id, reason="r", max_attempts=3)
+    with pytest.raises(TaskNotFound):
+        store.requeue_task(999, reason="r", max_attempts=3)
+    with pytest.raises(ValueError):
+        store.requeue_task(task.id, reason="r", max_attempts=0)
+    assert store.get_task(task.id) == task
+
+
+def test_requeue_orphans(store: Store) -> None:
+    a = store.add_task("coder", "a")
+    b = store.add_task("coder", "b")
+    c = store.add_task("coder", "c")
+    queued = store.add_task("coder", "queued")
+    done = store.add_task("reviewer", "done")
+    store.claim_task("coder", "coder-0")
+    store.claim_task("coder", "coder-1")
+    store.claim_task("coder", "coder-2")
+    store.claim_task("reviewer", "coder-0")
+    store.finish_task(done.id, ok=True, exit_code=0, result="ok")
+
+    orphans = store.requeue_orphans({"coder-1"}, max_attempts=2)
+    assert [(t.id, t.state, t.attempts, t.owner) for t in orphans] == [
+        (a.id, "queued", 1, None),
+        (c.id, "queued", 1, None),
+    ]
+    assert orphans[0].result == "owner coder-0 is gone"
+    assert store.get_task(b.id).state == "claimed"  # type: ignore[union-attr]
+    assert store.get_task(queued.id).attempts == 0  # type: ignore[union-attr]
+    assert store.get_task(done.id).state == "done"  # type: ignore[union-attr]
+
+    # Same accounting as requeue_task: the second loss exhausts max_attempts.
+    assert store.claim_task("coder", "coder-3").id == a.id  # type: ignore[union-attr]
+    (again,) = store.requeue_orphans({"coder-1"}, max_attempts=2)
+    assert (again.id, again.state, again.attempts) == (a.id, "failed", 2)
+    assert store.requeue_orphans({"coder-1"}, max_attempts=2) == []
+
+
+def test_list_and_count(store: Store) -> None:
+    assert store.count_tasks() == {"queued": 0, "claimed": 0, "done": 0, "failed": 0}
+    tasks = [store.add_task("coder", str(i)) for i in range(5)]
+    store.claim_task("coder", "coder-0")
+    assert store.count_tasks() == {"queued": 4, "claimed": 1, "done": 0, "failed": 0}
+    assert [t.id for t in store.list_tasks()] == [t.id for t in reversed(tasks)]
+    assert [t.id for t in store.list_tasks(limit=2)] == [tasks[4].id, tasks[3].id]
+    assert [t.id for t in store.list_tasks(state="claimed")] == [tasks[0].id]
+    assert store.list_tasks(state="done") == []
+
+
+# --- durability --------------------------------------------------------------
+
+CRASHER = """
+import os, signal, sqlite3, sys
+from pathlib import Path
+from fireclaw.supervisor.state import Store
+
+path = Path(sys.argv[1])
+store = Store.open(path)
+store.add_task("coder", "committed before the crash")
+# A second writer is mid-transaction when the process dies.
+raw = sqlite3.connect(path, isolation_level=None)
+raw.execute("BEGIN IMMEDIATE")
+raw.execute(
+    "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
+    " VALUES ('coder', 'never committed', 'queued', 0, 0, 0)"
+)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_committed_tasks_survive_kill_9(db_path: pathlib.Path) -> None:
+    with Store.open(db_path) as store:
+        before = [store.add_task("coder", f"before {i}") for i in range(3)]
+        result = subprocess.run(
+            [sys.executable, "-c", CRASHER, str(db_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        # The dead writer's lock is gone: this connection can still write.
+        store.add_task("coder", "after")
+    with Store.open(db_path) as store:
+        prompts = [t.prompt for t in reversed(store.list_tasks())]
+    assert prompts == [t.prompt for t in before] + ["committed before the crash", "after"]
+
+
+# --- events, restarts, vms, scales -------------------------------------------
+
+
+def test_events_are_ordered_and_paged(store: Store, clock: FakeClock) -> None:
+    for i in range(5):
+        clock.now = 2000.0 + i
+        store.event("vm.started", f"coder-{i}", pid=100 + i, disk=pathlib.Path("/x"), ok=True)
+    events = store.events()
+    assert [e.subject for e in events] == [f"coder-{i}" for i in range(5)]
+    assert [e.at for e in events] == [2000.0 + i for i in range(5)]
+    ids = [e.id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert events[0].kind == "vm.started"
+    assert events[0].detail == {"pid": 100, "disk": "/x", "ok": True}
+    page = store.events(after=ids[1], limit=2)
+    assert [e.id for e in page] == ids[2:4]
+    assert store.events(after=ids[-1]) == []
+
+
+def test_event_without_detail(store: Store) -> None:
+    store.event("supervisor.up", "swarm")
+    (event,) = store.events()
+    assert event.detail == {}
+
+
+def test_restarts(store: Store) -> None:
+    assert store.restart_count("coder-0") == 0
+    store.record_restart("coder-0", "coder", reason="backoff", exit_code=1, delay=2.0)
+    store.record_restart("coder-0", "coder", reason="stable run", exit_code=None, delay=0.0)
+    store.record_restart("coder-1", "coder", reason="backoff", exit_code=137, delay=1.0)
+    assert store.restart_count("coder-0") == 2
+    assert store.restart_count("coder-1") == 1
+
+
+def vm(name: str, **kw: object) -> VmRecord:
+    base: dict[str, object] = {
+        "name": name,
+        "role": "coder",
+        "pid": 4242,
+        "start_time": 123456,
+        "boot_id": "b" * 36,
+        "spec_hash": "f" * 64,
+    }
+    return VmRecord(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_vm_registry(db_path: pathlib.Path) -> None:
+    with Store.open(db_path) as store:
+        assert store.vms() == []
+        b = vm("coder-1", netns="fc-coder-1", cgroup="/sys/fs/cgroup/fc/coder-1")
+        a = vm("coder-0", socket="/run/fc/coder-0.sock", log="/var/log/fc/coder-0.log")
+        store.put_vm(b)
+        store.put_vm(a)
+        assert store.vms() == [a, b]
+        moved = vm("coder-0", pid=5000, start_time=999)
+        store.put_vm(moved)
+        assert store.vms() == [moved, b]
+        store.drop_vm("coder-0")
+        store.drop_vm("no-such-vm")
+    with Store.open(db_path) as store:
+        assert store.vms() == [b]
+
+
+def test_scales(store: Store) -> None:
+    assert store.scales() == {}
+    store.set_scale("coder", 3)
+    store.set_scale("reviewer", 0)
+    store.set_scale("coder", 5)
+    assert store.scales() == {"coder": 5, "reviewer": 0}
+    store.clear_scale("coder")
+    store.clear_scale("nobody")
+    assert store.scales() == {"reviewer": 0}
+    with pytest.raises(ValueError):
+        store.set_scale("coder", -1)
