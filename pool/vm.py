@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import secrets
 import socket
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class Runtime:
     isolate_net: bool
     use_cgroups: bool
     graceful: bool = True  # False after a second SIGINT: kill at once
+    uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     on_event: Callable[[str, str, dict[str, object]], None] = field(default=lambda k, s, d: None)
     #: Bumped on every state change of any VM, so watchers can wait for "something changed".
     version: int = 0
@@ -89,7 +91,7 @@ class Child:
         self.group = group
         self.rt = runtime
         self.lifecycle = Lifecycle(now)
-        self.tracker = RestartTracker(group.role.restart)
+        self.tracker = RestartTracker(group.role.restart, uniform=runtime.uniform)
         self.oneshot = False  # claimed: serves one piece of work, then retired
         self.stopping = False
         self.session: ControlSession | None = None
@@ -222,6 +224,7 @@ class Child:
                     guest_command=role.guest_command,
                 )
                 self.handle = await self.rt.driver.start(spec)
+                self.group.changed()  # a new pid to show
             except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome

@@ -1,0 +1,44 @@
+# Two entry points: `make up` runs the swarm, `make test` runs every test.
+# Both set up what they need first (Debian packages, a virtual environment)
+# and can be run again at any time.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# nsenter (util-linux) runs process-driver guests in their namespaces.
+DEB_PACKAGES := python3 python3-venv util-linux iproute2
+
+.PHONY: up test bench setup deb lint
+
+up: setup
+	$(BIN)/fireclaw-swarm up --config swarm.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/process_driver.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+setup: deb $(STAMP)
+
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! command -v nsenter >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@

@@ -1,0 +1,377 @@
+"""The supervisor process: ``fireclaw-swarm up``.
+
+::
+
+    trio.run(Supervisor.serve)               pidfile lock held for the whole life
+    └─ root nursery
+       ├─ signals      SIGHUP -> reload (coalesced), SIGTERM/SIGINT -> graceful stop
+       ├─ api          unix-socket HTTP API at <state_dir>/api.sock
+       ├─ reloader     applies config changes one at a time
+       └─ role group   one per role: warm pool, claimed VMs, task queue
+
+The supervisor never exits because children crash; it exits 0 after a
+graceful stop, 78 on a bad config at start, 1 when another instance holds the
+lock or the state cannot be opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.drivers import BackendUnavailable, choose
+from fireclaw.pool.control import GuestLost
+from fireclaw.pool.group import PoolError, RoleGroup
+from fireclaw.pool.vm import Runtime
+from fireclaw.supervisor import sdnotify
+from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
+from fireclaw.supervisor.procid import ProcessIdentity, still_running
+from fireclaw.supervisor.state import StateError, Store
+
+log = logging.getLogger("fireclaw.supervisor")
+
+LOCK_NAME: Final = "supervisor.pid"
+DB_NAME: Final = "swarm.db"
+API_NAME: Final = "api.sock"
+
+
+class Supervisor:
+    def __init__(self, config: Config, state_dir: Path, store: Store) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.store = store
+        self.groups: dict[str, RoleGroup] = {}
+        self.stopping = False
+        self.last_reload_error: str | None = None
+        self._reload_wanted = trio.Event()
+        self._reload_done = trio.Event()
+        self._reload_result: dict[str, object] = {}
+        self._root: trio.Nursery | None = None
+        driver, self.backend_reason = choose(config.backend)
+        ns_why = netns.probe()
+        cg_why = cgroup.probe()
+        self.isolation = {
+            "netns": ns_why is None,
+            "netns_why": ns_why or "one network namespace per VM",
+            "cgroups": cg_why is None,
+            "cgroups_why": cg_why or "one memory cgroup per VM",
+        }
+        self.rt = Runtime(
+            driver=driver, store=store, state_dir=state_dir, control=config.control,
+            stop=config.stop, isolate_net=ns_why is None, use_cgroups=cg_why is None,
+            on_event=self._on_event,
+        )
+
+    def _on_event(self, kind: str, subject: str, detail: dict[str, object]) -> None:
+        self.store.event(kind, subject, **detail)
+
+    # --- life ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            self.reclaim()
+            async with trio.open_nursery() as root:
+                self._root = root
+                await root.start(serve_api, self.state_dir / API_NAME, self)
+                for role in self.config.roles.values():
+                    await self._start_group(role.name)
+                root.start_soon(self._reloader)
+                self.store.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
+                log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
+                sdnotify.ready(self._status_line())
+                task_status.started()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.request_reload()
+                    elif not self.stopping:
+                        log.info("%s: stopping the fleet", signal.Signals(signum).name)
+                        root.start_soon(self.shutdown)
+                    elif signum == signal.SIGINT:
+                        log.warning("second SIGINT: stopping now")
+                        self.rt.graceful = False
+                        root.cancel_scope.cancel()
+        log.info("stopped")
+
+    def reclaim(self) -> None:
+        """Remove what a previous, crashed supervisor left: VMs, namespaces, cgroups, tasks."""
+        for rec in self.store.vms():
+            ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
+            if rec.start_time and still_running(ident):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(rec.pid, signal.SIGKILL)
+            if rec.cgroup:
+                with contextlib.suppress(cgroup.CgroupError):
+                    cgroup.remove(Path(rec.cgroup))
+            if rec.netns:
+                with contextlib.suppress(netns.NetnsError):
+                    netns.remove_sync(rec.netns)
+            self.store.drop_vm(rec.name)
+            self.store.event("reclaimed", rec.name, pid=rec.pid)
+            log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
+        for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
+            self.store.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+
+    async def _start_group(self, name: str) -> RoleGroup:
+        assert self._root is not None
+        role = self.config.roles[name]
+        group = RoleGroup(
+            role, self.rt, max_attempts=self.config.task_max_attempts,
+            scale=self.store.scales().get(name),
+        )
+        self.groups[name] = group
+        await self._root.start(self._run_group, group)
+        group.tasks_queued()  # tasks left from before a restart
+        return group
+
+    async def _run_group(self, group: RoleGroup, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await group.run(task_status=task_status)
+        finally:
+            if self.groups.get(group.name) is group:
+                del self.groups[group.name]
+
+    async def shutdown(self) -> None:
+        """Stop every VM gracefully within the fleet deadline, then end the root nursery."""
+        self.stopping = True
+        sdnotify.stopping()
+        deadline = self.config.stop.fleet_deadline
+        sdnotify.extend_timeout(deadline + 5)
+        with trio.move_on_after(deadline) as scope:
+            async with trio.open_nursery() as nursery:
+                for group in list(self.groups.values()):
+                    nursery.start_soon(group.stop_all, "supervisor stopping")
+        if scope.cancelled_caught:
+            log.warning("fleet did not stop within %gs: killing the rest", deadline)
+            self.rt.graceful = False
+        self.store.event("stopped", "supervisor")
+        if self._root is not None:
+            self._root.cancel_scope.cancel()
+
+    # --- reload ------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        self._reload_wanted.set()
+
+    async def _reloader(self) -> None:
+        # One reload at a time; signals arriving meanwhile collapse into one more run.
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted = trio.Event()
+            done, self._reload_done = self._reload_done, trio.Event()
+            self._reload_result = await self._apply_reload()
+            done.set()
+
+    async def _apply_reload(self) -> dict[str, object]:
+        sdnotify.reloading()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            self.last_reload_error = str(exc)
+            log.error("reload rejected: %s", exc)
+            self.store.event("reload_rejected", "supervisor", error=str(exc))
+            sdnotify.ready(f"reload rejected: {exc}")
+            return {"ok": False, "error": str(exc)}
+        diff = diff_config(self.config, new)
+        notes: list[str] = []
+        if diff.backend_changed:
+            notes.append("backend changes take effect at the next start")
+        if diff.state_dir_changed:
+            notes.append("state_dir changes take effect at the next start")
+        old, self.config = self.config, new
+        self.rt.control, self.rt.stop = new.control, new.stop
+        assert self._root is not None
+        for name in diff.removed:
+            group = self.groups.get(name)
+            if group is not None:
+                self._root.start_soon(group.stop_all, "role removed")
+        for name in diff.added:
+            await self._start_group(name)
+        for name, change in diff.changed.items():
+            group = self.groups[name]
+            group.update(new.roles[name])
+            if change.scale and old.roles[name].pool != new.roles[name].pool:
+                self.store.clear_scale(name)
+                group.set_scale(None)
+            if change.restart_policy:
+                group.reset()
+            if change.replace:
+                self._root.start_soon(group.roll)
+        self.last_reload_error = None
+        self.store.event(
+            "reloaded", "supervisor", added=list(diff.added), removed=list(diff.removed),
+            changed=sorted(diff.changed),
+        )
+        log.info(
+            "reloaded: added %s, removed %s, changed %s",
+            list(diff.added), list(diff.removed), sorted(diff.changed),
+        )
+        sdnotify.ready(self._status_line())
+        return {
+            "ok": True, "error": None, "added": list(diff.added), "removed": list(diff.removed),
+            "changed": sorted(diff.changed), "notes": notes,
+        }
+
+    # --- the Controller the API serves --------------------------------------------------
+
+    def _group(self, role: str) -> RoleGroup:
+        group = self.groups.get(role)
+        if group is None:
+            raise ControllerError(f"no role {role!r} (roles: {', '.join(self.groups) or 'none'})", 404)
+        return group
+
+    def _status_line(self) -> str:
+        counts = [g.counts() for g in self.groups.values()]
+        idle = sum(int(c["idle"]) for c in counts)  # type: ignore[call-overload]
+        active = sum(int(c["active"]) for c in counts)  # type: ignore[call-overload]
+        failed = sum(int(c["failed"]) for c in counts)  # type: ignore[call-overload]
+        return f"{idle} idle, {active} active, {failed} failed"
+
+    async def status(self, since: int | None = None, wait: float = 0.0) -> dict[str, object]:
+        """The fleet; with ``since``, first wait up to ``wait`` s for a change past it."""
+        if since is not None:
+            await self.rt.wait_change(since, min(wait, 60.0))
+        return {
+            "version": self.rt.version,
+            "pid": os.getpid(),
+            "config": str(self.config.path),
+            "state_dir": str(self.state_dir),
+            "backend": self.backend_reason,
+            "isolation": self.isolation,
+            "stopping": self.stopping,
+            "last_reload_error": self.last_reload_error,
+            "roles": {name: g.counts() for name, g in self.groups.items()},
+            "agents": [a for g in self.groups.values() for a in g.snapshot()],
+            "tasks": self.store.count_tasks(),
+        }
+
+    async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
+        if not argv:
+            raise ControllerError("nothing to run: give a command after --")
+        group = self._group(role or next(iter(self.groups), ""))
+        try:
+            child = await group.claim(self.config.control.boot_timeout)
+        except PoolError as exc:
+            raise ControllerError(str(exc), 503) from None
+        try:
+            await emit({"vm": child.name})
+            assert child.session is not None
+            return await child.session.run(argv, emit)
+        except GuestLost as exc:
+            raise ControllerError(f"{child.name} was lost during the run: {exc.reason}", 502) from None
+        finally:
+            group.retire(child, "run finished")
+
+    async def submit_task(self, role: str, prompt: str) -> dict[str, object]:
+        group = self._group(role)
+        if not prompt.strip():
+            raise ControllerError("task: the prompt is empty")
+        if len(prompt) > p.MAX_PROMPT_CHARS:
+            raise ControllerError(f"task: the prompt has {len(prompt)} characters, at most {p.MAX_PROMPT_CHARS}")
+        task = self.store.add_task(role, prompt)
+        self.store.event("task_queued", f"task-{task.id}", role=role)
+        group.tasks_queued()
+        return _task_dict(task)
+
+    async def get_task(self, task_id: int) -> dict[str, object]:
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise ControllerError(f"no task {task_id}", 404)
+        return _task_dict(task)
+
+    async def list_tasks(self, state: str | None) -> list[dict[str, object]]:
+        return [_task_dict(t) for t in self.store.list_tasks(state=state)]
+
+    async def scale(self, role: str, n: int) -> dict[str, object]:
+        if not 0 <= n <= 1000:
+            raise ControllerError(f"scale: {n} is out of range (0..1000)")
+        group = self._group(role)
+        self.store.set_scale(role, n)
+        group.set_scale(n)
+        self.store.event("scaled", role, n=n)
+        return {"role": role, "target": n}
+
+    async def reset(self, name: str) -> dict[str, object]:
+        if name in self.groups:
+            return {"reset": self.groups[name].reset()}
+        for group in self.groups.values():
+            child = group.children.get(name)
+            if child is not None:
+                child.reset()
+                return {"reset": 1}
+        raise ControllerError(f"no role or VM named {name!r}", 404)
+
+    async def reload(self) -> dict[str, object]:
+        done = self._reload_done
+        self.request_reload()
+        await done.wait()
+        return self._reload_result
+
+    async def events(self, after: int, limit: int) -> list[dict[str, object]]:
+        return [
+            {"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "detail": e.detail}
+            for e in self.store.events(after=after, limit=limit)
+        ]
+
+    async def down(self) -> dict[str, object]:
+        if not self.stopping and self._root is not None:
+            self._root.start_soon(self.shutdown)
+        return {"stopping": True}
+
+
+def _task_dict(task: object) -> dict[str, object]:
+    import msgspec
+
+    return msgspec.structs.asdict(task)  # type: ignore[arg-type]
+
+
+def run_up(config_path: str, state_dir: str | None) -> int:
+    """``fireclaw-swarm up``: run the supervisor in the foreground until stopped."""
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fireclaw-swarm: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    sdir = Path(state_dir).resolve() if state_dir else config.state_dir
+    try:
+        sdir.mkdir(parents=True, exist_ok=True)
+        lock = PidLock(sdir / LOCK_NAME)
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"fireclaw-swarm: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"fireclaw-swarm: cannot use state dir {sdir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            store = Store.open(sdir / DB_NAME)
+        except StateError as exc:
+            print(f"fireclaw-swarm: {exc}", file=sys.stderr)
+            return 1
+        try:
+            supervisor = Supervisor(config, sdir, store)
+        except BackendUnavailable as exc:
+            print(f"fireclaw-swarm: {config.path.name}: backend: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        try:
+            trio.run(supervisor.serve)
+        finally:
+            store.close()
+    finally:
+        lock.release()
+    return 0

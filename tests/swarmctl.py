@@ -1,0 +1,181 @@
+"""Run a real ``fireclaw-swarm up`` in a subprocess and drive it like an operator.
+
+Readiness comes from the supervisor's own sd_notify ``READY=1`` on a socket the
+test binds; state changes are awaited with the API's status long-poll. Nothing
+here sleeps to wait for something.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fireclaw.pool import cgroup, netns
+from fireclaw.supervisor.client import ApiClient
+
+FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
+PY = sys.executable
+
+#: A role that boots fast and restarts fast, for tests.
+FAST_RESTART = """
+    restart:
+      max_restarts: 3
+      window: 600
+      stable_after: 600
+      backoff: {base: 0.05, max: 0.2}
+"""
+
+
+def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str = "") -> str:
+    body = f"""
+  {name}:
+    template: worker
+    pool: {{min_idle: {min_idle}, max_active: {max_active}}}
+""" + textwrap.indent(textwrap.dedent(FAST_RESTART + extra), "    ")
+    return body
+
+
+def swarm_yaml(*roles: str, control: str = "") -> str:
+    control = control or "heartbeat_interval: 0.5\n  heartbeat_timeout: 5\n  boot_timeout: 20"
+    return (
+        "version: 1\nbackend: process\n"
+        f"control:\n  {control}\n"
+        "stop:\n  grace_period: 5\n  term_timeout: 2\n  fleet_deadline: 20\n"
+        "roles:" + "".join(roles) + "\n"
+    )
+
+
+class Swarm:
+    def __init__(self, root: Path, config_text: str) -> None:
+        self.root = root
+        self.config = root / "swarm.yaml"
+        self.state = root / "state"
+        self.config.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "supervisor.log"
+        self._notify: socket.socket | None = None
+
+    # --- life -------------------------------------------------------------------
+
+    def start(self, *, timeout: float = 30) -> None:
+        notify_path = self.root / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            )
+        self.wait_notify("READY=1", timeout)
+
+    def wait_notify(self, field: str, timeout: float) -> str:
+        assert self._notify is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc is not None and self.proc.poll() is not None):
+                raise AssertionError(f"no {field} from the supervisor; log:\n{self.tail()}")
+            self._notify.settimeout(min(left, 0.5))
+            try:
+                msg = self._notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if field in msg.split("\n"):
+                return msg
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        if self._notify is not None:
+            self._notify.close()
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text().splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    # --- talking to it --------------------------------------------------------------
+
+    @property
+    def api(self) -> ApiClient:
+        return ApiClient(self.state / "api.sock")
+
+    def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [FIRECLAW, "--state-dir", str(self.state), *args],
+            capture_output=True, timeout=timeout, input=input,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.api.get("/status")
+        return result
+
+    def wait_for(
+        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        """Long-poll /status until ``pred(status)`` holds, or fail naming ``what``."""
+        deadline = time.monotonic() + timeout
+        st = self.status()
+        while not pred(st):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what}; last status: {st}\n{self.tail()}")
+            st = self.api.get(f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5)
+        return st
+
+    def agents(self, role: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        return [
+            a for a in self.status()["agents"]
+            if (role is None or a["role"] == role) and (state is None or a["state"] == state)
+        ]
+
+
+def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda st: role in st["roles"] and st["roles"][role]["idle"] == n
+
+
+def leftovers(state: Path) -> dict[str, list[str]]:
+    """What VMs of any test may have left behind: namespaces, cgroups, processes, sockets."""
+    procs = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"FIRECLAW_TOKEN=" in env:
+            procs.append(pid)
+    return {
+        "netns": netns.leftovers(),
+        "cgroups": [str(p) for p in cgroup.leftovers()],
+        "guest_processes": procs,
+        "sockets": [p.name for p in state.glob("*.sock")],
+    }
