@@ -54,6 +54,12 @@ def probe() -> str | None:
     return None
 
 
+def path_for(vm_id: str) -> Path | None:
+    """Where ``create(vm_id)`` puts its group, known before it exists."""
+    found = _base()
+    return None if found is None else found[0] / vm_id
+
+
 def create(vm_id: str, memory_mib: int) -> Path:
     found = _base()
     if found is None:

@@ -225,7 +225,9 @@ class ControlSession:
                         await emit({"stream": msg.stream, "data": data})
                     else:
                         if msg.error:
-                            await emit({"error": msg.error})
+                            # Like a shell: the reason on stderr, the code (126/127) as the status.
+                            line = base64.b64encode(f"{msg.error}\n".encode()).decode("ascii")
+                            await emit({"stream": "stderr", "data": line})
                         return msg.code
         except trio_websocket.ConnectionClosed:
             pass

@@ -203,17 +203,19 @@ class Child:
         token = secrets.token_urlsafe(24)
         outcome = Outcome()
         self._exited = trio.Event()
-        ns_name: str | None = None
-        cg: Path | None = None
+        ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
+        cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
         listener_sock: socket.socket | None = None
+        # Write-ahead: the registry names what this incarnation will create before it
+        # exists, so a supervisor killed at any point leaves nothing unaccounted for.
+        self._register(ns_name, cg, pid=0)
         try:
             try:
-                if self.rt.isolate_net:
-                    ns_name = netns.PREFIX + vm_id
+                if ns_name is not None:
                     listener_sock = await netns.create_with_listener(ns_name)
                 else:
                     listener_sock = _loopback_listener()
-                if self.rt.use_cgroups:
+                if cg is not None:
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, role.resources.memory_mib)
                 port = listener_sock.getsockname()[1]
                 spec = VmSpec(
@@ -228,7 +230,7 @@ class Child:
             except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
-            self._register(vm_id, ns_name, cg)
+            self._register(ns_name, cg, pid=self.handle.pid)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
             listener_sock = None  # the listener owns it now
             async with trio.open_nursery() as ws_nursery, listener:
@@ -317,12 +319,11 @@ class Child:
                     await netns.remove(ns_name)
             self.rt.store.drop_vm(self.name)
 
-    def _register(self, vm_id: str, ns_name: str | None, cg: Path | None) -> None:
-        assert self.handle is not None
-        ident = process_identity(self.handle.pid)
+    def _register(self, ns_name: str | None, cg: Path | None, *, pid: int) -> None:
+        ident = process_identity(pid) if pid else None
         self.rt.store.put_vm(
             VmRecord(
-                name=self.name, role=self.group.name, pid=self.handle.pid,
+                name=self.name, role=self.group.name, pid=pid,
                 start_time=ident.start_time if ident else 0, boot_id=ident.boot_id if ident else "",
                 spec_hash=self.group.spec_hash, netns=ns_name, cgroup=str(cg) if cg else None,
                 socket=None, log=str(self.rt.state_dir / "logs" / f"{self.name}.log"),

@@ -39,7 +39,7 @@ def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str =
   {name}:
     template: worker
     pool: {{min_idle: {min_idle}, max_active: {max_active}}}
-""" + textwrap.indent(textwrap.dedent(FAST_RESTART + extra), "    ")
+""" + textwrap.indent(textwrap.dedent(FAST_RESTART) + extra, "    ")
     return body
 
 
@@ -62,6 +62,11 @@ class Swarm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "supervisor.log"
         self._notify: socket.socket | None = None
+        self.baseline = leftovers(self.state)
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What this swarm left behind that was not there before it started."""
+        return leftovers(self.state, self.baseline)
 
     # --- life -------------------------------------------------------------------
 
@@ -161,8 +166,16 @@ def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
     return lambda st: role in st["roles"] and st["roles"][role]["idle"] == n
 
 
-def leftovers(state: Path) -> dict[str, list[str]]:
-    """What VMs of any test may have left behind: namespaces, cgroups, processes, sockets."""
+def leftovers(state: Path, baseline: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """What VMs may have left behind (namespaces, cgroups, guest processes, sockets),
+    less what was already there in ``baseline``."""
+    now = _everything(state)
+    if baseline is None:
+        return now
+    return {k: [x for x in v if x not in baseline.get(k, [])] for k, v in now.items()}
+
+
+def _everything(state: Path) -> dict[str, list[str]]:
     procs = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -109,10 +109,12 @@ class ProcessDriver:
         if spec.cgroup is not None:
             try:
                 await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
-            except cgroup.CgroupError as exc:
+            except BaseException as exc:
+                # Cancelled or failed between spawn and hand-over: nobody else knows this
+                # process yet, so it is ours to kill.
                 with trio.CancelScope(shield=True):
                     await vm.kill()
-                raise DriverError(str(exc)) from exc
+                if isinstance(exc, cgroup.CgroupError):
+                    raise DriverError(str(exc)) from exc
+                raise
         return vm
-
-

@@ -1,0 +1,231 @@
+"""The whole swarm, end to end: a real supervisor process, real guest processes,
+real signals and sockets, driven through the CLI and the API like an operator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from swarmctl import PY, Swarm, idle, leftovers, role_yaml, swarm_yaml
+
+HERE = Path(__file__).parent
+NOTHING: dict[str, list[str]] = {"netns": [], "cgroups": [], "guest_processes": [], "sockets": []}
+
+
+@pytest.fixture
+def make_swarm(tmp_path: Path) -> Iterator[type[Swarm]]:
+    made: list[Swarm] = []
+    baseline = leftovers(tmp_path / "state")
+
+    def make(config_text: str, *, start: bool = True, root: Path | None = None) -> Swarm:
+        swarm = Swarm(root or tmp_path, config_text)
+        made.append(swarm)
+        if start:
+            swarm.start()
+        return swarm
+
+    yield make  # type: ignore[misc]
+    for swarm in made:
+        swarm.close()
+    # Whatever a test did, once its supervisor has stopped nothing of it is left.
+    assert leftovers(tmp_path / "state", baseline) == NOTHING
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pids(swarm: Swarm, role: str) -> dict[str, int]:
+    return {a["name"]: a["pid"] for a in swarm.agents(role)}
+
+
+def test_pool_fills_and_run_returns_output_and_exit_codes(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2)))
+    st = swarm.wait_for("2 idle workers", idle("worker", 2))
+    assert {a["name"] for a in st["agents"]} == {"worker-0", "worker-1"}
+
+    out = swarm.cli("run", "--", "echo", "hi")
+    assert (out.returncode, out.stdout, out.stderr) == (0, b"hi\n", b"")
+
+    out = swarm.cli("run", "--", "sh", "-c", "echo oops >&2; exit 3")
+    assert (out.returncode, out.stderr) == (3, b"oops\n")
+
+    out = swarm.cli("run", "--", "/no/such/binary")
+    assert out.returncode == 127
+
+    # Each run used a fresh VM, which was destroyed; the pool is back to two.
+    swarm.wait_for("the pool refilled", lambda s: idle("worker", 2)(s) and len(s["agents"]) == 2)
+    assert swarm.status()["roles"]["worker"]["failed"] == 0
+
+
+def test_a_killed_guest_is_replaced_with_backoff(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2)))
+    swarm.wait_for("2 idle workers", idle("worker", 2))
+    before = pids(swarm, "worker")
+    os.kill(before["worker-0"], signal.SIGKILL)
+
+    st = swarm.wait_for(
+        "worker-0 back with a new pid",
+        lambda s: any(
+            a["name"] == "worker-0" and a["state"] == "idle" and a["pid"] != before["worker-0"]
+            for a in s["agents"]
+        ),
+    )
+    agents = {a["name"]: a for a in st["agents"]}
+    assert agents["worker-0"]["restarts"] == 1
+    assert agents["worker-1"]["pid"] == before["worker-1"]  # the other one untouched
+    crashed = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "crashed"]
+    assert len(crashed) == 1
+    assert crashed[0]["subject"] == "worker-0"
+    assert crashed[0]["detail"]["exit_code"] == -9
+    assert crashed[0]["detail"]["restart"] is True
+    assert 0 <= crashed[0]["detail"]["delay"] <= 0.05  # backoff base for a first crash
+
+
+def test_a_crash_loop_ends_failed_and_stops_restarting(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    crasher = role_yaml("crasher", min_idle=1, extra='guest_command: ["sh", "-c", "exit 1"]\n')
+    swarm = make_swarm(swarm_yaml(role_yaml("worker"), crasher))
+    st = swarm.wait_for("crasher failed", lambda s: s["roles"]["crasher"]["failed"] == 1)
+    (agent,) = [a for a in st["agents"] if a["role"] == "crasher"]
+    assert agent["restarts"] == 3  # max_restarts: 3, then the circuit opens
+    assert "not restarted" in agent["reason"]
+    assert st["roles"]["crasher"]["degraded"] is True
+    assert agent["pid"] is None
+    # The breaker holds: one more status change (worker idle) and nothing new for crasher.
+    st = swarm.wait_for("worker idle", idle("worker", 1))
+    assert [a["restarts"] for a in st["agents"] if a["role"] == "crasher"] == [3]
+    kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"] if e["subject"] == "crasher-0"]
+    assert kinds == ["crashed"] * 4 + ["failed"]
+
+    # An explicit reset clears it and it is tried again.
+    assert swarm.cli("reset", "crasher-0").returncode == 0
+    swarm.wait_for("crasher retried", lambda s: any(
+        a["role"] == "crasher" and a["restarts"] > 3 or a["role"] == "crasher" and a["state"] != "failed"
+        for a in s["agents"]
+    ))
+
+
+def test_a_second_up_is_refused_and_names_the_holder(make_swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker")))
+    second = Swarm(tmp_path, swarm.config.read_text())
+    out = second.cli("up", "--config", str(swarm.config), timeout=20)
+    assert out.returncode == 1
+    assert out.stderr.decode().strip() == (
+        f"fireclaw-swarm: another fireclaw-swarm (pid {swarm.proc.pid}) is running: "
+        f"it holds {swarm.state / 'supervisor.pid'}"
+    )
+    assert swarm.proc.poll() is None
+
+
+def test_sighup_touches_only_the_changed_role(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2), role_yaml("coder", min_idle=1)))
+    swarm.wait_for("pools full", lambda s: idle("worker", 2)(s) and idle("coder", 1)(s))
+    workers = pids(swarm, "worker")
+
+    swarm.config.write_text(swarm_yaml(role_yaml("worker", min_idle=2), role_yaml("coder", min_idle=3)))
+    swarm.proc.send_signal(signal.SIGHUP)
+    swarm.wait_for("3 idle coders", idle("coder", 3))
+    assert pids(swarm, "worker") == workers
+    reloaded = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "reloaded"]
+    assert reloaded[-1]["detail"]["changed"] == ["coder"]
+
+
+def test_sighup_with_a_broken_file_keeps_the_old_config(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2)))
+    swarm.wait_for("2 idle workers", idle("worker", 2))
+    workers = pids(swarm, "worker")
+
+    swarm.config.write_text(swarm_yaml(role_yaml("worker", min_idle=-1)))
+    swarm.proc.send_signal(signal.SIGHUP)
+    st = swarm.wait_for("the reload rejected", lambda s: s["last_reload_error"] is not None)
+    assert "worker" in st["last_reload_error"] and "min_idle" in st["last_reload_error"]
+    assert "\n" not in st["last_reload_error"]
+    assert pids(swarm, "worker") == workers
+
+    # `reload` from the CLI says the same in one line and exits 78.
+    out = swarm.cli("reload")
+    assert out.returncode == 78
+    assert len(out.stderr.decode().strip().splitlines()) == 1
+    assert "min_idle" in out.stderr.decode()
+    assert swarm.cli("run", "--", "true").returncode == 0  # still serving
+
+
+def test_sigterm_stops_everything_and_leaves_nothing(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=3), role_yaml("coder", min_idle=2)))
+    st = swarm.wait_for("pools full", lambda s: idle("worker", 3)(s) and idle("coder", 2)(s))
+    guest_pids = [a["pid"] for a in st["agents"]]
+    isolation = st["isolation"]
+
+    assert swarm.stop(signal.SIGTERM) == 0
+    assert all(gone(pid) for pid in guest_pids)
+    assert swarm.leftovers() == NOTHING
+    if os.geteuid() == 0:
+        assert isolation["netns"] and isolation["cgroups"]
+    # Guests said goodbye (graceful): every stop was a clean exit of the guest daemon.
+    log = swarm.tail(400)
+    assert "stopped" in log
+
+
+def test_a_queued_task_survives_a_supervisor_kill(make_swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gate = tmp_path / "gate"
+    harness = (
+        'harness: {kind: command, command: ["sh", "-c", '
+        f'"while [ ! -e {gate} ]; do sleep 0.05; done; echo done: $FIRECLAW_PROMPT"]}}\n'
+    )
+    config = swarm_yaml(role_yaml("worker", min_idle=1, extra=harness))
+    swarm = make_swarm(config)
+    task = swarm.api.post("/tasks", {"role": "worker", "prompt": "survive"})
+    swarm.wait_for("the task claimed", lambda s: s["tasks"]["claimed"] == 1)
+    swarm.kill9()
+
+    gate.touch()
+    swarm.start()
+    st = swarm.wait_for("the task done", lambda s: s["tasks"]["done"] == 1)
+    row = swarm.api.get(f"/tasks/{task['id']}")
+    assert row["state"] == "done"
+    assert row["result"].strip() == "done: survive"
+    assert row["attempts"] == 1  # one attempt was lost with the killed supervisor
+    kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"]]
+    assert "reclaimed" in kinds and "task_requeued" in kinds
+    assert st["tasks"]["queued"] == 0
+
+    assert swarm.stop() == 0
+    assert swarm.leftovers() == NOTHING
+
+
+def test_tasks_run_on_promoted_agents(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    out = swarm.cli("task", "worker", "say hello", "--wait", "--timeout", "30")
+    assert out.returncode == 0, out.stderr
+    assert b"worker-0: say hello" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["oversize", "garbage", "offschema", "flood"])
+def test_a_hostile_guest_is_killed_and_replaced(make_swarm, mode: str) -> None:  # type: ignore[no-untyped-def]
+    evil = role_yaml("evil", min_idle=1, extra=f'guest_command: ["{PY}", "{HERE / "hostile_guest.py"}", "{mode}"]\n')
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2), evil))
+    swarm.wait_for("2 idle workers", idle("worker", 2))
+    workers = pids(swarm, "worker")
+
+    st = swarm.wait_for("evil-0 restarted", lambda s: any(
+        a["name"] == "evil-0" and a["restarts"] >= 1 for a in s["agents"]
+    ))
+    crashed = [e for e in swarm.api.get("/events?limit=1000")["events"]
+               if e["kind"] == "crashed" and e["subject"] == "evil-0"]
+    reason = crashed[0]["detail"]["reason"]
+    expected = {"oversize": "too large", "garbage": "undecodable", "offschema": "unknown request",
+                "flood": "messages per second"}[mode]
+    assert expected in reason
+    assert pids(swarm, "worker") == workers  # nobody else was disturbed
+    assert st["roles"]["worker"]["idle"] == 2
+    assert swarm.cli("run", "--role", "worker", "--", "echo", "fine").stdout == b"fine\n"
+    assert sys.executable  # the hostile guest ran with this interpreter
