@@ -28,9 +28,7 @@ _CHANNEL_PATTERN: Final = r"^[#&][^\s,\x07]{1,49}$"
 
 # A nick pattern is an IRC nick with placeholders: {role} (the role's name) and
 # {n} (the replica's ordinal, exactly once, so every replica gets its own nick).
-_NICK_PATTERN_RE: Final = re.compile(
-    r"^(?:[A-Za-z]|\{role\})(?:[A-Za-z0-9_-]|\{role\}|\{n\})*$"
-)
+_NICK_PATTERN_RE: Final = re.compile(r"^(?:[A-Za-z]|\{role\})(?:[A-Za-z0-9_-]|\{role\}|\{n\})*$")
 
 Backend = Literal["auto", "process", "qemu", "firecracker"]
 PolicyName = Literal["permanent", "transient", "temporary"]

@@ -26,7 +26,6 @@ from typing import Final
 
 import trio
 import trio_websocket
-
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
 
@@ -76,7 +75,9 @@ class TokenBucket:
 class ControlSession:
     """One connected, authenticated guest. Create with ``handshake``, then ``serve``."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, hello: p.Hello, spec: ControlSpec) -> None:
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, hello: p.Hello, spec: ControlSpec
+    ) -> None:
         self._ws = ws
         self.hello = hello
         self._spec = spec
@@ -196,8 +197,10 @@ class ControlSession:
     def _end(self, exc: GuestLost) -> None:
         if self._lost is None:
             self._lost = exc
-        for ch in itertools.chain(self._runs.values(), self._tasks.values()):
-            ch.close()
+        for run in self._runs.values():
+            run.close()
+        for task in self._tasks.values():
+            task.close()
         for event in self._promoted.values():
             event.set()
         self._runs.clear()
@@ -246,7 +249,9 @@ class ControlSession:
                 await done.wait()  # also set when the session ends
             self._check()
             if not done.is_set():
-                raise GuestViolation(f"no answer to promotion within {self._spec.promote_timeout:g}s")
+                raise GuestViolation(
+                    f"no answer to promotion within {self._spec.promote_timeout:g}s"
+                )
         except trio_websocket.ConnectionClosed:
             self._check()
             raise ConnectionLost("guest went away during promotion") from None

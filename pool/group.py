@@ -12,8 +12,7 @@ its refills and restarts pause until a reset or reload.
 Errors::
 
     PoolError
-    ├── NoCapacity      the role is at max_active, degraded, or has no pool
-    └── ClaimTimeout    no VM became idle in time
+    └── NoCapacity      the role is stopping, degraded, or has max_active 0
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import logging
 from typing import Final
 
 import trio
-
 from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
@@ -43,12 +41,10 @@ class NoCapacity(PoolError):
     pass
 
 
-class ClaimTimeout(PoolError):
-    pass
-
-
 class RoleGroup:
-    def __init__(self, role: Role, runtime: Runtime, *, max_attempts: int, scale: int | None) -> None:
+    def __init__(
+        self, role: Role, runtime: Runtime, *, max_attempts: int, scale: int | None
+    ) -> None:
         self.role = role
         self.rt = runtime
         self.max_attempts = max_attempts
@@ -74,7 +70,8 @@ class RoleGroup:
 
     def pool_children(self) -> list[Child]:
         return [
-            c for c in self.children.values()
+            c
+            for c in self.children.values()
             if not c.oneshot and not c.stopping and c.state in POOL_STATES
         ]
 
@@ -171,29 +168,29 @@ class RoleGroup:
                 return child
         return None
 
-    async def claim(self, timeout: float) -> Child:
-        """Hand out an idle child, waiting up to ``timeout`` for one to boot."""
+    async def claim(self) -> Child:
+        """Hand out an idle child, waiting for one to boot if none is idle.
+
+        Bound the wait at the call site (``trio.move_on_after``)."""
         child = self.try_claim()
         if child is not None:
             return child
-        if self.stopping:
-            raise NoCapacity(f"role {self.name} is stopping")
-        if self.role.pool.max_active <= 0:
-            raise NoCapacity(f"role {self.name} has max_active 0")
         self._claim_waiters += 1
         self.changed()
         try:
-            with trio.move_on_after(timeout):
-                while True:
-                    if self.degraded:
-                        raise NoCapacity(f"role {self.name} is degraded (most of its VMs failed)")
-                    child = self.try_claim()
-                    if child is not None:
-                        return child
-                    await self.wait_changed()
+            while True:
+                if self.stopping:
+                    raise NoCapacity(f"role {self.name} is stopping")
+                if self.role.pool.max_active <= 0:
+                    raise NoCapacity(f"role {self.name} has max_active 0")
+                if self.degraded:
+                    raise NoCapacity(f"role {self.name} is degraded (most of its VMs failed)")
+                child = self.try_claim()
+                if child is not None:
+                    return child
+                await self.wait_changed()
         finally:
             self._claim_waiters -= 1
-        raise ClaimTimeout(f"no {self.name} VM became ready within {timeout:g}s")
 
     def retire(self, child: Child, reason: str) -> None:
         """Stop a claimed child in the background; its work is done."""
@@ -212,7 +209,7 @@ class RoleGroup:
             self._tasks_queued = trio.Event()
             while not self.stopping and store.count_queued(self.name) > 0:
                 try:
-                    child = await self.claim(self.rt.control.boot_timeout)
+                    child = await self.claim()
                 except PoolError as exc:
                     log.warning("tasks for %s wait: %s", self.name, exc)
                     await self.wait_changed()
@@ -231,8 +228,13 @@ class RoleGroup:
         try:
             await child.promote(
                 p.Promote(
-                    name=child.name, role=role.name, persona=role.persona, model=role.model,
-                    harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+                    name=child.name,
+                    role=role.name,
+                    persona=role.persona,
+                    model=role.model,
+                    harness=p.Harness(
+                        argv=list(role.harness.command), timeout=role.harness.timeout
+                    ),
                 )
             )
             assert child.session is not None
@@ -243,12 +245,15 @@ class RoleGroup:
         except GuestLost as exc:
             row = store.requeue_task(task_id, reason=exc.reason, max_attempts=self.max_attempts)
             finished = True
-            self.rt.event("task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state)
+            self.rt.event(
+                "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
+            )
         finally:
             if not finished:
                 # Cancelled (shutdown): the task is not lost, it goes back to the queue.
-                with trio.CancelScope(shield=True):
-                    store.requeue_task(task_id, reason="supervisor stopped", max_attempts=self.max_attempts)
+                store.requeue_task(
+                    task_id, reason="supervisor stopped", max_attempts=self.max_attempts
+                )
             self.retire(child, "task finished")
             self.tasks_queued()
 

@@ -86,7 +86,9 @@ class Lifecycle:
         try:
             new = TRANSITIONS[self.state][event]
         except KeyError:
-            raise IllegalTransition(f"{event.value} is not allowed in state {self.state.value}") from None
+            raise IllegalTransition(
+                f"{event.value} is not allowed in state {self.state.value}"
+            ) from None
         if new is not self.state:
             self.since = now
         self.state = new

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
-
-from fireclaw.config import ControlSpec, Role, StopSpec
+from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
@@ -69,11 +68,10 @@ class Runtime:
         self._change.set()
         self._change = trio.Event()
 
-    async def wait_change(self, since: int, timeout: float) -> None:
-        """Return once ``version`` is past ``since``, or after ``timeout``."""
-        with trio.move_on_after(timeout):
-            while self.version <= since:
-                await self._change.wait()
+    async def wait_change(self, since: int) -> None:
+        """Return once ``version`` is past ``since``."""
+        while self.version <= since:
+            await self._change.wait()
 
 
 @dataclass
@@ -141,11 +139,19 @@ class Child:
         """Decide and wait out the restart; False when the child should end."""
         self.reason = outcome.reason
         policy = self.group.role.restart
-        exit_class = ExitClass.FAILURE if outcome.broke_protocol else classify_exit(outcome.code, policy)
+        exit_class = (
+            ExitClass.FAILURE if outcome.broke_protocol else classify_exit(outcome.code, policy)
+        )
         decision = self.tracker.exited(trio.current_time(), exit_class)
         self.rt.event(
-            "crashed", self.name, role=self.group.name, reason=outcome.reason, exit_code=outcome.code,
-            restart=decision.restart, delay=round(decision.delay, 3), failed=decision.failed,
+            "crashed",
+            self.name,
+            role=self.group.name,
+            reason=outcome.reason,
+            exit_code=outcome.code,
+            restart=decision.restart,
+            delay=round(decision.delay, 3),
+            failed=decision.failed,
         )
         log.warning("%s crashed: %s", self.name, outcome.reason)
         if not decision.restart:
@@ -160,7 +166,10 @@ class Child:
             return True
         self.restarts += 1
         self.rt.store.record_restart(
-            self.name, self.group.name, reason=outcome.reason, exit_code=outcome.code,
+            self.name,
+            self.group.name,
+            reason=outcome.reason,
+            exit_code=outcome.code,
             delay=decision.delay,
         )
         if decision.delay > 0:
@@ -216,12 +225,20 @@ class Child:
                 else:
                     listener_sock = _loopback_listener()
                 if cg is not None:
-                    cg = await trio.to_thread.run_sync(cgroup.create, vm_id, role.resources.memory_mib)
+                    cg = await trio.to_thread.run_sync(
+                        cgroup.create, vm_id, role.resources.memory_mib
+                    )
                 port = listener_sock.getsockname()[1]
                 spec = VmSpec(
-                    vm_id=vm_id, name=self.name, role=role.name, vcpus=role.resources.vcpus,
-                    memory_mib=role.resources.memory_mib, control_url=f"ws://127.0.0.1:{port}/",
-                    token=token, netns=ns_name, cgroup=cg,
+                    vm_id=vm_id,
+                    name=self.name,
+                    role=role.name,
+                    vcpus=role.resources.vcpus,
+                    memory_mib=role.resources.memory_mib,
+                    control_url=f"ws://127.0.0.1:{port}/",
+                    token=token,
+                    netns=ns_name,
+                    cgroup=cg,
                     log_path=self.rt.state_dir / "logs" / f"{self.name}.log",
                     guest_command=role.guest_command,
                 )
@@ -242,7 +259,11 @@ class Child:
                 await self._teardown(outcome, ns_name, cg, listener_sock)
 
     async def _serve(
-        self, ws_nursery: trio.Nursery, listener: trio.SocketListener, vm_id: str, token: str,
+        self,
+        ws_nursery: trio.Nursery,
+        listener: trio.SocketListener,
+        vm_id: str,
+        token: str,
         outcome: Outcome,
     ) -> None:
         assert self.handle is not None
@@ -323,10 +344,16 @@ class Child:
         ident = process_identity(pid) if pid else None
         self.rt.store.put_vm(
             VmRecord(
-                name=self.name, role=self.group.name, pid=pid,
-                start_time=ident.start_time if ident else 0, boot_id=ident.boot_id if ident else "",
-                spec_hash=self.group.spec_hash, netns=ns_name, cgroup=str(cg) if cg else None,
-                socket=None, log=str(self.rt.state_dir / "logs" / f"{self.name}.log"),
+                name=self.name,
+                role=self.group.name,
+                pid=pid,
+                start_time=ident.start_time if ident else 0,
+                boot_id=ident.boot_id if ident else "",
+                spec_hash=self.group.spec_hash,
+                netns=ns_name,
+                cgroup=str(cg) if cg else None,
+                socket=None,
+                log=str(self.rt.state_dir / "logs" / f"{self.name}.log"),
             )
         )
 

@@ -155,9 +155,7 @@ class Controller(Protocol):
 # ---------------------------------------------------------------- request bodies
 
 _Name = Annotated[str, Meta(min_length=1, max_length=64)]
-_Argv = Annotated[
-    list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1, max_length=256)
-]
+_Argv = Annotated[list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1, max_length=256)]
 
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -350,8 +348,11 @@ async def _read_request(
         elif isinstance(event, h11.Request):
             request = event
             # h11 caps only a head that arrives in pieces; one read can hold a whole big one.
-            head_size = len(event.method) + len(event.target) + 12 + sum(
-                len(name) + len(value) + 4 for name, value in event.headers
+            head_size = (
+                len(event.method)
+                + len(event.target)
+                + 12
+                + sum(len(name) + len(value) + 4 for name, value in event.headers)
             )
             if head_size > MAX_HEAD_BYTES:
                 raise _HttpError(431, f"request head over {MAX_HEAD_BYTES} bytes")
@@ -531,7 +532,8 @@ class _ApiServer:
             if handler is None:
                 allow = ", ".join(sorted(methods))
                 raise _HttpError(
-                    405, f"{request.method} not allowed on {request.path} (use {allow})",
+                    405,
+                    f"{request.method} not allowed on {request.path} (use {allow})",
                     allow=allow,
                 )
             return handler, match
@@ -687,9 +689,7 @@ async def _listen(path: pathlib.Path) -> tuple[trio.socket.SocketType, int]:
     crashed supervisor is replaced in the same step.
     """
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ApiServerError(
-            f"cannot listen on {path}: path longer than {_SUN_PATH_MAX} bytes"
-        )
+        raise ApiServerError(f"cannot listen on {path}: path longer than {_SUN_PATH_MAX} bytes")
     _check_replaceable(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     direct = len(os.fsencode(tmp)) > _SUN_PATH_MAX

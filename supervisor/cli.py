@@ -279,7 +279,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             ["ID", "ROLE", "STATE", "ATTEMPTS", "OWNER", "PROMPT"],
             (
                 [
-                    t.get("id"), t.get("role"), t.get("state"), t.get("attempts"), t.get("owner"),
+                    t.get("id"),
+                    t.get("role"),
+                    t.get("state"),
+                    t.get("attempts"),
+                    t.get("owner"),
                     _shorten(str(t.get("prompt", "")), 50),
                 ]
                 for t in tasks
@@ -387,17 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     # Options repeated on every subcommand default to SUPPRESS so that a value given
     # before the command is not overwritten by the subcommand's default.
     common = _Parser(add_help=False)
-    common.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
-                        help="state directory (holds api.sock); default $FIRECLAW_STATE_DIR, "
-                        "else the config's state_dir")
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help=f"config file (default ./{DEFAULT_CONFIG})")
+    common.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="state directory (holds api.sock); default $FIRECLAW_STATE_DIR, "
+        "else the config's state_dir",
+    )
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"config file (default ./{DEFAULT_CONFIG})",
+    )
 
     parser = _Parser(prog=PROG, description="Run and control a fleet of AI agents in microVMs.")
-    parser.add_argument("--state-dir", metavar="DIR", default=None,
-                        help="state directory (holds api.sock)")
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help=f"config file (default ./{DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--state-dir", metavar="DIR", default=None, help="state directory (holds api.sock)"
+    )
+    parser.add_argument(
+        "--config", metavar="PATH", default=None, help=f"config file (default ./{DEFAULT_CONFIG})"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
@@ -416,8 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("role", metavar="ROLE")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--wait", action="store_true", help="wait for the task and print its result")
-    p.add_argument("--timeout", type=_seconds, default=3600.0, metavar="SECS",
-                   help="with --wait, give up after SECS (default 3600)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECS",
+        help="with --wait, give up after SECS (default 3600)",
+    )
     p = add("tasks", cmd_tasks, "list tasks")
     p.add_argument("--state", choices=["queued", "claimed", "done", "failed"])
     p.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -430,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop the supervisor and all its VMs")
     p = add("logs", cmd_logs, "print the event log")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    p.add_argument("--after", type=_positive_int, default=0, metavar="ID",
-                   help="only events after this id")
+    p.add_argument(
+        "--after", type=_positive_int, default=0, metavar="ID", help="only events after this id"
+    )
     add("version", cmd_version, "print the version")
     return parser
 

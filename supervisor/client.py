@@ -100,9 +100,7 @@ class ApiClient:
         """POST ``body`` (JSON) to ``target`` and return the parsed JSON answer."""
         return self._call("POST", target, body, timeout)
 
-    def stream(
-        self, target: str, body: Mapping[str, Any]
-    ) -> Generator[dict[str, Any], None, None]:
+    def stream(self, target: str, body: Mapping[str, Any]) -> Generator[dict[str, Any], None, None]:
         """POST ``body`` and yield each line of the ndjson answer as it arrives.
 
         A line ``{"error": ...}`` raises ApiError. Closing the iterator early

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Final
 
 import trio
-
-from fireclaw.guest_daemon import protocol as p
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config
+from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
-from fireclaw.pool.drivers import BackendUnavailable, choose
 from fireclaw.pool.control import GuestLost
+from fireclaw.pool.drivers import BackendUnavailable, choose
 from fireclaw.pool.group import PoolError, RoleGroup
 from fireclaw.pool.vm import Runtime
 from fireclaw.supervisor import sdnotify
@@ -68,8 +67,13 @@ class Supervisor:
             "cgroups_why": cg_why or "one memory cgroup per VM",
         }
         self.rt = Runtime(
-            driver=driver, store=store, state_dir=state_dir, control=config.control,
-            stop=config.stop, isolate_net=ns_why is None, use_cgroups=cg_why is None,
+            driver=driver,
+            store=store,
+            state_dir=state_dir,
+            control=config.control,
+            stop=config.stop,
+            isolate_net=ns_why is None,
+            use_cgroups=cg_why is None,
             on_event=self._on_event,
         )
 
@@ -87,7 +91,9 @@ class Supervisor:
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
-                self.store.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
+                self.store.event(
+                    "started", "supervisor", pid=os.getpid(), backend=self.backend_reason
+                )
                 log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
                 sdnotify.ready(self._status_line())
                 task_status.started()
@@ -126,7 +132,9 @@ class Supervisor:
         assert self._root is not None
         role = self.config.roles[name]
         group = RoleGroup(
-            role, self.rt, max_attempts=self.config.task_max_attempts,
+            role,
+            self.rt,
+            max_attempts=self.config.task_max_attempts,
             scale=self.store.scales().get(name),
         )
         self.groups[name] = group
@@ -209,17 +217,26 @@ class Supervisor:
                 self._root.start_soon(group.roll)
         self.last_reload_error = None
         self.store.event(
-            "reloaded", "supervisor", added=list(diff.added), removed=list(diff.removed),
+            "reloaded",
+            "supervisor",
+            added=list(diff.added),
+            removed=list(diff.removed),
             changed=sorted(diff.changed),
         )
         log.info(
             "reloaded: added %s, removed %s, changed %s",
-            list(diff.added), list(diff.removed), sorted(diff.changed),
+            list(diff.added),
+            list(diff.removed),
+            sorted(diff.changed),
         )
         sdnotify.ready(self._status_line())
         return {
-            "ok": True, "error": None, "added": list(diff.added), "removed": list(diff.removed),
-            "changed": sorted(diff.changed), "notes": notes,
+            "ok": True,
+            "error": None,
+            "added": list(diff.added),
+            "removed": list(diff.removed),
+            "changed": sorted(diff.changed),
+            "notes": notes,
         }
 
     # --- the Controller the API serves --------------------------------------------------
@@ -227,7 +244,9 @@ class Supervisor:
     def _group(self, role: str) -> RoleGroup:
         group = self.groups.get(role)
         if group is None:
-            raise ControllerError(f"no role {role!r} (roles: {', '.join(self.groups) or 'none'})", 404)
+            raise ControllerError(
+                f"no role {role!r} (roles: {', '.join(self.groups) or 'none'})", 404
+            )
         return group
 
     def _status_line(self) -> str:
@@ -240,7 +259,8 @@ class Supervisor:
     async def status(self, since: int | None = None, wait: float = 0.0) -> dict[str, object]:
         """The fleet; with ``since``, first wait up to ``wait`` s for a change past it."""
         if since is not None:
-            await self.rt.wait_change(since, min(wait, 60.0))
+            with trio.move_on_after(wait):
+                await self.rt.wait_change(since)
         return {
             "version": self.rt.version,
             "pid": os.getpid(),
@@ -259,16 +279,23 @@ class Supervisor:
         if not argv:
             raise ControllerError("nothing to run: give a command after --")
         group = self._group(role or next(iter(self.groups), ""))
-        try:
-            child = await group.claim(self.config.control.boot_timeout)
-        except PoolError as exc:
-            raise ControllerError(str(exc), 503) from None
+        boot_timeout = self.config.control.boot_timeout
+        child = None
+        with trio.move_on_after(boot_timeout):
+            try:
+                child = await group.claim()
+            except PoolError as exc:
+                raise ControllerError(str(exc), 503) from None
+        if child is None:
+            raise ControllerError(f"no {group.name} VM became ready within {boot_timeout:g}s", 503)
         try:
             await emit({"vm": child.name})
             assert child.session is not None
             return await child.session.run(argv, emit)
         except GuestLost as exc:
-            raise ControllerError(f"{child.name} was lost during the run: {exc.reason}", 502) from None
+            raise ControllerError(
+                f"{child.name} was lost during the run: {exc.reason}", 502
+            ) from None
         finally:
             group.retire(child, "run finished")
 
@@ -277,7 +304,9 @@ class Supervisor:
         if not prompt.strip():
             raise ControllerError("task: the prompt is empty")
         if len(prompt) > p.MAX_PROMPT_CHARS:
-            raise ControllerError(f"task: the prompt has {len(prompt)} characters, at most {p.MAX_PROMPT_CHARS}")
+            raise ControllerError(
+                f"task: the prompt has {len(prompt)} characters, at most {p.MAX_PROMPT_CHARS}"
+            )
         task = self.store.add_task(role, prompt)
         self.store.event("task_queued", f"task-{task.id}", role=role)
         group.tasks_queued()
@@ -338,7 +367,8 @@ def _task_dict(task: object) -> dict[str, object]:
 def run_up(config_path: str, state_dir: str | None) -> int:
     """``fireclaw-swarm up``: run the supervisor in the foreground until stopped."""
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:

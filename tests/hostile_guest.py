@@ -10,15 +10,16 @@ import sys
 
 import trio
 import trio_websocket
-
 from fireclaw.guest_daemon import protocol as p
 
 
 async def main(mode: str) -> None:
     async with trio_websocket.open_websocket_url(os.environ["FIRECLAW_CONTROL_URL"]) as ws:
         hello = p.Hello(
-            vm_id=os.environ["FIRECLAW_VM_ID"], token=os.environ["FIRECLAW_TOKEN"],
-            version=p.PROTOCOL_VERSION, pid=os.getpid(),
+            vm_id=os.environ["FIRECLAW_VM_ID"],
+            token=os.environ["FIRECLAW_TOKEN"],
+            version=p.PROTOCOL_VERSION,
+            pid=os.getpid(),
         )
         await ws.send_message(p.encode(hello))
         await ws.get_message()  # Welcome

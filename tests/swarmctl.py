@@ -79,7 +79,10 @@ class Swarm:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
             )
         self.wait_notify("READY=1", timeout)
 
@@ -132,10 +135,14 @@ class Swarm:
     def api(self) -> ApiClient:
         return ApiClient(self.state / "api.sock")
 
-    def cli(self, *args: str, timeout: float = 60, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    def cli(
+        self, *args: str, timeout: float = 60, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [FIRECLAW, "--state-dir", str(self.state), *args],
-            capture_output=True, timeout=timeout, input=input,
+            capture_output=True,
+            timeout=timeout,
+            input=input,
         )
 
     def status(self) -> dict[str, Any]:
@@ -151,13 +158,18 @@ class Swarm:
         while not pred(st):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out waiting for {what}; last status: {st}\n{self.tail()}")
-            st = self.api.get(f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5)
+                raise AssertionError(
+                    f"timed out waiting for {what}; last status: {st}\n{self.tail()}"
+                )
+            st = self.api.get(
+                f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5
+            )
         return st
 
     def agents(self, role: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         return [
-            a for a in self.status()["agents"]
+            a
+            for a in self.status()["agents"]
             if (role is None or a["role"] == role) and (state is None or a["state"] == state)
         ]
 

@@ -42,8 +42,9 @@ class FakeController:
         return {
             "pid": 1,
             "roles": {"worker": {"idle": 1, "active": 0, "failed": 0, "degraded": False}},
-            "agents": [{"name": "worker-0", "role": "worker", "state": "idle", "pid": 42,
-                        "restarts": 0}],
+            "agents": [
+                {"name": "worker-0", "role": "worker", "state": "idle", "pid": 42, "restarts": 0}
+            ],
         }
 
     async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
@@ -107,8 +108,9 @@ class FakeController:
 
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
         self.calls.append(("events", (after, limit)))
-        return [{"id": after + 1, "at": 0.0, "kind": "started", "subject": "supervisor",
-                 "detail": {}}]
+        return [
+            {"id": after + 1, "at": 0.0, "kind": "started", "subject": "supervisor", "detail": {}}
+        ]
 
     async def down(self) -> dict[str, object]:
         return {"stopping": True}
@@ -117,9 +119,7 @@ class FakeController:
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking client call in a thread, with a deadline."""
     with trio.fail_after(10):
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args), abandon_on_cancel=True
-        )
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
 
 
 def raw_exchange(path: pathlib.Path, data: bytes) -> bytes:
@@ -169,7 +169,8 @@ async def test_json_routes_reach_the_controller(served: Served) -> None:
         "tasks": [{"id": 1, "state": "failed"}]
     }
     assert await in_thread(client.post, "/scale", {"role": "worker", "n": 3}) == {
-        "role": "worker", "target": 3,
+        "role": "worker",
+        "target": 3,
     }
     assert await in_thread(client.post, "/reset", {"name": "worker-0"}) == {"reset": 1}
     assert (await in_thread(client.post, "/reload"))["ok"] is True
@@ -185,10 +186,12 @@ async def test_json_routes_reach_the_controller(served: Served) -> None:
 
 async def test_run_streams_lines_in_order_then_exit(served: Served) -> None:
     fake, client, _ = served
-    items = await in_thread(lambda: list(client.stream("/run", {"role": None,
-                                                               "argv": ["chunks", "a"]})))
-    assert items[:-1] == [out("stdout" if i % 2 == 0 else "stderr", f"line {i}\n")
-                          for i in range(5)]
+    items = await in_thread(
+        lambda: list(client.stream("/run", {"role": None, "argv": ["chunks", "a"]}))
+    )
+    assert items[:-1] == [
+        out("stdout" if i % 2 == 0 else "stderr", f"line {i}\n") for i in range(5)
+    ]
     assert items[-1] == {"exit": 3}
     assert fake.calls == [("run", (None, ["chunks", "a"]))]
 
@@ -203,8 +206,11 @@ async def test_run_flushes_each_line_as_it_is_emitted(served: Served) -> None:
         trio.from_thread.run_sync(fake.release.set)
         return [first, *lines]
 
-    assert await in_thread(consume) == [out("stdout", "first\n"), out("stdout", "second\n"),
-                                        {"exit": 0}]
+    assert await in_thread(consume) == [
+        out("stdout", "first\n"),
+        out("stdout", "second\n"),
+        {"exit": 0},
+    ]
 
 
 async def test_run_refused_before_output_is_an_error_status(served: Served) -> None:
@@ -328,7 +334,8 @@ async def test_oversized_chunked_body_is_refused(served: Served) -> None:
     chunk = b"x" * 40_000
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(2)) + b"0\r\n\r\n"
     answer = await in_thread(
-        raw_exchange, path,
+        raw_exchange,
+        path,
         b"POST /tasks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
     )
     assert answer.startswith(b"HTTP/1.1 413 ")
@@ -339,12 +346,16 @@ async def test_malformed_request_does_not_kill_the_server(served: Served) -> Non
     answer = await in_thread(raw_exchange, path, b"GARBAGE\x00\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b'{"error":"bad request: ' in answer
-    answer = await in_thread(raw_exchange, path, b"POST /scale HTTP/1.1\r\nHost: x\r\n"
-                                                 b"Content-Length: 9\r\n\r\n{not json")
+    answer = await in_thread(
+        raw_exchange, path, b"POST /scale HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{not json"
+    )
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"invalid request body: JSON is malformed" in answer
-    answer = await in_thread(raw_exchange, path, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
-                                                 + b"a" * 20_000 + b"\r\n\r\n")
+    answer = await in_thread(
+        raw_exchange,
+        path,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert (await in_thread(client.get, "/health"))["ok"] is True
 

@@ -57,7 +57,10 @@ def test_defaults() -> None:
     assert (args.state_dir, args.config, args.json) == (None, None, False)
     args = parse("task", "worker", "write a poem", "--wait")
     assert (args.role, args.prompt, args.wait, args.timeout) == (
-        "worker", "write a poem", True, 3600.0,
+        "worker",
+        "write a poem",
+        True,
+        3600.0,
     )
     args = parse("scale", "worker", "3")
     assert (args.role, args.n) == ("worker", 3)
@@ -163,12 +166,17 @@ def test_unexpected_errors_are_one_line(
 
 
 def test_status_table() -> None:
-    text = cli.format_status({
-        "pid": 12, "backend": "process", "tasks": {"queued": 2},
-        "roles": {"worker": {"idle": 1, "active": 2, "failed": 0, "degraded": False}},
-        "agents": [{"name": "worker-0", "role": "worker", "state": "idle", "pid": None,
-                    "restarts": 4}],
-    })
+    text = cli.format_status(
+        {
+            "pid": 12,
+            "backend": "process",
+            "tasks": {"queued": 2},
+            "roles": {"worker": {"idle": 1, "active": 2, "failed": 0, "degraded": False}},
+            "agents": [
+                {"name": "worker-0", "role": "worker", "state": "idle", "pid": None, "restarts": 4}
+            ],
+        }
+    )
     assert text.splitlines() == [
         "fireclaw-swarm: pid 12; backend process; tasks queued 2",
         "",
@@ -181,8 +189,15 @@ def test_status_table() -> None:
 
 
 def test_event_line() -> None:
-    line = cli.format_event({"id": 3, "at": 0, "kind": "restart", "subject": "worker-0",
-                             "detail": {"reason": "exit 1", "delay": 1.5, "by": "hb"}})
+    line = cli.format_event(
+        {
+            "id": 3,
+            "at": 0,
+            "kind": "restart",
+            "subject": "worker-0",
+            "detail": {"reason": "exit 1", "delay": 1.5, "by": "hb"},
+        }
+    )
     assert line.startswith("3 ")
     assert line.endswith(' restart worker-0 reason="exit 1" delay=1.5 by=hb')
 
@@ -202,8 +217,15 @@ class FakeController:
         return {
             "pid": 99,
             "roles": {"worker": {"idle": 1, "active": 0, "failed": 1, "degraded": True}},
-            "agents": [{"name": "worker-0", "role": "worker", "state": "failed", "pid": 4242,
-                        "restarts": 6}],
+            "agents": [
+                {
+                    "name": "worker-0",
+                    "role": "worker",
+                    "state": "failed",
+                    "pid": 4242,
+                    "restarts": 6,
+                }
+            ],
         }
 
     async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
@@ -227,8 +249,16 @@ class FakeController:
         return {"id": task_id, "state": state, "result": "a poem\n" if state == "done" else ""}
 
     async def list_tasks(self, state: str | None) -> list[dict[str, object]]:
-        return [{"id": 5, "role": "worker", "state": "queued", "attempts": 0, "owner": None,
-                 "prompt": "write a poem"}]
+        return [
+            {
+                "id": 5,
+                "role": "worker",
+                "state": "queued",
+                "attempts": 0,
+                "owner": None,
+                "prompt": "write a poem",
+            }
+        ]
 
     async def scale(self, role: str, n: int) -> dict[str, object]:
         return {"role": role, "target": n}
@@ -242,8 +272,10 @@ class FakeController:
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
         if after >= 2:
             return []
-        return [{"id": i, "at": 1.0, "kind": "started", "subject": "supervisor", "detail": {}}
-                for i in range(after + 1, 3)]
+        return [
+            {"id": i, "at": 1.0, "kind": "started", "subject": "supervisor", "detail": {}}
+            for i in range(after + 1, 3)
+        ]
 
     async def down(self) -> dict[str, object]:
         return {"stopping": True}
@@ -254,7 +286,10 @@ async def fireclaw_swarm(state_dir: pathlib.Path, *argv: str) -> subprocess.Comp
     with trio.fail_after(30):
         return await trio.run_process(
             [sys.executable, "-c", ENTRY, "--state-dir", os.fspath(state_dir), *argv],
-            capture_stdout=True, capture_stderr=True, check=False, env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
         )
 
 
@@ -285,8 +320,9 @@ async def test_status_end_to_end(state_dir: pathlib.Path) -> None:
 async def test_other_commands_end_to_end(state_dir: pathlib.Path) -> None:
     done = await fireclaw_swarm(state_dir, "task", "worker", "write a poem")
     assert (done.returncode, done.stdout) == (0, b"5\n")
-    done = await fireclaw_swarm(state_dir, "task", "worker", "write a poem", "--wait",
-                                "--timeout", "20")
+    done = await fireclaw_swarm(
+        state_dir, "task", "worker", "write a poem", "--wait", "--timeout", "20"
+    )
     assert (done.returncode, done.stdout) == (0, b"a poem\n"), done.stderr
     done = await fireclaw_swarm(state_dir, "tasks")
     assert b"5   worker  queued  0         -      write a poem" in done.stdout
@@ -294,7 +330,8 @@ async def test_other_commands_end_to_end(state_dir: pathlib.Path) -> None:
     assert (done.returncode, done.stdout) == (0, b"worker: scaled to 3\n")
     done = await fireclaw_swarm(state_dir, "reload")
     assert (done.returncode, done.stderr) == (
-        78, b"fireclaw-swarm: reload rejected: swarm.yaml: roles: expected a mapping\n"
+        78,
+        b"fireclaw-swarm: reload rejected: swarm.yaml: roles: expected a mapping\n",
     )
     done = await fireclaw_swarm(state_dir, "logs")
     assert done.returncode == 0

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 import trio_websocket
-import pytest
-
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import (
@@ -17,12 +16,19 @@ from fireclaw.pool.control import (
     TokenBucket,
 )
 
-SPEC = ControlSpec(heartbeat_interval=1.0, heartbeat_timeout=5.0, max_message_bytes=4096,
-                   max_messages_per_second=20.0, promote_timeout=3.0)
+SPEC = ControlSpec(
+    heartbeat_interval=1.0,
+    heartbeat_timeout=5.0,
+    max_message_bytes=4096,
+    max_messages_per_second=20.0,
+    promote_timeout=3.0,
+)
 TOKEN = "t" * 24
 
 
-async def pair(nursery: trio.Nursery) -> tuple[trio_websocket.WebSocketConnection, trio_websocket.WebSocketConnection]:
+async def pair(
+    nursery: trio.Nursery,
+) -> tuple[trio_websocket.WebSocketConnection, trio_websocket.WebSocketConnection]:
     client_stream, server_stream = trio.testing.memory_stream_pair()
 
     async def server() -> trio_websocket.WebSocketConnection:
@@ -42,9 +48,13 @@ async def pair(nursery: trio.Nursery) -> tuple[trio_websocket.WebSocketConnectio
     return host, guest
 
 
-async def connected(nursery: trio.Nursery) -> tuple[ControlSession, trio_websocket.WebSocketConnection]:
+async def connected(
+    nursery: trio.Nursery,
+) -> tuple[ControlSession, trio_websocket.WebSocketConnection]:
     host, guest = await pair(nursery)
-    await guest.send_message(p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION)))
+    await guest.send_message(
+        p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION))
+    )
     session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
     welcome = p.decode_host(await guest.get_message())
     assert isinstance(welcome, p.Welcome) and welcome.heartbeat_interval == 1.0
@@ -60,7 +70,9 @@ async def test_wrong_token_is_refused(autojump_clock: trio.testing.MockClock) ->
         nursery.cancel_scope.cancel()
 
 
-async def test_heartbeat_missed_exactly_after_the_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_heartbeat_missed_exactly_after_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         session, guest = await connected(nursery)
         start = trio.current_time()
@@ -105,7 +117,9 @@ async def test_flooding_is_a_violation(autojump_clock: trio.testing.MockClock) -
         nursery.cancel_scope.cancel()
 
 
-async def test_run_streams_output_and_returns_the_code(autojump_clock: trio.testing.MockClock) -> None:
+async def test_run_streams_output_and_returns_the_code(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with trio.open_nursery() as nursery:
         session, guest = await connected(nursery)
         nursery.start_soon(session.serve)

@@ -1,5 +1,4 @@
 import pytest
-
 from fireclaw.pool.lifecycle import TRANSITIONS, Event, IllegalTransition, Lifecycle, State
 
 

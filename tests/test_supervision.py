@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-
 from fireclaw.config import parse_config
 from fireclaw.pool.drivers.base import VmSpec
 from fireclaw.pool.group import RoleGroup
@@ -68,16 +67,26 @@ class ScriptedDriver:
 
 def make_group(tmp_path: Path, driver: ScriptedDriver, restart: str) -> RoleGroup:
     config = parse_config(
-        "version: 1\ncontrol: {boot_timeout: 1000}\nroles:\n  worker:\n    pool: {min_idle: 1, max_active: 1}\n"
+        "version: 1\ncontrol: {boot_timeout: 1000}\n"
+        "roles:\n  worker:\n    pool: {min_idle: 1, max_active: 1}\n"
         f"    restart: {restart}\n",
         path=tmp_path / "swarm.yaml",
     )
     rt = Runtime(
-        driver=driver, store=Store.open(tmp_path / "db"), state_dir=tmp_path,
-        control=config.control, stop=config.stop, isolate_net=False, use_cgroups=False,
+        driver=driver,
+        store=Store.open(tmp_path / "db"),
+        state_dir=tmp_path,
+        control=config.control,
+        stop=config.stop,
+        isolate_net=False,
+        use_cgroups=False,
         uniform=lambda lo, hi: hi,  # the top of the jitter range: exact delays
     )
     return RoleGroup(config.roles["worker"], rt, max_attempts=3, scale=None)
+
+
+def _any_in(group: RoleGroup, state: State) -> bool:
+    return any(c.state is state for c in group.children.values())
 
 
 async def wait_until(group: RoleGroup, pred: Callable[[], bool]) -> None:
@@ -90,13 +99,16 @@ async def test_backoff_doubles_then_the_circuit_opens(
 ) -> None:
     driver = ScriptedDriver([1, 1, 1, 1, 1])
     group = make_group(
-        tmp_path, driver,
+        tmp_path,
+        driver,
         "{max_restarts: 3, window: 600, stable_after: 10, backoff: {base: 0.5, max: 1.5}}",
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(group.run)
         with trio.fail_after(60):
-            await wait_until(group, lambda: any(c.state is State.FAILED for c in group.children.values()))
+            await wait_until(
+                group, lambda: any(c.state is State.FAILED for c in group.children.values())
+            )
         # Crash at once each time; delays 0.5, 1.0, then capped at 1.5; the 4th crash opens it.
         t0 = driver.starts[0]
         assert [round(t - t0, 3) for t in driver.starts] == [0.0, 0.5, 1.5, 3.0]
@@ -139,7 +151,9 @@ async def test_temporary_children_are_not_restarted(
     group = make_group(tmp_path, driver, "{policy: 'no'}")
     async with trio.open_nursery() as nursery:
         await nursery.start(group.run)
-        await wait_until(group, lambda: any(c.state is State.FAILED for c in group.children.values()))
+        await wait_until(
+            group, lambda: any(c.state is State.FAILED for c in group.children.values())
+        )
         await trio.sleep(3600)
         assert len(driver.starts) == 1
         nursery.cancel_scope.cancel()
@@ -152,7 +166,9 @@ async def test_stop_during_backoff_ends_the_child_at_once(
     group = make_group(tmp_path, driver, "{backoff: {base: 100, max: 100}}")
     async with trio.open_nursery() as nursery:
         await nursery.start(group.run)
-        await wait_until(group, lambda: any(c.state is State.BACKOFF for c in group.children.values()))
+        await wait_until(
+            group, lambda: any(c.state is State.BACKOFF for c in group.children.values())
+        )
         start = trio.current_time()
         await group.stop_all("test")
         assert trio.current_time() == start  # the 100 s wait was cut, not waited out

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from swarmctl import PY, Swarm, idle, leftovers, role_yaml, swarm_yaml
 
 HERE = Path(__file__).parent
@@ -103,15 +102,25 @@ def test_a_crash_loop_ends_failed_and_stops_restarting(make_swarm) -> None:  # t
     # The breaker holds: one more status change (worker idle) and nothing new for crasher.
     st = swarm.wait_for("worker idle", idle("worker", 1))
     assert [a["restarts"] for a in st["agents"] if a["role"] == "crasher"] == [3]
-    kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"] if e["subject"] == "crasher-0"]
+    kinds = [
+        e["kind"]
+        for e in swarm.api.get("/events?limit=1000")["events"]
+        if e["subject"] == "crasher-0"
+    ]
     assert kinds == ["crashed"] * 4 + ["failed"]
 
     # An explicit reset clears it and it is tried again.
     assert swarm.cli("reset", "crasher-0").returncode == 0
-    swarm.wait_for("crasher retried", lambda s: any(
-        a["role"] == "crasher" and a["restarts"] > 3 or a["role"] == "crasher" and a["state"] != "failed"
-        for a in s["agents"]
-    ))
+    swarm.wait_for(
+        "crasher retried",
+        lambda s: any(
+            a["role"] == "crasher"
+            and a["restarts"] > 3
+            or a["role"] == "crasher"
+            and a["state"] != "failed"
+            for a in s["agents"]
+        ),
+    )
 
 
 def test_a_second_up_is_refused_and_names_the_holder(make_swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +140,9 @@ def test_sighup_touches_only_the_changed_role(make_swarm) -> None:  # type: igno
     swarm.wait_for("pools full", lambda s: idle("worker", 2)(s) and idle("coder", 1)(s))
     workers = pids(swarm, "worker")
 
-    swarm.config.write_text(swarm_yaml(role_yaml("worker", min_idle=2), role_yaml("coder", min_idle=3)))
+    swarm.config.write_text(
+        swarm_yaml(role_yaml("worker", min_idle=2), role_yaml("coder", min_idle=3))
+    )
     swarm.proc.send_signal(signal.SIGHUP)
     swarm.wait_for("3 idle coders", idle("coder", 3))
     assert pids(swarm, "worker") == workers
@@ -211,19 +222,31 @@ def test_tasks_run_on_promoted_agents(make_swarm) -> None:  # type: ignore[no-un
 
 @pytest.mark.parametrize("mode", ["oversize", "garbage", "offschema", "flood"])
 def test_a_hostile_guest_is_killed_and_replaced(make_swarm, mode: str) -> None:  # type: ignore[no-untyped-def]
-    evil = role_yaml("evil", min_idle=1, extra=f'guest_command: ["{PY}", "{HERE / "hostile_guest.py"}", "{mode}"]\n')
+    evil = role_yaml(
+        "evil",
+        min_idle=1,
+        extra=f'guest_command: ["{PY}", "{HERE / "hostile_guest.py"}", "{mode}"]\n',
+    )
     swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2), evil))
     swarm.wait_for("2 idle workers", idle("worker", 2))
     workers = pids(swarm, "worker")
 
-    st = swarm.wait_for("evil-0 restarted", lambda s: any(
-        a["name"] == "evil-0" and a["restarts"] >= 1 for a in s["agents"]
-    ))
-    crashed = [e for e in swarm.api.get("/events?limit=1000")["events"]
-               if e["kind"] == "crashed" and e["subject"] == "evil-0"]
+    st = swarm.wait_for(
+        "evil-0 restarted",
+        lambda s: any(a["name"] == "evil-0" and a["restarts"] >= 1 for a in s["agents"]),
+    )
+    crashed = [
+        e
+        for e in swarm.api.get("/events?limit=1000")["events"]
+        if e["kind"] == "crashed" and e["subject"] == "evil-0"
+    ]
     reason = crashed[0]["detail"]["reason"]
-    expected = {"oversize": "too large", "garbage": "undecodable", "offschema": "unknown request",
-                "flood": "messages per second"}[mode]
+    expected = {
+        "oversize": "too large",
+        "garbage": "undecodable",
+        "offschema": "unknown request",
+        "flood": "messages per second",
+    }[mode]
     assert expected in reason
     assert pids(swarm, "worker") == workers  # nobody else was disturbed
     assert st["roles"]["worker"]["idle"] == 2

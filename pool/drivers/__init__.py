@@ -5,8 +5,15 @@ from __future__ import annotations
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.drivers.process import ProcessDriver
 
-__all__ = ["Driver", "DriverError", "VmHandle", "VmSpec", "ProcessDriver", "BackendUnavailable",
-           "choose"]
+__all__ = [
+    "Driver",
+    "DriverError",
+    "VmHandle",
+    "VmSpec",
+    "ProcessDriver",
+    "BackendUnavailable",
+    "choose",
+]
 
 #: Drivers this build can run, in the order ``auto`` tries them.
 AVAILABLE = ("process",)
@@ -22,6 +29,5 @@ def choose(backend: str) -> tuple[Driver, str]:
         return ProcessDriver(), "auto: process (the only VMM driver in this build)"
     if backend == "process":
         return ProcessDriver(), "process (configured)"
-    raise BackendUnavailable(
-        f"backend {backend!r} is not available in this build (available: {', '.join(AVAILABLE)}, auto)"
-    )
+    available = ", ".join((*AVAILABLE, "auto"))
+    raise BackendUnavailable(f"backend {backend!r} is not available in this build ({available})")

@@ -17,7 +17,6 @@ import sys
 
 import psutil
 import trio
-
 from fireclaw.pool import cgroup
 from fireclaw.pool.drivers.base import DriverError, VmSpec
 from fireclaw.pool.netns import NETNS_DIR
@@ -89,7 +88,9 @@ class ProcessDriver:
             FIRECLAW_ROLE=spec.role,
         )
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        log_fd = os.open(
+            spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+        )
         try:
             proc = await trio.lowlevel.open_process(
                 self.argv(spec),
