@@ -222,21 +222,11 @@ class RoleGroup:
                 self._nursery.start_soon(self._run_task, child, task.id, task.prompt)
 
     async def _run_task(self, child: Child, task_id: int, prompt: str) -> None:
-        store, role = self.rt.store, self.role
+        store = self.rt.store
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
         finished = False
         try:
-            await child.promote(
-                p.Promote(
-                    name=child.name,
-                    role=role.name,
-                    persona=role.persona,
-                    model=role.model,
-                    harness=p.Harness(
-                        argv=list(role.harness.command), timeout=role.harness.timeout
-                    ),
-                )
-            )
+            await child.promote(self.promotion(child.name))
             assert child.session is not None
             done = await child.session.task(task_id, prompt)
             store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
@@ -256,6 +246,27 @@ class RoleGroup:
                 )
             self.retire(child, "task finished")
             self.tasks_queued()
+
+    def promotion(self, name: str) -> p.Promote:
+        """What makes a pooled VM an agent of this role, from the current spec."""
+        role = self.role
+        return p.Promote(
+            name=name,
+            role=role.name,
+            persona=role.persona,
+            model=role.model,
+            harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+        )
+
+    async def hot_reload(self) -> None:
+        """Send the new model and persona to every agent at work, without a restart."""
+        for child in list(self.children.values()):
+            if child.promoted_as is not None and child.state is State.ACTIVE:
+                try:
+                    await child.promote(self.promotion(child.promoted_as))
+                except GuestLost:
+                    pass  # the child's own task sees the loss and handles it
+                self.rt.event("hot_reloaded", child.name, role=self.name)
 
     # --- changes from outside -----------------------------------------------------------
 

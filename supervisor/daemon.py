@@ -91,6 +91,7 @@ class Supervisor:
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
+                root.start_soon(self._watchdog)
                 self.store.event(
                     "started", "supervisor", pid=os.getpid(), backend=self.backend_reason
                 )
@@ -148,6 +149,19 @@ class Supervisor:
         finally:
             if self.groups.get(group.name) is group:
                 del self.groups[group.name]
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog (when it is on) and refresh the status line.
+
+        It runs on the same event loop as everything else, so a stuck loop stops the
+        pings and systemd restarts the service."""
+        interval = sdnotify.watchdog_interval()
+        period = interval / 2 if interval else 30.0
+        while True:
+            if interval:
+                sdnotify.watchdog()
+            sdnotify.status(self._status_line())
+            await trio.sleep(period)
 
     async def shutdown(self) -> None:
         """Stop every VM gracefully within the fleet deadline, then end the root nursery."""
@@ -215,6 +229,8 @@ class Supervisor:
                 group.reset()
             if change.replace:
                 self._root.start_soon(group.roll)
+            elif change.hot:
+                self._root.start_soon(group.hot_reload)
         self.last_reload_error = None
         self.store.event(
             "reloaded",

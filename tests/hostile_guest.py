@@ -1,11 +1,14 @@
 """A guest that says a proper hello and then breaks the protocol on purpose.
 
-Usage: hostile_guest.py MODE, with MODE one of oversize, garbage, offschema, flood.
+Usage: hostile_guest.py MODE, with MODE one of oversize, garbage, offschema, flood,
+or deaf (a well-behaved heartbeat, but Stop and SIGTERM are ignored).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import signal
 import sys
 
 import trio
@@ -29,6 +32,11 @@ async def main(mode: str) -> None:
             await ws.send_message(b"\xc1\xc1 not msgpack")
         elif mode == "offschema":
             await ws.send_message(p.encode(p.Exited(req=12345, code=0)))
+        elif mode == "deaf":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for seq in itertools.count():
+                await ws.send_message(p.encode(p.Heartbeat(seq=seq)))
+                await trio.sleep(0.2)
         elif mode == "flood":
             while True:
                 await ws.send_message(p.encode(p.Heartbeat(seq=0)))

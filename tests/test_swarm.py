@@ -252,3 +252,17 @@ def test_a_hostile_guest_is_killed_and_replaced(make_swarm, mode: str) -> None: 
     assert st["roles"]["worker"]["idle"] == 2
     assert swarm.cli("run", "--role", "worker", "--", "echo", "fine").stdout == b"fine\n"
     assert sys.executable  # the hostile guest ran with this interpreter
+
+
+def test_a_second_sigint_stops_now(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    deaf = f'guest_command: ["{PY}", "{HERE / "hostile_guest.py"}", "deaf"]\n'
+    swarm = make_swarm(swarm_yaml(role_yaml("deaf", min_idle=2, extra=deaf)))
+    st = swarm.wait_for("2 deaf guests idle", idle("deaf", 2))
+    guest_pids = [a["pid"] for a in st["agents"]]
+
+    swarm.proc.send_signal(signal.SIGINT)
+    swarm.wait_notify("STOPPING=1", 10)  # the graceful stop has begun; the guests ignore it
+    assert swarm.stop(signal.SIGINT) == 0
+    assert "second SIGINT: stopping now" in swarm.tail()
+    assert all(gone(pid) for pid in guest_pids)
+    assert swarm.leftovers() == NOTHING
