@@ -214,6 +214,7 @@ class Supervisor:
         self.rt.control, self.rt.stop = new.control, new.stop
         assert self._root is not None
         for name in diff.removed:
+            self.store.clear_scale(name)  # a role added again later starts from its file
             group = self.groups.get(name)
             if group is not None:
                 self._root.start_soon(group.stop_all, "role removed")
