@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import secrets
 import socket
@@ -55,6 +56,11 @@ class Runtime:
     use_cgroups: bool
     graceful: bool = True  # False after a second SIGINT: kill at once
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
+    #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
+    #: together after a long wait; bounded, VMs become ready one after another.
+    boots: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(2 * (os.cpu_count() or 1))
+    )
     on_event: Callable[[str, str, dict[str, object]], None] = field(default=lambda k, s, d: None)
     #: Bumped on every state change of any VM, so watchers can wait for "something changed".
     version: int = 0
@@ -100,6 +106,7 @@ class Child:
         self._scope = trio.CancelScope()
         self._reset = trio.Event()
         self._exited = trio.Event()  # the current incarnation's VMM has exited
+        self._booting = False  # holds a token of the runtime's boot limiter
         self.done = trio.Event()  # the child task has finished
 
     @property
@@ -215,6 +222,8 @@ class Child:
         ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
         cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
         listener_sock: socket.socket | None = None
+        await self.rt.boots.acquire_on_behalf_of(self)
+        self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
         self._register(ns_name, cg, pid=0)
@@ -255,8 +264,14 @@ class Child:
                 ws_nursery.cancel_scope.cancel()
             return outcome
         finally:
+            self._boot_done()
             with trio.CancelScope(shield=True):
                 await self._teardown(outcome, ns_name, cg, listener_sock)
+
+    def _boot_done(self) -> None:
+        if self._booting:
+            self._booting = False
+            self.rt.boots.release_on_behalf_of(self)
 
     async def _serve(
         self,
@@ -283,6 +298,7 @@ class Child:
                     session = await self._accept(ws_nursery, listener, vm_id, token)
                 await listener.aclose()  # one connection per VM: nobody else may dial in
                 self.session = session
+                self._boot_done()
                 self.tracker.ready(trio.current_time())
                 self._fire(Event.READY)
                 await session.serve()

@@ -1,6 +1,6 @@
 """A small synchronous client for the control API (see ``api.py`` for the routes).
 
-It uses the standard library only (socket, http.client, json) so that the CLI,
+It uses the standard library only (socket, json) so that the CLI,
 which is all it serves, starts fast. One connection per request, as the server
 closes every connection after its response.
 
@@ -13,11 +13,10 @@ Exceptions (every message is one line)::
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 __all__ = ["DEFAULT_TIMEOUT", "ApiClient", "ApiError", "SwarmNotRunning"]
@@ -26,6 +25,7 @@ __all__ = ["DEFAULT_TIMEOUT", "ApiClient", "ApiError", "SwarmNotRunning"]
 DEFAULT_TIMEOUT = 30.0
 # A /run output line carries at most one base64-encoded chunk, well below this.
 _MAX_LINE = 1024 * 1024
+_MAX_HEAD = 16 * 1024
 
 
 class ApiError(Exception):
@@ -46,20 +46,85 @@ class SwarmNotRunning(ApiError):
         self.path = path
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = path
+class _BadAnswer(Exception):
+    """The daemon's answer is not the HTTP/1.1 it speaks."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+
+class _Response:
+    """An HTTP/1.1 answer read straight off the socket.
+
+    ``http.client`` would do, but it imports the ``email`` package, which is
+    most of a CLI command's start-up time. The daemon's answers are simple
+    (``Connection: close``; a ``Content-Length`` or a chunked body), so a
+    reader for exactly those is small."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        line = self._file.readline(_MAX_HEAD)
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise _BadAnswer(f"bad status line {line[:60]!r}")
+        self.status = int(parts[1])
+        self.reason = parts[2].strip().decode("latin-1") if len(parts) > 2 else ""
+        self._headers: dict[str, str] = {}
+        size = len(line)
+        while True:
+            line = self._file.readline(_MAX_HEAD)
+            size += len(line)
+            if size > _MAX_HEAD or not line.endswith(b"\n"):
+                raise _BadAnswer("answer head too long or cut short")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise _BadAnswer(f"bad header line {line[:60]!r}")
+            self._headers[name.strip().lower()] = value.strip()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body, piece by piece as it arrives."""
+        if self._headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = self._file.readline(_MAX_HEAD)
+                try:
+                    size = int(size_line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise _BadAnswer("bad chunk size") from None
+                if size == 0:
+                    return
+                data = self._file.read(size + 2)
+                if len(data) != size + 2:
+                    raise _BadAnswer("answer cut short")
+                yield data[:-2]
+        elif "content-length" in self._headers:
+            length = int(self._headers["content-length"])
+            data = self._file.read(length)
+            if len(data) != length:
+                raise _BadAnswer("answer cut short")
+            yield data
+        else:
+            while data := self._file.read1(65536):
+                yield data
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def lines(self, limit: int) -> Iterator[bytes]:
+        """The body split into lines (each ending in a newline), as they arrive."""
+        pending = b""
+        for chunk in self.chunks():
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line + b"\n"
+            if len(pending) > limit:
+                raise _BadAnswer("an output line over the limit")
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
 
 
 def _error_message(status: int, reason: str, data: bytes) -> str:
@@ -107,14 +172,11 @@ class ApiClient:
         closes the connection, which cancels the run on the daemon's side. No
         read timeout applies: a command may be silent for as long as it likes.
         """
-        conn, resp = self._open("POST", target, body, None)
+        resp = self._open("POST", target, body, None)
         try:
             if resp.status != 200:
                 raise ApiError(_error_message(resp.status, resp.reason, resp.read()), resp.status)
-            while True:
-                line = resp.readline(_MAX_LINE)
-                if not line:
-                    return
+            for line in resp.lines(_MAX_LINE):
                 if not line.endswith(b"\n"):
                     raise ApiError("the daemon sent a truncated or oversized output line")
                 try:
@@ -126,23 +188,23 @@ class ApiClient:
                 if "error" in item:
                     raise ApiError(str(item["error"]))
                 yield item
-        except (http.client.HTTPException, OSError) as exc:
+        except (_BadAnswer, OSError) as exc:
             raise _lost(exc) from exc
         finally:
-            conn.close()
+            resp.close()
 
     def _call(
         self, method: str, target: str, body: Mapping[str, Any] | None, timeout: float | None
     ) -> Any:
-        conn, resp = self._open(method, target, body, timeout)
+        resp = self._open(method, target, body, timeout)
         try:
             data = resp.read()
         except TimeoutError as exc:
             raise _no_answer(timeout) from exc
-        except (http.client.HTTPException, OSError) as exc:
+        except (_BadAnswer, OSError) as exc:
             raise _lost(exc) from exc
         finally:
-            conn.close()
+            resp.close()
         if resp.status >= 400:
             raise ApiError(_error_message(resp.status, resp.reason, data), resp.status)
         try:
@@ -152,30 +214,35 @@ class ApiClient:
 
     def _open(
         self, method: str, target: str, body: Mapping[str, Any] | None, timeout: float | None
-    ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
-        conn = _UnixConnection(self.path, timeout)
+    ) -> _Response:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
-            conn.connect()
+            sock.connect(self.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
             raise SwarmNotRunning(self.path) from exc
         except OSError as exc:
+            sock.close()
             raise ApiError(f"cannot connect to {self.path}: {exc.strerror or exc}") from exc
-        headers = {"Accept": "application/json"}
-        data: bytes | None = None
+        data = b""
+        head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
-            headers["Content-Type"] = "application/json"
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        elif method == "POST":
+            head += "Content-Length: 0\r\n"
         try:
             try:
-                conn.request(method, target, body=data, headers=headers)
+                sock.sendall(head.encode() + b"\r\n" + data)
             except (BrokenPipeError, ConnectionResetError):
                 # The daemon may have refused the request before reading all of it
                 # (a body over its limit); its answer is still there to read.
                 pass
-            return conn, conn.getresponse()
+            return _Response(sock)
         except TimeoutError as exc:
-            conn.close()
+            sock.close()
             raise _no_answer(timeout) from exc
-        except (http.client.HTTPException, OSError) as exc:
-            conn.close()
+        except (_BadAnswer, OSError) as exc:
+            sock.close()
             raise _lost(exc) from exc
