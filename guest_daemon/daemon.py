@@ -438,14 +438,21 @@ async def serve(config: Config, environ: Mapping[str, str]) -> int:
         code: int | None = None
         try:
             attempt = min(ATTEMPT_TIMEOUT, max(0.0, deadline - trio.current_time()))
-            async with open_websocket_url(
-                config.url,
-                max_message_size=MAX_FRAME_BYTES,
-                connect_timeout=attempt,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            ) as ws:
-                log.info("connected to %s", config.url)
-                code = await Session(ws, config, environ).run()
+            # trio-websocket's connect_timeout does not cover the HTTP upgrade: a host
+            # that accepts the TCP connection but answers late would hold us past every
+            # deadline. This scope bounds connect and upgrade, and is lifted once in.
+            with trio.CancelScope(deadline=trio.current_time() + attempt) as connecting:
+                async with open_websocket_url(
+                    config.url,
+                    max_message_size=MAX_FRAME_BYTES,
+                    connect_timeout=attempt,
+                    disconnect_timeout=CLOSE_TIMEOUT,
+                ) as ws:
+                    connecting.deadline = math.inf
+                    log.info("connected to %s", config.url)
+                    code = await Session(ws, config, environ).run()
+            if connecting.cancelled_caught and code is None:
+                raise TimeoutError(f"no WebSocket upgrade within {attempt:g}s")
         except (HandshakeError, OSError) as exc:
             if code is not None:
                 return code  # the session is over; only the close was untidy

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -550,6 +551,37 @@ async def test_unreachable_host_exits_1_after_the_deadline(tmp_path: Path) -> No
         )
     assert result.returncode == 1
     assert b"cannot reach the host" in result.stderr
+
+
+async def test_a_host_that_never_answers_the_upgrade_does_not_hold_the_guest(
+    tmp_path: Path,
+) -> None:
+    """TCP accepted, the WebSocket upgrade never answered: the guest still gives up
+    at its own connect deadline instead of waiting for the host to hang up."""
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)  # never read, never answered, never closed
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        argv = [sys.executable, "-m", "fireclaw.guest_daemon", "--connect-timeout", "1"]
+        argv += ["--url", f"ws://127.0.0.1:{port}/", "--vm-id", VM_ID, "--token", TOKEN]
+        with trio.fail_after(WAIT):
+            result = await trio.run_process(
+                argv,
+                env=_env_without_fireclaw(),
+                cwd=tmp_path,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 1
+        assert b"no WebSocket upgrade within" in result.stderr
+        assert held  # it did get as far as a TCP connection
+        nursery.cancel_scope.cancel()
 
 
 async def test_missing_config_exits_78_with_one_line(tmp_path: Path) -> None:
