@@ -1,8 +1,13 @@
 """Durable supervisor state: tasks, the audit trail, restarts, the VM registry
 and runtime scale overrides, in one SQLite database (``state_dir/swarm.db``).
 
-The database runs in WAL mode with ``synchronous=FULL``: a call that returned
-has been fsynced and survives a crash of the supervisor or of the machine.
+The database runs in WAL mode. Task changes commit with ``synchronous=FULL``:
+once a call that accepts or moves a task has returned, it has been fsynced and
+survives a crash of the supervisor or of the machine. Everything else (the VM
+registry, the audit trail, restarts, scales) commits with ``synchronous=NORMAL``:
+it survives a crash of the supervisor, and what a power loss could take from it
+(the last few VM records) describes VMs that died with the machine anyway.
+That keeps fsyncs, which block the event loop, off the path of every VM boot.
 Every public method is one transaction. Other processes (the CLI, a second
 supervisor being refused by the pid lock) may open the same file; writers wait
 up to ``BUSY_TIMEOUT`` for each other.
@@ -222,7 +227,7 @@ class Store:
             )
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             store = cls(conn, path, clock)
             store._migrate()
@@ -251,7 +256,7 @@ class Store:
     def add_task(self, role: str, prompt: str) -> TaskRow:
         """Queue a new task for ``role``."""
         now = self._clock()
-        with self._errors():
+        with self._errors(), self._durable():
             row = self._conn.execute(
                 "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
                 f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {_TASK_COLUMNS}",
@@ -263,7 +268,7 @@ class Store:
         """Atomically move the oldest queued task of ``role`` to claimed by
         ``owner``; ``None`` if there is none. Two claims never get the same task,
         also from different processes."""
-        with self._errors(), self._write():
+        with self._errors(), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = 'claimed', owner = ?, updated_at = ?"
                 " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
@@ -279,7 +284,7 @@ class Store:
         Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed
         (already finished, or requeued after its VM was declared gone).
         """
-        with self._errors(), self._write():
+        with self._errors(), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
                 f" WHERE id = ? AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
@@ -297,7 +302,7 @@ class Store:
         Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed.
         """
         _check_max_attempts(max_attempts)
-        with self._errors(), self._write():
+        with self._errors(), self._durable(), self._write():
             row = self._requeue(task_id, reason, max_attempts, self._clock())
             if row is None:
                 self._not_claimed(task_id)
@@ -309,7 +314,7 @@ class Store:
         _check_max_attempts(max_attempts)
         now = self._clock()
         out: list[TaskRow] = []
-        with self._errors(), self._write():
+        with self._errors(), self._durable(), self._write():
             claimed = self._conn.execute(
                 "SELECT id, owner FROM tasks WHERE state = 'claimed' ORDER BY id"
             ).fetchall()
@@ -488,6 +493,15 @@ class Store:
         if row is None:
             raise TaskNotFound(f"no task {task_id}")
         raise TaskConflict(f"task {task_id} is {row[0]}, not claimed")
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[None]:
+        """Commits inside are fsynced before they return (see the module docstring)."""
+        self._conn.execute("PRAGMA synchronous = FULL")
+        try:
+            yield
+        finally:
+            self._conn.execute("PRAGMA synchronous = NORMAL")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:

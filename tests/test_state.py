@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from fireclaw.supervisor.state import (
@@ -64,9 +64,31 @@ def test_open_creates_private_dir_file_and_schema(db_path: pathlib.Path) -> None
 
 def test_connection_settings(store: Store) -> None:
     conn = store._conn
-    assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
     assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+def test_task_changes_commit_fully_synced_and_the_rest_normally(store: Store) -> None:
+    """Each task change runs with synchronous=FULL; registry and events do not."""
+    seen: list[str] = []
+    store._conn.set_trace_callback(seen.append)
+
+    def levels(fn: Callable[[], object]) -> list[str]:
+        seen.clear()
+        fn()
+        return [s.split("=")[1].strip() for s in seen if "PRAGMA synchronous" in s]
+
+    task = store.add_task("worker", "p")
+    assert levels(lambda: store.add_task("worker", "q")) == ["FULL", "NORMAL"]
+    assert levels(lambda: store.claim_task("worker", "worker-0")) == ["FULL", "NORMAL"]
+    assert levels(lambda: store.finish_task(task.id, ok=True, exit_code=0, result="")) == [
+        "FULL",
+        "NORMAL",
+    ]
+    assert levels(lambda: store.event("crashed", "worker-0")) == []
+    assert levels(lambda: store.drop_vm("worker-0")) == []
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (1,)
 
 
 def test_reopen_keeps_data_and_does_not_migrate_again(db_path: pathlib.Path) -> None:
