@@ -1,0 +1,818 @@
+"""Benchmark of fireclaw-swarm on the ``process`` driver: claims, runs, an idle fleet.
+
+What it measures, on this machine:
+
+1. Claim latency. An in-process ``RoleGroup`` built like the supervisor builds
+   it (a real ``Runtime`` with the ``ProcessDriver``, a real ``Store`` in a
+   temporary directory, a network namespace and a cgroup per VM exactly when
+   the supervisor would use them) keeps a warm pool of 16 VMs. The pool is
+   filled first; then for each claim the bench waits, untimed, until at least
+   one VM is idle (``group.wait_changed()``), times ``await group.claim()``
+   alone with ``time.perf_counter_ns`` and retires the VM. Reported: p50, p99
+   and max, and the wall time of the whole series (it includes the waits for
+   replacement VMs to boot, which is what bounds the claim rate).
+2. ``run -- true`` latency. Against a real ``fireclaw-swarm up`` subprocess
+   (readiness by sd_notify ``READY=1``; a role with ``min_idle: 4``), each run
+   waits, untimed, until the role has an idle VM (status long-poll), then times
+   ``fireclaw-swarm --state-dir S run -- true`` from spawn to exit: the
+   operator's end-to-end, the CLI's Python start-up included. Interleaved with
+   those, the same number of runs through ``ApiClient.stream("/run")``, timed
+   until the stream is consumed, give the latency without the CLI start-up.
+   Every run must exit 0.
+3. An idle fleet. The same supervisor is scaled to 200 VMs (``POST /scale``);
+   the bench reports how long the pool took to reach 200 idle (and 90% of
+   it), with the restarts and the crash reasons the event log gives for VMs
+   that failed to boot meanwhile. Then, after a 5 s settle, it measures the
+   supervisor's RSS and its CPU use over a 30 s window at rest (cpu_times
+   delta / wall, in % of one core; the default 2 s heartbeats keep it busy),
+   the guests' RSS (sum and mean; PSS sum too, since RSS counts shared pages
+   once per guest) and their CPU over the same window. Finally it
+   sends SIGTERM and times the graceful stop of the supervisor and its VMs.
+
+Percentiles are nearest-rank. Each part runs under a role name of its own
+(``bench-claim-<pid>``, ``bench-run-<pid>``), so what it leaves behind can be
+told apart from anything else on the host: after each part the bench checks
+that no guest process of that role (``FIRECLAW_TOKEN`` in its environment),
+no ``/run/netns/fireclaw-<role>-*`` namespace and no cgroup of it is left; if
+anything is, it is reported, removed, and the exit status is 1. Every exit
+path (an error, Ctrl-C, SIGTERM) stops the VMs and the supervisor, killing the
+supervisor if it does not stop in time.
+
+Results are printed (a table at the end, with the command line and machine
+facts) and written to ``bench/results/process_driver.json``.
+
+Run (from the repository root)::
+
+    make bench                                    # .venv/bin/python bench/process_driver.py
+    .venv/bin/python bench/process_driver.py --quick
+    .venv/bin/python bench/process_driver.py --claims 1000 --runs 100 --idle 200
+
+``--quick`` means ``--claims 100 --runs 20 --idle 40 --window 10``; flags given
+explicitly win. A count of 0 skips that part (``--runs 0 --idle 0`` skips the
+supervisor). ``--keep`` keeps the work directory (configs, the supervisor's
+and the guests' logs) instead of removing it.
+
+Both configs use the ``worker`` template with the default control and stop
+settings (heartbeats every 2 s), except ``boot_timeout: 120``: a fleet booting
+at once shares a few cores, and one boot takes far longer than alone.
+
+Exit status: 0 when every figure was measured, every run exited 0 and nothing
+was left behind; 1 otherwise; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+from fireclaw.config import parse_config
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.drivers import ProcessDriver
+from fireclaw.pool.group import RoleGroup
+from fireclaw.pool.lifecycle import State
+from fireclaw.pool.vm import Runtime
+from fireclaw.supervisor.client import ApiClient
+from fireclaw.supervisor.state import Store
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "process_driver.json"
+FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
+
+CLAIM_POOL = 16
+RUN_POOL = 4
+MAX_ACTIVE = 4096
+SETTLE_S = 5.0
+# Boots of a whole fleet at once share a few cores: far above one boot's time.
+BOOT_TIMEOUT = 120.0
+FILL_TIMEOUT = 900.0
+# The supervisor's own fleet_deadline (60 s by default) plus TERM/KILL of stragglers.
+STOP_TIMEOUT = 120.0
+
+
+class BenchError(Exception):
+    """A part of the benchmark could not be measured."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(samples_ns: list[int]) -> dict[str, Any]:
+    ms = [s / 1e6 for s in samples_ns]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 50), 4),
+        "p99_ms": round(percentile(ms, 99), 4),
+        "max_ms": round(max(ms), 4),
+        "mean_ms": round(sum(ms) / len(ms), 4),
+        "min_ms": round(min(ms), 4),
+    }
+
+
+def one_line(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def swarm_yaml(role: str, *, min_idle: int, control: str) -> str:
+    return (
+        "version: 1\nbackend: process\n"
+        f"control:\n{control}"
+        "roles:\n"
+        f"  {role}:\n"
+        "    template: worker\n"
+        f"    pool: {{min_idle: {min_idle}, max_active: {MAX_ACTIVE}}}\n"
+    )
+
+
+def machine_facts() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ns_why = netns.probe()
+    cg_why = cgroup.probe()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "root": os.geteuid() == 0,
+        "netns": ns_why is None,
+        "netns_why": ns_why or "one network namespace per VM",
+        "cgroups": cg_why is None,
+        "cgroups_why": cg_why or "one memory cgroup per VM",
+    }
+
+
+# ---------------------------------------------------------------- what a role leaves behind
+
+
+def _environ(pid: int) -> dict[bytes, bytes]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+
+
+def guest_pids(role: str) -> list[int]:
+    """Processes with FIRECLAW_TOKEN in their environment that belong to ``role``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        env = _environ(int(entry))
+        if b"FIRECLAW_TOKEN" in env and env.get(b"FIRECLAW_ROLE") == role.encode():
+            found.append(int(entry))
+    return found
+
+
+def leftovers(role: str, state: Path | None = None) -> dict[str, list[str]]:
+    """Guest processes, namespaces, cgroups (and API/guest sockets) ``role`` left."""
+    found = {
+        "guest_processes": [str(p) for p in guest_pids(role)],
+        "netns": netns.leftovers(f"{netns.PREFIX}{role}-"),
+        "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{role}-")],
+    }
+    if state is not None:
+        found["sockets"] = sorted(p.name for p in state.glob("*.sock"))
+    return {k: v for k, v in found.items() if v}
+
+
+def sweep(role: str) -> None:
+    """Remove whatever ``role`` left: kill its guests, drop its namespaces and cgroups."""
+    for pid in guest_pids(role):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for path in cgroup.leftovers():
+        if path.name.startswith(f"{role}-"):
+            with contextlib.suppress(cgroup.CgroupError):
+                cgroup.remove(path)
+    for name in netns.leftovers(f"{netns.PREFIX}{role}-"):
+        with contextlib.suppress(netns.NetnsError):
+            netns.remove_sync(name)
+
+
+def check_clean(role: str, state: Path | None, out: dict[str, Any]) -> None:
+    left = leftovers(role, state)
+    out["leftovers"] = left
+    if left:
+        print(f"  LEFT BEHIND by {role}: {left}; removing it", flush=True)
+        sweep(role)
+
+
+# ---------------------------------------------------------------- 1. claim latency
+
+
+def bench_claims(n: int, workdir: Path, out: dict[str, Any]) -> None:
+    role_name = f"bench-claim-{os.getpid()}"
+    out["role"] = role_name
+    out["pool_min_idle"] = CLAIM_POOL
+    root = workdir / "claims"
+    state = root / "state"
+    root.mkdir()
+    text = swarm_yaml(role_name, min_idle=CLAIM_POOL, control=f"  boot_timeout: {BOOT_TIMEOUT:g}\n")
+    config = parse_config(text, path=root / "swarm.yaml")
+    store = Store.open(state / "swarm.db")
+    try:
+        rt = Runtime(
+            driver=ProcessDriver(),
+            store=store,
+            state_dir=state,
+            control=config.control,
+            stop=config.stop,
+            isolate_net=netns.probe() is None,
+            use_cgroups=cgroup.probe() is None,
+            on_event=lambda kind, subject, detail: store.event(kind, subject, **detail),
+        )
+        out["isolate_net"], out["use_cgroups"] = rt.isolate_net, rt.use_cgroups
+        out["heartbeat_interval_s"] = config.control.heartbeat_interval
+        group = RoleGroup(
+            config.roles[role_name], rt, max_attempts=config.task_max_attempts, scale=None
+        )
+        print(
+            f"[1/3] claim latency: {n} claims from a warm pool of {CLAIM_POOL} (in-process)",
+            flush=True,
+        )
+        trio.run(_claims_main, group, n, out)
+    finally:
+        store.close()
+        check_clean(role_name, None, out)
+    if out.get("interrupted"):
+        raise Interrupted("a signal arrived during the claims")
+
+
+async def _claims_main(group: RoleGroup, n: int, out: dict[str, Any]) -> None:
+    samples: list[int] = []
+    boot_timeout = group.rt.control.boot_timeout
+    async with trio.open_nursery() as nursery:
+        await nursery.start(group.run)
+        nursery.start_soon(_watch_signals, nursery.cancel_scope, out)
+        try:
+            t0 = time.perf_counter()
+            with trio.move_on_after(FILL_TIMEOUT) as scope:
+                await _wait_idle(group, CLAIM_POOL)
+            if scope.cancelled_caught:
+                raise BenchError(f"the pool did not fill in {FILL_TIMEOUT:g}s: {group.counts()}")
+            out["pool_fill_s"] = round(time.perf_counter() - t0, 3)
+            waited = 0
+            t0 = time.perf_counter()
+            for i in range(n):
+                if _idle(group) == 0:
+                    waited += 1
+                    with trio.move_on_after(boot_timeout) as scope:
+                        await _wait_idle(group, 1)
+                    if scope.cancelled_caught:
+                        raise BenchError(f"no idle VM within {boot_timeout:g}s: {group.counts()}")
+                with trio.fail_after(boot_timeout):
+                    start = time.perf_counter_ns()
+                    child = await group.claim()
+                    samples.append(time.perf_counter_ns() - start)
+                group.retire(child, "bench")
+                if (i + 1) % max(1, n // 10) == 0:
+                    print(f"  {i + 1}/{n} claims", flush=True)
+            out["wall_s"] = round(time.perf_counter() - t0, 3)
+            out["claims_that_waited_for_a_boot"] = waited
+            out.update(summary_ms(samples))
+            out["samples_ms"] = [round(s / 1e6, 4) for s in samples]
+        finally:
+            with trio.CancelScope(shield=True):
+                t0 = time.perf_counter()
+                with trio.move_on_after(STOP_TIMEOUT) as scope:
+                    await group.stop_all("bench done")
+                out["stop_all_s"] = round(time.perf_counter() - t0, 3)
+                out["stop_all_timed_out"] = scope.cancelled_caught
+            nursery.cancel_scope.cancel()
+
+
+def _idle(group: RoleGroup) -> int:
+    return sum(1 for c in group.pool_children() if c.state is State.IDLE)
+
+
+async def _wait_idle(group: RoleGroup, n: int) -> None:
+    while _idle(group) < n:
+        if group.degraded:
+            raise BenchError(f"role {group.name} is degraded: {group.counts()}")
+        await group.wait_changed()
+
+
+async def _watch_signals(scope: trio.CancelScope, out: dict[str, Any]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            out["interrupted"] = True
+            scope.cancel()
+            return
+
+
+# ---------------------------------------------------------------- a real supervisor
+
+
+class Supervisor:
+    """``fireclaw-swarm up`` in a subprocess, ready when it says READY=1."""
+
+    def __init__(self, root: Path, config_text: str) -> None:
+        self.root = root
+        self.config = root / "swarm.yaml"
+        self.state = root / "state"
+        self.log = root / "supervisor.log"
+        self.config.write_text(config_text)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._notify: socket.socket | None = None
+        self.api = ApiClient(self.state / "api.sock")
+
+    def start(self, timeout: float = 60) -> None:
+        path = self.root / "notify.sock"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(path))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # stopped by this script only, not by a terminal's ^C
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise BenchError(f"no READY=1 from the supervisor; log:\n{self.tail()}")
+            self._notify.settimeout(min(left, 0.5))
+            try:
+                msg = self._notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if "READY=1" in msg.split("\n"):
+                return
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_for(
+        self,
+        what: str,
+        pred: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        seen: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Long-poll /status until ``pred(status)`` holds; ``seen`` gets every status."""
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = self.api.get("/status")
+        while True:
+            if seen is not None:
+                seen(st)
+            if pred(st):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"timed out waiting for {what}: {st['roles']}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"the supervisor exited while waiting for {what}")
+            st = self.api.get(
+                f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5
+            )
+        return st
+
+    def terminate(self, timeout: float) -> tuple[int | None, float]:
+        """SIGTERM, wait up to ``timeout``; (exit code or None if it had to be killed, seconds)."""
+        assert self.proc is not None
+        t0 = time.perf_counter()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+            self.proc.kill()
+            self.proc.wait()
+        return code, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            code, _ = self.terminate(STOP_TIMEOUT)
+            if code is None:
+                print("  the supervisor did not stop in time: killed", flush=True)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def role_idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda st: role in st["roles"] and st["roles"][role]["idle"] >= n
+
+
+# ---------------------------------------------------------------- 2. run -- true
+
+
+def bench_runs(sup: Supervisor, role: str, n: int, out: dict[str, Any]) -> None:
+    print(f"[2/3] run -- true: {n} runs through the CLI, {n} through the API", flush=True)
+    cli_cmd = [FIRECLAW, "--state-dir", str(sup.state), "run", "--", "true"]
+    out["cli_command"] = shlex.join(["fireclaw-swarm", "--state-dir", "S", "run", "--", "true"])
+    cli: list[int] = []
+    api: list[int] = []
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        sup.wait_for("an idle VM", role_idle(role, 1), BOOT_TIMEOUT)
+        start = time.perf_counter_ns()
+        done = subprocess.run(cli_cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        cli.append(time.perf_counter_ns() - start)
+        if done.returncode != 0:
+            failures.append(f"cli run {i}: exit {done.returncode}: {done.stderr.decode()!r}")
+
+        sup.wait_for("an idle VM", role_idle(role, 1), BOOT_TIMEOUT)
+        start = time.perf_counter_ns()
+        code = None
+        for item in sup.api.stream("/run", {"role": role, "argv": ["true"]}):
+            if "exit" in item:
+                code = item["exit"]
+        api.append(time.perf_counter_ns() - start)
+        if code != 0:
+            failures.append(f"api run {i}: exit {code}")
+        if (i + 1) % max(1, n // 5) == 0:
+            print(f"  {i + 1}/{n} runs", flush=True)
+    out["wall_s"] = round(time.perf_counter() - t0, 3)
+    out["cli"] = summary_ms(cli) | {"samples_ms": [round(s / 1e6, 3) for s in cli]}
+    out["api"] = summary_ms(api) | {"samples_ms": [round(s / 1e6, 3) for s in api]}
+    out["cli_startup_share_p50_ms"] = round(out["cli"]["p50_ms"] - out["api"]["p50_ms"], 3)
+    out["failures"] = failures
+    if failures:
+        raise BenchError(f"{len(failures)} runs did not exit 0: {failures[:3]}")
+
+
+# ---------------------------------------------------------------- 3. an idle fleet
+
+
+def crashes(sup: Supervisor, role: str, since: float) -> list[str]:
+    """What the event log says about VMs of ``role`` that crashed after ``since``."""
+    found: list[str] = []
+    after = 0
+    while True:
+        page = sup.api.get(f"/events?after={after}&limit=1000")["events"]
+        if not page:
+            return found
+        after = page[-1]["id"]
+        for e in page:
+            if e["kind"] in ("crashed", "failed") and e["at"] >= since:
+                if e["subject"].startswith(f"{role}-"):
+                    found.append(f"{e['subject']} {e['kind']}: {e['detail'].get('reason')}")
+
+
+def _guests(sup_pid: int, role: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process(sup_pid).children(recursive=True):
+        env = _environ(proc.pid)
+        if b"FIRECLAW_TOKEN" in env and env.get(b"FIRECLAW_ROLE") == role.encode():
+            found.append(proc)
+    return found
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def bench_idle(sup: Supervisor, role: str, n: int, window: float, out: dict[str, Any]) -> None:
+    print(f"[3/3] idle fleet: scale to {n}, {window:g} s at rest, then SIGTERM", flush=True)
+    curve: list[tuple[float, int]] = []
+    step = max(1, n // 10)
+
+    def seen(st: dict[str, Any]) -> None:
+        idle = st["roles"][role]["idle"]
+        if not curve or idle // step > curve[-1][1] // step:
+            curve.append((round(time.perf_counter() - t0, 2), idle))
+            print(f"  {idle:>4} idle at {curve[-1][0]:6.1f} s", flush=True)
+
+    t0 = time.perf_counter()
+    sup.api.post("/scale", {"role": role, "n": n})
+    st = sup.wait_for(f"{n} idle VMs", role_idle(role, n), FILL_TIMEOUT, seen)
+    out["fill_s"] = round(time.perf_counter() - t0, 3)
+    out["fill_curve_s_idle"] = curve
+    out["fill_90pct_s"] = next(t for t, idle in curve if idle * 10 >= n * 9)
+    out["restarts_after_fill"] = sum(a["restarts"] for a in st["agents"] if a["role"] == role)
+    out["crashes_during_fill"] = crashes(sup, role, since=time.time() - out["fill_s"] - 1)
+    for crash in out["crashes_during_fill"]:
+        print(f"  crash: {crash}", flush=True)
+    print(f"  {n} idle after {out['fill_s']:.1f} s", flush=True)
+
+    time.sleep(SETTLE_S)
+    me = psutil.Process(sup.pid)
+    guests = _guests(sup.pid, role)
+    cpu0 = _cpu(me)
+    guest_cpu0 = {g.pid: _cpu(g) for g in guests}
+    w0 = time.perf_counter()
+    time.sleep(window)
+    wall = time.perf_counter() - w0
+    cpu1 = _cpu(me)
+    guest_cpu = 0.0
+    for g in guests:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            guest_cpu += _cpu(g) - guest_cpu0[g.pid]
+    rss = me.memory_info().rss
+    guest_rss: list[int] = []
+    guest_pss = 0
+    for g in guests:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            info = g.memory_full_info()
+            guest_rss.append(info.rss)
+            guest_pss += info.pss
+    counts = sup.api.get("/status")["roles"][role]
+    out.update(
+        settle_s=SETTLE_S,
+        window_s=round(wall, 3),
+        idle_at_end=counts["idle"],
+        supervisor_rss_mib=round(rss / 2**20, 1),
+        supervisor_cpu_pct_of_one_core=round((cpu1 - cpu0) / wall * 100, 2),
+        guests_found=len(guests),
+        guests_alive_at_end=len(guest_rss),
+        guest_rss_sum_mib=round(sum(guest_rss) / 2**20, 1),
+        guest_rss_mean_mib=round(sum(guest_rss) / max(1, len(guest_rss)) / 2**20, 2),
+        guest_pss_sum_mib=round(guest_pss / 2**20, 1),
+        guest_cpu_pct_of_one_core=round(guest_cpu / wall * 100, 2),
+    )
+    print(
+        f"  supervisor {out['supervisor_rss_mib']} MiB RSS,"
+        f" {out['supervisor_cpu_pct_of_one_core']}% CPU;"
+        f" {len(guest_rss)} guests {out['guest_rss_sum_mib']} MiB RSS",
+        flush=True,
+    )
+    if len(guests) != n or counts["idle"] != n:
+        raise BenchError(f"expected {n} idle guests, found {len(guests)} ({counts})")
+
+    code, took = sup.terminate(STOP_TIMEOUT)
+    out["stop_s"] = round(took, 3)
+    out["stop_exit_code"] = code
+    print(f"  stopped in {took:.2f} s (exit {code})", flush=True)
+    if code != 0:
+        raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
+
+
+def bench_supervisor(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    role = f"bench-run-{os.getpid()}"
+    root = workdir / "swarm"
+    root.mkdir()
+    # Default heartbeats (2 s / 10 s) and stop bounds; a long boot timeout for the fill.
+    text = swarm_yaml(role, min_idle=RUN_POOL, control=f"  boot_timeout: {BOOT_TIMEOUT:g}\n")
+    sup = Supervisor(root, text)
+    info: dict[str, Any] = {"role": role, "pool_min_idle": RUN_POOL}
+    results["supervisor"] = info
+    try:
+        t0 = time.perf_counter()
+        sup.start()
+        info["ready_s"] = round(time.perf_counter() - t0, 3)
+        st = sup.wait_for(f"{RUN_POOL} idle VMs", role_idle(role, RUN_POOL), FILL_TIMEOUT)
+        info["first_pool_s"] = round(time.perf_counter() - t0, 3)
+        info["isolation"] = st["isolation"]
+        if args.runs > 0:
+            results["run"] = {}
+            bench_runs(sup, role, args.runs, results["run"])
+        if args.idle > 0:
+            results["idle"] = {"n": args.idle}
+            bench_idle(sup, role, args.idle, args.window, results["idle"])
+    except Exception:
+        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        sup.close()
+        check_clean(role, sup.state, info)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _ms3(s: dict[str, Any], digits: int) -> str:
+    return f"{s['p50_ms']:.{digits}f} / {s['p99_ms']:.{digits}f} / {s['max_ms']:.{digits}f} ms"
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    iso = (
+        "on (netns + cgroups)"
+        if m["netns"] and m["cgroups"]
+        else f"netns {'on' if m['netns'] else 'off'}, cgroups {'on' if m['cgroups'] else 'off'}"
+    )
+    head = [
+        ("command", results["command"]),
+        (
+            "machine",
+            f"{m['nproc']} CPUs, {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']}",
+        ),
+        ("python", m["python"]),
+        ("root", "yes" if m["root"] else "no"),
+        ("isolation", iso),
+        ("date", results["date"]),
+        ("bench wall time", f"{results['total_s']:.1f} s"),
+    ]
+    rows: list[tuple[str, str]] = []
+    c = results.get("claims", {})
+    if "p50_ms" in c:
+        rows += [
+            (f"claim latency p50 / p99 / max (n={c['n']})", _ms3(c, 4)),
+            (
+                "claims: total wall time",
+                f"{c['wall_s']:.2f} s"
+                f" ({c['n'] / c['wall_s']:.1f} claims/s; "
+                f"{c['claims_that_waited_for_a_boot']} waited for a boot)",
+            ),
+            (
+                f"claims: first fill of {c['pool_min_idle']} / stop_all",
+                f"{c['pool_fill_s']:.2f} s / {c['stop_all_s']:.2f} s",
+            ),
+        ]
+    r = results.get("run", {})
+    if "cli" in r:
+        rows += [
+            (f"run -- true, CLI p50 / p99 / max (n={r['cli']['n']})", _ms3(r["cli"], 1)),
+            (f"run -- true, API p50 / p99 / max (n={r['api']['n']})", _ms3(r["api"], 1)),
+            (
+                "run: CLI start-up share (p50 CLI - p50 API)",
+                f"{r['cli_startup_share_p50_ms']:.1f} ms",
+            ),
+            ("run: exit codes", "all 0" if not r["failures"] else f"{len(r['failures'])} not 0"),
+        ]
+    i = results.get("idle", {})
+    if "stop_s" in i or "supervisor_rss_mib" in i:
+        n = i["n"]
+        rows += [
+            (
+                f"fill from {RUN_POOL} to {n} idle VMs",
+                f"{i['fill_s']:.2f} s (90% idle at {i['fill_90pct_s']:.2f} s;"
+                f" {i['restarts_after_fill']} restarts)",
+            ),
+            (f"supervisor RSS, {n} idle VMs", f"{i['supervisor_rss_mib']:.1f} MiB"),
+            (
+                f"supervisor CPU, {n} idle, {i['window_s']:.0f} s window",
+                f"{i['supervisor_cpu_pct_of_one_core']:.2f} % of one core",
+            ),
+            (
+                f"guest RSS sum / mean ({i['guests_found']} guests)",
+                f"{i['guest_rss_sum_mib']:.1f} MiB / {i['guest_rss_mean_mib']:.2f} MiB",
+            ),
+            ("guest PSS sum", f"{i['guest_pss_sum_mib']:.1f} MiB"),
+            ("guest CPU, same window", f"{i['guest_cpu_pct_of_one_core']:.2f} % of one core"),
+        ]
+        if i["crashes_during_fill"]:
+            first = i["crashes_during_fill"][0].split(": ", 1)[-1]
+            rows.append(
+                ("crashes during the fill", f"{len(i['crashes_during_fill'])}, e.g. {first}")
+            )
+        if "stop_s" in i:
+            rows.append(
+                (
+                    f"graceful stop (SIGTERM) of {n} VMs",
+                    f"{i['stop_s']:.2f} s (exit {i['stop_exit_code']})",
+                )
+            )
+    left = {k: v for k, v in results.get("leftovers", {}).items() if v}
+    rows.append(("left behind", "nothing" if not left else json.dumps(left)))
+    if results.get("error"):
+        rows.append(("ERROR", results["error"]))
+    width = max(len(k) for k, _ in head + rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in head]
+    lines.append("-" * (width + 40))
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark fireclaw-swarm's process driver (see the module docstring)."
+    )
+    parser.add_argument("--claims", type=int, help="claims to time (default 1000)")
+    parser.add_argument("--runs", type=int, help="`run -- true` to time (default 100)")
+    parser.add_argument("--idle", type=int, help="idle VMs for the fleet figures (default 200)")
+    parser.add_argument("--window", type=float, help="CPU window at rest, seconds (default 30)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (configs, logs) afterwards"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="--claims 100 --runs 20 --idle 40 --window 10"
+    )
+    args = parser.parse_args(argv)
+    defaults = (
+        {"claims": 100, "runs": 20, "idle": 40, "window": 10.0}
+        if args.quick
+        else {"claims": 1000, "runs": 100, "idle": 200, "window": 30.0}
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.claims, args.runs, args.idle) < 0 or args.window <= 0:
+        parser.error("counts must be >= 0 and --window > 0")
+    if args.idle > 1000:
+        parser.error("--idle: the supervisor scales a role to at most 1000")
+    return args
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into an exception so that every cleanup runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": shlex.join([_shown(sys.executable), *sys.argv]),
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "params": {k: getattr(args, k) for k in ("claims", "runs", "idle", "window", "quick")},
+        "machine": machine_facts(),
+    }
+    status = 0
+    workdir = Path(tempfile.mkdtemp(prefix="fcbench-"))
+    try:
+        with sigterm_interrupts():
+            if args.claims > 0:
+                results["claims"] = {}
+                bench_claims(args.claims, workdir, results["claims"])
+            if args.runs > 0 or args.idle > 0:
+                bench_supervisor(args, workdir, results)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        results["error"] = f"interrupted ({one_line(exc)})"
+        status = 130
+    except Exception as exc:
+        results["error"] = one_line(exc)
+        status = 1
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}", flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    left: dict[str, list[str]] = {}
+    for part in (results.get("claims", {}), results.get("supervisor", {})):
+        for key, value in part.get("leftovers", {}).items():
+            left.setdefault(key, []).extend(value)
+    results["leftovers"] = left
+    if left and status == 0:
+        status = 1
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    results["exit_status"] = status
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print()
+    print(table(results))
+    print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
