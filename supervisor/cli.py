@@ -144,9 +144,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from fireclaw import __version__
-
-    print(f"{PROG} {__version__}")
+    print(f"{PROG} {_version()}")
     return 0
 
 
@@ -457,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from fireclaw import __version__
+    from importlib.metadata import version
 
-    return __version__
+    return version("fireclaw-swarm")
 
 
 # ---------------------------------------------------------------- entry point
