@@ -138,14 +138,26 @@ class Harness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
     timeout: Annotated[float, Meta(gt=0, le=86400)] = 600.0
 
 
+class IrcPresence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where and how a named agent appears on IRC, as seen from inside its VM."""
+
+    host: Annotated[str, Meta(min_length=1, max_length=255)]
+    port: Annotated[int, Meta(ge=1, le=65535)]
+    nick: Name
+    channels: Annotated[list[Annotated[str, Meta(max_length=50)]], Meta(max_length=32)]
+    password: Annotated[str, Meta(max_length=256)] = ""
+    cooldown: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+
+
 class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="promote"):
-    """Become an agent named ``name`` of ``role``."""
+    """Become an agent named ``name`` of ``role``; with ``irc``, also join IRC."""
 
     name: Name
     role: Name
     persona: Annotated[str, Meta(max_length=16384)] = ""
     model: Annotated[str, Meta(max_length=256)] = ""
     harness: Harness
+    irc: IrcPresence | None = None
 
 
 class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):

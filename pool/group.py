@@ -2,7 +2,7 @@
 
 Pool children are named ``<role>-<ordinal>`` with the lowest free ordinal, and
 the group keeps ``target`` of them (``pool.min_idle``, or a ``scale``
-override). ``claim()`` hands out an idle child at once, marks it ``oneshot``
+override). ``claim()`` hands out an idle child at once, marks it claimed
 and wakes the reconciler, which starts a new pool child in its place (while
 ``max_active`` allows). Scaling down stops the highest ordinals first.
 
@@ -25,7 +25,7 @@ from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, Event, State
-from fireclaw.pool.vm import Child, Runtime
+from fireclaw.pool.vm import AgentIdentity, Child, Runtime
 
 log = logging.getLogger("fireclaw.pool")
 
@@ -72,11 +72,11 @@ class RoleGroup:
         return [
             c
             for c in self.children.values()
-            if not c.oneshot and not c.stopping and c.state in POOL_STATES
+            if not c.claimed and not c.stopping and c.state in POOL_STATES
         ]
 
     def active_children(self) -> list[Child]:
-        return [c for c in self.children.values() if c.oneshot and not c.stopping]
+        return [c for c in self.children.values() if c.claimed and not c.stopping]
 
     @property
     def degraded(self) -> bool:
@@ -162,7 +162,7 @@ class RoleGroup:
             return None
         for child in sorted(self.pool_children(), key=_ordinal):
             if child.state is State.IDLE:
-                child.oneshot = True
+                child.claimed = True
                 child.lifecycle.fire(Event.CLAIM, trio.current_time())
                 self.changed()  # the reconciler refills the pool
                 return child
@@ -226,7 +226,7 @@ class RoleGroup:
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
         finished = False
         try:
-            await child.promote(self.promotion(child.name))
+            await child.promote(self.promotion_for(child))
             assert child.session is not None
             done = await child.session.task(task_id, prompt)
             store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
@@ -247,23 +247,64 @@ class RoleGroup:
             self.retire(child, "task finished")
             self.tasks_queued()
 
-    def promotion(self, name: str) -> p.Promote:
-        """What makes a pooled VM an agent of this role, from the current spec."""
-        role = self.role
+    def promotion_for(self, child: Child) -> p.Promote:
+        """What makes ``child`` an agent of this role, from the current spec.
+
+        A named agent gets its own name, its overrides, and (when IRC is on and its
+        VM has a way there) its IRC presence; a task runner is named after its VM."""
+        role, agent, irc = self.role, child.agent, self.rt.irc
+        presence = None
+        if agent is not None and irc is not None and child.irc_endpoint is not None:
+            host, port = child.irc_endpoint
+            channels = [irc.agents_channel, *(c for c in role.channels if c != irc.agents_channel)]
+            presence = p.IrcPresence(
+                host=host,
+                port=port,
+                nick=agent.name,
+                channels=channels,
+                password=irc.password or "",
+                cooldown=irc.cooldown,
+            )
         return p.Promote(
-            name=name,
+            name=agent.name if agent is not None else child.name,
             role=role.name,
-            persona=role.persona,
-            model=role.model,
+            persona=role.persona if agent is None or agent.persona is None else agent.persona,
+            model=role.model if agent is None or agent.model is None else agent.model,
             harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+            irc=presence,
         )
+
+    async def invoke(self, agent: AgentIdentity) -> Child:
+        """Make a pooled VM the named agent ``agent``; it stays until destroyed.
+
+        Bound the wait for a VM at the call site."""
+        child = await self.claim()
+        child.agent = agent
+        self.rt.event("invoked", agent.name, role=self.name, vm=child.name)
+        await self.retune(child)
+        return child
+
+    async def retune(self, child: Child) -> None:
+        """Promote ``child`` again with its current identity (a new model or persona)."""
+        if child.session is None or child.state not in (State.IDLE, State.ACTIVE):
+            return  # it is (re)booting: it is promoted with the new identity once back
+        try:
+            await child.promote(self.promotion_for(child))
+        except GuestLost:
+            pass  # the VM died; the child restarts it and promotes it again itself
+
+    def find_agent(self, name: str) -> Child | None:
+        for child in self.children.values():
+            if child.agent is not None and child.agent.name == name and not child.stopping:
+                return child
+        return None
 
     async def hot_reload(self) -> None:
         """Send the new model and persona to every agent at work, without a restart."""
         for child in list(self.children.values()):
             if child.promoted_as is not None and child.state is State.ACTIVE:
                 try:
-                    await child.promote(self.promotion(child.promoted_as))
+                    await child.promote(self.promotion_for(child))
                 except GuestLost:
                     pass  # the child's own task sees the loss and handles it
                 self.rt.event("hot_reloaded", child.name, role=self.name)

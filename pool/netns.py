@@ -94,6 +94,24 @@ def _create_with_listener(name: str) -> socket.socket:
     return sock
 
 
+def _listener_in(name: str) -> socket.socket:
+    # Imported here: pyroute2 is heavy and only needed with namespaces.
+    from pyroute2.netns import setns
+
+    try:
+        setns(name, flags=0)  # this fresh thread only; it ends right after
+    except OSError as exc:
+        raise NetnsError(f"entering namespace {name}: {exc}") from exc
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+    except OSError as exc:
+        sock.close()
+        raise NetnsError(f"listening in namespace {name}: {exc}") from exc
+    return sock
+
+
 def _remove(name: str) -> None:
     path = NETNS_DIR / name
     libc = _libc()
@@ -110,6 +128,11 @@ def _remove(name: str) -> None:
 async def create_with_listener(name: str) -> socket.socket:
     """Create namespace ``name`` with loopback up and a listener on 127.0.0.1 in it."""
     return await trio.to_thread.run_sync(_in_fresh_thread, lambda: _create_with_listener(name))
+
+
+async def open_listener(name: str) -> socket.socket:
+    """Another listener on 127.0.0.1 inside the existing namespace ``name``."""
+    return await trio.to_thread.run_sync(_in_fresh_thread, lambda: _listener_in(name))
 
 
 async def remove(name: str) -> None:

@@ -7,9 +7,12 @@ serves the control session until the VM ends. Whatever happens, a shielded,
 bounded teardown stops the VMM (TERM, then KILL) and releases every resource
 the incarnation created.
 
-A claimed child (``oneshot``) serves one piece of work and is then retired;
-it is never restarted. A pool child is restarted per the role's policy, with
-backoff, until its circuit breaker opens.
+A claimed child serves one piece of work (a run, a task) and is then retired;
+it is never restarted. A claimed child with an ``agent`` identity is a named,
+long-lived agent: restarted per the role's policy like a pool child, and
+promoted again under the same name each time its guest says hello. A pool
+child is restarted per the role's policy, with backoff, until its circuit
+breaker opens.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,7 @@ from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.forward import forward
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.supervisor.procid import process_identity
@@ -41,6 +46,16 @@ if TYPE_CHECKING:
     from fireclaw.pool.group import RoleGroup
 
 log = logging.getLogger("fireclaw.vm")
+
+
+@dataclass(frozen=True)
+class IrcRoute:
+    """The IRC server named agents join, and the terms they join it on."""
+
+    upstream: tuple[str, int]  # as the supervisor reaches it
+    agents_channel: str
+    password: str | None = None
+    cooldown: float = 10.0
 
 
 @dataclass(kw_only=True)
@@ -55,6 +70,7 @@ class Runtime:
     isolate_net: bool
     use_cgroups: bool
     graceful: bool = True  # False after a second SIGINT: kill at once
+    irc: IrcRoute | None = None  # None: agents stay off IRC
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
     #: together after a long wait; bounded, VMs become ready one after another.
@@ -81,6 +97,15 @@ class Runtime:
 
 
 @dataclass
+class AgentIdentity:
+    """Who a named agent is; it keeps this across restarts of its VM."""
+
+    name: str
+    model: str | None = None  # None: the role's
+    persona: str | None = None
+
+
+@dataclass
 class Outcome:
     """How an incarnation ended."""
 
@@ -96,13 +121,15 @@ class Child:
         self.rt = runtime
         self.lifecycle = Lifecycle(now)
         self.tracker = RestartTracker(group.role.restart, uniform=runtime.uniform)
-        self.oneshot = False  # claimed: serves one piece of work, then retired
+        self.claimed = False  # handed out by the pool: no longer one of its idle VMs
+        self.agent: AgentIdentity | None = None  # set: a named agent, restarted as itself
         self.stopping = False
         self.session: ControlSession | None = None
         self.handle: VmHandle | None = None
         self.restarts = 0
         self.reason = ""  # why it last crashed or failed
         self.promoted_as: str | None = None
+        self.irc_endpoint: tuple[str, int] | None = None  # the IRC server, as the guest reaches it
         self._scope = trio.CancelScope()
         self._reset = trio.Event()
         self._exited = trio.Event()  # the current incarnation's VMM has exited
@@ -128,7 +155,7 @@ class Child:
             with self._scope:
                 while True:
                     outcome = await self._incarnate()
-                    if self.stopping or self.oneshot:
+                    if self.stopping or (self.claimed and self.agent is None):
                         return
                     self._fire(Event.CRASH)
                     if not await self._after_crash(outcome):
@@ -260,6 +287,7 @@ class Child:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
             listener_sock = None  # the listener owns it now
             async with trio.open_nursery() as ws_nursery, listener:
+                self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name)
                 await self._serve(ws_nursery, listener, vm_id, token, outcome)
                 ws_nursery.cancel_scope.cancel()
             return outcome
@@ -267,6 +295,24 @@ class Child:
             self._boot_done()
             with trio.CancelScope(shield=True):
                 await self._teardown(outcome, ns_name, cg, listener_sock)
+
+    async def _open_irc_route(
+        self, nursery: trio.Nursery, ns_name: str | None
+    ) -> tuple[str, int] | None:
+        """Give the VM a way to the IRC server: a forwarder inside its namespace."""
+        route = self.rt.irc
+        if route is None:
+            return None
+        if ns_name is None:
+            return route.upstream  # not isolated: the guest dials the server itself
+        try:
+            sock = await netns.open_listener(ns_name)
+        except netns.NetnsError as exc:
+            log.warning("%s: no IRC for this VM: %s", self.name, exc)
+            return None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(partial(forward, listener, route.upstream, label=self.name))
+        return ("127.0.0.1", sock.getsockname()[1])
 
     def _boot_done(self) -> None:
         if self._booting:
@@ -301,6 +347,8 @@ class Child:
                 self._boot_done()
                 self.tracker.ready(trio.current_time())
                 self._fire(Event.READY)
+                if self.agent is not None:
+                    nursery.start_soon(self._promote_again, outcome, nursery.cancel_scope)
                 await session.serve()
             except trio.TooSlowError:
                 outcome.reason = f"guest did not connect within {self.rt.control.boot_timeout:g}s"
@@ -373,6 +421,17 @@ class Child:
             )
         )
 
+    async def _promote_again(self, outcome: Outcome, scope: trio.CancelScope) -> None:
+        """A named agent's VM came back: make it that agent again."""
+        try:
+            await self.promote(self.group.promotion_for(self))
+        except GuestLost as exc:
+            outcome.reason = f"promotion failed: {exc.reason}"
+            outcome.broke_protocol = isinstance(exc, GuestViolation)
+            scope.cancel()
+        else:
+            self.rt.event("agent_back", self.name, agent=self.promoted_as, role=self.group.name)
+
     # --- work ---------------------------------------------------------------------
 
     async def promote(self, msg: p.Promote) -> None:
@@ -391,7 +450,7 @@ class Child:
             "pid": self.pid,
             "restarts": self.restarts,
             "for": round(trio.current_time() - self.lifecycle.since, 1),
-            "agent": self.promoted_as,
+            "agent": self.agent.name if self.agent is not None else self.promoted_as,
             "reason": self.reason,
         }
 

@@ -16,6 +16,9 @@ Routes::
     GET  /tasks/<id>                  controller.get_task(id)
     POST /scale   {"role", "n"}       controller.scale()
     POST /reset   {"name"}            controller.reset()
+    POST /agents  {"role", "name"?, "model"?}   controller.invoke()    a named agent
+    POST /agents/<name> {"model"?, "persona"?}  controller.retune()
+    DELETE /agents/<name>             controller.destroy()
     POST /reload  (no body or {})     controller.reload()
     GET  /events[?after=N&limit=N]    {"events": controller.events(after, limit)}
     POST /down    (no body or {})     controller.down()
@@ -147,6 +150,16 @@ class Controller(Protocol):
 
     async def reload(self) -> dict[str, object]: ...
 
+    async def invoke(
+        self, role: str, name: str | None = None, model: str | None = None
+    ) -> dict[str, object]: ...
+
+    async def retune(
+        self, name: str, *, model: str | None = None, persona: str | None = None
+    ) -> dict[str, object]: ...
+
+    async def destroy(self, name: str) -> dict[str, object]: ...
+
     async def events(self, after: int, limit: int) -> list[dict[str, object]]: ...
 
     async def down(self) -> dict[str, object]: ...
@@ -173,6 +186,17 @@ class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     n: Annotated[int, Meta(ge=0, le=1000)]
 
 
+class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    role: _Name
+    name: _Name | None = None
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+class RetuneRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    persona: Annotated[str, Meta(max_length=16384)] | None = None
+
+
 class ResetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: _Name
 
@@ -185,6 +209,8 @@ _RUN_DECODER: Final = msgspec.json.Decoder(RunRequest)
 _TASK_DECODER: Final = msgspec.json.Decoder(TaskRequest)
 _SCALE_DECODER: Final = msgspec.json.Decoder(ScaleRequest)
 _RESET_DECODER: Final = msgspec.json.Decoder(ResetRequest)
+_INVOKE_DECODER: Final = msgspec.json.Decoder(InvokeRequest)
+_RETUNE_DECODER: Final = msgspec.json.Decoder(RetuneRequest)
 _EMPTY_DECODER: Final = msgspec.json.Decoder(EmptyRequest)
 _ENCODER: Final = msgspec.json.Encoder()
 
@@ -478,6 +504,11 @@ class _ApiServer:
             (re.compile(r"/tasks/(?P<id>[^/]+)"), {"GET": self._get_task}),
             (re.compile(r"/scale"), {"POST": self._scale}),
             (re.compile(r"/reset"), {"POST": self._reset}),
+            (re.compile(r"/agents"), {"POST": self._invoke}),
+            (
+                re.compile(r"/agents/(?P<name>[^/]+)"),
+                {"POST": self._retune, "DELETE": self._destroy},
+            ),
             (re.compile(r"/reload"), {"POST": self._reload}),
             (re.compile(r"/events"), {"GET": self._events}),
             (re.compile(r"/down"), {"POST": self._down}),
@@ -604,6 +635,22 @@ class _ApiServer:
         _query(request, frozenset())
         body = _decode(_RESET_DECODER, request.body)
         return await self._controller.reset(body.name)
+
+    async def _invoke(self, request: _Request, match: re.Match[str]) -> object:
+        _query(request, frozenset())
+        body = _decode(_INVOKE_DECODER, request.body)
+        return await self._controller.invoke(body.role, body.name, body.model)
+
+    async def _retune(self, request: _Request, match: re.Match[str]) -> object:
+        _query(request, frozenset())
+        body = _decode(_RETUNE_DECODER, request.body)
+        if body.model is None and body.persona is None:
+            raise _HttpError(400, "give a model, a persona or both")
+        return await self._controller.retune(match["name"], model=body.model, persona=body.persona)
+
+    async def _destroy(self, request: _Request, match: re.Match[str]) -> object:
+        _query(request, frozenset())
+        return await self._controller.destroy(match["name"])
 
     async def _reload(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())

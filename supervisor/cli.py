@@ -309,6 +309,23 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_invoke(args: argparse.Namespace) -> int:
+    body: dict[str, object] = {"role": args.role}
+    if args.name:
+        body["name"] = args.name
+    if args.model:
+        body["model"] = args.model
+    result = _dict(_client(args).post("/agents", body, timeout=DOWN_TIMEOUT), "invoke result")
+    print(f"{result.get('name')}: up as a {result.get('role')} agent on {result.get('vm')}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    _client(args).delete(f"/agents/{args.name}", timeout=DOWN_TIMEOUT)
+    print(f"{args.name}: destroyed")
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _dict(_client(args).post("/reload", timeout=DOWN_TIMEOUT), "reload result")
     if not result.get("ok", True):
@@ -442,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("role", metavar="ROLE")
     p.add_argument("n", metavar="N", type=_positive_int)
     p = add("reset", cmd_reset, "clear the failed state of a VM or a role")
+    p.add_argument("name", metavar="NAME")
+    p = add("invoke", cmd_invoke, "bring up a named agent that stays until destroyed")
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--model", metavar="M", help="a model other than the role's")
+    p = add("destroy", cmd_destroy, "stop a named agent for good")
     p.add_argument("name", metavar="NAME")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
     add("down", cmd_down, "stop the supervisor and all its VMs")

@@ -165,6 +165,10 @@ class ApiClient:
         """POST ``body`` (JSON) to ``target`` and return the parsed JSON answer."""
         return self._call("POST", target, body, timeout)
 
+    def delete(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+        """DELETE ``target`` and return the parsed JSON answer."""
+        return self._call("DELETE", target, None, timeout)
+
     def stream(self, target: str, body: Mapping[str, Any]) -> Generator[dict[str, Any], None, None]:
         """POST ``body`` and yield each line of the ndjson answer as it arrives.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -31,16 +32,18 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, choose
 from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.vm import AgentIdentity, Child, Runtime
 from fireclaw.supervisor import sdnotify
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
-from fireclaw.supervisor.state import StateError, Store
+from fireclaw.supervisor.state import AgentRecord, StateError, Store
 
 log = logging.getLogger("fireclaw.supervisor")
 
 LOCK_NAME: Final = "supervisor.pid"
+#: IRC nicks, as the guest protocol accepts them.
+_AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 DB_NAME: Final = "swarm.db"
 API_NAME: Final = "api.sock"
 
@@ -91,6 +94,8 @@ class Supervisor:
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
+                for rec in self.store.agents():
+                    root.start_soon(self._restore_agent, rec)
                 root.start_soon(self._watchdog)
                 self.store.event(
                     "started", "supervisor", pid=os.getpid(), backend=self.backend_reason
@@ -368,6 +373,83 @@ class Supervisor:
             {"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "detail": e.detail}
             for e in self.store.events(after=after, limit=limit)
         ]
+
+    # --- named agents (the overseer's !invoke, !destroy, !model, !persona) -------
+
+    def _agent(self, name: str) -> tuple[RoleGroup, Child]:
+        for group in self.groups.values():
+            child = group.find_agent(name)
+            if child is not None:
+                return group, child
+        raise ControllerError(f"no agent named {name!r}", 404)
+
+    def _free_agent_name(self, group: RoleGroup) -> str:
+        taken = {c.agent.name for g in self.groups.values() for c in g.children.values() if c.agent}
+        n = 1
+        while group.role.nick(n) in taken:
+            n += 1
+        return group.role.nick(n)
+
+    async def invoke(
+        self, role: str, name: str | None = None, model: str | None = None
+    ) -> dict[str, object]:
+        """Bring up a named agent of ``role``: it keeps its name across restarts."""
+        group = self._group(role)
+        name = name or self._free_agent_name(group)
+        if not _AGENT_NAME.fullmatch(name):
+            raise ControllerError(
+                f"{name!r} is not a usable agent name (letters, digits and -_[]{{}}|^`)"
+            )
+        if any(g.find_agent(name) for g in self.groups.values()):
+            raise ControllerError(f"an agent named {name!r} already exists", 409)
+        boot_timeout = self.config.control.boot_timeout
+        child = None
+        with trio.move_on_after(boot_timeout):
+            try:
+                child = await group.invoke(AgentIdentity(name=name, model=model))
+            except PoolError as exc:
+                raise ControllerError(str(exc), 503) from None
+        if child is None:
+            raise ControllerError(f"no {role} VM became ready within {boot_timeout:g}s", 503)
+        self.store.put_agent(AgentRecord(name=name, role=role, model=model))
+        return {"name": name, "role": role, "vm": child.name}
+
+    async def destroy(self, name: str) -> dict[str, object]:
+        group, child = self._agent(name)
+        self.store.drop_agent(name)
+        self.store.event("destroyed", name, role=group.name, vm=child.name)
+        await child.stop("destroyed")
+        return {"name": name, "destroyed": True}
+
+    async def retune(
+        self, name: str, *, model: str | None = None, persona: str | None = None
+    ) -> dict[str, object]:
+        """Give a named agent a new model or persona, without restarting its VM."""
+        group, child = self._agent(name)
+        assert child.agent is not None
+        if model is not None:
+            child.agent.model = model
+        if persona is not None:
+            child.agent.persona = persona
+        agent = child.agent
+        self.store.put_agent(
+            AgentRecord(name=name, role=group.name, model=agent.model, persona=agent.persona)
+        )
+        await group.retune(child)
+        self.store.event("retuned", name, model=agent.model, persona=agent.persona is not None)
+        return {"name": name, "model": agent.model or group.role.model}
+
+    async def _restore_agent(self, rec: AgentRecord) -> None:
+        """Bring back a named agent the previous supervisor had."""
+        group = self.groups.get(rec.role)
+        if group is None:
+            log.warning("agent %s: its role %s is gone; forgetting it", rec.name, rec.role)
+            self.store.drop_agent(rec.name)
+            return
+        try:
+            await group.invoke(AgentIdentity(name=rec.name, model=rec.model, persona=rec.persona))
+        except PoolError as exc:
+            log.warning("agent %s not restored: %s", rec.name, exc)
 
     async def down(self) -> dict[str, object]:
         if not self.stopping and self._root is not None:

@@ -43,7 +43,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import msgspec
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
 
@@ -84,6 +84,15 @@ class EventRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     kind: str
     subject: str
     detail: dict[str, Any]
+
+
+class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A named agent: who it is, so it can be brought back."""
+
+    name: str
+    role: str
+    model: str | None = None
+    persona: str | None = None
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -150,6 +159,16 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TABLE scales (
             role TEXT PRIMARY KEY,
             n INTEGER NOT NULL CHECK (n >= 0)
+        )""",
+    ),
+    # 2: named agents (!invoke), so they come back after a supervisor restart.
+    (
+        """CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            model TEXT,
+            persona TEXT,
+            created_at REAL NOT NULL
         )""",
     ),
 )
@@ -456,6 +475,30 @@ class Store:
         with self._errors():
             rows = self._conn.execute("SELECT role, n FROM scales ORDER BY role").fetchall()
         return {role: n for role, n in rows}
+
+    # --- named agents ----------------------------------------------------------
+
+    def put_agent(self, rec: AgentRecord) -> None:
+        """Remember a named agent (or its new model/persona)."""
+        with self._errors():
+            self._conn.execute(
+                "INSERT INTO agents (name, role, model, persona, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET role = excluded.role, model = excluded.model,"
+                " persona = excluded.persona",
+                (rec.name, rec.role, rec.model, rec.persona, self._clock()),
+            )
+
+    def drop_agent(self, name: str) -> None:
+        with self._errors():
+            self._conn.execute("DELETE FROM agents WHERE name = ?", (name,))
+
+    def agents(self) -> list[AgentRecord]:
+        """Named agents, oldest first."""
+        with self._errors():
+            rows = self._conn.execute(
+                "SELECT name, role, model, persona FROM agents ORDER BY created_at, name"
+            ).fetchall()
+        return [AgentRecord(name=n, role=r, model=m, persona=p) for n, r, m, p in rows]
 
     # --- internals -----------------------------------------------------------
 

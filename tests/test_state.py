@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from fireclaw.supervisor.state import (
     SCHEMA_VERSION,
+    AgentRecord,
     StateError,
     Store,
     TaskConflict,
@@ -404,3 +405,31 @@ def test_scales(store: Store) -> None:
     assert store.scales() == {"reviewer": 0}
     with pytest.raises(ValueError):
         store.set_scale("coder", -1)
+
+
+def test_named_agents_round_trip_and_update(store: Store) -> None:
+    store.put_agent(AgentRecord(name="alice", role="coder"))
+    store.put_agent(AgentRecord(name="bob", role="worker", model="m1"))
+    store.put_agent(AgentRecord(name="alice", role="coder", persona="terse"))
+    assert store.agents() == [
+        AgentRecord(name="alice", role="coder", persona="terse"),
+        AgentRecord(name="bob", role="worker", model="m1"),
+    ]
+    store.drop_agent("alice")
+    assert [a.name for a in store.agents()] == ["bob"]
+
+
+def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -> None:
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE scales (role TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+    conn.execute("INSERT INTO scales VALUES ('worker', 3)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Store.open(db_path) as store:
+        assert store.scales() == {"worker": 3}
+        assert store.agents() == []
+        store.put_agent(AgentRecord(name="alice", role="coder"))
+    with Store.open(db_path) as store:
+        assert [a.name for a in store.agents()] == ["alice"]

@@ -266,3 +266,51 @@ def test_a_second_sigint_stops_now(make_swarm) -> None:  # type: ignore[no-untyp
     assert "second SIGINT: stopping now" in swarm.tail()
     assert all(gone(pid) for pid in guest_pids)
     assert swarm.leftovers() == NOTHING
+
+
+def agent(st: dict[str, object], name: str) -> dict[str, object] | None:
+    found = [a for a in st["agents"] if a["agent"] == name]  # type: ignore[attr-defined,index]
+    return found[0] if found else None
+
+
+def test_a_named_agent_keeps_its_name_through_crashes_and_restarts(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("coder", min_idle=1)))
+    out = swarm.cli("invoke", "coder", "alice", "--model", "tiny")
+    assert out.returncode == 0, out.stderr
+    st = swarm.wait_for(
+        "alice active", lambda s: (a := agent(s, "alice")) is not None and a["state"] == "active"
+    )
+    first = agent(st, "alice")
+    assert first is not None
+    # The pool refilled behind her: she is no longer one of its idle VMs.
+    swarm.wait_for("the pool refilled", idle("coder", 1))
+    assert swarm.cli("invoke", "coder", "alice").returncode == 1  # names are unique
+
+    os.kill(first["pid"], signal.SIGKILL)  # type: ignore[arg-type]
+    st = swarm.wait_for(
+        "alice back",
+        lambda s: (
+            (a := agent(s, "alice")) is not None
+            and a["state"] == "active"
+            and a["pid"] != first["pid"]
+        ),
+    )
+    assert agent(st, "alice")["restarts"] == 1  # type: ignore[index]
+    kinds = [
+        e["kind"]
+        for e in swarm.api.get("/events?limit=1000")["events"]
+        if e["subject"] == first["name"]
+    ]
+    assert "agent_back" in kinds
+
+    # A supervisor killed outright brings her back too.
+    swarm.kill9()
+    swarm.start()
+    swarm.wait_for(
+        "alice restored", lambda s: (a := agent(s, "alice")) is not None and a["state"] == "active"
+    )
+
+    assert swarm.cli("destroy", "alice").returncode == 0
+    st = swarm.wait_for("alice gone", lambda s: agent(s, "alice") is None)
+    assert swarm.cli("destroy", "alice").returncode == 1
+    assert swarm.stop() == 0

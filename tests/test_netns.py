@@ -1,0 +1,77 @@
+"""Per-VM network namespaces and the service forwarder, for real (needs root)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import trio
+from fireclaw.pool import netns
+from fireclaw.pool.forward import forward
+
+pytestmark = pytest.mark.skipif(netns.probe() is not None, reason=f"no namespaces: {netns.probe()}")
+
+CONNECT = """
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+c.sendall(b"ping\\n")
+print(c.makefile("rb").readline().decode().strip())
+"""
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        async for data in stream:
+            await stream.send_all(b"echo " + data)
+
+
+async def test_a_process_in_the_namespace_reaches_only_what_is_forwarded() -> None:
+    name = f"{netns.PREFIX}test-{os.getpid()}"
+    control = await netns.create_with_listener(name)
+    try:
+        assert name in netns.leftovers()
+        async with trio.open_nursery() as nursery:
+            (upstream,) = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            up_port = upstream.socket.getsockname()[1]
+            inner = await netns.open_listener(name)
+            port = inner.getsockname()[1]
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(inner))
+            nursery.start_soon(partial(forward, listener, ("127.0.0.1", up_port), label="test"))
+
+            def inside(target: int) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [
+                        "nsenter",
+                        f"--net=/run/netns/{name}",
+                        "--",
+                        sys.executable,
+                        "-c",
+                        CONNECT,
+                        str(target),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                )
+
+            through = await trio.to_thread.run_sync(inside, port)
+            assert through.stdout.strip() == "echo ping"
+            # The host's own services are not reachable from inside: only loopback is there.
+            direct = await trio.to_thread.run_sync(inside, up_port)
+            assert direct.returncode != 0 and "Connection refused" in direct.stderr
+            # And the namespace's listeners are not reachable from the host.
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", control.getsockname()[1]), timeout=5)
+            nursery.cancel_scope.cancel()
+    finally:
+        control.close()
+        await netns.remove(name)
+    assert name not in netns.leftovers()
+
+
+async def test_removing_a_missing_namespace_is_quiet() -> None:
+    await netns.remove(f"{netns.PREFIX}never-made")
