@@ -53,6 +53,7 @@ class RoleGroup:
         self.children: dict[str, Child] = {}
         self.stopping = False
         self._changed = trio.Event()
+        self._was_degraded = False
         self._claim_waiters = 0
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -105,6 +106,10 @@ class RoleGroup:
         self._changed.set()
         self._changed = trio.Event()
         self.rt.bump()
+        degraded = self.degraded
+        if degraded != self._was_degraded:
+            self._was_degraded = degraded
+            self.rt.event("degraded" if degraded else "recovered", self.name, role=self.name)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

@@ -60,6 +60,7 @@ class Supervisor:
         self._reload_done = trio.Event()
         self._reload_result: dict[str, object] = {}
         self._root: trio.Nursery | None = None
+        self._watchers: list[trio.MemorySendChannel[tuple[str, str, dict[str, object]]]] = []
         driver, self.backend_reason = choose(config.backend)
         ns_why = netns.probe()
         cg_why = cgroup.probe()
@@ -82,6 +83,23 @@ class Supervisor:
 
     def _on_event(self, kind: str, subject: str, detail: dict[str, object]) -> None:
         self.store.event(kind, subject, **detail)
+        for watcher in list(self._watchers):
+            try:
+                watcher.send_nowait((kind, subject, detail))
+            except trio.WouldBlock:
+                pass  # a slow watcher misses events rather than stalling the fleet
+            except trio.BrokenResourceError:
+                self._watchers.remove(watcher)
+
+    def event(self, kind: str, subject: str, **detail: object) -> None:
+        """Record an event and pass it to the watchers."""
+        self._on_event(kind, subject, detail)
+
+    def watch(self) -> trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]:
+        """A feed of events as they happen (the overseer announces from it)."""
+        send, receive = trio.open_memory_channel[tuple[str, str, dict[str, object]]](256)
+        self._watchers.append(send)
+        return receive
 
     # --- life ------------------------------------------------------------------------
 
@@ -97,9 +115,7 @@ class Supervisor:
                 for rec in self.store.agents():
                     root.start_soon(self._restore_agent, rec)
                 root.start_soon(self._watchdog)
-                self.store.event(
-                    "started", "supervisor", pid=os.getpid(), backend=self.backend_reason
-                )
+                self.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
                 log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
                 sdnotify.ready(self._status_line())
                 task_status.started()
@@ -129,10 +145,10 @@ class Supervisor:
                 with contextlib.suppress(netns.NetnsError):
                     netns.remove_sync(rec.netns)
             self.store.drop_vm(rec.name)
-            self.store.event("reclaimed", rec.name, pid=rec.pid)
+            self.event("reclaimed", rec.name, pid=rec.pid)
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
-            self.store.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+            self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
 
     async def _start_group(self, name: str) -> RoleGroup:
         assert self._root is not None
@@ -181,7 +197,7 @@ class Supervisor:
         if scope.cancelled_caught:
             log.warning("fleet did not stop within %gs: killing the rest", deadline)
             self.rt.graceful = False
-        self.store.event("stopped", "supervisor")
+        self.event("stopped", "supervisor")
         if self._root is not None:
             self._root.cancel_scope.cancel()
 
@@ -206,7 +222,7 @@ class Supervisor:
         except ConfigError as exc:
             self.last_reload_error = str(exc)
             log.error("reload rejected: %s", exc)
-            self.store.event("reload_rejected", "supervisor", error=str(exc))
+            self.event("reload_rejected", "supervisor", error=str(exc))
             sdnotify.ready(f"reload rejected: {exc}")
             return {"ok": False, "error": str(exc)}
         diff = diff_config(self.config, new)
@@ -238,7 +254,7 @@ class Supervisor:
             elif change.hot:
                 self._root.start_soon(group.hot_reload)
         self.last_reload_error = None
-        self.store.event(
+        self.event(
             "reloaded",
             "supervisor",
             added=list(diff.added),
@@ -330,7 +346,7 @@ class Supervisor:
                 f"task: the prompt has {len(prompt)} characters, at most {p.MAX_PROMPT_CHARS}"
             )
         task = self.store.add_task(role, prompt)
-        self.store.event("task_queued", f"task-{task.id}", role=role)
+        self.event("task_queued", f"task-{task.id}", role=role)
         group.tasks_queued()
         return _task_dict(task)
 
@@ -349,7 +365,7 @@ class Supervisor:
         group = self._group(role)
         self.store.set_scale(role, n)
         group.set_scale(n)
-        self.store.event("scaled", role, n=n)
+        self.event("scaled", role, n=n)
         return {"role": role, "target": n}
 
     async def reset(self, name: str) -> dict[str, object]:
@@ -417,7 +433,7 @@ class Supervisor:
     async def destroy(self, name: str) -> dict[str, object]:
         group, child = self._agent(name)
         self.store.drop_agent(name)
-        self.store.event("destroyed", name, role=group.name, vm=child.name)
+        self.event("destroyed", name, role=group.name, vm=child.name)
         await child.stop("destroyed")
         return {"name": name, "destroyed": True}
 
@@ -436,7 +452,7 @@ class Supervisor:
             AgentRecord(name=name, role=group.name, model=agent.model, persona=agent.persona)
         )
         await group.retune(child)
-        self.store.event("retuned", name, model=agent.model, persona=agent.persona is not None)
+        self.event("retuned", name, model=agent.model, persona=agent.persona is not None)
         return {"name": name, "model": agent.model or group.role.model}
 
     async def _restore_agent(self, rec: AgentRecord) -> None:
