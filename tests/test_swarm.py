@@ -108,6 +108,8 @@ def test_a_crash_loop_ends_failed_and_stops_restarting(make_swarm) -> None:  # t
         if e["subject"] == "crasher-0"
     ]
     assert kinds == ["crashed"] * 4 + ["failed"]
+    degraded = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "degraded"]
+    assert [e["subject"] for e in degraded] == ["crasher"]
 
     # An explicit reset clears it and it is tried again.
     assert swarm.cli("reset", "crasher-0").returncode == 0
