@@ -72,6 +72,8 @@ class ConfigDiff(msgspec.Struct, frozen=True, kw_only=True):
     backend_changed: bool
     state_dir_changed: bool
     task_max_attempts_changed: bool
+    irc_changed: bool
+    """Anything under ``irc`` differs (server, channels, operators, rates, restart)."""
 
     @property
     def is_empty(self) -> bool:
@@ -85,6 +87,7 @@ class ConfigDiff(msgspec.Struct, frozen=True, kw_only=True):
             or self.backend_changed
             or self.state_dir_changed
             or self.task_max_attempts_changed
+            or self.irc_changed
         )
 
 
@@ -115,4 +118,5 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         backend_changed=old.backend != new.backend,
         state_dir_changed=old.state_dir != new.state_dir,
         task_max_attempts_changed=old.task_max_attempts != new.task_max_attempts,
+        irc_changed=old.irc != new.irc,
     )

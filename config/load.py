@@ -7,6 +7,9 @@ field over the template; every other field replaces the template's value. The
 template is validated on its own first, so an error in the merged role is the
 override's fault and is reported against ``swarm.yaml``.
 
+``irc.restart`` merges the same way over the IRC server's own default policy
+(``IRC_RESTART``: a shorter backoff than a role's).
+
 Exceptions::
 
     ConfigError     anything wrong with swarm.yaml or a template: unreadable,
@@ -31,10 +34,13 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 from fireclaw.config.model import (
+    IRC_RESTART,
+    PATTERN_WORDS,
     ROLE_NAME_PATTERN,
     Backend,
     Config,
     ControlSpec,
+    IrcSpec,
     NonEmptyStr,
     Role,
     StopSpec,
@@ -113,6 +119,7 @@ class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     control: ControlSpec = msgspec.field(default_factory=ControlSpec)
     stop: StopSpec = msgspec.field(default_factory=StopSpec)
     task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    irc: IrcSpec = msgspec.field(default_factory=IrcSpec)
     roles: dict[str, Any]
 
 
@@ -159,7 +166,9 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
     """
     shown = os.fspath(path)
     file = pathlib.Path(shown).resolve()
-    swarm = _convert(_parse_yaml(text, shown), _SwarmFile, shown, "")
+    raw = _parse_yaml(text, shown)
+    _prepare_irc(raw)
+    swarm = _convert(raw, _SwarmFile, shown, "")
     base = file.parent
     templates = _TemplateDir(_templates_dir(swarm.roles_dir, base, shown))
     roles: dict[str, Role] = {}
@@ -181,6 +190,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         control=swarm.control,
         stop=swarm.stop,
         task_max_attempts=swarm.task_max_attempts,
+        irc=swarm.irc,
         roles=roles,
     )
 
@@ -273,6 +283,18 @@ def _normalise_policy(raw: dict[str, Any]) -> None:
     raw["restart"] = {**restart, "policy": policy}
 
 
+def _prepare_irc(raw: dict[str, Any]) -> None:
+    """Normalise ``irc.restart`` in place: policy aliases, and fields not given taken
+    from the IRC server's own defaults (a shorter backoff than a role's)."""
+    irc = raw.get("irc")
+    if not isinstance(irc, dict) or not isinstance(irc.get("restart"), dict):
+        return
+    irc = dict(irc)
+    _normalise_policy(irc)
+    irc["restart"] = _merge(msgspec.to_builtins(IRC_RESTART), irc["restart"], _MERGED["restart"])
+    raw["irc"] = irc
+
+
 def _read(file: Traversable, shown: str) -> str:
     try:
         data = file.read_bytes()
@@ -315,6 +337,10 @@ def _convert(raw: object, typ: type[T], shown: str, prefix: str) -> T:
 
 _AT_RE: Final = re.compile(r"(?s)(?P<what>.*?) - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`")
 _SEGMENT_RE: Final = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+_BLAME_RE: Final = re.compile(r"(?s)(?P<field>[a-z_]+): (?P<what>.+)")
+_REGEX_RE: Final = re.compile(r"(?s)Expected `str` matching regex '(?P<pattern>.*)'")
+# msgspec quotes a pattern with repr(): the key it is looked up by.
+_PATTERN_WORDS: Final = {repr(p)[1:-1]: words for p, words in PATTERN_WORDS.items()}
 
 
 def _explain(message: str, typ: type[Any], raw: object) -> tuple[str, str]:
@@ -338,6 +364,14 @@ def _explain(message: str, typ: type[Any], raw: object) -> tuple[str, str]:
         if segments and segments[-1] == "policy":
             choices += list(_POLICY_ALIASES)
         return _path(segments), f"expected one of: {', '.join(choices)}; got {m[1]}"
+    if m := _BLAME_RE.fullmatch(what):
+        # A __post_init__ names the field it blames first: "server: expected ...".
+        if m["field"] in _struct_fields(_type_at(mi.type_info(typ), segments)):
+            return _path([*segments, m["field"]]), m["what"]
+    if (m := _REGEX_RE.fullmatch(what)) and m["pattern"] in _PATTERN_WORDS:
+        found, value = _lookup(raw, segments)
+        got = f", got {_show(value)}" if found else ""
+        return _path(segments), f"expected {_PATTERN_WORDS[m['pattern']]}{got}"
     if what.startswith("Expected "):
         what = _yaml_words("expected " + what.removeprefix("Expected "))
         found, value = _lookup(raw, segments)

@@ -7,11 +7,13 @@ reload builds a new ``Config`` and diffs it against the old one.
 
 Every limit is declared on the field; checks that involve more than one field
 live in ``__post_init__``, whose ``ValueError`` msgspec reports with the path of
-the Struct that failed.
+the Struct that failed; a message that starts with one of its fields' names and a
+colon (``"server: ..."``) is reported against that field.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
 import re
 from typing import Annotated, Final, Literal
@@ -39,6 +41,7 @@ NonEmptyStr = Annotated[str, Meta(min_length=1, max_length=4096)]
 Argv = Annotated[tuple[NonEmptyStr, ...], Meta(min_length=1, max_length=256)]
 Channel = Annotated[str, Meta(pattern=_CHANNEL_PATTERN)]
 ExitCode = Annotated[int, Meta(ge=0, le=255)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
 
 
 class Backoff(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +128,174 @@ class StopSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     fleet_deadline: PositiveSeconds = 60.0
 
 
+# --- IRC -----------------------------------------------------------------------
+
+# The channels the swarm itself uses: '#', then no whitespace, comma or control character.
+_IRC_CHANNEL_PATTERN: Final = r"^#[^\s,\x00-\x1f\x7f]{1,49}$"
+# RFC 2812 nick characters; 30 at most, the longest nick the managed server allows by default.
+_NICK_PATTERN: Final = r"^[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}$"
+# nick!user@host, each part a glob ('*', '?'); no whitespace.
+_HOSTMASK_PATTERN: Final = r"^[^\s!@]+![^\s!@]+@[^\s!@]+$"
+# What ngircd accepts as its server name (RFC 2812 section 2.3.1); a dot is checked apart.
+_SERVER_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"
+_NETWORK_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
+_HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+# ngircd reads one value per line, unquoted and trimmed, into a 64-byte buffer.
+_MANAGED_PASSWORD_RE: Final = re.compile(r"^[!-~]{1,64}$")
+
+#: What each IRC pattern means, for error messages (a regex is no help to a YAML author).
+PATTERN_WORDS: Final = {
+    _IRC_CHANNEL_PATTERN: "a channel: '#' then 1 to 49 characters, no spaces, commas"
+    " or control characters",
+    _NICK_PATTERN: "a nick: up to 30 letters, digits and -[]\\`_^{|}, not starting"
+    " with a digit or '-'",
+    _HOSTMASK_PATTERN: "a hostmask glob nick!user@host, as in *!*@127.0.0.1",
+    _SERVER_NAME_PATTERN: "a server name: letters, digits, '.' and '-', up to 63",
+    _NETWORK_PATTERN: "a network name: 1 to 64 letters, digits, '.', '_' and '-'",
+}
+
+IrcChannel = Annotated[str, Meta(pattern=_IRC_CHANNEL_PATTERN)]
+Nick = Annotated[str, Meta(pattern=_NICK_PATTERN)]
+Hostmask = Annotated[str, Meta(pattern=_HOSTMASK_PATTERN, max_length=200)]
+# A secret sent on the wire as one IRC parameter: no line breaks, no NUL.
+Secret = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n]+$")]
+
+MANAGED: Final = "managed"
+"""``irc.server`` value that makes the supervisor run its own ngircd."""
+
+DEFAULT_OPERATORS: Final = ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1")
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``host:port`` (an IPv6 address in brackets: ``[::1]:6667``) as (host, port).
+
+    Raises ValueError, worded for a config file, when ``text`` is not one.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected 'managed' or host:port, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets, as in [::1]:6667; got {text!r}")
+    elif not _HOSTNAME_RE.match(host):
+        raise ValueError(f"{host!r} is not a host name or an IP address")
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ngircd the supervisor runs when ``irc.server`` is ``managed``.
+
+    ``listen`` is an IP address (``0.0.0.0`` or ``::`` for all); ``max_nick_length``
+    must hold every agent's nick.
+    """
+
+    listen: Annotated[str, Meta(min_length=1, max_length=64)] = "127.0.0.1"
+    port: Port = 6667
+    server_name: Annotated[str, Meta(pattern=_SERVER_NAME_PATTERN)] = "irc.fireclaw.local"
+    network: Annotated[str, Meta(pattern=_NETWORK_PATTERN)] = "fireclaw"
+    max_nick_length: Annotated[int, Meta(ge=9, le=31)] = 30
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.listen)
+        except ValueError:
+            raise ValueError(f"listen: expected an IP address, got {self.listen!r}") from None
+        if "." not in self.server_name:
+            raise ValueError(f"server_name: {self.server_name!r} needs a dot, as in irc.example")
+
+
+class SaslSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SASL PLAIN credentials for an external server."""
+
+    username: Secret
+    password: Secret
+
+
+class CommandRateSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How many overseer commands one sender may give: a token bucket per sender."""
+
+    per_minute: Annotated[float, Meta(gt=0, le=6000)] = 20.0
+    burst: Annotated[int, Meta(ge=1, le=1000)] = 5
+
+
+#: The managed ngircd's restart policy unless swarm.yaml says otherwise.
+IRC_RESTART: Final = RestartPolicy(backoff=Backoff(base=1.0, max=30.0))
+
+
+class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The IRC control plane: which server, who commands the overseer, and how fast.
+
+    ``server`` is ``managed`` (the supervisor runs ngircd per ``managed`` and
+    restarts it per ``restart``) or an external ``host:port``. ``operators`` are
+    ``nick!user@host`` globs: only senders matching one may command the overseer.
+    ``agent_cooldown`` is how long an agent waits before answering another agent.
+    ``enabled: false`` keeps the whole swarm off IRC.
+    """
+
+    enabled: bool = True
+    server: Annotated[str, Meta(min_length=1, max_length=300)] = MANAGED
+    managed: ManagedIrcSpec = msgspec.field(default_factory=ManagedIrcSpec)
+    password: Secret | None = None
+    sasl: SaslSpec | None = None
+    overseer_nick: Nick = "overseer"
+    control_channel: IrcChannel = "#control"
+    agents_channel: IrcChannel = "#agents"
+    operators: Annotated[tuple[Hostmask, ...], Meta(max_length=256)] = DEFAULT_OPERATORS
+    command_rate: CommandRateSpec = msgspec.field(default_factory=CommandRateSpec)
+    agent_cooldown: Seconds = 10.0
+    restart: RestartPolicy = IRC_RESTART
+
+    def __post_init__(self) -> None:
+        # IRC channel names are case-insensitive.
+        if self.control_channel.lower() == self.agents_channel.lower():
+            raise ValueError(f"agents_channel: {self.agents_channel!r} is also control_channel")
+        if self.server != MANAGED:
+            try:
+                parse_server(self.server)
+            except ValueError as exc:
+                raise ValueError(f"server: {exc}") from None
+            return
+        if self.sasl is not None:
+            raise ValueError("sasl: the managed server (ngircd) has no SASL; use password")
+        if self.password is not None and not _MANAGED_PASSWORD_RE.match(self.password):
+            raise ValueError(
+                "password: the managed server takes 1 to 64 printable ASCII characters,"
+                " without spaces"
+            )
+        if len(self.overseer_nick) > self.managed.max_nick_length:
+            raise ValueError(
+                f"overseer_nick: {self.overseer_nick!r} is longer than"
+                f" managed.max_nick_length ({self.managed.max_nick_length})"
+            )
+
+    @property
+    def is_managed(self) -> bool:
+        """True when the supervisor runs the server itself."""
+        return self.server == MANAGED
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) where clients on this host reach the server."""
+        if not self.is_managed:
+            return parse_server(self.server)
+        return connect_host(self.managed.listen), self.managed.port
+
+
+def connect_host(listen: str) -> str:
+    """The address a local client uses for a server listening on ``listen``."""
+    address = ipaddress.ip_address(listen)
+    if address.is_unspecified:
+        return "::1" if address.version == 6 else "127.0.0.1"
+    return str(address)
+
+
 class Role(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One role's effective spec: its template with the overrides of ``swarm.yaml``.
 
@@ -170,4 +341,5 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     control: ControlSpec = msgspec.field(default_factory=ControlSpec)
     stop: StopSpec = msgspec.field(default_factory=StopSpec)
     task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    irc: IrcSpec = msgspec.field(default_factory=IrcSpec)
     roles: dict[str, Role] = msgspec.field(default_factory=dict)

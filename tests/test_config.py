@@ -9,15 +9,21 @@ import textwrap
 import pytest
 from fireclaw.config import (
     EX_CONFIG,
+    Backoff,
+    CommandRateSpec,
     Config,
     ConfigError,
     HarnessSpec,
+    IrcSpec,
+    ManagedIrcSpec,
     PoolSpec,
     RestartPolicy,
     Role,
+    SaslSpec,
     diff_config,
     load_config,
     parse_config,
+    parse_server,
     role_hash,
 )
 from fireclaw.config.load import MAX_FILE_BYTES
@@ -541,3 +547,176 @@ def test_role_hash_known_value() -> None:
     assert role_hash(role(restart=RestartPolicy(policy="temporary"))) == pinned
     assert role_hash(role(guest_command=("sh",))) != pinned
     assert role_hash(role(harness=HarnessSpec(command=("true",), timeout=1))) != pinned
+
+
+# --- irc ---------------------------------------------------------------------
+
+
+def test_irc_defaults(swarm_dir: pathlib.Path) -> None:
+    irc = load(swarm_dir, BASE).irc
+    assert irc == IrcSpec()
+    assert irc.enabled and irc.is_managed and irc.server == "managed"
+    assert irc.managed == ManagedIrcSpec(
+        listen="127.0.0.1",
+        port=6667,
+        server_name="irc.fireclaw.local",
+        network="fireclaw",
+        max_nick_length=30,
+    )
+    assert irc.endpoint == ("127.0.0.1", 6667)
+    assert (irc.password, irc.sasl) == (None, None)
+    assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
+        "overseer",
+        "#control",
+        "#agents",
+    )
+    assert irc.operators == ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1")
+    assert irc.command_rate == CommandRateSpec(per_minute=20.0, burst=5)
+    assert irc.agent_cooldown == 10.0
+    assert irc.restart == RestartPolicy(policy="permanent", backoff=Backoff(base=1.0, max=30.0))
+    # What ships says the same, spelled out.
+    assert load_config(REPO / "swarm.yaml").irc == IrcSpec()
+
+
+def test_irc_settings(swarm_dir: pathlib.Path) -> None:
+    section = textwrap.dedent(
+        """
+        irc:
+          enabled: false
+          managed: {listen: "0.0.0.0", port: 7000, server_name: irc.example, network: net-1,
+                    max_nick_length: 20}
+          password: "p4ss!word"
+          overseer_nick: boss
+          control_channel: "#ops"
+          agents_channel: "#crew"
+          operators: ["alice!*@10.0.0.*", "*!*@[0::1]"]
+          command_rate: {per_minute: 6, burst: 2}
+          agent_cooldown: 2.5
+        """
+    )
+    irc = load(swarm_dir, BASE + section).irc
+    assert not irc.enabled
+    assert irc.endpoint == ("127.0.0.1", 7000)  # listening everywhere: connect on loopback
+    assert irc.managed.max_nick_length == 20
+    assert irc.password == "p4ss!word"
+    assert irc.operators == ("alice!*@10.0.0.*", "*!*@[0::1]")
+    assert irc.command_rate == CommandRateSpec(per_minute=6.0, burst=2)
+    assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
+        "boss",
+        "#ops",
+        "#crew",
+    )
+    assert irc.agent_cooldown == 2.5
+    no_one = load(swarm_dir, BASE + "irc: {operators: []}\n").irc
+    assert no_one.operators == ()
+
+
+@pytest.mark.parametrize(
+    ("server", "endpoint"),
+    [
+        ("irc.libera.chat:6697", ("irc.libera.chat", 6697)),
+        ("10.0.0.1:1", ("10.0.0.1", 1)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("[::1]:6667", ("::1", 6667)),
+        ("[fd00::1:2]:7000", ("fd00::1:2", 7000)),
+    ],
+)
+def test_irc_external_server(swarm_dir: pathlib.Path, server: str, endpoint: object) -> None:
+    irc = load(swarm_dir, BASE + f"irc: {{server: '{server}'}}\n").irc
+    assert not irc.is_managed
+    assert irc.endpoint == endpoint == parse_server(server)
+
+
+def test_irc_external_server_credentials(swarm_dir: pathlib.Path) -> None:
+    irc = load(
+        swarm_dir,
+        BASE + "irc: {server: 'irc.example:6697', password: 'with space',"
+        " sasl: {username: bot, password: 'pa ss'}}\n",
+    ).irc
+    assert irc.password == "with space"
+    assert irc.sasl == SaslSpec(username="bot", password="pa ss")
+
+
+@pytest.mark.parametrize(
+    ("server", "what"),
+    [
+        ("irc.example", "expected 'managed' or host:port, got 'irc.example'"),
+        (":6667", "expected 'managed' or host:port, got ':6667'"),
+        ("host:0", "port must be a number from 1 to 65535, got '0'"),
+        ("host:65536", "port must be a number from 1 to 65535, got '65536'"),
+        ("host:", "port must be a number from 1 to 65535, got ''"),
+        ("host:http", "port must be a number from 1 to 65535, got 'http'"),
+        ("::1:6667", "an IPv6 address goes in brackets, as in [::1]:6667; got '::1:6667'"),
+        ("[nope]:6667", "'nope' in brackets is not an IPv6 address"),
+        ("bad host:1", "'bad host' is not a host name or an IP address"),
+        ("Managed", "expected 'managed' or host:port, got 'Managed'"),
+    ],
+)
+def test_irc_server_errors(swarm_dir: pathlib.Path, server: str, what: str) -> None:
+    msg = error_of(swarm_dir, BASE + f"irc: {{server: '{server}'}}\n")
+    assert msg == f"{swarm_dir / 'swarm.yaml'}: irc.server: {what}"
+
+
+@pytest.mark.parametrize(
+    ("irc", "where", "what"),
+    [
+        ("{managed: {port: 0}}", "irc.managed.port", "expected int >= 1, got 0"),
+        ("{managed: {port: 70000}}", "irc.managed.port", "expected int <= 65535, got 70000"),
+        ("{managed: {listen: localhost}}", "irc.managed.listen", "expected an IP address"),
+        ("{managed: {server_name: nodot}}", "irc.managed.server_name", "needs a dot"),
+        ("{managed: {server_name: -a.b}}", "irc.managed.server_name", "expected a server name"),
+        ("{managed: {network: 'a b'}}", "irc.managed.network", "expected a network name"),
+        ("{managed: {max_nick_length: 40}}", "irc.managed.max_nick_length", "<= 31"),
+        ("{managed: {prot: 1}}", "irc.managed.prot", "unknown field; expected one of: listen,"),
+        ("{control_channel: control}", "irc.control_channel", "expected a channel: '#'"),
+        ("{agents_channel: '#a b'}", "irc.agents_channel", "got '#a b'"),
+        ("{agents_channel: '#a,b'}", "irc.agents_channel", "no spaces, commas"),
+        ("{agents_channel: '#CONTROL'}", "irc.agents_channel", "is also control_channel"),
+        ("{overseer_nick: 1st}", "irc.overseer_nick", "expected a nick"),
+        (
+            "{managed: {max_nick_length: 9}, overseer_nick: overseer10}",
+            "irc.overseer_nick",
+            "'overseer10' is longer than managed.max_nick_length (9)",
+        ),
+        ("{operators: [alice]}", "irc.operators[0]", "expected a hostmask glob nick!user@host"),
+        ("{operators: ['*!*@a b']}", "irc.operators[0]", "got '*!*@a b'"),
+        ("{operators: '*!*@x'}", "irc.operators", "expected list, got str"),
+        ("{password: 'a b'}", "irc.password", "1 to 64 printable ASCII characters"),
+        ("{password: ''}", "irc.password", "expected str of length >= 1"),
+        ("{sasl: {username: u, password: p}}", "irc.sasl", "has no SASL; use password"),
+        ("{server: 'x:1', sasl: {username: u}}", "irc.sasl.password", "required field"),
+        ("{command_rate: {per_minute: 0}}", "irc.command_rate.per_minute", "expected float > 0"),
+        ("{command_rate: {burst: 0}}", "irc.command_rate.burst", "expected int >= 1, got 0"),
+        ("{agent_cooldown: -1}", "irc.agent_cooldown", "expected float >= 0"),
+        ("{enabled: maybe}", "irc.enabled", "expected bool, got str"),
+        ("{restart: {policy: sometimes}}", "irc.restart.policy", "expected one of: permanent,"),
+        ("{restart: {backoff: {base: 40}}}", "irc.restart.backoff", "max (30) must be >= base"),
+        ("{bogus: 1}", "irc.bogus", "unknown field; expected one of: enabled, server, managed,"),
+        ("[]", "irc", "expected mapping, got list"),
+    ],
+)
+def test_irc_errors(swarm_dir: pathlib.Path, irc: str, where: str, what: str) -> None:
+    msg = error_of(swarm_dir, BASE + f"irc: {irc}\n")
+    assert msg.startswith(f"{swarm_dir / 'swarm.yaml'}: {where}: ")
+    assert what in msg
+
+
+def test_irc_restart_merges_over_irc_defaults(swarm_dir: pathlib.Path) -> None:
+    irc = load(swarm_dir, BASE + "irc: {restart: {policy: no, max_restarts: 9}}\n").irc
+    assert irc.restart == RestartPolicy(
+        policy="temporary", max_restarts=9, backoff=Backoff(base=1.0, max=30.0)
+    )
+    irc = load(swarm_dir, BASE + "irc: {restart: {policy: always, backoff: {base: 2}}}\n").irc
+    assert irc.restart.policy == "permanent"
+    assert irc.restart.backoff == Backoff(base=2.0, max=30.0)
+
+
+def test_diff_irc(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    assert not diff_config(old, load(swarm_dir, BASE)).irc_changed
+    same = load(swarm_dir, BASE + "irc: {server: managed, agent_cooldown: 10}\n")
+    assert not diff_config(old, same).irc_changed
+    for change in ("agent_cooldown: 1", "operators: ['*!*@*']", "managed: {port: 7000}"):
+        diff = diff_config(old, load(swarm_dir, BASE + f"irc: {{{change}}}\n"))
+        assert diff.irc_changed and not diff.is_empty
+        assert diff.unchanged == ("alpha", "beta") and not diff.control_changed

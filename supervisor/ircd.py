@@ -1,0 +1,527 @@
+"""The managed IRC server: ngircd as a supervised child of the supervisor.
+
+When ``irc.server`` is ``managed`` the supervisor runs ngircd (the Debian
+package) with a config it writes into ``<state_dir>/ircd``::
+
+    ManagedIrcd.run()          nursery.start(): started((host, port)) once ngircd is ready
+    └─ one incarnation at a time
+       ├─ ngircd -n -f <state_dir>/ircd/ngircd.conf     own session, stdin /dev/null
+       └─ drain                its output into <state_dir>/logs/ircd.log, watching
+                               for the line that says it is ready
+       exit -> RestartTracker -> restart at once, after a backoff, or failed
+
+ngircd facts this module is built on (26.1):
+
+- It never runs as root: started as root with ``ServerUID`` 0 or unset, it
+  switches to ``nobody``. So as root we name the Debian ``irc`` account (or
+  ``nobody``) ourselves; otherwise ngircd keeps the caller's ids. The config is
+  read before the switch, so it stays root-only (it may hold the password).
+- Its own ``PidFile`` is created after the switch with ``O_EXCL``: a stale file
+  left by a killed ngircd makes it fail, and the unprivileged user would need
+  search access to every folder above the state dir. The pid file in the work
+  folder is therefore written and removed by us, not by ngircd.
+- ``IncludeDir`` defaults to ``/etc/ngircd/ngircd.conf.d``; it is pointed at an
+  empty folder of ours so host snippets cannot change the managed server.
+- Debian builds it with PAM on by default (every client would need a PAM
+  login, and ``Password`` would be ignored) and ``MaxConnectionsIP`` defaults
+  to 5, which would lock out the sixth agent behind one address.
+- The first channel member becomes channel operator. The swarm's channels are
+  predefined (persistent, ``+P``) so that nobody holds operator status there.
+
+Exceptions::
+
+    IrcdError       the first start failed: ngircd missing, the port taken, a config
+                    ngircd refuses. str() is one line. Later failures are not raised:
+                    they are restarted per ``irc.restart`` and reported as events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import trio
+from fireclaw.config.model import IrcSpec, connect_host
+from fireclaw.supervisor.backoff import RestartTracker, classify_exit
+
+__all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
+
+log = logging.getLogger("fireclaw.supervisor.ircd")
+
+NGIRCD: Final = "ngircd"
+CONF_NAME: Final = "ngircd.conf"
+PID_NAME: Final = "ngircd.pid"
+INCLUDE_DIR: Final = "conf.d"
+LOG_NAME: Final = "ircd.log"
+
+START_TIMEOUT: Final = 10.0
+"""Seconds ngircd has to say it is ready; it normally takes a few milliseconds."""
+TERM_TIMEOUT: Final = 5.0
+"""Seconds between SIGTERM and SIGKILL when stopping it."""
+DRAIN_TIMEOUT: Final = 1.0
+"""Seconds to read the rest of its output after it exited."""
+
+MAX_LINE: Final = 4096
+#: Enough for hundreds of agents, capped below the open-file limit it inherits so
+#: that ngircd refuses extra clients itself instead of failing accept().
+MAX_CONNECTIONS: Final = 4096
+MAX_JOINS: Final = 100
+PING_TIMEOUT: Final = 120
+PONG_TIMEOUT: Final = 30
+
+# Where ngircd looks when PATH lacks the sbin folders (it installs to /usr/sbin).
+_SBIN: Final = "/usr/local/sbin:/usr/sbin:/sbin"
+_PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+
+# ngircd's console log format with -n: "[pid:level uptime] message".
+_LOG_LINE_RE: Final = re.compile(r"^\[(?P<pid>\d+):(?P<level>\d+)\s+\d+\] (?P<msg>.*)$")
+_READY_RE: Final = re.compile(r'^Server ".*" \(on ".*"\) ready\.$')
+_LOG_ERR: Final = 3  # syslog LOG_ERR: this and lower numbers are errors
+
+State = Literal["starting", "running", "backoff", "failed"]
+OnEvent = Callable[[str, str, dict[str, object]], None]
+
+
+class IrcdError(Exception):
+    """The managed IRC server could not be started. str() is one line."""
+
+
+def server_ids() -> tuple[int, int]:
+    """(uid, gid) ngircd should run as: ours, or as root an unprivileged account.
+
+    ngircd refuses to keep root, so as root we choose: Debian's ``irc`` system
+    account (what the packaged ngircd uses), else ``nobody``.
+    """
+    if os.getuid() != 0:
+        return os.getuid(), os.getgid()
+    for name in ("irc", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+    return 65534, 65534
+
+
+def render_config(
+    *,
+    workdir: Path,
+    listen: str,
+    port: int,
+    server_name: str,
+    network: str,
+    password: str | None,
+    max_nick_length: int,
+    channels: Sequence[tuple[str, str]] = (),
+    server_uid: int | None = None,
+    server_gid: int | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+) -> str:
+    """A complete ngircd.conf for the managed server.
+
+    ``channels`` are (name, topic) pairs created at start as persistent ``+Ptn``
+    channels. ``server_uid``/``server_gid`` default to ``server_ids()``. The
+    values are trusted to be valid (``IrcSpec`` checks them): ngircd reads one
+    unquoted value per line, so none may hold a line break.
+    """
+    if server_uid is None or server_gid is None:
+        server_uid, server_gid = server_ids()
+    values = (listen, server_name, network, password or "", *(c for ch in channels for c in ch))
+    if any(ch in v for v in values for ch in "\r\n\x00"):
+        raise ValueError("ngircd config values cannot hold line breaks or NUL")
+    lines = [
+        "# The managed IRC server of fireclaw-swarm. Rewritten at every start:",
+        "# change swarm.yaml (irc.managed) instead.",
+        "[Global]",
+        f"Name = {server_name}",
+        "Info = fireclaw-swarm",
+        "AdminInfo1 = fireclaw-swarm managed IRC server",
+        f"AdminInfo2 = network {network}",
+        f"Network = {network}",
+        f"Listen = {listen}",
+        f"Ports = {port}",
+        f"MotdPhrase = {network}: the fireclaw-swarm control plane",
+        f"ServerUID = {server_uid}",
+        f"ServerGID = {server_gid}",
+    ]
+    if password is not None:
+        lines.append(f"Password = {password}")
+    lines += [
+        "",
+        "[Limits]",
+        # Every agent of a host may come from one address: no per-address cap.
+        "MaxConnectionsIP = 0",
+        f"MaxConnections = {max_connections}",
+        f"MaxJoins = {MAX_JOINS}",
+        f"MaxNickLength = {max_nick_length}",
+        f"PingTimeout = {PING_TIMEOUT}",
+        f"PongTimeout = {PONG_TIMEOUT}",
+        "",
+        "[Options]",
+        # Hostmasks stay IP addresses (the operator allowlist matches them), and a
+        # client never waits for a lookup.
+        "DNS = no",
+        "Ident = no",
+        "PAM = no",
+        "AllowRemoteOper = no",
+        f"IncludeDir = {workdir / INCLUDE_DIR}",
+    ]
+    for name, topic in channels:
+        lines += ["", "[Channel]", f"Name = {name}", "Modes = tn", f"Topic = {topic}"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class _Exit:
+    """How one incarnation ended."""
+
+    code: int | None  # None: killed by us because it never became ready
+    reason: str
+    ready: bool
+
+
+class _Watcher:
+    """What an incarnation said on its way up: readiness, and its errors."""
+
+    def __init__(self) -> None:
+        self.ready = trio.Event()
+        self.errors: list[str] = []
+        self.last = ""
+
+    def feed(self, line: str) -> None:
+        self.last = line or self.last
+        m = _LOG_LINE_RE.match(line)
+        if m is None:
+            return
+        if _READY_RE.match(m["msg"]):
+            self.ready.set()
+        elif int(m["level"]) <= _LOG_ERR and not self.ready.is_set():
+            self.errors.append(m["msg"])
+
+
+class ManagedIrcd:
+    """ngircd run, watched and restarted per ``config.restart``.
+
+    ``state`` is ``starting`` until it is ready, ``running`` while it serves,
+    ``backoff`` while a restart waits, ``failed`` when it is not restarted (the
+    circuit opened, or the policy says so) until ``reset()``. ``address`` is the
+    (host, port) clients on this host connect to. ``on_event(kind, "ircd",
+    detail)`` is told ``ircd_started``, ``ircd_crashed`` and ``ircd_failed``.
+    """
+
+    def __init__(
+        self,
+        config: IrcSpec,
+        state_dir: Path,
+        on_event: OnEvent | None = None,
+        *,
+        binary: str | None = None,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.config = config
+        state_dir = state_dir.absolute()  # ngircd runs in /
+        self.workdir = state_dir / "ircd"
+        self.log_path = state_dir / "logs" / LOG_NAME
+        self.conf_path = self.workdir / CONF_NAME
+        self.pid_path = self.workdir / PID_NAME
+        self.tracker = RestartTracker(config.restart, uniform=uniform)
+        self.state: State = "starting"
+        self.restarts = 0
+        self.pid: int | None = None
+        self.reason = ""  # why it last stopped
+        self._binary = binary
+        self._on_event = on_event
+        self._reset = trio.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        managed = self.config.managed
+        return connect_host(managed.listen), managed.port
+
+    def status(self) -> dict[str, object]:
+        host, port = self.address
+        return {
+            "state": self.state,
+            "address": f"{host}:{port}",
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "reason": self.reason,
+        }
+
+    def reset(self) -> None:
+        """Clear ``failed`` (restart now), or cut a backoff wait short."""
+        self.tracker.reset()
+        self._reset.set()
+
+    def _event(self, kind: str, **detail: object) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, "ircd", detail)
+
+    # --- the service -------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ngircd until cancelled; started(address) once it first accepts clients.
+
+        Raises IrcdError, before started(), when the first start fails. Whatever
+        ends this call, no ngircd of ours is left running.
+        """
+        self._find_binary()
+        await trio.to_thread.run_sync(self._write_files)
+        started = False
+
+        def ready() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started(self.address)
+
+        while True:
+            self.state = "starting"
+            outcome = await self._incarnation(ready)
+            if not started:
+                raise IrcdError(self._first_failure(outcome.reason))
+            await self._after_exit(outcome)
+
+    async def _after_exit(self, outcome: _Exit) -> None:
+        """Decide about a restart and wait it out; while failed, wait for reset()."""
+        exit_class = classify_exit(outcome.code, self.config.restart)
+        decision = self.tracker.exited(trio.current_time(), exit_class)
+        self.reason = outcome.reason
+        self._event(
+            "ircd_crashed",
+            reason=outcome.reason,
+            exit_code=outcome.code,
+            restart=decision.restart,
+            delay=round(decision.delay, 3),
+            failed=decision.failed,
+        )
+        log.warning("managed IRC server stopped: %s", outcome.reason)
+        if not decision.restart:
+            self.state = "failed"
+            self.reason = f"{outcome.reason}; not restarted: {decision.reason}"
+            self._event("ircd_failed", reason=self.reason)
+            log.error("managed IRC server failed: %s", self.reason)
+            await self._reset.wait()
+            self._reset = trio.Event()
+            return
+        self.restarts += 1
+        if decision.delay > 0:
+            self.state = "backoff"
+            with trio.move_on_after(decision.delay):
+                await self._reset.wait()  # a reset cuts the wait short
+            self._reset = trio.Event()
+
+    def _first_failure(self, reason: str) -> str:
+        managed = self.config.managed
+        text = f"managed IRC server (ngircd) on {managed.listen}:{managed.port} did not start: "
+        text += reason
+        if "Address already in use" in reason:
+            text += (
+                "; another program (the Debian ngircd service?) has the port:"
+                " set irc.managed.port, or irc.server to use that server"
+            )
+        return " ".join(text.split())
+
+    # --- one incarnation ---------------------------------------------------------
+
+    async def _incarnation(self, on_ready: Callable[[], None]) -> _Exit:
+        """Start ngircd, wait until it is ready (then call ``on_ready``), then until
+        it exits. On cancellation, stops it (TERM, then KILL) first."""
+        binary = self._find_binary()
+        watcher = _Watcher()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        log_fd = os.open(self.log_path, flags, 0o640)
+        try:
+            try:
+                proc = await trio.lowlevel.open_process(
+                    [binary, "-n", "-f", str(self.conf_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    env={k: os.environ[k] for k in _PASSED_ENV if k in os.environ},
+                    cwd="/",
+                )
+            except OSError as exc:
+                return _Exit(code=None, reason=f"cannot run {binary}: {exc}", ready=False)
+            self.pid = proc.pid
+            self._write_pid(proc.pid)
+            try:
+                return await self._watch(proc, watcher, log_fd, on_ready)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(proc)
+                    self.pid = None
+                    with contextlib.suppress(FileNotFoundError):
+                        self.pid_path.unlink()
+        finally:
+            os.close(log_fd)
+
+    async def _watch(
+        self, proc: trio.Process, watcher: _Watcher, log_fd: int, on_ready: Callable[[], None]
+    ) -> _Exit:
+        exited = trio.Event()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        async def reap() -> None:
+            await proc.wait()
+            exited.set()
+
+        async with trio.open_nursery() as nursery:
+            drain_scope = trio.CancelScope()
+            nursery.start_soon(self._drain, stdout, watcher, log_fd, drain_scope)
+            nursery.start_soon(reap)
+            with trio.move_on_after(START_TIMEOUT):
+                await _wait_any(watcher.ready, exited)
+            ready = watcher.ready.is_set()
+            if ready and not exited.is_set():
+                self.state = "running"
+                self.tracker.ready(trio.current_time())
+                self._event("ircd_started", pid=proc.pid, restarts=self.restarts)
+                log.info("managed IRC server ready on %s:%d (pid %d)", *self.address, proc.pid)
+                on_ready()
+            elif not exited.is_set():
+                await self._stop(proc)
+                await exited.wait()
+                drain_scope.cancel()
+                return _Exit(
+                    code=None,
+                    reason=f"not ready within {START_TIMEOUT:g}s; killed",
+                    ready=False,
+                )
+            await exited.wait()
+            # Its output may still be in the pipe: read it, briefly, for the reason.
+            drain_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+        code = proc.returncode
+        assert code is not None
+        reason = _describe_exit(code)
+        if not ready and (watcher.errors or watcher.last):
+            reason = watcher.errors[0] if watcher.errors else watcher.last
+        return _Exit(code=code if code >= 0 else None, reason=reason, ready=ready)
+
+    async def _drain(
+        self,
+        stream: trio.abc.ReceiveStream,
+        watcher: _Watcher,
+        log_fd: int,
+        scope: trio.CancelScope,
+    ) -> None:
+        """Copy ngircd's output into the log file, line by line through ``watcher``."""
+        pending = b""
+        with scope:
+            while chunk := await stream.receive_some(65536):
+                _write_all(log_fd, chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    watcher.feed(line[:MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
+                pending = pending[-MAX_LINE:]
+        with contextlib.suppress(trio.ClosedResourceError):
+            await stream.aclose()
+
+    async def _stop(self, proc: trio.Process) -> None:
+        """SIGTERM to its process group, up to TERM_TIMEOUT, then SIGKILL; reap."""
+        if proc.returncode is not None:
+            return
+        # The pid is not reused before we reap it, so the group is still ours.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with trio.move_on_after(TERM_TIMEOUT):
+            await proc.wait()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    # --- files -------------------------------------------------------------------
+
+    def _find_binary(self) -> str:
+        if self._binary is not None:
+            return self._binary
+        path = os.pathsep.join(p for p in (os.environ.get("PATH", ""), _SBIN) if p)
+        found = shutil.which(NGIRCD, path=path)
+        if found is None:
+            raise IrcdError(
+                "ngircd not found: install the Debian package ngircd, or set irc.server"
+                " to an external host:port"
+            )
+        self._binary = found
+        return found
+
+    def _write_files(self) -> None:
+        """The work folder (root-only: the config may hold the password), an empty
+        IncludeDir, the config and the log folder."""
+        managed = self.config.managed
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o700)
+        (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else soft - 32
+        text = render_config(
+            workdir=self.workdir,
+            listen=managed.listen,
+            port=managed.port,
+            server_name=managed.server_name,
+            network=managed.network,
+            password=self.config.password,
+            max_nick_length=managed.max_nick_length,
+            channels=(
+                (self.config.control_channel, "fireclaw-swarm: commands for the overseer"),
+                (self.config.agents_channel, "fireclaw-swarm: the agents"),
+            ),
+            max_connections=max(16, min(MAX_CONNECTIONS, limit)),
+        )
+        tmp = self.conf_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        tmp.replace(self.conf_path)
+
+    def _write_pid(self, pid: int) -> None:
+        fd = os.open(self.pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+
+
+async def _wait_any(*events: trio.Event) -> None:
+    """Return as soon as one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def one(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(one, event)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exited with status {code}"
