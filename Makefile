@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# nsenter (util-linux) runs process-driver guests in their namespaces.
-DEB_PACKAGES := python3 python3-venv util-linux iproute2
+# nsenter (util-linux) runs process-driver guests in their namespaces;
+# ngircd is the managed IRC server.
+DEB_PACKAGES := python3 python3-venv util-linux iproute2 ngircd
 
 .PHONY: up test bench setup deb lint
 
@@ -31,14 +32,20 @@ lint: setup
 
 setup: deb $(STAMP)
 
+# Debian starts its own ngircd service on 6667, where the swarm runs its managed
+# one: when this step installed ngircd, that service is stopped and disabled.
 deb:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
-	  if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! command -v nsenter >/dev/null; then \
+	  if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! command -v nsenter >/dev/null \
+	     || ! command -v ngircd >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    case " $$missing " in *" ngircd "*) \
+	      if command -v systemctl >/dev/null; then systemctl disable --now ngircd 2>/dev/null || true; fi;; \
+	    esac; \
 	  fi; \
 	fi
 

@@ -20,10 +20,17 @@ MAX_CONNECTIONS: Final = 4
 _CHUNK: Final = 64 * 1024
 
 
+#: Where forwarded connections to a service on this host's loopback come from.
+#: Not 127.0.0.1: a service that trusts 127.0.0.1 (the IRC overseer trusts its
+#: operators by host) must never mistake a VM for a local user.
+VM_SOURCE: Final = "127.77.0.1"
+
+
 async def forward(
     listener: trio.SocketListener, upstream: tuple[str, int], *, label: str = ""
 ) -> None:
     """Serve ``listener`` until cancelled, piping each connection to ``upstream``."""
+    source = VM_SOURCE if upstream[0].startswith("127.") else None
     limit = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -32,7 +39,7 @@ async def forward(
                 return  # over the limit: close at once rather than queue
             async with limit:
                 try:
-                    up = await trio.open_tcp_stream(*upstream)
+                    up = await trio.open_tcp_stream(*upstream, local_address=source)
                 except OSError as exc:
                     log.warning("%s: cannot reach %s:%d: %s", label, *upstream, exc)
                     return

@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import trio
 from fireclaw.pool import netns
-from fireclaw.pool.forward import forward
+from fireclaw.pool.forward import VM_SOURCE, forward
 
 pytestmark = pytest.mark.skipif(netns.probe() is not None, reason=f"no namespaces: {netns.probe()}")
 
@@ -24,9 +24,10 @@ print(c.makefile("rb").readline().decode().strip())
 
 
 async def echo(stream: trio.SocketStream) -> None:
+    peer = stream.socket.getpeername()[0]
     async with stream:
         async for data in stream:
-            await stream.send_all(b"echo " + data)
+            await stream.send_all(f"echo from {peer}: ".encode() + data)
 
 
 async def test_a_process_in_the_namespace_reaches_only_what_is_forwarded() -> None:
@@ -59,7 +60,8 @@ async def test_a_process_in_the_namespace_reaches_only_what_is_forwarded() -> No
                 )
 
             through = await trio.to_thread.run_sync(inside, port)
-            assert through.stdout.strip() == "echo ping"
+            # It arrives from the VMs' own loopback address, never from 127.0.0.1.
+            assert through.stdout.strip() == f"echo from {VM_SOURCE}: ping"
             # The host's own services are not reachable from inside: only loopback is there.
             direct = await trio.to_thread.run_sync(inside, up_port)
             assert direct.returncode != 0 and "Connection refused" in direct.stderr
