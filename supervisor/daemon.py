@@ -32,9 +32,10 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, choose
 from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.vm import AgentIdentity, Child, Runtime
+from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime
 from fireclaw.supervisor import sdnotify
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.state import AgentRecord, StateError, Store
@@ -56,6 +57,8 @@ class Supervisor:
         self.groups: dict[str, RoleGroup] = {}
         self.stopping = False
         self.last_reload_error: str | None = None
+        self.startup_error: str | None = None  # why serve() ended before it was ready
+        self.ircd: ManagedIrcd | None = None
         self._reload_wanted = trio.Event()
         self._reload_done = trio.Event()
         self._reload_result: dict[str, object] = {}
@@ -109,6 +112,13 @@ class Supervisor:
             async with trio.open_nursery() as root:
                 self._root = root
                 await root.start(serve_api, self.state_dir / API_NAME, self)
+                try:
+                    await self._start_irc(root)
+                except IrcdError as exc:
+                    self.startup_error = str(exc)
+                    log.error("%s", exc)
+                    root.cancel_scope.cancel()
+                    return
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
@@ -149,6 +159,22 @@ class Supervisor:
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+
+    async def _start_irc(self, root: trio.Nursery) -> None:
+        """Bring up the IRC side: the managed server if the config asks for one."""
+        spec = self.config.irc
+        if not spec.enabled:
+            return
+        address = spec.endpoint
+        if spec.is_managed:
+            self.ircd = ManagedIrcd(spec, self.state_dir, on_event=self._on_event)
+            address = await root.start(self.ircd.run)
+        self.rt.irc = IrcRoute(
+            upstream=address,
+            agents_channel=spec.agents_channel,
+            password=spec.password,
+            cooldown=spec.agent_cooldown,
+        )
 
     async def _start_group(self, name: str) -> RoleGroup:
         assert self._root is not None
@@ -231,6 +257,8 @@ class Supervisor:
             notes.append("backend changes take effect at the next start")
         if diff.state_dir_changed:
             notes.append("state_dir changes take effect at the next start")
+        if diff.irc_changed:
+            notes.append("irc changes take effect at the next start")
         old, self.config = self.config, new
         self.rt.control, self.rt.stop = new.control, new.stop
         assert self._root is not None
@@ -311,7 +339,18 @@ class Supervisor:
             "roles": {name: g.counts() for name, g in self.groups.items()},
             "agents": [a for g in self.groups.values() for a in g.snapshot()],
             "tasks": self.store.count_tasks(),
+            "irc": self._irc_status(),
         }
+
+    def _irc_status(self) -> dict[str, object]:
+        spec = self.config.irc
+        if not spec.enabled:
+            return {"enabled": False}
+        host, port = self.rt.irc.upstream if self.rt.irc else spec.endpoint
+        status: dict[str, object] = {"enabled": True, "server": f"{host}:{port}"}
+        if self.ircd is not None:
+            status["managed"] = self.ircd.status()
+        return status
 
     async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
         if not argv:
@@ -517,6 +556,9 @@ def run_up(config_path: str, state_dir: str | None) -> int:
             trio.run(supervisor.serve)
         finally:
             store.close()
+        if supervisor.startup_error is not None:
+            print(f"fireclaw-swarm: {supervisor.startup_error}", file=sys.stderr)
+            return 1
     finally:
         lock.release()
     return 0

@@ -43,10 +43,11 @@ def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str =
     return body
 
 
-def swarm_yaml(*roles: str, control: str = "") -> str:
+def swarm_yaml(*roles: str, control: str = "", irc: str = "enabled: false") -> str:
     control = control or "heartbeat_interval: 0.5\n  heartbeat_timeout: 5\n  boot_timeout: 20"
     return (
         "version: 1\nbackend: process\n"
+        f"irc:\n  {irc}\n"
         f"control:\n  {control}\n"
         "stop:\n  grace_period: 5\n  term_timeout: 2\n  fleet_deadline: 20\n"
         "roles:" + "".join(roles) + "\n"

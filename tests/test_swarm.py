@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,52 @@ def test_a_named_agent_keeps_its_name_through_crashes_and_restarts(make_swarm) -
     st = swarm.wait_for("alice gone", lambda s: agent(s, "alice") is None)
     assert swarm.cli("destroy", "alice").returncode == 1
     assert swarm.stop() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ngircd_pids(state: Path) -> list[int]:
+    conf = str(state / "ircd")
+    return [
+        p.pid
+        for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "ngircd" and any(conf in a for a in p.info["cmdline"] or [])
+    ]
+
+
+def test_the_managed_irc_server_runs_with_the_swarm(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    swarm = make_swarm(
+        swarm_yaml(role_yaml("worker"), irc=f"server: managed\n  managed: {{port: {port}}}")
+    )
+    st = swarm.status()
+    assert st["irc"]["server"] == f"127.0.0.1:{port}"
+    assert st["irc"]["managed"]["state"] == "running"
+    assert len(ngircd_pids(swarm.state)) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"NICK person\r\nUSER person 0 * :A person\r\n")
+        assert b" 001 person " in conn.makefile("rb").readline()
+    assert swarm.stop() == 0
+    assert ngircd_pids(swarm.state) == []
+
+
+def test_up_says_in_one_line_when_the_irc_port_is_taken(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        swarm = make_swarm(
+            swarm_yaml(role_yaml("worker"), irc=f"server: managed\n  managed: {{port: {port}}}"),
+            start=False,
+        )
+        out = swarm.cli("up", "--config", str(swarm.config), timeout=60)
+    assert out.returncode == 1
+    errors = [
+        line for line in out.stderr.decode().splitlines() if line.startswith("fireclaw-swarm:")
+    ]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "in use" in errors[0]
+    assert ngircd_pids(swarm.state) == []
