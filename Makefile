@@ -6,9 +6,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# nsenter (util-linux) runs process-driver guests in their namespaces;
-# ngircd is the managed IRC server.
-DEB_PACKAGES := python3 python3-venv util-linux iproute2 ngircd
+# What the swarm and its tests run, as command:Debian package. A package is
+# installed only when its command is missing, so a host that has the command
+# from elsewhere is left alone.
+#   nsenter runs process-driver guests in their namespaces; ngircd is the managed
+#   IRC server; mmdebstrap, busybox, zstd and mke2fs build guest images; QEMU
+#   boots them.
+DEB_COMMANDS := nsenter:util-linux ip:iproute2 ngircd:ngircd mmdebstrap:mmdebstrap \
+	busybox:busybox-static zstd:zstd mke2fs:e2fsprogs qemu-system-x86_64:qemu-system-x86
 
 .PHONY: up test bench setup deb lint
 
@@ -35,25 +40,24 @@ setup: deb $(STAMP)
 # Debian starts its own ngircd service on 6667, where the swarm runs its managed
 # one: when this step installed ngircd, that service is stopped and disabled.
 deb:
-	@missing=""; for p in $(DEB_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	@missing=""; \
+	$(PYTHON) -m venv --help >/dev/null 2>&1 || missing="python3-venv"; \
+	for pair in $(DEB_COMMANDS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
-	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
-	  if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! command -v nsenter >/dev/null \
-	     || ! command -v ngircd >/dev/null; then \
-	    echo "installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	    case " $$missing " in *" ngircd "*) \
-	      if command -v systemctl >/dev/null; then systemctl disable --now ngircd 2>/dev/null || true; fi;; \
-	    esac; \
-	  fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  case " $$missing " in *" ngircd "*) \
+	    if command -v systemctl >/dev/null; then systemctl disable --now ngircd 2>/dev/null || true; fi;; \
+	  esac; \
 	fi
 
 # A strict editable install: a tree of links in build/, no import hook, so every
 # Python start in the venv (each CLI command, each guest) skips loading one.
 # Links follow edits; adding or removing a module changes its folder's mtime,
 # which reinstalls.
-PACKAGE_DIRS := config supervisor pool pool/drivers guest_daemon roles
+PACKAGE_DIRS := config supervisor pool pool/drivers pool/image guest_daemon roles
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
