@@ -79,18 +79,23 @@ def exit_status(code: int) -> int:
     return min(code, 255)
 
 
-def socket_path(args: argparse.Namespace) -> str:
-    """Where the running supervisor's API socket is, for these options."""
-    state_dir = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR")
-    if state_dir:
-        return os.path.join(state_dir, "api.sock")
+def state_dir(args: argparse.Namespace) -> str:
+    """The state directory for these options: flag, environment, then the config's."""
+    given = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR")
+    if given:
+        return str(given)
     from fireclaw.config import ConfigError, load_config
 
     try:
         config = load_config(args.config or DEFAULT_CONFIG)
     except ConfigError as exc:
         raise CliError(str(exc), EX_CONFIG) from exc
-    return os.fspath(config.state_dir / "api.sock")
+    return os.fspath(config.state_dir)
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """Where the running supervisor's API socket is, for these options."""
+    return os.path.join(state_dir(args), "api.sock")
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
@@ -326,6 +331,27 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import msgspec
+    from fireclaw.pool.image import DEFAULT_PACKAGES, ImageError, ImageSpec, build_image
+
+    try:
+        spec = msgspec.convert(
+            {"kernel": args.kernel, "packages": [*DEFAULT_PACKAGES, *args.package]}, ImageSpec
+        )
+    except msgspec.ValidationError as exc:
+        raise CliError(f"image build: {exc}") from exc
+    cache = Path(args.cache_dir) if args.cache_dir else Path(state_dir(args)) / "images"
+    try:
+        image = build_image(spec, cache, progress=lambda line: print(line, flush=True))
+    except ImageError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"kernel {image.vmlinux}\ninitramfs {image.initramfs}\nrootfs {image.rootfs}")
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _dict(_client(args).post("/reload", timeout=DOWN_TIMEOUT), "reload result")
     if not result.get("ok", True):
@@ -466,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="M", help="a model other than the role's")
     p = add("destroy", cmd_destroy, "stop a named agent for good")
     p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("image", help="guest images", description="guest images")
+    image_cmds = p.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+    p = image_cmds.add_parser(
+        "build", parents=[common], help="build the guest image, or find it in the cache"
+    )
+    p.set_defaults(func=cmd_image_build)
+    p.add_argument("--kernel", default="debian-cloud", help="debian-cloud, or a vmlinux/bzImage")
+    p.add_argument("--package", action="append", default=[], help="one more Debian package")
+    p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
     add("down", cmd_down, "stop the supervisor and all its VMs")
     p = add("logs", cmd_logs, "print the event log")
