@@ -1,0 +1,835 @@
+"""Sans-I/O IRC client core: line splitting, line encoding, one client session.
+
+Nothing here awaits, reads a clock or touches a socket: bytes go in with the
+time they arrived (``now``), events and lines to send come out. The trio
+adapter in ``irc.py`` drives it; the tests drive it line by line.
+
+Hardening, once, at the edge (the server and every person on it are untrusted):
+
+* ``LineReader`` splits incoming bytes itself on CR and LF, drops blank lines,
+  discards lines longer than ``MAX_INCOMING`` bytes, decodes UTF-8 with
+  replacement and hands each line to ``irctokens.tokenise`` on its own: a line
+  irctokens rejects is counted and dropped and never affects the next one.
+* ``encode`` builds every outgoing line: CR, LF and NUL are removed from every
+  parameter, a parameter that is empty, holds a space or starts with ``:`` is
+  only allowed last, and the line is cut to ``MAX_LINE`` bytes with its CRLF,
+  never inside a UTF-8 character. ``paginate`` splits long text into pieces.
+
+Registration is a transition table (``TRANSITIONS[state][event]``)::
+
+    CONNECTING --OPEN--------> REGISTERING --WELCOME--> REGISTERED
+        |                          ^
+        +--OPEN_CAP--> NEGOTIATING-+ CAP_END (sasl not offered, NAK, SASL done or failed)
+                           |       ^
+                           +--SASL_ACK--> AUTHENTICATING
+    any state --CLOSE--> CLOSED (ERROR from the server, timeouts, no nick accepted)
+
+A server without CAP may answer NICK/USER with 001 while we negotiate, so
+NEGOTIATING --WELCOME--> REGISTERED is allowed too.
+
+Exceptions::
+
+    IrcError
+    ├── InvalidParameter    a command or parameter that cannot be put on the wire
+    └── IllegalTransition   a registration move the table does not allow (a bug)
+
+Server input never raises: malformed lines are dropped and counted, lines
+that make no sense in the current state are ignored.
+
+This module imports only the standard library, msgspec and irctokens: it
+ships inside VM images.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import logging
+import math
+import re
+from collections.abc import Iterable
+from typing import Annotated, Final
+
+import msgspec
+from irctokens.hostmask import hostmask
+from irctokens.line import Line, tokenise
+from msgspec import Meta
+
+__all__ = [
+    "MAX_INCOMING",
+    "MAX_LINE",
+    "TRANSITIONS",
+    "Disconnected",
+    "Event",
+    "IllegalTransition",
+    "Invited",
+    "InvalidParameter",
+    "IrcConfig",
+    "IrcError",
+    "IrcSession",
+    "Joined",
+    "Kicked",
+    "LineReader",
+    "Message",
+    "NickChanged",
+    "RegEvent",
+    "RegState",
+    "Registered",
+    "TokenBucket",
+    "alternate_nick",
+    "casefold",
+    "clean",
+    "encode",
+    "is_channel",
+    "message_budget",
+    "paginate",
+    "privmsg",
+]
+
+log = logging.getLogger("fireclaw.irc")
+
+#: Longest line on the wire, in bytes, including the CRLF (RFC 1459 and 2812).
+MAX_LINE: Final = 512
+#: Longest incoming line accepted, in bytes (IRCv3 message tags make lines longer).
+MAX_INCOMING: Final = 8191
+#: A server's nick length before its ISUPPORT says otherwise (RFC 2812, ngircd).
+DEFAULT_NICKLEN: Final = 9
+#: Longest hostname a server may show for us before we have seen our own.
+HOST_GUESS: Final = 63
+#: Nicks tried at registration before giving up on this connection.
+MAX_NICK_ATTEMPTS: Final = 30
+#: SASL AUTHENTICATE payloads are sent in chunks of this many characters.
+SASL_CHUNK: Final = 400
+
+_BODY: Final = MAX_LINE - 2
+_CLEAN: Final = str.maketrans("", "", "\r\n\x00")
+_COMMAND: Final = re.compile(r"[A-Za-z]+|[0-9]{3}")
+_NEWLINES: Final = re.compile(r"\r\n|\r|\n")
+_NICK_START: Final = r"A-Za-z\[\]\\`_^{|}"
+_NICK: Final = re.compile(rf"[{_NICK_START}][{_NICK_START}0-9\-]*")
+_USERNAME: Final = re.compile(r"[^\s@!:\x00]+")
+_CHANNEL_BAD: Final = re.compile(r"[\s,\x00\x07]")
+_RFC1459: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\~", "abcdefghijklmnopqrstuvwxyz{}|^")
+_STRICT: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\", "abcdefghijklmnopqrstuvwxyz{}|")
+_ASCII: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_CASEMAPS: Final = {"rfc1459": _RFC1459, "strict-rfc1459": _STRICT, "ascii": _ASCII}
+# Commands whose last parameter is free text: always sent as a trailing ":" parameter.
+_TEXT_COMMANDS: Final = frozenset({"PRIVMSG", "NOTICE", "QUIT", "PART", "KICK", "TOPIC", "USER"})
+# Replies that refuse a nick: in use, collision, erroneous, temporarily unavailable.
+_NICK_REFUSED: Final = frozenset({"433", "436", "432", "437"})
+# SASL failures: 902 nick locked, 904 failed, 905 too long, 906 aborted, 908 mechanisms.
+_SASL_FAILED: Final = frozenset({"902", "904", "905", "906", "908"})
+
+
+class IrcError(Exception):
+    """Base of the IRC client's errors."""
+
+
+class InvalidParameter(IrcError, ValueError):
+    """A command or parameter that cannot be sent; ``str()`` is one line."""
+
+
+class IllegalTransition(IrcError):
+    """The registration table has no such move from the current state."""
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+
+
+class IrcConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything one client needs. Checked at construction (``ValueError``)."""
+
+    host: Annotated[str, Meta(min_length=1, max_length=255)]
+    port: Annotated[int, Meta(ge=1, le=65535)]
+    nick: Annotated[str, Meta(min_length=1, max_length=64)]
+    username: Annotated[str, Meta(min_length=1, max_length=64)] = "fireclaw"
+    realname: Annotated[str, Meta(max_length=256)] = "fireclaw-swarm"
+    password: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    channels: tuple[str, ...] = ()
+    ping_idle: Seconds = 60.0
+    ping_timeout: Seconds = 120.0
+    send_rate: Annotated[float, Meta(gt=0, le=1000)] = 2.0
+    send_burst: Annotated[int, Meta(ge=1, le=1000)] = 5
+    reconnect_base: Seconds = 1.0
+    reconnect_max: Seconds = 60.0
+    #: With an alternate nick, try the configured one again this often.
+    nick_regain: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        if not _NICK.fullmatch(self.nick):
+            raise ValueError(f"invalid nick {self.nick!r}: letters, digits and -[]\\`_^{{|}}")
+        if not _USERNAME.fullmatch(self.username):
+            raise ValueError(f"invalid username {self.username!r}: no blanks, '@', '!' or ':'")
+        for channel in self.channels:
+            if not is_channel(channel):
+                raise ValueError(f"invalid channel {channel!r}: #name without blanks or commas")
+        if (self.sasl_username is None) != (self.sasl_password is None):
+            raise ValueError("sasl_username and sasl_password go together")
+        for name in ("ping_idle", "ping_timeout", "send_rate", "reconnect_base", "reconnect_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if self.send_burst < 1:
+            raise ValueError(f"send_burst must be at least 1, not {self.send_burst}")
+        if self.reconnect_max < self.reconnect_base:
+            raise ValueError("reconnect_max must not be below reconnect_base")
+
+
+# --- events -------------------------------------------------------------------------
+
+
+class Registered(msgspec.Struct, frozen=True, kw_only=True):
+    """The server accepted us (001), after SASL if configured. ``nick`` may be an alternate."""
+
+    nick: str
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """A PRIVMSG to a channel we are in or to us (``private``). CTCP ACTION is ``action``."""
+
+    source: str
+    user: str
+    host: str
+    target: str
+    text: str
+    private: bool
+    action: bool = False
+
+
+class Invited(msgspec.Struct, frozen=True, kw_only=True):
+    channel: str
+    by: str
+
+
+class Joined(msgspec.Struct, frozen=True, kw_only=True):
+    """Our own JOIN, confirmed by the server."""
+
+    channel: str
+
+
+class Kicked(msgspec.Struct, frozen=True, kw_only=True):
+    """We were kicked; the channel is no longer rejoined unless ``join`` is called again."""
+
+    channel: str
+    by: str
+    reason: str
+
+
+class NickChanged(msgspec.Struct, frozen=True, kw_only=True):
+    """Our own nick changed (a regained nick, or a server-forced change)."""
+
+    old: str
+    new: str
+
+
+class Disconnected(msgspec.Struct, frozen=True, kw_only=True):
+    """The connection ended; the client reconnects on its own."""
+
+    reason: str
+
+
+Event = Registered | Message | Invited | Joined | Kicked | NickChanged | Disconnected
+
+
+# --- text on the wire ----------------------------------------------------------------
+
+
+def clean(text: str) -> str:
+    """``text`` without CR, LF and NUL (every other character is kept)."""
+    return text.translate(_CLEAN)
+
+
+def _cut(data: bytes, limit: int) -> bytes:
+    """The longest prefix of UTF-8 ``data`` within ``limit`` bytes that ends on a character."""
+    if len(data) <= limit:
+        return data
+    end = limit
+    while end > 0 and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return data[:end]
+
+
+def encode(command: str, *params: str) -> bytes:
+    """One wire line, CRLF included, at most ``MAX_LINE`` bytes.
+
+    Every parameter is cleaned (CR, LF, NUL removed). Only the last may be
+    empty, hold spaces or start with ``:`` (free text, such as PRIVMSG's, is
+    always sent as that last, trailing parameter); an earlier one like that raises
+    ``InvalidParameter``, as does a command that is not letters or 3 digits.
+    An over-long line loses the end of its last parameter, on a character
+    boundary.
+    """
+    if not _COMMAND.fullmatch(command):
+        raise InvalidParameter(f"invalid IRC command {command!r}")
+    command = command.upper()
+    text = command in _TEXT_COMMANDS
+    parts = [command]
+    for index, param in enumerate(params, 1):
+        param = clean(param)
+        awkward = not param or " " in param or param.startswith(":")
+        if index < len(params):
+            if awkward:
+                raise InvalidParameter(
+                    f"{command} parameter {index} {param!r}: empty, a space or a leading ':'"
+                )
+        elif awkward or text:
+            param = ":" + param
+        parts.append(param)
+    data = " ".join(parts).encode("utf-8", "replace")
+    if len(data) > _BODY:
+        head = len(" ".join(parts[:-1]).encode("utf-8", "replace")) + 2
+        if not params or head >= _BODY:
+            raise InvalidParameter(f"{command} line is too long before its last parameter")
+        data = _cut(data, _BODY)
+    return data + b"\r\n"
+
+
+def privmsg(target: str, text: str) -> bytes:
+    """One PRIVMSG line: ``text`` cleaned and cut to fit, never a second command."""
+    return encode("PRIVMSG", target, text)
+
+
+def paginate(text: str, budget: int) -> list[str]:
+    """``text`` as pieces of at most ``budget`` UTF-8 bytes each.
+
+    Lines are split on CR/LF first; blank lines are dropped and NULs removed.
+    A line longer than ``budget`` is split at the last space in the second
+    half of the piece, else at the budget, never inside a character.
+    """
+    if budget < 4:
+        raise ValueError(f"a page budget of {budget} bytes cannot hold every character")
+    pages: list[str] = []
+    for line in _NEWLINES.split(text):
+        line = line.replace("\x00", "")
+        while len(encoded := line.encode("utf-8", "replace")) > budget:
+            piece = _cut(encoded, budget).decode("utf-8", "replace")
+            space = piece.rfind(" ")
+            if space > len(piece) // 2:
+                piece, line = piece[:space], line[space + 1 :]
+            else:
+                line = line[len(piece) :]
+            if piece.strip():
+                pages.append(piece)
+        if line.strip():
+            pages.append(line)
+    return pages
+
+
+def message_budget(*, nick: str, username: str, host: str, command: str, target: str) -> int:
+    """Bytes of text that fit in one ``command`` to ``target`` as the server relays it.
+
+    Others receive ``:nick!user@host COMMAND target :text``, which must also fit
+    in ``MAX_LINE``; the server may prefix the username with ``~``.
+    """
+    relayed = f":{nick}!~{username}@{host} {command} {target} :"
+    return max(4, _BODY - len(relayed.encode("utf-8", "replace")))
+
+
+def is_channel(name: str, chantypes: str = "#&+!") -> bool:
+    """True for a name that can be JOINed: a channel prefix, no blanks, commas, BEL or NUL."""
+    return 1 < len(name) <= 64 and name[0] in chantypes and not _CHANNEL_BAD.search(name)
+
+
+def casefold(name: str, casemapping: str = "rfc1459") -> str:
+    """``name`` folded the way the server compares nicks and channels."""
+    return name.translate(_CASEMAPS.get(casemapping, _RFC1459))
+
+
+def alternate_nick(nick: str, attempt: int, nicklen: int) -> str:
+    """The ``attempt``-th nick to try instead of ``nick``: nick_, nick__, nick1, nick2, ...
+
+    Cut to ``nicklen`` characters by shortening ``nick``, never the suffix.
+    """
+    if attempt <= 0:
+        return nick[:nicklen]
+    suffix = "_" * attempt if attempt <= 2 else str(attempt - 2)
+    return nick[: max(1, nicklen - len(suffix))] + suffix
+
+
+# --- incoming lines -----------------------------------------------------------------
+
+
+class LineReader:
+    """Bytes in, tokenised lines out; never raises for anything the peer sends.
+
+    ``dropped`` counts lines that were too long or that irctokens rejected.
+    """
+
+    def __init__(self, max_line: int = MAX_INCOMING) -> None:
+        self.max_line = max_line
+        self.dropped = 0
+        self._partial = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes | bytearray) -> list[Line]:
+        pieces = bytes(data).replace(b"\r", b"\n").split(b"\n")
+        lines: list[Line] = []
+        for piece in pieces[:-1]:
+            raw = self._complete(piece)
+            if raw is not None and (line := self._tokenise(raw)) is not None:
+                lines.append(line)
+        self._extend(pieces[-1])
+        return lines
+
+    def _complete(self, piece: bytes) -> bytes | None:
+        if self._discarding:  # the tail of a line already counted as too long
+            self._discarding = False
+            return None
+        raw = bytes(self._partial) + piece
+        self._partial.clear()
+        if len(raw) > self.max_line:
+            self.dropped += 1
+            return None
+        return raw
+
+    def _extend(self, piece: bytes) -> None:
+        if self._discarding:
+            return
+        self._partial += piece
+        if len(self._partial) > self.max_line:
+            self._partial.clear()
+            self._discarding = True
+            self.dropped += 1
+
+    def _tokenise(self, raw: bytes) -> Line | None:
+        text = raw.decode("utf-8", "replace")
+        if not text.strip():
+            return None
+        try:
+            return tokenise(text)
+        except Exception:  # irctokens raises assorted errors on malformed lines
+            self.dropped += 1
+            return None
+
+
+# --- output pacing ------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` lines per second on average, up to ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def delay(self, now: float) -> float:
+        """Seconds until a line may be sent (0 if one may be sent now)."""
+        self._refill(now)
+        missing = 1.0 - self._tokens
+        return 0.0 if missing <= 1e-9 else missing / self.rate
+
+    def take(self, now: float) -> None:
+        """Account for one line sent at ``now``."""
+        self._refill(now)
+        self._tokens -= 1.0
+
+
+# --- registration state machine --------------------------------------------------------
+
+
+class RegState(enum.Enum):
+    CONNECTING = "connecting"
+    NEGOTIATING = "negotiating"
+    AUTHENTICATING = "authenticating"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+class RegEvent(enum.Enum):
+    OPEN = "open"  # NICK/USER sent, no CAP
+    OPEN_CAP = "open_cap"  # CAP LS sent with NICK/USER
+    SASL_ACK = "sasl_ack"  # the server acknowledged CAP REQ sasl
+    CAP_END = "cap_end"  # CAP END sent
+    WELCOME = "welcome"  # 001
+    CLOSE = "close"
+
+
+_S, _E = RegState, RegEvent
+TRANSITIONS: Final[dict[RegState, dict[RegEvent, RegState]]] = {
+    _S.CONNECTING: {_E.OPEN: _S.REGISTERING, _E.OPEN_CAP: _S.NEGOTIATING, _E.CLOSE: _S.CLOSED},
+    _S.NEGOTIATING: {
+        _E.SASL_ACK: _S.AUTHENTICATING,
+        _E.CAP_END: _S.REGISTERING,
+        _E.WELCOME: _S.REGISTERED,
+        _E.CLOSE: _S.CLOSED,
+    },
+    _S.AUTHENTICATING: {_E.CAP_END: _S.REGISTERING, _E.CLOSE: _S.CLOSED},
+    _S.REGISTERING: {_E.WELCOME: _S.REGISTERED, _E.CLOSE: _S.CLOSED},
+    _S.REGISTERED: {_E.CLOSE: _S.CLOSED},
+    _S.CLOSED: {},
+}
+
+
+# --- the session ---------------------------------------------------------------------
+
+
+class IrcSession:
+    """One connection's worth of client state.
+
+    ``open(now)`` queues the registration lines; ``receive(data, now)`` returns
+    events; ``tick(now)`` runs the timers (idle PING, ping timeout,
+    registration timeout, nick regain) and ``next_deadline()`` says when it
+    wants to be ticked. Lines to send accumulate until ``data_to_send()``.
+    ``close_reason`` is set once the connection should be dropped.
+    ``channels`` are joined after 001 (default: the configured ones).
+    """
+
+    def __init__(
+        self, config: IrcConfig, *, channels: Iterable[str] | None = None, now: float
+    ) -> None:
+        self.config = config
+        self.state = RegState.CONNECTING
+        self.nick = config.nick
+        self.reader = LineReader()
+        self.close_reason: str | None = None
+        self.nicklen = max(DEFAULT_NICKLEN, len(config.nick))
+        self.chantypes = "#&+!"
+        self.casemapping = "rfc1459"
+        self.joined: dict[str, str] = {}
+        self.last_received = now
+        self._rejoin = list(dict.fromkeys(config.channels if channels is None else channels))
+        self._opened_at = now
+        self._outgoing: list[bytes] = []
+        self._attempts = 0
+        self._caps: list[str] = []
+        self._ping_sent: float | None = None
+        self._pings = 0
+        self._next_regain: float | None = None
+        self._user = config.username
+        self._host: str | None = None
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        return self.state is RegState.REGISTERED
+
+    def _fire(self, event: RegEvent) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise IllegalTransition(f"no {event.value} from {self.state.value}") from None
+
+    def _may(self, event: RegEvent) -> bool:
+        """Fire ``event`` if the table allows it now (for moves the server drives)."""
+        if event not in TRANSITIONS[self.state]:
+            return False
+        self._fire(event)
+        return True
+
+    def close(self, reason: str) -> None:
+        """Mark the connection as finished; the first reason is kept."""
+        if self.state is not RegState.CLOSED:
+            self._fire(RegEvent.CLOSE)
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    # -- output --------------------------------------------------------------------
+
+    def send(self, command: str, *params: str) -> None:
+        self._outgoing.append(encode(command, *params))
+
+    def data_to_send(self) -> list[bytes]:
+        """The lines queued since the last call, in order."""
+        lines, self._outgoing = self._outgoing, []
+        return lines
+
+    def fold(self, name: str) -> str:
+        return casefold(name, self.casemapping)
+
+    def budget(self, command: str, target: str) -> int:
+        """Text bytes per ``command`` line to ``target`` (see ``message_budget``)."""
+        return message_budget(
+            nick="x" * max(len(self.nick), len(self.config.nick)),
+            username=self._user,
+            host=self._host or "x" * HOST_GUESS,
+            command=command,
+            target=target,
+        )
+
+    def join_lines(self, channels: Iterable[str]) -> list[bytes]:
+        """JOIN lines for ``channels``, several per line where they fit."""
+        lines: list[bytes] = []
+        batch: list[str] = []
+        for channel in channels:
+            if not is_channel(channel, self.chantypes):
+                continue
+            if batch and len(",".join([*batch, channel])) > _BODY - len("JOIN "):
+                lines.append(encode("JOIN", ",".join(batch)))
+                batch = []
+            batch.append(channel)
+        if batch:
+            lines.append(encode("JOIN", ",".join(batch)))
+        return lines
+
+    # -- registration ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Queue PASS, CAP LS (with SASL), NICK and USER."""
+        config = self.config
+        if config.password is not None:
+            self.send("PASS", config.password)
+        if config.sasl_username is not None:
+            self.send("CAP", "LS", "302")
+            self._fire(RegEvent.OPEN_CAP)
+        else:
+            self._fire(RegEvent.OPEN)
+        self.send("NICK", self.nick)
+        self.send("USER", config.username, "0", "*", config.realname)
+
+    def _cap_end(self) -> None:
+        self.send("CAP", "END")
+        self._fire(RegEvent.CAP_END)
+
+    def _next_nick(self, refused: str, code: str) -> None:
+        """Registration: the server refused ``refused``; try the next alternate."""
+        self._attempts += 1
+        if self._attempts >= MAX_NICK_ATTEMPTS:
+            self.close(f"the server accepted none of {self._attempts} nicks based on {self.nick}")
+            return
+        if code == "432" and len(refused) > 1:
+            # Erroneous, most likely too long for a server whose NICKLEN we do not know yet.
+            self.nicklen = min(self.nicklen, len(refused) - 1)
+        self.nick = alternate_nick(self.config.nick, self._attempts, self.nicklen)
+        self.send("NICK", self.nick)
+
+    # -- timers --------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """When ``tick`` has something to do next (``inf`` once closed)."""
+        if self.state is RegState.CLOSED:
+            return math.inf
+        if not self.registered:
+            return self._opened_at + self.config.ping_timeout
+        if self._ping_sent is not None:
+            deadline = self._ping_sent + self.config.ping_timeout
+        else:
+            deadline = self.last_received + self.config.ping_idle
+        if self._next_regain is not None:
+            deadline = min(deadline, self._next_regain)
+        return deadline
+
+    def tick(self, now: float) -> None:
+        if self.state is RegState.CLOSED:
+            return
+        config = self.config
+        if not self.registered:
+            if now >= self._opened_at + config.ping_timeout:
+                self.close(f"not registered after {config.ping_timeout:g}s")
+            return
+        if self._ping_sent is not None:
+            if now >= self._ping_sent + config.ping_timeout:
+                self.close(f"no reply to PING for {config.ping_timeout:g}s")
+                return
+        elif now >= self.last_received + config.ping_idle:
+            self._pings += 1
+            self.send("PING", f"fireclaw-{self._pings}")
+            self._ping_sent = now
+        if self._next_regain is not None and now >= self._next_regain:
+            self.send("NICK", config.nick)
+            self._next_regain = now + config.nick_regain
+
+    # -- input ---------------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray, now: float) -> list[Event]:
+        """Feed bytes from the server; returns the events they make."""
+        if data:
+            self.last_received = now
+            self._ping_sent = None
+        events: list[Event] = []
+        for line in self.reader.feed(data):
+            if self.state is RegState.CLOSED:
+                break
+            events.extend(self.handle(line, now))
+        return events
+
+    def handle(self, line: Line, now: float) -> list[Event]:
+        """One tokenised line from the server."""
+        params = line.params
+        command = line.command
+        source = _nick_of(line.source)
+        match command:
+            case "PING":
+                self.send("PONG", params[-1] if params else "")
+            case "ERROR":
+                self.close("server said: " + (clean(params[-1]) if params else "ERROR"))
+            case "001":
+                return self._welcome(params, now)
+            case "005":
+                self._isupport(params[1:-1])
+            case "CAP" if len(params) >= 3:
+                self._cap(params)
+            case "AUTHENTICATE" if params and params[0] == "+":
+                self._authenticate()
+            case "903" | "907":
+                if self.state is RegState.AUTHENTICATING:
+                    self._cap_end()
+            case _ if command in _SASL_FAILED:
+                if self.state is RegState.AUTHENTICATING:
+                    log.warning("SASL login failed (%s); continuing without", command)
+                    self._cap_end()
+            case _ if command in _NICK_REFUSED:
+                refused = params[1] if len(params) >= 3 else self.nick
+                if not self.registered and self.state is not RegState.CLOSED:
+                    self._next_nick(refused, command)
+            case "464":
+                self.close("the server password was refused")
+            case "NICK" if params and source:
+                return self._nick(source, params[0], now)
+            case "QUIT" if source:
+                self._regain_if(source)
+            case "JOIN" if params and source:
+                return self._join(line, params[0])
+            case "PART" if params and source:
+                if self.fold(source) == self.fold(self.nick):
+                    self.joined.pop(self.fold(params[0]), None)
+            case "KICK" if len(params) >= 2:
+                return self._kick(source or "", params)
+            case "INVITE" if len(params) >= 2 and source:
+                if is_channel(params[1], self.chantypes):
+                    return [Invited(channel=params[1], by=source)]
+            case "PRIVMSG" if len(params) >= 2 and source:
+                return self._privmsg(line, params[0], params[1])
+        return []
+
+    def _welcome(self, params: list[str], now: float) -> list[Event]:
+        if not self._may(RegEvent.WELCOME):
+            return []
+        if params and params[0] not in ("", "*"):
+            self.nick = params[0]
+        self._outgoing.extend(self.join_lines(self._rejoin))
+        if self.fold(self.nick) != self.fold(self.config.nick):
+            self._next_regain = now + self.config.nick_regain
+        return [Registered(nick=self.nick)]
+
+    def _isupport(self, tokens: list[str]) -> None:
+        for token in tokens:
+            key, _, value = token.partition("=")
+            match key.upper():
+                case "NICKLEN" if value.isdigit() and 0 < int(value) <= 512:
+                    self.nicklen = int(value)
+                case "CHANTYPES" if value:
+                    self.chantypes = value
+                case "CASEMAPPING" if value:
+                    self.casemapping = value.lower()
+
+    def _cap(self, params: list[str]) -> None:
+        if self.state is not RegState.NEGOTIATING:
+            return
+        subcommand = params[1].upper()
+        if subcommand == "LS":
+            more = len(params) >= 4 and params[2] == "*"
+            self._caps.extend(params[-1].split())
+            if more:
+                return
+            offered = {}
+            for cap in self._caps:
+                name, _, value = cap.partition("=")
+                offered[name.lower()] = value
+            if "sasl" in offered and (not offered["sasl"] or "PLAIN" in offered["sasl"].split(",")):
+                self.send("CAP", "REQ", "sasl")
+            else:
+                log.warning("the server offers no SASL PLAIN; registering without")
+                self._cap_end()
+        elif subcommand == "ACK" and "sasl" in params[-1].lower().split():
+            self.send("AUTHENTICATE", "PLAIN")
+            self._fire(RegEvent.SASL_ACK)
+        elif subcommand == "NAK":
+            log.warning("the server refused the sasl capability; registering without")
+            self._cap_end()
+
+    def _authenticate(self) -> None:
+        if self.state is not RegState.AUTHENTICATING:
+            return
+        user = self.config.sasl_username or ""
+        password = self.config.sasl_password or ""
+        payload = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        for start in range(0, len(payload), SASL_CHUNK):
+            self.send("AUTHENTICATE", payload[start : start + SASL_CHUNK])
+        if len(payload) % SASL_CHUNK == 0:  # a full last chunk (or none) needs a terminator
+            self.send("AUTHENTICATE", "+")
+
+    def _nick(self, source: str, new: str, now: float) -> list[Event]:
+        if self.fold(source) != self.fold(self.nick):
+            self._regain_if(source)
+            return []
+        old, self.nick = self.nick, new
+        if self.fold(new) == self.fold(self.config.nick):
+            self._next_regain = None
+        elif self.registered and self._next_regain is None:
+            self._next_regain = now + self.config.nick_regain
+        return [NickChanged(old=old, new=new)]
+
+    def _regain_if(self, gone: str) -> None:
+        """``gone`` quit or changed nick: if it held our configured nick, take it."""
+        wanted = self.config.nick
+        if (
+            self.registered
+            and self.fold(gone) == self.fold(wanted)
+            and self.fold(self.nick) != self.fold(wanted)
+        ):
+            self.send("NICK", wanted)
+
+    def _join(self, line: Line, channel: str) -> list[Event]:
+        source = _nick_of(line.source)
+        if source is None or self.fold(source) != self.fold(self.nick):
+            return []
+        mask = hostmask(line.source or "")
+        if mask.hostname:
+            self._host = mask.hostname
+        if mask.username:
+            self._user = mask.username.lstrip("~")
+        self.joined[self.fold(channel)] = channel
+        return [Joined(channel=channel)]
+
+    def _kick(self, by: str, params: list[str]) -> list[Event]:
+        channel, victim = params[0], params[1]
+        if self.fold(victim) != self.fold(self.nick):
+            return []
+        self.joined.pop(self.fold(channel), None)
+        reason = params[2] if len(params) >= 3 else ""
+        return [Kicked(channel=channel, by=by, reason=reason)]
+
+    def _privmsg(self, line: Line, target: str, text: str) -> list[Event]:
+        action = False
+        if text.startswith("\x01"):
+            verb, _, rest = text.strip("\x01").partition(" ")
+            if verb.upper() != "ACTION":
+                return []  # other CTCP queries get no answer: nothing to leak, nothing to flood
+            text, action = rest, True
+        mask = hostmask(line.source or "")
+        # STATUSMSG: "@#chan" reaches the channel's operators; still a channel message.
+        private = not any(
+            name[:1] != "" and name[0] in self.chantypes
+            for name in (target, target[1:] if target[:1] in ("@", "+", "%", "~") else "")
+        )
+        return [
+            Message(
+                source=mask.nickname,
+                user=mask.username or "",
+                host=mask.hostname or "",
+                target=target,
+                text=text,
+                private=private,
+                action=action,
+            )
+        ]
+
+
+def _nick_of(source: str | None) -> str | None:
+    if not source:
+        return None
+    return source.partition("!")[0].partition("@")[0] or None
