@@ -18,6 +18,7 @@ breaker opens.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -58,6 +59,14 @@ class IrcRoute:
     cooldown: float = 10.0
 
 
+def instance_id(state_dir: Path) -> str:
+    """A short id of the supervisor owning ``state_dir``.
+
+    It is part of every VM id, so every namespace, cgroup and guest process a
+    swarm creates names the swarm it belongs to, even with several on one host."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:6]
+
+
 @dataclass(kw_only=True)
 class Runtime:
     """What every VM of the swarm shares; owned by the supervisor."""
@@ -69,6 +78,7 @@ class Runtime:
     stop: StopSpec
     isolate_net: bool
     use_cgroups: bool
+    instance: str = "fc"  # instance_id(state_dir): the prefix of every VM id
     graceful: bool = True  # False after a second SIGINT: kill at once
     irc: IrcRoute | None = None  # None: agents stay off IRC
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
@@ -242,7 +252,7 @@ class Child:
 
     async def _incarnate(self) -> Outcome:
         role = self.group.role
-        vm_id = f"{self.name}-{secrets.token_hex(3)}"
+        vm_id = f"{self.rt.instance}-{self.name}-{secrets.token_hex(3)}"
         token = secrets.token_urlsafe(24)
         outcome = Outcome()
         self._exited = trio.Event()

@@ -32,10 +32,11 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, choose
 from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime
+from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import sdnotify
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
+from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.state import AgentRecord, StateError, Store
@@ -59,6 +60,7 @@ class Supervisor:
         self.last_reload_error: str | None = None
         self.startup_error: str | None = None  # why serve() ended before it was ready
         self.ircd: ManagedIrcd | None = None
+        self.overseer: Overseer | None = None
         self._reload_wanted = trio.Event()
         self._reload_done = trio.Event()
         self._reload_result: dict[str, object] = {}
@@ -82,10 +84,12 @@ class Supervisor:
             isolate_net=ns_why is None,
             use_cgroups=cg_why is None,
             on_event=self._on_event,
+            instance=instance_id(state_dir),
         )
 
     def _on_event(self, kind: str, subject: str, detail: dict[str, object]) -> None:
         self.store.event(kind, subject, **detail)
+        self.rt.bump()  # status watchers wake on any event, not only VM state changes
         for watcher in list(self._watchers):
             try:
                 watcher.send_nowait((kind, subject, detail))
@@ -175,6 +179,8 @@ class Supervisor:
             password=spec.password,
             cooldown=spec.agent_cooldown,
         )
+        self.overseer = Overseer(self, spec, address)
+        root.start_soon(self.overseer.run)
 
     async def _start_group(self, name: str) -> RoleGroup:
         assert self._root is not None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fireclaw.pool import cgroup, netns
+from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor.client import ApiClient
 
 FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
@@ -180,8 +181,9 @@ def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
 
 
 def leftovers(state: Path, baseline: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """What VMs may have left behind (namespaces, cgroups, guest processes, sockets),
-    less what was already there in ``baseline``."""
+    """What the swarm of ``state`` left behind (namespaces, cgroups, guest processes,
+    sockets), less what was already there in ``baseline``. Only what carries this
+    swarm's instance id counts, so other swarms on the host are not mistaken for it."""
     now = _everything(state)
     if baseline is None:
         return now
@@ -189,6 +191,7 @@ def leftovers(state: Path, baseline: dict[str, list[str]] | None = None) -> dict
 
 
 def _everything(state: Path) -> dict[str, list[str]]:
+    mine = instance_id(state)
     procs = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -197,11 +200,11 @@ def _everything(state: Path) -> dict[str, list[str]]:
             env = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if b"FIRECLAW_TOKEN=" in env:
+        if f"FIRECLAW_VM_ID={mine}-".encode() in env:
             procs.append(pid)
     return {
-        "netns": netns.leftovers(),
-        "cgroups": [str(p) for p in cgroup.leftovers()],
+        "netns": netns.leftovers(f"{netns.PREFIX}{mine}-"),
+        "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{mine}-")],
         "guest_processes": procs,
         "sockets": [p.name for p in state.glob("*.sock")],
     }

@@ -1,0 +1,243 @@
+"""The overseer: the swarm's operator seat on IRC.
+
+It joins the control channel and obeys ``!commands`` (``commands.py``) from
+operators whose ``nick!user@host`` matches the allowlist in ``irc.operators``;
+anyone else gets a polite refusal, recorded as an event. Each sender has a
+token bucket of commands (``irc.command_rate``). Commands run in tasks of their
+own, so a slow one (``!invoke`` waits for a VM) never holds up the others.
+
+It announces from the supervisor's event feed: crashes and restarts, failed
+VMs, degraded and recovered roles, named agents coming back, finished tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import trio
+from fireclaw.config import IrcSpec
+from fireclaw.guest_daemon.irc import IrcClient, IrcConfig, Message, TokenBucket
+from fireclaw.supervisor import commands as c
+from fireclaw.supervisor.api import ControllerError
+
+if TYPE_CHECKING:
+    from fireclaw.supervisor.daemon import Supervisor
+
+log = logging.getLogger("fireclaw.overseer")
+
+#: Lines one answer may take in the channel; the rest is summarised.
+MAX_ANSWER_LINES: Final = 12
+#: Senders whose rate state is kept; the oldest are forgotten beyond this.
+MAX_SENDERS: Final = 1024
+
+
+class Overseer:
+    def __init__(self, supervisor: Supervisor, spec: IrcSpec, address: tuple[str, int]) -> None:
+        self.sup = supervisor
+        self.spec = spec
+        self.channel = spec.control_channel
+        self.client = IrcClient(
+            IrcConfig(
+                host=address[0],
+                port=address[1],
+                nick=spec.overseer_nick,
+                username="overseer",
+                realname="fireclaw-swarm overseer",
+                password=spec.password,
+                sasl_username=spec.sasl.username if spec.sasl else None,
+                sasl_password=spec.sasl.password if spec.sasl else None,
+                channels=(spec.control_channel,),
+            )
+        )
+        self._buckets: dict[str, TokenBucket] = {}
+        self._warned: set[str] = set()
+
+    async def run(self) -> None:
+        feed = self.sup.watch()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.client.run)
+            nursery.start_soon(self._announce, feed)
+            async for event in self.client.events():
+                if isinstance(event, Message):
+                    self._on_message(event, nursery)
+
+    # --- commands ------------------------------------------------------------------
+
+    def _on_message(self, msg: Message, nursery: trio.Nursery) -> None:
+        if not msg.private and msg.target.lower() != self.channel.lower():
+            return
+        command = c.parse(msg.text)
+        if command is None:
+            return
+        reply_to = msg.source if msg.private else self.channel
+        prefix = "" if msg.private else f"{msg.source}: "
+        mask = f"{msg.source}!{msg.user}@{msg.host}"
+
+        async def say(text: str) -> None:
+            await self.client.privmsg(reply_to, prefix + text)
+
+        if not self._is_operator(mask):
+            self.sup.event("refused", msg.source, mask=mask, command=msg.text[:200])
+            nursery.start_soon(say, "sorry, only the swarm's operators may give me orders")
+            return
+        if not self._allow(mask):
+            if mask not in self._warned:
+                self._warned.add(mask)
+                nursery.start_soon(say, "too many commands; give me a moment")
+            return
+        self._warned.discard(mask)
+        self.sup.event("command", msg.source, mask=mask, command=msg.text[:200])
+        nursery.start_soon(self._run_command, command, say)
+
+    def _is_operator(self, mask: str) -> bool:
+        mask = mask.lower()
+        return any(fnmatch.fnmatchcase(mask, pattern.lower()) for pattern in self.spec.operators)
+
+    def _allow(self, mask: str) -> bool:
+        now = trio.current_time()
+        bucket = self._buckets.get(mask)
+        if bucket is None:
+            if len(self._buckets) >= MAX_SENDERS:
+                self._buckets.pop(next(iter(self._buckets)))
+            rate = self.spec.command_rate
+            bucket = self._buckets[mask] = TokenBucket(rate.per_minute / 60.0, rate.burst, now)
+        if bucket.delay(now) > 0:
+            return False
+        bucket.take(now)
+        return True
+
+    async def _run_command(
+        self, command: c.Command | c.Usage, say: Callable[[str], Awaitable[None]]
+    ) -> None:
+        try:
+            lines = await self._execute(command)
+        except ControllerError as exc:
+            lines = [exc.message]
+        except Exception as exc:  # a bug must not take the overseer down
+            log.exception("overseer: %r failed", command)
+            lines = [f"that failed: {type(exc).__name__}"]
+        if len(lines) > MAX_ANSWER_LINES:
+            more = len(lines) - MAX_ANSWER_LINES + 1
+            lines = [
+                *lines[: MAX_ANSWER_LINES - 1],
+                f"(and {more} more; see fireclaw-swarm status)",
+            ]
+        for line in lines:
+            await say(line)
+
+    async def _execute(self, command: c.Command | c.Usage) -> list[str]:
+        sup = self.sup
+        match command:
+            case c.Usage(message=message):
+                return [message]
+            case c.Help(topic=None):
+                return [f"{usage}: {what}" for usage, what in c.HELP.values()]
+            case c.Help(topic=str(topic)):
+                usage, what = c.HELP[topic]
+                return [f"{usage}: {what}"]
+            case c.Invoke(role=role, name=name, model=model):
+                done = await sup.invoke(role, name, model)
+                return [f"{done['name']} is up: a {done['role']} agent on {done['vm']}"]
+            case c.Destroy(name=name):
+                await sup.destroy(name)
+                return [f"{name} is gone"]
+            case c.List():
+                return self._list()
+            case c.Status():
+                return self._status()
+            case c.Templates():
+                return [
+                    f"{name}: {role.description or 'no description'} (model {role.model})"
+                    for name, role in sup.config.roles.items()
+                ]
+            case c.Scale(role=role, n=n):
+                await sup.scale(role, n)
+                return [f"{role}: keeping {n} idle"]
+            case c.Task(role=role, prompt=prompt):
+                task = await sup.submit_task(role, prompt)
+                return [f"task {task['id']} queued for {role}; I will say here when it is done"]
+            case c.Model(name=name, model=model):
+                await sup.retune(name, model=model)
+                return [f"{name} now uses {model}"]
+            case c.Persona(name=name, text=text):
+                await sup.retune(name, persona=text)
+                return [f"{name} has a new persona"]
+            case c.Reset(name=name):
+                result = await sup.reset(name)
+                return [f"{name}: reset ({result.get('reset', 0)} cleared)"]
+            case c.Reload():
+                result = await sup.reload()
+                if not result.get("ok"):
+                    return [f"reload rejected: {result.get('error')}"]
+                names = result.get("changed")
+                changed = (
+                    ", ".join(map(str, names)) if isinstance(names, list) and names else "nothing"
+                )
+                return [f"reloaded; changed: {changed}"]
+        return ["I do not know that one; try !help"]
+
+    def _status(self) -> list[str]:
+        lines = []
+        for name, group in self.sup.groups.items():
+            n = group.counts()
+            degraded = ", DEGRADED" if n["degraded"] else ""
+            lines.append(
+                f"{name}: {n['idle']} idle, {n['active']} active, {n['starting']} starting, "
+                f"{n['failed']} failed{degraded}"
+            )
+        return lines or ["no roles"]
+
+    def _list(self) -> list[str]:
+        lines = []
+        for group in self.sup.groups.values():
+            for a in group.snapshot():
+                who = f"{a['agent']} on {a['name']}" if a["agent"] else str(a["name"])
+                lines.append(f"{who} ({a['role']}, {a['state']}, restarts {a['restarts']})")
+        return lines or ["no VMs"]
+
+    # --- announcements ---------------------------------------------------------------
+
+    async def _announce(
+        self, feed: trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]
+    ) -> None:
+        async for kind, subject, detail in feed:
+            line = self._announcement(kind, subject, detail)
+            if line is not None and self.client.registered:
+                await self.client.privmsg(self.channel, line)
+
+    def _announcement(self, kind: str, subject: str, d: dict[str, object]) -> str | None:
+        match kind:
+            case "crashed":
+                if d.get("restart"):
+                    return f"{subject} crashed ({d.get('reason')}); restarting in {d.get('delay')}s"
+                return f"{subject} crashed ({d.get('reason')})"
+            case "failed":
+                return f"{subject} failed and will not be restarted: {d.get('reason')}"
+            case "degraded":
+                return f"role {subject} is degraded: most of its VMs failed (!reset {subject})"
+            case "recovered":
+                return f"role {subject} recovered"
+            case "agent_back":
+                return f"{d.get('agent')} is back on {subject}"
+            case "task_done":
+                return self._task_line(d.get("task_id"))
+            case "task_requeued" if d.get("state") == "failed":
+                return self._task_line(d.get("task_id"))
+            case "ircd_crashed":
+                return None  # nobody is here to hear it
+        return None
+
+    def _task_line(self, task_id: object) -> str | None:
+        if not isinstance(task_id, int):
+            return None
+        task = self.sup.store.get_task(task_id)
+        if task is None:
+            return None
+        result = " ".join((task.result or "").split())
+        if len(result) > 300:
+            result = result[:300] + "..."
+        verdict = "done" if task.state == "done" else f"{task.state} (exit {task.exit_code})"
+        return f"task {task.id} ({task.role}) {verdict}: {result or '(no output)'}"

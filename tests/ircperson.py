@@ -1,0 +1,108 @@
+"""Someone on IRC, played by the ``irc`` library (not the project's client).
+
+Everything the library does happens in a thread of its own: calls are queued
+to it, and what the server sends comes back through ``expect``, which waits
+for a matching event with a deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import irc.client
+
+Event = irc.client.Event
+
+
+class Person:
+    def __init__(self, address: tuple[str, int], nick: str, *, username: str | None = None) -> None:
+        self.nick = nick
+        self._address = address
+        self._username = username
+        self._reactor = irc.client.Reactor()
+        self._reactor.add_global_handler("all_events", self._record, -10)
+        self._connection = self._reactor.server()
+        self._inbox: queue.Queue[Event] = queue.Queue()
+        self.seen: list[Event] = []
+        self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"person-{nick}", daemon=True)
+
+    def _record(self, connection: irc.client.ServerConnection, event: Event) -> None:
+        self._inbox.put(event)
+
+    def _loop(self) -> None:
+        self._connection.connect(*self._address, self.nick, username=self._username)
+        while not self._stop.is_set():
+            self._reactor.process_once(0.05)
+            while True:
+                try:
+                    call = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                call()
+        if self._connection.is_connected():
+            self._connection.disconnect("leaving")
+
+    def do(self, method: str, *args: Any) -> None:
+        """Run ``connection.method(*args)`` in the person's thread."""
+        self._calls.put(partial(getattr(self._connection, method), *args))
+
+    def say(self, target: str, text: str) -> None:
+        self.do("privmsg", target, text)
+
+    def send_raw(self, line: str) -> None:
+        self.do("send_raw", line)
+
+    def expect(self, what: str, predicate: Callable[[Event], bool], timeout: float = 30) -> Event:
+        """The next event that matches, or fail naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = [f"{e.type} {e.source} {e.target} {e.arguments}" for e in self.seen[-15:]]
+                raise AssertionError(
+                    f"{self.nick} never saw {what}; last seen:\n" + "\n".join(seen)
+                )
+            try:
+                event = self._inbox.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            if predicate(event):
+                return event
+
+    def said(self, target: str, fragment: str, timeout: float = 30) -> Event:
+        """Wait for a message in ``target`` (a channel, or us) containing ``fragment``."""
+        return self.expect(
+            f"{fragment!r} in {target}",
+            lambda e: (
+                e.type in ("pubmsg", "privmsg")
+                and e.target.lower() == target.lower()
+                and fragment in e.arguments[0]
+            ),
+            timeout,
+        )
+
+    def join(self, channel: str) -> None:
+        self.do("join", channel)
+        self.expect(
+            f"joining {channel}",
+            lambda e: e.type == "join" and e.target == channel and e.source.nick == self.nick,
+        )
+
+    def start(self, *channels: str) -> Person:
+        self._thread.start()
+        self.expect("the welcome", lambda e: e.type == "welcome")
+        for channel in channels:
+            self.join(channel)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -1,0 +1,134 @@
+"""The overseer on a real IRC server: a real supervisor with its managed ngircd,
+and operators played by an independent IRC library."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ircperson import Person
+from swarmctl import Swarm, idle, role_yaml, swarm_yaml
+from test_swarm import NOTHING, free_port, ngircd_pids
+
+CONTROL = "#control"
+
+
+def irc_yaml(port: int, *, operators: str = '["op!*@127.0.0.1"]', extra: str = "") -> str:
+    return (
+        f"server: managed\n  managed: {{port: {port}}}\n  operators: {operators}\n"
+        "  command_rate: {per_minute: 60, burst: 3}\n"
+        "  restart: {backoff: {base: 0.1, max: 0.5}}" + extra
+    )
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    port = free_port()
+    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=1), irc=irc_yaml(port)))
+    swarm.irc_port = port  # type: ignore[attr-defined]
+    swarm.start()
+    try:
+        yield swarm
+    finally:
+        swarm.close()
+        assert ngircd_pids(swarm.state) == []
+        assert swarm.leftovers() == NOTHING
+
+
+@pytest.fixture
+def op(swarm: Swarm) -> Iterator[Person]:
+    person = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    try:
+        yield person
+    finally:
+        person.stop()
+
+
+def overseer_in_channel(person: Person) -> None:
+    person.do("names", CONTROL)
+    person.expect(
+        "the overseer in #control",
+        lambda e: e.type == "namreply" and "overseer" in e.arguments[-1].replace("@", "").split(),
+    )
+
+
+def test_scale_from_irc(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    op.say(CONTROL, "!scale worker 3")
+    op.said(CONTROL, "op: worker: keeping 3 idle")
+    swarm.wait_for("3 idle workers", idle("worker", 3))
+    op.say(CONTROL, "!status")
+    op.said(CONTROL, "worker: 3 idle, 0 active")
+
+
+def test_a_task_from_irc_is_announced_when_done(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    op.say(CONTROL, "!task worker write a haiku")
+    queued = op.said(CONTROL, "queued for worker")
+    task_id = queued.arguments[0].split("task ")[1].split()[0]
+    op.said(CONTROL, f"task {task_id} (worker) done: worker-0: write a haiku")
+
+
+def test_someone_not_on_the_list_is_refused_and_nothing_changes(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    mallory = Person(("127.0.0.1", swarm.irc_port), "mallory").start(CONTROL)  # type: ignore[attr-defined]
+    try:
+        before = swarm.status()["roles"]["worker"]["target"]
+        mallory.say(CONTROL, "!scale worker 5")
+        mallory.said(CONTROL, "mallory: sorry, only the swarm's operators may give me orders")
+        # A private attempt is refused the same way.
+        mallory.say("overseer", "!destroy worker-0")
+        mallory.said("mallory", "sorry, only the swarm's operators")
+    finally:
+        mallory.stop()
+    assert swarm.status()["roles"]["worker"]["target"] == before
+    refused = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "refused"]
+    assert [e["subject"] for e in refused] == ["mallory", "mallory"]
+    assert refused[0]["detail"]["mask"].startswith("mallory!")
+
+
+def test_commands_are_rate_limited_per_sender(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    for _ in range(5):  # burst of 3
+        op.say(CONTROL, "!help status")
+    op.said(CONTROL, "op: too many commands; give me a moment")
+
+
+def test_help_and_usage_lines(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    op.say(CONTROL, "!scale worker lots")
+    op.said(CONTROL, "op: 'lots' is not a number from 0 to 1000 (usage: !scale ROLE N)")
+    op.say(CONTROL, "!help")
+    op.said(CONTROL, "op: !invoke ROLE [NAME] [model=M]: bring up a named agent of ROLE")
+
+
+def test_crashes_are_announced(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    (vm,) = swarm.agents("worker", "idle")
+    os.kill(vm["pid"], signal.SIGKILL)
+    op.said(CONTROL, "worker-0 crashed (VMM exited with code -9); restarting in")
+
+
+def test_the_overseer_comes_back_after_the_irc_server_dies(swarm: Swarm) -> None:
+    (pid,) = ngircd_pids(swarm.state)
+    first = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    overseer_in_channel(first)
+    first.stop()
+    os.kill(pid, signal.SIGKILL)
+    st = swarm.wait_for(
+        "ngircd restarted",
+        lambda s: (
+            s["irc"]["managed"]["state"] == "running" and s["irc"]["managed"]["restarts"] >= 1
+        ),
+    )
+    assert st["irc"]["managed"]["restarts"] == 1
+    again = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    try:
+        overseer_in_channel(again)  # no operator action brought it back
+        again.say(CONTROL, "!status")
+        again.said(CONTROL, "worker: 1 idle")
+    finally:
+        again.stop()
