@@ -8,6 +8,11 @@ returns the process exit code:
 * 1  the host could not be reached before the connect deadline, the
      connection was lost or closed without ``Stop``, or the host sent a frame
      that is not a valid message. Children were ended.
+     Inside a VM (configuration read with ``--cmdline``) a lost or closed
+     connection does not end the daemon: it ends the children, dials the same
+     URL again (same backoff and connect deadline) and starts over with Hello,
+     because a VM restored from a snapshot wakes up with a dead connection
+     and must reach the listener of the supervisor that restored it.
 * 78 missing or invalid configuration (EX_CONFIG), one line on stderr.
 
 Configuration, lowest precedence first: the environment
@@ -32,6 +37,8 @@ The daemon imports nothing from the host side: it ships into VM images.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -95,6 +102,8 @@ CLOSE_TIMEOUT: Final = 5.0
 #: otherwise eat the whole connect deadline in one try).
 ATTEMPT_TIMEOUT: Final = 5.0
 BACKOFF_FIRST: Final = 0.1
+#: ioctl(2) on /dev/urandom: reseed the kernel's CRNG from its input pool now.
+RNDRESEEDCRNG: Final = 0x5207
 BACKOFF_MAX: Final = 2.0
 
 # WebSocket close codes (RFC 6455).
@@ -120,6 +129,7 @@ class Config:
     token: str
     connect_timeout: float = 30.0
     set_clock: bool = False
+    redial: bool = False  # dial again after a lost connection (inside a VM)
 
 
 _ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
@@ -216,6 +226,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         token=token,
         connect_timeout=timeout,
         set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
+        redial=bool(args.cmdline),
     )
 
 
@@ -233,16 +244,20 @@ def _check_url(url: str) -> None:
 
 
 def mix_entropy(entropy: bytes) -> None:
-    """Stir ``entropy`` into the kernel pool and reseed ``random``.
+    """Stir ``entropy`` into the kernel pool, reseed the kernel CRNG, reseed ``random``.
 
     A clone restored from a snapshot shares its RNG state with every sibling;
-    this is what makes them diverge. Writing to /dev/urandom mixes without
-    crediting, and needs no privilege on most systems; if refused, the
-    kernel's own reseeding still applies.
+    this is what makes them diverge. Writing to /dev/urandom mixes into the
+    input pool without crediting and needs no privilege, but the CRNG that
+    /dev/urandom and getrandom() read only draws on that pool when it next
+    reseeds (up to a minute later): so, where permitted (root, as in a VM),
+    force the reseed at once.
     """
     try:
         with open("/dev/urandom", "wb", buffering=0) as pool:
             pool.write(entropy)
+            with contextlib.suppress(OSError):  # not root, or an old kernel
+                fcntl.ioctl(pool, RNDRESEEDCRNG)
     except OSError as exc:
         log.info("cannot write /dev/urandom (%s); kernel pool not mixed", exc.strerror)
     random.seed(os.urandom(32) + entropy)
@@ -280,6 +295,7 @@ class Session:
         self._talk = trio.CancelScope()
         self._outcome: tuple[int, str] | None = None
         self._connected = True
+        self.lost = False  # the session ended because the connection went away
 
     async def run(self) -> int:
         async with trio.open_nursery() as outer:
@@ -350,6 +366,7 @@ class Session:
         try:
             frame = await self._ws.get_message()
         except ConnectionClosed as exc:
+            self.lost = self.lost or self._outcome is None
             self._end(EXIT_FAILED, f"connection closed by the host without stop ({_why(exc)})")
             return None
         try:
@@ -408,6 +425,7 @@ class Session:
                     await self._ws.send_message(encode(msg))
                 except ConnectionClosed as exc:
                     self._connected = False
+                    self.lost = self.lost or self._outcome is None
                     self._end(EXIT_FAILED, f"connection lost ({_why(exc)})")
 
     async def _watch_signals(self) -> None:
@@ -429,7 +447,20 @@ def _why(exc: ConnectionClosed) -> str:
 
 
 async def serve(config: Config, environ: Mapping[str, str]) -> int:
-    """Dial the host (retrying until the connect deadline), then run a session."""
+    """Dial the host and run a session; inside a VM, again after each lost connection."""
+    while True:
+        code, lost = await _dial_and_run(config, environ)
+        if not (lost and config.redial):
+            return code
+        log.warning("connection to %s lost; dialling again", config.url)
+
+
+async def _dial_and_run(config: Config, environ: Mapping[str, str]) -> tuple[int, bool]:
+    """Dial the host (retrying until the connect deadline), then run one session.
+
+    Returns the exit code and whether the session ended because the connection
+    was lost.
+    """
     deadline = trio.current_time() + config.connect_timeout
     delay = BACKOFF_FIRST
     attempts = 0
@@ -450,12 +481,13 @@ async def serve(config: Config, environ: Mapping[str, str]) -> int:
                 ) as ws:
                     connecting.deadline = math.inf
                     log.info("connected to %s", config.url)
-                    code = await Session(ws, config, environ).run()
+                    session = Session(ws, config, environ)
+                    code = await session.run()
             if connecting.cancelled_caught and code is None:
                 raise TimeoutError(f"no WebSocket upgrade within {attempt:g}s")
         except (HandshakeError, OSError) as exc:
             if code is not None:
-                return code  # the session is over; only the close was untidy
+                return code, session.lost  # the session is over; only the close was untidy
             error = one_line(str(exc.__cause__ or exc) or type(exc).__name__, 200)
             left = deadline - trio.current_time()
             if left <= 0:
@@ -466,13 +498,13 @@ async def serve(config: Config, environ: Mapping[str, str]) -> int:
                     config.connect_timeout,
                     error,
                 )
-                return EXIT_FAILED
+                return EXIT_FAILED, False
             log.debug("dial %s failed (%s); retrying in %.1fs", config.url, error, delay)
             await trio.sleep(min(delay, left))
             delay = min(delay * 2, BACKOFF_MAX)
         else:
             assert code is not None
-            return code
+            return code, session.lost
 
 
 def main(argv: Sequence[str] | None = None) -> int:

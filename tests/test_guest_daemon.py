@@ -528,6 +528,33 @@ async def test_host_closing_the_connection_exits_1(host: Host) -> None:
     assert "connection closed by the host" in host.stderr()
 
 
+async def test_in_a_vm_a_lost_connection_is_dialled_again(host: Host, tmp_path: Path) -> None:
+    """Configured from a kernel command line (inside a VM), the daemon does not exit
+    when the host goes away: a VM restored from a snapshot wakes up with a dead
+    connection and must reach its new host at the same URL."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(
+        f"console=ttyS0 ro fireclaw.url={host.url} fireclaw.vm_id={VM_ID} fireclaw.token={TOKEN}\n"
+    )
+    proc = await host.launch("--cmdline", str(cmdline), env=_env_without_fireclaw())
+    first = await host.accept()
+    hello = await first.welcome()
+    assert (hello.vm_id, hello.token, hello.pid) == (VM_ID, TOKEN, proc.pid)
+    _, exited = await first.run(1, ["true"])
+    assert exited.code == 0
+    await first.ws.aclose()
+
+    second = await host.accept()
+    again = await second.welcome()
+    assert (again.vm_id, again.token, again.pid) == (VM_ID, TOKEN, proc.pid)
+    chunks, exited = await second.run(2, ["echo", "still here"])
+    assert (b"".join(chunks["stdout"]), exited.code) == (b"still here\n", 0)
+    await second.send(Stop(reason="done"))
+    assert await second.expect(Goodbye) == Goodbye(reason="done")
+    assert await exit_code(proc) == 0
+    assert "lost; dialling again" in host.stderr()
+
+
 async def test_undecodable_frame_exits_1_with_one_line(host: Host) -> None:
     proc, conn = await host.start()
     await conn.welcome()

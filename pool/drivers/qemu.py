@@ -1,0 +1,575 @@
+"""The ``qemu`` driver: each VM is one QEMU ``-M microvm`` process, driven over QMP.
+
+The machine: the image's PVH vmlinux and initramfs; its root filesystem
+attached READ-ONLY as a virtio-blk-device (every VM shares the one file); one
+virtio-net-device on QEMU user networking; the serial console and QEMU's own
+messages appended to ``spec.log_path``; QMP on a unix socket in a per-VM run
+directory (``<log dir>/run/<vm id>/``, or a private one under the temporary
+directory when that path is too long for a socket), removed once the VM is
+reaped. KVM or TCG as ``fireclaw.pool.accel`` decided.
+
+Networking: user networking (slirp) runs inside QEMU, so it lives in QEMU's
+network namespace (``spec.netns``; QEMU is started there through
+``nsenter``). The guest is 10.0.2.15/24 and 10.0.2.2 is the namespace's own
+loopback, so a guest that dials ``ws://10.0.2.2:PORT/`` reaches the listener
+the supervisor opened on 127.0.0.1:PORT inside that namespace, and nothing
+else exists there. ``spec.control_url`` must therefore name 127.0.0.1 (the
+guest is given the same URL with 10.0.2.2). Without a namespace, slirp lets
+the guest reach whatever the host reaches: run VMs in namespaces.
+
+Snapshots: ``QemuVm.snapshot(path)`` pauses the VM and migrates its state to
+``path`` (QEMU 7.2 has no ``file:`` migration, so ``exec:cat > PATH``), and
+writes ``PATH.json`` recording what it was taken with. ``QemuDriver.restore``
+starts a clone with ``-incoming defer``, feeds it that state and continues it.
+
+A clone IS its template: the kernel command line, and with it the guest's
+vm_id, token and control URL, are the template's. So the supervisor knows a
+clone by the namespace it runs in (one VM and one control listener per
+namespace), not by the vm_id in its Hello; and it must listen on the same
+fixed port in every namespace (``CONTROL_PORT`` unless it picks another for
+all of them), so that the URL baked into the template works in each clone.
+The guest daemon finds its old connection dead (its next heartbeat is
+answered with a reset), dials the same URL again, says Hello and takes the new
+Welcome: fresh entropy, the current time.
+
+Errors::
+
+    DriverError             (drivers.base) a VM could not be started or restored
+    └── VmmCommandError     a running VM could not be paused, resumed or snapshotted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Final, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import trio
+from fireclaw.pool import cgroup
+from fireclaw.pool.accel import Accel, accel_argv, host_tsc_khz
+from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.image import Image
+from fireclaw.pool.netns import NETNS_DIR
+from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure, open_qmp
+
+T = TypeVar("T")
+
+#: The control port to use in every namespace when VMs are restored from snapshots.
+CONTROL_PORT: Final = 7000
+GUEST_ADDR: Final = "10.0.2.15/24"
+#: The guest's name for its namespace's loopback.
+HOST_ALIAS: Final = "10.0.2.2"
+NETWORK: Final = "10.0.2.0/24"
+#: ``start`` and ``restore`` give QEMU this long to answer on QMP.
+STARTUP_TIMEOUT: Final = 10.0
+MACHINE: Final = "microvm,x-option-roms=off,rtc=on"
+SNAPSHOT_INFO_SUFFIX: Final = ".json"
+
+#: Host variables QEMU may see; the rest of the supervisor's environment stays out.
+_PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+_UNIX_PATH_MAX: Final = 107
+#: Migration of a paused VM to a local file: no reason to throttle it (QEMU's default
+#: is 128 MiB/s).
+_MIGRATE_BANDWIDTH: Final = 64 << 30
+_MIGRATION_ENDED: Final = frozenset({"completed", "failed", "cancelled"})
+_HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_LOOPBACK: Final = frozenset({"127.0.0.1", "localhost"})
+
+
+class VmmCommandError(DriverError):
+    """A running VM could not be paused, resumed or snapshotted."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    size: int  # bytes of migration state
+    seconds: float  # pause + migration, wall time
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PATH.json`` beside a snapshot: what a clone must be started with."""
+
+    image_key: str
+    accel: Literal["kvm", "tcg"]
+    memory_mib: int
+    vcpus: int
+    cmdline: str
+    qemu_version: tuple[int, int, int]
+    size: int
+    seconds: float
+
+
+_info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
+
+
+def info_path(snapshot: Path) -> Path:
+    return snapshot.with_name(snapshot.name + SNAPSHOT_INFO_SUFFIX)
+
+
+def load_snapshot_info(snapshot: Path) -> SnapshotInfo:
+    """What ``snapshot`` was taken with; DriverError if it or its ``.json`` is missing."""
+    if not snapshot.is_absolute():  # QEMU's helper runs in another directory
+        raise DriverError(f"snapshot path {snapshot} is not absolute")
+    where = info_path(snapshot)
+    try:
+        info = _info_decoder.decode(where.read_bytes())
+    except OSError as exc:
+        raise DriverError(f"snapshot {snapshot}: {exc.strerror} ({where})") from exc
+    except msgspec.DecodeError as exc:
+        raise DriverError(f"snapshot {snapshot}: unreadable {where}: {exc}") from exc
+    if not snapshot.is_file():
+        raise DriverError(f"snapshot {snapshot}: no such file")
+    return info
+
+
+# --- the command line (pure) -------------------------------------------------------------
+
+
+def guest_control_url(url: str) -> str:
+    """``url`` as the guest reaches it: 127.0.0.1 becomes 10.0.2.2."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise DriverError(f"control url {url!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss") or parts.hostname not in _LOOPBACK or port is None:
+        raise DriverError(
+            f"control url {url!r}: the qemu driver needs ws://127.0.0.1:PORT/"
+            f" (the guest reaches its namespace's loopback as {HOST_ALIAS})"
+        )
+    return urlunsplit((parts.scheme, f"{HOST_ALIAS}:{port}", parts.path or "/", "", ""))
+
+
+def kernel_cmdline(base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None) -> str:
+    """The image's command line plus what the guest's init and daemon read."""
+    words = [
+        f"fireclaw.url={guest_control_url(spec.control_url)}",
+        f"fireclaw.vm_id={spec.vm_id}",
+        f"fireclaw.token={spec.token}",
+        f"fireclaw.ip={GUEST_ADDR}",
+        f"fireclaw.gw={HOST_ALIAS}",
+    ]
+    if _HOSTNAME.fullmatch(spec.name):
+        words.append(f"fireclaw.hostname={spec.name}")
+    if accel.name == "tcg" and tsc_khz:
+        # The TCG guest's TSC runs at the host's rate; saying so spares the kernel a
+        # PIT calibration that can fail on a loaded host and stall the boot.
+        words.append(f"tsc_early_khz={tsc_khz}")
+    for word in words:
+        if any(c.isspace() or c == '"' for c in word):
+            raise DriverError(f"{spec.name}: {word.partition('=')[0]} cannot hold blanks or quotes")
+    return " ".join([base, *words])
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+def qemu_argv(
+    qemu: str,
+    image: Image,
+    accel: Accel,
+    *,
+    vcpus: int,
+    memory_mib: int,
+    cmdline: str,
+    log_path: Path,
+    qmp_path: Path,
+    incoming: bool = False,
+) -> list[str]:
+    """QEMU's arguments for one VM; ``incoming`` waits for migrated state over QMP."""
+    argv = [
+        qemu, *accel_argv(accel),
+        "-M", MACHINE, "-m", str(memory_mib), "-smp", str(vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-chardev", f"file,id=console,path={_opt(log_path)},append=on",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={_opt(qmp_path)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline,
+        "-drive", f"file={_opt(image.rootfs)},if=none,format=raw,readonly=on,id=root",
+        "-device", "virtio-blk-device,drive=root",
+        "-netdev", f"user,id=n0,net={NETWORK},host={HOST_ALIAS}",
+        "-device", "virtio-net-device,netdev=n0",
+    ]  # fmt: skip
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def in_netns(argv: list[str], netns: str | None) -> list[str]:
+    if netns is None:
+        return argv
+    return ["nsenter", f"--net={NETNS_DIR / netns}", "--", *argv]
+
+
+# --- QMP conversations -------------------------------------------------------------------
+
+
+async def _events_on(qmp: Qmp) -> None:
+    await qmp.execute(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+    )
+
+
+async def _migration_done(qmp: Qmp) -> None:
+    event = await qmp.wait_event("MIGRATION", lambda e: e.data.get("status") in _MIGRATION_ENDED)
+    status = event.data.get("status")
+    if status != "completed":
+        found = await qmp.execute("query-migrate")
+        desc = found.get("error-desc") if isinstance(found, dict) else None
+        raise QmpError("MigrationFailed", str(desc or f"migration {status}"), command="migrate")
+
+
+async def _migrate_out(target: Path, qmp: Qmp) -> tuple[int, int, int]:
+    await qmp.execute("stop")
+    await _events_on(qmp)
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": _MIGRATE_BANDWIDTH})
+    await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
+    await _migration_done(qmp)
+    return qmp.greeting.version
+
+
+async def _migrate_in(source: Path, qmp: Qmp) -> None:
+    await _events_on(qmp)
+    await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
+    await _migration_done(qmp)
+    await qmp.execute("cont")
+
+
+async def _query_status(qmp: Qmp) -> None:
+    await qmp.execute("query-status")
+
+
+class _Exited(Exception):
+    """QEMU exited while we were talking to it."""
+
+
+# --- the VM ------------------------------------------------------------------------------
+
+
+class QemuVm:
+    """One QEMU process. ``wait``/``kill`` reap it and remove its run directory."""
+
+    def __init__(
+        self,
+        proc: trio.Process,
+        spec: VmSpec,
+        *,
+        qemu: str,
+        image: Image,
+        accel: Accel,
+        cmdline: str,
+        run_dir: Path,
+        log_offset: int,
+    ) -> None:
+        self._proc = proc
+        self._spec = spec
+        self._qemu = qemu
+        self._image = image
+        self._accel = accel
+        self._cmdline = cmdline
+        self._run_dir = run_dir
+        self._log_offset = log_offset
+        self.restored_from: Path | None = None
+        self.restore_seconds: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def qmp_path(self) -> Path:
+        return self._run_dir / "qmp.sock"
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        self._remove_run_dir()
+        return code
+
+    def terminate(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+
+    async def kill(self) -> None:
+        if self._proc.returncode is None:
+            await trio.to_thread.run_sync(self._kill_all)
+        await self.wait()
+
+    def _kill_all(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        if self._spec.cgroup is not None:
+            cgroup.kill_all(self._spec.cgroup)
+
+    def _remove_run_dir(self) -> None:
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def info(self) -> dict[str, object]:
+        return {
+            "driver": "qemu",
+            "pid": self._proc.pid,
+            "netns": self._spec.netns,
+            "accel": self._accel.name,
+            "qmp": str(self.qmp_path),
+            "restored_from": str(self.restored_from) if self.restored_from else None,
+            "restore_seconds": self.restore_seconds,
+        }
+
+    # --- QMP ---------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        await self._command("pause", lambda qmp: qmp.execute("stop"))
+
+    async def resume(self) -> None:
+        await self._command("resume", lambda qmp: qmp.execute("cont"))
+
+    async def snapshot(self, path: Path) -> Snapshot:
+        """Pause the VM and write its state to ``path``, absolute (and ``PATH.json``).
+
+        The VM stays paused afterwards: ``resume()`` it or kill it. Bound the
+        wait with a cancel scope; a snapshot not finished is not left behind.
+        """
+        if not path.is_absolute():  # QEMU's helper runs in another directory
+            raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
+        partial_path = path.with_name(f".{path.name}.partial")
+        started = trio.current_time()
+        try:
+            version = await self._command("snapshot", partial(_migrate_out, partial_path))
+            seconds = trio.current_time() - started
+            size = partial_path.stat().st_size
+            info = SnapshotInfo(
+                image_key=self._image.key,
+                accel=self._accel.name,
+                memory_mib=self._spec.memory_mib,
+                vcpus=self._spec.vcpus,
+                cmdline=self._cmdline,
+                qemu_version=version,
+                size=size,
+                seconds=round(seconds, 3),
+            )
+            info_path(path).write_bytes(msgspec.json.encode(info))
+            os.replace(partial_path, path)
+        except OSError as exc:
+            raise VmmCommandError(f"{self._spec.name}: snapshot {path}: {exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial_path.unlink()
+        return Snapshot(path=path, size=size, seconds=seconds)
+
+    async def _command(self, what: str, op: Callable[[Qmp], Awaitable[T]]) -> T:
+        try:
+            return await self._over_qmp(op)
+        except QmpFailure as exc:
+            raise VmmCommandError(f"{self._spec.name}: {what}: {exc}") from exc
+        except _Exited:
+            raise VmmCommandError(f"{self._spec.name}: {what}: {self.exit_text()}") from None
+
+    async def _over_qmp(self, op: Callable[[Qmp], Awaitable[T]]) -> T:
+        """``op`` in a fresh QMP session; raises _Exited at once if QEMU exits meanwhile."""
+
+        async def session() -> T:
+            async with open_qmp(self.qmp_path) as qmp:
+                return await op(qmp)
+
+        return await self._while_running(session)
+
+    async def _while_running(self, fn: Callable[[], Awaitable[T]]) -> T:
+        result: list[T] = []
+        error: QmpFailure | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await self._proc.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                result.append(await fn())
+            except QmpFailure as exc:
+                error = exc
+            nursery.cancel_scope.cancel()
+        if result:
+            return result[0]
+        if self._proc.returncode is not None:
+            raise _Exited
+        assert error is not None  # an outside cancel propagates out of the nursery instead
+        raise error
+
+    def exit_text(self) -> str:
+        """How QEMU ended, with its last error message when it left one."""
+        code = self._proc.returncode
+        text = "QEMU is running" if code is None else f"QEMU exited with code {code}"
+        message = self.last_error()
+        return f"{text}: {message}" if message else text
+
+    def last_error(self) -> str:
+        """QEMU's last ``qemu-system-...: message`` line in this VM's log, or ''."""
+        prefix = f"{Path(self._qemu).name}: "
+        try:
+            with open(self._spec.log_path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                start = max(self._log_offset, size - 65536)
+                log.seek(start)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        found = [line.strip() for line in text.splitlines() if prefix in line]
+        if not found:
+            return ""
+        return found[-1].partition(prefix)[2][:200]
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+class QemuDriver:
+    """Starts VMs (cold boot or restore from a snapshot) under QEMU ``-M microvm``."""
+
+    name = "qemu"
+
+    def __init__(self, image: Image, accel: Accel, *, qemu: str = "qemu-system-x86_64") -> None:
+        self.image = image
+        self.accel = accel
+        self.qemu = qemu
+        self._tsc_khz = host_tsc_khz()
+
+    def cmdline(self, spec: VmSpec) -> str:
+        return kernel_cmdline(self.image.cmdline, spec, self.accel, tsc_khz=self._tsc_khz)
+
+    async def start(self, spec: VmSpec) -> QemuVm:
+        """Boot a VM; returns once QEMU answers on QMP (the guest is still booting)."""
+        return await self._launch(spec, self.cmdline(spec), incoming=None)
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> QemuVm:
+        """Start a clone of the VM ``snapshot`` (absolute) was taken of; returns once it runs.
+
+        The clone keeps the template's kernel command line: its guest says Hello
+        with the TEMPLATE's vm_id and token, to the template's URL. So
+        ``spec.control_url`` and ``spec.token`` are not used; the caller knows
+        the clone by ``spec.netns`` and must listen there on the port the
+        template's URL names (the same fixed port in every namespace, e.g.
+        ``CONTROL_PORT``). ``spec.memory_mib`` and ``spec.vcpus`` must be the
+        template's.
+        """
+        info = load_snapshot_info(snapshot)
+        mismatch = [
+            f"{what} {theirs} (this VM: {ours})"
+            for what, theirs, ours in (
+                ("image", info.image_key[:16], self.image.key[:16]),
+                ("accel", info.accel, self.accel.name),
+                ("memory_mib", info.memory_mib, spec.memory_mib),
+                ("vcpus", info.vcpus, spec.vcpus),
+            )
+            if theirs != ours
+        ]
+        if mismatch:
+            raise DriverError(f"snapshot {snapshot} was taken with " + ", ".join(mismatch))
+        vm = await self._launch(spec, info.cmdline, incoming=snapshot)
+        vm.restored_from = snapshot
+        return vm
+
+    async def _launch(self, spec: VmSpec, cmdline: str, *, incoming: Path | None) -> QemuVm:
+        run_dir = _make_run_dir(spec)
+        argv = qemu_argv(
+            self.qemu,
+            self.image,
+            self.accel,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            cmdline=cmdline,
+            log_path=spec.log_path.absolute(),
+            qmp_path=run_dir / "qmp.sock",
+            incoming=incoming is not None,
+        )
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        try:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(
+                spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise DriverError(f"{spec.name}: log {spec.log_path}: {exc.strerror}") from exc
+        try:
+            log_offset = os.fstat(log_fd).st_size
+            proc = await trio.lowlevel.open_process(
+                in_netns(argv, spec.netns),
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+                cwd="/",
+            )
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(log_fd)
+        vm = QemuVm(
+            proc,
+            spec,
+            qemu=self.qemu,
+            image=self.image,
+            accel=self.accel,
+            cmdline=cmdline,
+            run_dir=run_dir,
+            log_offset=log_offset,
+        )
+        try:
+            if spec.cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
+            with trio.fail_after(STARTUP_TIMEOUT):
+                await vm._over_qmp(_query_status)
+            if incoming is not None:
+                started = trio.current_time()
+                await vm._over_qmp(partial(_migrate_in, incoming))
+                vm.restore_seconds = trio.current_time() - started
+        except BaseException as exc:
+            # Failed or cancelled between spawn and hand-over: nobody else knows this
+            # process yet, so it is ours to kill.
+            with trio.CancelScope(shield=True):
+                await vm.kill()
+            what = "restore" if incoming is not None else "start"
+            if isinstance(exc, cgroup.CgroupError):
+                raise DriverError(str(exc)) from exc
+            if isinstance(exc, _Exited):
+                raise DriverError(f"{spec.name}: {what}: {vm.exit_text()}") from None
+            if isinstance(exc, trio.TooSlowError):
+                raise DriverError(
+                    f"{spec.name}: QEMU did not answer on QMP within {STARTUP_TIMEOUT:g}s"
+                ) from None
+            if isinstance(exc, QmpFailure):
+                raise DriverError(f"{spec.name}: {what}: {exc}") from exc
+            raise
+        return vm
+
+
+def _make_run_dir(spec: VmSpec) -> Path:
+    """A fresh private directory for the VM's sockets."""
+    run_dir = spec.log_path.absolute().parent / "run" / spec.vm_id
+    if len(os.fsencode(run_dir / "qmp.sock")) > _UNIX_PATH_MAX:
+        return Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id[:32]}-"))
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a leftover of a crashed supervisor
+        run_dir.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise DriverError(f"{spec.name}: run directory {run_dir}: {exc.strerror}") from exc
+    return run_dir

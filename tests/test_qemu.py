@@ -1,0 +1,629 @@
+"""The qemu driver and the accelerator choice.
+
+Pure functions (command lines, URLs, the cpuinfo parser) directly; then real
+QEMU on the real guest image (built once into ~/.cache/fireclaw/test-images,
+shared with test_image.py), each VM in a network namespace of its own, with
+the test playing the supervisor's control listener for the real guest daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+import trio_websocket
+from fireclaw.guest_daemon.protocol import (
+    Exited,
+    Goodbye,
+    GuestMessage,
+    Heartbeat,
+    Hello,
+    HostMessage,
+    Output,
+    Run,
+    Stop,
+    Welcome,
+    decode_guest,
+    encode,
+)
+from fireclaw.pool import accel as accel_mod
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.accel import Accel, accel_argv, choose_accel, probe_boot, tsc_khz
+from fireclaw.pool.drivers import qemu as qemu_mod
+from fireclaw.pool.drivers.base import Driver, DriverError, VmSpec
+from fireclaw.pool.drivers.qemu import (
+    CONTROL_PORT,
+    QemuDriver,
+    QemuVm,
+    guest_control_url,
+    in_netns,
+    info_path,
+    kernel_cmdline,
+    qemu_argv,
+)
+from fireclaw.pool.image import Image, ImageSpec, build_image
+from fireclaw.pool.qmp import open_qmp
+from msgspec.structs import replace
+
+TEST_CACHE = Path.home() / ".cache" / "fireclaw" / "test-images"
+QEMU = "qemu-system-x86_64"
+TOKEN = "qemu-t0ken-0123456789"
+BOOT_DEADLINE = 90.0  # TCG on a possibly loaded 2-core host
+STEP_DEADLINE = 30.0
+MEMORY_MIB = 256
+
+TCG = Accel("tcg", "test")
+
+
+def _spec(**changes: object) -> VmSpec:
+    fields: dict[str, object] = dict(
+        vm_id="worker-0-abc123",
+        name="worker-0",
+        role="worker",
+        vcpus=1,
+        memory_mib=MEMORY_MIB,
+        control_url="ws://127.0.0.1:7000/",
+        token=TOKEN,
+        netns=None,
+        cgroup=None,
+        log_path=Path("/var/lib/fireclaw/logs/worker-0.log"),
+    )
+    fields.update(changes)
+    return VmSpec(**fields)  # type: ignore[arg-type]
+
+
+def _fake_image(directory: Path = Path("/images/k")) -> Image:
+    return Image(
+        key="k" * 64,
+        directory=directory,
+        vmlinux=directory / "vmlinux",
+        initramfs=directory / "initramfs.cpio.gz",
+        rootfs=directory / "rootfs.ext4",
+        kernel_release="6.1.0-test",
+    )
+
+
+# --- pure functions ---------------------------------------------------------------------
+
+
+def test_guest_control_url_names_the_namespace_loopback() -> None:
+    assert guest_control_url("ws://127.0.0.1:7000/") == "ws://10.0.2.2:7000/"
+    assert guest_control_url("ws://localhost:41234") == "ws://10.0.2.2:41234/"
+    assert guest_control_url("wss://127.0.0.1:9/ctl") == "wss://10.0.2.2:9/ctl"
+    for bad in ("ws://10.1.2.3:7000/", "http://127.0.0.1:7000/", "ws://127.0.0.1/", "ws://[::1"):
+        with pytest.raises(DriverError, match="control url") as info:
+            guest_control_url(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_kernel_cmdline() -> None:
+    base = "console=ttyS0 panic=-1 root=/dev/vda ro"
+    line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148)
+    assert line == (
+        f"{base} fireclaw.url=ws://10.0.2.2:7000/ fireclaw.vm_id=worker-0-abc123"
+        f" fireclaw.token={TOKEN} fireclaw.ip=10.0.2.15/24 fireclaw.gw=10.0.2.2"
+        " fireclaw.hostname=worker-0 tsc_early_khz=2596148"
+    )
+    kvm = kernel_cmdline(base, _spec(name="Not_A_Hostname"), Accel("kvm", ""), tsc_khz=2596148)
+    assert "tsc_early_khz" not in kvm and "fireclaw.hostname" not in kvm
+    assert "tsc_early_khz" not in kernel_cmdline(base, _spec(), TCG, tsc_khz=None)
+    with pytest.raises(DriverError, match="cannot hold blanks"):
+        kernel_cmdline(base, _spec(vm_id="a b"), TCG, tsc_khz=None)
+
+
+def test_qemu_argv() -> None:
+    image = _fake_image(Path("/images/with,comma"))
+    argv = qemu_argv(
+        QEMU,
+        image,
+        TCG,
+        vcpus=2,
+        memory_mib=384,
+        cmdline="console=ttyS0 x=1",
+        log_path=Path("/logs/w.log"),
+        qmp_path=Path("/run/w/qmp.sock"),
+    )
+    pairs = list(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == QEMU
+    assert ("-accel", "tcg") in pairs and ("-cpu", "max") in pairs
+    assert ("-M", "microvm,x-option-roms=off,rtc=on") in pairs
+    assert ("-m", "384") in pairs and ("-smp", "2") in pairs
+    assert {"-nodefaults", "-no-user-config", "-nographic", "-no-reboot"} <= set(argv)
+    assert ("-append", "console=ttyS0 x=1") in pairs
+    assert ("-kernel", "/images/with,comma/vmlinux") in pairs  # a plain argument: no escaping
+    drive = argv[argv.index("-drive") + 1]
+    assert drive == "file=/images/with,,comma/rootfs.ext4,if=none,format=raw,readonly=on,id=root"
+    assert "virtio-blk-device,drive=root" in argv
+    assert "user,id=n0,net=10.0.2.0/24,host=10.0.2.2" in argv
+    assert "virtio-net-device,netdev=n0" in argv
+    assert "file,id=console,path=/logs/w.log,append=on" in argv
+    assert "socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off" in argv
+    assert "-incoming" not in argv
+    incoming = qemu_argv(
+        QEMU, image, Accel("kvm", ""), vcpus=1, memory_mib=256, cmdline="c",
+        log_path=Path("/l"), qmp_path=Path("/q"), incoming=True,
+    )  # fmt: skip
+    assert incoming[-2:] == ["-incoming", "defer"]
+    assert accel_argv(Accel("kvm", "")) == ["-accel", "kvm", "-cpu", "host"]
+    assert in_netns(["qemu"], "fireclaw-x") == [
+        "nsenter", "--net=/run/netns/fireclaw-x", "--", "qemu",
+    ]  # fmt: skip
+    assert in_netns(["qemu"], None) == ["qemu"]
+
+
+def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:
+    short = qemu_mod._make_run_dir(_spec(log_path=tmp_path / "w.log"))
+    assert short == tmp_path / "run" / "worker-0-abc123" and short.is_dir()
+    deep = tmp_path / ("d" * 100)
+    fallback = qemu_mod._make_run_dir(_spec(log_path=deep / "w.log"))
+    try:
+        assert fallback.parent == Path(tempfile.gettempdir())
+        assert len(os.fsencode(fallback / "qmp.sock")) <= 107
+        assert fallback.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(fallback)
+
+
+def test_the_driver_fits_the_protocol() -> None:
+    driver: Driver = QemuDriver(_fake_image(), TCG)  # checked by mypy
+    assert driver.name == "qemu"
+
+
+def test_tsc_khz_from_cpuinfo() -> None:
+    assert tsc_khz("processor\t: 0\ncpu MHz\t\t: 2596.148\ncache size\t: 1 KB\n") == 2596148
+    assert tsc_khz("processor\t: 0\n") is None
+    assert tsc_khz("cpu MHz\t\t: fast\n") is None
+
+
+needs_qemu = pytest.mark.skipif(shutil.which(QEMU) is None, reason="qemu-system-x86 not installed")
+
+
+@needs_qemu
+async def test_cached_accel_answer_is_not_probed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not accel_mod.KVM_DEVICE.exists() or not os.access(accel_mod.KVM_DEVICE, os.R_OK | os.W_OK):
+        with trio.fail_after(STEP_DEADLINE):
+            chosen = await choose_accel(_fake_image(), cache_path=tmp_path / "accel.json")
+        assert chosen.name == "tcg" and "/dev/kvm" in chosen.reason
+        return
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(b"not booted")
+    image = replace(_fake_image(tmp_path), vmlinux=vmlinux)
+    cache = tmp_path / "accel.json"
+    calls: list[Accel] = []
+
+    async def fake_probe(image: Image, qemu: str, accel: Accel) -> str | None:
+        calls.append(accel)
+        return "no console output within 10s"
+
+    monkeypatch.setattr(accel_mod, "probe_boot", fake_probe)
+    with trio.fail_after(STEP_DEADLINE):
+        first = await choose_accel(image, cache_path=cache)
+        second = await choose_accel(image, cache_path=cache)
+    assert first == second == Accel("tcg", "kvm: no console output within 10s; using tcg")
+    assert [a.name for a in calls] == ["kvm"]
+    os.utime(vmlinux, ns=(0, 12345))  # another kernel file: probed again
+    with trio.fail_after(STEP_DEADLINE):
+        await choose_accel(image, cache_path=cache)
+    assert len(calls) == 2
+    cache.write_text("{damaged")
+    with trio.fail_after(STEP_DEADLINE):
+        await choose_accel(image, cache_path=cache)
+    assert len(calls) == 3
+
+
+# --- real QEMU, real image ----------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="network namespaces and image builds need root"
+)
+needs_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("mmdebstrap", "mke2fs", QEMU, "nsenter")),
+    reason="needs mmdebstrap, e2fsprogs, qemu-system-x86 and util-linux",
+)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image:
+    if os.geteuid() != 0:
+        pytest.skip("building the image needs root")
+    return build_image(ImageSpec(), TEST_CACHE, progress=print)
+
+
+@pytest.fixture
+async def accel(image: Image) -> Accel:
+    with trio.fail_after(STEP_DEADLINE):
+        chosen = await choose_accel(image, cache_path=TEST_CACHE / "accel.json")
+    print(f"accel: {chosen.name} ({chosen.reason})")
+    return chosen
+
+
+def _our_qemus(marker: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == QEMU and any(str(marker) in arg for arg in cmdline):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """After the test: no QEMU of this test runs and no run directory is left."""
+    yield
+    assert _our_qemus(tmp_path) == []
+    run = tmp_path / "logs" / "run"
+    assert not run.exists() or list(run.iterdir()) == []
+
+
+class Guest:
+    """The host's side of one guest daemon's control connection."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, msg: HostMessage) -> None:
+        await self.ws.send_message(encode(msg))
+
+    async def recv(self, *, heartbeats: bool = False) -> GuestMessage:
+        with trio.fail_after(STEP_DEADLINE):
+            while True:
+                msg = decode_guest(await self.ws.get_message())
+                if heartbeats or not isinstance(msg, Heartbeat):
+                    return msg
+
+    async def welcome(self, heartbeat_interval: float = 1.0) -> None:
+        await self.send(
+            Welcome(
+                entropy=os.urandom(64), unix_time=time.time(), heartbeat_interval=heartbeat_interval
+            )
+        )
+
+    async def run(self, req: int, argv: list[str]) -> tuple[str, int]:
+        await self.send(Run(req=req, argv=argv))
+        out = b""
+        while True:
+            msg = await self.recv()
+            if isinstance(msg, Output) and msg.req == req and msg.stream == "stdout":
+                out += msg.data
+            elif isinstance(msg, Exited) and msg.req == req:
+                return out.decode(), msg.code
+
+
+async def accept_guest(nursery: trio.Nursery, listener: trio.SocketListener) -> Guest:
+    stream = await listener.accept()
+    request = await trio_websocket.wrap_server_stream(nursery, stream)
+    return Guest(await request.accept())
+
+
+def _fixed_port_listener(name: str, port: int) -> socket.socket:
+    """A listener on 127.0.0.1:``port`` inside namespace ``name``, opened from a
+    fresh thread that ends right after (setns moves only the calling thread)."""
+    from pyroute2.netns import setns
+
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            setns(name, flags=0)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(4)
+            made.append(sock)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
+
+
+class Namespaces:
+    """Network namespaces made for one test, each with a control listener; all removed after."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    async def create(self, *, port: int | None = None) -> tuple[str, trio.SocketListener]:
+        name = f"{netns.PREFIX}qt-{secrets.token_hex(3)}"
+        sock = await netns.create_with_listener(name)
+        self.names.append(name)
+        if port is not None:  # snapshots need the same port in every namespace
+            sock.close()
+            sock = await trio.to_thread.run_sync(_fixed_port_listener, name, port)
+        return name, trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+@pytest.fixture
+async def namespaces() -> AsyncIterator[Namespaces]:
+    made = Namespaces()
+    try:
+        yield made
+    finally:
+        with trio.CancelScope(shield=True):
+            for name in made.names:
+                await netns.remove(name)
+
+
+async def _reap(*vms: QemuVm) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(STEP_DEADLINE):
+        for vm in vms:
+            await vm.kill()
+
+
+def _console_tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join(lines[-25:])
+
+
+@needs_qemu
+@pytest.mark.usefixtures("no_leftovers")
+async def test_qemu_exiting_at_start_is_one_line_with_its_message(tmp_path: Path) -> None:
+    image = replace(_fake_image(tmp_path), rootfs=tmp_path / "missing.ext4")
+    for name in ("vmlinux", "initramfs.cpio.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    driver = QemuDriver(image, TCG)
+    spec = _spec(log_path=tmp_path / "logs" / "worker-0.log")
+    with trio.fail_after(STEP_DEADLINE), pytest.raises(DriverError) as info:
+        await driver.start(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("worker-0: start: QEMU exited with code 1: ")
+    assert "missing.ext4" in message
+
+
+@needs_qemu
+async def test_restore_of_a_missing_snapshot_is_one_line(tmp_path: Path) -> None:
+    driver = QemuDriver(_fake_image(), TCG)
+    with pytest.raises(DriverError, match="No such file") as info:
+        await driver.restore(_spec(), tmp_path / "none.snap")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.image
+@pytest.mark.root
+@needs_root
+@needs_tools
+async def test_probe_boot_sees_userspace_under_tcg_and_says_why_not(image: Image) -> None:
+    with trio.fail_after(BOOT_DEADLINE):
+        assert await probe_boot(image, QEMU, TCG, deadline=BOOT_DEADLINE) is None
+        too_soon = await probe_boot(image, QEMU, TCG, deadline=0.001)
+    assert too_soon == "no console output within 0.001s"
+
+
+@pytest.mark.image
+@pytest.mark.root
+@needs_root
+@needs_tools
+async def test_choose_accel_on_this_host(image: Image, tmp_path: Path) -> None:
+    cache = tmp_path / "accel.json"
+    with trio.fail_after(accel_mod.PROBE_DEADLINE + STEP_DEADLINE):
+        chosen = await choose_accel(image, cache_path=cache)
+    print(f"accel: {chosen.name}: {chosen.reason}")
+    assert chosen.reason.startswith("kvm: ") and "\n" not in chosen.reason
+    if chosen.name == "tcg":
+        assert chosen.reason.endswith("; using tcg")
+    if accel_mod.KVM_DEVICE.exists():
+        assert chosen.name in cache.read_text()
+
+
+@pytest.mark.image
+@pytest.mark.root
+@needs_root
+@needs_tools
+@pytest.mark.usefixtures("no_leftovers")
+async def test_cancelled_start_leaves_no_qemu(image: Image, tmp_path: Path) -> None:
+    """Cancelled between spawn and hand-over, start() kills the QEMU it spawned."""
+    driver = QemuDriver(image, TCG)
+    spec = _spec(log_path=tmp_path / "logs" / "worker-0.log")
+    scope = trio.CancelScope()
+    handed: list[QemuVm] = []
+
+    async def start() -> None:
+        with scope:
+            handed.append(await driver.start(spec))
+
+    with trio.fail_after(STEP_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start)
+            # start() is parked on QEMU (spawned, not yet answering QMP, or talking to it).
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+    assert scope.cancelled_caught and handed == []
+
+
+@pytest.mark.image
+@pytest.mark.root
+@needs_root
+@needs_tools
+@pytest.mark.usefixtures("no_leftovers")
+async def test_cold_boot_in_a_namespace_then_graceful_stop(
+    image: Image,
+    accel: Accel,
+    nursery: trio.Nursery,
+    namespaces: Namespaces,
+    tmp_path: Path,
+) -> None:
+    ns_name, listener = await namespaces.create()
+    port = listener.socket.getsockname()[1]
+    cg = None
+    if cgroup.probe() is None:
+        # QEMU holds the guest's RAM plus its own (and TCG's code cache): room above the guest.
+        cg = await trio.to_thread.run_sync(cgroup.create, f"qt-{secrets.token_hex(3)}", 2048)
+    log_path = tmp_path / "logs" / "worker-0.log"
+    spec = _spec(
+        vm_id=f"worker-0-{secrets.token_hex(3)}",
+        control_url=f"ws://127.0.0.1:{port}/",
+        netns=ns_name,
+        cgroup=cg,
+        log_path=log_path,
+    )
+    driver = QemuDriver(image, accel)
+    started = time.monotonic()
+    vm = await driver.start(spec)
+    try:
+        assert vm.qmp_path.exists()
+        if cg is not None:
+            assert vm.pid in cgroup.pids(cg)
+        try:
+            with trio.fail_after(BOOT_DEADLINE):
+                guest = await accept_guest(nursery, listener)
+                hello = await guest.recv()
+        except trio.TooSlowError:
+            pytest.fail(f"no Hello within {BOOT_DEADLINE:g}s; console:\n{_console_tail(log_path)}")
+        print(f"cold boot to Hello ({accel.name}): {time.monotonic() - started:.2f} s")
+        assert isinstance(hello, Hello)
+        assert (hello.vm_id, hello.token) == (spec.vm_id, spec.token)
+        await guest.welcome()
+        out, code = await guest.run(1, ["cat", "/proc/sys/kernel/random/boot_id"])
+        assert code == 0 and len(out.strip()) == 36, out
+        out, _ = await guest.run(2, ["hostname"])
+        assert out.strip() == "worker-0"
+        rss = psutil.Process(vm.pid).memory_info().rss
+        print(f"QEMU RSS after boot, {MEMORY_MIB} MiB guest: {rss / 2**20:.0f} MiB")
+
+        with trio.fail_after(STEP_DEADLINE):
+            await vm.pause()
+            async with open_qmp(vm.qmp_path) as qmp:
+                status = await qmp.execute("query-status")
+            assert isinstance(status, dict) and status["status"] == "paused"
+            await vm.resume()
+        out, code = await guest.run(3, ["true"])
+        assert code == 0
+
+        await guest.send(Stop(reason="test done"))
+        assert isinstance(await guest.recv(), Goodbye)
+        with trio.fail_after(STEP_DEADLINE):
+            assert await vm.wait() == 0  # the guest powered off; QEMU exits 0
+        assert "reboot: Power down" in log_path.read_text(errors="replace")
+        assert not vm.qmp_path.parent.exists()
+    finally:
+        await _reap(vm)
+        if cg is not None:
+            await trio.to_thread.run_sync(cgroup.remove, cg)
+
+
+@pytest.mark.image
+@pytest.mark.root
+@needs_root
+@needs_tools
+@pytest.mark.usefixtures("no_leftovers")
+async def test_snapshot_then_three_clones_each_in_its_own_namespace(
+    image: Image,
+    accel: Accel,
+    nursery: trio.Nursery,
+    namespaces: Namespaces,
+    tmp_path: Path,
+) -> None:
+    driver = QemuDriver(image, accel)
+    url = f"ws://127.0.0.1:{CONTROL_PORT}/"
+    template_ns, listener = await namespaces.create(port=CONTROL_PORT)
+    template_spec = _spec(
+        vm_id=f"template-{secrets.token_hex(3)}",
+        name="template",
+        control_url=url,
+        netns=template_ns,
+        log_path=tmp_path / "logs" / "template.log",
+    )
+    vms: list[QemuVm] = []
+    try:
+        template = await driver.start(template_spec)
+        vms.append(template)
+        with trio.fail_after(BOOT_DEADLINE):
+            guest = await accept_guest(nursery, listener)
+            hello = await guest.recv()
+        assert isinstance(hello, Hello) and hello.vm_id == template_spec.vm_id
+        # A short heartbeat: a clone finds its dead connection at its next beat.
+        await guest.welcome(heartbeat_interval=0.2)
+        assert isinstance(await guest.recv(heartbeats=True), Heartbeat)  # parked and beating
+
+        snapshot_path = tmp_path / "template.snap"
+        with trio.fail_after(STEP_DEADLINE):
+            snap = await template.snapshot(snapshot_path)
+        print(f"snapshot: {snap.size / 2**20:.1f} MiB in {snap.seconds:.3f} s")
+        assert snap.size == snapshot_path.stat().st_size > 0
+        assert info_path(snapshot_path).exists()
+        with trio.fail_after(STEP_DEADLINE):
+            await template.kill()
+        await listener.aclose()
+
+        with pytest.raises(DriverError, match="taken with memory_mib 256 \\(this VM: 512\\)"):
+            await driver.restore(
+                _spec(memory_mib=512, log_path=tmp_path / "logs" / "x.log"), snap.path
+            )
+
+        clones: list[tuple[QemuVm, Guest]] = []
+        to_hello: list[float] = []
+        for n in range(3):
+            ns_name, listener = await namespaces.create(port=CONTROL_PORT)
+            spec = _spec(
+                vm_id=f"clone-{n}-{secrets.token_hex(3)}",
+                name=f"clone-{n}",
+                control_url=url,
+                netns=ns_name,
+                log_path=tmp_path / "logs" / f"clone-{n}.log",
+            )
+            started = time.monotonic()
+            with trio.fail_after(STEP_DEADLINE):
+                clone = await driver.restore(spec, snap.path)
+                vms.append(clone)
+                guest = await accept_guest(nursery, listener)
+                hello = await guest.recv()
+            to_hello.append(time.monotonic() - started)
+            await listener.aclose()
+            assert isinstance(hello, Hello)
+            # A clone is its template: the identity baked into the kernel command line.
+            assert (hello.vm_id, hello.token) == (template_spec.vm_id, template_spec.token)
+            print(
+                f"clone {n}: restore (QMP, migration, cont) {clone.restore_seconds:.3f} s,"
+                f" restore to Hello {to_hello[-1]:.3f} s"
+            )
+            await guest.welcome()
+            clones.append((clone, guest))
+
+        randoms = set()
+        for n, (_clone, guest) in enumerate(clones):
+            out, code = await guest.run(1, ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])
+            assert code == 0 and len(out.split()) == 16
+            randoms.add(out)
+            _, code = await guest.run(2, ["hostname", f"clone-{n}"])
+            assert code == 0
+            out, _ = await guest.run(3, ["hostname"])
+            assert out.strip() == f"clone-{n}"
+        assert len(randoms) == 3, "each clone's RNG was reseeded from its own Welcome"
+        print(
+            f"restore to Hello p50 over {len(to_hello)} clones: {statistics.median(to_hello):.3f} s"
+        )
+
+        # kill -9 of a clone's QEMU is seen by wait().
+        killed, _ = clones[0]
+        os.kill(killed.pid, signal.SIGKILL)
+        with trio.fail_after(STEP_DEADLINE):
+            assert await killed.wait() == -signal.SIGKILL
+        assert not killed.qmp_path.parent.exists()
+
+        # A restored clone stops gracefully like a booted VM.
+        clone, guest = clones[1]
+        await guest.send(Stop(reason="test done"))
+        assert isinstance(await guest.recv(), Goodbye)
+        with trio.fail_after(STEP_DEADLINE):
+            assert await clone.wait() == 0
+    finally:
+        await _reap(*vms)
