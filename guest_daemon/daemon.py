@@ -45,6 +45,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -263,6 +264,14 @@ def mix_entropy(entropy: bytes) -> None:
     random.seed(os.urandom(32) + entropy)
 
 
+def set_hostname(name: str) -> None:
+    """The VM's own name (a clone of a snapshot wakes up with the template's)."""
+    try:
+        socket.sethostname(name)
+    except OSError as exc:
+        log.warning("cannot set the hostname (%s)", exc.strerror)
+
+
 def set_clock(unix_time: float) -> None:
     """Set CLOCK_REALTIME; a restored snapshot wakes up with the time it was taken."""
     try:
@@ -401,8 +410,10 @@ class Session:
 
     def _welcome(self, msg: Welcome) -> None:
         mix_entropy(msg.entropy)
-        if self._config.set_clock:
+        if self._config.set_clock:  # only inside a VM: never the host's clock or name
             set_clock(msg.unix_time)
+            if msg.hostname:
+                set_hostname(msg.hostname)
         log.info("welcomed; heartbeat every %gs", msg.heartbeat_interval)
 
     async def _heartbeat(self, interval: float) -> None:

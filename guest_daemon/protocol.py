@@ -121,6 +121,8 @@ class Welcome(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
     entropy: Annotated[bytes, Meta(min_length=32, max_length=512)]
     unix_time: float
     heartbeat_interval: Annotated[float, Meta(gt=0, le=3600)]
+    #: Set inside a VM: clones restored from one snapshot each get their own.
+    hostname: Annotated[str, Meta(max_length=63, pattern=r"^([A-Za-z0-9][A-Za-z0-9-]*)?$")] = ""
 
 
 class Run(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="run"):
