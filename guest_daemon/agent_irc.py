@@ -1,0 +1,500 @@
+"""A named agent's presence on IRC, from inside its VM.
+
+``AgentPresence`` connects with the shared ``IrcClient`` as the agent's nick
+(username ``agent``), joins the channels of its ``IrcPresence`` and answers
+what is put to it with an ``Answer`` function, which the guest daemon backs
+with the agent's harness::
+
+    AgentPresence.run()                 nursery.start(): started() once registered
+    ├─ worker            one question at a time: answer(sender, where, text)
+    │                    bounded by answer_timeout, then the reply (paginated, capped)
+    └─ per connection    (a retune to another nick or server starts a new one)
+       ├─ IrcClient.run  connects, registers, reconnects with backoff
+       ├─ events         Message -> a question queued (at most QUEUE_SIZE waiting)
+       │                 Invited -> join; Kicked -> stay out (the client forgets it)
+       └─ retunes        channels joined or parted as the presence changes
+
+What it answers:
+
+* a private message (reply by private message) and, in a channel, a message
+  that mentions its nick as a whole word anywhere, case-insensitively with
+  the IRC casemapping (reply in the channel, prefixed ``sender:``). A leading
+  ``nick:`` or ``nick,`` is not part of the question; see ``addressed_to``.
+* never its own messages; nothing else said in channels.
+
+How much: an answer is paginated to fit IRC lines and cut to ``max_lines``
+lines, the last saying how many more there were (``reply_lines``), so a
+runaway harness cannot flood a channel. One answer is worked on at a time;
+when ``QUEUE_SIZE`` more are waiting, a person is told ``busy, try again
+shortly`` once (again only after a question of theirs was queued, or the queue
+emptied) and the question is dropped; an agent is not told. An answer that
+raises or takes longer than ``answer_timeout`` becomes a one-line apology:
+nothing about the failure goes to IRC.
+
+Agents and loops: the client tells agents by their username, ``agent``
+(``~agent`` on servers without ident); ``ReplyPolicy`` decides when another
+agent's message is answered. People are always answered. A person's client
+could use the username ``agent`` too; it is then only answered like an agent.
+
+Exceptions::
+
+    AgentIrcError
+    └── InvalidPresence   the IrcPresence cannot be used (a bad nick or channel)
+
+Nothing the server or anyone on it sends raises: bad input is logged and
+dropped, as in the client underneath.
+
+This module imports only the standard library, trio, msgspec and irctokens
+(through ``irc``): it ships inside VM images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from .irc import (
+    Connect,
+    Disconnected,
+    InvalidParameter,
+    Invited,
+    IrcClient,
+    IrcConfig,
+    Joined,
+    Kicked,
+    Message,
+    NickChanged,
+    Registered,
+    casefold,
+    message_budget,
+    open_tcp,
+    paginate,
+)
+from .irc_session import HOST_GUESS
+from .protocol import IrcPresence
+
+__all__ = [
+    "AGENT_USERNAME",
+    "BUSY",
+    "CALM",
+    "MAX_ANSWER_LINES",
+    "QUEUE_SIZE",
+    "AgentIrcError",
+    "AgentPresence",
+    "Answer",
+    "InvalidPresence",
+    "ReplyPolicy",
+    "addressed_to",
+    "irc_config",
+    "is_agent",
+    "mentions",
+    "reply_lines",
+]
+
+log = logging.getLogger("fireclaw.agent_irc")
+
+#: ``await answer(sender_nick, where, text)`` -> the reply; ``where`` is the
+#: channel the question was asked in, or ``"private"``.
+Answer = Callable[[str, str, str], Awaitable[str]]
+
+#: Every agent registers with this username; it is how agents know each other.
+AGENT_USERNAME: Final = "agent"
+REALNAME: Final = "fireclaw agent"
+PRIVATE: Final = "private"
+#: Lines one answer may take on IRC, including the "(… N more lines)" line.
+MAX_ANSWER_LINES: Final = 10
+#: Questions waiting while one is answered; more than this are refused.
+QUEUE_SIZE: Final = 8
+#: How long an answer may take before it becomes an apology.
+ANSWER_TIMEOUT: Final = 600.0
+#: Channels the agent is in at most; invitations beyond that are declined.
+MAX_CHANNELS: Final = 32
+#: After this long without answering an agent, the cooldown is back to its base.
+CALM: Final = 300.0
+#: How long a retune waits for the old connection's QUIT to go out.
+RETUNE_QUIT_TIMEOUT: Final = 5.0
+
+BUSY: Final = "busy, try again shortly"
+NO_ANSWER: Final = "(no answer)"
+FAILED: Final = "sorry, something went wrong while answering that"
+
+# Characters a nick may hold (RFC 2812), folded: a mention is a nick not touching one.
+_NICK_CHARS: Final = frozenset(casefold("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-[]\\`_^{|}"))
+_ADDRESS_END: Final = re.compile(r"\s*[:,]\s*")
+
+
+class AgentIrcError(Exception):
+    """Base of this module's errors."""
+
+
+class InvalidPresence(AgentIrcError, ValueError):
+    """An ``IrcPresence`` that cannot be used; ``str()`` is one line."""
+
+
+# --- the pure parts -------------------------------------------------------------------
+
+
+class ReplyPolicy:
+    """Whether the agent answers a message now; time is passed in as ``now``.
+
+    Messages from people are always answered. After answering another agent,
+    the agent answers no agent message for ``cooldown`` seconds. Each further
+    answer to an agent, with no person answered in between and less than
+    ``calm`` seconds after the previous one, doubles that quiet period (up to
+    ``calm``): so two agents whose round trip is slower than the cooldown
+    (a harness that takes longer than it) still fall silent after a few
+    exchanges instead of trading messages forever. The doubling starts over
+    once the agent answers a person, or after ``calm`` seconds without
+    answering an agent. A cooldown of 0 turns all of this off.
+    """
+
+    def __init__(self, cooldown: float, *, calm: float = CALM) -> None:
+        if not (math.isfinite(cooldown) and cooldown >= 0):
+            raise ValueError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
+        self.cooldown = cooldown
+        self.calm = calm
+        self.quiet_until = -math.inf
+        self.streak = 0
+        self._last_agent_answer = -math.inf
+
+    def should_answer(self, now: float, from_agent: bool) -> bool:
+        return not from_agent or now >= self.quiet_until
+
+    def answered(self, now: float, to_agent: bool) -> None:
+        """The agent replied at ``now`` (an answer, or an apology in its place)."""
+        if not to_agent:
+            self.streak = 0
+            return
+        if now - self._last_agent_answer >= self.calm:
+            self.streak = 0
+        self.streak += 1
+        self._last_agent_answer = now
+        quiet = min(self.cooldown * 2 ** min(self.streak - 1, 32), max(self.calm, self.cooldown))
+        self.quiet_until = max(self.quiet_until, now + quiet)
+
+
+def is_agent(user: str) -> bool:
+    """Whether a message's username (``~agent`` without ident) is an agent's."""
+    return user.removeprefix("~").lower() == AGENT_USERNAME
+
+
+def _mentioned_at(folded: str, nick: str) -> Iterator[int]:
+    start = 0
+    while (index := folded.find(nick, start)) >= 0:
+        before = folded[index - 1 : index]
+        after = folded[index + len(nick) : index + len(nick) + 1]
+        if before not in _NICK_CHARS and after not in _NICK_CHARS:
+            yield index
+        start = index + 1
+
+
+def mentions(text: str, nick: str, casemapping: str = "rfc1459") -> bool:
+    """Whether ``nick`` occurs in ``text`` as a whole word (not inside a longer nick)."""
+    if not nick:
+        return False
+    folded = casefold(text, casemapping)
+    return next(_mentioned_at(folded, casefold(nick, casemapping)), None) is not None
+
+
+def addressed_to(text: str, nicks: Iterable[str], casemapping: str = "rfc1459") -> str | None:
+    """The question in ``text`` if it mentions one of ``nicks``, else None.
+
+    A leading ``nick:`` or ``nick,`` only says who is asked: it is removed
+    (unless nothing would be left). A mention anywhere else keeps the text whole.
+    """
+    folded = casefold(text, casemapping)
+    offset = len(text) - len(text.lstrip())
+    found = False
+    for nick in nicks:
+        if not nick:
+            continue
+        want = casefold(nick, casemapping)
+        for index in _mentioned_at(folded, want):
+            found = True
+            if index == offset:
+                end = _ADDRESS_END.match(text, index + len(want))
+                if end is not None and text[end.end() :].strip():
+                    return text[end.end() :]
+    return text if found else None
+
+
+def reply_lines(
+    text: str, *, prefix: str, budget: int, max_lines: int = MAX_ANSWER_LINES
+) -> list[str]:
+    """What an answer looks like on IRC: at most ``max_lines`` lines of ``budget`` bytes.
+
+    ``prefix`` starts the first line. Blank lines are dropped; an empty answer
+    is ``(no answer)``. When the answer is longer, the last line allowed says
+    ``(… N more lines)`` instead.
+    """
+    if max_lines < 2:
+        raise ValueError(f"max_lines must be at least 2, not {max_lines}")
+    body = text.replace("\x01", "").strip() or NO_ANSWER  # \x01 would make it a CTCP
+    pages = paginate(prefix + body, budget)
+    if len(pages) > max_lines:
+        rest = len(pages) - (max_lines - 1)
+        pages = [*pages[: max_lines - 1], f"(… {rest} more lines)"]
+    return pages
+
+
+def irc_config(presence: IrcPresence) -> IrcConfig:
+    """The client configuration of an agent; ``InvalidPresence`` if it cannot be one."""
+    try:
+        return IrcConfig(
+            host=presence.host,
+            port=presence.port,
+            nick=presence.nick,
+            username=AGENT_USERNAME,
+            realname=REALNAME,
+            password=presence.password or None,
+            channels=tuple(dict.fromkeys(presence.channels)),
+        )
+    except ValueError as exc:
+        raise InvalidPresence(f"IRC presence of {presence.nick}: {exc}") from exc
+
+
+# --- the trio part --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Question:
+    sender: str
+    where: str  # a channel, or PRIVATE
+    reply_to: str  # the channel, or the sender
+    text: str
+    from_agent: bool
+
+
+class AgentPresence:
+    """One agent on IRC; see the module docstring.
+
+    ``connect`` and ``uniform`` go to the ``IrcClient`` (tests use memory
+    streams and fixed reconnect delays). The policy is ``self.policy``.
+    """
+
+    def __init__(
+        self,
+        presence: IrcPresence,
+        answer: Answer,
+        *,
+        connect: Connect = open_tcp,
+        uniform: Callable[[float, float], float] = random.uniform,
+        answer_timeout: float = ANSWER_TIMEOUT,
+        max_lines: int = MAX_ANSWER_LINES,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        irc_config(presence)
+        self.presence = presence
+        self.policy = ReplyPolicy(presence.cooldown)
+        self.answer_timeout = answer_timeout
+        self.max_lines = max_lines
+        self._answer = answer
+        self._connect = connect
+        self._uniform = uniform
+        self._client: IrcClient | None = None
+        self._queue_in, self._queue_out = trio.open_memory_channel[_Question](queue_size)
+        self._told_busy: set[str] = set()
+        self._retuned = trio.Event()
+        self._leaving = False
+        self._scope = trio.CancelScope()
+
+    @property
+    def client(self) -> IrcClient | None:
+        """The client of the current connection (None before ``run``)."""
+        return self._client
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Be on IRC until ``leave`` or cancellation; started() once first registered."""
+        started = False
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._work)
+                while not self._leaving:
+                    presence = self.presence
+                    client = IrcClient(
+                        irc_config(presence), connect=self._connect, uniform=self._uniform
+                    )
+                    self._client = client
+                    async with trio.open_nursery() as connection:
+                        await connection.start(client.run)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        connection.start_soon(self._handle_events, client)
+                        connection.start_soon(self._follow, client, presence, connection)
+                nursery.cancel_scope.cancel()
+
+    async def leave(self, message: str) -> None:
+        """QUIT with ``message`` and end ``run``; bound it with a cancel scope."""
+        self._leaving = True
+        try:
+            # Before registration there is nobody to say goodbye to; and a client
+            # that quits then would end its run without ever reporting started.
+            if self._client is not None and self._client.registered:
+                await self._client.quit(message)
+        finally:
+            self._scope.cancel()
+
+    def retune(self, presence: IrcPresence) -> None:
+        """Take a new presence: channels joined and parted, the cooldown changed;
+        another nick, server or password reconnects as the new nick.
+        ``InvalidPresence`` if it cannot be used (the old one stays)."""
+        irc_config(presence)
+        self.presence = presence
+        self.policy.cooldown = presence.cooldown
+        self._retuned.set()
+
+    # -- connection tasks ----------------------------------------------------------
+
+    async def _follow(
+        self, client: IrcClient, presence: IrcPresence, connection: trio.Nursery
+    ) -> None:
+        """Apply retunes to this connection; end it when it needs another identity."""
+        while True:
+            await self._retuned.wait()
+            self._retuned = trio.Event()
+            new = self.presence
+            if (new.host, new.port, new.nick, new.password) != (
+                presence.host,
+                presence.port,
+                presence.nick,
+                presence.password,
+            ):
+                log.info("reconnecting as %s to %s:%d", new.nick, new.host, new.port)
+                with trio.move_on_after(RETUNE_QUIT_TIMEOUT):
+                    await client.quit(f"reconnecting as {new.nick}")
+                connection.cancel_scope.cancel()
+                return
+            old = {casefold(c): c for c in presence.channels}
+            wanted = {casefold(c): c for c in new.channels}
+            try:
+                for key, channel in old.items():
+                    if key not in wanted:
+                        await client.part(channel, "no longer in my role")
+                for key, channel in wanted.items():
+                    if key not in old:
+                        await client.join(channel)
+            except InvalidParameter as exc:
+                log.warning("retune: %s", exc)
+            presence = new
+
+    async def _handle_events(self, client: IrcClient) -> None:
+        async for event in client.events():
+            match event:
+                case Message():
+                    await self._on_message(client, event)
+                case Invited(channel=channel, by=by):
+                    await self._on_invite(client, channel, by)
+                case Registered(nick=nick):
+                    log.info("on IRC as %s", nick)
+                case Joined(channel=channel):
+                    log.info("joined %s", channel)
+                case Kicked(channel=channel, by=by, reason=reason):
+                    log.info("kicked from %s by %s (%s); not rejoining", channel, by, reason)
+                case NickChanged(old=old, new=new):
+                    log.info("nick %s -> %s", old, new)
+                case Disconnected(reason=reason):
+                    log.info("disconnected: %s", reason)
+
+    async def _on_invite(self, client: IrcClient, channel: str, by: str) -> None:
+        if len(client.channels) >= MAX_CHANNELS:
+            log.warning("declined %s's invitation to %s: in %d channels", by, channel, MAX_CHANNELS)
+            return
+        log.info("invited to %s by %s", channel, by)
+        try:
+            await client.join(channel)
+        except InvalidParameter as exc:
+            log.warning("cannot join %s: %s", channel, exc)
+
+    def _own_nicks(self, client: IrcClient) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((client.nick, self.presence.nick)))
+
+    async def _on_message(self, client: IrcClient, message: Message) -> None:
+        nicks = self._own_nicks(client)
+        sender = message.source
+        if not sender or casefold(sender) in {casefold(n) for n in nicks}:
+            return
+        if message.private:
+            text = addressed_to(message.text, nicks) or message.text
+            where, reply_to = PRIVATE, sender
+        else:
+            found = addressed_to(message.text, nicks)
+            if found is None:
+                return
+            text, where, reply_to = found, message.target, message.target
+        from_agent = is_agent(message.user)
+        if from_agent and not self.policy.should_answer(trio.current_time(), from_agent=True):
+            log.info("not answering agent %s in %s: cooling down", sender, where)
+            return
+        question = _Question(
+            sender=sender, where=where, reply_to=reply_to, text=text, from_agent=from_agent
+        )
+        try:
+            self._queue_in.send_nowait(question)
+        except trio.WouldBlock:
+            log.warning("busy: dropped a question from %s in %s", sender, where)
+            if not from_agent and sender not in self._told_busy:
+                self._told_busy.add(sender)
+                await self._reply(question, BUSY)
+            return
+        self._told_busy.discard(sender)
+
+    # -- answering -----------------------------------------------------------------
+
+    async def _work(self) -> None:
+        async for question in self._queue_out:
+            if self._queue_out.statistics().current_buffer_used == 0:
+                self._told_busy.clear()  # nobody waits any more: anyone may be told again
+            await self._take(question)
+
+    async def _take(self, question: _Question) -> None:
+        if question.from_agent and not self.policy.should_answer(
+            trio.current_time(), from_agent=True
+        ):
+            log.info("not answering agent %s in %s: cooling down", question.sender, question.where)
+            return
+        try:
+            with trio.fail_after(self.answer_timeout):
+                text = await self._answer(question.sender, question.where, question.text)
+        except trio.TooSlowError:
+            log.warning("answer to %s took over %gs; gave up", question.sender, self.answer_timeout)
+            text = f"sorry, that took too long (over {self.answer_timeout:g}s)"
+        except Exception:
+            log.exception("answer to %s failed", question.sender)
+            text = FAILED
+        await self._reply(question, text)
+        self.policy.answered(trio.current_time(), to_agent=question.from_agent)
+
+    async def _reply(self, question: _Question, text: str) -> None:
+        client = self._client
+        if client is None:
+            return
+        prefix = f"{question.sender}: "
+        if question.where == PRIVATE or _starts_addressing(text, question.sender):
+            prefix = ""
+        budget = message_budget(
+            nick="x" * max(len(client.nick), len(self.presence.nick)),
+            username=AGENT_USERNAME,
+            host="x" * HOST_GUESS,
+            command="PRIVMSG",
+            target=question.reply_to,
+        )
+        lines = reply_lines(text, prefix=prefix, budget=budget, max_lines=self.max_lines)
+        try:
+            await client.privmsg(question.reply_to, "\n".join(lines))
+        except InvalidParameter as exc:
+            log.warning("cannot reply to %s: %s", question.reply_to, exc)
+
+
+def _starts_addressing(text: str, nick: str) -> bool:
+    """Whether ``text`` already begins with ``nick:`` or ``nick,``."""
+    body = text.lstrip()
+    head = casefold(body[: len(nick)])
+    return head == casefold(nick) and body[len(nick) : len(nick) + 1] in (":", ",")
