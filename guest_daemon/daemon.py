@@ -63,7 +63,16 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from .harness import Children, Identity, child_env, one_line, run_command, run_task
+from .agent_irc import AgentPresence
+from .harness import (
+    Children,
+    Identity,
+    child_env,
+    one_line,
+    run_command,
+    run_harness,
+    run_task,
+)
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -282,6 +291,12 @@ def set_clock(unix_time: float) -> None:
         log.info("clock set to %.3f", unix_time)
 
 
+#: Seconds an IRC answer may take beyond the harness timeout.
+ANSWER_MARGIN: Final = 5.0
+#: Seconds to say goodbye on IRC when stopping.
+QUIT_GRACE: Final = 3.0
+
+
 # --- the session -----------------------------------------------------------------
 
 
@@ -301,6 +316,7 @@ class Session:
         self._send, self._outbox = trio.open_memory_channel[GuestMessage](OUTBOX_SIZE)
         self._children = Children()
         self._identity: Identity | None = None
+        self._presence: AgentPresence | None = None  # on IRC, once promoted with ``irc``
         self._talk = trio.CancelScope()
         self._outcome: tuple[int, str] | None = None
         self._connected = True
@@ -311,6 +327,7 @@ class Session:
             outer.start_soon(self._write_loop)
             async with trio.open_nursery() as jobs:
                 await self._converse(jobs)
+                await self._leave_irc()
                 await self._children.terminate(KILL_GRACE)
                 # Runs whose children died report Exited/TaskDone before Goodbye.
                 jobs.cancel_scope.deadline = trio.current_time() + REPORT_GRACE
@@ -402,11 +419,38 @@ class Session:
                     msg.role,
                     msg.model or "-",
                 )
+                self._join_irc(msg, jobs)
                 await self._send.send(Promoted(name=msg.name))
             case Welcome():
                 self._welcome(msg)
             case Stop():
                 self._end(EXIT_STOPPED, msg.reason)
+
+    def _join_irc(self, msg: Promote, jobs: trio.Nursery) -> None:
+        """Be on IRC as the promotion says: join, retune, or stay off."""
+        if msg.irc is None:
+            return
+        if self._presence is None:
+            self._presence = AgentPresence(
+                msg.irc, self._answer, answer_timeout=msg.harness.timeout + ANSWER_MARGIN
+            )
+            jobs.start_soon(self._presence.run)
+        else:
+            self._presence.retune(msg.irc)
+
+    async def _answer(self, sender: str, where: str, text: str) -> str:
+        """What the agent says on IRC: its harness, asked the message."""
+        if self._identity is None:
+            return "I am not an agent yet"
+        code, output, _ = await run_harness(self._identity, text, self._children, self._env)
+        return output if code == 0 else f"{output}\n(exit {code})"
+
+    async def _leave_irc(self) -> None:
+        if self._presence is not None and self._outcome is not None:
+            code, reason = self._outcome
+            why = reason if code == EXIT_STOPPED else "lost the supervisor"
+            with trio.move_on_after(QUIT_GRACE):
+                await self._presence.leave(one_line(f"stopping: {why}", 200))
 
     def _welcome(self, msg: Welcome) -> None:
         mix_entropy(msg.entropy)

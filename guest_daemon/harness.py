@@ -304,16 +304,33 @@ async def run_task(
             )
         )
         return
-    argv = harness_argv(who.argv, msg.prompt)
-    env = task_env(base_env, who, msg.task_id, msg.prompt)
+    code, output, truncated = await run_harness(
+        who, msg.prompt, children, base_env, task_id=msg.task_id
+    )
+    await send(TaskDone(task_id=msg.task_id, code=code, output=output, truncated=truncated))
+
+
+async def run_harness(
+    who: Identity,
+    prompt: str,
+    children: Children,
+    base_env: Mapping[str, str],
+    *,
+    task_id: int = 0,
+) -> tuple[int, str, bool]:
+    """Run the agent's harness on ``prompt``: (exit code, output, whether it was cut).
+
+    Serves tasks and the questions an agent is asked on IRC alike."""
+    label = f"task {task_id}" if task_id else "question"
+    argv = harness_argv(who.argv, prompt)
+    env = task_env(base_env, who, task_id, prompt)
     try:
         proc = await spawn(argv, env=env, merge_stderr=True)
     except (OSError, ValueError) as exc:
         code, error = spawn_failure(exc)
-        log.info("task %d: cannot start harness %s: %s", msg.task_id, argv[0], error)
-        await send(TaskDone(task_id=msg.task_id, code=code, output=error))
-        return
-    log.info("task %d: %s started harness %s (pid %d)", msg.task_id, who.name, argv[0], proc.pid)
+        log.info("%s: cannot start harness %s: %s", label, argv[0], error)
+        return code, error, False
+    log.info("%s: %s started harness %s (pid %d)", label, who.name, argv[0], proc.pid)
 
     cap = OutputCap()
     note = ""
@@ -334,5 +351,5 @@ async def run_task(
             with trio.move_on_after(REAP_TIMEOUT):
                 await drain()
     output, truncated = task_output(cap.kept, truncated=cap.truncated, note=note)
-    log.info("task %d: exited %d%s", msg.task_id, code, f" ({note})" if note else "")
-    await send(TaskDone(task_id=msg.task_id, code=code, output=output, truncated=truncated))
+    log.info("%s: exited %d%s", label, code, f" ({note})" if note else "")
+    return code, output, truncated

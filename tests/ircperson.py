@@ -29,6 +29,7 @@ class Person:
         self._connection = self._reactor.server()
         self._inbox: queue.Queue[Event] = queue.Queue()
         self.seen: list[Event] = []
+        self._claimed: set[int] = set()
         self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"person-{nick}", daemon=True)
@@ -60,7 +61,13 @@ class Person:
         self.do("send_raw", line)
 
     def expect(self, what: str, predicate: Callable[[Event], bool], timeout: float = 30) -> Event:
-        """The next event that matches, or fail naming ``what``."""
+        """The earliest matching event not claimed by an earlier ``expect``, waiting for
+        one to arrive if need be; fails naming ``what``. Events that arrive in another
+        order than expected are kept for the ``expect`` that wants them."""
+        for i, event in enumerate(self.seen):
+            if i not in self._claimed and predicate(event):
+                self._claimed.add(i)
+                return event
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -75,6 +82,7 @@ class Person:
                 continue
             self.seen.append(event)
             if predicate(event):
+                self._claimed.add(len(self.seen) - 1)
                 return event
 
     def said(self, target: str, fragment: str, timeout: float = 30) -> Event:

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ircperson import Person
+from fireclaw.pool.forward import VM_SOURCE
+from ircperson import Event, Person
 from swarmctl import Swarm, idle, role_yaml, swarm_yaml
 from test_swarm import NOTHING, free_port, ngircd_pids
 
@@ -48,10 +49,15 @@ def op(swarm: Swarm) -> Iterator[Person]:
 
 
 def overseer_in_channel(person: Person) -> None:
+    """The overseer is (or comes) into #control: listed by NAMES, or seen joining."""
     person.do("names", CONTROL)
     person.expect(
         "the overseer in #control",
-        lambda e: e.type == "namreply" and "overseer" in e.arguments[-1].replace("@", "").split(),
+        lambda e: (
+            (e.type == "namreply" and "overseer" in e.arguments[-1].replace("@", "").split())
+            or (e.type == "join" and e.source.nick == "overseer" and e.target == CONTROL)
+        ),
+        timeout=60,
     )
 
 
@@ -132,3 +138,141 @@ def test_the_overseer_comes_back_after_the_irc_server_dies(swarm: Swarm) -> None
         again.said(CONTROL, "worker: 1 idle")
     finally:
         again.stop()
+
+
+AGENTS = "#agents"
+PINGPONG = (
+    'harness: {kind: command, command: ["sh", "-c", '
+    '"if [ \\"$FIRECLAW_AGENT\\" = alice ]; then echo \\"bob: ping\\"; '
+    'else echo \\"alice: pong\\"; fi"]}\n'
+)
+SMUGGLER = (
+    'harness: {kind: command, command: ["sh", "-c", '
+    '"printf \\"fine\\\\r\\\\nQUIT :gotcha\\\\r\\\\nJOIN #evil\\\\n\\""]}\n'
+)
+
+
+def agent_swarm(tmp_path: Path, harness: str = "") -> Swarm:
+    port = free_port()
+    roles = role_yaml("worker", min_idle=1) + role_yaml("coder", min_idle=1, extra=harness)
+    swarm = Swarm(tmp_path, swarm_yaml(roles, irc=irc_yaml(port)))
+    swarm.irc_port = port  # type: ignore[attr-defined]
+    swarm.start()
+    return swarm
+
+
+def joined(person: Person, nick: str, channel: str) -> Event:
+    return person.expect(
+        f"{nick} joining {channel}",
+        lambda e: e.type == "join" and e.source.nick == nick and e.target == channel,
+        timeout=60,
+    )
+
+
+def test_an_invoked_agent_joins_answers_and_quits_when_destroyed(tmp_path: Path) -> None:
+    swarm = agent_swarm(tmp_path)
+    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    try:
+        overseer_in_channel(op)
+        op.say(CONTROL, "!invoke coder alice")
+        arrival = joined(op, "alice", AGENTS)
+        op.said(CONTROL, "op: alice is up: a coder agent on coder-")
+        if os.geteuid() == 0:  # through her namespace's forwarder: never 127.0.0.1
+            assert arrival.source.host == VM_SOURCE
+        op.say(AGENTS, "alice: what is your name?")
+        op.said(AGENTS, "op: alice: what is your name?")
+        op.say("alice", "and in private?")
+        op.said("op", "alice: and in private?")
+        op.say(CONTROL, "!destroy alice")
+        quit_ = op.expect("alice quitting", lambda e: e.type == "quit" and e.source.nick == "alice")
+        assert "stopping" in quit_.arguments[0]
+        op.said(CONTROL, "op: alice is gone")
+    finally:
+        op.stop()
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
+
+
+def test_what_an_agent_says_never_becomes_a_command(tmp_path: Path) -> None:
+    swarm = agent_swarm(tmp_path, SMUGGLER)
+    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    try:
+        op.say(CONTROL, "!invoke coder mallet")
+        joined(op, "mallet", AGENTS)
+        op.say(AGENTS, "mallet: go")
+        op.said(AGENTS, "op: fine")
+        op.said(AGENTS, "QUIT :gotcha")  # arrives as text, in the channel
+        op.said(AGENTS, "JOIN #evil")
+        op.do("names", "#evil")
+        names = op.expect(
+            "#evil names",
+            lambda e: (
+                (e.type == "namreply" and e.arguments[1] == "#evil")
+                or (e.type == "endofnames" and e.arguments[0] == "#evil")
+            ),
+        )
+        assert names.type == "endofnames"  # no member listed first: nobody joined #evil
+        assert not [e for e in op.seen if e.type == "quit" and e.source.nick == "mallet"]
+    finally:
+        op.stop()
+        swarm.close()
+
+
+def test_two_agents_stop_answering_each_other(tmp_path: Path) -> None:
+    swarm = agent_swarm(tmp_path, PINGPONG)
+    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    try:
+        op.say(CONTROL, "!invoke coder alice")
+        joined(op, "alice", AGENTS)
+        op.say(CONTROL, "!invoke coder bob")
+        joined(op, "bob", AGENTS)
+        op.say(AGENTS, "alice: start")
+        op.said(AGENTS, "bob: ping")  # alice to bob (for op)
+        op.said(AGENTS, "alice: pong")  # bob answers alice
+        op.said(AGENTS, "bob: ping")  # alice answers bob; now both are cooling down
+        op.say(AGENTS, "bob: marker")  # a person is always answered
+        op.said(AGENTS, "op: alice: pong")
+        said = [
+            (e.source.nick, e.arguments[0])
+            for e in op.seen
+            if e.type == "pubmsg" and e.target == AGENTS and e.source.nick in ("alice", "bob")
+        ]
+        assert said == [
+            ("alice", "op: bob: ping"),
+            ("bob", "alice: pong"),
+            ("alice", "bob: ping"),
+            ("bob", "op: alice: pong"),
+        ]
+    finally:
+        op.stop()
+        swarm.close()
+
+
+def test_everyone_is_back_after_the_irc_server_is_killed(tmp_path: Path) -> None:
+    swarm = agent_swarm(tmp_path)
+    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    try:
+        op.say(CONTROL, "!invoke coder alice")
+        joined(op, "alice", AGENTS)
+    finally:
+        op.stop()
+    try:
+        (pid,) = ngircd_pids(swarm.state)
+        os.kill(pid, signal.SIGKILL)
+        swarm.wait_for(
+            "ngircd restarted",
+            lambda s: (
+                s["irc"]["managed"]["state"] == "running" and s["irc"]["managed"]["pid"] != pid
+            ),
+        )
+        op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+        try:
+            op.do("names", AGENTS)
+            # The agent's client reconnects with backoff; ask until she is back.
+            op.say(AGENTS, "alice: are you back?")
+            op.said(AGENTS, "op: alice: are you back?", timeout=90)
+            overseer_in_channel(op)
+        finally:
+            op.stop()
+    finally:
+        swarm.close()
