@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ import trio_websocket
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
 
+#: A host name a Welcome may carry (RFC 1123 label).
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 #: A run's output waiting to be taken; beyond this the reader waits (TCP backpressure).
 _RUN_BUFFER: Final = 64
 
@@ -94,9 +97,18 @@ class ControlSession:
 
     @classmethod
     async def handshake(
-        cls, ws: trio_websocket.WebSocketConnection, *, vm_id: str, token: str, spec: ControlSpec
+        cls,
+        ws: trio_websocket.WebSocketConnection,
+        *,
+        vm_id: str,
+        token: str,
+        spec: ControlSpec,
+        hostname: str = "",
     ) -> ControlSession:
-        """Read the guest's Hello, check who it is, answer with Welcome."""
+        """Read the guest's Hello, check who it is, answer with Welcome.
+
+        ``hostname`` is the name a guest in a VM takes (clones of one snapshot
+        each get their own); one that is not a valid host name is not sent."""
         msg = p.decode_guest(await _receive(ws))  # ProtocolError handled by the caller
         if not isinstance(msg, p.Hello):
             raise GuestViolation(f"first message was {type(msg).__name__}, not Hello")
@@ -108,6 +120,7 @@ class ControlSession:
             entropy=os.urandom(64),
             unix_time=time.time(),
             heartbeat_interval=spec.heartbeat_interval,
+            hostname=hostname if _HOSTNAME.fullmatch(hostname) else "",
         )
         await _send(ws, welcome)
         return cls(ws, msg, spec)

@@ -87,7 +87,9 @@ class RoleGroup:
 
     def counts(self) -> dict[str, object]:
         states = [c.state for c in self.children.values()]
+        templates = self.rt.templates
         return {
+            "start": templates.describe(self.role) if templates is not None else "boot",
             "target": self.target,
             "min_idle": self.role.pool.min_idle,
             "max_active": self.role.pool.max_active,

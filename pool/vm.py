@@ -2,8 +2,9 @@
 
 A child is one trio task. Each incarnation creates its resources (a control
 listener, inside a fresh network namespace when isolation is on; a cgroup when
-available), starts the VMM through the driver, waits for the guest's Hello and
-serves the control session until the VM ends. Whatever happens, a shielded,
+available), starts the VMM through the driver (a cold boot, or a restore from
+its role's snapshot template when the runtime has templates), waits for the
+guest's Hello and serves the control session until the VM ends. Whatever happens, a shielded,
 bounded teardown stops the VMM (TERM, then KILL) and releases every resource
 the incarnation created.
 
@@ -39,12 +40,14 @@ from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, Hea
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.forward import forward
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
+from fireclaw.pool.templates import namespace_with_listener
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import Store, VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.group import RoleGroup
+    from fireclaw.pool.templates import Template, Templates
 
 log = logging.getLogger("fireclaw.vm")
 
@@ -81,6 +84,12 @@ class Runtime:
     instance: str = "fc"  # instance_id(state_dir): the prefix of every VM id
     graceful: bool = True  # False after a second SIGINT: kill at once
     irc: IrcRoute | None = None  # None: agents stay off IRC
+    #: Snapshot templates to restore pool VMs from (qemu); None: every VM cold-boots.
+    templates: Templates | None = None
+    #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
+    vmm_overhead_mib: int = 0
+    #: How a guest names its namespace's loopback (qemu's user network: 10.0.2.2).
+    guest_loopback: str = "127.0.0.1"
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
     #: together after a long wait; bounded, VMs become ready one after another.
@@ -140,6 +149,8 @@ class Child:
         self.reason = ""  # why it last crashed or failed
         self.promoted_as: str | None = None
         self.irc_endpoint: tuple[str, int] | None = None  # the IRC server, as the guest reaches it
+        self.started_as = ""  # "restored <template>" or "booted": how the current VM began
+        self.ready_seconds: float | None = None  # VMM start (or restore) to guest connected
         self._scope = trio.CancelScope()
         self._reset = trio.Event()
         self._exited = trio.Event()  # the current incarnation's VMM has exited
@@ -251,9 +262,25 @@ class Child:
     # --- one incarnation ------------------------------------------------------------
 
     async def _incarnate(self) -> Outcome:
+        templates = self.rt.templates
+        template = None
+        if templates is not None and self.rt.isolate_net:
+            template = await templates.get(self.group.role)  # None: cold boot
+        try:
+            return await self._incarnate_from(template)
+        finally:
+            if templates is not None and template is not None:
+                templates.release(template)
+
+    async def _incarnate_from(self, template: Template | None) -> Outcome:
+        """One VM: cold-booted, or restored from ``template``."""
         role = self.group.role
         vm_id = f"{self.rt.instance}-{self.name}-{secrets.token_hex(3)}"
         token = secrets.token_urlsafe(24)
+        # A clone says Hello with its template's vm_id and token, the same in every
+        # clone: which VM dialled is known by the namespace it dialled from (one VM
+        # and one listener per namespace), and the token still proves it is ours.
+        expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
         outcome = Outcome()
         self._exited = trio.Event()
         ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
@@ -266,14 +293,16 @@ class Child:
         self._register(ns_name, cg, pid=0)
         try:
             try:
-                if ns_name is not None:
+                if template is not None and ns_name is not None:
+                    # The clone dials the port baked into its template, in every namespace.
+                    listener_sock = await namespace_with_listener(ns_name, template.port)
+                elif ns_name is not None:
                     listener_sock = await netns.create_with_listener(ns_name)
                 else:
                     listener_sock = _loopback_listener()
                 if cg is not None:
-                    cg = await trio.to_thread.run_sync(
-                        cgroup.create, vm_id, role.resources.memory_mib
-                    )
+                    limit = role.resources.memory_mib + self.rt.vmm_overhead_mib
+                    cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
                 port = listener_sock.getsockname()[1]
                 spec = VmSpec(
                     vm_id=vm_id,
@@ -288,7 +317,19 @@ class Child:
                     log_path=self.rt.state_dir / "logs" / f"{self.name}.log",
                     guest_command=role.guest_command,
                 )
-                self.handle = await self.rt.driver.start(spec)
+                self.ready_seconds = None
+                started = trio.current_time()
+                if template is not None:
+                    assert self.rt.templates is not None
+                    try:
+                        self.handle = await self.rt.templates.restore(spec, template)
+                    except DriverError as exc:
+                        self.rt.templates.broken(template, str(exc))
+                        raise
+                    self.started_as = f"restored {template.short}"
+                else:
+                    self.handle = await self.rt.driver.start(spec)
+                    self.started_as = "booted"
                 self.group.changed()  # a new pid to show
             except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
                 outcome.reason = f"could not start: {exc}"
@@ -298,7 +339,9 @@ class Child:
             listener_sock = None  # the listener owns it now
             async with trio.open_nursery() as ws_nursery, listener:
                 self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name)
-                await self._serve(ws_nursery, listener, vm_id, token, outcome)
+                await self._serve(
+                    ws_nursery, listener, expect_id, expect_token, outcome, started, template
+                )
                 ws_nursery.cancel_scope.cancel()
             return outcome
         finally:
@@ -322,7 +365,7 @@ class Child:
             return None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         nursery.start_soon(partial(forward, listener, route.upstream, label=self.name))
-        return ("127.0.0.1", sock.getsockname()[1])
+        return (self.rt.guest_loopback, sock.getsockname()[1])
 
     def _boot_done(self) -> None:
         if self._booting:
@@ -336,6 +379,8 @@ class Child:
         vm_id: str,
         token: str,
         outcome: Outcome,
+        started: float,
+        template: Template | None,
     ) -> None:
         assert self.handle is not None
         handle = self.handle
@@ -354,6 +399,15 @@ class Child:
                     session = await self._accept(ws_nursery, listener, vm_id, token)
                 await listener.aclose()  # one connection per VM: nobody else may dial in
                 self.session = session
+                self.ready_seconds = trio.current_time() - started
+                if template is not None:
+                    self.rt.event(
+                        "restored",
+                        self.name,
+                        role=self.group.name,
+                        template=template.short,
+                        seconds=round(self.ready_seconds, 3),
+                    )
                 self._boot_done()
                 self.tracker.ready(trio.current_time())
                 self._fire(Event.READY)
@@ -388,7 +442,9 @@ class Child:
             raise GuestViolation(f"bad WebSocket handshake: {exc}") from None
         except trio_websocket.ConnectionClosed as exc:
             raise GuestViolation(f"connection closed during the handshake: {exc}") from None
-        return await ControlSession.handshake(ws, vm_id=vm_id, token=token, spec=self.rt.control)
+        return await ControlSession.handshake(
+            ws, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
+        )
 
     async def _teardown(
         self, outcome: Outcome, ns_name: str | None, cg: Path | None, sock: socket.socket | None
@@ -462,6 +518,10 @@ class Child:
             "for": round(trio.current_time() - self.lifecycle.since, 1),
             "agent": self.agent.name if self.agent is not None else self.promoted_as,
             "reason": self.reason,
+            "started_as": self.started_as,
+            "ready_seconds": (
+                round(self.ready_seconds, 3) if self.ready_seconds is not None else None
+            ),
         }
 
 

@@ -30,8 +30,10 @@ from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_co
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
-from fireclaw.pool.drivers import BackendUnavailable, choose
+from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
+from fireclaw.pool.drivers.qemu import QemuDriver
 from fireclaw.pool.group import PoolError, RoleGroup
+from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import sdnotify
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
@@ -48,6 +50,9 @@ LOCK_NAME: Final = "supervisor.pid"
 _AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 DB_NAME: Final = "swarm.db"
 API_NAME: Final = "api.sock"
+#: Guest images (built or found by the qemu backend) and snapshot templates.
+IMAGES_NAME: Final = "images"
+TEMPLATES_NAME: Final = "templates"
 
 
 class Supervisor:
@@ -66,9 +71,15 @@ class Supervisor:
         self._reload_result: dict[str, object] = {}
         self._root: trio.Nursery | None = None
         self._watchers: list[trio.MemorySendChannel[tuple[str, str, dict[str, object]]]] = []
-        driver, self.backend_reason = choose(config.backend)
         ns_why = netns.probe()
         cg_why = cgroup.probe()
+        self._netns_why = ns_why
+        # Which VMM runs the VMs is decided now; making it ready (the guest image,
+        # the accelerator probe) waits for serve(), before any VM starts.
+        self.backend_choice = choose(
+            config.backend, images=state_dir / IMAGES_NAME, netns_why=ns_why
+        )
+        self.backend_reason = self.backend_choice.reason
         self.isolation = {
             "netns": ns_why is None,
             "netns_why": ns_why or "one network namespace per VM",
@@ -76,7 +87,7 @@ class Supervisor:
             "cgroups_why": cg_why or "one memory cgroup per VM",
         }
         self.rt = Runtime(
-            driver=driver,
+            driver=NotReady(),
             store=store,
             state_dir=state_dir,
             control=config.control,
@@ -117,7 +128,13 @@ class Supervisor:
                 self._root = root
                 await root.start(serve_api, self.state_dir / API_NAME, self)
                 try:
+                    await self._setup_backend(root)
                     await self._start_irc(root)
+                except BackendUnavailable as exc:
+                    self.startup_error = f"backend {self.backend_choice.name}: {exc}"
+                    log.error("%s", self.startup_error)
+                    root.cancel_scope.cancel()
+                    return
                 except IrcdError as exc:
                     self.startup_error = str(exc)
                     log.error("%s", exc)
@@ -163,6 +180,37 @@ class Supervisor:
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+
+    async def _setup_backend(self, root: trio.Nursery) -> None:
+        """Make the chosen VMM backend ready before any VM starts.
+
+        For qemu: build the guest image into ``<state_dir>/images`` or find it
+        there (a first build takes about a minute; its steps are logged), pick
+        KVM or TCG (a boot probe, cached), create the driver, and start the
+        snapshot templates the warm pools restore from. Raises
+        BackendUnavailable (one line) when a configured backend cannot run."""
+        choice = self.backend_choice
+        if choice.name != "process":
+            log.info("backend: %s; setting it up", choice.reason)
+            sdnotify.status(f"setting up the {choice.name} backend")
+            # A first image build is long: keep a service manager from giving up on us.
+            sdnotify.extend_timeout(600)
+        backend = await open_backend(
+            choice,
+            images=self.state_dir / IMAGES_NAME,
+            netns_why=self._netns_why,
+            progress=lambda line: log.info("%s", line),
+        )
+        self.rt.driver = backend.driver
+        self.rt.vmm_overhead_mib = backend.memory_overhead_mib
+        self.rt.guest_loopback = backend.guest_loopback
+        self.backend_reason = backend.reason
+        if isinstance(backend.driver, QemuDriver):
+            templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
+            keep = {templates.key_for(role) for role in self.config.roles.values()}
+            await root.start(templates.run, keep)
+            self.rt.templates = templates
+        log.info("backend: %s", self.backend_reason)
 
     async def _start_irc(self, root: trio.Nursery) -> None:
         """Bring up the IRC side: the managed server if the config asks for one."""

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -44,10 +45,12 @@ def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str =
     return body
 
 
-def swarm_yaml(*roles: str, control: str = "", irc: str = "enabled: false") -> str:
+def swarm_yaml(
+    *roles: str, control: str = "", irc: str = "enabled: false", backend: str = "process"
+) -> str:
     control = control or "heartbeat_interval: 0.5\n  heartbeat_timeout: 5\n  boot_timeout: 20"
     return (
-        "version: 1\nbackend: process\n"
+        f"version: 1\nbackend: {backend}\n"
         f"irc:\n  {irc}\n"
         f"control:\n  {control}\n"
         "stop:\n  grace_period: 5\n  term_timeout: 2\n  fleet_deadline: 20\n"
@@ -182,8 +185,9 @@ def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
 
 def leftovers(state: Path, baseline: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """What the swarm of ``state`` left behind (namespaces, cgroups, guest processes,
-    sockets), less what was already there in ``baseline``. Only what carries this
-    swarm's instance id counts, so other swarms on the host are not mistaken for it."""
+    sockets and VM run directories), less what was already there in ``baseline``.
+    Only what carries this swarm's instance id or names its state dir counts, so
+    other swarms on the host are not mistaken for it."""
     now = _everything(state)
     if baseline is None:
         return now
@@ -202,9 +206,19 @@ def _everything(state: Path) -> dict[str, list[str]]:
             continue
         if f"FIRECLAW_VM_ID={mine}-".encode() in env:
             procs.append(pid)
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        # A QEMU VM of this swarm: its console log is in the state dir.
+        if cmdline.startswith(b"qemu-system") and str(state).encode() in cmdline:
+            procs.append(f"qemu:{pid}")
+    run_dirs = [str(p) for p in (state / "logs" / "run").glob("*")]
+    run_dirs += [str(p) for p in Path(tempfile.gettempdir()).glob(f"fireclaw-{mine}-*")]
     return {
         "netns": netns.leftovers(f"{netns.PREFIX}{mine}-"),
         "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{mine}-")],
         "guest_processes": procs,
-        "sockets": [p.name for p in state.glob("*.sock")],
+        "sockets": [p.name for p in state.glob("*.sock")] + run_dirs,
     }

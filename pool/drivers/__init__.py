@@ -1,33 +1,184 @@
-"""VMM drivers and the choice between them (``backend:`` in swarm.yaml)."""
+"""VMM drivers and the choice between them (``backend:`` in swarm.yaml).
+
+Two steps. ``choose(backend, ...)`` decides at once, without side effects,
+which driver will run the VMs and says why in one line. ``open_backend`` then
+makes it ready: for ``qemu`` it builds the guest image (or finds it in the
+image cache: a first build takes about a minute), picks KVM or TCG with the
+accelerator's cached boot probe and creates the QemuDriver.
+
+``auto`` picks ``qemu`` when ``qemu-system-x86_64`` is installed, we are root
+with working network namespaces (every QEMU VM runs in one), and the image is
+cached or can be built here; else ``process``. If ``qemu`` then cannot be made
+ready, ``auto`` falls back to ``process`` and says why; a configured ``qemu``
+fails instead.
+
+Errors::
+
+    BackendUnavailable      the configured backend cannot run here (one line)
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import trio
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.drivers.process import ProcessDriver
 
 __all__ = [
+    "AVAILABLE",
+    "Backend",
+    "BackendUnavailable",
+    "Choice",
     "Driver",
     "DriverError",
+    "NotReady",
+    "ProcessDriver",
+    "QEMU",
+    "QEMU_OVERHEAD_MIB",
     "VmHandle",
     "VmSpec",
-    "ProcessDriver",
-    "BackendUnavailable",
     "choose",
+    "open_backend",
 ]
 
 #: Drivers this build can run, in the order ``auto`` tries them.
-AVAILABLE = ("process",)
+AVAILABLE: Final = ("qemu", "process")
+QEMU: Final = "qemu-system-x86_64"
+#: What a QEMU process needs above its guest's RAM. Measured: ~110 MiB RSS above a
+#: 256 MiB guest under TCG (the translation cache, device models, slirp, QMP). A
+#: cgroup limit of guest RAM alone would OOM-kill QEMU as the guest touches its
+#: memory; 256 MiB of headroom covers that with room for a larger code cache.
+QEMU_OVERHEAD_MIB: Final = 256
+#: Programs a fresh image build runs (besides Python).
+_BUILD_TOOLS: Final = ("mmdebstrap", "mke2fs", "chroot", "dpkg-deb", "apt-get", "zstd")
 
 
 class BackendUnavailable(Exception):
     """The configured backend cannot run here."""
 
 
-def choose(backend: str) -> tuple[Driver, str]:
-    """The driver for ``backend`` and one line saying why it was picked."""
-    if backend == "auto":
-        return ProcessDriver(), "auto: process (the only VMM driver in this build)"
+@dataclass(frozen=True)
+class Choice:
+    """Which driver will run the VMs, before it is ready."""
+
+    name: Literal["process", "qemu"]
+    reason: str  # one line: why this one
+    auto: bool  # picked by ``auto``: fall back to process if qemu cannot be made ready
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A driver ready to start VMs, and what the pool must know about it."""
+
+    driver: Driver
+    reason: str  # one line, shown by ``status``
+    #: Memory the VMM needs above the guest's RAM (added to each VM's cgroup limit).
+    memory_overhead_mib: int = 0
+    #: The address under which a guest reaches its network namespace's loopback.
+    guest_loopback: str = "127.0.0.1"
+
+
+class NotReady:
+    """Stands in for the driver until ``open_backend`` has made the real one."""
+
+    name = "not-ready"
+
+    async def start(self, spec: VmSpec) -> VmHandle:
+        raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
+
+
+def _cached_image(images: Path) -> Path | None:
+    from fireclaw.pool.image import load_image
+
+    try:
+        folders = sorted(images.iterdir())
+    except OSError:
+        return None
+    return next((f for f in folders if f.is_dir() and load_image(f) is not None), None)
+
+
+def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
+    """None if qemu can run here, else one line saying why not."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed"
+    if os.geteuid() != 0:
+        return "not root (each QEMU VM runs in a network namespace of its own)"
+    if netns_why is not None:
+        return f"no network namespaces: {netns_why}"
+    if _cached_image(images) is None:
+        missing = [tool for tool in _BUILD_TOOLS if shutil.which(tool) is None]
+        if missing:
+            return f"no image in {images} and cannot build one ({', '.join(missing)} missing)"
+    return None
+
+
+def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
+    """Which driver runs the VMs and why; ``images`` is the guest image cache.
+
+    ``netns_why`` is ``netns.probe()``'s answer. Raises BackendUnavailable for a
+    backend this build does not have."""
     if backend == "process":
-        return ProcessDriver(), "process (configured)"
+        return Choice("process", "process (configured)", auto=False)
+    if backend == "qemu":
+        return Choice("qemu", "qemu (configured)", auto=False)
+    if backend == "auto":
+        why_not = _why_not_qemu(images, netns_why)
+        if why_not is not None:
+            return Choice("process", f"auto: process (not qemu: {why_not})", auto=True)
+        found = _cached_image(images)
+        image = "an image is cached" if found is not None else "the image can be built"
+        return Choice("qemu", f"auto: qemu ({QEMU} found, root, {image})", auto=True)
     available = ", ".join((*AVAILABLE, "auto"))
     raise BackendUnavailable(f"backend {backend!r} is not available in this build ({available})")
+
+
+async def open_backend(
+    choice: Choice, *, images: Path, netns_why: str | None, progress: Callable[[str], None]
+) -> Backend:
+    """Make ``choice`` ready. ``progress`` gets one line per image build step.
+
+    Raises BackendUnavailable (one line) when a configured ``qemu`` cannot run."""
+    if choice.name == "process":
+        return Backend(driver=ProcessDriver(), reason=choice.reason)
+    try:
+        return await _open_qemu(choice, images=images, netns_why=netns_why, progress=progress)
+    except BackendUnavailable as exc:
+        if not choice.auto:
+            raise
+        return Backend(driver=ProcessDriver(), reason=f"auto: process (qemu: {exc})")
+
+
+async def _open_qemu(
+    choice: Choice, *, images: Path, netns_why: str | None, progress: Callable[[str], None]
+) -> Backend:
+    from fireclaw.pool.accel import AccelError, choose_accel
+    from fireclaw.pool.drivers.qemu import HOST_ALIAS, QemuDriver
+    from fireclaw.pool.image import ImageError, ImageSpec, build_image
+
+    if not choice.auto:
+        why_not = _why_not_qemu(images, netns_why)
+        if why_not is not None:
+            raise BackendUnavailable(f"qemu cannot run here: {why_not}")
+    try:
+        image = await trio.to_thread.run_sync(
+            lambda: build_image(ImageSpec(), images, progress=progress)
+        )
+    except ImageError as exc:
+        raise BackendUnavailable(f"guest image: {exc}") from exc
+    try:
+        accel = await choose_accel(image, cache_path=images / "accel.json", qemu=QEMU)
+    except AccelError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    running = f"qemu ({accel.name}: {accel.reason})"
+    return Backend(
+        driver=QemuDriver(image, accel, qemu=QEMU),
+        reason=f"auto: {running}" if choice.auto else running,
+        memory_overhead_mib=QEMU_OVERHEAD_MIB,
+        guest_loopback=HOST_ALIAS,
+    )

@@ -1,0 +1,615 @@
+"""Snapshot templates: a parked, paused VM per shape, cloned into the warm pool.
+
+A role's template is keyed by ``template_key``: a hash of the image key, the
+accelerator, vcpus, memory and what the guest sees of the control channel (the
+fixed control port, the heartbeat it was welcomed with, the protocol
+version). The first VM of a role that asks for it makes it, once, in the
+background: a VM is cold-booted in a network namespace of its own with its
+control listener on ``CONTROL_PORT``, its guest daemon says Hello, takes a
+Welcome and beats once (parked: imports done, nothing to do), and the VM is
+paused and its state migrated to ``<dir>/<key>.snap``. Beside it: the
+driver's ``<key>.snap.json`` (what the snapshot was taken with) and our
+``<key>.json``, the guest's vm_id and token, written first, so that a ``.snap``
+under its final name (the driver writes it aside and renames it) always comes
+with both. The template VM is then killed. Later VMs, and later supervisors,
+restore clones from those files.
+
+A template that cannot be made is remembered with its reason: that role's VMs
+cold-boot instead, and ``describe`` says so. A template whose restore fails is
+dropped and made again on the next ask. Files of templates nobody wants any
+more (no role asks for that key, no clone restored from it runs) are removed.
+
+Errors::
+
+    TemplateError       a template could not be made (one line)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+import trio
+import trio_websocket
+from fireclaw.config import Role
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.control import ControlSession, GuestLost
+from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.drivers.qemu import (
+    CONTROL_PORT,
+    QemuDriver,
+    QemuVm,
+    Snapshot,
+    SnapshotInfo,
+    VmmCommandError,
+    info_path,
+)
+from fireclaw.pool.qmp import QmpFailure, open_qmp
+from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.state import VmRecord
+
+if TYPE_CHECKING:
+    from fireclaw.pool.vm import Runtime
+
+log = logging.getLogger("fireclaw.templates")
+
+#: The template's guest beats this often while parked, and so does every clone
+#: until its new Welcome: a clone finds its dead connection at its first beat
+#: after restore and dials again, so this bounds restore-to-connected.
+TEMPLATE_HEARTBEAT: Final = 0.2
+#: Pausing the VM and writing its state (tens of MiB) to a local file.
+SNAPSHOT_TIMEOUT: Final = 120.0
+SNAP_SUFFIX: Final = ".snap"
+RECORD_SUFFIX: Final = ".json"
+
+
+class TemplateError(Exception):
+    """A template could not be made."""
+
+
+class TemplateRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``<key>.json``: who the guest inside the snapshot says it is."""
+
+    key: str
+    vm_id: str
+    token: str
+    port: int
+    role: str
+    made_at: float
+    boot_seconds: float
+
+
+_record_decoder: Final = msgspec.json.Decoder(TemplateRecord)
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str  # the full hash; files are named by ``short``
+    snapshot: Path
+    vm_id: str  # the template's: every clone says Hello with it
+    token: str
+    port: int  # every clone dials 10.0.2.2:port, so it listens there in each namespace
+
+    @property
+    def short(self) -> str:
+        return self.key[:16]
+
+    @property
+    def control_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+
+@dataclass
+class _Entry:
+    key: str
+    ready: trio.Event = field(default_factory=trio.Event)
+    template: Template | None = None
+    error: str | None = None
+    making: bool = True
+    users: int = 0  # clones restored from it that are still running
+
+
+def template_key(driver: QemuDriver, role: Role) -> str:
+    """The hash of everything a clone of ``role``'s template shares with it."""
+    inputs = {
+        "image": driver.image.key,
+        "accel": driver.accel.name,
+        "qemu": driver.qemu,
+        "vcpus": role.resources.vcpus,
+        "memory_mib": role.resources.memory_mib,
+        "control_port": CONTROL_PORT,
+        "heartbeat": TEMPLATE_HEARTBEAT,
+        "protocol": p.PROTOCOL_VERSION,
+    }
+    return hashlib.sha256(msgspec.json.encode(inputs, order="sorted")).hexdigest()
+
+
+def _bind_in(ns_name: str, port: int) -> socket.socket:
+    """A listener on 127.0.0.1:``port`` inside ``ns_name``, opened from a fresh OS
+    thread that ends right after (setns moves only the calling thread, and trio's
+    worker threads are reused)."""
+    from pyroute2.netns import setns
+
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            setns(ns_name, flags=0)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen(4)
+            except OSError:
+                sock.close()
+                raise
+            made.append(sock)
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+
+    thread = threading.Thread(target=inside, name="fireclaw-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        exc = failed[0]
+        raise netns.NetnsError(f"listening on port {port} in {ns_name}: {exc}") from exc
+    return made[0]
+
+
+async def namespace_with_listener(ns_name: str, port: int) -> socket.socket:
+    """Create namespace ``ns_name`` with a listener on the fixed 127.0.0.1:``port``."""
+    first = await netns.create_with_listener(ns_name)
+    first.close()  # on a free port; the snapshot's guest dials a fixed one
+    return await trio.to_thread.run_sync(_bind_in, ns_name, port)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    aside = path.with_name(f".{path.name}.partial")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(aside, path)
+
+
+class Templates:
+    """The templates of one supervisor, in ``directory``. Start ``run`` first."""
+
+    def __init__(self, rt: Runtime, driver: QemuDriver, directory: Path) -> None:
+        self.rt = rt
+        self.driver = driver
+        self.directory = directory
+        self._entries: dict[str, _Entry] = {}
+        self._wanted: dict[str, str] = {}  # role -> the key it asked for last
+        self._nursery: trio.Nursery | None = None
+
+    def key_for(self, role: Role) -> str:
+        return template_key(self.driver, role)
+
+    async def run(
+        self, keep: set[str], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the nursery templates are made in; first remove the files of every
+        template whose key is not in ``keep``."""
+        await trio.to_thread.run_sync(self._remove_all_but, {k[:16] for k in keep})
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # --- what the pool asks ---------------------------------------------------------
+
+    async def get(self, role: Role) -> Template | None:
+        """``role``'s template, made first if need be; None if it cannot be made
+        (the VM then cold-boots). Give it back with ``release`` once the clone ends."""
+        key = self.key_for(role)
+        self._wanted[role.name] = key
+        entry = self._entries.get(key)
+        if entry is None:
+            assert self._nursery is not None, "Templates.run is not running"
+            entry = self._entries[key] = _Entry(key)
+            self._nursery.start_soon(self._make, entry, role)
+            self._prune()  # the key this role asked for before may be unwanted now
+        await entry.ready.wait()
+        if entry.template is None:
+            return None
+        entry.users += 1
+        return entry.template
+
+    def release(self, template: Template) -> None:
+        entry = self._entries.get(template.key)
+        if entry is not None and entry.template is template:
+            entry.users -= 1
+            self._prune()
+
+    def broken(self, template: Template, reason: str) -> None:
+        """A clone could not be restored from ``template``: make it again on the next ask.
+
+        Its files go at once: a clone that runs no longer needs them (QEMU has
+        read the whole state before the clone runs)."""
+        entry = self._entries.get(template.key)
+        if entry is None or entry.template is not template:
+            return  # dropped already, and perhaps made again since
+        del self._entries[template.key]
+        log.warning("template %s dropped: %s", template.short, reason)
+        self.rt.event("template_dropped", f"template-{template.short}", reason=reason)
+        self._remove_files(template.short)
+        self.rt.bump()
+
+    def describe(self, role: Role) -> str:
+        """One line for ``status``: how this role's VMs start."""
+        key = self._wanted.get(role.name)
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None:
+            return "snapshot template: not made yet"
+        if entry.making:
+            return f"snapshot template {key[:16] if key else ''}: being made"
+        if entry.template is None:
+            return f"cold boot (no snapshot template: {entry.error})"
+        return f"restored from snapshot template {entry.template.short}"
+
+    async def restore(self, spec: VmSpec, template: Template) -> QemuVm:
+        return await self.driver.restore(spec, template.snapshot)
+
+    # --- making one ---------------------------------------------------------------
+
+    async def _make(self, entry: _Entry, role: Role) -> None:
+        try:
+            found = await trio.to_thread.run_sync(self._load, entry.key)
+            if found is not None:
+                entry.template = found
+                log.info("template %s for %s: reusing %s", found.short, role.name, found.snapshot)
+                self.rt.event("template_reused", f"template-{found.short}", role=role.name)
+            else:
+                entry.template = await self._boot_and_snapshot(entry.key, role)
+        except TemplateError as exc:
+            entry.error = str(exc)
+            log.warning("template for %s: %s; its VMs cold-boot", role.name, exc)
+            self.rt.event(
+                "template_failed", f"template-{entry.key[:16]}", role=role.name, reason=str(exc)
+            )
+        finally:
+            if entry.template is None and entry.error is None:
+                entry.error = "cancelled"
+            entry.making = False
+            entry.ready.set()
+            self.rt.bump()
+
+    def _load(self, key: str) -> Template | None:
+        """The complete template ``key`` left in the directory, if there is one."""
+        snap = self._snap_path(key)
+        try:
+            record = _record_decoder.decode(self._record_path(key).read_bytes())
+        except (OSError, msgspec.DecodeError):
+            return None
+        if record.key != key or not snap.is_file() or not info_path(snap).is_file():
+            return None
+        return Template(
+            key=key, snapshot=snap, vm_id=record.vm_id, token=record.token, port=record.port
+        )
+
+    async def _boot_and_snapshot(self, key: str, role: Role) -> Template:
+        rt = self.rt
+        short = key[:16]
+        name = f"template-{short[:8]}"
+        vm_id = f"{rt.instance}-tpl-{short[:8]}-{secrets.token_hex(3)}"
+        token = secrets.token_urlsafe(24)
+        ns_name = netns.PREFIX + vm_id
+        cg = cgroup.path_for(vm_id) if rt.use_cgroups else None
+        log_path = rt.state_dir / "logs" / f"{name}.log"
+        handle: QemuVm | None = None
+        sock: socket.socket | None = None
+        log.info("template %s for %s: booting", short, role.name)
+        self._register(name, role.name, ns_name, cg, log_path, pid=0)
+        started = trio.current_time()
+        try:
+            try:
+                await trio.to_thread.run_sync(self._mkdir)
+                sock = await namespace_with_listener(ns_name, CONTROL_PORT)
+                if cg is not None:
+                    limit = role.resources.memory_mib + rt.vmm_overhead_mib
+                    cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                spec = VmSpec(
+                    vm_id=vm_id,
+                    name=name,
+                    role=role.name,
+                    vcpus=role.resources.vcpus,
+                    memory_mib=role.resources.memory_mib,
+                    control_url=f"ws://127.0.0.1:{CONTROL_PORT}/",
+                    token=token,
+                    netns=ns_name,
+                    cgroup=cg,
+                    log_path=log_path,
+                )
+                handle = await self.driver.start(spec)
+                self._register(name, role.name, ns_name, cg, log_path, pid=handle.pid)
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                sock = None  # the listener owns it now
+                async with listener:
+                    boot_seconds, taken = await self._park_and_snapshot(
+                        handle, listener, key, spec
+                    )
+            except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
+                raise TemplateError(_one_line(exc)) from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(name, handle, sock, cg, ns_name)
+        total = trio.current_time() - started
+        log.info(
+            "template %s for %s: booted and parked in %.1f s, snapshot %.1f MiB in %.2f s",
+            short,
+            role.name,
+            boot_seconds,
+            taken.size / 2**20,
+            taken.seconds,
+        )
+        rt.event(
+            "template_made",
+            f"template-{short}",
+            role=role.name,
+            boot_seconds=round(boot_seconds, 3),
+            snapshot_seconds=round(taken.seconds, 3),
+            seconds=round(total, 3),
+            size=taken.size,
+        )
+        return Template(key=key, snapshot=taken.path, vm_id=vm_id, token=token, port=CONTROL_PORT)
+
+    async def _park_and_snapshot(
+        self,
+        handle: QemuVm,
+        listener: trio.SocketListener,
+        key: str,
+        spec: VmSpec,
+    ) -> tuple[float, Snapshot]:
+        """Wait for the template's guest to say Hello, welcome it and see its first
+        heartbeat (then it is parked), and snapshot it while its connection is still
+        open. Returns the seconds from QEMU's start to parked, and the snapshot."""
+        started = trio.current_time()
+        boot_timeout = self.rt.control.boot_timeout
+        control = msgspec.structs.replace(
+            self.rt.control, heartbeat_interval=TEMPLATE_HEARTBEAT
+        )
+        exited: list[int] = []
+        done: list[tuple[float, Snapshot]] = []
+        error = ""
+        snapshotting = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                exited.append(await handle.wait())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                with trio.fail_after(boot_timeout):
+                    stream = await listener.accept()
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, stream, max_message_size=control.max_message_bytes
+                    )
+                    ws = await request.accept()
+                    await ControlSession.handshake(
+                        ws, vm_id=spec.vm_id, token=spec.token, spec=control
+                    )
+                    beat = p.decode_guest(await ws.get_message())
+                parked = trio.current_time() - started
+                if not isinstance(beat, p.Heartbeat):
+                    error = f"the template's guest sent {type(beat).__name__}, not a heartbeat"
+                else:
+                    record = TemplateRecord(
+                        key=key,
+                        vm_id=spec.vm_id,
+                        token=spec.token,
+                        port=CONTROL_PORT,
+                        role=spec.role,
+                        made_at=time.time(),
+                        boot_seconds=round(parked, 3),
+                    )
+                    await trio.to_thread.run_sync(
+                        _write_atomic, self._record_path(key), msgspec.json.encode(record)
+                    )
+                    snapshotting = True
+                    with trio.fail_after(SNAPSHOT_TIMEOUT):
+                        taken = await self._snapshot(handle, spec, self._snap_path(key))
+                    done.append((parked, taken))
+            except trio.TooSlowError:
+                error = (
+                    f"the snapshot took longer than {SNAPSHOT_TIMEOUT:g}s"
+                    if snapshotting
+                    else f"the template's guest did not connect within {boot_timeout:g}s"
+                )
+            except (
+                GuestLost,
+                p.ProtocolError,
+                trio_websocket.HandshakeError,
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+            ) as exc:
+                error = f"the template's guest: {_one_line(exc)}"
+            except (DriverError, OSError) as exc:
+                error = _one_line(exc)
+            nursery.cancel_scope.cancel()
+        if done:
+            return done[0]
+        if exited and not error:
+            error = f"the template VM ended while booting: {handle.exit_text()}"
+        raise TemplateError(error or "the template VM ended while booting")
+
+    async def _snapshot(self, vm: QemuVm, spec: VmSpec, path: Path) -> Snapshot:
+        """Pause ``vm`` and write its state to ``path`` (and ``PATH.json``), atomically.
+
+        The state is migrated over a unix socket we accept on, so the file is
+        known to be whole when QEMU closes the connection after the migration
+        completed. (With an ``exec:cat > FILE`` target, QEMU announces completion
+        before it closes the pipe, and signals the ``cat`` if it has not exited
+        by then: the file may be short.)"""
+        partial = path.with_name(f".{path.name}.partial")
+        sock_path = vm.qmp_path.with_name("migrate.sock")  # in the VM's own run directory
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        started = trio.current_time()
+        try:
+            await listener.bind(str(sock_path))
+            listener.listen(1)
+            async with open_qmp(vm.qmp_path) as qmp:
+                await qmp.execute("stop")
+                await qmp.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]},
+                )
+                await qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
+                await qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
+                failed: list[str] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_receive_state, listener, partial, failed)
+                    try:
+                        event = await qmp.wait_event(
+                            "MIGRATION",
+                            lambda e: e.data.get("status") in ("completed", "failed", "cancelled"),
+                        )
+                        if event.data.get("status") != "completed":
+                            found = await qmp.execute("query-migrate")
+                            why = found.get("error-desc") if isinstance(found, dict) else None
+                            failed.append(str(why or f"migration {event.data.get('status')}"))
+                    except QmpFailure as exc:
+                        failed.append(str(exc))
+                    if failed:
+                        nursery.cancel_scope.cancel()
+                if failed:
+                    raise VmmCommandError(f"{spec.name}: snapshot: {failed[0]}")
+                version = qmp.greeting.version
+            seconds = trio.current_time() - started
+            size = (await trio.Path(partial).stat()).st_size
+            info = SnapshotInfo(
+                image_key=self.driver.image.key,
+                accel=self.driver.accel.name,
+                memory_mib=spec.memory_mib,
+                vcpus=spec.vcpus,
+                cmdline=self.driver.cmdline(spec),
+                qemu_version=version,
+                size=size,
+                seconds=round(seconds, 3),
+            )
+            await trio.to_thread.run_sync(_write_atomic, info_path(path), msgspec.json.encode(info))
+            await trio.to_thread.run_sync(os.replace, partial, path)
+        except QmpFailure as exc:
+            raise VmmCommandError(f"{spec.name}: snapshot: {exc}") from exc
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+        return Snapshot(path=path, size=size, seconds=seconds)
+
+    def _mkdir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _snap_path(self, key: str) -> Path:
+        return self.directory / f"{key[:16]}{SNAP_SUFFIX}"
+
+    def _record_path(self, key: str) -> Path:
+        return self.directory / f"{key[:16]}{RECORD_SUFFIX}"
+
+    async def _teardown(
+        self,
+        name: str,
+        handle: QemuVm | None,
+        sock: socket.socket | None,
+        cg: Path | None,
+        ns_name: str,
+    ) -> None:
+        with trio.move_on_after(self.rt.stop.term_timeout + 10):
+            if handle is not None:
+                await handle.kill()  # the snapshot is taken, or will never be
+            if sock is not None:
+                sock.close()
+            if cg is not None:
+                with contextlib.suppress(cgroup.CgroupError):
+                    await trio.to_thread.run_sync(cgroup.remove, cg)
+            with contextlib.suppress(netns.NetnsError):
+                await netns.remove(ns_name)
+            self.rt.store.drop_vm(name)
+
+    def _register(
+        self, name: str, role: str, ns_name: str, cg: Path | None, log_path: Path, *, pid: int
+    ) -> None:
+        """Write-ahead, like a pool VM: a supervisor killed meanwhile reclaims it."""
+        ident = process_identity(pid) if pid else None
+        self.rt.store.put_vm(
+            VmRecord(
+                name=name,
+                role=role,
+                pid=pid,
+                start_time=ident.start_time if ident else 0,
+                boot_id=ident.boot_id if ident else "",
+                spec_hash="template",
+                netns=ns_name,
+                cgroup=str(cg) if cg else None,
+                socket=None,
+                log=str(log_path),
+            )
+        )
+
+    # --- removing the unwanted ------------------------------------------------------
+
+    def _prune(self) -> None:
+        wanted = set(self._wanted.values())
+        for key, entry in list(self._entries.items()):
+            if key in wanted or entry.users > 0 or entry.making:
+                continue
+            del self._entries[key]
+            if entry.template is not None:
+                log.info("template %s is no longer used: removing it", entry.template.short)
+                self._remove_files(entry.template.short)
+
+    def _remove_files(self, short: str) -> None:
+        for suffix in (SNAP_SUFFIX, SNAP_SUFFIX + ".json", RECORD_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{short}{suffix}").unlink()
+
+    def _remove_all_but(self, keep: set[str]) -> None:
+        """Remove every template file whose key is not in ``keep``, and every file
+        written aside (``.NAME.partial``) that a killed supervisor left."""
+        try:
+            found = list(self.directory.iterdir())
+        except OSError:
+            return  # no directory yet (or not a usable one: making a template says so)
+        for path in found:
+            short = path.name.split(".", 1)[0]
+            if path.name.startswith(".") or short not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+
+async def _receive_state(
+    listener: trio.socket.SocketType, partial: Path, failed: list[str]
+) -> None:
+    """Accept QEMU's one migration connection and write what it sends to ``partial``
+    until it closes the connection; then sync the file. Errors go to ``failed``."""
+    try:
+        conn, _ = await listener.accept()
+        stream = trio.SocketStream(conn)
+        # Guest memory (the token included): readable by root only.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        async with stream, await trio.open_file(fd, "wb") as out:
+            while chunk := await stream.receive_some(1 << 20):
+                await out.write(chunk)
+            await out.flush()
+            await trio.to_thread.run_sync(os.fsync, out.fileno())
+    except (OSError, trio.BrokenResourceError) as exc:
+        failed.append(f"writing {partial.name}: {exc}")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,193 @@
+"""The swarm on real VMs: a real supervisor with ``backend: qemu`` (and ``auto``),
+real QEMU microVMs under TCG (or KVM where a boot probe shows it works), the
+real guest image, driven through the CLI and the API like an operator.
+
+The image comes from the cache the other image tests share
+(~/.cache/fireclaw/test-images), or is built into it: the state dir's
+``images`` folder is a link there. Nothing here sleeps to wait for something.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from swarmctl import Swarm, leftovers, role_yaml, swarm_yaml
+
+TEST_CACHE = Path.home() / ".cache" / "fireclaw" / "test-images"
+QEMU = "qemu-system-x86_64"
+#: A first image build (about a minute) happens before READY=1.
+START_TIMEOUT = 600.0
+#: Booting the template and restoring three clones under TCG on a loaded 2-core host.
+POOL_TIMEOUT = 300.0
+#: TCG on a possibly loaded 2-core host.
+CONTROL = "heartbeat_interval: 1\n  heartbeat_timeout: 20\n  boot_timeout: 90"
+RANDOM = "hostname; head -c 16 /dev/urandom | od -An -tx1"
+NOTHING: dict[str, list[str]] = {"netns": [], "cgroups": [], "guest_processes": [], "sockets": []}
+
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="VMs run in network namespaces: needs root"),
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("mmdebstrap", "mke2fs", QEMU, "nsenter")),
+        reason="needs mmdebstrap, e2fsprogs, qemu-system-x86 and util-linux",
+    ),
+]
+
+
+@pytest.fixture
+def make_swarm(tmp_path: Path) -> Iterator[Any]:
+    made: list[Swarm] = []
+    baseline = leftovers(tmp_path / "state")
+
+    def make(config_text: str, *, no_templates: bool = False) -> Swarm:
+        swarm = Swarm(tmp_path, config_text)
+        swarm.state.mkdir(parents=True, exist_ok=True)
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        (swarm.state / "images").symlink_to(TEST_CACHE, target_is_directory=True)
+        if no_templates:
+            (swarm.state / "templates").write_text("a file where the folder should be\n")
+        made.append(swarm)
+        swarm.start(timeout=START_TIMEOUT)
+        return swarm
+
+    yield make
+    for swarm in made:
+        swarm.close()
+    # Whatever a test did, once its supervisor has stopped no QEMU, namespace,
+    # cgroup or run directory of it is left.
+    assert leftovers(tmp_path / "state", baseline) == NOTHING
+
+
+def events(swarm: Swarm, kind: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = swarm.api.get("/events?limit=1000")["events"]
+    return [e for e in found if e["kind"] == kind]
+
+
+def idle_pids(swarm: Swarm, role: str) -> dict[str, int]:
+    return {a["name"]: a["pid"] for a in swarm.agents(role, "idle")}
+
+
+def test_a_warm_pool_of_snapshot_clones(make_swarm: Any, tmp_path: Path) -> None:
+    extra = "resources: {memory_mib: 256}\n"
+    swarm: Swarm = make_swarm(
+        swarm_yaml(role_yaml("worker", min_idle=3, extra=extra), control=CONTROL, backend="qemu")
+    )
+    st = swarm.status()
+    assert st["backend"].startswith(("qemu (tcg: ", "qemu (kvm: ")), st["backend"]
+    print(f"backend: {st['backend']}")
+
+    st = swarm.wait_for(
+        "3 idle clones", lambda s: s["roles"]["worker"]["idle"] == 3, timeout=POOL_TIMEOUT
+    )
+    # The template was made once, and the three pool VMs were restored from it.
+    made = events(swarm, "template_made")
+    assert len(made) == 1, made
+    snaps = list((swarm.state / "templates").glob("*.snap"))
+    assert [p.name for p in snaps] == [f"{made[0]['subject'].removeprefix('template-')}.snap"]
+    assert st["roles"]["worker"]["start"].startswith("restored from snapshot template")
+    restored = events(swarm, "restored")
+    assert {e["subject"] for e in restored} == {"worker-0", "worker-1", "worker-2"}
+    assert all(a["started_as"].startswith("restored ") for a in st["agents"])
+    detail = made[0]["detail"]
+    to_connected = [e["detail"]["seconds"] for e in restored]
+    print(
+        f"template: booted and parked in {detail['boot_seconds']:.2f} s,"
+        f" snapshot {detail['size'] / 2**20:.1f} MiB in {detail['snapshot_seconds']:.2f} s,"
+        f" {detail['seconds']:.2f} s in all"
+    )
+    p50 = statistics.median(to_connected)
+    print(f"restore to connected, p50 of {len(to_connected)}: {p50:.3f} s")
+
+    # Three runs, three clones: each has its own name and its own randomness.
+    hostnames, randoms = set(), set()
+    for _ in range(3):
+        out = swarm.cli("run", "--", "sh", "-c", RANDOM, timeout=120)
+        assert out.returncode == 0, out.stderr
+        name, random_line = out.stdout.decode().splitlines()
+        assert name.startswith("worker-")
+        assert len(random_line.split()) == 16
+        hostnames.add(name)
+        randoms.add(random_line)
+    assert len(hostnames) == 3, hostnames
+    assert len(randoms) == 3, randoms
+
+    swarm.wait_for(
+        "the pool refilled", lambda s: s["roles"]["worker"]["idle"] == 3, timeout=POOL_TIMEOUT
+    )
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        out = swarm.cli("run", "--", "true", timeout=120)
+        took.append(time.monotonic() - started)
+        assert out.returncode == 0, out.stderr
+        swarm.wait_for(
+            "the pool refilled", lambda s: s["roles"]["worker"]["idle"] == 3, timeout=POOL_TIMEOUT
+        )
+    print(f"run -- true from the warm pool, end to end: p50 {statistics.median(took):.3f} s")
+
+    # kill -9 of one clone's QEMU: that VM is replaced per policy (restored again).
+    before = idle_pids(swarm, "worker")
+    victim = min(before)
+    qemu = psutil.Process(before[victim])
+    assert qemu.name() == QEMU
+    qemu.kill()
+    swarm.wait_for(
+        f"{victim} back with a new QEMU",
+        lambda s: any(
+            a["name"] == victim and a["state"] == "idle" and a["pid"] != before[victim]
+            for a in s["agents"]
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    crashed = [e for e in events(swarm, "crashed") if e["subject"] == victim]
+    assert crashed and crashed[-1]["detail"]["restart"] is True
+    assert crashed[-1]["detail"]["exit_code"] == -signal.SIGKILL
+    assert events(swarm, "restored")[-1]["subject"] == victim
+    assert len(events(swarm, "template_made")) == 1  # the template is not made again
+
+    assert swarm.stop(signal.SIGTERM) == 0
+    # The template stays for the next start; nothing per VM does.
+    assert len(list((swarm.state / "templates").glob("*.snap"))) == 1
+    assert not any((swarm.state / "logs" / "run").glob("*"))
+
+
+def test_auto_picks_qemu_here(make_swarm: Any) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(role_yaml("worker", min_idle=0), control=CONTROL, backend="auto")
+    )
+    backend = swarm.status()["backend"]
+    print(f"backend: {backend}")
+    assert backend.startswith(("auto: qemu (tcg: ", "auto: qemu (kvm: ")), backend
+    assert swarm.stop(signal.SIGTERM) == 0
+
+
+def test_without_a_template_the_pool_cold_boots_and_says_so(make_swarm: Any) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra="resources: {memory_mib: 256}\n"),
+            control=CONTROL,
+            backend="qemu",
+        ),
+        no_templates=True,
+    )
+    st = swarm.wait_for(
+        "1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT
+    )
+    start = st["roles"]["worker"]["start"]
+    assert start.startswith("cold boot (no snapshot template: "), start
+    assert "\n" not in start
+    assert [a["started_as"] for a in st["agents"]] == ["booted"]
+    assert len(events(swarm, "template_failed")) == 1
+    out = swarm.cli("run", "--", "hostname", timeout=120)
+    assert (out.returncode, out.stdout) == (0, b"worker-0\n"), out.stderr
+    assert swarm.stop(signal.SIGTERM) == 0
