@@ -122,8 +122,8 @@ async def test_backoff_doubles_then_the_circuit_opens(
         assert len(driver.starts) == 4
         # A reset brings it back (the next scripted VM stays up).
         group.reset()
-        await wait_until(group, lambda: child.state is State.RESTORING)
-        assert len(driver.starts) == 5
+        await wait_until(group, lambda: len(driver.starts) == 5)
+        assert child.state is State.RESTORING
         nursery.cancel_scope.cancel()
 
 
