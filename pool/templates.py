@@ -51,11 +51,8 @@ from fireclaw.pool.drivers.qemu import (
     QemuDriver,
     QemuVm,
     Snapshot,
-    SnapshotInfo,
-    VmmCommandError,
     info_path,
 )
-from fireclaw.pool.qmp import QmpFailure, open_qmp
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import VmRecord
 
@@ -339,9 +336,7 @@ class Templates:
                 listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
                 sock = None  # the listener owns it now
                 async with listener:
-                    boot_seconds, taken = await self._park_and_snapshot(
-                        handle, listener, key, spec
-                    )
+                    boot_seconds, taken = await self._park_and_snapshot(handle, listener, key, spec)
             except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
                 raise TemplateError(_one_line(exc)) from exc
         finally:
@@ -379,9 +374,7 @@ class Templates:
         open. Returns the seconds from QEMU's start to parked, and the snapshot."""
         started = trio.current_time()
         boot_timeout = self.rt.control.boot_timeout
-        control = msgspec.structs.replace(
-            self.rt.control, heartbeat_interval=TEMPLATE_HEARTBEAT
-        )
+        control = msgspec.structs.replace(self.rt.control, heartbeat_interval=TEMPLATE_HEARTBEAT)
         exited: list[int] = []
         done: list[tuple[float, Snapshot]] = []
         error = ""
@@ -448,68 +441,8 @@ class Templates:
         raise TemplateError(error or "the template VM ended while booting")
 
     async def _snapshot(self, vm: QemuVm, spec: VmSpec, path: Path) -> Snapshot:
-        """Pause ``vm`` and write its state to ``path`` (and ``PATH.json``), atomically.
-
-        The state is migrated over a unix socket we accept on, so the file is
-        known to be whole when QEMU closes the connection after the migration
-        completed. (With an ``exec:cat > FILE`` target, QEMU announces completion
-        before it closes the pipe, and signals the ``cat`` if it has not exited
-        by then: the file may be short.)"""
-        partial = path.with_name(f".{path.name}.partial")
-        sock_path = vm.qmp_path.with_name("migrate.sock")  # in the VM's own run directory
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        started = trio.current_time()
-        try:
-            await listener.bind(str(sock_path))
-            listener.listen(1)
-            async with open_qmp(vm.qmp_path) as qmp:
-                await qmp.execute("stop")
-                await qmp.execute(
-                    "migrate-set-capabilities",
-                    {"capabilities": [{"capability": "events", "state": True}]},
-                )
-                await qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30})
-                await qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
-                failed: list[str] = []
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_receive_state, listener, partial, failed)
-                    try:
-                        event = await qmp.wait_event(
-                            "MIGRATION",
-                            lambda e: e.data.get("status") in ("completed", "failed", "cancelled"),
-                        )
-                        if event.data.get("status") != "completed":
-                            found = await qmp.execute("query-migrate")
-                            why = found.get("error-desc") if isinstance(found, dict) else None
-                            failed.append(str(why or f"migration {event.data.get('status')}"))
-                    except QmpFailure as exc:
-                        failed.append(str(exc))
-                    if failed:
-                        nursery.cancel_scope.cancel()
-                if failed:
-                    raise VmmCommandError(f"{spec.name}: snapshot: {failed[0]}")
-                version = qmp.greeting.version
-            seconds = trio.current_time() - started
-            size = (await trio.Path(partial).stat()).st_size
-            info = SnapshotInfo(
-                image_key=self.driver.image.key,
-                accel=self.driver.accel.name,
-                memory_mib=spec.memory_mib,
-                vcpus=spec.vcpus,
-                cmdline=self.driver.cmdline(spec),
-                qemu_version=version,
-                size=size,
-                seconds=round(seconds, 3),
-            )
-            await trio.to_thread.run_sync(_write_atomic, info_path(path), msgspec.json.encode(info))
-            await trio.to_thread.run_sync(os.replace, partial, path)
-        except QmpFailure as exc:
-            raise VmmCommandError(f"{spec.name}: snapshot: {exc}") from exc
-        finally:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-        return Snapshot(path=path, size=size, seconds=seconds)
+        """Pause ``vm`` and write its state to ``path`` (and ``PATH.json``), atomically."""
+        return await vm.snapshot(path)
 
     def _mkdir(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -589,25 +522,6 @@ class Templates:
             if path.name.startswith(".") or short not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-
-
-async def _receive_state(
-    listener: trio.socket.SocketType, partial: Path, failed: list[str]
-) -> None:
-    """Accept QEMU's one migration connection and write what it sends to ``partial``
-    until it closes the connection; then sync the file. Errors go to ``failed``."""
-    try:
-        conn, _ = await listener.accept()
-        stream = trio.SocketStream(conn)
-        # Guest memory (the token included): readable by root only.
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        async with stream, await trio.open_file(fd, "wb") as out:
-            while chunk := await stream.receive_some(1 << 20):
-                await out.write(chunk)
-            await out.flush()
-            await trio.to_thread.run_sync(os.fsync, out.fileno())
-    except (OSError, trio.BrokenResourceError) as exc:
-        failed.append(f"writing {partial.name}: {exc}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -46,6 +46,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -235,13 +236,44 @@ async def _migration_done(qmp: Qmp) -> None:
         raise QmpError("MigrationFailed", str(desc or f"migration {status}"), command="migrate")
 
 
-async def _migrate_out(target: Path, qmp: Qmp) -> tuple[int, int, int]:
+async def _migrate_to_socket(
+    sock_path: Path, listener: trio.socket.SocketType, target: Path, qmp: Qmp
+) -> tuple[int, int, int]:
     await qmp.execute("stop")
     await _events_on(qmp)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": _MIGRATE_BANDWIDTH})
-    await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
-    await _migration_done(qmp)
+    await qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
+    failed: list[str] = []
+    error: QmpFailure | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_receive_state, listener, target, failed)
+        try:
+            await _migration_done(qmp)
+        except QmpFailure as exc:  # carried out by hand: the nursery would wrap it
+            error = exc
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if failed:
+        raise OSError(failed[0])
     return qmp.greeting.version
+
+
+async def _receive_state(listener: trio.socket.SocketType, target: Path, failed: list[str]) -> None:
+    """Accept QEMU's one migration connection and write what it sends to ``target``
+    until it closes the connection; then sync the file. Errors go to ``failed``."""
+    try:
+        conn, _ = await listener.accept()
+        stream = trio.SocketStream(conn)
+        # Guest memory (the token included): readable by root only.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        async with stream, await trio.open_file(fd, "wb") as out:
+            while chunk := await stream.receive_some(1 << 20):
+                await out.write(chunk)
+            await out.flush()
+            await trio.to_thread.run_sync(os.fsync, out.fileno())
+    except (OSError, trio.BrokenResourceError) as exc:
+        failed.append(f"writing {target.name}: {exc}")
 
 
 async def _migrate_in(source: Path, qmp: Qmp) -> None:
@@ -342,15 +374,27 @@ class QemuVm:
     async def snapshot(self, path: Path) -> Snapshot:
         """Pause the VM and write its state to ``path``, absolute (and ``PATH.json``).
 
+        The state is migrated over a unix socket we accept on, so the file is
+        known to be whole when QEMU closes the connection after the migration
+        completed. (With an ``exec:cat > FILE`` target, QEMU announces completion
+        before it closes the pipe, and signals the ``cat`` if it has not exited
+        by then: the file may be short.) The file is written aside and renamed.
+
         The VM stays paused afterwards: ``resume()`` it or kill it. Bound the
         wait with a cancel scope; a snapshot not finished is not left behind.
         """
-        if not path.is_absolute():  # QEMU's helper runs in another directory
+        if not path.is_absolute():
             raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
         partial_path = path.with_name(f".{path.name}.partial")
+        sock_path = self.qmp_path.with_name("migrate.sock")  # in the VM's own run directory
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         started = trio.current_time()
         try:
-            version = await self._command("snapshot", partial(_migrate_out, partial_path))
+            await listener.bind(str(sock_path))
+            listener.listen(1)
+            version = await self._command(
+                "snapshot", partial(_migrate_to_socket, sock_path, listener, partial_path)
+            )
             seconds = trio.current_time() - started
             size = partial_path.stat().st_size
             info = SnapshotInfo(
@@ -368,6 +412,9 @@ class QemuVm:
         except OSError as exc:
             raise VmmCommandError(f"{self._spec.name}: snapshot {path}: {exc.strerror}") from exc
         finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                sock_path.unlink()
             with contextlib.suppress(FileNotFoundError):
                 partial_path.unlink()
         return Snapshot(path=path, size=size, seconds=seconds)
