@@ -48,11 +48,11 @@ from fireclaw.pool.drivers.qemu import (
     QemuDriver,
     QemuVm,
     guest_control_url,
-    in_netns,
     info_path,
     kernel_cmdline,
     qemu_argv,
 )
+from fireclaw.pool.drivers.spawn import in_netns
 from fireclaw.pool.image import Image, ImageSpec, build_image
 from fireclaw.pool.qmp import open_qmp
 from msgspec.structs import replace

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 
 import psutil
 import trio
 from fireclaw.pool import cgroup
 from fireclaw.pool.drivers.base import DriverError, VmSpec
-from fireclaw.pool.netns import NETNS_DIR
+from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 
 #: Host variables a guest process may see; the rest of the supervisor's environment stays out.
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
@@ -74,9 +73,7 @@ class ProcessDriver:
 
     def argv(self, spec: VmSpec) -> list[str]:
         argv = list(spec.guest_command or (self._python, "-m", "fireclaw.guest_daemon"))
-        if spec.netns is not None:
-            argv = ["nsenter", f"--net={NETNS_DIR / spec.netns}", "--", *argv]
-        return argv
+        return in_netns(argv, spec.netns)
 
     async def start(self, spec: VmSpec) -> ProcessVm:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
@@ -87,21 +84,9 @@ class ProcessDriver:
             FIRECLAW_NAME=spec.name,
             FIRECLAW_ROLE=spec.role,
         )
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(
-            spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-        )
+        log_fd = open_log(spec.log_path)
         try:
-            proc = await trio.lowlevel.open_process(
-                self.argv(spec),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-                cwd="/",
-            )
+            proc = await open_vmm(self.argv(spec), log_fd=log_fd, env=env)
         except OSError as exc:
             raise DriverError(f"starting {spec.name}: {exc}") from exc
         finally:

@@ -47,7 +47,6 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -61,8 +60,8 @@ import trio
 from fireclaw.pool import cgroup
 from fireclaw.pool.accel import Accel, accel_argv, host_tsc_khz
 from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.image import Image
-from fireclaw.pool.netns import NETNS_DIR
 from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure, open_qmp
 
 T = TypeVar("T")
@@ -210,12 +209,6 @@ def qemu_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
-
-
-def in_netns(argv: list[str], netns: str | None) -> list[str]:
-    if netns is None:
-        return argv
-    return ["nsenter", f"--net={NETNS_DIR / netns}", "--", *argv]
 
 
 # --- QMP conversations -------------------------------------------------------------------
@@ -547,24 +540,13 @@ class QemuDriver:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         try:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_fd = os.open(
-                spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-            )
+            log_fd = open_log(spec.log_path)
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"{spec.name}: log {spec.log_path}: {exc.strerror}") from exc
         try:
             log_offset = os.fstat(log_fd).st_size
-            proc = await trio.lowlevel.open_process(
-                in_netns(argv, spec.netns),
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-                cwd="/",
-            )
+            proc = await open_vmm(in_netns(argv, spec.netns), log_fd=log_fd, env=env)
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
