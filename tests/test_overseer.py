@@ -48,17 +48,25 @@ def op(swarm: Swarm) -> Iterator[Person]:
         person.stop()
 
 
-def overseer_in_channel(person: Person) -> None:
-    """The overseer is (or comes) into #control: listed by NAMES, or seen joining."""
-    person.do("names", CONTROL)
+def in_channel(person: Person, nick: str, channel: str, timeout: float = 60) -> None:
+    """``nick`` is (or comes) into ``channel``: listed by NAMES, or seen joining."""
+    person.do("names", channel)
     person.expect(
-        "the overseer in #control",
+        f"{nick} in {channel}",
         lambda e: (
-            (e.type == "namreply" and "overseer" in e.arguments[-1].replace("@", "").split())
-            or (e.type == "join" and e.source.nick == "overseer" and e.target == CONTROL)
+            (
+                e.type == "namreply"
+                and e.arguments[1] == channel
+                and nick in e.arguments[-1].replace("@", "").split()
+            )
+            or (e.type == "join" and e.source.nick == nick and e.target == channel)
         ),
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def overseer_in_channel(person: Person) -> None:
+    in_channel(person, "overseer", CONTROL)
 
 
 def test_scale_from_irc(swarm: Swarm, op: Person) -> None:
@@ -267,10 +275,10 @@ def test_everyone_is_back_after_the_irc_server_is_killed(tmp_path: Path) -> None
         )
         op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
         try:
-            op.do("names", AGENTS)
-            # The agent's client reconnects with backoff; ask until she is back.
+            # Both reconnect with backoff, by themselves; ask once she is back.
+            in_channel(op, "alice", AGENTS, timeout=90)
             op.say(AGENTS, "alice: are you back?")
-            op.said(AGENTS, "op: alice: are you back?", timeout=90)
+            op.said(AGENTS, "op: alice: are you back?")
             overseer_in_channel(op)
         finally:
             op.stop()
