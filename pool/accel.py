@@ -87,13 +87,17 @@ def host_tsc_khz() -> int | None:
 
 def probe_argv(image: Image, qemu: str, accel: Accel) -> list[str]:
     """The probe boot: serial console on stdout, no disks, no network."""
+    append = f"console=ttyS0 panic=-1 quiet loglevel=1 {_PROBE_INIT}"
+    khz = host_tsc_khz() if accel.name == "tcg" else None
+    if khz:
+        append += f" tsc_early_khz={khz}"  # as the driver does: see tsc_khz
     return [
         qemu, *accel_argv(accel),
         "-M", "microvm,x-option-roms=off,rtc=on", "-m", "128", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
-        "-append", f"console=ttyS0 panic=-1 quiet loglevel=1 {_PROBE_INIT}",
+        "-append", append,
     ]  # fmt: skip
 
 
