@@ -1,0 +1,996 @@
+"""Benchmark of fireclaw-swarm on the ``qemu`` driver: boots, restores, runs, memory.
+
+Everything runs against a real ``fireclaw-swarm up`` subprocess with
+``backend: qemu`` (readiness by sd_notify ``READY=1``, state changes awaited
+with the status long-poll), under a role name of its own
+(``bench-qemu-<pid>``) with the default resources (1 vCPU, 256 MiB), IRC off,
+``heartbeat_timeout: 20`` and ``boot_timeout: 120`` (TCG on a few shared
+cores). The accelerator QEMU uses (KVM or TCG) and the reason for it are
+taken from the supervisor's status. What it measures, on this machine:
+
+1. Cold boot to guest-connected. (a) The role's snapshot template: a VM
+   cold-booted alone, with nothing else running, to *parked* (its guest said
+   Hello, took the Welcome and sent its first heartbeat): ``boot_seconds`` of
+   the ``template_made`` event, with the snapshot's size and time. (b) With
+   ``--cold N``, a second supervisor whose templates cannot be made (its
+   ``templates`` folder is a file, as in the tests) cold-boots the role's VMs
+   one after another: ``ready_seconds`` of each VM whose status says
+   ``started_as: booted`` (QEMU's start to the guest's Hello accepted). N VMs
+   means the first pool VM, then N - 1 replacements, each forced by a
+   ``run -- true`` once the previous one is idle.
+2. Snapshot restore to guest-connected. The role keeps ``min_idle: --idle``
+   clones. Once that pool is full and settled, each of ``--restores`` steps
+   consumes one clone with ``run -- true`` (through the API, untimed) and waits
+   until the pool is full and settled again; the ``seconds`` of the
+   ``restored`` event of the replacement (QEMU's start with ``-incoming``,
+   the state read, the guest's reconnect and Hello) is one sample. The
+   restores of the first fill (several at once) and those that overlap the
+   timed runs of part 3 are reported apart.
+3. ``run -- true`` from a warm pool. Before each run the bench waits, untimed,
+   until the pool is full and settled (``--idle`` idle clones, nothing
+   starting, nothing draining), then times
+   ``fireclaw-swarm --state-dir S run -- true`` from spawn to exit (the CLI's
+   Python start-up included); interleaved with those, the same number of runs
+   through ``ApiClient.stream("/run")``, timed until the stream is consumed.
+   Every run must exit 0. Each run consumes a clone, so the pool restores a
+   replacement while the run ends: that restore competes for the CPU.
+4. Memory per idle VM. With ``--idle`` idle clones and a 5 s settle: RSS,
+   PSS and USS of each clone's QEMU process (psutil; QEMU runs under
+   ``nsenter``, which execs it, so the VM's pid is QEMU's), their means, and
+   the supervisor's RSS and PSS. Guest RAM is anonymous private memory that
+   each clone fills from the snapshot file, so clones restored from one
+   snapshot share only what the kernel shares anyway (QEMU's code and
+   libraries) unless KSM merges pages; whether KSM runs is in the machine
+   facts. Finally SIGTERM, and the time the supervisor takes to stop.
+
+Percentiles are nearest-rank (with 20 samples p99 is the largest). The image
+is found or built in the image cache the tests use
+(``~/.cache/fireclaw/test-images``, or ``--images DIR``): the state dir's
+``images`` folder is a link there, so it is built once (about 40 s, included
+in the first supervisor's time to READY=1) and not again. The state dirs
+themselves are fresh each run, so the template is made, not reused.
+
+After each supervisor has stopped the bench checks that nothing of its
+instance (``instance_id`` of its state dir) is left: no QEMU process whose
+command line names its state dir, no ``/run/netns/fireclaw-<instance>-*``
+namespace, no cgroup ``<instance>-*``, no VM run directory and no API socket.
+Anything left is reported and removed, and the exit status is 1. Every exit
+path (an error, Ctrl-C, SIGTERM) stops the supervisor (SIGTERM, then SIGKILL
+if it does not stop in time) and sweeps what it left.
+
+Results are printed (a table at the end, with the command line, machine
+facts and the accelerator) and written to ``bench/results/qemu_driver.json``.
+
+Run (from the repository root, as root: VMs run in network namespaces)::
+
+    .venv/bin/python bench/qemu_driver.py
+    .venv/bin/python bench/qemu_driver.py --quick
+    .venv/bin/python bench/qemu_driver.py --restores 50 --runs 50 --idle 8 --cold 5
+
+Defaults: ``--restores 20 --runs 20 --idle 4 --cold 3``; ``--quick`` means
+``--restores 5 --runs 5 --idle 2 --cold 1``; flags given explicitly win.
+``--cold 0`` skips the second supervisor. ``--keep`` keeps the work directory
+(configs, the supervisors' and the guests' logs).
+
+Exit status: 0 when every figure was measured, every run exited 0 and nothing
+was left behind; 1 otherwise; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from fireclaw.pool import cgroup, netns
+from fireclaw.pool.vm import instance_id
+from fireclaw.supervisor.client import ApiClient
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "qemu_driver.json"
+FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
+QEMU = "qemu-system-x86_64"
+TEST_CACHE = Path.home() / ".cache" / "fireclaw" / "test-images"
+
+MAX_ACTIVE = 64
+MEMORY_MIB = 256
+# A first image build (about a minute on a loaded host) happens before READY=1.
+START_TIMEOUT = 900.0
+# TCG on a few shared cores: one boot alone takes tens of seconds.
+BOOT_TIMEOUT = 120.0
+CONTROL = "  heartbeat_interval: 2\n  heartbeat_timeout: 20\n  boot_timeout: 120\n"
+# The template's boot and the first restores, all under TCG.
+POOL_TIMEOUT = 900.0
+SETTLE_S = 5.0
+# The supervisor's fleet_deadline (60 s by default) plus TERM/KILL of stragglers.
+STOP_TIMEOUT = 120.0
+RUN_TIMEOUT = 300.0
+
+
+class BenchError(Exception):
+    """A part of the benchmark could not be measured."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_ms(samples_ms: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(samples_ms),
+        "p50_ms": round(percentile(samples_ms, 50), 3),
+        "p99_ms": round(percentile(samples_ms, 99), 3),
+        "max_ms": round(max(samples_ms), 3),
+        "mean_ms": round(sum(samples_ms) / len(samples_ms), 3),
+        "min_ms": round(min(samples_ms), 3),
+        "samples_ms": [round(s, 3) for s in samples_ms],
+    }
+
+
+def one_line(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def swarm_yaml(role: str, *, min_idle: int) -> str:
+    return (
+        "version: 1\nbackend: qemu\n"
+        "irc:\n  enabled: false\n"
+        f"control:\n{CONTROL}"
+        "roles:\n"
+        f"  {role}:\n"
+        "    template: worker\n"
+        f"    pool: {{min_idle: {min_idle}, max_active: {MAX_ACTIVE}}}\n"
+        f"    resources: {{vcpus: 1, memory_mib: {MEMORY_MIB}}}\n"
+    )
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def machine_facts() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ns_why = netns.probe()
+    cg_why = cgroup.probe()
+    try:
+        qemu_version = subprocess.run(
+            [QEMU, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError) as exc:
+        qemu_version = f"unknown ({one_line(exc)})"
+    ksm = _read("/sys/kernel/mm/ksm/run")
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": qemu_version,
+        "kvm_device": os.path.exists("/dev/kvm"),
+        "root": os.geteuid() == 0,
+        "netns": ns_why is None,
+        "netns_why": ns_why or "one network namespace per VM",
+        "cgroups": cg_why is None,
+        "cgroups_why": cg_why or "one memory cgroup per VM",
+        "ksm_run": ksm,
+        "ksm": {"0": "off", "1": "on", "2": "off (unmerged)"}.get(ksm, ksm),
+        "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ---------------------------------------------------------------- what a swarm leaves behind
+
+
+def qemu_pids(state: Path) -> list[int]:
+    """QEMU processes whose command line names ``state`` (their console log is there)."""
+    marks = {str(state).encode(), str(state.resolve()).encode()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"qemu-system") and any(m in cmdline for m in marks):
+            found.append(int(entry))
+    return found
+
+
+def _run_dirs(state: Path) -> list[Path]:
+    mine = instance_id(state)
+    found = list((state / "logs" / "run").glob("*"))
+    return found + list(Path(tempfile.gettempdir()).glob(f"fireclaw-{mine}-*"))
+
+
+def leftovers(state: Path) -> dict[str, list[str]]:
+    """QEMU processes, namespaces, cgroups, run directories and sockets of ``state``'s
+    instance that exist now."""
+    mine = instance_id(state)
+    found = {
+        "qemu_processes": [str(p) for p in qemu_pids(state)],
+        "netns": netns.leftovers(f"{netns.PREFIX}{mine}-"),
+        "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{mine}-")],
+        "run_dirs": [str(p) for p in _run_dirs(state)],
+        "sockets": sorted(p.name for p in state.glob("*.sock")),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def sweep(state: Path) -> None:
+    """Remove whatever ``state``'s instance left: kill its QEMUs, drop its namespaces,
+    cgroups and run directories."""
+    mine = instance_id(state)
+    for pid in qemu_pids(state):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while qemu_pids(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for path in cgroup.leftovers():
+        if path.name.startswith(f"{mine}-"):
+            with contextlib.suppress(cgroup.CgroupError):
+                cgroup.remove(path)
+    for name in netns.leftovers(f"{netns.PREFIX}{mine}-"):
+        with contextlib.suppress(netns.NetnsError):
+            netns.remove_sync(name)
+    for path in _run_dirs(state):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in state.glob("*.sock"):
+        path.unlink(missing_ok=True)
+
+
+def check_clean(state: Path, out: dict[str, Any]) -> None:
+    left = leftovers(state)
+    out["leftovers"] = left
+    if left:
+        print(f"  LEFT BEHIND by {state}: {left}; removing it", flush=True)
+        sweep(state)
+        still = leftovers(state)
+        if still:
+            print(f"  STILL THERE after the sweep: {still}", flush=True)
+            out["leftovers_after_sweep"] = still
+
+
+# ---------------------------------------------------------------- a real supervisor
+
+
+class Supervisor:
+    """``fireclaw-swarm up`` with ``backend: qemu`` in a subprocess, ready at READY=1.
+
+    Its state dir's ``images`` folder is a link to ``images``; with
+    ``no_templates`` its ``templates`` folder is a file, so no template can be made."""
+
+    def __init__(
+        self, root: Path, config_text: str, images: Path, *, no_templates: bool = False
+    ) -> None:
+        self.root = root
+        self.config = root / "swarm.yaml"
+        self.state = root / "state"
+        self.log = root / "supervisor.log"
+        root.mkdir(parents=True)
+        self.config.write_text(config_text)
+        self.state.mkdir()
+        images.mkdir(parents=True, exist_ok=True)
+        (self.state / "images").symlink_to(images, target_is_directory=True)
+        if no_templates:
+            (self.state / "templates").write_text("a file where the folder should be\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._notify: socket.socket | None = None
+        self.api = ApiClient(self.state / "api.sock")
+        self._after = 0
+
+    def start(self, timeout: float) -> None:
+        path = self.root / "notify.sock"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(path))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,  # stopped by this script only, not by a terminal's ^C
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise BenchError(f"no READY=1 from the supervisor; log:\n{self.tail()}")
+            self._notify.settimeout(min(left, 0.5))
+            try:
+                msg = self._notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if "READY=1" in msg.split("\n"):
+                return
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = self.api.get("/status")
+        return st
+
+    def wait_for(
+        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """Long-poll /status until ``pred(status)`` holds."""
+        deadline = time.monotonic() + timeout
+        st = self.status()
+        while not pred(st):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"timed out waiting for {what}: {st['roles']}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise BenchError(f"the supervisor exited while waiting for {what}")
+            st = self.api.get(
+                f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5
+            )
+        return st
+
+    def new_events(self) -> list[dict[str, Any]]:
+        """Events logged since the last call."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.api.get(f"/events?after={self._after}&limit=1000")["events"]
+            if not page:
+                return found
+            self._after = page[-1]["id"]
+            found += page
+
+    def run_true(self, role: str) -> int | None:
+        """``run -- true`` through the API; its exit code."""
+        code = None
+        for item in self.api.stream("/run", {"role": role, "argv": ["true"]}):
+            if "exit" in item:
+                code = item["exit"]
+        return code
+
+    def terminate(self, timeout: float) -> tuple[int | None, float]:
+        """SIGTERM, wait up to ``timeout``; (exit code or None if it had to be killed, seconds)."""
+        assert self.proc is not None
+        t0 = time.perf_counter()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+            self.proc.kill()
+            self.proc.wait()
+        return code, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            code, _ = self.terminate(STOP_TIMEOUT)
+            if code is None:
+                print("  the supervisor did not stop in time: killed", flush=True)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def settled(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
+    """At least ``n`` idle VMs of ``role``, and none starting, busy or draining."""
+
+    def pred(st: dict[str, Any]) -> bool:
+        r = st["roles"].get(role)
+        if r is None:
+            return False
+        if r["degraded"] or r["failed"]:
+            raise BenchError(f"role {role} is degraded: {r}")
+        return bool(
+            r["idle"] >= n and r["starting"] == 0 and r["active"] == 0 and r["draining"] == 0
+        )
+
+    return pred
+
+
+TROUBLE = frozenset({"crashed", "failed", "template_dropped", "template_failed"})
+
+
+def trouble(events: list[dict[str, Any]], role: str, kinds: frozenset[str] = TROUBLE) -> list[str]:
+    """Crashes, failures and templates dropped or not made, among ``events``."""
+    return [
+        f"{e['subject']} {e['kind']}: {e['detail'].get('reason')}"
+        for e in events
+        if e["kind"] in kinds
+        and (e["subject"].startswith(f"{role}-") or e["subject"].startswith("template-"))
+    ]
+
+
+def restored_seconds(events: list[dict[str, Any]], role: str) -> list[float]:
+    return [
+        float(e["detail"]["seconds"])
+        for e in events
+        if e["kind"] == "restored" and e["detail"].get("role") == role
+    ]
+
+
+def backend_facts(st: dict[str, Any]) -> dict[str, Any]:
+    """The backend line of status, and the accelerator and its reason parsed from it."""
+    backend = str(st["backend"])
+    out: dict[str, Any] = {"backend": backend}
+    inner = backend.removeprefix("auto: ")
+    if inner.startswith("qemu (") and inner.endswith(")"):
+        accel, _, reason = inner[len("qemu (") : -1].partition(": ")
+        out["accel"], out["accel_reason"] = accel, reason
+    return out
+
+
+# ---------------------------------------------------------------- the warm pool
+
+
+def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    role = f"bench-qemu-{os.getpid()}"
+    n_idle = args.idle
+    sup = Supervisor(workdir / "pool", swarm_yaml(role, min_idle=n_idle), args.images)
+    info: dict[str, Any] = {"role": role, "pool_min_idle": n_idle, "memory_mib": MEMORY_MIB}
+    results["pool"] = info
+    try:
+        print(f"[1/4] supervisor with a pool of {n_idle} clones: start, template, fill", flush=True)
+        images_before = {p.name for p in args.images.iterdir() if p.is_dir()}
+        t0 = time.perf_counter()
+        sup.start(START_TIMEOUT)
+        info["ready_s"] = round(time.perf_counter() - t0, 3)
+        built = sorted({p.name for p in args.images.iterdir() if p.is_dir()} - images_before)
+        info["image_built"] = built
+        st = sup.status()
+        info.update(backend_facts(st))
+        info["isolation"] = st["isolation"]
+        print(f"  READY=1 after {info['ready_s']:.1f} s; backend {info['backend']}", flush=True)
+        if built:
+            print(f"  (the image {built[0]} was built first)", flush=True)
+        if not info["backend"].startswith("qemu ("):
+            raise BenchError(f"the backend is not qemu: {info['backend']}")
+        st = sup.wait_for(f"{n_idle} idle clones", settled(role, n_idle), POOL_TIMEOUT)
+        info["first_pool_s"] = round(time.perf_counter() - t0, 3)
+        info["start_line"] = st["roles"][role]["start"]
+        events = sup.new_events()
+        made = [e for e in events if e["kind"] == "template_made"]
+        if len(made) != 1:
+            raise BenchError(
+                f"expected one template_made event, found {len(made)}: {info['start_line']};"
+                f" {trouble(events, role)}"
+            )
+        detail = made[0]["detail"]
+        results["template"] = {
+            "subject": made[0]["subject"],
+            "boot_to_parked_s": detail["boot_seconds"],
+            "snapshot_s": detail["snapshot_seconds"],
+            "total_s": detail["seconds"],
+            "snapshot_mib": round(detail["size"] / 2**20, 1),
+        }
+        fill = restored_seconds(events, role)
+        info["fill_restores_s"] = fill
+        info["fill_trouble"] = trouble(events, role)
+        print(
+            f"  template: cold boot to parked {detail['boot_seconds']:.2f} s, snapshot"
+            f" {detail['size'] / 2**20:.1f} MiB in {detail['snapshot_seconds']:.2f} s;"
+            f" {n_idle} clones idle after {info['first_pool_s']:.1f} s",
+            flush=True,
+        )
+        if args.restores > 0:
+            results["restore"] = {}
+            bench_restores(sup, role, n_idle, args.restores, results["restore"])
+        if args.runs > 0:
+            results["run"] = {}
+            bench_runs(sup, role, n_idle, args.runs, results["run"])
+        results["memory"] = {}
+        bench_memory(sup, role, n_idle, results["memory"])
+        code, took = sup.terminate(STOP_TIMEOUT)
+        info["stop_s"] = round(took, 3)
+        info["stop_exit_code"] = code
+        print(f"  stopped in {took:.2f} s (exit {code})", flush=True)
+        if code != 0:
+            raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
+    except Exception:
+        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        with signals_held():
+            sup.close()
+            check_clean(sup.state, info)
+
+
+def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
+    print(f"[2/4] restore to connected: {n} restores, one at a time", flush=True)
+    samples: list[float] = []
+    problems: list[str] = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+        sup.new_events()
+        code = sup.run_true(role)
+        if code != 0:
+            problems.append(f"run {i} to consume a clone: exit {code}")
+        sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+        events = sup.new_events()
+        found = restored_seconds(events, role)
+        problems += trouble(events, role)
+        if len(found) != 1:
+            problems.append(f"step {i}: {len(found)} restored events")
+        samples += found
+        if (i + 1) % max(1, n // 5) == 0:
+            print(f"  {i + 1}/{n} restores", flush=True)
+    out["wall_s"] = round(time.perf_counter() - t0, 3)
+    out["problems"] = problems
+    if not samples:
+        raise BenchError(f"no restore was seen: {problems[:3]}")
+    out.update(summary_ms([s * 1000 for s in samples]))
+    if problems:
+        raise BenchError(f"{len(problems)} problems during the restores: {problems[:3]}")
+
+
+def bench_runs(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
+    print(f"[3/4] run -- true: {n} runs through the CLI, {n} through the API", flush=True)
+    cli_cmd = [FIRECLAW, "--state-dir", str(sup.state), "run", "--", "true"]
+    out["cli_command"] = shlex.join(["fireclaw-swarm", "--state-dir", "S", "run", "--", "true"])
+    out["waited_for"] = f"{n_idle} idle, nothing starting, busy or draining"
+    cli: list[float] = []
+    api: list[float] = []
+    failures: list[str] = []
+    overlapped: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+        overlapped += restored_seconds(sup.new_events(), role)
+        start = time.perf_counter_ns()
+        done = subprocess.run(
+            cli_cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT
+        )
+        cli.append((time.perf_counter_ns() - start) / 1e6)
+        if done.returncode != 0:
+            failures.append(f"cli run {i}: exit {done.returncode}: {done.stderr.decode()!r}")
+
+        sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+        overlapped += restored_seconds(sup.new_events(), role)
+        start = time.perf_counter_ns()
+        code = sup.run_true(role)
+        api.append((time.perf_counter_ns() - start) / 1e6)
+        if code != 0:
+            failures.append(f"api run {i}: exit {code}")
+        if (i + 1) % max(1, n // 5) == 0:
+            print(f"  {i + 1}/{n} runs", flush=True)
+    sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+    overlapped += restored_seconds(sup.new_events(), role)
+    out["wall_s"] = round(time.perf_counter() - t0, 3)
+    out["cli"] = summary_ms(cli)
+    out["api"] = summary_ms(api)
+    out["cli_startup_share_p50_ms"] = round(out["cli"]["p50_ms"] - out["api"]["p50_ms"], 3)
+    if overlapped:
+        out["restores_during_runs"] = summary_ms([s * 1000 for s in overlapped])
+    out["failures"] = failures
+    if failures:
+        raise BenchError(f"{len(failures)} runs did not exit 0: {failures[:3]}")
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def bench_memory(sup: Supervisor, role: str, n_idle: int, out: dict[str, Any]) -> None:
+    print(f"[4/4] memory: {n_idle} idle clones, {SETTLE_S:g} s settle, then SIGTERM", flush=True)
+    sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+    time.sleep(SETTLE_S)
+    st = sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
+    agents = [a for a in st["agents"] if a["role"] == role and a["state"] == "idle"]
+    per_vm: list[dict[str, Any]] = []
+    for a in agents:
+        try:
+            proc = psutil.Process(a["pid"])
+            name = proc.name()
+            info = proc.memory_full_info()
+        except psutil.Error as exc:
+            raise BenchError(f"{a['name']} (pid {a['pid']}): {one_line(exc)}") from exc
+        if not name.startswith("qemu-system"):
+            raise BenchError(f"{a['name']}: pid {a['pid']} is {name}, not QEMU")
+        per_vm.append(
+            {
+                "name": a["name"],
+                "pid": a["pid"],
+                "started_as": a["started_as"],
+                "ready_seconds": a["ready_seconds"],
+                "rss_mib": _mib(info.rss),
+                "pss_mib": _mib(info.pss),
+                "uss_mib": _mib(info.uss),
+                "shared_mib": _mib(info.shared),
+            }
+        )
+    if len(per_vm) != n_idle:
+        raise BenchError(f"expected {n_idle} idle clones, found {len(per_vm)}")
+    not_clones = [v["name"] for v in per_vm if not v["started_as"].startswith("restored ")]
+    me = psutil.Process(sup.pid).memory_full_info()
+
+    def mean(key: str) -> float:
+        return round(float(sum(v[key] for v in per_vm)) / len(per_vm), 1)
+
+    out.update(
+        n=len(per_vm),
+        per_vm=per_vm,
+        not_restored=not_clones,
+        rss_mean_mib=mean("rss_mib"),
+        pss_mean_mib=mean("pss_mib"),
+        uss_mean_mib=mean("uss_mib"),
+        rss_sum_mib=round(sum(v["rss_mib"] for v in per_vm), 1),
+        pss_sum_mib=round(sum(v["pss_mib"] for v in per_vm), 1),
+        supervisor_rss_mib=_mib(me.rss),
+        supervisor_pss_mib=_mib(me.pss),
+    )
+    out["rss_minus_pss_mean_mib"] = round(out["rss_mean_mib"] - out["pss_mean_mib"], 1)
+    for v in per_vm:
+        print(
+            f"  {v['name']:<24} pid {v['pid']:>7}  RSS {v['rss_mib']:7.1f}  PSS"
+            f" {v['pss_mib']:7.1f}  USS {v['uss_mib']:7.1f} MiB  ({v['started_as']})",
+            flush=True,
+        )
+    print(
+        f"  mean RSS {out['rss_mean_mib']} / PSS {out['pss_mean_mib']} / USS"
+        f" {out['uss_mean_mib']} MiB per VM; supervisor RSS {out['supervisor_rss_mib']} MiB",
+        flush=True,
+    )
+    if not_clones:
+        raise BenchError(f"idle VMs that were not restored from the template: {not_clones}")
+
+
+# ---------------------------------------------------------------- cold boots without a template
+
+
+def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    role = f"bench-cold-{os.getpid()}"
+    n = args.cold
+    sup = Supervisor(workdir / "cold", swarm_yaml(role, min_idle=1), args.images, no_templates=True)
+    out: dict[str, Any] = {"role": role, "pool_min_idle": 1}
+    results["cold"] = out
+    print(f"[+] cold boots: {n} VMs of a role whose template cannot be made", flush=True)
+    samples: list[float] = []
+    problems: list[str] = []
+    try:
+        sup.start(START_TIMEOUT)
+        out.update(backend_facts(sup.status()))
+        seen: set[tuple[str, int]] = set()
+        t0 = time.perf_counter()
+        for i in range(n):
+            st = sup.wait_for("an idle VM", settled(role, 1), POOL_TIMEOUT)
+            out["start_line"] = st["roles"][role]["start"]
+            for a in st["agents"]:
+                if a["role"] != role or a["state"] != "idle" or (a["name"], a["pid"]) in seen:
+                    continue
+                seen.add((a["name"], a["pid"]))
+                if a["started_as"] != "booted":
+                    problems.append(f"{a['name']} started as {a['started_as']!r}")
+                elif a["ready_seconds"] is not None:
+                    samples.append(float(a["ready_seconds"]))
+            if i + 1 < n:
+                code = sup.run_true(role)
+                if code != 0:
+                    problems.append(f"run {i} to consume a VM: exit {code}")
+            print(f"  {i + 1}/{n} cold boots", flush=True)
+        out["wall_s"] = round(time.perf_counter() - t0, 3)
+        events = sup.new_events()
+        out["template_failed"] = trouble(events, role, frozenset({"template_failed"}))
+        problems += trouble(events, role, TROUBLE - {"template_failed"})
+        if not out["start_line"].startswith("cold boot"):
+            problems.append(f"the role does not cold-boot: {out['start_line']}")
+        out["problems"] = problems
+        if samples:
+            out.update(summary_ms([s * 1000 for s in samples]))
+        if problems or len(samples) != n:
+            raise BenchError(f"{len(samples)} of {n} cold boots measured; {problems[:3]}")
+        code, took = sup.terminate(STOP_TIMEOUT)
+        out["stop_s"] = round(took, 3)
+        out["stop_exit_code"] = code
+        if code != 0:
+            raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
+    except Exception:
+        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        with signals_held():
+            sup.close()
+            check_clean(sup.state, out)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _s3(s: dict[str, Any]) -> str:
+    return (
+        f"{s['p50_ms'] / 1000:.3f} / {s['p99_ms'] / 1000:.3f} / {s['max_ms'] / 1000:.3f} s"
+        f"  (min {s['min_ms'] / 1000:.3f}, mean {s['mean_ms'] / 1000:.3f})"
+    )
+
+
+def _ms3(s: dict[str, Any]) -> str:
+    return (
+        f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['max_ms']:.1f} ms"
+        f"  (min {s['min_ms']:.1f}, mean {s['mean_ms']:.1f})"
+    )
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    pool = results.get("pool", {})
+    iso = (
+        "on (netns + cgroups)"
+        if m["netns"] and m["cgroups"]
+        else f"netns {'on' if m['netns'] else 'off'}, cgroups {'on' if m['cgroups'] else 'off'}"
+    )
+    head = [
+        ("command", results["command"]),
+        (
+            "machine",
+            f"{m['nproc']} CPUs, {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']}",
+        ),
+        ("load average at start", " ".join(str(x) for x in m["loadavg_at_start"])),
+        ("qemu", m["qemu"]),
+        (
+            "accelerator",
+            f"{pool['accel']} ({pool['accel_reason']})" if "accel" in pool else "unknown",
+        ),
+        ("python / root", f"{m['python']} / {'yes' if m['root'] else 'no'}"),
+        ("isolation", iso),
+        ("KSM / THP", f"{m['ksm']} / {m['thp']}"),
+        ("date", results["date"]),
+        ("bench wall time", f"{results['total_s']:.1f} s"),
+    ]
+    rows: list[tuple[str, str]] = []
+    if "ready_s" in pool:
+        built = f", image {pool['image_built'][0]} built first" if pool.get("image_built") else ""
+        rows.append(("supervisor start to READY=1", f"{pool['ready_s']:.2f} s{built}"))
+    t = results.get("template", {})
+    if t:
+        rows += [
+            ("cold boot to parked (template VM, alone)", f"{t['boot_to_parked_s']:.3f} s"),
+            (
+                "template snapshot: size / time / all",
+                f"{t['snapshot_mib']:.1f} MiB / {t['snapshot_s']:.3f} s / {t['total_s']:.3f} s",
+            ),
+        ]
+    if "first_pool_s" in pool:
+        fill = pool.get("fill_restores_s", [])
+        rows.append(
+            (
+                f"start to {pool['pool_min_idle']} idle clones",
+                f"{pool['first_pool_s']:.2f} s (fill restores, concurrent:"
+                f" {', '.join(f'{x:.2f}' for x in fill)} s)",
+            )
+        )
+    c = results.get("cold", {})
+    if "p50_ms" in c:
+        rows.append((f"cold boot to connected, no template (n={c['n']}) p50 / p99 / max", _s3(c)))
+    r = results.get("restore", {})
+    if "p50_ms" in r:
+        rows.append((f"restore to connected, one at a time (n={r['n']}) p50/p99/max", _s3(r)))
+    run = results.get("run", {})
+    if "cli" in run:
+        rows += [
+            (f"run -- true, CLI p50 / p99 / max (n={run['cli']['n']})", _ms3(run["cli"])),
+            (f"run -- true, API p50 / p99 / max (n={run['api']['n']})", _ms3(run["api"])),
+            (
+                "run: CLI start-up share (p50 CLI - p50 API)",
+                f"{run['cli_startup_share_p50_ms']:.1f} ms",
+            ),
+            (
+                "run: exit codes",
+                "all 0" if not run["failures"] else f"{len(run['failures'])} not 0",
+            ),
+        ]
+        if "restores_during_runs" in run:
+            o = run["restores_during_runs"]
+            rows.append((f"restore to connected, during the runs (n={o['n']})", _s3(o)))
+    mem = results.get("memory", {})
+    if "rss_mean_mib" in mem:
+        rows += [
+            (
+                f"QEMU per idle clone, mean of {mem['n']}: RSS / PSS / USS",
+                f"{mem['rss_mean_mib']:.1f} / {mem['pss_mean_mib']:.1f} /"
+                f" {mem['uss_mean_mib']:.1f} MiB (guest RAM {pool.get('memory_mib')} MiB)",
+            ),
+            (
+                "QEMU per clone: RSS each",
+                ", ".join(f"{v['rss_mib']:.1f}" for v in mem["per_vm"]) + " MiB",
+            ),
+            (
+                "QEMU per clone: PSS each",
+                ", ".join(f"{v['pss_mib']:.1f}" for v in mem["per_vm"]) + " MiB",
+            ),
+            (
+                "shared per clone (RSS - PSS, mean)",
+                f"{mem['rss_minus_pss_mean_mib']:.1f} MiB",
+            ),
+            (
+                f"supervisor RSS / PSS, {mem['n']} idle VMs",
+                f"{mem['supervisor_rss_mib']:.1f} / {mem['supervisor_pss_mib']:.1f} MiB",
+            ),
+        ]
+    if "stop_s" in pool:
+        rows.append(
+            (
+                f"graceful stop (SIGTERM) of {pool['pool_min_idle']} VMs",
+                f"{pool['stop_s']:.2f} s (exit {pool['stop_exit_code']})",
+            )
+        )
+    if "stop_s" in c:
+        rows.append(
+            (
+                "graceful stop (SIGTERM), cold-boot supervisor",
+                f"{c['stop_s']:.2f} s (exit {c['stop_exit_code']})",
+            )
+        )
+    left = {k: v for k, v in results.get("leftovers", {}).items() if v}
+    rows.append(("left behind", "nothing" if not left else json.dumps(left)))
+    if results.get("error"):
+        rows.append(("ERROR", results["error"]))
+    width = max(len(k) for k, _ in head + rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in head]
+    lines.append("-" * (width + 40))
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark fireclaw-swarm's qemu driver (see the module docstring)."
+    )
+    parser.add_argument("--restores", type=int, help="restores to time (default 20)")
+    parser.add_argument("--runs", type=int, help="`run -- true` to time, CLI and API (default 20)")
+    parser.add_argument("--idle", type=int, help="the pool's idle clones (default 4)")
+    parser.add_argument("--cold", type=int, help="cold boots without a template (default 3)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=TEST_CACHE,
+        help=f"the guest image cache, linked as <state>/images (default {TEST_CACHE})",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (configs, logs) afterwards"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="--restores 5 --runs 5 --idle 2 --cold 1"
+    )
+    args = parser.parse_args(argv)
+    defaults = (
+        {"restores": 5, "runs": 5, "idle": 2, "cold": 1}
+        if args.quick
+        else {"restores": 20, "runs": 20, "idle": 4, "cold": 3}
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.restores, args.runs, args.cold) < 0:
+        parser.error("counts must be >= 0")
+    if not 1 <= args.idle <= MAX_ACTIVE:
+        parser.error(f"--idle must be 1 to {MAX_ACTIVE}")
+    args.images = args.images.expanduser().resolve()
+    return args
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into an exception so that every cleanup runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back while a cleanup runs; they arrive after it."""
+    held = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": shlex.join([_shown(sys.executable), *sys.argv]),
+        "argv": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "params": {k: getattr(args, k) for k in ("restores", "runs", "idle", "cold", "quick")}
+        | {"images": str(args.images)},
+        "machine": machine_facts(),
+    }
+    status = 0
+    workdir = Path(tempfile.mkdtemp(prefix="fcbench-qemu-"))
+    try:
+        with sigterm_interrupts():
+            if os.geteuid() != 0:
+                raise BenchError("VMs run in network namespaces: run as root")
+            bench_pool(args, workdir, results)
+            if args.cold > 0:
+                bench_cold(args, workdir, results)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        results["error"] = f"interrupted ({one_line(exc)})"
+        status = 130
+    except Exception as exc:
+        results["error"] = one_line(exc)
+        status = 1
+    finally:
+        with signals_held():
+            if args.keep:
+                print(f"work directory kept: {workdir}", flush=True)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    left: dict[str, list[str]] = {}
+    for part in (results.get("pool", {}), results.get("cold", {})):
+        for key, value in part.get("leftovers", {}).items():
+            left.setdefault(key, []).extend(value)
+    results["leftovers"] = left
+    if left and status == 0:
+        status = 1
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    results["exit_status"] = status
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    print()
+    print(table(results))
+    print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
