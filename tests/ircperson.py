@@ -2,7 +2,9 @@
 
 Everything the library does happens in a thread of its own: calls are queued
 to it, and what the server sends comes back through ``expect``, which waits
-for a matching event with a deadline.
+for a matching event with a deadline. Trio tests use ``aexpect``, ``astart``,
+``astop``, ``next_from``, ``message_in`` and ``person``, which wait in a worker
+thread so that the trio run goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -10,13 +12,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import irc.client
+import trio
 
 Event = irc.client.Event
+
+WAIT = 30.0  # seconds: generous for a busy machine
+
+#: What another client's doings look like to the ``irc`` library (replies to our own
+#: commands, such as "inviting", carry the other nick too, but are not its doing).
+DEEDS = frozenset({"pubmsg", "privmsg", "action", "join", "part", "quit", "kick", "nick"})
 
 
 class Person:
@@ -30,6 +40,7 @@ class Person:
         self._inbox: queue.Queue[Event] = queue.Queue()
         self.seen: list[Event] = []
         self._claimed: set[int] = set()
+        self._expecting = threading.Lock()  # seen and _claimed, against an abandoned aexpect
         self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"person-{nick}", daemon=True)
@@ -60,10 +71,14 @@ class Person:
     def send_raw(self, line: str) -> None:
         self.do("send_raw", line)
 
-    def expect(self, what: str, predicate: Callable[[Event], bool], timeout: float = 30) -> Event:
+    def expect(self, what: str, predicate: Callable[[Event], bool], timeout: float = WAIT) -> Event:
         """The earliest matching event not claimed by an earlier ``expect``, waiting for
         one to arrive if need be; fails naming ``what``. Events that arrive in another
         order than expected are kept for the ``expect`` that wants them."""
+        with self._expecting:
+            return self._expect(what, predicate, timeout)
+
+    def _expect(self, what: str, predicate: Callable[[Event], bool], timeout: float) -> Event:
         for i, event in enumerate(self.seen):
             if i not in self._claimed and predicate(event):
                 self._claimed.add(i)
@@ -85,7 +100,34 @@ class Person:
                 self._claimed.add(len(self.seen) - 1)
                 return event
 
-    def said(self, target: str, fragment: str, timeout: float = 30) -> Event:
+    async def aexpect(
+        self,
+        what: str,
+        predicate: Callable[[Event], bool],
+        timeout: float = WAIT,  # noqa: ASYNC109 - the worker thread needs the deadline
+    ) -> Event:
+        """``expect`` for trio code, with the same rules and the same failure."""
+        with trio.fail_after(timeout + 5):  # only if the thread itself overruns
+            return await trio.to_thread.run_sync(
+                self.expect, what, predicate, timeout, abandon_on_cancel=True
+            )
+
+    async def next_from(self, nick: str) -> Event:
+        """The earliest thing ``nick`` did (said, joined, quit, ...) that no ``expect``
+        has claimed yet. Once every earlier deed of ``nick`` has been claimed, this is
+        what ``nick`` did next: anything else from ``nick`` in between would be it."""
+        return await self.aexpect(
+            f"something from {nick}",
+            lambda e: e.type in DEEDS and e.source is not None and e.source.nick == nick,
+        )
+
+    async def message_in(self, channel: str) -> Event:
+        """The earliest message in ``channel`` that no ``expect`` has claimed yet."""
+        return await self.aexpect(
+            f"a message in {channel}", lambda e: e.type == "pubmsg" and e.target == channel
+        )
+
+    def said(self, target: str, fragment: str, timeout: float = WAIT) -> Event:
         """Wait for a message in ``target`` (a channel, or us) containing ``fragment``."""
         return self.expect(
             f"{fragment!r} in {target}",
@@ -114,3 +156,25 @@ class Person:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    async def astart(self, *channels: str) -> Person:
+        """``start`` for trio code."""
+        return await trio.to_thread.run_sync(self.start, *channels, abandon_on_cancel=True)
+
+    async def astop(self) -> None:
+        """``stop`` for trio code; harmless if already stopped, or never started."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            await trio.to_thread.run_sync(self._thread.join, 10)
+
+
+@asynccontextmanager
+async def person(
+    address: tuple[str, int], nick: str, *channels: str, username: str | None = None
+) -> AsyncIterator[Person]:
+    """Someone connected and in ``channels`` for the block, gone after it."""
+    someone = Person(address, nick, username=username)
+    try:
+        yield await someone.astart(*channels)
+    finally:
+        await someone.astop()

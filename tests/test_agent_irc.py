@@ -7,15 +7,10 @@ the independent ``irc`` library.
 from __future__ import annotations
 
 import math
-import queue
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
-import irc.client
 import pytest
 import trio
 import trio.testing
@@ -36,6 +31,7 @@ from fireclaw.guest_daemon.agent_irc import (
 from fireclaw.guest_daemon.irc import MAX_LINE, casefold, privmsg
 from fireclaw.guest_daemon.protocol import IrcPresence
 from ircd import NGIRCD, Ircd, ircd_server
+from ircperson import Person, person
 from irctokens.line import Line, tokenise
 
 WAIT = 20.0  # real-server waits: generous for a busy machine
@@ -543,87 +539,6 @@ async def test_leave_before_registration(autojump_clock: trio.testing.MockClock)
 # --- against a real ngircd ------------------------------------------------------------------
 
 
-#: What another client's doings look like to the ``irc`` library (replies to our own
-#: commands, such as "inviting", carry the other nick too, but are not its doing).
-DEEDS = frozenset({"pubmsg", "privmsg", "action", "join", "part", "quit", "kick", "nick"})
-
-
-class Person:
-    """Someone on IRC, played by the ``irc`` library in a thread of its own."""
-
-    def __init__(self, ircd: Ircd, nick: str) -> None:
-        self.nick = nick
-        self._address = ircd.address
-        self._reactor = irc.client.Reactor()
-        self._reactor.add_global_handler("all_events", self._record)
-        self._connection = self._reactor.server()
-        self._inbox: queue.Queue[irc.client.Event] = queue.Queue()
-        self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"person-{nick}", daemon=True)
-
-    def _record(self, connection: irc.client.ServerConnection, event: irc.client.Event) -> None:
-        self._inbox.put(event)
-
-    def _loop(self) -> None:
-        self._connection.connect(*self._address, self.nick)
-        while not self._stop.is_set():
-            self._reactor.process_once(0.05)
-            while True:
-                try:
-                    call = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                call()
-        if self._connection.is_connected():
-            self._connection.disconnect("leaving")
-
-    def do(self, method: str, *args: Any) -> None:
-        """Run ``connection.method(*args)`` in the person's thread."""
-        self._calls.put(partial(getattr(self._connection, method), *args))
-
-    async def expect(self, predicate: Callable[[irc.client.Event], bool]) -> irc.client.Event:
-        """The next event that matches (the others are skipped)."""
-        with trio.fail_after(WAIT):
-            return await trio.to_thread.run_sync(self._wait, predicate, abandon_on_cancel=True)
-
-    async def next_from(self, nick: str) -> irc.client.Event:
-        """The next thing ``nick`` did that we saw (said, joined, quit, ...)."""
-        return await self.expect(
-            lambda e: e.type in DEEDS and e.source is not None and e.source.nick == nick
-        )
-
-    def _wait(self, predicate: Callable[[irc.client.Event], bool]) -> irc.client.Event:
-        deadline = time.monotonic() + WAIT
-        while True:
-            event = self._inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-            if predicate(event):
-                return event
-
-    async def stop(self) -> None:
-        self._stop.set()
-        with trio.fail_after(WAIT):
-            await trio.to_thread.run_sync(self._thread.join)
-
-
-def _joined(channel: str, event: irc.client.Event) -> bool:
-    return bool(event.type == "join" and event.target == channel)
-
-
-@asynccontextmanager
-async def person(ircd: Ircd, nick: str, *channels: str) -> AsyncIterator[Person]:
-    someone = Person(ircd, nick)
-    someone._thread.start()
-    try:
-        await someone.expect(lambda e: e.type == "welcome")
-        for channel in channels:
-            someone.do("join", channel)
-            await someone.expect(partial(_joined, channel))
-        yield someone
-    finally:
-        await someone.stop()
-
-
 @pytest.fixture
 async def ircd() -> AsyncIterator[Ircd]:
     async with ircd_server() as server:
@@ -649,7 +564,10 @@ async def joined(someone: Person, *nicks: str) -> None:
     """Wait until ``someone`` has seen each of ``nicks`` join a channel."""
     waiting = set(nicks)
     while waiting:
-        event = await someone.expect(lambda e: e.type == "join")
+        event = await someone.aexpect(
+            f"{', '.join(sorted(waiting))} joining",
+            lambda e: e.type == "join" and e.source.nick in waiting,
+        )
         waiting.discard(event.source.nick)
 
 
@@ -661,7 +579,7 @@ async def test_ngircd_answers_mentions_and_private_messages(ircd: Ircd) -> None:
         calls.append((sender, where, text))
         return f"you said {text}"
 
-    async with person(ircd, "carol", "#agents", "#ops") as carol:
+    async with person(ircd.address, "carol", "#agents", "#ops") as carol:
         async with agent_on(ircd, "alice", answer, "#agents", "#ops"):
             joins = {(await carol.next_from("alice")).target for _ in range(2)}
             assert joins == {"#agents", "#ops"}
@@ -693,7 +611,7 @@ async def test_ngircd_answers_mentions_and_private_messages(ircd: Ircd) -> None:
 
 @needs_ngircd
 async def test_ngircd_joins_when_invited_and_stays_out_when_kicked(ircd: Ircd) -> None:
-    async with person(ircd, "carol", "#agents", "#other") as carol:
+    async with person(ircd.address, "carol", "#agents", "#other") as carol:
         async with agent_on(ircd, "alice", echo, "#agents"):
             await joined(carol, "alice")
             carol.do("invite", "alice", "#other")
@@ -702,7 +620,9 @@ async def test_ngircd_joins_when_invited_and_stays_out_when_kicked(ircd: Ircd) -
             carol.do("privmsg", "#other", "alice: hello here")
             assert (await carol.next_from("alice")).arguments[0] == "carol: hello here"
             carol.do("kick", "#other", "alice", "out")
-            await carol.expect(lambda e: e.type == "kick" and e.arguments[0] == "alice")
+            await carol.aexpect(
+                "alice kicked", lambda e: e.type == "kick" and e.arguments[0] == "alice"
+            )
             carol.do("privmsg", "alice", "marker")
             reply = await carol.next_from("alice")  # a rejoin would come before it
             assert (reply.type, reply.arguments[0]) == ("privmsg", "marker")
@@ -710,7 +630,7 @@ async def test_ngircd_joins_when_invited_and_stays_out_when_kicked(ircd: Ircd) -
 
 @needs_ngircd
 async def test_ngircd_leave_quits_with_the_message(ircd: Ircd) -> None:
-    async with person(ircd, "carol", "#agents") as carol:
+    async with person(ircd.address, "carol", "#agents") as carol:
         agent = AgentPresence(presence("alice", host=ircd.host, port=ircd.port), echo)
         with trio.fail_after(WAIT):
             async with trio.open_nursery() as nursery:
@@ -727,17 +647,17 @@ async def test_ngircd_two_agents_do_not_loop(ircd: Ircd) -> None:
     # The cooldown is long so that no wall-clock delay can let a third round through;
     # nothing in the test waits for it to pass.
     alice_answer, bob_answer = pinger(0.0)
-    async with person(ircd, "carol", "#agents") as carol:
+    async with person(ircd.address, "carol", "#agents") as carol:
         async with agent_on(ircd, "alice", alice_answer, cooldown=60.0):
             async with agent_on(ircd, "bob", bob_answer, cooldown=60.0):
                 await joined(carol, "alice", "bob")
                 carol.do("privmsg", "#agents", "alice: please ping your friend")
                 heard: list[tuple[str, str]] = []
                 for _ in range(3):
-                    message = await carol.expect(lambda e: e.type == "pubmsg")
+                    message = await carol.message_in("#agents")
                     heard.append((message.source.nick, message.arguments[0]))
                 carol.do("privmsg", "#agents", "bob: marker")
-                message = await carol.expect(lambda e: e.type == "pubmsg")
+                message = await carol.message_in("#agents")  # a third round would come first
                 heard.append((message.source.nick, message.arguments[0]))
                 assert heard == [
                     ("alice", "carol: bob: ping"),
@@ -753,7 +673,7 @@ async def test_ngircd_line_breaks_cannot_make_commands(ircd: Ircd) -> None:
         # A harness whose output has every kind of line break and a NUL.
         return text.replace(" | ", "\r\n").replace(" / ", "\r").replace(" ~ ", "\n\x00")
 
-    async with person(ircd, "carol", "#agents", "#evil") as carol:
+    async with person(ircd.address, "carol", "#agents", "#evil") as carol:
         async with agent_on(ircd, "alice", unescape):
             await joined(carol, "alice")
             carol.do("privmsg", "alice", "say | QUIT :gotcha / JOIN #evil ~ PRIVMSG #evil :pwned")

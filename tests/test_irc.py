@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import base64
 import errno
-import queue
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypeVar
 
-import irc.client
 import irctokens
 import pytest
 import trio
@@ -50,6 +45,7 @@ from fireclaw.guest_daemon.irc import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ircd import NGIRCD, Ircd, ircd_server
+from ircperson import person
 
 E = TypeVar("E", bound=Event)
 WAIT = 20.0  # real-server waits: generous for a busy machine
@@ -889,78 +885,6 @@ async def test_bad_targets_are_refused() -> None:
 # --- against a real ngircd ------------------------------------------------------------------
 
 
-class Person:
-    """Someone on IRC, played by the ``irc`` library in a thread of its own.
-
-    Everything the library does happens in that thread: calls are queued to
-    it, and what the server sends comes back through ``expect``.
-    """
-
-    def __init__(self, ircd: Ircd, nick: str) -> None:
-        self.nick = nick
-        self._address = ircd.address
-        self._reactor = irc.client.Reactor()
-        self._reactor.add_global_handler("all_events", self._record)
-        self._connection = self._reactor.server()
-        self._inbox: queue.Queue[irc.client.Event] = queue.Queue()
-        self._calls: queue.Queue[Callable[[], object]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"person-{nick}", daemon=True)
-
-    def _record(self, connection: irc.client.ServerConnection, event: irc.client.Event) -> None:
-        self._inbox.put(event)
-
-    def _loop(self) -> None:
-        self._connection.connect(*self._address, self.nick)
-        while not self._stop.is_set():
-            self._reactor.process_once(0.05)
-            while True:
-                try:
-                    call = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                call()
-        if self._connection.is_connected():
-            self._connection.disconnect("leaving")
-
-    def do(self, method: str, *args: Any) -> None:
-        """Run ``connection.method(*args)`` in the person's thread."""
-        self._calls.put(partial(getattr(self._connection, method), *args))
-
-    async def expect(self, predicate: Callable[[irc.client.Event], bool]) -> irc.client.Event:
-        with trio.fail_after(WAIT):
-            return await trio.to_thread.run_sync(self._wait, predicate, abandon_on_cancel=True)
-
-    def _wait(self, predicate: Callable[[irc.client.Event], bool]) -> irc.client.Event:
-        deadline = time.monotonic() + WAIT
-        while True:
-            event = self._inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-            if predicate(event):
-                return event
-
-    def start(self) -> None:
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        with trio.fail_after(WAIT):
-            await trio.to_thread.run_sync(self._thread.join)
-
-
-@asynccontextmanager
-async def person(ircd: Ircd, nick: str, *channels: str) -> AsyncIterator[Person]:
-    someone = Person(ircd, nick)
-    someone.start()
-    try:
-        await someone.expect(lambda e: e.type == "welcome")
-        for channel in channels:
-            someone.do("join", channel)
-            await someone.expect(lambda e, c=channel: e.type == "join" and e.target == c)
-        yield someone
-    finally:
-        await someone.stop()
-
-
 @pytest.fixture
 async def ircd() -> AsyncIterator[Ircd]:
     async with ircd_server() as server:
@@ -991,7 +915,7 @@ async def joined(client: IrcClient, *channels: str) -> None:
 
 @needs_ngircd
 async def test_ngircd_register_join_and_talk(ircd: Ircd) -> None:
-    async with person(ircd, "alice", "#ops") as alice:
+    async with person(ircd.address, "alice", "#ops") as alice:
         async with running(real_client(ircd, "bot", channels=("#ops", "#agents"))) as client:
             assert client.registered and client.nick == "bot"
             await joined(client, "#ops", "#agents")
@@ -1010,23 +934,24 @@ async def test_ngircd_register_join_and_talk(ircd: Ircd) -> None:
             message = await next_event(client, Message)
             assert message.action and message.text == "waves"
             await client.privmsg("#ops", "fine\r\nQUIT :thanks")
-            first = await alice.expect(lambda e: e.type == "pubmsg")
-            second = await alice.expect(lambda e: e.type == "pubmsg")
+            first, second = await alice.message_in("#ops"), await alice.message_in("#ops")
             assert [first.arguments[0], second.arguments[0]] == ["fine", "QUIT :thanks"]
             alice.do("invite", "bot", "#elsewhere")
             assert await next_event(client, Invited) == Invited(channel="#elsewhere", by="alice")
-        gone = await alice.expect(lambda e: e.type == "quit")
+        gone = await alice.aexpect(
+            "bot quitting", lambda e: e.type == "quit" and e.source.nick == "bot"
+        )
         assert "test over" in gone.arguments[0]
 
 
 @needs_ngircd
 async def test_ngircd_nick_collision_then_regain(ircd: Ircd) -> None:
-    async with person(ircd, "agent", "#agents") as holder:
+    async with person(ircd.address, "agent", "#agents") as holder:
         client = real_client(ircd, "agent", channels=("#agents",))
         async with running(client):
             assert client.nick == "agent_"
             await joined(client, "#agents")
-            await holder.stop()
+            await holder.astop()
             changed = await next_event(client, NickChanged)
             assert changed == NickChanged(old="agent_", new="agent")
             assert client.nick == "agent"
@@ -1047,21 +972,21 @@ async def test_ngircd_killed_and_restarted(ircd: Ircd) -> None:
         await ircd.start()
         assert await next_event(client, Registered) == Registered(nick="bot")
         await joined(client, "#ops")
-        async with person(ircd, "alice", "#ops") as alice:
+        async with person(ircd.address, "alice", "#ops") as alice:
             alice.do("privmsg", "#ops", "welcome back")
             assert (await next_event(client, Message)).text == "welcome back"
 
 
 @needs_ngircd
 async def test_ngircd_thirty_long_lines_all_arrive(ircd: Ircd) -> None:
-    async with person(ircd, "alice", "#ops") as alice:
+    async with person(ircd.address, "alice", "#ops") as alice:
         client = real_client(ircd, "bot", channels=("#ops",))
         async with running(client):
             await joined(client, "#ops")
             lines = [f"{n:02d} " + "é" * 200 + "x" * 60 for n in range(30)]  # 463 bytes each
             for line in lines:
                 await client.privmsg("#ops", line)
-            got = [(await alice.expect(lambda e: e.type == "pubmsg")).arguments[0] for _ in lines]
+            got = [(await alice.message_in("#ops")).arguments[0] for _ in lines]
             assert got == lines
             assert client.registered
             assert not [e for e in pending_events(client) if isinstance(e, Disconnected)]
@@ -1070,7 +995,7 @@ async def test_ngircd_thirty_long_lines_all_arrive(ircd: Ircd) -> None:
 
 @needs_ngircd
 async def test_ngircd_long_reply_is_paginated_within_limits(ircd: Ircd) -> None:
-    async with person(ircd, "alice", "#ops") as alice:
+    async with person(ircd.address, "alice", "#ops") as alice:
         client = real_client(ircd, "bot", channels=("#ops",), send_rate=10.0, send_burst=10)
         async with running(client):
             await joined(client, "#ops")
@@ -1078,7 +1003,7 @@ async def test_ngircd_long_reply_is_paginated_within_limits(ircd: Ircd) -> None:
             await client.privmsg("#ops", text)
             pieces: list[str] = []
             while " ".join(pieces) != text:
-                pieces.append((await alice.expect(lambda e: e.type == "pubmsg")).arguments[0])
+                pieces.append((await alice.message_in("#ops")).arguments[0])
             assert len(pieces) > 4
     assert not ircd.saw("Request too long")
 
