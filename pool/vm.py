@@ -389,7 +389,9 @@ class Child:
             async def watch_vmm() -> None:
                 code = await handle.wait()
                 outcome.code = code
-                outcome.reason = outcome.reason or f"VMM exited with code {code}"
+                if not outcome.broke_protocol:
+                    # The cause, whichever was noticed first: the lost connection or this.
+                    outcome.reason = f"VMM exited with code {code}"
                 self._exited.set()
                 nursery.cancel_scope.cancel()
 
