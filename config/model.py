@@ -163,7 +163,8 @@ Secret = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n
 MANAGED: Final = "managed"
 """``irc.server`` value that makes the supervisor run its own ngircd."""
 
-DEFAULT_OPERATORS: Final = ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1")
+#: Local users. ngircd shows an IPv6 loopback client as [0::1], other servers as ::1.
+DEFAULT_OPERATORS: Final = ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1", "*!*@[0::1]")
 
 
 def parse_server(text: str) -> tuple[str, int]:

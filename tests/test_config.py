@@ -570,7 +570,7 @@ def test_irc_defaults(swarm_dir: pathlib.Path) -> None:
         "#control",
         "#agents",
     )
-    assert irc.operators == ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1")
+    assert irc.operators == ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1", "*!*@[0::1]")
     assert irc.command_rate == CommandRateSpec(per_minute=20.0, burst=5)
     assert irc.agent_cooldown == 10.0
     assert irc.restart == RestartPolicy(policy="permanent", backoff=Backoff(base=1.0, max=30.0))
