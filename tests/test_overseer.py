@@ -284,3 +284,32 @@ def test_everyone_is_back_after_the_irc_server_is_killed(tmp_path: Path) -> None
             op.stop()
     finally:
         swarm.close()
+
+
+MODEL_ECHO = (
+    'harness: {kind: command, command: ["sh", "-c", '
+    '"echo \\"model=$FIRECLAW_MODEL persona=$FIRECLAW_PERSONA\\""]}\n'
+)
+
+
+def test_model_and_persona_change_without_a_restart(tmp_path: Path) -> None:
+    swarm = agent_swarm(tmp_path, MODEL_ECHO)
+    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    try:
+        op.say(CONTROL, "!invoke coder alice model=m1")
+        joined(op, "alice", AGENTS)
+        op.say(AGENTS, "alice: which model?")
+        op.said(AGENTS, "op: model=m1 persona=")
+        (before,) = [a for a in swarm.status()["agents"] if a["agent"] == "alice"]
+
+        op.say(CONTROL, "!model alice m2")
+        op.said(CONTROL, "op: alice now uses m2")
+        op.say(CONTROL, "!persona alice Terse and exact.")
+        op.said(CONTROL, "op: alice has a new persona")
+        op.say(AGENTS, "alice: and now?")
+        op.said(AGENTS, "op: model=m2 persona=Terse and exact.")
+        (after,) = [a for a in swarm.status()["agents"] if a["agent"] == "alice"]
+        assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
+    finally:
+        op.stop()
+        swarm.close()
