@@ -65,36 +65,51 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
-import platform
-import shlex
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
+from common import (
+    CLI_RUN_SHOWN,
+    STOP_TIMEOUT,
+    BenchError,
+    Interrupted,
+    Supervisor,
+    check_clean,
+    cli_and_api,
+    fill_defaults,
+    finish,
+    isolation_leftovers,
+    isolation_row,
+    machine_facts,
+    machine_row,
+    new_results,
+    remove_isolation,
+    render_table,
+    run_parts,
+    stop_row,
+    summary_ms,
+    supervised,
+    supervisor_stopped,
+    timed_api_run,
+    timed_cli_run,
+)
 from fireclaw.config import parse_config
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.drivers import ProcessDriver
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
 from fireclaw.pool.vm import Runtime
-from fireclaw.supervisor.client import ApiClient
 from fireclaw.supervisor.state import Store
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "process_driver.json"
-FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
 
 CLAIM_POOL = 16
 RUN_POOL = 4
@@ -103,44 +118,6 @@ SETTLE_S = 5.0
 # Boots of a whole fleet at once share a few cores: far above one boot's time.
 BOOT_TIMEOUT = 120.0
 FILL_TIMEOUT = 900.0
-# The supervisor's own fleet_deadline (60 s by default) plus TERM/KILL of stragglers.
-STOP_TIMEOUT = 120.0
-
-
-class BenchError(Exception):
-    """A part of the benchmark could not be measured."""
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(samples_ns: list[int]) -> dict[str, Any]:
-    ms = [s / 1e6 for s in samples_ns]
-    return {
-        "n": len(ms),
-        "p50_ms": round(percentile(ms, 50), 4),
-        "p99_ms": round(percentile(ms, 99), 4),
-        "max_ms": round(max(ms), 4),
-        "mean_ms": round(sum(ms) / len(ms), 4),
-        "min_ms": round(min(ms), 4),
-    }
-
-
-def one_line(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}".strip()
 
 
 def swarm_yaml(role: str, *, min_idle: int, control: str) -> str:
@@ -152,29 +129,6 @@ def swarm_yaml(role: str, *, min_idle: int, control: str) -> str:
         "    template: worker\n"
         f"    pool: {{min_idle: {min_idle}, max_active: {MAX_ACTIVE}}}\n"
     )
-
-
-def machine_facts() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    ns_why = netns.probe()
-    cg_why = cgroup.probe()
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "root": os.geteuid() == 0,
-        "netns": ns_why is None,
-        "netns_why": ns_why or "one network namespace per VM",
-        "cgroups": cg_why is None,
-        "cgroups_why": cg_why or "one memory cgroup per VM",
-    }
 
 
 # ---------------------------------------------------------------- what a role leaves behind
@@ -202,11 +156,7 @@ def guest_pids(role: str) -> list[int]:
 
 def leftovers(role: str, state: Path | None = None) -> dict[str, list[str]]:
     """Guest processes, namespaces, cgroups (and API/guest sockets) ``role`` left."""
-    found = {
-        "guest_processes": [str(p) for p in guest_pids(role)],
-        "netns": netns.leftovers(f"{netns.PREFIX}{role}-"),
-        "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{role}-")],
-    }
+    found = {"guest_processes": [str(p) for p in guest_pids(role)], **isolation_leftovers(role)}
     if state is not None:
         found["sockets"] = sorted(p.name for p in state.glob("*.sock"))
     return {k: v for k, v in found.items() if v}
@@ -219,21 +169,11 @@ def sweep(role: str) -> None:
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    for path in cgroup.leftovers():
-        if path.name.startswith(f"{role}-"):
-            with contextlib.suppress(cgroup.CgroupError):
-                cgroup.remove(path)
-    for name in netns.leftovers(f"{netns.PREFIX}{role}-"):
-        with contextlib.suppress(netns.NetnsError):
-            netns.remove_sync(name)
+    remove_isolation(role)
 
 
-def check_clean(role: str, state: Path | None, out: dict[str, Any]) -> None:
-    left = leftovers(role, state)
-    out["leftovers"] = left
-    if left:
-        print(f"  LEFT BEHIND by {role}: {left}; removing it", flush=True)
-        sweep(role)
+def check_role_clean(role: str, state: Path | None, out: dict[str, Any]) -> None:
+    check_clean(role, lambda: leftovers(role, state), lambda: sweep(role), out)
 
 
 # ---------------------------------------------------------------- 1. claim latency
@@ -272,7 +212,7 @@ def bench_claims(n: int, workdir: Path, out: dict[str, Any]) -> None:
         trio.run(_claims_main, group, n, out)
     finally:
         store.close()
-        check_clean(role_name, None, out)
+        check_role_clean(role_name, None, out)
     if out.get("interrupted"):
         raise Interrupted("a signal arrived during the claims")
 
@@ -308,7 +248,7 @@ async def _claims_main(group: RoleGroup, n: int, out: dict[str, Any]) -> None:
                     print(f"  {i + 1}/{n} claims", flush=True)
             out["wall_s"] = round(time.perf_counter() - t0, 3)
             out["claims_that_waited_for_a_boot"] = waited
-            out.update(summary_ms(samples))
+            out.update(summary_ms([s / 1e6 for s in samples], digits=4))
             out["samples_ms"] = [round(s / 1e6, 4) for s in samples]
         finally:
             with trio.CancelScope(shield=True):
@@ -339,107 +279,7 @@ async def _watch_signals(scope: trio.CancelScope, out: dict[str, Any]) -> None:
             return
 
 
-# ---------------------------------------------------------------- a real supervisor
-
-
-class Supervisor:
-    """``fireclaw-swarm up`` in a subprocess, ready when it says READY=1."""
-
-    def __init__(self, root: Path, config_text: str) -> None:
-        self.root = root
-        self.config = root / "swarm.yaml"
-        self.state = root / "state"
-        self.log = root / "supervisor.log"
-        self.config.write_text(config_text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._notify: socket.socket | None = None
-        self.api = ApiClient(self.state / "api.sock")
-
-    def start(self, timeout: float = 60) -> None:
-        path = self.root / "notify.sock"
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(path))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # stopped by this script only, not by a terminal's ^C
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                raise BenchError(f"no READY=1 from the supervisor; log:\n{self.tail()}")
-            self._notify.settimeout(min(left, 0.5))
-            try:
-                msg = self._notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in msg.split("\n"):
-                return
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def wait_for(
-        self,
-        what: str,
-        pred: Callable[[dict[str, Any]], bool],
-        timeout: float,
-        seen: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Long-poll /status until ``pred(status)`` holds; ``seen`` gets every status."""
-        deadline = time.monotonic() + timeout
-        st: dict[str, Any] = self.api.get("/status")
-        while True:
-            if seen is not None:
-                seen(st)
-            if pred(st):
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"timed out waiting for {what}: {st['roles']}")
-            if self.proc is not None and self.proc.poll() is not None:
-                raise BenchError(f"the supervisor exited while waiting for {what}")
-            st = self.api.get(
-                f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5
-            )
-        return st
-
-    def terminate(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM, wait up to ``timeout``; (exit code or None if it had to be killed, seconds)."""
-        assert self.proc is not None
-        t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            self.proc.kill()
-            self.proc.wait()
-        return code, time.perf_counter() - t0
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            code, _ = self.terminate(STOP_TIMEOUT)
-            if code is None:
-                print("  the supervisor did not stop in time: killed", flush=True)
-        if self._notify is not None:
-            self._notify.close()
-            self._notify = None
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
+# ---------------------------------------------------------------- what the supervisor waits for
 
 
 def role_idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
@@ -468,35 +308,32 @@ def pool_settled(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
 
 def bench_runs(sup: Supervisor, role: str, n: int, out: dict[str, Any]) -> None:
     print(f"[2/3] run -- true: {n} runs through the CLI, {n} through the API", flush=True)
-    cli_cmd = [FIRECLAW, "--state-dir", str(sup.state), "run", "--", "true"]
-    out["cli_command"] = shlex.join(["fireclaw-swarm", "--state-dir", "S", "run", "--", "true"])
+    out["cli_command"] = CLI_RUN_SHOWN
     cli: list[int] = []
     api: list[int] = []
     failures: list[str] = []
     t0 = time.perf_counter()
     for i in range(n):
         sup.wait_for("a settled pool", pool_settled(role, RUN_POOL), BOOT_TIMEOUT)
-        start = time.perf_counter_ns()
-        done = subprocess.run(cli_cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
-        cli.append(time.perf_counter_ns() - start)
-        if done.returncode != 0:
-            failures.append(f"cli run {i}: exit {done.returncode}: {done.stderr.decode()!r}")
+        took, problem = timed_cli_run(sup, timeout=120)
+        cli.append(took)
+        if problem is not None:
+            failures.append(f"cli run {i}: {problem}")
 
         sup.wait_for("a settled pool", pool_settled(role, RUN_POOL), BOOT_TIMEOUT)
-        start = time.perf_counter_ns()
-        code = None
-        for item in sup.api.stream("/run", {"role": role, "argv": ["true"]}):
-            if "exit" in item:
-                code = item["exit"]
-        api.append(time.perf_counter_ns() - start)
+        took, code = timed_api_run(sup, role)
+        api.append(took)
         if code != 0:
             failures.append(f"api run {i}: exit {code}")
         if (i + 1) % max(1, n // 5) == 0:
             print(f"  {i + 1}/{n} runs", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
-    out["cli"] = summary_ms(cli) | {"samples_ms": [round(s / 1e6, 3) for s in cli]}
-    out["api"] = summary_ms(api) | {"samples_ms": [round(s / 1e6, 3) for s in api]}
-    out["cli_startup_share_p50_ms"] = round(out["cli"]["p50_ms"] - out["api"]["p50_ms"], 3)
+    out.update(
+        cli_and_api(
+            summary_ms([s / 1e6 for s in cli], digits=4, samples=True),
+            summary_ms([s / 1e6 for s in api], digits=4, samples=True),
+        )
+    )
     out["failures"] = failures
     if failures:
         raise BenchError(f"{len(failures)} runs did not exit 0: {failures[:3]}")
@@ -506,18 +343,15 @@ def bench_runs(sup: Supervisor, role: str, n: int, out: dict[str, Any]) -> None:
 
 
 def crashes(sup: Supervisor, role: str, since: float) -> list[str]:
-    """What the event log says about VMs of ``role`` that crashed after ``since``."""
-    found: list[str] = []
-    after = 0
-    while True:
-        page = sup.api.get(f"/events?after={after}&limit=1000")["events"]
-        if not page:
-            return found
-        after = page[-1]["id"]
-        for e in page:
-            if e["kind"] in ("crashed", "failed") and e["at"] >= since:
-                if e["subject"].startswith(f"{role}-"):
-                    found.append(f"{e['subject']} {e['kind']}: {e['detail'].get('reason')}")
+    """What the event log says about VMs of ``role`` that crashed after ``since``
+    (among the events not read yet: all of them at the first call)."""
+    return [
+        f"{e['subject']} {e['kind']}: {e['detail'].get('reason')}"
+        for e in sup.new_events()
+        if e["kind"] in ("crashed", "failed")
+        and e["at"] >= since
+        and e["subject"].startswith(f"{role}-")
+    ]
 
 
 def _guests(sup_pid: int, role: str) -> list[psutil.Process]:
@@ -601,12 +435,7 @@ def bench_idle(sup: Supervisor, role: str, n: int, window: float, out: dict[str,
     if len(guests) != n or counts["idle"] != n:
         raise BenchError(f"expected {n} idle guests, found {len(guests)} ({counts})")
 
-    code, took = sup.terminate(STOP_TIMEOUT)
-    out["stop_s"] = round(took, 3)
-    out["stop_exit_code"] = code
-    print(f"  stopped in {took:.2f} s (exit {code})", flush=True)
-    if code != 0:
-        raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
+    supervisor_stopped(sup, out)
 
 
 def bench_supervisor(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
@@ -618,7 +447,7 @@ def bench_supervisor(args: argparse.Namespace, workdir: Path, results: dict[str,
     sup = Supervisor(root, text)
     info: dict[str, Any] = {"role": role, "pool_min_idle": RUN_POOL}
     results["supervisor"] = info
-    try:
+    with supervised(sup, lambda: check_role_clean(role, sup.state, info)):
         t0 = time.perf_counter()
         sup.start()
         info["ready_s"] = round(time.perf_counter() - t0, 3)
@@ -631,12 +460,6 @@ def bench_supervisor(args: argparse.Namespace, workdir: Path, results: dict[str,
         if args.idle > 0:
             results["idle"] = {"n": args.idle}
             bench_idle(sup, role, args.idle, args.window, results["idle"])
-    except Exception:
-        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        sup.close()
-        check_clean(role, sup.state, info)
 
 
 # ---------------------------------------------------------------- report
@@ -648,20 +471,12 @@ def _ms3(s: dict[str, Any], digits: int) -> str:
 
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
-    iso = (
-        "on (netns + cgroups)"
-        if m["netns"] and m["cgroups"]
-        else f"netns {'on' if m['netns'] else 'off'}, cgroups {'on' if m['cgroups'] else 'off'}"
-    )
     head = [
         ("command", results["command"]),
-        (
-            "machine",
-            f"{m['nproc']} CPUs, {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']}",
-        ),
+        machine_row(m),
         ("python", m["python"]),
         ("root", "yes" if m["root"] else "no"),
-        ("isolation", iso),
+        isolation_row(m),
         ("date", results["date"]),
         ("bench wall time", f"{results['total_s']:.1f} s"),
     ]
@@ -719,21 +534,8 @@ def table(results: dict[str, Any]) -> str:
                 ("crashes during the fill", f"{len(i['crashes_during_fill'])}, e.g. {first}")
             )
         if "stop_s" in i:
-            rows.append(
-                (
-                    f"graceful stop (SIGTERM) of {n} VMs",
-                    f"{i['stop_s']:.2f} s (exit {i['stop_exit_code']})",
-                )
-            )
-    left = {k: v for k, v in results.get("leftovers", {}).items() if v}
-    rows.append(("left behind", "nothing" if not left else json.dumps(left)))
-    if results.get("error"):
-        rows.append(("ERROR", results["error"]))
-    width = max(len(k) for k, _ in head + rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in head]
-    lines.append("-" * (width + 40))
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+            rows.append(stop_row(f"graceful stop (SIGTERM) of {n} VMs", i))
+    return render_table(results, head, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -751,14 +553,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="--claims 100 --runs 20 --idle 40 --window 10"
     )
     args = parser.parse_args(argv)
-    defaults = (
-        {"claims": 100, "runs": 20, "idle": 40, "window": 10.0}
-        if args.quick
-        else {"claims": 1000, "runs": 100, "idle": 200, "window": 30.0}
+    fill_defaults(
+        args,
+        quick={"claims": 100, "runs": 20, "idle": 40, "window": 10.0},
+        full={"claims": 1000, "runs": 100, "idle": 200, "window": 30.0},
     )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if min(args.claims, args.runs, args.idle) < 0 or args.window <= 0:
         parser.error("counts must be >= 0 and --window > 0")
     if args.idle > 1000:
@@ -766,70 +565,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _shown(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into an exception so that every cleanup runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "command": shlex.join([_shown(sys.executable), *sys.argv]),
-        "argv": sys.argv,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "params": {k: getattr(args, k) for k in ("claims", "runs", "idle", "window", "quick")},
-        "machine": machine_facts(),
-    }
-    status = 0
-    workdir = Path(tempfile.mkdtemp(prefix="fcbench-"))
-    try:
-        with sigterm_interrupts():
-            if args.claims > 0:
-                results["claims"] = {}
-                bench_claims(args.claims, workdir, results["claims"])
-            if args.runs > 0 or args.idle > 0:
-                bench_supervisor(args, workdir, results)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        results["error"] = f"interrupted ({one_line(exc)})"
-        status = 130
-    except Exception as exc:
-        results["error"] = one_line(exc)
-        status = 1
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}", flush=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    left: dict[str, list[str]] = {}
-    for part in (results.get("claims", {}), results.get("supervisor", {})):
-        for key, value in part.get("leftovers", {}).items():
-            left.setdefault(key, []).extend(value)
-    results["leftovers"] = left
-    if left and status == 0:
-        status = 1
-    results["total_s"] = round(time.perf_counter() - started, 1)
-    results["exit_status"] = status
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print()
-    print(table(results))
-    print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")
-    return status
+    results = new_results(
+        {k: getattr(args, k) for k in ("claims", "runs", "idle", "window", "quick")},
+        machine_facts(),
+    )
+
+    def parts(workdir: Path) -> None:
+        if args.claims > 0:
+            results["claims"] = {}
+            bench_claims(args.claims, workdir, results["claims"])
+        if args.runs > 0 or args.idle > 0:
+            bench_supervisor(args, workdir, results)
+
+    status = run_parts(results, parts, prefix="fcbench-", keep=args.keep)
+    return finish(
+        results,
+        status,
+        parts=("claims", "supervisor"),
+        started=started,
+        path=RESULTS,
+        table=table,
+    )
 
 
 if __name__ == "__main__":

@@ -80,30 +80,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
-import platform
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
-from fireclaw.pool import cgroup, netns
+from common import (
+    CLI_RUN_SHOWN,
+    BenchError,
+    Supervisor,
+    check_clean,
+    cli_and_api,
+    fill_defaults,
+    finish,
+    isolation_leftovers,
+    isolation_row,
+    machine_facts,
+    machine_row,
+    new_results,
+    one_line,
+    remove_isolation,
+    render_table,
+    run_parts,
+    stop_row,
+    summary_ms,
+    supervised,
+    supervisor_stopped,
+    timed_api_run,
+    timed_cli_run,
+)
 from fireclaw.pool.vm import instance_id
-from fireclaw.supervisor.client import ApiClient
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "qemu_driver.json"
-FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
 QEMU = "qemu-system-x86_64"
 TEST_CACHE = Path.home() / ".cache" / "fireclaw" / "test-images"
 
@@ -117,45 +133,7 @@ CONTROL = "  heartbeat_interval: 2\n  heartbeat_timeout: 20\n  boot_timeout: 120
 # The template's boot and the first restores, all under TCG.
 POOL_TIMEOUT = 900.0
 SETTLE_S = 5.0
-# The supervisor's fleet_deadline (60 s by default) plus TERM/KILL of stragglers.
-STOP_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0
-
-
-class BenchError(Exception):
-    """A part of the benchmark could not be measured."""
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def percentile(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def summary_ms(samples_ms: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(samples_ms),
-        "p50_ms": round(percentile(samples_ms, 50), 3),
-        "p99_ms": round(percentile(samples_ms, 99), 3),
-        "max_ms": round(max(samples_ms), 3),
-        "mean_ms": round(sum(samples_ms) / len(samples_ms), 3),
-        "min_ms": round(min(samples_ms), 3),
-        "samples_ms": [round(s, 3) for s in samples_ms],
-    }
-
-
-def one_line(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}".strip()
 
 
 def swarm_yaml(role: str, *, min_idle: int) -> str:
@@ -178,15 +156,8 @@ def _read(path: str) -> str:
         return "unknown"
 
 
-def machine_facts() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    ns_why = netns.probe()
-    cg_why = cgroup.probe()
+def qemu_machine_facts() -> dict[str, Any]:
+    """The common machine facts, QEMU's version, /dev/kvm, KSM, THP and the load."""
     try:
         qemu_version = subprocess.run(
             [QEMU, "--version"], capture_output=True, text=True, timeout=30
@@ -194,19 +165,9 @@ def machine_facts() -> dict[str, Any]:
     except (OSError, IndexError, subprocess.SubprocessError) as exc:
         qemu_version = f"unknown ({one_line(exc)})"
     ksm = _read("/sys/kernel/mm/ksm/run")
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+    return machine_facts() | {
         "qemu": qemu_version,
         "kvm_device": os.path.exists("/dev/kvm"),
-        "root": os.geteuid() == 0,
-        "netns": ns_why is None,
-        "netns_why": ns_why or "one network namespace per VM",
-        "cgroups": cg_why is None,
-        "cgroups_why": cg_why or "one memory cgroup per VM",
         "ksm_run": ksm,
         "ksm": {"0": "off", "1": "on", "2": "off (unmerged)"}.get(ksm, ksm),
         "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
@@ -245,8 +206,7 @@ def leftovers(state: Path) -> dict[str, list[str]]:
     mine = instance_id(state)
     found = {
         "qemu_processes": [str(p) for p in qemu_pids(state)],
-        "netns": netns.leftovers(f"{netns.PREFIX}{mine}-"),
-        "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{mine}-")],
+        **isolation_leftovers(mine),
         "run_dirs": [str(p) for p in _run_dirs(state)],
         "sockets": sorted(p.name for p in state.glob("*.sock")),
     }
@@ -263,25 +223,15 @@ def sweep(state: Path) -> None:
     deadline = time.monotonic() + 10
     while qemu_pids(state) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for path in cgroup.leftovers():
-        if path.name.startswith(f"{mine}-"):
-            with contextlib.suppress(cgroup.CgroupError):
-                cgroup.remove(path)
-    for name in netns.leftovers(f"{netns.PREFIX}{mine}-"):
-        with contextlib.suppress(netns.NetnsError):
-            netns.remove_sync(name)
+    remove_isolation(mine)
     for path in _run_dirs(state):
         shutil.rmtree(path, ignore_errors=True)
     for path in state.glob("*.sock"):
         path.unlink(missing_ok=True)
 
 
-def check_clean(state: Path, out: dict[str, Any]) -> None:
-    left = leftovers(state)
-    out["leftovers"] = left
-    if left:
-        print(f"  LEFT BEHIND by {state}: {left}; removing it", flush=True)
-        sweep(state)
+def check_state_clean(state: Path, out: dict[str, Any]) -> None:
+    if check_clean(str(state), lambda: leftovers(state), lambda: sweep(state), out):
         still = leftovers(state)
         if still:
             print(f"  STILL THERE after the sweep: {still}", flush=True)
@@ -291,7 +241,7 @@ def check_clean(state: Path, out: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- a real supervisor
 
 
-class Supervisor:
+class QemuSupervisor(Supervisor):
     """``fireclaw-swarm up`` with ``backend: qemu`` in a subprocess, ready at READY=1.
 
     Its state dir's ``images`` folder is a link to ``images``; with
@@ -300,121 +250,13 @@ class Supervisor:
     def __init__(
         self, root: Path, config_text: str, images: Path, *, no_templates: bool = False
     ) -> None:
-        self.root = root
-        self.config = root / "swarm.yaml"
-        self.state = root / "state"
-        self.log = root / "supervisor.log"
         root.mkdir(parents=True)
-        self.config.write_text(config_text)
+        super().__init__(root, config_text)
         self.state.mkdir()
         images.mkdir(parents=True, exist_ok=True)
         (self.state / "images").symlink_to(images, target_is_directory=True)
         if no_templates:
             (self.state / "templates").write_text("a file where the folder should be\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._notify: socket.socket | None = None
-        self.api = ApiClient(self.state / "api.sock")
-        self._after = 0
-
-    def start(self, timeout: float) -> None:
-        path = self.root / "notify.sock"
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(path))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                start_new_session=True,  # stopped by this script only, not by a terminal's ^C
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                raise BenchError(f"no READY=1 from the supervisor; log:\n{self.tail()}")
-            self._notify.settimeout(min(left, 0.5))
-            try:
-                msg = self._notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in msg.split("\n"):
-                return
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def status(self) -> dict[str, Any]:
-        st: dict[str, Any] = self.api.get("/status")
-        return st
-
-    def wait_for(
-        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float
-    ) -> dict[str, Any]:
-        """Long-poll /status until ``pred(status)`` holds."""
-        deadline = time.monotonic() + timeout
-        st = self.status()
-        while not pred(st):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"timed out waiting for {what}: {st['roles']}")
-            if self.proc is not None and self.proc.poll() is not None:
-                raise BenchError(f"the supervisor exited while waiting for {what}")
-            st = self.api.get(
-                f"/status?since={st['version']}&wait={min(left, 5):.2f}", timeout=left + 5
-            )
-        return st
-
-    def new_events(self) -> list[dict[str, Any]]:
-        """Events logged since the last call."""
-        found: list[dict[str, Any]] = []
-        while True:
-            page = self.api.get(f"/events?after={self._after}&limit=1000")["events"]
-            if not page:
-                return found
-            self._after = page[-1]["id"]
-            found += page
-
-    def run_true(self, role: str) -> int | None:
-        """``run -- true`` through the API; its exit code."""
-        code = None
-        for item in self.api.stream("/run", {"role": role, "argv": ["true"]}):
-            if "exit" in item:
-                code = item["exit"]
-        return code
-
-    def terminate(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM, wait up to ``timeout``; (exit code or None if it had to be killed, seconds)."""
-        assert self.proc is not None
-        t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            self.proc.kill()
-            self.proc.wait()
-        return code, time.perf_counter() - t0
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            code, _ = self.terminate(STOP_TIMEOUT)
-            if code is None:
-                print("  the supervisor did not stop in time: killed", flush=True)
-        if self._notify is not None:
-            self._notify.close()
-            self._notify = None
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
 
 
 def settled(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
@@ -471,10 +313,10 @@ def backend_facts(st: dict[str, Any]) -> dict[str, Any]:
 def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     role = f"bench-qemu-{os.getpid()}"
     n_idle = args.idle
-    sup = Supervisor(workdir / "pool", swarm_yaml(role, min_idle=n_idle), args.images)
+    sup = QemuSupervisor(workdir / "pool", swarm_yaml(role, min_idle=n_idle), args.images)
     info: dict[str, Any] = {"role": role, "pool_min_idle": n_idle, "memory_mib": MEMORY_MIB}
     results["pool"] = info
-    try:
+    with supervised(sup, lambda: check_state_clean(sup.state, info), hold_signals=True):
         print(f"[1/4] supervisor with a pool of {n_idle} clones: start, template, fill", flush=True)
         images_before = {p.name for p in args.images.iterdir() if p.is_dir()}
         t0 = time.perf_counter()
@@ -525,19 +367,7 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
             bench_runs(sup, role, n_idle, args.runs, results["run"])
         results["memory"] = {}
         bench_memory(sup, role, n_idle, results["memory"])
-        code, took = sup.terminate(STOP_TIMEOUT)
-        info["stop_s"] = round(took, 3)
-        info["stop_exit_code"] = code
-        print(f"  stopped in {took:.2f} s (exit {code})", flush=True)
-        if code != 0:
-            raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
-    except Exception:
-        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        with signals_held():
-            sup.close()
-            check_clean(sup.state, info)
+        supervisor_stopped(sup, info)
 
 
 def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
@@ -564,15 +394,14 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
     out["problems"] = problems
     if not samples:
         raise BenchError(f"no restore was seen: {problems[:3]}")
-    out.update(summary_ms([s * 1000 for s in samples]))
+    out.update(summary_ms([s * 1000 for s in samples], samples=True))
     if problems:
         raise BenchError(f"{len(problems)} problems during the restores: {problems[:3]}")
 
 
 def bench_runs(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
     print(f"[3/4] run -- true: {n} runs through the CLI, {n} through the API", flush=True)
-    cli_cmd = [FIRECLAW, "--state-dir", str(sup.state), "run", "--", "true"]
-    out["cli_command"] = shlex.join(["fireclaw-swarm", "--state-dir", "S", "run", "--", "true"])
+    out["cli_command"] = CLI_RUN_SHOWN
     out["waited_for"] = f"{n_idle} idle, nothing starting, busy or draining"
     cli: list[float] = []
     api: list[float] = []
@@ -582,19 +411,15 @@ def bench_runs(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, A
     for i in range(n):
         sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
         overlapped += restored_seconds(sup.new_events(), role)
-        start = time.perf_counter_ns()
-        done = subprocess.run(
-            cli_cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT
-        )
-        cli.append((time.perf_counter_ns() - start) / 1e6)
-        if done.returncode != 0:
-            failures.append(f"cli run {i}: exit {done.returncode}: {done.stderr.decode()!r}")
+        took, problem = timed_cli_run(sup, timeout=RUN_TIMEOUT)
+        cli.append(took / 1e6)
+        if problem is not None:
+            failures.append(f"cli run {i}: {problem}")
 
         sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
         overlapped += restored_seconds(sup.new_events(), role)
-        start = time.perf_counter_ns()
-        code = sup.run_true(role)
-        api.append((time.perf_counter_ns() - start) / 1e6)
+        took, code = timed_api_run(sup, role)
+        api.append(took / 1e6)
         if code != 0:
             failures.append(f"api run {i}: exit {code}")
         if (i + 1) % max(1, n // 5) == 0:
@@ -602,11 +427,9 @@ def bench_runs(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, A
     sup.wait_for("a full pool", settled(role, n_idle), POOL_TIMEOUT)
     overlapped += restored_seconds(sup.new_events(), role)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
-    out["cli"] = summary_ms(cli)
-    out["api"] = summary_ms(api)
-    out["cli_startup_share_p50_ms"] = round(out["cli"]["p50_ms"] - out["api"]["p50_ms"], 3)
+    out.update(cli_and_api(summary_ms(cli, samples=True), summary_ms(api, samples=True)))
     if overlapped:
-        out["restores_during_runs"] = summary_ms([s * 1000 for s in overlapped])
+        out["restores_during_runs"] = summary_ms([s * 1000 for s in overlapped], samples=True)
     out["failures"] = failures
     if failures:
         raise BenchError(f"{len(failures)} runs did not exit 0: {failures[:3]}")
@@ -686,13 +509,15 @@ def bench_memory(sup: Supervisor, role: str, n_idle: int, out: dict[str, Any]) -
 def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     role = f"bench-cold-{os.getpid()}"
     n = args.cold
-    sup = Supervisor(workdir / "cold", swarm_yaml(role, min_idle=1), args.images, no_templates=True)
+    sup = QemuSupervisor(
+        workdir / "cold", swarm_yaml(role, min_idle=1), args.images, no_templates=True
+    )
     out: dict[str, Any] = {"role": role, "pool_min_idle": 1}
     results["cold"] = out
     print(f"[+] cold boots: {n} VMs of a role whose template cannot be made", flush=True)
     samples: list[float] = []
     problems: list[str] = []
-    try:
+    with supervised(sup, lambda: check_state_clean(sup.state, out), hold_signals=True):
         sup.start(START_TIMEOUT)
         out.update(backend_facts(sup.status()))
         seen: set[tuple[str, int]] = set()
@@ -721,21 +546,10 @@ def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
             problems.append(f"the role does not cold-boot: {out['start_line']}")
         out["problems"] = problems
         if samples:
-            out.update(summary_ms([s * 1000 for s in samples]))
+            out.update(summary_ms([s * 1000 for s in samples], samples=True))
         if problems or len(samples) != n:
             raise BenchError(f"{len(samples)} of {n} cold boots measured; {problems[:3]}")
-        code, took = sup.terminate(STOP_TIMEOUT)
-        out["stop_s"] = round(took, 3)
-        out["stop_exit_code"] = code
-        if code != 0:
-            raise BenchError(f"the supervisor exited {code} after SIGTERM; log:\n{sup.tail()}")
-    except Exception:
-        print(f"  supervisor log (tail):\n{sup.tail()}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        with signals_held():
-            sup.close()
-            check_clean(sup.state, out)
+        supervisor_stopped(sup, out, say=False)
 
 
 # ---------------------------------------------------------------- report
@@ -758,17 +572,9 @@ def _ms3(s: dict[str, Any]) -> str:
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     pool = results.get("pool", {})
-    iso = (
-        "on (netns + cgroups)"
-        if m["netns"] and m["cgroups"]
-        else f"netns {'on' if m['netns'] else 'off'}, cgroups {'on' if m['cgroups'] else 'off'}"
-    )
     head = [
         ("command", results["command"]),
-        (
-            "machine",
-            f"{m['nproc']} CPUs, {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']}",
-        ),
+        machine_row(m),
         ("load average at start", " ".join(str(x) for x in m["loadavg_at_start"])),
         ("qemu", m["qemu"]),
         (
@@ -776,7 +582,7 @@ def table(results: dict[str, Any]) -> str:
             f"{pool['accel']} ({pool['accel_reason']})" if "accel" in pool else "unknown",
         ),
         ("python / root", f"{m['python']} / {'yes' if m['root'] else 'no'}"),
-        ("isolation", iso),
+        isolation_row(m),
         ("KSM / THP", f"{m['ksm']} / {m['thp']}"),
         ("date", results["date"]),
         ("bench wall time", f"{results['total_s']:.1f} s"),
@@ -852,28 +658,10 @@ def table(results: dict[str, Any]) -> str:
             ),
         ]
     if "stop_s" in pool:
-        rows.append(
-            (
-                f"graceful stop (SIGTERM) of {pool['pool_min_idle']} VMs",
-                f"{pool['stop_s']:.2f} s (exit {pool['stop_exit_code']})",
-            )
-        )
+        rows.append(stop_row(f"graceful stop (SIGTERM) of {pool['pool_min_idle']} VMs", pool))
     if "stop_s" in c:
-        rows.append(
-            (
-                "graceful stop (SIGTERM), cold-boot supervisor",
-                f"{c['stop_s']:.2f} s (exit {c['stop_exit_code']})",
-            )
-        )
-    left = {k: v for k, v in results.get("leftovers", {}).items() if v}
-    rows.append(("left behind", "nothing" if not left else json.dumps(left)))
-    if results.get("error"):
-        rows.append(("ERROR", results["error"]))
-    width = max(len(k) for k, _ in head + rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in head]
-    lines.append("-" * (width + 40))
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
-    return "\n".join(lines)
+        rows.append(stop_row("graceful stop (SIGTERM), cold-boot supervisor", c))
+    return render_table(results, head, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -897,14 +685,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="--restores 5 --runs 5 --idle 2 --cold 1"
     )
     args = parser.parse_args(argv)
-    defaults = (
-        {"restores": 5, "runs": 5, "idle": 2, "cold": 1}
-        if args.quick
-        else {"restores": 20, "runs": 20, "idle": 4, "cold": 3}
+    fill_defaults(
+        args,
+        quick={"restores": 5, "runs": 5, "idle": 2, "cold": 1},
+        full={"restores": 20, "runs": 20, "idle": 4, "cold": 3},
     )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if min(args.restores, args.runs, args.cold) < 0:
         parser.error("counts must be >= 0")
     if not 1 <= args.idle <= MAX_ACTIVE:
@@ -913,83 +698,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _shown(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into an exception so that every cleanup runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGTERM and SIGINT back while a cleanup runs; they arrive after it."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, Any] = {
-        "command": shlex.join([_shown(sys.executable), *sys.argv]),
-        "argv": sys.argv,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "params": {k: getattr(args, k) for k in ("restores", "runs", "idle", "cold", "quick")}
+    results = new_results(
+        {k: getattr(args, k) for k in ("restores", "runs", "idle", "cold", "quick")}
         | {"images": str(args.images)},
-        "machine": machine_facts(),
-    }
-    status = 0
-    workdir = Path(tempfile.mkdtemp(prefix="fcbench-qemu-"))
-    try:
-        with sigterm_interrupts():
-            if os.geteuid() != 0:
-                raise BenchError("VMs run in network namespaces: run as root")
-            bench_pool(args, workdir, results)
-            if args.cold > 0:
-                bench_cold(args, workdir, results)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        results["error"] = f"interrupted ({one_line(exc)})"
-        status = 130
-    except Exception as exc:
-        results["error"] = one_line(exc)
-        status = 1
-    finally:
-        with signals_held():
-            if args.keep:
-                print(f"work directory kept: {workdir}", flush=True)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    left: dict[str, list[str]] = {}
-    for part in (results.get("pool", {}), results.get("cold", {})):
-        for key, value in part.get("leftovers", {}).items():
-            left.setdefault(key, []).extend(value)
-    results["leftovers"] = left
-    if left and status == 0:
-        status = 1
-    results["total_s"] = round(time.perf_counter() - started, 1)
-    results["exit_status"] = status
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    print()
-    print(table(results))
-    print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")
-    return status
+        qemu_machine_facts(),
+    )
+
+    def parts(workdir: Path) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("VMs run in network namespaces: run as root")
+        bench_pool(args, workdir, results)
+        if args.cold > 0:
+            bench_cold(args, workdir, results)
+
+    status = run_parts(results, parts, prefix="fcbench-qemu-", keep=args.keep, hold_signals=True)
+    return finish(
+        results,
+        status,
+        parts=("pool", "cold"),
+        started=started,
+        path=RESULTS,
+        table=table,
+    )
 
 
 if __name__ == "__main__":
