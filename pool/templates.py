@@ -15,9 +15,12 @@ with both. The template VM is then killed. Later VMs, and later supervisors,
 restore clones from those files.
 
 A template that cannot be made is remembered with its reason: that role's VMs
-cold-boot instead, and ``describe`` says so. A template whose restore fails is
-dropped and made again on the next ask. Files of templates nobody wants any
-more (no role asks for that key, no clone restored from it runs) are removed.
+cold-boot instead, and ``describe`` says so. It is tried again after a delay
+(full jitter, doubling from ``RETRY_BASE`` up to ``RETRY_MAX``), one attempt at a
+time, until it is made or no role wants that key any more. A template whose
+restore fails is dropped and made again on the next ask. Files of templates
+nobody wants any more (no role asks for that key, no clone restored from it
+runs) are removed.
 
 Errors::
 
@@ -53,10 +56,13 @@ from fireclaw.pool.drivers.qemu import (
     Snapshot,
     info_path,
 )
+from fireclaw.supervisor.backoff import MAX_EXPONENT
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import VmRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fireclaw.pool.vm import Runtime
 
 log = logging.getLogger("fireclaw.templates")
@@ -69,6 +75,11 @@ TEMPLATE_HEARTBEAT: Final = 0.2
 SNAPSHOT_TIMEOUT: Final = 120.0
 SNAP_SUFFIX: Final = ".snap"
 RECORD_SUFFIX: Final = ".json"
+#: After a failed attempt the next waits ``uniform(0, min(RETRY_MAX, RETRY_BASE * 2**n))``
+#: seconds, ``n`` the failures in a row before it: a boot that timed out is worth another
+#: try, but not a VM booting all the time when it never works.
+RETRY_BASE: Final = 5.0
+RETRY_MAX: Final = 300.0
 
 
 class TemplateError(Exception):
@@ -110,11 +121,22 @@ class Template:
 @dataclass
 class _Entry:
     key: str
-    ready: trio.Event = field(default_factory=trio.Event)
+    ready: trio.Event = field(default_factory=trio.Event)  # the first attempt has ended
     template: Template | None = None
-    error: str | None = None
-    making: bool = True
+    error: str | None = None  # why the last attempt failed
+    making: bool = True  # an attempt is under way
     users: int = 0  # clones restored from it that are still running
+    failures: int = 0  # failed attempts in a row
+    retry_at: float | None = None  # trio time of the next attempt, while waiting for it
+    dropped: trio.Event = field(default_factory=trio.Event)  # by _prune: no more attempts
+
+
+def retry_delay(failures: int, uniform: Callable[[float, float], float]) -> float:
+    """Seconds to wait before the next attempt after ``failures`` (1 or more)
+    failed ones in a row: full jitter over ``RETRY_BASE * 2**(failures - 1)``,
+    capped at ``RETRY_MAX``."""
+    exponent = min(max(failures - 1, 0), MAX_EXPONENT)
+    return uniform(0.0, min(RETRY_MAX, RETRY_BASE * 2.0**exponent))
 
 
 def template_key(driver: QemuDriver, role: Role) -> str:
@@ -210,8 +232,9 @@ class Templates:
     # --- what the pool asks ---------------------------------------------------------
 
     async def get(self, role: Role) -> Template | None:
-        """``role``'s template, made first if need be; None if it cannot be made
-        (the VM then cold-boots). Give it back with ``release`` once the clone ends."""
+        """``role``'s template, made first if need be; None if its first attempt
+        failed and it is not made yet (the VM then cold-boots; later attempts are
+        not waited for). Give it back with ``release`` once the clone ends."""
         key = self.key_for(role)
         self._wanted[role.name] = key
         entry = self._entries.get(key)
@@ -252,11 +275,23 @@ class Templates:
         entry = self._entries.get(key) if key is not None else None
         if entry is None:
             return "snapshot template: not made yet"
-        if entry.making:
+        if entry.making and entry.error is None:
             return f"snapshot template {key[:16] if key else ''}: being made"
         if entry.template is None:
-            return f"cold boot (no snapshot template: {entry.error})"
+            if entry.making:
+                retry = "; retrying now"
+            elif entry.retry_at is not None:
+                retry = f"; retrying in {max(0.0, entry.retry_at - trio.current_time()):.0f}s"
+            else:
+                retry = ""
+            return f"cold boot (no snapshot template: {entry.error}{retry})"
         return f"restored from snapshot template {entry.template.short}"
+
+    def forget(self, role_name: str) -> None:
+        """``role_name`` is gone (removed on reload): its template is no longer
+        wanted for it, so it is not tried again, and its files go once unused."""
+        if self._wanted.pop(role_name, None) is not None:
+            self._prune()
 
     async def restore(self, spec: VmSpec, template: Template) -> QemuVm:
         return await self.driver.restore(spec, template.snapshot)
@@ -264,26 +299,80 @@ class Templates:
     # --- making one ---------------------------------------------------------------
 
     async def _make(self, entry: _Entry, role: Role) -> None:
+        """Make ``entry``'s template, one attempt at a time, with a backoff delay
+        after each failure, until it is made or ``_prune`` drops the entry."""
+        subject = f"template-{entry.key[:16]}"
         try:
-            found = await trio.to_thread.run_sync(self._load, entry.key)
-            if found is not None:
-                entry.template = found
-                log.info("template %s for %s: reusing %s", found.short, role.name, found.snapshot)
-                self.rt.event("template_reused", f"template-{found.short}", role=role.name)
-            else:
-                entry.template = await self._boot_and_snapshot(entry.key, role)
-        except TemplateError as exc:
-            entry.error = str(exc)
-            log.warning("template for %s: %s; its VMs cold-boot", role.name, exc)
-            self.rt.event(
-                "template_failed", f"template-{entry.key[:16]}", role=role.name, reason=str(exc)
-            )
+            while True:
+                try:
+                    entry.template = await self._find_or_boot(entry.key, role)
+                    entry.error = None
+                    return
+                except TemplateError as exc:
+                    entry.error = str(exc)
+                    entry.failures += 1
+                entry.making = False
+                entry.ready.set()  # the role's VMs cold-boot meanwhile
+                self._prune()  # nobody may want this key any more: then no retry
+                if entry.dropped.is_set():
+                    log.warning("template for %s: %s; not wanted any more", role.name, entry.error)
+                    self.rt.event(
+                        "template_failed",
+                        subject,
+                        role=role.name,
+                        reason=entry.error,
+                        attempt=entry.failures,
+                    )
+                    return
+                delay = retry_delay(entry.failures, self.rt.uniform)
+                log.warning(
+                    "template for %s: %s; its VMs cold-boot, retrying in %.1f s",
+                    role.name,
+                    entry.error,
+                    delay,
+                )
+                self.rt.event(
+                    "template_failed",
+                    subject,
+                    role=role.name,
+                    reason=entry.error,
+                    attempt=entry.failures,
+                    retry_in=round(delay, 3),
+                )
+                entry.retry_at = trio.current_time() + delay
+                self.rt.bump()
+                with trio.move_on_after(delay):
+                    await entry.dropped.wait()
+                entry.retry_at = None
+                if entry.dropped.is_set():
+                    return
+                entry.making = True
+                log.info("template for %s: attempt %d", role.name, entry.failures + 1)
+                self.rt.event(
+                    "template_retry",
+                    subject,
+                    role=role.name,
+                    attempt=entry.failures + 1,
+                    delay=round(delay, 3),
+                )
+                self.rt.bump()
         finally:
             if entry.template is None and entry.error is None:
                 entry.error = "cancelled"
+            entry.retry_at = None
             entry.making = False
             entry.ready.set()
             self.rt.bump()
+
+    async def _find_or_boot(self, key: str, role: Role) -> Template:
+        """The template ``key`` left in the directory, or else a new one. Raises
+        ``TemplateError``."""
+        found = await trio.to_thread.run_sync(self._load, key)
+        if found is None:
+            return await self._boot_and_snapshot(key, role)
+        log.info("template %s for %s: reusing %s", found.short, role.name, found.snapshot)
+        self.rt.event("template_reused", f"template-{found.short}", role=role.name)
+        return found
 
     def _load(self, key: str) -> Template | None:
         """The complete template ``key`` left in the directory, if there is one."""
@@ -499,8 +588,9 @@ class Templates:
         wanted = set(self._wanted.values())
         for key, entry in list(self._entries.items()):
             if key in wanted or entry.users > 0 or entry.making:
-                continue
+                continue  # an attempt under way checks again once it has failed
             del self._entries[key]
+            entry.dropped.set()  # a failed one waiting for its next attempt stops there
             if entry.template is not None:
                 log.info("template %s is no longer used: removing it", entry.template.short)
                 self._remove_files(entry.template.short)
