@@ -11,9 +11,10 @@ STAMP  := $(VENV)/.installed
 # from elsewhere is left alone.
 #   nsenter runs process-driver guests in their namespaces; ngircd is the managed
 #   IRC server; mmdebstrap, busybox, zstd and mke2fs build guest images; QEMU
-#   boots them.
+#   boots them, qemu-img gives each its overlay disk, nft NATs their traffic.
 DEB_COMMANDS := nsenter:util-linux ip:iproute2 ngircd:ngircd mmdebstrap:mmdebstrap \
-	busybox:busybox-static zstd:zstd mke2fs:e2fsprogs qemu-system-x86_64:qemu-system-x86
+	busybox:busybox-static zstd:zstd mke2fs:e2fsprogs qemu-system-x86_64:qemu-system-x86 \
+	qemu-img:qemu-utils nft:nftables
 
 .PHONY: up test bench setup deb lint
 

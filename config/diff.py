@@ -74,6 +74,8 @@ class ConfigDiff(msgspec.Struct, frozen=True, kw_only=True):
     task_max_attempts_changed: bool
     irc_changed: bool
     """Anything under ``irc`` differs (server, channels, operators, rates, restart)."""
+    network_changed: bool = False
+    """Anything under ``network`` differs; it takes effect at the next start."""
 
     @property
     def is_empty(self) -> bool:
@@ -88,6 +90,7 @@ class ConfigDiff(msgspec.Struct, frozen=True, kw_only=True):
             or self.state_dir_changed
             or self.task_max_attempts_changed
             or self.irc_changed
+            or self.network_changed
         )
 
 
@@ -119,4 +122,5 @@ def diff_config(old: Config, new: Config) -> ConfigDiff:
         state_dir_changed=old.state_dir != new.state_dir,
         task_max_attempts_changed=old.task_max_attempts != new.task_max_attempts,
         irc_changed=old.irc != new.irc,
+        network_changed=old.network != new.network,
     )

@@ -41,6 +41,7 @@ from fireclaw.config.model import (
     Config,
     ControlSpec,
     IrcSpec,
+    NetworkSpec,
     NonEmptyStr,
     Role,
     StopSpec,
@@ -120,6 +121,7 @@ class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     stop: StopSpec = msgspec.field(default_factory=StopSpec)
     task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     irc: IrcSpec = msgspec.field(default_factory=IrcSpec)
+    network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     roles: dict[str, Any]
 
 
@@ -191,6 +193,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         stop=swarm.stop,
         task_max_attempts=swarm.task_max_attempts,
         irc=swarm.irc,
+        network=swarm.network,
         roles=roles,
     )
 

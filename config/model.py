@@ -329,6 +329,32 @@ class Role(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         return self.nick_pattern.replace("{n}", str(n))
 
 
+class NetworkSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How real VMs reach the outside (the qemu backend, as root).
+
+    Each VM's namespace is joined to the swarm's bridge by a veth pair that
+    takes one address of ``subnet`` (the bridge takes the first); the guest
+    behind its tap is NATed to that address, and with ``egress`` the host
+    NATs the subnet out of its other interfaces. VMs never reach one another
+    nor services on the host. Two swarms on one host need different subnets.
+    """
+
+    subnet: Annotated[str, Meta(min_length=9, max_length=18)] = "10.249.0.0/16"
+    egress: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            net = ipaddress.IPv4Network(self.subnet)
+        except ValueError as exc:
+            raise ValueError(f"subnet: {self.subnet!r} is not an IPv4 network: {exc}") from None
+        if net.prefixlen > 24:
+            raise ValueError(f"subnet: {self.subnet} is too small (at most /24)")
+        if net.is_loopback or net.is_multicast or net.is_link_local:
+            raise ValueError(
+                f"subnet: {self.subnet} cannot be a loopback, link-local or multicast network"
+            )
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A loaded ``swarm.yaml``: paths resolved, roles merged, in file order.
 
@@ -343,4 +369,5 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     stop: StopSpec = msgspec.field(default_factory=StopSpec)
     task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     irc: IrcSpec = msgspec.field(default_factory=IrcSpec)
+    network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     roles: dict[str, Role] = msgspec.field(default_factory=dict)

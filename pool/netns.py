@@ -45,7 +45,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _in_fresh_thread(fn: Callable[[], T]) -> T:
+def in_fresh_thread(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a new OS thread that exits afterwards, and return its result."""
     result: list[T] = []
     error: list[BaseException] = []
@@ -64,7 +64,9 @@ def _in_fresh_thread(fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def _create_with_listener(name: str) -> socket.socket:
+def enter_new(name: str) -> None:
+    """Move the calling thread (a fresh one: see ``in_fresh_thread``) into a new
+    namespace, mounted as ``name``, with its loopback up."""
     # Imported here: pyroute2 is heavy and only needed with namespaces.
     from pyroute2 import IPRoute
     from pyroute2.netns import attach
@@ -81,20 +83,33 @@ def _create_with_listener(name: str) -> socket.socket:
         with IPRoute() as ipr:
             (lo,) = ipr.link_lookup(ifname="lo")
             ipr.link("set", index=lo, state="up")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(4)
-        except OSError:
-            sock.close()
-            raise
     except Exception as exc:
         _remove(name)
         raise NetnsError(f"configuring namespace {name}: {exc}") from exc
+
+
+def listen(host: str, port: int = 0, *, backlog: int = 4) -> socket.socket:
+    """A TCP listener on ``host:port`` in the calling thread's namespace."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
-def _listener_in(name: str) -> socket.socket:
+def _create_with_listener(name: str) -> socket.socket:
+    enter_new(name)
+    try:
+        return listen("127.0.0.1")
+    except OSError as exc:
+        _remove(name)
+        raise NetnsError(f"configuring namespace {name}: {exc}") from exc
+
+
+def _listener_in(name: str, host: str, port: int) -> socket.socket:
     # Imported here: pyroute2 is heavy and only needed with namespaces.
     from pyroute2.netns import setns
 
@@ -102,14 +117,10 @@ def _listener_in(name: str) -> socket.socket:
         setns(name, flags=0)  # this fresh thread only; it ends right after
     except OSError as exc:
         raise NetnsError(f"entering namespace {name}: {exc}") from exc
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
+        return listen(host, port, backlog=8)
     except OSError as exc:
-        sock.close()
-        raise NetnsError(f"listening in namespace {name}: {exc}") from exc
-    return sock
+        raise NetnsError(f"listening on {host}:{port} in namespace {name}: {exc}") from exc
 
 
 def _remove(name: str) -> None:
@@ -127,12 +138,13 @@ def _remove(name: str) -> None:
 
 async def create_with_listener(name: str) -> socket.socket:
     """Create namespace ``name`` with loopback up and a listener on 127.0.0.1 in it."""
-    return await trio.to_thread.run_sync(_in_fresh_thread, lambda: _create_with_listener(name))
+    return await trio.to_thread.run_sync(in_fresh_thread, lambda: _create_with_listener(name))
 
 
-async def open_listener(name: str) -> socket.socket:
-    """Another listener on 127.0.0.1 inside the existing namespace ``name``."""
-    return await trio.to_thread.run_sync(_in_fresh_thread, lambda: _listener_in(name))
+async def open_listener(name: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """Another listener on ``host:port`` (a free port for 0) inside the existing
+    namespace ``name``."""
+    return await trio.to_thread.run_sync(in_fresh_thread, lambda: _listener_in(name, host, port))
 
 
 async def remove(name: str) -> None:
@@ -157,7 +169,7 @@ def probe() -> str | None:
         return "not running as root"
     name = f"{PREFIX}probe-{os.getpid()}"
     try:
-        sock = _in_fresh_thread(lambda: _create_with_listener(name))
+        sock = in_fresh_thread(lambda: _create_with_listener(name))
     except (NetnsError, OSError) as exc:
         return str(exc)
     sock.close()

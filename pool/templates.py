@@ -35,7 +35,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import trio
 import trio_websocket
 from fireclaw.config import Role
 from fireclaw.guest_daemon import protocol as p
-from fireclaw.pool import cgroup, netns
+from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.control import ControlSession, GuestLost
 from fireclaw.pool.drivers.base import DriverError, VmSpec
 from fireclaw.pool.drivers.qemu import (
@@ -56,6 +55,7 @@ from fireclaw.pool.drivers.qemu import (
     Snapshot,
     info_path,
 )
+from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link, NetworkError
 from fireclaw.supervisor.backoff import MAX_EXPONENT
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import VmRecord
@@ -107,15 +107,14 @@ class Template:
     snapshot: Path
     vm_id: str  # the template's: every clone says Hello with it
     token: str
-    port: int  # every clone dials 10.0.2.2:port, so it listens there in each namespace
+    port: int  # every clone dials GATEWAY:port, so it listens there in each namespace
+    #: The template's root overlay, frozen at the snapshot: each clone's overlay sits
+    #: on it (None: the template ran on the image's read-only root).
+    disk: Path | None = None
 
     @property
     def short(self) -> str:
         return self.key[:16]
-
-    @property
-    def control_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
 
 
 @dataclass
@@ -148,49 +147,12 @@ def template_key(driver: QemuDriver, role: Role) -> str:
         "vcpus": role.resources.vcpus,
         "memory_mib": role.resources.memory_mib,
         "control_port": CONTROL_PORT,
+        "network": f"tap {TAP} {TAP_MAC} {GUEST_CIDR} via {GATEWAY}",
+        "disk": "qcow2 overlay, rw",
         "heartbeat": TEMPLATE_HEARTBEAT,
         "protocol": p.PROTOCOL_VERSION,
     }
     return hashlib.sha256(msgspec.json.encode(inputs, order="sorted")).hexdigest()
-
-
-def _bind_in(ns_name: str, port: int) -> socket.socket:
-    """A listener on 127.0.0.1:``port`` inside ``ns_name``, opened from a fresh OS
-    thread that ends right after (setns moves only the calling thread, and trio's
-    worker threads are reused)."""
-    from pyroute2.netns import setns
-
-    made: list[socket.socket] = []
-    failed: list[BaseException] = []
-
-    def inside() -> None:
-        try:
-            setns(ns_name, flags=0)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.bind(("127.0.0.1", port))
-                sock.listen(4)
-            except OSError:
-                sock.close()
-                raise
-            made.append(sock)
-        except BaseException as exc:  # handed to the caller below
-            failed.append(exc)
-
-    thread = threading.Thread(target=inside, name="fireclaw-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        exc = failed[0]
-        raise netns.NetnsError(f"listening on port {port} in {ns_name}: {exc}") from exc
-    return made[0]
-
-
-async def namespace_with_listener(ns_name: str, port: int) -> socket.socket:
-    """Create namespace ``ns_name`` with a listener on the fixed 127.0.0.1:``port``."""
-    first = await netns.create_with_listener(ns_name)
-    first.close()  # on a free port; the snapshot's guest dials a fixed one
-    return await trio.to_thread.run_sync(_bind_in, ns_name, port)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -381,10 +343,18 @@ class Templates:
             record = _record_decoder.decode(self._record_path(key).read_bytes())
         except (OSError, msgspec.DecodeError):
             return None
+        disk = self._disk_path(key) if self.rt.base_disk is not None else None
         if record.key != key or not snap.is_file() or not info_path(snap).is_file():
             return None
+        if disk is not None and not disk.is_file():
+            return None
         return Template(
-            key=key, snapshot=snap, vm_id=record.vm_id, token=record.token, port=record.port
+            key=key,
+            snapshot=snap,
+            vm_id=record.vm_id,
+            token=record.token,
+            port=record.port,
+            disk=disk,
         )
 
     async def _boot_and_snapshot(self, key: str, role: Role) -> Template:
@@ -398,27 +368,36 @@ class Templates:
         log_path = rt.state_dir / "logs" / f"{name}.log"
         handle: QemuVm | None = None
         sock: socket.socket | None = None
+        link: Link | None = None
+        disk = self._disk_path(key) if rt.base_disk is not None else None
+        made = False
+        assert rt.network is not None, "templates need the swarm's network"
         log.info("template %s for %s: booting", short, role.name)
         self._register(name, role.name, ns_name, cg, log_path, pid=0)
         started = trio.current_time()
         try:
             try:
                 await trio.to_thread.run_sync(self._mkdir)
-                sock = await namespace_with_listener(ns_name, CONTROL_PORT)
+                sock, link = await rt.network.attach(ns_name, CONTROL_PORT)
                 if cg is not None:
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                if disk is not None:
+                    assert rt.base_disk is not None
+                    await disks.create_overlay(disk, rt.base_disk, "raw")
                 spec = VmSpec(
                     vm_id=vm_id,
                     name=name,
                     role=role.name,
                     vcpus=role.resources.vcpus,
                     memory_mib=role.resources.memory_mib,
-                    control_url=f"ws://127.0.0.1:{CONTROL_PORT}/",
+                    control_url=f"ws://{GATEWAY}:{CONTROL_PORT}/",
                     token=token,
                     netns=ns_name,
                     cgroup=cg,
                     log_path=log_path,
+                    tap=TAP,
+                    disk=disk,
                 )
                 handle = await self.driver.start(spec)
                 self._register(name, role.name, ns_name, cg, log_path, pid=handle.pid)
@@ -426,11 +405,21 @@ class Templates:
                 sock = None  # the listener owns it now
                 async with listener:
                     boot_seconds, taken = await self._park_and_snapshot(handle, listener, key, spec)
-            except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
+                made = True
+            except (
+                DriverError,
+                netns.NetnsError,
+                NetworkError,
+                disks.DiskError,
+                cgroup.CgroupError,
+                OSError,
+            ) as exc:
                 raise TemplateError(_one_line(exc)) from exc
         finally:
             with trio.CancelScope(shield=True):
-                await self._teardown(name, handle, sock, cg, ns_name)
+                await self._teardown(name, handle, sock, cg, link)
+                if disk is not None and not made:
+                    disks.remove(disk)  # kept only with a whole snapshot
         total = trio.current_time() - started
         log.info(
             "template %s for %s: booted and parked in %.1f s, snapshot %.1f MiB in %.2f s",
@@ -449,7 +438,9 @@ class Templates:
             seconds=round(total, 3),
             size=taken.size,
         )
-        return Template(key=key, snapshot=taken.path, vm_id=vm_id, token=token, port=CONTROL_PORT)
+        return Template(
+            key=key, snapshot=taken.path, vm_id=vm_id, token=token, port=CONTROL_PORT, disk=disk
+        )
 
     async def _park_and_snapshot(
         self,
@@ -539,6 +530,9 @@ class Templates:
     def _snap_path(self, key: str) -> Path:
         return self.directory / f"{key[:16]}{SNAP_SUFFIX}"
 
+    def _disk_path(self, key: str) -> Path:
+        return self.directory / f"{key[:16]}{disks.SUFFIX}"
+
     def _record_path(self, key: str) -> Path:
         return self.directory / f"{key[:16]}{RECORD_SUFFIX}"
 
@@ -548,7 +542,7 @@ class Templates:
         handle: QemuVm | None,
         sock: socket.socket | None,
         cg: Path | None,
-        ns_name: str,
+        link: Link | None,
     ) -> None:
         with trio.move_on_after(self.rt.stop.term_timeout + 10):
             if handle is not None:
@@ -558,8 +552,9 @@ class Templates:
             if cg is not None:
                 with contextlib.suppress(cgroup.CgroupError):
                     await trio.to_thread.run_sync(cgroup.remove, cg)
-            with contextlib.suppress(netns.NetnsError):
-                await netns.remove(ns_name)
+            if link is not None and self.rt.network is not None:
+                with contextlib.suppress(netns.NetnsError):
+                    await self.rt.network.detach(link)
             self.rt.store.drop_vm(name)
 
     def _register(
@@ -596,7 +591,7 @@ class Templates:
                 self._remove_files(entry.template.short)
 
     def _remove_files(self, short: str) -> None:
-        for suffix in (SNAP_SUFFIX, SNAP_SUFFIX + ".json", RECORD_SUFFIX):
+        for suffix in (SNAP_SUFFIX, SNAP_SUFFIX + ".json", RECORD_SUFFIX, disks.SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / f"{short}{suffix}").unlink()
 

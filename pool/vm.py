@@ -35,12 +35,12 @@ import trio
 import trio_websocket
 from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
-from fireclaw.pool import cgroup, netns
+from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.forward import forward
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
-from fireclaw.pool.templates import namespace_with_listener
+from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import Store, VmRecord
@@ -90,6 +90,12 @@ class Runtime:
     vmm_overhead_mib: int = 0
     #: How a guest names its namespace's loopback (qemu's user network: 10.0.2.2).
     guest_loopback: str = "127.0.0.1"
+    #: The swarm's bridge (qemu as root): each VM's namespace gets a tap and a veth,
+    #: and the supervisor's listeners there are on the tap's address.
+    network: Network | None = None
+    #: Where each VM's own overlay disk goes, and the image it sits on (qemu).
+    disks_dir: Path | None = None
+    base_disk: Path | None = None
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
     #: together after a long wait; bounded, VMs become ready one after another.
@@ -108,6 +114,11 @@ class Runtime:
         self.version += 1
         self._change.set()
         self._change = trio.Event()
+
+    @property
+    def listen_host(self) -> str:
+        """Where the supervisor's listeners in a VM's namespace are bound."""
+        return GATEWAY if self.network is not None else "127.0.0.1"
 
     async def wait_change(self, since: int) -> None:
         """Return once ``version`` is past ``since``."""
@@ -285,24 +296,38 @@ class Child:
         self._exited = trio.Event()
         ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
         cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
+        rt = self.rt
+        disk = (
+            rt.disks_dir / f"{vm_id}{disks.SUFFIX}"
+            if rt.disks_dir is not None and rt.base_disk is not None
+            else None
+        )
         listener_sock: socket.socket | None = None
-        await self.rt.boots.acquire_on_behalf_of(self)
+        link: Link | None = None
+        await rt.boots.acquire_on_behalf_of(self)
         self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
         self._register(ns_name, cg, pid=0)
         try:
             try:
-                if template is not None and ns_name is not None:
-                    # The clone dials the port baked into its template, in every namespace.
-                    listener_sock = await namespace_with_listener(ns_name, template.port)
+                # A clone dials the port baked into its template, in every namespace.
+                port = template.port if template is not None else 0
+                if rt.network is not None and ns_name is not None:
+                    listener_sock, link = await rt.network.attach(ns_name, port)
                 elif ns_name is not None:
                     listener_sock = await netns.create_with_listener(ns_name)
                 else:
                     listener_sock = _loopback_listener()
                 if cg is not None:
-                    limit = role.resources.memory_mib + self.rt.vmm_overhead_mib
+                    limit = role.resources.memory_mib + rt.vmm_overhead_mib
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                if disk is not None:
+                    assert rt.base_disk is not None
+                    if template is not None and template.disk is not None:
+                        await disks.create_overlay(disk, template.disk, "qcow2")
+                    else:
+                        await disks.create_overlay(disk, rt.base_disk, "raw")
                 port = listener_sock.getsockname()[1]
                 spec = VmSpec(
                     vm_id=vm_id,
@@ -310,12 +335,14 @@ class Child:
                     role=role.name,
                     vcpus=role.resources.vcpus,
                     memory_mib=role.resources.memory_mib,
-                    control_url=f"ws://127.0.0.1:{port}/",
+                    control_url=f"ws://{rt.listen_host}:{port}/",
                     token=token,
                     netns=ns_name,
                     cgroup=cg,
-                    log_path=self.rt.state_dir / "logs" / f"{self.name}.log",
+                    log_path=rt.state_dir / "logs" / f"{self.name}.log",
                     guest_command=role.guest_command,
+                    tap=TAP if link is not None else None,
+                    disk=disk,
                 )
                 self.ready_seconds = None
                 started = trio.current_time()
@@ -331,7 +358,14 @@ class Child:
                     self.handle = await self.rt.driver.start(spec)
                     self.started_as = "booted"
                 self.group.changed()  # a new pid to show
-            except (DriverError, netns.NetnsError, cgroup.CgroupError, OSError) as exc:
+            except (
+                DriverError,
+                netns.NetnsError,
+                NetworkError,
+                disks.DiskError,
+                cgroup.CgroupError,
+                OSError,
+            ) as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
             self._register(ns_name, cg, pid=self.handle.pid)
@@ -347,7 +381,7 @@ class Child:
         finally:
             self._boot_done()
             with trio.CancelScope(shield=True):
-                await self._teardown(outcome, ns_name, cg, listener_sock)
+                await self._teardown(outcome, ns_name, cg, listener_sock, link, disk)
 
     async def _open_irc_route(
         self, nursery: trio.Nursery, ns_name: str | None
@@ -359,7 +393,7 @@ class Child:
         if ns_name is None:
             return route.upstream  # not isolated: the guest dials the server itself
         try:
-            sock = await netns.open_listener(ns_name)
+            sock = await netns.open_listener(ns_name, self.rt.listen_host)
         except netns.NetnsError as exc:
             log.warning("%s: no IRC for this VM: %s", self.name, exc)
             return None
@@ -449,7 +483,13 @@ class Child:
         )
 
     async def _teardown(
-        self, outcome: Outcome, ns_name: str | None, cg: Path | None, sock: socket.socket | None
+        self,
+        outcome: Outcome,
+        ns_name: str | None,
+        cg: Path | None,
+        sock: socket.socket | None,
+        link: Link | None,
+        disk: Path | None,
     ) -> None:
         self.session = None
         handle, self.handle = self.handle, None
@@ -467,9 +507,14 @@ class Child:
             if cg is not None:
                 with contextlib.suppress(cgroup.CgroupError):
                     await trio.to_thread.run_sync(cgroup.remove, cg)
-            if ns_name is not None:
+            if link is not None and self.rt.network is not None:
+                with contextlib.suppress(netns.NetnsError):
+                    await self.rt.network.detach(link)
+            elif ns_name is not None:
                 with contextlib.suppress(netns.NetnsError):
                     await netns.remove(ns_name)
+            if disk is not None:
+                disks.remove(disk)
             self.rt.store.drop_vm(self.name)
 
     def _register(self, ns_name: str | None, cg: Path | None, *, pid: int) -> None:

@@ -17,6 +17,7 @@ lock or the state cannot be opened.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -28,11 +29,12 @@ from typing import Final
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config
 from fireclaw.guest_daemon import protocol as p
-from fireclaw.pool import cgroup, netns
+from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
 from fireclaw.pool.group import PoolError, RoleGroup
+from fireclaw.pool.network import Network, NetworkError
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import sdnotify
@@ -53,6 +55,8 @@ API_NAME: Final = "api.sock"
 #: Guest images (built or found by the qemu backend) and snapshot templates.
 IMAGES_NAME: Final = "images"
 TEMPLATES_NAME: Final = "templates"
+#: Each VM's own overlay disk, gone with the VM.
+DISKS_NAME: Final = "disks"
 
 
 class Supervisor:
@@ -178,6 +182,8 @@ class Supervisor:
             self.store.drop_vm(rec.name)
             self.event("reclaimed", rec.name, pid=rec.pid)
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
+        for path in disks.sweep(self.state_dir / DISKS_NAME):
+            log.info("removed %s left by a previous supervisor", path.name)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
 
@@ -206,6 +212,22 @@ class Supervisor:
         self.rt.guest_loopback = backend.guest_loopback
         self.backend_reason = backend.reason
         if isinstance(backend.driver, QemuDriver):
+            spec = self.config.network
+            network = Network(
+                instance=self.rt.instance,
+                subnet=ipaddress.IPv4Network(spec.subnet),
+                egress=spec.egress,
+            )
+            try:
+                await network.open()
+            except NetworkError as exc:
+                with trio.CancelScope(shield=True):
+                    await network.close()  # whatever part of it was made
+                raise BackendUnavailable(f"network: {exc}") from exc
+            root.start_soon(_hold_network, network)
+            self.rt.network = network
+            self.rt.disks_dir = self.state_dir / DISKS_NAME
+            self.rt.base_disk = backend.driver.image.rootfs
             templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
             keep = {templates.key_for(role) for role in self.config.roles.values()}
             await root.start(templates.run, keep)
@@ -313,6 +335,8 @@ class Supervisor:
             notes.append("state_dir changes take effect at the next start")
         if diff.irc_changed:
             notes.append("irc changes take effect at the next start")
+        if diff.network_changed:
+            notes.append("network changes take effect at the next start")
         old, self.config = self.config, new
         self.rt.control, self.rt.stop = new.control, new.stop
         assert self._root is not None
@@ -321,6 +345,8 @@ class Supervisor:
             group = self.groups.get(name)
             if group is not None:
                 self._root.start_soon(group.stop_all, "role removed")
+            if self.rt.templates is not None:
+                self.rt.templates.forget(name)  # its template is not tried or kept for it
         for name in diff.added:
             await self._start_group(name)
         for name, change in diff.changed.items():
@@ -388,12 +414,24 @@ class Supervisor:
             "state_dir": str(self.state_dir),
             "backend": self.backend_reason,
             "isolation": self.isolation,
+            "network": self._network_status(),
             "stopping": self.stopping,
             "last_reload_error": self.last_reload_error,
             "roles": {name: g.counts() for name, g in self.groups.items()},
             "agents": [a for g in self.groups.values() for a in g.snapshot()],
             "tasks": self.store.count_tasks(),
             "irc": self._irc_status(),
+        }
+
+    def _network_status(self) -> dict[str, object] | None:
+        net = self.rt.network
+        if net is None:
+            return None
+        return {
+            "bridge": net.bridge,
+            "subnet": str(net.subnet),
+            "gateway": net.gateway,
+            "egress": net.egress,
         }
 
     def _irc_status(self) -> dict[str, object]:
@@ -616,3 +654,12 @@ def run_up(config_path: str, state_dir: str | None) -> int:
     finally:
         lock.release()
     return 0
+
+
+async def _hold_network(network: Network) -> None:
+    """Hold the swarm's (open) bridge and rules until cancelled, then remove them."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await network.close()

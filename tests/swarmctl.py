@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fireclaw.pool import cgroup, netns
+from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor.client import ApiClient
 
@@ -46,13 +46,18 @@ def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str =
 
 
 def swarm_yaml(
-    *roles: str, control: str = "", irc: str = "enabled: false", backend: str = "process"
+    *roles: str,
+    control: str = "",
+    irc: str = "enabled: false",
+    backend: str = "process",
+    network: str = "",
 ) -> str:
     control = control or "heartbeat_interval: 0.5\n  heartbeat_timeout: 5\n  boot_timeout: 20"
     return (
         f"version: 1\nbackend: {backend}\n"
         f"irc:\n  {irc}\n"
-        f"control:\n  {control}\n"
+        + (f"network:\n  {network}\n" if network else "")
+        + f"control:\n  {control}\n"
         "stop:\n  grace_period: 5\n  term_timeout: 2\n  fleet_deadline: 20\n"
         "roles:" + "".join(roles) + "\n"
     )
@@ -183,6 +188,12 @@ def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
     return lambda st: role in st["roles"] and st["roles"][role]["idle"] == n
 
 
+#: What a stopped swarm leaves: nothing of any kind.
+NOTHING: dict[str, list[str]] = {
+    k: [] for k in ("netns", "cgroups", "guest_processes", "sockets", "links", "nft", "disks")
+}
+
+
 def leftovers(state: Path, baseline: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """What the swarm of ``state`` left behind (namespaces, cgroups, guest processes,
     sockets and VM run directories), less what was already there in ``baseline``.
@@ -221,4 +232,7 @@ def _everything(state: Path) -> dict[str, list[str]]:
         "cgroups": [str(p) for p in cgroup.leftovers() if p.name.startswith(f"{mine}-")],
         "guest_processes": procs,
         "sockets": [p.name for p in state.glob("*.sock")] + run_dirs,
+        "links": network.host_links(mine) if os.geteuid() == 0 else [],
+        "nft": [t for t in network.tables() if t.endswith(f"_{mine}")],
+        "disks": [p.name for p in (state / "disks").glob("*")],
     }

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from swarmctl import PY, Swarm, idle, leftovers, role_yaml, swarm_yaml
+from swarmctl import NOTHING, PY, Swarm, idle, leftovers, role_yaml, swarm_yaml
 
 HERE = Path(__file__).parent
-NOTHING: dict[str, list[str]] = {"netns": [], "cgroups": [], "guest_processes": [], "sockets": []}
 
 
 @pytest.fixture

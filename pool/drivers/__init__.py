@@ -105,8 +105,9 @@ def _cached_image(images: Path) -> Path | None:
 
 def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     """None if qemu can run here, else one line saying why not."""
-    if shutil.which(QEMU) is None:
-        return f"{QEMU} is not installed"
+    for tool in (QEMU, "qemu-img", "nft"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
     if os.geteuid() != 0:
         return "not root (each QEMU VM runs in a network namespace of its own)"
     if netns_why is not None:
@@ -158,8 +159,9 @@ async def _open_qemu(
     choice: Choice, *, images: Path, netns_why: str | None, progress: Callable[[str], None]
 ) -> Backend:
     from fireclaw.pool.accel import AccelError, choose_accel
-    from fireclaw.pool.drivers.qemu import HOST_ALIAS, QemuDriver
+    from fireclaw.pool.drivers.qemu import QemuDriver
     from fireclaw.pool.image import ImageError, ImageSpec, build_image
+    from fireclaw.pool.network import GATEWAY
 
     if not choice.auto:
         why_not = _why_not_qemu(images, netns_why)
@@ -180,5 +182,5 @@ async def _open_qemu(
         driver=QemuDriver(image, accel, qemu=QEMU),
         reason=f"auto: {running}" if choice.auto else running,
         memory_overhead_mib=QEMU_OVERHEAD_MIB,
-        guest_loopback=HOST_ALIAS,
+        guest_loopback=GATEWAY,  # the tap's address in each VM namespace
     )

@@ -34,6 +34,11 @@ class VmSpec:
     cgroup: Path | None  # cgroup to place the VMM in, None for none
     log_path: Path  # the VMM's stdout and stderr go here
     guest_command: tuple[str, ...] | None = None  # process driver: argv instead of the daemon
+    #: qemu: the tap in ``netns`` to attach the guest to (None: QEMU's user network).
+    tap: str | None = None
+    #: qemu: this VM's own writable root disk, a qcow2 overlay over the image (None:
+    #: the image's root filesystem, shared read-only).
+    disk: Path | None = None
 
 
 class VmHandle(Protocol):

@@ -1,21 +1,24 @@
 """The ``qemu`` driver: each VM is one QEMU ``-M microvm`` process, driven over QMP.
 
-The machine: the image's PVH vmlinux and initramfs; its root filesystem
-attached READ-ONLY as a virtio-blk-device (every VM shares the one file); one
-virtio-net-device on QEMU user networking; the serial console and QEMU's own
-messages appended to ``spec.log_path``; QMP on a unix socket in a per-VM run
-directory (``<log dir>/run/<vm id>/``, or a private one under the temporary
-directory when that path is too long for a socket), removed once the VM is
-reaped. KVM or TCG as ``fireclaw.pool.accel`` decided.
+The machine: the image's PVH vmlinux and initramfs; a root disk (the VM's own
+qcow2 overlay over the image, ``spec.disk``, mounted read-write; or the
+image's root filesystem itself, shared READ-ONLY) as a virtio-blk-device;
+one virtio-net-device; the serial console and QEMU's own messages appended
+to ``spec.log_path``; QMP on a unix socket in a per-VM run directory
+(``<log dir>/run/<vm id>/``, or a private one under the temporary directory
+when that path is too long for a socket), removed once the VM is reaped. KVM
+or TCG as ``fireclaw.pool.accel`` decided.
 
-Networking: user networking (slirp) runs inside QEMU, so it lives in QEMU's
-network namespace (``spec.netns``; QEMU is started there through
-``nsenter``). The guest is 10.0.2.15/24 and 10.0.2.2 is the namespace's own
-loopback, so a guest that dials ``ws://10.0.2.2:PORT/`` reaches the listener
-the supervisor opened on 127.0.0.1:PORT inside that namespace, and nothing
-else exists there. ``spec.control_url`` must therefore name 127.0.0.1 (the
-guest is given the same URL with 10.0.2.2). Without a namespace, slirp lets
-the guest reach whatever the host reaches: run VMs in namespaces.
+Networking, with ``spec.tap`` (the pool's way, see ``fireclaw.pool.network``):
+the guest's eth0 is on that tap inside the VM's namespace, as
+``GUEST_CIDR`` behind the gateway ``GATEWAY``, where the supervisor's
+listeners are; ``spec.control_url`` names ``GATEWAY`` and the guest dials it
+as is. Without a tap, QEMU's user networking (slirp) runs inside QEMU, in
+QEMU's namespace (``spec.netns``, entered through ``nsenter``): the guest is
+10.0.2.15/24 and 10.0.2.2 is that namespace's loopback, so
+``spec.control_url`` must name 127.0.0.1 (the guest is given the same URL
+with 10.0.2.2). Without a namespace either, slirp lets the guest reach
+whatever the host reaches: only probes and tests run that way.
 
 Snapshots: ``QemuVm.snapshot(path)`` pauses the VM and migrates its state to
 ``path`` (QEMU 7.2 has no ``file:`` migration, so ``exec:cat > PATH``), and
@@ -62,6 +65,7 @@ from fireclaw.pool.accel import Accel, accel_argv, host_tsc_khz
 from fireclaw.pool.drivers.base import DriverError, VmSpec
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.image import Image
+from fireclaw.pool.network import GATEWAY, GUEST_CIDR
 from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure, open_qmp
 
 T = TypeVar("T")
@@ -110,6 +114,8 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     qemu_version: tuple[int, int, int]
     size: int
     seconds: float
+    tap: str | None = None  # the tap the guest was on (None: user networking)
+    disk: bool = False  # on its own overlay: a clone's overlay must sit on that one
 
 
 _info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
@@ -138,13 +144,18 @@ def load_snapshot_info(snapshot: Path) -> SnapshotInfo:
 # --- the command line (pure) -------------------------------------------------------------
 
 
-def guest_control_url(url: str) -> str:
-    """``url`` as the guest reaches it: 127.0.0.1 becomes 10.0.2.2."""
+def guest_control_url(url: str, *, tap: bool = False) -> str:
+    """``url`` as the guest reaches it: on a tap, as is (it must name ``GATEWAY``);
+    on user networking, 127.0.0.1 becomes 10.0.2.2."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise DriverError(f"control url {url!r}: {exc}") from None
+    if tap:
+        if parts.scheme not in ("ws", "wss") or parts.hostname != GATEWAY or port is None:
+            raise DriverError(f"control url {url!r}: a guest on a tap dials ws://{GATEWAY}:PORT/")
+        return urlunsplit((parts.scheme, f"{GATEWAY}:{port}", parts.path or "/", "", ""))
     if parts.scheme not in ("ws", "wss") or parts.hostname not in _LOOPBACK or port is None:
         raise DriverError(
             f"control url {url!r}: the qemu driver needs ws://127.0.0.1:PORT/"
@@ -155,13 +166,16 @@ def guest_control_url(url: str) -> str:
 
 def kernel_cmdline(base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None) -> str:
     """The image's command line plus what the guest's init and daemon read."""
+    tap = spec.tap is not None
     words = [
-        f"fireclaw.url={guest_control_url(spec.control_url)}",
+        f"fireclaw.url={guest_control_url(spec.control_url, tap=tap)}",
         f"fireclaw.vm_id={spec.vm_id}",
         f"fireclaw.token={spec.token}",
-        f"fireclaw.ip={GUEST_ADDR}",
-        f"fireclaw.gw={HOST_ALIAS}",
+        f"fireclaw.ip={GUEST_CIDR if tap else GUEST_ADDR}",
+        f"fireclaw.gw={GATEWAY if tap else HOST_ALIAS}",
     ]
+    if spec.disk is not None:
+        words.append("rw")  # the VM's own overlay: the initramfs mounts it writable
     if _HOSTNAME.fullmatch(spec.name):
         words.append(f"fireclaw.hostname={spec.name}")
     if accel.name == "tcg" and tsc_khz:
@@ -190,8 +204,21 @@ def qemu_argv(
     log_path: Path,
     qmp_path: Path,
     incoming: bool = False,
+    tap: str | None = None,
+    disk: Path | None = None,
 ) -> list[str]:
-    """QEMU's arguments for one VM; ``incoming`` waits for migrated state over QMP."""
+    """QEMU's arguments for one VM; ``incoming`` waits for migrated state over QMP.
+
+    ``tap``: attach the guest to that tap (None: user networking). ``disk``: the
+    VM's writable qcow2 root (None: the image's root, read-only)."""
+    if disk is not None:
+        root = f"file={_opt(disk)},if=none,format=qcow2,id=root,discard=unmap"
+    else:
+        root = f"file={_opt(image.rootfs)},if=none,format=raw,readonly=on,id=root"
+    if tap is not None:
+        net = f"tap,id=n0,ifname={_opt(tap)},script=no,downscript=no"
+    else:
+        net = f"user,id=n0,net={NETWORK},host={HOST_ALIAS}"
     argv = [
         qemu, *accel_argv(accel),
         "-M", MACHINE, "-m", str(memory_mib), "-smp", str(vcpus),
@@ -201,9 +228,9 @@ def qemu_argv(
         "-chardev", f"socket,id=qmp,path={_opt(qmp_path)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline,
-        "-drive", f"file={_opt(image.rootfs)},if=none,format=raw,readonly=on,id=root",
+        "-drive", root,
         "-device", "virtio-blk-device,drive=root",
-        "-netdev", f"user,id=n0,net={NETWORK},host={HOST_ALIAS}",
+        "-netdev", net,
         "-device", "virtio-net-device,netdev=n0",
     ]  # fmt: skip
     if incoming:
@@ -399,6 +426,8 @@ class QemuVm:
                 qemu_version=version,
                 size=size,
                 seconds=round(seconds, 3),
+                tap=self._spec.tap,
+                disk=self._spec.disk is not None,
             )
             info_path(path).write_bytes(msgspec.json.encode(info))
             os.replace(partial_path, path)
@@ -504,8 +533,9 @@ class QemuDriver:
         ``spec.control_url`` and ``spec.token`` are not used; the caller knows
         the clone by ``spec.netns`` and must listen there on the port the
         template's URL names (the same fixed port in every namespace, e.g.
-        ``CONTROL_PORT``). ``spec.memory_mib`` and ``spec.vcpus`` must be the
-        template's.
+        ``CONTROL_PORT``). ``spec.memory_mib``, ``spec.vcpus`` and ``spec.tap``
+        must be the template's; ``spec.disk`` is the clone's own overlay ON the
+        template's (the guest's page cache in the snapshot matches that disk).
         """
         info = load_snapshot_info(snapshot)
         mismatch = [
@@ -515,6 +545,8 @@ class QemuDriver:
                 ("accel", info.accel, self.accel.name),
                 ("memory_mib", info.memory_mib, spec.memory_mib),
                 ("vcpus", info.vcpus, spec.vcpus),
+                ("tap", info.tap, spec.tap),
+                ("own disk", info.disk, spec.disk is not None),
             )
             if theirs != ours
         ]
@@ -536,6 +568,8 @@ class QemuDriver:
             log_path=spec.log_path.absolute(),
             qmp_path=run_dir / "qmp.sock",
             incoming=incoming is not None,
+            tap=spec.tap,
+            disk=spec.disk,
         )
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         try:

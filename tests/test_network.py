@@ -1,0 +1,165 @@
+"""The swarm's bridge, per-VM namespaces with tap and veth, and NAT, for real (needs root).
+
+A "world" namespace made by the test stands in for the outside: the host
+routes to it over a veth, so egress is shown without any traffic leaving
+the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from fireclaw.pool import netns, network
+from fireclaw.pool.network import GATEWAY, NS_LINK, TAP, Network, NetworkError
+from world import CONNECT, Server, World, world_namespace
+
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+pytestmark = pytest.mark.skipif(
+    netns.probe() is not None or not os.path.exists("/usr/sbin/nft"),
+    reason=f"no namespaces or no nft: {netns.probe()}",
+)
+
+def ns_run(ns: str | None, *argv: str, timeout: float = 20) -> str:
+    prefix = ["nsenter", f"--net=/run/netns/{ns}", "--"] if ns else []
+    done = subprocess.run(
+        [*prefix, *argv], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return done.stdout.strip()
+
+
+def connect_from(ns: str | None, host: str, port: int, *, timeout: float = 5) -> str:
+    return ns_run(ns, sys.executable, "-c", CONNECT, host, str(port), str(timeout))
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[Network]:
+    instance = secrets.token_hex(3)
+    subnet = ipaddress.IPv4Network(f"10.252.{secrets.randbelow(250)}.0/24")
+    forward_before = IP_FORWARD.read_text()  # noqa: ASYNC240 (procfs: never blocks)
+    n = Network(instance=instance, subnet=subnet, egress=True)
+    await n.open()
+    try:
+        yield n
+    finally:
+        await n.close()
+        assert network.host_links(instance) == []
+        assert f"inet {network.table_name(instance)}" not in network.tables()
+        assert IP_FORWARD.read_text() == forward_before  # noqa: ASYNC240
+
+
+def links_in(ns: str) -> set[str]:
+    out = ns_run(ns, "ip", "-o", "link", "show")
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    with world_namespace() as w:
+        yield w
+
+
+async def test_a_namespace_gets_a_tap_a_veth_and_reaches_out_through_nat(
+    net: Network, world: World
+) -> None:
+    world_ns, world_addr, host_addr = world.ns, world.address, world.host_address
+    ns = f"{netns.PREFIX}{net.instance}-a-{secrets.token_hex(3)}"
+    sock, link = await net.attach(ns, 7000)
+    try:
+        assert sock.getsockname() == (GATEWAY, 7000)
+        assert links_in(ns) == {"lo", TAP, NS_LINK}
+        # The same tap MAC everywhere: a clone's guest keeps its template's ARP entry.
+        assert f"link/ether {network.TAP_MAC} " in ns_run(ns, "ip", "link", "show", TAP)
+        assert link.veth in network.host_links(net.instance)
+        assert net.bridge in network.host_links(net.instance)
+        server = Server(world_ns, world_addr)
+        try:
+            # The host masquerades the swarm's subnet: the world sees the host.
+            said = await trio.to_thread.run_sync(connect_from, ns, world_addr, server.port)
+            assert said == f"from {host_addr}"
+        finally:
+            server.close()
+    finally:
+        sock.close()
+        await net.detach(link)
+    assert ns not in netns.leftovers()
+    assert link.veth not in network.host_links(net.instance)
+
+
+async def test_vms_reach_neither_each_other_nor_the_host(net: Network) -> None:
+    tag = secrets.token_hex(3)
+    sock_a, a = await net.attach(f"{netns.PREFIX}{net.instance}-a-{tag}")
+    sock_b, b = await net.attach(f"{netns.PREFIX}{net.instance}-b-{tag}")
+    servers = [Server(b.ns_name, "0.0.0.0"), Server(None, net.gateway)]
+    try:
+        assert a.address != b.address
+        # Both are reachable where they should be: b's server from inside b, the
+        # host's from the host.
+        said = await trio.to_thread.run_sync(connect_from, b.ns_name, b.address, servers[0].port)
+        assert said == f"from {b.address}"
+        said = await trio.to_thread.run_sync(connect_from, None, net.gateway, servers[1].port)
+        assert said == f"from {net.gateway}"
+        # From a: neither.
+        for host, server in ((b.address, servers[0]), (net.gateway, servers[1])):
+            said = await trio.to_thread.run_sync(
+                lambda h=host, s=server: connect_from(a.ns_name, h, s.port, timeout=1.5)
+            )
+            assert said.startswith("failed:"), (host, said)
+    finally:
+        for server in servers:
+            server.close()
+        sock_a.close()
+        sock_b.close()
+        await net.detach(a)
+        await net.detach(b)
+    assert not {a.ns_name, b.ns_name} & set(netns.leftovers())
+
+
+async def test_a_failed_namespace_leaves_nothing(net: Network) -> None:
+    ns = f"{netns.PREFIX}{net.instance}-x-{secrets.token_hex(3)}"
+    # The host end of its veth cannot be made: a link of that name is in the way.
+    blocker = network.veth_name(net.instance, ns)
+    await trio.to_thread.run_sync(ns_run, None, "ip", "link", "add", blocker, "type", "bridge")
+    try:
+        with pytest.raises(NetworkError, match=ns):
+            await net.attach(ns)
+    finally:
+        await trio.to_thread.run_sync(ns_run, None, "ip", "link", "del", blocker)
+    assert ns not in netns.leftovers()
+    assert network.host_links(net.instance) == [net.bridge]
+    # The address it took is free again.
+    sock, link = await net.attach(ns)
+    sock.close()
+    assert link.address == str(net.subnet.network_address + 2)
+    await net.detach(link)
+
+
+async def test_a_subnet_in_use_is_one_line() -> None:
+    instance = secrets.token_hex(3)
+    subnet = ipaddress.IPv4Network(f"10.253.{secrets.randbelow(250)}.0/24")
+    first = Network(instance=instance, subnet=subnet, egress=False)
+    await first.open()
+    try:
+        second = Network(instance=secrets.token_hex(3), subnet=subnet, egress=False)
+        with pytest.raises(NetworkError, match=f"network.subnet {subnet} overlaps"):
+            await second.open()
+        await second.close()
+    finally:
+        await first.close()
+
+
+def test_rules_are_text_nft_accepts() -> None:
+    rules = network.host_rules("abc123", ipaddress.IPv4Network("10.249.0.0/16"), egress=True)
+    assert "masquerade" in rules and 'iifname "fcabc123br" drop' in rules
+    no_egress = network.host_rules("abc123", ipaddress.IPv4Network("10.249.0.0/16"), egress=False)
+    assert "masquerade" not in no_egress and "accept\n" not in no_egress.split("forward")[1][:200]
+    done = subprocess.run(["nft", "-c", "-f", "-"], input=network.namespace_rules().encode())
+    assert done.returncode == 0
