@@ -12,12 +12,15 @@
     fireclaw-swarm reload                                re-read the config file
     fireclaw-swarm down                                  stop the supervisor and its VMs
     fireclaw-swarm logs [--follow]                       the event log
+    fireclaw-swarm doctor [--config PATH]                what the host offers; what swarms left
+    fireclaw-swarm gc [--all]                            remove what a dead swarm left behind
     fireclaw-swarm version
 
-Every command but ``up`` and ``version`` talks to the running supervisor through
-its API socket, ``<state_dir>/api.sock``. The state dir is ``--state-dir``, else
-``$FIRECLAW_STATE_DIR``, else the ``state_dir`` of the config file (``--config``,
-default ``./swarm.yaml``); the config is only read in that last case.
+Every command but ``up``, ``doctor``, ``gc`` and ``version`` talks to the running
+supervisor through its API socket, ``<state_dir>/api.sock``. The state dir is
+``--state-dir``, else ``$FIRECLAW_STATE_DIR``, else the ``state_dir`` of the
+config file (``--config``, default ``./swarm.yaml``); the config is only read in
+that last case, and by ``doctor``, which checks it against the host.
 
 Exit status: 0 done; 1 runtime error (no supervisor, request refused, task
 failed); 2 usage error; 78 bad config; 130 interrupted. ``run`` exits with the
@@ -175,6 +178,10 @@ def format_status(status: dict[str, Any]) -> str:
         head.append("tasks " + ", ".join(f"{k} {v}" for k, v in sorted(tasks.items())))
     if head:
         lines.append(f"{PROG}: " + "; ".join(head))
+    net = status.get("network")
+    if isinstance(net, dict):
+        egress = "NAT out" if net.get("egress") else "no egress"
+        lines.append(f"network: bridge {net.get('bridge')} {net.get('subnet')}, {egress}")
     if status.get("last_reload_error"):
         lines.append(f"last reload rejected: {_one_line(str(status['last_reload_error']))}")
 
@@ -404,6 +411,73 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(_FOLLOW_INTERVAL)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fireclaw.config import ConfigError, load_config
+    from fireclaw.supervisor.doctor import examine
+
+    try:
+        config = load_config(args.config or DEFAULT_CONFIG)
+    except ConfigError as exc:
+        raise CliError(str(exc), EX_CONFIG) from exc
+    given = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR")
+    report = examine(config, Path(given).resolve() if given else config.state_dir)
+    print("\n".join(report.lines()))
+    return report.exit_status
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fireclaw.pool.vm import instance_id
+    from fireclaw.supervisor import leftovers
+    from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock, PidLockError
+
+    sdir = Path(state_dir(args)).resolve()
+    # Held for the whole sweep, so no supervisor starts on this state dir meanwhile.
+    lock = PidLock(sdir / leftovers.LOCK_NAME)
+    if sdir.is_dir():
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            who = f"pid {exc.pid}" if exc.pid else "pid unknown"
+            raise CliError(
+                f"the swarm of {sdir} is running ({who}): its resources are in use;"
+                " stop it first (`fireclaw-swarm down`)"
+            ) from None
+        except PidLockError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        found = leftovers.find_all(sdir)
+        mine = found.pop(instance_id(sdir))
+        targets = [mine]
+        if args.all:
+            running = leftovers.running_instances(found)
+            for instance, other in sorted(found.items()):
+                if instance in running:
+                    print(
+                        f"skipped swarm {instance}: its supervisor runs (pid {running[instance]})"
+                    )
+                else:
+                    targets.append(other)
+        done = [r for target in targets for r in leftovers.remove(target)]
+    finally:
+        lock.release()
+    for removal in done:
+        print(removal)
+    for error in mine.errors:
+        print(f"cannot check: {error}")
+    failed = sum(not r.ok for r in done) + len(mine.errors)
+    if not done and not failed:
+        print("nothing to remove")
+        return 0
+    print(f"removed {sum(r.ok for r in done)} of {len(done)}")
+    if failed:
+        raise CliError(f"{failed} left: see the lines above")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -507,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument(
         "--after", type=_positive_int, default=0, metavar="ID", help="only events after this id"
+    )
+    add("doctor", cmd_doctor, "check the host and list what swarms left on it")
+    p = add("gc", cmd_gc, "remove what a crashed swarm left on the host")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also other swarms' leftovers (not those whose supervisor is seen running)",
     )
     add("version", cmd_version, "print the version")
     return parser

@@ -8,6 +8,8 @@ a starter that opened the old inode while another unlinked it and created a new
 one would lock a file nobody else sees, and two supervisors would run. The pid
 written into the file is for people and error messages, not for locking.
 
+``holder(path)`` says who holds the lock without taking it (``doctor``).
+
 Exceptions::
 
     PidLockError            the lock file cannot be opened, locked or written
@@ -100,6 +102,57 @@ class PidLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def holder(path: str | os.PathLike[str]) -> int | None:
+    """The pid of the process holding the lock on ``path``, None if nobody does.
+
+    Read from ``/proc/locks`` without touching the lock, so a supervisor starting
+    at the same moment is never turned away. Where that file cannot be read, the
+    lock is tried (and dropped at once) instead; the pid then comes from the file.
+    A holder whose pid is not visible here (another pid namespace) reads as the
+    pid written in the file, or 0 if that is unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PidLockError(f"cannot open lock file {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        try:
+            text = pathlib.Path("/proc/locks").read_text()
+        except OSError:
+            return _try_lock(fd)
+        pid = _flock_holder(text, os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        if pid is None:
+            return None
+        return pid or _read_pid(fd) or 0
+    finally:
+        os.close(fd)
+
+
+def _flock_holder(locks: str, major: int, minor: int, inode: int) -> int | None:
+    """The pid of the flock on that file in ``/proc/locks`` text (0: not visible here)."""
+    device = f"{major:02x}:{minor:02x}:{inode}"
+    for line in locks.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146342 0 EOF"; "1: -> FLOCK ..." waits.
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == device:
+            return int(words[4]) if words[4].isdigit() else 0
+    return None
+
+
+def _try_lock(fd: int) -> int | None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return _read_pid(fd) or 0
+        raise PidLockError(f"cannot test the lock on fd {fd}: {exc.strerror}") from exc
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
 
 
 def _read_pid(fd: int) -> int | None:
