@@ -63,6 +63,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from . import workspace
 from .agent_irc import AgentPresence
 from .harness import (
     Children,
@@ -411,7 +412,8 @@ class Session:
                 )
             case Promote():
                 again = self._identity is not None
-                self._identity = Identity.from_promote(msg)
+                workspace = await self._workspace(msg)
+                self._identity = Identity.from_promote(msg, workspace=workspace)
                 log.info(
                     "%s as %s (role %s, model %s)",
                     "re-identified" if again else "promoted",
@@ -425,6 +427,16 @@ class Session:
                 self._welcome(msg)
             case Stop():
                 self._end(EXIT_STOPPED, msg.reason)
+
+    async def _workspace(self, msg: Promote) -> str | None:
+        """Mount the workspace disk the promotion says is attached (inside a VM only)."""
+        if not msg.workspace or not self._config.set_clock:
+            return None
+        try:
+            return await trio.to_thread.run_sync(workspace.mount)
+        except workspace.WorkspaceError as exc:
+            log.warning("workspace: %s; working without it", exc)
+            return None
 
     def _join_irc(self, msg: Promote, jobs: trio.Nursery) -> None:
         """Be on IRC as the promotion says: join, retune, or stay off."""

@@ -72,9 +72,10 @@ class Identity:
     model: str
     argv: tuple[str, ...]
     timeout: float
+    workspace: str | None = None  # where its workspace disk is mounted: the harness runs there
 
     @classmethod
-    def from_promote(cls, msg: Promote) -> Identity:
+    def from_promote(cls, msg: Promote, *, workspace: str | None = None) -> Identity:
         return cls(
             name=msg.name,
             role=msg.role,
@@ -82,6 +83,7 @@ class Identity:
             model=msg.model,
             argv=tuple(msg.harness.argv),
             timeout=msg.harness.timeout,
+            workspace=workspace,
         )
 
 
@@ -108,6 +110,7 @@ def task_env(base: Mapping[str, str], who: Identity, task_id: int, prompt: str) 
             "FIRECLAW_PERSONA": who.persona,
             "FIRECLAW_MODEL": who.model,
             "FIRECLAW_TASK_ID": str(task_id),
+            **({"FIRECLAW_WORKSPACE": who.workspace} if who.workspace else {}),
         },
     )
 
@@ -325,7 +328,7 @@ async def run_harness(
     argv = harness_argv(who.argv, prompt)
     env = task_env(base_env, who, task_id, prompt)
     try:
-        proc = await spawn(argv, env=env, merge_stderr=True)
+        proc = await spawn(argv, env=env, cwd=who.workspace, merge_stderr=True)
     except (OSError, ValueError) as exc:
         code, error = spawn_failure(exc)
         log.info("%s: cannot start harness %s: %s", label, argv[0], error)
@@ -350,6 +353,10 @@ async def run_harness(
             code = -signal.SIGKILL
             with trio.move_on_after(REAP_TIMEOUT):
                 await drain()
+    if who.workspace is not None:
+        # What the agent wrote is on its disk before the answer goes out: a VM
+        # killed right after loses nothing it reported done.
+        await trio.to_thread.run_sync(os.sync)
     output, truncated = task_output(cap.kept, truncated=cap.truncated, note=note)
     log.info("%s: exited %d%s", label, code, f" ({note})" if note else "")
     return code, output, truncated

@@ -160,6 +160,8 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
     model: Annotated[str, Meta(max_length=256)] = ""
     harness: Harness
     irc: IrcPresence | None = None
+    #: The agent's persistent workspace disk is attached: mount it and work in it.
+    workspace: bool = False
 
 
 class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):

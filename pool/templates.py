@@ -50,6 +50,8 @@ from fireclaw.pool.control import ControlSession, GuestLost
 from fireclaw.pool.drivers.base import DriverError, VmSpec
 from fireclaw.pool.drivers.qemu import (
     CONTROL_PORT,
+    WORKSPACE_BYTES,
+    WORKSPACE_SERIAL,
     QemuDriver,
     QemuVm,
     Snapshot,
@@ -148,7 +150,7 @@ def template_key(driver: QemuDriver, role: Role) -> str:
         "memory_mib": role.resources.memory_mib,
         "control_port": CONTROL_PORT,
         "network": f"tap {TAP} {TAP_MAC} {GUEST_CIDR} via {GATEWAY}",
-        "disk": "qcow2 overlay, rw",
+        "disk": f"qcow2 overlay, rw; spare {WORKSPACE_BYTES} {WORKSPACE_SERIAL}",
         "heartbeat": TEMPLATE_HEARTBEAT,
         "protocol": p.PROTOCOL_VERSION,
     }

@@ -31,13 +31,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 import trio_websocket
 from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
-from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool import cgroup, disks, netns, workspaces
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
 from fireclaw.pool.forward import forward
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
@@ -96,6 +98,8 @@ class Runtime:
     #: Where each VM's own overlay disk goes, and the image it sits on (qemu).
     disks_dir: Path | None = None
     base_disk: Path | None = None
+    #: Named agents' workspace images (qemu); None: agents have none.
+    workspaces_dir: Path | None = None
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
     #: together after a long wait; bounded, VMs become ready one after another.
@@ -166,6 +170,7 @@ class Child:
         self._reset = trio.Event()
         self._exited = trio.Event()  # the current incarnation's VMM has exited
         self._booting = False  # holds a token of the runtime's boot limiter
+        self._workspace_in: VmHandle | None = None  # the VM a workspace was attached to
         self.done = trio.Event()  # the child task has finished
 
     @property
@@ -551,9 +556,31 @@ class Child:
         if self.session is None:
             raise GuestLost(f"{self.name} has no guest connected")
         self._fire(Event.PROMOTE)
+        if await self._attach_workspace():
+            msg = msgspec.structs.replace(msg, workspace=True)
         await self.session.promote(msg)
         self.promoted_as = msg.name
         self._fire(Event.PROMOTED)
+
+    async def _attach_workspace(self) -> bool:
+        """Give a named agent's VM its workspace disk (once per VM); True if it has it.
+
+        Without one (no qemu, or it could not be attached) the agent works
+        without: that is logged and evented, not fatal."""
+        agent, handle, directory = self.agent, self.handle, self.rt.workspaces_dir
+        if agent is None or directory is None or not isinstance(handle, QemuVm):
+            return False
+        if self._workspace_in is handle:
+            return True
+        try:
+            path = await workspaces.ensure(directory, agent.name, WORKSPACE_BYTES)
+            await handle.attach_workspace(path)
+        except (workspaces.WorkspaceError, DriverError) as exc:
+            log.warning("%s: no workspace for %s: %s", self.name, agent.name, exc)
+            self.rt.event("workspace_failed", agent.name, vm=self.name, reason=str(exc))
+            return False
+        self._workspace_in = handle
+        return True
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -57,6 +57,8 @@ IMAGES_NAME: Final = "images"
 TEMPLATES_NAME: Final = "templates"
 #: Each VM's own overlay disk, gone with the VM.
 DISKS_NAME: Final = "disks"
+#: Named agents' workspace disks, kept.
+WORKSPACES_NAME: Final = "workspaces"
 
 
 class Supervisor:
@@ -228,6 +230,7 @@ class Supervisor:
             self.rt.network = network
             self.rt.disks_dir = self.state_dir / DISKS_NAME
             self.rt.base_disk = backend.driver.image.rootfs
+            self.rt.workspaces_dir = self.state_dir / WORKSPACES_NAME
             templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
             keep = {templates.key_for(role) for role in self.config.roles.values()}
             await root.start(templates.run, keep)

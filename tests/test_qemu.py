@@ -24,6 +24,7 @@ import psutil
 import pytest
 import trio
 import trio_websocket
+from fireclaw.guest_daemon import workspace as guest_workspace
 from fireclaw.guest_daemon.protocol import (
     Exited,
     Goodbye,
@@ -161,6 +162,29 @@ def test_qemu_argv() -> None:
         "nsenter", "--net=/run/netns/fireclaw-x", "--", "qemu",
     ]  # fmt: skip
     assert in_netns(["qemu"], None) == ["qemu"]
+
+
+def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
+    argv = qemu_argv(
+        QEMU, _fake_image(Path("/images/i")), TCG, vcpus=1, memory_mib=256, cmdline="c",
+        log_path=Path("/l"), qmp_path=Path("/q"), tap="tap0", disk=Path("/d/vm.qcow2"),
+    )  # fmt: skip
+    assert "file=/d/vm.qcow2,if=none,format=qcow2,id=root,discard=unmap" in argv
+    assert "tap,id=n0,ifname=tap0,script=no,downscript=no" in argv
+    spare = f"virtio-blk-device,drive=ws,serial={qemu_mod.WORKSPACE_SERIAL}"
+    # The root disk comes first, then the spare the guest finds by its serial.
+    assert argv.index("virtio-blk-device,drive=root") < argv.index(spare)
+    assert f"size={qemu_mod.WORKSPACE_BYTES}," in argv[argv.index(spare) - 4]
+    # The guest looks for the serial the driver gives.
+    assert guest_workspace.SERIAL == qemu_mod.WORKSPACE_SERIAL
+    cmdline = kernel_cmdline(
+        "base", _spec(control_url="ws://172.16.0.1:7000/", tap="tap0", disk=Path("/d")), TCG,
+        tsc_khz=None,
+    )  # fmt: skip
+    assert "fireclaw.url=ws://172.16.0.1:7000/" in cmdline
+    assert "fireclaw.ip=172.16.0.2/30 fireclaw.gw=172.16.0.1 rw" in cmdline
+    with pytest.raises(DriverError, match="a guest on a tap dials"):
+        guest_control_url("ws://127.0.0.1:7000/", tap=True)
 
 
 def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:

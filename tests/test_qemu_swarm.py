@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,11 @@ from typing import Any
 
 import psutil
 import pytest
+from ircperson import Person
 from swarmctl import NOTHING, Swarm, leftovers, role_yaml, swarm_yaml
+from test_overseer import AGENTS, irc_yaml, joined, overseer_in_channel
+from test_overseer import CONTROL as CONTROL_CHANNEL
+from test_swarm import free_port
 from world import CONNECT, Server, world_namespace
 
 TEST_CACHE = Path.home() / ".cache" / "fireclaw" / "test-images"
@@ -230,3 +235,59 @@ def test_without_a_template_the_pool_cold_boots_and_says_so(make_swarm: Any) -> 
     out = swarm.cli("run", "--", "hostname", timeout=120)
     assert (out.returncode, out.stdout) == (0, b"worker-0\n"), out.stderr
     assert swarm.stop(signal.SIGTERM) == 0
+
+
+#: Keeps what it is told in MEMORY.md, in the directory it runs in, and says how
+#: long MEMORY.md is and where it is.
+MEMORY_HARNESS = """\
+resources: {memory_mib: 256}
+harness:
+  kind: command
+  command:
+    - sh
+    - -c
+    - 'echo "$FIRECLAW_PROMPT" >> MEMORY.md && echo "$(wc -l < MEMORY.md) lines in $(pwd)"'
+"""
+
+
+def test_a_named_agent_keeps_its_workspace_across_vms(make_swarm: Any) -> None:
+    port = free_port()
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=MEMORY_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+            irc=irc_yaml(port),
+        )
+    )
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    op = Person(("127.0.0.1", port), "op").start(CONTROL_CHANNEL, AGENTS)
+    try:
+        overseer_in_channel(op)
+        op.say(CONTROL_CHANNEL, "!invoke worker alice")
+        joined(op, "alice", AGENTS)
+        # MEMORY.md starts with three lines; the harness runs on the workspace disk.
+        op.say(AGENTS, "alice: the sky is green")
+        op.said(AGENTS, "op: 4 lines in /workspace", timeout=120)
+
+        # Her VM dies: a new one (restored from the pool's template) becomes alice
+        # again, with the same disk under it.
+        (agent,) = [a for a in swarm.status()["agents"] if a["agent"] == "alice"]
+        psutil.Process(agent["pid"]).kill()
+        joined(op, "alice", AGENTS)
+        op.say(AGENTS, "alice: grass is blue")
+        op.said(AGENTS, "op: 5 lines in /workspace", timeout=120)
+
+        op.say(CONTROL_CHANNEL, "!destroy alice")
+        op.said(CONTROL_CHANNEL, "op: alice is gone", timeout=120)
+    finally:
+        op.stop()
+    assert swarm.stop(signal.SIGTERM) == 0
+    # Destroyed, not forgotten: the workspace stays, with what she wrote in it.
+    image = swarm.state / "workspaces" / "alice.ext4"
+    memory = subprocess.run(
+        ["debugfs", "-R", "cat /MEMORY.md", str(image)], capture_output=True, check=True
+    ).stdout.decode()
+    assert memory.splitlines()[0] == "# MEMORY.md of alice"
+    assert memory.splitlines()[-2:] == ["the sky is green", "grass is blue"]

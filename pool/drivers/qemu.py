@@ -70,6 +70,13 @@ from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure, open_qmp
 
 T = TypeVar("T")
 
+#: A named agent's workspace disk: its size (every one, and the spare disk it
+#: replaces), and the serial the guest finds it by.
+WORKSPACE_BYTES: Final = 256 << 20
+WORKSPACE_SERIAL: Final = "fc-workspace"
+_WS_EMPTY: Final = "ws-empty"
+_WS_NODE: Final = "ws"
+_WS_FILE: Final = "ws-file"
 #: The control port to use in every namespace when VMs are restored from snapshots.
 CONTROL_PORT: Final = 7000
 GUEST_ADDR: Final = "10.0.2.15/24"
@@ -215,6 +222,19 @@ def qemu_argv(
         root = f"file={_opt(disk)},if=none,format=qcow2,id=root,discard=unmap"
     else:
         root = f"file={_opt(image.rootfs)},if=none,format=raw,readonly=on,id=root"
+    # A VM with its own disk also has a spare one, empty until a named agent's
+    # workspace is swapped in under it (``QemuVm.attach_workspace``): a restored
+    # clone must have the devices its template had, and virtio-mmio has no hotplug.
+    spare = (
+        [
+            "-blockdev",
+            f"driver=null-co,node-name={_WS_EMPTY},size={WORKSPACE_BYTES},read-zeroes=on",
+            "-blockdev", f"driver=raw,node-name={_WS_NODE},file={_WS_EMPTY}",
+            "-device", f"virtio-blk-device,drive={_WS_NODE},serial={WORKSPACE_SERIAL}",
+        ]
+        if disk is not None
+        else []
+    )  # fmt: skip
     if tap is not None:
         net = f"tap,id=n0,ifname={_opt(tap)},script=no,downscript=no"
     else:
@@ -230,6 +250,7 @@ def qemu_argv(
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline,
         "-drive", root,
         "-device", "virtio-blk-device,drive=root",
+        *spare,
         "-netdev", net,
         "-device", "virtio-net-device,netdev=n0",
     ]  # fmt: skip
@@ -440,6 +461,26 @@ class QemuVm:
             with contextlib.suppress(FileNotFoundError):
                 partial_path.unlink()
         return Snapshot(path=path, size=size, seconds=seconds)
+
+    async def attach_workspace(self, path: Path) -> None:
+        """Put the image at ``path`` (absolute, ``WORKSPACE_BYTES`` long) under the
+        VM's spare disk, in place of its emptiness; once per VM.
+
+        QEMU locks the file, so one workspace is never in two VMs at once."""
+        if self._spec.disk is None:
+            raise VmmCommandError(f"{self._spec.name}: this VM has no spare disk")
+
+        async def swap(qmp: Qmp) -> None:
+            await qmp.execute(
+                "blockdev-add", {"driver": "file", "node-name": _WS_FILE, "filename": str(path)}
+            )
+            await qmp.execute(
+                "blockdev-reopen",
+                {"options": [{"driver": "raw", "node-name": _WS_NODE, "file": _WS_FILE}]},
+            )
+            await qmp.execute("blockdev-del", {"node-name": _WS_EMPTY})
+
+        await self._command(f"workspace {path.name}", swap)
 
     async def _command(self, what: str, op: Callable[[Qmp], Awaitable[T]]) -> T:
         try:

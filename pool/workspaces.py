@@ -1,0 +1,85 @@
+"""Named agents' workspace disks: one ext4 image per agent, kept across its VMs.
+
+``<directory>/<agent>.ext4`` is made the first time an agent is promoted
+(``mke2fs -d``: no loop mount), owned inside by the guest's ``agent`` user
+and holding a ``MEMORY.md`` to start from. Every VM the agent runs in gets
+it swapped under its spare disk before its promotion, so whatever the agent
+wrote survives its VM's crashes, restarts of the supervisor and re-invokes
+under the same name. ``destroy`` stops the agent but keeps its workspace.
+
+Errors::
+
+    WorkspaceError      the image could not be made (one line)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import trio
+
+SUFFIX: Final = ".ext4"
+#: The guest's ``agent`` user (fireclaw.pool.image.rootfs.AGENT_UID).
+AGENT_UID: Final = 1000
+_NAME: Final = re.compile(r"[A-Za-z0-9_\-\[\]\\^{}|`]{1,64}")
+_TIMEOUT: Final = 60.0
+
+
+class WorkspaceError(Exception):
+    """A workspace image could not be made."""
+
+
+def path_for(directory: Path, agent: str) -> Path:
+    if not _NAME.fullmatch(agent) or agent.startswith("-"):
+        raise WorkspaceError(f"agent name {agent!r} cannot name a workspace file")
+    return directory / f"{agent}{SUFFIX}"
+
+
+def first_memory(agent: str) -> str:
+    return (
+        f"# MEMORY.md of {agent}\n"
+        "\n"
+        "What this agent keeps between tasks and across restarts of its VM.\n"
+    )
+
+
+async def ensure(directory: Path, agent: str, size: int) -> Path:
+    """``agent``'s workspace image, made first (``size`` bytes, sparse) if need be."""
+    path = path_for(directory, agent)
+    await trio.to_thread.run_sync(_ensure, path, agent, size)
+    return path
+
+
+def _ensure(path: Path, agent: str, size: int) -> None:
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    aside = path.with_name(f".{path.name}.partial")
+    seed = Path(tempfile.mkdtemp(prefix="fireclaw-workspace-"))
+    try:
+        memory = seed / "MEMORY.md"
+        memory.write_text(first_memory(agent))
+        os.chown(memory, AGENT_UID, AGENT_UID)
+        argv = [
+            "mke2fs", "-q", "-F", "-t", "ext4", "-L", "workspace",
+            "-E", f"root_owner={AGENT_UID}:{AGENT_UID}",
+            "-d", str(seed), str(aside), f"{size // 1024}k",
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, timeout=_TIMEOUT, check=False)
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else "mke2fs failed"
+            raise WorkspaceError(f"workspace {path.name}: {why}")
+        aside.chmod(0o600)
+        os.replace(aside, path)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WorkspaceError(f"workspace {path.name}: {exc}") from exc
+    finally:
+        shutil.rmtree(seed, ignore_errors=True)
+        aside.unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+"""Per-VM overlay disks and named agents' workspace images, made with the real tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from fireclaw.guest_daemon import workspace as guest
+from fireclaw.pool import disks, workspaces
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("qemu-img", "mke2fs", "debugfs")),
+    reason="needs qemu-utils and e2fsprogs",
+)
+
+
+def info(path: Path) -> dict[str, object]:
+    done = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(path)], capture_output=True, check=True
+    )
+    found: dict[str, object] = json.loads(done.stdout)
+    return found
+
+
+def debugfs(image: Path, request: str) -> str:
+    done = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, check=True)
+    return done.stdout.decode()
+
+
+async def test_an_overlay_sits_on_its_backing_file_and_goes_with_sweep(tmp_path: Path) -> None:
+    base = tmp_path / "rootfs.ext4"
+    base.write_bytes(b"\0" * (1 << 20))
+    first = await disks.create_overlay(tmp_path / "disks" / "vm-1.qcow2", base, "raw")
+    second = await disks.create_overlay(tmp_path / "disks" / "vm-2.qcow2", first, "qcow2")
+    assert info(first)["backing-filename"] == str(base)
+    assert info(second)["backing-filename"] == str(first)
+    assert info(second)["format"] == "qcow2"
+    assert first.stat().st_mode & 0o777 == 0o600
+    assert disks.leftovers(tmp_path / "disks") == [first, second]
+    assert disks.sweep(tmp_path / "disks") == [first, second]
+    assert disks.leftovers(tmp_path / "disks") == []
+
+
+async def test_an_overlay_on_a_missing_file_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "disks" / "vm.qcow2"
+    with pytest.raises(disks.DiskError, match=r"^overlay vm.qcow2: .*") as caught:
+        await disks.create_overlay(target, tmp_path / "missing.ext4", "raw")
+    assert "\n" not in str(caught.value)
+    assert not target.exists()
+
+
+async def test_a_workspace_holds_memory_md_owned_by_the_agent(tmp_path: Path) -> None:
+    path = await workspaces.ensure(tmp_path / "ws", "alice", 16 << 20)
+    assert path == tmp_path / "ws" / "alice.ext4"
+    assert path.stat().st_size == 16 << 20
+    assert debugfs(path, "cat /MEMORY.md") == workspaces.first_memory("alice")
+    stat = debugfs(path, "stat /MEMORY.md")
+    if os.geteuid() == 0:  # only root can hand the file to the agent's uid
+        assert f"User:  {workspaces.AGENT_UID}" in stat
+    # Made once: a second ensure keeps what is there.
+    before = path.stat().st_mtime_ns
+    assert await workspaces.ensure(tmp_path / "ws", "alice", 16 << 20) == path
+    assert path.stat().st_mtime_ns == before
+    assert [p.name for p in (tmp_path / "ws").iterdir()] == ["alice.ext4"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "-rf", "x" * 65])
+def test_a_name_that_cannot_be_a_file_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(workspaces.WorkspaceError, match="cannot name a workspace file"):
+        workspaces.path_for(tmp_path, name)
+
+
+def test_the_guest_finds_its_workspace_by_serial(tmp_path: Path) -> None:
+    for dev, serial in (("vda", ""), ("vdb", guest.SERIAL), ("vdc", "other")):
+        (tmp_path / dev).mkdir()
+        (tmp_path / dev / "serial").write_text(serial + "\n")
+    assert guest.find_device(tmp_path) == Path("/dev/vdb")
+    (tmp_path / "vdb" / "serial").write_text("x\n")
+    assert guest.find_device(tmp_path) is None
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n/dev/vdb /workspace ext4 rw 0 0\n")
+    assert guest.is_mounted("/workspace", mounts)
+    assert not guest.is_mounted("/work", mounts)
