@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"no namespaces or no nft: {netns.probe()}",
 )
 
+
 def ns_run(ns: str | None, *argv: str, timeout: float = 20) -> str:
     prefix = ["nsenter", f"--net=/run/netns/{ns}", "--"] if ns else []
     done = subprocess.run(
