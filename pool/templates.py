@@ -72,11 +72,13 @@ log = logging.getLogger("fireclaw.templates")
 #: The template's guest beats this often while parked, and so does every clone
 #: until its new Welcome: a clone finds its dead connection at its first beat
 #: after restore and dials again, so this bounds restore-to-connected.
-TEMPLATE_HEARTBEAT: Final = 0.2
+TEMPLATE_HEARTBEAT: Final = 0.025
 #: Pausing the VM and writing its state (tens of MiB) to a local file.
 SNAPSHOT_TIMEOUT: Final = 120.0
 SNAP_SUFFIX: Final = ".snap"
 RECORD_SUFFIX: Final = ".json"
+#: The template's RAM: clones map it privately instead of reading it from the snapshot.
+MEMORY_SUFFIX: Final = ".mem"
 #: After a failed attempt the next waits ``uniform(0, min(RETRY_MAX, RETRY_BASE * 2**n))``
 #: seconds, ``n`` the failures in a row before it: a boot that timed out is worth another
 #: try, but not a VM booting all the time when it never works.
@@ -151,10 +153,15 @@ def template_key(driver: QemuDriver, role: Role) -> str:
         "control_port": CONTROL_PORT,
         "network": f"tap {TAP} {TAP_MAC} {GUEST_CIDR} via {GATEWAY}",
         "disk": f"qcow2 overlay, rw; spare {WORKSPACE_BYTES} {WORKSPACE_SERIAL}",
+        "memory": "file, mapped privately by clones",
         "heartbeat": TEMPLATE_HEARTBEAT,
         "protocol": p.PROTOCOL_VERSION,
     }
     return hashlib.sha256(msgspec.json.encode(inputs, order="sorted")).hexdigest()
+
+
+def _fresh_private_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -350,6 +357,8 @@ class Templates:
             return None
         if disk is not None and not disk.is_file():
             return None
+        if not self._memory_path(key).is_file():
+            return None
         return Template(
             key=key,
             snapshot=snap,
@@ -387,6 +396,8 @@ class Templates:
                 if disk is not None:
                     assert rt.base_disk is not None
                     await disks.create_overlay(disk, rt.base_disk, "raw")
+                # Fresh, and readable by root only: it will hold the guest's RAM.
+                await trio.to_thread.run_sync(_fresh_private_file, self._memory_path(key))
                 spec = VmSpec(
                     vm_id=vm_id,
                     name=name,
@@ -400,6 +411,7 @@ class Templates:
                     log_path=log_path,
                     tap=TAP,
                     disk=disk,
+                    memory_file=self._memory_path(key),
                 )
                 handle = await self.driver.start(spec)
                 self._register(name, role.name, ns_name, cg, log_path, pid=handle.pid)
@@ -420,8 +432,10 @@ class Templates:
         finally:
             with trio.CancelScope(shield=True):
                 await self._teardown(name, handle, sock, cg, link)
-                if disk is not None and not made:
-                    disks.remove(disk)  # kept only with a whole snapshot
+                if not made:  # kept only with a whole snapshot
+                    disks.remove(self._memory_path(key))
+                    if disk is not None:
+                        disks.remove(disk)
         total = trio.current_time() - started
         log.info(
             "template %s for %s: booted and parked in %.1f s, snapshot %.1f MiB in %.2f s",
@@ -532,6 +546,9 @@ class Templates:
     def _snap_path(self, key: str) -> Path:
         return self.directory / f"{key[:16]}{SNAP_SUFFIX}"
 
+    def _memory_path(self, key: str) -> Path:
+        return self.directory / f"{key[:16]}{MEMORY_SUFFIX}"
+
     def _disk_path(self, key: str) -> Path:
         return self.directory / f"{key[:16]}{disks.SUFFIX}"
 
@@ -593,7 +610,13 @@ class Templates:
                 self._remove_files(entry.template.short)
 
     def _remove_files(self, short: str) -> None:
-        for suffix in (SNAP_SUFFIX, SNAP_SUFFIX + ".json", RECORD_SUFFIX, disks.SUFFIX):
+        for suffix in (
+            SNAP_SUFFIX,
+            SNAP_SUFFIX + ".json",
+            RECORD_SUFFIX,
+            disks.SUFFIX,
+            MEMORY_SUFFIX,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / f"{short}{suffix}").unlink()
 

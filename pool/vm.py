@@ -166,6 +166,7 @@ class Child:
         self.irc_endpoint: tuple[str, int] | None = None  # the IRC server, as the guest reaches it
         self.started_as = ""  # "restored <template>" or "booted": how the current VM began
         self.ready_seconds: float | None = None  # VMM start (or restore) to guest connected
+        self.vmm_seconds = 0.0  # of a restore: until the clone runs
         self._scope = trio.CancelScope()
         self._reset = trio.Event()
         self._exited = trio.Event()  # the current incarnation's VMM has exited
@@ -359,6 +360,7 @@ class Child:
                         self.rt.templates.broken(template, str(exc))
                         raise
                     self.started_as = f"restored {template.short}"
+                    self.vmm_seconds = trio.current_time() - started
                 else:
                     self.handle = await self.rt.driver.start(spec)
                     self.started_as = "booted"
@@ -448,6 +450,8 @@ class Child:
                         role=self.group.name,
                         template=template.short,
                         seconds=round(self.ready_seconds, 3),
+                        # of which: QEMU up with the state loaded and running
+                        vmm_seconds=round(self.vmm_seconds, 3),
                     )
                 self._boot_done()
                 self.tracker.ready(trio.current_time())

@@ -39,6 +39,10 @@ class VmSpec:
     #: qemu: this VM's own writable root disk, a qcow2 overlay over the image (None:
     #: the image's root filesystem, shared read-only).
     disk: Path | None = None
+    #: qemu: the guest's RAM lives in this file, shared. A snapshot then leaves RAM
+    #: out (it is the file), and clones map the file privately: they start without
+    #: copying it and share every page none of them has written.
+    memory_file: Path | None = None
 
 
 class VmHandle(Protocol):

@@ -123,6 +123,7 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     seconds: float
     tap: str | None = None  # the tap the guest was on (None: user networking)
     disk: bool = False  # on its own overlay: a clone's overlay must sit on that one
+    memory_file: str | None = None  # the RAM, not in the snapshot: clones map it privately
 
 
 _info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
@@ -213,11 +214,24 @@ def qemu_argv(
     incoming: bool = False,
     tap: str | None = None,
     disk: Path | None = None,
+    memory_file: Path | None = None,
+    memory_shared: bool = True,
 ) -> list[str]:
     """QEMU's arguments for one VM; ``incoming`` waits for migrated state over QMP.
 
     ``tap``: attach the guest to that tap (None: user networking). ``disk``: the
-    VM's writable qcow2 root (None: the image's root, read-only)."""
+    VM's writable qcow2 root (None: the image's root, read-only).
+    ``memory_file``: the guest's RAM, mapped shared (a template) or privately
+    (``memory_shared=False``: a clone of it)."""
+    machine, memory = MACHINE, []
+    if memory_file is not None:
+        machine += ",memory-backend=mem"
+        share = "on" if memory_shared else "off"
+        memory = [
+            "-object",
+            f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={_opt(memory_file)},"
+            f"share={share}",
+        ]
     if disk is not None:
         root = f"file={_opt(disk)},if=none,format=qcow2,id=root,discard=unmap"
     else:
@@ -241,7 +255,7 @@ def qemu_argv(
         net = f"user,id=n0,net={NETWORK},host={HOST_ALIAS}"
     argv = [
         qemu, *accel_argv(accel),
-        "-M", MACHINE, "-m", str(memory_mib), "-smp", str(vcpus),
+        "-M", machine, "-m", str(memory_mib), "-smp", str(vcpus), *memory,
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-chardev", f"file,id=console,path={_opt(log_path)},append=on",
         "-serial", "chardev:console",
@@ -277,11 +291,25 @@ async def _migration_done(qmp: Qmp) -> None:
         raise QmpError("MigrationFailed", str(desc or f"migration {status}"), command="migrate")
 
 
+async def _ignore_shared(qmp: Qmp) -> None:
+    """Leave shared (file-backed) RAM out of the migration: it is the file itself."""
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+
+
 async def _migrate_to_socket(
-    sock_path: Path, listener: trio.socket.SocketType, target: Path, qmp: Qmp
+    sock_path: Path,
+    listener: trio.socket.SocketType,
+    target: Path,
+    memory_file: Path | None,
+    qmp: Qmp,
 ) -> tuple[int, int, int]:
     await qmp.execute("stop")
     await _events_on(qmp)
+    if memory_file is not None:
+        await _ignore_shared(qmp)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": _MIGRATE_BANDWIDTH})
     await qmp.execute("migrate", {"uri": f"unix:{sock_path}"})
     failed: list[str] = []
@@ -297,7 +325,18 @@ async def _migrate_to_socket(
         raise error
     if failed:
         raise OSError(failed[0])
+    if memory_file is not None:
+        # The RAM is the file: on disk before the snapshot is called whole.
+        await trio.to_thread.run_sync(_fsync_path, memory_file)
     return qmp.greeting.version
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _receive_state(listener: trio.socket.SocketType, target: Path, failed: list[str]) -> None:
@@ -317,8 +356,10 @@ async def _receive_state(listener: trio.socket.SocketType, target: Path, failed:
         failed.append(f"writing {target.name}: {exc}")
 
 
-async def _migrate_in(source: Path, qmp: Qmp) -> None:
+async def _migrate_in(source: Path, ignore_shared: bool, qmp: Qmp) -> None:
     await _events_on(qmp)
+    if ignore_shared:
+        await _ignore_shared(qmp)
     await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
     await _migration_done(qmp)
     await qmp.execute("cont")
@@ -349,6 +390,7 @@ class QemuVm:
         cmdline: str,
         run_dir: Path,
         log_offset: int,
+        restored: bool = False,
     ) -> None:
         self._proc = proc
         self._spec = spec
@@ -358,6 +400,8 @@ class QemuVm:
         self._cmdline = cmdline
         self._run_dir = run_dir
         self._log_offset = log_offset
+        #: The RAM's file when it is shared (a template): snapshots leave RAM out.
+        self._memory_file = spec.memory_file if not restored else None
         self.restored_from: Path | None = None
         self.restore_seconds: float | None = None
 
@@ -434,7 +478,8 @@ class QemuVm:
             await listener.bind(str(sock_path))
             listener.listen(1)
             version = await self._command(
-                "snapshot", partial(_migrate_to_socket, sock_path, listener, partial_path)
+                "snapshot",
+                partial(_migrate_to_socket, sock_path, listener, partial_path, self._memory_file),
             )
             seconds = trio.current_time() - started
             size = partial_path.stat().st_size
@@ -449,6 +494,7 @@ class QemuVm:
                 seconds=round(seconds, 3),
                 tap=self._spec.tap,
                 disk=self._spec.disk is not None,
+                memory_file=str(self._memory_file) if self._memory_file else None,
             )
             info_path(path).write_bytes(msgspec.json.encode(info))
             os.replace(partial_path, path)
@@ -593,11 +639,23 @@ class QemuDriver:
         ]
         if mismatch:
             raise DriverError(f"snapshot {snapshot} was taken with " + ", ".join(mismatch))
-        vm = await self._launch(spec, info.cmdline, incoming=snapshot)
+        memory = Path(info.memory_file) if info.memory_file is not None else None
+        if memory is not None and not await trio.to_thread.run_sync(memory.is_file):
+            raise DriverError(f"snapshot {snapshot}: its memory file {memory} is gone")
+        vm = await self._launch(spec, info.cmdline, incoming=snapshot, private_memory=memory)
         vm.restored_from = snapshot
         return vm
 
-    async def _launch(self, spec: VmSpec, cmdline: str, *, incoming: Path | None) -> QemuVm:
+    async def _launch(
+        self,
+        spec: VmSpec,
+        cmdline: str,
+        *,
+        incoming: Path | None,
+        private_memory: Path | None = None,
+    ) -> QemuVm:
+        """Start QEMU for ``spec``: a boot, or a restore of ``incoming`` (whose RAM is
+        ``private_memory``, mapped privately, when the snapshot left it out)."""
         run_dir = _make_run_dir(spec)
         argv = qemu_argv(
             self.qemu,
@@ -611,6 +669,8 @@ class QemuDriver:
             incoming=incoming is not None,
             tap=spec.tap,
             disk=spec.disk,
+            memory_file=private_memory or spec.memory_file,
+            memory_shared=private_memory is None,
         )
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
         try:
@@ -636,6 +696,7 @@ class QemuDriver:
             cmdline=cmdline,
             run_dir=run_dir,
             log_offset=log_offset,
+            restored=incoming is not None,
         )
         try:
             if spec.cgroup is not None:
@@ -644,7 +705,7 @@ class QemuDriver:
                 await vm._over_qmp(_query_status)
             if incoming is not None:
                 started = trio.current_time()
-                await vm._over_qmp(partial(_migrate_in, incoming))
+                await vm._over_qmp(partial(_migrate_in, incoming, private_memory is not None))
                 vm.restore_seconds = trio.current_time() - started
         except BaseException as exc:
             # Failed or cancelled between spawn and hand-over: nobody else knows this
