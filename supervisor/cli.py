@@ -342,7 +342,13 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import msgspec
-    from fireclaw.pool.image import DEFAULT_PACKAGES, ImageError, ImageSpec, build_image
+    from fireclaw.pool.image import (
+        DEFAULT_PACKAGES,
+        ImageError,
+        ImageSpec,
+        build_image,
+        prune_images,
+    )
 
     try:
         spec = msgspec.convert(
@@ -355,6 +361,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         image = build_image(spec, cache, progress=lambda line: print(line, flush=True))
     except ImageError as exc:
         raise CliError(str(exc)) from exc
+    prune_images(cache, image.key, lambda line: print(line, flush=True))
     print(f"kernel {image.vmlinux}\ninitramfs {image.initramfs}\nrootfs {image.rootfs}")
     return 0
 

@@ -51,6 +51,7 @@ from fireclaw.pool.image import (
     kernel,
     load_image,
     prune,
+    prune_images,
     rootfs,
     tools,
 )
@@ -522,6 +523,21 @@ def test_cached_image_returns_at_once(tmp_path: Path) -> None:
     assert image.key == key
     assert image.kernel_release == "6.9.0-test"
     assert image.rootfs == cache / key[:16] / "rootfs.ext4"
+
+
+def test_an_image_handed_out_is_held_against_pruning(tmp_path: Path) -> None:
+    vmlinux = tmp_path / "vmlinux"
+    vmlinux.write_bytes(fake_vmlinux())
+    spec = ImageSpec(kernel=str(vmlinux))
+    key = image_key(gather_inputs(spec).inputs)
+    cache = tmp_path / "cache"
+    _fake_image(cache / key[:16], key, 1.0, spec)
+    os.utime(cache / key[:16], (1.0, 1.0))
+    image = build_image(spec, cache, progress=print)
+    assert time.time() - image.directory.stat().st_mtime < 60  # its last use: now
+    said: list[str] = []
+    assert prune_images(cache, "other" * 13, said.append, grace=0) == []
+    assert load_image(image.directory) == image and said == []
 
 
 def test_unwritable_cache_is_one_line(tmp_path: Path) -> None:

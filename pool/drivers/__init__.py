@@ -160,7 +160,7 @@ async def _open_qemu(
 ) -> Backend:
     from fireclaw.pool.accel import AccelError, choose_accel
     from fireclaw.pool.drivers.qemu import QemuDriver
-    from fireclaw.pool.image import ImageError, ImageSpec, build_image
+    from fireclaw.pool.image import ImageError, ImageSpec, build_image, prune_images
     from fireclaw.pool.network import GATEWAY
 
     if not choice.auto:
@@ -173,6 +173,8 @@ async def _open_qemu(
         )
     except ImageError as exc:
         raise BackendUnavailable(f"guest image: {exc}") from exc
+    # Each change of the guest daemon makes a new image: drop the old ones (never fails).
+    await trio.to_thread.run_sync(prune_images, images, image.key, progress)
     try:
         accel = await choose_accel(image, cache_path=images / "accel.json", qemu=QEMU)
     except AccelError as exc:

@@ -9,6 +9,9 @@ files a VMM boots directly (QEMU ``-M microvm``, Firecracker)::
         rootfs.ext4         Debian minbase + python3, the guest daemon in /opt/fireclaw
         manifest.json       the spec, every hashed input, sizes, build time
 
+Each change of the inputs makes a new directory; ``prune_images(cache_dir,
+keep_key, progress)`` removes the old ones that no process uses (``prune.py``).
+
 In the root filesystem, /sbin/fireclaw-init is PID 1: it mounts /proc, /sys,
 /dev, tmpfs on /run and /tmp (and on /root, /var/tmp, /home/agent when the root
 is read-only, the default), sets the hostname and eth0 from ``fireclaw.*``
@@ -36,20 +39,22 @@ from .build import (
     gather_inputs,
     image_key,
     load_image,
-    prune,
 )
 from .errors import ImageError, KernelError, StepFailed, ToolMissing
+from .prune import GRACE_SECONDS, Removed, prune, prune_images
 
 __all__ = [
     "BASE_CMDLINE",
     "BUILDER_VERSION",
     "DEBIAN_CLOUD",
     "DEFAULT_PACKAGES",
+    "GRACE_SECONDS",
     "Image",
     "ImageError",
     "ImageSpec",
     "KernelError",
     "KeyInputs",
+    "Removed",
     "StepFailed",
     "ToolMissing",
     "build_image",
@@ -58,4 +63,5 @@ __all__ = [
     "image_key",
     "load_image",
     "prune",
+    "prune_images",
 ]

@@ -6,6 +6,10 @@ or the user file's sha256), the init scripts and ``BUILDER_VERSION``. An image
 lives in ``<cache_dir>/<key[:16]>/``; a build happens in
 ``<cache_dir>/.build-<key[:16]>/`` and is renamed into place only once
 complete, so a directory under its final name is always a whole image.
+
+A process that ``build_image`` gave an image holds a shared ``flock`` on its
+directory until it exits (``_load_held``). ``prune.prune_images`` removes only the
+image directories it can lock exclusively, so never one a process uses.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class _StoredInputs(msgspec.Struct, frozen=True):
 
 
 class _Stored(msgspec.Struct, frozen=True):
-    """What ``load_image`` and ``prune`` read of a manifest: fields every builder
+    """What ``load_image`` and ``prune.py`` read of a manifest: fields every builder
     version writes, unknown ones ignored, so old images stay readable and prunable."""
 
     key: str
@@ -248,7 +252,7 @@ def _build_image(spec: ImageSpec, cache_dir: Path, progress: Progress) -> Image:
     sources = gather_inputs(spec)
     key = image_key(sources.inputs)
     final = cache_dir / key[:16]
-    cached = load_image(final)
+    cached = _load_held(final)
     if cached is not None and cached.key == key:
         progress(f"cached: {final}")
         return cached
@@ -262,7 +266,7 @@ def _build_image(spec: ImageSpec, cache_dir: Path, progress: Progress) -> Image:
     progress(f"image: building {key[:16]} in {cache_dir}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir):
-        cached = load_image(final)  # another build may have finished while we waited
+        cached = _load_held(final)  # another build may have finished while we waited
         if cached is not None and cached.key == key:
             progress(f"cached: {final}")
             return cached
@@ -274,6 +278,9 @@ def _build_image(spec: ImageSpec, cache_dir: Path, progress: Progress) -> Image:
             _fsync_dir(work)
             if final.exists():  # an incomplete leftover under the final name
                 rootfs.remove_tree(final)
+            held = _open_dir(work)
+            fcntl.flock(held, fcntl.LOCK_SH)  # the lock follows the directory's rename
+            _keep_held(held)
             os.rename(work, final)
             _fsync_dir(cache_dir)
         except BaseException:
@@ -370,40 +377,6 @@ def _build(
     _write(work / MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)) + b"\n")
 
 
-def prune(cache_dir: Path, *, keep: int) -> list[Path]:
-    """Remove all but the ``keep`` newest images, leftovers of crashed builds,
-    and downloaded kernel packages no kept image was made from.
-
-    Returns the paths removed. Takes the cache lock, so it never removes an
-    image that a build in progress is about to rename into place.
-    """
-    if keep < 0:
-        raise ValueError("keep must be >= 0")
-    if not cache_dir.is_dir():
-        return []
-    with _locked(cache_dir):
-        removed = _remove_stale_builds(cache_dir)
-        images: list[tuple[float, Path, str]] = []
-        for directory in cache_dir.iterdir():
-            if directory.name.startswith(".") or not directory.is_dir():
-                continue
-            try:
-                manifest = _manifest_decoder.decode((directory / MANIFEST).read_bytes())
-            except (OSError, msgspec.DecodeError):
-                continue  # not ours: leave it alone
-            images.append((manifest.built_at, directory, manifest.inputs.kernel))
-        images.sort(reverse=True)
-        for _, directory, _ in images[keep:]:
-            rootfs.remove_tree(directory)
-            removed.append(directory)
-        kept = {label for _, _, label in images[:keep]}
-        for deb in sorted((cache_dir / ".downloads").glob("*.deb")):
-            if kernel.deb_label(deb) not in kept:
-                deb.unlink()
-                removed.append(deb)
-    return removed
-
-
 @contextlib.contextmanager
 def _locked(cache_dir: Path) -> Iterator[None]:
     """Hold the cache's build lock (one build or prune at a time per cache)."""
@@ -413,6 +386,49 @@ def _locked(cache_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+#: Directory fds this process holds a shared lock on, by (st_dev, st_ino).
+_held: dict[tuple[int, int], int] = {}
+
+
+def _open_dir(directory: Path) -> int:
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _keep_held(fd: int) -> None:
+    """Keep ``fd`` (shared-locked) open until the process exits; one per directory."""
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) in _held:
+        os.close(fd)
+        return
+    _held[st.st_dev, st.st_ino] = fd
+    # Touched on every use: a pruner reads the mtime as "last used" for its grace period.
+    with contextlib.suppress(OSError):
+        os.utime(fd)
+
+
+def _load_held(directory: Path) -> Image | None:
+    """``load_image(directory)``, held in use by this process if it is an image."""
+    try:
+        fd = _open_dir(directory)
+    except OSError:
+        return None
+    image = None
+    try:
+        # Blocks only while a pruner removes this very directory; then it is gone.
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        image = load_image(directory)
+        if image is not None and os.stat(directory).st_ino != os.fstat(fd).st_ino:
+            image = None  # removed, and made again, while we waited for the lock
+    except OSError:
+        image = None
+    finally:
+        if image is None:
+            os.close(fd)
+    if image is not None:
+        _keep_held(fd)
+    return image
 
 
 def _remove_stale_builds(cache_dir: Path) -> list[Path]:
