@@ -474,6 +474,32 @@ async def test_cancelled_start_leaves_no_qemu(image: Image, tmp_path: Path) -> N
 
 
 @pytest.mark.image
+@needs_tools
+@pytest.mark.usefixtures("no_leftovers")
+async def test_an_unfinished_snapshot_leaves_the_vm_running(image: Image, tmp_path: Path) -> None:
+    """A snapshot cancelled while the VM is paused and migrating: the migration is
+    cancelled, the VM runs again and nothing of the snapshot is left."""
+    driver = QemuDriver(image, TCG)
+    vm = await driver.start(_spec(log_path=tmp_path / "logs" / "worker-0.log"))
+    target = tmp_path / "vm.snap"
+    try:
+        with trio.fail_after(STEP_DEADLINE):
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(vm.snapshot, target)
+                    # Parked once the VM is stopped and its state is on the way.
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+            async with open_qmp(vm.qmp_path) as qmp:
+                status = await qmp.execute("query-status")
+        assert isinstance(status, dict) and status["status"] == "running", status
+        assert sorted(await trio.to_thread.run_sync(os.listdir, tmp_path)) == ["logs"]
+    finally:
+        with trio.CancelScope(shield=True):
+            await vm.kill()
+
+
+@pytest.mark.image
 @pytest.mark.root
 @needs_root
 @needs_tools

@@ -83,6 +83,8 @@ GUEST_ADDR: Final = "10.0.2.15/24"
 #: The guest's name for its namespace's loopback.
 HOST_ALIAS: Final = "10.0.2.2"
 NETWORK: Final = "10.0.2.0/24"
+#: Cancelling an unfinished snapshot and resuming the VM.
+_UNDO_TIMEOUT: Final = 5.0
 #: ``start`` and ``restore`` give QEMU this long to answer on QMP.
 STARTUP_TIMEOUT: Final = 10.0
 MACHINE: Final = "microvm,x-option-roms=off,rtc=on"
@@ -356,6 +358,13 @@ async def _receive_state(listener: trio.socket.SocketType, target: Path, failed:
         failed.append(f"writing {target.name}: {exc}")
 
 
+async def _undo_migration(qmp: Qmp) -> None:
+    """Cancel a migration under way, if any, and let the guest run again."""
+    with contextlib.suppress(QmpError):
+        await qmp.execute("migrate_cancel")
+    await qmp.execute("cont")
+
+
 async def _migrate_in(source: Path, ignore_shared: bool, qmp: Qmp) -> None:
     await _events_on(qmp)
     if ignore_shared:
@@ -466,7 +475,8 @@ class QemuVm:
         by then: the file may be short.) The file is written aside and renamed.
 
         The VM stays paused afterwards: ``resume()`` it or kill it. Bound the
-        wait with a cancel scope; a snapshot not finished is not left behind.
+        wait with a cancel scope; a snapshot not finished (failed or cancelled)
+        is not left behind, its migration is cancelled and the VM runs again.
         """
         if not path.is_absolute():
             raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
@@ -498,8 +508,15 @@ class QemuVm:
             )
             info_path(path).write_bytes(msgspec.json.encode(info))
             os.replace(partial_path, path)
-        except OSError as exc:
-            raise VmmCommandError(f"{self._spec.name}: snapshot {path}: {exc.strerror}") from exc
+        except BaseException as exc:
+            with trio.CancelScope(shield=True), trio.move_on_after(_UNDO_TIMEOUT):
+                with contextlib.suppress(VmmCommandError):
+                    await self._command("resume after an unfinished snapshot", _undo_migration)
+            if isinstance(exc, OSError):
+                raise VmmCommandError(
+                    f"{self._spec.name}: snapshot {path}: {exc.strerror}"
+                ) from exc
+            raise
         finally:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
