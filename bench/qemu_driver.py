@@ -37,11 +37,11 @@ taken from the supervisor's status. What it measures, on this machine:
 4. Memory per idle VM. With ``--idle`` idle clones and a 5 s settle: RSS,
    PSS and USS of each clone's QEMU process (psutil; QEMU runs under
    ``nsenter``, which execs it, so the VM's pid is QEMU's), their means, and
-   the supervisor's RSS and PSS. Guest RAM is anonymous private memory that
-   each clone fills from the snapshot file, so clones restored from one
-   snapshot share only what the kernel shares anyway (QEMU's code and
-   libraries) unless KSM merges pages; whether KSM runs is in the machine
-   facts. Finally SIGTERM, and the time the supervisor takes to stop.
+   the supervisor's RSS and PSS. A clone's RAM is its template's memory file
+   mapped privately: pages it has not written are the page cache's, shared
+   by every clone of that template (PSS counts them split), and only what it
+   wrote is its own (USS). Finally SIGTERM, and the time the supervisor
+   takes to stop.
 
 Percentiles are nearest-rank (with 20 samples p99 is the largest). The image
 is found or built in the image cache the tests use
@@ -116,7 +116,9 @@ from common import (
     timed_api_run,
     timed_cli_run,
 )
+from fireclaw.pool import disks, network
 from fireclaw.pool.vm import instance_id
+from fireclaw.supervisor import leftovers as stale
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "qemu_driver.json"
@@ -136,10 +138,11 @@ SETTLE_S = 5.0
 RUN_TIMEOUT = 300.0
 
 
-def swarm_yaml(role: str, *, min_idle: int) -> str:
+def swarm_yaml(role: str, *, min_idle: int, subnet: str) -> str:
     return (
         "version: 1\nbackend: qemu\n"
         "irc:\n  enabled: false\n"
+        f"network:\n  subnet: {subnet}\n"
         f"control:\n{CONTROL}"
         "roles:\n"
         f"  {role}:\n"
@@ -201,12 +204,15 @@ def _run_dirs(state: Path) -> list[Path]:
 
 
 def leftovers(state: Path) -> dict[str, list[str]]:
-    """QEMU processes, namespaces, cgroups, run directories and sockets of ``state``'s
-    instance that exist now."""
+    """QEMU processes, namespaces, links, nft tables, cgroups, overlays, run
+    directories and sockets of ``state``'s instance that exist now."""
     mine = instance_id(state)
     found = {
         "qemu_processes": [str(p) for p in qemu_pids(state)],
         **isolation_leftovers(mine),
+        "links": network.host_links(mine),
+        "nft": [t for t in network.tables() if t.endswith(f"_{mine}")],
+        "disks": [p.name for p in disks.leftovers(state / "disks")],
         "run_dirs": [str(p) for p in _run_dirs(state)],
         "sockets": sorted(p.name for p in state.glob("*.sock")),
     }
@@ -224,6 +230,8 @@ def sweep(state: Path) -> None:
     while qemu_pids(state) and time.monotonic() < deadline:
         time.sleep(0.1)
     remove_isolation(mine)
+    for removal in stale.remove(stale.find(state)):  # links, tables, overlays: as gc does
+        print(f"  {removal}", flush=True)
     for path in _run_dirs(state):
         shutil.rmtree(path, ignore_errors=True)
     for path in state.glob("*.sock"):
@@ -313,7 +321,8 @@ def backend_facts(st: dict[str, Any]) -> dict[str, Any]:
 def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     role = f"bench-qemu-{os.getpid()}"
     n_idle = args.idle
-    sup = QemuSupervisor(workdir / "pool", swarm_yaml(role, min_idle=n_idle), args.images)
+    config = swarm_yaml(role, min_idle=n_idle, subnet="10.246.1.0/24")
+    sup = QemuSupervisor(workdir / "pool", config, args.images)
     info: dict[str, Any] = {"role": role, "pool_min_idle": n_idle, "memory_mib": MEMORY_MIB}
     results["pool"] = info
     with supervised(sup, lambda: check_state_clean(sup.state, info), hold_signals=True):
@@ -509,9 +518,8 @@ def bench_memory(sup: Supervisor, role: str, n_idle: int, out: dict[str, Any]) -
 def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
     role = f"bench-cold-{os.getpid()}"
     n = args.cold
-    sup = QemuSupervisor(
-        workdir / "cold", swarm_yaml(role, min_idle=1), args.images, no_templates=True
-    )
+    config = swarm_yaml(role, min_idle=1, subnet="10.246.2.0/24")
+    sup = QemuSupervisor(workdir / "cold", config, args.images, no_templates=True)
     out: dict[str, Any] = {"role": role, "pool_min_idle": 1}
     results["cold"] = out
     print(f"[+] cold boots: {n} VMs of a role whose template cannot be made", flush=True)

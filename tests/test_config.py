@@ -16,6 +16,7 @@ from fireclaw.config import (
     HarnessSpec,
     IrcSpec,
     ManagedIrcSpec,
+    NetworkSpec,
     PoolSpec,
     RestartPolicy,
     Role,
@@ -720,3 +721,34 @@ def test_diff_irc(swarm_dir: pathlib.Path) -> None:
         diff = diff_config(old, load(swarm_dir, BASE + f"irc: {{{change}}}\n"))
         assert diff.irc_changed and not diff.is_empty
         assert diff.unchanged == ("alpha", "beta") and not diff.control_changed
+
+
+def test_network_defaults_and_override(swarm_dir: pathlib.Path) -> None:
+    assert load(swarm_dir, BASE).network == NetworkSpec()
+    net = load(swarm_dir, BASE + "network: {subnet: 10.77.0.0/20, egress: false}\n").network
+    assert (net.subnet, net.egress) == ("10.77.0.0/20", False)
+
+
+@pytest.mark.parametrize(
+    ("subnet", "what"),
+    [
+        (
+            "10.0.0.300/16",
+            "'10.0.0.300/16' is not an IPv4 network:"
+            " Octet 300 (> 255) not permitted in '10.0.0.300'",
+        ),
+        ("10.1.2.3/16", "'10.1.2.3/16' is not an IPv4 network: 10.1.2.3/16 has host bits set"),
+        ("10.1.2.0/25", "10.1.2.0/25 is too small (at most /24)"),
+        ("127.0.0.0/8", "127.0.0.0/8 cannot be a loopback, link-local or multicast network"),
+    ],
+)
+def test_network_errors(swarm_dir: pathlib.Path, subnet: str, what: str) -> None:
+    msg = error_of(swarm_dir, BASE + f"network: {{subnet: '{subnet}'}}\n")
+    assert msg == f"{swarm_dir / 'swarm.yaml'}: network.subnet: {what}"
+
+
+def test_a_network_change_is_a_diff(swarm_dir: pathlib.Path) -> None:
+    old = load(swarm_dir, BASE)
+    new = load(swarm_dir, BASE + "network: {egress: false}\n")
+    diff = diff_config(old, new)
+    assert diff.network_changed and not diff.is_empty
