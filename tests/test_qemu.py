@@ -114,7 +114,7 @@ def test_kernel_cmdline() -> None:
     line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148)
     assert line == (
         f"{base} fireclaw.url=ws://10.0.2.2:7000/ fireclaw.vm_id=worker-0-abc123"
-        f" fireclaw.token={TOKEN} fireclaw.ip=10.0.2.15/24 fireclaw.gw=10.0.2.2"
+        f" fireclaw.token={TOKEN} fireclaw.ip=10.0.2.15/24 fireclaw.gw=10.0.2.2 loglevel=4"
         " fireclaw.hostname=worker-0 tsc_early_khz=2596148"
     )
     kvm = kernel_cmdline(base, _spec(name="Not_A_Hostname"), Accel("kvm", ""), tsc_khz=2596148)

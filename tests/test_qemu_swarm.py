@@ -9,6 +9,7 @@ The image comes from the cache the other image tests share
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -196,6 +197,13 @@ def test_a_warm_pool_of_snapshot_clones(make_swarm: Any, tmp_path: Path) -> None
     assert crashed[-1]["detail"]["exit_code"] == -signal.SIGKILL
     assert events(swarm, "restored")[-1]["subject"] == victim
     assert len(events(swarm, "template_made")) == 1  # the template is not made again
+
+    # The guests' token is on their kernel command line: the console (the VMs'
+    # logs) does not echo it.
+    (record,) = [p for p in (swarm.state / "templates").glob("*.json") if p.suffixes == [".json"]]
+    token = json.loads(record.read_text())["token"]
+    for log in (swarm.state / "logs").glob("*.log"):
+        assert token not in log.read_text(errors="replace"), log.name
 
     assert swarm.stop(signal.SIGTERM) == 0
     # The template stays for the next start; nothing per VM does.

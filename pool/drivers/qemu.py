@@ -186,6 +186,9 @@ def kernel_cmdline(base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None
     ]
     if spec.disk is not None:
         words.append("rw")  # the VM's own overlay: the initramfs mounts it writable
+    # Warnings and errors still reach the console (the VM's log); the kernel's
+    # notices, its echo of this command line and the guest's token with it, do not.
+    words.append("loglevel=4")
     if _HOSTNAME.fullmatch(spec.name):
         words.append(f"fireclaw.hostname={spec.name}")
     if accel.name == "tcg" and tsc_khz:
