@@ -348,13 +348,6 @@ class Network:
             index = int(ipaddress.IPv4Address(link.address)) - int(self.subnet.network_address)
             self._used.discard(index)
 
-    def leftovers(self) -> list[str]:
-        """Host links of this swarm that exist now (the bridge while open, veths)."""
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            return self._leftover_links(ipr)
-
 
 def _remove_sync(link: Link) -> None:
     from pyroute2 import IPRoute

@@ -29,7 +29,7 @@ from typing import Final
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config
 from fireclaw.guest_daemon import protocol as p
-from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
@@ -37,7 +37,7 @@ from fireclaw.pool.group import PoolError, RoleGroup
 from fireclaw.pool.network import Network, NetworkError
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
-from fireclaw.supervisor import sdnotify
+from fireclaw.supervisor import leftovers, sdnotify
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.overseer import Overseer
@@ -47,16 +47,16 @@ from fireclaw.supervisor.state import AgentRecord, StateError, Store
 
 log = logging.getLogger("fireclaw.supervisor")
 
-LOCK_NAME: Final = "supervisor.pid"
+LOCK_NAME: Final = leftovers.LOCK_NAME
 #: IRC nicks, as the guest protocol accepts them.
 _AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
-DB_NAME: Final = "swarm.db"
+DB_NAME: Final = leftovers.DB_NAME
 API_NAME: Final = "api.sock"
 #: Guest images (built or found by the qemu backend) and snapshot templates.
 IMAGES_NAME: Final = "images"
 TEMPLATES_NAME: Final = "templates"
 #: Each VM's own overlay disk, gone with the VM.
-DISKS_NAME: Final = "disks"
+DISKS_NAME: Final = leftovers.DISKS_NAME
 #: Named agents' workspace disks, kept.
 WORKSPACES_NAME: Final = "workspaces"
 
@@ -184,8 +184,13 @@ class Supervisor:
             self.store.drop_vm(rec.name)
             self.event("reclaimed", rec.name, pid=rec.pid)
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
-        for path in disks.sweep(self.state_dir / DISKS_NAME):
-            log.info("removed %s left by a previous supervisor", path.name)
+        # What no registry row names: VM processes whose row was never written or
+        # already dropped, links, rules, overlays and VM run directories.
+        for removal in leftovers.remove(leftovers.find(self.state_dir)):
+            if removal.ok:
+                log.info("%s, left by a previous supervisor", removal)
+            else:
+                log.warning("%s", removal)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
 

@@ -64,8 +64,8 @@ __all__ = [
     "running_instances",
 ]
 
-# Kept equal to supervisor/daemon.py's names (importing it would load the whole
-# supervisor into every doctor run).
+# What a state dir holds; supervisor/daemon.py takes these names from here (this
+# module stays light: doctor and gc do not load the supervisor).
 LOCK_NAME: Final = "supervisor.pid"
 DB_NAME: Final = "swarm.db"
 DISKS_NAME: Final = "disks"

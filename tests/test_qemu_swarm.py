@@ -300,3 +300,33 @@ def test_a_named_agent_keeps_its_workspace_across_vms(make_swarm: Any) -> None:
     ).stdout.decode()
     assert memory.splitlines()[0] == "# MEMORY.md of alice"
     assert memory.splitlines()[-2:] == ["the sky is green", "grass is blue"]
+
+
+def test_a_killed_supervisor_leaves_what_the_next_start_reclaims(make_swarm: Any) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra="resources: {memory_mib: 256}\n"),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+        )
+    )
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    swarm.kill9()
+    # Its QEMU, namespace, veth, bridge, rules and overlay outlive it...
+    left = swarm.leftovers()
+    for kind in ("guest_processes", "netns", "links", "nft", "disks"):
+        assert left[kind], (kind, left)
+    # ... and doctor says so, naming each.
+    doctor = swarm.cli("doctor", "--config", str(swarm.config))
+    assert doctor.returncode == 1, doctor.stdout
+    report = doctor.stdout.decode()
+    assert "not running" in report and "fireclaw-swarm gc" in report
+    for name in left["netns"] + left["links"] + left["disks"]:
+        assert name in report, (name, report)
+
+    # The next start takes them back and the pool comes back.
+    swarm.start(timeout=START_TIMEOUT)
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    assert "reclaimed" in {e["kind"] for e in events_all(swarm)}
+    assert swarm.stop(signal.SIGTERM) == 0
