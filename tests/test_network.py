@@ -164,3 +164,25 @@ def test_rules_are_text_nft_accepts() -> None:
     assert "masquerade" not in no_egress and "accept\n" not in no_egress.split("forward")[1][:200]
     done = subprocess.run(["nft", "-c", "-f", "-"], input=network.namespace_rules().encode())
     assert done.returncode == 0
+
+
+async def test_without_egress_a_vm_reaches_nothing_outside(world: World) -> None:
+    instance = secrets.token_hex(3)
+    subnet = ipaddress.IPv4Network(f"10.252.{secrets.randbelow(250)}.0/24")
+    net = Network(instance=instance, subnet=subnet, egress=False)
+    await net.open()
+    try:
+        sock, link = await net.attach(f"{netns.PREFIX}{instance}-a-{secrets.token_hex(3)}")
+        server = Server(world.ns, world.address)
+        try:
+            said = await trio.to_thread.run_sync(
+                lambda: connect_from(link.ns_name, world.address, server.port, timeout=1.5)
+            )
+            assert said.startswith("failed:"), said
+        finally:
+            server.close()
+            sock.close()
+            await net.detach(link)
+    finally:
+        await net.close()
+    assert network.host_links(instance) == []
