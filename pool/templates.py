@@ -1,18 +1,22 @@
 """Snapshot templates: a parked, paused VM per shape, cloned into the warm pool.
 
 A role's template is keyed by ``template_key``: a hash of the image key, the
-accelerator, vcpus, memory and what the guest sees of the control channel (the
-fixed control port, the heartbeat it was welcomed with, the protocol
-version). The first VM of a role that asks for it makes it, once, in the
-background: a VM is cold-booted in a network namespace of its own with its
-control listener on ``CONTROL_PORT``, its guest daemon says Hello, takes a
-Welcome and beats once (parked: imports done, nothing to do), and the VM is
-paused and its state migrated to ``<dir>/<key>.snap``. Beside it: the
-driver's ``<key>.snap.json`` (what the snapshot was taken with) and our
-``<key>.json``, the guest's vm_id and token, written first, so that a ``.snap``
-under its final name (the driver writes it aside and renames it) always comes
-with both. The template VM is then killed. Later VMs, and later supervisors,
-restore clones from those files.
+accelerator, vcpus, memory, its network, disks and RAM file, and what the
+guest sees of the control channel (the fixed control port, the heartbeat it
+was welcomed with, the protocol version). The first VM of a role that asks
+for it makes it, once, in the background: a VM is cold-booted in a network
+namespace of its own (``fireclaw.pool.network``: a tap, a veth) with its
+control listener on ``GATEWAY:CONTROL_PORT``, on its own overlay disk
+(``<key>.qcow2``) and with its RAM in a file (``<key>.mem``); its guest daemon
+says Hello, takes a Welcome and beats (parked: imports done, nothing to do),
+and the VM is paused and its device state migrated to ``<dir>/<key>.snap``.
+Beside it: the driver's ``<key>.snap.json`` (what the snapshot was taken with)
+and our ``<key>.json``, the guest's vm_id and token, written first, so that a
+``.snap`` under its final name (the driver writes it aside and renames it)
+always comes with both. The template VM is then killed; its overlay and RAM
+file stay frozen. Later VMs, and later supervisors, restore clones from
+those files: each clone's overlay sits on the template's, and it maps the
+RAM file privately.
 
 A template that cannot be made is remembered with its reason: that role's VMs
 cold-boot instead, and ``describe`` says so. It is tried again after a delay

@@ -1,12 +1,14 @@
 """One VM child: a named slot that runs VM incarnations and restarts them per policy.
 
 A child is one trio task. Each incarnation creates its resources (a control
-listener, inside a fresh network namespace when isolation is on; a cgroup when
-available), starts the VMM through the driver (a cold boot, or a restore from
-its role's snapshot template when the runtime has templates), waits for the
-guest's Hello and serves the control session until the VM ends. Whatever happens, a shielded,
-bounded teardown stops the VMM (TERM, then KILL) and releases every resource
-the incarnation created.
+listener, inside a fresh network namespace when isolation is on, with a tap
+and a veth on the swarm's bridge for real VMs; a cgroup when available; its
+own overlay disk for real VMs), starts the VMM through the driver (a cold
+boot, or a restore from its role's snapshot template when the runtime has
+templates), waits for the guest's Hello and serves the control session until
+the VM ends. Whatever happens, a shielded, bounded teardown stops the VMM
+(TERM, then KILL) and releases every resource the incarnation created. A
+named agent's VM also gets the agent's workspace disk before each promotion.
 
 A claimed child serves one piece of work (a run, a task) and is then retired;
 it is never restarted. A claimed child with an ``agent`` identity is a named,
@@ -90,7 +92,8 @@ class Runtime:
     templates: Templates | None = None
     #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
     vmm_overhead_mib: int = 0
-    #: How a guest names its namespace's loopback (qemu's user network: 10.0.2.2).
+    #: Where a guest reaches the supervisor's listeners in its namespace (qemu: the
+    #: tap's address, GATEWAY).
     guest_loopback: str = "127.0.0.1"
     #: The swarm's bridge (qemu as root): each VM's namespace gets a tap and a veth,
     #: and the supervisor's listeners there are on the tap's address.
