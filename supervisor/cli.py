@@ -205,9 +205,16 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             _table(
-                ["AGENT", "ROLE", "STATE", "PID", "RESTARTS"],
+                ["VM", "ROLE", "STATE", "PID", "RESTARTS", "AGENT"],
                 (
-                    [a.get("name"), a.get("role"), a.get("state"), a.get("pid"), a.get("restarts")]
+                    [
+                        a.get("name"),
+                        a.get("role"),
+                        a.get("state"),
+                        a.get("pid"),
+                        a.get("restarts"),
+                        a.get("agent"),
+                    ]
                     for a in agents
                     if isinstance(a, dict)
                 ),

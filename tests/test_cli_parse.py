@@ -173,7 +173,15 @@ def test_status_table() -> None:
             "tasks": {"queued": 2},
             "roles": {"worker": {"idle": 1, "active": 2, "failed": 0, "degraded": False}},
             "agents": [
-                {"name": "worker-0", "role": "worker", "state": "idle", "pid": None, "restarts": 4}
+                {"name": "worker-0", "role": "worker", "state": "idle", "pid": None, "restarts": 4},
+                {
+                    "name": "worker-1",
+                    "role": "worker",
+                    "state": "active",
+                    "pid": 77,
+                    "restarts": 0,
+                    "agent": "alice",
+                },
             ],
         }
     )
@@ -183,8 +191,9 @@ def test_status_table() -> None:
         "ROLE    IDLE  ACTIVE  FAILED  DEGRADED",
         "worker  1     2       0       no",
         "",
-        "AGENT     ROLE    STATE  PID  RESTARTS",
-        "worker-0  worker  idle   -    4",
+        "VM        ROLE    STATE   PID  RESTARTS  AGENT",
+        "worker-0  worker  idle    -    4         -",
+        "worker-1  worker  active  77   0         alice",
     ]
 
 
