@@ -405,9 +405,11 @@ async def _connect(path: Path) -> trio.SocketStream:
             sock.close()
             if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                 raise QmpConnectionLost(f"connecting to {path}: {exc.strerror}") from exc
-            # Not there yet: QEMU creates the socket early in its start-up.
+            # Not there yet: QEMU creates the socket early in its start-up, within
+            # tens of milliseconds. A connect attempt costs next to nothing, and
+            # every VM start waits on this: look often.
             await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, 0.01)
             continue
         return trio.SocketStream(sock)
 
