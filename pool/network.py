@@ -21,7 +21,9 @@ services (the host takes no new connection from the bridge).
 Names: everything carries the swarm's instance id (``<inst>``, six hex
 digits), so ``leftovers`` finds what a crashed supervisor left and ``open``
 removes it. The host's rules live in one nftables table, ``inet
-fireclaw_<inst>``, replaced whole at ``open`` and deleted at ``close``.
+fireclaw_<inst>``, replaced whole at ``open`` and deleted at ``close``. With
+egress, ``open`` turns the host's IPv4 forwarding on; the last swarm to close
+(or ``gc`` removing the last bridge) puts it back as it was.
 
 Configuration runs in fresh OS threads (``netns.in_fresh_thread``): setns and
 unshare move only the calling thread, and those threads end right after.
@@ -168,6 +170,8 @@ def _ip_forward(path: Path, value: str | None = None) -> str:
 
 
 _IP_FORWARD: Final = Path("/proc/sys/net/ipv4/ip_forward")
+#: The host's IPv4 forwarding flag from before a swarm turned it on.
+FORWARD_BEFORE: Final = Path("/run/fireclaw/ip_forward.before")
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,6 @@ class Network:
     subnet: ipaddress.IPv4Network
     egress: bool = True
     _used: set[int] = field(default_factory=set)  # host indexes given to namespaces
-    _forward_was: str | None = None  # the host's ip_forward before we set it
 
     @property
     def bridge(self) -> str:
@@ -223,10 +226,13 @@ class Network:
         if self.egress:
             try:
                 old = _ip_forward(_IP_FORWARD, "1")
+                if old != "1" and not FORWARD_BEFORE.exists():
+                    # Shared by every swarm on the host: the last one to close puts
+                    # it back, whichever turned it on.
+                    FORWARD_BEFORE.parent.mkdir(parents=True, exist_ok=True)
+                    FORWARD_BEFORE.write_text(old)
             except OSError as exc:
                 raise NetworkError(f"enabling IPv4 forwarding: {exc.strerror}") from exc
-            if old != "1":
-                self._forward_was = old
 
     def _leftover_links(self, ipr: object) -> list[str]:
         names = _link_names(ipr)
@@ -261,10 +267,7 @@ class Network:
         table = table_name(self.instance)
         with contextlib.suppress(NetworkError):
             _nft(f"table inet {table}\ndelete table inet {table}\n")
-        if self._forward_was is not None:
-            with contextlib.suppress(OSError):
-                _ip_forward(_IP_FORWARD, self._forward_was)
-            self._forward_was = None
+        restore_forwarding()
 
     # --- one VM namespace ----------------------------------------------------------
 
@@ -358,6 +361,19 @@ def _remove_sync(link: Link) -> None:
     with IPRoute() as ipr, contextlib.suppress(NetlinkError, IndexError):
         ipr.link("del", index=ipr.link_lookup(ifname=link.veth)[0])
     netns.remove_sync(link.ns_name)
+
+
+def restore_forwarding() -> bool:
+    """Put the host's IPv4 forwarding back to how it was before the first swarm
+    turned it on, once no swarm's bridge is left to need it; True if it did."""
+    if not FORWARD_BEFORE.exists() or any(n.endswith("br") for n in host_links()):
+        return False
+    try:
+        _ip_forward(_IP_FORWARD, FORWARD_BEFORE.read_text().strip())
+        FORWARD_BEFORE.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _link_names(ipr: object) -> list[str]:

@@ -364,6 +364,8 @@ def remove(found: Leftovers) -> list[Removal]:
         attempt(f"netns {name}", partial(netns.remove_sync, name))
     if found.links:
         _remove_links(found.links, done)
+        if network.restore_forwarding():
+            done.append(Removal("IPv4 forwarding turned on for swarms (restored)"))
     for table in found.tables:
         attempt(f"nft table {table}", partial(_delete_table, table))
     for path in found.disks:

@@ -186,3 +186,24 @@ async def test_without_egress_a_vm_reaches_nothing_outside(world: World) -> None
     finally:
         await net.close()
     assert network.host_links(instance) == []
+
+
+async def test_forwarding_stays_on_while_another_swarm_needs_it() -> None:
+    before = IP_FORWARD.read_text()  # noqa: ASYNC240 (procfs: never blocks)
+    nets = [
+        Network(
+            instance=secrets.token_hex(3),
+            subnet=ipaddress.IPv4Network(f"10.252.{secrets.randbelow(125) + 125 * i}.0/24"),
+        )
+        for i in range(2)
+    ]
+    try:
+        for net in nets:
+            await net.open()
+        assert IP_FORWARD.read_text().strip() == "1"  # noqa: ASYNC240
+        await nets[0].close()
+        assert IP_FORWARD.read_text().strip() == "1"  # noqa: ASYNC240
+    finally:
+        for net in nets:
+            await net.close()
+    assert IP_FORWARD.read_text() == before  # noqa: ASYNC240
