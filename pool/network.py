@@ -212,9 +212,7 @@ class Network:
 
         try:
             with IPRoute() as ipr:
-                for name in self._leftover_links(ipr):
-                    with contextlib.suppress(NetlinkError):
-                        ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+                _delete_links(ipr, host_links(self.instance))
                 self._check_subnet_free(ipr)
                 ipr.link("add", ifname=self.bridge, kind="bridge")
                 (index,) = ipr.link_lookup(ifname=self.bridge)
@@ -233,11 +231,6 @@ class Network:
                     FORWARD_BEFORE.write_text(old)
             except OSError as exc:
                 raise NetworkError(f"enabling IPv4 forwarding: {exc.strerror}") from exc
-
-    def _leftover_links(self, ipr: object) -> list[str]:
-        names = _link_names(ipr)
-        mine = (self.bridge, veth_prefix(self.instance))
-        return [n for n in names if n == mine[0] or n.startswith(mine[1])]
 
     def _check_subnet_free(self, ipr: object) -> None:
         from pyroute2 import IPRoute
@@ -258,12 +251,9 @@ class Network:
 
     def _close(self) -> None:
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
 
         with IPRoute() as ipr:
-            for name in self._leftover_links(ipr):
-                with contextlib.suppress(NetlinkError, IndexError):
-                    ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+            _delete_links(ipr, host_links(self.instance))
         table = table_name(self.instance)
         with contextlib.suppress(NetworkError):
             _nft(f"table inet {table}\ndelete table inet {table}\n")
@@ -354,12 +344,11 @@ class Network:
 
 def _remove_sync(link: Link) -> None:
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
 
     # The veth would go with its namespace, but only once the kernel gets to it:
     # deleting it now means nothing of the VM is left when this returns.
-    with IPRoute() as ipr, contextlib.suppress(NetlinkError, IndexError):
-        ipr.link("del", index=ipr.link_lookup(ifname=link.veth)[0])
+    with IPRoute() as ipr:
+        _delete_links(ipr, [link.veth])
     netns.remove_sync(link.ns_name)
 
 
@@ -376,11 +365,15 @@ def restore_forwarding() -> bool:
     return True
 
 
-def _link_names(ipr: object) -> list[str]:
+def _delete_links(ipr: object, names: list[str]) -> None:
+    """Delete the links ``names`` (those already gone are skipped)."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     assert isinstance(ipr, IPRoute)
-    return [str(msg.get_attr("IFLA_IFNAME")) for msg in ipr.get_links()]
+    for name in names:
+        with contextlib.suppress(NetlinkError, IndexError):
+            ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
 
 
 def host_links(instance: str | None = None) -> list[str]:
@@ -388,7 +381,7 @@ def host_links(instance: str | None = None) -> list[str]:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        names = _link_names(ipr)
+        names = [str(msg.get_attr("IFLA_IFNAME")) for msg in ipr.get_links()]
     if instance is not None:
         return [
             n for n in names if n == bridge_name(instance) or n.startswith(veth_prefix(instance))

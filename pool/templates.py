@@ -61,7 +61,8 @@ from fireclaw.pool.drivers.qemu import (
     Snapshot,
     info_path,
 )
-from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link, NetworkError
+from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link
+from fireclaw.pool.vm import SETUP_ERRORS
 from fireclaw.supervisor.backoff import MAX_EXPONENT
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import VmRecord
@@ -424,14 +425,7 @@ class Templates:
                 async with listener:
                     boot_seconds, taken = await self._park_and_snapshot(handle, listener, key, spec)
                 made = True
-            except (
-                DriverError,
-                netns.NetnsError,
-                NetworkError,
-                disks.DiskError,
-                cgroup.CgroupError,
-                OSError,
-            ) as exc:
+            except SETUP_ERRORS as exc:
                 raise TemplateError(_one_line(exc)) from exc
         finally:
             with trio.CancelScope(shield=True):

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
@@ -54,6 +54,17 @@ if TYPE_CHECKING:
     from fireclaw.pool.templates import Template, Templates
 
 log = logging.getLogger("fireclaw.vm")
+
+
+#: What making a VM's resources and starting its VMM may raise: the VM did not start.
+SETUP_ERRORS: Final = (
+    DriverError,
+    netns.NetnsError,
+    NetworkError,
+    disks.DiskError,
+    cgroup.CgroupError,
+    OSError,
+)
 
 
 @dataclass(frozen=True)
@@ -92,9 +103,6 @@ class Runtime:
     templates: Templates | None = None
     #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
     vmm_overhead_mib: int = 0
-    #: Where a guest reaches the supervisor's listeners in its namespace (qemu: the
-    #: tap's address, GATEWAY).
-    guest_loopback: str = "127.0.0.1"
     #: The swarm's bridge (qemu as root): each VM's namespace gets a tap and a veth,
     #: and the supervisor's listeners there are on the tap's address.
     network: Network | None = None
@@ -124,7 +132,8 @@ class Runtime:
 
     @property
     def listen_host(self) -> str:
-        """Where the supervisor's listeners in a VM's namespace are bound."""
+        """Where the supervisor's listeners in a VM's namespace are bound, and where
+        its guest reaches them: the tap's address for real VMs, else loopback."""
         return GATEWAY if self.network is not None else "127.0.0.1"
 
     async def wait_change(self, since: int) -> None:
@@ -368,14 +377,7 @@ class Child:
                     self.handle = await self.rt.driver.start(spec)
                     self.started_as = "booted"
                 self.group.changed()  # a new pid to show
-            except (
-                DriverError,
-                netns.NetnsError,
-                NetworkError,
-                disks.DiskError,
-                cgroup.CgroupError,
-                OSError,
-            ) as exc:
+            except SETUP_ERRORS as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
             self._register(ns_name, cg, pid=self.handle.pid)
@@ -409,7 +411,7 @@ class Child:
             return None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         nursery.start_soon(partial(forward, listener, route.upstream, label=self.name))
-        return (self.rt.guest_loopback, sock.getsockname()[1])
+        return (self.rt.listen_host, sock.getsockname()[1])
 
     def _boot_done(self) -> None:
         if self._booting:

@@ -216,7 +216,6 @@ class Supervisor:
         )
         self.rt.driver = backend.driver
         self.rt.vmm_overhead_mib = backend.memory_overhead_mib
-        self.rt.guest_loopback = backend.guest_loopback
         self.backend_reason = backend.reason
         if isinstance(backend.driver, QemuDriver):
             spec = self.config.network

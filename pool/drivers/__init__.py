@@ -80,8 +80,6 @@ class Backend:
     reason: str  # one line, shown by ``status``
     #: Memory the VMM needs above the guest's RAM (added to each VM's cgroup limit).
     memory_overhead_mib: int = 0
-    #: The address under which a guest reaches its network namespace's loopback.
-    guest_loopback: str = "127.0.0.1"
 
 
 class NotReady:
@@ -161,7 +159,6 @@ async def _open_qemu(
     from fireclaw.pool.accel import AccelError, choose_accel
     from fireclaw.pool.drivers.qemu import QemuDriver
     from fireclaw.pool.image import ImageError, ImageSpec, build_image, prune_images
-    from fireclaw.pool.network import GATEWAY
 
     if not choice.auto:
         why_not = _why_not_qemu(images, netns_why)
@@ -184,5 +181,4 @@ async def _open_qemu(
         driver=QemuDriver(image, accel, qemu=QEMU),
         reason=f"auto: {running}" if choice.auto else running,
         memory_overhead_mib=QEMU_OVERHEAD_MIB,
-        guest_loopback=GATEWAY,  # the tap's address in each VM namespace
     )
