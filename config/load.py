@@ -100,14 +100,22 @@ class ConfigError(Exception):
     ) -> None:
         super().__init__(file, field, detail)
         self.file = file
-        self.field = field
-        self.detail = " ".join(detail.split())
+        self.field = None if field is None else _printable(field)
+        self.detail = _printable(" ".join(detail.split()))
         self.line = line
         self.column = column
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
         return ": ".join(part for part in (where, self.field, self.detail) if part)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character escaped (``\\r``, ``\\x1b``): a key
+    or value from the file must not break the one-line error or drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -206,6 +206,18 @@ def _decode(decoder: msgspec.msgpack.Decoder[_T], frame: bytes | str) -> _T:
     try:
         return decoder.decode(frame)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid message: {exc}") from exc
+        raise ProtocolError(f"invalid message: {_quoted(str(exc))}") from exc
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable frame: {exc}") from exc
+        raise ProtocolError(f"undecodable frame: {_quoted(str(exc))}") from exc
+
+
+#: Longest part of a decoder's complaint kept in a ProtocolError.
+_MAX_COMPLAINT: Final = 300
+
+
+def _quoted(text: str) -> str:
+    """A decoder's complaint, which may quote what the peer sent, made safe for one
+    log line: unprintable characters escaped, cut to ``_MAX_COMPLAINT``."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= _MAX_COMPLAINT else text[:_MAX_COMPLAINT] + "..."
