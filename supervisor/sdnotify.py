@@ -5,8 +5,10 @@ The protocol (sd_notify(3)): one datagram to the AF_UNIX socket named in
 ``@`` in the name means the Linux abstract namespace.
 
 Notifications are best effort: nothing here raises for a missing or dead
-listener. Every sender returns ``True`` when the datagram was sent and
-``False`` when ``$NOTIFY_SOCKET`` is unset or the send failed.
+listener, and nothing blocks for a slow one (the senders run on the event
+loop, and a full datagram queue would stop the whole supervisor). Every
+sender returns ``True`` when the datagram was sent and ``False`` when
+``$NOTIFY_SOCKET`` is unset or the send failed or would have waited.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def notify(*fields: str) -> bool:
         return False
     address = "\0" + name[1:] if name.startswith("@") else name
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        with socket.socket(socket.AF_UNIX, kind) as sock:
             sock.sendto("\n".join(fields).encode(), address)
     except OSError:
         return False

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -125,3 +126,21 @@ def test_watchdog_interval(
         else:
             monkeypatch.setenv(key, str(os.getpid()) if value == "self" else value)
     assert sdnotify.watchdog_interval() == expected
+
+
+def test_a_listener_that_never_reads_never_blocks_the_sender(path_listener: Listener) -> None:
+    """The senders run on the supervisor's event loop: once the listener's queue is
+    full (unix datagram queues hold about ten), a send is dropped, not waited on.
+    The sends run in a thread so that a blocking one fails the test, not hangs it."""
+    results: list[bool] = []
+
+    def send_many() -> None:
+        for i in range(200):
+            results.append(sdnotify.status(f"message {i}"))
+
+    sender = threading.Thread(target=send_many, daemon=True)
+    sender.start()
+    sender.join(timeout=30)
+    assert not sender.is_alive(), f"a send blocked after {len(results)} sent"
+    assert results[0] is True and results[-1] is False
+    assert path_listener.receive() == ["STATUS=message 0"]
