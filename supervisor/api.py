@@ -22,6 +22,7 @@ Routes::
     POST /reload  (no body or {})     controller.reload()
     GET  /events[?after=N&limit=N]    {"events": controller.events(after, limit)}
     POST /down    (no body or {})     controller.down()
+    GET  /openapi.json                this API as an OpenAPI 3.1 document (supervisor/openapi.py)
 
 Every error is ``{"error": "<one line>"}`` with its status: 400 bad JSON, wrong
 field types, unknown fields or query parameters; 404 unknown route; 405 wrong
@@ -183,7 +184,8 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: _Name
-    n: Annotated[int, Meta(ge=0, le=1000)]
+    #: A whole number; JSON writes some as 4.0, which is the same number.
+    n: Annotated[float, Meta(ge=0, le=1000, multiple_of=1)]
 
 
 class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -512,6 +514,7 @@ class _ApiServer:
             (re.compile(r"/reload"), {"POST": self._reload}),
             (re.compile(r"/events"), {"GET": self._events}),
             (re.compile(r"/down"), {"POST": self._down}),
+            (re.compile(r"/openapi\.json"), {"GET": self._openapi}),
         ]
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -629,7 +632,7 @@ class _ApiServer:
     async def _scale(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
         body = _decode(_SCALE_DECODER, request.body)
-        return await self._controller.scale(body.role, body.n)
+        return await self._controller.scale(body.role, int(body.n))
 
     async def _reset(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
@@ -662,6 +665,12 @@ class _ApiServer:
         after = _int_param(query, "after", 0, 0, 2**63 - 1)
         limit = _int_param(query, "limit", 100, 1, _MAX_EVENTS_LIMIT)
         return {"events": await self._controller.events(after, limit)}
+
+    async def _openapi(self, request: _Request, match: re.Match[str]) -> object:
+        from fireclaw.supervisor.openapi import document  # built on first use
+
+        _query(request, frozenset())
+        return document()
 
     async def _down(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())

@@ -1,0 +1,258 @@
+"""The control API described as an OpenAPI 3.1 document (``GET /openapi.json``).
+
+Request bodies are described by the very msgspec Structs the server decodes
+them with (``msgspec.json.schema_components``), so the document cannot drift
+from what the server accepts. Answers are described as far as clients rely on
+them: their type and the fields every answer carries; fields may be added.
+Every error is ``{"error": "<one line>"}``.
+
+Nothing here does I/O: ``document()`` builds a plain dict once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["document"]
+
+_ERROR: Final = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+_OBJECT: Final = {"type": "object"}
+_REF: Final = "#/components/schemas/"
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    """The error answers an operation may give: always 400 and 500, plus ``statuses``."""
+    out: dict[str, Any] = {}
+    for status in sorted({400, 500, *statuses}):
+        out[str(status)] = {
+            "description": "refused",
+            "content": _json({"$ref": "#/components/schemas/Error"}),
+        }
+    return out
+
+
+def _operation(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    body: str | None = None,
+    body_required: bool = True,
+    params: list[dict[str, Any]] | None = None,
+    errors: tuple[int, ...] = (),
+    content_type: str = "application/json",
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "done", "content": {content_type: {"schema": ok}}},
+            **_errors(*errors),
+        },
+    }
+    if body is not None:
+        op["requestBody"] = {
+            "required": body_required,
+            "content": _json({"$ref": _REF + body}),
+        }
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _query(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": what}
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI document of the control API served on ``<state_dir>/api.sock``."""
+    from fireclaw.supervisor import api
+
+    structs = (
+        api.RunRequest,
+        api.TaskRequest,
+        api.ScaleRequest,
+        api.InvokeRequest,
+        api.RetuneRequest,
+        api.ResetRequest,
+        api.EmptyRequest,
+    )
+    _, components = msgspec.json.schema_components(
+        structs, ref_template="#/components/schemas/{name}"
+    )
+    # What the handler checks beyond the Struct: a retune names a model, a persona or both.
+    components["RetuneRequest"]["anyOf"] = [
+        {"required": [field], "properties": {field: {"type": "string"}}}
+        for field in ("model", "persona")
+    ]
+    task = {
+        "type": "object",
+        "required": ["id", "role", "prompt", "state", "attempts"],
+        "properties": {
+            "id": {"type": "integer"},
+            "role": {"type": "string"},
+            "prompt": {"type": "string"},
+            "state": {"enum": sorted(api._TASK_STATES)},
+            "attempts": {"type": "integer", "minimum": 0},
+        },
+    }
+    status = {
+        "type": "object",
+        "required": ["version", "pid", "backend", "roles", "agents", "tasks"],
+        "properties": {
+            "version": {"type": "integer"},
+            "pid": {"type": "integer"},
+            "backend": {"type": "string"},
+            "roles": {"type": "object"},
+            "agents": {"type": "array", "items": _OBJECT},
+            "tasks": {"type": "object"},
+        },
+    }
+    event = {
+        "type": "object",
+        "required": ["id", "at", "kind", "subject", "detail"],
+        "properties": {
+            "id": {"type": "integer"},
+            "at": {"type": "number"},
+            "kind": {"type": "string"},
+            "subject": {"type": "string"},
+            "detail": _OBJECT,
+        },
+    }
+    seconds = {"type": "number", "minimum": 0, "maximum": api._MAX_STATUS_WAIT}
+    id_param = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    name = {"type": "string", "minLength": 1, "maxLength": 64}
+    paths: dict[str, Any] = {
+        "/health": {
+            "get": _operation(
+                "Whether the supervisor answers, and its pid.",
+                {"type": "object", "required": ["ok", "pid"]},
+            )
+        },
+        "/status": {
+            "get": _operation(
+                "The fleet; with since, a long poll for a change past that version.",
+                status,
+                params=[
+                    _query("since", id_param, "a version from an earlier answer"),
+                    _query("wait", seconds, "how long to wait for a change (default 10)"),
+                ],
+            )
+        },
+        "/run": {
+            "post": _operation(
+                "Run a command in a VM from the pool, streamed as JSON lines; the last line"
+                " is {exit} or {error}. The VM is destroyed after.",
+                _OBJECT,
+                body="RunRequest",
+                errors=(404, 503),
+                content_type="application/x-ndjson",
+            )
+        },
+        "/tasks": {
+            "get": _operation(
+                "The most recent tasks, newest first.",
+                {"type": "object", "required": ["tasks"], "properties": {
+                    "tasks": {"type": "array", "items": task}}},
+                params=[_query("state", {"enum": sorted(api._TASK_STATES)}, "only this state")],
+            ),
+            "post": _operation(
+                "Queue a durable task for a role.", task, body="TaskRequest", errors=(404,)
+            ),
+        },
+        "/tasks/{id}": {
+            "get": _operation(
+                "One task.",
+                task,
+                params=[_path("id", {"type": "integer", "minimum": 1, "maximum": 10**18 - 1})],
+                errors=(404,),
+            )
+        },
+        "/scale": {
+            "post": _operation(
+                "Keep N idle VMs for a role.", _OBJECT, body="ScaleRequest", errors=(404,)
+            )
+        },
+        "/reset": {
+            "post": _operation(
+                "Clear a failed VM, or every failed VM of a role.",
+                _OBJECT,
+                body="ResetRequest",
+                errors=(404,),
+            )
+        },
+        "/agents": {
+            "post": _operation(
+                "Bring up a named agent of a role.",
+                _OBJECT,
+                body="InvokeRequest",
+                errors=(404, 409, 503),
+            )
+        },
+        "/agents/{name}": {
+            "post": _operation(
+                "Give a named agent a new model or persona, without restarting its VM.",
+                _OBJECT,
+                body="RetuneRequest",
+                params=[_path("name", name)],
+                errors=(404,),
+            ),
+            "delete": _operation(
+                "Stop a named agent for good.", _OBJECT, params=[_path("name", name)], errors=(404,)
+            ),
+        },
+        "/reload": {
+            "post": _operation(
+                "Reload swarm.yaml; a file that does not load changes nothing.",
+                {"type": "object", "required": ["ok"]},
+                body="EmptyRequest",
+                body_required=False,
+            )
+        },
+        "/events": {
+            "get": _operation(
+                "The audit trail, oldest first, after an event id.",
+                {"type": "object", "required": ["events"], "properties": {
+                    "events": {"type": "array", "items": event}}},
+                params=[
+                    _query("after", id_param, "the last event id seen"),
+                    _query("limit", {"type": "integer", "minimum": 1,
+                                     "maximum": api._MAX_EVENTS_LIMIT}, "at most this many"),
+                ],
+            )
+        },
+        "/down": {
+            "post": _operation(
+                "Stop the fleet gracefully, then the supervisor.",
+                _OBJECT,
+                body="EmptyRequest",
+                body_required=False,
+            )
+        },
+        "/openapi.json": {"get": _operation("This document.", _OBJECT)},
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fireclaw-swarm control API",
+            "version": "1",
+            "description": "HTTP/1.1 over the unix socket <state_dir>/api.sock (mode 0600):"
+            " whoever can open it controls the swarm. One request per connection.",
+        },
+        "paths": paths,
+        "components": {"schemas": {**components, "Error": _ERROR}},
+    }
