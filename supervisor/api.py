@@ -184,8 +184,7 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: _Name
-    #: A whole number; JSON writes some as 4.0, which is the same number.
-    n: Annotated[float, Meta(ge=0, le=1000, multiple_of=1)]
+    n: Annotated[int, Meta(ge=0, le=1000)]
 
 
 class InvokeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -209,7 +208,8 @@ class EmptyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 _RUN_DECODER: Final = msgspec.json.Decoder(RunRequest)
 _TASK_DECODER: Final = msgspec.json.Decoder(TaskRequest)
-_SCALE_DECODER: Final = msgspec.json.Decoder(ScaleRequest)
+# Lax: JSON may write a whole number as 4.0 (or a client "4"); either is the number 4.
+_SCALE_DECODER: Final = msgspec.json.Decoder(ScaleRequest, strict=False)
 _RESET_DECODER: Final = msgspec.json.Decoder(ResetRequest)
 _INVOKE_DECODER: Final = msgspec.json.Decoder(InvokeRequest)
 _RETUNE_DECODER: Final = msgspec.json.Decoder(RetuneRequest)
@@ -632,7 +632,7 @@ class _ApiServer:
     async def _scale(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
         body = _decode(_SCALE_DECODER, request.body)
-        return await self._controller.scale(body.role, int(body.n))
+        return await self._controller.scale(body.role, body.n)
 
     async def _reset(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
