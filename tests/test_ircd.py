@@ -13,6 +13,7 @@ import psutil
 import pytest
 import trio
 from fireclaw.config import Backoff, IrcSpec, ManagedIrcSpec, RestartPolicy
+from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import ServiceRecord, Store
@@ -360,3 +361,9 @@ async def test_a_first_start_that_fails_leaves_no_row(tmp_path: Path) -> None:
                 await nursery.start(ircd.run)
         assert store.services() == []
 
+
+def test_the_config_path_is_where_leftovers_look_for_it(tmp_path: Path) -> None:
+    ircd = ManagedIrcd(spec(free_port()), tmp_path)
+    kind = leftovers.SERVICES["ircd"]
+    assert ircd.conf_path == tmp_path / kind.config
+    assert os.path.basename(NGIRCD or "") == kind.program
