@@ -25,7 +25,7 @@ import yaml
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import ircd, leftovers, services
 from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.supervisor.state import Store
+from fireclaw.supervisor.state import ServiceRecord, Store
 from swarmctl import FIRECLAW, NOTHING, Swarm, idle, role_yaml, swarm_yaml
 
 SHIPPED = Path(__file__).resolve().parent.parent / "swarm.yaml"
@@ -132,6 +132,23 @@ def test_after_kill_9_the_next_up_stops_the_old_ngircd_and_serves(swarm: Swarm) 
     assert not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
     assert leftovers.find(swarm.state).items() == []  # no process, no registry row
     assert swarm.leftovers() == NOTHING
+
+
+def test_a_copy_whose_pid_was_never_recorded_is_found_by_its_command_line(
+    swarm: Swarm,
+) -> None:
+    old = killed(swarm)
+    # As if the supervisor had died between the row written ahead and the spawn's record.
+    with Store.open(swarm.state / "swarm.db") as store:
+        (row,) = store.services()
+        store.put_service(ServiceRecord(name=row.name, command=row.command, address=row.address))
+    swarm.start(timeout=START_DEADLINE)
+    assert not still_running(old)
+    serves(swarm.irc_port)  # type: ignore[attr-defined]
+    removed = f"removed process {old.pid} (ngircd, service ircd of {swarm.state})"
+    assert f"{removed}, left by a previous supervisor" in swarm.log.read_text()
+    assert swarm.stop() == 0
+    assert leftovers.find(swarm.state).items() == []
 
 
 def test_doctor_names_a_dead_supervisors_ngircd_and_gc_removes_it(
