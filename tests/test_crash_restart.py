@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from fireclaw.pool.vm import instance_id
@@ -91,11 +90,11 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
             leftovers.remove(leftovers.find(swarm.state))
 
 
-def killed(swarm: Swarm) -> ProcessIdentity:
+def killed(swarm: Swarm, *, deadline: float = START_DEADLINE) -> ProcessIdentity:
     """Start the swarm, check its ngircd serves, kill -9 the supervisor; the
     identity of the ngircd it leaves running."""
-    swarm.start(timeout=START_DEADLINE)
-    swarm.wait_for("an idle worker", idle("worker", 1), timeout=START_DEADLINE)
+    swarm.start(timeout=deadline)
+    swarm.wait_for("an idle worker", idle("worker", 1), timeout=deadline)
     port: int = swarm.irc_port  # type: ignore[attr-defined]
     serves(port)
     ident = process_identity(ircd_pid(swarm))
@@ -118,18 +117,24 @@ def killed(swarm: Swarm) -> ProcessIdentity:
 def test_after_kill_9_the_next_up_stops_the_old_ngircd_and_serves(swarm: Swarm) -> None:
     old = killed(swarm)
     swarm.start(timeout=START_DEADLINE)  # READY: before, "Address already in use"
+    restarted(swarm, old)
+
+
+def restarted(swarm: Swarm, old: ProcessIdentity) -> None:
+    """After the next start: the old ngircd was stopped, a new one serves and is
+    the only one registered; a graceful stop then leaves nothing."""
     assert not still_running(old)
-    new = ircd_pid(swarm)
-    assert new != old.pid
+    new = process_identity(ircd_pid(swarm))
+    assert new is not None and new != old
     serves(swarm.irc_port)  # type: ignore[attr-defined]
     with Store.open(swarm.state / "swarm.db") as store:
-        assert [(r.name, r.pid) for r in store.services()] == [("ircd", new)]
+        assert [(r.name, r.pid) for r in store.services()] == [("ircd", new.pid)]
         reclaimed = [e for e in store.events(limit=10_000) if e.kind == "reclaimed"]
     ircd_reclaimed = [(e.detail["pid"], e.detail["how"]) for e in reclaimed if e.subject == "ircd"]
     assert ircd_reclaimed == [(old.pid, "terminated")]
 
     assert swarm.stop() == 0
-    assert not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
+    assert not still_running(new)
     assert leftovers.find(swarm.state).items() == []  # no process, no registry row
     assert swarm.leftovers() == NOTHING
 
@@ -215,3 +220,47 @@ def test_a_foreign_program_on_the_port_is_still_named_as_such(swarm: Swarm) -> N
             pass
     with Store.open(swarm.state / "swarm.db") as store:
         assert store.services() == []  # the stale row was dropped at start
+
+
+# ---------------------------------------------------------------- real VMs
+
+
+@pytest.fixture
+def qemu_swarm(tmp_path: Path) -> Iterator[Swarm]:
+    """The same on the qemu backend, its image from the shared test cache."""
+    qemu = pytest.importorskip("test_qemu_swarm")
+    if os.geteuid() != 0 or not shutil.which(qemu.QEMU):
+        pytest.skip("real VMs need root and qemu-system-x86")
+    port = free_port()
+    swarm = Swarm(
+        tmp_path,
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra="resources: {memory_mib: 256}\n"),
+            control=qemu.CONTROL,
+            backend="qemu",
+            network=qemu.network_yaml(),
+            irc=shipped_irc(port),
+        ),
+    )
+    swarm.irc_port = port  # type: ignore[attr-defined]
+    swarm.state.mkdir(parents=True)
+    qemu.TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    (swarm.state / "images").symlink_to(qemu.TEST_CACHE, target_is_directory=True)
+    try:
+        yield swarm
+    finally:
+        swarm.close()
+        with contextlib.suppress(Exception):
+            leftovers.remove(leftovers.find(swarm.state))
+
+
+@pytest.mark.image
+@pytest.mark.root
+def test_after_kill_9_on_real_vms_the_next_up_serves_irc_again(qemu_swarm: Swarm) -> None:
+    qemu = pytest.importorskip("test_qemu_swarm")
+    # An image build (first run), a template boot and a restore under TCG.
+    deadline = qemu.START_TIMEOUT + qemu.POOL_TIMEOUT
+    old = killed(qemu_swarm, deadline=deadline)
+    qemu_swarm.start(timeout=deadline)
+    qemu_swarm.wait_for("an idle worker", idle("worker", 1), timeout=qemu.POOL_TIMEOUT)
+    restarted(qemu_swarm, old)
