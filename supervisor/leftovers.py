@@ -95,7 +95,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ServiceKind:
     """How a managed service's process is known by name: its program runs with the
-    path of a file in its swarm's state dir on its command line."""
+    path of a file in its swarm's state dir on its command line. While that file
+    exists its first line names fireclaw-swarm (``MARKER``), so a program of the
+    same name run by someone else from a look-alike path is not taken for ours."""
 
     program: str  # the basename of argv[0]
     config: Path  # that file, relative to the state dir
@@ -103,6 +105,7 @@ class ServiceKind:
 
 #: The managed services, by their registry name (``state.ServiceRecord.name``).
 SERVICES: Final = {"ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf")}
+MARKER: Final = "fireclaw-swarm"
 
 
 @dataclass(frozen=True)
@@ -314,8 +317,10 @@ def _service_processes() -> list[ServiceProcess]:
             if command != kind.program:
                 continue
             state_dir = _state_dir_named(argv[1:], kind.config)
-            ident = process_identity(proc.pid) if state_dir is not None else None
-            if state_dir is not None and ident is not None:
+            if state_dir is None or not _written_by_us(state_dir / kind.config):
+                continue
+            ident = process_identity(proc.pid)
+            if ident is not None:
                 found.append(
                     ServiceProcess(
                         service=name,
@@ -336,6 +341,18 @@ def _state_dir_named(args: list[str], config: Path) -> Path | None:
         if path.is_absolute() and len(path.parts) > n and path.parts[-n:] == config.parts:
             return Path(*path.parts[:-n])
     return None
+
+
+def _written_by_us(config: Path) -> bool:
+    """Whether ``config`` is a file a swarm wrote (or is gone with its state dir)."""
+    try:
+        with config.open("rb") as f:
+            first = f.readline(512)
+    except FileNotFoundError:
+        return True  # its state dir was removed under it: nobody else will name it
+    except OSError:
+        return True  # cannot tell (another user's): listed; only they could stop it
+    return MARKER.encode() in first
 
 
 def _tmp_run_dirs() -> list[Path]:

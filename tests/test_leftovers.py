@@ -28,6 +28,7 @@ from fireclaw.pool.network import Network
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers, pidfile
 from fireclaw.supervisor.doctor import Report
+from fireclaw.supervisor.ircd import render_config
 from fireclaw.supervisor.leftovers import Leftovers, Owner, Process, ServiceProcess
 from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import ServiceRecord, Store, VmRecord
@@ -198,6 +199,37 @@ def test_a_service_left_running_is_found_by_row_and_by_name_and_removed(tmp_path
         assert not still_running(ident)
         assert store.services() == []
         assert leftovers.find(state).items() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "ours"),
+    [
+        (None, True),  # its state dir is gone: nobody else names that path
+        ("managed", True),  # as the managed server's config is written
+        ("[Global]\nName = irc.example.org\n", False),  # someone else's ngircd
+    ],
+)
+def test_a_look_alike_path_is_not_taken_for_a_swarm_s(
+    tmp_path: Path, config: str | None, ours: bool
+) -> None:
+    state = tmp_path / "state"
+    conf = state / leftovers.SERVICES["ircd"].config
+    conf.parent.mkdir(parents=True)
+    if config == "managed":
+        config = render_config(
+            workdir=conf.parent,
+            listen="127.0.0.1",
+            port=6667,
+            server_name="irc.fireclaw.local",
+            network="fireclaw",
+            password=None,
+            max_nick_length=30,
+        )
+    if config is not None:
+        conf.write_text(config)
+    with running(state) as proc:
+        found = leftovers.find_all().get(instance_id(state), Leftovers(""))
+        assert [s.pid for s in found.services] == ([proc.pid] if ours else [])
 
 
 async def test_a_bad_config_exits_78(tmp_path: Path) -> None:
