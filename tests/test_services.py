@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -20,10 +21,16 @@ from fireclaw.supervisor import services
 from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import ServiceRecord, Store
 
-#: Says it is ready (after ignoring SIGTERM if asked to), then waits for a signal.
+#: Says it is ready (after ignoring SIGTERM, or starting a helper in its process
+#: group, if asked to), then waits for a signal.
 _STAND_IN = (
-    "import signal, sys\n"
+    "import os, signal, sys\n"
     "if '--ignore-term' in sys.argv: signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if '--helper' in sys.argv:\n"
+    "    helper = os.fork()\n"
+    "    if helper == 0:\n"
+    "        while True: signal.pause()\n"
+    "    print(helper, flush=True)\n"
     "print('ready', flush=True)\n"
     "while True: signal.pause()\n"
 )
@@ -40,7 +47,8 @@ def stand_in(state: Path, *extra: str) -> subprocess.Popen[bytes]:
         start_new_session=True,
     )
     assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
+    if "--helper" not in extra:
+        assert proc.stdout.readline() == b"ready\n"
     return proc
 
 
@@ -58,17 +66,33 @@ def running(state: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def identity_of(proc: subprocess.Popen[bytes]) -> ProcessIdentity:
-    ident = process_identity(proc.pid)
+    return identity_of_pid(proc.pid)
+
+
+def identity_of_pid(pid: int) -> ProcessIdentity:
+    ident = process_identity(pid)
     assert ident is not None
     return ident
 
 
-def test_sigterm_stops_it_and_its_group(tmp_path: Path) -> None:
-    with running(tmp_path) as proc:
+def test_sigterm_goes_to_its_whole_process_group(tmp_path: Path) -> None:
+    with running(tmp_path, "--helper") as proc:
+        assert proc.stdout is not None
+        helper = identity_of_pid(int(proc.stdout.readline()))
+        assert proc.stdout.readline() == b"ready\n"
         ident = identity_of(proc)
         assert services.stop(ident, term_timeout=30) == "terminated"
         assert not still_running(ident)
         assert proc.wait() == -signal.SIGTERM
+        # The helper got it too (it is nobody's child now: wait for it by pidfd).
+        pidfd = os.pidfd_open(helper.pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            assert poller.poll(30_000), "the helper outlived its group's SIGTERM"
+        finally:
+            os.close(pidfd)
+        assert not still_running(helper)
 
 
 def test_one_that_ignores_sigterm_is_killed_after_the_wait(tmp_path: Path) -> None:
