@@ -37,7 +37,7 @@ from fireclaw.pool.group import PoolError, RoleGroup
 from fireclaw.pool.network import Network, NetworkError
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
-from fireclaw.supervisor import leftovers, sdnotify
+from fireclaw.supervisor import leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.overseer import Overseer
@@ -169,7 +169,9 @@ class Supervisor:
         log.info("stopped")
 
     def reclaim(self) -> None:
-        """Remove what a previous, crashed supervisor left: VMs, namespaces, cgroups, tasks."""
+        """Remove what a previous, crashed supervisor left: services, VMs, namespaces,
+        cgroups, tasks."""
+        self.reclaim_services()
         for rec in self.store.vms():
             ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
             if rec.start_time and still_running(ident):
@@ -193,6 +195,31 @@ class Supervisor:
                 log.warning("%s", removal)
         for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+
+    def reclaim_services(self) -> None:
+        """Stop the managed services (ngircd, ...) a previous supervisor left running.
+
+        Each registry row names one by identity; it is stopped (SIGTERM to its
+        group, then SIGKILL) rather than adopted (see ``supervisor/services.py``),
+        so its port is free for ours. A copy whose row was written ahead (pid 0)
+        is found by its command line in ``reclaim``'s sweep of ``leftovers``."""
+        for rec in self.store.services():
+            try:
+                outcome = services.reclaim(self.store, rec)
+            except OSError as exc:
+                # Still holding its port, most likely: the start that follows says so.
+                log.warning("cannot stop service %s (pid %d): %s", rec.name, rec.pid, exc)
+                continue
+            if outcome == "gone":
+                continue
+            self.event("reclaimed", rec.name, pid=rec.pid, command=rec.command, how=outcome)
+            log.info(
+                "reclaimed service %s (%s, pid %d, %s) left by a previous supervisor",
+                rec.name,
+                os.path.basename(rec.command),
+                rec.pid,
+                outcome,
+            )
 
     async def _setup_backend(self, root: trio.Nursery) -> None:
         """Make the chosen VMM backend ready before any VM starts.
@@ -248,7 +275,9 @@ class Supervisor:
             return
         address = spec.endpoint
         if spec.is_managed:
-            self.ircd = ManagedIrcd(spec, self.state_dir, on_event=self._on_event)
+            self.ircd = ManagedIrcd(
+                spec, self.state_dir, on_event=self._on_event, registry=self.store
+            )
             address = await root.start(self.ircd.run)
         self.rt.irc = IrcRoute(
             upstream=address,

@@ -10,6 +10,12 @@ package) with a config it writes into ``<state_dir>/ircd``::
                                for the line that says it is ready
        exit -> RestartTracker -> restart at once, after a backoff, or failed
 
+With a ``registry`` (the state database), each incarnation is in the crash-only
+registry as service ``ircd``: recorded before it is started, with its identity
+once it runs, dropped once it is reaped. So a supervisor killed with ``kill -9``
+leaves a row naming its ngircd, and the next one stops that copy before it
+starts its own (``supervisor/services.py``; ``Supervisor.reclaim``).
+
 ngircd facts this module is built on (26.1):
 
 - It never runs as root: started as root with ``ServerUID`` 0 or unset, it
@@ -55,12 +61,16 @@ from typing import Final, Literal
 import trio
 from fireclaw.config.model import IrcSpec, connect_host
 from fireclaw.supervisor.backoff import RestartTracker, classify_exit
+from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.state import ServiceRecord, Store
 
 __all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
 
 log = logging.getLogger("fireclaw.supervisor.ircd")
 
 NGIRCD: Final = "ngircd"
+SERVICE: Final = "ircd"
+"""Its name in the registry of managed services."""
 CONF_NAME: Final = "ngircd.conf"
 PID_NAME: Final = "ngircd.pid"
 INCLUDE_DIR: Final = "conf.d"
@@ -217,6 +227,7 @@ class ManagedIrcd:
     circuit opened, or the policy says so) until ``reset()``. ``address`` is the
     (host, port) clients on this host connect to. ``on_event(kind, "ircd",
     detail)`` is told ``ircd_started``, ``ircd_crashed`` and ``ircd_failed``.
+    ``registry``, if given, holds the service row ``ircd`` while a copy may run.
     """
 
     def __init__(
@@ -227,6 +238,7 @@ class ManagedIrcd:
         *,
         binary: str | None = None,
         uniform: Callable[[float, float], float] = random.uniform,
+        registry: Store | None = None,
     ) -> None:
         self.config = config
         state_dir = state_dir.absolute()  # ngircd runs in /
@@ -241,6 +253,7 @@ class ManagedIrcd:
         self.reason = ""  # why it last stopped
         self._binary = binary
         self._on_event = on_event
+        self._registry = registry
         self._reset = trio.Event()
 
     @property
@@ -344,6 +357,9 @@ class ManagedIrcd:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         log_fd = os.open(self.log_path, flags, 0o640)
         try:
+            # Written ahead: a supervisor killed from here on leaves a row, and the
+            # copy it may have started is found by its command line.
+            self._record(binary, pid=0)
             try:
                 proc = await trio.lowlevel.open_process(
                     [binary, "-n", "-f", str(self.conf_path)],
@@ -356,10 +372,12 @@ class ManagedIrcd:
                     cwd="/",
                 )
             except OSError as exc:
+                self._forget()
                 return _Exit(code=None, reason=f"cannot run {binary}: {exc}", ready=False)
-            self.pid = proc.pid
-            self._write_pid(proc.pid)
             try:
+                self.pid = proc.pid
+                self._record(binary, pid=proc.pid)
+                self._write_pid(proc.pid)
                 return await self._watch(proc, watcher, log_fd, on_ready)
             finally:
                 with trio.CancelScope(shield=True):
@@ -367,8 +385,31 @@ class ManagedIrcd:
                     self.pid = None
                     with contextlib.suppress(FileNotFoundError):
                         self.pid_path.unlink()
+                    self._forget()  # reaped: nothing of it is left to reclaim
         finally:
             os.close(log_fd)
+
+    def _record(self, binary: str, *, pid: int) -> None:
+        """Put this incarnation in the registry: ``pid`` 0 before it exists."""
+        if self._registry is None:
+            return
+        # Not yet reaped (we are its parent), so the pid is still this process.
+        ident = process_identity(pid) if pid else None
+        host, port = self.address
+        self._registry.put_service(
+            ServiceRecord(
+                name=SERVICE,
+                command=binary,
+                pid=pid,
+                start_time=ident.start_time if ident else 0,
+                boot_id=ident.boot_id if ident else "",
+                address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            )
+        )
+
+    def _forget(self) -> None:
+        if self._registry is not None:
+            self._registry.drop_service(SERVICE)
 
     async def _watch(
         self, proc: trio.Process, watcher: _Watcher, log_fd: int, on_ready: Callable[[], None]

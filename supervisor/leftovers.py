@@ -5,6 +5,9 @@ six hex digits), so what a dead supervisor left is found by name::
 
     processes       qemu-system-* with fireclaw.vm_id=<inst>-... in its arguments;
                     process guests with FIRECLAW_VM_ID=<inst>-... in their environment
+    services        a managed service's program naming its file in a state dir
+                    (ngircd -f <state_dir>/ircd/ngircd.conf): the instance is
+                    instance_id(<state_dir>)
     cgroups         <cgroup root>/fireclaw/<inst>-<vm>
     namespaces      /run/netns/fireclaw-<inst>-<vm>
     host links      fc<inst>br (the bridge), fc<inst>v<6 hex> (veths)
@@ -13,7 +16,7 @@ six hex digits), so what a dead supervisor left is found by name::
 
 and through the state dir only (so only for a swarm whose state dir is known)::
 
-    registry rows   the vms table of <state_dir>/swarm.db
+    registry rows   the vms and services tables of <state_dir>/swarm.db
     overlays        <state_dir>/disks/*.qcow2
     run dirs        <state_dir>/logs/run/*
 
@@ -48,15 +51,17 @@ from typing import Final, Literal, TypeVar
 import psutil
 from fireclaw.pool import cgroup, disks, netns, network
 from fireclaw.pool.vm import instance_id
-from fireclaw.supervisor import pidfile
-from fireclaw.supervisor.procid import ProcessIdentity, still_running
-from fireclaw.supervisor.state import StateError, Store, VmRecord
+from fireclaw.supervisor import pidfile, services
+from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
+from fireclaw.supervisor.state import ServiceRecord, StateError, Store, VmRecord
 
 __all__ = [
     "Leftovers",
     "Owner",
     "Process",
     "Removal",
+    "ServiceKind",
+    "ServiceProcess",
     "find",
     "find_all",
     "owner",
@@ -88,6 +93,22 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class ServiceKind:
+    """How a managed service's process is known by name: its program runs with the
+    path of a file in its swarm's state dir on its command line. While that file
+    exists its first line names fireclaw-swarm (``MARKER``), so a program of the
+    same name run by someone else from a look-alike path is not taken for ours."""
+
+    program: str  # the basename of argv[0]
+    config: Path  # that file, relative to the state dir
+
+
+#: The managed services, by their registry name (``state.ServiceRecord.name``).
+SERVICES: Final = {"ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf")}
+MARKER: Final = "fireclaw-swarm"
+
+
+@dataclass(frozen=True)
 class Process:
     """A VMM or guest process of a swarm."""
 
@@ -101,6 +122,24 @@ class Process:
         return f"process {self.pid} ({self.command}, vm {self.vm_id})"
 
 
+@dataclass(frozen=True)
+class ServiceProcess:
+    """A managed service's process, found by its command line."""
+
+    service: str
+    ident: ProcessIdentity
+    ppid: int
+    command: str
+    state_dir: Path  # the swarm it serves, as its command line names it
+
+    @property
+    def pid(self) -> int:
+        return self.ident.pid
+
+    def __str__(self) -> str:
+        return f"process {self.pid} ({self.command}, service {self.service} of {self.state_dir})"
+
+
 @dataclass
 class Leftovers:
     """What one instance has on the host, kind by kind, in the order ``remove`` goes."""
@@ -108,7 +147,9 @@ class Leftovers:
     instance: str
     state_dir: Path | None = None  # None: an instance found by name only
     processes: list[Process] = field(default_factory=list)
+    services: list[ServiceProcess] = field(default_factory=list)
     vms: list[VmRecord] = field(default_factory=list)
+    service_rows: list[ServiceRecord] = field(default_factory=list)
     cgroups: list[Path] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
@@ -126,7 +167,9 @@ class Leftovers:
         """One line per leftover, in removal order."""
         return [
             *(str(p) for p in self.processes),
+            *(str(p) for p in self.services),
             *(f"registry row {v.name} (pid {v.pid})" for v in self.vms),
+            *(f"registry row service {r.name} (pid {r.pid})" for r in self.service_rows),
             *(f"cgroup {p}" for p in self.cgroups),
             *(f"netns {n}" for n in self.netns),
             *(f"link {n}" for n in self.links),
@@ -191,6 +234,8 @@ def find_all(state_dir: Path | None = None) -> dict[str, Leftovers]:
 
     for proc in _look("processes", _processes, errors):
         entry(proc.vm_id[:6]).processes.append(proc)
+    for service in _look("services", _service_processes, errors):
+        entry(instance_id(service.state_dir)).services.append(service)
     for path in _look("cgroups", cgroup.leftovers, errors):
         if (m := _VM_ID.fullmatch(path.name)) is not None:
             entry(m[1]).cgroups.append(path)
@@ -212,7 +257,8 @@ def find_all(state_dir: Path | None = None) -> dict[str, Leftovers]:
         sdir = Path(state_dir).resolve()
         mine = entry(instance_id(sdir))
         mine.state_dir = sdir
-        mine.vms = _look("registry", partial(_registry, sdir), errors)
+        mine.vms = _look("registry", partial(_registry, sdir, Store.vms), errors)
+        mine.service_rows = _look("registry", partial(_registry, sdir, Store.services), errors)
         mine.disks = disks.leftovers(sdir / DISKS_NAME)
         mine.run_dirs += _look("run dirs", partial(_dirs_in, sdir / RUN_DIRS), errors)
     for leftovers in found.values():
@@ -259,6 +305,56 @@ def _processes() -> list[Process]:
     return found
 
 
+def _service_processes() -> list[ServiceProcess]:
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["cmdline", "ppid"], ad_value=None):
+        argv: list[str] = proc.info["cmdline"] or []
+        if proc.pid == me or not argv:
+            continue
+        command = os.path.basename(argv[0])
+        for name, kind in SERVICES.items():
+            if command != kind.program:
+                continue
+            state_dir = _state_dir_named(argv[1:], kind.config)
+            if state_dir is None or not _written_by_us(state_dir / kind.config):
+                continue
+            ident = process_identity(proc.pid)
+            if ident is not None:
+                found.append(
+                    ServiceProcess(
+                        service=name,
+                        ident=ident,
+                        ppid=proc.info["ppid"] or 0,
+                        command=command,
+                        state_dir=state_dir,
+                    )
+                )
+    return found
+
+
+def _state_dir_named(args: list[str], config: Path) -> Path | None:
+    """The state dir whose ``config`` file one of ``args`` is (an absolute path)."""
+    n = len(config.parts)
+    for arg in args:
+        path = Path(arg)
+        if path.is_absolute() and len(path.parts) > n and path.parts[-n:] == config.parts:
+            return Path(*path.parts[:-n])
+    return None
+
+
+def _written_by_us(config: Path) -> bool:
+    """Whether ``config`` is a file a swarm wrote (or is gone with its state dir)."""
+    try:
+        with config.open("rb") as f:
+            first = f.readline(512)
+    except FileNotFoundError:
+        return True  # its state dir was removed under it: nobody else will name it
+    except OSError:
+        return True  # cannot tell (another user's): listed; only they could stop it
+    return MARKER.encode() in first
+
+
 def _tmp_run_dirs() -> list[Path]:
     return [p for p in _dirs_in(Path(tempfile.gettempdir())) if _RUN_DIR.match(p.name)]
 
@@ -270,13 +366,13 @@ def _dirs_in(directory: Path) -> list[Path]:
         return []
 
 
-def _registry(state_dir: Path) -> list[VmRecord]:
+def _registry(state_dir: Path, rows: Callable[[Store], list[T]]) -> list[T]:
     db = state_dir / DB_NAME
     if not db.exists():
         return []  # opening would create it
     store = Store.open(db)
     try:
-        return store.vms()
+        return rows(store)
     finally:
         store.close()
 
@@ -320,7 +416,8 @@ def running_instances(found: dict[str, Leftovers] | None = None) -> dict[str, in
             if path.name == LOCK_NAME and owner(path.parent).state == "running":
                 running[instance_id(path.parent)] = pid
     for instance, leftovers in (found or {}).items():
-        parent = next((p.ppid for p in leftovers.processes if p.ppid in named - {me}), None)
+        parents = [p.ppid for p in leftovers.processes] + [s.ppid for s in leftovers.services]
+        parent = next((ppid for ppid in parents if ppid in named - {me}), None)
         if parent is not None:
             running.setdefault(instance, parent)
     return running
@@ -346,7 +443,7 @@ def remove(found: Leftovers) -> list[Removal]:
     Something already gone counts as removed."""
     done: list[Removal] = []
 
-    def attempt(item: str, fn: Callable[[], None]) -> None:
+    def attempt(item: str, fn: Callable[[], object]) -> None:
         try:
             fn()
         except Exception as exc:
@@ -356,8 +453,12 @@ def remove(found: Leftovers) -> list[Removal]:
 
     for proc in found.processes:
         attempt(str(proc), partial(_kill, proc))
+    for service in found.services:
+        attempt(str(service), partial(services.stop, service.ident))
     if found.vms and found.state_dir is not None:
         _remove_rows(found.state_dir, found.vms, done)
+    if found.service_rows and found.state_dir is not None:
+        _remove_service_rows(found.state_dir, found.service_rows, done)
     for path in found.cgroups:
         attempt(f"cgroup {path}", partial(cgroup.remove, path))
     for name in found.netns:
@@ -422,6 +523,26 @@ def _remove_rows(state_dir: Path, rows: list[VmRecord], done: list[Removal]) -> 
                 if rec.netns:
                     netns.remove_sync(rec.netns)
                 store.drop_vm(rec.name)
+            except Exception as exc:
+                done.append(Removal(item, _one_line(exc)))
+            else:
+                done.append(Removal(item))
+    finally:
+        store.close()
+
+
+def _remove_service_rows(state_dir: Path, rows: list[ServiceRecord], done: list[Removal]) -> None:
+    """As ``Supervisor.reclaim_services`` does at start: stop it, forget it."""
+    try:
+        store = Store.open(state_dir / DB_NAME)
+    except StateError as exc:
+        done += [Removal(f"registry row service {r.name}", _one_line(exc)) for r in rows]
+        return
+    try:
+        for rec in rows:
+            item = f"registry row service {rec.name} (pid {rec.pid})"
+            try:
+                services.reclaim(store, rec)
             except Exception as exc:
                 done.append(Removal(item, _one_line(exc)))
             else:

@@ -1,12 +1,14 @@
-"""Durable supervisor state: tasks, the audit trail, restarts, the VM registry
-and runtime scale overrides, in one SQLite database (``state_dir/swarm.db``).
+"""Durable supervisor state: tasks, the audit trail, restarts, the registry of
+VMs and managed services, and runtime scale overrides, in one SQLite database
+(``state_dir/swarm.db``).
 
 The database runs in WAL mode. Task changes commit with ``synchronous=FULL``:
 once a call that accepts or moves a task has returned, it has been fsynced and
 survives a crash of the supervisor or of the machine. Everything else (the VM
-registry, the audit trail, restarts, scales) commits with ``synchronous=NORMAL``:
-it survives a crash of the supervisor, and what a power loss could take from it
-(the last few VM records) describes VMs that died with the machine anyway.
+and service registry, the audit trail, restarts, scales) commits with
+``synchronous=NORMAL``: it survives a crash of the supervisor, and what a power
+loss could take from it (the last few registry rows) describes processes that
+died with the machine anyway.
 That keeps fsyncs, which block the event loop, off the path of every VM boot.
 Every public method is one transaction. Other processes (the CLI, a second
 supervisor being refused by the pid lock) may open the same file; writers wait
@@ -43,7 +45,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import msgspec
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
 
@@ -110,6 +112,26 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log: str | None = None
 
 
+class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A managed helper process (``ircd``: ngircd; later a local model server).
+
+    Written ahead: with ``pid`` 0 (no identity yet) before the process is
+    started, then with its identity once it runs; dropped once it has been
+    stopped and reaped. A row left by a killed supervisor therefore names
+    every copy that may still run: with ``pid`` 0, one that may have been
+    started before its pid was recorded (found by its command line instead).
+    """
+
+    name: str
+    #: The program (argv[0]), for people and for telling it apart by name.
+    command: str
+    pid: int = 0
+    start_time: int = 0
+    boot_id: str = ""
+    #: Where it serves, ``host:port``, if it listens.
+    address: str | None = None
+
+
 # Each entry migrates the schema from version i to i + 1, in one transaction.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -171,12 +193,24 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             created_at REAL NOT NULL
         )""",
     ),
+    # 3: managed services (ngircd, ...) in the crash-only registry, as VMs are.
+    (
+        """CREATE TABLE services (
+            name TEXT PRIMARY KEY,
+            command TEXT NOT NULL,
+            pid INTEGER NOT NULL CHECK (pid >= 0),
+            start_time INTEGER NOT NULL,
+            boot_id TEXT NOT NULL,
+            address TEXT
+        )""",
+    ),
 )
 
 _TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at"
 )
 _VM_COLUMNS: Final = "name, role, pid, start_time, boot_id, spec_hash, netns, cgroup, socket, log"
+_SERVICE_COLUMNS: Final = "name, command, pid, start_time, boot_id, address"
 
 # Audit details are best effort: a value JSON cannot carry (a Path, an
 # exception) is recorded as its str() rather than failing the caller.
@@ -454,6 +488,31 @@ class Store:
         with self._errors():
             rows = self._conn.execute(f"SELECT {_VM_COLUMNS} FROM vms ORDER BY name").fetchall()
         return [_vm(r) for r in rows]
+
+    # --- service registry ----------------------------------------------------
+
+    def put_service(self, rec: ServiceRecord) -> None:
+        """Insert or replace the record named ``rec.name``."""
+        with self._errors():
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO services ({_SERVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.name, rec.command, rec.pid, rec.start_time, rec.boot_id, rec.address),
+            )
+
+    def drop_service(self, name: str) -> None:
+        """Forget ``name``; no error if it is not there."""
+        with self._errors():
+            self._conn.execute("DELETE FROM services WHERE name = ?", (name,))
+
+    def services(self) -> list[ServiceRecord]:
+        with self._errors():
+            rows = self._conn.execute(
+                f"SELECT {_SERVICE_COLUMNS} FROM services ORDER BY name"
+            ).fetchall()
+        return [
+            ServiceRecord(name=n, command=c, pid=p, start_time=t, boot_id=b, address=a)
+            for n, c, p, t, b, a in rows
+        ]
 
     # --- scale overrides -----------------------------------------------------
 

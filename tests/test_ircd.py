@@ -13,7 +13,10 @@ import psutil
 import pytest
 import trio
 from fireclaw.config import Backoff, IrcSpec, ManagedIrcSpec, RestartPolicy
+from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
+from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.state import ServiceRecord, Store
 
 NGIRCD = shutil.which("ngircd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 pytestmark = pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
@@ -276,3 +279,91 @@ async def test_missing_binary_fails_first_start(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         with trio.fail_after(10), pytest.raises(IrcdError, match="did not start: cannot run"):
             await nursery.start(ircd.run)
+
+
+# --- the crash-only registry ---------------------------------------------------
+
+
+class WatchedStore(Store):
+    """The real state database, noting which ngircd of ``conf`` ran at each write."""
+
+    conf: Path
+    writes: list[tuple[ServiceRecord, list[int]]]
+
+    def put_service(self, rec: ServiceRecord) -> None:
+        self.writes.append((rec, [p.pid for p in ngircd_of(self.conf)]))
+        super().put_service(rec)
+
+
+def watched_store(state: Path, conf: Path) -> WatchedStore:
+    store = WatchedStore.open(state / "swarm.db")
+    assert isinstance(store, WatchedStore)
+    store.conf, store.writes = conf, []
+    return store
+
+
+async def test_registry_row_is_written_ahead_and_dropped_once_reaped(tmp_path: Path) -> None:
+    port = free_port()
+    with watched_store(tmp_path, tmp_path / "ircd" / "ngircd.conf") as store:
+        ircd = ManagedIrcd(spec(port), tmp_path, registry=store)
+        assert ircd.conf_path == store.conf
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                await nursery.start(ircd.run)
+            pid = ircd.pid
+            assert pid is not None
+            ident = process_identity(pid)
+            assert ident is not None
+            (ahead, running_then), (spawned, _) = store.writes
+            # Before it was started: no identity, and no ngircd of ours running.
+            assert (ahead.name, ahead.pid, ahead.start_time, running_then) == ("ircd", 0, 0, [])
+            assert store.services() == [spawned]
+            assert spawned == ServiceRecord(
+                name="ircd",
+                command=NGIRCD or "",
+                pid=pid,
+                start_time=ident.start_time,
+                boot_id=ident.boot_id,
+                address=f"127.0.0.1:{port}",
+            )
+            nursery.cancel_scope.cancel()
+        assert not psutil.pid_exists(pid)
+        assert store.services() == []
+
+
+async def test_a_restarted_incarnation_replaces_its_row(tmp_path: Path) -> None:
+    events = Events()
+    with Store.open(tmp_path / "swarm.db") as store:
+        ircd = ManagedIrcd(
+            spec(free_port()), tmp_path, events, uniform=lambda a, b: 0.0, registry=store
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                await nursery.start(ircd.run)
+            first = ircd.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            with trio.fail_after(10):
+                await events.wait_for("ircd_started", 2)
+            assert ircd.pid is not None and ircd.pid != first
+            assert [(r.name, r.pid) for r in store.services()] == [("ircd", ircd.pid)]
+            nursery.cancel_scope.cancel()
+        assert store.services() == []
+
+
+async def test_a_first_start_that_fails_leaves_no_row(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "swarm.db") as store:
+        ircd = ManagedIrcd(
+            spec(free_port()), tmp_path, binary=str(tmp_path / "no-ngircd"), registry=store
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10), pytest.raises(IrcdError, match="cannot run"):
+                await nursery.start(ircd.run)
+        assert store.services() == []
+
+
+def test_the_config_path_is_where_leftovers_look_for_it(tmp_path: Path) -> None:
+    ircd = ManagedIrcd(spec(free_port()), tmp_path)
+    kind = leftovers.SERVICES["ircd"]
+    assert ircd.conf_path == tmp_path / kind.config
+    assert os.path.basename(NGIRCD or "") == kind.program

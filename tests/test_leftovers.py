@@ -28,10 +28,12 @@ from fireclaw.pool.network import Network
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers, pidfile
 from fireclaw.supervisor.doctor import Report
-from fireclaw.supervisor.leftovers import Leftovers, Owner, Process
-from fireclaw.supervisor.procid import process_identity
-from fireclaw.supervisor.state import Store, VmRecord
+from fireclaw.supervisor.ircd import render_config
+from fireclaw.supervisor.leftovers import Leftovers, Owner, Process, ServiceProcess
+from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
+from fireclaw.supervisor.state import ServiceRecord, Store, VmRecord
 from swarmctl import FIRECLAW, Swarm, idle, role_yaml, swarm_yaml
+from test_services import identity_of, running
 
 CLI_DEADLINE = 60.0
 
@@ -126,6 +128,108 @@ def test_leftovers_of_a_stopped_swarm_and_of_unknown_ones_are_listed() -> None:
     r = report(Owner("stopped"), Leftovers("abc123"), {"def456": (Owner("unknown"), lost)})
     assert r.exit_status == 1
     assert r.lines()[-1] == "run `fireclaw-swarm gc --all` to remove other swarms' leftovers"
+
+
+def test_a_dead_swarm_s_services_are_listed_process_first_then_row() -> None:
+    ident = ProcessIdentity(pid=9, start_time=5, boot_id="b")
+    ngircd = ServiceProcess(
+        service="ircd", ident=ident, ppid=1, command="ngircd", state_dir=Path("/x/state")
+    )
+    row = ServiceRecord(name="ircd", command="/usr/sbin/ngircd", pid=9, start_time=5, boot_id="b")
+    mine = Leftovers("abc123", services=[ngircd], service_rows=[row])
+    r = report(Owner("stopped"), mine, {})
+    lines = r.lines()
+    assert lines[lines.index("leftovers     2 of this swarm:") + 1 :][:2] == [
+        "              process 9 (ngircd, service ircd of /x/state)",
+        "              registry row service ircd (pid 9)",
+    ]
+    assert r.exit_status == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "state_dir"),
+    [
+        (["-n", "-f", "/srv/swarm/state/ircd/ngircd.conf"], Path("/srv/swarm/state")),
+        (["-f", "/ircd/ngircd.conf"], Path("/")),
+        (["-n", "-f", "state/ircd/ngircd.conf"], None),  # relative: nobody's for sure
+        (["-n", "-f", "/etc/ngircd/ngircd.conf"], None),  # the Debian service
+        (["-n", "-f", "/x/ircd/ngircd.conf.d"], None),
+        ([], None),
+    ],
+)
+def test_the_state_dir_is_read_from_the_command_line(
+    argv: list[str], state_dir: Path | None
+) -> None:
+    assert leftovers._state_dir_named(argv, leftovers.SERVICES["ircd"].config) == state_dir
+
+
+def test_a_service_left_running_is_found_by_row_and_by_name_and_removed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    inst = instance_id(state)
+    with running(state) as proc, Store.open(state / "swarm.db") as store:
+        ident = identity_of(proc)
+        store.put_service(
+            ServiceRecord(
+                name="ircd",
+                command="/usr/sbin/ngircd",
+                pid=ident.pid,
+                start_time=ident.start_time,
+                boot_id=ident.boot_id,
+            )
+        )
+        found = leftovers.find(state)
+        assert [s.ident for s in found.services] == [ident]
+        assert [r.pid for r in found.service_rows] == [ident.pid]
+        # Known by name alone too (no state dir given): its command line names it.
+        by_name = leftovers.find_all()[inst]
+        assert by_name.state_dir is None and by_name.service_rows == []
+        assert [str(s) for s in by_name.services] == [
+            f"process {ident.pid} (ngircd, service ircd of {state})"
+        ]
+        # Its parent (pytest) is no supervisor: nobody is seen running it.
+        assert inst not in leftovers.running_instances({inst: by_name})
+
+        done = leftovers.remove(found)
+        assert [str(r) for r in done] == [
+            f"removed process {ident.pid} (ngircd, service ircd of {state})",
+            f"removed registry row service ircd (pid {ident.pid})",
+        ]
+        assert proc.wait() == -signal.SIGTERM  # asked to stop first, not killed
+        assert not still_running(ident)
+        assert store.services() == []
+        assert leftovers.find(state).items() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "ours"),
+    [
+        (None, True),  # its state dir is gone: nobody else names that path
+        ("managed", True),  # as the managed server's config is written
+        ("[Global]\nName = irc.example.org\n", False),  # someone else's ngircd
+    ],
+)
+def test_a_look_alike_path_is_not_taken_for_a_swarm_s(
+    tmp_path: Path, config: str | None, ours: bool
+) -> None:
+    state = tmp_path / "state"
+    conf = state / leftovers.SERVICES["ircd"].config
+    conf.parent.mkdir(parents=True)
+    if config == "managed":
+        config = render_config(
+            workdir=conf.parent,
+            listen="127.0.0.1",
+            port=6667,
+            server_name="irc.fireclaw.local",
+            network="fireclaw",
+            password=None,
+            max_nick_length=30,
+        )
+    if config is not None:
+        conf.write_text(config)
+    with running(state) as proc:
+        found = leftovers.find_all().get(instance_id(state), Leftovers(""))
+        assert [s.pid for s in found.services] == ([proc.pid] if ours else [])
 
 
 async def test_a_bad_config_exits_78(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from fireclaw.supervisor.state import (
     SCHEMA_VERSION,
     AgentRecord,
+    ServiceRecord,
     StateError,
     Store,
     TaskConflict,
@@ -394,6 +395,38 @@ def test_vm_registry(db_path: pathlib.Path) -> None:
         assert store.vms() == [b]
 
 
+def test_service_registry_is_written_ahead_then_identified_then_dropped(
+    db_path: pathlib.Path,
+) -> None:
+    ahead = ServiceRecord(name="ircd", command="/usr/sbin/ngircd", address="127.0.0.1:6667")
+    model = ServiceRecord(
+        name="model", command="/usr/bin/llama-server", pid=77, start_time=5, boot_id="b" * 36
+    )
+    with Store.open(db_path) as store:
+        assert store.services() == []
+        store.put_service(ahead)
+        store.put_service(model)
+        assert store.services() == [ahead, model]
+        assert (ahead.pid, ahead.start_time, ahead.boot_id) == (0, 0, "")
+        spawned = ServiceRecord(
+            name="ircd",
+            command="/usr/sbin/ngircd",
+            pid=4242,
+            start_time=123456,
+            boot_id="b" * 36,
+            address="127.0.0.1:6667",
+        )
+        store.put_service(spawned)  # the same name: replaced, not added
+        assert store.services() == [spawned, model]
+    with Store.open(db_path) as store:  # it survives the supervisor
+        assert store.services() == [spawned, model]
+        store.drop_service("ircd")
+        store.drop_service("no-such-service")
+        assert store.services() == [model]
+        with pytest.raises(StateError, match="CHECK constraint"):
+            store.put_service(ServiceRecord(name="bad", command="x", pid=-1))
+
+
 def test_scales(store: Store) -> None:
     assert store.scales() == {}
     store.set_scale("coder", 3)
@@ -433,3 +466,23 @@ def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -
         store.put_agent(AgentRecord(name="alice", role="coder"))
     with Store.open(db_path) as store:
         assert [a.name for a in store.agents()] == ["alice"]
+
+
+def test_a_version_2_database_gains_the_service_registry(db_path: pathlib.Path) -> None:
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "CREATE TABLE agents (name TEXT PRIMARY KEY, role TEXT NOT NULL, model TEXT,"
+        " persona TEXT, created_at REAL NOT NULL)"
+    )
+    conn.execute("INSERT INTO agents VALUES ('alice', 'coder', NULL, NULL, 1.0)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Store.open(db_path) as store:
+        assert [a.name for a in store.agents()] == ["alice"]
+        assert store.services() == []
+        store.put_service(ServiceRecord(name="ircd", command="ngircd"))
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
