@@ -38,10 +38,7 @@ KVM_DEVICE: Final = Path("/dev/kvm")
 
 # The shell prints 42 computed, so the marker cannot be the kernel echoing its command line.
 _MARKER: Final = b"fireclaw-accel-probe-42"
-_PROBE_INIT: Final = (
-    "rdinit=/bin/busybox -- sh -c"
-    ' "echo fireclaw-accel-probe-$((6*7)); exec /bin/busybox poweroff -f"'
-)
+_PROBE_SHELL: Final = 'sh -c "echo fireclaw-accel-probe-$((6*7)); exec /bin/busybox poweroff -f"'
 
 
 class AccelError(Exception):
@@ -85,12 +82,22 @@ def host_tsc_khz() -> int | None:
         return None
 
 
+def probe_cmdline(accel: Accel, *, tsc_khz: int | None) -> str:
+    """The probe's kernel command line: kernel parameters, then ``--`` and busybox's
+    arguments.
+
+    The kernel hands every word after ``--`` to init and parses none of them, so
+    each kernel parameter must come before it.
+    """
+    params = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1", "rdinit=/bin/busybox"]
+    if accel.name == "tcg" and tsc_khz:
+        params.append(f"tsc_early_khz={tsc_khz}")  # as the driver does: see tsc_khz
+    return f"{' '.join(params)} -- {_PROBE_SHELL}"
+
+
 def probe_argv(image: Image, qemu: str, accel: Accel) -> list[str]:
     """The probe boot: serial console on stdout, no disks, no network."""
-    append = f"console=ttyS0 panic=-1 quiet loglevel=1 {_PROBE_INIT}"
-    khz = host_tsc_khz() if accel.name == "tcg" else None
-    if khz:
-        append += f" tsc_early_khz={khz}"  # as the driver does: see tsc_khz
+    append = probe_cmdline(accel, tsc_khz=host_tsc_khz() if accel.name == "tcg" else None)
     return [
         qemu, *accel_argv(accel),
         "-M", "microvm,x-option-roms=off,rtc=on", "-m", "128", "-smp", "1",
