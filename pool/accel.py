@@ -10,7 +10,12 @@ Anything else falls back to TCG with a one-line reason saying what happened.
 
 The answer is cached in a small JSON file keyed by the kernel's path and
 mtime, the QEMU version and the host kernel's release, so a host is probed
-once per kernel and QEMU.
+once per kernel and QEMU. A conclusive answer is kept at once: the boot
+reached userspace, or QEMU exited or printed an error. A probe that merely ran
+out of time is not conclusive (a busy host can be that slow, and one bad
+moment must not send every VM to TCG for good): that start uses TCG, and the
+next start probes again, until ``PROBE_TIMEOUTS`` timeouts in a row settle
+the answer, which bounds what a KVM that hangs silently costs.
 
 Errors::
 
@@ -34,14 +39,13 @@ from fireclaw.pool.image import Image
 #: How long the probe boot may take to print its marker. A working KVM boots
 #: the kernel to userspace in well under a second.
 PROBE_DEADLINE: Final = 10.0
+#: Probes in a row (one per start) that must run out of time before TCG is kept for good.
+PROBE_TIMEOUTS: Final = 3
 KVM_DEVICE: Final = Path("/dev/kvm")
 
 # The shell prints 42 computed, so the marker cannot be the kernel echoing its command line.
 _MARKER: Final = b"fireclaw-accel-probe-42"
-_PROBE_INIT: Final = (
-    "rdinit=/bin/busybox -- sh -c"
-    ' "echo fireclaw-accel-probe-$((6*7)); exec /bin/busybox poweroff -f"'
-)
+_PROBE_SHELL: Final = 'sh -c "echo fireclaw-accel-probe-$((6*7)); exec /bin/busybox poweroff -f"'
 
 
 class AccelError(Exception):
@@ -52,6 +56,16 @@ class AccelError(Exception):
 class Accel:
     name: Literal["kvm", "tcg"]
     reason: str  # one line: why this one
+
+
+@dataclass(frozen=True)
+class ProbeFailure:
+    """Why a probe boot did not reach userspace."""
+
+    reason: str  # one line
+    # False when the deadline passed with QEMU still running and no error from
+    # it: the guest may have been slow on a busy host rather than broken.
+    conclusive: bool
 
 
 def accel_argv(accel: Accel) -> list[str]:
@@ -85,12 +99,22 @@ def host_tsc_khz() -> int | None:
         return None
 
 
+def probe_cmdline(accel: Accel, *, tsc_khz: int | None) -> str:
+    """The probe's kernel command line: kernel parameters, then ``--`` and busybox's
+    arguments.
+
+    The kernel hands every word after ``--`` to init and parses none of them, so
+    each kernel parameter must come before it.
+    """
+    params = ["console=ttyS0", "panic=-1", "quiet", "loglevel=1", "rdinit=/bin/busybox"]
+    if accel.name == "tcg" and tsc_khz:
+        params.append(f"tsc_early_khz={tsc_khz}")  # as the driver does: see tsc_khz
+    return f"{' '.join(params)} -- {_PROBE_SHELL}"
+
+
 def probe_argv(image: Image, qemu: str, accel: Accel) -> list[str]:
     """The probe boot: serial console on stdout, no disks, no network."""
-    append = f"console=ttyS0 panic=-1 quiet loglevel=1 {_PROBE_INIT}"
-    khz = host_tsc_khz() if accel.name == "tcg" else None
-    if khz:
-        append += f" tsc_early_khz={khz}"  # as the driver does: see tsc_khz
+    append = probe_cmdline(accel, tsc_khz=host_tsc_khz() if accel.name == "tcg" else None)
     return [
         qemu, *accel_argv(accel),
         "-M", "microvm,x-option-roms=off,rtc=on", "-m", "128", "-smp", "1",
@@ -118,12 +142,13 @@ async def qemu_version(qemu: str) -> str:
     return lines[0].strip()
 
 
-def _first_error(stderr: bytes, qemu: str) -> str:
-    """QEMU's first error line, without its program-name prefix."""
+def _first_error(stderr: bytes, qemu: str, *, warnings: bool = True) -> str | None:
+    """QEMU's first error line, without its program-name prefix; its first warning
+    when it printed no error and ``warnings`` is true; else None."""
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    wanted = [line for line in lines if "warning:" not in line] or lines
+    wanted = [line for line in lines if "warning:" not in line] or (lines if warnings else [])
     if not wanted:
-        return "no error message"
+        return None
     line = wanted[0]
     for prefix in (f"{qemu}:", f"{Path(qemu).name}:"):
         line = line.removeprefix(prefix).strip()
@@ -139,9 +164,8 @@ def _exit_text(code: int) -> str:
 
 async def probe_boot(
     image: Image, qemu: str, accel: Accel, *, deadline: float = PROBE_DEADLINE
-) -> str | None:
-    """Boot ``image`` under ``accel``; None if it reached userspace, else one line saying
-    why not."""
+) -> ProbeFailure | None:
+    """Boot ``image`` under ``accel``; None if it reached userspace, else why not."""
     try:
         proc = await trio.lowlevel.open_process(
             probe_argv(image, qemu, accel),
@@ -193,17 +217,54 @@ async def probe_boot(
     last = console.decode(errors="replace").strip().splitlines()[-1:] or [""]
     shown = f" (last console line: {last[0][:120]})" if last[0] else ""
     if proc.returncode is not None and not timed_out:
-        if errors.strip():
-            return f"qemu {_exit_text(proc.returncode)}: {_first_error(bytes(errors), qemu)}"
-        return f"qemu {_exit_text(proc.returncode)} before the probe reached userspace{shown}"
+        error = _first_error(bytes(errors), qemu)
+        if error is not None:
+            return ProbeFailure(f"qemu {_exit_text(proc.returncode)}: {error}", conclusive=True)
+        return ProbeFailure(
+            f"qemu {_exit_text(proc.returncode)} before the probe reached userspace{shown}",
+            conclusive=True,
+        )
+    # A guest KVM cannot run (an emulation failure) stops while QEMU lives on.
+    error = _first_error(bytes(errors), qemu, warnings=False)
+    if error is not None:
+        return ProbeFailure(f"qemu: {error}", conclusive=True)
     if not shown:
-        return f"no console output within {deadline:g}s"
-    return f"the kernel did not reach userspace within {deadline:g}s{shown}"
+        return ProbeFailure(f"no console output within {deadline:g}s", conclusive=False)
+    return ProbeFailure(
+        f"the kernel did not reach userspace within {deadline:g}s{shown}", conclusive=False
+    )
 
 
 class _Entry(msgspec.Struct, frozen=True, kw_only=True):
     name: Literal["kvm", "tcg"]
     reason: str
+    # Inconclusive probes in a row; 0 for a conclusive answer.
+    timeouts: int = 0
+
+    @property
+    def settled(self) -> bool:
+        """Whether this answer stands without another probe."""
+        return self.timeouts == 0 or self.timeouts >= PROBE_TIMEOUTS
+
+
+def _next_entry(previous: _Entry | None, failure: ProbeFailure | None, elapsed: float) -> _Entry:
+    """The cache entry after a KVM probe that ended with ``failure`` after ``elapsed``
+    seconds, ``previous`` being what the cache held for the same key."""
+    if failure is None:
+        return _Entry(name="kvm", reason=f"kvm: probe boot reached userspace in {elapsed:.1f}s")
+    if failure.conclusive:
+        return _Entry(name="tcg", reason=f"kvm: {failure.reason}; using tcg")
+    timeouts = (previous.timeouts if previous is not None else 0) + 1
+    if timeouts < PROBE_TIMEOUTS:
+        again = f"timeout {timeouts} of {PROBE_TIMEOUTS}, probing again at the next start"
+        return _Entry(
+            name="tcg", reason=f"kvm: {failure.reason}; using tcg ({again})", timeouts=timeouts
+        )
+    return _Entry(
+        name="tcg",
+        reason=f"kvm: {failure.reason}; using tcg (timed out {timeouts} starts in a row)",
+        timeouts=timeouts,
+    )
 
 
 _cache_decoder: Final = msgspec.json.Decoder(dict[str, _Entry])
@@ -236,8 +297,9 @@ async def choose_accel(
 ) -> Accel:
     """KVM if ``/dev/kvm`` is usable and a probe boot under it works, else TCG.
 
-    Probes at most once per kernel, QEMU version and host kernel (answers are
-    cached in ``cache_path``). Raises AccelError when QEMU cannot be run.
+    Probes once per kernel, QEMU version and host kernel (answers are cached in
+    ``cache_path``), or up to ``PROBE_TIMEOUTS`` starts in a row while the probe
+    only runs out of time. Raises AccelError when QEMU cannot be run.
     """
     version = await qemu_version(qemu)
     if not KVM_DEVICE.exists():
@@ -246,18 +308,13 @@ async def choose_accel(
         return Accel("tcg", f"kvm: no read/write access to {KVM_DEVICE}; using tcg")
     key = cache_key(image, version)
     cached = await trio.to_thread.run_sync(_read_cache, cache_path)
-    if key in cached:
-        entry = cached[key]
-        return Accel(entry.name, entry.reason)
+    previous = cached.get(key)
+    if previous is not None and previous.settled:
+        return Accel(previous.name, previous.reason)
     started = trio.current_time()
     failure = await probe_boot(image, qemu, Accel("kvm", "probing"))
-    if failure is None:
-        accel = Accel(
-            "kvm", f"kvm: probe boot reached userspace in {trio.current_time() - started:.1f}s"
-        )
-    else:
-        accel = Accel("tcg", f"kvm: {failure}; using tcg")
-    cached[key] = _Entry(name=accel.name, reason=accel.reason)
+    entry = _next_entry(previous, failure, trio.current_time() - started)
+    cached[key] = entry
     with contextlib.suppress(OSError):  # an unwritable cache only costs another probe
         await trio.to_thread.run_sync(_write_cache, cache_path, cached)
-    return accel
+    return Accel(entry.name, entry.reason)
