@@ -53,10 +53,18 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
-from fireclaw.config.model import IrcSpec, connect_host
+from fireclaw.config.model import IrcOperatorSpec, IrcSpec, connect_host
 from fireclaw.supervisor.backoff import RestartTracker, classify_exit
+from fireclaw.supervisor.secretfile import SecretFileError, ensure_secret, read_secret
 
-__all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
+__all__ = [
+    "IrcdError",
+    "ManagedIrcd",
+    "OperatorBlock",
+    "operator_password_path",
+    "render_config",
+    "server_ids",
+]
 
 log = logging.getLogger("fireclaw.supervisor.ircd")
 
@@ -94,8 +102,34 @@ State = Literal["starting", "running", "backoff", "failed"]
 OnEvent = Callable[[str, str, dict[str, object]], None]
 
 
+SECRETS_DIR: Final = "secrets"
+"""Folder of the state dir that holds generated secrets (0700)."""
+#: What ngircd takes as an operator password: one unquoted word of printable ASCII.
+OPER_PASSWORD_RE: Final = re.compile(r"[!-~]{1,64}")
+
+
 class IrcdError(Exception):
     """The managed IRC server could not be started. str() is one line."""
+
+
+@dataclass(frozen=True)
+class OperatorBlock:
+    """One ``[Operator]`` of ngircd.conf: ``/OPER name password``, from ``mask`` if set."""
+
+    name: str
+    password: str
+    mask: str | None = None
+
+    def __repr__(self) -> str:  # the password stays out of logs and tracebacks
+        return f"OperatorBlock(name={self.name!r}, mask={self.mask!r})"
+
+
+def operator_password_path(state_dir: Path, operator: IrcOperatorSpec) -> Path:
+    """The file that holds ``operator``'s password: its ``password_file`` (made
+    absolute by the loader), else ``<state_dir>/secrets/irc-operator-<name>``."""
+    if operator.password_file is not None:
+        return Path(operator.password_file)
+    return state_dir / SECRETS_DIR / f"irc-operator-{operator.name}"
 
 
 def server_ids() -> tuple[int, int]:
@@ -123,6 +157,7 @@ def render_config(
     password: str | None,
     max_nick_length: int,
     channels: Sequence[tuple[str, str]] = (),
+    operators: Sequence[OperatorBlock] = (),
     server_uid: int | None = None,
     server_gid: int | None = None,
     max_connections: int = MAX_CONNECTIONS,
@@ -130,13 +165,23 @@ def render_config(
     """A complete ngircd.conf for the managed server.
 
     ``channels`` are (name, topic) pairs created at start as persistent ``+Ptn``
-    channels. ``server_uid``/``server_gid`` default to ``server_ids()``. The
-    values are trusted to be valid (``IrcSpec`` checks them): ngircd reads one
-    unquoted value per line, so none may hold a line break.
+    channels; ``operators`` become ``[Operator]`` blocks (the text then holds
+    their passwords: it is written root-only, and ngircd reads it before it
+    drops privileges). ``server_uid``/``server_gid`` default to
+    ``server_ids()``. The values are trusted to be valid (``IrcSpec`` and
+    ``read_secret`` check them): ngircd reads one unquoted value per line, so
+    none may hold a line break.
     """
     if server_uid is None or server_gid is None:
         server_uid, server_gid = server_ids()
-    values = (listen, server_name, network, password or "", *(c for ch in channels for c in ch))
+    values = (
+        listen,
+        server_name,
+        network,
+        password or "",
+        *(c for ch in channels for c in ch),
+        *(v for op in operators for v in (op.name, op.password, op.mask or "")),
+    )
     if any(ch in v for v in values for ch in "\r\n\x00"):
         raise ValueError("ngircd config values cannot hold line breaks or NUL")
     lines = [
@@ -178,6 +223,10 @@ def render_config(
     ]
     for name, topic in channels:
         lines += ["", "[Channel]", f"Name = {name}", "Modes = tn", f"Topic = {topic}"]
+    for op in operators:
+        lines += ["", "[Operator]", f"Name = {op.name}", f"Password = {op.password}"]
+        if op.mask is not None:
+            lines.append(f"Mask = {op.mask}")
     return "\n".join(lines) + "\n"
 
 
@@ -462,9 +511,12 @@ class ManagedIrcd:
         return found
 
     def _write_files(self) -> None:
-        """The work folder (root-only: the config may hold the password), an empty
-        IncludeDir, the config and the log folder."""
+        """The work folder (root-only: the config holds the operator passwords), an
+        empty IncludeDir, the config and the log folder. Each operator's password
+        comes from its file (see ``operator_password_path``), made if it is the
+        default one and missing; a file that cannot be used is an ``IrcdError``."""
         managed = self.config.managed
+        operators = [self._operator(op) for op in managed.operators]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)
         (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)
@@ -483,6 +535,7 @@ class ManagedIrcd:
                 (self.config.control_channel, "fireclaw-swarm: commands for the overseer"),
                 (self.config.agents_channel, "fireclaw-swarm: the agents"),
             ),
+            operators=operators,
             max_connections=max(16, min(MAX_CONNECTIONS, limit)),
         )
         tmp = self.conf_path.with_suffix(".tmp")
@@ -490,6 +543,18 @@ class ManagedIrcd:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         tmp.replace(self.conf_path)
+
+    def _operator(self, op: IrcOperatorSpec) -> OperatorBlock:
+        path = operator_password_path(self.workdir.parent, op)
+        what = "the password: 1 to 64 printable ASCII characters without spaces"
+        try:
+            if op.password_file is None:
+                password = ensure_secret(path, OPER_PASSWORD_RE, what)
+            else:
+                password = read_secret(path, OPER_PASSWORD_RE, what)
+        except SecretFileError as exc:
+            raise IrcdError(f"irc.managed.operators {op.name}: {exc}") from None
+        return OperatorBlock(name=op.name, password=password, mask=op.mask)
 
     def _write_pid(self, pid: int) -> None:
         fd = os.open(self.pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
