@@ -32,10 +32,12 @@ def free_port() -> int:
         return port
 
 
-def spec(port: int, operators: tuple[IrcOperatorSpec, ...] | None = None, **fields: object) -> IrcSpec:
-    managed = ManagedIrcSpec(port=port) if operators is None else ManagedIrcSpec(
-        port=port, operators=operators
-    )
+def spec(
+    port: int, operators: tuple[IrcOperatorSpec, ...] | None = None, **fields: object
+) -> IrcSpec:
+    managed = ManagedIrcSpec(port=port)
+    if operators is not None:
+        managed = ManagedIrcSpec(port=port, operators=operators)
     return IrcSpec(managed=managed, **fields)  # type: ignore[arg-type]
 
 
