@@ -318,6 +318,11 @@ async def test_operator_password_is_generated_and_oper_works(tmp_path: Path) -> 
         assert secret.stat().st_uid == os.geteuid()
         password = secret.read_text().strip()
         assert len(password) >= 40
+        assert ircd.conf_path.stat().st_mode & 0o077 == 0
+        if os.geteuid() == 0:
+            # It read the root-only config (the password works below) before dropping root.
+            assert ircd.pid is not None
+            assert psutil.Process(ircd.pid).uids().effective != 0
         with trio.fail_after(10):
             guest = await register(ircd.address, "guest")
             await guest.send_all(b"OPER fireclaw wrong-password\r\n")

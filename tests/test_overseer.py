@@ -308,6 +308,39 @@ def test_commands_are_rate_limited_per_sender(swarm: Swarm, op: Person) -> None:
         other.stop()
 
 
+def test_an_operator_outside_the_channel_is_obeyed_in_private(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    away = operator(swarm.irc_port, swarm.state, "away")  # type: ignore[attr-defined]
+    try:
+        for _ in range(2):  # asked about each time: nobody in the channel sees it leave
+            away.say("overseer", "!status")
+            away.said("away", "worker: 1 idle")
+    finally:
+        away.stop()
+    assert refusals(swarm) == []
+
+
+def test_hostmask_operators_only_when_asked_for_and_with_a_warning(tmp_path: Path) -> None:
+    port = free_port()
+    swarm = start_swarm(tmp_path, irc_yaml(port, extra="\n  operator_auth: hostmask"))
+    try:
+        plain = Person(("127.0.0.1", port), "op").start(CONTROL)
+        try:
+            overseer_in_channel(plain)
+            plain.say(CONTROL, "!status")
+            plain.said(CONTROL, "op: worker: 1 idle")
+        finally:
+            plain.stop()
+    finally:
+        swarm.close()
+    warnings = [
+        line
+        for line in swarm.log.read_text().splitlines()
+        if "irc.operator_auth is hostmask: anyone who can connect" in line
+    ]
+    assert len(warnings) == 1, swarm.log.read_text()
+
+
 def test_help_and_usage_lines(swarm: Swarm, op: Person) -> None:
     overseer_in_channel(op)
     op.say(CONTROL, "!scale worker lots")
