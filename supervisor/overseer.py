@@ -14,17 +14,18 @@ VMs, degraded and recovered roles, named agents coming back, finished tasks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
 from fireclaw.config import IrcSpec
-from fireclaw.guest_daemon.irc import IrcClient, IrcConfig, Message
+from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Message
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.operators import (
-    MAX_WAITING,
     Action,
     Obey,
     OperatorGate,
@@ -68,8 +69,10 @@ class Overseer:
             )
         )
         self.gate = OperatorGate(spec)
-        # WHOIS questions go out in the order asked: answers are matched in order.
-        self._whois_in, self._whois_out = trio.open_memory_channel[str](MAX_WAITING)
+        # WHOIS questions go out in the order asked: answers are matched in order. The
+        # gate keeps at most operators.MAX_WAITING questions open, and those not sent when the
+        # connection drops are dropped with them, so this never holds more.
+        self._whois_in, self._whois_out = trio.open_memory_channel[str](math.inf)
         if spec.operator_auth == "hostmask":
             log.warning(
                 "irc.operator_auth is hostmask: anyone who can connect from an address"
@@ -85,8 +88,15 @@ class Overseer:
             async for event in self.client.events():
                 if isinstance(event, Message):
                     self._on_message(event, nursery)
-                else:
-                    self._act(self.gate.on_event(event, trio.current_time()), nursery)
+                    continue
+                if isinstance(event, Disconnected):
+                    self._drop_unsent_whois()
+                self._act(self.gate.on_event(event, trio.current_time()), nursery)
+
+    def _drop_unsent_whois(self) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                self._whois_out.receive_nowait()
 
     async def _ask_whois(self) -> None:
         async for nick in self._whois_out:
@@ -107,7 +117,6 @@ class Overseer:
         for action in actions:
             match action:
                 case Whois(nick=nick):
-                    # Never full: the gate keeps at most MAX_WAITING questions open.
                     self._whois_in.send_nowait(nick)
                 case Obey(message=msg, command=command):
                     self.sup.event("command", msg.source, mask=_mask(msg), command=msg.text[:200])
