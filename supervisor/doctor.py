@@ -23,7 +23,7 @@ from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers
-from fireclaw.supervisor.ircd import operator_password_path
+from fireclaw.supervisor.ircd_operators import operator_password_path
 from fireclaw.supervisor.leftovers import Leftovers, Owner
 
 IMAGES_NAME: Final = "images"  # as supervisor/daemon.py

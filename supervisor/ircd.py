@@ -53,18 +53,12 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
-from fireclaw.config.model import IrcOperatorSpec, IrcSpec, connect_host
+from fireclaw.config.model import IrcSpec, connect_host
 from fireclaw.supervisor.backoff import RestartTracker, classify_exit
-from fireclaw.supervisor.secretfile import SecretFileError, ensure_secret, read_secret
+from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
+from fireclaw.supervisor.secretfile import SecretFileError
 
-__all__ = [
-    "IrcdError",
-    "ManagedIrcd",
-    "OperatorBlock",
-    "operator_password_path",
-    "render_config",
-    "server_ids",
-]
+__all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
 
 log = logging.getLogger("fireclaw.supervisor.ircd")
 
@@ -102,34 +96,8 @@ State = Literal["starting", "running", "backoff", "failed"]
 OnEvent = Callable[[str, str, dict[str, object]], None]
 
 
-SECRETS_DIR: Final = "secrets"
-"""Folder of the state dir that holds generated secrets (0700)."""
-#: What ngircd takes as an operator password: one unquoted word of printable ASCII.
-OPER_PASSWORD_RE: Final = re.compile(r"[!-~]{1,64}")
-
-
 class IrcdError(Exception):
     """The managed IRC server could not be started. str() is one line."""
-
-
-@dataclass(frozen=True)
-class OperatorBlock:
-    """One ``[Operator]`` of ngircd.conf: ``/OPER name password``, from ``mask`` if set."""
-
-    name: str
-    password: str
-    mask: str | None = None
-
-    def __repr__(self) -> str:  # the password stays out of logs and tracebacks
-        return f"OperatorBlock(name={self.name!r}, mask={self.mask!r})"
-
-
-def operator_password_path(state_dir: Path, operator: IrcOperatorSpec) -> Path:
-    """The file that holds ``operator``'s password: its ``password_file`` (made
-    absolute by the loader), else ``<state_dir>/secrets/irc-operator-<name>``."""
-    if operator.password_file is not None:
-        return Path(operator.password_file)
-    return state_dir / SECRETS_DIR / f"irc-operator-{operator.name}"
 
 
 def server_ids() -> tuple[int, int]:
@@ -513,10 +481,13 @@ class ManagedIrcd:
     def _write_files(self) -> None:
         """The work folder (root-only: the config holds the operator passwords), an
         empty IncludeDir, the config and the log folder. Each operator's password
-        comes from its file (see ``operator_password_path``), made if it is the
-        default one and missing; a file that cannot be used is an ``IrcdError``."""
+        comes from its file (``ircd_operators``); one that cannot be used is an
+        ``IrcdError``."""
         managed = self.config.managed
-        operators = [self._operator(op) for op in managed.operators]
+        try:
+            operators = operator_blocks(managed.operators, self.workdir.parent)
+        except SecretFileError as exc:
+            raise IrcdError(str(exc)) from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)
         (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)
@@ -543,18 +514,6 @@ class ManagedIrcd:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         tmp.replace(self.conf_path)
-
-    def _operator(self, op: IrcOperatorSpec) -> OperatorBlock:
-        path = operator_password_path(self.workdir.parent, op)
-        what = "the password: 1 to 64 printable ASCII characters without spaces"
-        try:
-            if op.password_file is None:
-                password = ensure_secret(path, OPER_PASSWORD_RE, what)
-            else:
-                password = read_secret(path, OPER_PASSWORD_RE, what)
-        except SecretFileError as exc:
-            raise IrcdError(f"irc.managed.operators {op.name}: {exc}") from None
-        return OperatorBlock(name=op.name, password=password, mask=op.mask)
 
     def _write_pid(self, pid: int) -> None:
         fd = os.open(self.pid_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

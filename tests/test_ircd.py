@@ -13,13 +13,8 @@ import psutil
 import pytest
 import trio
 from fireclaw.config import Backoff, IrcOperatorSpec, IrcSpec, ManagedIrcSpec, RestartPolicy
-from fireclaw.supervisor.ircd import (
-    IrcdError,
-    ManagedIrcd,
-    OperatorBlock,
-    render_config,
-    server_ids,
-)
+from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
+from fireclaw.supervisor.ircd_operators import OperatorBlock
 
 NGIRCD = shutil.which("ngircd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 pytestmark = pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
