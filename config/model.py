@@ -239,9 +239,7 @@ class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     server_name: Annotated[str, Meta(pattern=_SERVER_NAME_PATTERN)] = "irc.fireclaw.local"
     network: Annotated[str, Meta(pattern=_NETWORK_PATTERN)] = "fireclaw"
     max_nick_length: Annotated[int, Meta(ge=9, le=31)] = 30
-    operators: Annotated[tuple[IrcOperatorSpec, ...], Meta(max_length=32)] = (
-        DEFAULT_IRC_OPERATOR,
-    )
+    operators: Annotated[tuple[IrcOperatorSpec, ...], Meta(max_length=32)] = (DEFAULT_IRC_OPERATOR,)
 
     def __post_init__(self) -> None:
         names = [op.name.lower() for op in self.operators]
@@ -323,9 +321,7 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         if self.sasl is not None:
             raise ValueError("sasl: the managed server (ngircd) has no SASL; use password")
         if self.operator_auth == "account":
-            raise ValueError(
-                "operator_auth: the managed server (ngircd) has no accounts; use oper"
-            )
+            raise ValueError("operator_auth: the managed server (ngircd) has no accounts; use oper")
         if self.operator_auth == "oper" and not self.managed.operators:
             raise ValueError(
                 "managed: operator_auth 'oper' needs at least one entry in managed.operators"

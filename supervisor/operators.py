@@ -129,13 +129,21 @@ class _Question:
     stale: bool = False
 
 
+@dataclass
+class _Sender:
+    """A sender's rate: their bucket, and whether they were told they are over it."""
+
+    bucket: TokenBucket
+    warned: bool = False
+
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def fold(nick: str) -> str:
     """``nick`` with A-Z lowered: every IRC casemapping folds at least these, so
     two nicks equal here are the same nick on any server (never the reverse)."""
     return nick.translate(_ASCII_LOWER)
-
-
-_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 class OperatorGate:
@@ -153,19 +161,19 @@ class OperatorGate:
         self.known: dict[str, _Known] = {}
         self._questions: dict[str, deque[_Question]] = {}
         self._waiting = 0
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._warned: set[str] = set()
+        self._senders: OrderedDict[str, _Sender] = OrderedDict()
 
     # -- commands ------------------------------------------------------------------
 
     def submit(self, message: Message, command: Command, now: float) -> list[Action]:
         """Decide about ``command`` from ``message`` now, or ask the server first."""
         mask = f"{message.source}!{message.user}@{message.host}"
-        if not self._allow(mask.lower(), now):
-            first = mask.lower() not in self._warned
-            self._warned.add(mask.lower())
+        sender = self._sender(mask.lower(), now)
+        if sender.bucket.delay(now) > 0:
+            first, sender.warned = not sender.warned, True
             return [Throttle(message, first)]
-        self._warned.discard(mask.lower())
+        sender.bucket.take(now)
+        sender.warned = False
         if not self.matches(mask):
             return [Refuse(message, command, "mask")]
         if self.auth == "hostmask":
@@ -179,10 +187,11 @@ class OperatorGate:
             and (known.user, known.host) == (message.user, message.host)
         ):
             self.known[key] = known
-            verdict = self._verdict(
-                message, command, known.user, known.host, known.operator, known.account
-            )
-            return [verdict]
+            return [
+                self._verdict(
+                    message, command, known.user, known.host, known.operator, known.account
+                )
+            ]
         if self._waiting >= MAX_WAITING:
             return [Refuse(message, command, "busy")]
         self._waiting += 1
@@ -198,19 +207,16 @@ class OperatorGate:
         mask = mask.lower()
         return any(fnmatch.fnmatchcase(mask, pattern) for pattern in self.masks)
 
-    def _allow(self, sender: str, now: float) -> bool:
-        bucket = self._buckets.get(sender)
-        if bucket is None:
-            if len(self._buckets) >= MAX_SENDERS:
-                self._buckets.popitem(last=False)
+    def _sender(self, mask: str, now: float) -> _Sender:
+        sender = self._senders.get(mask)
+        if sender is None:
+            if len(self._senders) >= MAX_SENDERS:
+                self._senders.popitem(last=False)  # the one heard from longest ago
             bucket = TokenBucket(self.rate.per_minute / 60.0, self.rate.burst, now)
-            self._buckets[sender] = bucket
+            sender = self._senders[mask] = _Sender(bucket)
         else:
-            self._buckets.move_to_end(sender)
-        if bucket.delay(now) > 0:
-            return False
-        bucket.take(now)
-        return True
+            self._senders.move_to_end(mask)
+        return sender
 
     def _verdict(
         self,

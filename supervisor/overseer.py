@@ -45,10 +45,10 @@ MAX_ANSWER_LINES: Final = 12
 #: What a refused sender is told, per ``irc.operator_auth``.
 REFUSAL: Final = {
     "oper": "sorry, only the swarm's IRC operators may give me orders (/OPER first)",
-    "account": "sorry, only the swarm's operators, logged in to their accounts, may give"
-    " me orders",
+    "account": "sorry, only the swarm's operators, logged in to their accounts, may give me orders",
     "hostmask": "sorry, only the swarm's operators may give me orders",
 }
+
 
 class Overseer:
     def __init__(self, supervisor: Supervisor, spec: IrcSpec, address: tuple[str, int]) -> None:

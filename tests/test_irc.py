@@ -360,13 +360,16 @@ def test_other_people_coming_and_going() -> None:
 
 def test_whois_answers_are_gathered_until_318() -> None:
     session = registered()
-    assert feed(
-        session,
-        ":srv 311 bot Admin ~adm 127.0.0.1 * :real name",
-        ":srv 319 bot Admin :#control",
-        ":srv 313 bot Admin :is an IRC operator",
-        ":srv 330 bot Admin acct :is logged in as",
-    ) == []
+    assert (
+        feed(
+            session,
+            ":srv 311 bot Admin ~adm 127.0.0.1 * :real name",
+            ":srv 319 bot Admin :#control",
+            ":srv 313 bot Admin :is an IRC operator",
+            ":srv 330 bot Admin acct :is logged in as",
+        )
+        == []
+    )
     assert feed(session, ":srv 318 bot admin :End of WHOIS list") == [
         WhoisReply(nick="Admin", user="~adm", host="127.0.0.1", operator=True, account="acct")
     ]

@@ -28,9 +28,7 @@ OPER_NAME = "fireclaw"
 RATE = "{per_minute: 0.01, burst: 15}"
 
 
-def irc_yaml(
-    port: int, *, operators: str | None = None, rate: str = RATE, extra: str = ""
-) -> str:
+def irc_yaml(port: int, *, operators: str | None = None, rate: str = RATE, extra: str = "") -> str:
     """The ``irc:`` body of a test swarm: the managed server on ``port`` with the
     shipped operator masks and authentication unless ``operators``/``extra`` say else."""
     masks = f"  operators: {operators}\n" if operators is not None else ""
@@ -62,9 +60,7 @@ def operator(port: int, state: Path, nick: str, *channels: str) -> Person:
 
 def start_swarm(tmp_path: Path, irc: str | None = None) -> Swarm:
     port = free_port()
-    swarm = Swarm(
-        tmp_path, swarm_yaml(role_yaml("worker", min_idle=1), irc=irc or irc_yaml(port))
-    )
+    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=1), irc=irc or irc_yaml(port)))
     swarm.irc_port = port  # type: ignore[attr-defined]
     swarm.start()
     return swarm
@@ -206,10 +202,14 @@ def test_a_local_user_with_the_shipped_masks_commands_nothing(swarm: Swarm, op: 
     overseer_in_channel(op)
     before = swarm.status()
     limit = 90.0  # seconds for the whole exchange: far above the ~10 s it takes
+    port = swarm.irc_port  # type: ignore[attr-defined]
+    nobody = ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", INTRUDER]
     out = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", INTRUDER,
-         str(swarm.irc_port), "eve", str(limit), *INTRUSIONS],  # type: ignore[attr-defined]
-        capture_output=True, text=True, timeout=limit + 30, cwd="/",
+        [*nobody, str(port), "eve", str(limit), *INTRUSIONS],
+        capture_output=True,
+        text=True,
+        timeout=limit + 30,
+        cwd="/",
     )
     assert out.returncode == 0, out.stderr
     answers = json.loads(out.stdout)
