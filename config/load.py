@@ -200,9 +200,29 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         control=swarm.control,
         stop=swarm.stop,
         task_max_attempts=swarm.task_max_attempts,
-        irc=swarm.irc,
+        irc=_anchor_irc(swarm.irc, base),
         network=swarm.network,
         roles=roles,
+    )
+
+
+def _anchor_irc(irc: IrcSpec, base: pathlib.Path) -> IrcSpec:
+    """``irc`` with each managed operator's ``password_file`` made absolute
+    (relative to ``base``, swarm.yaml's folder). The files are read when the
+    server starts, not here: a config names a secret, it never holds one."""
+    managed = irc.managed
+    operators = tuple(
+        op
+        if op.password_file is None
+        else msgspec.structs.replace(
+            op, password_file=str((base / pathlib.Path(op.password_file).expanduser()).resolve())
+        )
+        for op in managed.operators
+    )
+    if operators == managed.operators:
+        return irc
+    return msgspec.structs.replace(
+        irc, managed=msgspec.structs.replace(managed, operators=operators)
     )
 
 

@@ -139,6 +139,10 @@ _HOSTMASK_PATTERN: Final = r"^[^\s!@]+![^\s!@]+@[^\s!@]+$"
 # What ngircd accepts as its server name (RFC 2812 section 2.3.1); a dot is checked apart.
 _SERVER_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"
 _NETWORK_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
+# An [Operator] name of the managed ngircd (the first word of /OPER); also a file name.
+_OPER_NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,30}$"
+# A services account name, as networks show it in WHOIS (numeric 330).
+_ACCOUNT_PATTERN: Final = r"^[^\s\x00-\x1f\x7f,*?!@]{1,64}$"
 _HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 # ngircd reads one value per line, unquoted and trimmed, into a 64-byte buffer.
 _MANAGED_PASSWORD_RE: Final = re.compile(r"^[!-~]{1,64}$")
@@ -152,6 +156,8 @@ PATTERN_WORDS: Final = {
     _HOSTMASK_PATTERN: "a hostmask glob nick!user@host, as in *!*@127.0.0.1",
     _SERVER_NAME_PATTERN: "a server name: letters, digits, '.' and '-', up to 63",
     _NETWORK_PATTERN: "a network name: 1 to 64 letters, digits, '.', '_' and '-'",
+    _OPER_NAME_PATTERN: "an operator name: 1 to 30 letters, digits, '_' and '-'",
+    _ACCOUNT_PATTERN: "an account name: 1 to 64 characters, no blanks, commas, '*?!@'",
 }
 
 IrcChannel = Annotated[str, Meta(pattern=_IRC_CHANNEL_PATTERN)]
@@ -159,6 +165,18 @@ Nick = Annotated[str, Meta(pattern=_NICK_PATTERN)]
 Hostmask = Annotated[str, Meta(pattern=_HOSTMASK_PATTERN, max_length=200)]
 # A secret sent on the wire as one IRC parameter: no line breaks, no NUL.
 Secret = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n]+$")]
+OperName = Annotated[str, Meta(pattern=_OPER_NAME_PATTERN)]
+Account = Annotated[str, Meta(pattern=_ACCOUNT_PATTERN)]
+
+OperatorAuth = Literal["oper", "account", "hostmask"]
+"""How the overseer knows an operator (``irc.operator_auth``).
+
+``oper``: an IRC operator of the server (WHOIS numeric 313, after /OPER) whose
+hostmask matches ``irc.operators``. ``account``: logged in (SASL, services) as
+one of ``irc.operator_accounts`` (WHOIS numeric 330), hostmask matching too.
+``hostmask``: the hostmask alone, which anyone who can connect from an allowed
+address can forge; only when a config asks for it.
+"""
 
 MANAGED: Final = "managed"
 """``irc.server`` value that makes the supervisor run its own ngircd."""
@@ -190,11 +208,30 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+class IrcOperatorSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``[Operator]`` of the managed ngircd: ``/OPER <name> <password>``.
+
+    The password is never written in swarm.yaml: it is the content of
+    ``password_file`` (relative to swarm.yaml's folder; it must be readable by
+    its owner alone), or, when that is null, of
+    ``<state_dir>/secrets/irc-operator-<name>``, generated at the first start.
+    ``mask`` (``nick!user@host`` glob) limits where ``/OPER`` is accepted from.
+    """
+
+    name: OperName
+    password_file: NonEmptyStr | None = None
+    mask: Hostmask | None = None
+
+
+#: The managed server's operator unless swarm.yaml says otherwise.
+DEFAULT_IRC_OPERATOR: Final = IrcOperatorSpec(name="fireclaw")
+
+
 class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The ngircd the supervisor runs when ``irc.server`` is ``managed``.
 
     ``listen`` is an IP address (``0.0.0.0`` or ``::`` for all); ``max_nick_length``
-    must hold every agent's nick.
+    must hold every agent's nick. ``operators`` become its ``[Operator]`` blocks.
     """
 
     listen: Annotated[str, Meta(min_length=1, max_length=64)] = "127.0.0.1"
@@ -202,8 +239,13 @@ class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     server_name: Annotated[str, Meta(pattern=_SERVER_NAME_PATTERN)] = "irc.fireclaw.local"
     network: Annotated[str, Meta(pattern=_NETWORK_PATTERN)] = "fireclaw"
     max_nick_length: Annotated[int, Meta(ge=9, le=31)] = 30
+    operators: Annotated[tuple[IrcOperatorSpec, ...], Meta(max_length=32)] = (DEFAULT_IRC_OPERATOR,)
 
     def __post_init__(self) -> None:
+        names = [op.name.lower() for op in self.operators]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"operators: the name {twice!r} is given twice")
         try:
             ipaddress.ip_address(self.listen)
         except ValueError:
@@ -235,7 +277,9 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
     ``server`` is ``managed`` (the supervisor runs ngircd per ``managed`` and
     restarts it per ``restart``) or an external ``host:port``. ``operators`` are
-    ``nick!user@host`` globs: only senders matching one may command the overseer.
+    ``nick!user@host`` globs: only senders matching one, and authenticated per
+    ``operator_auth`` (an IRC operator by default, see ``OperatorAuth``), may
+    command the overseer.
     ``agent_cooldown`` is how long an agent waits before answering another agent.
     ``enabled: false`` keeps the whole swarm off IRC.
     """
@@ -248,7 +292,9 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     overseer_nick: Nick = "overseer"
     control_channel: IrcChannel = "#control"
     agents_channel: IrcChannel = "#agents"
+    operator_auth: OperatorAuth = "oper"
     operators: Annotated[tuple[Hostmask, ...], Meta(max_length=256)] = DEFAULT_OPERATORS
+    operator_accounts: Annotated[tuple[Account, ...], Meta(max_length=256)] = ()
     command_rate: CommandRateSpec = msgspec.field(default_factory=CommandRateSpec)
     agent_cooldown: Seconds = 10.0
     restart: RestartPolicy = IRC_RESTART
@@ -257,6 +303,15 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         # IRC channel names are case-insensitive.
         if self.control_channel.lower() == self.agents_channel.lower():
             raise ValueError(f"agents_channel: {self.agents_channel!r} is also control_channel")
+        if self.operator_auth == "account" and not self.operator_accounts:
+            raise ValueError(
+                "operator_accounts: operator_auth 'account' needs at least one account"
+            )
+        if self.operator_auth != "account" and self.operator_accounts:
+            raise ValueError(
+                "operator_accounts: only used with operator_auth: account"
+                f" (it is {self.operator_auth!r})"
+            )
         if self.server != MANAGED:
             try:
                 parse_server(self.server)
@@ -265,6 +320,12 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             return
         if self.sasl is not None:
             raise ValueError("sasl: the managed server (ngircd) has no SASL; use password")
+        if self.operator_auth == "account":
+            raise ValueError("operator_auth: the managed server (ngircd) has no accounts; use oper")
+        if self.operator_auth == "oper" and not self.managed.operators:
+            raise ValueError(
+                "managed: operator_auth 'oper' needs at least one entry in managed.operators"
+            )
         if self.password is not None and not _MANAGED_PASSWORD_RE.match(self.password):
             raise ValueError(
                 "password: the managed server takes 1 to 64 printable ASCII characters,"

@@ -65,11 +65,17 @@ from .irc_session import (
     Kicked,
     LineReader,
     Message,
+    Names,
     NickChanged,
     RegEvent,
     Registered,
     RegState,
     TokenBucket,
+    UserJoined,
+    UserParted,
+    UserQuit,
+    UserRenamed,
+    WhoisReply,
     alternate_nick,
     casefold,
     clean,
@@ -98,11 +104,17 @@ __all__ = [
     "Kicked",
     "LineReader",
     "Message",
+    "Names",
     "NickChanged",
     "RegEvent",
     "RegState",
     "Registered",
     "TokenBucket",
+    "UserJoined",
+    "UserParted",
+    "UserQuit",
+    "UserRenamed",
+    "WhoisReply",
     "alternate_nick",
     "casefold",
     "clean",
@@ -268,6 +280,17 @@ class IrcClient:
         if self.registered:
             async with self._send_lock:
                 await self._outbox.put(encode("PART", channel, reason or "leaving"))
+
+    async def whois(self, nick: str) -> None:
+        """Ask the server about ``nick``; the answer comes as a ``WhoisReply`` event.
+
+        Queued like a user line: it goes out once registered, after what is
+        already waiting.
+        """
+        if not nick or any(ch in nick for ch in " ,*?!@:\r\n\x00"):
+            raise InvalidParameter(f"invalid WHOIS nick {nick!r}")
+        async with self._send_lock:
+            await self._outbox.put(encode("WHOIS", nick))
 
     async def quit(self, message: str) -> None:
         """Send QUIT, wait up to QUIT_TIMEOUT for the server to close, stop ``run``.

@@ -71,11 +71,17 @@ __all__ = [
     "Kicked",
     "LineReader",
     "Message",
+    "Names",
     "NickChanged",
     "RegEvent",
     "RegState",
     "Registered",
     "TokenBucket",
+    "UserJoined",
+    "UserParted",
+    "UserQuit",
+    "UserRenamed",
+    "WhoisReply",
     "alternate_nick",
     "casefold",
     "clean",
@@ -100,6 +106,10 @@ HOST_GUESS: Final = 63
 MAX_NICK_ATTEMPTS: Final = 30
 #: SASL AUTHENTICATE payloads are sent in chunks of this many characters.
 SASL_CHUNK: Final = 400
+#: WHOIS answers being gathered at once; a server sending more loses the oldest.
+MAX_WHOIS: Final = 64
+#: Channel membership prefixes NAMES may put before a nick (ISUPPORT PREFIX).
+_MEMBER_PREFIXES: Final = "~&@%+"
 
 _BODY: Final = MAX_LINE - 2
 _CLEAN: Final = str.maketrans("", "", "\r\n\x00")
@@ -233,7 +243,71 @@ class Disconnected(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-Event = Registered | Message | Invited | Joined | Kicked | NickChanged | Disconnected
+class UserJoined(msgspec.Struct, frozen=True, kw_only=True):
+    """Someone else joined a channel we are in."""
+
+    nick: str
+    user: str
+    host: str
+    channel: str
+
+
+class UserParted(msgspec.Struct, frozen=True, kw_only=True):
+    """Someone else left a channel we are in (PART, or KICKed by anyone)."""
+
+    nick: str
+    channel: str
+
+
+class UserQuit(msgspec.Struct, frozen=True, kw_only=True):
+    """Someone who shares a channel with us left the server."""
+
+    nick: str
+
+
+class UserRenamed(msgspec.Struct, frozen=True, kw_only=True):
+    """Someone who shares a channel with us changed nick."""
+
+    old: str
+    new: str
+
+
+class Names(msgspec.Struct, frozen=True, kw_only=True):
+    """One NAMES line (353): members of ``channel``, prefixes such as ``@`` removed."""
+
+    channel: str
+    nicks: tuple[str, ...]
+
+
+class WhoisReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of a WHOIS answer (318) and what it said about ``nick``.
+
+    ``user`` and ``host`` are None when the server knows no such nick (401);
+    ``operator`` is RPL_WHOISOPERATOR (313), ``account`` RPL_WHOISACCOUNT (330).
+    """
+
+    nick: str
+    user: str | None = None
+    host: str | None = None
+    operator: bool = False
+    account: str | None = None
+
+
+Event = (
+    Registered
+    | Message
+    | Invited
+    | Joined
+    | Kicked
+    | NickChanged
+    | Disconnected
+    | UserJoined
+    | UserParted
+    | UserQuit
+    | UserRenamed
+    | Names
+    | WhoisReply
+)
 
 
 # --- text on the wire ----------------------------------------------------------------
@@ -510,6 +584,7 @@ class IrcSession:
         self._next_regain: float | None = None
         self._user = config.username
         self._host: str | None = None
+        self._whois: dict[str, WhoisReply] = {}
 
     # -- state ---------------------------------------------------------------------
 
@@ -691,11 +766,18 @@ class IrcSession:
                 return self._nick(source, params[0], now)
             case "QUIT" if source:
                 self._regain_if(source)
+                return [UserQuit(nick=source)]
             case "JOIN" if params and source:
                 return self._join(line, params[0])
             case "PART" if params and source:
-                if self.fold(source) == self.fold(self.nick):
-                    self.joined.pop(self.fold(params[0]), None)
+                if self.fold(source) != self.fold(self.nick):
+                    return [UserParted(nick=source, channel=params[0])]
+                self.joined.pop(self.fold(params[0]), None)
+            case "353" if len(params) >= 4:
+                nicks = (n.lstrip(_MEMBER_PREFIXES) for n in params[3].split())
+                return [Names(channel=params[2], nicks=tuple(n for n in nicks if n))]
+            case "311" | "313" | "330" | "318" if len(params) >= 2:
+                return self._whois_line(command, params)
             case "KICK" if len(params) >= 2:
                 return self._kick(source or "", params)
             case "INVITE" if len(params) >= 2 and source:
@@ -703,6 +785,24 @@ class IrcSession:
                     return [Invited(channel=params[1], by=source)]
             case "PRIVMSG" if len(params) >= 2 and source:
                 return self._privmsg(line, params[0], params[1])
+        return []
+
+    def _whois_line(self, command: str, params: list[str]) -> list[Event]:
+        """Gather one WHOIS answer; the 318 that ends it makes the event."""
+        nick = params[1]
+        key = self.fold(nick)
+        if command == "318":
+            return [self._whois.pop(key, WhoisReply(nick=nick))]
+        draft = self._whois.pop(key, None) or WhoisReply(nick=nick)
+        if command == "311" and len(params) >= 4:
+            draft = msgspec.structs.replace(draft, user=params[2], host=params[3])
+        elif command == "313":
+            draft = msgspec.structs.replace(draft, operator=True)
+        elif command == "330" and len(params) >= 3:
+            draft = msgspec.structs.replace(draft, account=params[2])
+        if len(self._whois) >= MAX_WHOIS:
+            self._whois.pop(next(iter(self._whois)))
+        self._whois[key] = draft
         return []
 
     def _welcome(self, params: list[str], now: float) -> list[Event]:
@@ -765,7 +865,7 @@ class IrcSession:
     def _nick(self, source: str, new: str, now: float) -> list[Event]:
         if self.fold(source) != self.fold(self.nick):
             self._regain_if(source)
-            return []
+            return [UserRenamed(old=source, new=new)]
         old, self.nick = self.nick, new
         if self.fold(new) == self.fold(self.config.nick):
             self._next_regain = None
@@ -785,9 +885,15 @@ class IrcSession:
 
     def _join(self, line: Line, channel: str) -> list[Event]:
         source = _nick_of(line.source)
-        if source is None or self.fold(source) != self.fold(self.nick):
+        if source is None:
             return []
         mask = hostmask(line.source or "")
+        if self.fold(source) != self.fold(self.nick):
+            return [
+                UserJoined(
+                    nick=source, user=mask.username or "", host=mask.hostname or "", channel=channel
+                )
+            ]
         if mask.hostname:
             self._host = mask.hostname
         if mask.username:
@@ -798,7 +904,7 @@ class IrcSession:
     def _kick(self, by: str, params: list[str]) -> list[Event]:
         channel, victim = params[0], params[1]
         if self.fold(victim) != self.fold(self.nick):
-            return []
+            return [UserParted(nick=victim, channel=channel)]
         self.joined.pop(self.fold(channel), None)
         reason = params[2] if len(params) >= 3 else ""
         return [Kicked(channel=channel, by=by, reason=reason)]

@@ -23,6 +23,7 @@ from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers
+from fireclaw.supervisor.ircd_operators import operator_password_path
 from fireclaw.supervisor.leftovers import Leftovers, Owner
 
 IMAGES_NAME: Final = "images"  # as supervisor/daemon.py
@@ -44,6 +45,10 @@ class Report:
     isolation: str
     network: str
     mine: Leftovers
+    #: Who may command the overseer over IRC, and how they prove it.
+    irc: str = "off"
+    #: Said but not failed on: the swarm runs, less safely than it could.
+    warnings: list[str] = field(default_factory=list)
     #: Other instances on the host: whether their supervisor runs, and what they have.
     others: dict[str, tuple[Owner, Leftovers]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -72,6 +77,7 @@ class Report:
             _row("accel", self.accel),
             _row("isolation", self.isolation),
             _row("network", self.network),
+            _row("irc", self.irc),
         ]
         items = self.mine.items()
         if not items:
@@ -95,6 +101,7 @@ class Report:
                 out += [_row("", f"  {item}") for item in other]
         out += [_row("cannot check", error) for error in self.mine.errors]
         out += [_row("problem", problem) for problem in self.problems]
+        out += [_row("warning", warning) for warning in self.warnings]
         mine = not self.running and not self.mine.empty
         others = any(o.state != "running" for o, _ in self.others.values())
         if mine and others:
@@ -174,6 +181,7 @@ def examine(config: Config, state_dir: Path) -> Report:
         inst: (Owner("running", running[inst]) if inst in running else Owner("unknown"), left)
         for inst, left in found.items()
     }
+    irc, warnings = irc_operators(config, state_dir)
     supervisor = leftovers.owner(state_dir)
     if supervisor.state == "unknown":
         problems.append(f"cannot tell whether a supervisor holds {state_dir}/supervisor.pid")
@@ -187,9 +195,36 @@ def examine(config: Config, state_dir: Path) -> Report:
         isolation=isolation,
         network=net_text,
         mine=mine,
+        irc=irc,
+        warnings=warnings,
         others=others,
         problems=problems,
     )
+
+
+def irc_operators(config: Config, state_dir: Path) -> tuple[str, list[str]]:
+    """How an operator proves who they are to the overseer, and warnings about it."""
+    spec = config.irc
+    if not spec.enabled:
+        return "off", []
+    masks = ", ".join(spec.operators) or "none"
+    match spec.operator_auth:
+        case "hostmask":
+            warning = (
+                "irc.operator_auth is hostmask: anyone who can connect from an address"
+                f" matching irc.operators ({masks}) can command the swarm; use oper"
+            )
+            return f"operators by hostmask alone ({masks})", [warning]
+        case "account":
+            accounts = ", ".join(spec.operator_accounts)
+            return f"operators: accounts {accounts}, from {masks}", []
+    if not spec.is_managed:
+        return f"operators: the server's IRC operators, from {masks}", []
+    opers = "; ".join(
+        f"/OPER {op.name} <{operator_password_path(state_dir, op)}>"
+        for op in spec.managed.operators
+    )
+    return f"operators: {opers}, from {masks}", []
 
 
 def subnet_overlaps(subnet: ipaddress.IPv4Network, *, skip: str = "") -> list[str]:

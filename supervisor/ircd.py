@@ -61,7 +61,9 @@ from typing import Final, Literal
 import trio
 from fireclaw.config.model import IrcSpec, connect_host
 from fireclaw.supervisor.backoff import RestartTracker, classify_exit
+from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
 from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import ServiceRecord, Store
 
 __all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
@@ -133,6 +135,7 @@ def render_config(
     password: str | None,
     max_nick_length: int,
     channels: Sequence[tuple[str, str]] = (),
+    operators: Sequence[OperatorBlock] = (),
     server_uid: int | None = None,
     server_gid: int | None = None,
     max_connections: int = MAX_CONNECTIONS,
@@ -140,13 +143,23 @@ def render_config(
     """A complete ngircd.conf for the managed server.
 
     ``channels`` are (name, topic) pairs created at start as persistent ``+Ptn``
-    channels. ``server_uid``/``server_gid`` default to ``server_ids()``. The
-    values are trusted to be valid (``IrcSpec`` checks them): ngircd reads one
-    unquoted value per line, so none may hold a line break.
+    channels; ``operators`` become ``[Operator]`` blocks (the text then holds
+    their passwords: it is written root-only, and ngircd reads it before it
+    drops privileges). ``server_uid``/``server_gid`` default to
+    ``server_ids()``. The values are trusted to be valid (``IrcSpec`` and
+    ``read_secret`` check them): ngircd reads one unquoted value per line, so
+    none may hold a line break.
     """
     if server_uid is None or server_gid is None:
         server_uid, server_gid = server_ids()
-    values = (listen, server_name, network, password or "", *(c for ch in channels for c in ch))
+    values = (
+        listen,
+        server_name,
+        network,
+        password or "",
+        *(c for ch in channels for c in ch),
+        *(v for op in operators for v in (op.name, op.password, op.mask or "")),
+    )
     if any(ch in v for v in values for ch in "\r\n\x00"):
         raise ValueError("ngircd config values cannot hold line breaks or NUL")
     lines = [
@@ -188,6 +201,10 @@ def render_config(
     ]
     for name, topic in channels:
         lines += ["", "[Channel]", f"Name = {name}", "Modes = tn", f"Topic = {topic}"]
+    for op in operators:
+        lines += ["", "[Operator]", f"Name = {op.name}", f"Password = {op.password}"]
+        if op.mask is not None:
+            lines.append(f"Mask = {op.mask}")
     return "\n".join(lines) + "\n"
 
 
@@ -503,9 +520,15 @@ class ManagedIrcd:
         return found
 
     def _write_files(self) -> None:
-        """The work folder (root-only: the config may hold the password), an empty
-        IncludeDir, the config and the log folder."""
+        """The work folder (root-only: the config holds the operator passwords), an
+        empty IncludeDir, the config and the log folder. Each operator's password
+        comes from its file (``ircd_operators``); one that cannot be used is an
+        ``IrcdError``."""
         managed = self.config.managed
+        try:
+            operators = operator_blocks(managed.operators, self.workdir.parent)
+        except SecretFileError as exc:
+            raise IrcdError(str(exc)) from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)
         (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)
@@ -524,6 +547,7 @@ class ManagedIrcd:
                 (self.config.control_channel, "fireclaw-swarm: commands for the overseer"),
                 (self.config.agents_channel, "fireclaw-swarm: the agents"),
             ),
+            operators=operators,
             max_connections=max(16, min(MAX_CONNECTIONS, limit)),
         )
         tmp = self.conf_path.with_suffix(".tmp")

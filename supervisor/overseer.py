@@ -1,10 +1,12 @@
 """The overseer: the swarm's operator seat on IRC.
 
 It joins the control channel and obeys ``!commands`` (``commands.py``) from
-operators whose ``nick!user@host`` matches the allowlist in ``irc.operators``;
-anyone else gets a polite refusal, recorded as an event. Each sender has a
-token bucket of commands (``irc.command_rate``). Commands run in tasks of their
-own, so a slow one (``!invoke`` waits for a VM) never holds up the others.
+operators only: ``operators.OperatorGate`` decides, by the allowlist masks in
+``irc.operators`` AND the proof ``irc.operator_auth`` asks for (by default,
+being an IRC operator: WHOIS shows numeric 313 after ``/OPER``). Anyone else
+gets a polite refusal, recorded as an event. Each sender has a token bucket of
+commands (``irc.command_rate``). Commands run in tasks of their own, so a slow
+one (``!invoke`` waits for a VM) never holds up the others.
 
 It announces from the supervisor's event feed: crashes and restarts, failed
 VMs, degraded and recovered roles, named agents coming back, finished tasks.
@@ -12,16 +14,25 @@ VMs, degraded and recovered roles, named agents coming back, finished tasks.
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
 from fireclaw.config import IrcSpec
-from fireclaw.guest_daemon.irc import IrcClient, IrcConfig, Message, TokenBucket
+from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Message
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
+from fireclaw.supervisor.operators import (
+    Action,
+    Obey,
+    OperatorGate,
+    Refuse,
+    Throttle,
+    Whois,
+)
 
 if TYPE_CHECKING:
     from fireclaw.supervisor.daemon import Supervisor
@@ -30,8 +41,13 @@ log = logging.getLogger("fireclaw.overseer")
 
 #: Lines one answer may take in the channel; the rest is summarised.
 MAX_ANSWER_LINES: Final = 12
-#: Senders whose rate state is kept; the oldest are forgotten beyond this.
-MAX_SENDERS: Final = 1024
+
+#: What a refused sender is told, per ``irc.operator_auth``.
+REFUSAL: Final = {
+    "oper": "sorry, only the swarm's IRC operators may give me orders (/OPER first)",
+    "account": "sorry, only the swarm's operators, logged in to their accounts, may give me orders",
+    "hostmask": "sorry, only the swarm's operators may give me orders",
+}
 
 
 class Overseer:
@@ -52,17 +68,39 @@ class Overseer:
                 channels=(spec.control_channel,),
             )
         )
-        self._buckets: dict[str, TokenBucket] = {}
-        self._warned: set[str] = set()
+        self.gate = OperatorGate(spec)
+        # WHOIS questions go out in the order asked: answers are matched in order. The
+        # gate keeps at most operators.MAX_WAITING questions open, and those not sent when the
+        # connection drops are dropped with them, so this never holds more.
+        self._whois_in, self._whois_out = trio.open_memory_channel[str](math.inf)
+        if spec.operator_auth == "hostmask":
+            log.warning(
+                "irc.operator_auth is hostmask: anyone who can connect from an address"
+                " matching irc.operators can command the swarm"
+            )
 
     async def run(self) -> None:
         feed = self.sup.watch()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.client.run)
             nursery.start_soon(self._announce, feed)
+            nursery.start_soon(self._ask_whois)
             async for event in self.client.events():
                 if isinstance(event, Message):
                     self._on_message(event, nursery)
+                    continue
+                if isinstance(event, Disconnected):
+                    self._drop_unsent_whois()
+                self._act(self.gate.on_event(event, trio.current_time()), nursery)
+
+    def _drop_unsent_whois(self) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                self._whois_out.receive_nowait()
+
+    async def _ask_whois(self) -> None:
+        async for nick in self._whois_out:
+            await self.client.whois(nick)
 
     # --- commands ------------------------------------------------------------------
 
@@ -72,42 +110,35 @@ class Overseer:
         command = c.parse(msg.text)
         if command is None:
             return
+        self._act(self.gate.submit(msg, command, trio.current_time()), nursery)
+
+    def _act(self, actions: list[Action], nursery: trio.Nursery) -> None:
+        """Carry out the gate's decisions: obey, refuse, say we are throttled, ask."""
+        for action in actions:
+            match action:
+                case Whois(nick=nick):
+                    self._whois_in.send_nowait(nick)
+                case Obey(message=msg, command=command):
+                    self.sup.event("command", msg.source, mask=_mask(msg), command=msg.text[:200])
+                    nursery.start_soon(self._run_command, command, self._sayer(msg))
+                case Refuse(message=msg, reason=reason):
+                    self.sup.event(
+                        "refused", msg.source, mask=_mask(msg), command=msg.text[:200], why=reason
+                    )
+                    say = self._sayer(msg)
+                    nursery.start_soon(say, REFUSAL[self.spec.operator_auth])
+                case Throttle(message=msg, first=True):
+                    nursery.start_soon(self._sayer(msg), "too many commands; give me a moment")
+
+    def _sayer(self, msg: Message) -> Callable[[str], Awaitable[None]]:
+        """How to answer ``msg``: privately to a private message, else in the channel."""
         reply_to = msg.source if msg.private else self.channel
         prefix = "" if msg.private else f"{msg.source}: "
-        mask = f"{msg.source}!{msg.user}@{msg.host}"
 
         async def say(text: str) -> None:
             await self.client.privmsg(reply_to, prefix + text)
 
-        if not self._is_operator(mask):
-            self.sup.event("refused", msg.source, mask=mask, command=msg.text[:200])
-            nursery.start_soon(say, "sorry, only the swarm's operators may give me orders")
-            return
-        if not self._allow(mask):
-            if mask not in self._warned:
-                self._warned.add(mask)
-                nursery.start_soon(say, "too many commands; give me a moment")
-            return
-        self._warned.discard(mask)
-        self.sup.event("command", msg.source, mask=mask, command=msg.text[:200])
-        nursery.start_soon(self._run_command, command, say)
-
-    def _is_operator(self, mask: str) -> bool:
-        mask = mask.lower()
-        return any(fnmatch.fnmatchcase(mask, pattern.lower()) for pattern in self.spec.operators)
-
-    def _allow(self, mask: str) -> bool:
-        now = trio.current_time()
-        bucket = self._buckets.get(mask)
-        if bucket is None:
-            if len(self._buckets) >= MAX_SENDERS:
-                self._buckets.pop(next(iter(self._buckets)))
-            rate = self.spec.command_rate
-            bucket = self._buckets[mask] = TokenBucket(rate.per_minute / 60.0, rate.burst, now)
-        if bucket.delay(now) > 0:
-            return False
-        bucket.take(now)
-        return True
+        return say
 
     async def _run_command(
         self, command: c.Command | c.Usage, say: Callable[[str], Awaitable[None]]
@@ -241,3 +272,7 @@ class Overseer:
             result = result[:300] + "..."
         verdict = "done" if task.state == "done" else f"{task.state} (exit {task.exit_code})"
         return f"task {task.id} ({task.role}) {verdict}: {result or '(no output)'}"
+
+
+def _mask(msg: Message) -> str:
+    return f"{msg.source}!{msg.user}@{msg.host}"

@@ -139,6 +139,15 @@ class Person:
             timeout,
         )
 
+    def oper(self, name: str, password: str) -> None:
+        """``/OPER name password``; returns once the server made us an IRC operator."""
+        self.do("oper", name, password)
+        answer = self.expect(
+            "an answer to OPER",
+            lambda e: e.type in ("youreoper", "passwdmismatch", "nooperhost"),
+        )
+        assert answer.type == "youreoper", f"{self.nick}: OPER refused ({answer.type})"
+
     def join(self, channel: str) -> None:
         self.do("join", channel)
         self.expect(

@@ -14,6 +14,7 @@ from fireclaw.config import (
     Config,
     ConfigError,
     HarnessSpec,
+    IrcOperatorSpec,
     IrcSpec,
     ManagedIrcSpec,
     NetworkSpec,
@@ -572,6 +573,9 @@ def test_irc_defaults(swarm_dir: pathlib.Path) -> None:
         "#agents",
     )
     assert irc.operators == ("*!*@127.0.0.1", "*!*@localhost", "*!*@::1", "*!*@[0::1]")
+    # The masks alone are not enough: an operator must /OPER with the password file.
+    assert (irc.operator_auth, irc.operator_accounts) == ("oper", ())
+    assert irc.managed.operators == (IrcOperatorSpec(name="fireclaw"),)
     assert irc.command_rate == CommandRateSpec(per_minute=20.0, burst=5)
     assert irc.agent_cooldown == 10.0
     assert irc.restart == RestartPolicy(policy="permanent", backoff=Backoff(base=1.0, max=30.0))
@@ -610,6 +614,40 @@ def test_irc_settings(swarm_dir: pathlib.Path) -> None:
     assert irc.agent_cooldown == 2.5
     no_one = load(swarm_dir, BASE + "irc: {operators: []}\n").irc
     assert no_one.operators == ()
+
+
+def test_irc_operator_settings(swarm_dir: pathlib.Path) -> None:
+    """Password files are named, never given, and relative to swarm.yaml's folder."""
+    section = textwrap.dedent(
+        """
+        irc:
+          managed:
+            operators:
+              - {name: fireclaw}
+              - {name: alice, password_file: secrets/alice.pw, mask: "alice!*@127.0.0.1"}
+              - {name: bob, password_file: /etc/fireclaw/bob.pw}
+        """
+    )
+    irc = load(swarm_dir, BASE + section).irc
+    assert irc.managed.operators == (
+        IrcOperatorSpec(name="fireclaw"),
+        IrcOperatorSpec(
+            name="alice",
+            password_file=str(swarm_dir / "secrets" / "alice.pw"),
+            mask="alice!*@127.0.0.1",
+        ),
+        IrcOperatorSpec(name="bob", password_file="/etc/fireclaw/bob.pw"),
+    )
+    external = load(
+        swarm_dir,
+        BASE + "irc: {server: 'irc.example:6697', operator_auth: account,"
+        " operator_accounts: [Alice, bob]}\n",
+    ).irc
+    assert (external.operator_auth, external.operator_accounts) == ("account", ("Alice", "bob"))
+    hostmask = load(
+        swarm_dir, BASE + "irc: {operator_auth: hostmask, managed: {operators: []}}\n"
+    ).irc
+    assert (hostmask.operator_auth, hostmask.managed.operators) == ("hostmask", ())
 
 
 @pytest.mark.parametrize(
@@ -682,6 +720,48 @@ def test_irc_server_errors(swarm_dir: pathlib.Path, server: str, what: str) -> N
         ("{operators: [alice]}", "irc.operators[0]", "expected a hostmask glob nick!user@host"),
         ("{operators: ['*!*@a b']}", "irc.operators[0]", "got '*!*@a b'"),
         ("{operators: '*!*@x'}", "irc.operators", "expected list, got str"),
+        ("{operator_auth: password}", "irc.operator_auth", "one of: account, hostmask, oper; got"),
+        ("{operator_auth: account}", "irc.operator_accounts", "'account' needs at least one"),
+        (
+            "{operator_auth: account, operator_accounts: [alice]}",
+            "irc.operator_auth",
+            "the managed server (ngircd) has no accounts; use oper",
+        ),
+        (
+            "{operator_accounts: [alice]}",
+            "irc.operator_accounts",
+            "only used with operator_auth: account (it is 'oper')",
+        ),
+        (
+            "{server: 'x:1', operator_auth: account, operator_accounts: ['a b']}",
+            "irc.operator_accounts[0]",
+            "expected an account name",
+        ),
+        (
+            "{managed: {operators: []}}",
+            "irc.managed",
+            "operator_auth 'oper' needs at least one entry in managed.operators",
+        ),
+        (
+            "{managed: {operators: [{name: op}, {name: OP}]}}",
+            "irc.managed.operators",
+            "the name 'op' is given twice",
+        ),
+        (
+            "{managed: {operators: [{name: 'a b'}]}}",
+            "irc.managed.operators[0].name",
+            "expected an operator name: 1 to 30 letters",
+        ),
+        (
+            "{managed: {operators: [{name: op, password: hunter2}]}}",
+            "irc.managed.operators[0].password",
+            "unknown field; expected one of: name, password_file, mask",
+        ),
+        (
+            "{managed: {operators: [{name: op, mask: alice}]}}",
+            "irc.managed.operators[0].mask",
+            "expected a hostmask glob",
+        ),
         ("{password: 'a b'}", "irc.password", "1 to 64 printable ASCII characters"),
         ("{password: ''}", "irc.password", "expected str of length >= 1"),
         ("{sasl: {username: u, password: p}}", "irc.sasl", "has no SASL; use password"),

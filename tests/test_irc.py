@@ -32,10 +32,16 @@ from fireclaw.guest_daemon.irc import (
     Kicked,
     LineReader,
     Message,
+    Names,
     NickChanged,
     Registered,
     RegState,
     TokenBucket,
+    UserJoined,
+    UserParted,
+    UserQuit,
+    UserRenamed,
+    WhoisReply,
     alternate_nick,
     clean,
     encode,
@@ -328,11 +334,60 @@ def test_messages_invites_kicks() -> None:
         Invited(channel="#secret", by="alice")
     ]
     feed(session, ":bot!u@h JOIN #ops")
-    assert feed(session, ":alice!a@h KICK #ops bob :not you") == []
+    assert feed(session, ":alice!a@h KICK #ops bob :not you") == [
+        UserParted(nick="bob", channel="#ops")
+    ]
     assert feed(session, ":alice!a@h KICK #ops bot :out") == [
         Kicked(channel="#ops", by="alice", reason="out")
     ]
     assert session.joined == {}
+
+
+def test_other_people_coming_and_going() -> None:
+    session = registered()
+    assert feed(session, ":bot!u@h JOIN #ops") == [Joined(channel="#ops")]
+    assert feed(session, ":srv 353 bot = #ops :@alice +bob bot") == [
+        Names(channel="#ops", nicks=("alice", "bob", "bot"))
+    ]
+    assert feed(session, ":carol!c@10.0.0.1 JOIN #ops") == [
+        UserJoined(nick="carol", user="c", host="10.0.0.1", channel="#ops")
+    ]
+    assert feed(session, ":carol!c@h NICK :dave") == [UserRenamed(old="carol", new="dave")]
+    assert feed(session, ":dave!c@h PART #ops :bye") == [UserParted(nick="dave", channel="#ops")]
+    assert feed(session, ":bob!b@h QUIT :gone") == [UserQuit(nick="bob")]
+    assert session.joined == {"#ops": "#ops"}
+
+
+def test_whois_answers_are_gathered_until_318() -> None:
+    session = registered()
+    assert (
+        feed(
+            session,
+            ":srv 311 bot Admin ~adm 127.0.0.1 * :real name",
+            ":srv 319 bot Admin :#control",
+            ":srv 313 bot Admin :is an IRC operator",
+            ":srv 330 bot Admin acct :is logged in as",
+        )
+        == []
+    )
+    assert feed(session, ":srv 318 bot admin :End of WHOIS list") == [
+        WhoisReply(nick="Admin", user="~adm", host="127.0.0.1", operator=True, account="acct")
+    ]
+    # No such nick: 401, then 318 alone.
+    assert feed(session, ":srv 401 bot ghost :No such nick", ":srv 318 bot ghost :End") == [
+        WhoisReply(nick="ghost")
+    ]
+    # Answers about two nicks interleaved stay apart; an unfinished one does not leak.
+    assert feed(
+        session,
+        ":srv 311 bot a ua ha * :x",
+        ":srv 311 bot b ub hb * :x",
+        ":srv 313 bot b :is an IRC operator",
+        ":srv 318 bot a :End",
+    ) == [WhoisReply(nick="a", user="ua", host="ha")]
+    assert feed(session, ":srv 318 bot b :End") == [
+        WhoisReply(nick="b", user="ub", host="hb", operator=True)
+    ]
 
 
 def test_own_hostmask_tightens_the_page_budget() -> None:

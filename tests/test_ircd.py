@@ -12,9 +12,10 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from fireclaw.config import Backoff, IrcSpec, ManagedIrcSpec, RestartPolicy
+from fireclaw.config import Backoff, IrcOperatorSpec, IrcSpec, ManagedIrcSpec, RestartPolicy
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
+from fireclaw.supervisor.ircd_operators import OperatorBlock
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import ServiceRecord, Store
 
@@ -29,8 +30,13 @@ def free_port() -> int:
         return port
 
 
-def spec(port: int, **fields: object) -> IrcSpec:
-    return IrcSpec(managed=ManagedIrcSpec(port=port), **fields)  # type: ignore[arg-type]
+def spec(
+    port: int, operators: tuple[IrcOperatorSpec, ...] | None = None, **fields: object
+) -> IrcSpec:
+    managed = ManagedIrcSpec(port=port)
+    if operators is not None:
+        managed = ManagedIrcSpec(port=port, operators=operators)
+    return IrcSpec(managed=managed, **fields)  # type: ignore[arg-type]
 
 
 class Events:
@@ -99,6 +105,10 @@ def test_render_config_passes_configtest(tmp_path: Path) -> None:
             password="s3cret!",
             max_nick_length=30,
             channels=[("#control", "commands"), ("#agents", "the agents")],
+            operators=[
+                OperatorBlock(name="fireclaw", password="pw-1_x"),
+                OperatorBlock(name="second", password="pw2", mask="*!*@127.0.0.1"),
+            ],
         )
     )
     assert NGIRCD is not None
@@ -126,6 +136,15 @@ def test_render_config_passes_configtest(tmp_path: Path) -> None:
     assert "#control" in out.stdout and "#agents" in out.stdout
     if os.getuid() == 0:
         assert dump["ServerUID"] not in ("root", "0")
+    blocks = out.stdout.split("[OPERATOR]")[1:]
+    assert [b.split("\n[")[0].split() for b in blocks] == [
+        ["Name", "=", "fireclaw", "Password", "=", "pw-1_x", "Mask", "="],
+        ["Name", "=", "second", "Password", "=", "pw2", "Mask", "=", "*!*@127.0.0.1"],
+    ]
+
+
+def test_operator_block_repr_hides_the_password() -> None:
+    assert "pw-1_x" not in repr(OperatorBlock(name="fireclaw", password="pw-1_x"))
 
 
 def test_render_config_refuses_line_breaks(tmp_path: Path) -> None:
@@ -367,3 +386,100 @@ def test_the_config_path_is_where_leftovers_look_for_it(tmp_path: Path) -> None:
     kind = leftovers.SERVICES["ircd"]
     assert ircd.conf_path == tmp_path / kind.config
     assert os.path.basename(NGIRCD or "") == kind.program
+
+
+# --- operators ---------------------------------------------------------------------
+
+
+async def test_operator_password_is_generated_and_oper_works(tmp_path: Path) -> None:
+    """The default operator's password is made at the first start, root-only, kept
+    across restarts, and /OPER with it makes an IRC operator (WHOIS 313)."""
+    ircd = ManagedIrcd(spec(free_port()), tmp_path)
+    secret = tmp_path / "secrets" / "irc-operator-fireclaw"
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(ircd.run)
+        assert secret.stat().st_mode & 0o777 == 0o600
+        assert secret.parent.stat().st_mode & 0o777 == 0o700
+        assert secret.stat().st_uid == os.geteuid()
+        password = secret.read_text().strip()
+        assert len(password) >= 40
+        assert ircd.conf_path.stat().st_mode & 0o077 == 0
+        if os.geteuid() == 0:
+            # It read the root-only config (the password works below) before dropping root.
+            assert ircd.pid is not None
+            assert psutil.Process(ircd.pid).uids().effective != 0
+        with trio.fail_after(10):
+            guest = await register(ircd.address, "guest")
+            await guest.send_all(b"OPER fireclaw wrong-password\r\n")
+            assert b" 464 guest " in await read_until(guest, b" 464 ")
+            admin = await register(ircd.address, "admin")
+            await admin.send_all(f"OPER fireclaw {password}\r\n".encode())
+            assert b" 381 admin " in await read_until(admin, b" 381 ")
+            # ngircd holds back a client's next lines for seconds after a bad OPER:
+            # ask about both from the operator's connection.
+            await admin.send_all(b"WHOIS guest\r\n")
+            assert b" 313 " not in await read_until(admin, b" 318 ")
+            await admin.send_all(b"WHOIS admin\r\n")
+            assert b" 313 admin admin " in await read_until(admin, b" 318 ")
+        await guest.aclose()
+        await admin.aclose()
+        nursery.cancel_scope.cancel()
+    assert password not in (tmp_path / "logs" / "ircd.log").read_text()
+    # The next start uses the same password.
+    ircd = ManagedIrcd(spec(free_port()), tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(ircd.run)
+        assert secret.read_text().strip() == password
+        nursery.cancel_scope.cancel()
+
+
+async def test_operator_mask_limits_where_oper_works(tmp_path: Path) -> None:
+    pw = tmp_path / "oper.pw"
+    pw.write_text("named-password\n")
+    pw.chmod(0o600)
+    ops = (IrcOperatorSpec(name="root", password_file=str(pw), mask="boss!*@*"),)
+    ircd = ManagedIrcd(spec(free_port(), ops), tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(ircd.run)
+            other = await register(ircd.address, "other")
+            await other.send_all(b"OPER root named-password\r\n")
+            # ngircd answers a mask mismatch like a wrong password.
+            assert b" 464 other " in await read_until(other, b" 464 ")
+            boss = await register(ircd.address, "boss")
+            await boss.send_all(b"OPER root named-password\r\n")
+            assert b" 381 boss " in await read_until(boss, b" 381 ")
+        await other.aclose()
+        await boss.aclose()
+        nursery.cancel_scope.cancel()
+    assert not (tmp_path / "secrets").exists()  # a named file is used, none made
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "error"),
+    [
+        (None, 0o600, "no such file"),
+        ("readable-by-all\n", 0o644, "group or others may use it (mode 0644)"),
+        ("has spaces in it\n", 0o600, "printable ASCII characters without spaces"),
+        ("", 0o600, "its first line must be the password"),
+    ],
+)
+async def test_unusable_password_file_fails_first_start(
+    tmp_path: Path, content: str | None, mode: int, error: str
+) -> None:
+    pw = tmp_path / "oper.pw"
+    if content is not None:
+        pw.write_text(content)
+        pw.chmod(mode)
+    ops = (IrcOperatorSpec(name="root", password_file=str(pw)),)
+    ircd = ManagedIrcd(spec(free_port(), ops), tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10), pytest.raises(IrcdError) as info:
+            await nursery.start(ircd.run)
+    message = str(info.value)
+    assert "\n" not in message and error in message
+    assert message.startswith(f"irc.managed.operators root: {pw}: ")
+    assert content is None or content.strip() == "" or content.strip() not in message
+    assert not ircd.conf_path.exists()

@@ -3,11 +3,15 @@ and operators played by an independent IRC library."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from fireclaw.pool.forward import VM_SOURCE
 from ircperson import Event, Person
@@ -17,20 +21,54 @@ from test_swarm import NOTHING, free_port, ngircd_pids
 CONTROL = "#control"
 
 
-def irc_yaml(port: int, *, operators: str = '["op!*@127.0.0.1"]', extra: str = "") -> str:
+#: The managed server's operator, as swarm.yaml ships it.
+OPER_NAME = "fireclaw"
+#: Commands per sender in these swarms: a burst that is never refilled within a test
+#: (one command per 100 minutes), so a limit shows whatever the machine's speed.
+RATE = "{per_minute: 0.01, burst: 15}"
+
+
+def irc_yaml(port: int, *, operators: str | None = None, rate: str = RATE, extra: str = "") -> str:
+    """The ``irc:`` body of a test swarm: the managed server on ``port`` with the
+    shipped operator masks and authentication unless ``operators``/``extra`` say else."""
+    masks = f"  operators: {operators}\n" if operators is not None else ""
     return (
-        f"server: managed\n  managed: {{port: {port}}}\n  operators: {operators}\n"
-        "  command_rate: {per_minute: 60, burst: 3}\n"
+        f"server: managed\n  managed: {{port: {port}}}\n{masks}"
+        f"  command_rate: {rate}\n"
         "  restart: {backoff: {base: 0.1, max: 0.5}}" + extra
     )
 
 
-@pytest.fixture
-def swarm(tmp_path: Path) -> Iterator[Swarm]:
+def oper_password(state: Path) -> str:
+    """What an operator reads from the root-only file the supervisor made."""
+    return (state / "secrets" / f"irc-operator-{OPER_NAME}").read_text().strip()
+
+
+def operator(port: int, state: Path, nick: str, *channels: str) -> Person:
+    """Someone who connects, does ``/OPER`` with the password file's content and
+    joins ``channels``: an operator the overseer obeys."""
+    person = Person(("127.0.0.1", port), nick).start()
+    try:
+        person.oper(OPER_NAME, oper_password(state))
+        for channel in channels:
+            person.join(channel)
+    except BaseException:
+        person.stop()
+        raise
+    return person
+
+
+def start_swarm(tmp_path: Path, irc: str | None = None) -> Swarm:
     port = free_port()
-    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=1), irc=irc_yaml(port)))
+    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=1), irc=irc or irc_yaml(port)))
     swarm.irc_port = port  # type: ignore[attr-defined]
     swarm.start()
+    return swarm
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    swarm = start_swarm(tmp_path)
     try:
         yield swarm
     finally:
@@ -41,7 +79,7 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
 
 @pytest.fixture
 def op(swarm: Swarm) -> Iterator[Person]:
-    person = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    person = operator(swarm.irc_port, swarm.state, "op", CONTROL)  # type: ignore[attr-defined]
     try:
         yield person
     finally:
@@ -69,6 +107,10 @@ def overseer_in_channel(person: Person) -> None:
     in_channel(person, "overseer", CONTROL)
 
 
+def refusals(swarm: Swarm) -> list[dict[str, Any]]:
+    return [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "refused"]
+
+
 def test_scale_from_irc(swarm: Swarm, op: Person) -> None:
     overseer_in_channel(op)
     op.say(CONTROL, "!scale worker 3")
@@ -86,29 +128,217 @@ def test_a_task_from_irc_is_announced_when_done(swarm: Swarm, op: Person) -> Non
     op.said(CONTROL, f"task {task_id} (worker) done: worker-0: write a haiku")
 
 
-def test_someone_not_on_the_list_is_refused_and_nothing_changes(swarm: Swarm, op: Person) -> None:
+#: Every command that changes or reveals something, as an intruder would try them.
+INTRUSIONS = (
+    "!scale worker 4",
+    "!invoke worker eve",
+    "!task worker id > /tmp/owned",
+    "!destroy worker-0",
+    "!reload",
+    "!reset worker-0",
+    "!model worker-0 evil",
+    "!persona worker-0 obey eve",
+    "!status",
+    "!list",
+    "!templates",
+    "!help",
+)
+
+#: A stdlib-only IRC client (the project's venv may not be readable by nobody):
+#: registers, joins #control, says each command and waits for the overseer's
+#: answer to it, then one private message; prints the answers as JSON.
+INTRUDER = r"""
+import json, socket, sys, time
+port, nick, limit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+commands = sys.argv[4:]
+end = time.monotonic() + limit
+sock = socket.create_connection(("127.0.0.1", port), timeout=limit)
+pending = b""
+
+def send(line):
+    sock.sendall(line.encode() + b"\r\n")
+
+def until(wanted):
+    global pending
+    while True:
+        while b"\r\n" not in pending:
+            sock.settimeout(max(0.01, end - time.monotonic()))
+            data = sock.recv(4096)
+            if not data:
+                raise SystemExit("the server closed the connection")
+            pending += data
+        raw, pending = pending.split(b"\r\n", 1)
+        line = raw.decode("utf-8", "replace")
+        if line.startswith("PING"):
+            send("PONG" + line[4:])
+        elif wanted(line):
+            return line
+
+send(f"NICK {nick}")
+send(f"USER {nick} 0 * :{nick}")
+until(lambda line: f" 001 {nick} " in line)
+send("JOIN #control")
+names = until(lambda line: f" 353 {nick} " in line)
+assert "overseer" in names.split(":")[-1].replace("@", "").split(), names
+answers = []
+
+def answer(to):
+    line = until(lambda line: line.startswith(":overseer!") and f" PRIVMSG {to} :" in line)
+    return line.split(" :", 1)[1]
+
+for command in commands:
+    send(f"PRIVMSG #control :{command}")
+    answers.append(answer("#control"))
+send(f"PRIVMSG overseer :{commands[0]}")
+answers.append(answer(nick))
+send("QUIT :done")
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as the user nobody")
+def test_a_local_user_with_the_shipped_masks_commands_nothing(swarm: Swarm, op: Person) -> None:
+    """The shipped allowlist matches every local process; that alone obeys nobody."""
+    overseer_in_channel(op)
+    before = swarm.status()
+    limit = 90.0  # seconds for the whole exchange: far above the ~10 s it takes
+    port = swarm.irc_port  # type: ignore[attr-defined]
+    nobody = ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", INTRUDER]
+    out = subprocess.run(
+        [*nobody, str(port), "eve", str(limit), *INTRUSIONS],
+        capture_output=True,
+        text=True,
+        timeout=limit + 30,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    refusal = "sorry, only the swarm's IRC operators may give me orders (/OPER first)"
+    assert answers == [f"eve: {refusal}"] * len(INTRUSIONS) + [refusal]
+    after = swarm.status()
+    assert after["roles"] == before["roles"]
+    assert [a["agent"] for a in after["agents"]] == [a["agent"] for a in before["agents"]]
+    assert swarm.api.get("/tasks")["tasks"] == []
+    refused = refusals(swarm)
+    assert len(refused) == len(INTRUSIONS) + 1
+    assert {e["detail"]["why"] for e in refused} == {"not operator"}
+    assert all(e["detail"]["mask"].endswith("@127.0.0.1") for e in refused)
+    commands = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "command"]
+    assert commands == []
+    # The password nobody would need: root's alone.
+    secret = swarm.state / "secrets" / f"irc-operator-{OPER_NAME}"
+    assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (0, 0o600)
+    assert secret.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_someone_who_is_no_irc_operator_is_refused_and_nothing_changes(
+    swarm: Swarm, op: Person
+) -> None:
     overseer_in_channel(op)
     mallory = Person(("127.0.0.1", swarm.irc_port), "mallory").start(CONTROL)  # type: ignore[attr-defined]
     try:
         before = swarm.status()["roles"]["worker"]["target"]
         mallory.say(CONTROL, "!scale worker 5")
-        mallory.said(CONTROL, "mallory: sorry, only the swarm's operators may give me orders")
-        # A private attempt is refused the same way.
+        mallory.said(CONTROL, "mallory: sorry, only the swarm's IRC operators may give me orders")
+        # A wrong password does not help, and a private attempt is refused the same way.
+        mallory.do("oper", OPER_NAME, "guessed")
+        mallory.expect("OPER refused", lambda e: e.type == "passwdmismatch")
         mallory.say("overseer", "!destroy worker-0")
-        mallory.said("mallory", "sorry, only the swarm's operators")
+        mallory.said("mallory", "sorry, only the swarm's IRC operators")
     finally:
         mallory.stop()
     assert swarm.status()["roles"]["worker"]["target"] == before
-    refused = [e for e in swarm.api.get("/events?limit=1000")["events"] if e["kind"] == "refused"]
+    refused = refusals(swarm)
     assert [e["subject"] for e in refused] == ["mallory", "mallory"]
     assert refused[0]["detail"]["mask"].startswith("mallory!")
 
 
-def test_commands_are_rate_limited_per_sender(swarm: Swarm, op: Person) -> None:
+def test_an_operators_nick_taken_over_after_a_quit_is_refused(swarm: Swarm, op: Person) -> None:
     overseer_in_channel(op)
-    for _ in range(5):  # burst of 3
+    op.say(CONTROL, "!status")
+    op.said(CONTROL, "op: worker: 1 idle")  # obeyed, and now known as an operator
+    op.stop()
+    # Same nick, same user name, same address: only the /OPER is missing.
+    impostor = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    try:
+        overseer_in_channel(impostor)
+        impostor.say(CONTROL, "!scale worker 4")
+        impostor.said(CONTROL, "op: sorry, only the swarm's IRC operators may give me orders")
+    finally:
+        impostor.stop()
+    assert swarm.status()["roles"]["worker"]["target"] == 1
+    assert [e["detail"]["why"] for e in refusals(swarm)] == ["not operator"]
+
+
+def test_the_password_stays_out_of_logs_events_and_guests(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    op.say(CONTROL, "!invoke worker alice")
+    op.said(CONTROL, "op: alice is up")
+    password = oper_password(swarm.state).encode()
+    holders = {
+        swarm.state / "secrets" / f"irc-operator-{OPER_NAME}",
+        swarm.state / "ircd" / "ngircd.conf",
+    }
+    leaks = [
+        str(path)
+        for path in [*swarm.state.rglob("*"), swarm.log]
+        if path.is_file() and path not in holders and password in path.read_bytes()
+    ]
+    assert leaks == []
+    for agent in swarm.status()["agents"]:  # what each guest was started with
+        proc = psutil.Process(agent["pid"])
+        assert password.decode() not in " ".join(proc.cmdline())
+        assert password.decode() not in "".join(proc.environ().values())
+
+
+def test_commands_are_rate_limited_per_sender(swarm: Swarm, op: Person) -> None:
+    """A burst of 15 that is not refilled within the test: the 16th is refused
+    however fast or slow the machine is, and another operator is still obeyed."""
+    overseer_in_channel(op)
+    for _ in range(16):
         op.say(CONTROL, "!help status")
     op.said(CONTROL, "op: too many commands; give me a moment")
+    for _ in range(15):
+        op.said(CONTROL, "op: !status: one line per role")
+    other = operator(swarm.irc_port, swarm.state, "op2", CONTROL)  # type: ignore[attr-defined]
+    try:
+        other.say(CONTROL, "!status")
+        other.said(CONTROL, "op2: worker: 1 idle")
+    finally:
+        other.stop()
+
+
+def test_an_operator_outside_the_channel_is_obeyed_in_private(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    away = operator(swarm.irc_port, swarm.state, "away")  # type: ignore[attr-defined]
+    try:
+        for _ in range(2):  # asked about each time: nobody in the channel sees it leave
+            away.say("overseer", "!status")
+            away.said("away", "worker: 1 idle")
+    finally:
+        away.stop()
+    assert refusals(swarm) == []
+
+
+def test_hostmask_operators_only_when_asked_for_and_with_a_warning(tmp_path: Path) -> None:
+    port = free_port()
+    swarm = start_swarm(tmp_path, irc_yaml(port, extra="\n  operator_auth: hostmask"))
+    try:
+        plain = Person(("127.0.0.1", port), "op").start(CONTROL)
+        try:
+            overseer_in_channel(plain)
+            plain.say(CONTROL, "!status")
+            plain.said(CONTROL, "op: worker: 1 idle")
+        finally:
+            plain.stop()
+    finally:
+        swarm.close()
+    warnings = [
+        line
+        for line in swarm.log.read_text().splitlines()
+        if "irc.operator_auth is hostmask: anyone who can connect" in line
+    ]
+    assert len(warnings) == 1, swarm.log.read_text()
 
 
 def test_help_and_usage_lines(swarm: Swarm, op: Person) -> None:
@@ -139,7 +369,7 @@ def test_the_overseer_comes_back_after_the_irc_server_dies(swarm: Swarm) -> None
         ),
     )
     assert st["irc"]["managed"]["restarts"] == 1
-    again = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL)  # type: ignore[attr-defined]
+    again = operator(swarm.irc_port, swarm.state, "op", CONTROL)  # type: ignore[attr-defined]
     try:
         overseer_in_channel(again)  # no operator action brought it back
         again.say(CONTROL, "!status")
@@ -179,7 +409,7 @@ def joined(person: Person, nick: str, channel: str) -> Event:
 
 def test_an_invoked_agent_joins_answers_and_quits_when_destroyed(tmp_path: Path) -> None:
     swarm = agent_swarm(tmp_path)
-    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    op = operator(swarm.irc_port, swarm.state, "op", CONTROL, AGENTS)  # type: ignore[attr-defined]
     try:
         overseer_in_channel(op)
         op.say(CONTROL, "!invoke coder alice")
@@ -203,7 +433,7 @@ def test_an_invoked_agent_joins_answers_and_quits_when_destroyed(tmp_path: Path)
 
 def test_what_an_agent_says_never_becomes_a_command(tmp_path: Path) -> None:
     swarm = agent_swarm(tmp_path, SMUGGLER)
-    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    op = operator(swarm.irc_port, swarm.state, "op", CONTROL, AGENTS)  # type: ignore[attr-defined]
     try:
         op.say(CONTROL, "!invoke coder mallet")
         joined(op, "mallet", AGENTS)
@@ -228,7 +458,7 @@ def test_what_an_agent_says_never_becomes_a_command(tmp_path: Path) -> None:
 
 def test_two_agents_stop_answering_each_other(tmp_path: Path) -> None:
     swarm = agent_swarm(tmp_path, PINGPONG)
-    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    op = operator(swarm.irc_port, swarm.state, "op", CONTROL, AGENTS)  # type: ignore[attr-defined]
     try:
         op.say(CONTROL, "!invoke coder alice")
         joined(op, "alice", AGENTS)
@@ -258,7 +488,7 @@ def test_two_agents_stop_answering_each_other(tmp_path: Path) -> None:
 
 def test_everyone_is_back_after_the_irc_server_is_killed(tmp_path: Path) -> None:
     swarm = agent_swarm(tmp_path)
-    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    op = operator(swarm.irc_port, swarm.state, "op", CONTROL, AGENTS)  # type: ignore[attr-defined]
     try:
         op.say(CONTROL, "!invoke coder alice")
         joined(op, "alice", AGENTS)
@@ -294,7 +524,7 @@ MODEL_ECHO = (
 
 def test_model_and_persona_change_without_a_restart(tmp_path: Path) -> None:
     swarm = agent_swarm(tmp_path, MODEL_ECHO)
-    op = Person(("127.0.0.1", swarm.irc_port), "op").start(CONTROL, AGENTS)  # type: ignore[attr-defined]
+    op = operator(swarm.irc_port, swarm.state, "op", CONTROL, AGENTS)  # type: ignore[attr-defined]
     try:
         op.say(CONTROL, "!invoke coder alice model=m1")
         joined(op, "alice", AGENTS)

@@ -23,9 +23,8 @@ from typing import Any
 
 import psutil
 import pytest
-from ircperson import Person
 from swarmctl import NOTHING, Swarm, leftovers, role_yaml, swarm_yaml
-from test_overseer import AGENTS, irc_yaml, joined, overseer_in_channel
+from test_overseer import AGENTS, irc_yaml, joined, operator, overseer_in_channel
 from test_overseer import CONTROL as CONTROL_CHANNEL
 from test_swarm import free_port
 from world import CONNECT, Server, world_namespace
@@ -271,7 +270,7 @@ def test_a_named_agent_keeps_its_workspace_across_vms(make_swarm: Any) -> None:
         )
     )
     swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
-    op = Person(("127.0.0.1", port), "op").start(CONTROL_CHANNEL, AGENTS)
+    op = operator(port, swarm.state, "op", CONTROL_CHANNEL, AGENTS)
     try:
         overseer_in_channel(op)
         op.say(CONTROL_CHANNEL, "!invoke worker alice")
