@@ -311,7 +311,10 @@ def test_a_killed_supervisor_leaves_what_the_next_start_reclaims(make_swarm: Any
             network=network_yaml(),
         )
     )
-    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    st = swarm.wait_for(
+        "1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT
+    )
+    (before,) = [a["pid"] for a in st["agents"]]
     swarm.kill9()
     # Its QEMU, namespace, veth, bridge, rules and overlay outlive it...
     left = swarm.leftovers()
@@ -325,8 +328,120 @@ def test_a_killed_supervisor_leaves_what_the_next_start_reclaims(make_swarm: Any
     for name in left["netns"] + left["links"] + left["disks"]:
         assert name in report, (name, report)
 
-    # The next start takes them back and the pool comes back.
+    # Its VM dies while no supervisor runs: the next start reclaims what is left
+    # of it (nothing can be adopted) and the pool comes back with a new VM.
+    qemu = psutil.Process(before)
+    qemu.kill()
+    qemu.wait(timeout=30)
     swarm.start(timeout=START_TIMEOUT)
+    st = swarm.wait_for(
+        "1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT
+    )
+    assert [a["pid"] for a in st["agents"]] != [before]
+    assert "worker-0" in {e["subject"] for e in events(swarm, "reclaimed")}
+    assert not events(swarm, "adopted")
+    assert swarm.stop(signal.SIGTERM) == 0
+
+
+#: A harness that takes a while: the supervisor is killed while it runs.
+SLOW_HARNESS = """resources: {memory_mib: 256}
+harness:
+  kind: command
+  command: [sh, -c, 'sleep 8; echo "finished $FIRECLAW_PROMPT"']
+"""
+
+
+def test_a_restarted_supervisor_adopts_the_vms_that_still_run(make_swarm: Any) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+        )
+    )
     swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
-    assert "reclaimed" in {e["kind"] for e in events_all(swarm)}
+    out = swarm.cli("invoke", "worker", "alice", timeout=POOL_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    swarm.wait_for(
+        "alice active and the pool refilled",
+        lambda s: (
+            s["roles"]["worker"]["idle"] == 1
+            and any(a["agent"] == "alice" and a["state"] == "active" for a in s["agents"])
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    out = swarm.cli("task", "worker", "the job")
+    assert out.returncode == 0, out.stderr
+    task_id = int(out.stdout)
+
+    def runner(st: dict[str, Any]) -> dict[str, Any] | None:
+        """The VM running the task: promoted under its own name."""
+        found = [a for a in st["agents"] if a["agent"] == a["name"] and a["state"] == "active"]
+        return found[0] if found else None
+
+    st = swarm.wait_for(
+        "the task running and the pool refilled",
+        lambda s: s["roles"]["worker"]["idle"] == 1 and runner(s) is not None,
+        timeout=POOL_TIMEOUT,
+    )
+    assert swarm.api.get(f"/tasks/{task_id}")["state"] == "claimed"
+    before = {a["name"]: (a["pid"], a["agent"], a["state"]) for a in st["agents"]}
+    assert len(before) == 3, before
+
+    # The supervisor dies mid-task; its VMs run on.
+    swarm.kill9()
+    assert all(psutil.pid_exists(pid) for pid, _, _ in before.values())
+
+    # The next one adopts all three: the same QEMU processes, alice back as
+    # herself, the idle VM idle, and the task finished once by the VM that had it.
+    swarm.start(timeout=START_TIMEOUT)
+    alice = next(name for name, (_, agent, _) in before.items() if agent == "alice")
+    idle_vm = next(name for name, (_, _, state) in before.items() if state == "idle")
+    st = swarm.wait_for(
+        "alice and the idle VM adopted",
+        lambda s: (
+            any(
+                a["name"] == alice
+                and a["pid"] == before[alice][0]
+                and a["agent"] == "alice"
+                and a["state"] == "active"
+                for a in s["agents"]
+            )
+            and any(
+                a["name"] == idle_vm and a["pid"] == before[idle_vm][0] and a["state"] == "idle"
+                for a in s["agents"]
+            )
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    task = swarm.api.get(f"/tasks/{task_id}")
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while task["state"] == "claimed" and time.monotonic() < deadline:
+        st = swarm.api.get(f"/status?since={st['version']}&wait=5", timeout=15)
+        task = swarm.api.get(f"/tasks/{task_id}")
+    assert task["state"] == "done", (task, swarm.tail())
+    assert (task["attempts"], task["exit_code"], task["result"]) == (0, 0, "finished the job\n")
+    done = [e for e in events(swarm, "task_done") if e["detail"]["task_id"] == task_id]
+    assert len(done) == 1, done  # one result, from the VM that ran it
+    assert not [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
+    adopted = {e["subject"]: e["detail"] for e in events(swarm, "adopted")}
+    assert set(adopted) == set(before), adopted
+    assert adopted[alice]["agent"] == "alice"
+    runner_name = next(n for n, (_, agent, _) in before.items() if agent == n)
+    assert adopted[runner_name]["tasks"] == [task_id]
+    assert not events(swarm, "reclaimed")
+    print(
+        "adopted after a kill -9: "
+        + ", ".join(f"{name} in {d['seconds']:.2f} s" for name, d in sorted(adopted.items()))
+    )
+    # The runner is retired once its task is done; alice stays, the pool is whole.
+    swarm.wait_for(
+        "the runner retired",
+        lambda s: (
+            runner_name not in {a["name"] for a in s["agents"]}
+            and s["roles"]["worker"]["idle"] == 1
+        ),
+        timeout=POOL_TIMEOUT,
+    )
     assert swarm.stop(signal.SIGTERM) == 0
