@@ -10,6 +10,13 @@ the VM ends. Whatever happens, a shielded, bounded teardown stops the VMM
 (TERM, then KILL) and releases every resource the incarnation created. A
 named agent's VM also gets the agent's workspace disk before each promotion.
 
+A child may begin with a VM a previous supervisor left running (``adopt``, its
+registry row): that incarnation takes the running VMM and its resources over
+instead of making new ones, listens again where its guest dials, and takes
+its guest back as it is (an agent still promoted, a task still held) when
+the guest's Hello says so. A VM that cannot be adopted is reclaimed like a
+crashed one.
+
 A claimed child serves one piece of work (a run, a task) and is then retired;
 it is never restarted. A claimed child with an ``agent`` identity is a named,
 long-lived agent: restarted per the role's policy like a pool child, and
@@ -26,6 +33,7 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 from collections.abc import Callable
@@ -790,7 +798,8 @@ class Child:
 
 
 def _kill_recorded(rec: VmRecord) -> None:
-    """Kill the VMM ``rec`` names if it is still that process (it could not be adopted)."""
+    """Kill the VMM ``rec`` names if it is still that process, and remove its run
+    directory (it could not be adopted; the teardown takes the rest)."""
     ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
     if rec.start_time and still_running(ident):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -798,6 +807,8 @@ def _kill_recorded(rec: VmRecord) -> None:
     if rec.cgroup:
         with contextlib.suppress(cgroup.CgroupError):
             cgroup.kill_all(Path(rec.cgroup))
+    if rec.socket:
+        shutil.rmtree(Path(rec.socket).parent, ignore_errors=True)
 
 
 def _loopback_listener() -> socket.socket:

@@ -215,6 +215,8 @@ class Supervisor:
     def reclaim(self) -> None:
         """Remove what a previous, crashed supervisor left: VMs, namespaces, cgroups, tasks."""
         for rec in self.store.vms():
+            if rec.name in self._adoptees:
+                continue  # taken over as it runs, once the backend is up
             ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
             if rec.start_time and still_running(ident):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -225,8 +227,6 @@ class Supervisor:
             if rec.netns:
                 with contextlib.suppress(netns.NetnsError):
                     netns.remove_sync(rec.netns)
-            if rec.name in self._adoptees:
-                continue  # taken over as it runs, once the backend is up
             self.store.drop_vm(rec.name)
             self.event("reclaimed", rec.name, pid=rec.pid)
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
