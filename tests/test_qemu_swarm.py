@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,8 @@ from typing import Any
 
 import psutil
 import pytest
+import trio
+from ircd import ircd_server
 from ircperson import Person
 from swarmctl import NOTHING, Swarm, leftovers, role_yaml, swarm_yaml
 from test_overseer import AGENTS, irc_yaml, joined, overseer_in_channel
@@ -351,18 +355,58 @@ harness:
 """
 
 
-def test_a_restarted_supervisor_adopts_the_vms_that_still_run(make_swarm: Any) -> None:
+@pytest.fixture
+def ircd() -> Iterator[tuple[str, int]]:
+    """A real ngircd (``tests/ircd.py``) that outlives the supervisors of a test,
+    run by trio in a thread of its own for these synchronous tests."""
+    started: queue.Queue[tuple[str, int] | BaseException] = queue.Queue()
+    done = threading.Event()
+
+    async def serve() -> None:
+        try:
+            async with ircd_server() as server:
+                started.put(server.address)
+                await trio.to_thread.run_sync(done.wait)
+        except Exception as exc:
+            started.put(exc)
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="ngircd")
+    thread.start()
+    try:
+        address = started.get(timeout=60)
+        if isinstance(address, BaseException):
+            raise address
+        yield address
+    finally:
+        done.set()
+        thread.join(timeout=60)
+
+
+def test_a_restarted_supervisor_adopts_the_vms_that_still_run(
+    make_swarm: Any, ircd: tuple[str, int]
+) -> None:
+    host, port = ircd
     swarm: Swarm = make_swarm(
         swarm_yaml(
             role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
             control=CONTROL,
             backend="qemu",
             network=network_yaml(),
+            irc=f'server: "{host}:{port}"\n  operators: ["op!*@127.0.0.1"]',
         )
     )
     swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    op = Person(ircd, "op").start(AGENTS)
+    try:
+        adopted_with_an_agent_on_irc(swarm, op)
+    finally:
+        op.stop()
+
+
+def adopted_with_an_agent_on_irc(swarm: Swarm, op: Person) -> None:
     out = swarm.cli("invoke", "worker", "alice", timeout=POOL_TIMEOUT)
     assert out.returncode == 0, out.stderr
+    joined(op, "alice", AGENTS)
     swarm.wait_for(
         "alice active and the pool refilled",
         lambda s: (
@@ -389,9 +433,11 @@ def test_a_restarted_supervisor_adopts_the_vms_that_still_run(make_swarm: Any) -
     before = {a["name"]: (a["pid"], a["agent"], a["state"]) for a in st["agents"]}
     assert len(before) == 3, before
 
-    # The supervisor dies mid-task; its VMs run on.
+    # The supervisor dies mid-task; its VMs run on. Alice's IRC connection went
+    # through it: she drops off IRC.
     swarm.kill9()
     assert all(psutil.pid_exists(pid) for pid, _, _ in before.values())
+    op.expect("alice quitting", lambda e: e.type == "quit" and e.source.nick == "alice")
 
     # The next one adopts all three: the same QEMU processes, alice back as
     # herself, the idle VM idle, and the task finished once by the VM that had it.
@@ -431,6 +477,15 @@ def test_a_restarted_supervisor_adopts_the_vms_that_still_run(make_swarm: Any) -
     runner_name = next(n for n, (_, agent, _) in before.items() if agent == n)
     assert adopted[runner_name]["tasks"] == [task_id]
     assert not events(swarm, "reclaimed")
+    # Her IRC client dials the forwarder again, in her namespace on the same port:
+    # she is back under her name and answers, from the same VM.
+    op.expect(
+        "alice back on IRC",
+        lambda e: e.type == "join" and e.source.nick == "alice" and e.target == AGENTS,
+        timeout=POOL_TIMEOUT,
+    )
+    op.say(AGENTS, "alice: are you there")
+    op.said(AGENTS, "op: finished are you there", timeout=POOL_TIMEOUT)
     print(
         "adopted after a kill -9: "
         + ", ".join(f"{name} in {d['seconds']:.2f} s" for name, d in sorted(adopted.items()))
