@@ -499,4 +499,18 @@ def adopted_with_an_agent_on_irc(swarm: Swarm, op: Person) -> None:
         ),
         timeout=POOL_TIMEOUT,
     )
+    # An adopted QEMU is not the supervisor's child: when it dies, how it exited is
+    # unknowable, and the record says so. It is replaced like any crashed VM.
+    psutil.Process(before[idle_vm][0]).kill()
+    swarm.wait_for(
+        f"{idle_vm} replaced",
+        lambda s: any(
+            a["name"] == idle_vm and a["state"] == "idle" and a["pid"] != before[idle_vm][0]
+            for a in s["agents"]
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    crashed = [e for e in events(swarm, "crashed") if e["subject"] == idle_vm]
+    assert crashed and crashed[-1]["detail"]["exit_code"] is None, crashed
+    assert "unknowable" in crashed[-1]["detail"]["reason"], crashed
     assert swarm.stop(signal.SIGTERM) == 0
