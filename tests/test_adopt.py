@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,19 @@ from fireclaw.pool import netns
 from fireclaw.pool.control import ConnectionLost, ControlSession, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.adopted import AdoptedProcess
 from fireclaw.pool.drivers.base import DriverError, Running
+from fireclaw.pool.drivers.qemu import QemuDriver
 from fireclaw.pool.group import Adoptee
+from fireclaw.pool.image import Image
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.daemon import Supervisor, _sparing
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import AgentRecord, Store, VmRecord
 from swarmctl import role_yaml, swarm_yaml
 from test_control import SPEC, TOKEN, pair
+from test_qemu import STEP_DEADLINE, TCG, _spec, image, needs_tools, no_leftovers
 
 WAIT = 15.0  # a process dying and being reaped by init, on a loaded machine
+__all__ = ["image", "no_leftovers"]  # fixtures, used by name
 
 
 @pytest.fixture
@@ -342,3 +347,45 @@ def test_the_sweep_of_leftovers_spares_what_is_adopted(tmp_path: Path) -> None:
     assert [d.name for d in left.run_dirs] == ["abc123-worker-1-f11"]
     # Nothing adopted: everything goes.
     assert _sparing(found, [], "abc123") is found
+
+
+# --- the qemu driver, on a real QEMU ------------------------------------------------------
+
+
+@pytest.mark.image
+@needs_tools
+@pytest.mark.usefixtures("no_leftovers")
+async def test_the_qemu_driver_adopts_a_running_vm_and_not_a_paused_one(
+    image: Image, tmp_path: Path
+) -> None:
+    """Here the QEMU is this test's child (its supervisor is alive): the adopted
+    handle still knows it only through its pidfd, as a later supervisor would."""
+    driver = QemuDriver(image, TCG)
+    spec = _spec(log_path=tmp_path / "logs" / "worker-0.log")
+    vm = await driver.start(spec)
+    try:
+        ident = process_identity(vm.pid)
+        assert ident is not None
+        recorded = Running(
+            pid=vm.pid,
+            start_time=ident.start_time,
+            boot_id=ident.boot_id,
+            control_socket=vm.qmp_path,
+        )
+        with trio.fail_after(STEP_DEADLINE):
+            await vm.pause()
+            with pytest.raises(DriverError, match="the VM is paused, not running"):
+                await driver.adopt(spec, recorded)
+            await vm.resume()
+            adopted = await driver.adopt(spec, recorded)
+        assert adopted.pid == vm.pid and adopted.info()["adopted"] is True
+        with pytest.raises(DriverError, match="not the VMM that was recorded"):
+            await driver.adopt(spec, replace(recorded, start_time=ident.start_time + 1))
+        with trio.fail_after(STEP_DEADLINE):
+            await adopted.kill()  # through the pidfd, and waited for
+            assert await adopted.wait() is None  # how it ended is not known to it
+            assert await vm.wait() == -signal.SIGKILL  # its parent knows
+        assert "unknowable" in adopted.exit_text()
+    finally:
+        with trio.CancelScope(shield=True):
+            await vm.kill()
