@@ -514,3 +514,68 @@ def adopted_with_an_agent_on_irc(swarm: Swarm, op: Person) -> None:
     assert crashed and crashed[-1]["detail"]["exit_code"] is None, crashed
     assert "unknowable" in crashed[-1]["detail"]["reason"], crashed
     assert swarm.stop(signal.SIGTERM) == 0
+
+
+def test_a_vm_that_cannot_be_adopted_is_reclaimed_and_its_task_run_again(
+    make_swarm: Any,
+) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+        )
+    )
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    out = swarm.cli("task", "worker", "the job")
+    assert out.returncode == 0, out.stderr
+    task_id = int(out.stdout)
+    st = swarm.wait_for(
+        "the task running and the pool refilled",
+        lambda s: (
+            s["roles"]["worker"]["idle"] == 1
+            and any(a["agent"] == a["name"] and a["state"] == "active" for a in s["agents"])
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    (runner,) = [a for a in st["agents"] if a["state"] == "active"]
+    (idle_vm,) = [a for a in st["agents"] if a["state"] == "idle"]
+    swarm.kill9()
+    # The runner's QEMU hangs (stopped) while no supervisor runs: it will not answer
+    # on QMP, so it cannot be adopted. The idle VM is fine.
+    hung = psutil.Process(runner["pid"])
+    hung.suspend()
+    try:
+        swarm.start(timeout=START_TIMEOUT)
+        swarm.wait_for(
+            "the idle VM adopted",
+            lambda s: any(
+                a["name"] == idle_vm["name"] and a["pid"] == idle_vm["pid"] and a["state"] == "idle"
+                for a in s["agents"]
+            ),
+            timeout=POOL_TIMEOUT,
+        )
+        failed = swarm.wait_for(
+            "the runner not adopted",
+            lambda s: any(e["subject"] == runner["name"] for e in events(swarm, "adopt_failed")),
+            timeout=POOL_TIMEOUT,
+        )
+        assert failed
+    finally:
+        if hung.is_running() and hung.status() == psutil.STATUS_STOPPED:
+            hung.resume()
+    (why,) = [e for e in events(swarm, "adopt_failed") if e["subject"] == runner["name"]]
+    assert "QMP" in why["detail"]["reason"], why
+    # Reclaimed: that QEMU is gone, and the task went back to the queue and ran again.
+    hung.wait(timeout=30)
+    task = swarm.api.get(f"/tasks/{task_id}")
+    st = swarm.status()
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while task["state"] != "done" and time.monotonic() < deadline:
+        st = swarm.api.get(f"/status?since={st['version']}&wait=5", timeout=15)
+        task = swarm.api.get(f"/tasks/{task_id}")
+    assert (task["state"], task["attempts"], task["result"]) == ("done", 1, "finished the job\n")
+    requeued = [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
+    assert len(requeued) == 1, requeued
+    assert swarm.stop(signal.SIGTERM) == 0
