@@ -97,14 +97,23 @@ async def test_a_watched_orphan_wakes_every_waiter_when_it_dies(orphan: int) -> 
 
 async def test_a_cancelled_waiter_hands_the_watch_over(orphan: int) -> None:
     proc = AdoptedProcess.open(running(orphan))
-    with trio.move_on_after(0.01):
-        await proc.wait()  # cancelled while it polled
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(proc.wait)
+            first = trio.CancelScope()
+
+            async def polling() -> None:
+                with first:
+                    await proc.wait()
+
+            nursery.start_soon(polling)
+            await trio.testing.wait_all_tasks_blocked()  # it polls the descriptor
+            nursery.start_soon(proc.wait)  # this one waits for it to say
             await trio.testing.wait_all_tasks_blocked()
+            first.cancel()  # the second takes the polling over
+            await trio.testing.wait_all_tasks_blocked()
+            assert not proc.exited
             proc.send_signal(signal.SIGKILL)
-    assert proc.exited
+    assert first.cancelled_caught and proc.exited
     proc.close()
 
 

@@ -8,6 +8,7 @@ killed supervisor does.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -114,13 +115,20 @@ def test_a_resume_part_is_checked_like_the_rest() -> None:
         decode_guest(encode(bad_name))
 
 
-#: Waits for a file named ``go`` in its directory, then answers once.
-WAITING_HARNESS = ["sh", "-c", 'while [ ! -e go ]; do sleep 0.05; done; echo "finished $1"']
+#: Waits for a line on the FIFO ``go`` in its directory, then answers once.
+WAITING_HARNESS = ["sh", "-c", 'read line < go; echo "finished $1"']
+
+
+def _say_go(fifo: Path) -> None:
+    """Blocks until the harness opens the FIFO to read it."""
+    with open(fifo, "w") as go:
+        go.write("go\n")
 
 
 async def test_in_a_vm_a_task_runs_on_across_a_lost_connection(host: Host, tmp_path: Path) -> None:
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"fireclaw.url={host.url} fireclaw.vm_id={VM_ID} fireclaw.token={TOKEN}\n")
+    os.mkfifo(tmp_path / "go")
     proc = await host.launch("--cmdline", str(cmdline), env=_env_without_fireclaw())
     first = await host.accept()
     hello = await first.welcome()
@@ -136,7 +144,8 @@ async def test_in_a_vm_a_task_runs_on_across_a_lost_connection(host: Host, tmp_p
     again = await second.welcome()
     assert again.pid == proc.pid  # the same daemon, never restarted
     assert again.resume == Resume(agent="ada", tasks=[5])
-    (tmp_path / "go").touch()
+    with trio.fail_after(WAIT):
+        await trio.to_thread.run_sync(_say_go, tmp_path / "go")
     assert await second.expect(TaskDone) == TaskDone(task_id=5, code=0, output="finished the job\n")
 
     await second.send(Stop(reason="done"))
