@@ -9,10 +9,14 @@ returns the process exit code:
      connection was lost or closed without ``Stop``, or the host sent a frame
      that is not a valid message. Children were ended.
      Inside a VM (configuration read with ``--cmdline``) a lost or closed
-     connection does not end the daemon: it ends the children, dials the same
-     URL again (same backoff and connect deadline) and starts over with Hello,
-     because a VM restored from a snapshot wakes up with a dead connection
-     and must reach the listener of the supervisor that restored it.
+     connection does not end the daemon: it ends the commands it was running
+     for that host, dials the same URL again (same backoff, for up to
+     ``REDIAL_TIMEOUT``) and starts over with Hello, because a VM restored
+     from a snapshot wakes up with a dead connection and must reach the
+     listener of the supervisor that restored it, and a VM whose supervisor
+     crashed is adopted by the next one. A promoted agent's work (its
+     harnesses, tasks and IRC presence: ``work.Work``) goes on meanwhile; the
+     next Hello says what it is and the results held back are sent then.
 * 78 missing or invalid configuration (EX_CONFIG), one line on stderr.
 
 Configuration, lowest precedence first: the environment
@@ -50,6 +54,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
@@ -65,15 +70,7 @@ from trio_websocket import (
 
 from . import workspace
 from .agent_irc import AgentPresence
-from .harness import (
-    Children,
-    Identity,
-    child_env,
-    one_line,
-    run_command,
-    run_harness,
-    run_task,
-)
+from .harness import Children, Identity, one_line, run_command, run_harness
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -89,11 +86,13 @@ from .protocol import (
     Run,
     Stop,
     Task,
+    TaskDone,
     Token,
     Welcome,
     decode_host,
     encode,
 )
+from .work import KILL_GRACE, REPORT_GRACE, Work
 
 log = logging.getLogger("fireclaw.guest_daemon")
 
@@ -103,16 +102,15 @@ EX_CONFIG: Final = 78
 
 #: Messages queued for the writer before senders wait: the backpressure.
 OUTBOX_SIZE: Final = 16
-#: Children get SIGTERM, then SIGKILL after this many seconds.
-KILL_GRACE: Final = 2.0
-#: After the children are dead, how long their runs may take to report.
-REPORT_GRACE: Final = 2.0
 #: How long the last messages and the close handshake may take.
 CLOSE_TIMEOUT: Final = 5.0
 #: One dial attempt never takes longer than this (a silent host would
 #: otherwise eat the whole connect deadline in one try).
 ATTEMPT_TIMEOUT: Final = 5.0
 BACKOFF_FIRST: Final = 0.1
+#: Inside a VM, how long to dial again after a lost connection before giving up
+#: (the VM then powers off): long enough for a supervisor to restart and adopt it.
+REDIAL_TIMEOUT: Final = 300.0
 #: ioctl(2) on /dev/urandom: reseed the kernel's CRNG from its input pool now.
 RNDRESEEDCRNG: Final = 0x5207
 BACKOFF_MAX: Final = 2.0
@@ -294,8 +292,6 @@ def set_clock(unix_time: float) -> None:
 
 #: Seconds an IRC answer may take beyond the harness timeout.
 ANSWER_MARGIN: Final = 5.0
-#: Seconds to say goodbye on IRC when stopping.
-QUIT_GRACE: Final = 3.0
 
 
 # --- the session -----------------------------------------------------------------
@@ -310,14 +306,12 @@ class Session:
     or the children do.
     """
 
-    def __init__(self, ws: WebSocketConnection, config: Config, environ: Mapping[str, str]):
+    def __init__(self, ws: WebSocketConnection, config: Config, work: Work):
         self._ws = ws
         self._config = config
-        self._env = child_env(environ)
+        self._work = work
         self._send, self._outbox = trio.open_memory_channel[GuestMessage](OUTBOX_SIZE)
-        self._children = Children()
-        self._identity: Identity | None = None
-        self._presence: AgentPresence | None = None  # on IRC, once promoted with ``irc``
+        self._runs = Children()  # this host's commands: they end with the session
         self._talk = trio.CancelScope()
         self._outcome: tuple[int, str] | None = None
         self._connected = True
@@ -328,12 +322,18 @@ class Session:
             outer.start_soon(self._write_loop)
             async with trio.open_nursery() as jobs:
                 await self._converse(jobs)
-                await self._leave_irc()
-                await self._children.terminate(KILL_GRACE)
-                # Runs whose children died report Exited/TaskDone before Goodbye.
+                assert self._outcome is not None
+                code, reason = self._outcome
+                async with trio.open_nursery() as ending:
+                    ending.start_soon(self._runs.terminate, KILL_GRACE)
+                    if self.lost and self._work.keep:
+                        self._work.detach()  # the agent works on; the next session reports
+                    else:
+                        why = reason if code == EXIT_STOPPED else "lost the supervisor"
+                        ending.start_soon(self._work.end, one_line(f"stopping: {why}", 200))
+                # Runs whose children died report Exited, and tasks TaskDone, before Goodbye.
                 jobs.cancel_scope.deadline = trio.current_time() + REPORT_GRACE
-            assert self._outcome is not None
-            code, reason = self._outcome
+            self._work.detach()
             if code == EXIT_STOPPED:
                 await self._send.send(Goodbye(reason=reason))
             await self._send.aclose()
@@ -366,6 +366,7 @@ class Session:
                         token=self._config.token,
                         version=PROTOCOL_VERSION,
                         pid=os.getpid(),
+                        resume=self._work.resume(),
                     )
                 )
                 first: HostMessage | None = None
@@ -377,6 +378,9 @@ class Session:
                     case Welcome():
                         self._welcome(first)
                         nursery.start_soon(self._heartbeat, first.heartbeat_interval)
+                        # Results held back while no host listened go first.
+                        for done in self._work.attach(self._send.send):
+                            await self._send.send(done)
                     case Stop():
                         self._end(EXIT_STOPPED, first.reason)
                     case None:
@@ -405,15 +409,17 @@ class Session:
     async def _dispatch(self, msg: HostMessage, jobs: trio.Nursery) -> None:
         match msg:
             case Run():
-                jobs.start_soon(run_command, msg, self._send.send, self._children, self._env)
+                jobs.start_soon(run_command, msg, self._send.send, self._runs, self._work.env)
             case Task():
-                jobs.start_soon(
-                    run_task, msg, self._identity, self._send.send, self._children, self._env
-                )
+                self._work.run_task(msg)
             case Promote():
-                again = self._identity is not None
-                workspace = await self._workspace(msg)
-                self._identity = Identity.from_promote(msg, workspace=workspace)
+                held = self._work.identity
+                again = held is not None
+                if held is not None and held.workspace is not None and msg.workspace:
+                    workspace: str | None = held.workspace  # mounted already, by this daemon
+                else:
+                    workspace = await self._workspace(msg)
+                self._work.identity = Identity.from_promote(msg, workspace=workspace)
                 log.info(
                     "%s as %s (role %s, model %s)",
                     "re-identified" if again else "promoted",
@@ -421,7 +427,7 @@ class Session:
                     msg.role,
                     msg.model or "-",
                 )
-                self._join_irc(msg, jobs)
+                self._join_irc(msg)
                 await self._send.send(Promoted(name=msg.name))
             case Welcome():
                 self._welcome(msg)
@@ -438,31 +444,18 @@ class Session:
             log.warning("workspace: %s; working without it", exc)
             return None
 
-    def _join_irc(self, msg: Promote, jobs: trio.Nursery) -> None:
+    def _join_irc(self, msg: Promote) -> None:
         """Be on IRC as the promotion says: join, retune, or stay off."""
         if msg.irc is None:
             return
-        if self._presence is None:
-            self._presence = AgentPresence(
-                msg.irc, self._answer, answer_timeout=msg.harness.timeout + ANSWER_MARGIN
+        work = self._work
+        if work.presence is None:
+            work.presence = AgentPresence(
+                msg.irc, partial(_answer, work), answer_timeout=msg.harness.timeout + ANSWER_MARGIN
             )
-            jobs.start_soon(self._presence.run)
+            work.start(work.presence.run)
         else:
-            self._presence.retune(msg.irc)
-
-    async def _answer(self, sender: str, where: str, text: str) -> str:
-        """What the agent says on IRC: its harness, asked the message."""
-        if self._identity is None:
-            return "I am not an agent yet"
-        code, output, _ = await run_harness(self._identity, text, self._children, self._env)
-        return output if code == 0 else f"{output}\n(exit {code})"
-
-    async def _leave_irc(self) -> None:
-        if self._presence is not None and self._outcome is not None:
-            code, reason = self._outcome
-            why = reason if code == EXIT_STOPPED else "lost the supervisor"
-            with trio.move_on_after(QUIT_GRACE):
-                await self._presence.leave(one_line(f"stopping: {why}", 200))
+            work.presence.retune(msg.irc)
 
     def _welcome(self, msg: Welcome) -> None:
         mix_entropy(msg.entropy)
@@ -483,17 +476,20 @@ class Session:
 
     async def _write_loop(self) -> None:
         """The one writer. After the connection breaks it keeps draining (and
-        dropping) so that no sender waits forever."""
+        dropping, but a task's result goes back to the work) so that no sender
+        waits forever."""
         async with self._outbox:
             async for msg in self._outbox:
-                if not self._connected:
-                    continue
-                try:
-                    await self._ws.send_message(encode(msg))
-                except ConnectionClosed as exc:
-                    self._connected = False
-                    self.lost = self.lost or self._outcome is None
-                    self._end(EXIT_FAILED, f"connection lost ({_why(exc)})")
+                if self._connected:
+                    try:
+                        await self._ws.send_message(encode(msg))
+                        continue
+                    except ConnectionClosed as exc:
+                        self._connected = False
+                        self.lost = self.lost or self._outcome is None
+                        self._end(EXIT_FAILED, f"connection lost ({_why(exc)})")
+                if isinstance(msg, TaskDone):
+                    self._work.undelivered(msg)
 
     async def _watch_signals(self) -> None:
         """SIGTERM or SIGINT stops like a ``Stop``, so children never outlive us."""
@@ -501,6 +497,14 @@ class Session:
             async for signum in signals:
                 self._end(EXIT_STOPPED, f"signal {signal.Signals(signum).name}")
                 return
+
+
+async def _answer(work: Work, sender: str, where: str, text: str) -> str:
+    """What the agent says on IRC: its harness, asked the message."""
+    if work.identity is None:
+        return "I am not an agent yet"
+    code, output, _ = await run_harness(work.identity, text, work.children, work.env)
+    return output if code == 0 else f"{output}\n(exit {code})"
 
 
 def _why(exc: ConnectionClosed) -> str:
@@ -515,20 +519,27 @@ def _why(exc: ConnectionClosed) -> str:
 
 async def serve(config: Config, environ: Mapping[str, str]) -> int:
     """Dial the host and run a session; inside a VM, again after each lost connection."""
-    while True:
-        code, lost = await _dial_and_run(config, environ)
-        if not (lost and config.redial):
-            return code
-        log.warning("connection to %s lost; dialling again", config.url)
+    async with trio.open_nursery() as jobs:
+        work = Work(environ, jobs, keep=config.redial)
+        patience = config.connect_timeout
+        while True:
+            code, lost = await _dial_and_run(config, work, patience)
+            if not (lost and config.redial):
+                break
+            log.warning("connection to %s lost; dialling again", config.url)
+            patience = max(patience, REDIAL_TIMEOUT)
+        await work.end("lost the supervisor")  # already done unless dialling gave up
+        jobs.cancel_scope.cancel()
+    return code
 
 
-async def _dial_and_run(config: Config, environ: Mapping[str, str]) -> tuple[int, bool]:
-    """Dial the host (retrying until the connect deadline), then run one session.
+async def _dial_and_run(config: Config, work: Work, patience: float) -> tuple[int, bool]:
+    """Dial the host (retrying for ``patience`` seconds), then run one session.
 
     Returns the exit code and whether the session ended because the connection
     was lost.
     """
-    deadline = trio.current_time() + config.connect_timeout
+    deadline = trio.current_time() + patience
     delay = BACKOFF_FIRST
     attempts = 0
     while True:
@@ -548,7 +559,7 @@ async def _dial_and_run(config: Config, environ: Mapping[str, str]) -> tuple[int
                 ) as ws:
                     connecting.deadline = math.inf
                     log.info("connected to %s", config.url)
-                    session = Session(ws, config, environ)
+                    session = Session(ws, config, work)
                     code = await session.run()
             if connecting.cancelled_caught and code is None:
                 raise TimeoutError(f"no WebSocket upgrade within {attempt:g}s")
@@ -562,7 +573,7 @@ async def _dial_and_run(config: Config, environ: Mapping[str, str]) -> tuple[int
                     "cannot reach the host at %s after %d attempts in %gs: %s",
                     config.url,
                     attempts,
-                    config.connect_timeout,
+                    patience,
                     error,
                 )
                 return EXIT_FAILED, False

@@ -295,7 +295,11 @@ async def run_command(msg: Run, send: Send, children: Children, env: Mapping[str
 
 
 async def run_task(
-    msg: Task, who: Identity | None, send: Send, children: Children, base_env: Mapping[str, str]
+    msg: Task,
+    who: Identity | None,
+    send: Callable[[TaskDone], Awaitable[None]],
+    children: Children,
+    base_env: Mapping[str, str],
 ) -> None:
     """Serve a ``Task``: run the harness, reply with one ``TaskDone``."""
     if who is None:

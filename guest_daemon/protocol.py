@@ -13,7 +13,7 @@ that breaks the protocol. The guest trusts the host.
 Conversation::
 
     guest                              host
-      | -- Hello(vm_id, token) -------> |   within boot_timeout of the VM starting
+      | -- Hello(id, token, resume?) -> |   within boot_timeout of the VM starting
       | <------- Welcome(entropy, now) -- |   guest reseeds its RNG, sets its clock
       | -- Heartbeat ------------------> |   every heartbeat_interval
       | <-------------- Run(req, argv) -- |   parked guest runs a command
@@ -25,6 +25,13 @@ Conversation::
       | -- TaskDone(id, code, output) --> |
       | <--------------- Stop(reason) --- |   asks the guest to stop
       | -- Goodbye(reason) -------------> |   then the guest exits 0
+
+A guest that was already at work when its connection was lost (its
+supervisor crashed or was upgraded; the VM kept running) says so in its next
+Hello: ``resume`` names the agent it is and the tasks it holds, running or
+finished with their ``TaskDone`` not yet sent. After the Welcome it sends
+those ``TaskDone`` messages first. A host that adopts the VM takes the agent
+as it is and waits for those tasks' results instead of sending them again.
 
 This module imports only msgspec: it ships inside VM images.
 """
@@ -38,7 +45,7 @@ from msgspec import Meta
 
 _T = TypeVar("_T")
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -48,12 +55,15 @@ MAX_OUTPUT_CHUNK: Final = 16 * 1024
 MAX_PROMPT_CHARS: Final = 16 * 1024
 #: Largest task result carried by ``TaskDone`` (the rest is cut, and says so).
 MAX_RESULT_BYTES: Final = 32 * 1024
+#: Most tasks a resuming guest may say it holds.
+MAX_RESUMED_TASKS: Final = 64
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]{}|^`\\]+$")]
 Token = Annotated[str, Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
 ReqId = Annotated[int, Meta(ge=0, le=2**53)]
 Seq = Annotated[int, Meta(ge=0, le=2**53)]
 ExitCode = Annotated[int, Meta(ge=-255, le=255)]
+TaskId = Annotated[int, Meta(ge=1, le=2**53)]
 ShortText = Annotated[str, Meta(max_length=1024)]
 Argv = Annotated[list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1, max_length=256)]
 
@@ -65,6 +75,14 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 # --- guest -> host -----------------------------------------------------------
 
 
+class Resume(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a guest already at work is, said again on a new connection."""
+
+    agent: Name  # the name it was promoted as
+    #: Tasks it holds: running, or done with their TaskDone still to send.
+    tasks: Annotated[list[TaskId], Meta(max_length=MAX_RESUMED_TASKS)] = []
+
+
 class Hello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="hello"):
     """First message on a connection: who the guest claims to be."""
 
@@ -72,6 +90,8 @@ class Hello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="he
     token: Token
     version: Annotated[int, Meta(ge=0, le=1000)]
     pid: Annotated[int, Meta(ge=0, le=2**31)] = 0
+    #: Set by a promoted guest dialling again after a lost connection.
+    resume: Resume | None = None
 
 
 class Heartbeat(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="heartbeat"):
@@ -99,7 +119,7 @@ class Promoted(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag=
 
 
 class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task_done"):
-    task_id: Annotated[int, Meta(ge=1, le=2**53)]
+    task_id: TaskId
     code: ExitCode
     output: Annotated[str, Meta(max_length=MAX_RESULT_BYTES)]
     truncated: bool = False
@@ -165,7 +185,7 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
 
 
 class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):
-    task_id: Annotated[int, Meta(ge=1, le=2**53)]
+    task_id: TaskId
     prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
 
 

@@ -94,6 +94,12 @@ class ControlSession:
         self._lost: GuestLost | None = None
         self._closed = trio.Event()
         self.goodbye: p.Goodbye | None = None
+        # A resuming guest sends the results it held back first thing: each task it
+        # says it holds has its place before the first frame is read.
+        self._held: dict[int, trio.MemoryReceiveChannel[p.TaskDone]] = {}
+        for task_id in hello.resume.tasks if hello.resume is not None else ():
+            send, self._held[task_id] = trio.open_memory_channel[p.TaskDone](1)
+            self._tasks[task_id] = send
 
     @classmethod
     async def handshake(
@@ -286,6 +292,22 @@ class ControlSession:
             self._tasks.pop(task_id, None)
         self._check()
         raise ConnectionLost("guest went away during the task")
+
+    def holds(self, task_id: int) -> bool:
+        """Whether the guest said in its Hello that it holds ``task_id`` (and its
+        result has not been taken yet)."""
+        return task_id in self._held
+
+    async def result(self, task_id: int) -> p.TaskDone:
+        """The result of a task the guest holds (``holds``), once it sends it.
+
+        ConnectionLost if the session ends first."""
+        receive = self._held.pop(task_id)
+        async with receive:
+            async for done in receive:
+                return done
+        self._check()
+        raise ConnectionLost("guest went away before the task's result")
 
     async def ask_stop(self, reason: str) -> None:
         """Ask the guest to stop; never raises (the stop goes on by force anyway)."""

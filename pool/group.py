@@ -9,6 +9,12 @@ and wakes the reconciler, which starts a new pool child in its place (while
 More than half of the pool children ``failed`` makes the role ``degraded``:
 its refills and restarts pause until a reset or reload.
 
+After a supervisor restart the group starts with the VMs its predecessor left
+running (``Adoptee``): idle pool VMs, named agents and task runners keep their
+names and are adopted before the pool is refilled. A task runner's task is
+not sent again: its result is awaited from the guest that holds it, or the
+task goes back to the queue when the guest does not hold it or the VM is lost.
+
 Errors::
 
     PoolError
@@ -18,14 +24,17 @@ Errors::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import trio
 from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
-from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, Event, State
+from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.vm import AgentIdentity, Child, Runtime
+from fireclaw.supervisor.state import VmRecord
 
 log = logging.getLogger("fireclaw.pool")
 
@@ -41,9 +50,24 @@ class NoCapacity(PoolError):
     pass
 
 
+@dataclass(frozen=True)
+class Adoptee:
+    """A VM a previous supervisor left running, to be adopted by its group."""
+
+    record: VmRecord
+    agent: AgentIdentity | None = None  # a named agent's VM
+    task_id: int | None = None  # a task runner's task, still claimed by it
+
+
 class RoleGroup:
     def __init__(
-        self, role: Role, runtime: Runtime, *, max_attempts: int, scale: int | None
+        self,
+        role: Role,
+        runtime: Runtime,
+        *,
+        max_attempts: int,
+        scale: int | None,
+        adopt: Sequence[Adoptee] = (),
     ) -> None:
         self.role = role
         self.rt = runtime
@@ -58,6 +82,7 @@ class RoleGroup:
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
+        self._adopt = list(adopt)
 
     @property
     def name(self) -> str:
@@ -127,6 +152,9 @@ class RoleGroup:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                adopt, self._adopt = self._adopt, []
+                for adoptee in adopt:
+                    self._start_adopted(adoptee)
                 nursery.start_soon(self._reconcile_loop)
                 nursery.start_soon(self._task_loop)
                 task_status.started()
@@ -155,6 +183,16 @@ class RoleGroup:
         self._nursery.start_soon(child.run)
         return child
 
+    def _start_adopted(self, adoptee: Adoptee) -> None:
+        assert self._nursery is not None
+        rec = adoptee.record
+        child = Child(rec.name, self, self.rt, now=trio.current_time(), adopt=rec)
+        child.agent = adoptee.agent
+        self.children[child.name] = child
+        self._nursery.start_soon(child.run)
+        if adoptee.task_id is not None:
+            self._nursery.start_soon(self._resume_task, child, adoptee.task_id)
+
     async def _reconcile_loop(self) -> None:
         while True:
             changed = self._changed
@@ -169,9 +207,7 @@ class RoleGroup:
             return None
         for child in sorted(self.pool_children(), key=_ordinal):
             if child.state is State.IDLE:
-                child.claimed = True
-                child.lifecycle.fire(Event.CLAIM, trio.current_time())
-                self.changed()  # the reconciler refills the pool
+                child.claim()  # and the reconciler refills the pool
                 return child
         return None
 
@@ -248,6 +284,40 @@ class RoleGroup:
         finally:
             if not finished:
                 # Cancelled (shutdown): the task is not lost, it goes back to the queue.
+                store.requeue_task(
+                    task_id, reason="supervisor stopped", max_attempts=self.max_attempts
+                )
+            self.retire(child, "task finished")
+            self.tasks_queued()
+
+    async def _resume_task(self, child: Child, task_id: int) -> None:
+        """Finish a task an adopted task runner holds: its result is awaited, once.
+
+        The guest says in its Hello which tasks it holds; one it does not hold, or
+        a VM lost before it reports, sends the task back to the queue."""
+        store = self.rt.store
+        finished = False
+        try:
+            while child.session is None or child.state not in (State.IDLE, State.ACTIVE):
+                if child.done.is_set():
+                    raise GuestLost(f"{child.name} was not adopted: {child.reason or 'gone'}")
+                await self.wait_changed()
+            session = child.session
+            if not session.holds(task_id):
+                raise GuestLost(f"{child.name}'s guest does not hold task {task_id}")
+            self.rt.event("task_resumed", child.name, task_id=task_id, role=self.name)
+            done = await session.result(task_id)
+            store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
+            finished = True
+            self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+        except GuestLost as exc:
+            row = store.requeue_task(task_id, reason=exc.reason, max_attempts=self.max_attempts)
+            finished = True
+            self.rt.event(
+                "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
+            )
+        finally:
+            if not finished:
                 store.requeue_task(
                     task_id, reason="supervisor stopped", max_attempts=self.max_attempts
                 )

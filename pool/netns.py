@@ -92,6 +92,9 @@ def listen(host: str, port: int = 0, *, backlog: int = 4) -> socket.socket:
     """A TCP listener on ``host:port`` in the calling thread's namespace."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        # A supervisor adopting a VM listens again where its killed predecessor
+        # did: that one's closed connections may still be in TIME_WAIT there.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError:

@@ -42,6 +42,7 @@ import ipaddress
 import os
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -202,22 +203,32 @@ class Network:
 
     # --- the host side ---------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Remove what a previous supervisor left, then make the bridge and the rules."""
-        await trio.to_thread.run_sync(self._open)
+    async def open(self, keep: Sequence[Link] = ()) -> None:
+        """Remove what a previous supervisor left, then make the bridge and the rules.
 
-    def _open(self) -> None:
+        ``keep``: links of VMs a previous supervisor left running that are being
+        adopted (their addresses in this subnet): they, and the bridge they are
+        on, stay as they are."""
+        for link in keep:
+            self._used.add(int(ipaddress.IPv4Address(link.address)) - int(self.subnet[0]))
+        await trio.to_thread.run_sync(self._open, {link.veth for link in keep})
+
+    def _open(self, kept: set[str]) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
             with IPRoute() as ipr:
-                _delete_links(ipr, host_links(self.instance))
-                self._check_subnet_free(ipr)
-                ipr.link("add", ifname=self.bridge, kind="bridge")
-                (index,) = ipr.link_lookup(ifname=self.bridge)
-                ipr.addr("add", index=index, address=self.gateway, prefixlen=self.subnet.prefixlen)
-                ipr.link("set", index=index, state="up")
+                keep = {self.bridge, *kept} if kept else set()
+                _delete_links(ipr, [n for n in host_links(self.instance) if n not in keep])
+                if not (kept and ipr.link_lookup(ifname=self.bridge)):
+                    self._check_subnet_free(ipr)
+                    ipr.link("add", ifname=self.bridge, kind="bridge")
+                    (index,) = ipr.link_lookup(ifname=self.bridge)
+                    ipr.addr(
+                        "add", index=index, address=self.gateway, prefixlen=self.subnet.prefixlen
+                    )
+                    ipr.link("set", index=index, state="up")
         except NetlinkError as exc:
             raise NetworkError(f"bridge {self.bridge}: {exc}") from exc
         _nft(host_rules(self.instance, self.subnet, egress=self.egress))

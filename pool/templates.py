@@ -469,7 +469,7 @@ class Templates:
         started = trio.current_time()
         boot_timeout = self.rt.control.boot_timeout
         control = msgspec.structs.replace(self.rt.control, heartbeat_interval=TEMPLATE_HEARTBEAT)
-        exited: list[int] = []
+        exited: list[int | None] = []
         done: list[tuple[float, Snapshot]] = []
         error = ""
         snapshotting = False

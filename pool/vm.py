@@ -10,6 +10,13 @@ the VM ends. Whatever happens, a shielded, bounded teardown stops the VMM
 (TERM, then KILL) and releases every resource the incarnation created. A
 named agent's VM also gets the agent's workspace disk before each promotion.
 
+A child may begin with a VM a previous supervisor left running (``adopt``, its
+registry row): that incarnation takes the running VMM and its resources over
+instead of making new ones, listens again where its guest dials, and takes
+its guest back as it is (an agent still promoted, a task still held) when
+the guest's Hello says so. A VM that cannot be adopted is reclaimed like a
+crashed one.
+
 A claimed child serves one piece of work (a run, a task) and is then retired;
 it is never restarted. A claimed child with an ``agent`` identity is a named,
 long-lived agent: restarted per the role's policy like a pool child, and
@@ -26,12 +33,14 @@ import logging
 import os
 import random
 import secrets
+import shutil
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
@@ -40,13 +49,13 @@ from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns, workspaces
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
-from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
 from fireclaw.pool.forward import forward
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
-from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import Store, VmRecord
 
 if TYPE_CHECKING:
@@ -161,7 +170,15 @@ class Outcome:
 
 
 class Child:
-    def __init__(self, name: str, group: RoleGroup, runtime: Runtime, *, now: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        group: RoleGroup,
+        runtime: Runtime,
+        *,
+        now: float,
+        adopt: VmRecord | None = None,
+    ) -> None:
         self.name = name
         self.group = group
         self.rt = runtime
@@ -184,6 +201,11 @@ class Child:
         self._exited = trio.Event()  # the current incarnation's VMM has exited
         self._booting = False  # holds a token of the runtime's boot limiter
         self._workspace_in: VmHandle | None = None  # the VM a workspace was attached to
+        #: A running VM a previous supervisor left, to adopt as the first incarnation.
+        self._adopt = adopt
+        self._row: VmRecord | None = None  # the current incarnation's registry row
+        if adopt is not None:
+            self.claimed = adopt.claimed
         self.done = trio.Event()  # the child task has finished
 
     @property
@@ -266,6 +288,14 @@ class Child:
         self._fire(Event.RESTART)
         return True
 
+    def claim(self) -> None:
+        """Hand this idle child out of the pool (the registry says so: a VM that
+        served a run is not taken back as an idle one)."""
+        self.claimed = True
+        self._fire(Event.CLAIM)
+        if self._row is not None:
+            self._register()
+
     def reset(self) -> None:
         """Clear a failed child, or cut a backoff wait short."""
         self.tracker.reset()
@@ -291,6 +321,9 @@ class Child:
     # --- one incarnation ------------------------------------------------------------
 
     async def _incarnate(self) -> Outcome:
+        adopt, self._adopt = self._adopt, None
+        if adopt is not None:
+            return await self._incarnate_adopted(adopt)
         templates = self.rt.templates
         template = None
         if templates is not None and self.rt.isolate_net:
@@ -312,6 +345,7 @@ class Child:
         expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
         outcome = Outcome()
         self._exited = trio.Event()
+        self._workspace_in = None
         ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
         cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
         rt = self.rt
@@ -326,13 +360,29 @@ class Child:
         self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
-        self._register(ns_name, cg, pid=0)
+        self._row = VmRecord(
+            name=self.name,
+            role=role.name,
+            pid=0,
+            start_time=0,
+            boot_id="",
+            spec_hash=self.group.spec_hash,
+            netns=ns_name,
+            cgroup=str(cg) if cg else None,
+            log=str(self._log_path),
+            vm_id=vm_id,
+            disk=str(disk) if disk else None,
+            guest_id=expect_id,
+            guest_token=expect_token,
+        )
+        self._register()
         try:
             try:
                 # A clone dials the port baked into its template, in every namespace.
                 port = template.port if template is not None else 0
                 if rt.network is not None and ns_name is not None:
                     listener_sock, link = await rt.network.attach(ns_name, port)
+                    self._register(veth=link.veth, address=link.address)
                 elif ns_name is not None:
                     listener_sock = await netns.create_with_listener(ns_name)
                 else:
@@ -347,21 +397,7 @@ class Child:
                     else:
                         await disks.create_overlay(disk, rt.base_disk, "raw")
                 port = listener_sock.getsockname()[1]
-                spec = VmSpec(
-                    vm_id=vm_id,
-                    name=self.name,
-                    role=role.name,
-                    vcpus=role.resources.vcpus,
-                    memory_mib=role.resources.memory_mib,
-                    control_url=f"ws://{rt.listen_host}:{port}/",
-                    token=token,
-                    netns=ns_name,
-                    cgroup=cg,
-                    log_path=rt.state_dir / "logs" / f"{self.name}.log",
-                    guest_command=role.guest_command,
-                    tap=TAP if link is not None else None,
-                    disk=disk,
-                )
+                spec = self._spec(vm_id, ns_name, cg, disk, link, port=port, token=token)
                 self.ready_seconds = None
                 started = trio.current_time()
                 if template is not None:
@@ -380,32 +416,157 @@ class Child:
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
-            self._register(ns_name, cg, pid=self.handle.pid)
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener_sock))
-            listener_sock = None  # the listener owns it now
-            async with trio.open_nursery() as ws_nursery, listener:
-                self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name)
-                await self._serve(
-                    ws_nursery, listener, expect_id, expect_token, outcome, started, template
-                )
-                ws_nursery.cancel_scope.cancel()
+            ident = process_identity(self.handle.pid)
+            self._register(
+                pid=self.handle.pid,
+                start_time=ident.start_time if ident else 0,
+                boot_id=ident.boot_id if ident else "",
+                socket=self.handle.info().get("qmp"),
+                port=port,
+                started_as=self.started_as,
+            )
+            sock, listener_sock = listener_sock, None  # the listener owns it now
+            await self._serve_vm(sock, ns_name, expect_id, expect_token, outcome, started, template)
             return outcome
         finally:
             self._boot_done()
             with trio.CancelScope(shield=True):
                 await self._teardown(outcome, ns_name, cg, listener_sock, link, disk)
 
+    async def _incarnate_adopted(self, rec: VmRecord) -> Outcome:
+        """The VM ``rec`` names, left running by a previous supervisor, taken over.
+
+        Its QEMU, namespace, tap, veth, cgroup, overlay and workspace are kept;
+        the control listener (and the IRC forwarder) are opened again in its
+        namespace on the same address and port, where its guest dials again, and
+        its guest must say Hello as it did (a clone: its template's id and
+        token) within ``boot_timeout``. When any of it fails the VM is reclaimed
+        as a crashed one: killed, its resources released; the child goes on per
+        policy."""
+        rt = self.rt
+        outcome = Outcome()
+        self._exited = trio.Event()
+        self._row = rec
+        ns_name = rec.netns
+        cg = Path(rec.cgroup) if rec.cgroup else None
+        disk = Path(rec.disk) if rec.disk else None
+        link = (
+            Link(ns_name=ns_name, veth=rec.veth, address=rec.address)
+            if ns_name is not None and rec.veth is not None and rec.address is not None
+            else None
+        )
+        listener_sock: socket.socket | None = None
+        started = trio.current_time()
+        try:
+            try:
+                if ns_name is None or rec.socket is None or not rec.port or not rec.guest_token:
+                    raise DriverError("its registry row lacks what adoption needs")
+                spec = self._spec(rec.vm_id, ns_name, cg, disk, link, port=rec.port, token="")
+                running = Running(
+                    pid=rec.pid,
+                    start_time=rec.start_time,
+                    boot_id=rec.boot_id,
+                    control_socket=Path(rec.socket),
+                    started_as=rec.started_as,
+                )
+                self.handle = await rt.driver.adopt(spec, running)
+                listener_sock = await netns.open_listener(ns_name, rt.listen_host, rec.port)
+            except SETUP_ERRORS as exc:
+                outcome.reason = f"could not adopt: {exc}"
+                if self.handle is None:
+                    await trio.to_thread.run_sync(_kill_recorded, rec)
+                self.rt.event("adopt_failed", self.name, role=self.group.name, reason=str(exc))
+                log.warning("%s (pid %d) not adopted: %s", self.name, rec.pid, exc)
+                return outcome
+            self.started_as = rec.started_as
+            self._workspace_in = self.handle if rec.workspace else None
+            self.group.changed()
+            sock, listener_sock = listener_sock, None
+            await self._serve_vm(
+                sock,
+                ns_name,
+                rec.guest_id,
+                rec.guest_token,
+                outcome,
+                started,
+                None,
+                irc_port=rec.irc_port,
+                adopted=True,
+            )
+            return outcome
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(outcome, ns_name, cg, listener_sock, link, disk)
+
+    @property
+    def _log_path(self) -> Path:
+        return self.rt.state_dir / "logs" / f"{self.name}.log"
+
+    def _spec(
+        self,
+        vm_id: str,
+        ns_name: str | None,
+        cg: Path | None,
+        disk: Path | None,
+        link: Link | None,
+        *,
+        port: int,
+        token: str,
+    ) -> VmSpec:
+        role = self.group.role
+        return VmSpec(
+            vm_id=vm_id,
+            name=self.name,
+            role=role.name,
+            vcpus=role.resources.vcpus,
+            memory_mib=role.resources.memory_mib,
+            control_url=f"ws://{self.rt.listen_host}:{port}/",
+            token=token,
+            netns=ns_name,
+            cgroup=cg,
+            log_path=self._log_path,
+            guest_command=role.guest_command,
+            tap=TAP if link is not None else None,
+            disk=disk,
+        )
+
+    async def _serve_vm(
+        self,
+        sock: socket.socket,
+        ns_name: str | None,
+        expect_id: str,
+        expect_token: str,
+        outcome: Outcome,
+        started: float,
+        template: Template | None,
+        *,
+        irc_port: int = 0,
+        adopted: bool = False,
+    ) -> None:
+        """Serve the running VM through ``sock``, its control listener (owned
+        from here), until it ends; the IRC forwarder runs beside it."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as ws_nursery, listener:
+            self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name, irc_port)
+            if self.irc_endpoint is not None and ns_name is not None:
+                self._register(irc_port=self.irc_endpoint[1])
+            await self._serve(
+                ws_nursery, listener, expect_id, expect_token, outcome, started, template, adopted
+            )
+            ws_nursery.cancel_scope.cancel()
+
     async def _open_irc_route(
-        self, nursery: trio.Nursery, ns_name: str | None
+        self, nursery: trio.Nursery, ns_name: str | None, port: int = 0
     ) -> tuple[str, int] | None:
-        """Give the VM a way to the IRC server: a forwarder inside its namespace."""
+        """Give the VM a way to the IRC server: a forwarder inside its namespace,
+        on ``port`` (an adopted VM's agent dials the one it had; 0: a free one)."""
         route = self.rt.irc
         if route is None:
             return None
         if ns_name is None:
             return route.upstream  # not isolated: the guest dials the server itself
         try:
-            sock = await netns.open_listener(ns_name, self.rt.listen_host)
+            sock = await netns.open_listener(ns_name, self.rt.listen_host, port)
         except netns.NetnsError as exc:
             log.warning("%s: no IRC for this VM: %s", self.name, exc)
             return None
@@ -427,6 +588,7 @@ class Child:
         outcome: Outcome,
         started: float,
         template: Template | None,
+        adopted: bool = False,
     ) -> None:
         assert self.handle is not None
         handle = self.handle
@@ -437,7 +599,11 @@ class Child:
                 outcome.code = code
                 if not outcome.broke_protocol:
                     # The cause, whichever was noticed first: the lost connection or this.
-                    outcome.reason = f"VMM exited with code {code}"
+                    outcome.reason = (
+                        f"VMM exited with code {code}"
+                        if code is not None
+                        else "VMM exited (its exit status is unknowable: it was adopted)"
+                    )
                 self._exited.set()
                 nursery.cancel_scope.cancel()
 
@@ -461,7 +627,20 @@ class Child:
                 self._boot_done()
                 self.tracker.ready(trio.current_time())
                 self._fire(Event.READY)
-                if self.agent is not None:
+                resumed = adopted and self._take_back(session.hello.resume)
+                if adopted:
+                    resume = session.hello.resume
+                    self.rt.event(
+                        "adopted",
+                        self.name,
+                        role=self.group.name,
+                        pid=handle.pid,
+                        agent=self.promoted_as,
+                        tasks=list(resume.tasks) if resume is not None else [],
+                        seconds=round(self.ready_seconds, 3),
+                    )
+                    log.info("%s adopted (pid %d)", self.name, handle.pid)
+                if self.agent is not None and not resumed:
                     nursery.start_soon(self._promote_again, outcome, nursery.cancel_scope)
                 await session.serve()
             except trio.TooSlowError:
@@ -477,6 +656,18 @@ class Child:
                 outcome.reason = str(exc)
                 outcome.broke_protocol = True
             nursery.cancel_scope.cancel()
+
+    def _take_back(self, resume: p.Resume | None) -> bool:
+        """An adopted guest that says it is still at work as this child's agent (a
+        named one, or its task runner) is taken as it is: promoted, not promoted
+        again. True if it was."""
+        who = self.agent.name if self.agent is not None else self.name
+        if not self.claimed or resume is None or resume.agent != who:
+            return False
+        self._fire(Event.PROMOTE)
+        self.promoted_as = who
+        self._fire(Event.PROMOTED)
+        return True
 
     async def _accept(
         self, ws_nursery: trio.Nursery, listener: trio.SocketListener, vm_id: str, token: str
@@ -531,22 +722,19 @@ class Child:
                 disks.remove(disk)
             self.rt.store.drop_vm(self.name)
 
-    def _register(self, ns_name: str | None, cg: Path | None, *, pid: int) -> None:
-        ident = process_identity(pid) if pid else None
-        self.rt.store.put_vm(
-            VmRecord(
-                name=self.name,
-                role=self.group.name,
-                pid=pid,
-                start_time=ident.start_time if ident else 0,
-                boot_id=ident.boot_id if ident else "",
-                spec_hash=self.group.spec_hash,
-                netns=ns_name,
-                cgroup=str(cg) if cg else None,
-                socket=None,
-                log=str(self.rt.state_dir / "logs" / f"{self.name}.log"),
-            )
+    def _register(self, **changes: Any) -> None:
+        """Write the current incarnation's registry row: ``changes``, and what the
+        child does now (claimed, as which agent, with its workspace attached)."""
+        assert self._row is not None
+        attached = self.handle is not None and self._workspace_in is self.handle
+        self._row = msgspec.structs.replace(
+            self._row,
+            claimed=self.claimed,
+            agent=self.agent.name if self.agent is not None else None,
+            workspace=attached,
+            **changes,
         )
+        self.rt.store.put_vm(self._row)
 
     async def _promote_again(self, outcome: Outcome, scope: trio.CancelScope) -> None:
         """A named agent's VM came back: make it that agent again."""
@@ -570,6 +758,7 @@ class Child:
         await self.session.promote(msg)
         self.promoted_as = msg.name
         self._fire(Event.PROMOTED)
+        self._register()  # a later supervisor adopts it as this agent
 
     async def _attach_workspace(self) -> bool:
         """Give a named agent's VM its workspace disk (once per VM); True if it has it.
@@ -606,6 +795,20 @@ class Child:
                 round(self.ready_seconds, 3) if self.ready_seconds is not None else None
             ),
         }
+
+
+def _kill_recorded(rec: VmRecord) -> None:
+    """Kill the VMM ``rec`` names if it is still that process, and remove its run
+    directory (it could not be adopted; the teardown takes the rest)."""
+    ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
+    if rec.start_time and still_running(ident):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rec.pid, signal.SIGKILL)
+    if rec.cgroup:
+        with contextlib.suppress(cgroup.CgroupError):
+            cgroup.kill_all(Path(rec.cgroup))
+    if rec.socket:
+        shutil.rmtree(Path(rec.socket).parent, ignore_errors=True)
 
 
 def _loopback_listener() -> socket.socket:

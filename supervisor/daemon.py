@@ -17,24 +17,26 @@ lock or the state cannot be opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
 import re
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 import trio
-from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config
+from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
-from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.network import Network, NetworkError
+from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
+from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import leftovers, sdnotify, services
@@ -71,6 +73,8 @@ class Supervisor:
         self.last_reload_error: str | None = None
         self.startup_error: str | None = None  # why serve() ended before it was ready
         self.ircd: ManagedIrcd | None = None
+        #: VMs left running by a previous supervisor, by name, until their group takes them.
+        self._adoptees: dict[str, Adoptee] = {}
         self.overseer: Overseer | None = None
         self._reload_wanted = trio.Event()
         self._reload_done = trio.Event()
@@ -129,6 +133,7 @@ class Supervisor:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            self._adoptees = self.plan_adoption()
             self.reclaim()
             async with trio.open_nursery() as root:
                 self._root = root
@@ -168,11 +173,52 @@ class Supervisor:
                         root.cancel_scope.cancel()
         log.info("stopped")
 
+    def plan_adoption(self) -> dict[str, Adoptee]:
+        """The VMs a previous supervisor left that are adopted rather than reclaimed.
+
+        One is when it still runs (pid + start time + boot id), its role is in
+        the config with the same spec hash, its registry row has what adoption
+        needs (a row of an older schema has not), its address is in the
+        configured subnet, and it was either idle, a named agent that still
+        exists, or a task runner whose task is still claimed by it. Only the
+        qemu backend's VMs are adopted: a process guest ends with its control
+        connection, so nothing of it is left to adopt. Whether the guest says
+        Hello again is only known later: a VM that does not is reclaimed then."""
+        if self.backend_choice.name != "qemu" or self._netns_why is not None:
+            return {}
+        agents = {a.name: a for a in self.store.agents()}
+        tasks = {t.owner: t for t in self.store.list_tasks(state="claimed", limit=100_000)}
+        subnet = ipaddress.IPv4Network(self.config.network.subnet)
+        plan: dict[str, Adoptee] = {}
+        for rec in self.store.vms():
+            role = self.config.roles.get(rec.role)
+            ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
+            if (
+                role is None
+                or rec.spec_hash != role_hash(role)
+                or not (rec.start_time and rec.socket and rec.port and rec.guest_token)
+                or rec.address is None
+                or ipaddress.IPv4Address(rec.address) not in subnet
+                or not still_running(ident)
+            ):
+                continue
+            agent, task = agents.get(rec.agent or ""), tasks.get(rec.name)
+            if not rec.claimed:
+                plan[rec.name] = Adoptee(rec)
+            elif rec.agent is not None and agent is not None and agent.role == rec.role:
+                identity = AgentIdentity(name=agent.name, model=agent.model, persona=agent.persona)
+                plan[rec.name] = Adoptee(rec, agent=identity)
+            elif rec.agent is None and task is not None and task.role == rec.role:
+                plan[rec.name] = Adoptee(rec, task_id=task.id)
+        return plan
+
     def reclaim(self) -> None:
         """Remove what a previous, crashed supervisor left: services, VMs, namespaces,
         cgroups, tasks."""
         self.reclaim_services()
         for rec in self.store.vms():
+            if rec.name in self._adoptees:
+                continue  # taken over as it runs, once the backend is up
             ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
             if rec.start_time and still_running(ident):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -188,12 +234,14 @@ class Supervisor:
             log.info("reclaimed %s (pid %d) left by a previous supervisor", rec.name, rec.pid)
         # What no registry row names: VM processes whose row was never written or
         # already dropped, links, rules, overlays and VM run directories.
-        for removal in leftovers.remove(leftovers.find(self.state_dir)):
+        found = _sparing(leftovers.find(self.state_dir), self._adoptees.values(), self.rt.instance)
+        for removal in leftovers.remove(found):
             if removal.ok:
                 log.info("%s, left by a previous supervisor", removal)
             else:
                 log.warning("%s", removal)
-        for task in self.store.requeue_orphans(set(), max_attempts=self.config.task_max_attempts):
+        runners = {name for name, a in self._adoptees.items() if a.task_id is not None}
+        for task in self.store.requeue_orphans(runners, max_attempts=self.config.task_max_attempts):
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
 
     def reclaim_services(self) -> None:
@@ -251,8 +299,13 @@ class Supervisor:
                 subnet=ipaddress.IPv4Network(spec.subnet),
                 egress=spec.egress,
             )
+            links = [
+                Link(ns_name=a.record.netns, veth=a.record.veth, address=a.record.address)
+                for a in self._adoptees.values()
+                if a.record.netns and a.record.veth and a.record.address
+            ]
             try:
-                await network.open()
+                await network.open(links)
             except NetworkError as exc:
                 with trio.CancelScope(shield=True):
                     await network.close()  # whatever part of it was made
@@ -291,12 +344,16 @@ class Supervisor:
     async def _start_group(self, name: str) -> RoleGroup:
         assert self._root is not None
         role = self.config.roles[name]
+        adopt = [a for a in self._adoptees.values() if a.record.role == name]
         group = RoleGroup(
             role,
             self.rt,
             max_attempts=self.config.task_max_attempts,
             scale=self.store.scales().get(name),
+            adopt=adopt,
         )
+        for adoptee in adopt:
+            del self._adoptees[adoptee.record.name]
         self.groups[name] = group
         await self._root.start(self._run_group, group)
         group.tasks_queued()  # tasks left from before a restart
@@ -629,6 +686,8 @@ class Supervisor:
             log.warning("agent %s: its role %s is gone; forgetting it", rec.name, rec.role)
             self.store.drop_agent(rec.name)
             return
+        if group.find_agent(rec.name) is not None:
+            return  # its VM was adopted: it is back as it was
         try:
             await group.invoke(AgentIdentity(name=rec.name, model=rec.model, persona=rec.persona))
         except PoolError as exc:
@@ -638,6 +697,39 @@ class Supervisor:
         if not self.stopping and self._root is not None:
             self._root.start_soon(self.shutdown)
         return {"stopping": True}
+
+
+def _sparing(
+    found: leftovers.Leftovers, adopted: Iterable[Adoptee], instance: str
+) -> leftovers.Leftovers:
+    """``found`` without what the VMs being adopted hold: their processes, rows,
+    cgroups, namespaces, veths, overlays and run directories, and the swarm's
+    bridge and rules they are on."""
+    recs = [a.record for a in adopted]
+    if not recs:
+        return found
+    pids = {r.pid for r in recs}
+    kept = {
+        *(r.cgroup for r in recs),
+        *(r.netns for r in recs),
+        *(r.veth for r in recs),
+        *(r.disk for r in recs),
+        *(str(Path(r.socket).parent) for r in recs if r.socket),
+        *(r.name for r in recs),
+        bridge_name(instance),
+        f"inet {table_name(instance)}",
+    }
+    return dataclasses.replace(
+        found,
+        processes=[p for p in found.processes if p.pid not in pids],
+        vms=[v for v in found.vms if v.name not in kept],
+        cgroups=[c for c in found.cgroups if str(c) not in kept],
+        netns=[n for n in found.netns if n not in kept],
+        links=[n for n in found.links if n not in kept],
+        tables=[t for t in found.tables if t not in kept],
+        disks=[d for d in found.disks if str(d) not in kept],
+        run_dirs=[d for d in found.run_dirs if str(d) not in kept],
+    )
 
 
 def _task_dict(task: object) -> dict[str, object]:

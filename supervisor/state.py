@@ -45,7 +45,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import msgspec
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
 
@@ -98,7 +98,10 @@ class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One running VM, as needed to adopt or reclaim it after a supervisor crash."""
+    """One running VM, as needed to adopt or reclaim it after a supervisor crash.
+
+    The row holds the guest's token (``guest_token``): the database is root's
+    and 0600, like the state dir it is in."""
 
     name: str
     role: str
@@ -108,8 +111,27 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     spec_hash: str
     netns: str | None = None
     cgroup: str | None = None
+    #: The VMM's control socket (qemu: its QMP socket), for a later supervisor.
     socket: str | None = None
     log: str | None = None
+    #: The incarnation's id: its namespace, cgroup and overlay are named after it.
+    vm_id: str = ""
+    #: Where the guest dials in its namespace (the control listener's port) and
+    #: where its IRC client does (the forwarder's; 0: none).
+    port: int = 0
+    irc_port: int = 0
+    #: The namespace's link to the swarm's bridge (qemu): host end and address.
+    veth: str | None = None
+    address: str | None = None
+    disk: str | None = None  # its own overlay
+    #: Who the guest says it is in its Hello: a clone says its template's id and token.
+    guest_id: str = ""
+    guest_token: str = ""
+    #: Handed out of the pool: a named agent (``agent``), or serving a task or a run.
+    claimed: bool = False
+    agent: str | None = None
+    workspace: bool = False  # the agent's workspace disk is attached
+    started_as: str = ""
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -204,12 +226,28 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             address TEXT
         )""",
     ),
+    # 4: what a restarted supervisor needs to adopt a VM that still runs.
+    (
+        "ALTER TABLE vms ADD COLUMN vm_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN port INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN irc_port INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN veth TEXT",
+        "ALTER TABLE vms ADD COLUMN address TEXT",
+        "ALTER TABLE vms ADD COLUMN disk TEXT",
+        "ALTER TABLE vms ADD COLUMN guest_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN guest_token TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN agent TEXT",
+        "ALTER TABLE vms ADD COLUMN workspace INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN started_as TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 _TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at"
 )
-_VM_COLUMNS: Final = "name, role, pid, start_time, boot_id, spec_hash, netns, cgroup, socket, log"
+_VM_FIELDS: Final = VmRecord.__struct_fields__
+_VM_COLUMNS: Final = ", ".join(_VM_FIELDS)
 _SERVICE_COLUMNS: Final = "name, command, pid, start_time, boot_id, address"
 
 # Audit details are best effort: a value JSON cannot carry (a Path, an
@@ -234,18 +272,9 @@ def _task(row: tuple[Any, ...]) -> TaskRow:
 
 
 def _vm(row: tuple[Any, ...]) -> VmRecord:
-    return VmRecord(
-        name=row[0],
-        role=row[1],
-        pid=row[2],
-        start_time=row[3],
-        boot_id=row[4],
-        spec_hash=row[5],
-        netns=row[6],
-        cgroup=row[7],
-        socket=row[8],
-        log=row[9],
-    )
+    # SQLite has no booleans: the flags come back as 0 or 1.
+    values = dict(zip(_VM_FIELDS, row, strict=True))
+    return msgspec.convert(values, VmRecord, strict=False)
 
 
 class Store:
@@ -464,19 +493,9 @@ class Store:
         """Insert or replace the record named ``rec.name``."""
         with self._errors():
             self._conn.execute(
-                f"INSERT OR REPLACE INTO vms ({_VM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rec.name,
-                    rec.role,
-                    rec.pid,
-                    rec.start_time,
-                    rec.boot_id,
-                    rec.spec_hash,
-                    rec.netns,
-                    rec.cgroup,
-                    rec.socket,
-                    rec.log,
-                ),
+                f"INSERT OR REPLACE INTO vms ({_VM_COLUMNS})"
+                f" VALUES ({', '.join('?' * len(_VM_FIELDS))})",
+                msgspec.structs.astuple(rec),
             )
 
     def drop_vm(self, name: str) -> None:

@@ -209,3 +209,45 @@ async def test_forwarding_stays_on_while_another_swarm_needs_it() -> None:
         for net in nets:
             await net.close()
     assert IP_FORWARD.read_text() == before  # noqa: ASYNC240
+
+
+async def test_a_restarted_swarm_keeps_the_links_of_the_vms_it_adopts(world: World) -> None:
+    """A second ``Network`` of the same swarm (its supervisor was killed and started
+    again) keeps the bridge and the veths it is told to keep: those namespaces still
+    reach out, on the same address, and a namespace listens again on its old port.
+    The other veths, which no VM is adopted into, are removed; new namespaces get
+    addresses the kept ones do not have."""
+    instance = secrets.token_hex(3)
+    subnet = ipaddress.IPv4Network(f"10.252.{secrets.randbelow(250)}.0/24")
+    first = Network(instance=instance, subnet=subnet, egress=True)
+    await first.open()
+    tag = secrets.token_hex(3)
+    kept_ns, gone_ns = (f"{netns.PREFIX}{instance}-{n}-{tag}" for n in ("k", "g"))
+    sock_k, kept = await first.attach(kept_ns, 7000)
+    sock_g, gone = await first.attach(gone_ns)
+    sock_k.close()  # the killed supervisor's listeners die with it
+    sock_g.close()
+    second = Network(instance=instance, subnet=subnet, egress=True)
+    try:
+        await second.open([kept])
+        links = network.host_links(instance)
+        assert second.bridge in links and kept.veth in links
+        assert gone.veth not in links
+        again = await netns.open_listener(kept_ns, GATEWAY, 7000)
+        again.close()
+        server = Server(world.ns, world.address)
+        try:
+            said = await trio.to_thread.run_sync(connect_from, kept_ns, world.address, server.port)
+            assert said == f"from {world.host_address}"
+        finally:
+            server.close()
+        sock_n, fresh = await second.attach(f"{netns.PREFIX}{instance}-n-{tag}")
+        sock_n.close()
+        assert fresh.address != kept.address
+        await second.detach(fresh)
+        await second.detach(kept)
+    finally:
+        netns.remove_sync(gone_ns)
+        await second.close()
+    assert network.host_links(instance) == []
+    assert kept_ns not in netns.leftovers() and gone_ns not in netns.leftovers()

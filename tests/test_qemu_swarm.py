@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,9 @@ from typing import Any
 
 import psutil
 import pytest
+import trio
+from ircd import ircd_server
+from ircperson import Person
 from swarmctl import NOTHING, Swarm, leftovers, role_yaml, swarm_yaml
 from test_overseer import AGENTS, irc_yaml, joined, operator, overseer_in_channel
 from test_overseer import CONTROL as CONTROL_CHANNEL
@@ -310,7 +315,10 @@ def test_a_killed_supervisor_leaves_what_the_next_start_reclaims(make_swarm: Any
             network=network_yaml(),
         )
     )
-    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    st = swarm.wait_for(
+        "1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT
+    )
+    (before,) = [a["pid"] for a in st["agents"]]
     swarm.kill9()
     # Its QEMU, namespace, veth, bridge, rules and overlay outlive it...
     left = swarm.leftovers()
@@ -324,8 +332,250 @@ def test_a_killed_supervisor_leaves_what_the_next_start_reclaims(make_swarm: Any
     for name in left["netns"] + left["links"] + left["disks"]:
         assert name in report, (name, report)
 
-    # The next start takes them back and the pool comes back.
+    # Its VM dies while no supervisor runs: the next start reclaims what is left
+    # of it (nothing can be adopted) and the pool comes back with a new VM.
+    qemu = psutil.Process(before)
+    qemu.kill()
+    qemu.wait(timeout=30)
     swarm.start(timeout=START_TIMEOUT)
+    st = swarm.wait_for(
+        "1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT
+    )
+    assert [a["pid"] for a in st["agents"]] != [before]
+    assert "worker-0" in {e["subject"] for e in events(swarm, "reclaimed")}
+    assert not events(swarm, "adopted")
+    assert swarm.stop(signal.SIGTERM) == 0
+
+
+#: A harness that takes a while: the supervisor is killed while it runs.
+SLOW_HARNESS = """resources: {memory_mib: 256}
+harness:
+  kind: command
+  command: [sh, -c, 'sleep 8; echo "finished $FIRECLAW_PROMPT"']
+"""
+
+
+@pytest.fixture
+def ircd() -> Iterator[tuple[str, int]]:
+    """A real ngircd (``tests/ircd.py``) that outlives the supervisors of a test,
+    run by trio in a thread of its own for these synchronous tests."""
+    started: queue.Queue[tuple[str, int] | BaseException] = queue.Queue()
+    done = threading.Event()
+
+    async def serve() -> None:
+        try:
+            async with ircd_server() as server:
+                started.put(server.address)
+                await trio.to_thread.run_sync(done.wait)
+        except Exception as exc:
+            started.put(exc)
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="ngircd")
+    thread.start()
+    try:
+        address = started.get(timeout=60)
+        if isinstance(address, BaseException):
+            raise address
+        yield address
+    finally:
+        done.set()
+        thread.join(timeout=60)
+
+
+def test_a_restarted_supervisor_adopts_the_vms_that_still_run(
+    make_swarm: Any, ircd: tuple[str, int]
+) -> None:
+    host, port = ircd
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+            irc=f'server: "{host}:{port}"\n  operators: ["op!*@127.0.0.1"]',
+        )
+    )
     swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
-    assert "reclaimed" in {e["kind"] for e in events_all(swarm)}
+    op = Person(ircd, "op").start(AGENTS)
+    try:
+        adopted_with_an_agent_on_irc(swarm, op)
+    finally:
+        op.stop()
+
+
+def adopted_with_an_agent_on_irc(swarm: Swarm, op: Person) -> None:
+    out = swarm.cli("invoke", "worker", "alice", timeout=POOL_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    joined(op, "alice", AGENTS)
+    swarm.wait_for(
+        "alice active and the pool refilled",
+        lambda s: (
+            s["roles"]["worker"]["idle"] == 1
+            and any(a["agent"] == "alice" and a["state"] == "active" for a in s["agents"])
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    out = swarm.cli("task", "worker", "the job")
+    assert out.returncode == 0, out.stderr
+    task_id = int(out.stdout)
+
+    def runner(st: dict[str, Any]) -> dict[str, Any] | None:
+        """The VM running the task: promoted under its own name."""
+        found = [a for a in st["agents"] if a["agent"] == a["name"] and a["state"] == "active"]
+        return found[0] if found else None
+
+    st = swarm.wait_for(
+        "the task running and the pool refilled",
+        lambda s: s["roles"]["worker"]["idle"] == 1 and runner(s) is not None,
+        timeout=POOL_TIMEOUT,
+    )
+    assert swarm.api.get(f"/tasks/{task_id}")["state"] == "claimed"
+    before = {a["name"]: (a["pid"], a["agent"], a["state"]) for a in st["agents"]}
+    assert len(before) == 3, before
+
+    # The supervisor dies mid-task; its VMs run on. Alice's IRC connection went
+    # through it: she drops off IRC.
+    swarm.kill9()
+    assert all(psutil.pid_exists(pid) for pid, _, _ in before.values())
+    op.expect("alice quitting", lambda e: e.type == "quit" and e.source.nick == "alice")
+
+    # The next one adopts all three: the same QEMU processes, alice back as
+    # herself, the idle VM idle, and the task finished once by the VM that had it.
+    swarm.start(timeout=START_TIMEOUT)
+    alice = next(name for name, (_, agent, _) in before.items() if agent == "alice")
+    idle_vm = next(name for name, (_, _, state) in before.items() if state == "idle")
+    st = swarm.wait_for(
+        "alice and the idle VM adopted",
+        lambda s: (
+            any(
+                a["name"] == alice
+                and a["pid"] == before[alice][0]
+                and a["agent"] == "alice"
+                and a["state"] == "active"
+                for a in s["agents"]
+            )
+            and any(
+                a["name"] == idle_vm and a["pid"] == before[idle_vm][0] and a["state"] == "idle"
+                for a in s["agents"]
+            )
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    task = swarm.api.get(f"/tasks/{task_id}")
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while task["state"] == "claimed" and time.monotonic() < deadline:
+        st = swarm.api.get(f"/status?since={st['version']}&wait=5", timeout=15)
+        task = swarm.api.get(f"/tasks/{task_id}")
+    assert task["state"] == "done", (task, swarm.tail())
+    assert (task["attempts"], task["exit_code"], task["result"]) == (0, 0, "finished the job\n")
+    done = [e for e in events(swarm, "task_done") if e["detail"]["task_id"] == task_id]
+    assert len(done) == 1, done  # one result, from the VM that ran it
+    assert not [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
+    adopted = {e["subject"]: e["detail"] for e in events(swarm, "adopted")}
+    assert set(adopted) == set(before), adopted
+    assert adopted[alice]["agent"] == "alice"
+    runner_name = next(n for n, (_, agent, _) in before.items() if agent == n)
+    assert adopted[runner_name]["tasks"] == [task_id]
+    assert not events(swarm, "reclaimed")
+    # Her IRC client dials the forwarder again, in her namespace on the same port:
+    # she is back under her name and answers, from the same VM.
+    op.expect(
+        "alice back on IRC",
+        lambda e: e.type == "join" and e.source.nick == "alice" and e.target == AGENTS,
+        timeout=POOL_TIMEOUT,
+    )
+    op.say(AGENTS, "alice: are you there")
+    op.said(AGENTS, "op: finished are you there", timeout=POOL_TIMEOUT)
+    print(
+        "adopted after a kill -9: "
+        + ", ".join(f"{name} in {d['seconds']:.2f} s" for name, d in sorted(adopted.items()))
+    )
+    # The runner is retired once its task is done; alice stays, the pool is whole.
+    swarm.wait_for(
+        "the runner retired",
+        lambda s: (
+            runner_name not in {a["name"] for a in s["agents"]}
+            and s["roles"]["worker"]["idle"] == 1
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    # An adopted QEMU is not the supervisor's child: when it dies, how it exited is
+    # unknowable, and the record says so. It is replaced like any crashed VM.
+    psutil.Process(before[idle_vm][0]).kill()
+    swarm.wait_for(
+        f"{idle_vm} replaced",
+        lambda s: any(
+            a["name"] == idle_vm and a["state"] == "idle" and a["pid"] != before[idle_vm][0]
+            for a in s["agents"]
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    crashed = [e for e in events(swarm, "crashed") if e["subject"] == idle_vm]
+    assert crashed and crashed[-1]["detail"]["exit_code"] is None, crashed
+    assert "unknowable" in crashed[-1]["detail"]["reason"], crashed
+    assert swarm.stop(signal.SIGTERM) == 0
+
+
+def test_a_vm_that_cannot_be_adopted_is_reclaimed_and_its_task_run_again(
+    make_swarm: Any,
+) -> None:
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+        )
+    )
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    out = swarm.cli("task", "worker", "the job")
+    assert out.returncode == 0, out.stderr
+    task_id = int(out.stdout)
+    st = swarm.wait_for(
+        "the task running and the pool refilled",
+        lambda s: (
+            s["roles"]["worker"]["idle"] == 1
+            and any(a["agent"] == a["name"] and a["state"] == "active" for a in s["agents"])
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    (runner,) = [a for a in st["agents"] if a["state"] == "active"]
+    (idle_vm,) = [a for a in st["agents"] if a["state"] == "idle"]
+    swarm.kill9()
+    # The runner's QEMU hangs (stopped) while no supervisor runs: it will not answer
+    # on QMP, so it cannot be adopted. The idle VM is fine.
+    hung = psutil.Process(runner["pid"])
+    hung.suspend()
+    try:
+        swarm.start(timeout=START_TIMEOUT)
+        swarm.wait_for(
+            "the idle VM adopted",
+            lambda s: any(
+                a["name"] == idle_vm["name"] and a["pid"] == idle_vm["pid"] and a["state"] == "idle"
+                for a in s["agents"]
+            ),
+            timeout=POOL_TIMEOUT,
+        )
+        failed = swarm.wait_for(
+            "the runner not adopted",
+            lambda s: any(e["subject"] == runner["name"] for e in events(swarm, "adopt_failed")),
+            timeout=POOL_TIMEOUT,
+        )
+        assert failed
+    finally:
+        if hung.is_running() and hung.status() == psutil.STATUS_STOPPED:
+            hung.resume()
+    (why,) = [e for e in events(swarm, "adopt_failed") if e["subject"] == runner["name"]]
+    assert "QMP" in why["detail"]["reason"], why
+    # Reclaimed: that QEMU is gone, and the task went back to the queue and ran again.
+    hung.wait(timeout=30)
+    task = swarm.api.get(f"/tasks/{task_id}")
+    st = swarm.status()
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while task["state"] != "done" and time.monotonic() < deadline:
+        st = swarm.api.get(f"/status?since={st['version']}&wait=5", timeout=15)
+        task = swarm.api.get(f"/tasks/{task_id}")
+    assert (task["state"], task["attempts"], task["result"]) == ("done", 1, "finished the job\n")
+    requeued = [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
+    assert len(requeued) == 1, requeued
     assert swarm.stop(signal.SIGTERM) == 0

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from fireclaw.supervisor import state
 from fireclaw.supervisor.state import (
     SCHEMA_VERSION,
     AgentRecord,
@@ -427,6 +428,32 @@ def test_service_registry_is_written_ahead_then_identified_then_dropped(
             store.put_service(ServiceRecord(name="bad", command="x", pid=-1))
 
 
+def test_a_vm_row_keeps_what_adoption_needs(db_path: pathlib.Path) -> None:
+    rec = vm(
+        "worker-1",
+        netns="fireclaw-abc123-worker-1-f00",
+        socket="/state/logs/run/abc123-worker-1-f00/qmp.sock",
+        vm_id="abc123-worker-1-f00",
+        port=7000,
+        irc_port=41234,
+        veth="fcabc123v0a1b2c",
+        address="10.240.0.3",
+        disk="/state/disks/abc123-worker-1-f00.qcow2",
+        guest_id="abc123-tpl-0011-aa",
+        guest_token="t" * 32,
+        claimed=True,
+        agent="alice",
+        workspace=True,
+        started_as="restored 0011223344556677",
+    )
+    with Store.open(db_path) as store:
+        store.put_vm(rec)
+    with Store.open(db_path) as store:
+        assert store.vms() == [rec]
+    # It holds a guest's token: readable by its owner only.
+    assert db_path.stat().st_mode & 0o077 == 0
+
+
 def test_scales(store: Store) -> None:
     assert store.scales() == {}
     store.set_scale("coder", 3)
@@ -455,14 +482,23 @@ def test_named_agents_round_trip_and_update(store: Store) -> None:
 def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -> None:
     db_path.parent.mkdir()
     conn = sqlite3.connect(db_path)
-    conn.execute("CREATE TABLE scales (role TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+    for statement in state._MIGRATIONS[0]:  # the version 1 schema, as it shipped
+        conn.execute(statement)
     conn.execute("INSERT INTO scales VALUES ('worker', 3)")
+    conn.execute(
+        "INSERT INTO vms (name, role, pid, start_time, boot_id, spec_hash)"
+        " VALUES ('worker-0', 'worker', 42, 7, 'boot', 'hash')"
+    )
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     with Store.open(db_path) as store:
         assert store.scales() == {"worker": 3}
         assert store.agents() == []
+        # A VM row of before adoption: nothing to adopt it with, so it is reclaimed.
+        (vm,) = store.vms()
+        assert (vm.name, vm.pid, vm.start_time) == ("worker-0", 42, 7)
+        assert (vm.vm_id, vm.port, vm.guest_token, vm.claimed, vm.agent) == ("", 0, "", False, None)
         store.put_agent(AgentRecord(name="alice", role="coder"))
     with Store.open(db_path) as store:
         assert [a.name for a in store.agents()] == ["alice"]
@@ -471,10 +507,9 @@ def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -
 def test_a_version_2_database_gains_the_service_registry(db_path: pathlib.Path) -> None:
     db_path.parent.mkdir()
     conn = sqlite3.connect(db_path)
-    conn.execute(
-        "CREATE TABLE agents (name TEXT PRIMARY KEY, role TEXT NOT NULL, model TEXT,"
-        " persona TEXT, created_at REAL NOT NULL)"
-    )
+    for migration in state._MIGRATIONS[:2]:  # the schema as version 2 made it
+        for statement in migration:
+            conn.execute(statement)
     conn.execute("INSERT INTO agents VALUES ('alice', 'coder', NULL, NULL, 1.0)")
     conn.execute("PRAGMA user_version = 2")
     conn.commit()

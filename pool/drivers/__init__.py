@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
-from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.drivers.process import ProcessDriver
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "ProcessDriver",
     "QEMU",
     "QEMU_OVERHEAD_MIB",
+    "Running",
     "VmHandle",
     "VmSpec",
     "choose",
@@ -88,6 +89,9 @@ class NotReady:
     name = "not-ready"
 
     async def start(self, spec: VmSpec) -> VmHandle:
+        raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
+
+    async def adopt(self, spec: VmSpec, running: Running) -> VmHandle:
         raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
 
 

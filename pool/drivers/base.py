@@ -5,6 +5,12 @@ A driver starts a VM (boot or restore) from a ``VmSpec`` and hands back a
 channel, health, restarts) lives above the driver, so a new driver changes
 none of it.
 
+A driver may also ``adopt`` a VMM a previous supervisor started and left
+running (``Running`` says which process it is). The handle then watches a
+process that is not the supervisor's child: its exit status is unknowable,
+and ``wait`` says so with None. A driver whose VMs cannot outlive their
+supervisor raises ``DriverError`` there and its VMs are reclaimed.
+
 Errors::
 
     DriverError         the VM could not be started
@@ -45,14 +51,29 @@ class VmSpec:
     memory_file: Path | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Running:
+    """A VMM process a previous supervisor started, as its VM registry recorded it.
+
+    The pid alone names no process (pids are reused): ``start_time`` (clock
+    ticks since boot, ``/proc/PID/stat`` field 22) and ``boot_id`` make it one."""
+
+    pid: int
+    start_time: int
+    boot_id: str
+    control_socket: Path  # the VMM's own control socket (qemu: QMP)
+    started_as: str = ""  # "booted" or "restored <template>", for the record
+
+
 class VmHandle(Protocol):
     """One running VMM process."""
 
     @property
     def pid(self) -> int: ...
 
-    async def wait(self) -> int:
-        """Wait for the VMM to exit; its exit code, negative for a signal."""
+    async def wait(self) -> int | None:
+        """Wait for the VMM to exit; its exit code, negative for a signal, None
+        when it is unknowable (an adopted process is not our child)."""
         ...
 
     def terminate(self) -> None:
@@ -70,3 +91,10 @@ class Driver(Protocol):
     name: str
 
     async def start(self, spec: VmSpec) -> VmHandle: ...
+
+    async def adopt(self, spec: VmSpec, running: Running) -> VmHandle:
+        """Take over ``running``, the VMM of the VM ``spec`` describes, as it runs.
+
+        ``DriverError`` when it is not that process any more, does not answer
+        or is not running its guest, or this driver's VMs cannot be adopted."""
+        ...

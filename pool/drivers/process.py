@@ -5,6 +5,11 @@ it exists for the fast path (tests, development, hosts without virtualisation)
 and behaves like a VM towards everything above it. As root, each "VM" runs in
 its own network namespace (via ``nsenter``) and cgroup; otherwise it shares the
 host's loopback.
+
+Its guests cannot be adopted by a restarted supervisor: a guest daemon that
+is not in a VM ends when its control connection is lost (it has no VM to keep
+running in), so a supervisor's crash ends them and the next start reclaims
+what is left.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import psutil
 import trio
 from fireclaw.pool import cgroup
-from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 
 #: Host variables a guest process may see; the rest of the supervisor's environment stays out.
@@ -74,6 +79,9 @@ class ProcessDriver:
     def argv(self, spec: VmSpec) -> list[str]:
         argv = list(spec.guest_command or (self._python, "-m", "fireclaw.guest_daemon"))
         return in_netns(argv, spec.netns)
+
+    async def adopt(self, spec: VmSpec, running: Running) -> ProcessVm:
+        raise DriverError(f"{spec.name}: process guests end with their connection: reclaimed")
 
     async def start(self, spec: VmSpec) -> ProcessVm:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}

@@ -35,6 +35,14 @@ The guest daemon finds its old connection dead (its next heartbeat is
 answered with a reset), dials the same URL again, says Hello and takes the new
 Welcome: fresh entropy, the current time.
 
+Adoption: ``QemuDriver.adopt`` takes over a QEMU a previous supervisor started
+(after a crash or an upgrade of the supervisor, the VM ran on): it checks the
+process is still that one (pid + start time + boot id) and watches it through
+a pidfd (``adopted.AdoptedProcess``: it is not our child, its exit status is
+unknowable), and checks over its QMP socket, still in its run directory, that
+the guest runs. Its guest dials the same URL again, like a restored clone,
+and the supervisor listens there again.
+
 Errors::
 
     DriverError             (drivers.base) a VM could not be started or restored
@@ -62,7 +70,8 @@ import msgspec
 import trio
 from fireclaw.pool import cgroup
 from fireclaw.pool.accel import Accel, accel_argv, host_tsc_khz
-from fireclaw.pool.drivers.base import DriverError, VmSpec
+from fireclaw.pool.drivers.adopted import AdoptedProcess
+from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.image import Image
 from fireclaw.pool.network import GATEWAY, GUEST_CIDR
@@ -381,6 +390,13 @@ async def _query_status(qmp: Qmp) -> None:
     await qmp.execute("query-status")
 
 
+async def _run_state(qmp: Qmp) -> str:
+    """QEMU's run state: ``running``, ``paused``, ``inmigrate``, ..."""
+    found = await qmp.execute("query-status")
+    status = found.get("status") if isinstance(found, dict) else None
+    return str(status)
+
+
 class _Exited(Exception):
     """QEMU exited while we were talking to it."""
 
@@ -393,7 +409,7 @@ class QemuVm:
 
     def __init__(
         self,
-        proc: trio.Process,
+        proc: trio.Process | AdoptedProcess,
         spec: VmSpec,
         *,
         qemu: str,
@@ -425,24 +441,42 @@ class QemuVm:
     def qmp_path(self) -> Path:
         return self._run_dir / "qmp.sock"
 
-    async def wait(self) -> int:
+    @property
+    def adopted(self) -> bool:
+        """Started by a previous supervisor: not our child."""
+        return isinstance(self._proc, AdoptedProcess)
+
+    def _gone(self) -> bool:
+        if isinstance(self._proc, AdoptedProcess):
+            return self._proc.exited
+        return self._proc.returncode is not None
+
+    async def wait(self) -> int | None:
         code = await self._proc.wait()
+        if isinstance(self._proc, AdoptedProcess):
+            self._proc.close()
         self._remove_run_dir()
         return code
 
     def terminate(self) -> None:
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
 
     async def kill(self) -> None:
-        if self._proc.returncode is None:
+        if not self._gone():
             await trio.to_thread.run_sync(self._kill_all)
         await self.wait()
 
+    def _signal(self, sig: signal.Signals) -> None:
+        if isinstance(self._proc, AdoptedProcess):
+            # Through its pidfd: never a later process given the same pid. QEMU starts
+            # no processes of its own; the cgroup takes any that are there.
+            self._proc.send_signal(sig)
+        elif self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
     def _kill_all(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         if self._spec.cgroup is not None:
             cgroup.kill_all(self._spec.cgroup)
 
@@ -458,6 +492,7 @@ class QemuVm:
             "qmp": str(self.qmp_path),
             "restored_from": str(self.restored_from) if self.restored_from else None,
             "restore_seconds": self.restore_seconds,
+            "adopted": self.adopted,
         }
 
     # --- QMP ---------------------------------------------------------------------
@@ -582,7 +617,7 @@ class QemuVm:
             nursery.cancel_scope.cancel()
         if result:
             return result[0]
-        if self._proc.returncode is not None:
+        if self._gone():
             raise _Exited
         assert error is not None  # an outside cancel propagates out of the nursery instead
         raise error
@@ -590,7 +625,12 @@ class QemuVm:
     def exit_text(self) -> str:
         """How QEMU ended, with its last error message when it left one."""
         code = self._proc.returncode
-        text = "QEMU is running" if code is None else f"QEMU exited with code {code}"
+        if code is not None:
+            text = f"QEMU exited with code {code}"
+        elif self._gone():
+            text = "QEMU exited (its exit status is unknowable: it was adopted)"
+        else:
+            text = "QEMU is running"
         message = self.last_error()
         return f"{text}: {message}" if message else text
 
@@ -631,6 +671,49 @@ class QemuDriver:
     async def start(self, spec: VmSpec) -> QemuVm:
         """Boot a VM; returns once QEMU answers on QMP (the guest is still booting)."""
         return await self._launch(spec, self.cmdline(spec), incoming=None)
+
+    async def adopt(self, spec: VmSpec, running: Running) -> QemuVm:
+        """Take over the QEMU ``running`` names, a VM of ``spec`` a previous
+        supervisor started; returns once QMP says its guest runs.
+
+        Nothing of the VM is changed: on DriverError (it is gone, it is another
+        process, QMP does not answer, the guest is paused or still migrating)
+        the caller reclaims it."""
+        proc = AdoptedProcess.open(running)
+        try:
+            log_offset = spec.log_path.stat().st_size
+        except OSError:
+            log_offset = 0
+        vm = QemuVm(
+            proc,
+            spec,
+            qemu=self.qemu,
+            image=self.image,
+            accel=self.accel,
+            cmdline="",  # not known here; only a snapshot would need it
+            run_dir=running.control_socket.parent,
+            log_offset=log_offset,
+            restored=True,  # its RAM, if in a file, is not ours to snapshot
+        )
+        try:
+            with trio.fail_after(STARTUP_TIMEOUT):
+                state = await vm._over_qmp(_run_state)
+        except trio.TooSlowError:
+            proc.close()
+            raise DriverError(
+                f"{spec.name}: QEMU did not answer on QMP within {STARTUP_TIMEOUT:g}s"
+            ) from None
+        except (QmpFailure, _Exited) as exc:
+            proc.close()
+            why = vm.exit_text() if isinstance(exc, _Exited) else str(exc)
+            raise DriverError(f"{spec.name}: adopt: {why}") from exc
+        except BaseException:
+            proc.close()
+            raise
+        if state != "running":
+            proc.close()
+            raise DriverError(f"{spec.name}: adopt: the VM is {state}, not running")
+        return vm
 
     async def restore(self, spec: VmSpec, snapshot: Path) -> QemuVm:
         """Start a clone of the VM ``snapshot`` (absolute) was taken of; returns once it runs.
