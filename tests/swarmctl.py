@@ -17,11 +17,13 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+import psutil
+import pytest
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor.client import ApiClient
@@ -340,3 +342,37 @@ def _everything(state: Path) -> dict[str, list[str]]:
         "nft": [t for t in network.tables() if t.endswith(f"_{mine}")],
         "disks": [p.name for p in (state / "disks").glob("*")],
     }
+
+
+@pytest.fixture
+def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
+    """Makes (and by default starts) swarms on ``tmp_path``; after the test, stops
+    them and checks that nothing of them is left."""
+    made: list[Swarm] = []
+    baseline = leftovers(tmp_path / "state")
+
+    def make(config_text: str, *, start: bool = True, root: Path | None = None) -> Swarm:
+        swarm = Swarm(root or tmp_path, config_text)
+        made.append(swarm)
+        if start:
+            swarm.start()
+        return swarm
+
+    yield make
+    for swarm in made:
+        swarm.close()
+    # Whatever a test did, once its supervisor has stopped nothing of it is left.
+    assert leftovers(tmp_path / "state", baseline) == NOTHING
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its parent counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pids(swarm: Swarm, role: str) -> dict[str, int]:
+    """VM name to guest pid, for ``role``'s VMs."""
+    return {a["name"]: a["pid"] for a in swarm.agents(role)}

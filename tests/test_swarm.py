@@ -12,54 +12,25 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from swarmctl import (
+from swarmctl import (  # noqa: F401 (make_swarm is a fixture)
     BACKOFF_MAX,
     NOTHING,
     PY,
     Swarm,
+    gone,
     idle,
-    leftovers,
+    make_swarm,
+    pids,
     role_yaml,
     stored_events,
     swarm_yaml,
 )
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def make_swarm(tmp_path: Path) -> Iterator[type[Swarm]]:
-    made: list[Swarm] = []
-    baseline = leftovers(tmp_path / "state")
-
-    def make(config_text: str, *, start: bool = True, root: Path | None = None) -> Swarm:
-        swarm = Swarm(root or tmp_path, config_text)
-        made.append(swarm)
-        if start:
-            swarm.start()
-        return swarm
-
-    yield make  # type: ignore[misc]
-    for swarm in made:
-        swarm.close()
-    # Whatever a test did, once its supervisor has stopped nothing of it is left.
-    assert leftovers(tmp_path / "state", baseline) == NOTHING
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def pids(swarm: Swarm, role: str) -> dict[str, int]:
-    return {a["name"]: a["pid"] for a in swarm.agents(role)}
 
 
 def test_pool_fills_and_run_returns_output_and_exit_codes(make_swarm) -> None:  # type: ignore[no-untyped-def]
