@@ -16,14 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from swarmctl import (  # noqa: F401 (make_swarm is a fixture)
+from swarmctl import (
     BACKOFF_MAX,
     NOTHING,
     PY,
     Swarm,
     gone,
     idle,
-    make_swarm,
     pids,
     role_yaml,
     stored_events,

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarmctl import (  # noqa: F401 (make_swarm is a fixture)
+from swarmctl import (
     BACKOFF_MAX,
     Swarm,
     gone,
     idle,
-    make_swarm,
     pids,
     role_yaml,
     swarm_yaml,
@@ -57,9 +56,11 @@ def test_a_new_role_starts_and_a_removed_one_drains(make_swarm) -> None:  # type
     reload(swarm, swarm_yaml(role_yaml("worker", min_idle=1), role_yaml("researcher", min_idle=2)))
     st = swarm.wait_for(
         "researchers up and coders gone",
-        lambda s: idle("researcher", 2)(s)
-        and "coder" not in s["roles"]
-        and not any(a["role"] == "coder" for a in s["agents"]),
+        lambda s: (
+            idle("researcher", 2)(s)
+            and "coder" not in s["roles"]
+            and not any(a["role"] == "coder" for a in s["agents"])
+        ),
     )
     assert {a["name"] for a in st["agents"] if a["role"] == "researcher"} == {
         "researcher-0",
@@ -89,14 +90,14 @@ def test_a_changed_vm_spec_replaces_the_vms_one_at_a_time(make_swarm) -> None:  
 
     reload(
         swarm,
-        swarm_yaml(
-            role_yaml("worker", min_idle=min_idle, extra="resources: {memory_mib: 320}\n")
-        ),
+        swarm_yaml(role_yaml("worker", min_idle=min_idle, extra="resources: {memory_mib: 320}\n")),
     )
     seen = swarm.history(
-        lambda s: idle("worker", min_idle)(s)
-        and not {a["pid"] for a in s["agents"]} & old
-        and len(s["agents"]) == min_idle
+        lambda s: (
+            idle("worker", min_idle)(s)
+            and not {a["pid"] for a in s["agents"]} & old
+            and len(s["agents"]) == min_idle
+        )
     )
     # Never fewer than min_idle - 1 idle while the role rolled over: one VM at a time.
     idle_counts = [s["roles"]["worker"]["idle"] for s in seen]
@@ -122,11 +123,15 @@ def test_model_and_persona_reach_a_working_agent_without_a_restart(make_swarm) -
     def alice(st: dict[str, Any]) -> dict[str, Any] | None:
         return next((a for a in st["agents"] if a["agent"] == "alice"), None)
 
-    st = swarm.wait_for("alice active", lambda s: (a := alice(s)) is not None and a["state"] == "active")
+    st = swarm.wait_for(
+        "alice active", lambda s: (a := alice(s)) is not None and a["state"] == "active"
+    )
     before = alice(st)
     assert before is not None
     vm = before["name"]
-    assert re.search(r" INFO promoted as alice \(role coder, model [^)]+\)$", guest_log(swarm, vm)[-1])
+    assert re.search(
+        r" INFO promoted as alice \(role coder, model [^)]+\)$", guest_log(swarm, vm)[-1]
+    )
 
     reload(
         swarm,
@@ -160,12 +165,15 @@ def test_a_reload_of_another_role_keeps_backoff_state(make_swarm) -> None:  # ty
     # crasher: fails for good after max_restarts; slow: waits a long backoff after
     # its first crash. Neither may be reset by a reload that does not touch them.
     config = [role_yaml("worker", min_idle=1), role_yaml("crasher", extra=CRASH)]
-    slow = """
+    slow = (
+        """
   slow:
     template: worker
     pool: {min_idle: 1}
     restart: {stable_after: 600, backoff: {base: 3600, max: 3600}}
-    """ + CRASH
+    """
+        + CRASH
+    )
     swarm = make_swarm(swarm_yaml(*config, slow))
     swarm.wait_for(
         "crasher failed and slow in backoff",

@@ -13,13 +13,12 @@ import signal
 import time
 from pathlib import Path
 
-from swarmctl import (  # noqa: F401 (make_swarm is a fixture)
+from swarmctl import (
     BACKOFF_MAX,
     NOTHING,
     PY,
     gone,
     idle,
-    make_swarm,
     pids,
     role_yaml,
     swarm_yaml,
@@ -49,7 +48,9 @@ def test_exit_78_is_fatal_and_never_restarted(make_swarm) -> None:  # type: igno
 
 
 def test_a_degraded_role_pauses_its_refills(make_swarm) -> None:  # type: ignore[no-untyped-def]
-    swarm = make_swarm(swarm_yaml(role_yaml("worker"), role_yaml("crasher", min_idle=2, extra=CRASH)))
+    swarm = make_swarm(
+        swarm_yaml(role_yaml("worker"), role_yaml("crasher", min_idle=2, extra=CRASH))
+    )
     st = swarm.wait_for("crasher degraded", lambda s: s["roles"]["crasher"]["failed"] == 2)
     assert st["roles"]["crasher"]["degraded"] is True
     assert [e["subject"] for e in swarm.events("degraded")] == ["crasher"]
@@ -67,8 +68,10 @@ def test_a_degraded_role_pauses_its_refills(make_swarm) -> None:  # type: ignore
     assert swarm.cli("reset", "crasher").returncode == 0
     swarm.wait_for(
         "crasher refilled to 4",
-        lambda s: {a["name"] for a in s["agents"] if a["role"] == "crasher"}
-        >= {f"crasher-{n}" for n in range(4)},
+        lambda s: (
+            {a["name"] for a in s["agents"] if a["role"] == "crasher"}
+            >= {f"crasher-{n}" for n in range(4)}
+        ),
     )
 
 
