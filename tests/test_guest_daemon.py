@@ -475,13 +475,17 @@ async def test_task_output_is_capped(host: Host) -> None:
 async def test_task_timeout_kills_the_harness(host: Host) -> None:
     _, conn = await host.start()
     await conn.welcome()
-    harness = Harness(argv=["sh", "-c", "echo $$; exec sleep 300"], timeout=0.5)
+    # Long enough for sh to start and say its pid on a loaded machine, short
+    # enough that the test does not wait long for it.
+    timeout = 5.0
+    harness = Harness(argv=["sh", "-c", "echo $$; exec sleep 300"], timeout=timeout)
     await conn.send(Promote(name="slow", role="worker", harness=harness))
     await conn.expect(Promoted)
     await conn.send(Task(task_id=2, prompt="p"))
     done = await conn.expect(TaskDone)
     assert done.code == -9
-    assert "timed out after 0.5s" in done.output
+    assert f"timed out after {timeout:g}s" in done.output
+    assert done.output.split()[0].isdigit(), f"sh did not start within {timeout}s: {done.output!r}"
     assert gone(int(done.output.split()[0]))
 
 

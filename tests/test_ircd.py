@@ -13,7 +13,18 @@ import psutil
 import pytest
 import trio
 from fireclaw.config import Backoff, IrcSpec, ManagedIrcSpec, RestartPolicy
-from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
+from fireclaw.supervisor.ircd import (
+    START_TIMEOUT,
+    IrcdError,
+    ManagedIrcd,
+    render_config,
+    server_ids,
+)
+
+#: How long a test waits for ngircd to be up (or restarted, after a backoff of at
+#: most a few seconds): the supervisor's own start timeout, with headroom for a
+#: loaded machine, so that a slow start fails in the product, not in the test.
+WAIT = 3 * START_TIMEOUT
 
 NGIRCD = shutil.which("ngircd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 pytestmark = pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
@@ -154,14 +165,14 @@ async def test_starts_and_registers_a_client(tmp_path: Path) -> None:
     events = Events()
     ircd = ManagedIrcd(spec(port), tmp_path, events)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             address = await nursery.start(ircd.run)
         assert address == ("127.0.0.1", port) == ircd.address
         assert ircd.state == "running" and ircd.restarts == 0
         assert ircd.pid is not None
         assert (tmp_path / "ircd" / "ngircd.pid").read_text() == f"{ircd.pid}\n"
         assert (tmp_path / "ircd" / "ngircd.conf").stat().st_mode & 0o077 == 0
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             stream = await register(address, "alice")
             # The swarm's channels exist from the start, and joining gives no chanop.
             await stream.send_all(b"JOIN #control\r\n")
@@ -182,7 +193,7 @@ async def test_fifty_clients_from_one_address(tmp_path: Path) -> None:
         streams.append(await register(ircd.address, f"agent{n}"))
 
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         # ngircd's default MaxConnectionsIP (5) would refuse the sixth.
         with trio.fail_after(30):
@@ -199,19 +210,19 @@ async def test_killed_ngircd_is_restarted(tmp_path: Path) -> None:
     events = Events()
     ircd = ManagedIrcd(spec(free_port()), tmp_path, events, uniform=lambda a, b: 0.0)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         first = ircd.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_started", 2)
         assert ircd.pid is not None and ircd.pid != first
         assert ircd.state == "running" and ircd.restarts == 1
         crash = events.of("ircd_crashed")[0]
         assert crash["reason"] == "killed by SIGKILL"
         assert crash["restart"] is True and crash["failed"] is False
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             stream = await register(ircd.address, "bob")
         await stream.aclose()
         nursery.cancel_scope.cancel()
@@ -222,16 +233,16 @@ async def test_circuit_opens_then_reset_restarts(tmp_path: Path) -> None:
     policy = RestartPolicy(max_restarts=0, backoff=Backoff(base=1.0, max=1.0))
     ircd = ManagedIrcd(spec(free_port(), restart=policy), tmp_path, events)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         assert ircd.pid is not None
         os.kill(ircd.pid, signal.SIGKILL)
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_failed")
         assert ircd.state == "failed" and ircd.pid is None
         assert "not restarted: more than 0 restarts" in ircd.reason
         ircd.reset()
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_started", 2)
         assert ircd.state == "running"
         nursery.cancel_scope.cancel()
@@ -240,7 +251,7 @@ async def test_circuit_opens_then_reset_restarts(tmp_path: Path) -> None:
 async def test_cancel_leaves_nothing_behind(tmp_path: Path) -> None:
     ircd = ManagedIrcd(spec(free_port()), tmp_path)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         pid = ircd.pid
         assert pid is not None and psutil.pid_exists(pid)
@@ -261,7 +272,7 @@ async def test_port_in_use_fails_first_start(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         ircd = ManagedIrcd(spec(port), tmp_path)
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(10), pytest.raises(IrcdError) as info:
+            with trio.fail_after(WAIT), pytest.raises(IrcdError) as info:
                 await nursery.start(ircd.run)
     message = str(info.value)
     assert "\n" not in message
@@ -274,5 +285,5 @@ async def test_port_in_use_fails_first_start(tmp_path: Path) -> None:
 async def test_missing_binary_fails_first_start(tmp_path: Path) -> None:
     ircd = ManagedIrcd(spec(free_port()), tmp_path, binary=str(tmp_path / "no-ngircd"))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10), pytest.raises(IrcdError, match="did not start: cannot run"):
+        with trio.fail_after(WAIT), pytest.raises(IrcdError, match="did not start: cannot run"):
             await nursery.start(ircd.run)
