@@ -235,6 +235,12 @@ def test_without_root_status_says_isolation_is_off_and_why() -> None:
                 "cgroups": False,
                 "cgroups_why": "not running as root",
             }
+            out = swarm.cli("status")
+            assert out.returncode == 0, out.stderr
+            assert (
+                "isolation: netns off (not running as root); cgroups off (not running as root)"
+                in out.stdout.decode().splitlines()
+            )
             # And it is so: the guests run as that user, in the host's own network
             # namespace, in no cgroup of the swarm.
             mine = os.readlink("/proc/self/ns/net")
