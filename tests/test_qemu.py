@@ -43,8 +43,8 @@ from fireclaw.guest_daemon.protocol import (
 from fireclaw.pool import accel as accel_mod
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.accel import Accel, accel_argv, choose_accel, probe_boot, tsc_khz
-from fireclaw.pool.drivers import qemu as qemu_mod
 from fireclaw.pool.drivers import choose as choose_backend
+from fireclaw.pool.drivers import qemu as qemu_mod
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
 from fireclaw.pool.drivers.qemu import (
@@ -205,7 +205,8 @@ def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Pat
 
 def _protocol_members(proto: type) -> list[str]:
     return sorted(
-        {n for n in vars(proto) if not n.startswith("_")} | set(vars(proto).get("__annotations__", {}))
+        {n for n in vars(proto) if not n.startswith("_")}
+        | set(vars(proto).get("__annotations__", {}))
     )
 
 
