@@ -9,14 +9,14 @@ backoff state included, is left alone.
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
+from ircperson import Person
 from swarmctl import (
     BACKOFF_MAX,
+    WAIT,
     Swarm,
     gone,
     idle,
@@ -24,6 +24,9 @@ from swarmctl import (
     role_yaml,
     swarm_yaml,
 )
+from test_swarm import free_port
+
+AGENTS = "#agents"
 
 CRASH = 'guest_command: ["sh", "-c", "exit 1"]\n'
 
@@ -116,49 +119,63 @@ def test_a_changed_vm_spec_replaces_the_vms_one_at_a_time(make_swarm) -> None:  
         assert gone(pid)
 
 
+#: A harness that answers with the model and persona it was given.
+WHOAMI = (
+    "harness:\n"
+    "  kind: command\n"
+    """  command: ["sh", "-c", 'printf "%s / %s\\n" "$FIRECLAW_MODEL" "$FIRECLAW_PERSONA"']\n"""
+)
+
+
 def test_model_and_persona_reach_a_working_agent_without_a_restart(make_swarm) -> None:  # type: ignore[no-untyped-def]
-    swarm = make_swarm(swarm_yaml(role_yaml("coder", min_idle=1)))
-    assert swarm.cli("invoke", "coder", "alice").returncode == 0
+    port = free_port()
 
-    def alice(st: dict[str, Any]) -> dict[str, Any] | None:
-        return next((a for a in st["agents"] if a["agent"] == "alice"), None)
+    def config(model: str, persona: str) -> str:
+        extra = f'model: "{model}"\npersona: "{persona}"\n' + WHOAMI
+        return swarm_yaml(
+            role_yaml("coder", min_idle=1, extra=extra),
+            irc=f"server: managed\n  managed: {{port: {port}}}",
+        )
 
-    st = swarm.wait_for(
-        "alice active", lambda s: (a := alice(s)) is not None and a["state"] == "active"
-    )
-    before = alice(st)
-    assert before is not None
-    vm = before["name"]
-    assert re.search(
-        r" INFO promoted as alice \(role coder, model [^)]+\)$", guest_log(swarm, vm)[-1]
-    )
+    swarm = make_swarm(config("model-one", "Persona one."))
+    op = Person(("127.0.0.1", port), "op").start(AGENTS)
+    try:
+        assert swarm.cli("invoke", "coder", "alice").returncode == 0
+        op.expect(
+            "alice joining",
+            lambda e: e.type == "join" and e.source.nick == "alice" and e.target == AGENTS,
+            timeout=WAIT,
+        )
+        (before,) = [a for a in swarm.status()["agents"] if a["agent"] == "alice"]
+        assert before["state"] == "active"
+        op.say(AGENTS, "alice: who are you?")
+        op.said(AGENTS, "op: model-one / Persona one.", timeout=WAIT)
 
-    reload(
-        swarm,
-        swarm_yaml(
-            role_yaml(
-                "coder", min_idle=1, extra='model: "other-model"\npersona: "A new persona."\n'
-            )
-        ),
-    )
-    swarm.wait_for(
-        "alice re-identified",
-        lambda s: any(e["subject"] == vm for e in swarm.events("hot_reloaded")),
-    )
-    after = alice(swarm.status())
-    assert after is not None
-    # The same VM, the same process, never restarted...
-    assert (after["name"], after["pid"], after["state"], after["restarts"]) == (
-        vm,
-        before["pid"],
-        "active",
-        0,
-    )
-    # ...and the guest itself took the new identity.
-    assert guest_log(swarm, vm)[-1].endswith(
-        " INFO re-identified as alice (role coder, model other-model)"
-    )
-    assert swarm.events("crashed") == []
+        reload(swarm, config("model-two", "Persona two."))
+        vm = before["name"]
+        swarm.wait_for(
+            "alice re-identified",
+            lambda s: any(e["subject"] == vm for e in swarm.events("hot_reloaded")),
+        )
+        # Her harness now runs with the new model and persona...
+        op.say(AGENTS, "alice: and now?")
+        op.said(AGENTS, "op: model-two / Persona two.", timeout=WAIT)
+        assert any(
+            line.endswith(" INFO re-identified as alice (role coder, model model-two)")
+            for line in guest_log(swarm, vm)
+        )
+        # ...in the same VM, the same process, never restarted, never off IRC.
+        (after,) = [a for a in swarm.status()["agents"] if a["agent"] == "alice"]
+        assert (after["name"], after["pid"], after["state"], after["restarts"]) == (
+            vm,
+            before["pid"],
+            "active",
+            0,
+        )
+        assert not [e for e in op.seen if e.type == "quit" and e.source.nick == "alice"]
+        assert swarm.events("crashed") == []
+    finally:
+        op.stop()
 
 
 def test_a_reload_of_another_role_keeps_backoff_state(make_swarm) -> None:  # type: ignore[no-untyped-def]
