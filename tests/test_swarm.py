@@ -182,13 +182,15 @@ def test_sigterm_stops_everything_and_leaves_nothing(make_swarm) -> None:  # typ
 
 
 UNPRIVILEGED = "nobody"
+PYTHON_VERSION = f"python{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def _python_for(user: str) -> str | None:
     """An interpreter of this Python version that ``user`` can run (a venv's may sit
     under a home directory only its owner can enter), or None."""
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (os.path.realpath(sys.executable), f"/usr/bin/{version}"):
+    if shutil.which("runuser") is None:
+        return None
+    for candidate in (os.path.realpath(sys.executable), f"/usr/bin/{PYTHON_VERSION}"):
         probe = subprocess.run(
             ["runuser", "-u", user, "--", candidate, "-c", "import sys"], capture_output=True
         )
@@ -201,7 +203,7 @@ def _python_for(user: str) -> str | None:
 def test_without_root_status_says_isolation_is_off_and_why() -> None:
     python = _python_for(UNPRIVILEGED)
     if python is None:
-        pytest.skip(f"no python{sys.version_info[:2]} that user {UNPRIVILEGED} may run")
+        pytest.skip(f"no {PYTHON_VERSION} that user {UNPRIVILEGED} may run (or no runuser)")
     user = pwd.getpwnam(UNPRIVILEGED)
     # A directory the unprivileged user can enter, holding a sitecustomize that puts
     # this venv's packages on its path (the venv's own interpreter may be out of reach).
