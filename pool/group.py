@@ -410,16 +410,25 @@ class RoleGroup:
         return n
 
     async def roll(self) -> None:
-        """Replace the pool children one at a time (after a spec change)."""
+        """Replace the pool children one at a time (after a spec change).
+
+        The next child is stopped only once the previous one's replacement is
+        idle (or after the boot timeout), so the pool is never more than one idle
+        VM short of what it had."""
         for child in sorted(self.pool_children(), key=_ordinal):
             if child.state is State.FAILED:
                 child.reset()
+            idle_before = self._idle_count()
             await child.stop("role changed")
             with trio.move_on_after(self.rt.control.boot_timeout):
-                while not any(c.state is State.IDLE for c in self.pool_children()):
+                # Another idle VM already there does not count: it is next in line.
+                while self._idle_count() < min(idle_before, self.target):
                     if self.degraded or self.stopping:
                         return
                     await self.wait_changed()
+
+    def _idle_count(self) -> int:
+        return sum(1 for c in self.pool_children() if c.state is State.IDLE)
 
     async def stop_all(self, reason: str) -> None:
         """Stop every child concurrently; returns when all are gone."""

@@ -182,6 +182,15 @@ def format_status(status: dict[str, Any]) -> str:
     if isinstance(net, dict):
         egress = "NAT out" if net.get("egress") else "no egress"
         lines.append(f"network: bridge {net.get('bridge')} {net.get('subnet')}, {egress}")
+    isolation = status.get("isolation")
+    if isinstance(isolation, dict):
+        off = [
+            f"{kind} off ({_one_line(str(isolation.get(f'{kind}_why')))})"
+            for kind in ("netns", "cgroups")
+            if isolation.get(kind) is False
+        ]
+        if off:
+            lines.append("isolation: " + "; ".join(off))
     if status.get("last_reload_error"):
         lines.append(f"last reload rejected: {_one_line(str(status['last_reload_error']))}")
 

@@ -7,7 +7,9 @@ here sleeps to wait for something.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -15,24 +17,49 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import msgspec
+import psutil
+import pytest
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor.client import ApiClient
+from fireclaw.supervisor.daemon import DB_NAME
+from fireclaw.supervisor.state import Store
 
 FIRECLAW = str(Path(sys.executable).parent / "fireclaw-swarm")
 PY = sys.executable
 
+#: The control timings end-to-end tests run with: the default config's heartbeats
+#: (a loaded machine must not turn a slow beat into a crash and break a test that
+#: counts crashes), and its boot timeout.
+HEARTBEAT_INTERVAL: Final = 2.0
+HEARTBEAT_TIMEOUT: Final = 10.0
+BOOT_TIMEOUT: Final = 30.0
+#: How long a test waits for a VM to (re)start: the boot timeout with headroom
+#: for a machine shared with other test runs.
+WAIT: Final = 3 * BOOT_TIMEOUT
+#: Stopping: the guest gets GRACE_PERIOD, then TERM_TIMEOUT after SIGTERM; the
+#: whole fleet FLEET_DEADLINE.
+GRACE_PERIOD: Final = 5.0
+TERM_TIMEOUT: Final = 2.0
+FLEET_DEADLINE: Final = 20.0
+#: How long a test waits for the supervisor to exit after SIGTERM.
+STOP_WAIT: Final = 2 * FLEET_DEADLINE + 10
+
+#: The longest backoff of FAST_RESTART.
+BACKOFF_MAX: Final = 0.2
+
 #: A role that boots fast and restarts fast, for tests.
-FAST_RESTART = """
+FAST_RESTART = f"""
     restart:
       max_restarts: 3
       window: 600
       stable_after: 600
-      backoff: {base: 0.05, max: 0.2}
+      backoff: {{base: 0.05, max: {BACKOFF_MAX}}}
 """
 
 
@@ -51,21 +78,46 @@ def swarm_yaml(
     irc: str = "enabled: false",
     backend: str = "process",
     network: str = "",
+    stop: str = "",
 ) -> str:
-    control = control or "heartbeat_interval: 0.5\n  heartbeat_timeout: 5\n  boot_timeout: 20"
+    control = control or (
+        f"heartbeat_interval: {HEARTBEAT_INTERVAL}\n  heartbeat_timeout: {HEARTBEAT_TIMEOUT}\n"
+        f"  boot_timeout: {BOOT_TIMEOUT}"
+    )
     return (
         f"version: 1\nbackend: {backend}\n"
         f"irc:\n  {irc}\n"
         + (f"network:\n  {network}\n" if network else "")
         + f"control:\n  {control}\n"
-        "stop:\n  grace_period: 5\n  term_timeout: 2\n  fleet_deadline: 20\n"
+        + "stop:\n  "
+        + (
+            stop
+            or f"grace_period: {GRACE_PERIOD}\n  term_timeout: {TERM_TIMEOUT}\n"
+            f"  fleet_deadline: {FLEET_DEADLINE}"
+        )
+        + "\n"
         "roles:" + "".join(roles) + "\n"
     )
 
 
 class Swarm:
-    def __init__(self, root: Path, config_text: str) -> None:
+    """One supervisor on ``root``. ``command`` runs instead of the venv's
+    ``fireclaw-swarm`` (with ``env`` added to the environment), as ``user``
+    when given."""
+
+    def __init__(
+        self,
+        root: Path,
+        config_text: str,
+        *,
+        command: list[str] | None = None,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
+        self.command = command or [FIRECLAW]
+        self.user = user
+        self.env = env or {}
         self.config = root / "swarm.yaml"
         self.state = root / "state"
         self.config.write_text(config_text)
@@ -80,19 +132,24 @@ class Swarm:
 
     # --- life -------------------------------------------------------------------
 
-    def start(self, *, timeout: float = 30) -> None:
+    def start(self, *, timeout: float = WAIT) -> None:
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), **self.env)
+        if self.user is not None:
+            notify_path.chmod(0o666)  # the supervisor's user must be able to send
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [FIRECLAW, "up", "--config", str(self.config), "--state-dir", str(self.state)],
+                [*self.command, "up", "--config", str(self.config), "--state-dir", str(self.state)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 env=env,
+                user=self.user,
+                group=self.user and grp.getgrgid(pwd.getpwnam(self.user).pw_gid).gr_name,
+                extra_groups=[] if self.user else None,
             )
         self.wait_notify("READY=1", timeout)
 
@@ -111,7 +168,7 @@ class Swarm:
             if field in msg.split("\n"):
                 return msg
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_WAIT) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -160,7 +217,7 @@ class Swarm:
         return result
 
     def wait_for(
-        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
+        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = WAIT
     ) -> dict[str, Any]:
         """Long-poll /status until ``pred(status)`` holds, or fail naming ``what``."""
         deadline = time.monotonic() + timeout
@@ -176,12 +233,61 @@ class Swarm:
             )
         return st
 
+    def history(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = WAIT
+    ) -> list[dict[str, Any]]:
+        """Every status seen, through the long-poll, until ``pred`` holds (included).
+
+        The long-poll answers on each change, so a state that lasts through at
+        least one change is in the list."""
+        deadline = time.monotonic() + timeout
+        seen = [self.status()]
+        while not pred(seen[-1]):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"timed out waiting for {pred}; last status: {seen[-1]}\n{self.tail()}"
+                )
+            st = self.api.get(
+                f"/status?since={seen[-1]['version']}&wait={min(left, 5):.2f}", timeout=left + 5
+            )
+            if st["version"] != seen[-1]["version"]:
+                seen.append(st)
+        return seen
+
+    def quiet_for(self, seconds: float) -> list[dict[str, Any]]:
+        """Every status seen during ``seconds``: for showing that something does
+        NOT happen, given time in which it would have."""
+        deadline = time.monotonic() + seconds
+        seen = [self.status()]
+        while (left := deadline - time.monotonic()) > 0:
+            st = self.api.get(
+                f"/status?since={seen[-1]['version']}&wait={left:.2f}", timeout=left + 10
+            )
+            if st["version"] != seen[-1]["version"]:
+                seen.append(st)
+        return seen
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The event log (from the API), optionally only events of ``kind``."""
+        found: list[dict[str, Any]] = self.api.get("/events?limit=1000")["events"]
+        return [e for e in found if kind is None or e["kind"] == kind]
+
     def agents(self, role: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         return [
             a
             for a in self.status()["agents"]
             if (role is None or a["role"] == role) and (state is None or a["state"] == state)
         ]
+
+
+def stored_events(state: Path) -> list[dict[str, Any]]:
+    """The event log read from the state database itself, for a swarm that has stopped."""
+    store = Store.open(state / DB_NAME)
+    try:
+        return [msgspec.to_builtins(e) for e in store.events(limit=100_000)]
+    finally:
+        store.close()
 
 
 def idle(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
@@ -236,3 +342,37 @@ def _everything(state: Path) -> dict[str, list[str]]:
         "nft": [t for t in network.tables() if t.endswith(f"_{mine}")],
         "disks": [p.name for p in (state / "disks").glob("*")],
     }
+
+
+@pytest.fixture
+def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
+    """Makes (and by default starts) swarms on ``tmp_path``; after the test, stops
+    them and checks that nothing of them is left."""
+    made: list[Swarm] = []
+    baseline = leftovers(tmp_path / "state")
+
+    def make(config_text: str, *, start: bool = True, root: Path | None = None) -> Swarm:
+        swarm = Swarm(root or tmp_path, config_text)
+        made.append(swarm)
+        if start:
+            swarm.start()
+        return swarm
+
+    yield make
+    for swarm in made:
+        swarm.close()
+    # Whatever a test did, once its supervisor has stopped nothing of it is left.
+    assert leftovers(tmp_path / "state", baseline) == NOTHING
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its parent counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pids(swarm: Swarm, role: str) -> dict[str, int]:
+    """VM name to guest pid, for ``role``'s VMs."""
+    return {a["name"]: a["pid"] for a in swarm.agents(role)}

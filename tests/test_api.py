@@ -39,7 +39,9 @@ class FakeController:
         self.calls: list[tuple[str, tuple[object, ...]]] = []
 
     async def status(self, since: int | None = None, wait: float = 0.0) -> dict[str, object]:
+        self.calls.append(("status", (since, wait)))
         return {
+            "version": (since or 0) + 1,
             "pid": 1,
             "roles": {"worker": {"idle": 1, "active": 0, "failed": 0, "degraded": False}},
             "agents": [
@@ -99,11 +101,13 @@ class FakeController:
         return {"role": role, "target": n}
 
     async def reset(self, name: str) -> dict[str, object]:
+        self.calls.append(("reset", (name,)))
         if name == "boom":
             raise KeyError("boom")
         return {"reset": 1}
 
     async def reload(self) -> dict[str, object]:
+        self.calls.append(("reload", ()))
         return {"ok": True, "error": None, "applied": {"added": ["coder"]}}
 
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
@@ -147,11 +151,17 @@ Served = tuple[FakeController, ApiClient, pathlib.Path]
 
 
 async def test_health_and_status(served: Served) -> None:
-    _, client, path = served
+    fake, client, path = served
     assert await in_thread(client.get, "/health") == {"ok": True, "pid": os.getpid()}
-    status = await in_thread(client.get, "/status")
-    assert status["roles"]["worker"]["idle"] == 1
-    assert status["agents"][0]["name"] == "worker-0"
+    # /status is the controller's answer, whole, for the query it was given.
+    assert await in_thread(client.get, "/status") == await FakeController().status()
+    assert (await in_thread(client.get, "/status?since=41&wait=0.25"))["version"] == 42
+    assert (await in_thread(client.get, "/status?since=7"))["version"] == 8
+    assert [c for c in fake.calls if c[0] == "status"] == [
+        ("status", (None, 0.0)),
+        ("status", (41, 0.25)),
+        ("status", (7, 10.0)),  # a long-poll without wait= waits 10 s
+    ]
 
 
 async def test_socket_is_private(served: Served) -> None:
@@ -173,8 +183,9 @@ async def test_json_routes_reach_the_controller(served: Served) -> None:
         "target": 3,
     }
     assert await in_thread(client.post, "/reset", {"name": "worker-0"}) == {"reset": 1}
-    assert (await in_thread(client.post, "/reload"))["ok"] is True
-    assert (await in_thread(client.post, "/reload", {}))["ok"] is True
+    reloaded = {"ok": True, "error": None, "applied": {"added": ["coder"]}}
+    assert await in_thread(client.post, "/reload") == reloaded  # no body
+    assert await in_thread(client.post, "/reload", {}) == reloaded  # an empty one
     events = await in_thread(client.get, "/events?after=5&limit=2")
     assert events["events"][0]["id"] == 6
     assert await in_thread(client.post, "/down") == {"stopping": True}
@@ -182,6 +193,8 @@ async def test_json_routes_reach_the_controller(served: Served) -> None:
     assert ("list_tasks", ("failed",)) in fake.calls
     assert ("scale", ("worker", 3)) in fake.calls
     assert ("events", (5, 2)) in fake.calls
+    assert ("reset", ("worker-0",)) in fake.calls
+    assert fake.calls.count(("reload", ())) == 2
 
 
 async def test_run_streams_lines_in_order_then_exit(served: Served) -> None:

@@ -14,10 +14,21 @@ import pytest
 import trio
 from fireclaw.config import Backoff, IrcOperatorSpec, IrcSpec, ManagedIrcSpec, RestartPolicy
 from fireclaw.supervisor import leftovers
-from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd, render_config, server_ids
+from fireclaw.supervisor.ircd import (
+    START_TIMEOUT,
+    IrcdError,
+    ManagedIrcd,
+    render_config,
+    server_ids,
+)
 from fireclaw.supervisor.ircd_operators import OperatorBlock
 from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import ServiceRecord, Store
+
+#: How long a test waits for ngircd to be up (or restarted, after a backoff of at
+#: most a few seconds): the supervisor's own start timeout, with headroom for a
+#: loaded machine, so that a slow start fails in the product, not in the test.
+WAIT = 3 * START_TIMEOUT
 
 NGIRCD = shutil.which("ngircd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 pytestmark = pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
@@ -176,14 +187,14 @@ async def test_starts_and_registers_a_client(tmp_path: Path) -> None:
     events = Events()
     ircd = ManagedIrcd(spec(port), tmp_path, events)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             address = await nursery.start(ircd.run)
         assert address == ("127.0.0.1", port) == ircd.address
         assert ircd.state == "running" and ircd.restarts == 0
         assert ircd.pid is not None
         assert (tmp_path / "ircd" / "ngircd.pid").read_text() == f"{ircd.pid}\n"
         assert (tmp_path / "ircd" / "ngircd.conf").stat().st_mode & 0o077 == 0
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             stream = await register(address, "alice")
             # The swarm's channels exist from the start, and joining gives no chanop.
             await stream.send_all(b"JOIN #control\r\n")
@@ -204,7 +215,7 @@ async def test_fifty_clients_from_one_address(tmp_path: Path) -> None:
         streams.append(await register(ircd.address, f"agent{n}"))
 
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         # ngircd's default MaxConnectionsIP (5) would refuse the sixth.
         with trio.fail_after(30):
@@ -221,19 +232,19 @@ async def test_killed_ngircd_is_restarted(tmp_path: Path) -> None:
     events = Events()
     ircd = ManagedIrcd(spec(free_port()), tmp_path, events, uniform=lambda a, b: 0.0)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         first = ircd.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_started", 2)
         assert ircd.pid is not None and ircd.pid != first
         assert ircd.state == "running" and ircd.restarts == 1
         crash = events.of("ircd_crashed")[0]
         assert crash["reason"] == "killed by SIGKILL"
         assert crash["restart"] is True and crash["failed"] is False
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             stream = await register(ircd.address, "bob")
         await stream.aclose()
         nursery.cancel_scope.cancel()
@@ -244,16 +255,16 @@ async def test_circuit_opens_then_reset_restarts(tmp_path: Path) -> None:
     policy = RestartPolicy(max_restarts=0, backoff=Backoff(base=1.0, max=1.0))
     ircd = ManagedIrcd(spec(free_port(), restart=policy), tmp_path, events)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         assert ircd.pid is not None
         os.kill(ircd.pid, signal.SIGKILL)
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_failed")
         assert ircd.state == "failed" and ircd.pid is None
         assert "not restarted: more than 0 restarts" in ircd.reason
         ircd.reset()
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await events.wait_for("ircd_started", 2)
         assert ircd.state == "running"
         nursery.cancel_scope.cancel()
@@ -262,7 +273,7 @@ async def test_circuit_opens_then_reset_restarts(tmp_path: Path) -> None:
 async def test_cancel_leaves_nothing_behind(tmp_path: Path) -> None:
     ircd = ManagedIrcd(spec(free_port()), tmp_path)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         pid = ircd.pid
         assert pid is not None and psutil.pid_exists(pid)
@@ -283,7 +294,7 @@ async def test_port_in_use_fails_first_start(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         ircd = ManagedIrcd(spec(port), tmp_path)
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(10), pytest.raises(IrcdError) as info:
+            with trio.fail_after(WAIT), pytest.raises(IrcdError) as info:
                 await nursery.start(ircd.run)
     message = str(info.value)
     assert "\n" not in message
@@ -296,7 +307,7 @@ async def test_port_in_use_fails_first_start(tmp_path: Path) -> None:
 async def test_missing_binary_fails_first_start(tmp_path: Path) -> None:
     ircd = ManagedIrcd(spec(free_port()), tmp_path, binary=str(tmp_path / "no-ngircd"))
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10), pytest.raises(IrcdError, match="did not start: cannot run"):
+        with trio.fail_after(WAIT), pytest.raises(IrcdError, match="did not start: cannot run"):
             await nursery.start(ircd.run)
 
 
@@ -327,7 +338,7 @@ async def test_registry_row_is_written_ahead_and_dropped_once_reaped(tmp_path: P
         ircd = ManagedIrcd(spec(port), tmp_path, registry=store)
         assert ircd.conf_path == store.conf
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(10):
+            with trio.fail_after(WAIT):
                 await nursery.start(ircd.run)
             pid = ircd.pid
             assert pid is not None
@@ -357,12 +368,12 @@ async def test_a_restarted_incarnation_replaces_its_row(tmp_path: Path) -> None:
             spec(free_port()), tmp_path, events, uniform=lambda a, b: 0.0, registry=store
         )
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(10):
+            with trio.fail_after(WAIT):
                 await nursery.start(ircd.run)
             first = ircd.pid
             assert first is not None
             os.kill(first, signal.SIGKILL)
-            with trio.fail_after(10):
+            with trio.fail_after(WAIT):
                 await events.wait_for("ircd_started", 2)
             assert ircd.pid is not None and ircd.pid != first
             assert [(r.name, r.pid) for r in store.services()] == [("ircd", ircd.pid)]
@@ -376,7 +387,7 @@ async def test_a_first_start_that_fails_leaves_no_row(tmp_path: Path) -> None:
             spec(free_port()), tmp_path, binary=str(tmp_path / "no-ngircd"), registry=store
         )
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(10), pytest.raises(IrcdError, match="cannot run"):
+            with trio.fail_after(WAIT), pytest.raises(IrcdError, match="cannot run"):
                 await nursery.start(ircd.run)
         assert store.services() == []
 
@@ -397,7 +408,7 @@ async def test_operator_password_is_generated_and_oper_works(tmp_path: Path) -> 
     ircd = ManagedIrcd(spec(free_port()), tmp_path)
     secret = tmp_path / "secrets" / "irc-operator-fireclaw"
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         assert secret.stat().st_mode & 0o777 == 0o600
         assert secret.parent.stat().st_mode & 0o777 == 0o700
@@ -409,7 +420,7 @@ async def test_operator_password_is_generated_and_oper_works(tmp_path: Path) -> 
             # It read the root-only config (the password works below) before dropping root.
             assert ircd.pid is not None
             assert psutil.Process(ircd.pid).uids().effective != 0
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             guest = await register(ircd.address, "guest")
             await guest.send_all(b"OPER fireclaw wrong-password\r\n")
             assert b" 464 guest " in await read_until(guest, b" 464 ")
@@ -429,7 +440,7 @@ async def test_operator_password_is_generated_and_oper_works(tmp_path: Path) -> 
     # The next start uses the same password.
     ircd = ManagedIrcd(spec(free_port()), tmp_path)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
         assert secret.read_text().strip() == password
         nursery.cancel_scope.cancel()
@@ -442,7 +453,7 @@ async def test_operator_mask_limits_where_oper_works(tmp_path: Path) -> None:
     ops = (IrcOperatorSpec(name="root", password_file=str(pw), mask="boss!*@*"),)
     ircd = ManagedIrcd(spec(free_port(), ops), tmp_path)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
+        with trio.fail_after(WAIT):
             await nursery.start(ircd.run)
             other = await register(ircd.address, "other")
             await other.send_all(b"OPER root named-password\r\n")
@@ -476,7 +487,7 @@ async def test_unusable_password_file_fails_first_start(
     ops = (IrcOperatorSpec(name="root", password_file=str(pw)),)
     ircd = ManagedIrcd(spec(free_port(), ops), tmp_path)
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10), pytest.raises(IrcdError) as info:
+        with trio.fail_after(WAIT), pytest.raises(IrcdError) as info:
             await nursery.start(ircd.run)
     message = str(info.value)
     assert "\n" not in message and error in message

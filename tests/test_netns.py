@@ -75,5 +75,17 @@ async def test_a_process_in_the_namespace_reaches_only_what_is_forwarded() -> No
     assert name not in netns.leftovers()
 
 
-async def test_removing_a_missing_namespace_is_quiet() -> None:
+async def test_removing_a_missing_namespace_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    name = f"{netns.PREFIX}twice-{os.getpid()}"
+    (await netns.create_with_listener(name)).close()
+    assert name in netns.leftovers()
+    await netns.remove(name)
+    assert name not in netns.leftovers()
+    # Again, once it is gone (a teardown that runs twice): no error.
+    await netns.remove(name)
+    # A name a crash left behind with no namespace mounted on it is cleared too.
+    (netns.NETNS_DIR / name).touch()
+    await netns.remove(name)
+    assert name not in netns.leftovers()
     await netns.remove(f"{netns.PREFIX}never-made")
+    assert [r.getMessage() for r in caplog.records] == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -95,11 +96,20 @@ async def test_a_namespace_gets_a_tap_a_veth_and_reaches_out_through_nat(
     assert link.veth not in network.host_links(net.instance)
 
 
-async def test_vms_reach_neither_each_other_nor_the_host(net: Network) -> None:
+def serve_one(sock: socket.socket, line: bytes) -> None:
+    """Answer one connection on the listener ``sock`` with ``line``."""
+    sock.settimeout(20)
+    conn, _ = sock.accept()
+    with conn:
+        conn.sendall(line)
+
+
+async def test_vms_reach_neither_each_other_nor_the_host(net: Network, world: World) -> None:
     tag = secrets.token_hex(3)
     sock_a, a = await net.attach(f"{netns.PREFIX}{net.instance}-a-{tag}")
     sock_b, b = await net.attach(f"{netns.PREFIX}{net.instance}-b-{tag}")
     servers = [Server(b.ns_name, "0.0.0.0"), Server(None, net.gateway)]
+    outside = Server(world.ns, world.address)
     try:
         assert a.address != b.address
         # Both are reachable where they should be: b's server from inside b, the
@@ -108,14 +118,24 @@ async def test_vms_reach_neither_each_other_nor_the_host(net: Network) -> None:
         assert said == f"from {b.address}"
         said = await trio.to_thread.run_sync(connect_from, None, net.gateway, servers[1].port)
         assert said == f"from {net.gateway}"
-        # From a: neither.
+        # From a, what it should reach it does: its own listener, and the outside
+        # through the same veth and bridge the refused attempts below take.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, serve_one, sock_a, b"own listener\n")
+            said = await trio.to_thread.run_sync(
+                connect_from, a.ns_name, GATEWAY, sock_a.getsockname()[1]
+            )
+        assert said == "own listener"
+        said = await trio.to_thread.run_sync(connect_from, a.ns_name, world.address, outside.port)
+        assert said == f"from {world.host_address}"
+        # And neither of the others.
         for host, server in ((b.address, servers[0]), (net.gateway, servers[1])):
             said = await trio.to_thread.run_sync(
                 lambda h=host, s=server: connect_from(a.ns_name, h, s.port, timeout=1.5)
             )
             assert said.startswith("failed:"), (host, said)
     finally:
-        for server in servers:
+        for server in [*servers, outside]:
             server.close()
         sock_a.close()
         sock_b.close()

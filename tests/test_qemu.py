@@ -8,6 +8,7 @@ the test playing the supervisor's control listener for the real guest daemon.
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import shutil
@@ -53,8 +54,10 @@ from fireclaw.pool.accel import (
     probe_boot,
     tsc_khz,
 )
+from fireclaw.pool.drivers import choose as choose_backend
 from fireclaw.pool.drivers import qemu as qemu_mod
-from fireclaw.pool.drivers.base import Driver, DriverError, VmSpec
+from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
+from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
 from fireclaw.pool.drivers.qemu import (
     CONTROL_PORT,
     QemuDriver,
@@ -211,9 +214,40 @@ def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Pat
         shutil.rmtree(fallback)
 
 
-def test_the_driver_fits_the_protocol() -> None:
+def _protocol_members(proto: type) -> list[str]:
+    return sorted(
+        {n for n in vars(proto) if not n.startswith("_")}
+        | set(vars(proto).get("__annotations__", {}))
+    )
+
+
+@pytest.mark.parametrize(
+    ("proto", "impl"),
+    [(Driver, QemuDriver), (VmHandle, QemuVm), (Driver, ProcessDriver), (VmHandle, ProcessVm)],
+)
+def test_the_driver_fits_the_protocol(proto: type, impl: type) -> None:
+    """Every member the supervisor uses through the protocol is there, of the same
+    kind (property, plain or async method) and with the same parameters."""
+    members = _protocol_members(proto)
+    assert members, proto
+    for name in members:
+        want = inspect.getattr_static(proto, name, None)
+        got = inspect.getattr_static(impl, name, None)
+        if want is None:  # an annotated attribute, such as Driver.name
+            assert isinstance(got, str), (impl, name)
+            continue
+        assert got is not None, f"{impl.__name__} has no {name}"
+        assert isinstance(got, property) == isinstance(want, property), (impl, name)
+        if isinstance(want, property):
+            continue
+        assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(want), (impl, name)
+        params = [(p.name, p.kind) for p in inspect.signature(want).parameters.values()]
+        assert [(p.name, p.kind) for p in inspect.signature(got).parameters.values()] == params
+
+
+def test_the_driver_is_the_backend_the_config_names(tmp_path: Path) -> None:
     driver: Driver = QemuDriver(_fake_image(), TCG)  # checked by mypy
-    assert driver.name == "qemu"
+    assert driver.name == choose_backend("qemu", images=tmp_path, netns_why=None).name
 
 
 def test_probe_gives_the_kernel_its_parameters_before_init_arguments(
@@ -419,10 +453,13 @@ class Guest:
                 if heartbeats or not isinstance(msg, Heartbeat):
                     return msg
 
-    async def welcome(self, heartbeat_interval: float = 1.0) -> None:
+    async def welcome(self, heartbeat_interval: float = 1.0, hostname: str = "") -> None:
         await self.send(
             Welcome(
-                entropy=os.urandom(64), unix_time=time.time(), heartbeat_interval=heartbeat_interval
+                entropy=os.urandom(64),
+                unix_time=time.time(),
+                heartbeat_interval=heartbeat_interval,
+                hostname=hostname,
             )
         )
 
@@ -791,7 +828,7 @@ async def test_snapshot_then_three_clones_each_in_its_own_namespace(
                 f"clone {n}: restore (QMP, migration, cont) {clone.restore_seconds:.3f} s,"
                 f" restore to Hello {to_hello[-1]:.3f} s"
             )
-            await guest.welcome()
+            await guest.welcome(hostname=f"clone-{n}")
             clones.append((clone, guest))
 
         randoms = set()
@@ -799,8 +836,7 @@ async def test_snapshot_then_three_clones_each_in_its_own_namespace(
             out, code = await guest.run(1, ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])
             assert code == 0 and len(out.split()) == 16
             randoms.add(out)
-            _, code = await guest.run(2, ["hostname", f"clone-{n}"])
-            assert code == 0
+            # Each clone woke with the template's name and took its own from its Welcome.
             out, _ = await guest.run(3, ["hostname"])
             assert out.strip() == f"clone-{n}"
         assert len(randoms) == 3, "each clone's RNG was reseeded from its own Welcome"

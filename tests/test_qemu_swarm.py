@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
+from fireclaw.pool.templates import RETRY_BASE
 from ircd import ircd_server
 from ircperson import Person
 from swarmctl import NOTHING, Swarm, leftovers, role_yaml, swarm_yaml
@@ -41,7 +42,14 @@ START_TIMEOUT = 600.0
 #: Booting the template and restoring three clones under TCG on a loaded 2-core host.
 POOL_TIMEOUT = 300.0
 #: TCG on a possibly loaded 2-core host.
-CONTROL = "heartbeat_interval: 1\n  heartbeat_timeout: 20\n  boot_timeout: 90"
+BOOT_TIMEOUT = 90.0
+CONTROL = f"heartbeat_interval: 1\n  heartbeat_timeout: 20\n  boot_timeout: {BOOT_TIMEOUT:g}"
+#: A `run` claims a VM (bounded by the boot timeout) and then runs in it under TCG.
+RUN_TIMEOUT = 3 * BOOT_TIMEOUT
+#: A TCG guest's connection out through two NATs: a python3 to start in the guest
+#: and a handshake through emulated virtio. The refused connection is given as long,
+#: so that "not reached" cannot be a "reached, slowly".
+REACH_TIMEOUT = 30.0
 RANDOM = "hostname; head -c 16 /dev/urandom | od -An -tx1"
 
 pytestmark = [
@@ -138,7 +146,7 @@ def test_a_warm_pool_of_snapshot_clones(make_swarm: Any, tmp_path: Path) -> None
     # Three runs, three clones: each has its own name and its own randomness.
     hostnames, randoms = set(), set()
     for _ in range(3):
-        out = swarm.cli("run", "--", "sh", "-c", RANDOM, timeout=120)
+        out = swarm.cli("run", "--", "sh", "-c", RANDOM, timeout=RUN_TIMEOUT)
         assert out.returncode == 0, out.stderr
         name, random_line = out.stdout.decode().splitlines()
         assert name.startswith("worker-")
@@ -159,7 +167,15 @@ def test_a_warm_pool_of_snapshot_clones(make_swarm: Any, tmp_path: Path) -> None
                 (bridge_ip, host_service.port, "failed: TimeoutError"),
             ):
                 out = swarm.cli(
-                    "run", "--", "python3", "-c", CONNECT, host, str(port), "3", timeout=120
+                    "run",
+                    "--",
+                    "python3",
+                    "-c",
+                    CONNECT,
+                    host,
+                    str(port),
+                    str(REACH_TIMEOUT),
+                    timeout=RUN_TIMEOUT + REACH_TIMEOUT,
                 )
                 assert out.returncode == 0, out.stderr
                 assert out.stdout.decode().strip() == expected, host
@@ -173,7 +189,7 @@ def test_a_warm_pool_of_snapshot_clones(make_swarm: Any, tmp_path: Path) -> None
     took = []
     for _ in range(3):
         started = time.monotonic()
-        out = swarm.cli("run", "--", "true", timeout=120)
+        out = swarm.cli("run", "--", "true", timeout=RUN_TIMEOUT)
         took.append(time.monotonic() - started)
         assert out.returncode == 0, out.stderr
         swarm.wait_for(
@@ -244,8 +260,20 @@ def test_without_a_template_the_pool_cold_boots_and_says_so(make_swarm: Any) -> 
     assert start.startswith("cold boot (no snapshot template: "), start
     assert "\n" not in start
     assert [a["started_as"] for a in st["agents"]] == ["booted"]
-    assert len(events(swarm, "template_failed")) >= 1  # and it is retried meanwhile
-    out = swarm.cli("run", "--", "hostname", timeout=120)
+    # And the template is retried meanwhile: a second attempt comes after the delay
+    # the first failure announced, and fails the same way.
+    swarm.wait_for(
+        "a second template attempt",
+        lambda s: any(e["detail"]["attempt"] == 2 for e in events(swarm, "template_failed")),
+        timeout=2 * RETRY_BASE + POOL_TIMEOUT,
+    )
+    first, second = events(swarm, "template_failed")[:2]
+    (retry,) = [e for e in events(swarm, "template_retry") if e["detail"]["attempt"] == 2]
+    assert first["detail"]["attempt"] == 1 and second["detail"]["attempt"] == 2
+    assert retry["detail"]["delay"] == first["detail"]["retry_in"]
+    assert first["id"] < retry["id"] < second["id"]
+    assert second["detail"]["reason"] == first["detail"]["reason"]
+    out = swarm.cli("run", "--", "hostname", timeout=RUN_TIMEOUT)
     assert (out.returncode, out.stdout) == (0, b"worker-0\n"), out.stderr
     assert swarm.stop(signal.SIGTERM) == 0
 
@@ -282,7 +310,7 @@ def test_a_named_agent_keeps_its_workspace_across_vms(make_swarm: Any) -> None:
         joined(op, "alice", AGENTS)
         # MEMORY.md starts with three lines; the harness runs on the workspace disk.
         op.say(AGENTS, "alice: the sky is green")
-        op.said(AGENTS, "op: 4 lines in /workspace", timeout=120)
+        op.said(AGENTS, "op: 4 lines in /workspace", timeout=RUN_TIMEOUT)
 
         # Her VM dies: a new one (restored from the pool's template) becomes alice
         # again, with the same disk under it.
@@ -290,10 +318,10 @@ def test_a_named_agent_keeps_its_workspace_across_vms(make_swarm: Any) -> None:
         psutil.Process(agent["pid"]).kill()
         joined(op, "alice", AGENTS)
         op.say(AGENTS, "alice: grass is blue")
-        op.said(AGENTS, "op: 5 lines in /workspace", timeout=120)
+        op.said(AGENTS, "op: 5 lines in /workspace", timeout=RUN_TIMEOUT)
 
         op.say(CONTROL_CHANNEL, "!destroy alice")
-        op.said(CONTROL_CHANNEL, "op: alice is gone", timeout=120)
+        op.said(CONTROL_CHANNEL, "op: alice is gone", timeout=RUN_TIMEOUT)
     finally:
         op.stop()
     assert swarm.stop(signal.SIGTERM) == 0

@@ -1,0 +1,5 @@
+"""Fixtures shared by the test files."""
+
+from swarmctl import make_swarm
+
+__all__ = ["make_swarm"]
