@@ -237,8 +237,13 @@ class RoleGroup:
 
     def retire(self, child: Child, reason: str) -> None:
         """Stop a claimed child in the background; its work is done."""
-        if self._nursery is not None:
+        if self._nursery is not None and not self._handing_over:
             self._nursery.start_soon(child.stop, reason)
+
+    @property
+    def _handing_over(self) -> bool:
+        """The supervisor is leaving its VMs to the next one (``Runtime.leaving``)."""
+        return self.rt.leaving and self.rt.driver.outlives_supervisor
 
     # --- tasks ------------------------------------------------------------------------
 
@@ -282,8 +287,10 @@ class RoleGroup:
                 "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
             )
         finally:
-            if not finished:
+            if not finished and not self._handing_over:
                 # Cancelled (shutdown): the task is not lost, it goes back to the queue.
+                # In a handover it stays claimed by its VM, which runs on: the next
+                # supervisor adopts both, or requeues the task if the VM is gone.
                 store.requeue_task(
                     task_id, reason="supervisor stopped", max_attempts=self.max_attempts
                 )
@@ -317,7 +324,7 @@ class RoleGroup:
                 "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
             )
         finally:
-            if not finished:
+            if not finished and not self._handing_over:
                 store.requeue_task(
                     task_id, reason="supervisor stopped", max_attempts=self.max_attempts
                 )

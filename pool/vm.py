@@ -107,6 +107,9 @@ class Runtime:
     use_cgroups: bool
     instance: str = "fc"  # instance_id(state_dir): the prefix of every VM id
     graceful: bool = True  # False after a second SIGINT: kill at once
+    #: The supervisor is handing its VMs over to the next one on this state dir:
+    #: a VM that can outlive it is left running, with its resources and registry row.
+    leaving: bool = False
     irc: IrcRoute | None = None  # None: agents stay off IRC
     #: Snapshot templates to restore pool VMs from (qemu); None: every VM cold-boots.
     templates: Templates | None = None
@@ -698,6 +701,13 @@ class Child:
     ) -> None:
         self.session = None
         handle, self.handle = self.handle, None
+        if self._left_running(handle):
+            # Handed over: only this supervisor's end goes; the VM, its namespace,
+            # cgroup, disks and registry row stay for the next one to adopt.
+            if sock is not None:
+                sock.close()
+            log.info("%s left running for the next supervisor", self.name)
+            return
         stop = self.rt.stop
         with trio.move_on_after(stop.term_timeout + 10):
             if handle is not None:
@@ -721,6 +731,17 @@ class Child:
             if disk is not None:
                 disks.remove(disk)
             self.rt.store.drop_vm(self.name)
+
+    def _left_running(self, handle: VmHandle | None) -> bool:
+        """Whether a handover leaves this incarnation's VM running (see ``leaving``)."""
+        return (
+            self.rt.leaving
+            and self.rt.driver.outlives_supervisor
+            and handle is not None
+            and not self._exited.is_set()
+            and self._row is not None
+            and self._row.pid == handle.pid
+        )
 
     def _register(self, **changes: Any) -> None:
         """Write the current incarnation's registry row: ``changes``, and what the

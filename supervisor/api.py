@@ -21,7 +21,7 @@ Routes::
     DELETE /agents/<name>             controller.destroy()
     POST /reload  (no body or {})     controller.reload()
     GET  /events[?after=N&limit=N]    {"events": controller.events(after, limit)}
-    POST /down    (no body or {})     controller.down()
+    POST /down    {"leave_vms"?}      controller.down(): stop the fleet, or hand it over
     GET  /openapi.json                this API as an OpenAPI 3.1 document (supervisor/openapi.py)
 
 Every error is ``{"error": "<one line>"}`` with its status: 400 bad JSON, wrong
@@ -163,7 +163,7 @@ class Controller(Protocol):
 
     async def events(self, after: int, limit: int) -> list[dict[str, object]]: ...
 
-    async def down(self) -> dict[str, object]: ...
+    async def down(self, leave_vms: bool = False) -> dict[str, object]: ...
 
 
 # ---------------------------------------------------------------- request bodies
@@ -203,7 +203,14 @@ class ResetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class EmptyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The body of POST /reload and /down: nothing, or an empty JSON object."""
+    """The body of POST /reload: nothing, or an empty JSON object."""
+
+
+class DownRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of POST /down: nothing, an empty object, or ``leave_vms: true`` (the
+    supervisor exits and leaves its VMs running for the next one to adopt)."""
+
+    leave_vms: bool = False
 
 
 _RUN_DECODER: Final = msgspec.json.Decoder(RunRequest)
@@ -214,6 +221,7 @@ _RESET_DECODER: Final = msgspec.json.Decoder(ResetRequest)
 _INVOKE_DECODER: Final = msgspec.json.Decoder(InvokeRequest)
 _RETUNE_DECODER: Final = msgspec.json.Decoder(RetuneRequest)
 _EMPTY_DECODER: Final = msgspec.json.Decoder(EmptyRequest)
+_DOWN_DECODER: Final = msgspec.json.Decoder(DownRequest)
 _ENCODER: Final = msgspec.json.Encoder()
 
 
@@ -674,8 +682,8 @@ class _ApiServer:
 
     async def _down(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
-        _decode(_EMPTY_DECODER, request.body, optional=True)
-        return await self._controller.down()
+        body = _decode(_DOWN_DECODER, request.body, optional=True)
+        return await self._controller.down(body.leave_vms)
 
     # -- /run
 

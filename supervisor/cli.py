@@ -148,7 +148,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from fireclaw.supervisor.daemon import run_up
 
     state_dir = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR") or None
-    return run_up(args.config or DEFAULT_CONFIG, state_dir)
+    return run_up(args.config or DEFAULT_CONFIG, state_dir, handover=args.handover)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -392,8 +392,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    _client(args).post("/down", timeout=DOWN_TIMEOUT)
-    print("stopping")
+    body = {"leave_vms": True} if args.leave_vms else None
+    answer = _dict(_client(args).post("/down", body, timeout=DOWN_TIMEOUT), "down result")
+    print(
+        "exiting; its VMs run on for the next supervisor"
+        if answer.get("leaving_vms")
+        else "stopping"
+    )
     return 0
 
 
@@ -558,7 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("up", cmd_up, "run the supervisor in the foreground")
+    p = add("up", cmd_up, "run the supervisor in the foreground")
+    p.add_argument(
+        "--handover",
+        action="store_true",
+        help="if a supervisor runs on this state dir, take its VMs over without stopping them",
+    )
     p = add("status", cmd_status, "show roles and agents")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p = add("run", cmd_run, "run a command in a pooled VM and stream its output")
@@ -599,7 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", action="append", default=[], help="one more Debian package")
     p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
-    add("down", cmd_down, "stop the supervisor and all its VMs")
+    p = add("down", cmd_down, "stop the supervisor and all its VMs")
+    p.add_argument(
+        "--leave-vms",
+        action="store_true",
+        help="exit, leaving the VMs running for the next supervisor to adopt",
+    )
     p = add("logs", cmd_logs, "print the event log")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument(

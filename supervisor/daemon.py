@@ -61,6 +61,8 @@ TEMPLATES_NAME: Final = "templates"
 DISKS_NAME: Final = leftovers.DISKS_NAME
 #: Named agents' workspace disks, kept.
 WORKSPACES_NAME: Final = "workspaces"
+#: ``up --handover`` waits for the old supervisor's lock this long past its fleet deadline.
+HANDOVER_MARGIN: Final = 30.0
 
 
 class Supervisor:
@@ -132,7 +134,8 @@ class Supervisor:
     # --- life ------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        with trio.open_signal_receiver(*wanted) as signals:
             self._adoptees = self.plan_adoption()
             self.reclaim()
             async with trio.open_nursery() as root:
@@ -164,6 +167,9 @@ class Supervisor:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         self.request_reload()
+                    elif signum == signal.SIGUSR2:
+                        if not self.stopping:
+                            self.hand_over()
                     elif not self.stopping:
                         log.info("%s: stopping the fleet", signal.Signals(signum).name)
                         root.start_soon(self.shutdown)
@@ -310,7 +316,7 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await network.close()  # whatever part of it was made
                 raise BackendUnavailable(f"network: {exc}") from exc
-            root.start_soon(_hold_network, network)
+            root.start_soon(_hold_network, network, self.rt)
             self.rt.network = network
             self.rt.disks_dir = self.state_dir / DISKS_NAME
             self.rt.base_disk = backend.driver.image.rootfs
@@ -693,10 +699,43 @@ class Supervisor:
         except PoolError as exc:
             log.warning("agent %s not restored: %s", rec.name, exc)
 
-    async def down(self) -> dict[str, object]:
+    async def down(self, leave_vms: bool = False) -> dict[str, object]:
+        if leave_vms and self.rt.driver.outlives_supervisor:
+            if not self.stopping and self._root is not None:
+                # From a task of its own: this answer goes out before the API does.
+                self._root.start_soon(self._hand_over_soon)
+            return {"stopping": True, "leaving_vms": True}
         if not self.stopping and self._root is not None:
             self._root.start_soon(self.shutdown)
-        return {"stopping": True}
+        return {"stopping": True, "leaving_vms": False}
+
+    async def _hand_over_soon(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self.stopping:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Exit now, leaving the VMs running for the next supervisor on this state
+        dir to adopt (SIGUSR2, ``down --leave-vms``, ``up --handover``): an upgrade
+        without stopping the fleet. Their tasks stay claimed by them, their
+        namespaces, bridge, rules, cgroups and disks stay; the managed services,
+        the API socket and every listener go. With a backend whose VMs cannot
+        outlive the supervisor (``process``) this is a graceful stop."""
+        if not self.rt.driver.outlives_supervisor:
+            log.info(
+                "handover: %s VMs cannot outlive the supervisor; stopping them", self.rt.driver.name
+            )
+            if self._root is not None:
+                self._root.start_soon(self.shutdown)
+            return
+        self.stopping = True
+        self.rt.leaving = True
+        sdnotify.stopping()
+        running = sum(1 for g in self.groups.values() for c in g.children.values() if c.pid)
+        self.event("handing_over", "supervisor", vms=running)
+        log.info("handing over: leaving %d VMs running for the next supervisor", running)
+        if self._root is not None:
+            self._root.cancel_scope.cancel()
 
 
 def _sparing(
@@ -738,8 +777,12 @@ def _task_dict(task: object) -> dict[str, object]:
     return msgspec.structs.asdict(task)  # type: ignore[arg-type]
 
 
-def run_up(config_path: str, state_dir: str | None) -> int:
-    """``fireclaw-swarm up``: run the supervisor in the foreground until stopped."""
+def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -> int:
+    """``fireclaw-swarm up``: run the supervisor in the foreground until stopped.
+
+    With ``handover``, a supervisor already running on the state dir is asked to
+    exit and leave its VMs running (``down --leave-vms``); this one waits for its
+    lock, then starts and adopts them: an upgrade without stopping the fleet."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -754,7 +797,14 @@ def run_up(config_path: str, state_dir: str | None) -> int:
     try:
         sdir.mkdir(parents=True, exist_ok=True)
         lock = PidLock(sdir / LOCK_NAME)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            if not handover:
+                raise
+            _ask_to_hand_over(sdir, exc)
+            # A process backend's holder stops its fleet first: up to its deadline.
+            lock.acquire(wait=config.stop.fleet_deadline + HANDOVER_MARGIN)
     except AlreadyRunning as exc:
         print(f"fireclaw-swarm: {exc}", file=sys.stderr)
         return 1
@@ -784,10 +834,27 @@ def run_up(config_path: str, state_dir: str | None) -> int:
     return 0
 
 
-async def _hold_network(network: Network) -> None:
-    """Hold the swarm's (open) bridge and rules until cancelled, then remove them."""
+def _ask_to_hand_over(state_dir: Path, holder: AlreadyRunning) -> None:
+    """Ask the supervisor holding ``state_dir`` to exit, leaving its VMs running."""
+    from fireclaw.supervisor.client import ApiClient, ApiError, SwarmNotRunning
+
+    try:
+        ApiClient(state_dir / API_NAME).post("/down", {"leave_vms": True})
+    except ApiError as exc:
+        if exc.status is not None or isinstance(exc, SwarmNotRunning):
+            raise AlreadyRunning(holder.pid, holder.path) from exc
+        # The connection went with the supervisor before its answer came: it took
+        # the request. Its lock tells when it is gone.
+    who = f"pid {holder.pid}" if holder.pid else "the running supervisor"
+    print(f"fireclaw-swarm: {who} is handing its VMs over; waiting for it", file=sys.stderr)
+
+
+async def _hold_network(network: Network, rt: Runtime) -> None:
+    """Hold the swarm's (open) bridge and rules until cancelled, then remove them;
+    in a handover they stay, with the VMs left running on them."""
     try:
         await trio.sleep_forever()
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await network.close()
+        if not rt.leaving:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await network.close()

@@ -90,6 +90,7 @@ def document() -> dict[str, Any]:
         api.RetuneRequest,
         api.ResetRequest,
         api.EmptyRequest,
+        api.DownRequest,
     )
     _, components = msgspec.json.schema_components(
         structs, ref_template="#/components/schemas/{name}"
@@ -237,9 +238,10 @@ def document() -> dict[str, Any]:
         },
         "/down": {
             "post": _operation(
-                "Stop the fleet gracefully, then the supervisor.",
+                "Stop the fleet gracefully, then the supervisor; with leave_vms, exit"
+                " and leave the VMs running for the next supervisor to adopt.",
                 _OBJECT,
-                body="EmptyRequest",
+                body="DownRequest",
                 body_required=False,
             )
         },

@@ -22,6 +22,8 @@ import errno
 import fcntl
 import os
 import pathlib
+import signal
+import threading
 from types import TracebackType
 
 
@@ -53,10 +55,12 @@ class PidLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
+    def acquire(self, *, wait: float = 0.0) -> None:
         """Take the lock and write our pid into the file.
 
-        Raises ``AlreadyRunning`` if another open file description holds it
+        With ``wait`` (seconds, main thread only: it times the wait with
+        ``SIGALRM``), wait that long for a holder to let go (a supervisor handing
+        over). Raises ``AlreadyRunning`` if another open file description holds it
         (another process, or another ``PidLock`` in this one), ``PidLockError``
         for any other failure.
         """
@@ -68,7 +72,7 @@ class PidLock:
         except OSError as exc:
             raise PidLockError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd, wait)
         except OSError as exc:
             holder = _read_pid(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
             os.close(fd)
@@ -166,3 +170,29 @@ def _read_pid(fd: int) -> int | None:
         return None
     pid = int(text)
     return pid if pid > 0 else None
+
+
+class _Expired(Exception):
+    pass
+
+
+def _lock(fd: int, wait: float) -> None:
+    """``flock(LOCK_EX)`` on ``fd``: at once, or within ``wait`` seconds (EWOULDBLOCK after)."""
+    if wait <= 0 or threading.current_thread() is not threading.main_thread():
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, wait)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Expired:
+        raise OSError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK)) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -132,7 +132,7 @@ class Swarm:
 
     # --- life -------------------------------------------------------------------
 
-    def start(self, *, timeout: float = WAIT) -> None:
+    def start(self, *, timeout: float = WAIT, args: Sequence[str] = ()) -> None:
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -142,7 +142,15 @@ class Swarm:
             notify_path.chmod(0o666)  # the supervisor's user must be able to send
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.command, "up", "--config", str(self.config), "--state-dir", str(self.state)],
+                [
+                    *self.command,
+                    "up",
+                    "--config",
+                    str(self.config),
+                    "--state-dir",
+                    str(self.state),
+                    *args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -116,8 +116,8 @@ class FakeController:
             {"id": after + 1, "at": 0.0, "kind": "started", "subject": "supervisor", "detail": {}}
         ]
 
-    async def down(self) -> dict[str, object]:
-        return {"stopping": True}
+    async def down(self, leave_vms: bool = False) -> dict[str, object]:
+        return {"stopping": True, "leaving_vms": leave_vms}
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -188,7 +188,9 @@ async def test_json_routes_reach_the_controller(served: Served) -> None:
     assert await in_thread(client.post, "/reload", {}) == reloaded  # an empty one
     events = await in_thread(client.get, "/events?after=5&limit=2")
     assert events["events"][0]["id"] == 6
-    assert await in_thread(client.post, "/down") == {"stopping": True}
+    assert await in_thread(client.post, "/down") == {"stopping": True, "leaving_vms": False}
+    left = await in_thread(client.post, "/down", {"leave_vms": True})
+    assert left == {"stopping": True, "leaving_vms": True}
     assert ("submit_task", ("worker", "hi")) in fake.calls
     assert ("list_tasks", ("failed",)) in fake.calls
     assert ("scale", ("worker", 3)) in fake.calls

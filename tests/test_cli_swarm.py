@@ -199,3 +199,21 @@ def test_down_stops_the_fleet_gracefully(make_swarm) -> None:  # type: ignore[no
     # With the supervisor gone, the CLI says so in one line.
     out = swarm.cli("status")
     assert out.returncode != 0 and len(out.stderr.decode().strip().splitlines()) == 1
+
+
+def test_a_handover_on_the_process_backend_is_a_clean_restart(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    """Process guests cannot outlive their supervisor, so a handover there stops
+    the fleet gracefully and the new supervisor starts its own: ``down
+    --leave-vms`` says so, and ``up --handover`` comes up once the old one is gone."""
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    st = swarm.wait_for("1 idle worker", idle("worker", 1))
+    first = st["agents"][0]["pid"]
+    old = swarm.proc
+    swarm.start(args=["--handover"])
+    assert old.wait(timeout=STOP_WAIT) == 0
+    assert gone(first)
+    st = swarm.wait_for("the new pool", idle("worker", 1))
+    assert st["agents"][0]["pid"] != first
+    assert ok(swarm, "down", "--leave-vms") == "stopping\n"
+    assert swarm.proc.wait(timeout=STOP_WAIT) == 0
+    assert swarm.leftovers() == NOTHING

@@ -607,3 +607,60 @@ def test_a_vm_that_cannot_be_adopted_is_reclaimed_and_its_task_run_again(
     requeued = [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
     assert len(requeued) == 1, requeued
     assert swarm.stop(signal.SIGTERM) == 0
+
+
+def test_up_handover_takes_the_vms_over_without_stopping_them(make_swarm: Any) -> None:
+    """An upgrade: ``up --handover`` asks the running supervisor to leave its VMs
+    running and exit, takes its lock and adopts them: the same QEMU processes,
+    the named agent as itself, the task in flight finished once."""
+    swarm: Swarm = make_swarm(
+        swarm_yaml(
+            role_yaml("worker", min_idle=1, extra=SLOW_HARNESS),
+            control=CONTROL,
+            backend="qemu",
+            network=network_yaml(),
+        )
+    )
+    swarm.wait_for("1 idle VM", lambda s: s["roles"]["worker"]["idle"] == 1, timeout=POOL_TIMEOUT)
+    out = swarm.cli("invoke", "worker", "alice", timeout=POOL_TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    out = swarm.cli("task", "worker", "the job")
+    assert out.returncode == 0, out.stderr
+    task_id = int(out.stdout)
+    st = swarm.wait_for(
+        "alice active, the task running and the pool refilled",
+        lambda s: (
+            s["roles"]["worker"]["idle"] == 1
+            and s["roles"]["worker"]["active"] == 2
+            and swarm.api.get(f"/tasks/{task_id}")["state"] == "claimed"
+        ),
+        timeout=POOL_TIMEOUT,
+    )
+    before = {a["name"]: a["pid"] for a in st["agents"]}
+    assert len(before) == 3 and all(before.values()), before
+    old = swarm.proc
+    assert old is not None
+
+    swarm.start(timeout=START_TIMEOUT, args=["--handover"])
+    assert old.wait(timeout=60) == 0  # it exited by itself, leaving the VMs
+
+    def adopted(s: dict[str, Any]) -> bool:
+        """The same three QEMU processes, each back in the state it was in."""
+        now = {a["name"]: (a["pid"], a["state"], a["agent"]) for a in s["agents"]}
+        pids = {n: now.get(n, (0, "", ""))[0] for n in before}
+        states = sorted((now[n][1], now[n][2] == "alice") for n in before if n in now)
+        return pids == before and states == [("active", False), ("active", True), ("idle", False)]
+
+    st = swarm.wait_for("every VM adopted as it was", adopted, timeout=POOL_TIMEOUT)
+    deadline = time.monotonic() + POOL_TIMEOUT
+    task = swarm.api.get(f"/tasks/{task_id}")
+    while task["state"] == "claimed" and time.monotonic() < deadline:
+        st = swarm.api.get(f"/status?since={st['version']}&wait=5", timeout=15)
+        task = swarm.api.get(f"/tasks/{task_id}")
+    assert task["state"] == "done", (task, swarm.tail())
+    assert (task["attempts"], task["result"]) == (0, "finished the job\n")
+    assert [e["detail"]["vms"] for e in events(swarm, "handing_over")] == [3]
+    assert {e["subject"] for e in events(swarm, "adopted")} == set(before)
+    assert not events(swarm, "reclaimed")
+    assert not [e for e in events(swarm, "task_requeued") if e["detail"]["task_id"] == task_id]
+    assert swarm.stop(signal.SIGTERM) == 0

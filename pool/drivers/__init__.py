@@ -87,6 +87,7 @@ class NotReady:
     """Stands in for the driver until ``open_backend`` has made the real one."""
 
     name = "not-ready"
+    outlives_supervisor = False
 
     async def start(self, spec: VmSpec) -> VmHandle:
         raise DriverError(f"{spec.name}: the VMM backend is not set up yet")

@@ -89,6 +89,9 @@ class VmHandle(Protocol):
 
 class Driver(Protocol):
     name: str
+    #: Whether its VMs run on without the supervisor, so that the next one on the
+    #: same state dir can adopt them (a handover leaves them running then).
+    outlives_supervisor: bool
 
     async def start(self, spec: VmSpec) -> VmHandle: ...
 

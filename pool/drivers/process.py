@@ -72,6 +72,8 @@ class ProcessVm:
 
 class ProcessDriver:
     name = "process"
+    #: A guest ends with its control connection: nothing is left to adopt.
+    outlives_supervisor = False
 
     def __init__(self, python: str = sys.executable) -> None:
         self._python = python

@@ -658,6 +658,7 @@ class QemuDriver:
     """Starts VMs (cold boot or restore from a snapshot) under QEMU ``-M microvm``."""
 
     name = "qemu"
+    outlives_supervisor = True
 
     def __init__(self, image: Image, accel: Accel, *, qemu: str = "qemu-system-x86_64") -> None:
         self.image = image
