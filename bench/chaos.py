@@ -136,8 +136,8 @@ class Backend:
         host), on qemu to the task's output."""
         out = f">> {log}" if self.name == "process" else ""
         return (
-            f'echo "start $FIRECLAW_PROMPT $FIRECLAW_AGENT" {out}; sleep 0.5;'
-            f' echo "end $FIRECLAW_PROMPT $FIRECLAW_AGENT" {out};'
+            f'echo "start $FIRECLAW_PROMPT $FIRECLAW_AGENT $(date +%s.%N)" {out}; sleep 0.5;'
+            f' echo "end $FIRECLAW_PROMPT $FIRECLAW_AGENT $(date +%s.%N)" {out};'
             ' echo "end $FIRECLAW_PROMPT"'
         )
 
@@ -192,6 +192,13 @@ class ChaosSwarm(Supervisor):
             (self.state / "images").symlink_to(images, target_is_directory=True)
         self.baseline = swarm_leftovers(self.state)
         self.unexpected_exits: list[str] = []
+        #: (wall clock, what was signalled, pid, signal) of every blow dealt.
+        self.blows: list[tuple[float, str, int, str]] = []
+
+    def blow(self, what: str, pid: int, sig: int) -> None:
+        """``sig`` to ``pid`` (``what`` it is), recorded; ProcessLookupError if it is gone."""
+        os.kill(pid, sig)
+        self.blows.append((time.time(), what, pid, signal.Signals(sig).name))
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -332,7 +339,7 @@ class Submitter(threading.Thread):
                 self.accepted_at.append(time.monotonic())
             else:
                 why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-                self.refused[re.sub(r"\d+", "N", why)[:160]] += 1
+                self.refused[re.sub(r"\b\d+\b", "N", why)[:160]] += 1
 
     def stop(self) -> None:
         self.stopping.set()
@@ -356,21 +363,22 @@ def tally(
     done_events: collections.Counter[str] = collections.Counter()
     claims: collections.Counter[str] = collections.Counter()
     for e in events:
-        prompt = by_id.get(e["detail"].get("task_id", -1))
-        if prompt is None:
+        which = by_id.get(e["detail"].get("task_id", -1))
+        if which is None:
             continue
         if e["kind"] == "task_done":
-            done_events[prompt] += 1
+            done_events[which] += 1
         elif e["kind"] == "task_claimed":
-            claims[prompt] += 1
+            claims[which] += 1
     starts: collections.Counter[str] = collections.Counter()
     ends: collections.Counter[str] = collections.Counter()
+    lines: dict[str, list[str]] = collections.defaultdict(list)
     if backend.name == "process":
         with contextlib.suppress(FileNotFoundError):
             for line in log.read_text().splitlines():
-                word, _, rest = line.partition(" ")
-                prompt = rest.split(" ", 1)[0]
+                word, prompt, *_ = line.split() + ["", ""]
                 (starts if word == "start" else ends)[prompt] += 1
+                lines[prompt].append(line)
         executions = ends
     else:
         executions = done_events
@@ -402,12 +410,44 @@ def tally(
         failed_without_reason=no_reason,
         lost=missing + unfinished,
         duplicated=doubled,
-        duplicated_detail={p: executions[p] for p in doubled[:10]},
+        duplicated_detail={
+            p: doubled_detail(p, lines[p], claims_of(events, sub, p), sup.blows)
+            for p in doubled[:10]
+        },
         done_without_execution=sorted(set(unproven))[:10],
         retried=sum(1 for n in claims.values() if n > 1),
         interrupted_executions=sum(max(0, starts[p] - ends[p]) for p in starts),
         event_kinds=dict(collections.Counter(e["kind"] for e in events).most_common()),
     )
+
+
+def claims_of(events: list[dict[str, Any]], sub: Submitter, prompt: str) -> list[str]:
+    """The task events of ``prompt``'s task, one line each (wall clock, kind, VM, reason)."""
+    task_id = sub.accepted[prompt]
+    return [
+        f"{e['at']:.3f} {e['kind']} {e['subject']} {e['detail'].get('reason', '')}".rstrip()
+        for e in events
+        if e["detail"].get("task_id") == task_id or e["subject"] == f"task-{task_id}"
+    ]
+
+
+def doubled_detail(
+    prompt: str,
+    harness: list[str],
+    task_events: list[str],
+    blows: list[tuple[float, str, int, str]],
+) -> dict[str, Any]:
+    """What tells how a task came to run twice: the harness's own lines (with the
+    time each was written), its task's events, and the blows dealt within two
+    seconds of them."""
+    stamps = [x.split()[-1] for x in harness] + [x.split()[0] for x in task_events]
+    times = [float(t) for t in stamps if re.fullmatch(r"\d+\.\d+", t)] or [0.0]
+    near = [
+        f"{t:.3f} {sig} {what} (pid {pid})"
+        for t, what, pid, sig in blows
+        if min(times) - 2 <= t <= max(times) + 2
+    ]
+    return {"harness": harness, "events": task_events, "blows": near}
 
 
 def drain(sup: ChaosSwarm, backend: Backend, out: dict[str, Any]) -> None:
@@ -517,10 +557,34 @@ def kill_one(
         return None
     vm = rng.choice(targets)
     try:
-        os.kill(vm["pid"], sig)
+        sup.blow(vm["name"], vm["pid"], sig)
     except ProcessLookupError:
         return None
     return vm["name"], vm["pid"]
+
+
+def calm_kill(sup: ChaosSwarm, backend: Backend, out: dict[str, Any]) -> None:
+    """The floor of ``vm-kill``, before any task: one idle VM killed in calm, ready
+    long enough (``stable_after``) to be restarted at once rather than after a
+    backoff, and the time until its slot is idle again."""
+    slots = Slots()
+    watcher = Watcher(sup, slots.on_status)
+    watcher.start()
+    try:
+        sup.wait_for("a full pool of settled VMs", settled_pool, backend.pool_timeout)
+        hit = kill_one(sup, signal.SIGKILL, ("idle",), random.Random())
+        if hit is None:
+            raise BenchError("no idle VM to kill for the floor")
+        slots.hit(hit[0], hit[1], time.monotonic())
+        floor = slots.wait_recovered(hit[0], backend.pool_timeout)
+    finally:
+        watcher.stop()
+    if floor is None:
+        raise BenchError(
+            f"{hit[0]}, killed in calm, was not idle again in {backend.pool_timeout:g} s"
+        )
+    out["calm_replacement_s"] = round(floor, 3)
+    print(f"  calm: a killed idle VM was idle again after {floor:.2f} s", flush=True)
 
 
 def vm_kill(sup: ChaosSwarm, backend: Backend, minutes: float, out: dict[str, Any]) -> None:
@@ -529,17 +593,6 @@ def vm_kill(sup: ChaosSwarm, backend: Backend, minutes: float, out: dict[str, An
     watcher = Watcher(sup, slots.on_status)
     watcher.start()
     try:
-        # The floor: one idle VM killed in calm, ready long enough (stable_after,
-        # 10 s) to be restarted at once rather than after a backoff.
-        sup.wait_for("a full pool of settled VMs", settled_pool, backend.pool_timeout)
-        hit = kill_one(sup, signal.SIGKILL, ("idle",), rng)
-        if hit is None:
-            raise BenchError("no idle VM to kill for the floor")
-        slots.hit(hit[0], hit[1], time.monotonic())
-        floor = slots.wait_recovered(hit[0], backend.pool_timeout)
-        out["calm_replacement_s"] = None if floor is None else round(floor, 3)
-        slots.samples.clear()
-        print(f"  calm: a killed idle VM was idle again in {floor} s", flush=True)
         kills = missed = 0
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
@@ -557,7 +610,8 @@ def vm_kill(sup: ChaosSwarm, backend: Backend, minutes: float, out: dict[str, An
         out["pool_full_after_last_kill_s"] = round(time.monotonic() - t_last, 2)
         out["kills"] = kills
         out["kill_misses"] = missed
-        out["kills_survived"] = kills if sup.running() and not sup.unexpected_exits else 0
+        # A slot killed again before its replacement was idle counts once.
+        out["kills_survived"] = len(slots.samples)
         out["restarts_seen"] = sum(a["restarts"] for a in vms(st))
         with slots.lock:
             out["replacement"] = (
@@ -580,6 +634,7 @@ def supervisor_kill(sup: ChaosSwarm, backend: Backend, minutes: float, out: dict
             break
         time.sleep(wait)
         sup.keep_up(backend.start_timeout)
+        sup.blows.append((time.time(), "supervisor", sup.pid, "SIGKILL"))
         sup.kill9()
         kills += 1
         t0 = time.monotonic()
@@ -662,9 +717,9 @@ def ircd_disk_stop(
         while time.monotonic() < end:
             # 1. ngircd
             sup.keep_up(backend.start_timeout)
-            state, pid = ircd_pid(sup.status())
+            _, pid = ircd_pid(sup.status())
             if pid:
-                os.kill(pid, signal.SIGKILL)
+                sup.blow("ngircd", pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 sup.wait_for("ngircd running again", ircd_replaced(pid), 120)
                 ircd.append(time.monotonic() - t0)
@@ -713,7 +768,7 @@ def ircd_disk_stop(
                 state = next((a["state"] for a in vms(seen) if a["name"] == name), "gone")
                 time.sleep(max(0.0, t0 + HEARTBEAT_TIMEOUT + 5 - time.monotonic()))
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+                    sup.blow(name, pid, signal.SIGCONT)
                 back = slots.wait_recovered(name, backend.pool_timeout)
                 stops.append(
                     {
@@ -759,6 +814,8 @@ def run_scenario(
     t0 = time.monotonic()
     try:
         start_clean(sup, backend, out)
+        if name == "vm-kill":
+            calm_kill(sup, backend, out)
         sub.start()
         if name == "vm-kill":
             vm_kill(sup, backend, args.minutes, out)
@@ -804,7 +861,9 @@ def scenario_rows(backend: str, name: str, o: dict[str, Any]) -> list[tuple[str,
             )
         )
     if "kills" in o:
-        rows.append(("  kills done / survived", f"{o['kills']} / {o.get('kills_survived', '?')}"))
+        rows.append(
+            ("  kills done / recovered from", f"{o['kills']} / {o.get('kills_survived', '?')}")
+        )
     if name == "vm-kill" and "replacement" in o:
         rows += [
             ("  floor: calm kill to replacement idle", f"{o['calm_replacement_s']} s"),
