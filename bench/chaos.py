@@ -729,12 +729,14 @@ def ircd_disk_stop(
             big = sup.state / "filler"
             t0 = time.monotonic()
             size = fill(big)
+            sup.blows.append((time.time(), "state dir", 0, "FILLED"))
             refused0 = sum(sub.refused.values())
             accepted0 = len(sub.accepted)
             time.sleep(20)
             answered = sup.quiet_status() is not None
             big.unlink()
             freed = time.monotonic()
+            sup.blows.append((time.time(), "state dir", 0, "FREED"))
             item: dict[str, Any] = {
                 "filled_mib": round(size / 2**20, 1),
                 "refused_while_full": sum(sub.refused.values()) - refused0,
