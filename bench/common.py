@@ -80,6 +80,14 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def machine_facts() -> dict[str, Any]:
     """CPUs, memory, kernel, Python, root, and whether VMs get a network
     namespace and a cgroup each (and why not)."""
@@ -168,7 +176,12 @@ class Supervisor:
         self._after = 0
 
     def start(self, timeout: float = 60) -> None:
+        """Start ``up`` and wait for READY=1; again after ``kill9`` too, as systemd
+        restarts a service: same config, same state dir, a fresh notify socket."""
         path = self.root / "notify.sock"
+        if self._notify is not None:
+            self._notify.close()
+        path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(path))
         env = dict(os.environ, NOTIFY_SOCKET=str(path))
@@ -245,6 +258,22 @@ class Supervisor:
             if "exit" in item:
                 code = item["exit"]
         return code
+
+    def kill9(self) -> None:
+        """SIGKILL the supervisor alone (its VMs and services stay) and reap it."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``fireclaw-swarm --state-dir S ARGS...``, its output captured as text."""
+        return subprocess.run(
+            [FIRECLAW, "--state-dir", str(self.state), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def terminate(self, timeout: float) -> tuple[int | None, float]:
         """SIGTERM, wait up to ``timeout``; (exit code or None if it had to be killed, seconds)."""
