@@ -43,6 +43,7 @@ from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, Hea
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
 from fireclaw.pool.forward import forward
+from fireclaw.pool.gateway import ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
@@ -65,6 +66,10 @@ SETUP_ERRORS: Final = (
     cgroup.CgroupError,
     OSError,
 )
+
+
+#: The model gateway's port inside each VM's own namespace.
+GATEWAY_PORT: Final = 4000
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Runtime:
     instance: str = "fc"  # instance_id(state_dir): the prefix of every VM id
     graceful: bool = True  # False after a second SIGINT: kill at once
     irc: IrcRoute | None = None  # None: agents stay off IRC
+    models: ModelRoute | None = None  # None: no model gateways
     #: Snapshot templates to restore pool VMs from (qemu); None: every VM cold-boots.
     templates: Templates | None = None
     #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
@@ -176,6 +182,10 @@ class Child:
         self.reason = ""  # why it last crashed or failed
         self.promoted_as: str | None = None
         self.irc_endpoint: tuple[str, int] | None = None  # the IRC server, as the guest reaches it
+        #: Its model gateway, as the guest reaches it (``http://host:port/v1``).
+        self.model_endpoint: tuple[str, int] | None = None
+        #: Whose model calls its gateway carries: promotion and task code keep it current.
+        self.who = Who(vm=name, role=group.name)
         self.started_as = ""  # "restored <template>" or "booted": how the current VM began
         self.ready_seconds: float | None = None  # VMM start (or restore) to guest connected
         self.vmm_seconds = 0.0  # of a restore: until the clone runs
@@ -385,6 +395,7 @@ class Child:
             listener_sock = None  # the listener owns it now
             async with trio.open_nursery() as ws_nursery, listener:
                 self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name)
+                self.model_endpoint = await self._open_model_gateway(ws_nursery, ns_name)
                 await self._serve(
                     ws_nursery, listener, expect_id, expect_token, outcome, started, template
                 )
@@ -411,6 +422,29 @@ class Child:
             return None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         nursery.start_soon(partial(forward, listener, route.upstream, label=self.name))
+        return (self.rt.listen_host, sock.getsockname()[1])
+
+    async def _open_model_gateway(
+        self, nursery: trio.Nursery, ns_name: str | None
+    ) -> tuple[str, int] | None:
+        """Give the VM its model gateway: a listener inside its namespace (on loopback
+        when not isolated) that only this VM can reach, served for ``self.who``.
+
+        In a namespace it takes ``GATEWAY_PORT``, the same in every VM, so a clone
+        restored from a snapshot finds it where its template did."""
+        route = self.rt.models
+        if route is None:
+            return None
+        try:
+            if ns_name is not None:
+                sock = await netns.open_listener(ns_name, self.rt.listen_host, GATEWAY_PORT)
+            else:
+                sock = _loopback_listener()
+        except (netns.NetnsError, OSError) as exc:
+            log.warning("%s: no model gateway for this VM: %s", self.name, exc)
+            return None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(serve_gateway, listener, self.who, route)
         return (self.rt.listen_host, sock.getsockname()[1])
 
     def _boot_done(self) -> None:
@@ -567,6 +601,7 @@ class Child:
         self._fire(Event.PROMOTE)
         if await self._attach_workspace():
             msg = msgspec.structs.replace(msg, workspace=True)
+        self.who.agent, self.who.model = msg.name, msg.model
         await self.session.promote(msg)
         self.promoted_as = msg.name
         self._fire(Event.PROMOTED)
@@ -600,6 +635,9 @@ class Child:
             "restarts": self.restarts,
             "for": round(trio.current_time() - self.lifecycle.since, 1),
             "agent": self.agent.name if self.agent is not None else self.promoted_as,
+            "model_endpoint": (
+                "http://{}:{}/v1".format(*self.model_endpoint) if self.model_endpoint else None
+            ),
             "reason": self.reason,
             "started_as": self.started_as,
             "ready_seconds": (

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import re
 import shutil
 import signal
@@ -104,7 +105,11 @@ class ServiceKind:
 
 
 #: The managed services, by their registry name (``state.ServiceRecord.name``).
-SERVICES: Final = {"ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf")}
+SERVICES: Final = {
+    "ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf"),
+    # The model server is this Python running fireclaw.supervisor.modelserver.
+    "models": ServiceKind(os.path.basename(sys.executable), Path("models") / "modelserver.conf"),
+}
 MARKER: Final = "fireclaw-swarm"
 
 
