@@ -183,12 +183,16 @@ class ManagedModelServer:
             raise ModelServerError(f"models.managed.model: no such file: {model}")
         await trio.to_thread.run_sync(self._write_files, model)
         started = False
+
+        def ready(url: str) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started(url)
+
         while True:
             self.state = "starting"
-            outcome = await self._incarnation()
-            if not started and self.url is not None:
-                started = True
-                task_status.started(self.url)
+            outcome = await self._incarnation(ready)
             if not started:
                 raise ModelServerError(
                     f"managed model server on {self.spec.listen}:{self.spec.port} did not start:"
@@ -224,8 +228,9 @@ class ManagedModelServer:
                 await self._reset.wait()
             self._reset = trio.Event()
 
-    async def _incarnation(self) -> _Exit:
-        """Start the program, wait for its ready line, then for its exit. Stops it
+    async def _incarnation(self, on_ready: Callable[[str], None]) -> _Exit:
+        """Start the program, wait for its ready line (then call ``on_ready`` with its
+        URL), then for its exit. Stops it
         (TERM, then KILL) on the way out, whatever ends this call."""
         command = [sys.executable, "-m", __name__, "--config", str(self.conf_path)]
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
@@ -249,7 +254,7 @@ class ManagedModelServer:
             try:
                 self.pid = proc.pid
                 self._record(pid=proc.pid)
-                return await self._watch(proc)
+                return await self._watch(proc, on_ready)
             finally:
                 with trio.CancelScope(shield=True):
                     await _stop(proc)
@@ -258,7 +263,7 @@ class ManagedModelServer:
         finally:
             os.close(log_fd)
 
-    async def _watch(self, proc: trio.Process) -> _Exit:
+    async def _watch(self, proc: trio.Process, on_ready: Callable[[str], None]) -> _Exit:
         assert proc.stdout is not None
         first = b""
         with trio.move_on_after(START_TIMEOUT):
@@ -284,6 +289,7 @@ class ManagedModelServer:
         self.tracker.ready(trio.current_time())
         self._event("models_started", pid=proc.pid, url=self.url, restarts=self.restarts)
         log.info("managed model server ready at %s (pid %d)", self.url, proc.pid)
+        on_ready(self.url)
         # It says nothing more on stdout; reading to EOF keeps the pipe drained.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while await proc.stdout.receive_some(_MAX_LINE):
