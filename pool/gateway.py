@@ -345,9 +345,9 @@ async def _one_request(
     record = dict(agent=who.agent, role=who.role, vm=who.vm, task=who.task, model=decision.model)
     why = meter.refusal(who.role)
     if why is not None:
-        refusal = Refuse(429, why, "insufficient_quota", "budget_exceeded")
-        await _answer(stream, conn, refusal)
+        # Recorded before the answer: once the guest has it, the ledger says so.
         _record(meter, record, None, "refused", 0.0)
+        await _answer(stream, conn, Refuse(429, why, "insufficient_quota", "budget_exceeded"))
         return
     if calls.available_tokens == 0:
         busy = Refuse(
@@ -491,7 +491,7 @@ async def _relay(
             return "upstream_error"
         if event is h11.NEED_DATA:
             try:
-                uconn.receive_data(await upstream.receive_some(_CHUNK))
+                uconn.receive_data(bytes(await upstream.receive_some(_CHUNK)))
             except trio.BrokenResourceError:
                 uconn.receive_data(b"")
             continue
@@ -543,7 +543,7 @@ async def fetch_models(up: Upstream) -> list[str]:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(_CHUNK))
+                    conn.receive_data(bytes(await stream.receive_some(_CHUNK)))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):

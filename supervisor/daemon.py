@@ -673,6 +673,26 @@ class Supervisor:
         await done.wait()
         return self._reload_result
 
+    async def usage(self, by: str, since: int, key: str | None) -> dict[str, object]:
+        """The ledger of model calls since ``since`` summed per ``by``, and the budgets."""
+        assert by in ("agent", "role", "task", "model", "vm")
+        rows = self.store.usage(by=by, since=float(since), key=key)  # type: ignore[arg-type]
+        return {
+            "by": by,
+            "since": since,
+            "rows": [
+                {
+                    "key": r.key,
+                    "calls": r.calls,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "tokens": r.tokens,
+                }
+                for r in rows
+            ],
+            "budget": self.budgets.status(),
+        }
+
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
         return [
             {"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "detail": e.detail}

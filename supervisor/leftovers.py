@@ -36,11 +36,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import sys
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable

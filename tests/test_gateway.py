@@ -275,9 +275,7 @@ async def http(port: int, method: str, path: str, body: Any = None) -> tuple[int
                 return status, got
 
 
-async def open_gateway(
-    nursery: trio.Nursery, who: Who, route: ModelRoute
-) -> int:
+async def open_gateway(nursery: trio.Nursery, who: Who, route: ModelRoute) -> int:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(serve_gateway, listeners[0], who, route)
     port: int = listeners[0].socket.getsockname()[1]

