@@ -336,8 +336,18 @@ async def _one_request(
             stream, conn, Refuse(503, "no model server is running", "server_error", "unavailable")
         )
         return
+    busy = Refuse(
+        429,
+        f"{limits.max_concurrent} calls are already running for this VM",
+        "rate_limit_exceeded",
+        "too_many_concurrent_calls",
+    )
     if not decision.metered:
-        await _proxy(stream, conn, decision, up, limits, UsageMeter(stream=False))
+        if calls.available_tokens == 0:
+            await _answer(stream, conn, busy)
+            return
+        async with calls:
+            await _proxy(stream, conn, decision, up, limits, UsageMeter(stream=False))
         return
     started = trio.current_time()
     # Who made the call is fixed when it starts: a task that ends meanwhile does
@@ -350,16 +360,10 @@ async def _one_request(
         await _answer(stream, conn, Refuse(429, why, "insufficient_quota", "budget_exceeded"))
         return
     if calls.available_tokens == 0:
-        busy = Refuse(
-            429,
-            f"{limits.max_concurrent} calls are already running for this VM",
-            "rate_limit_exceeded",
-            "too_many_concurrent_calls",
-        )
-        await _answer(stream, conn, busy)
+        await _answer(stream, conn, busy)  # no call was made: nothing for the ledger
         return
     usage = UsageMeter(stream=decision.stream)
-    outcome = "cancelled"
+    outcome = "cancelled"  # unless the call ends by itself: the guest hung up, or a stop
     try:
         async with calls:
             outcome = await _proxy(stream, conn, decision, up, limits, usage)

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
-from swarmctl import FIRECLAW, PY, Swarm, idle, swarm_yaml
+from ircperson import Person
+from swarmctl import FIRECLAW, NOTHING, PY, Swarm, idle, swarm_yaml
+from test_swarm import free_port
 
 pytestmark = [
     pytest.mark.root,
@@ -27,6 +29,7 @@ pytestmark = [
 #: A model start plus a few tokens on a loaded 2-core machine, with headroom.
 DEADLINE = START_TIMEOUT + 240.0
 KEY = "sk-fireclaw-test-0f9e8d7c6b5a"
+CONTROL = "#control"
 
 ASK = textwrap.dedent(
     f"""
@@ -78,14 +81,19 @@ def usage_of(result: str) -> dict[str, int]:
 
 
 def test_a_spent_budget_holds_tasks_queued_until_a_reload_raises_it(swarm_dir: Path) -> None:
-    def config(limit: int) -> str:
+    irc_port = free_port()
+    irc = f"server: managed\n  managed: {{port: {irc_port}}}\n  operators: ['op!*@127.0.0.1']"
+
+    def config(limit: int, model: str = "smollm2") -> str:
         models = "models:\n  managed: {threads: 2, ctx: 1024}\n"
         budget = f"budget: {{period: day, roles: {{asker: {limit}}}}}\n"
-        return models + budget + swarm_yaml(asker(swarm_dir / "ask.py"))
+        return models + budget + swarm_yaml(asker(swarm_dir / "ask.py", model), irc=irc)
 
     swarm = Swarm(swarm_dir, config(1))
+    op: Person | None = None
     try:
         swarm.start(timeout=DEADLINE)
+        op = Person(("127.0.0.1", irc_port), "op").start(CONTROL)
         status = swarm.wait_for("an idle asker", idle("asker", 1), DEADLINE)
         assert status["models"]["managed"]["state"] == "running"
         first = swarm.api.post("/tasks", {"role": "asker", "prompt": "go"})
@@ -100,6 +108,10 @@ def test_a_spent_budget_holds_tasks_queued_until_a_reload_raises_it(swarm_dir: P
             usage["completion_tokens"],
         )
         assert answer["budget"]["scopes"]["role:asker"]["exhausted"] is True
+        op.said(CONTROL, "budget role:asker is spent for this day", timeout=DEADLINE)
+        tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+        op.say(CONTROL, "!usage asker")
+        op.said(CONTROL, f"asker: {tokens} tokens in 1 calls this day", timeout=DEADLINE)
         # Spent: a new task waits in the queue, with an idle VM ready for it.
         second = swarm.api.post("/tasks", {"role": "asker", "prompt": "go"})
         swarm.wait_for("an idle asker again", idle("asker", 1), DEADLINE)
@@ -108,17 +120,27 @@ def test_a_spent_budget_holds_tasks_queued_until_a_reload_raises_it(swarm_dir: P
         assert "budget role:asker:" in text and "SPENT" in text
         kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"]]
         assert kinds.count("budget_exhausted") == 1
+        # A reload naming a model the server does not serve changes nothing.
+        swarm.config.write_text(config(1_000_000, "nope"))
+        rejected = swarm.cli("reload")
+        assert rejected.returncode != 0
+        assert "roles.asker.model: 'nope' is not a model the model server serves" in (
+            rejected.stderr.decode()
+        )
+        assert swarm.api.get(f"/tasks/{second['id']}")["state"] == "queued"
         # Raised by reload: the queued task runs, and its call is answered.
         swarm.config.write_text(config(1_000_000))
         assert swarm.cli("reload").returncode == 0
+        op.said(CONTROL, "budget role:asker is open again", timeout=DEADLINE)
         done = wait_task(swarm, second["id"], "done")
         usage_of(done["result"])
-        kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"]]
-        assert "budget_resumed" in kinds
         assert len(json.loads(swarm.cli("usage", "--by", "task", "--json").stdout)["rows"]) == 2
     finally:
+        if op is not None:
+            op.stop()
         swarm.close()
     assert swarm.proc is not None and swarm.proc.returncode == 0
+    assert swarm.leftovers() == NOTHING
 
 
 @pytest.fixture
