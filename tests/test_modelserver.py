@@ -236,3 +236,32 @@ def test_after_a_supervisor_is_killed_the_next_one_stops_its_model_server(
     finally:
         supervisor.kill()
         supervisor.wait()
+
+
+async def test_a_crashed_model_server_is_restarted_and_gateways_follow_it(tmp_path: Path) -> None:
+    started = trio.Event()
+    seen: list[str] = []
+
+    def on_event(kind: str, subject: str, detail: dict[str, object]) -> None:
+        seen.append(kind)
+        if kind == "models_started" and seen.count(kind) == 2:
+            started.set()
+
+    with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
+        server = ManagedModelServer(SPEC, None, tmp_path, on_event=on_event, registry=store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            first_pid, first_url = server.pid, server.url
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            await started.wait()
+            assert server.state == "running" and server.restarts == 1
+            assert server.pid not in (None, first_pid)
+            (row,) = store.services()
+            assert row.pid == server.pid  # the registry names the new copy
+            up = upstream_of(server)  # what a gateway asks for at its next call
+            status, body = await http(up.port, "GET", "/v1/models")
+            assert status == 200 and b"smollm2" in body
+            nursery.cancel_scope.cancel()
+    assert seen[:3] == ["models_started", "models_crashed", "models_started"]
+    assert first_url is not None
