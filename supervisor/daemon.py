@@ -756,6 +756,10 @@ class Supervisor:
         """Give a named agent a new model or persona, without restarting its VM."""
         group, child = self._agent(name)
         assert child.agent is not None
+        if model is not None and self.config.models is not None:
+            problem = await self.check_models(self.config, model)
+            if problem is not None:
+                raise ControllerError(problem)
         if model is not None:
             child.agent.model = model
         if persona is not None:

@@ -378,3 +378,62 @@ async def test_a_flooding_vm_is_capped_while_another_vm_is_served() -> None:
             nursery.cancel_scope.cancel()
     assert results == [200, 200, 200]
     assert sorted(c.vm for c in ledger.calls if c.outcome == "ok") == ["a-0", "a-0", "b-0"]
+
+
+async def test_a_stream_reaches_the_guest_event_by_event() -> None:
+    """A scripted upstream sends one server-sent event and then waits: the guest has
+    that event before the upstream sends the rest."""
+    go = trio.Event()
+    ledger = Ledger()
+
+    async def drip(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=b'data: {"choices":[]}\n\n')))
+        await go.wait()
+        last = b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+        await stream.send_all(conn.send(h11.Data(data=last + b"data: [DONE]\n\n")))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            up_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            up_port = up_listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, drip, up_listeners)
+            route = ModelRoute(
+                upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"), meter=ledger
+            )
+            port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+            guest = await trio.open_tcp_stream("127.0.0.1", port)
+            body = json.dumps({**CHAT, "stream": True}).encode()
+            conn = h11.Connection(h11.CLIENT)
+            head = [("Host", "gw"), ("Content-Length", str(len(body)))]
+            await guest.send_all(
+                conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+                + conn.send(h11.Data(data=body))
+                + conn.send(h11.EndOfMessage())
+            )
+            got = b""
+            while b"data: {" not in got:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await guest.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    got += event.data
+            assert not go.is_set() and b"usage" not in got  # the first event, alone
+            go.set()
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await guest.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    got += event.data
+            await guest.aclose()
+            while not ledger.calls:
+                await ledger.recorded.wait()
+            nursery.cancel_scope.cancel()
+    assert got.endswith(b"data: [DONE]\n\n")
+    assert (ledger.calls[0].prompt_tokens, ledger.calls[0].completion_tokens) == (2, 1)
