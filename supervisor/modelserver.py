@@ -375,6 +375,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=int, help="context size in tokens (default 4096)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all)")
     parser.add_argument("--parallel", type=int, help="requests served at once (default 2)")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require the key in this environment variable (for use as an external server)",
+    )
     args = parser.parse_args(argv)
     if args.config is not None:
         for key, value in _read_config(args.config).items():
@@ -421,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     params.cpuparams_batch.n_threads = threads
     params.n_parallel = int(args.parallel or 2)
     params.endpoint_props = True
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env, "")
+        if not key:
+            return _fail(f"${args.api_key_env} is not set", EX_CONFIG)
+        params.api_keys = [key]
     try:
         server = xllamacpp.Server(params)
     except RuntimeError:

@@ -145,12 +145,15 @@ def test_a_spent_budget_holds_tasks_queued_until_a_reload_raises_it(swarm_dir: P
 
 @pytest.fixture
 def model_server() -> Iterator[str]:
-    """A real model server outside the swarm, as an external endpoint would be."""
+    """A real model server outside the swarm, as an external endpoint would be, that
+    answers only calls bearing ``KEY``."""
     proc = subprocess.Popen(
-        [PY, "-m", "fireclaw.supervisor.modelserver", "--threads", "2", "--ctx", "1024"],
+        [PY, "-m", "fireclaw.supervisor.modelserver", "--threads", "2", "--ctx", "1024"]
+        + ["--api-key-env", "SERVED_KEY"],  # a call without the key gets 401
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
+        env=dict(os.environ, SERVED_KEY=KEY),
     )
     try:
         assert proc.stdout is not None
@@ -162,13 +165,18 @@ def model_server() -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("source", ["file", "env"])
 def test_the_upstream_key_reaches_neither_the_vm_nor_events_nor_logs(
-    swarm_dir: Path, model_server: str
+    swarm_dir: Path, model_server: str, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key_file = swarm_dir / "model.key"
-    key_file.write_text(KEY + "\n")
-    key_file.chmod(0o600)
-    models = f"models:\n  server: {model_server}\n  api_key_file: model.key\n"
+    if source == "file":
+        key_file = swarm_dir / "model.key"
+        key_file.write_text(KEY + "\n")
+        key_file.chmod(0o600)
+        models = f"models:\n  server: {model_server}\n  api_key_file: model.key\n"
+    else:
+        monkeypatch.setenv("FIRECLAW_TEST_MODEL_KEY", KEY)  # the supervisor inherits it
+        models = f"models:\n  server: {model_server}\n  api_key_env: FIRECLAW_TEST_MODEL_KEY\n"
     swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")))
     try:
         swarm.start(timeout=DEADLINE)
