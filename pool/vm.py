@@ -6,7 +6,9 @@ and a veth on the swarm's bridge for real VMs; a cgroup when available; its
 own overlay disk for real VMs), starts the VMM through the driver (a cold
 boot, or a restore from its role's snapshot template when the runtime has
 templates), waits for the guest's Hello and serves the control session until
-the VM ends. Whatever happens, a shielded, bounded teardown stops the VMM
+the VM ends. Inside the VM's namespace it also opens the IRC forwarder and
+the model gateway (``pool/gateway.py``), whose calls it attributes to
+``who``. Whatever happens, a shielded, bounded teardown stops the VMM
 (TERM, then KILL) and releases every resource the incarnation created. A
 named agent's VM also gets the agent's workspace disk before each promotion.
 

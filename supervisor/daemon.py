@@ -7,6 +7,8 @@
        ├─ signals      SIGHUP -> reload (coalesced), SIGTERM/SIGINT -> graceful stop
        ├─ api          unix-socket HTTP API at <state_dir>/api.sock
        ├─ reloader     applies config changes one at a time
+       ├─ services     the managed ngircd and the managed model server, when configured
+       ├─ budgets      re-evaluates the token budgets when a period begins
        └─ role group   one per role: warm pool, claimed VMs, task queue
 
 The supervisor never exits because children crash; it exits 0 after a

@@ -114,7 +114,7 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A managed helper process (``ircd``: ngircd; later a local model server).
+    """A managed helper process (``ircd``: ngircd; ``models``: the local model server).
 
     Written ahead: with ``pid`` 0 (no identity yet) before the process is
     started, then with its identity once it runs; dropped once it has been
