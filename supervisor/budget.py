@@ -106,6 +106,7 @@ class Budgets:
         """Re-evaluate at the start of each period, until cancelled."""
         while True:
             _, end = period_bounds(self.spec.period, self._clock())
+            # Just past the boundary, so that the clock reads the new period.
             await trio.sleep(max(0.0, end - self._clock()) + 0.001)
             self._evaluate()
 
@@ -143,8 +144,15 @@ class Budgets:
         if now_exhausted.keys() == self.exhausted.keys():
             self.exhausted = now_exhausted
             return
+        limits = {scope: limit for scope, limit, _ in self._limits()}
         for scope in now_exhausted.keys() - self.exhausted.keys():
-            self._event("budget_exhausted", scope, spent=spent_of[scope], period=self.spec.period)
+            self._event(
+                "budget_exhausted",
+                scope,
+                spent=spent_of[scope],
+                limit=limits[scope],
+                period=self.spec.period,
+            )
         for scope in self.exhausted.keys() - now_exhausted.keys():
             self._event("budget_resumed", scope, period=self.spec.period)
         self.exhausted = now_exhausted
