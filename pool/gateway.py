@@ -237,6 +237,10 @@ class UsageMeter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.found = False
+        #: How the call ended: ``ok``, ``upstream_error``, or ``cancelled`` while it
+        #: has not ended by itself. Set before the guest is told, so that a guest that
+        #: hangs up at the last byte does not change what the ledger says.
+        self.outcome = "cancelled"
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -363,12 +367,11 @@ async def _one_request(
         await _answer(stream, conn, busy)  # no call was made: nothing for the ledger
         return
     usage = UsageMeter(stream=decision.stream)
-    outcome = "cancelled"  # unless the call ends by itself: the guest hung up, or a stop
     try:
         async with calls:
-            outcome = await _proxy(stream, conn, decision, up, limits, usage)
+            await _proxy(stream, conn, decision, up, limits, usage)
     finally:
-        _record(meter, record, usage, outcome, trio.current_time() - started)
+        _record(meter, record, usage, usage.outcome, trio.current_time() - started)
 
 
 def _record(
@@ -443,19 +446,21 @@ async def _proxy(
     up: Upstream,
     limits: Limits,
     usage: UsageMeter,
-) -> str:
-    """Send ``fwd`` upstream and pass its answer back as it arrives; the outcome."""
+) -> None:
+    """Send ``fwd`` upstream and pass its answer back as it arrives; how it ended goes
+    into ``usage.outcome``."""
     with trio.move_on_after(limits.call_timeout) as scope:
         try:
             upstream = await _open_upstream(up)
         except (OSError, trio.BrokenResourceError) as exc:
             log.warning("model server %r unreachable: %s", up, exc)
+            usage.outcome = "upstream_error"
             await _answer(
                 guest,
                 gconn,
                 Refuse(502, "the model server is unreachable", "server_error", "bad_gateway"),
             )
-            return "upstream_error"
+            return
         async with upstream:
             uconn = h11.Connection(h11.CLIENT)
             data = uconn.send(upstream_request(fwd, up))
@@ -463,15 +468,16 @@ async def _proxy(
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
             await upstream.send_all(data)
-            return await _relay(guest, gconn, upstream, uconn, usage)
+            await _relay(guest, gconn, upstream, uconn, usage)
+            return
     assert scope.cancelled_caught
+    usage.outcome = "upstream_error"
     if gconn.our_state is h11.SEND_RESPONSE:
         await _answer(
             guest,
             gconn,
             Refuse(504, f"no answer within {limits.call_timeout:g}s", "server_error", "timeout"),
         )
-    return "upstream_error"
 
 
 async def _relay(
@@ -480,19 +486,20 @@ async def _relay(
     upstream: trio.abc.Stream,
     uconn: h11.Connection,
     usage: UsageMeter,
-) -> str:
+) -> None:
     status = 502
     while True:
         try:
             event = uconn.next_event()
         except h11.RemoteProtocolError:
+            usage.outcome = "upstream_error"
             if gconn.our_state is h11.SEND_RESPONSE:
                 await _answer(
                     guest,
                     gconn,
                     Refuse(502, "bad answer from the model server", "server_error", "bad_gateway"),
                 )
-            return "upstream_error"
+            return
         if event is h11.NEED_DATA:
             try:
                 uconn.receive_data(bytes(await upstream.receive_some(_CHUNK)))
@@ -513,10 +520,11 @@ async def _relay(
             await _send(guest, gconn, h11.Data(data=event.data))
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             usage.close()
+            ended = isinstance(event, h11.EndOfMessage) and 200 <= status < 300
+            usage.outcome = "ok" if ended else "upstream_error"
             if isinstance(event, h11.EndOfMessage):
                 await _send(guest, gconn, h11.EndOfMessage())
-                return "ok" if 200 <= status < 300 else "upstream_error"
-            return "upstream_error"
+            return
 
 
 async def _send(guest: trio.SocketStream, gconn: h11.Connection, event: Any) -> None:

@@ -437,3 +437,23 @@ async def test_a_stream_reaches_the_guest_event_by_event() -> None:
             nursery.cancel_scope.cancel()
     assert got.endswith(b"data: [DONE]\n\n")
     assert (ledger.calls[0].prompt_tokens, ledger.calls[0].completion_tokens) == (2, 1)
+
+
+async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    upstream, ledger = ScriptedUpstream(hold=True), Ledger()
+    async with trio.open_nursery() as nursery:
+        up_port = await nursery.start(upstream.serve)
+        route = ModelRoute(
+            upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+            meter=ledger,
+            limits=Limits(call_timeout=300.0),
+        )
+        port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+        started = trio.current_time()
+        status, body = await http(port, "POST", "/v1/chat/completions", CHAT)
+        assert trio.current_time() - started == pytest.approx(300.0, abs=0.5)
+        nursery.cancel_scope.cancel()
+    assert status == 504 and json.loads(body)["error"]["code"] == "timeout"
+    assert [c.outcome for c in ledger.calls] == ["upstream_error"]
