@@ -258,8 +258,8 @@ class Overseer:
             case "budget_exhausted":
                 return (
                     f"budget {subject} is spent for this {d.get('period')}"
-                    f" ({d.get('spent')} tokens): its model calls are refused and its"
-                    " tasks wait; raise it in swarm.yaml and !reload"
+                    f" ({d.get('spent')} of {d.get('limit')} tokens): its model calls are"
+                    " refused and its tasks wait; raise it in swarm.yaml and !reload"
                 )
             case "budget_resumed":
                 return f"budget {subject} is open again: its work resumes"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
+from fireclaw.supervisor.procid import process_identity, still_running
 from ircperson import Person
 from swarmctl import FIRECLAW, NOTHING, PY, Swarm, idle, swarm_yaml
 from test_swarm import free_port
@@ -210,5 +211,28 @@ def test_a_role_model_the_server_does_not_serve_is_one_line_at_start(swarm_dir: 
         " serves (it serves: smollm2)"
     )
     # Nothing is left running: the model server it started was stopped.
+    out = subprocess.run(["pgrep", "-f", str(swarm.state / "models")], capture_output=True)
+    assert out.stdout == b""
+
+
+def test_after_kill_9_the_next_supervisor_stops_the_old_model_server(swarm_dir: Path) -> None:
+    models = "models:\n  managed: {threads: 2, ctx: 1024}\n"
+    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")))
+    try:
+        swarm.start(timeout=DEADLINE)
+        old = swarm.status()["models"]["managed"]["pid"]
+        old_ident = process_identity(old)
+        assert old_ident is not None
+        swarm.kill9()
+        assert still_running(old_ident)  # it outlived the supervisor
+        swarm.start(timeout=DEADLINE)
+        assert not still_running(old_ident)
+        new = swarm.status()["models"]["managed"]
+        assert new["state"] == "running" and new["pid"] != old
+        kinds = [(e["kind"], e["subject"]) for e in swarm.api.get("/events?limit=1000")["events"]]
+        assert ("reclaimed", "models") in kinds
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
     out = subprocess.run(["pgrep", "-f", str(swarm.state / "models")], capture_output=True)
     assert out.stdout == b""
