@@ -90,3 +90,24 @@ def test_parse_base_url() -> None:
     assert parse_base_url("http://[::1]:8080") == ("http", "::1", 8080, "")
     with pytest.raises(ValueError, match="port"):
         parse_base_url("http://h:99999/v1")
+
+
+def test_usage_since_takes_unix_seconds_dates_and_ages() -> None:
+    import datetime as dt
+    import time
+
+    from fireclaw.supervisor.cli import UsageError, build_parser
+
+    def since(text: str) -> float:
+        args = build_parser().parse_args(["usage", "--since", text])
+        value: float = args.since
+        return value
+
+    assert since("1700000000") == 1700000000.0
+    assert since("2026-02-18") == dt.datetime(2026, 2, 18, tzinfo=dt.UTC).timestamp()
+    assert (
+        since("2026-02-18T10:00:00+02:00") == dt.datetime(2026, 2, 18, 8, tzinfo=dt.UTC).timestamp()
+    )
+    assert abs(since("12h") - (time.time() - 12 * 3600)) < 60
+    with pytest.raises(UsageError, match="'yesterday' is not unix seconds"):
+        build_parser().parse_args(["usage", "--since", "yesterday"])
