@@ -299,8 +299,13 @@ async def serve_gateway(listener: trio.SocketListener, who: Who, route: ModelRou
             if connections.available_tokens == 0:
                 return  # a flood: close at once rather than queue
             async with connections:
-                with contextlib.suppress(_GuestGone, trio.BrokenResourceError):
+                try:
                     await _one_request(stream, who, upstream, meter, limits, calls)
+                except (_GuestGone, trio.BrokenResourceError):
+                    pass
+                except Exception:
+                    # One request's failure must not end the gateway, nor the VM it serves.
+                    log.exception("%s: gateway request failed", who.vm)
 
     async with listener:
         await trio.serve_listeners(handle, [listener])
@@ -325,8 +330,8 @@ async def _one_request(
         )
         return
     decision = plan(
-        request.method.decode(),
-        request.target.decode(),
+        request.method.decode("ascii", "replace"),
+        request.target.decode("ascii", "replace"),
         body,
         who,
         max_bytes=limits.max_request_bytes,

@@ -4,6 +4,7 @@ and budgets, against a scripted OpenAI-compatible upstream written here (named
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from pathlib import Path
@@ -457,3 +458,41 @@ async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
         nursery.cancel_scope.cancel()
     assert status == 504 and json.loads(body)["error"]["code"] == "timeout"
     assert [c.outcome for c in ledger.calls] == ["upstream_error"]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\xff\r\n\r\n",
+        b"POST /v1/chat/completions\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n{",
+        b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 20000 + b"\r\n\r\n",
+    ],
+)
+async def test_a_hostile_request_is_answered_or_dropped_and_the_gateway_serves_on(
+    garbage: bytes,
+) -> None:
+    upstream, ledger = ScriptedUpstream(), Ledger()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            up_port = await nursery.start(upstream.serve)
+            route = ModelRoute(
+                upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+                meter=ledger,
+                limits=Limits(max_request_bytes=4096),
+            )
+            port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+            hostile = await trio.open_tcp_stream("127.0.0.1", port)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await hostile.send_all(garbage)
+                await hostile.send_eof()
+            answer = b""
+            with contextlib.suppress(trio.BrokenResourceError):
+                while chunk := await hostile.receive_some(65536):
+                    answer += chunk
+            await hostile.aclose()
+            assert answer == b"" or answer.split(b" ")[1][:1] == b"4", answer[:200]
+            status, _ = await http(port, "POST", "/v1/chat/completions", CHAT)
+            assert status == 200
+            nursery.cancel_scope.cancel()
+    assert [c.outcome for c in ledger.calls] == ["ok"]
