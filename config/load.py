@@ -8,7 +8,10 @@ template is validated on its own first, so an error in the merged role is the
 override's fault and is reported against ``swarm.yaml``.
 
 ``irc.restart`` merges the same way over the IRC server's own default policy
-(``IRC_RESTART``: a shorter backoff than a role's).
+(``IRC_RESTART``: a shorter backoff than a role's); ``models.managed.restart``
+over ``MODEL_SERVER_RESTART``. ``models.api_key_file`` and
+``models.managed.model`` are paths relative to swarm.yaml; ``budget.roles``
+names roles of the file.
 
 Exceptions::
 
@@ -35,12 +38,15 @@ import msgspec.inspect as mi
 import yaml
 from fireclaw.config.model import (
     IRC_RESTART,
+    MODEL_SERVER_RESTART,
     PATTERN_WORDS,
     ROLE_NAME_PATTERN,
     Backend,
+    BudgetSpec,
     Config,
     ControlSpec,
     IrcSpec,
+    ModelsSpec,
     NetworkSpec,
     NonEmptyStr,
     Role,
@@ -130,6 +136,8 @@ class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     task_max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     irc: IrcSpec = msgspec.field(default_factory=IrcSpec)
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
+    models: ModelsSpec | None = None
+    budget: BudgetSpec = msgspec.field(default_factory=BudgetSpec)
     roles: dict[str, Any]
 
 
@@ -178,6 +186,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
     file = pathlib.Path(shown).resolve()
     raw = _parse_yaml(text, shown)
     _prepare_irc(raw)
+    _prepare_models(raw)
     swarm = _convert(raw, _SwarmFile, shown, "")
     base = file.parent
     templates = _TemplateDir(_templates_dir(swarm.roles_dir, base, shown))
@@ -193,6 +202,17 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
                 f"{role.nick_pattern!r} is also the nick pattern of role {other!r}",
             )
         roles[name] = role
+    for name in swarm.budget.roles:
+        if name not in roles:
+            raise ConfigError(
+                shown, f"budget.roles.{name}", f"no role {name!r} (roles: {', '.join(roles)})"
+            )
+    models = swarm.models
+    api_key_path = model_path = None
+    if models is not None and models.api_key_file is not None:
+        api_key_path = (base / pathlib.Path(models.api_key_file).expanduser()).resolve()
+    if models is not None and models.managed.model is not None:
+        model_path = (base / pathlib.Path(models.managed.model).expanduser()).resolve()
     return Config(
         path=file,
         state_dir=(base / pathlib.Path(swarm.state_dir).expanduser()).resolve(),
@@ -203,6 +223,10 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         irc=_anchor_irc(swarm.irc, base),
         network=swarm.network,
         roles=roles,
+        models=models,
+        budget=swarm.budget,
+        api_key_path=api_key_path,
+        model_path=model_path,
     )
 
 
@@ -324,6 +348,21 @@ def _prepare_irc(raw: dict[str, Any]) -> None:
     _normalise_policy(irc)
     irc["restart"] = _merge(msgspec.to_builtins(IRC_RESTART), irc["restart"], _MERGED["restart"])
     raw["irc"] = irc
+
+
+def _prepare_models(raw: dict[str, Any]) -> None:
+    """Normalise ``models.managed.restart`` in place, as ``_prepare_irc`` does."""
+    models = raw.get("models")
+    if not isinstance(models, dict) or not isinstance(models.get("managed"), dict):
+        return
+    managed = dict(models["managed"])
+    if not isinstance(managed.get("restart"), dict):
+        return
+    _normalise_policy(managed)
+    managed["restart"] = _merge(
+        msgspec.to_builtins(MODEL_SERVER_RESTART), managed["restart"], _MERGED["restart"]
+    )
+    raw["models"] = {**models, "managed": managed}
 
 
 def _read(file: Traversable, shown: str) -> str:

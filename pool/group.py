@@ -256,6 +256,11 @@ class RoleGroup:
             await self._tasks_queued.wait()
             self._tasks_queued = trio.Event()
             while not self.stopping and store.count_queued(self.name) > 0:
+                meter = self.rt.models.meter if self.rt.models is not None else None
+                if meter is not None and meter.refusal(self.name) is not None:
+                    # Over budget: the tasks stay queued until a reload or a new period.
+                    await meter.wait_changed()
+                    continue
                 try:
                     child = await self.claim()
                 except PoolError as exc:
@@ -273,6 +278,7 @@ class RoleGroup:
         store = self.rt.store
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
         finished = False
+        child.who.task = task_id
         try:
             await child.promote(self.promotion_for(child))
             assert child.session is not None

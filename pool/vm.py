@@ -6,7 +6,9 @@ and a veth on the swarm's bridge for real VMs; a cgroup when available; its
 own overlay disk for real VMs), starts the VMM through the driver (a cold
 boot, or a restore from its role's snapshot template when the runtime has
 templates), waits for the guest's Hello and serves the control session until
-the VM ends. Whatever happens, a shielded, bounded teardown stops the VMM
+the VM ends. Inside the VM's namespace it also opens the IRC forwarder and
+the model gateway (``pool/gateway.py``), whose calls it attributes to
+``who``. Whatever happens, a shielded, bounded teardown stops the VMM
 (TERM, then KILL) and releases every resource the incarnation created. A
 named agent's VM also gets the agent's workspace disk before each promotion.
 
@@ -52,6 +54,7 @@ from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, Hea
 from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
 from fireclaw.pool.forward import forward
+from fireclaw.pool.gateway import ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
@@ -74,6 +77,10 @@ SETUP_ERRORS: Final = (
     cgroup.CgroupError,
     OSError,
 )
+
+
+#: The model gateway's port inside each VM's own namespace.
+GATEWAY_PORT: Final = 4000
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class Runtime:
     #: a VM that can outlive it is left running, with its resources and registry row.
     leaving: bool = False
     irc: IrcRoute | None = None  # None: agents stay off IRC
+    models: ModelRoute | None = None  # None: no model gateways
     #: Snapshot templates to restore pool VMs from (qemu); None: every VM cold-boots.
     templates: Templates | None = None
     #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
@@ -196,6 +204,10 @@ class Child:
         self.reason = ""  # why it last crashed or failed
         self.promoted_as: str | None = None
         self.irc_endpoint: tuple[str, int] | None = None  # the IRC server, as the guest reaches it
+        #: Its model gateway, as the guest reaches it (``http://host:port/v1``).
+        self.model_endpoint: tuple[str, int] | None = None
+        #: Whose model calls its gateway carries: promotion and task code keep it current.
+        self.who = Who(vm=name, role=group.name)
         self.started_as = ""  # "restored <template>" or "booted": how the current VM began
         self.ready_seconds: float | None = None  # VMM start (or restore) to guest connected
         self.vmm_seconds = 0.0  # of a restore: until the clone runs
@@ -551,6 +563,7 @@ class Child:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as ws_nursery, listener:
             self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name, irc_port)
+            self.model_endpoint = await self._open_model_gateway(ws_nursery, ns_name)
             if self.irc_endpoint is not None and ns_name is not None:
                 self._register(irc_port=self.irc_endpoint[1])
             await self._serve(
@@ -575,6 +588,29 @@ class Child:
             return None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         nursery.start_soon(partial(forward, listener, route.upstream, label=self.name))
+        return (self.rt.listen_host, sock.getsockname()[1])
+
+    async def _open_model_gateway(
+        self, nursery: trio.Nursery, ns_name: str | None
+    ) -> tuple[str, int] | None:
+        """Give the VM its model gateway: a listener inside its namespace (on loopback
+        when not isolated) that only this VM can reach, served for ``self.who``.
+
+        In a namespace it takes ``GATEWAY_PORT``, the same in every VM, so a clone
+        restored from a snapshot finds it where its template did."""
+        route = self.rt.models
+        if route is None:
+            return None
+        try:
+            if ns_name is not None:
+                sock = await netns.open_listener(ns_name, self.rt.listen_host, GATEWAY_PORT)
+            else:
+                sock = _loopback_listener()
+        except (netns.NetnsError, OSError) as exc:
+            log.warning("%s: no model gateway for this VM: %s", self.name, exc)
+            return None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        nursery.start_soon(serve_gateway, listener, self.who, route)
         return (self.rt.listen_host, sock.getsockname()[1])
 
     def _boot_done(self) -> None:
@@ -776,6 +812,7 @@ class Child:
         self._fire(Event.PROMOTE)
         if await self._attach_workspace():
             msg = msgspec.structs.replace(msg, workspace=True)
+        self.who.agent, self.who.model = msg.name, msg.model
         await self.session.promote(msg)
         self.promoted_as = msg.name
         self._fire(Event.PROMOTED)
@@ -810,6 +847,9 @@ class Child:
             "restarts": self.restarts,
             "for": round(trio.current_time() - self.lifecycle.since, 1),
             "agent": self.agent.name if self.agent is not None else self.promoted_as,
+            "model_endpoint": (
+                "http://{}:{}/v1".format(*self.model_endpoint) if self.model_endpoint else None
+            ),
             "reason": self.reason,
             "started_as": self.started_as,
             "ready_seconds": (

@@ -21,6 +21,8 @@ Routes::
     DELETE /agents/<name>             controller.destroy()
     POST /reload  (no body or {})     controller.reload()
     GET  /events[?after=N&limit=N]    {"events": controller.events(after, limit)}
+    GET  /usage[?by=B&since=T&key=K]  controller.usage(): the model-call ledger summed per B
+                                      (agent, role, task, model or vm) since unix time T
     POST /down    {"leave_vms"?}      controller.down(): stop the fleet, or hand it over
     GET  /openapi.json                this API as an OpenAPI 3.1 document (supervisor/openapi.py)
 
@@ -163,8 +165,13 @@ class Controller(Protocol):
 
     async def events(self, after: int, limit: int) -> list[dict[str, object]]: ...
 
+    async def usage(self, by: str, since: int, key: str | None) -> dict[str, object]: ...
+
     async def down(self, leave_vms: bool = False) -> dict[str, object]: ...
 
+
+#: How ``GET /usage`` may sum the ledger.
+USAGE_BY: Final = ("agent", "role", "task", "model", "vm")
 
 # ---------------------------------------------------------------- request bodies
 
@@ -521,6 +528,7 @@ class _ApiServer:
             ),
             (re.compile(r"/reload"), {"POST": self._reload}),
             (re.compile(r"/events"), {"GET": self._events}),
+            (re.compile(r"/usage"), {"GET": self._usage}),
             (re.compile(r"/down"), {"POST": self._down}),
             (re.compile(r"/openapi\.json"), {"GET": self._openapi}),
         ]
@@ -673,6 +681,17 @@ class _ApiServer:
         after = _int_param(query, "after", 0, 0, 2**63 - 1)
         limit = _int_param(query, "limit", 100, 1, _MAX_EVENTS_LIMIT)
         return {"events": await self._controller.events(after, limit)}
+
+    async def _usage(self, request: _Request, match: re.Match[str]) -> object:
+        query = _query(request, frozenset({"by", "since", "key"}))
+        by = query.get("by", "agent")
+        if by not in USAGE_BY:
+            raise _HttpError(400, f"query parameter by must be one of: {', '.join(USAGE_BY)}")
+        since = _int_param(query, "since", 0, 0, 2**63 - 1)
+        key = query.get("key")
+        if key is not None and not 1 <= len(key) <= 200:
+            raise _HttpError(400, "query parameter key must be 1 to 200 characters")
+        return await self._controller.usage(by, since, key)
 
     async def _openapi(self, request: _Request, match: re.Match[str]) -> object:
         from fireclaw.supervisor.openapi import document  # built on first use

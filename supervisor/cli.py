@@ -193,6 +193,24 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append("isolation: " + "; ".join(off))
     if status.get("last_reload_error"):
         lines.append(f"last reload rejected: {_one_line(str(status['last_reload_error']))}")
+    models = status.get("models")
+    if isinstance(models, dict):
+        managed = models.get("managed")
+        where = (
+            f"managed {managed.get('model')} ({managed.get('state')}, {managed.get('url')})"
+            if isinstance(managed, dict)
+            else str(models.get("server"))
+        )
+        lines.append(f"models: {where}")
+        budget = models.get("budget")
+        scopes = budget.get("scopes") if isinstance(budget, dict) else None
+        for scope, b in (scopes or {}).items():
+            if isinstance(b, dict):
+                spent = "  SPENT: calls refused, tasks wait" if b.get("exhausted") else ""
+                lines.append(
+                    f"budget {scope}: {b.get('spent')} of {b.get('limit')} tokens"
+                    f" this {budget.get('period')}{spent}"  # type: ignore[union-attr]
+                )
 
     roles = status.get("roles") or {}
     if isinstance(roles, list):
@@ -420,6 +438,75 @@ def format_event(event: dict[str, Any]) -> str:
     return _one_line(" ".join(parts))
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    target = f"/usage?by={args.by}&since={int(args.since)}"
+    answer = _dict(_client(args).get(target), "usage")
+    if args.json:
+        _print_json(answer)
+        return 0
+    print(format_usage(answer))
+    return 0
+
+
+def format_usage(answer: dict[str, Any]) -> str:
+    """The human view of GET /usage: one row per key, then the budgets."""
+    rows = [r for r in answer.get("rows") or [] if isinstance(r, dict)]
+    by = str(answer.get("by", "agent"))
+    lines = []
+    if rows:
+        lines.append(
+            _table(
+                [by.upper(), "CALLS", "PROMPT", "COMPLETION", "TOKENS"],
+                (
+                    [
+                        r.get("key") if r.get("key") is not None else "-",
+                        r.get("calls"),
+                        r.get("prompt_tokens"),
+                        r.get("completion_tokens"),
+                        r.get("tokens"),
+                    ]
+                    for r in rows
+                ),
+            )
+        )
+    else:
+        lines.append("no model calls")
+    budget = answer.get("budget")
+    if isinstance(budget, dict):
+        for scope, b in (budget.get("scopes") or {}).items():
+            if isinstance(b, dict):
+                state = "  SPENT: calls refused" if b.get("exhausted") else ""
+                lines.append(
+                    f"budget {scope}: {b.get('spent')} of {b.get('limit')} tokens"
+                    f" this {budget.get('period')}{state}"
+                )
+    return "\n".join(lines)
+
+
+def _since(text: str) -> float:
+    """--since: unix seconds, an ISO date or time (UTC unless it says), or an age
+    such as 30m, 12h or 7d."""
+    import datetime as dt
+    import time
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not unix seconds, an ISO date/time or an age such as 12h"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
     after = args.after
@@ -619,6 +706,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument(
         "--after", type=_positive_int, default=0, metavar="ID", help="only events after this id"
+    )
+    p = add("usage", cmd_usage, "show the model calls' token usage and the budgets")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument(
+        "--by", choices=["agent", "role", "task", "model", "vm"], default="agent", help="sum per"
+    )
+    p.add_argument(
+        "--since",
+        type=_since,
+        default=0.0,
+        metavar="T",
+        help="unix seconds, an ISO date/time (UTC) or an age such as 12h (default: all)",
     )
     add("doctor", cmd_doctor, "check the host and list what swarms left on it")
     p = add("gc", cmd_gc, "remove what a crashed swarm left on the host")

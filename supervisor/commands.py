@@ -87,6 +87,13 @@ class Help:
     topic: str | None = None
 
 
+@dataclass(frozen=True)
+class UsageOf:
+    """``!usage [NAME]``: the ledger today, per agent, or for one agent or role."""
+
+    name: str | None = None
+
+
 Command = (
     Invoke
     | Destroy
@@ -100,6 +107,7 @@ Command = (
     | Reset
     | Reload
     | Help
+    | UsageOf
 )
 
 
@@ -123,6 +131,7 @@ HELP: Final[dict[str, tuple[str, str]]] = {
     "persona": ("!persona NAME TEXT", "give an agent another persona"),
     "reset": ("!reset NAME", "clear a failed VM or role so it is tried again"),
     "reload": ("!reload", "re-read swarm.yaml"),
+    "usage": ("!usage [NAME]", "model tokens used today, per agent, or by one agent or role"),
     "help": ("!help [COMMAND]", "this list, or one command"),
 }
 
@@ -234,6 +243,12 @@ def _persona(args: list[str], rest: str) -> Command:
     return Persona(name=_name(args[0]), text=rest[len(args[0]) :].strip())
 
 
+def _usage(args: list[str], rest: str) -> Command:
+    if len(args) > 1:
+        raise _Bad("at most one agent or role")
+    return UsageOf(name=_name(args[0]) if args else None)
+
+
 def _help(args: list[str], rest: str) -> Command:
     if len(args) > 1:
         raise _Bad("at most one command")
@@ -255,5 +270,6 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "persona": _persona,
     "reset": _one_name(Reset),
     "reload": _no_args(Reload),
+    "usage": _usage,
     "help": _help,
 }

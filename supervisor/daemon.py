@@ -7,6 +7,8 @@
        ├─ signals      SIGHUP -> reload (coalesced), SIGTERM/SIGINT -> graceful stop
        ├─ api          unix-socket HTTP API at <state_dir>/api.sock
        ├─ reloader     applies config changes one at a time
+       ├─ services     the managed ngircd and the managed model server, when configured
+       ├─ budgets      re-evaluates the token budgets when a period begins
        └─ role group   one per role: warm pool, claimed VMs, task queue
 
 The supervisor never exits because children crash; it exits 0 after a
@@ -30,18 +32,22 @@ from typing import Final
 
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config, role_hash
+from fireclaw.config.model import parse_base_url
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
+from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
+from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
 from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
@@ -53,6 +59,8 @@ LOCK_NAME: Final = leftovers.LOCK_NAME
 #: IRC nicks, as the guest protocol accepts them.
 _AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 DB_NAME: Final = leftovers.DB_NAME
+#: Seconds the model server has to list its models at start, reload or invoke.
+MODELS_TIMEOUT: Final = 30.0
 API_NAME: Final = "api.sock"
 #: Guest images (built or found by the qemu backend) and snapshot templates.
 IMAGES_NAME: Final = "images"
@@ -77,6 +85,9 @@ class Supervisor:
         self.ircd: ManagedIrcd | None = None
         #: VMs left running by a previous supervisor, by name, until their group takes them.
         self._adoptees: dict[str, Adoptee] = {}
+        self.modelserver: ManagedModelServer | None = None
+        self.budgets = Budgets(config.budget, store, on_event=self._on_event)
+        self._upstream: Upstream | None = None  # an external model server
         self.overseer: Overseer | None = None
         self._reload_wanted = trio.Event()
         self._reload_done = trio.Event()
@@ -144,12 +155,13 @@ class Supervisor:
                 try:
                     await self._setup_backend(root)
                     await self._start_irc(root)
+                    await self._start_models(root)
                 except BackendUnavailable as exc:
                     self.startup_error = f"backend {self.backend_choice.name}: {exc}"
                     log.error("%s", self.startup_error)
                     root.cancel_scope.cancel()
                     return
-                except IrcdError as exc:
+                except (IrcdError, ModelServerError) as exc:
                     self.startup_error = str(exc)
                     log.error("%s", exc)
                     root.cancel_scope.cancel()
@@ -327,6 +339,98 @@ class Supervisor:
             self.rt.templates = templates
         log.info("backend: %s", self.backend_reason)
 
+    async def _start_models(self, root: trio.Nursery) -> None:
+        """Bring up the model side: the managed model server (or the upstream URL and
+        its key), the budgets, and the route every VM's gateway takes. Raises
+        ModelServerError (one line) when it cannot start or a role names a model
+        the server does not serve."""
+        spec = self.config.models
+        if spec is None:
+            return
+        if spec.is_managed:
+            self.modelserver = ManagedModelServer(
+                spec.managed,
+                self.config.model_path,
+                self.state_dir,
+                on_event=self._on_event,
+                registry=self.store,
+            )
+            await root.start(self.modelserver.run)
+        else:
+            scheme, host, port, prefix = parse_base_url(spec.server)
+            key = await trio.to_thread.run_sync(self._read_api_key)
+            self._upstream = Upstream(scheme, host, port, prefix, api_key=key)
+        problem = await self.check_models(self.config)
+        if problem is not None:
+            raise ModelServerError(problem)
+        root.start_soon(self.budgets.run)
+        self.rt.models = ModelRoute(
+            upstream=self.upstream,
+            meter=self.budgets,
+            limits=Limits(
+                max_request_bytes=spec.max_request_bytes,
+                max_concurrent=spec.max_concurrent,
+                call_timeout=spec.call_timeout,
+            ),
+        )
+
+    def _read_api_key(self) -> str | None:
+        """The upstream's API key, from the file or the environment variable the config
+        names. Raises ModelServerError (naming the file or variable, never the key)."""
+        spec, path = self.config.models, self.config.api_key_path
+        assert spec is not None
+        if path is not None:
+            try:
+                key = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelServerError(f"models.api_key_file: cannot read {path}: {exc}") from None
+            if not key or any(ch in key for ch in "\r\n\x00"):
+                raise ModelServerError(f"models.api_key_file: {path} holds no usable key")
+            return key
+        if spec.api_key_env is not None:
+            key = os.environ.get(spec.api_key_env, "").strip()
+            if not key:
+                raise ModelServerError(f"models.api_key_env: ${spec.api_key_env} is not set")
+            return key
+        return None
+
+    def upstream(self) -> Upstream | None:
+        """Where model calls go now; None while the managed server is not serving."""
+        if self.modelserver is None:
+            return self._upstream
+        url = self.modelserver.url
+        if url is None or self.modelserver.state != "running":
+            return None
+        scheme, host, port, prefix = parse_base_url(url)
+        return Upstream(scheme, host, port, prefix)
+
+    async def check_models(self, config: Config, extra: str | None = None) -> str | None:
+        """One line naming a role's model (or ``extra``) the model server does not
+        serve, or the server's failure to say; None when all are served."""
+        if config.models is None:
+            return None
+        up = self.upstream()
+        if up is None:
+            return "the model server is not running"
+        served: list[str] | None = None
+        with trio.move_on_after(MODELS_TIMEOUT):
+            try:
+                served = await fetch_models(up)
+            except UpstreamError as exc:
+                return str(exc)
+        if served is None:
+            return f"the model server did not list its models within {MODELS_TIMEOUT:g}s"
+        wanted = [(f"roles.{r.name}.model", r.model) for r in config.roles.values()]
+        if extra is not None:
+            wanted.append(("model", extra))
+        for where, model in wanted:
+            if model not in served:
+                return (
+                    f"{where}: {model!r} is not a model the model server serves"
+                    f" (it serves: {', '.join(served) or 'none'})"
+                )
+        return None
+
     async def _start_irc(self, root: trio.Nursery) -> None:
         """Bring up the IRC side: the managed server if the config asks for one."""
         spec = self.config.irc
@@ -426,8 +530,17 @@ class Supervisor:
             self.event("reload_rejected", "supervisor", error=str(exc))
             sdnotify.ready(f"reload rejected: {exc}")
             return {"ok": False, "error": str(exc)}
+        problem = await self.check_models(new) if new.models == self.config.models else None
+        if problem is not None:
+            self.last_reload_error = problem
+            log.error("reload rejected: %s", problem)
+            self.event("reload_rejected", "supervisor", error=problem)
+            sdnotify.ready(f"reload rejected: {problem}")
+            return {"ok": False, "error": problem}
         diff = diff_config(self.config, new)
         notes: list[str] = []
+        if new.models != self.config.models:
+            notes.append("models changes take effect at the next start")
         if diff.backend_changed:
             notes.append("backend changes take effect at the next start")
         if diff.state_dir_changed:
@@ -438,6 +551,7 @@ class Supervisor:
             notes.append("network changes take effect at the next start")
         old, self.config = self.config, new
         self.rt.control, self.rt.stop = new.control, new.stop
+        self.budgets.update(new.budget)
         assert self._root is not None
         for name in diff.removed:
             self.store.clear_scale(name)  # a role added again later starts from its file
@@ -520,7 +634,17 @@ class Supervisor:
             "agents": [a for g in self.groups.values() for a in g.snapshot()],
             "tasks": self.store.count_tasks(),
             "irc": self._irc_status(),
+            "models": self._models_status(),
         }
+
+    def _models_status(self) -> dict[str, object] | None:
+        spec = self.config.models
+        if spec is None:
+            return None
+        status: dict[str, object] = {"server": spec.server, "budget": self.budgets.status()}
+        if self.modelserver is not None:
+            status["managed"] = self.modelserver.status()
+        return status
 
     def _network_status(self) -> dict[str, object] | None:
         net = self.rt.network
@@ -614,6 +738,26 @@ class Supervisor:
         await done.wait()
         return self._reload_result
 
+    async def usage(self, by: str, since: int, key: str | None) -> dict[str, object]:
+        """The ledger of model calls since ``since`` summed per ``by``, and the budgets."""
+        assert by in ("agent", "role", "task", "model", "vm")
+        rows = self.store.usage(by=by, since=float(since), key=key)  # type: ignore[arg-type]
+        return {
+            "by": by,
+            "since": since,
+            "rows": [
+                {
+                    "key": r.key,
+                    "calls": r.calls,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "tokens": r.tokens,
+                }
+                for r in rows
+            ],
+            "budget": self.budgets.status(),
+        }
+
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
         return [
             {"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "detail": e.detail}
@@ -648,6 +792,10 @@ class Supervisor:
             )
         if any(g.find_agent(name) for g in self.groups.values()):
             raise ControllerError(f"an agent named {name!r} already exists", 409)
+        if model is not None and self.config.models is not None:
+            problem = await self.check_models(self.config, model)
+            if problem is not None:
+                raise ControllerError(problem)
         boot_timeout = self.config.control.boot_timeout
         child = None
         with trio.move_on_after(boot_timeout):
@@ -673,6 +821,10 @@ class Supervisor:
         """Give a named agent a new model or persona, without restarting its VM."""
         group, child = self._agent(name)
         assert child.agent is not None
+        if model is not None and self.config.models is not None:
+            problem = await self.check_models(self.config, model)
+            if problem is not None:
+                raise ControllerError(problem)
         if model is not None:
             child.agent.model = model
         if persona is not None:

@@ -40,6 +40,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -104,7 +105,11 @@ class ServiceKind:
 
 
 #: The managed services, by their registry name (``state.ServiceRecord.name``).
-SERVICES: Final = {"ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf")}
+SERVICES: Final = {
+    "ircd": ServiceKind("ngircd", Path("ircd") / "ngircd.conf"),
+    # The model server is this Python running fireclaw.supervisor.modelserver.
+    "models": ServiceKind(os.path.basename(sys.executable), Path("models") / "modelserver.conf"),
+}
 MARKER: Final = "fireclaw-swarm"
 
 

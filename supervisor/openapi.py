@@ -236,6 +236,21 @@ def document() -> dict[str, Any]:
                 ],
             )
         },
+        "/usage": {
+            "get": _operation(
+                "The ledger of model calls summed per agent, role, task, model or VM, and"
+                " the budgets.",
+                {"type": "object", "required": ["by", "since", "rows", "budget"], "properties": {
+                    "rows": {"type": "array", "items": {"type": "object", "required": [
+                        "key", "calls", "prompt_tokens", "completion_tokens", "tokens"]}}}},
+                params=[
+                    _query("by", {"enum": list(api.USAGE_BY)}, "sum per (default agent)"),
+                    _query("since", id_param, "unix time; only calls from then on"),
+                    _query("key", {"type": "string", "minLength": 1, "maxLength": 200},
+                           "only this agent, role, task, model or VM"),
+                ],
+            )
+        },
         "/down": {
             "post": _operation(
                 "Stop the fleet gracefully, then the supervisor; with leave_vms, exit"

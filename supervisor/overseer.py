@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -25,6 +26,7 @@ from fireclaw.config import IrcSpec
 from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Message
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
+from fireclaw.supervisor.budget import period_bounds
 from fireclaw.supervisor.operators import (
     Action,
     Obey,
@@ -33,6 +35,7 @@ from fireclaw.supervisor.operators import (
     Throttle,
     Whois,
 )
+from fireclaw.supervisor.state import UsageBy
 
 if TYPE_CHECKING:
     from fireclaw.supervisor.daemon import Supervisor
@@ -208,7 +211,31 @@ class Overseer:
                     ", ".join(map(str, names)) if isinstance(names, list) and names else "nothing"
                 )
                 return [f"reloaded; changed: {changed}"]
+            case c.UsageOf(name=name):
+                return self._usage(name)
         return ["I do not know that one; try !help"]
+
+    def _usage(self, name: str | None) -> list[str]:
+        """Tokens since the budget period began: per agent, or of one agent or role."""
+        budgets = self.sup.budgets
+        since, _ = period_bounds(budgets.spec.period, time.time())
+        store = self.sup.store
+        if name is None:
+            rows = store.usage(by="agent", since=since)
+        else:
+            by: UsageBy = "role" if name in self.sup.groups else "agent"
+            rows = store.usage(by=by, since=since, key=name)
+        period = budgets.spec.period
+        if not rows:
+            return [f"no model calls this {period}" + (f" by {name}" if name else "")]
+        lines = [
+            f"{r.key or '(task runners)'}: {r.tokens} tokens in {r.calls} calls this {period}"
+            f" ({r.prompt_tokens} prompt, {r.completion_tokens} completion)"
+            for r in rows
+        ]
+        for scope, why in budgets.exhausted.items():
+            lines.append(f"budget {scope}: {why}")
+        return lines
 
     def _status(self) -> list[str]:
         lines = []
@@ -259,6 +286,14 @@ class Overseer:
                 return self._task_line(d.get("task_id"))
             case "ircd_crashed":
                 return None  # nobody is here to hear it
+            case "budget_exhausted":
+                return (
+                    f"budget {subject} is spent for this {d.get('period')}"
+                    f" ({d.get('spent')} of {d.get('limit')} tokens): its model calls are"
+                    " refused and its tasks wait; raise it in swarm.yaml and !reload"
+                )
+            case "budget_resumed":
+                return f"budget {subject} is open again: its work resumes"
         return None
 
     def _task_line(self, task_id: object) -> str | None:

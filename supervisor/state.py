@@ -1,5 +1,6 @@
 """Durable supervisor state: tasks, the audit trail, restarts, the registry of
-VMs and managed services, and runtime scale overrides, in one SQLite database
+VMs and managed services, runtime scale overrides and the ledger of model
+calls, in one SQLite database
 (``state_dir/swarm.db``).
 
 The database runs in WAL mode. Task changes commit with ``synchronous=FULL``:
@@ -45,7 +46,7 @@ from typing import Any, Final, Literal, NoReturn
 
 import msgspec
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
 
@@ -135,7 +136,7 @@ class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A managed helper process (``ircd``: ngircd; later a local model server).
+    """A managed helper process (``ircd``: ngircd; ``models``: the local model server).
 
     Written ahead: with ``pid`` 0 (no identity yet) before the process is
     started, then with its identity once it runs; dropped once it has been
@@ -152,6 +153,41 @@ class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     boot_id: str = ""
     #: Where it serves, ``host:port``, if it listens.
     address: str | None = None
+
+
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One model call through a VM's gateway: who made it (as the supervisor knows
+    it, never as the guest says), and the tokens the model server reported.
+
+    ``outcome`` is ``ok``, ``refused`` (budget, size, concurrency), ``upstream_error``
+    (the server failed or answered an error) or ``cancelled`` (the VM hung up)."""
+
+    at: float
+    agent: str | None
+    role: str
+    vm: str
+    task: int | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    duration: float
+    outcome: str
+
+
+UsageBy = Literal["agent", "role", "task", "model", "vm"]
+
+
+class UsageRow(msgspec.Struct, frozen=True, kw_only=True):
+    """The ledger summed over one key (an agent, a role, ...); ``key`` None: none."""
+
+    key: str | None
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 # Each entry migrates the schema from version i to i + 1, in one transaction.
@@ -240,6 +276,24 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE vms ADD COLUMN agent TEXT",
         "ALTER TABLE vms ADD COLUMN workspace INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE vms ADD COLUMN started_as TEXT NOT NULL DEFAULT ''",
+    ),
+    # 5: the ledger of model calls, metered by the gateways; budgets sum it.
+    (
+        """CREATE TABLE model_calls (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            agent TEXT,
+            role TEXT NOT NULL,
+            vm TEXT NOT NULL,
+            task INTEGER,
+            model TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+            completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+            duration REAL NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
+        "CREATE INDEX model_calls_by_at ON model_calls (at)",
+        "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
     ),
 )
 
@@ -577,6 +631,86 @@ class Store:
                 "SELECT name, role, model, persona FROM agents ORDER BY created_at, name"
             ).fetchall()
         return [AgentRecord(name=n, role=r, model=m, persona=p) for n, r, m, p in rows]
+
+    # --- the ledger of model calls ----------------------------------------------
+
+    def record_call(self, rec: CallRecord) -> None:
+        """Append one model call to the ledger."""
+        with self._errors():
+            self._conn.execute(
+                "INSERT INTO model_calls (at, agent, role, vm, task, model, prompt_tokens,"
+                " completion_tokens, duration, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.at,
+                    rec.agent,
+                    rec.role,
+                    rec.vm,
+                    rec.task,
+                    rec.model,
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.duration,
+                    rec.outcome,
+                ),
+            )
+
+    def spent(self, *, since: float, role: str | None = None) -> int:
+        """Tokens (prompt + completion) recorded at or after ``since``; of ``role`` only
+        when given."""
+        query = "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM model_calls"
+        query += " WHERE at >= ?" + (" AND role = ?" if role is not None else "")
+        args: tuple[object, ...] = (since,) if role is None else (since, role)
+        with self._errors():
+            (n,) = self._conn.execute(query, args).fetchone()
+        return int(n)
+
+    def usage(
+        self, *, by: UsageBy = "agent", since: float = 0.0, key: str | None = None
+    ) -> list[UsageRow]:
+        """The ledger since ``since``, summed per ``by`` (most tokens first); only the
+        rows whose ``by`` column is ``key`` when given."""
+        column = {"agent": "agent", "role": "role", "task": "task", "model": "model", "vm": "vm"}[
+            by
+        ]
+        where = "at >= ?" + (f" AND CAST({column} AS TEXT) = ?" if key is not None else "")
+        args: tuple[object, ...] = (since,) if key is None else (since, key)
+        with self._errors():
+            rows = self._conn.execute(
+                f"SELECT {column}, count(*), sum(prompt_tokens), sum(completion_tokens)"
+                f" FROM model_calls WHERE {where} GROUP BY {column}"
+                " ORDER BY sum(prompt_tokens + completion_tokens) DESC",
+                args,
+            ).fetchall()
+        return [
+            UsageRow(
+                key=None if k is None else str(k), calls=n, prompt_tokens=pt, completion_tokens=ct
+            )
+            for k, n, pt, ct in rows
+        ]
+
+    def calls(self, *, after: int = 0, limit: int = 100) -> list[CallRecord]:
+        """Ledger rows with ``id > after``, oldest first."""
+        with self._errors():
+            rows = self._conn.execute(
+                "SELECT at, agent, role, vm, task, model, prompt_tokens, completion_tokens,"
+                " duration, outcome FROM model_calls WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [
+            CallRecord(
+                at=r[0],
+                agent=r[1],
+                role=r[2],
+                vm=r[3],
+                task=r[4],
+                model=r[5],
+                prompt_tokens=r[6],
+                completion_tokens=r[7],
+                duration=r[8],
+                outcome=r[9],
+            )
+            for r in rows
+        ]
 
     # --- internals -----------------------------------------------------------
 

@@ -74,6 +74,7 @@ def test_every_command_has_help() -> None:
         "persona",
         "reset",
         "reload",
+        "usage",
         "help",
     }
 
@@ -96,3 +97,10 @@ def test_any_input_parses_without_raising(text: str) -> None:
     if isinstance(result, c.Invoke | c.Destroy | c.Model | c.Persona | c.Reset):
         name = getattr(result, "name", None)
         assert name is None or not any(ch in name for ch in "\r\n\x00 ")
+
+
+def test_usage_names_at_most_one_agent_or_role() -> None:
+    assert c.parse("!usage") == c.UsageOf(name=None)
+    assert c.parse("!usage alice") == c.UsageOf(name="alice")
+    assert isinstance(c.parse("!usage alice bob"), c.Usage)
+    assert isinstance(c.parse("!usage 9lives"), c.Usage)

