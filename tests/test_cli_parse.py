@@ -286,7 +286,7 @@ class FakeController:
             for i in range(after + 1, 3)
         ]
 
-    async def down(self) -> dict[str, object]:
+    async def down(self, leave_vms: bool = False) -> dict[str, object]:
         return {"stopping": True}
 
 
