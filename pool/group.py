@@ -21,7 +21,7 @@ import logging
 from typing import Final
 
 import trio
-from fireclaw.config import Role, role_hash
+from fireclaw.config import HarnessSpec, Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, Event, State
@@ -272,12 +272,16 @@ class RoleGroup:
                 password=irc.password or "",
                 cooldown=irc.cooldown,
             )
+        harness = role.harness
+        if not isinstance(harness, HarnessSpec):
+            # A chat harness is promoted with the URL of the VM's model gateway.
+            raise NotImplementedError(f"role {role.name}: the chat harness needs a model gateway")
         return p.Promote(
             name=agent.name if agent is not None else child.name,
             role=role.name,
             persona=role.persona if agent is None or agent.persona is None else agent.persona,
             model=role.model if agent is None or agent.model is None else agent.model,
-            harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+            harness=p.Harness(argv=list(harness.command), timeout=harness.timeout),
             irc=presence,
         )
 
