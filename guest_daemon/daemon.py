@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
@@ -63,7 +64,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from . import workspace
+from . import users, workspace
 from .agent_irc import AgentPresence
 from .harness import (
     Children,
@@ -71,12 +72,11 @@ from .harness import (
     child_env,
     one_line,
     run_command,
-    run_harness,
-    run_task,
 )
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Cancel,
     Goodbye,
     GuestMessage,
     Heartbeat,
@@ -94,6 +94,8 @@ from .protocol import (
     decode_host,
     encode,
 )
+from .turns import Turns
+from .users import RunAs
 
 log = logging.getLogger("fireclaw.guest_daemon")
 
@@ -141,6 +143,7 @@ class Config:
     connect_timeout: float = 30.0
     set_clock: bool = False
     redial: bool = False  # dial again after a lost connection (inside a VM)
+    agent_user: RunAs | None = None  # who runs agent work (None: as the daemon)
 
 
 _ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
@@ -231,6 +234,10 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     timeout = args.connect_timeout
     if not (math.isfinite(timeout) and timeout > 0):
         raise ConfigError(f"invalid --connect-timeout {timeout}: must be a positive number")
+    try:
+        user = users.agent_user(environ)
+    except users.UnknownUser as exc:
+        raise ConfigError(f"agent user: {exc} (set {users.ENV_USER} to one that exists)") from None
     return Config(
         url=url,
         vm_id=vm_id,
@@ -238,6 +245,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         connect_timeout=timeout,
         set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
         redial=bool(args.cmdline),
+        agent_user=user,
     )
 
 
@@ -317,6 +325,12 @@ class Session:
         self._send, self._outbox = trio.open_memory_channel[GuestMessage](OUTBOX_SIZE)
         self._children = Children()
         self._identity: Identity | None = None
+        self._turns = Turns(
+            user=config.agent_user or users.lookup_self(),
+            children=self._children,
+            env=self._env,
+            send=self._send.send,
+        )
         self._presence: AgentPresence | None = None  # on IRC, once promoted with ``irc``
         self._talk = trio.CancelScope()
         self._outcome: tuple[int, str] | None = None
@@ -324,6 +338,12 @@ class Session:
         self.lost = False  # the session ended because the connection went away
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            self._turns.close()
+
+    async def _run(self) -> int:
         async with trio.open_nursery() as outer:
             outer.start_soon(self._write_loop)
             async with trio.open_nursery() as jobs:
@@ -405,15 +425,27 @@ class Session:
     async def _dispatch(self, msg: HostMessage, jobs: trio.Nursery) -> None:
         match msg:
             case Run():
-                jobs.start_soon(run_command, msg, self._send.send, self._children, self._env)
-            case Task():
                 jobs.start_soon(
-                    run_task, msg, self._identity, self._send.send, self._children, self._env
+                    partial(
+                        run_command,
+                        user=self._turns.user,
+                        cwd=self._turns.workdir,
+                    ),
+                    msg,
+                    self._send.send,
+                    self._children,
+                    self._env,
                 )
+            case Task():
+                jobs.start_soon(self._turns.task, msg)
+            case Cancel():
+                ended = self._turns.cancel(msg.reason)
+                log.info("cancel: %d turn(s) ended (%s)", ended, msg.reason or "no reason")
             case Promote():
                 again = self._identity is not None
                 workspace = await self._workspace(msg)
                 self._identity = Identity.from_promote(msg, workspace=workspace)
+                self._turns.retune(self._identity)
                 log.info(
                     "%s as %s (role %s, model %s)",
                     "re-identified" if again else "promoted",
@@ -452,10 +484,11 @@ class Session:
 
     async def _answer(self, sender: str, where: str, text: str) -> str:
         """What the agent says on IRC: its harness, asked the message."""
-        if self._identity is None:
-            return "I am not an agent yet"
-        code, output, _ = await run_harness(self._identity, text, self._children, self._env)
-        return output if code == 0 else f"{output}\n(exit {code})"
+        return await self._turns.answer(sender, where, text, self._notice)
+
+    async def _notice(self, sender: str, where: str, text: str) -> None:
+        if self._presence is not None:
+            await self._presence.notice(sender, where, text)
 
     async def _leave_irc(self) -> None:
         if self._presence is not None and self._outcome is not None:

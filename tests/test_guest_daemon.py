@@ -51,6 +51,7 @@ from fireclaw.guest_daemon.protocol import (
     decode_guest,
     encode,
 )
+from fireclaw.guest_daemon.users import agent_user, python_for
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 TOKEN = "t0ken-0123456789abcdef"
@@ -58,6 +59,9 @@ VM_ID = "vm-test-1"
 WAIT = 15.0  # generous: the daemon is a fresh interpreter on a possibly busy machine
 
 M = TypeVar("M", bound=GuestMessage)
+#: What agent work runs under: the unprivileged agent user, who may not be able
+#: to run this test's own interpreter (a pyenv under a private /root).
+AGENT_PYTHON = python_for(agent_user(os.environ))
 
 
 # --- pure helpers --------------------------------------------------------------
@@ -402,7 +406,7 @@ async def test_run_large_output_is_chunked_and_complete(host: Host) -> None:
     _, conn = await host.start()
     await conn.welcome()
     script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 800)"
-    chunks, exited = await conn.run(4, [sys.executable, "-c", script])
+    chunks, exited = await conn.run(4, [AGENT_PYTHON, "-c", script])
     assert exited.code == 0
     assert all(len(chunk) <= MAX_OUTPUT_CHUNK for chunk in chunks["stdout"])
     assert len(chunks["stdout"]) > 1
@@ -414,8 +418,9 @@ async def test_runs_are_concurrent(host: Host, tmp_path: Path) -> None:
     await conn.welcome()
     flag = tmp_path / "flag"
     waiter = f"while [ ! -e {flag} ]; do sleep 0.01; done; echo released"
-    await conn.send(Run(req=10, argv=["sh", "-c", waiter]))
-    await conn.send(Run(req=11, argv=["touch", str(flag)]))
+    # As root (``run --user root``): the flag is in root's private temp directory.
+    await conn.send(Run(req=10, argv=["sh", "-c", waiter], user="root"))
+    await conn.send(Run(req=11, argv=["touch", str(flag)], user="root"))
     assert await conn.expect(Exited) == Exited(req=11, code=0)
     assert await conn.expect(Output) == Output(req=10, stream="stdout", data=b"released\n")
     assert await conn.expect(Exited) == Exited(req=10, code=0)
@@ -462,7 +467,7 @@ async def test_task_output_is_capped(host: Host) -> None:
     _, conn = await host.start()
     await conn.welcome()
     script = "import sys; sys.stdout.write('y' * 100_000)"
-    harness = Harness(argv=[sys.executable, "-c", script])
+    harness = Harness(argv=[AGENT_PYTHON, "-c", script])
     await conn.send(Promote(name="bob", role="worker", harness=harness))
     await conn.expect(Promoted)
     await conn.send(Task(task_id=9, prompt="p"))
