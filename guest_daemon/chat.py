@@ -184,8 +184,10 @@ class SseDecoder:
         self._buffer += data
         events: list[str] = []
         while True:
-            cut = min((i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0),
-                      default=-1)
+            cut = min(
+                (i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0),
+                default=-1,
+            )
             if cut < 0:
                 if len(self._buffer) > MAX_SSE_LINE:
                     raise ModelReplyError(f"an event line longer than {MAX_SSE_LINE} bytes")
@@ -395,8 +397,7 @@ class Turn:
         """What the model's reply to the last request means."""
         if reply.finish_reason == "length":
             return self._retry(
-                f"Your reply was cut off at {self.max_tokens} tokens."
-                " Answer again, much shorter."
+                f"Your reply was cut off at {self.max_tokens} tokens. Answer again, much shorter."
             )
         calls = reply.tool_calls if self.native else []
         if not self.native:

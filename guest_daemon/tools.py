@@ -277,4 +277,3 @@ class Toolbox:
                     await drain()
         text = cap.kept.decode("utf-8", errors="replace") + note
         return code, text, cap.truncated
-

@@ -30,9 +30,12 @@ from fireclaw.guest_daemon.harness import (
     task_output,
 )
 from fireclaw.guest_daemon.protocol import (
+    EXIT_CANCELLED,
     MAX_OUTPUT_CHUNK,
     MAX_RESULT_BYTES,
     PROTOCOL_VERSION,
+    Cancel,
+    ChatHarness,
     Exited,
     Goodbye,
     GuestMessage,
@@ -47,12 +50,16 @@ from fireclaw.guest_daemon.protocol import (
     Stop,
     Task,
     TaskDone,
+    ToolRan,
     Welcome,
     decode_guest,
     encode,
 )
 from fireclaw.guest_daemon.users import agent_user, python_for
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from tests.scripted_model import ScriptedModel, Stream, tool_call
+from tests.scripted_model import text as model_text
 
 TOKEN = "t0ken-0123456789abcdef"
 VM_ID = "vm-test-1"
@@ -421,9 +428,14 @@ async def test_runs_are_concurrent(host: Host, tmp_path: Path) -> None:
     # As root (``run --user root``): the flag is in root's private temp directory.
     await conn.send(Run(req=10, argv=["sh", "-c", waiter], user="root"))
     await conn.send(Run(req=11, argv=["touch", str(flag)], user="root"))
-    assert await conn.expect(Exited) == Exited(req=11, code=0)
-    assert await conn.expect(Output) == Output(req=10, stream="stdout", data=b"released\n")
-    assert await conn.expect(Exited) == Exited(req=10, code=0)
+    # The waiter may see the flag before the toucher's exit is reported: each
+    # request's own messages are in order, the two interleave as they will.
+    got = [await conn.recv() for _ in range(3)]
+    assert [m for m in got if getattr(m, "req", None) == 11] == [Exited(req=11, code=0)]
+    assert [m for m in got if getattr(m, "req", None) == 10] == [
+        Output(req=10, stream="stdout", data=b"released\n"),
+        Exited(req=10, code=0),
+    ]
 
 
 async def test_task_before_promotion_is_refused(host: Host) -> None:
@@ -461,6 +473,63 @@ async def test_promote_then_task_and_hot_reload(host: Host) -> None:
     await conn.send(Task(task_id=6, prompt="again"))
     done = await conn.expect(TaskDone)
     assert done.output.startswith("again|again|ada|coder||m2|6|")
+
+
+async def test_chat_harness_answers_a_task_with_the_models_final_answer(host: Host) -> None:
+    model = ScriptedModel(
+        [tool_call("run_shell", {"command": "id -u"}), model_text("the uid is in the audit")]
+    )
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(model.serve)
+        _, conn = await host.start()
+        await conn.welcome()
+        harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="native")
+        await conn.send(Promote(name="ada", role="worker", persona="terse", harness=harness))
+        assert await conn.expect(Promoted) == Promoted(name="ada")
+        await conn.send(Task(task_id=3, prompt="who are you?"))
+        ran = await conn.expect(ToolRan)
+        assert (ran.task_id, ran.tool, ran.code) == (3, "run_shell", 0)
+        assert ran.arguments == '{"command": "id -u"}'
+        assert ran.output == f"{agent_user(os.environ).uid}\n"
+        done = await conn.expect(TaskDone)
+        assert done == TaskDone(task_id=3, code=0, output="the uid is in the audit")
+        assert model.requests[0]["messages"][-1] == {"role": "user", "content": "who are you?"}
+        assert "terse" in model.requests[0]["messages"][0]["content"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_ends_a_chat_turn_and_closes_its_stream(host: Host) -> None:
+    model = ScriptedModel([Stream([{"choices": [{"delta": {"content": "hm"}}]}], hang=True)])
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(model.serve)
+        _, conn = await host.start()
+        await conn.welcome()
+        harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="json")
+        await conn.send(Promote(name="ada", role="worker", harness=harness))
+        await conn.expect(Promoted)
+        await conn.send(Task(task_id=4, prompt="think forever"))
+        with trio.fail_after(WAIT):
+            await model.hanging.wait()
+        await conn.send(Cancel(reason="operator said stop"))
+        done = await conn.expect(TaskDone)
+        assert done == TaskDone(
+            task_id=4, code=EXIT_CANCELLED, output="cancelled: operator said stop"
+        )
+        with trio.fail_after(WAIT):
+            await model.stream_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_as_a_user_that_does_not_exist(host: Host) -> None:
+    _, conn = await host.start()
+    await conn.welcome()
+    await conn.send(Run(req=1, argv=["id", "-u"], user="no-such-user-x"))
+    assert await conn.expect(Exited) == Exited(
+        req=1, code=126, error="no user 'no-such-user-x' in this guest"
+    )
+    chunks, exited = await conn.run(2, ["id", "-u"])
+    assert exited.code == 0
+    assert chunks["stdout"] == [f"{agent_user(os.environ).uid}\n".encode()]
 
 
 async def test_task_output_is_capped(host: Host) -> None:
