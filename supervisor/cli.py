@@ -234,7 +234,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     sys.stdout.flush()
     code: int | None = None
-    for item in _client(args).stream("/run", {"role": args.role, "argv": argv}):
+    body: dict[str, object] = {"role": args.role, "argv": argv}
+    if args.user:
+        body["user"] = args.user
+    for item in _client(args).stream("/run", body):
         if "exit" in item:
             if not isinstance(item["exit"], int) or isinstance(item["exit"], bool):
                 raise CliError("the supervisor sent a malformed exit status")
@@ -554,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p = add("run", cmd_run, "run a command in a pooled VM and stream its output")
     p.add_argument("--role", metavar="R", help="role whose pool to use (default: the first)")
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="run as this guest user, e.g. root (default: the unprivileged agent user)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
     p = add("task", cmd_task, "queue a task for a role")
     p.add_argument("role", metavar="ROLE")

@@ -66,6 +66,19 @@ def test_pool_fills_and_run_returns_output_and_exit_codes(make_swarm) -> None:  
     assert swarm.status()["roles"]["worker"]["failed"] == 0
 
 
+def test_run_is_the_agent_user_unless_an_operator_asks_for_root(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    swarm.wait_for("an idle worker", idle("worker", 1))
+    out = swarm.cli("run", "--", "id", "-u")
+    assert out.returncode == 0
+    if os.geteuid() == 0:
+        assert out.stdout != b"0\n"  # the agent user (nobody on a host without "agent")
+        out = swarm.cli("run", "--user", "root", "--", "id", "-u")
+        assert (out.returncode, out.stdout) == (0, b"0\n")
+    out = swarm.cli("run", "--user", "no-such-user-x", "--", "id")
+    assert (out.returncode, out.stderr) == (126, b"no user 'no-such-user-x' in this guest\n")
+
+
 def test_a_killed_guest_is_replaced_with_backoff(make_swarm) -> None:  # type: ignore[no-untyped-def]
     swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=2)))
     swarm.wait_for("2 idle workers", idle("worker", 2))
