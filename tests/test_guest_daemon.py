@@ -43,6 +43,7 @@ from fireclaw.guest_daemon.protocol import (
     Heartbeat,
     Hello,
     HostMessage,
+    IrcPresence,
     Output,
     Promote,
     Promoted,
@@ -56,10 +57,11 @@ from fireclaw.guest_daemon.protocol import (
     encode,
 )
 from fireclaw.guest_daemon.users import agent_user, python_for
+from ircd import NGIRCD, ircd_server
+from ircperson import person
+from scripted_model import ScriptedModel, Stream, tool_call
+from scripted_model import text as model_text
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
-
-from tests.scripted_model import ScriptedModel, Stream, tool_call
-from tests.scripted_model import text as model_text
 
 TOKEN = "t0ken-0123456789abcdef"
 VM_ID = "vm-test-1"
@@ -517,6 +519,53 @@ async def test_cancel_ends_a_chat_turn_and_closes_its_stream(host: Host) -> None
         )
         with trio.fail_after(WAIT):
             await model.stream_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
+async def test_chat_agent_answers_a_mention_on_irc_with_the_model(host: Host) -> None:
+    model = ScriptedModel(
+        [
+            tool_call("run_shell", {"command": "echo 4"}),
+            model_text("2+2 is 4, I checked"),
+            model_text("you asked about 2+2"),
+        ]
+    )
+    async with trio.open_nursery() as nursery, ircd_server() as ircd:
+        base_url = await nursery.start(model.serve)
+        async with person(ircd.address, "carol", "#agents") as carol:
+            _, conn = await host.start()
+            await conn.welcome()
+            irc = IrcPresence(
+                host=ircd.host, port=ircd.port, nick="alice", channels=["#agents"], cooldown=0
+            )
+            harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="native")
+            await conn.send(Promote(name="alice", role="worker", harness=harness, irc=irc))
+            await conn.expect(Promoted)
+            assert (await carol.next_from("alice")).type == "join"
+            carol.do("privmsg", "#agents", "alice: what is 2+2?")
+            notice = await carol.aexpect(
+                "a tool notice", lambda e: e.type == "pubnotice" and e.source.nick == "alice"
+            )
+            assert notice.arguments[0] == '[run_shell] {"command": "echo 4"} -> exit 0'
+            reply = await carol.next_from("alice")
+            assert (reply.type, reply.target) == ("pubmsg", "#agents")
+            assert reply.arguments[0] == "carol: 2+2 is 4, I checked"
+            ran = await conn.expect(ToolRan)
+            assert (ran.task_id, ran.tool, ran.output) == (0, "run_shell", "4\n")
+
+            carol.do("privmsg", "#agents", "alice, what did I ask?")
+            reply = await carol.next_from("alice")
+            assert reply.arguments[0] == "carol: you asked about 2+2"
+            # The conversation so far came with the second question.
+            history = model.requests[2]["messages"][1:]
+            assert history == [
+                {"role": "user", "content": "carol: what is 2+2?"},
+                {"role": "assistant", "content": "2+2 is 4, I checked"},
+                {"role": "user", "content": "carol: what did I ask?"},
+            ]
+            await conn.send(Stop(reason="test over"))
+            await conn.expect(Goodbye)
         nursery.cancel_scope.cancel()
 
 
