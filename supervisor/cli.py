@@ -595,7 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_image_build)
     p.add_argument("--kernel", default="debian-cloud", help="debian-cloud, or a vmlinux/bzImage")
-    p.add_argument("--package", action="append", default=[], help="one more Debian package")
+    p.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        help="one more Debian package (podman: chat agents get the podman_run tool)",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
     add("down", cmd_down, "stop the supervisor and all its VMs")
