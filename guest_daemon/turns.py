@@ -96,7 +96,7 @@ class Turns:
         self._send = send
         self._model = model
         self._modes = modes or ToolModes()
-        self._dir = AgentDir(user)
+        self._dir: AgentDir | None = None  # made at first use: a parked guest makes none
         self.identity: Identity | None = None
         self.agent: ChatAgent | None = None
         self._history: dict[str, collections.deque[dict[str, str]]] = {}
@@ -108,10 +108,13 @@ class Turns:
         """Where agent work runs: its workspace, else its own directory."""
         if self.identity is not None and self.identity.workspace:
             return self.identity.workspace
+        if self._dir is None:
+            self._dir = AgentDir(self.user)
         return self._dir.path
 
     def close(self) -> None:
-        self._dir.close()
+        if self._dir is not None:
+            self._dir.close()
 
     def retune(self, identity: Identity) -> None:
         """The agent is ``identity`` from the next turn on."""

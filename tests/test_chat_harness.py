@@ -29,9 +29,16 @@ from fireclaw.guest_daemon.chat import (
     TurnStateError,
     truncate_middle,
 )
-from fireclaw.guest_daemon.harness import Children
-from fireclaw.guest_daemon.protocol import ChatHarness
+from fireclaw.guest_daemon.harness import Children, Identity
+from fireclaw.guest_daemon.protocol import (
+    EXIT_CANCELLED,
+    ChatHarness,
+    GuestMessage,
+    Task,
+    TaskDone,
+)
 from fireclaw.guest_daemon.tools import EXIT_TIMEOUT, MEMORY_FILE, Toolbox, ToolResult
+from fireclaw.guest_daemon.turns import Turns
 from fireclaw.guest_daemon.users import AgentDir, RunAs, agent_user
 
 from tests.scripted_model import ScriptedModel, Status, Stream, action, text, tool_call
@@ -504,3 +511,91 @@ async def test_turn_deadline_under_a_fake_clock(
     assert outcome == TurnOutcome(False, "no final answer within 300s", 0)
     assert trio.current_time() - start == 300
     assert [t - start for t in calls] == [0, 200]
+
+
+# --- turns: a new identity at the next turn, never mid-turn ----------------------
+
+
+def _chat_identity(model: str, persona: str) -> Identity:
+    harness = ChatHarness(base_url="http://127.0.0.1:9/v1", model=model, tools=[])
+    return Identity(
+        name="ada", role="worker", persona=persona, model=model, argv=(), timeout=300, chat=harness
+    )
+
+
+async def test_a_retune_takes_effect_at_the_next_turn_not_mid_turn(user: RunAs) -> None:
+    sent: list[GuestMessage] = []
+    asked, release = trio.Event(), trio.Event()
+    bodies: list[dict[str, Any]] = []
+
+    async def model(base_url: str, body: dict[str, Any]) -> Reply:
+        bodies.append(body)
+        if len(bodies) == 1:
+            asked.set()
+            await release.wait()  # the first turn is in flight while the retune lands
+            return Reply(content="", finish_reason="length")  # a failed step: asks again
+        return Reply(content=f"answer {len(bodies)}", finish_reason="stop")
+
+    async def send(msg: GuestMessage) -> None:
+        sent.append(msg)
+
+    async def no_probe(base_url: str) -> bool:
+        return True
+
+    turns = Turns(
+        user=user, children=Children(), env={}, send=send, model=model, modes=ToolModes(no_probe)
+    )
+    try:
+        turns.retune(_chat_identity("m1", "old persona"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(turns.task, Task(task_id=1, prompt="first"))
+            with trio.fail_after(WAIT):
+                await asked.wait()
+            turns.retune(_chat_identity("m2", "new persona"))
+            release.set()
+        await turns.task(Task(task_id=2, prompt="second"))
+    finally:
+        turns.close()
+    assert [b["model"] for b in bodies] == ["m1", "m1", "m2"]
+    assert "old persona" in bodies[1]["messages"][0]["content"]
+    assert "new persona" in bodies[2]["messages"][0]["content"]
+    assert sent == [
+        TaskDone(task_id=1, code=0, output="answer 2"),
+        TaskDone(task_id=2, code=0, output="answer 3"),
+    ]
+
+
+async def test_cancel_reports_the_task_cancelled_and_spares_the_next(user: RunAs) -> None:
+    sent: list[GuestMessage] = []
+    started = trio.Event()
+
+    async def model(base_url: str, body: dict[str, Any]) -> Reply:
+        if body["messages"][-1]["content"] == "stuck":
+            started.set()
+            await trio.sleep_forever()
+        return Reply(content="fine", finish_reason="stop")
+
+    async def send(msg: GuestMessage) -> None:
+        sent.append(msg)
+
+    async def no_probe(base_url: str) -> bool:
+        return True
+
+    turns = Turns(
+        user=user, children=Children(), env={}, send=send, model=model, modes=ToolModes(no_probe)
+    )
+    try:
+        turns.retune(_chat_identity("m", ""))
+        assert turns.cancel("nothing runs") == 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(turns.task, Task(task_id=7, prompt="stuck"))
+            with trio.fail_after(WAIT):
+                await started.wait()
+            assert turns.cancel("operator said stop") == 1
+        await turns.task(Task(task_id=8, prompt="go on"))
+    finally:
+        turns.close()
+    assert sent == [
+        TaskDone(task_id=7, code=EXIT_CANCELLED, output="cancelled: operator said stop"),
+        TaskDone(task_id=8, code=0, output="fine"),
+    ]
