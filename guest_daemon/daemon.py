@@ -20,7 +20,9 @@ Configuration, lowest precedence first: the environment
 kernel command line read with ``--cmdline FILE`` (``fireclaw.url=``,
 ``fireclaw.vm_id=``, ``fireclaw.token=``), then ``--url``, ``--vm-id`` and
 ``--token``. The clock is set from ``Welcome`` only when
-``FIRECLAW_SET_CLOCK=1``, which only a VM image sets.
+``FIRECLAW_SET_CLOCK=1``, which only a VM image sets. Agent work runs as the
+user ``users.agent_user`` picks (``FIRECLAW_AGENT_USER`` names one; a name
+that does not exist is a configuration error).
 
 Exceptions::
 

@@ -7,8 +7,9 @@ user with the agent's directory as its working directory:
 * inside a VM the image has an ``agent`` user (pool/image/rootfs.py), and its
   workspace is ``/workspace`` (or its home when no workspace disk is attached);
 * under the process backend the daemon is a host process, root when the
-  supervisor is: the user is the one named by ``FIRECLAW_AGENT_USER`` (which
-  the driver sets), else ``agent`` when the host has one, else ``nobody``;
+  supervisor is: the user is the one named by ``FIRECLAW_AGENT_USER`` (the
+  driver passes it on from the supervisor's environment), else ``agent`` when
+  the host has one, else ``nobody``;
 * a daemon that is not root cannot switch users: work runs as itself.
 
 A ``Run`` may name another user (``run --user root`` for operators).

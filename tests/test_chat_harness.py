@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -599,3 +600,48 @@ async def test_cancel_reports_the_task_cancelled_and_spares_the_next(user: RunAs
         TaskDone(task_id=7, code=EXIT_CANCELLED, output="cancelled: operator said stop"),
         TaskDone(task_id=8, code=0, output="fine"),
     ]
+
+
+# --- podman_run ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("podman") is not None, reason="podman is installed here")
+def test_podman_run_is_absent_without_podman(workdir: str, user: RunAs) -> None:
+    toolbox = Toolbox(
+        ["run_shell", "podman_run"], root=workdir, user=user, children=Children(), env={}, timeout=5
+    )
+    assert [spec.name for spec in toolbox.specs] == ["run_shell"]
+    assert toolbox.absent == ["podman_run: podman is not installed in this guest"]
+
+
+@pytest.fixture
+def fake_podman(workdir: str) -> str:
+    """A stand-in for podman (a test double): prints who ran it and with what."""
+    path = os.path.join(workdir, "podman")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write('#!/bin/sh\necho "uid=$(id -u)"; printf "%s\\n" "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+async def test_podman_run_runs_a_networkless_container_as_the_agent(
+    workdir: str, user: RunAs, fake_podman: str
+) -> None:
+    toolbox = Toolbox(
+        ["podman_run"],
+        root=workdir,
+        user=user,
+        children=Children(),
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=WAIT,
+        podman=fake_podman,
+    )
+    call = ToolCall("c", "podman_run", {"image": "local/alpine", "command": "ls /"}, "")
+    result = await toolbox.run(call)
+    assert result.code == 0, result.output
+    assert result.output.splitlines() == [
+        f"uid={user.uid}",
+        "run", "--rm", "--network=none", "--pull=never", "local/alpine", "sh", "-c", "ls /",
+    ]  # fmt: skip
+    bad = await toolbox.run(ToolCall("d", "podman_run", {"image": "-v /:/h", "command": "x"}, ""))
+    assert bad.code == 2 and "invalid arguments" in bad.output

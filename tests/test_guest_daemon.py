@@ -215,6 +215,19 @@ def test_config_errors_are_one_line(argv: list[str], env: dict[str, str], expect
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to the agent user")
+def test_config_names_an_agent_user_that_does_not_exist() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([], {**ENV, "FIRECLAW_AGENT_USER": "no-such-user-x"})
+    assert str(info.value) == (
+        "agent user: no user 'no-such-user-x' in this guest"
+        " (set FIRECLAW_AGENT_USER to one that exists)"
+    )
+    config = load_config([], {**ENV, "FIRECLAW_AGENT_USER": "root"})
+    assert config.agent_user is not None
+    assert (config.agent_user.uid, config.agent_user.switch) == (0, False)
+
+
 def test_config_error_never_shows_the_token() -> None:
     bad = "short!secret"
     with pytest.raises(ConfigError) as info:
