@@ -5,8 +5,8 @@ One ``Turn`` is one task or one IRC question. It builds the body of each
 from a stream by ``ReplyMerger`` out of the pieces ``SseDecoder`` finds)
 into the next action::
 
-    Turn.request() ──> body         (or Failed: the step cap is reached)
-    Turn.on_reply(reply) ──> Answer(text)          the answer
+    Turn.request() ──> body        (or Failed: the step cap is reached)
+    Turn.on_reply(reply) ──> Answer(text)         the final answer
                              Calls([ToolCall...]) run them, then on_result() each
                              Retry                ask again (a failed step)
                              Failed(reason)       give up
@@ -29,8 +29,8 @@ told what was wrong and asked again, within the step cap. The same call
 Servers differ (Ollama, vLLM, llama.cpp, OpenAI): a tool call may come
 without an id, with arguments as a string or as an object, in streamed pieces
 to be merged by ``index``; a chunk may have no ``choices`` (the usage chunk).
-All of that is read defensively; nothing a server sends raises here except
-``ModelReplyError`` for a body that is not JSON at all.
+All of that is read defensively: nothing a server sends raises here, except
+an event line longer than ``MAX_SSE_LINE`` (``ModelReplyError``).
 
 This module imports only the standard library: it ships inside VM images.
 """
@@ -52,7 +52,7 @@ MAX_SSE_LINE: Final = 1 << 20
 
 
 class ModelReplyError(Exception):
-    """What the server sent is not a chat completion (one line)."""
+    """What the server sent cannot be a chat completion (one line)."""
 
 
 class TurnStateError(Exception):

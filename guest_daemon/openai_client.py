@@ -11,9 +11,9 @@ whether the model's chat template takes tools.
 
 Errors::
 
-    ModelError              one line, for the turn's failure report
-    ├── ModelHttpError      the server answered with a status other than 200
-    └── ModelReplyError     (from chat) the body is not a chat completion
+    ModelError              one line, for the turn's failure report; also what the
+    │                       server sent when it cannot be a chat completion
+    └── ModelHttpError      the server answered with a status other than 200
 
 Connection failures are ``ModelError`` too; the caller bounds every call with
 a cancel scope (the turn's deadline).
@@ -45,10 +45,6 @@ class ModelHttpError(ModelError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"model server answered {status}: {message}")
         self.status = status
-
-
-class _ReplyError(ModelError, ModelReplyError):
-    pass
 
 
 def _target(base_url: str, path: str) -> tuple[str, int, str, str]:
@@ -144,11 +140,14 @@ async def complete(base_url: str, body: dict[str, Any]) -> Reply:
         merger = ReplyMerger()
         if content_type.startswith("text/event-stream"):
             decoder = SseDecoder()
-            async for piece in _body_chunks(stream, conn):
-                if _feed_events(decoder.feed(piece), merger):
-                    break
-            else:
-                _feed_events(decoder.close(), merger)
+            try:
+                async for piece in _body_chunks(stream, conn):
+                    if _feed_events(decoder.feed(piece), merger):
+                        break
+                else:
+                    _feed_events(decoder.close(), merger)
+            except ModelReplyError as exc:
+                raise ModelError(str(exc)) from exc
         else:
             data = b"".join([piece async for piece in _body_chunks(stream, conn)])
             merger.feed(_json(data.decode("utf-8", errors="replace")))
@@ -168,7 +167,7 @@ def _json(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        raise _ReplyError(
+        raise ModelError(
             f"the model server sent something that is not JSON: {text[:80]!r}"
         ) from None
 

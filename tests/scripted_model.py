@@ -24,10 +24,11 @@ import trio
 
 @dataclass
 class Stream:
-    """An SSE answer: each chunk one ``data:`` event, then ``[DONE]`` unless ``hang``
-    (then the server keeps the stream open until the client closes it)."""
+    """An SSE answer: each chunk one ``data:`` event (a string is sent as it is),
+    then ``[DONE]`` unless ``hang`` (then the server keeps the stream open until
+    the client closes it)."""
 
-    chunks: list[dict[str, Any]]
+    chunks: list[dict[str, Any] | str]
     hang: bool = False
 
 
@@ -142,7 +143,8 @@ class ScriptedModel:
                     headers = [("Content-Type", "text/event-stream")]
                     await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
                     for chunk in chunks:
-                        line = f"data: {json.dumps(chunk)}\r\n\r\n".encode()
+                        data = chunk if isinstance(chunk, str) else json.dumps(chunk)
+                        line = f"data: {data}\r\n\r\n".encode()
                         await stream.send_all(conn.send(h11.Data(data=line)))
                     if hang:
                         self.hanging.set()

@@ -356,6 +356,14 @@ async def test_model_error_status_ends_the_turn_with_its_message(rig: Rig) -> No
     assert outcome == TurnOutcome(False, "model server answered 429: token budget exhausted", 1)
 
 
+async def test_a_stream_that_is_not_json_ends_the_turn_in_one_line(rig: Rig) -> None:
+    model = ScriptedModel([Stream(["<html>bad gateway</html>"])])
+    outcome = await rig.answer(await rig.agent(model, tool_mode="native"))
+    assert outcome == TurnOutcome(
+        False, "the model server sent something that is not JSON: '<html>bad gateway</html>'", 1
+    )
+
+
 async def test_tool_timeout_kills_the_group_with_exit_124(rig: Rig) -> None:
     model = ScriptedModel(
         [tool_call("run_shell", {"command": "sleep 600 & sleep 600; echo never"}), text("ok")]
