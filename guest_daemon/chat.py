@@ -451,8 +451,13 @@ class Turn:
         return Retry(note)
 
     def _read_action(self, content: str) -> Answer | ToolCall | str:
+        """The action in ``content``, or what is wrong with it. A server that does not
+        enforce the schema may let the model wrap it in a Markdown code fence."""
+        text = content.strip()
+        if text.startswith("```") and text.endswith("```") and len(text) > 6:
+            text = text[3:-3].removeprefix("json").strip()
         try:
-            value = json.loads(content)
+            value = json.loads(text)
         except ValueError:
             return "not JSON"
         if not isinstance(value, dict):

@@ -22,6 +22,7 @@ from fireclaw.guest_daemon import confine
 from fireclaw.guest_daemon.agent import ChatAgent, ToolModes, TurnOutcome
 from fireclaw.guest_daemon.chat import (
     REPEAT_LIMIT,
+    Answer,
     Reply,
     ReplyMerger,
     SseDecoder,
@@ -309,6 +310,12 @@ async def test_json_mode_malformed_action_is_a_failed_step(rig: Rig) -> None:
     outcome = await rig.answer(await rig.agent(model, tool_mode="json"))
     assert outcome == TurnOutcome(True, "4", 2)
     assert "not a valid action" in model.requests[1]["messages"][-1]["content"]
+
+
+def test_json_mode_reads_an_action_in_a_code_fence() -> None:
+    turn = _turn(native=False)
+    turn.request()
+    assert turn.on_reply(Reply(content='```json\n{"final": "4"}\n```')) == Answer("4")
 
 
 async def test_step_cap_ends_the_turn(rig: Rig) -> None:
