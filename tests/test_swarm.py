@@ -4,9 +4,11 @@ real signals and sockets, driven through the CLI and the API like an operator.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,8 +203,21 @@ def test_sigterm_stops_everything_and_leaves_nothing(make_swarm) -> None:  # typ
     assert "stopped" in log
 
 
-def test_a_queued_task_survives_a_supervisor_kill(make_swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    gate = tmp_path / "gate"
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory the unprivileged agent user can look into (pytest's tmp_path
+    is private to root), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="fireclaw-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_queued_task_survives_a_supervisor_kill(make_swarm, open_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # The harness runs as the agent user: the gate is where that user can see it.
+    gate = open_dir / "gate"
     harness = (
         'harness: {kind: command, command: ["sh", "-c", '
         f'"while [ ! -e {gate} ]; do sleep 0.05; done; echo done: $FIRECLAW_PROMPT"]}}\n'
