@@ -40,7 +40,7 @@ from fireclaw.guest_daemon.protocol import (
     TaskDone,
 )
 from fireclaw.guest_daemon.tools import EXIT_TIMEOUT, MEMORY_FILE, Toolbox, ToolResult
-from fireclaw.guest_daemon.turns import Turns
+from fireclaw.guest_daemon.turns import Turns, cut_bytes
 from fireclaw.guest_daemon.users import AgentDir, RunAs, agent_user
 
 from tests.scripted_model import ScriptedModel, Status, Stream, action, text, tool_call
@@ -136,6 +136,14 @@ def test_truncate_middle_keeps_head_and_tail_with_a_marker() -> None:
     assert shown.startswith("H" * 1000) and shown.endswith("T" * 1000)
     assert "characters cut" in shown and len(shown) <= 4100
     assert truncate_middle("short", 4000) == "short"
+
+
+def test_audit_output_is_cut_in_utf8_bytes_head_and_tail() -> None:
+    text = "é" * 10_000 + "END"
+    cut, truncated = cut_bytes(text, 1000)
+    assert truncated and len(cut.encode()) <= 1000
+    assert cut.startswith("é" * 200) and cut.endswith("END") and "bytes cut" in cut
+    assert cut_bytes("small", 1000) == ("small", False)
 
 
 def _turn(**changes: Any) -> Turn:
