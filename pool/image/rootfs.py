@@ -36,8 +36,9 @@ REQUIRED_PACKAGES = ("python3", "busybox-static", "iproute2")
 #: The Python each suite's ``python3`` is, for cross-installing wheels.
 SUITE_PYTHON = {"bookworm": "3.11"}
 
-#: Distributions the guest daemon imports (and will: irctokens for IRC).
-GUEST_DISTRIBUTIONS = ("trio", "trio-websocket", "msgspec", "irctokens")
+#: Distributions the guest daemon imports: h11 (the chat harness's HTTP client)
+#: comes with trio-websocket, and is named so that it stays.
+GUEST_DISTRIBUTIONS = ("trio", "trio-websocket", "msgspec", "irctokens", "h11")
 #: Pins for guest distributions this host does not have installed.
 FALLBACK_PINS = {"irctokens": "2.0.2"}
 #: Wheel platforms the guest's glibc (2.36 on bookworm) runs.
