@@ -8,7 +8,9 @@ change.
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.load import EX_CONFIG, ConfigError, load_config, parse_config
 from fireclaw.config.model import (
+    AnyHarnessSpec,
     Backoff,
+    ChatHarnessSpec,
     CommandRateSpec,
     Config,
     ControlSpec,
@@ -28,7 +30,9 @@ from fireclaw.config.model import (
 
 __all__ = [
     "EX_CONFIG",
+    "AnyHarnessSpec",
     "Backoff",
+    "ChatHarnessSpec",
     "CommandRateSpec",
     "Config",
     "ConfigDiff",

@@ -16,7 +16,7 @@ import hashlib
 from typing import Final
 
 import msgspec
-from fireclaw.config.model import Config, HarnessSpec, Resources, Role
+from fireclaw.config.model import AnyHarnessSpec, Config, Resources, Role
 
 __all__ = ["ConfigDiff", "RoleChange", "diff_config", "role_hash"]
 
@@ -28,7 +28,7 @@ class _VmSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     resources: Resources
     guest_command: tuple[str, ...] | None
-    harness: HarnessSpec
+    harness: AnyHarnessSpec
     nick_pattern: str
 
 

@@ -208,6 +208,13 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
                 shown, f"budget.roles.{name}", f"no role {name!r} (roles: {', '.join(roles)})"
             )
     models = swarm.models
+    for name, role in roles.items():
+        if role.harness.kind == "chat" and models is None:
+            raise ConfigError(
+                shown,
+                f"roles.{name}.harness.kind",
+                "chat asks a model: add a models: section (server: managed runs one here)",
+            )
     api_key_path = model_path = None
     if models is not None and models.api_key_file is not None:
         api_key_path = (base / pathlib.Path(models.api_key_file).expanduser()).resolve()
@@ -279,6 +286,7 @@ class _TemplateDir:
         file_shown = str(file)
         raw = _parse_yaml(_read(file, file_shown), file_shown)
         _normalise_policy(raw)
+        _default_harness_kind(raw)
         template = _convert(raw, Role, file_shown, "")
         if template.name != name:
             raise ConfigError(
@@ -307,6 +315,7 @@ def _build_role(name: object, entry: object, templates: _TemplateDir, shown: str
     raw = templates.get(template, shown=shown, field=f"{where}.template")
     _normalise_policy(overrides)
     merged = _merge(raw, overrides, _MERGED)
+    _default_harness_kind(merged)
     merged["name"] = name
     if isinstance(merged.get("nick_pattern"), str):
         merged["nick_pattern"] = merged["nick_pattern"].replace("{role}", name)
@@ -336,6 +345,14 @@ def _normalise_policy(raw: dict[str, Any]) -> None:
     if isinstance(policy, str):
         policy = _POLICY_ALIASES.get(policy, policy)
     raw["restart"] = {**restart, "policy": policy}
+
+
+def _default_harness_kind(raw: dict[str, Any]) -> None:
+    """A ``harness`` mapping without ``kind`` is a ``command`` harness (as before
+    there were kinds); set it in place so the tagged union can tell."""
+    harness = raw.get("harness")
+    if isinstance(harness, dict) and "kind" not in harness:
+        raw["harness"] = {"kind": "command", **harness}
 
 
 def _prepare_irc(raw: dict[str, Any]) -> None:
@@ -424,19 +441,24 @@ def _explain(message: str, typ: type[Any], raw: object) -> tuple[str, str]:
     if match and match["key"]:
         return _path(segments), f"key: {_yaml_words(what)}"
     if m := re.fullmatch(r"Object contains unknown field `(.+)`", what):
-        fields = _struct_fields(_type_at(mi.type_info(typ), segments))
+        fields = _struct_fields(_type_at(mi.type_info(typ), segments, raw))
         expected = f"; expected one of: {', '.join(fields)}" if fields else ""
         return _path([*segments, m[1]]), f"unknown field{expected}"
     if m := re.fullmatch(r"Object missing required field `(.+)`", what):
         return _path([*segments, m[1]]), "required field is missing"
+    if (m := re.fullmatch(r"Invalid value (.+)", what)) and segments:
+        # A tagged union's tag (a harness's kind) that names no member.
+        choices = _union_tags(_type_at(mi.type_info(typ), segments[:-1], raw))
+        if choices:
+            return _path(segments), f"expected one of: {', '.join(choices)}; got {m[1]}"
     if m := re.fullmatch(r"Invalid enum value (.+)", what):
-        choices = _literal_values(_type_at(mi.type_info(typ), segments))
+        choices = _literal_values(_type_at(mi.type_info(typ), segments, raw))
         if segments and segments[-1] == "policy":
             choices += list(_POLICY_ALIASES)
         return _path(segments), f"expected one of: {', '.join(choices)}; got {m[1]}"
     if m := _BLAME_RE.fullmatch(what):
         # A __post_init__ names the field it blames first: "server: expected ...".
-        if m["field"] in _struct_fields(_type_at(mi.type_info(typ), segments)):
+        if m["field"] in _struct_fields(_type_at(mi.type_info(typ), segments, raw)):
             return _path([*segments, m["field"]]), m["what"]
     if (m := _REGEX_RE.fullmatch(what)) and m["pattern"] in _PATTERN_WORDS:
         found, value = _lookup(raw, segments)
@@ -474,13 +496,18 @@ def _join(prefix: str, field: str) -> str:
     return prefix + field if field.startswith("[") else f"{prefix}.{field}"
 
 
-def _type_at(t: mi.Type, segments: list[str | int]) -> mi.Type | None:
+def _type_at(t: mi.Type, segments: list[str | int], raw: object = None) -> mi.Type | None:
+    """The type at ``segments``; ``raw`` (the data being converted) picks the member
+    of a tagged union (a harness's ``kind``)."""
     for seg in segments:
         if isinstance(t, mi.UnionType):
             structs = [u for u in t.types if not isinstance(u, mi.NoneType)]
+            if len(structs) > 1:
+                structs = [u for u in structs if _tag_matches(u, raw)]
             if len(structs) != 1:
                 return None
             t = structs[0]
+        raw = raw.get(seg) if isinstance(raw, dict) and isinstance(seg, str) else None
         if isinstance(t, mi.StructType) and isinstance(seg, str):
             found = [f.type for f in t.fields if f.encode_name == seg]
             if not found:
@@ -492,7 +519,25 @@ def _type_at(t: mi.Type, segments: list[str | int]) -> mi.Type | None:
             t = t.value_type
         else:
             return None
+    if isinstance(t, mi.UnionType):
+        tagged = [u for u in t.types if _tag_matches(u, raw)]
+        return tagged[0] if len(tagged) == 1 else t
     return t
+
+
+def _tag_matches(t: mi.Type, raw: object) -> bool:
+    return (
+        isinstance(t, mi.StructType)
+        and t.tag_field is not None
+        and isinstance(raw, dict)
+        and raw.get(t.tag_field) == t.tag
+    )
+
+
+def _union_tags(t: mi.Type | None) -> list[str]:
+    if isinstance(t, mi.UnionType):
+        return [str(u.tag) for u in t.types if isinstance(u, mi.StructType) and u.tag]
+    return []
 
 
 def _struct_fields(t: mi.Type | None) -> list[str]:

@@ -19,7 +19,7 @@ import re
 from typing import Annotated, Final, Literal
 
 import msgspec
-from fireclaw.guest_daemon.protocol import MAX_FRAME_BYTES
+from fireclaw.guest_daemon.protocol import DEFAULT_TOOLS, MAX_FRAME_BYTES, ToolMode, ToolName
 from msgspec import Meta
 
 ROLE_NAME_PATTERN: Final = r"^[a-z][a-z0-9-]{0,30}$"
@@ -88,8 +88,15 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     memory_mib: Annotated[int, Meta(ge=64, le=262_144)] = 256
 
 
-class HarnessSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How an agent turns a prompt into work.
+class HarnessSpec(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="kind",
+    tag="command",
+):
+    """How an agent turns a prompt into work: run a command (``kind: command``).
 
     ``command``: run ``command`` in the guest with ``FIRECLAW_AGENT``,
     ``FIRECLAW_ROLE``, ``FIRECLAW_PROMPT``, ``FIRECLAW_PERSONA`` and
@@ -97,9 +104,51 @@ class HarnessSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     prompt. It is killed after ``timeout`` seconds.
     """
 
-    kind: Literal["command"] = "command"
     command: Argv
     timeout: PositiveSeconds = 600.0
+
+    @property
+    def kind(self) -> Literal["command"]:
+        return "command"
+
+
+class ChatHarnessSpec(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="kind",
+    tag="chat",
+):
+    """How an agent turns a prompt into work: ask the role's model (``kind: chat``).
+
+    A tool loop on the model gateway's ``/v1/chat/completions``: the model may
+    call ``tools`` (run as the unprivileged agent user) for at most
+    ``max_steps`` model calls and ``timeout`` seconds per task or IRC turn, each
+    call answering with at most ``max_tokens`` and each tool run taking at most
+    ``tool_timeout`` seconds. ``tool_mode``: ``native`` (the server's ``tools``),
+    ``json`` (an action object held to a JSON schema, which llama.cpp enforces for
+    any model) or ``auto`` (native when the server says the model supports it).
+    """
+
+    tools: Annotated[tuple[ToolName, ...], Meta(max_length=8)] = DEFAULT_TOOLS
+    tool_mode: ToolMode = "auto"
+    max_steps: Annotated[int, Meta(ge=1, le=100)] = 8
+    timeout: PositiveSeconds = 300.0
+    max_tokens: Annotated[int, Meta(ge=16, le=32_768)] = 512
+    tool_timeout: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+
+    def __post_init__(self) -> None:
+        if len(set(self.tools)) != len(self.tools):
+            raise ValueError(f"tools: {list(self.tools)} names a tool twice")
+
+    @property
+    def kind(self) -> Literal["chat"]:
+        return "chat"
+
+
+#: What ``harness:`` holds; a harness without ``kind`` is a ``command`` one.
+AnyHarnessSpec = HarnessSpec | ChatHarnessSpec
 
 
 class ControlSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -494,7 +543,7 @@ class Role(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     nick_pattern: Annotated[str, Meta(min_length=1, max_length=64)]
     persona: Annotated[str, Meta(max_length=8000)]
     model: Annotated[str, Meta(min_length=1, max_length=200)]
-    harness: HarnessSpec
+    harness: AnyHarnessSpec
     resources: Resources = msgspec.field(default_factory=Resources)
     restart: RestartPolicy = msgspec.field(default_factory=RestartPolicy)
     pool: PoolSpec = msgspec.field(default_factory=PoolSpec)

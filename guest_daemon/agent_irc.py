@@ -492,6 +492,26 @@ class AgentPresence:
         except InvalidParameter as exc:
             log.warning("cannot reply to %s: %s", question.reply_to, exc)
 
+    async def notice(self, sender: str, where: str, text: str) -> None:
+        """One NOTICE line about the answer being worked on for ``sender`` in ``where``
+        (a tool the agent runs): cut to one line that fits, through the throttle."""
+        client = self._client
+        if client is None:
+            return
+        target = sender if where == PRIVATE else where
+        budget = message_budget(
+            nick="x" * max(len(client.nick), len(self.presence.nick)),
+            username=AGENT_USERNAME,
+            host="x" * HOST_GUESS,
+            command="NOTICE",
+            target=target,
+        )
+        line = paginate(" ".join(text.replace("\x01", "").split()) or NO_ANSWER, budget)[0]
+        try:
+            await client.notice(target, line)
+        except InvalidParameter as exc:
+            log.warning("cannot send a notice to %s: %s", target, exc)
+
 
 def _starts_addressing(text: str, nick: str) -> bool:
     """Whether ``text`` already begins with ``nick:`` or ``nick,``."""

@@ -24,7 +24,9 @@ Configuration, lowest precedence first: the environment
 kernel command line read with ``--cmdline FILE`` (``fireclaw.url=``,
 ``fireclaw.vm_id=``, ``fireclaw.token=``), then ``--url``, ``--vm-id`` and
 ``--token``. The clock is set from ``Welcome`` only when
-``FIRECLAW_SET_CLOCK=1``, which only a VM image sets.
+``FIRECLAW_SET_CLOCK=1``, which only a VM image sets. Agent work runs as the
+user ``users.agent_user`` picks (``FIRECLAW_AGENT_USER`` names one; a name
+that does not exist is a configuration error).
 
 Exceptions::
 
@@ -68,12 +70,13 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from . import workspace
+from . import users, workspace
 from .agent_irc import AgentPresence
-from .harness import Children, Identity, one_line, run_command, run_harness
+from .harness import Children, Identity, one_line, run_command
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Cancel,
     Goodbye,
     GuestMessage,
     Heartbeat,
@@ -92,6 +95,7 @@ from .protocol import (
     decode_host,
     encode,
 )
+from .users import RunAs
 from .work import KILL_GRACE, REPORT_GRACE, Work
 
 log = logging.getLogger("fireclaw.guest_daemon")
@@ -139,6 +143,7 @@ class Config:
     connect_timeout: float = 30.0
     set_clock: bool = False
     redial: bool = False  # dial again after a lost connection (inside a VM)
+    agent_user: RunAs | None = None  # who runs agent work (None: as the daemon)
 
 
 _ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
@@ -229,6 +234,10 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     timeout = args.connect_timeout
     if not (math.isfinite(timeout) and timeout > 0):
         raise ConfigError(f"invalid --connect-timeout {timeout}: must be a positive number")
+    try:
+        user = users.agent_user(environ)
+    except users.UnknownUser as exc:
+        raise ConfigError(f"agent user: {exc} (set {users.ENV_USER} to one that exists)") from None
     return Config(
         url=url,
         vm_id=vm_id,
@@ -236,6 +245,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         connect_timeout=timeout,
         set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
         redial=bool(args.cmdline),
+        agent_user=user,
     )
 
 
@@ -409,9 +419,19 @@ class Session:
     async def _dispatch(self, msg: HostMessage, jobs: trio.Nursery) -> None:
         match msg:
             case Run():
-                jobs.start_soon(run_command, msg, self._send.send, self._runs, self._work.env)
+                turns = self._work.turns
+                jobs.start_soon(
+                    partial(run_command, user=turns.user, cwd=turns.workdir),
+                    msg,
+                    self._send.send,
+                    self._runs,
+                    self._work.env,
+                )
             case Task():
                 self._work.run_task(msg)
+            case Cancel():
+                ended = self._work.turns.cancel(msg.reason)
+                log.info("cancel: %d turn(s) ended (%s)", ended, msg.reason or "no reason")
             case Promote():
                 held = self._work.identity
                 again = held is not None
@@ -419,7 +439,7 @@ class Session:
                     workspace: str | None = held.workspace  # mounted already, by this daemon
                 else:
                     workspace = await self._workspace(msg)
-                self._work.identity = Identity.from_promote(msg, workspace=workspace)
+                self._work.promote(Identity.from_promote(msg, workspace=workspace))
                 log.info(
                     "%s as %s (role %s, model %s)",
                     "re-identified" if again else "promoted",
@@ -500,11 +520,14 @@ class Session:
 
 
 async def _answer(work: Work, sender: str, where: str, text: str) -> str:
-    """What the agent says on IRC: its harness, asked the message."""
-    if work.identity is None:
-        return "I am not an agent yet"
-    code, output, _ = await run_harness(work.identity, text, work.children, work.env)
-    return output if code == 0 else f"{output}\n(exit {code})"
+    """What the agent says on IRC: its harness (or its model), asked the message;
+    a tool call shows beside the answer as one NOTICE line."""
+
+    async def notice(to: str, where: str, line: str) -> None:
+        if work.presence is not None:
+            await work.presence.notice(to, where, line)
+
+    return await work.turns.answer(sender, where, text, notice)
 
 
 def _why(exc: ConnectionClosed) -> str:
@@ -520,7 +543,8 @@ def _why(exc: ConnectionClosed) -> str:
 async def serve(config: Config, environ: Mapping[str, str]) -> int:
     """Dial the host and run a session; inside a VM, again after each lost connection."""
     async with trio.open_nursery() as jobs:
-        work = Work(environ, jobs, keep=config.redial)
+        user = config.agent_user or users.lookup_self()
+        work = Work(environ, jobs, keep=config.redial, user=user)
         patience = config.connect_timeout
         while True:
             code, lost = await _dial_and_run(config, work, patience)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ import trio
 from .protocol import (
     MAX_OUTPUT_CHUNK,
     MAX_RESULT_BYTES,
+    ChatHarness,
     Exited,
     GuestMessage,
     Output,
@@ -39,6 +41,7 @@ from .protocol import (
     Task,
     TaskDone,
 )
+from .users import RunAs, UnknownUser, lookup
 
 log = logging.getLogger("fireclaw.guest_daemon")
 
@@ -70,20 +73,23 @@ class Identity:
     role: str
     persona: str
     model: str
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # empty for a chat harness
     timeout: float
     workspace: str | None = None  # where its workspace disk is mounted: the harness runs there
+    chat: ChatHarness | None = None
 
     @classmethod
     def from_promote(cls, msg: Promote, *, workspace: str | None = None) -> Identity:
+        chat = msg.harness if isinstance(msg.harness, ChatHarness) else None
         return cls(
             name=msg.name,
             role=msg.role,
             persona=msg.persona,
             model=msg.model,
-            argv=tuple(msg.harness.argv),
+            argv=() if isinstance(msg.harness, ChatHarness) else tuple(msg.harness.argv),
             timeout=msg.harness.timeout,
             workspace=workspace,
+            chat=chat,
         )
 
 
@@ -223,7 +229,7 @@ class Children:
                     signal_group(proc.pid, signal.SIGKILL)
                 with trio.move_on_after(REAP_TIMEOUT):
                     await proc.wait()
-                for stream in (proc.stdout, proc.stderr):
+                for stream in (proc.stdin, proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
 
@@ -252,27 +258,59 @@ class Children:
 
 
 async def spawn(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None = None, merge_stderr: bool
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | None = None,
+    merge_stderr: bool,
+    user: RunAs | None = None,
+    stdin: bool = False,
 ) -> trio.Process:
-    """Start ``argv`` (no shell) as the leader of a new session.
+    """Start ``argv`` (no shell) as the leader of a new session, as ``user`` when
+    given (its HOME, USER and LOGNAME set), with a stdin pipe when ``stdin``.
 
     Raises OSError or ValueError when it cannot be started.
     """
+    options = {} if user is None else user.spawn_options()
+    argv = list(argv)
+    if argv and "/" not in argv[0]:
+        # Looked up here, as a shell would: the exec as another user would report the
+        # first PATH entry that user may not search, not that the program is missing.
+        found = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+        argv[0] = found
     return await trio.lowlevel.open_process(
-        list(argv),
-        stdin=subprocess.DEVNULL,
+        argv,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         cwd=cwd or None,
-        env=dict(env),
+        env={**env, **(user.env() if user is not None else {})},
         start_new_session=True,
+        **options,
     )
 
 
-async def run_command(msg: Run, send: Send, children: Children, env: Mapping[str, str]) -> None:
-    """Serve a ``Run``: stream ``Output`` chunks, then one ``Exited``."""
+async def run_command(
+    msg: Run,
+    send: Send,
+    children: Children,
+    env: Mapping[str, str],
+    *,
+    user: RunAs | None = None,
+    cwd: str | None = None,
+) -> None:
+    """Serve a ``Run``: stream ``Output`` chunks, then one ``Exited``.
+
+    It runs as ``msg.user`` when named, else as ``user``; in ``msg.cwd``, else ``cwd``."""
     try:
-        proc = await spawn(msg.argv, env=env, cwd=msg.cwd, merge_stderr=False)
+        if msg.user:
+            user = lookup(msg.user)
+        proc = await spawn(msg.argv, env=env, cwd=msg.cwd or cwd, merge_stderr=False, user=user)
+    except UnknownUser as exc:
+        await send(Exited(req=msg.req, code=126, error=str(exc)))
+        return
     except (OSError, ValueError) as exc:
         code, error = spawn_failure(exc)
         log.info("run %d: cannot start %s: %s", msg.req, msg.argv[0], error)
@@ -297,9 +335,12 @@ async def run_command(msg: Run, send: Send, children: Children, env: Mapping[str
 async def run_task(
     msg: Task,
     who: Identity | None,
-    send: Callable[[TaskDone], Awaitable[None]],
+    send: Send,
     children: Children,
     base_env: Mapping[str, str],
+    *,
+    user: RunAs | None = None,
+    workdir: str | None = None,
 ) -> None:
     """Serve a ``Task``: run the harness, reply with one ``TaskDone``."""
     if who is None:
@@ -312,7 +353,7 @@ async def run_task(
         )
         return
     code, output, truncated = await run_harness(
-        who, msg.prompt, children, base_env, task_id=msg.task_id
+        who, msg.prompt, children, base_env, task_id=msg.task_id, user=user, workdir=workdir
     )
     await send(TaskDone(task_id=msg.task_id, code=code, output=output, truncated=truncated))
 
@@ -324,15 +365,20 @@ async def run_harness(
     base_env: Mapping[str, str],
     *,
     task_id: int = 0,
+    user: RunAs | None = None,
+    workdir: str | None = None,
 ) -> tuple[int, str, bool]:
     """Run the agent's harness on ``prompt``: (exit code, output, whether it was cut).
 
-    Serves tasks and the questions an agent is asked on IRC alike."""
+    Serves tasks and the questions an agent is asked on IRC alike. It runs as
+    ``user`` (None: as the daemon) in the workspace, else in ``workdir``."""
     label = f"task {task_id}" if task_id else "question"
     argv = harness_argv(who.argv, prompt)
     env = task_env(base_env, who, task_id, prompt)
     try:
-        proc = await spawn(argv, env=env, cwd=who.workspace, merge_stderr=True)
+        proc = await spawn(
+            argv, env=env, cwd=who.workspace or workdir, merge_stderr=True, user=user
+        )
     except (OSError, ValueError) as exc:
         code, error = spawn_failure(exc)
         log.info("%s: cannot start harness %s: %s", label, argv[0], error)

@@ -22,6 +22,8 @@ Conversation::
       | <---- Promote(name, role, ...) -- |   becomes an agent
       | -- Promoted(name) --------------> |
       | <------------ Task(id, prompt) -- |
+      | -- ToolRan(task, tool, ...) ----> |   a chat harness's tool call: the audit trail
+      | <------------------- Cancel ---- |   ends the agent's current turn(s)
       | -- TaskDone(id, code, output) --> |
       | <--------------- Stop(reason) --- |   asks the guest to stop
       | -- Goodbye(reason) -------------> |   then the guest exits 0
@@ -45,7 +47,9 @@ from msgspec import Meta
 
 _T = TypeVar("_T")
 
-PROTOCOL_VERSION: Final = 2
+#: 2: ``Hello.resume`` (a guest that outlived its supervisor says what it holds).
+#: 3: the chat harness (``ChatHarness``, ``Cancel``, ``ToolRan``, ``Run.user``).
+PROTOCOL_VERSION: Final = 3
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -57,6 +61,10 @@ MAX_PROMPT_CHARS: Final = 16 * 1024
 MAX_RESULT_BYTES: Final = 32 * 1024
 #: Most tasks a resuming guest may say it holds.
 MAX_RESUMED_TASKS: Final = 64
+#: Largest tool output carried by one ``ToolRan`` (the rest is cut, and says so).
+MAX_TOOL_OUTPUT: Final = 16 * 1024
+#: Largest tool arguments (as JSON text) carried by one ``ToolRan``.
+MAX_TOOL_ARGUMENTS: Final = 8 * 1024
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]{}|^`\\]+$")]
 Token = Annotated[str, Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
@@ -65,6 +73,9 @@ Seq = Annotated[int, Meta(ge=0, le=2**53)]
 ExitCode = Annotated[int, Meta(ge=-255, le=255)]
 TaskId = Annotated[int, Meta(ge=1, le=2**53)]
 ShortText = Annotated[str, Meta(max_length=1024)]
+UserName = Annotated[str, Meta(max_length=32, pattern=r"^([a-z_][a-z0-9_-]*)?$")]
+#: Exit code of a task whose turn was cancelled (like a shell's 128 + SIGINT).
+EXIT_CANCELLED: Final = 130
 Argv = Annotated[list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1, max_length=256)]
 
 
@@ -125,11 +136,27 @@ class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag=
     truncated: bool = False
 
 
+class ToolRan(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="tool_ran"):
+    """A chat harness ran a tool: one line of the audit trail.
+
+    ``task_id`` is 0 for a turn that answers IRC. ``output`` is the tool's whole
+    output up to ``MAX_TOOL_OUTPUT`` bytes (the model was shown less).
+    """
+
+    task_id: Annotated[int, Meta(ge=0, le=2**53)]
+    tool: Annotated[str, Meta(max_length=64)]
+    arguments: Annotated[str, Meta(max_length=MAX_TOOL_ARGUMENTS)]
+    code: ExitCode
+    duration: Annotated[float, Meta(ge=0, le=86400)]
+    output: Annotated[str, Meta(max_length=MAX_TOOL_OUTPUT)]
+    truncated: bool = False
+
+
 class Goodbye(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="goodbye"):
     reason: ShortText = ""
 
 
-GuestMessage = Hello | Heartbeat | Output | Exited | Promoted | TaskDone | Goodbye
+GuestMessage = Hello | Heartbeat | Output | Exited | Promoted | TaskDone | ToolRan | Goodbye
 
 
 # --- host -> guest -----------------------------------------------------------
@@ -151,6 +178,8 @@ class Run(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="run"
     req: ReqId
     argv: Argv
     cwd: Annotated[str, Meta(max_length=4096)] = ""
+    #: Who runs it: empty for the agent user (the safe default), or a user name.
+    user: UserName = ""
 
 
 class Harness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="command"):
@@ -158,6 +187,34 @@ class Harness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
 
     argv: Argv
     timeout: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+
+
+#: The tools a chat harness may hand its model.
+ToolName = Literal["run_shell", "read_file", "write_file", "save_memory", "podman_run"]
+#: ``native``: the server's ``tools`` field; ``json``: an action object enforced by a
+#: JSON schema; ``auto``: native when the server says the model's template takes tools.
+ToolMode = Literal["auto", "native", "json"]
+DEFAULT_TOOLS: Final[tuple[ToolName, ...]] = ("run_shell", "read_file", "write_file", "save_memory")
+
+
+class ChatHarness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="chat"):
+    """The ``chat`` harness: a tool loop on ``{base_url}/chat/completions``.
+
+    ``base_url`` is the model gateway as the guest reaches it (``http://HOST:PORT/v1``).
+    Every model call asks for at most ``max_tokens``; a task or turn takes at most
+    ``max_steps`` model calls and ``timeout`` seconds; one tool run ``tool_timeout``.
+    """
+
+    base_url: Annotated[str, Meta(max_length=1024, pattern=r"^http://[^\s/?#]+(/[^\s?#]*)?$")]
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    tools: Annotated[list[ToolName], Meta(max_length=8)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_TOOLS)
+    )
+    tool_mode: ToolMode = "auto"
+    max_steps: Annotated[int, Meta(ge=1, le=100)] = 8
+    timeout: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    max_tokens: Annotated[int, Meta(ge=16, le=32768)] = 512
+    tool_timeout: Annotated[float, Meta(gt=0, le=3600)] = 60.0
 
 
 class IrcPresence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -178,7 +235,7 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
     role: Name
     persona: Annotated[str, Meta(max_length=16384)] = ""
     model: Annotated[str, Meta(max_length=256)] = ""
-    harness: Harness
+    harness: Harness | ChatHarness
     irc: IrcPresence | None = None
     #: The agent's persistent workspace disk is attached: mount it and work in it.
     workspace: bool = False
@@ -189,11 +246,18 @@ class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="tas
     prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
 
 
+class Cancel(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="cancel"):
+    """End the agent's current turn(s): its model stream is closed, its tool processes
+    are killed, and a task so ended is reported done with ``EXIT_CANCELLED``."""
+
+    reason: ShortText = ""
+
+
 class Stop(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="stop"):
     reason: ShortText = ""
 
 
-HostMessage = Welcome | Run | Promote | Task | Stop
+HostMessage = Welcome | Run | Promote | Task | Cancel | Stop
 
 
 class ProtocolError(Exception):

@@ -14,7 +14,9 @@ the host expects.
 
     Work                       one per daemon, in serve()'s nursery
     ├─ identity, presence      set by Promote; kept across sessions when ``keep``
-    ├─ children                harness processes (tasks and IRC answers)
+    ├─ turns                   tasks and IRC questions, by the harness (a command or
+    │                          the model), as the agent user (``turns.Turns``)
+    ├─ children                harness and tool processes
     └─ tasks                   running, or done with their TaskDone not yet sent
 
 ``report`` is how a task's ``TaskDone`` goes out: through the session that is
@@ -31,12 +33,14 @@ from typing import Final
 import trio
 
 from .agent_irc import AgentPresence
-from .harness import Children, Identity, child_env, run_task
-from .protocol import MAX_RESUMED_TASKS, Resume, Task, TaskDone
+from .harness import Children, Identity, child_env
+from .protocol import MAX_RESUMED_TASKS, GuestMessage, Resume, Task, TaskDone
+from .turns import Turns
+from .users import RunAs
 
 log = logging.getLogger("fireclaw.guest_daemon")
 
-Send = Callable[[TaskDone], Awaitable[None]]
+Send = Callable[[GuestMessage], Awaitable[None]]
 
 #: Children get SIGTERM, then SIGKILL after this many seconds.
 KILL_GRACE: Final = 2.0
@@ -52,12 +56,15 @@ class Work:
     ``jobs`` is the nursery its tasks and its IRC presence run in: it outlives
     every session. ``keep``: the work survives a lost connection (in a VM)."""
 
-    def __init__(self, environ: Mapping[str, str], jobs: trio.Nursery, *, keep: bool) -> None:
+    def __init__(
+        self, environ: Mapping[str, str], jobs: trio.Nursery, *, keep: bool, user: RunAs
+    ) -> None:
         self.env = child_env(environ)
         self.keep = keep
         self.children = Children()
         self.identity: Identity | None = None
         self.presence: AgentPresence | None = None
+        self.turns = Turns(user=user, children=self.children, env=self.env, send=self._emit)
         self._jobs = jobs
         self._running = 0
         self._idle = trio.Event()
@@ -87,16 +94,31 @@ class Work:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
+    def promote(self, identity: Identity) -> None:
+        """Be ``identity`` from the next turn on (a turn under way keeps its own)."""
+        self.identity = identity
+        self.turns.retune(identity)
+
     def run_task(self, msg: Task) -> None:
         """Serve a ``Task`` in the background; its result goes out through ``report``."""
         if msg.task_id in self._tasks or msg.task_id in self._unsent:
             log.warning("task %d: already held; not run twice", msg.task_id)
             return
         self._tasks.add(msg.task_id)
-        identity = self.identity
-        self.start(lambda: run_task(msg, identity, self.report, self.children, self.env))
+        self.start(lambda: self.turns.task(msg))
 
     # --- results -------------------------------------------------------------------
+
+    async def _emit(self, msg: GuestMessage) -> None:
+        """What the turns report: a task's result (held until a host takes it), or an
+        audit line (best effort: without a session it is dropped)."""
+        if isinstance(msg, TaskDone):
+            await self.report(msg)
+        elif self._outlet is not None:
+            try:
+                await self._outlet(msg)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                log.info("an audit line was lost with the connection")
 
     async def report(self, done: TaskDone) -> None:
         """Send a task's result through the attached session, or keep it for the next."""
@@ -150,3 +172,4 @@ class Work:
         await self.children.terminate(KILL_GRACE)
         with trio.move_on_after(REPORT_GRACE):
             await self.wait_idle()
+        self.turns.close()

@@ -232,14 +232,15 @@ class ControlSession:
 
     # --- requests, called by the pool while serve() runs ---------------------
 
-    async def run(self, argv: list[str], emit: Emit) -> int:
-        """Run argv in the guest, emitting output lines as they come; its exit code."""
+    async def run(self, argv: list[str], emit: Emit, *, user: str = "") -> int:
+        """Run argv in the guest as ``user`` (empty: the agent user), emitting output
+        lines as they come; its exit code."""
         self._check()
         req = next(self._req_ids)
         send, receive = trio.open_memory_channel[p.Output | p.Exited](_RUN_BUFFER)
         self._runs[req] = send
         try:
-            await _send(self._ws, p.Run(req=req, argv=argv))
+            await _send(self._ws, p.Run(req=req, argv=argv, user=user))
             async with receive:
                 async for msg in receive:
                     if isinstance(msg, p.Output):

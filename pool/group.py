@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import trio
-from fireclaw.config import Role, role_hash
+from fireclaw.config import HarnessSpec, Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
@@ -355,12 +355,32 @@ class RoleGroup:
                 password=irc.password or "",
                 cooldown=irc.cooldown,
             )
+        model = role.model if agent is None or agent.model is None else agent.model
+        spec = role.harness
+        harness: p.Harness | p.ChatHarness
+        if isinstance(spec, HarnessSpec):
+            harness = p.Harness(argv=list(spec.command), timeout=spec.timeout)
+        elif child.model_endpoint is None:
+            raise GuestLost(f"{child.name} has no model gateway for its chat harness")
+        else:
+            # The guest reaches its model only through the gateway in its own namespace.
+            host, port = child.model_endpoint
+            harness = p.ChatHarness(
+                base_url=f"http://{host}:{port}/v1",
+                model=model,
+                tools=list(spec.tools),
+                tool_mode=spec.tool_mode,
+                max_steps=spec.max_steps,
+                timeout=spec.timeout,
+                max_tokens=spec.max_tokens,
+                tool_timeout=spec.tool_timeout,
+            )
         return p.Promote(
             name=agent.name if agent is not None else child.name,
             role=role.name,
             persona=role.persona if agent is None or agent.persona is None else agent.persona,
-            model=role.model if agent is None or agent.model is None else agent.model,
-            harness=p.Harness(argv=list(role.harness.command), timeout=role.harness.timeout),
+            model=model,
+            harness=harness,
             irc=presence,
         )
 

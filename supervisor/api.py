@@ -139,7 +139,7 @@ class Controller(Protocol):
         to ``wait`` seconds for anything to change after it: a long poll."""
         ...
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit) -> int: ...
+    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int: ...
 
     async def submit_task(self, role: str, prompt: str) -> dict[str, object]: ...
 
@@ -182,6 +182,8 @@ _Argv = Annotated[list[Annotated[str, Meta(max_length=8192)]], Meta(min_length=1
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: _Name | None = None
     argv: _Argv
+    #: Who runs it in the guest: empty for the unprivileged agent user, or a user name.
+    user: Annotated[str, Meta(max_length=32, pattern=r"^([a-z_][a-z0-9_-]*)?$")] = ""
 
 
 class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -724,7 +726,9 @@ class _ApiServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, stream, run_scope)
                 try:
-                    code = await self._controller.run(body.role, list(body.argv), writer.emit)
+                    code = await self._controller.run(
+                        body.role, list(body.argv), writer.emit, user=body.user
+                    )
                 except ControllerError as exc:
                     status = exc.status if 400 <= exc.status <= 599 else 500
                     failure = (status, exc.message)

@@ -261,7 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     sys.stdout.flush()
     code: int | None = None
-    for item in _client(args).stream("/run", {"role": args.role, "argv": argv}):
+    body: dict[str, object] = {"role": args.role, "argv": argv}
+    if args.user:
+        body["user"] = args.user
+    for item in _client(args).stream("/run", body):
         if "exit" in item:
             if not isinstance(item["exit"], int) or isinstance(item["exit"], bool):
                 raise CliError("the supervisor sent a malformed exit status")
@@ -660,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p = add("run", cmd_run, "run a command in a pooled VM and stream its output")
     p.add_argument("--role", metavar="R", help="role whose pool to use (default: the first)")
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="run as this guest user, e.g. root (default: the unprivileged agent user)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
     p = add("task", cmd_task, "queue a task for a role")
     p.add_argument("role", metavar="ROLE")
@@ -693,7 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_image_build)
     p.add_argument("--kernel", default="debian-cloud", help="debian-cloud, or a vmlinux/bzImage")
-    p.add_argument("--package", action="append", default=[], help="one more Debian package")
+    p.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        help="one more Debian package (podman: chat agents get the podman_run tool)",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
     p = add("down", cmd_down, "stop the supervisor and all its VMs")

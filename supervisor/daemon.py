@@ -667,7 +667,7 @@ class Supervisor:
             status["managed"] = self.ircd.status()
         return status
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
+    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
         if not argv:
             raise ControllerError("nothing to run: give a command after --")
         group = self._group(role or next(iter(self.groups), ""))
@@ -683,7 +683,7 @@ class Supervisor:
         try:
             await emit({"vm": child.name})
             assert child.session is not None
-            return await child.session.run(argv, emit)
+            return await child.session.run(argv, emit, user=user)
         except GuestLost as exc:
             raise ControllerError(
                 f"{child.name} was lost during the run: {exc.reason}", 502

@@ -49,8 +49,8 @@ class FakeController:
             ],
         }
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
-        self.calls.append(("run", (role, argv)))
+    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
+        self.calls.append(("run", (role, argv, user) if user else (role, argv)))
         match argv[0]:
             case "chunks":
                 for i in range(5):
@@ -209,6 +209,8 @@ async def test_run_streams_lines_in_order_then_exit(served: Served) -> None:
     ]
     assert items[-1] == {"exit": 3}
     assert fake.calls == [("run", (None, ["chunks", "a"]))]
+    await in_thread(lambda: list(client.stream("/run", {"argv": ["chunks"], "user": "root"})))
+    assert fake.calls[-1] == ("run", (None, ["chunks"], "root"))
 
 
 async def test_run_flushes_each_line_as_it_is_emitted(served: Served) -> None:
@@ -314,6 +316,7 @@ async def test_unexpected_exception_is_a_500_and_the_server_lives(served: Served
         ("POST", "/scale", {"role": "worker", "n": 1, "extra": 1}, 400, "unknown field `extra`"),
         ("POST", "/tasks", {"role": "worker"}, 400, "missing required field `prompt`"),
         ("POST", "/run", {"argv": []}, 400, "length >= 1"),
+        ("POST", "/run", {"argv": ["id"], "user": "Root Bad"}, 400, "matching regex"),
         ("POST", "/run", None, 400, "a JSON object is required"),
         ("POST", "/down", {"now": True}, 400, "unknown field `now`"),
         ("GET", "/tasks?state=bogus", None, 400, "state must be one of"),

@@ -26,7 +26,9 @@ def test_run_keeps_everything_after_the_double_dash() -> None:
     args = parse("run", "--", "sh", "-c", "exit 3")
     assert args.cmd == "run"
     assert args.role is None
+    assert args.user is None
     assert args.command == ["--", "sh", "-c", "exit 3"]  # cmd_run drops the leading "--"
+    assert parse("run", "--user", "root", "--", "id").user == "root"
 
 
 def test_run_options_after_the_double_dash_belong_to_the_command() -> None:
@@ -237,7 +239,10 @@ class FakeController:
             ],
         }
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit) -> int:
+    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
+        if user:
+            await emit(chunk("stdout", f"as {user}\n".encode()))
+            return 0
         if role == "nope":
             raise ControllerError("no role named 'nope'", 404)
         await emit({"vm": "worker-0"})
@@ -315,6 +320,8 @@ async def test_run_end_to_end(state_dir: pathlib.Path) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (137, b"", b"")
     done = await fireclaw_swarm(state_dir, "run", "--role", "nope", "--", "true")
     assert (done.returncode, done.stderr) == (1, b"fireclaw-swarm: no role named 'nope'\n")
+    done = await fireclaw_swarm(state_dir, "run", "--user", "root", "--", "id")
+    assert (done.returncode, done.stdout) == (0, b"as root\n")
 
 
 async def test_status_end_to_end(state_dir: pathlib.Path) -> None:

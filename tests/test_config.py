@@ -10,6 +10,7 @@ import pytest
 from fireclaw.config import (
     EX_CONFIG,
     Backoff,
+    ChatHarnessSpec,
     CommandRateSpec,
     Config,
     ConfigError,
@@ -832,3 +833,82 @@ def test_a_network_change_is_a_diff(swarm_dir: pathlib.Path) -> None:
     new = load(swarm_dir, BASE + "network: {egress: false}\n")
     diff = diff_config(old, new)
     assert diff.network_changed and not diff.is_empty
+
+
+# --- the chat harness --------------------------------------------------------
+
+
+def test_chat_harness_role_loads_with_defaults(swarm_dir: pathlib.Path) -> None:
+    write(
+        swarm_dir / "roles" / "thinker.yaml",
+        TEMPLATE.format(name="thinker").replace(
+            '  kind: command\n  command: ["sh", "-c", "echo hi"]\n', "  kind: chat\n"
+        ),
+    )
+    config = load(swarm_dir, "version: 1\nroles:\n  thinker: {}\n")
+    role = config.roles["thinker"]
+    assert role.harness == ChatHarnessSpec()
+    assert role.harness.kind == "chat"
+    assert role.harness.tools == ("run_shell", "read_file", "write_file", "save_memory")
+    assert (role.harness.tool_mode, role.harness.max_steps) == ("auto", 8)
+    assert (role.harness.timeout, role.harness.max_tokens, role.harness.tool_timeout) == (
+        300.0,
+        512,
+        60.0,
+    )
+
+
+def test_chat_harness_override_replaces_the_command_harness(swarm_dir: pathlib.Path) -> None:
+    config = load(
+        swarm_dir,
+        """\
+        version: 1
+        roles:
+          alpha:
+            harness: {kind: chat, tools: [run_shell, podman_run], tool_mode: json, max_steps: 3}
+          beta:
+            harness: {command: [echo, "{prompt}"]}
+        """,
+    )
+    alpha, beta = config.roles["alpha"], config.roles["beta"]
+    assert alpha.harness == ChatHarnessSpec(
+        tools=("run_shell", "podman_run"), tool_mode="json", max_steps=3
+    )
+    assert beta.harness == HarnessSpec(command=("echo", "{prompt}"))  # no kind: a command
+    assert role_hash(alpha) != role_hash(beta)
+
+
+@pytest.mark.parametrize(
+    ("harness", "expected"),
+    [
+        ("{kind: robot}", "roles.alpha.harness.kind: expected one of: command, chat; got 'robot'"),
+        (
+            "{kind: chat, tools: [run_shell, rm_rf]}",
+            "roles.alpha.harness.tools[1]: expected one of: podman_run, read_file, run_shell,"
+            " save_memory, write_file; got 'rm_rf'",
+        ),
+        (
+            "{kind: chat, tools: [read_file, read_file]}",
+            "roles.alpha.harness.tools: ['read_file', 'read_file'] names a tool twice",
+        ),
+        (
+            "{kind: chat, tool_mode: grammar}",
+            "roles.alpha.harness.tool_mode: expected one of: auto, json, native; got 'grammar'",
+        ),
+        ("{kind: chat, max_steps: 0}", "roles.alpha.harness.max_steps: expected int >= 1, got 0"),
+        (
+            "{kind: chat, command: [sh]}",
+            "roles.alpha.harness.command: unknown field; expected one of: tools, tool_mode,"
+            " max_steps, timeout, max_tokens, tool_timeout",
+        ),
+        (
+            "{kind: command, max_tokens: 5}",
+            "roles.alpha.harness.max_tokens: unknown field; expected one of: command, timeout",
+        ),
+    ],
+)
+def test_chat_harness_errors_are_one_line(
+    swarm_dir: pathlib.Path, harness: str, expected: str
+) -> None:
+    msg = error_of(swarm_dir, f"version: 1\nroles:\n  alpha:\n    harness: {harness}\n")
+    assert msg.endswith(": " + expected)

@@ -64,7 +64,9 @@ async def connected(
 async def test_wrong_token_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
         host, guest = await pair(nursery)
-        await guest.send_message(p.encode(p.Hello(vm_id="w-0", token="x" * 24, version=1)))
+        await guest.send_message(
+            p.encode(p.Hello(vm_id="w-0", token="x" * 24, version=p.PROTOCOL_VERSION))
+        )
         with pytest.raises(GuestViolation, match="wrong identity or token"):
             await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
         nursery.cancel_scope.cancel()

@@ -281,7 +281,9 @@ def test_a_hostile_guest_ends_its_session_in_an_orderly_way(sequence: list[bytes
         over = trio.Event()
         async with trio.open_nursery() as nursery:
             host, guest = await pair(nursery)
-            await guest.send_message(p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=1)))
+            await guest.send_message(
+                p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION))
+            )
             session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
 
             async def serve() -> None:

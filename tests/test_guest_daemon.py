@@ -30,9 +30,12 @@ from fireclaw.guest_daemon.harness import (
     task_output,
 )
 from fireclaw.guest_daemon.protocol import (
+    EXIT_CANCELLED,
     MAX_OUTPUT_CHUNK,
     MAX_RESULT_BYTES,
     PROTOCOL_VERSION,
+    Cancel,
+    ChatHarness,
     Exited,
     Goodbye,
     GuestMessage,
@@ -40,6 +43,7 @@ from fireclaw.guest_daemon.protocol import (
     Heartbeat,
     Hello,
     HostMessage,
+    IrcPresence,
     Output,
     Promote,
     Promoted,
@@ -47,10 +51,16 @@ from fireclaw.guest_daemon.protocol import (
     Stop,
     Task,
     TaskDone,
+    ToolRan,
     Welcome,
     decode_guest,
     encode,
 )
+from fireclaw.guest_daemon.users import agent_user, python_for
+from ircd import NGIRCD, ircd_server
+from ircperson import person
+from scripted_model import ScriptedModel, Stream, tool_call
+from scripted_model import text as model_text
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 TOKEN = "t0ken-0123456789abcdef"
@@ -58,6 +68,9 @@ VM_ID = "vm-test-1"
 WAIT = 15.0  # generous: the daemon is a fresh interpreter on a possibly busy machine
 
 M = TypeVar("M", bound=GuestMessage)
+#: What agent work runs under: the unprivileged agent user, who may not be able
+#: to run this test's own interpreter (a pyenv under a private /root).
+AGENT_PYTHON = python_for(agent_user(os.environ))
 
 
 # --- pure helpers --------------------------------------------------------------
@@ -200,6 +213,19 @@ def test_config_errors_are_one_line(argv: list[str], env: dict[str, str], expect
         load_config(argv, env)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root switches to the agent user")
+def test_config_names_an_agent_user_that_does_not_exist() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config([], {**ENV, "FIRECLAW_AGENT_USER": "no-such-user-x"})
+    assert str(info.value) == (
+        "agent user: no user 'no-such-user-x' in this guest"
+        " (set FIRECLAW_AGENT_USER to one that exists)"
+    )
+    config = load_config([], {**ENV, "FIRECLAW_AGENT_USER": "root"})
+    assert config.agent_user is not None
+    assert (config.agent_user.uid, config.agent_user.switch) == (0, False)
 
 
 def test_config_error_never_shows_the_token() -> None:
@@ -402,7 +428,7 @@ async def test_run_large_output_is_chunked_and_complete(host: Host) -> None:
     _, conn = await host.start()
     await conn.welcome()
     script = "import sys; sys.stdout.buffer.write(bytes(range(256)) * 800)"
-    chunks, exited = await conn.run(4, [sys.executable, "-c", script])
+    chunks, exited = await conn.run(4, [AGENT_PYTHON, "-c", script])
     assert exited.code == 0
     assert all(len(chunk) <= MAX_OUTPUT_CHUNK for chunk in chunks["stdout"])
     assert len(chunks["stdout"]) > 1
@@ -414,8 +440,9 @@ async def test_runs_are_concurrent(host: Host, tmp_path: Path) -> None:
     await conn.welcome()
     flag = tmp_path / "flag"
     waiter = f"while [ ! -e {flag} ]; do sleep 0.01; done; echo released"
-    await conn.send(Run(req=10, argv=["sh", "-c", waiter]))
-    await conn.send(Run(req=11, argv=["touch", str(flag)]))
+    # As root (``run --user root``): the flag is in root's private temp directory.
+    await conn.send(Run(req=10, argv=["sh", "-c", waiter], user="root"))
+    await conn.send(Run(req=11, argv=["touch", str(flag)], user="root"))
     # Run 10 can only end after run 11 made the flag: so 11 ran while 10 was running.
     # Whether 10's output or 11's exit reaches us first is up to the scheduler.
     seen = [await conn.recv() for _ in range(3)]
@@ -461,11 +488,115 @@ async def test_promote_then_task_and_hot_reload(host: Host) -> None:
     assert done.output.startswith("again|again|ada|coder||m2|6|")
 
 
+async def test_chat_harness_answers_a_task_with_the_models_final_answer(host: Host) -> None:
+    model = ScriptedModel(
+        [tool_call("run_shell", {"command": "id -u"}), model_text("the uid is in the audit")]
+    )
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(model.serve)
+        _, conn = await host.start()
+        await conn.welcome()
+        harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="native")
+        await conn.send(Promote(name="ada", role="worker", persona="terse", harness=harness))
+        assert await conn.expect(Promoted) == Promoted(name="ada")
+        await conn.send(Task(task_id=3, prompt="who are you?"))
+        ran = await conn.expect(ToolRan)
+        assert (ran.task_id, ran.tool, ran.code) == (3, "run_shell", 0)
+        assert ran.arguments == '{"command": "id -u"}'
+        assert ran.output == f"{agent_user(os.environ).uid}\n"
+        done = await conn.expect(TaskDone)
+        assert done == TaskDone(task_id=3, code=0, output="the uid is in the audit")
+        assert model.requests[0]["messages"][-1] == {"role": "user", "content": "who are you?"}
+        assert "terse" in model.requests[0]["messages"][0]["content"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_ends_a_chat_turn_and_closes_its_stream(host: Host) -> None:
+    model = ScriptedModel([Stream([{"choices": [{"delta": {"content": "hm"}}]}], hang=True)])
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(model.serve)
+        _, conn = await host.start()
+        await conn.welcome()
+        harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="json")
+        await conn.send(Promote(name="ada", role="worker", harness=harness))
+        await conn.expect(Promoted)
+        await conn.send(Task(task_id=4, prompt="think forever"))
+        with trio.fail_after(WAIT):
+            await model.hanging.wait()
+        await conn.send(Cancel(reason="operator said stop"))
+        done = await conn.expect(TaskDone)
+        assert done == TaskDone(
+            task_id=4, code=EXIT_CANCELLED, output="cancelled: operator said stop"
+        )
+        with trio.fail_after(WAIT):
+            await model.stream_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
+async def test_chat_agent_answers_a_mention_on_irc_with_the_model(host: Host) -> None:
+    model = ScriptedModel(
+        [
+            tool_call("run_shell", {"command": "echo 4"}),
+            model_text("2+2 is 4, I checked"),
+            model_text("you asked about 2+2"),
+        ]
+    )
+    async with trio.open_nursery() as nursery, ircd_server() as ircd:
+        base_url = await nursery.start(model.serve)
+        async with person(ircd.address, "carol", "#agents") as carol:
+            _, conn = await host.start()
+            await conn.welcome()
+            irc = IrcPresence(
+                host=ircd.host, port=ircd.port, nick="alice", channels=["#agents"], cooldown=0
+            )
+            harness = ChatHarness(base_url=base_url, model="scripted", tool_mode="native")
+            await conn.send(Promote(name="alice", role="worker", harness=harness, irc=irc))
+            await conn.expect(Promoted)
+            assert (await carol.next_from("alice")).type == "join"
+            carol.do("privmsg", "#agents", "alice: what is 2+2?")
+            notice = await carol.aexpect(
+                "a tool notice", lambda e: e.type == "pubnotice" and e.source.nick == "alice"
+            )
+            assert notice.arguments[0] == '[run_shell] {"command": "echo 4"} -> exit 0'
+            reply = await carol.next_from("alice")
+            assert (reply.type, reply.target) == ("pubmsg", "#agents")
+            assert reply.arguments[0] == "carol: 2+2 is 4, I checked"
+            ran = await conn.expect(ToolRan)
+            assert (ran.task_id, ran.tool, ran.output) == (0, "run_shell", "4\n")
+
+            carol.do("privmsg", "#agents", "alice, what did I ask?")
+            reply = await carol.next_from("alice")
+            assert reply.arguments[0] == "carol: you asked about 2+2"
+            # The conversation so far came with the second question.
+            history = model.requests[2]["messages"][1:]
+            assert history == [
+                {"role": "user", "content": "carol: what is 2+2?"},
+                {"role": "assistant", "content": "2+2 is 4, I checked"},
+                {"role": "user", "content": "carol: what did I ask?"},
+            ]
+            await conn.send(Stop(reason="test over"))
+            await conn.expect(Goodbye)
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_as_a_user_that_does_not_exist(host: Host) -> None:
+    _, conn = await host.start()
+    await conn.welcome()
+    await conn.send(Run(req=1, argv=["id", "-u"], user="no-such-user-x"))
+    assert await conn.expect(Exited) == Exited(
+        req=1, code=126, error="no user 'no-such-user-x' in this guest"
+    )
+    chunks, exited = await conn.run(2, ["id", "-u"])
+    assert exited.code == 0
+    assert chunks["stdout"] == [f"{agent_user(os.environ).uid}\n".encode()]
+
+
 async def test_task_output_is_capped(host: Host) -> None:
     _, conn = await host.start()
     await conn.welcome()
     script = "import sys; sys.stdout.write('y' * 100_000)"
-    harness = Harness(argv=[sys.executable, "-c", script])
+    harness = Harness(argv=[AGENT_PYTHON, "-c", script])
     await conn.send(Promote(name="bob", role="worker", harness=harness))
     await conn.expect(Promoted)
     await conn.send(Task(task_id=9, prompt="p"))

@@ -782,3 +782,16 @@ async def test_real_image_boots_and_serves_the_guest_daemon(
             proc.kill()
             with trio.move_on_after(10):
                 await proc.wait()
+
+
+def test_an_image_with_podman_gives_the_agent_subordinate_ids(tmp_path: Path) -> None:
+    for folder in ("etc", "home/agent", "usr/bin", "sbin"):
+        (tmp_path / folder).mkdir(parents=True)
+    rootfs.configure(tmp_path, hostname="fireclaw")
+    assert not (tmp_path / "etc" / "subuid").exists()  # no podman: nothing to map
+    (tmp_path / "usr" / "bin" / "podman").write_text("")
+    (tmp_path / "etc" / "subgid").write_text("other:200000:65536\n")
+    rootfs.configure(tmp_path, hostname="fireclaw")
+    rootfs.configure(tmp_path, hostname="fireclaw")  # once only, however often
+    assert (tmp_path / "etc" / "subuid").read_text() == "agent:100000:65536\n"
+    assert (tmp_path / "etc" / "subgid").read_text() == ("other:200000:65536\nagent:100000:65536\n")

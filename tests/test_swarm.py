@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -49,6 +50,19 @@ def test_pool_fills_and_run_returns_output_and_exit_codes(make_swarm) -> None:  
     # Each run used a fresh VM, which was destroyed; the pool is back to two.
     swarm.wait_for("the pool refilled", lambda s: idle("worker", 2)(s) and len(s["agents"]) == 2)
     assert swarm.status()["roles"]["worker"]["failed"] == 0
+
+
+def test_run_is_the_agent_user_unless_an_operator_asks_for_root(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    swarm.wait_for("an idle worker", idle("worker", 1))
+    out = swarm.cli("run", "--", "id", "-u")
+    assert out.returncode == 0
+    if os.geteuid() == 0:
+        assert out.stdout != b"0\n"  # the agent user (nobody on a host without "agent")
+        out = swarm.cli("run", "--user", "root", "--", "id", "-u")
+        assert (out.returncode, out.stdout) == (0, b"0\n")
+    out = swarm.cli("run", "--user", "no-such-user-x", "--", "id")
+    assert (out.returncode, out.stderr) == (126, b"no user 'no-such-user-x' in this guest\n")
 
 
 def test_a_killed_guest_is_replaced_with_backoff(make_swarm) -> None:  # type: ignore[no-untyped-def]
@@ -259,8 +273,21 @@ def test_without_root_status_says_isolation_is_off_and_why() -> None:
         shutil.rmtree(root)
 
 
-def test_a_queued_task_survives_a_supervisor_kill(make_swarm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    gate = tmp_path / "gate"
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory the unprivileged agent user can look into (pytest's tmp_path
+    is private to root), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="fireclaw-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_queued_task_survives_a_supervisor_kill(make_swarm, open_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # The harness runs as the agent user: the gate is where that user can see it.
+    gate = open_dir / "gate"
     harness = (
         'harness: {kind: command, command: ["sh", "-c", '
         f'"while [ ! -e {gate} ]; do sleep 0.05; done; echo done: $FIRECLAW_PROMPT"]}}\n'

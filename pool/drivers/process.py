@@ -26,7 +26,8 @@ from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 
 #: Host variables a guest process may see; the rest of the supervisor's environment stays out.
-_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
+#: FIRECLAW_AGENT_USER names the user agent work runs as (guest_daemon/users.py).
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "FIRECLAW_AGENT_USER")
 
 
 class ProcessVm:

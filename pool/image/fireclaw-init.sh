@@ -75,7 +75,8 @@ fi
 : >/run/resolv.conf
 [ -n "$dns" ] && echo "nameserver $dns" >/run/resolv.conf
 
-# The daemon runs as root for now: it starts agent work itself.
+# The daemon runs as root (it mounts the workspace and sets the clock); what it
+# starts for an agent or a run (harness, tools, commands) runs as the agent user.
 cd /
 HOME=/root
 LANG=C.UTF-8

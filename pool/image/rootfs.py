@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Final
 
 from .errors import ImageError
 from .tools import run
@@ -35,8 +36,9 @@ REQUIRED_PACKAGES = ("python3", "busybox-static", "iproute2")
 #: The Python each suite's ``python3`` is, for cross-installing wheels.
 SUITE_PYTHON = {"bookworm": "3.11"}
 
-#: Distributions the guest daemon imports (and will: irctokens for IRC).
-GUEST_DISTRIBUTIONS = ("trio", "trio-websocket", "msgspec", "irctokens")
+#: Distributions the guest daemon imports: h11 (the chat harness's HTTP client)
+#: comes with trio-websocket, and is named so that it stays.
+GUEST_DISTRIBUTIONS = ("trio", "trio-websocket", "msgspec", "irctokens", "h11")
 #: Pins for guest distributions this host does not have installed.
 FALLBACK_PINS = {"irctokens": "2.0.2"}
 #: Wheel platforms the guest's glibc (2.36 on bookworm) runs.
@@ -235,6 +237,22 @@ def configure(root: Path, *, hostname: str) -> None:
     home = root / "home" / "agent"
     if not home.is_dir():
         raise ImageError("the agent user has no home: useradd did not run")
+    if (root / "usr" / "bin" / "podman").exists():
+        subordinate_ids(root)
+
+
+#: The user namespace range rootless podman maps the agent's containers into.
+SUBORDINATE_IDS: Final = "agent:100000:65536\n"
+
+
+def subordinate_ids(root: Path) -> None:
+    """Give the agent user subordinate uids and gids, as rootless podman needs
+    (an image built with ``--package podman``; its agents get ``podman_run``)."""
+    for name in ("subuid", "subgid"):
+        path = root / "etc" / name
+        text = path.read_text() if path.exists() else ""
+        if not any(line.startswith("agent:") for line in text.splitlines()):
+            path.write_text(text + SUBORDINATE_IDS)
 
 
 def tree_size(root: Path) -> tuple[int, int]:
