@@ -17,7 +17,9 @@ import trio
 from fireclaw.guest_daemon.harness import Identity
 from fireclaw.guest_daemon.protocol import (
     MAX_RESUMED_TASKS,
+    PROTOCOL_VERSION,
     Goodbye,
+    GuestMessage,
     Harness,
     Hello,
     Promote,
@@ -30,6 +32,7 @@ from fireclaw.guest_daemon.protocol import (
     decode_guest,
     encode,
 )
+from fireclaw.guest_daemon.users import lookup_self
 from fireclaw.guest_daemon.work import Work
 from test_guest_daemon import (
     TOKEN,
@@ -47,17 +50,18 @@ __all__ = ["host"]  # the fixture, used by name
 
 def _promoted(work: Work, name: str = "ada") -> None:
     msg = Promote(name=name, role="worker", harness=Harness(argv=["true"]))
-    work.identity = Identity.from_promote(msg)
+    work.promote(Identity.from_promote(msg))
 
 
 async def test_a_result_with_no_host_waits_for_the_next_session() -> None:
     sent: list[TaskDone] = []
 
-    async def send(done: TaskDone) -> None:
+    async def send(done: GuestMessage) -> None:
+        assert isinstance(done, TaskDone)
         sent.append(done)
 
     async with trio.open_nursery() as jobs:
-        work = Work({}, jobs, keep=True)
+        work = Work({}, jobs, keep=True, user=lookup_self())
         assert work.resume() is None  # not an agent: nothing to resume
         _promoted(work)
         await work.report(TaskDone(task_id=3, code=0, output="three"))  # nobody attached
@@ -76,12 +80,12 @@ async def test_a_result_with_no_host_waits_for_the_next_session() -> None:
 
 async def test_outside_a_vm_results_die_with_the_session() -> None:
     async with trio.open_nursery() as jobs:
-        work = Work({}, jobs, keep=False)
+        work = Work({}, jobs, keep=False, user=lookup_self())
         _promoted(work)
         await work.report(TaskDone(task_id=3, code=0, output="three"))
         assert work.resume() is None
 
-        async def send(done: TaskDone) -> None:
+        async def send(done: GuestMessage) -> None:
             raise AssertionError(f"sent {done}")
 
         assert work.attach(send) == []
@@ -90,7 +94,7 @@ async def test_outside_a_vm_results_die_with_the_session() -> None:
 
 async def test_a_guest_says_at_most_so_many_tasks() -> None:
     async with trio.open_nursery() as jobs:
-        work = Work({}, jobs, keep=True)
+        work = Work({}, jobs, keep=True, user=lookup_self())
         _promoted(work)
         for task_id in range(1, MAX_RESUMED_TASKS + 10):
             work.undelivered(TaskDone(task_id=task_id, code=0, output=""))
@@ -100,18 +104,20 @@ async def test_a_guest_says_at_most_so_many_tasks() -> None:
 
 
 def test_a_resume_part_is_checked_like_the_rest() -> None:
-    hello = Hello(vm_id=VM_ID, token=TOKEN, version=2, resume=Resume(agent="ada", tasks=[1, 2]))
+    hello = Hello(
+        vm_id=VM_ID, token=TOKEN, version=PROTOCOL_VERSION, resume=Resume(agent="ada", tasks=[1, 2])
+    )
     assert decode_guest(encode(hello)) == hello
 
     too_many = Hello(
         vm_id=VM_ID,
         token=TOKEN,
-        version=2,
+        version=PROTOCOL_VERSION,
         resume=Resume(agent="ada", tasks=list(range(1, MAX_RESUMED_TASKS + 2))),
     )
     with pytest.raises(ProtocolError, match="tasks"):
         decode_guest(encode(too_many))
-    bad_name = Hello(vm_id=VM_ID, token=TOKEN, version=2, resume=Resume(agent="a b"))
+    bad_name = Hello(vm_id=VM_ID, token=TOKEN, version=PROTOCOL_VERSION, resume=Resume(agent="a b"))
     with pytest.raises(ProtocolError, match="agent"):
         decode_guest(encode(bad_name))
 
