@@ -102,8 +102,7 @@ def test_a_password_file_open_to_others_stops_the_start_in_one_line(tmp_path: Pa
     err = out.stderr.decode() + out.stdout.decode()
     assert out.returncode != 0
     wanted = (
-        f"irc.password_file: {pw_file}: group or others may use it (mode 0644);"
-        f" chmod 600 {pw_file}"
+        f"irc.password_file: {pw_file}: group or others may use it (mode 0644); chmod 600 {pw_file}"
     )
     assert wanted in err, err
     assert "hunter2-value" not in err
