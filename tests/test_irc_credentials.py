@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.config import IrcSpec, SaslSpec
+from fireclaw.pool.vm import IrcRoute
 from fireclaw.supervisor.irc_credentials import IrcCredentials, read_irc_credentials
 from fireclaw.supervisor.secretfile import SecretFileError
 
@@ -110,3 +111,8 @@ def test_a_link_is_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(SecretFileError, match=rf"^irc.password_file: {link}: cannot read"):
         read_irc_credentials(IrcSpec(password_file=str(link)))
+
+
+def test_the_route_agents_get_keeps_the_password_out_of_its_repr() -> None:
+    route = IrcRoute(upstream=("127.0.0.1", 6667), agents_channel="#agents", password="hunter2")
+    assert "hunter2" not in repr(route) and route.password == "hunter2"
