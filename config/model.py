@@ -363,11 +363,6 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             )
 
     @property
-    def has_password(self) -> bool:
-        """True when clients must send the server a password (``PASS``)."""
-        return self.password_file is not None or self.password_env is not None
-
-    @property
     def is_managed(self) -> bool:
         """True when the supervisor runs the server itself."""
         return self.server == MANAGED

@@ -567,7 +567,6 @@ def test_irc_defaults(swarm_dir: pathlib.Path) -> None:
     )
     assert irc.endpoint == ("127.0.0.1", 6667)
     assert (irc.password_file, irc.password_env, irc.sasl) == (None, None, None)
-    assert not irc.has_password
     assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
         "overseer",
         "#control",
@@ -605,7 +604,6 @@ def test_irc_settings(swarm_dir: pathlib.Path) -> None:
     assert irc.endpoint == ("127.0.0.1", 7000)  # listening everywhere: connect on loopback
     assert irc.managed.max_nick_length == 20
     assert irc.password_file == str(swarm_dir / "secrets" / "server.pw")
-    assert irc.has_password
     assert irc.operators == ("alice!*@10.0.0.*", "*!*@[0::1]")
     assert irc.command_rate == CommandRateSpec(per_minute=6.0, burst=2)
     assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
