@@ -61,7 +61,7 @@ from fireclaw.supervisor.operators import (
     Whois,
     fold,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("FIRECLAW_FUZZ_EXAMPLES", "200"))
@@ -191,9 +191,16 @@ events: st.SearchStrategy[Event] = st.one_of(
 steps = st.lists(
     st.tuples(
         st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0, CACHE_TTL - 1, CACHE_TTL, CACHE_TTL + 1]),
-        # "echo": a WHOIS answer about the last sender, maybe someone else with the nick.
+        # "echo": a WHOIS answer about the last sender, maybe someone else with the
+        # nick; "member": the last sender joins the control channel; "again": the
+        # last sender says another command.
         st.one_of(
-            messages, messages, events, st.tuples(st.just("echo"), st.booleans(), st.booleans())
+            messages,
+            messages,
+            events,
+            st.tuples(st.just("echo"), st.booleans(), st.booleans()),
+            st.tuples(st.just("member")),
+            st.tuples(st.just("again"), st.booleans()),
         ),
     ),
     min_size=20,
@@ -255,8 +262,30 @@ def proven(auth: str, proof: _Proof) -> bool:
     return proof.account is not None and proof.account.lower() in ACCOUNTS
 
 
+_OP = Message(
+    source="op", user="~op", host="127.0.0.1", target=CONTROL, text="!status", private=False
+)
+_FAST = CommandRateSpec(per_minute=6000, burst=1000)
+#: Sequences that reach the gate's subtler rules, run every time besides the generated ones:
+#: a cached yes that expired, a nick renamed into a cached one, an answer after a QUIT.
+_SEEDS = [
+    [(0.0, _OP), (0.0, ("member",)), (0.0, ("echo", True, False)), (CACHE_TTL, ("again", 0))],
+    [
+        (0.0, _OP),
+        (0.0, ("member",)),
+        (0.0, ("echo", True, False)),
+        (1.0, UserRenamed(old="eve", new="OP")),
+        (0.0, ("again", 0)),
+    ],
+    [(0.0, _OP), (0.0, UserQuit(nick="op")), (0.0, ("echo", True, False))],
+]
+
+
 @FUZZ
 @given(st.sampled_from(["oper", "account", "hostmask"]), rates, steps)
+@example("oper", _FAST, _SEEDS[0])
+@example("oper", _FAST, _SEEDS[1])
+@example("account", _FAST, _SEEDS[2])
 def test_anything_at_all_obeys_only_on_proof(
     auth: str, rate: CommandRateSpec, program: list[tuple[float, Any]]
 ) -> None:
@@ -268,6 +297,7 @@ def test_anything_at_all_obeys_only_on_proof(
         changes = _Changes()
         proofs: list[_Proof] = []
         submitted: dict[int, int] = {}  # id(message) -> the nick's epoch when it came in
+        alive: list[Message] = []  # every message stays alive, so no id() is reused
         decided: set[int] = set()
         now = 0.0
         last: Message | None = None
@@ -276,14 +306,31 @@ def test_anything_at_all_obeys_only_on_proof(
             if isinstance(item, tuple):
                 if last is None:
                     continue
-                _, yes, other = item
-                user = "~someone" if other else last.user
-                account = "alice" if yes else None
-                item = WhoisReply(
-                    nick=last.source, user=user, host=last.host, operator=yes, account=account
-                )
+                if item[0] == "again":
+                    item = Message(
+                        source=last.source,
+                        user=last.user,
+                        host=last.host,
+                        target=last.target,
+                        text="!list" if item[1] else last.text,
+                        private=last.private,
+                    )
+                elif item[0] == "member":
+                    item = UserJoined(
+                        nick=last.source, user=last.user, host=last.host, channel=CONTROL
+                    )
+                else:
+                    _, yes, other = item
+                    item = WhoisReply(
+                        nick=last.source,
+                        user="~someone" if other else last.user,
+                        host=last.host,
+                        operator=yes,
+                        account="alice" if yes else None,
+                    )
             if isinstance(item, Message):
                 last = item
+                alive.append(item)
                 command = c.parse(item.text)
                 if command is None:
                     continue
