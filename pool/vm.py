@@ -89,7 +89,7 @@ class IrcRoute:
 
     upstream: tuple[str, int]  # as the supervisor reaches it
     agents_channel: str
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # the server's: kept out of logs
     cooldown: float = 10.0
 
 

@@ -147,7 +147,10 @@ def parse(text: str) -> Command | Usage | None:
     verb = verb.lower()
     rest = rest.strip()
     if verb not in HELP:
-        return Usage(f"unknown command !{verb[:32]}; try !help")
+        # Echoed back to the channel: escaped, so no control character (an ANSI
+        # sequence, a line break) travels from one client's text to everyone's screen.
+        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in verb[:32])
+        return Usage(f"unknown command !{shown}; try !help")
     args = rest.split()
     try:
         return _PARSERS[verb](args, rest)

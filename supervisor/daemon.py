@@ -46,11 +46,13 @@ from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_i
 from fireclaw.supervisor import leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.irc_credentials import read_irc_credentials
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
 from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
+from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import AgentRecord, StateError, Store
 
 log = logging.getLogger("fireclaw.supervisor")
@@ -161,7 +163,7 @@ class Supervisor:
                     log.error("%s", self.startup_error)
                     root.cancel_scope.cancel()
                     return
-                except (IrcdError, ModelServerError) as exc:
+                except (IrcdError, ModelServerError, SecretFileError) as exc:
                     self.startup_error = str(exc)
                     log.error("%s", exc)
                     root.cancel_scope.cancel()
@@ -437,18 +439,23 @@ class Supervisor:
         if not spec.enabled:
             return
         address = spec.endpoint
+        credentials = await trio.to_thread.run_sync(read_irc_credentials, spec)
         if spec.is_managed:
             self.ircd = ManagedIrcd(
-                spec, self.state_dir, on_event=self._on_event, registry=self.store
+                spec,
+                self.state_dir,
+                on_event=self._on_event,
+                registry=self.store,
+                password=credentials.password,
             )
             address = await root.start(self.ircd.run)
         self.rt.irc = IrcRoute(
             upstream=address,
             agents_channel=spec.agents_channel,
-            password=spec.password,
+            password=credentials.password,
             cooldown=spec.agent_cooldown,
         )
-        self.overseer = Overseer(self, spec, address)
+        self.overseer = Overseer(self, spec, address, credentials)
         root.start_soon(self.overseer.run)
 
     async def _start_group(self, name: str) -> RoleGroup:

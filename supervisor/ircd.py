@@ -245,6 +245,8 @@ class ManagedIrcd:
     (host, port) clients on this host connect to. ``on_event(kind, "ircd",
     detail)`` is told ``ircd_started``, ``ircd_crashed`` and ``ircd_failed``.
     ``registry``, if given, holds the service row ``ircd`` while a copy may run.
+    ``password``, read from where ``config`` names it (``irc_credentials``), is the
+    server password every client must send; it goes into ngircd.conf alone.
     """
 
     def __init__(
@@ -253,11 +255,13 @@ class ManagedIrcd:
         state_dir: Path,
         on_event: OnEvent | None = None,
         *,
+        password: str | None = None,
         binary: str | None = None,
         uniform: Callable[[float, float], float] = random.uniform,
         registry: Store | None = None,
     ) -> None:
         self.config = config
+        self._password = password
         state_dir = state_dir.absolute()  # ngircd runs in /
         self.workdir = state_dir / "ircd"
         self.log_path = state_dir / "logs" / LOG_NAME
@@ -541,7 +545,7 @@ class ManagedIrcd:
             port=managed.port,
             server_name=managed.server_name,
             network=managed.network,
-            password=self.config.password,
+            password=self._password,
             max_nick_length=managed.max_nick_length,
             channels=(
                 (self.config.control_channel, "fireclaw-swarm: commands for the overseer"),

@@ -27,6 +27,7 @@ from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Messag
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.budget import period_bounds
+from fireclaw.supervisor.irc_credentials import IrcCredentials
 from fireclaw.supervisor.operators import (
     Action,
     Obey,
@@ -54,7 +55,14 @@ REFUSAL: Final = {
 
 
 class Overseer:
-    def __init__(self, supervisor: Supervisor, spec: IrcSpec, address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        spec: IrcSpec,
+        address: tuple[str, int],
+        credentials: IrcCredentials | None = None,
+    ) -> None:
+        credentials = credentials or IrcCredentials()
         self.sup = supervisor
         self.spec = spec
         self.channel = spec.control_channel
@@ -65,9 +73,9 @@ class Overseer:
                 nick=spec.overseer_nick,
                 username="overseer",
                 realname="fireclaw-swarm overseer",
-                password=spec.password,
-                sasl_username=spec.sasl.username if spec.sasl else None,
-                sasl_password=spec.sasl.password if spec.sasl else None,
+                password=credentials.password,
+                sasl_username=credentials.sasl_username,
+                sasl_password=credentials.sasl_password,
                 channels=(spec.control_channel,),
             )
         )

@@ -1,7 +1,8 @@
 """Secrets kept in files: made once, readable by their owner alone.
 
 A secret never sits in swarm.yaml, an event or a log line; the config names a
-file and the supervisor reads it when it needs the value. ``ensure_secret``
+file (or an environment variable, ``read_env_secret``) and the supervisor reads
+it when it needs the value. ``ensure_secret``
 makes a missing file (in a folder only its owner may enter) with a random
 URL-safe value; ``read_secret`` refuses a file that anyone but its owner could
 read, as ssh does with a private key, so that a secret is never quietly shared.
@@ -10,8 +11,9 @@ Exceptions::
 
     SecretFileError     a secret file that cannot be used: missing, unreadable,
                         a link or not a regular file, owned by someone else,
-                        open to group or others, or not a valid value. str() is
-                        one line naming the file (never the value).
+                        open to group or others, or not a valid value; or an
+                        environment variable unset or not a valid value. str()
+                        is one line naming the file or variable (never the value).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-__all__ = ["SECRET_BYTES", "SecretFileError", "ensure_secret", "read_secret"]
+__all__ = ["SECRET_BYTES", "SecretFileError", "ensure_secret", "read_env_secret", "read_secret"]
 
 #: Random bytes in a generated secret (43 URL-safe characters).
 SECRET_BYTES: Final = 32
@@ -96,3 +98,15 @@ def read_secret(path: Path, pattern: re.Pattern[str], what: str) -> str:
     if not pattern.fullmatch(line):
         raise SecretFileError(f"{path}: its first line must be {what}")
     return line
+
+
+def read_env_secret(name: str, pattern: re.Pattern[str], what: str) -> str:
+    """The value of the environment variable ``name``, which must fully match
+    ``pattern`` (``what`` it is). For a service manager that hands secrets over
+    in the environment (systemd's ``LoadCredential`` is the better way: a file)."""
+    value = os.environ.get(name)
+    if value is None:
+        raise SecretFileError(f"environment variable {name}: not set")
+    if not pattern.fullmatch(value):
+        raise SecretFileError(f"environment variable {name}: must be {what}")
+    return value

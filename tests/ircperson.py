@@ -30,10 +30,18 @@ DEEDS = frozenset({"pubmsg", "privmsg", "action", "join", "part", "quit", "kick"
 
 
 class Person:
-    def __init__(self, address: tuple[str, int], nick: str, *, username: str | None = None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        nick: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.nick = nick
         self._address = address
         self._username = username
+        self._password = password
         self._reactor = irc.client.Reactor()
         self._reactor.add_global_handler("all_events", self._record, -10)
         self._connection = self._reactor.server()
@@ -49,7 +57,9 @@ class Person:
         self._inbox.put(event)
 
     def _loop(self) -> None:
-        self._connection.connect(*self._address, self.nick, username=self._username)
+        self._connection.connect(
+            *self._address, self.nick, password=self._password, username=self._username
+        )
         while not self._stop.is_set():
             self._reactor.process_once(0.05)
             while True:

@@ -567,7 +567,7 @@ def test_irc_defaults(swarm_dir: pathlib.Path) -> None:
         max_nick_length=30,
     )
     assert irc.endpoint == ("127.0.0.1", 6667)
-    assert (irc.password, irc.sasl) == (None, None)
+    assert (irc.password_file, irc.password_env, irc.sasl) == (None, None, None)
     assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
         "overseer",
         "#control",
@@ -591,7 +591,7 @@ def test_irc_settings(swarm_dir: pathlib.Path) -> None:
           enabled: false
           managed: {listen: "0.0.0.0", port: 7000, server_name: irc.example, network: net-1,
                     max_nick_length: 20}
-          password: "p4ss!word"
+          password_file: secrets/server.pw
           overseer_nick: boss
           control_channel: "#ops"
           agents_channel: "#crew"
@@ -604,7 +604,7 @@ def test_irc_settings(swarm_dir: pathlib.Path) -> None:
     assert not irc.enabled
     assert irc.endpoint == ("127.0.0.1", 7000)  # listening everywhere: connect on loopback
     assert irc.managed.max_nick_length == 20
-    assert irc.password == "p4ss!word"
+    assert irc.password_file == str(swarm_dir / "secrets" / "server.pw")
     assert irc.operators == ("alice!*@10.0.0.*", "*!*@[0::1]")
     assert irc.command_rate == CommandRateSpec(per_minute=6.0, burst=2)
     assert (irc.overseer_nick, irc.control_channel, irc.agents_channel) == (
@@ -668,13 +668,54 @@ def test_irc_external_server(swarm_dir: pathlib.Path, server: str, endpoint: obj
 
 
 def test_irc_external_server_credentials(swarm_dir: pathlib.Path) -> None:
+    """Secrets are named (a file, relative to swarm.yaml, or a variable), never given."""
     irc = load(
         swarm_dir,
-        BASE + "irc: {server: 'irc.example:6697', password: 'with space',"
-        " sasl: {username: bot, password: 'pa ss'}}\n",
+        BASE + "irc: {server: 'irc.example:6697', password_env: IRC_PASS,"
+        " sasl: {username: bot, password_file: ~/sasl.pw}}\n",
     ).irc
-    assert irc.password == "with space"
-    assert irc.sasl == SaslSpec(username="bot", password="pa ss")
+    assert (irc.password_env, irc.password_file) == ("IRC_PASS", None)
+    assert irc.sasl == SaslSpec(
+        username="bot", password_file=str(pathlib.Path("~/sasl.pw").expanduser())
+    )
+    irc = load(
+        swarm_dir,
+        BASE + "irc: {server: 'irc.example:6697', password_file: /run/pw,"
+        " sasl: {username: bot, password_env: SASL_PW}}\n",
+    ).irc
+    assert irc.password_file == "/run/pw"
+    assert irc.sasl == SaslSpec(username="bot", password_env="SASL_PW")
+
+
+INLINE = (
+    "a secret is never written in swarm.yaml: put it in a file only its owner may read"
+    " (chmod 600) and name it with password_file"
+)
+
+
+@pytest.mark.parametrize(
+    ("irc", "where", "what"),
+    [
+        ("{password: hunter2}", "irc.password", f"{INLINE}, or an env var with password_env"),
+        ("{password: ''}", "irc.password", f"{INLINE}, or an env var with password_env"),
+        (
+            "{server: 'x:1', sasl: {username: u, password: hunter2}}",
+            "irc.sasl.password",
+            f"{INLINE}, or an env var with password_env",
+        ),
+        (
+            "{managed: {operators: [{name: op, password: hunter2}]}}",
+            "irc.managed.operators[0].password",
+            INLINE,
+        ),
+    ],
+)
+def test_an_inline_secret_is_refused_in_one_line_without_the_value(
+    swarm_dir: pathlib.Path, irc: str, where: str, what: str
+) -> None:
+    msg = error_of(swarm_dir, BASE + f"irc: {irc}\n")
+    assert msg == f"{swarm_dir / 'swarm.yaml'}: {where}: {what}"
+    assert "hunter2" not in msg
 
 
 @pytest.mark.parametrize(
@@ -754,8 +795,8 @@ def test_irc_server_errors(swarm_dir: pathlib.Path, server: str, what: str) -> N
             "expected an operator name: 1 to 30 letters",
         ),
         (
-            "{managed: {operators: [{name: op, password: hunter2}]}}",
-            "irc.managed.operators[0].password",
+            "{managed: {operators: [{name: op, password_env: X}]}}",
+            "irc.managed.operators[0].password_env",
             "unknown field; expected one of: name, password_file, mask",
         ),
         (
@@ -763,10 +804,25 @@ def test_irc_server_errors(swarm_dir: pathlib.Path, server: str, what: str) -> N
             "irc.managed.operators[0].mask",
             "expected a hostmask glob",
         ),
-        ("{password: 'a b'}", "irc.password", "1 to 64 printable ASCII characters"),
-        ("{password: ''}", "irc.password", "expected str of length >= 1"),
-        ("{sasl: {username: u, password: p}}", "irc.sasl", "has no SASL; use password"),
-        ("{server: 'x:1', sasl: {username: u}}", "irc.sasl.password", "required field"),
+        ("{password_file: ''}", "irc.password_file", "expected str of length >= 1"),
+        ("{password_env: 'A B'}", "irc.password_env", "expected an environment variable name"),
+        ("{password_env: 1X}", "irc.password_env", "expected an environment variable name"),
+        ("{password_file: f, password_env: E}", "irc.password_file", "not both"),
+        (
+            "{sasl: {username: u, password_file: f}}",
+            "irc.sasl",
+            "has no SASL; use password_file or password_env",
+        ),
+        (
+            "{server: 'x:1', sasl: {username: u}}",
+            "irc.sasl.password_file",
+            "SASL needs password_file or password_env",
+        ),
+        (
+            "{server: 'x:1', sasl: {username: u, password_file: f, password_env: E}}",
+            "irc.sasl.password_file",
+            "give password_file or password_env, not both",
+        ),
         ("{command_rate: {per_minute: 0}}", "irc.command_rate.per_minute", "expected float > 0"),
         ("{command_rate: {burst: 0}}", "irc.command_rate.burst", "expected int >= 1, got 0"),
         ("{agent_cooldown: -1}", "irc.agent_cooldown", "expected float >= 0"),

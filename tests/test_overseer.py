@@ -15,7 +15,7 @@ import psutil
 import pytest
 from fireclaw.pool.forward import VM_SOURCE
 from ircperson import Event, Person
-from swarmctl import Swarm, idle, role_yaml, swarm_yaml
+from swarmctl import PY, Swarm, idle, role_yaml, swarm_yaml
 from test_swarm import NOTHING, free_port, ngircd_pids
 
 CONTROL = "#control"
@@ -543,3 +543,112 @@ def test_model_and_persona_change_without_a_restart(tmp_path: Path) -> None:
     finally:
         op.stop()
         swarm.close()
+
+
+# --- what the README promises an operator, command by command --------------------------
+
+
+def test_list_and_templates(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    op.say(CONTROL, "!templates")
+    op.said(CONTROL, "op: worker: General-purpose agent for everyday tasks (model qwen2.5:7b)")
+    op.say(CONTROL, "!list")
+    op.said(CONTROL, "op: worker-0 (worker, idle, restarts 0)")
+    op.say(CONTROL, "!invoke worker alice")
+    up = op.said(CONTROL, "op: alice is up: a worker agent on ")
+    vm = up.arguments[0].rsplit(" ", 1)[1]
+    op.say(CONTROL, "!list")
+    op.said(CONTROL, f"op: alice on {vm} (worker, ")
+
+
+def overseer_lines(person: Person, after: Event, before: Event) -> list[str]:
+    """What the overseer said in #control between two events ``person`` saw."""
+    seen = person.seen
+    start, end = seen.index(after), seen.index(before)
+    return [
+        e.arguments[0]
+        for e in seen[start + 1 : end]
+        if e.type == "pubmsg" and e.source.nick == "overseer" and e.target == CONTROL
+    ]
+
+
+def test_reload_applies_a_changed_file_and_rejects_a_broken_one(swarm: Swarm, op: Person) -> None:
+    overseer_in_channel(op)
+    irc = irc_yaml(swarm.irc_port)  # type: ignore[attr-defined]
+    swarm.config.write_text(swarm_yaml(role_yaml("worker", min_idle=2), irc=irc))
+    op.say(CONTROL, "!reload")
+    op.said(CONTROL, "op: reloaded; changed: worker")
+    swarm.wait_for("2 idle workers", idle("worker", 2))
+
+    before = swarm.status()
+    swarm.config.write_text("version: 1\nroles: {worker: {pool: {min_idle: many}}}\n")
+    op.say(CONTROL, "!reload")
+    rejected = op.said(CONTROL, "op: reload rejected: ")
+    assert rejected.arguments[0] == (
+        f"op: reload rejected: {swarm.config}: roles.worker.pool.min_idle: expected int, got str"
+    )
+    op.say(CONTROL, "!status")
+    status = op.said(CONTROL, "op: worker: 2 idle, 0 active, 0 starting, 0 failed")
+    assert overseer_lines(op, rejected, status) == []  # the error was one line
+    after = swarm.status()
+    assert after["roles"]["worker"]["target"] == before["roles"]["worker"]["target"] == 2
+    assert [a["pid"] for a in after["agents"]] == [a["pid"] for a in before["agents"]]
+    kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"]]
+    assert kinds.count("reloaded") == 1 and kinds.count("reload_rejected") == 1
+
+
+def flaky_role(flag: Path) -> str:
+    """A role whose guest starts only while ``flag`` exists, and otherwise exits 3."""
+    script = f"test -e {flag} || exit 3; exec {PY} -m fireclaw.guest_daemon"
+    return role_yaml("flaky", min_idle=1, extra=f"guest_command: [sh, -c, {json.dumps(script)}]\n")
+
+
+def crashed(swarm: Swarm) -> int:
+    return sum(e["kind"] == "crashed" for e in swarm.api.get("/events?limit=1000")["events"])
+
+
+def test_a_failed_vm_and_a_degraded_role_are_announced_and_reset(tmp_path: Path) -> None:
+    """FAST_RESTART: 3 restarts, then the circuit opens; one VM of one is most of them."""
+    flag = tmp_path / "healthy"
+    flag.touch()
+    port = free_port()
+    swarm = Swarm(tmp_path, swarm_yaml(flaky_role(flag), irc=irc_yaml(port)))
+    swarm.start()
+    op = None
+    try:
+        swarm.wait_for("flaky idle", idle("flaky", 1))
+        op = operator(port, swarm.state, "op", CONTROL)
+        overseer_in_channel(op)
+        flag.unlink()
+        (vm,) = swarm.agents("flaky", "idle")
+        os.kill(vm["pid"], signal.SIGKILL)
+        op.said(CONTROL, "flaky-0 crashed (VMM exited with code -9); restarting in")
+        op.said(CONTROL, "flaky-0 failed and will not be restarted: ")
+        op.said(CONTROL, "role flaky is degraded: most of its VMs failed (!reset flaky)")
+        op.say(CONTROL, "!status")
+        op.said(CONTROL, "op: flaky: 0 idle, 0 active, 0 starting, 1 failed, DEGRADED")
+
+        # A failed VM is tried again: it fails the same way, and it is said again.
+        crashes = crashed(swarm)
+        op.say(CONTROL, "!reset flaky-0")
+        op.said(CONTROL, "op: flaky-0: reset (1 cleared)")
+        op.said(CONTROL, "role flaky recovered")  # nothing of it failed, for now
+        op.said(CONTROL, "flaky-0 failed and will not be restarted: ")
+        op.said(CONTROL, "role flaky is degraded: most of its VMs failed (!reset flaky)")
+        assert crashed(swarm) > crashes
+
+        # Mended, and reset by role: it comes back and the role recovers.
+        flag.touch()
+        op.say(CONTROL, "!reset flaky")
+        op.said(CONTROL, "op: flaky: reset (1 cleared)")
+        op.said(CONTROL, "role flaky recovered")
+        swarm.wait_for("flaky idle again", idle("flaky", 1))
+        op.say(CONTROL, "!status")
+        op.said(CONTROL, "op: flaky: 1 idle, 0 active, 0 starting, 0 failed")
+        kinds = [e["kind"] for e in swarm.api.get("/events?limit=1000")["events"]]
+        assert kinds.count("degraded") >= 1 and kinds.count("recovered") >= 1
+    finally:
+        if op is not None:
+            op.stop()
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
