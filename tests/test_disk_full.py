@@ -11,11 +11,11 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fireclaw.supervisor.client import ApiError
 from fireclaw.supervisor.daemon import DB_NAME
+from fireclaw.supervisor.state import Store, VmRecord
 from smalldisk import fill, needs_root, tmpfs
 from swarmctl import WAIT, Swarm, idle, pids, role_yaml, swarm_yaml
 
@@ -44,10 +44,6 @@ def _notified(swarm: Swarm, pattern: str, timeout: float) -> str:
             if line.startswith("STATUS=") and re.search(pattern, line):
                 return line
     raise AssertionError(f"no STATUS matching {pattern!r}; log:\n{swarm.tail()}")
-
-
-def _state(pred: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], bool]:
-    return lambda st: pred(st["state"])
 
 
 def test_the_supervisor_survives_a_full_state_disk(
@@ -136,3 +132,41 @@ def test_the_supervisor_survives_a_full_state_disk(
     _notified(swarm, r"^STATUS=\d+ idle, \d+ active, 0 failed$", WAIT)
 
     assert swarm.stop() == 0
+
+
+def test_what_a_full_disk_kept_out_of_the_registry_is_reclaimed_after_kill_9(
+    small_state: Path, make_swarm: Callable[..., Swarm]
+) -> None:
+    """The crash-only guarantee without registry rows: a VM started while the
+    disk was full has none, and the next start still finds and removes it."""
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    swarm.wait_for("the pool full", idle("worker", 1))
+    ((name, old_pid),) = pids(swarm, "worker").items()
+    filler = small_state / "filler"
+    fill(filler)
+    os.kill(old_pid, signal.SIGKILL)
+    st = swarm.wait_for(
+        "a replacement started on the full disk",
+        lambda st: any(
+            a["name"] == name and a["state"] == "idle" and a["pid"] != old_pid for a in st["agents"]
+        ),
+    )
+    assert st["state"]["writable"] is False and st["state"]["dropped_writes"] >= 1
+    # The row left is the crashed incarnation's (its drop was refused too).
+    (row,) = _registry(small_state)
+    assert row.name == name and row.pid == old_pid
+    swarm.kill9()
+    # What is left is the replacement's namespace, which no row names.
+    left = swarm.leftovers()["netns"]
+    assert left and row.netns not in left, left
+
+    filler.unlink()
+    swarm.start()
+    st = swarm.wait_for("the pool full again", idle("worker", 1))
+    assert st["state"]["writable"] is True
+    # make_swarm's teardown: nothing of either supervisor's VMs is left.
+
+
+def _registry(state: Path) -> list[VmRecord]:
+    with Store.open(state / DB_NAME) as store:
+        return store.vms()
