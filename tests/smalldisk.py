@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,3 +46,22 @@ def fill(path: Path) -> int:
                 except OSError:
                     break
     return written
+
+
+def fill_under(db: Path) -> Path:
+    """Fill the disk under the SQLite database ``db`` so that its next write
+    fails; the filler, to delete for room again.
+
+    SQLite reuses the space already in its write-ahead log, so a disk full to
+    the last byte may still take a few writes, and a test would not know
+    which. Truncating the log first (a checkpoint from a connection of our
+    own) makes the next write need new blocks."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    assert busy == 0, f"{db}: the write-ahead log could not be truncated"
+    filler = db.parent / "filler"
+    fill(filler)
+    return filler

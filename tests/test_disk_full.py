@@ -16,7 +16,7 @@ import pytest
 from fireclaw.supervisor.client import ApiError
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import Store, VmRecord
-from smalldisk import fill, needs_root, tmpfs
+from smalldisk import fill_under, needs_root, tmpfs
 from swarmctl import WAIT, Swarm, idle, pids, role_yaml, swarm_yaml
 
 pytestmark = needs_root
@@ -68,9 +68,8 @@ def test_the_supervisor_survives_a_full_state_disk(
     )
     waiting = swarm.api.post("/tasks", {"role": "worker", "prompt": "waiting"})
 
-    filler = small_state / "filler"
-    assert fill(filler) > 0
     db = small_state / DB_NAME
+    filler = fill_under(db)
 
     # A task is refused with one line (CLI) and 507 (API), not an internal error.
     out = swarm.cli("task", "worker", "after")
@@ -94,7 +93,7 @@ def test_the_supervisor_survives_a_full_state_disk(
     swarm.wait_for(
         "the crashed VM replaced",
         lambda st: any(
-            a["name"] == idle_vm and a["state"] == "idle" and a["pid"] != idle_pid
+            a["name"] == idle_vm and a["state"] == "idle" and a["pid"] not in (None, idle_pid)
             for a in st["agents"]
         ),
     )
@@ -142,25 +141,25 @@ def test_what_a_full_disk_kept_out_of_the_registry_is_reclaimed_after_kill_9(
     swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
     swarm.wait_for("the pool full", idle("worker", 1))
     ((name, old_pid),) = pids(swarm, "worker").items()
-    filler = small_state / "filler"
-    fill(filler)
+    filler = fill_under(small_state / DB_NAME)
     os.kill(old_pid, signal.SIGKILL)
     st = swarm.wait_for(
         "a replacement started on the full disk",
         lambda st: any(
-            a["name"] == name and a["state"] == "idle" and a["pid"] != old_pid for a in st["agents"]
+            a["name"] == name and a["state"] == "idle" and a["pid"] not in (None, old_pid)
+            for a in st["agents"]
         ),
     )
     assert st["state"]["writable"] is False and st["state"]["dropped_writes"] >= 1
-    # The row left is the crashed incarnation's (its drop was refused too).
+    swarm.kill9()
+    filler.unlink()
+    # The row left is the crashed incarnation's (its drop was refused too); what
+    # is left running is the replacement's namespace, which no row names.
     (row,) = _registry(small_state)
     assert row.name == name and row.pid == old_pid
-    swarm.kill9()
-    # What is left is the replacement's namespace, which no row names.
     left = swarm.leftovers()["netns"]
     assert left and row.netns not in left, left
 
-    filler.unlink()
     swarm.start()
     st = swarm.wait_for("the pool full again", idle("worker", 1))
     assert st["state"]["writable"] is True
