@@ -193,6 +193,14 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append("isolation: " + "; ".join(off))
     if status.get("last_reload_error"):
         lines.append(f"last reload rejected: {_one_line(str(status['last_reload_error']))}")
+    disk = status.get("state")
+    if isinstance(disk, dict) and disk.get("writable") is False:
+        since = time.strftime("%H:%M:%S", time.localtime(float(disk.get("since") or 0)))
+        waiting, dropped = disk.get("pending_writes"), disk.get("dropped_events")
+        lines.append(
+            f"state disk {disk.get('why')} since {since}: tasks refused,"
+            f" {waiting} task writes waiting, {dropped} events dropped"
+        )
 
     roles = status.get("roles") or {}
     if isinstance(roles, list):

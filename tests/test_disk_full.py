@@ -112,6 +112,14 @@ def test_the_supervisor_survives_a_full_state_disk(
     # The VM held for "waiting" is handed out but not promoted (no agent in it).
     held_for = [a for a in st["agents"] if a["state"] == "active"]
     assert len(held_for) == 1 and held_for[0]["agent"] is None
+    out = swarm.cli("status")
+    assert out.returncode == 0, out.stderr
+    assert re.search(
+        rb"^state disk full since \d\d:\d\d:\d\d: tasks refused, 2 task writes waiting, \d+ events"
+        rb" dropped$",
+        out.stdout,
+        re.M,
+    ), out.stdout
     assert runs.read_text().split() == ["held"]
 
     # Room again: the result is written, the same submission is accepted, both run once.
