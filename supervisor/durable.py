@@ -15,33 +15,24 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import trio
+from fireclaw.config import Backoff
 from fireclaw.supervisor.backoff import backoff_delay
 from fireclaw.supervisor.state import StateUnwritable, WriteHealth
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class RetryBackoff:
-    """The backoff of a held write (``BackoffSpec``)."""
-
-    base: float
-    max: float
-
-
 #: Short enough that claims and results resume soon after the disk has room.
-RETRY: Final = RetryBackoff(base=0.5, max=10.0)
+RETRY: Final = Backoff(base=0.5, max=10.0)
 
 
 async def until_written(
     write: Callable[[], T],
     health: WriteHealth,
     *,
-    backoff: RetryBackoff = RETRY,
+    backoff: Backoff = RETRY,
     uniform: Callable[[float, float], float] = random.uniform,
 ) -> T:
     """``write()``'s result, once it does not raise ``StateUnwritable``.
