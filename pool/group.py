@@ -24,9 +24,10 @@ Errors::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from functools import partial
+from typing import Final, TypeVar
 
 import trio
 from fireclaw.config import HarnessSpec, Role, role_hash
@@ -34,9 +35,12 @@ from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.vm import AgentIdentity, Child, Runtime
-from fireclaw.supervisor.state import VmRecord
+from fireclaw.supervisor.durable import until_written
+from fireclaw.supervisor.state import StateError, TaskConflict, TaskNotFound, VmRecord
 
 log = logging.getLogger("fireclaw.pool")
+
+T = TypeVar("T")
 
 #: Task result text kept in the state database.
 _RESULT_CAP: Final = p.MAX_RESULT_BYTES
@@ -236,8 +240,9 @@ class RoleGroup:
             self._claim_waiters -= 1
 
     def retire(self, child: Child, reason: str) -> None:
-        """Stop a claimed child in the background; its work is done."""
-        if self._nursery is not None and not self._handing_over:
+        """Stop a claimed child in the background; its work is done. Once: a child
+        already stopping is left to it."""
+        if self._nursery is not None and not self._handing_over and not child.stopping:
             self._nursery.start_soon(child.stop, reason)
 
     @property
@@ -255,7 +260,7 @@ class RoleGroup:
         while True:
             await self._tasks_queued.wait()
             self._tasks_queued = trio.Event()
-            while not self.stopping and store.count_queued(self.name) > 0:
+            while not self.stopping and await self._written(store.count_queued, self.name) > 0:
                 meter = self.rt.models.meter if self.rt.models is not None else None
                 if meter is not None and meter.refusal(self.name) is not None:
                     # Over budget: the tasks stay queued until a reload or a new period.
@@ -267,15 +272,20 @@ class RoleGroup:
                     log.warning("tasks for %s wait: %s", self.name, exc)
                     await self.wait_changed()
                     continue
-                task = store.claim_task(self.name, child.name)
+                # Held, unpromoted, until the claim is recorded; should it die
+                # meanwhile, its promotion fails and the task is requeued.
+                task = await self._written(store.claim_task, self.name, child.name)
                 if task is None:
                     self.retire(child, "no task after all")
                     continue
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_task, child, task.id, task.prompt)
 
+    async def _written(self, write: Callable[..., T], *args: object) -> T:
+        """``write(*args)``, held and tried again while the state disk refuses it."""
+        return await until_written(partial(write, *args), self.rt.store.health)
+
     async def _run_task(self, child: Child, task_id: int, prompt: str) -> None:
-        store = self.rt.store
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
         finished = False
         child.who.task = task_id
@@ -283,32 +293,67 @@ class RoleGroup:
             await child.promote(self.promotion_for(child))
             assert child.session is not None
             done = await child.session.task(task_id, prompt)
-            store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
-            finished = True
-            self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+            self.retire(child, "task finished")  # the result is held here, not in the VM
+            finished = await self._finish(child, task_id, done)
         except GuestLost as exc:
-            row = store.requeue_task(task_id, reason=exc.reason, max_attempts=self.max_attempts)
-            finished = True
-            self.rt.event(
-                "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
-            )
+            finished = await self._requeue(child, task_id, exc.reason)
         finally:
-            if not finished and not self._handing_over:
-                # Cancelled (shutdown): the task is not lost, it goes back to the queue.
-                # In a handover it stays claimed by its VM, which runs on: the next
-                # supervisor adopts both, or requeues the task if the VM is gone.
-                store.requeue_task(
-                    task_id, reason="supervisor stopped", max_attempts=self.max_attempts
-                )
+            if not finished:
+                self._give_back(task_id)
             self.retire(child, "task finished")
             self.tasks_queued()
+
+    async def _finish(self, child: Child, task_id: int, done: p.TaskDone) -> bool:
+        """Record a task's result, holding it until the disk takes it. True once
+        the task is no longer this supervisor's to give back."""
+        store = self.rt.store
+        ok = done.code == 0
+        try:
+            await self._written(
+                partial(store.finish_task, ok=ok, exit_code=done.code, result=done.output),
+                task_id,
+            )
+        except (TaskNotFound, TaskConflict) as exc:
+            log.warning("task %d: result from %s not recorded: %s", task_id, child.name, exc)
+            return True
+        self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+        return True
+
+    async def _requeue(self, child: Child, task_id: int, reason: str) -> bool:
+        """Give a task whose VM was lost back to the queue (or fail it, at its last
+        attempt), holding the move until the disk takes it."""
+        store = self.rt.store
+        try:
+            row = await self._written(
+                partial(store.requeue_task, reason=reason, max_attempts=self.max_attempts),
+                task_id,
+            )
+        except (TaskNotFound, TaskConflict) as exc:
+            log.warning("task %d: not requeued: %s", task_id, exc)
+            return True
+        self.rt.event("task_requeued", child.name, task_id=task_id, reason=reason, state=row.state)
+        return True
+
+    def _give_back(self, task_id: int) -> None:
+        """Cancelled (shutdown): the task is not lost, it goes back to the queue.
+        In a handover it stays claimed by its VM, which runs on: the next
+        supervisor adopts both, or requeues the task if the VM is gone. So it does
+        when this write fails (the disk refuses it): the task stays claimed, and
+        the next start requeues it."""
+        if self._handing_over:
+            return
+        try:
+            self.rt.store.requeue_task(
+                task_id, reason="supervisor stopped", max_attempts=self.max_attempts
+            )
+        except StateError as exc:
+            log.warning("task %d stays claimed for the next start to requeue: %s", task_id, exc)
 
     async def _resume_task(self, child: Child, task_id: int) -> None:
         """Finish a task an adopted task runner holds: its result is awaited, once.
 
         The guest says in its Hello which tasks it holds; one it does not hold, or
         a VM lost before it reports, sends the task back to the queue."""
-        store = self.rt.store
         finished = False
         try:
             while child.session is None or child.state not in (State.IDLE, State.ACTIVE):
@@ -320,20 +365,13 @@ class RoleGroup:
                 raise GuestLost(f"{child.name}'s guest does not hold task {task_id}")
             self.rt.event("task_resumed", child.name, task_id=task_id, role=self.name)
             done = await session.result(task_id)
-            store.finish_task(task_id, ok=done.code == 0, exit_code=done.code, result=done.output)
-            finished = True
-            self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+            self.retire(child, "task finished")
+            finished = await self._finish(child, task_id, done)
         except GuestLost as exc:
-            row = store.requeue_task(task_id, reason=exc.reason, max_attempts=self.max_attempts)
-            finished = True
-            self.rt.event(
-                "task_requeued", child.name, task_id=task_id, reason=exc.reason, state=row.state
-            )
+            finished = await self._requeue(child, task_id, exc.reason)
         finally:
-            if not finished and not self._handing_over:
-                store.requeue_task(
-                    task_id, reason="supervisor stopped", max_attempts=self.max_attempts
-                )
+            if not finished:
+                self._give_back(task_id)
             self.retire(child, "task finished")
             self.tasks_queued()
 

@@ -30,7 +30,9 @@ Every error is ``{"error": "<one line>"}`` with its status: 400 bad JSON, wrong
 field types, unknown fields or query parameters; 404 unknown route; 405 wrong
 method (with ``Allow``); 408 request not received within the idle timeout; 413
 body over ``MAX_BODY_BYTES``; 431 request head too large; a ``ControllerError``'s
-own status; 500 for anything unexpected (logged; the server keeps serving).
+own status; 507 when the state disk refuses what the request needs written or
+read (full, read-only, failing: ``StateUnwritable``), to be tried again once
+it has room; 500 for anything unexpected (logged; the server keeps serving).
 
 One request per connection: every response says ``Connection: close``.
 
@@ -73,6 +75,7 @@ from typing import Annotated, Final, Protocol, TypeVar
 import h11
 import msgspec
 import trio
+from fireclaw.supervisor.state import StateUnwritable
 from msgspec import Meta
 
 __all__ = [
@@ -602,6 +605,8 @@ class _ApiServer:
         except ControllerError as exc:
             status = exc.status if 400 <= exc.status <= 599 else 500
             return status, _error_body(exc.message)
+        except StateUnwritable as exc:
+            return 507, _error_body(f"the state disk is {exc.why}: request not served ({exc.path})")
         except Exception as exc:
             logger.exception("api: %s %s failed", request.method, request.path)
             return 500, _error_body(f"internal error: {type(exc).__name__}: {exc}")

@@ -88,6 +88,16 @@ def classify_exit(code: int | None, policy: RestartPolicyLike) -> ExitClass:
     return ExitClass.FAILURE
 
 
+def backoff_delay(
+    backoff: BackoffSpec, n: int, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """The wait before try ``n`` (from 0) after a failure: full jitter,
+    ``uniform(0, min(backoff.max, backoff.base * 2**n))``. The one formula for
+    every retry in the supervisor."""
+    cap = min(backoff.max, backoff.base * 2.0 ** min(n, MAX_EXPONENT))
+    return uniform(0.0, cap)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What to do after an exit. ``delay`` is seconds to wait before restarting
@@ -153,8 +163,7 @@ class RestartTracker:
         if ready_for is not None and ready_for >= policy.stable_after:
             return Decision(restart=True, delay=0.0, failed=False, reason="stable run")
 
-        cap = min(policy.backoff.max, policy.backoff.base * 2.0**self.consecutive)
-        delay = self._uniform(0.0, cap)
+        delay = backoff_delay(policy.backoff, self.consecutive, self._uniform)
         self.consecutive = min(self.consecutive + 1, MAX_EXPONENT)
         return Decision(restart=True, delay=delay, failed=False, reason="backoff")
 

@@ -211,6 +211,14 @@ def format_status(status: dict[str, Any]) -> str:
                     f"budget {scope}: {b.get('spent')} of {b.get('limit')} tokens"
                     f" this {budget.get('period')}{spent}"  # type: ignore[union-attr]
                 )
+    disk = status.get("state")
+    if isinstance(disk, dict) and disk.get("writable") is False:
+        since = time.strftime("%H:%M:%S", time.localtime(float(disk.get("since") or 0)))
+        waiting, dropped = disk.get("pending_writes"), disk.get("dropped_events")
+        lines.append(
+            f"state disk {disk.get('why')} since {since}: tasks refused,"
+            f" {waiting} task writes waiting, {dropped} events dropped"
+        )
 
     roles = status.get("roles") or {}
     if isinstance(roles, list):

@@ -11,9 +11,12 @@
        ├─ budgets      re-evaluates the token budgets when a period begins
        └─ role group   one per role: warm pool, claimed VMs, task queue
 
-The supervisor never exits because children crash; it exits 0 after a
-graceful stop, 78 on a bad config at start, 1 when another instance holds the
-lock or the state cannot be opened.
+The supervisor never exits because children crash, nor because the state
+disk is full (or read-only, or failing): tasks are then refused with 507, task
+moves wait (``supervisor/durable.py``), audit events and registry rows are
+dropped and counted, and ``status`` and the sd_notify status line say so. It
+exits 0 after a graceful stop, 78 on a bad config at start, 1 when another
+instance holds the lock or the state cannot be opened.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import re
 import signal
 import sys
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -46,6 +50,7 @@ from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_i
 from fireclaw.supervisor import leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.durable import until_written
 from fireclaw.supervisor.irc_credentials import read_irc_credentials
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
@@ -53,7 +58,7 @@ from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.secretfile import SecretFileError
-from fireclaw.supervisor.state import AgentRecord, StateError, Store
+from fireclaw.supervisor.state import AgentRecord, StateError, StateUnwritable, Store, TaskRow
 
 log = logging.getLogger("fireclaw.supervisor")
 
@@ -96,6 +101,10 @@ class Supervisor:
         self._reload_result: dict[str, object] = {}
         self._root: trio.Nursery | None = None
         self._watchers: list[trio.MemorySendChannel[tuple[str, str, dict[str, object]]]] = []
+        #: Claimed tasks of VMs gone with a previous supervisor, not yet requeued
+        #: because the state disk refused it at start: requeued once it takes writes.
+        self._orphans: set[str] | None = None
+        store.health.on_change = self._state_changed
         ns_why = netns.probe()
         cg_why = cgroup.probe()
         self._netns_why = ns_why
@@ -138,6 +147,11 @@ class Supervisor:
         """Record an event and pass it to the watchers."""
         self._on_event(kind, subject, detail)
 
+    def _state_changed(self) -> None:
+        """The state disk stopped or started taking writes: say so at once."""
+        self.rt.bump()
+        sdnotify.status(self._status_line())
+
     def watch(self) -> trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]:
         """A feed of events as they happen (the overseer announces from it)."""
         send, receive = trio.open_memory_channel[tuple[str, str, dict[str, object]]](256)
@@ -171,6 +185,8 @@ class Supervisor:
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
+                if self._orphans is not None:
+                    root.start_soon(self._requeue_orphans_later, self._orphans)
                 for rec in self.store.agents():
                     root.start_soon(self._restore_agent, rec)
                 root.start_soon(self._watchdog)
@@ -261,8 +277,26 @@ class Supervisor:
             else:
                 log.warning("%s", removal)
         runners = {name for name, a in self._adoptees.items() if a.task_id is not None}
-        for task in self.store.requeue_orphans(runners, max_attempts=self.config.task_max_attempts):
+        try:
+            self._requeued(self._requeue_orphans(runners))
+        except StateUnwritable as exc:
+            log.warning("tasks of gone VMs are requeued once the state disk has room: %s", exc)
+            self._orphans = runners
+
+    def _requeue_orphans(self, runners: set[str]) -> list[TaskRow]:
+        return self.store.requeue_orphans(runners, max_attempts=self.config.task_max_attempts)
+
+    def _requeued(self, tasks: list[TaskRow]) -> None:
+        for task in tasks:
             self.event("task_requeued", f"task-{task.id}", reason="supervisor restarted")
+
+    async def _requeue_orphans_later(self, runners: set[str]) -> None:
+        """``reclaim``'s requeue, held until the state disk takes it."""
+        self._requeued(
+            await until_written(partial(self._requeue_orphans, runners), self.store.health)
+        )
+        for group in self.groups.values():
+            group.tasks_queued()
 
     def reclaim_services(self) -> None:
         """Stop the managed services (ngircd, ...) a previous supervisor left running.
@@ -561,7 +595,7 @@ class Supervisor:
         self.budgets.update(new.budget)
         assert self._root is not None
         for name in diff.removed:
-            self.store.clear_scale(name)  # a role added again later starts from its file
+            self._clear_scale(name)  # a role added again later starts from its file
             group = self.groups.get(name)
             if group is not None:
                 self._root.start_soon(group.stop_all, "role removed")
@@ -573,7 +607,7 @@ class Supervisor:
             group = self.groups[name]
             group.update(new.roles[name])
             if change.scale and old.roles[name].pool != new.roles[name].pool:
-                self.store.clear_scale(name)
+                self._clear_scale(name)
                 group.set_scale(None)
             if change.restart_policy:
                 group.reset()
@@ -605,6 +639,14 @@ class Supervisor:
             "notes": notes,
         }
 
+    def _clear_scale(self, role: str) -> None:
+        """Forget a scale override; kept when the state disk refuses (the file's
+        scale applies now; the override comes back at the next start)."""
+        try:
+            self.store.clear_scale(role)
+        except StateError as exc:
+            log.warning("scale override of %s not cleared: %s", role, exc)
+
     # --- the Controller the API serves --------------------------------------------------
 
     def _group(self, role: str) -> RoleGroup:
@@ -620,7 +662,13 @@ class Supervisor:
         idle = sum(int(c["idle"]) for c in counts)  # type: ignore[call-overload]
         active = sum(int(c["active"]) for c in counts)  # type: ignore[call-overload]
         failed = sum(int(c["failed"]) for c in counts)  # type: ignore[call-overload]
-        return f"{idle} idle, {active} active, {failed} failed"
+        line = f"{idle} idle, {active} active, {failed} failed"
+        health = self.store.health
+        if not health.writable:
+            line += (
+                f"; state disk {health.why}: tasks refused, {health.dropped_events} events dropped"
+            )
+        return line
 
     async def status(self, since: int | None = None, wait: float = 0.0) -> dict[str, object]:
         """The fleet; with ``since``, first wait up to ``wait`` s for a change past it."""
@@ -639,7 +687,8 @@ class Supervisor:
             "last_reload_error": self.last_reload_error,
             "roles": {name: g.counts() for name, g in self.groups.items()},
             "agents": [a for g in self.groups.values() for a in g.snapshot()],
-            "tasks": self.store.count_tasks(),
+            "tasks": self._task_counts(),
+            "state": self.store.health.status(),
             "irc": self._irc_status(),
             "models": self._models_status(),
         }
@@ -652,6 +701,14 @@ class Supervisor:
         if self.modelserver is not None:
             status["managed"] = self.modelserver.status()
         return status
+
+    def _task_counts(self) -> dict[str, int] | None:
+        """Tasks by state; None when a failing disk cannot even be read (the
+        store has logged that once; status is asked for often)."""
+        try:
+            return self.store.count_tasks()
+        except StateUnwritable:
+            return None
 
     def _network_status(self) -> dict[str, object] | None:
         net = self.rt.network
@@ -706,7 +763,10 @@ class Supervisor:
             raise ControllerError(
                 f"task: the prompt has {len(prompt)} characters, at most {p.MAX_PROMPT_CHARS}"
             )
-        task = self.store.add_task(role, prompt)
+        try:
+            task = self.store.add_task(role, prompt)
+        except StateUnwritable as exc:
+            raise _unwritable(exc, "task not accepted") from None
         self.event("task_queued", f"task-{task.id}", role=role)
         group.tasks_queued()
         return _task_dict(task)
@@ -724,7 +784,10 @@ class Supervisor:
         if not 0 <= n <= 1000:
             raise ControllerError(f"scale: {n} is out of range (0..1000)")
         group = self._group(role)
-        self.store.set_scale(role, n)
+        try:
+            self.store.set_scale(role, n)
+        except StateUnwritable as exc:
+            raise _unwritable(exc, "scale not changed") from None
         group.set_scale(n)
         self.event("scaled", role, n=n)
         return {"role": role, "target": n}
@@ -803,21 +866,33 @@ class Supervisor:
             problem = await self.check_models(self.config, model)
             if problem is not None:
                 raise ControllerError(problem)
+        # Remembered first: an agent the disk cannot remember is not made.
+        try:
+            self.store.put_agent(AgentRecord(name=name, role=role, model=model))
+        except StateUnwritable as exc:
+            raise _unwritable(exc, f"agent {name} not invoked") from None
         boot_timeout = self.config.control.boot_timeout
         child = None
-        with trio.move_on_after(boot_timeout):
-            try:
-                child = await group.invoke(AgentIdentity(name=name, model=model))
-            except PoolError as exc:
-                raise ControllerError(str(exc), 503) from None
-        if child is None:
-            raise ControllerError(f"no {role} VM became ready within {boot_timeout:g}s", 503)
-        self.store.put_agent(AgentRecord(name=name, role=role, model=model))
+        try:
+            with trio.move_on_after(boot_timeout):
+                try:
+                    child = await group.invoke(AgentIdentity(name=name, model=model))
+                except PoolError as exc:
+                    raise ControllerError(str(exc), 503) from None
+            if child is None:
+                raise ControllerError(f"no {role} VM became ready within {boot_timeout:g}s", 503)
+        except BaseException:
+            with contextlib.suppress(StateError):
+                self.store.drop_agent(name)
+            raise
         return {"name": name, "role": role, "vm": child.name}
 
     async def destroy(self, name: str) -> dict[str, object]:
         group, child = self._agent(name)
-        self.store.drop_agent(name)
+        try:
+            self.store.drop_agent(name)
+        except StateUnwritable as exc:
+            raise _unwritable(exc, f"agent {name} not destroyed") from None
         self.event("destroyed", name, role=group.name, vm=child.name)
         await child.stop("destroyed")
         return {"name": name, "destroyed": True}
@@ -832,14 +907,18 @@ class Supervisor:
             problem = await self.check_models(self.config, model)
             if problem is not None:
                 raise ControllerError(problem)
-        if model is not None:
-            child.agent.model = model
-        if persona is not None:
-            child.agent.persona = persona
-        agent = child.agent
-        self.store.put_agent(
-            AgentRecord(name=name, role=group.name, model=agent.model, persona=agent.persona)
+        agent = dataclasses.replace(
+            child.agent,
+            model=child.agent.model if model is None else model,
+            persona=child.agent.persona if persona is None else persona,
         )
+        try:
+            self.store.put_agent(
+                AgentRecord(name=name, role=group.name, model=agent.model, persona=agent.persona)
+            )
+        except StateUnwritable as exc:
+            raise _unwritable(exc, f"agent {name} not changed") from None
+        child.agent.model, child.agent.persona = agent.model, agent.persona
         await group.retune(child)
         self.event("retuned", name, model=agent.model, persona=agent.persona is not None)
         return {"name": name, "model": agent.model or group.role.model}
@@ -849,7 +928,8 @@ class Supervisor:
         group = self.groups.get(rec.role)
         if group is None:
             log.warning("agent %s: its role %s is gone; forgetting it", rec.name, rec.role)
-            self.store.drop_agent(rec.name)
+            with contextlib.suppress(StateError):  # forgotten at a later start, then
+                self.store.drop_agent(rec.name)
             return
         if group.find_agent(rec.name) is not None:
             return  # its VM was adopted: it is back as it was
@@ -928,6 +1008,12 @@ def _sparing(
         disks=[d for d in found.disks if str(d) not in kept],
         run_dirs=[d for d in found.run_dirs if str(d) not in kept],
     )
+
+
+def _unwritable(exc: StateUnwritable, what: str) -> ControllerError:
+    """The one line a request gets when the state disk refuses what it asks:
+    507 Insufficient Storage; it can be tried again once the disk has room."""
+    return ControllerError(f"the state disk is {exc.why}: {what} ({exc.path})", 507)
 
 
 def _task_dict(task: object) -> dict[str, object]:

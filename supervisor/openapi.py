@@ -120,7 +120,20 @@ def document() -> dict[str, Any]:
             "backend": {"type": "string"},
             "roles": {"type": "object"},
             "agents": {"type": "array", "items": _OBJECT},
-            "tasks": {"type": "object"},
+            # null when a failing state disk cannot even be read
+            "tasks": {"type": ["object", "null"]},
+            "state": {
+                "type": "object",
+                "description": "Whether the state disk takes writes; what was dropped meanwhile.",
+                "properties": {
+                    "writable": {"type": "boolean"},
+                    "why": {"enum": ["full", "read-only", "failing", None]},
+                    "since": {"type": ["number", "null"]},
+                    "dropped_events": {"type": "integer"},
+                    "dropped_writes": {"type": "integer"},
+                    "pending_writes": {"type": "integer"},
+                },
+            },
         },
     }
     event = {
@@ -172,7 +185,10 @@ def document() -> dict[str, Any]:
                 params=[_query("state", {"enum": sorted(api._TASK_STATES)}, "only this state")],
             ),
             "post": _operation(
-                "Queue a durable task for a role.", task, body="TaskRequest", errors=(404,)
+                "Queue a durable task for a role; 507 while the state disk is full.",
+                task,
+                body="TaskRequest",
+                errors=(404, 507),
             ),
         },
         "/tasks/{id}": {
@@ -185,7 +201,7 @@ def document() -> dict[str, Any]:
         },
         "/scale": {
             "post": _operation(
-                "Keep N idle VMs for a role.", _OBJECT, body="ScaleRequest", errors=(404,)
+                "Keep N idle VMs for a role.", _OBJECT, body="ScaleRequest", errors=(404, 507)
             )
         },
         "/reset": {
@@ -201,7 +217,7 @@ def document() -> dict[str, Any]:
                 "Bring up a named agent of a role.",
                 _OBJECT,
                 body="InvokeRequest",
-                errors=(404, 409, 503),
+                errors=(404, 409, 503, 507),
             )
         },
         "/agents/{name}": {
@@ -210,10 +226,13 @@ def document() -> dict[str, Any]:
                 _OBJECT,
                 body="RetuneRequest",
                 params=[_path("name", name)],
-                errors=(404,),
+                errors=(404, 507),
             ),
             "delete": _operation(
-                "Stop a named agent for good.", _OBJECT, params=[_path("name", name)], errors=(404,)
+                "Stop a named agent for good.",
+                _OBJECT,
+                params=[_path("name", name)],
+                errors=(404, 507),
             ),
         },
         "/reload": {

@@ -11,6 +11,14 @@ and service registry, the audit trail, restarts, scales) commits with
 loss could take from it (the last few registry rows) describes processes that
 died with the machine anyway.
 That keeps fsyncs, which block the event loop, off the path of every VM boot.
+
+A disk that cannot take a write (full, read-only, failing) never ends the
+supervisor. Task writes raise ``StateUnwritable``: the caller refuses the
+task, or holds the move in memory and tries again (``supervisor/durable.py``).
+The audit trail, restarts and the VM and service registry are best effort:
+a write the disk refuses is dropped and counted in ``Store.health``, and
+logged once per outage, not once per write. What a missing registry row does
+not name, the leftovers sweep (``supervisor/leftovers.py``) finds by name.
 Every public method is one transaction. Other processes (the CLI, a second
 supervisor being refused by the pid lock) may open the same file; writers wait
 up to ``BUSY_TIMEOUT`` for each other.
@@ -30,6 +38,7 @@ Task states::
 Exceptions::
 
     StateError              any failure of the database, one line naming the file
+     +-- StateUnwritable    the disk refused a write (full, read-only, failing)
      +-- TaskNotFound       no task with that id
      +-- TaskConflict       the task is not in a state that allows the move
 """
@@ -37,6 +46,7 @@ Exceptions::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import sqlite3
@@ -45,6 +55,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, Literal, NoReturn
 
 import msgspec
+
+log = logging.getLogger("fireclaw.state")
 
 SCHEMA_VERSION: Final = 5
 #: Seconds a writer waits for another connection's write transaction.
@@ -56,6 +68,16 @@ TASK_STATES: Final[tuple[TaskState, ...]] = ("queued", "claimed", "done", "faile
 
 class StateError(Exception):
     pass
+
+
+class StateUnwritable(StateError):
+    """The disk under the database refused a write; ``why`` says how, in a word
+    or two ("full", "read-only", "failing"). It passes once the disk has room again."""
+
+    def __init__(self, message: str, why: str, path: pathlib.Path) -> None:
+        super().__init__(message)
+        self.why = why
+        self.path = path
 
 
 class TaskNotFound(StateError):
@@ -310,6 +332,60 @@ _detail_encoder = msgspec.json.Encoder(enc_hook=str)
 _detail_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+# SQLite's primary result codes (the low byte of an extended one) that mean the
+# disk, not the statement, is at fault: the same write succeeds once it has room.
+_UNWRITABLE: Final = {
+    sqlite3.SQLITE_FULL: "full",
+    sqlite3.SQLITE_READONLY: "read-only",
+    sqlite3.SQLITE_IOERR: "failing",
+    sqlite3.SQLITE_CANTOPEN: "failing",
+}
+
+
+class WriteHealth:
+    """Whether the database takes writes, since when, and what was dropped meanwhile.
+
+    Sans-I/O: the caller passes the time and gets told about transitions, so
+    that it reports an outage once when it begins and once when it ends.
+    ``on_change`` is called on each transition (the supervisor refreshes its
+    status line there)."""
+
+    def __init__(self) -> None:
+        self.writable = True
+        self.why = ""
+        self.since: float | None = None  # unix time the current outage began
+        self.dropped_events = 0  # audit events lost to the current or earlier outages
+        self.dropped_writes = 0  # registry rows and restart records lost likewise
+        self.pending = 0  # task writes held in memory, waiting to be tried again
+        self.on_change: Callable[[], None] = lambda: None
+
+    def failed(self, now: float, why: str) -> bool:
+        """A write was refused at ``now``; True if that begins an outage."""
+        if not self.writable:
+            return False
+        self.writable, self.why, self.since = False, why, now
+        self.on_change()
+        return True
+
+    def succeeded(self) -> bool:
+        """A write went through; True if that ends an outage."""
+        if self.writable:
+            return False
+        self.writable, self.why, self.since = True, "", None
+        self.on_change()
+        return True
+
+    def status(self) -> dict[str, object]:
+        return {
+            "writable": self.writable,
+            "why": self.why or None,
+            "since": self.since,
+            "dropped_events": self.dropped_events,
+            "dropped_writes": self.dropped_writes,
+            "pending_writes": self.pending,
+        }
+
+
 def _task(row: tuple[Any, ...]) -> TaskRow:
     return TaskRow(
         id=row[0],
@@ -341,6 +417,7 @@ class Store:
         self._conn = conn
         self.path = path
         self._clock = clock
+        self.health = WriteHealth()
 
     @classmethod
     def open(cls, path: pathlib.Path, *, clock: Callable[[], float] = time.time) -> Store:
@@ -392,7 +469,7 @@ class Store:
     def add_task(self, role: str, prompt: str) -> TaskRow:
         """Queue a new task for ``role``."""
         now = self._clock()
-        with self._errors(), self._durable():
+        with self._errors(write=True), self._durable():
             row = self._conn.execute(
                 "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
                 f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {_TASK_COLUMNS}",
@@ -404,7 +481,7 @@ class Store:
         """Atomically move the oldest queued task of ``role`` to claimed by
         ``owner``; ``None`` if there is none. Two claims never get the same task,
         also from different processes."""
-        with self._errors(), self._durable(), self._write():
+        with self._errors(write=True), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = 'claimed', owner = ?, updated_at = ?"
                 " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
@@ -420,7 +497,7 @@ class Store:
         Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed
         (already finished, or requeued after its VM was declared gone).
         """
-        with self._errors(), self._durable(), self._write():
+        with self._errors(write=True), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
                 f" WHERE id = ? AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
@@ -438,7 +515,7 @@ class Store:
         Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed.
         """
         _check_max_attempts(max_attempts)
-        with self._errors(), self._durable(), self._write():
+        with self._errors(write=True), self._durable(), self._write():
             row = self._requeue(task_id, reason, max_attempts, self._clock())
             if row is None:
                 self._not_claimed(task_id)
@@ -450,7 +527,7 @@ class Store:
         _check_max_attempts(max_attempts)
         now = self._clock()
         out: list[TaskRow] = []
-        with self._errors(), self._durable(), self._write():
+        with self._errors(write=True), self._durable(), self._write():
             claimed = self._conn.execute(
                 "SELECT id, owner FROM tasks WHERE state = 'claimed' ORDER BY id"
             ).fetchall()
@@ -502,8 +579,9 @@ class Store:
     # --- events --------------------------------------------------------------
 
     def event(self, kind: str, subject: str, **detail: object) -> None:
-        """Append to the audit trail. Values JSON cannot hold are stored as str()."""
-        with self._errors():
+        """Append to the audit trail. Values JSON cannot hold are stored as str().
+        Best effort: see ``_best_effort``."""
+        with self._best_effort("event"):
             self._conn.execute(
                 "INSERT INTO events (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
                 (self._clock(), kind, subject, _detail_encoder.encode(detail).decode()),
@@ -526,7 +604,7 @@ class Store:
     def record_restart(
         self, name: str, role: str, *, reason: str, exit_code: int | None, delay: float
     ) -> None:
-        with self._errors():
+        with self._best_effort("write"):
             self._conn.execute(
                 "INSERT INTO restarts (at, name, role, reason, exit_code, delay)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -544,8 +622,8 @@ class Store:
     # --- VM registry ---------------------------------------------------------
 
     def put_vm(self, rec: VmRecord) -> None:
-        """Insert or replace the record named ``rec.name``."""
-        with self._errors():
+        """Insert or replace the record named ``rec.name``. Best effort."""
+        with self._best_effort("write"):
             self._conn.execute(
                 f"INSERT OR REPLACE INTO vms ({_VM_COLUMNS})"
                 f" VALUES ({', '.join('?' * len(_VM_FIELDS))})",
@@ -553,8 +631,8 @@ class Store:
             )
 
     def drop_vm(self, name: str) -> None:
-        """Forget ``name``; no error if it is not there."""
-        with self._errors():
+        """Forget ``name``; no error if it is not there. Best effort."""
+        with self._best_effort("write"):
             self._conn.execute("DELETE FROM vms WHERE name = ?", (name,))
 
     def vms(self) -> list[VmRecord]:
@@ -565,16 +643,16 @@ class Store:
     # --- service registry ----------------------------------------------------
 
     def put_service(self, rec: ServiceRecord) -> None:
-        """Insert or replace the record named ``rec.name``."""
-        with self._errors():
+        """Insert or replace the record named ``rec.name``. Best effort."""
+        with self._best_effort("write"):
             self._conn.execute(
                 f"INSERT OR REPLACE INTO services ({_SERVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                 (rec.name, rec.command, rec.pid, rec.start_time, rec.boot_id, rec.address),
             )
 
     def drop_service(self, name: str) -> None:
-        """Forget ``name``; no error if it is not there."""
-        with self._errors():
+        """Forget ``name``; no error if it is not there. Best effort."""
+        with self._best_effort("write"):
             self._conn.execute("DELETE FROM services WHERE name = ?", (name,))
 
     def services(self) -> list[ServiceRecord]:
@@ -774,11 +852,48 @@ class Store:
             raise
 
     @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, *, write: bool = False) -> Iterator[None]:
+        """Translate SQLite's errors; a refused write is ``StateUnwritable``.
+
+        With ``write``, a success that changed a row ends an outage in ``health``
+        (a statement that changed nothing wrote nothing, proving nothing)."""
         try:
+            changes = self._conn.total_changes
             yield
         except sqlite3.Error as exc:
-            raise StateError(f"state database {self.path}: {exc}") from exc
+            why = _UNWRITABLE.get(getattr(exc, "sqlite_errorcode", -1) & 0xFF)
+            message = f"state database {self.path}: {exc}"
+            if why is None:
+                raise StateError(message) from exc
+            if self.health.failed(self._clock(), why):
+                log.warning(
+                    "%s: until it takes writes again, tasks are refused, task moves wait,"
+                    " audit events and registry rows are dropped",
+                    message,
+                )
+            raise StateUnwritable(message, why, self.path) from exc
+        if write and self._conn.total_changes > changes and self.health.succeeded():
+            log.warning(
+                "state database %s takes writes again (dropped meanwhile: %d events,"
+                " %d other writes)",
+                self.path,
+                self.health.dropped_events,
+                self.health.dropped_writes,
+            )
+
+    @contextlib.contextmanager
+    def _best_effort(self, kind: Literal["event", "write"]) -> Iterator[None]:
+        """A write the supervisor can run without: one the disk refuses is dropped
+        and counted in ``health`` (logged once per outage by ``_errors``), never
+        raised. Any other failure is raised as usual."""
+        try:
+            with self._errors(write=True):
+                yield
+        except StateUnwritable:
+            if kind == "event":
+                self.health.dropped_events += 1
+            else:
+                self.health.dropped_writes += 1
 
 
 def _check_max_attempts(max_attempts: int) -> None:
