@@ -359,8 +359,14 @@ def make_swarm(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
     made: list[Swarm] = []
     baseline = leftovers(tmp_path / "state")
 
-    def make(config_text: str, *, start: bool = True, root: Path | None = None) -> Swarm:
-        swarm = Swarm(root or tmp_path, config_text)
+    def make(
+        config_text: str,
+        *,
+        start: bool = True,
+        root: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Swarm:
+        swarm = Swarm(root or tmp_path, config_text, env=env)
         made.append(swarm)
         if start:
             swarm.start()

@@ -57,8 +57,12 @@ def test_the_supervisor_survives_a_full_state_disk(
         f"if [ $FIRECLAW_PROMPT = held ]; then while [ ! -e {gate} ]; do sleep 0.05; done; fi; "
         'echo done: $FIRECLAW_PROMPT"]}\n'
     )
-    # One active VM at most: "waiting" is claimed only once "held" is finished.
-    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1, max_active=1, extra=harness)))
+    # One active VM at most: "waiting" is claimed only once "held" is finished. Agent
+    # work runs as root, so the harness sees the gate in the test's private directory.
+    swarm = make_swarm(
+        swarm_yaml(role_yaml("worker", min_idle=1, max_active=1, extra=harness)),
+        env={"FIRECLAW_AGENT_USER": "root"},
+    )
     assert swarm.proc is not None
     pid = swarm.proc.pid
     held = swarm.api.post("/tasks", {"role": "worker", "prompt": "held"})

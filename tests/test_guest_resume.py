@@ -122,8 +122,8 @@ def test_a_resume_part_is_checked_like_the_rest() -> None:
         decode_guest(encode(bad_name))
 
 
-#: Waits for a line on the FIFO ``go`` in its directory, then answers once.
-WAITING_HARNESS = ["sh", "-c", 'read line < go; echo "finished $1"']
+#: Waits for a line on the FIFO its first argument names, then answers once.
+WAITING_HARNESS = ["sh", "-c", 'read line < "$1"; echo "finished $2"']
 
 
 def _say_go(fifo: Path) -> None:
@@ -136,11 +136,14 @@ async def test_in_a_vm_a_task_runs_on_across_a_lost_connection(host: Host, tmp_p
     cmdline = tmp_path / "cmdline"
     cmdline.write_text(f"fireclaw.url={host.url} fireclaw.vm_id={VM_ID} fireclaw.token={TOKEN}\n")
     os.mkfifo(tmp_path / "go")
-    proc = await host.launch("--cmdline", str(cmdline), env=_env_without_fireclaw())
+    # Agent work runs as root here: the FIFO is in the test's private directory.
+    env = {**_env_without_fireclaw(), "FIRECLAW_AGENT_USER": "root"}
+    proc = await host.launch("--cmdline", str(cmdline), env=env)
     first = await host.accept()
     hello = await first.welcome()
     assert hello.resume is None
-    harness = Harness(argv=[*WAITING_HARNESS, "sh", "{prompt}"], timeout=60)
+    fifo = str(tmp_path / "go")
+    harness = Harness(argv=[*WAITING_HARNESS, "sh", fifo, "{prompt}"], timeout=60)
     await first.send(Promote(name="ada", role="worker", harness=harness))
     assert await first.expect(Promoted) == Promoted(name="ada")
     await first.send(Task(task_id=5, prompt="the job"))
@@ -152,7 +155,8 @@ async def test_in_a_vm_a_task_runs_on_across_a_lost_connection(host: Host, tmp_p
     assert again.pid == proc.pid  # the same daemon, never restarted
     assert again.resume == Resume(agent="ada", tasks=[5])
     with trio.fail_after(WAIT):
-        await trio.to_thread.run_sync(_say_go, tmp_path / "go")
+        # Abandoned on timeout: a harness that never reads would block the open for good.
+        await trio.to_thread.run_sync(_say_go, tmp_path / "go", abandon_on_cancel=True)
     assert await second.expect(TaskDone) == TaskDone(task_id=5, code=0, output="finished the job\n")
 
     await second.send(Stop(reason="done"))
@@ -166,7 +170,9 @@ async def test_a_process_guest_ends_its_harness_with_the_connection(
     host: Host, tmp_path: Path
 ) -> None:
     """Not in a VM: nobody can adopt it, so a lost connection ends the work."""
-    proc, conn = await host.start()
+    # Agent work as root: the harness is this venv's Python, in root's home.
+    proc = await host.launch(env={**host.env(), "FIRECLAW_AGENT_USER": "root"})
+    conn = await host.accept()
     await conn.welcome()
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
