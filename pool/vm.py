@@ -489,7 +489,7 @@ class Child:
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not adopt: {exc}"
                 if self.handle is None:
-                    await trio.to_thread.run_sync(_kill_recorded, rec)
+                    await trio.to_thread.run_sync(kill_recorded, rec)
                 self.rt.event("adopt_failed", self.name, role=self.group.name, reason=str(exc))
                 log.warning("%s (pid %d) not adopted: %s", self.name, rec.pid, exc)
                 return outcome
@@ -858,9 +858,10 @@ class Child:
         }
 
 
-def _kill_recorded(rec: VmRecord) -> None:
-    """Kill the VMM ``rec`` names if it is still that process, and remove its run
-    directory (it could not be adopted; the teardown takes the rest)."""
+def kill_recorded(rec: VmRecord) -> None:
+    """Kill the VMM ``rec`` names if it is still that process (never a pid alone), and
+    what runs in its cgroup, and remove its run directory; namespaces, cgroups and
+    disks are left to the caller (a teardown, or a restarted supervisor's reclaim)."""
     ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
     if rec.start_time and still_running(ident):
         with contextlib.suppress(ProcessLookupError, PermissionError):

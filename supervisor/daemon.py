@@ -46,7 +46,7 @@ from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, f
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates
-from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id
+from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id, kill_recorded
 from fireclaw.supervisor import leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.budget import Budgets
@@ -255,10 +255,7 @@ class Supervisor:
         for rec in self.store.vms():
             if rec.name in self._adoptees:
                 continue  # taken over as it runs, once the backend is up
-            ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
-            if rec.start_time and still_running(ident):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(rec.pid, signal.SIGKILL)
+            kill_recorded(rec)
             if rec.cgroup:
                 with contextlib.suppress(cgroup.CgroupError):
                     cgroup.remove(Path(rec.cgroup))
