@@ -30,6 +30,9 @@ pytestmark = [
 #: A model start plus a few tokens on a loaded 2-core machine, with headroom.
 DEADLINE = START_TIMEOUT + 240.0
 KEY = "sk-fireclaw-test-0f9e8d7c6b5a"
+#: The harness is this venv's Python and a script in the test's private directory,
+#: which the unprivileged agent user cannot reach: agent work runs as root here.
+AS_ROOT = {"FIRECLAW_AGENT_USER": "root"}
 CONTROL = "#control"
 
 ASK = textwrap.dedent(
@@ -83,14 +86,18 @@ def usage_of(result: str) -> dict[str, int]:
 
 def test_a_spent_budget_holds_tasks_queued_until_a_reload_raises_it(swarm_dir: Path) -> None:
     irc_port = free_port()
-    irc = f"server: managed\n  managed: {{port: {irc_port}}}\n  operators: ['op!*@127.0.0.1']"
+    # Who may command is not what this test is about: a hostmask is enough here.
+    irc = (
+        f"server: managed\n  managed: {{port: {irc_port}}}\n"
+        "  operator_auth: hostmask\n  operators: ['op!*@127.0.0.1']"
+    )
 
     def config(limit: int, model: str = "smollm2") -> str:
         models = "models:\n  managed: {threads: 2, ctx: 1024}\n"
         budget = f"budget: {{period: day, roles: {{asker: {limit}}}}}\n"
         return models + budget + swarm_yaml(asker(swarm_dir / "ask.py", model), irc=irc)
 
-    swarm = Swarm(swarm_dir, config(1))
+    swarm = Swarm(swarm_dir, config(1), env=AS_ROOT)
     op: Person | None = None
     try:
         swarm.start(timeout=DEADLINE)
@@ -178,7 +185,7 @@ def test_the_upstream_key_reaches_neither_the_vm_nor_events_nor_logs(
     else:
         monkeypatch.setenv("FIRECLAW_TEST_MODEL_KEY", KEY)  # the supervisor inherits it
         models = f"models:\n  server: {model_server}\n  api_key_env: FIRECLAW_TEST_MODEL_KEY\n"
-    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")))
+    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")), env=AS_ROOT)
     try:
         swarm.start(timeout=DEADLINE)
         swarm.wait_for("an idle asker", idle("asker", 1), DEADLINE)
@@ -198,7 +205,9 @@ def test_the_upstream_key_reaches_neither_the_vm_nor_events_nor_logs(
 
 def test_a_role_model_the_server_does_not_serve_is_one_line_at_start(swarm_dir: Path) -> None:
     models = "models:\n  managed: {threads: 2, ctx: 1024}\n"
-    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py", "qwen2.5:7b")))
+    swarm = Swarm(
+        swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py", "qwen2.5:7b")), env=AS_ROOT
+    )
     result = subprocess.run(
         [FIRECLAW, "up", "--config", str(swarm.config)],
         capture_output=True,
@@ -217,7 +226,7 @@ def test_a_role_model_the_server_does_not_serve_is_one_line_at_start(swarm_dir: 
 
 def test_after_kill_9_the_next_supervisor_stops_the_old_model_server(swarm_dir: Path) -> None:
     models = "models:\n  managed: {threads: 2, ctx: 1024}\n"
-    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")))
+    swarm = Swarm(swarm_dir, models + swarm_yaml(asker(swarm_dir / "ask.py")), env=AS_ROOT)
     try:
         swarm.start(timeout=DEADLINE)
         old = swarm.status()["models"]["managed"]["pid"]
@@ -236,3 +245,36 @@ def test_after_kill_9_the_next_supervisor_stops_the_old_model_server(swarm_dir: 
     assert swarm.leftovers() == NOTHING
     out = subprocess.run(["pgrep", "-f", str(swarm.state / "models")], capture_output=True)
     assert out.stdout == b""
+
+
+def test_a_chat_role_answers_a_task_with_what_the_model_wrote(tmp_path: Path) -> None:
+    """The chat harness end to end: the guest's loop asks the real model through its
+    VM's gateway (the only way there), the task's result is the model's final
+    answer, and the ledger holds the calls under that task with the server's counts."""
+    thinker = """
+  thinker:
+    template: worker
+    model: smollm2
+    pool: {min_idle: 1, max_active: 1}
+    harness: {kind: chat, tool_mode: json, tools: [], max_steps: 2, max_tokens: 48,
+              timeout: 240}
+"""
+    models = "models:\n  managed: {threads: 2, ctx: 2048}\n"
+    swarm = Swarm(tmp_path, models + swarm_yaml(thinker))
+    try:
+        swarm.start(timeout=DEADLINE)
+        swarm.wait_for("an idle thinker", idle("thinker", 1), DEADLINE)
+        prompt = "Name one colour of the sky."
+        task = swarm.api.post("/tasks", {"role": "thinker", "prompt": prompt})
+        done = wait_task(swarm, task["id"], "done")
+        answer = done["result"].strip()
+        assert answer and answer != prompt, done
+        print(f"the model answered: {answer!r}")
+        usage = json.loads(swarm.cli("usage", "--by", "task", "--json").stdout)
+        (row,) = [r for r in usage["rows"] if r["key"] == str(task["id"])]
+        assert 1 <= row["calls"] <= 2
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        assert swarm.stop() == 0
+        assert swarm.leftovers() == NOTHING
+    finally:
+        swarm.close()
