@@ -901,7 +901,7 @@ def test_chat_harness_role_loads_with_defaults(swarm_dir: pathlib.Path) -> None:
             '  kind: command\n  command: ["sh", "-c", "echo hi"]\n', "  kind: chat\n"
         ),
     )
-    config = load(swarm_dir, "version: 1\nroles:\n  thinker: {}\n")
+    config = load(swarm_dir, "version: 1\nmodels: {server: managed}\nroles:\n  thinker: {}\n")
     role = config.roles["thinker"]
     assert role.harness == ChatHarnessSpec()
     assert role.harness.kind == "chat"
@@ -919,6 +919,7 @@ def test_chat_harness_override_replaces_the_command_harness(swarm_dir: pathlib.P
         swarm_dir,
         """\
         version: 1
+        models: {server: managed}
         roles:
           alpha:
             harness: {kind: chat, tools: [run_shell, podman_run], tool_mode: json, max_steps: 3}
@@ -968,3 +969,12 @@ def test_chat_harness_errors_are_one_line(
 ) -> None:
     msg = error_of(swarm_dir, f"version: 1\nroles:\n  alpha:\n    harness: {harness}\n")
     assert msg.endswith(": " + expected)
+
+
+def test_a_chat_role_without_a_models_section_is_one_line(swarm_dir: pathlib.Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(swarm_dir, "version: 1\nroles:\n  alpha:\n    harness: {kind: chat}\n")
+    assert str(info.value).endswith(
+        "swarm.yaml: roles.alpha.harness.kind: chat asks a model: add a models: section"
+        " (server: managed runs one here)"
+    )
