@@ -651,8 +651,8 @@ class Guest:
                 if not isinstance(msg, Heartbeat):
                     return msg
 
-    async def run(self, req: int, argv: list[str]) -> tuple[str, Exited]:
-        await self.send(Run(req=req, argv=argv))
+    async def run(self, req: int, argv: list[str], user: str = "") -> tuple[str, Exited]:
+        await self.send(Run(req=req, argv=argv, user=user))
         out = b""
         while True:
             msg = await self.recv()
@@ -753,8 +753,11 @@ async def test_real_image_boots_and_serves_the_guest_daemon(
 
         out, exited = await guest.run(1, ["uname", "-r"])
         assert (out.strip(), exited.code) == (image.kernel_release, 0)
-        # The daemon runs as root for now; agent work will drop to `agent`.
+        # The daemon is root; what it runs for a run or an agent runs as `agent`,
+        # unless the host names root (`run --user root`).
         out, exited = await guest.run(2, ["id", "-un"])
+        assert (out.strip(), exited.code) == ("agent", 0)
+        out, exited = await guest.run(20, ["id", "-un"], user="root")
         assert (out.strip(), exited.code) == ("root", 0)
         out, _ = await guest.run(3, ["id", "agent"])
         assert out.startswith("uid=1000(agent) gid=1000(agent)")
