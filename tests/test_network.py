@@ -55,7 +55,10 @@ async def net() -> AsyncIterator[Network]:
         await n.close()
         assert network.host_links(instance) == []
         assert f"inet {network.table_name(instance)}" not in network.tables()
-        assert IP_FORWARD.read_text() == forward_before  # noqa: ASYNC240
+        # Forwarding goes back once no swarm's bridge needs it; another swarm on the
+        # host (a second test run, say) keeps it on meanwhile, as it should.
+        if not any(name.endswith("br") for name in network.host_links()):
+            assert IP_FORWARD.read_text() == forward_before  # noqa: ASYNC240
 
 
 def links_in(ns: str) -> set[str]:
