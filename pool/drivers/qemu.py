@@ -463,7 +463,11 @@ class QemuVm:
 
     async def kill(self) -> None:
         if not self._gone():
-            await trio.to_thread.run_sync(self._kill_all)
+            # The signal from the event loop: trio's process handle (its returncode,
+            # its pidfd) is not to be touched from a worker thread.
+            self._signal(signal.SIGKILL)
+            if self._spec.cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.kill_all, self._spec.cgroup)
         await self.wait()
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -474,11 +478,6 @@ class QemuVm:
         elif self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
-
-    def _kill_all(self) -> None:
-        self._signal(signal.SIGKILL)
-        if self._spec.cgroup is not None:
-            cgroup.kill_all(self._spec.cgroup)
 
     def _remove_run_dir(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)
