@@ -15,7 +15,7 @@ import psutil
 import pytest
 from fireclaw.pool.forward import VM_SOURCE
 from ircperson import Event, Person
-from swarmctl import PY, Swarm, idle, role_yaml, swarm_yaml
+from swarmctl import PY, WAIT, Swarm, idle, role_yaml, swarm_yaml
 from test_swarm import NOTHING, free_port, ngircd_pids
 
 CONTROL = "#control"
@@ -403,7 +403,7 @@ def joined(person: Person, nick: str, channel: str) -> Event:
     return person.expect(
         f"{nick} joining {channel}",
         lambda e: e.type == "join" and e.source.nick == nick and e.target == channel,
-        timeout=60,
+        timeout=WAIT,  # a VM's boot and promotion, on a loaded machine
     )
 
 
