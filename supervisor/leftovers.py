@@ -51,9 +51,9 @@ from typing import Final, Literal, TypeVar
 
 import psutil
 from fireclaw.pool import cgroup, disks, netns, network
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.vm import instance_id, kill_recorded
 from fireclaw.supervisor import pidfile, services
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
+from fireclaw.supervisor.procid import ProcessIdentity, process_identity
 from fireclaw.supervisor.state import ServiceRecord, StateError, Store, VmRecord
 
 __all__ = [
@@ -519,10 +519,7 @@ def _remove_rows(state_dir: Path, rows: list[VmRecord], done: list[Removal]) -> 
         for rec in rows:
             item = f"registry row {rec.name} (pid {rec.pid})"
             try:
-                ident = ProcessIdentity(pid=rec.pid, start_time=rec.start_time, boot_id=rec.boot_id)
-                if rec.start_time and still_running(ident):
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(rec.pid, signal.SIGKILL)
+                kill_recorded(rec)
                 if rec.cgroup:
                     cgroup.remove(Path(rec.cgroup))
                 if rec.netns:
