@@ -242,9 +242,10 @@ class Child:
             with self._scope:
                 while True:
                     outcome = await self._incarnate()
-                    if self.stopping or (self.claimed and self.agent is None):
+                    if not self._ended_in_crash():
                         return
-                    self._fire(Event.CRASH)
+                    if self.state is not State.CRASHED:  # _teardown said so already
+                        self._fire(Event.CRASH)
                     if not await self._after_crash(outcome):
                         return
         finally:
@@ -255,6 +256,11 @@ class Child:
                 self.lifecycle.fire(Event.EXIT, trio.current_time())
             self.done.set()
             self.group.child_done(self)
+
+    def _ended_in_crash(self) -> bool:
+        """Whether the incarnation that just ended crashed: it was not stopped, and
+        it was not a claimed VM whose run is over."""
+        return not (self.stopping or (self.claimed and self.agent is None))
 
     async def _after_crash(self, outcome: Outcome) -> bool:
         """Decide and wait out the restart; False when the child should end."""
@@ -737,6 +743,10 @@ class Child:
     ) -> None:
         self.session = None
         handle, self.handle = self.handle, None
+        if self._ended_in_crash() and self.lifecycle.can(Event.CRASH):
+            # Said at once: while the teardown below runs, the child has no VM and
+            # must not be shown (or counted) as idle or active.
+            self._fire(Event.CRASH)
         if self._left_running(handle):
             # Handed over: only this supervisor's end goes; the VM, its namespace,
             # cgroup, disks and registry row stay for the next one to adopt.

@@ -26,6 +26,7 @@ class ScriptedVm:
         self.code = code
         self.gone = trio.Event()
         self.killed = False
+        self.on_kill: Callable[[], None] = lambda: None
 
     @property
     def pid(self) -> int:
@@ -41,6 +42,7 @@ class ScriptedVm:
         self.gone.set()
 
     async def kill(self) -> None:
+        self.on_kill()
         self.killed = True
         self.gone.set()
 
@@ -173,3 +175,22 @@ async def test_stop_during_backoff_ends_the_child_at_once(
         await group.stop_all("test")
         assert trio.current_time() == start  # the 100 s wait was cut, not waited out
         assert not group.children
+
+
+async def test_a_dead_vmm_shows_as_crashed_while_its_vm_is_torn_down(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Between the VMM's exit and the end of the teardown (netns, cgroup, disk)
+    the child has no VM: it must not be shown as restoring, idle or active."""
+    driver = ScriptedDriver([None])
+    group = make_group(tmp_path, driver, "{backoff: {base: 100, max: 100}}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(group.run)
+        await wait_until(group, lambda: len(driver.starts) == 1)
+        (child,) = group.children.values()
+        seen: list[tuple[State, int | None]] = []
+        driver.vms[0].on_kill = lambda: seen.append((child.state, child.pid))
+        driver.vms[0].gone.set()
+        await wait_until(group, lambda: child.state is State.BACKOFF)
+        assert seen == [(State.CRASHED, None)]
+        nursery.cancel_scope.cancel()
