@@ -81,6 +81,7 @@ from .irc_session import (
     clean,
     encode,
     is_channel,
+    loggable,
     message_budget,
     paginate,
     privmsg,
@@ -426,7 +427,7 @@ class IrcClient:
                 await trio.sleep(wait)
             line, is_user_line = await self._outbox.get(connection.session)
             bucket.take(trio.current_time())
-            log.debug("> %r", line)
+            log.debug("> %r", loggable(line))
             try:
                 await connection.stream.send_all(line)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -939,3 +939,16 @@ def _nick_of(source: str | None) -> str | None:
     if not source:
         return None
     return source.partition("!")[0].partition("@")[0] or None
+
+
+#: Commands whose parameters carry a secret: a log shows them without it.
+SECRET_COMMANDS: Final = frozenset({b"PASS", b"OPER", b"AUTHENTICATE"})
+
+
+def loggable(line: bytes) -> bytes:
+    """``line`` as it may be logged: the parameters of a line that carries a
+    password (PASS, OPER, a SASL payload) are replaced by ``<redacted>``."""
+    command, _, rest = line.partition(b" ")
+    if command.upper() not in SECRET_COMMANDS or rest.rstrip(b"\r\n") in (b"PLAIN", b"+"):
+        return line
+    return command + b" <redacted>\r\n"

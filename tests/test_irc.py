@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.guest_daemon import irc as irc_module
+from fireclaw.guest_daemon import irc_session as irc_session_module
 from fireclaw.guest_daemon.irc import (
     MAX_LINE,
     TRANSITIONS,
@@ -1064,13 +1066,32 @@ async def test_ngircd_long_reply_is_paginated_within_limits(ircd: Ircd) -> None:
 
 
 @needs_ngircd
-async def test_ngircd_server_password() -> None:
+async def test_ngircd_server_password(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=irc_module.log.name)
     async with ircd_server(password="opensesame") as ircd:
         async with running(real_client(ircd, "bot", password="opensesame")) as client:
             assert client.registered
+        # Even the line-by-line debug log does not show the password it sent.
+        assert "PASS <redacted>" in caplog.text
+        assert "opensesame" not in caplog.text
         wrong = real_client(ircd, "intruder", password="guess")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wrong.run)
             lost = await next_event(wrong, Disconnected)
             assert "password" in lost.reason.lower() or "denied" in lost.reason.lower()
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("line", "logged"),
+    [
+        (b"PASS hunter2\r\n", b"PASS <redacted>\r\n"),
+        (b"OPER fireclaw hunter2\r\n", b"OPER <redacted>\r\n"),
+        (b"AUTHENTICATE aHVudGVyMg==\r\n", b"AUTHENTICATE <redacted>\r\n"),
+        (b"AUTHENTICATE PLAIN\r\n", b"AUTHENTICATE PLAIN\r\n"),
+        (b"AUTHENTICATE +\r\n", b"AUTHENTICATE +\r\n"),
+        (b"PRIVMSG #swarm :PASS the salt\r\n", b"PRIVMSG #swarm :PASS the salt\r\n"),
+    ],
+)
+def test_a_logged_line_hides_what_carries_a_password(line: bytes, logged: bytes) -> None:
+    assert irc_session_module.loggable(line) == logged
