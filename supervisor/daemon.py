@@ -47,7 +47,7 @@ from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id, kill_recorded
-from fireclaw.supervisor import leftovers, sdnotify, services
+from fireclaw.supervisor import ballast, leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.durable import until_written
@@ -1055,7 +1055,7 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
         return 1
     try:
         try:
-            store = Store.open(sdir / DB_NAME)
+            store = _open_store(sdir)
         except StateError as exc:
             print(f"fireclaw-swarm: {exc}", file=sys.stderr)
             return 1
@@ -1074,6 +1074,30 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
     finally:
         lock.release()
     return 0
+
+
+def _open_store(state_dir: Path) -> Store:
+    """The state database, opened in the ballast's room if the disk is full
+    (see ``ballast``); the ballast made again when there is room for it."""
+    try:
+        store = Store.open(state_dir / DB_NAME)
+    except StateError:
+        if not ballast.disk_full(state_dir):
+            raise
+        freed = ballast.release(state_dir)
+        if not freed:
+            raise
+        log.warning(
+            "state disk %s is full: its %d-byte ballast was released to start;"
+            " make room there, or tasks are refused once that room is used too",
+            state_dir,
+            freed,
+        )
+        return Store.open(state_dir / DB_NAME)
+    why = ballast.ensure(state_dir)
+    if why is not None:
+        log.warning("no ballast in %s (room to start on a full disk): %s", state_dir, why)
+    return store
 
 
 def _ask_to_hand_over(state_dir: Path, holder: AlreadyRunning) -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fireclaw.supervisor import ballast
 from fireclaw.supervisor.client import ApiError
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import Store, VmRecord
@@ -176,6 +178,37 @@ def test_what_a_full_disk_kept_out_of_the_registry_is_reclaimed_after_kill_9(
     st = swarm.wait_for("the pool full again", idle("worker", 1))
     assert st["state"]["writable"] is True
     # make_swarm's teardown: nothing of either supervisor's VMs is left.
+
+
+def test_a_restart_on_a_full_state_disk_runs_in_the_room_of_its_ballast(
+    small_state: Path, make_swarm: Callable[..., Swarm]
+) -> None:
+    """A supervisor killed (or a host rebooted) once its state disk is full comes
+    back with its fleet: the start releases the ballast an earlier start made,
+    opens the database in its room and runs tasks; once the disk has room
+    again, the next start makes the ballast again."""
+    reserve = small_state / ballast.NAME
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1)))
+    swarm.wait_for("the pool full", idle("worker", 1))
+    size = ballast.size_for(shutil.disk_usage(small_state).total)
+    assert reserve.stat().st_blocks * 512 >= size  # blocks held, not a sparse file
+    swarm.kill9()
+    filler = fill_under(small_state / DB_NAME)
+    assert ballast.disk_full(small_state)
+
+    swarm.start()
+    swarm.wait_for("the pool full on a full disk", idle("worker", 1))
+    assert not reserve.exists()
+    assert f"its {size}-byte ballast was released to start" in swarm.tail(), swarm.tail()
+    task = swarm.api.post("/tasks", {"role": "worker", "prompt": "after the restart"})
+    swarm.wait_for("the task done", lambda st: st["tasks"]["done"] == 1)
+    assert swarm.api.get(f"/tasks/{task['id']}")["state"] == "done"
+    assert swarm.stop() == 0
+
+    filler.unlink()
+    swarm.start()
+    swarm.wait_for("the pool full with room again", idle("worker", 1))
+    assert reserve.stat().st_size == size
 
 
 def _registry(state: Path) -> list[VmRecord]:
