@@ -51,20 +51,17 @@ import random
 import re
 import resource
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import trio
 from fireclaw.config.model import IrcSpec, connect_host
-from fireclaw.supervisor.backoff import RestartTracker, classify_exit
 from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
-from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.managed import Exit, ManagedService, OnEvent, describe_exit, stop
 from fireclaw.supervisor.secretfile import SecretFileError
-from fireclaw.supervisor.state import ServiceRecord, Store
+from fireclaw.supervisor.state import Store
 
 __all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
 
@@ -80,8 +77,6 @@ LOG_NAME: Final = "ircd.log"
 
 START_TIMEOUT: Final = 10.0
 """Seconds ngircd has to say it is ready; it normally takes a few milliseconds."""
-TERM_TIMEOUT: Final = 5.0
-"""Seconds between SIGTERM and SIGKILL when stopping it."""
 DRAIN_TIMEOUT: Final = 1.0
 """Seconds to read the rest of its output after it exited."""
 
@@ -101,9 +96,6 @@ _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
 _LOG_LINE_RE: Final = re.compile(r"^\[(?P<pid>\d+):(?P<level>\d+)\s+\d+\] (?P<msg>.*)$")
 _READY_RE: Final = re.compile(r'^Server ".*" \(on ".*"\) ready\.$')
 _LOG_ERR: Final = 3  # syslog LOG_ERR: this and lower numbers are errors
-
-State = Literal["starting", "running", "backoff", "failed"]
-OnEvent = Callable[[str, str, dict[str, object]], None]
 
 
 class IrcdError(Exception):
@@ -208,15 +200,6 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class _Exit:
-    """How one incarnation ended."""
-
-    code: int | None  # None: killed by us because it never became ready
-    reason: str
-    ready: bool
-
-
 class _Watcher:
     """What an incarnation said on its way up: readiness, and its errors."""
 
@@ -236,18 +219,16 @@ class _Watcher:
             self.errors.append(m["msg"])
 
 
-class ManagedIrcd:
-    """ngircd run, watched and restarted per ``config.restart``.
-
-    ``state`` is ``starting`` until it is ready, ``running`` while it serves,
-    ``backoff`` while a restart waits, ``failed`` when it is not restarted (the
-    circuit opened, or the policy says so) until ``reset()``. ``address`` is the
-    (host, port) clients on this host connect to. ``on_event(kind, "ircd",
-    detail)`` is told ``ircd_started``, ``ircd_crashed`` and ``ircd_failed``.
-    ``registry``, if given, holds the service row ``ircd`` while a copy may run.
+class ManagedIrcd(ManagedService):
+    """ngircd run, watched and restarted per ``config.restart`` (states, events
+    and the registry row ``ircd``: see ``managed``). ``address`` is the
+    (host, port) clients on this host connect to.
     ``password``, read from where ``config`` names it (``irc_credentials``), is the
     server password every client must send; it goes into ngircd.conf alone.
     """
+
+    service = SERVICE
+    title = "managed IRC server"
 
     def __init__(
         self,
@@ -267,15 +248,8 @@ class ManagedIrcd:
         self.log_path = state_dir / "logs" / LOG_NAME
         self.conf_path = self.workdir / CONF_NAME
         self.pid_path = self.workdir / PID_NAME
-        self.tracker = RestartTracker(config.restart, uniform=uniform)
-        self.state: State = "starting"
-        self.restarts = 0
-        self.pid: int | None = None
-        self.reason = ""  # why it last stopped
         self._binary = binary
-        self._on_event = on_event
-        self._registry = registry
-        self._reset = trio.Event()
+        super().__init__(config.restart, on_event, registry, uniform)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -292,15 +266,6 @@ class ManagedIrcd:
             "reason": self.reason,
         }
 
-    def reset(self) -> None:
-        """Clear ``failed`` (restart now), or cut a backoff wait short."""
-        self.tracker.reset()
-        self._reset.set()
-
-    def _event(self, kind: str, **detail: object) -> None:
-        if self._on_event is not None:
-            self._on_event(kind, "ircd", detail)
-
     # --- the service -------------------------------------------------------------
 
     async def run(
@@ -313,51 +278,9 @@ class ManagedIrcd:
         """
         self._find_binary()
         await trio.to_thread.run_sync(self._write_files)
-        started = False
+        await self._supervise(lambda: task_status.started(self.address))
 
-        def ready() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started(self.address)
-
-        while True:
-            self.state = "starting"
-            outcome = await self._incarnation(ready)
-            if not started:
-                raise IrcdError(self._first_failure(outcome.reason))
-            await self._after_exit(outcome)
-
-    async def _after_exit(self, outcome: _Exit) -> None:
-        """Decide about a restart and wait it out; while failed, wait for reset()."""
-        exit_class = classify_exit(outcome.code, self.config.restart)
-        decision = self.tracker.exited(trio.current_time(), exit_class)
-        self.reason = outcome.reason
-        self._event(
-            "ircd_crashed",
-            reason=outcome.reason,
-            exit_code=outcome.code,
-            restart=decision.restart,
-            delay=round(decision.delay, 3),
-            failed=decision.failed,
-        )
-        log.warning("managed IRC server stopped: %s", outcome.reason)
-        if not decision.restart:
-            self.state = "failed"
-            self.reason = f"{outcome.reason}; not restarted: {decision.reason}"
-            self._event("ircd_failed", reason=self.reason)
-            log.error("managed IRC server failed: %s", self.reason)
-            await self._reset.wait()
-            self._reset = trio.Event()
-            return
-        self.restarts += 1
-        if decision.delay > 0:
-            self.state = "backoff"
-            with trio.move_on_after(decision.delay):
-                await self._reset.wait()  # a reset cuts the wait short
-            self._reset = trio.Event()
-
-    def _first_failure(self, reason: str) -> str:
+    def _first_failure(self, reason: str) -> IrcdError:
         managed = self.config.managed
         text = f"managed IRC server (ngircd) on {managed.listen}:{managed.port} did not start: "
         text += reason
@@ -366,11 +289,11 @@ class ManagedIrcd:
                 "; another program (the Debian ngircd service?) has the port:"
                 " set irc.managed.port, or irc.server to use that server"
             )
-        return " ".join(text.split())
+        return IrcdError(" ".join(text.split()))
 
     # --- one incarnation ---------------------------------------------------------
 
-    async def _incarnation(self, on_ready: Callable[[], None]) -> _Exit:
+    async def _incarnation(self, on_ready: Callable[[], None]) -> Exit:
         """Start ngircd, wait until it is ready (then call ``on_ready``), then until
         it exits. On cancellation, stops it (TERM, then KILL) first."""
         binary = self._find_binary()
@@ -380,7 +303,7 @@ class ManagedIrcd:
         try:
             # Written ahead: a supervisor killed from here on leaves a row, and the
             # copy it may have started is found by its command line.
-            self._record(binary, pid=0)
+            self._record(binary, self._address_text(), pid=0)
             try:
                 proc = await trio.lowlevel.open_process(
                     [binary, "-n", "-f", str(self.conf_path)],
@@ -394,15 +317,15 @@ class ManagedIrcd:
                 )
             except OSError as exc:
                 self._forget()
-                return _Exit(code=None, reason=f"cannot run {binary}: {exc}", ready=False)
+                return Exit(code=None, reason=f"cannot run {binary}: {exc}")
             try:
                 self.pid = proc.pid
-                self._record(binary, pid=proc.pid)
+                self._record(binary, self._address_text(), pid=proc.pid)
                 self._write_pid(proc.pid)
                 return await self._watch(proc, watcher, log_fd, on_ready)
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._stop(proc)
+                    await stop(proc)
                     self.pid = None
                     with contextlib.suppress(FileNotFoundError):
                         self.pid_path.unlink()
@@ -410,31 +333,13 @@ class ManagedIrcd:
         finally:
             os.close(log_fd)
 
-    def _record(self, binary: str, *, pid: int) -> None:
-        """Put this incarnation in the registry: ``pid`` 0 before it exists."""
-        if self._registry is None:
-            return
-        # Not yet reaped (we are its parent), so the pid is still this process.
-        ident = process_identity(pid) if pid else None
+    def _address_text(self) -> str:
         host, port = self.address
-        self._registry.put_service(
-            ServiceRecord(
-                name=SERVICE,
-                command=binary,
-                pid=pid,
-                start_time=ident.start_time if ident else 0,
-                boot_id=ident.boot_id if ident else "",
-                address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-            )
-        )
-
-    def _forget(self) -> None:
-        if self._registry is not None:
-            self._registry.drop_service(SERVICE)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def _watch(
         self, proc: trio.Process, watcher: _Watcher, log_fd: int, on_ready: Callable[[], None]
-    ) -> _Exit:
+    ) -> Exit:
         exited = trio.Event()
         assert proc.stdout is not None
         stdout = proc.stdout
@@ -451,29 +356,23 @@ class ManagedIrcd:
                 await _wait_any(watcher.ready, exited)
             ready = watcher.ready.is_set()
             if ready and not exited.is_set():
-                self.state = "running"
-                self.tracker.ready(trio.current_time())
-                self._event("ircd_started", pid=proc.pid, restarts=self.restarts)
+                self._ready(proc.pid)
                 log.info("managed IRC server ready on %s:%d (pid %d)", *self.address, proc.pid)
                 on_ready()
             elif not exited.is_set():
-                await self._stop(proc)
+                await stop(proc)
                 await exited.wait()
                 drain_scope.cancel()
-                return _Exit(
-                    code=None,
-                    reason=f"not ready within {START_TIMEOUT:g}s; killed",
-                    ready=False,
-                )
+                return Exit(code=None, reason=f"not ready within {START_TIMEOUT:g}s; killed")
             await exited.wait()
             # Its output may still be in the pipe: read it, briefly, for the reason.
             drain_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
         code = proc.returncode
         assert code is not None
-        reason = _describe_exit(code)
+        reason = describe_exit(code)
         if not ready and (watcher.errors or watcher.last):
             reason = watcher.errors[0] if watcher.errors else watcher.last
-        return _Exit(code=code if code >= 0 else None, reason=reason, ready=ready)
+        return Exit(code=code if code >= 0 else None, reason=reason)
 
     async def _drain(
         self,
@@ -493,20 +392,6 @@ class ManagedIrcd:
                 pending = pending[-MAX_LINE:]
         with contextlib.suppress(trio.ClosedResourceError):
             await stream.aclose()
-
-    async def _stop(self, proc: trio.Process) -> None:
-        """SIGTERM to its process group, up to TERM_TIMEOUT, then SIGKILL; reap."""
-        if proc.returncode is not None:
-            return
-        # The pid is not reused before we reap it, so the group is still ours.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with trio.move_on_after(TERM_TIMEOUT):
-            await proc.wait()
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
 
     # --- files -------------------------------------------------------------------
 
@@ -584,13 +469,3 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exited with status {code}"

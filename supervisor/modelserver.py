@@ -41,16 +41,20 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import trio
 from fireclaw.config.load import EX_CONFIG
 from fireclaw.config.model import BUNDLED_MODEL, ManagedModelSpec
-from fireclaw.supervisor.backoff import RestartTracker, classify_exit
-from fireclaw.supervisor.procid import process_identity
-from fireclaw.supervisor.state import ServiceRecord, Store
+from fireclaw.supervisor.managed import (
+    Exit,
+    ManagedService,
+    OnEvent,
+    describe_exit,
+    stop,
+)
+from fireclaw.supervisor.state import Store
 
 __all__ = ["SERVICE", "ManagedModelServer", "ModelServerError", "bundled_model", "main"]
 
@@ -65,12 +69,8 @@ MARKER: Final = "# fireclaw-swarm managed model server"
 
 START_TIMEOUT: Final = 120.0
 """Seconds the server has to load its model and listen (SmolLM2-135M: about 1 s)."""
-TERM_TIMEOUT: Final = 5.0
 _MAX_LINE: Final = 4096
 _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ", "HOME")
-
-State = Literal["starting", "running", "backoff", "failed"]
-OnEvent = Callable[[str, str, dict[str, object]], None]
 
 
 class ModelServerError(Exception):
@@ -108,21 +108,14 @@ def render_config(spec: ManagedModelSpec, model: Path) -> str:
     return "\n".join([*lines, *(f"{k} = {v}" for k, v in values.items())]) + "\n"
 
 
-@dataclass(frozen=True)
-class _Exit:
-    code: int | None
-    reason: str
-
-
-class ManagedModelServer:
-    """The model server, run, watched and restarted per ``spec.restart``.
-
-    ``state`` is as ``ManagedIrcd.state``; ``url`` is the base URL of its API
-    (``http://127.0.0.1:PORT/v1``) once it has served. ``on_event(kind,
-    "models", detail)`` is told ``models_started``, ``models_crashed`` and
-    ``models_failed``. ``registry``, if given, holds the service row ``models``
-    while a copy may run.
+class ManagedModelServer(ManagedService):
+    """The model server, run, watched and restarted per ``spec.restart`` (states,
+    events and the registry row ``models``: see ``managed``). ``url`` is the base
+    URL of its API (``http://127.0.0.1:PORT/v1``) once it has served.
     """
+
+    service = SERVICE
+    title = "managed model server"
 
     def __init__(
         self,
@@ -139,15 +132,8 @@ class ManagedModelServer:
         state_dir = state_dir.absolute()
         self.conf_path = state_dir / CONF
         self.log_path = state_dir / "logs" / LOG_NAME
-        self.tracker = RestartTracker(spec.restart, uniform=uniform)
-        self.state: State = "starting"
-        self.restarts = 0
-        self.pid: int | None = None
         self.url: str | None = None
-        self.reason = ""
-        self._on_event = on_event
-        self._registry = registry
-        self._reset = trio.Event()
+        super().__init__(spec.restart, on_event, registry, uniform)
 
     def status(self) -> dict[str, object]:
         return {
@@ -158,15 +144,6 @@ class ManagedModelServer:
             "restarts": self.restarts,
             "reason": self.reason,
         }
-
-    def reset(self) -> None:
-        """Clear ``failed`` (restart now), or cut a backoff wait short."""
-        self.tracker.reset()
-        self._reset.set()
-
-    def _event(self, kind: str, **detail: object) -> None:
-        if self._on_event is not None:
-            self._on_event(kind, SERVICE, detail)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; started(base URL) once it first answers.
@@ -182,61 +159,27 @@ class ManagedModelServer:
         if not model.is_file():
             raise ModelServerError(f"models.managed.model: no such file: {model}")
         await trio.to_thread.run_sync(self._write_files, model)
-        started = False
 
-        def ready(url: str) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                task_status.started(url)
+        def started() -> None:
+            assert self.url is not None  # set before an incarnation says it is ready
+            task_status.started(self.url)
 
-        while True:
-            self.state = "starting"
-            outcome = await self._incarnation(ready)
-            if not started:
-                raise ModelServerError(
-                    f"managed model server on {self.spec.listen}:{self.spec.port} did not start:"
-                    f" {outcome.reason}"
-                )
-            await self._after_exit(outcome)
+        await self._supervise(started)
 
-    async def _after_exit(self, outcome: _Exit) -> None:
-        decision = self.tracker.exited(
-            trio.current_time(), classify_exit(outcome.code, self.spec.restart)
+    def _first_failure(self, reason: str) -> ModelServerError:
+        return ModelServerError(
+            f"managed model server on {self.spec.listen}:{self.spec.port} did not start: {reason}"
         )
-        self.reason = outcome.reason
-        self._event(
-            "models_crashed",
-            reason=outcome.reason,
-            exit_code=outcome.code,
-            restart=decision.restart,
-            delay=round(decision.delay, 3),
-        )
-        log.warning("managed model server stopped: %s", outcome.reason)
-        if not decision.restart:
-            self.state = "failed"
-            self.reason = f"{outcome.reason}; not restarted: {decision.reason}"
-            self._event("models_failed", reason=self.reason)
-            log.error("managed model server failed: %s", self.reason)
-            await self._reset.wait()
-            self._reset = trio.Event()
-            return
-        self.restarts += 1
-        if decision.delay > 0:
-            self.state = "backoff"
-            with trio.move_on_after(decision.delay):
-                await self._reset.wait()
-            self._reset = trio.Event()
 
-    async def _incarnation(self, on_ready: Callable[[str], None]) -> _Exit:
-        """Start the program, wait for its ready line (then call ``on_ready`` with its
-        URL), then for its exit. Stops it
+    async def _incarnation(self, on_ready: Callable[[], None]) -> Exit:
+        """Start the program, wait for its ready line (then call ``on_ready``; ``url``
+        is set), then for its exit. Stops it
         (TERM, then KILL) on the way out, whatever ends this call."""
         command = [sys.executable, "-m", __name__, "--config", str(self.conf_path)]
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         log_fd = os.open(self.log_path, flags, 0o640)
         try:
-            self._record(pid=0)  # written ahead: a copy is found by its command line
+            self._record(sys.executable, self._address, pid=0)
             try:
                 proc = await trio.lowlevel.open_process(
                     command,
@@ -250,20 +193,20 @@ class ManagedModelServer:
                 )
             except OSError as exc:
                 self._forget()
-                return _Exit(code=None, reason=f"cannot run {sys.executable}: {exc}")
+                return Exit(code=None, reason=f"cannot run {sys.executable}: {exc}")
             try:
                 self.pid = proc.pid
-                self._record(pid=proc.pid)
+                self._record(sys.executable, self._address, pid=proc.pid)
                 return await self._watch(proc, on_ready)
             finally:
                 with trio.CancelScope(shield=True):
-                    await _stop(proc)
+                    await stop(proc)
                     self.pid = None
                     self._forget()
         finally:
             os.close(log_fd)
 
-    async def _watch(self, proc: trio.Process, on_ready: Callable[[str], None]) -> _Exit:
+    async def _watch(self, proc: trio.Process, on_ready: Callable[[], None]) -> Exit:
         assert proc.stdout is not None
         first = b""
         with trio.move_on_after(START_TIMEOUT):
@@ -275,7 +218,7 @@ class ManagedModelServer:
         line = first.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         word, _, rest = line.partition(" ")
         if word != "ready":
-            await _stop(proc)
+            await stop(proc)
             if word == "error" and rest:
                 reason = rest
             elif not first:
@@ -283,38 +226,21 @@ class ManagedModelServer:
             else:
                 reason = f"not ready within {START_TIMEOUT:g}s; see {self.log_path}"
             code = proc.returncode
-            return _Exit(code=code if code is not None and code >= 0 else None, reason=reason)
+            return Exit(code=code if code is not None and code >= 0 else None, reason=reason)
         self.url = rest.rstrip("/") + "/v1"
-        self.state = "running"
-        self.tracker.ready(trio.current_time())
-        self._event("models_started", pid=proc.pid, url=self.url, restarts=self.restarts)
+        self._ready(proc.pid, url=self.url)
         log.info("managed model server ready at %s (pid %d)", self.url, proc.pid)
-        on_ready(self.url)
+        on_ready()
         # It says nothing more on stdout; reading to EOF keeps the pipe drained.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while await proc.stdout.receive_some(_MAX_LINE):
                 pass
         code = await proc.wait()
-        return _Exit(code=code if code >= 0 else None, reason=_describe_exit(code))
+        return Exit(code=code if code >= 0 else None, reason=describe_exit(code))
 
-    def _record(self, *, pid: int) -> None:
-        if self._registry is None:
-            return
-        ident = process_identity(pid) if pid else None
-        self._registry.put_service(
-            ServiceRecord(
-                name=SERVICE,
-                command=sys.executable,
-                pid=pid,
-                start_time=ident.start_time if ident else 0,
-                boot_id=ident.boot_id if ident else "",
-                address=f"{self.spec.listen}:{self.spec.port}",
-            )
-        )
-
-    def _forget(self) -> None:
-        if self._registry is not None:
-            self._registry.drop_service(SERVICE)
+    @property
+    def _address(self) -> str:
+        return f"{self.spec.listen}:{self.spec.port}"
 
     def _write_files(self, model: Path) -> None:
         self.conf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,29 +250,6 @@ class ManagedModelServer:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(render_config(self.spec, model))
         tmp.replace(self.conf_path)
-
-
-async def _stop(proc: trio.Process) -> None:
-    """SIGTERM to its process group, up to TERM_TIMEOUT, then SIGKILL; reap."""
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with trio.move_on_after(TERM_TIMEOUT):
-        await proc.wait()
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 # --- the program --------------------------------------------------------------------
