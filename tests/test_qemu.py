@@ -149,7 +149,7 @@ def test_qemu_argv() -> None:
         memory_mib=384,
         cmdline="console=ttyS0 x=1",
         log_path=Path("/logs/w.log"),
-        qmp_path=Path("/run/w/qmp.sock"),
+        qmp_fd=7,
     )
     pairs = list(zip(argv[1::2], argv[2::2], strict=False))
     assert argv[0] == QEMU
@@ -165,11 +165,11 @@ def test_qemu_argv() -> None:
     assert "user,id=n0,net=10.0.2.0/24,host=10.0.2.2" in argv
     assert "virtio-net-device,netdev=n0" in argv
     assert "file,id=console,path=/logs/w.log,append=on" in argv
-    assert "socket,id=qmp,path=/run/w/qmp.sock,server=on,wait=off" in argv
+    assert "socket,id=qmp,fd=7,server=on,wait=off" in argv
     assert "-incoming" not in argv
     incoming = qemu_argv(
         QEMU, image, Accel("kvm", ""), vcpus=1, memory_mib=256, cmdline="c",
-        log_path=Path("/l"), qmp_path=Path("/q"), incoming=True,
+        log_path=Path("/l"), qmp_fd=7, incoming=True,
     )  # fmt: skip
     assert incoming[-2:] == ["-incoming", "defer"]
     assert accel_argv(Accel("kvm", "")) == ["-accel", "kvm", "-cpu", "host"]
@@ -182,7 +182,7 @@ def test_qemu_argv() -> None:
 def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
     argv = qemu_argv(
         QEMU, _fake_image(Path("/images/i")), TCG, vcpus=1, memory_mib=256, cmdline="c",
-        log_path=Path("/l"), qmp_path=Path("/q"), tap="tap0", disk=Path("/d/vm.qcow2"),
+        log_path=Path("/l"), qmp_fd=7, tap="tap0", disk=Path("/d/vm.qcow2"),
     )  # fmt: skip
     assert "file=/d/vm.qcow2,if=none,format=qcow2,id=root,discard=unmap" in argv
     assert "tap,id=n0,ifname=tap0,script=no,downscript=no" in argv

@@ -52,14 +52,14 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -224,7 +224,7 @@ def qemu_argv(
     memory_mib: int,
     cmdline: str,
     log_path: Path,
-    qmp_path: Path,
+    qmp_fd: int,
     incoming: bool = False,
     tap: str | None = None,
     disk: Path | None = None,
@@ -232,6 +232,10 @@ def qemu_argv(
     memory_shared: bool = True,
 ) -> list[str]:
     """QEMU's arguments for one VM; ``incoming`` waits for migrated state over QMP.
+
+    ``qmp_fd``: a unix socket already listening (``qmp_listener``), inherited
+    under that number: QMP clients connect at once, without waiting for QEMU
+    to create it.
 
     ``tap``: attach the guest to that tap (None: user networking). ``disk``: the
     VM's writable qcow2 root (None: the image's root, read-only).
@@ -273,7 +277,7 @@ def qemu_argv(
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-chardev", f"file,id=console,path={_opt(log_path)},append=on",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={_opt(qmp_path)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline,
         "-drive", root,
@@ -377,13 +381,22 @@ async def _undo_migration(qmp: Qmp) -> None:
     await qmp.execute("cont")
 
 
-async def _migrate_in(source: Path, ignore_shared: bool, qmp: Qmp) -> None:
+async def _migrate_in(
+    source_fd: int, ignore_shared: bool, startup: trio.CancelScope, qmp: Qmp
+) -> float:
+    """Load the snapshot QEMU inherited as ``source_fd`` (no shell, no ``cat``), then
+    run; in the same QMP session as the check that QEMU is up, which lifts the
+    ``startup`` deadline. Returns the seconds the restore took after that."""
+    await _query_status(qmp)
+    startup.deadline = math.inf
+    started = trio.current_time()
     await _events_on(qmp)
     if ignore_shared:
         await _ignore_shared(qmp)
-    await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(source))}"})
+    await qmp.execute("migrate-incoming", {"uri": f"fd:{source_fd}"})
     await _migration_done(qmp)
     await qmp.execute("cont")
+    return trio.current_time() - started
 
 
 async def _query_status(qmp: Qmp) -> None:
@@ -760,6 +773,26 @@ class QemuDriver:
         """Start QEMU for ``spec``: a boot, or a restore of ``incoming`` (whose RAM is
         ``private_memory``, mapped privately, when the snapshot left it out)."""
         run_dir = _make_run_dir(spec)
+        try:
+            qmp_sock = qmp_listener(run_dir / "qmp.sock")
+        except OSError as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise DriverError(f"{spec.name}: QMP socket in {run_dir}: {exc.strerror}") from exc
+        with qmp_sock, _opened(incoming) as snapshot_fd:
+            return await self._spawn(
+                spec, cmdline, run_dir, qmp_sock.fileno(), snapshot_fd, private_memory
+            )
+
+    async def _spawn(
+        self,
+        spec: VmSpec,
+        cmdline: str,
+        run_dir: Path,
+        qmp_fd: int,
+        snapshot_fd: int | None,
+        private_memory: Path | None,
+    ) -> QemuVm:
+        incoming = snapshot_fd is not None
         argv = qemu_argv(
             self.qemu,
             self.image,
@@ -768,8 +801,8 @@ class QemuDriver:
             memory_mib=spec.memory_mib,
             cmdline=cmdline,
             log_path=spec.log_path.absolute(),
-            qmp_path=run_dir / "qmp.sock",
-            incoming=incoming is not None,
+            qmp_fd=qmp_fd,
+            incoming=incoming,
             tap=spec.tap,
             disk=spec.disk,
             memory_file=private_memory or spec.memory_file,
@@ -784,7 +817,10 @@ class QemuDriver:
             raise DriverError(f"{spec.name}: log {spec.log_path}: {exc.strerror}") from exc
         try:
             log_offset = os.fstat(log_fd).st_size
-            proc = await open_vmm(in_netns(argv, spec.netns), log_fd=log_fd, env=env)
+            passed = (qmp_fd,) if snapshot_fd is None else (qmp_fd, snapshot_fd)
+            proc = await open_vmm(
+                in_netns(argv, spec.netns), log_fd=log_fd, env=env, pass_fds=passed
+            )
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
@@ -799,23 +835,25 @@ class QemuDriver:
             cmdline=cmdline,
             run_dir=run_dir,
             log_offset=log_offset,
-            restored=incoming is not None,
+            restored=incoming,
         )
         try:
             if spec.cgroup is not None:
                 await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
-            with trio.fail_after(STARTUP_TIMEOUT):
-                await vm._over_qmp(_query_status)
-            if incoming is not None:
-                started = trio.current_time()
-                await vm._over_qmp(partial(_migrate_in, incoming, private_memory is not None))
-                vm.restore_seconds = trio.current_time() - started
+            with trio.CancelScope(deadline=trio.current_time() + STARTUP_TIMEOUT) as startup:
+                if snapshot_fd is None:
+                    await vm._over_qmp(_query_status)
+                else:
+                    restore = partial(_migrate_in, snapshot_fd, private_memory is not None, startup)
+                    vm.restore_seconds = await vm._over_qmp(restore)
+            if startup.cancelled_caught:
+                raise trio.TooSlowError
         except BaseException as exc:
             # Failed or cancelled between spawn and hand-over: nobody else knows this
             # process yet, so it is ours to kill.
             with trio.CancelScope(shield=True):
                 await vm.kill()
-            what = "restore" if incoming is not None else "start"
+            what = "restore" if incoming else "start"
             if isinstance(exc, cgroup.CgroupError):
                 raise DriverError(str(exc)) from exc
             if isinstance(exc, _Exited):
@@ -828,6 +866,34 @@ class QemuDriver:
                 raise DriverError(f"{spec.name}: {what}: {exc}") from exc
             raise
         return vm
+
+
+def qmp_listener(path: Path) -> socket.socket:
+    """A unix socket listening at ``path``, for QEMU to inherit as its QMP server."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(8)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def _opened(path: Path | None) -> Iterator[int | None]:
+    """``path`` open for reading (None: nothing), closed on the way out."""
+    if path is None:
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DriverError(f"snapshot {path}: {exc.strerror}") from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _make_run_dir(spec: VmSpec) -> Path:

@@ -2,15 +2,16 @@
 
 Its own session (so a stop can signal the whole group), stdin from /dev/null,
 stdout and stderr appended to the VM's log (never an undrained pipe), no
-inherited file descriptors, and inside the VM's network namespace when it has
-one. No PR_SET_PDEATHSIG: trio spawns from worker threads that exit when idle.
+inherited file descriptors but those it is handed (``pass_fds``), and inside
+the VM's network namespace when it has one. No PR_SET_PDEATHSIG: trio spawns
+from worker threads that exit when idle.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -30,7 +31,11 @@ def open_log(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
 
-async def open_vmm(argv: list[str], *, log_fd: int, env: Mapping[str, str]) -> trio.Process:
+async def open_vmm(
+    argv: list[str], *, log_fd: int, env: Mapping[str, str], pass_fds: Sequence[int] = ()
+) -> trio.Process:
+    """Start the VMM; ``pass_fds`` are inherited under the same numbers (nsenter
+    passes them on: it execs)."""
     return await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,
@@ -38,6 +43,7 @@ async def open_vmm(argv: list[str], *, log_fd: int, env: Mapping[str, str]) -> t
         stderr=subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
+        pass_fds=pass_fds,
         env=env,
         cwd="/",
     )
