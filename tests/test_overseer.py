@@ -196,6 +196,14 @@ print(json.dumps(answers))
 """
 
 
+def sizes(status: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """Each role's pool as commands set it: target, min_idle, max_active."""
+    return {
+        name: (role["target"], role["min_idle"], role["max_active"])
+        for name, role in status["roles"].items()
+    }
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as the user nobody")
 def test_a_local_user_with_the_shipped_masks_commands_nothing(swarm: Swarm, op: Person) -> None:
     """The shipped allowlist matches every local process; that alone obeys nobody."""
@@ -216,7 +224,9 @@ def test_a_local_user_with_the_shipped_masks_commands_nothing(swarm: Swarm, op: 
     refusal = "sorry, only the swarm's IRC operators may give me orders (/OPER first)"
     assert answers == [f"eve: {refusal}"] * len(INTRUSIONS) + [refusal]
     after = swarm.status()
-    assert after["roles"] == before["roles"]
+    # What the intrusions asked to change (pool sizes, agents), not how many VMs
+    # happen to be starting: a VM replaced meanwhile on a busy machine is no order.
+    assert sizes(after) == sizes(before)
     assert [a["agent"] for a in after["agents"]] == [a["agent"] for a in before["agents"]]
     assert swarm.api.get("/tasks")["tasks"] == []
     refused = refusals(swarm)
