@@ -29,6 +29,7 @@ import trio
 import trio_websocket
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.pacing import TokenBucket
 
 #: A host name a Welcome may carry (RFC 1123 label).
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -58,23 +59,6 @@ class ConnectionLost(GuestLost):
     """The control connection closed."""
 
 
-class TokenBucket:
-    """Allows ``rate`` events per second with bursts up to ``rate``. Sans-I/O."""
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 class ControlSession:
     """One connected, authenticated guest. Create with ``handshake``, then ``serve``."""
 
@@ -84,7 +68,8 @@ class ControlSession:
         self._ws = ws
         self.hello = hello
         self._spec = spec
-        self._bucket = TokenBucket(spec.max_messages_per_second, trio.current_time())
+        rate = spec.max_messages_per_second
+        self._bucket = TokenBucket(rate, rate, trio.current_time())
         self._last_seen = trio.current_time()
         self._stalled = False
         self._req_ids = itertools.count(1)
@@ -160,7 +145,7 @@ class ControlSession:
                 raise _closed_reason(exc, self.goodbye) from None
             now = trio.current_time()
             self._last_seen = now
-            if not self._bucket.take(now):
+            if not self._bucket.try_take(now):
                 raise GuestViolation(
                     f"more than {self._spec.max_messages_per_second:g} messages per second"
                 )

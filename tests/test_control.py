@@ -8,12 +8,12 @@ import trio.testing
 import trio_websocket
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.pacing import TokenBucket
 from fireclaw.pool.control import (
     ConnectionLost,
     ControlSession,
     GuestViolation,
     HeartbeatMissed,
-    TokenBucket,
 )
 
 SPEC = ControlSpec(
@@ -183,6 +183,6 @@ async def _heartbeats(guest: trio_websocket.WebSocketConnection) -> None:
 
 
 def test_token_bucket_refills_at_its_rate() -> None:
-    bucket = TokenBucket(2.0, now=0.0)
-    assert bucket.take(0.0) and bucket.take(0.0) and not bucket.take(0.0)
-    assert bucket.take(0.5) and not bucket.take(0.5)
+    bucket = TokenBucket(2.0, 2.0, now=0.0)
+    assert bucket.try_take(0.0) and bucket.try_take(0.0) and not bucket.try_take(0.0)
+    assert bucket.try_take(0.5) and not bucket.try_take(0.5)
