@@ -1,0 +1,520 @@
+"""The ``firecracker`` driver: each VM is one Firecracker process under the jailer.
+
+The VMM is started by ``jailer`` in a chroot of its own, in the VM's network
+namespace, in the pool's cgroup for the VM, as an unprivileged uid of its own
+(``firecracker_jail``). It is then configured over its API socket
+(``firecracker_http``), each call built and kept in order by the sans-I/O
+``firecracker_api``:
+
+- boot: machine-config, boot-source (the image's vmlinux and initramfs, the
+  kernel command line the guest daemon reads, as for QEMU), the root drive,
+  eth0 on ``spec.tap``, the entropy device, MMDS config and the VM's metadata
+  (vm id, name, role: no secret), then InstanceStart;
+- snapshot: pause, snapshot/create into the jail, the two files moved out
+  beside ``PATH.json``; the VM stays paused;
+- restore: a fresh process, snapshot/load with ``network_overrides`` (eth0 on
+  this clone's tap), the clone's own metadata in MMDS, resume.
+
+A clone IS its template, as under QEMU: same command line, same token, same
+control URL. The supervisor knows it by the namespace it runs in, and its
+guest daemon, finding its connection dead, dials again and takes a fresh
+Welcome over the control channel. MMDS says which VM it is to anything in the
+guest that asks (http://169.254.169.254/fireclaw).
+
+What the image must provide: an uncompressed ELF vmlinux whose virtio_mmio
+driver is built in with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y (Firecracker
+names its devices on the kernel command line); Debian's cloud kernel has
+virtio_mmio as a module and is refused (``why_image_unfit``).
+
+This driver is checked against Firecracker's API specification (v1.16.1) by
+contract tests, with a fake ``firecracker`` serving a spec-checking API; it
+has not been run against a real Firecracker on the machines it was built on.
+
+Errors::
+
+    DriverError             (drivers.base) a VM could not be started or restored
+    └── VmmCommandError     (drivers.qemu) a running VM could not be paused, resumed
+                            or snapshotted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import trio
+from fireclaw.pool import cgroup
+from fireclaw.pool.accel import KVM_DEVICE, Accel
+from fireclaw.pool.drivers import firecracker_api as api
+from fireclaw.pool.drivers import firecracker_jail as jail_files
+from fireclaw.pool.drivers.adopted import AdoptedProcess
+from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
+from fireclaw.pool.drivers.firecracker_http import ApiClient
+from fireclaw.pool.drivers.firecracker_jail import Jail, jailer_argv
+from fireclaw.pool.drivers.qemu import VmmCommandError, info_path, kernel_cmdline
+from fireclaw.pool.drivers.spawn import open_log, open_vmm
+from fireclaw.pool.image import Image
+
+#: ``start`` and ``restore`` give Firecracker this long to answer on its API socket.
+STARTUP_TIMEOUT: Final = 10.0
+IFACE: Final = "eth0"
+ROOT_DRIVE: Final = "rootfs"
+#: Firecracker's recommended words: reboot through the keyboard controller (the VMM
+#: exits), no PCI probing (its devices are virtio-mmio).
+_FIRECRACKER_ARGS: Final = "reboot=k pci=off"
+_PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+#: Firecracker runs only under KVM: the guest's command line is built as for a KVM guest.
+_KVM: Final = Accel("kvm", "firecracker runs under KVM")
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``PATH.json`` beside a Firecracker snapshot: what a clone must match."""
+
+    driver: str
+    image_key: str
+    memory_mib: int
+    vcpus: int
+    tap: str
+    disk: bool
+    memory: str  # the guest memory file, beside the snapshot
+
+
+_info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
+_manifest_decoder: Final = msgspec.json.Decoder(dict[str, object])
+
+
+def why_not_firecracker(firecracker: str | None, jailer: str | None) -> str | None:
+    """None if this host could run Firecracker, else one line saying why not.
+
+    Whether its KVM boots the guest is a separate, slower question
+    (``pool.accel``'s boot probe); this one only looks."""
+    if firecracker is None:
+        return "firecracker is not installed"
+    if jailer is None:
+        return "jailer (Firecracker's) is not installed"
+    if not KVM_DEVICE.exists():
+        return f"no KVM ({KVM_DEVICE} does not exist)"
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return f"no read/write access to {KVM_DEVICE}"
+    if os.geteuid() != 0:
+        return "not root (the jailer needs root to make each VM's chroot)"
+    return None
+
+
+def why_image_unfit(image: Image) -> str | None:
+    """None if Firecracker can boot ``image``'s kernel, else what the image lacks."""
+    try:
+        manifest = _manifest_decoder.decode((image.directory / "manifest.json").read_bytes())
+    except (OSError, msgspec.DecodeError) as exc:
+        return f"image {image.directory}: no readable manifest ({exc})"
+    modules = manifest.get("modules") or ()
+    if any(str(name).startswith("virtio_mmio") for name in modules):  # type: ignore[attr-defined]
+        return (
+            "the image's kernel has virtio_mmio as a module; Firecracker needs it built in"
+            " with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y"
+        )
+    return None
+
+
+async def open_driver(
+    images: Path, *, progress: Callable[[str], None], qemu: str
+) -> FirecrackerDriver:
+    """A driver for the guest image (built or cached in ``images``), once it is
+    known that Firecracker boots it here; else DriverError saying which check failed.
+
+    Whether KVM boots the guest is decided by the accelerator's real boot probe
+    (QEMU under KVM, cached): a KVM that cannot boot it under QEMU does not
+    under Firecracker either, and "KVM opens" proves nothing (see pool.accel)."""
+    from fireclaw.pool.accel import AccelError, choose_accel
+    from fireclaw.pool.image import ImageError, ImageSpec, build_image
+
+    firecracker, jailer = shutil.which("firecracker"), shutil.which("jailer")
+    why = why_not_firecracker(firecracker, jailer)
+    if why is not None or firecracker is None or jailer is None:
+        raise DriverError(why or "firecracker is not installed")
+    try:
+        image = await trio.to_thread.run_sync(
+            lambda: build_image(ImageSpec(), images, progress=progress)
+        )
+    except ImageError as exc:
+        raise DriverError(f"guest image: {exc}") from exc
+    unfit = why_image_unfit(image)
+    if unfit is not None:
+        raise DriverError(unfit)
+    if shutil.which(qemu) is None:
+        raise DriverError(f"cannot tell whether KVM boots the guest: its boot probe needs {qemu}")
+    try:
+        accel = await choose_accel(image, cache_path=images / "accel.json", qemu=qemu)
+    except AccelError as exc:
+        raise DriverError(str(exc)) from exc
+    if accel.name != "kvm":
+        raise DriverError(f"KVM does not boot the guest kernel ({accel.reason})")
+    return FirecrackerDriver(image, firecracker=firecracker, jailer=jailer)
+
+
+# --- the VM ------------------------------------------------------------------------------
+
+
+class FirecrackerVm:
+    """One Firecracker process. ``wait``/``kill`` reap it and remove its jail."""
+
+    def __init__(
+        self, proc: trio.Process | AdoptedProcess, spec: VmSpec, jail: Jail, client: ApiClient
+    ) -> None:
+        self._proc = proc
+        self._spec = spec
+        self.jail = jail
+        self.client = client
+        self.image_key = ""
+        self.restored_from: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _gone(self) -> bool:
+        if isinstance(self._proc, AdoptedProcess):
+            return self._proc.exited
+        return self._proc.returncode is not None
+
+    async def wait(self) -> int | None:
+        code = await self._proc.wait()
+        if isinstance(self._proc, AdoptedProcess):
+            self._proc.close()
+        await trio.to_thread.run_sync(jail_files.remove, self.jail)
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        if not self._gone():
+            self._signal(signal.SIGKILL)
+            if self._spec.cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.kill_all, self._spec.cgroup)
+        await self.wait()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if isinstance(self._proc, AdoptedProcess):
+            self._proc.send_signal(sig)
+        elif self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def info(self) -> dict[str, object]:
+        return {
+            "driver": "firecracker",
+            "pid": self._proc.pid,
+            "netns": self._spec.netns,
+            "jail": str(self.jail.root),
+            "uid": self.jail.uid,
+            "api": str(self.client.socket_path),
+            "restored_from": str(self.restored_from) if self.restored_from else None,
+            "adopted": isinstance(self._proc, AdoptedProcess),
+        }
+
+    async def command(self, what: str, request: api.Request) -> bytes:
+        """``request`` on the running VM; VmmCommandError (one line) if refused."""
+        try:
+            return await self.client.call(request)
+        except api.ApiError as exc:
+            raise VmmCommandError(f"{self._spec.name}: {what}: {exc}") from exc
+
+    async def pause(self) -> None:
+        await self.command("pause", api.pause())
+
+    async def resume(self) -> None:
+        await self.command("resume", api.resume())
+
+    async def ask_to_stop(self) -> None:
+        """Ctrl+Alt+Del to the guest: it shuts down, and Firecracker exits."""
+        await self.command("stop", api.send_ctrl_alt_del())
+
+    async def snapshot(self, path: Path) -> Path:
+        """Pause the VM and write its state to ``path`` (absolute), its memory to
+        ``PATH.mem`` and what it was taken with to ``PATH.json``; the VM stays paused.
+
+        Both files are made root's and readable by the jails' group: every clone
+        of this template reads them (its memory privately mapped)."""
+        if not path.is_absolute():
+            raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
+        if self.client.api.phase is api.Phase.RUNNING:
+            await self.pause()
+        body = api.SnapshotCreateParams(
+            snapshot_path=jail_files.VMSTATE, mem_file_path=jail_files.MEMORY, snapshot_type="Full"
+        )
+        await self.command("snapshot", api.snapshot_create(body))
+        memory = path.with_name(path.name + ".mem")
+        info = SnapshotInfo(
+            driver="firecracker",
+            image_key=self.image_key,
+            memory_mib=self._spec.memory_mib,
+            vcpus=self._spec.vcpus,
+            tap=self._spec.tap or "",
+            disk=self._spec.disk is not None,
+            memory=memory.name,
+        )
+
+        def move_out() -> None:
+            for relative, target in ((jail_files.MEMORY, memory), (jail_files.VMSTATE, path)):
+                source = self.jail.inside(relative)
+                jail_files.share(source)
+                shutil.move(source, target)
+            info_path(path).write_bytes(msgspec.json.encode(info))
+
+        try:
+            await trio.to_thread.run_sync(move_out)
+        except OSError as exc:
+            raise VmmCommandError(f"{self._spec.name}: snapshot {path}: {exc.strerror}") from exc
+        return path
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+class FirecrackerDriver:
+    """Starts VMs (boot or snapshot restore) under Firecracker and its jailer."""
+
+    name = "firecracker"
+    #: Each VMM is its own session, outside the supervisor: the next one adopts it.
+    outlives_supervisor = True
+
+    def __init__(
+        self, image: Image, *, firecracker: str, jailer: str, chroot_base: Path | None = None
+    ) -> None:
+        self.image = image
+        self.firecracker = firecracker
+        self.jailer = jailer
+        self._chroot_base = chroot_base
+
+    def jail_for(self, spec: VmSpec) -> Jail:
+        base = self._chroot_base or spec.log_path.absolute().parent / "jail"
+        return Jail.for_spec(spec, base, self.firecracker)
+
+    def boot_calls(self, spec: VmSpec) -> list[api.Request]:
+        """The configuration of a booting VM, InstanceStart last."""
+        if spec.tap is None:
+            raise DriverError(f"{spec.name}: a Firecracker VM needs a tap (it has no user network)")
+        cmdline = kernel_cmdline(self.image.cmdline, spec, _KVM, tsc_khz=None)
+        root = api.Drive(
+            drive_id=ROOT_DRIVE,
+            # The image's initramfs mounts the root by the command line's root=; not
+            # Firecracker's root device, which would add its own root= to it.
+            is_root_device=False,
+            path_on_host=jail_files.DISK if spec.disk is not None else jail_files.ROOTFS,
+            is_read_only=spec.disk is None,
+        )
+        return [
+            api.machine_config(
+                api.MachineConfiguration(vcpu_count=spec.vcpus, mem_size_mib=spec.memory_mib)
+            ),
+            api.boot_source(
+                api.BootSource(
+                    kernel_image_path=jail_files.KERNEL,
+                    initrd_path=jail_files.INITRD,
+                    boot_args=f"{cmdline} {_FIRECRACKER_ARGS}",
+                )
+            ),
+            api.drive(root),
+            api.network_interface(api.NetworkInterface(iface_id=IFACE, host_dev_name=spec.tap)),
+            api.entropy(api.EntropyDevice()),
+            api.mmds_config(api.MmdsConfig(network_interfaces=(IFACE,), version="V2")),
+            api.mmds(_metadata(spec)),
+            api.instance_start(),
+        ]
+
+    async def start(self, spec: VmSpec) -> FirecrackerVm:
+        """Boot a VM; returns once Firecracker took InstanceStart (the guest boots)."""
+        try:
+            calls = self.boot_calls(spec)
+        except api.ApiError as exc:
+            raise DriverError(f"{spec.name}: {exc}") from None
+        shared = {jail_files.KERNEL: self.image.vmlinux, jail_files.INITRD: self.image.initramfs}
+        own: dict[str, Path] = {}
+        if spec.disk is not None:
+            own[jail_files.DISK] = spec.disk
+        else:
+            shared[jail_files.ROOTFS] = self.image.rootfs
+        return await self._launch(spec, shared, own, calls, restored_from=None)
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> FirecrackerVm:
+        """Start a clone of the VM ``snapshot`` (absolute) was taken of; returns once
+        it runs. ``spec.memory_mib``, ``vcpus`` and whether it has its own disk must
+        be the template's; ``spec.disk`` is then a copy of the template's disk as it
+        was at the snapshot. The clone's eth0 is put on ``spec.tap``."""
+        info = _load_info(snapshot)
+        mismatch = [
+            f"{what} {theirs} (this VM: {ours})"
+            for what, theirs, ours in (
+                ("image", info.image_key[:16], self.image.key[:16]),
+                ("memory_mib", info.memory_mib, spec.memory_mib),
+                ("vcpus", info.vcpus, spec.vcpus),
+                ("own disk", info.disk, spec.disk is not None),
+            )
+            if theirs != ours
+        ]
+        if mismatch:
+            raise DriverError(f"snapshot {snapshot} was taken with " + ", ".join(mismatch))
+        if spec.tap is None:
+            raise DriverError(f"{spec.name}: a Firecracker VM needs a tap (it has no user network)")
+        shared = {
+            jail_files.VMSTATE: snapshot,
+            jail_files.MEMORY: snapshot.with_name(info.memory),
+        }
+        own: dict[str, Path] = {}
+        if spec.disk is not None:
+            own[jail_files.DISK] = spec.disk
+        else:
+            shared[jail_files.ROOTFS] = self.image.rootfs
+        load = api.SnapshotLoadParams(
+            snapshot_path=jail_files.VMSTATE,
+            mem_backend=api.MemoryBackend(backend_type="File", backend_path=jail_files.MEMORY),
+            network_overrides=(api.NetworkOverride(iface_id=IFACE, host_dev_name=spec.tap),),
+            resume_vm=False,
+        )
+        calls = [api.snapshot_load(load), api.mmds(_metadata(spec)), api.resume()]
+        return await self._launch(spec, shared, own, calls, restored_from=snapshot)
+
+    async def adopt(self, spec: VmSpec, running: Running) -> FirecrackerVm:
+        """Take over the Firecracker ``running`` names (its API socket is
+        ``running.control_socket``); returns once it says its guest runs."""
+        proc = AdoptedProcess.open(running)
+        jail = self.jail_for(spec)
+        client = ApiClient(running.control_socket, api.Phase.RUNNING)
+        vm = FirecrackerVm(proc, spec, jail, client)
+        try:
+            with trio.fail_after(STARTUP_TIMEOUT):
+                found = api.instance_info(await client.call(api.describe()))
+        except (trio.TooSlowError, api.ApiError) as exc:
+            proc.close()
+            why = "no answer" if isinstance(exc, trio.TooSlowError) else str(exc)
+            raise DriverError(f"{spec.name}: adopt: {why}") from None
+        except BaseException:
+            proc.close()
+            raise
+        if found.state != "Running":
+            proc.close()
+            raise DriverError(f"{spec.name}: adopt: the VM is {found.state}, not running")
+        vm.image_key = self.image.key
+        return vm
+
+    async def _launch(
+        self,
+        spec: VmSpec,
+        shared: dict[str, Path],
+        own: dict[str, Path],
+        calls: list[api.Request],
+        *,
+        restored_from: Path | None,
+    ) -> FirecrackerVm:
+        jail = self.jail_for(spec)
+        argv = jailer_argv(
+            self.jailer,
+            self.firecracker,
+            jail,
+            netns=spec.netns,
+            cgroup=spec.cgroup,
+            memory_mib=spec.memory_mib,
+        )
+        await trio.to_thread.run_sync(jail_files.make, jail, shared, own)
+        env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+        try:
+            if spec.tap is not None and spec.netns is not None:
+                # The pool's tap, in the VM's own namespace (without one, a tap the
+                # caller made must already be the jailed uid's).
+                await trio.to_thread.run_sync(
+                    jail_files.hand_tap, spec.tap, spec.netns, jail.uid, jail.gid
+                )
+            log_fd = open_log(spec.log_path)
+        except BaseException as exc:
+            await trio.to_thread.run_sync(jail_files.remove, jail)
+            if isinstance(exc, OSError):
+                where = exc.filename or spec.tap
+                raise DriverError(f"{spec.name}: {where}: {exc.strerror}") from exc
+            raise
+        try:
+            proc = await open_vmm(argv, log_fd=log_fd, env=env)
+        except OSError as exc:
+            await trio.to_thread.run_sync(jail_files.remove, jail)
+            raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(log_fd)
+        vm = FirecrackerVm(proc, spec, jail, ApiClient(jail.api_socket))
+        vm.image_key = self.image.key
+        vm.restored_from = restored_from
+        try:
+            with trio.fail_after(STARTUP_TIMEOUT):
+                for request in calls:
+                    await _while_running(proc, partial(vm.client.call, request))
+        except BaseException as exc:
+            # Failed or cancelled before the hand-over: nobody else knows this VMM yet.
+            with trio.CancelScope(shield=True):
+                await vm.kill()
+            what = "restore" if restored_from is not None else "start"
+            if isinstance(exc, trio.TooSlowError):
+                raise DriverError(
+                    f"{spec.name}: Firecracker did not answer within {STARTUP_TIMEOUT:g}s"
+                ) from None
+            if isinstance(exc, _Exited):
+                raise DriverError(
+                    f"{spec.name}: {what}: Firecracker exited with code {proc.returncode}"
+                    f" (its log: {spec.log_path})"
+                ) from None
+            if isinstance(exc, api.ApiError):
+                raise DriverError(f"{spec.name}: {what}: {exc}") from exc
+            raise
+        return vm
+
+
+class _Exited(Exception):
+    """Firecracker exited while we were talking to it."""
+
+
+async def _while_running(proc: trio.Process, call: Callable[[], Awaitable[object]]) -> None:
+    """``call()`` unless ``proc`` exits first (then _Exited)."""
+    done = False
+    error: api.ApiError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        try:
+            await call()
+            done = True
+        except api.ApiError as exc:  # carried out by hand: the nursery would wrap it
+            error = exc
+        nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if not done:
+        raise _Exited
+
+
+def _metadata(spec: VmSpec) -> dict[str, object]:
+    """What MMDS tells the guest about itself: who it is, never its token."""
+    return {"fireclaw": {"vm_id": spec.vm_id, "name": spec.name, "role": spec.role}}
+
+
+def _load_info(snapshot: Path) -> SnapshotInfo:
+    if not snapshot.is_absolute():
+        raise DriverError(f"snapshot path {snapshot} is not absolute")
+    where = info_path(snapshot)
+    try:
+        info = _info_decoder.decode(where.read_bytes())
+    except OSError as exc:
+        raise DriverError(f"snapshot {snapshot}: {exc.strerror} ({where})") from exc
+    except msgspec.DecodeError as exc:
+        raise DriverError(f"snapshot {snapshot}: unreadable {where}: {exc}") from exc
+    if info.driver != "firecracker" or "/" in info.memory:
+        raise DriverError(f"snapshot {snapshot} is not a Firecracker snapshot")
+    return info
