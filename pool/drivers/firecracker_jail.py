@@ -60,6 +60,8 @@ _CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 _TUNSETIFF: Final = 0x400454CA
 _TUNSETOWNER: Final = 0x400454CC
 _TUNSETGROUP: Final = 0x400454CE
+_TUNGETIFF: Final = 0x800454D2
+_IFF_PERSIST: Final = 0x0800
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
 
@@ -227,6 +229,11 @@ def hand_tap(tap: str, netns: str | None, uid: int, gid: int) -> None:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", tap.encode(), _IFF_TAP | _IFF_NO_PI))
+            # TUNSETIFF makes a tap that is not there: one that dies with this
+            # descriptor, which is not the pool's.
+            found = fcntl.ioctl(fd, _TUNGETIFF, bytes(40))
+            if not struct.unpack("16sH22x", found)[1] & _IFF_PERSIST:
+                raise OSError(errno.ENODEV, f"no tap {tap} in {netns or 'this namespace'}")
             fcntl.ioctl(fd, _TUNSETOWNER, uid)
             fcntl.ioctl(fd, _TUNSETGROUP, gid)
         finally:
