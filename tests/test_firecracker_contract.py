@@ -22,6 +22,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+import trio.testing
 from fireclaw.pool.drivers import BackendUnavailable, DriverError, Running, VmSpec, choose
 from fireclaw.pool.drivers import firecracker as fc
 from fireclaw.pool.drivers import firecracker_api as api
@@ -34,6 +35,7 @@ from fireclaw.pool.drivers.firecracker_jail import (
     jailer_argv,
     uid_for,
 )
+from fireclaw.pool.drivers.qemu import VmmCommandError
 from fireclaw.pool.image import BASE_CMDLINE, Image
 from fireclaw.pool.network import GATEWAY
 from fireclaw.supervisor.procid import process_identity
@@ -171,9 +173,11 @@ async def test_snapshot_create_and_restore_with_network_overrides_pass_the_spec_
     with trio.fail_after(DEADLINE):
         vm = await driver.start(template)
         try:
-            await vm.snapshot(snapshot)
+            taken_snapshot = await vm.snapshot(snapshot)
         finally:
             await vm.kill()
+    assert taken_snapshot.path == snapshot
+    assert taken_snapshot.size == snapshot.stat().st_size + 4096  # the fake's memory file
     taken = answered(logs)
     assert_all_accepted(taken)
     assert calls(taken)[-2:] == ["PATCH /vm", "PUT /snapshot/create"]
@@ -204,6 +208,46 @@ async def test_snapshot_create_and_restore_with_network_overrides_pass_the_spec_
         with trio.fail_after(DEADLINE):
             await clone.kill()
     assert snapshot.exists()  # the template's snapshot outlives its clones
+
+
+async def test_a_firecracker_that_never_answers_is_killed_at_the_startup_timeout(
+    tmp_path: Path, image: Image, logs: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, jailer = write_fakes(tmp_path / "bin", logs)
+    hung = tmp_path / "hung" / "firecracker"  # binds no API socket, ever
+    hung.parent.mkdir()
+    hung.write_text("#!/bin/sh\nexec sleep 3600\n")
+    hung.chmod(0o755)
+    driver = fc.FirecrackerDriver(image, firecracker=str(hung), jailer=str(jailer))
+    spec = vm_spec(tmp_path)
+    started = trio.current_time()
+    with pytest.raises(DriverError) as caught:
+        await driver.start(spec)
+    assert str(caught.value) == "worker-0: Firecracker did not answer within 10s"
+    assert trio.current_time() - started == fc.STARTUP_TIMEOUT
+    assert not driver.jail_for(spec).directory.exists()
+    record = json.loads((logs / "jailer.json").read_text())
+    assert record["problems"] == []  # it was started, and then killed
+
+
+@needs_spec
+async def test_a_refused_snapshot_leaves_no_files_and_the_vm_running_contract(
+    tmp_path: Path, driver: fc.FirecrackerDriver, logs: Path
+) -> None:
+    (logs / "inject-fault").write_text("/snapshot/create")
+    snapshot = tmp_path / "worker"
+    with trio.fail_after(DEADLINE):
+        vm = await driver.start(vm_spec(tmp_path))
+        try:
+            with pytest.raises(VmmCommandError, match="snapshot: HTTP 400: Internal error"):
+                await vm.snapshot(snapshot)
+        finally:
+            await vm.kill()
+    seen = answered(logs)
+    assert calls(seen)[-3:] == ["PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]
+    assert (seen[-3].body, seen[-1].body) == ({"state": "Paused"}, {"state": "Resumed"})
+    assert not snapshot.exists() and not snapshot.with_name("worker.mem").exists()
+    assert not snapshot.with_name("worker.json").exists()
 
 
 @needs_spec

@@ -58,7 +58,7 @@ from fireclaw.pool.drivers.adopted import AdoptedProcess
 from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
 from fireclaw.pool.drivers.firecracker_http import ApiClient
 from fireclaw.pool.drivers.firecracker_jail import Jail, jailer_argv
-from fireclaw.pool.drivers.qemu import VmmCommandError, info_path, kernel_cmdline
+from fireclaw.pool.drivers.qemu import Snapshot, VmmCommandError, info_path, kernel_cmdline
 from fireclaw.pool.drivers.spawn import open_log, open_vmm
 from fireclaw.pool.image import Image
 
@@ -70,6 +70,8 @@ ROOT_DRIVE: Final = "rootfs"
 #: exits), no PCI probing (its devices are virtio-mmio).
 _FIRECRACKER_ARGS: Final = "reboot=k pci=off"
 _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
+#: Resuming the VM after a snapshot that did not finish.
+_UNDO_TIMEOUT: Final = 5.0
 #: Firecracker runs only under KVM: the guest's command line is built as for a KVM guest.
 _KVM: Final = Accel("kvm", "firecracker runs under KVM")
 
@@ -87,7 +89,15 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 _info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
-_manifest_decoder: Final = msgspec.json.Decoder(dict[str, object])
+
+
+class _ImageModules(msgspec.Struct, frozen=True):
+    """What an image's ``manifest.json`` says of its kernel modules (the rest unread)."""
+
+    modules: tuple[str, ...] = ()
+
+
+_manifest_decoder: Final = msgspec.json.Decoder(_ImageModules)
 
 
 def why_not_firecracker(firecracker: str | None, jailer: str | None) -> str | None:
@@ -114,8 +124,7 @@ def why_image_unfit(image: Image) -> str | None:
         manifest = _manifest_decoder.decode((image.directory / "manifest.json").read_bytes())
     except (OSError, msgspec.DecodeError) as exc:
         return f"image {image.directory}: no readable manifest ({exc})"
-    modules = manifest.get("modules") or ()
-    if any(str(name).startswith("virtio_mmio") for name in modules):  # type: ignore[attr-defined]
+    if any(name.startswith("virtio_mmio") for name in manifest.modules):
         return (
             "the image's kernel has virtio_mmio as a module; Firecracker needs it built in"
             " with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y"
@@ -237,20 +246,16 @@ class FirecrackerVm:
         """Ctrl+Alt+Del to the guest: it shuts down, and Firecracker exits."""
         await self.command("stop", api.send_ctrl_alt_del())
 
-    async def snapshot(self, path: Path) -> Path:
+    async def snapshot(self, path: Path) -> Snapshot:
         """Pause the VM and write its state to ``path`` (absolute), its memory to
         ``PATH.mem`` and what it was taken with to ``PATH.json``; the VM stays paused.
 
         Both files are made root's and readable by the jails' group: every clone
-        of this template reads them (its memory privately mapped)."""
+        of this template reads them (its memory privately mapped). ``path`` is
+        written last, so a snapshot that exists is whole. A snapshot not finished
+        leaves none of its files behind, and the VM runs again."""
         if not path.is_absolute():
             raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
-        if self.client.api.phase is api.Phase.RUNNING:
-            await self.pause()
-        body = api.SnapshotCreateParams(
-            snapshot_path=jail_files.VMSTATE, mem_file_path=jail_files.MEMORY, snapshot_type="Full"
-        )
-        await self.command("snapshot", api.snapshot_create(body))
         memory = path.with_name(path.name + ".mem")
         info = SnapshotInfo(
             driver="firecracker",
@@ -261,19 +266,42 @@ class FirecrackerVm:
             disk=self._spec.disk is not None,
             memory=memory.name,
         )
+        body = api.SnapshotCreateParams(
+            snapshot_path=jail_files.VMSTATE, mem_file_path=jail_files.MEMORY, snapshot_type="Full"
+        )
 
-        def move_out() -> None:
-            for relative, target in ((jail_files.MEMORY, memory), (jail_files.VMSTATE, path)):
-                source = self.jail.inside(relative)
-                jail_files.share(source)
-                shutil.move(source, target)
+        def move_out() -> int:
+            taken = self.jail.inside(jail_files.MEMORY)
+            jail_files.share(taken)
+            shutil.move(taken, memory)
             info_path(path).write_bytes(msgspec.json.encode(info))
+            state = self.jail.inside(jail_files.VMSTATE)
+            jail_files.share(state)
+            shutil.move(state, path)
+            return path.stat().st_size + memory.stat().st_size
 
+        def forget() -> None:
+            for done in (path, memory, info_path(path)):
+                done.unlink(missing_ok=True)
+
+        started = trio.current_time()
         try:
-            await trio.to_thread.run_sync(move_out)
-        except OSError as exc:
-            raise VmmCommandError(f"{self._spec.name}: snapshot {path}: {exc.strerror}") from exc
-        return path
+            if self.client.api.phase is api.Phase.RUNNING:
+                await self.pause()
+            await self.command("snapshot", api.snapshot_create(body))
+            size = await trio.to_thread.run_sync(move_out)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True), trio.move_on_after(_UNDO_TIMEOUT):
+                await trio.to_thread.run_sync(forget)
+                if self.client.api.phase is api.Phase.PAUSED:
+                    with contextlib.suppress(VmmCommandError):
+                        await self.resume()
+            if isinstance(exc, OSError):
+                raise VmmCommandError(
+                    f"{self._spec.name}: snapshot {path}: {exc.strerror}"
+                ) from exc
+            raise
+        return Snapshot(path=path, size=size, seconds=trio.current_time() - started)
 
 
 # --- the driver --------------------------------------------------------------------------
