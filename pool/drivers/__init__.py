@@ -52,6 +52,7 @@ __all__ = [
     "VmSpec",
     "choose",
     "open_backend",
+    "why_not_firecracker",
 ]
 
 #: Drivers this build can run, in the order ``auto`` tries them.
@@ -130,9 +131,9 @@ def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
 
 def why_not_firecracker(netns_why: str | None) -> str | None:
     """None if firecracker could run here (before its image and KVM boot checks)."""
-    from fireclaw.pool.drivers.firecracker import why_not_firecracker as why_not
+    from fireclaw.pool.drivers.firecracker import why_not_here
 
-    why = why_not(shutil.which("firecracker"), shutil.which("jailer"))
+    why = why_not_here(shutil.which("firecracker"), shutil.which("jailer"))
     if why is None and netns_why is not None:
         return f"no network namespaces: {netns_why}"
     return why
@@ -226,11 +227,10 @@ async def _open_firecracker(
     choice: Choice, *, images: Path, progress: Callable[[str], None]
 ) -> Backend:
     from fireclaw.pool.drivers.firecracker import open_driver
+    from fireclaw.pool.drivers.firecracker_jail import OVERHEAD_MIB
 
     try:
         driver = await open_driver(images, progress=progress, qemu=QEMU)
     except DriverError as exc:
         raise BackendUnavailable(f"firecracker cannot run here: {exc}") from exc
-    from fireclaw.pool.drivers.firecracker_jail import OVERHEAD_MIB
-
     return Backend(driver=driver, reason=choice.reason, memory_overhead_mib=OVERHEAD_MIB)

@@ -100,7 +100,7 @@ class _ImageModules(msgspec.Struct, frozen=True):
 _manifest_decoder: Final = msgspec.json.Decoder(_ImageModules)
 
 
-def why_not_firecracker(firecracker: str | None, jailer: str | None) -> str | None:
+def why_not_here(firecracker: str | None, jailer: str | None) -> str | None:
     """None if this host could run Firecracker, else one line saying why not.
 
     Whether its KVM boots the guest is a separate, slower question
@@ -145,7 +145,7 @@ async def open_driver(
     from fireclaw.pool.image import ImageError, ImageSpec, build_image
 
     firecracker, jailer = shutil.which("firecracker"), shutil.which("jailer")
-    why = why_not_firecracker(firecracker, jailer)
+    why = why_not_here(firecracker, jailer)
     if why is not None or firecracker is None or jailer is None:
         raise DriverError(why or "firecracker is not installed")
     try:
