@@ -232,6 +232,24 @@ async def test_a_firecracker_that_never_answers_is_killed_at_the_startup_timeout
     assert record["problems"] == []  # it was started, and then killed
 
 
+async def test_a_vmm_that_exits_at_start_is_reported_at_once(tmp_path: Path, image: Image) -> None:
+    failing = tmp_path / "bin" / "jailer"  # a jailer that refuses, as on a bad option
+    failing.parent.mkdir()
+    failing.write_text("#!/bin/sh\necho 'jailer: cannot create the chroot' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    driver = fc.FirecrackerDriver(
+        image, firecracker="/nonexistent/firecracker", jailer=str(failing)
+    )
+    spec = vm_spec(tmp_path)
+    with trio.fail_after(DEADLINE), pytest.raises(DriverError) as caught:
+        await driver.start(spec)
+    assert str(caught.value) == (
+        f"worker-0: start: Firecracker exited with code 3 (its log: {spec.log_path})"
+    )
+    assert "cannot create the chroot" in spec.log_path.read_text()
+    assert not driver.jail_for(spec).directory.exists()
+
+
 @needs_spec
 async def test_a_refused_snapshot_leaves_no_files_and_the_vm_running_contract(
     tmp_path: Path, driver: fc.FirecrackerDriver, logs: Path
