@@ -28,7 +28,8 @@ virtio_mmio as a module and is refused (``why_image_unfit``).
 
 This driver is checked against Firecracker's API specification (v1.16.1) by
 contract tests, with a fake ``firecracker`` serving a spec-checking API; it
-has not been run against a real Firecracker on the machines it was built on.
+has not been run against a real Firecracker (none is installable where its
+tests run, and that KVM boots no stock guest kernel).
 
 Errors::
 
