@@ -163,6 +163,7 @@ async def test_boot_sequence_passes_the_spec_checker_contract(
         with trio.fail_after(DEADLINE):
             await vm.kill()
     assert not vm.jail.directory.exists()
+    assert list((tmp_path / "logs" / "run").iterdir()) == []  # the VM's run dir too
 
 
 @needs_spec

@@ -324,7 +324,7 @@ class FirecrackerDriver:
         self._chroot_base = chroot_base
 
     def jail_for(self, spec: VmSpec) -> Jail:
-        base = self._chroot_base or spec.log_path.absolute().parent / "jail"
+        base = self._chroot_base or spec.log_path.absolute().parent / "run" / spec.vm_id
         return Jail.for_spec(spec, base, self.firecracker)
 
     def boot_calls(self, spec: VmSpec) -> list[api.Request]:

@@ -1,6 +1,9 @@
 """Where a Firecracker VM lives on the host: its jail, its ids, the jailer's command line.
 
-Every VM runs under Firecracker's ``jailer`` in a chroot of its own::
+Every VM runs under Firecracker's ``jailer`` in a chroot of its own, under
+the VM's run directory (``<log dir>/run/<vm id>``, the chroot base, where a
+QEMU VM keeps its sockets: what a killed supervisor leaves there is found and
+removed as any VM's run directory is)::
 
     <chroot base>/firecracker/<vm id>/root/
         vmlinux  initramfs.cpio.gz  rootfs.ext4   the image's files, hard links
@@ -210,9 +213,15 @@ def share(path: Path) -> None:
 
 
 def remove(jail: Jail) -> None:
-    """Remove the jail and everything in it (links only: the image stays)."""
+    """Remove the jail and everything in it (links only: the image stays), and
+    the folders above it up to the chroot base once they are empty."""
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(jail.directory)
+    for folder in (jail.directory.parent, jail.base):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (other jails in a shared base), or gone
+            return
 
 
 def hand_tap(tap: str, netns: str | None, uid: int, gid: int) -> None:
