@@ -38,6 +38,7 @@ from fireclaw.pool.drivers.firecracker_jail import (
 from fireclaw.pool.drivers.qemu import VmmCommandError
 from fireclaw.pool.image import BASE_CMDLINE, Image
 from fireclaw.pool.network import GATEWAY
+from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.procid import process_identity
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -164,6 +165,26 @@ async def test_boot_sequence_passes_the_spec_checker_contract(
             await vm.kill()
     assert not vm.jail.directory.exists()
     assert list((tmp_path / "logs" / "run").iterdir()) == []  # the VM's run dir too
+
+
+@needs_spec
+async def test_a_jail_left_by_a_killed_supervisor_is_found_and_removed_by_gc(
+    tmp_path: Path, driver: fc.FirecrackerDriver
+) -> None:
+    spec = vm_spec(tmp_path)  # the state dir is tmp_path: the log dir is its logs/
+    with trio.fail_after(DEADLINE):
+        vm = await driver.start(spec)
+    try:
+        # The supervisor is gone (not asked to stop it): the VMM runs on, its jail stays.
+        found = await trio.to_thread.run_sync(leftovers.find, tmp_path)
+        assert found.run_dirs == [tmp_path / "logs" / "run" / spec.vm_id]
+        # (gc kills the VMM by its registry row, not kept here: it is killed below.)
+        removed = await trio.to_thread.run_sync(leftovers.remove, found)
+        assert [(r.item, r.error) for r in removed] == [(f"run dir {found.run_dirs[0]}", None)]
+        assert not vm.jail.directory.exists()
+    finally:
+        with trio.fail_after(DEADLINE):
+            await vm.kill()
 
 
 @needs_spec
