@@ -52,7 +52,7 @@ from typing import Final
 import msgspec
 import trio
 from fireclaw.pool import cgroup
-from fireclaw.pool.accel import KVM_DEVICE, Accel
+from fireclaw.pool.accel import KVM_DEVICE, Accel, AccelError, choose_accel
 from fireclaw.pool.drivers import firecracker_api as api
 from fireclaw.pool.drivers import firecracker_jail as jail_files
 from fireclaw.pool.drivers.adopted import AdoptedProcess
@@ -61,7 +61,7 @@ from fireclaw.pool.drivers.firecracker_http import ApiClient
 from fireclaw.pool.drivers.firecracker_jail import Jail, jailer_argv
 from fireclaw.pool.drivers.qemu import Snapshot, VmmCommandError, info_path, kernel_cmdline
 from fireclaw.pool.drivers.spawn import open_log, open_vmm
-from fireclaw.pool.image import Image
+from fireclaw.pool.image import Image, ImageError, ImageSpec, build_image
 
 #: ``start`` and ``restore`` give Firecracker this long to answer on its API socket.
 STARTUP_TIMEOUT: Final = 10.0
@@ -120,7 +120,9 @@ def why_not_here(firecracker: str | None, jailer: str | None) -> str | None:
 
 
 def why_image_unfit(image: Image) -> str | None:
-    """None if Firecracker can boot ``image``'s kernel, else what the image lacks."""
+    """What ``image`` lacks for Firecracker, or None when nothing is known to be
+    missing (a kernel's config is not in the image: one with its virtio drivers
+    built in is taken to name its devices from the command line)."""
     try:
         manifest = _manifest_decoder.decode((image.directory / "manifest.json").read_bytes())
     except (OSError, msgspec.DecodeError) as exc:
@@ -142,9 +144,6 @@ async def open_driver(
     Whether KVM boots the guest is decided by the accelerator's real boot probe
     (QEMU under KVM, cached): a KVM that cannot boot it under QEMU does not
     under Firecracker either, and "KVM opens" proves nothing (see pool.accel)."""
-    from fireclaw.pool.accel import AccelError, choose_accel
-    from fireclaw.pool.image import ImageError, ImageSpec, build_image
-
     firecracker, jailer = shutil.which("firecracker"), shutil.which("jailer")
     why = why_not_here(firecracker, jailer)
     if why is not None or firecracker is None or jailer is None:
@@ -271,18 +270,23 @@ class FirecrackerVm:
             snapshot_path=jail_files.VMSTATE, mem_file_path=jail_files.MEMORY, snapshot_type="Full"
         )
 
+        made: list[Path] = []  # what this snapshot wrote outside the jail
+
         def move_out() -> int:
             taken = self.jail.inside(jail_files.MEMORY)
             jail_files.share(taken)
+            made.append(memory)
             shutil.move(taken, memory)
+            made.append(info_path(path))
             info_path(path).write_bytes(msgspec.json.encode(info))
             state = self.jail.inside(jail_files.VMSTATE)
             jail_files.share(state)
-            shutil.move(state, path)
+            made.append(path)
+            shutil.move(state, path)  # last: a snapshot file that exists is whole
             return path.stat().st_size + memory.stat().st_size
 
         def forget() -> None:
-            for done in (path, memory, info_path(path)):
+            for done in made:
                 done.unlink(missing_ok=True)
 
         started = trio.current_time()
