@@ -26,6 +26,7 @@ import trio.testing
 from fireclaw.pool.drivers import BackendUnavailable, DriverError, Running, VmSpec, choose
 from fireclaw.pool.drivers import firecracker as fc
 from fireclaw.pool.drivers import firecracker_api as api
+from fireclaw.pool.drivers.firecracker_host import why_image_unfit
 from fireclaw.pool.drivers.firecracker_http import ApiClient, connect, exchange
 from fireclaw.pool.drivers.firecracker_jail import (
     JAIL_GID,
@@ -589,9 +590,9 @@ def test_jailer_argv_places_the_vmm_in_the_pools_cgroup(tmp_path: Path) -> None:
 
 
 def test_an_image_with_virtio_mmio_as_a_module_is_unfit(image: Image) -> None:
-    assert fc.why_image_unfit(image) is None
+    assert why_image_unfit(image) is None
     (image.directory / "manifest.json").write_text(json.dumps({"modules": ["virtio_mmio.ko"]}))
-    why = fc.why_image_unfit(image)
+    why = why_image_unfit(image)
     assert why is not None and "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y" in why
 
 

@@ -131,7 +131,7 @@ def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
 
 def why_not_firecracker(netns_why: str | None) -> str | None:
     """None if firecracker could run here (before its image and KVM boot checks)."""
-    from fireclaw.pool.drivers.firecracker import why_not_here
+    from fireclaw.pool.drivers.firecracker_host import why_not_here
 
     why = why_not_here(shutil.which("firecracker"), shutil.which("jailer"))
     if why is None and netns_why is not None:
@@ -226,7 +226,7 @@ async def _open_qemu(
 async def _open_firecracker(
     choice: Choice, *, images: Path, progress: Callable[[str], None]
 ) -> Backend:
-    from fireclaw.pool.drivers.firecracker import open_driver
+    from fireclaw.pool.drivers.firecracker_host import open_driver
     from fireclaw.pool.drivers.firecracker_jail import OVERHEAD_MIB
 
     try:

@@ -24,7 +24,7 @@ guest that asks (http://169.254.169.254/fireclaw).
 What the image must provide: an uncompressed ELF vmlinux whose virtio_mmio
 driver is built in with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y (Firecracker
 names its devices on the kernel command line); Debian's cloud kernel has
-virtio_mmio as a module and is refused (``why_image_unfit``).
+virtio_mmio as a module and is refused (``firecracker_host``).
 
 This driver is checked against Firecracker's API specification (v1.16.1) by
 contract tests, with a fake ``firecracker`` serving a spec-checking API; it
@@ -52,7 +52,7 @@ from typing import Final
 import msgspec
 import trio
 from fireclaw.pool import cgroup
-from fireclaw.pool.accel import KVM_DEVICE, Accel, AccelError, choose_accel
+from fireclaw.pool.accel import Accel
 from fireclaw.pool.drivers import firecracker_api as api
 from fireclaw.pool.drivers import firecracker_jail as jail_files
 from fireclaw.pool.drivers.adopted import AdoptedProcess
@@ -61,7 +61,7 @@ from fireclaw.pool.drivers.firecracker_http import ApiClient
 from fireclaw.pool.drivers.firecracker_jail import Jail, jailer_argv
 from fireclaw.pool.drivers.qemu import Snapshot, VmmCommandError, info_path, kernel_cmdline
 from fireclaw.pool.drivers.spawn import open_log, open_vmm
-from fireclaw.pool.image import Image, ImageError, ImageSpec, build_image
+from fireclaw.pool.image import Image
 
 #: ``start`` and ``restore`` give Firecracker this long to answer on its API socket.
 STARTUP_TIMEOUT: Final = 10.0
@@ -90,82 +90,6 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 _info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
-
-
-class _ImageModules(msgspec.Struct, frozen=True):
-    """What an image's ``manifest.json`` says of its kernel modules (the rest unread)."""
-
-    modules: tuple[str, ...] = ()
-
-
-_manifest_decoder: Final = msgspec.json.Decoder(_ImageModules)
-
-
-def why_not_here(firecracker: str | None, jailer: str | None) -> str | None:
-    """None if this host could run Firecracker, else one line saying why not.
-
-    Whether its KVM boots the guest is a separate, slower question
-    (``pool.accel``'s boot probe); this one only looks."""
-    if firecracker is None:
-        return "firecracker is not installed"
-    if jailer is None:
-        return "jailer (Firecracker's) is not installed"
-    if not KVM_DEVICE.exists():
-        return f"no KVM ({KVM_DEVICE} does not exist)"
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return f"no read/write access to {KVM_DEVICE}"
-    if os.geteuid() != 0:
-        return "not root (the jailer needs root to make each VM's chroot)"
-    return None
-
-
-def why_image_unfit(image: Image) -> str | None:
-    """What ``image`` lacks for Firecracker, or None when nothing is known to be
-    missing (a kernel's config is not in the image: one with its virtio drivers
-    built in is taken to name its devices from the command line)."""
-    try:
-        manifest = _manifest_decoder.decode((image.directory / "manifest.json").read_bytes())
-    except (OSError, msgspec.DecodeError) as exc:
-        return f"image {image.directory}: no readable manifest ({exc})"
-    if any(name.startswith("virtio_mmio") for name in manifest.modules):
-        return (
-            "the image's kernel has virtio_mmio as a module; Firecracker needs it built in"
-            " with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y"
-        )
-    return None
-
-
-async def open_driver(
-    images: Path, *, progress: Callable[[str], None], qemu: str
-) -> FirecrackerDriver:
-    """A driver for the guest image (built or cached in ``images``), once it is
-    known that Firecracker boots it here; else DriverError saying which check failed.
-
-    Whether KVM boots the guest is decided by the accelerator's real boot probe
-    (QEMU under KVM, cached): a KVM that cannot boot it under QEMU does not
-    under Firecracker either, and "KVM opens" proves nothing (see pool.accel)."""
-    firecracker, jailer = shutil.which("firecracker"), shutil.which("jailer")
-    why = why_not_here(firecracker, jailer)
-    if why is not None or firecracker is None or jailer is None:
-        raise DriverError(why or "firecracker is not installed")
-    try:
-        image = await trio.to_thread.run_sync(
-            lambda: build_image(ImageSpec(), images, progress=progress)
-        )
-    except ImageError as exc:
-        raise DriverError(f"guest image: {exc}") from exc
-    unfit = why_image_unfit(image)
-    if unfit is not None:
-        raise DriverError(unfit)
-    if shutil.which(qemu) is None:
-        raise DriverError(f"cannot tell whether KVM boots the guest: its boot probe needs {qemu}")
-    try:
-        accel = await choose_accel(image, cache_path=images / "accel.json", qemu=qemu)
-    except AccelError as exc:
-        raise DriverError(str(exc)) from exc
-    if accel.name != "kvm":
-        raise DriverError(f"KVM does not boot the guest kernel ({accel.reason})")
-    return FirecrackerDriver(image, firecracker=firecracker, jailer=jailer)
 
 
 # --- the VM ------------------------------------------------------------------------------
