@@ -23,7 +23,15 @@ import msgspec
 import pytest
 import trio
 import trio.testing
-from fireclaw.pool.drivers import BackendUnavailable, DriverError, Running, VmSpec, choose
+from fireclaw.pool.drivers import (
+    BackendUnavailable,
+    Choice,
+    DriverError,
+    Running,
+    VmSpec,
+    choose,
+    open_backend,
+)
 from fireclaw.pool.drivers import firecracker as fc
 from fireclaw.pool.drivers import firecracker_api as api
 from fireclaw.pool.drivers.firecracker_host import why_image_unfit
@@ -671,3 +679,19 @@ def test_the_pools_tap_is_handed_to_the_jailed_uid(tmp_path: Path) -> None:
         assert "tap-missing-0" not in listed.stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=CLI_DEADLINE)
+
+
+async def test_a_firecracker_that_cannot_be_made_ready_falls_back_under_auto_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no firecracker, no qemu
+    picked = Choice("firecracker", "auto: firecracker (found, KVM, root)", auto=True)
+    backend = await open_backend(picked, images=tmp_path, netns_why=None, progress=print)
+    assert backend.driver.name == "process"
+    assert backend.reason == (
+        "auto: process (not firecracker: firecracker cannot run here: firecracker is not installed)"
+    )
+    configured = Choice("firecracker", "firecracker (configured)", auto=False)
+    with pytest.raises(BackendUnavailable) as caught:
+        await open_backend(configured, images=tmp_path, netns_why=None, progress=print)
+    assert str(caught.value) == "firecracker cannot run here: firecracker is not installed"

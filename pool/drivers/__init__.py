@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
@@ -171,7 +171,8 @@ async def open_backend(
 ) -> Backend:
     """Make ``choice`` ready. ``progress`` gets one line per image build step.
 
-    Raises BackendUnavailable (one line) when a configured ``qemu`` cannot run."""
+    Raises BackendUnavailable (one line) when a configured ``qemu`` or
+    ``firecracker`` cannot run."""
     if choice.name == "process":
         return Backend(driver=ProcessDriver(), reason=choice.reason)
     if choice.name == "firecracker":
@@ -184,6 +185,13 @@ async def open_backend(
             if _why_not_qemu(images, netns_why) is not None:
                 return Backend(driver=ProcessDriver(), reason=f"auto: process ({why})")
             choice = Choice("qemu", f"auto: qemu ({why})", auto=True)
+            try:
+                opened = await _open_qemu(
+                    choice, images=images, netns_why=netns_why, progress=progress
+                )
+            except BackendUnavailable as qemu_exc:
+                return Backend(driver=ProcessDriver(), reason=f"auto: process (qemu: {qemu_exc})")
+            return replace(opened, reason=f"{opened.reason}; {why}")
     try:
         return await _open_qemu(choice, images=images, netns_why=netns_why, progress=progress)
     except BackendUnavailable as exc:
