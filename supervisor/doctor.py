@@ -20,7 +20,7 @@ from typing import Final
 import msgspec
 from fireclaw.config import Config
 from fireclaw.pool import cgroup, netns, network
-from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose
+from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose, why_not_firecracker
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd_operators import operator_password_path
@@ -47,6 +47,8 @@ class Report:
     mine: Leftovers
     #: Who may command the overseer over IRC, and how they prove it.
     irc: str = "off"
+    #: Whether the firecracker backend could run here, or why not.
+    firecracker: str = "not checked"
     #: Said but not failed on: the swarm runs, less safely than it could.
     warnings: list[str] = field(default_factory=list)
     #: Other instances on the host: whether their supervisor runs, and what they have.
@@ -75,6 +77,7 @@ class Report:
             _row("supervisor", str(self.supervisor)),
             _row("backend", self.backend),
             _row("accel", self.accel),
+            _row("firecracker", self.firecracker),
             _row("isolation", self.isolation),
             _row("network", self.network),
             _row("irc", self.irc),
@@ -154,6 +157,12 @@ def examine(config: Config, state_dir: Path) -> Report:
             if why is not None:
                 problems.append(f"backend: qemu cannot run here: {why}")
 
+    fc_why = why_not_firecracker(ns_why)
+    firecracker = (
+        f"no: {fc_why}"
+        if fc_why is not None
+        else "binaries, KVM and root found (the image and a KVM boot are checked at start)"
+    )
     tools = "; ".join(
         f"{tool}: {'yes' if shutil.which(tool) else 'not installed'}"
         for tool in ("nft", "qemu-img")
@@ -192,6 +201,7 @@ def examine(config: Config, state_dir: Path) -> Report:
         supervisor=supervisor,
         backend=backend,
         accel=accel_status(images),
+        firecracker=firecracker,
         isolation=isolation,
         network=net_text,
         mine=mine,

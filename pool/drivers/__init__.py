@@ -6,6 +6,12 @@ makes it ready: for ``qemu`` it builds the guest image (or finds it in the
 image cache: a first build takes about a minute), picks KVM or TCG with the
 accelerator's cached boot probe and creates the QemuDriver.
 
+``firecracker`` needs the ``firecracker`` and ``jailer`` binaries, KVM, root
+and network namespaces; ``open_backend`` then also needs an image whose kernel
+Firecracker boots and a KVM that boots it (the accelerator's boot probe).
+``auto`` tries it first, and falls back to the next when it cannot be made
+ready (on a host without the binary it is never picked).
+
 ``auto`` picks ``qemu`` when ``qemu-system-x86_64`` is installed, we are root
 with working network namespaces (every QEMU VM runs in one), and the image is
 cached or can be built here; else ``process``. If ``qemu`` then cannot be made
@@ -22,7 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
@@ -46,10 +52,11 @@ __all__ = [
     "VmSpec",
     "choose",
     "open_backend",
+    "why_not_firecracker",
 ]
 
 #: Drivers this build can run, in the order ``auto`` tries them.
-AVAILABLE: Final = ("qemu", "process")
+AVAILABLE: Final = ("firecracker", "qemu", "process")
 QEMU: Final = "qemu-system-x86_64"
 #: What a QEMU process needs above its guest's RAM. Measured: ~110 MiB RSS above a
 #: 256 MiB guest under TCG (the translation cache, device models, slirp, QMP). A
@@ -68,9 +75,9 @@ class BackendUnavailable(Exception):
 class Choice:
     """Which driver will run the VMs, before it is ready."""
 
-    name: Literal["process", "qemu"]
+    name: Literal["process", "qemu", "firecracker"]
     reason: str  # one line: why this one
-    auto: bool  # picked by ``auto``: fall back to process if qemu cannot be made ready
+    auto: bool  # picked by ``auto``: fall back to the next if it cannot be made ready
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,16 @@ def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     return None
 
 
+def why_not_firecracker(netns_why: str | None) -> str | None:
+    """None if firecracker could run here (before its image and KVM boot checks)."""
+    from fireclaw.pool.drivers.firecracker_host import why_not_here
+
+    why = why_not_here(shutil.which("firecracker"), shutil.which("jailer"))
+    if why is None and netns_why is not None:
+        return f"no network namespaces: {netns_why}"
+    return why
+
+
 def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
     """Which driver runs the VMs and why; ``images`` is the guest image cache.
 
@@ -131,7 +148,14 @@ def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
         return Choice("process", "process (configured)", auto=False)
     if backend == "qemu":
         return Choice("qemu", "qemu (configured)", auto=False)
+    if backend == "firecracker":
+        why_not = why_not_firecracker(netns_why)
+        if why_not is not None:
+            raise BackendUnavailable(f"firecracker cannot run here: {why_not}")
+        return Choice("firecracker", "firecracker (configured)", auto=False)
     if backend == "auto":
+        if why_not_firecracker(netns_why) is None:
+            return Choice("firecracker", "auto: firecracker (found, KVM, root)", auto=True)
         why_not = _why_not_qemu(images, netns_why)
         if why_not is not None:
             return Choice("process", f"auto: process (not qemu: {why_not})", auto=True)
@@ -147,9 +171,27 @@ async def open_backend(
 ) -> Backend:
     """Make ``choice`` ready. ``progress`` gets one line per image build step.
 
-    Raises BackendUnavailable (one line) when a configured ``qemu`` cannot run."""
+    Raises BackendUnavailable (one line) when a configured ``qemu`` or
+    ``firecracker`` cannot run."""
     if choice.name == "process":
         return Backend(driver=ProcessDriver(), reason=choice.reason)
+    if choice.name == "firecracker":
+        try:
+            return await _open_firecracker(choice, images=images, progress=progress)
+        except BackendUnavailable as exc:
+            if not choice.auto:
+                raise
+            why = f"not firecracker: {exc}"
+            if _why_not_qemu(images, netns_why) is not None:
+                return Backend(driver=ProcessDriver(), reason=f"auto: process ({why})")
+            choice = Choice("qemu", f"auto: qemu ({why})", auto=True)
+            try:
+                opened = await _open_qemu(
+                    choice, images=images, netns_why=netns_why, progress=progress
+                )
+            except BackendUnavailable as qemu_exc:
+                return Backend(driver=ProcessDriver(), reason=f"auto: process (qemu: {qemu_exc})")
+            return replace(opened, reason=f"{opened.reason}; {why}")
     try:
         return await _open_qemu(choice, images=images, netns_why=netns_why, progress=progress)
     except BackendUnavailable as exc:
@@ -187,3 +229,16 @@ async def _open_qemu(
         reason=f"auto: {running}" if choice.auto else running,
         memory_overhead_mib=QEMU_OVERHEAD_MIB,
     )
+
+
+async def _open_firecracker(
+    choice: Choice, *, images: Path, progress: Callable[[str], None]
+) -> Backend:
+    from fireclaw.pool.drivers.firecracker_host import open_driver
+    from fireclaw.pool.drivers.firecracker_jail import OVERHEAD_MIB
+
+    try:
+        driver = await open_driver(images, progress=progress, qemu=QEMU)
+    except DriverError as exc:
+        raise BackendUnavailable(f"firecracker cannot run here: {exc}") from exc
+    return Backend(driver=driver, reason=choice.reason, memory_overhead_mib=OVERHEAD_MIB)
