@@ -9,8 +9,9 @@ accelerator's cached boot probe and creates the QemuDriver.
 ``firecracker`` needs the ``firecracker`` and ``jailer`` binaries, KVM, root
 and network namespaces; ``open_backend`` then also needs an image whose kernel
 Firecracker boots and a KVM that boots it (the accelerator's boot probe).
-``auto`` tries it first, and falls back to the next when it cannot be made
-ready (on a host without the binary it is never picked).
+The driver is whole, but the pool does not drive it yet (``POOL_NOT_READY``):
+so ``backend: firecracker`` is refused in one line, and ``auto`` passes over
+it and says so where Firecracker is installed.
 
 ``auto`` picks ``qemu`` when ``qemu-system-x86_64`` is installed, we are root
 with working network namespaces (every QEMU VM runs in one), and the image is
@@ -43,6 +44,7 @@ __all__ = [
     "Choice",
     "Driver",
     "DriverError",
+    "POOL_NOT_READY",
     "NotReady",
     "ProcessDriver",
     "QEMU",
@@ -55,7 +57,7 @@ __all__ = [
     "why_not_firecracker",
 ]
 
-#: Drivers this build can run, in the order ``auto`` tries them.
+#: Drivers this build has, in the order ``auto`` tries them (see ``POOL_NOT_READY``).
 AVAILABLE: Final = ("firecracker", "qemu", "process")
 QEMU: Final = "qemu-system-x86_64"
 #: What a QEMU process needs above its guest's RAM. Measured: ~110 MiB RSS above a
@@ -129,6 +131,13 @@ def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     return None
 
 
+#: Why no VM runs on Firecracker yet, even where it is installed: the pool's taps,
+#: snapshot templates, overlays and adoption are wired for QEMU alone.
+POOL_NOT_READY: Final = (
+    "the pool does not drive it yet (taps, snapshot templates and disk overlays are QEMU's alone)"
+)
+
+
 def why_not_firecracker(netns_why: str | None) -> str | None:
     """None if firecracker could run here (before its image and KVM boot checks)."""
     from fireclaw.pool.drivers.firecracker_host import why_not_here
@@ -149,19 +158,16 @@ def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
     if backend == "qemu":
         return Choice("qemu", "qemu (configured)", auto=False)
     if backend == "firecracker":
-        why_not = why_not_firecracker(netns_why)
-        if why_not is not None:
-            raise BackendUnavailable(f"firecracker cannot run here: {why_not}")
-        return Choice("firecracker", "firecracker (configured)", auto=False)
+        host_lacks = why_not_firecracker(netns_why)
+        raise BackendUnavailable(f"firecracker cannot run here: {host_lacks or POOL_NOT_READY}")
     if backend == "auto":
-        if why_not_firecracker(netns_why) is None:
-            return Choice("firecracker", "auto: firecracker (found, KVM, root)", auto=True)
+        passed = "" if why_not_firecracker(netns_why) else f"; not firecracker: {POOL_NOT_READY}"
         why_not = _why_not_qemu(images, netns_why)
         if why_not is not None:
-            return Choice("process", f"auto: process (not qemu: {why_not})", auto=True)
+            return Choice("process", f"auto: process (not qemu: {why_not}{passed})", auto=True)
         found = _cached_image(images)
         image = "an image is cached" if found is not None else "the image can be built"
-        return Choice("qemu", f"auto: qemu ({QEMU} found, root, {image})", auto=True)
+        return Choice("qemu", f"auto: qemu ({QEMU} found, root, {image}{passed})", auto=True)
     available = ", ".join((*AVAILABLE, "auto"))
     raise BackendUnavailable(f"backend {backend!r} is not available in this build ({available})")
 
