@@ -165,11 +165,11 @@ class FleetCollector(Collector):
                 "1 while the managed IRC server runs",
                 managed.get("state") == "running",
             )
-        state = status.get("state") or {}
+        disk = status.get("state") or {}
         yield _gauge(
             "fireclaw_state_writable",
             "0 while the state disk refuses writes",
-            not isinstance(state, Mapping) or state.get("writable", True),
+            not isinstance(disk, Mapping) or disk.get("writable", True),
         )
         yield _gauge(
             "fireclaw_supervisor_resident_memory_bytes",

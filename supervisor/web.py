@@ -442,7 +442,7 @@ class _Web:
             if status["version"] == version:
                 yield b": keepalive\n\n"
                 continue
-            version = int(status["version"])
+            version = int(status["version"])  # type: ignore[call-overload]
             view = fleet_view(status, self.fleet.config)
             view["queue"] = (await self.fleet.list_tasks(None))[-VIEW_TASKS:]
             for event in await self.fleet.events(last_id, _MAX_EVENTS_LIMIT):
@@ -645,7 +645,8 @@ async def serve_http(
             await nursery.start(
                 partial(
                     worker_serve,
-                    wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                    # starlette's ASGI types are looser than hypercorn's; the same protocol
+                    wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                     config,
                     sockets=sockets,
                     shutdown_trigger=trio.sleep_forever,
