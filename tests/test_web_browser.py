@@ -132,4 +132,13 @@ def _see_the_fleet_live(
             "data-state", "done"
         )
     expect(page.locator("#task-counts")).to_contain_text("done 2")
+
+    # An operator scales a role from the page (its CSRF token goes along).
+    coder = page.locator('#roles tr[data-role="coder"]')
+    coder.locator("input.scale").fill("2")
+    coder.locator("button").click()
+    expect(coder.locator("td.target")).to_have_text("2")
+    expect(coder.locator("td.idle")).to_have_text("2")
+    (audit,) = swarm.events("http_command")
+    assert audit["detail"]["command"] == "scale coder 2" and audit["detail"]["via"] == "session"
     assert page.evaluate("window.fireclawNotReloaded") is True

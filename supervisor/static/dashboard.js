@@ -46,12 +46,14 @@ function scaleCell(role, target) {
 }
 
 function render(view) {
+  // How many live views this page has drawn (read by bench/dashboard.py).
+  document.body.dataset.views = String(Number(document.body.dataset.views || 0) + 1);
   document.getElementById("backend").textContent = "backend: " + (view.backend || "");
 
   fill(document.querySelector("#roles tbody"), Object.entries(view.roles).map(([name, r]) => {
     const tr = document.createElement("tr");
     tr.dataset.role = name;
-    tr.append(cell(name), cell(r.target), cell(r.idle, "idle"), cell(r.active, "active"),
+    tr.append(cell(name), cell(r.target, "target"), cell(r.idle, "idle"), cell(r.active, "active"),
       cell(r.starting, "starting"), cell(r.backoff), cell(r.failed, "failed"),
       cell(r.degraded ? "degraded" : "no", r.degraded ? "degraded" : ""),
       cell(r.model), cell(r.memory_mib ? r.memory_mib + " MiB" : ""), scaleCell(name, r.target));
@@ -63,8 +65,11 @@ function render(view) {
     const tr = document.createElement("tr");
     tr.dataset.vm = a.name;
     if (a.agent) tr.dataset.agent = a.agent;
+    // A view comes only when something changes: the page counts uptime on by itself.
+    const uptime = cell(duration(a.uptime), "uptime");
+    uptime.dataset.since = String(Date.now() / 1000 - (a.uptime || 0));
     tr.append(cell(a.name), cell(a.agent), cell(a.role), cell(a.state, "state-" + a.state),
-      cell(duration(a.uptime)), cell(a.restarts), cell(a.backend && a.backend.split(" ")[0]),
+      uptime, cell(a.restarts), cell(a.backend && a.backend.split(" ")[0]),
       cell(a.memory_mib ? a.memory_mib + " MiB" : ""));
     return tr;
   }));
@@ -107,4 +112,12 @@ function connect() {
   source.addEventListener("view", (msg) => render(JSON.parse(msg.data)));
 }
 
+function tick() {
+  const now = Date.now() / 1000;
+  for (const td of document.querySelectorAll("#agents td.uptime")) {
+    td.textContent = duration(now - Number(td.dataset.since));
+  }
+}
+
 connect();
+setInterval(tick, 1000);
