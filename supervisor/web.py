@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import re
 import socket
 import urllib.parse
@@ -318,6 +319,9 @@ class _Web:
             return HTMLResponse(_static("login.html").replace("{{error}}", ""))
         if not _same_site(request):
             return _error(403, "cross-site request refused")
+        wait = self.auth.login_wait(self.clock())
+        if wait > 0:
+            return _error(429, f"too many failed logins: try again in {math.ceil(wait)} s")
         raw = await request.body()
         if len(raw) > _MAX_FORM_BYTES:
             return _error(413, "login form too large")

@@ -32,10 +32,13 @@ from typing import Final, Literal
 
 import msgspec
 from fireclaw.config.http import Access
+from fireclaw.guest_daemon.irc_session import TokenBucket
 
 __all__ = [
     "COOKIE",
     "CSRF_HEADER",
+    "LOGIN_FAILURES_BURST",
+    "LOGIN_FAILURES_PER_MINUTE",
     "MAX_SESSIONS",
     "SESSION_TTL",
     "Auth",
@@ -55,6 +58,10 @@ SESSION_TTL: Final = 12 * 3600.0
 MAX_SESSIONS: Final = 256
 #: Longest token accepted on the wire; a longer one is refused before comparing.
 MAX_TOKEN_CHARS: Final = 512
+#: Failed logins allowed at once, and then per minute: guessing is slowed to a crawl
+#: while a person who mistyped can try again at once.
+LOGIN_FAILURES_BURST: Final = 10
+LOGIN_FAILURES_PER_MINUTE: Final = 6.0
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +94,7 @@ class Auth:
         self._tokens = [(t.encode(), access) for t, access in tokens]
         self.allow_loopback = allow_loopback
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._failures: TokenBucket | None = None
 
     def check_token(self, presented: str) -> tuple[Access, str] | None:
         """(access, label) of the configured token equal to ``presented``, if any."""
@@ -99,10 +107,19 @@ class Auth:
                 found = (access, f"token#{n}")
         return found
 
+    def login_wait(self, now: float) -> float:
+        """Seconds until a login may be tried: 0 unless too many have failed lately."""
+        return 0.0 if self._failures is None else self._failures.delay(now)
+
     def login(self, presented: str, now: float) -> tuple[str, Session] | None:
-        """A new session for a valid token: (session id, session); None if invalid."""
+        """A new session for a valid token: (session id, session); None if invalid.
+        Ask ``login_wait`` first: a failure here counts against the next tries."""
         found = self.check_token(presented)
         if found is None:
+            if self._failures is None:
+                rate = LOGIN_FAILURES_PER_MINUTE / 60.0
+                self._failures = TokenBucket(rate, LOGIN_FAILURES_BURST, now)
+            self._failures.take(now)
             return None
         access, label = found
         self._expire(now)

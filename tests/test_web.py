@@ -7,6 +7,7 @@ real HTTP requests.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 import requests
 from fireclaw.supervisor.web import PUBLIC, SECURE_HEADERS
 from fireclaw.supervisor.web_openapi import document
+from fireclaw.supervisor.webauth import LOGIN_FAILURES_BURST
 from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
 
 #: Generous for one local request on a loaded machine; a hang fails the test.
@@ -327,3 +329,15 @@ def test_after_kill_9_the_next_supervisor_listens_on_the_same_port(tmp_path: Pat
     assert swarm.leftovers() == NOTHING
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=TIMEOUT)
+
+
+def test_guessing_at_the_login_form_is_slowed(web: tuple[Swarm, str]) -> None:
+    _, url = web
+    for _ in range(LOGIN_FAILURES_BURST):
+        wrong = requests.post(f"{url}/login", data={"token": "guess"}, timeout=TIMEOUT)
+        assert wrong.status_code == 401
+    held = requests.post(f"{url}/login", data={"token": READ}, allow_redirects=False)
+    assert held.status_code == 429 and "set-cookie" not in held.headers
+    assert re.fullmatch(r"too many failed logins: try again in ([1-9]|10) s", held.json()["error"])
+    # A monitor's bearer token is not held up by someone guessing at the form.
+    assert requests.get(f"{url}/v1/health", headers=bearer(READ), timeout=TIMEOUT).ok

@@ -8,7 +8,14 @@ import trio
 import trio.testing
 from fireclaw.config import ConfigError, parse_config
 from fireclaw.supervisor.web import LoopLag, allowed_hosts_for
-from fireclaw.supervisor.webauth import MAX_SESSIONS, SESSION_TTL, Auth, same_origin
+from fireclaw.supervisor.webauth import (
+    LOGIN_FAILURES_BURST,
+    LOGIN_FAILURES_PER_MINUTE,
+    MAX_SESSIONS,
+    SESSION_TTL,
+    Auth,
+    same_origin,
+)
 
 READ = "r" * 32
 OPERATE = "o" * 32
@@ -138,3 +145,16 @@ async def test_loop_lag_is_how_late_a_sleeper_wakes(autojump_clock: trio.testing
         await trio.sleep(LoopLag.INTERVAL * 2)
         assert lag.worst == pytest.approx(1.0 - LoopLag.INTERVAL * 0.5)
         nursery.cancel_scope.cancel()
+
+
+def test_failed_logins_are_slowed_after_a_burst() -> None:
+    a = auth()
+    for _ in range(LOGIN_FAILURES_BURST):
+        assert a.login_wait(now=5.0) == 0.0
+        assert a.login("wrong", now=5.0) is None
+    assert a.login_wait(now=5.0) == pytest.approx(60.0 / LOGIN_FAILURES_PER_MINUTE)
+    assert a.login_wait(now=5.0 + 60.0 / LOGIN_FAILURES_PER_MINUTE) == 0.0
+    # Logging in with a right token costs nothing.
+    for _ in range(3 * LOGIN_FAILURES_BURST):
+        assert a.login(READ, now=100.0) is not None
+    assert a.login_wait(now=100.0) == 0.0
