@@ -26,6 +26,9 @@ Families::
     fireclaw_state_writable                   0 while the state disk refuses writes
     fireclaw_supervisor_resident_memory_bytes
     fireclaw_event_loop_lag_seconds, fireclaw_event_loop_lag_max_seconds
+
+The event-loop lag comes from ``LoopLag``, a probe the listener runs beside
+the app: how late the loop wakes a sleeper is how busy it is.
 """
 
 from __future__ import annotations
@@ -47,9 +50,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from fireclaw.supervisor.web import Fleet, LoopLag
+    from fireclaw.supervisor.webapp import Fleet
 
-__all__ = ["CONTENT_TYPE", "POOL_STATES", "FleetCollector", "Snapshot", "scrape"]
+__all__ = [
+    "CONTENT_TYPE",
+    "POOL_STATES",
+    "FleetCollector",
+    "LoopLag",
+    "Snapshot",
+    "scrape",
+]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 #: The pool states ``fireclaw_vms`` reports, as ``status`` counts them per role.
@@ -57,6 +67,23 @@ POOL_STATES: Final = ("idle", "active", "starting", "backoff", "failed", "draini
 #: Buckets of ``fireclaw_vm_ready_seconds``: a snapshot restore takes well under
 #: a second, a cold boot under TCG tens of seconds.
 READY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class LoopLag:
+    """How late the event loop wakes a sleeper: a measure of how busy it is."""
+
+    INTERVAL: Final = 0.5
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        while True:
+            start = trio.current_time()
+            await trio.sleep(self.INTERVAL)
+            self.last = max(0.0, trio.current_time() - start - self.INTERVAL)
+            self.worst = max(self.worst, self.last)
 
 
 class Snapshot:

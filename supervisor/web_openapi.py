@@ -22,7 +22,7 @@ _NULLABLE_INT: Final = {"type": ["integer", "null"]}
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document of ``/v1`` on the HTTP listener."""
-    from fireclaw.supervisor import web
+    from fireclaw.supervisor import webapp
 
     role = {
         "type": "object",
@@ -58,7 +58,7 @@ def document() -> dict[str, Any]:
             "id": {"type": "integer"},
             "role": {"type": "string"},
             "prompt": {"type": "string"},
-            "state": {"enum": list(web._TASK_STATES)},
+            "state": {"enum": list(webapp._TASK_STATES)},
             "attempts": {"type": "integer", "minimum": 0},
         },
     }
@@ -122,7 +122,7 @@ def document() -> dict[str, Any]:
         "/v1/tasks": get(
             "The most recent tasks.",
             listed("tasks", task),
-            params=[_query("state", {"enum": list(web._TASK_STATES)}, "only this state")],
+            params=[_query("state", {"enum": list(webapp._TASK_STATES)}, "only this state")],
         ),
         "/v1/events": get(
             "The audit trail, oldest first, after an event id.",
@@ -131,7 +131,7 @@ def document() -> dict[str, Any]:
                 _query("after", id_param, "the last event id seen"),
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": web._MAX_EVENTS_LIMIT},
+                    {"type": "integer", "minimum": 1, "maximum": webapp._MAX_EVENTS_LIMIT},
                     "at most this many",
                 ),
             ],

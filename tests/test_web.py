@@ -16,8 +16,8 @@ from typing import Any, Final
 
 import pytest
 import requests
-from fireclaw.supervisor.web import PUBLIC, SECURE_HEADERS
 from fireclaw.supervisor.web_openapi import document
+from fireclaw.supervisor.webapp import PUBLIC, SECURE_HEADERS
 from fireclaw.supervisor.webauth import LOGIN_FAILURES_BURST
 from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
 

@@ -7,7 +7,8 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.config import ConfigError, parse_config
-from fireclaw.supervisor.web import LoopLag, allowed_hosts_for
+from fireclaw.supervisor.metrics import LoopLag
+from fireclaw.supervisor.webapp import allowed_hosts_for
 from fireclaw.supervisor.webauth import (
     LOGIN_FAILURES_BURST,
     LOGIN_FAILURES_PER_MINUTE,
