@@ -341,3 +341,32 @@ def test_guessing_at_the_login_form_is_slowed(web: tuple[Swarm, str]) -> None:
     assert re.fullmatch(r"too many failed logins: try again in ([1-9]|10) s", held.json()["error"])
     # A monitor's bearer token is not held up by someone guessing at the form.
     assert requests.get(f"{url}/v1/health", headers=bearer(READ), timeout=TIMEOUT).ok
+
+
+def test_an_operator_invokes_and_destroys_a_named_agent(web: tuple[Swarm, str]) -> None:
+    swarm, url = web
+    made = requests.post(
+        f"{url}/v1/agents", json={"role": "worker", "name": "ada"}, headers=bearer(OPERATE)
+    )
+    assert made.status_code == 200 and made.json()["name"] == "ada"
+    agent = requests.get(f"{url}/v1/agents/ada", headers=bearer(READ), timeout=TIMEOUT).json()
+    assert agent["agent"] == "ada" and agent["role"] == "worker"
+    again = requests.post(
+        f"{url}/v1/agents", json={"role": "worker", "name": "ada"}, headers=bearer(OPERATE)
+    )
+    assert again.status_code == 409
+    gone = requests.delete(f"{url}/v1/agents/ada", headers=bearer(OPERATE), timeout=TIMEOUT)
+    assert gone.status_code == 200 and gone.json() == {"name": "ada", "destroyed": True}
+    swarm.wait_for("ada gone", lambda s: all(a["agent"] != "ada" for a in s["agents"]))
+    commands = [e["detail"]["command"] for e in swarm.events("http_command")]
+    assert commands == ["invoke worker ada", "invoke worker ada", "destroy ada"]
+
+
+def test_a_changed_http_section_waits_for_the_next_start(web: tuple[Swarm, str]) -> None:
+    swarm, url = web
+    swarm.config.write_text(swarm.config.read_text().replace("127.0.0.1:0", "127.0.0.1:1"))
+    answer = swarm.api.post("/reload", {})
+    assert answer["ok"] is True
+    assert "http changes take effect at the next start" in answer["notes"]
+    assert swarm.status()["http"] == url
+    assert requests.get(f"{url}/v1/health", headers=bearer(READ), timeout=TIMEOUT).ok
