@@ -106,6 +106,7 @@ STREAM_KEEPALIVE: Final = 15.0
 #: Tasks and events a view carries.
 VIEW_TASKS: Final = 100
 VIEW_EVENTS: Final = 50
+VIEW_PROMPT_CHARS: Final = 200
 _MAX_EVENTS_LIMIT: Final = 1000
 _MAX_FORM_BYTES: Final = 4096
 _TASK_STATES: Final = ("queued", "claimed", "done", "failed")
@@ -131,6 +132,20 @@ class _ScaleBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class _InvokeBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: str
     name: str | None = None
+
+
+def _task_line(task: Mapping[str, Any]) -> dict[str, Any]:
+    """A task as the dashboard lists it: no result, the prompt cut short, so a
+    view stays small however much the agents wrote."""
+    prompt = str(task.get("prompt") or "")
+    return {
+        "id": task.get("id"),
+        "role": task.get("role"),
+        "state": task.get("state"),
+        "attempts": task.get("attempts"),
+        "owner": task.get("owner"),
+        "prompt": prompt if len(prompt) <= VIEW_PROMPT_CHARS else prompt[:VIEW_PROMPT_CHARS] + "…",
+    }
 
 
 def _same_site(request: Request) -> bool:
@@ -413,7 +428,8 @@ class _Web:
                 continue
             version = int(status["version"])  # type: ignore[call-overload]
             view = fleet_view(status, self.fleet.config)
-            view["queue"] = (await self.fleet.list_tasks(None))[-VIEW_TASKS:]
+            tasks = (await self.fleet.list_tasks(None))[:VIEW_TASKS]
+            view["queue"] = [_task_line(t) for t in tasks]
             for event in await self.fleet.events(last_id, _MAX_EVENTS_LIMIT):
                 recent.append(event)
                 last_id = int(event["id"])  # type: ignore[call-overload]

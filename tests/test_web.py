@@ -7,6 +7,7 @@ real HTTP requests.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import socket
@@ -370,3 +371,29 @@ def test_a_changed_http_section_waits_for_the_next_start(web: tuple[Swarm, str])
     assert "http changes take effect at the next start" in answer["notes"]
     assert swarm.status()["http"] == url
     assert requests.get(f"{url}/v1/health", headers=bearer(READ), timeout=TIMEOUT).ok
+
+
+def test_the_live_stream_sends_a_small_view_of_the_fleet(web: tuple[Swarm, str]) -> None:
+    swarm, url = web
+    long_prompt = "p" * 5000
+    task = swarm.api.post("/tasks", {"role": "worker", "prompt": long_prompt})
+    swarm.wait_for("the task done", lambda s: (s["tasks"] or {}).get("done") == 1)
+    # Quiet: the task's VM gone and its place refilled, so the fleet holds still.
+    swarm.wait_for("one idle VM", lambda s: [a["state"] for a in s["agents"]] == ["idle"])
+    for _ in range(60):  # more events than a view holds: the newest are found
+        swarm.api.post("/scale", {"role": "worker", "n": 1})
+    session, _ = login(url, READ)
+    with session.get(f"{url}/v1/stream", stream=True, timeout=TIMEOUT) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines(decode_unicode=True)
+        assert next(lines) == "event: view"
+        view = json.loads(next(lines).removeprefix("data: "))
+    assert set(view) >= {"roles", "agents", "tasks", "queue", "events", "budget"}
+    assert [a["name"] for a in view["agents"]] == [a["name"] for a in swarm.status()["agents"]]
+    (line,) = [t for t in view["queue"] if t["id"] == task["id"]]
+    assert "result" not in line and len(line["prompt"]) == 201 and line["prompt"].endswith("…")
+    # The newest events as of the view, oldest first, none missing in between.
+    ids = [e["id"] for e in swarm.events()]
+    shown = [e["id"] for e in view["events"]]
+    assert len(ids) > 60 and shown == ids[: ids.index(shown[-1]) + 1][-50:]
+    assert "http_login" in [e["kind"] for e in view["events"]]

@@ -77,7 +77,7 @@ function render(view) {
   const counts = view.tasks || {};
   document.getElementById("task-counts").textContent =
     Object.entries(counts).map(([k, v]) => k + " " + v).join(" · ");
-  fill(document.querySelector("#tasks tbody"), view.queue.slice().reverse().map((t) => {
+  fill(document.querySelector("#tasks tbody"), view.queue.map((t) => {
     const tr = document.createElement("tr");
     tr.dataset.task = t.id;
     tr.dataset.state = t.state;
