@@ -397,3 +397,17 @@ def test_the_live_stream_sends_a_small_view_of_the_fleet(web: tuple[Swarm, str])
     shown = [e["id"] for e in view["events"]]
     assert len(ids) > 60 and shown == ids[: ids.index(shown[-1]) + 1][-50:]
     assert "http_login" in [e["kind"] for e in view["events"]]
+
+
+def test_a_token_file_others_may_read_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    config = swarm_yaml(role_yaml("worker", min_idle=0)) + http_yaml(tmp_path)
+    (tmp_path / "read.token").chmod(0o644)
+    swarm = Swarm(tmp_path, config)
+    with pytest.raises(AssertionError, match="no READY=1"):
+        swarm.start(timeout=WAIT)
+    assert swarm.proc is not None and swarm.proc.wait(TIMEOUT) != 0
+    path = tmp_path / "read.token"
+    assert f"http: {path}: group or others may use it (mode 0644); chmod 600 {path}" in swarm.tail()
+    assert READ not in swarm.tail(200)
+    swarm.close()
+    assert swarm.leftovers() == NOTHING
