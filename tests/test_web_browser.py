@@ -64,6 +64,7 @@ def test_the_dashboard_shows_the_fleet_live(tmp_path: Path, open_dir: Path) -> N
             browser = pw.chromium.launch(
                 executable_path=CHROMIUM,
                 headless=True,
+                timeout=SHOW_MS,
                 args=[
                     "--no-sandbox",
                     "--disable-gpu",
@@ -73,6 +74,7 @@ def test_the_dashboard_shows_the_fleet_live(tmp_path: Path, open_dir: Path) -> N
             )
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.set_default_timeout(SHOW_MS)  # a loaded machine: navigation too
                 problems: list[str] = []
                 page.on("pageerror", lambda exc: problems.append(str(exc)))
                 page.on(
