@@ -1,13 +1,15 @@
 """What an open dashboard costs the supervisor, in one run.
 
 A real ``fireclaw-swarm up`` (process driver) with the HTTP listener is scaled
-to N idle VMs (200 by default) and left to settle. Then three windows of the
-same length, back to back: no dashboard, two dashboards open in headless
-Chromium (Debian's, driven by Playwright: each loads the page and keeps its
-live stream), and no dashboard again. For each window: the supervisor's CPU
+to N idle VMs (200 by default) and left to settle. Then windows of the same
+length, back to back: the fleet at rest with no dashboard, then two
+dashboards open in headless Chromium (Debian's, driven by Playwright: each
+loads the page and keeps its live stream); the fleet busy (a task every
+second, each claiming a VM that is then replaced) with the two dashboards,
+then without; and, once settled again, at rest with none. For each window: the supervisor's CPU
 (user + system, % of one core) and RSS at its end, and how many live views the
-two pages received. The windows without a dashboard are the floor the other
-is read against on this machine, at this moment.
+two pages drew. The windows without a dashboard are the floor the others are
+read against on this machine, at this moment.
 
     .venv/bin/python bench/dashboard.py                 # 200 idle VMs, 30 s windows
     .venv/bin/python bench/dashboard.py --quick         # 40 idle VMs, 10 s windows
@@ -46,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "dashboard.json"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PAGES = 2
+WINDOWS = ("none_before", "two_dashboards", "busy_two_dashboards", "busy_none", "none_after")
 
 
 def _cpu_s(proc: psutil.Process) -> float:
@@ -53,13 +56,22 @@ def _cpu_s(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def window(sup: Supervisor, seconds: float, views: Any = None) -> dict[str, Any]:
+def window(
+    sup: Supervisor, seconds: float, views: Any = None, *, busy: str | None = None
+) -> dict[str, Any]:
     """The supervisor's CPU over ``seconds`` and its RSS at the end; with ``views``
-    (a callable giving the live views the pages received so far), those too."""
+    (a callable giving the live views the pages drew so far), those too; with
+    ``busy`` (a role), a task for it every second meanwhile."""
     me = psutil.Process(sup.pid)
     seen0 = views() if views else 0
     cpu0, t0 = _cpu_s(me), time.perf_counter()
+    next_task = t0
+    tasks = 0
     while time.perf_counter() - t0 < seconds:
+        if busy and time.perf_counter() >= next_task:
+            sup.api.post("/tasks", {"role": busy, "prompt": "busy"})
+            tasks += 1
+            next_task += 1.0
         if views:
             views()  # the pages' event loop runs while Playwright is called
         time.sleep(0.2)
@@ -71,6 +83,8 @@ def window(sup: Supervisor, seconds: float, views: Any = None) -> dict[str, Any]
     }
     if views:
         out["views_received"] = views() - seen0
+    if busy:
+        out["tasks_submitted"] = tasks
     return out
 
 
@@ -88,14 +102,14 @@ def bench(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> N
     with supervised(sup, lambda: check_role_clean(role, sup.state, out)):
         sup.start()
         t0 = time.perf_counter()
-        print(f"[1/4] filling to {args.idle} idle VMs", flush=True)
+        print(f"[1/6] filling to {args.idle} idle VMs", flush=True)
         sup.wait_for(f"{args.idle} idle VMs", role_idle(role, args.idle), FILL_TIMEOUT)
         out["fill_s"] = round(time.perf_counter() - t0, 2)
         time.sleep(SETTLE_S)
         url = sup.status()["http"]
         token = (sup.state / "secrets" / "http-token").read_text().strip()
 
-        print(f"[2/4] {args.window:g} s with no dashboard", flush=True)
+        print(f"[2/6] {args.window:g} s at rest, no dashboard", flush=True)
         out["none_before"] = window(sup, args.window)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
@@ -118,13 +132,19 @@ def bench(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> N
                     # The page counts the live views it has drawn in <body data-views>.
                     return sum(int(p.evaluate("document.body.dataset.views")) for p in pages)
 
-                print(f"[3/4] {args.window:g} s with {PAGES} dashboards open", flush=True)
+                print(f"[3/6] {args.window:g} s at rest, {PAGES} dashboards open", flush=True)
                 out["two_dashboards"] = window(sup, args.window, views)
+                print(f"[4/6] {args.window:g} s busy, {PAGES} dashboards open", flush=True)
+                out["busy_two_dashboards"] = window(sup, args.window, views, busy=role)
             finally:
                 browser.close()
-        print(f"[4/4] {args.window:g} s with no dashboard again", flush=True)
+        print(f"[5/6] {args.window:g} s busy, no dashboard", flush=True)
+        out["busy_none"] = window(sup, args.window, busy=role)
+        sup.wait_for(f"{args.idle} idle VMs again", role_idle(role, args.idle), FILL_TIMEOUT)
+        time.sleep(SETTLE_S)
+        print(f"[6/6] {args.window:g} s at rest, no dashboard again", flush=True)
         out["none_after"] = window(sup, args.window)
-        for key in ("none_before", "two_dashboards", "none_after"):
+        for key in WINDOWS:
             print(f"  {key}: {out[key]}", flush=True)
         supervisor_stopped(sup, out)
 
@@ -144,12 +164,16 @@ def table(results: dict[str, Any]) -> str:
         n = d["n"]
         rows.append((f"fill to {n} idle VMs", f"{d['fill_s']:.1f} s"))
         for key, label in [
-            ("none_before", "no dashboard"),
-            ("two_dashboards", f"{d['pages']} dashboards open"),
-            ("none_after", "no dashboard, after"),
+            ("none_before", "at rest, no dashboard"),
+            ("two_dashboards", f"at rest, {d['pages']} dashboards open"),
+            ("none_after", "at rest, no dashboard again"),
+            ("busy_two_dashboards", f"busy, {d['pages']} dashboards open"),
+            ("busy_none", "busy, no dashboard"),
         ]:
             w = d[key]
             extra = f", {w['views_received']} live views" if "views_received" in w else ""
+            if "tasks_submitted" in w:
+                extra += f", {w['tasks_submitted']} tasks"
             rows.append(
                 (
                     f"supervisor, {n} idle VMs, {label} ({w['window_s']:.0f} s)",
