@@ -100,6 +100,7 @@ def test_no_secret_in_any_page_answer_or_metric(tmp_path: Path, model_server: st
         assert metrics["fireclaw_budget_remaining_tokens"][scope] == 100000 - spent
         assert metrics["fireclaw_irc_enabled"][()] == 1.0
         assert metrics["fireclaw_ircd_up"][()] == 1.0
+        assert metrics["fireclaw_irc_connected"][()] == 1.0  # the overseer is on
     finally:
         swarm.close()
     assert swarm.leftovers() == NOTHING
