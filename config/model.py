@@ -19,6 +19,7 @@ import re
 from typing import Annotated, Final, Literal
 
 import msgspec
+from fireclaw.config.http import HttpSpec
 from fireclaw.guest_daemon.protocol import DEFAULT_TOOLS, MAX_FRAME_BYTES, ToolMode, ToolName
 from msgspec import Meta
 
@@ -631,6 +632,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: None: no model server and no gateways (agents use no model).
     models: ModelsSpec | None = None
     budget: BudgetSpec = msgspec.field(default_factory=BudgetSpec)
+    #: None: no HTTP listener (dashboard, metrics, /v1).
+    http: HttpSpec | None = None
     #: ``models.api_key_file`` (and ``models.managed.model``) resolved against the file.
     api_key_path: pathlib.Path | None = None
     model_path: pathlib.Path | None = None

@@ -6,6 +6,7 @@
     └─ root nursery
        ├─ signals      SIGHUP -> reload (coalesced), SIGTERM/SIGINT -> graceful stop
        ├─ api          unix-socket HTTP API at <state_dir>/api.sock
+       ├─ http         dashboard, /metrics and /v1 on http.listen, when configured
        ├─ reloader     applies config changes one at a time
        ├─ services     the managed ngircd and the managed model server, when configured
        ├─ budgets      re-evaluates the token budgets when a period begins
@@ -59,6 +60,7 @@ from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
 from fireclaw.supervisor.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import AgentRecord, StateError, StateUnwritable, Store, TaskRow
+from fireclaw.supervisor.web import HttpServerError, serve_http
 
 log = logging.getLogger("fireclaw.supervisor")
 
@@ -96,6 +98,7 @@ class Supervisor:
         self.budgets = Budgets(config.budget, store, on_event=self._on_event)
         self._upstream: Upstream | None = None  # an external model server
         self.overseer: Overseer | None = None
+        self.http_url: str | None = None  # where the dashboard listens, once it does
         self._reload_wanted = trio.Event()
         self._reload_done = trio.Event()
         self._reload_result: dict[str, object] = {}
@@ -169,6 +172,10 @@ class Supervisor:
                 self._root = root
                 await root.start(serve_api, self.state_dir / API_NAME, self)
                 try:
+                    if self.config.http is not None:
+                        self.http_url = await root.start(
+                            serve_http, self, self.config.http, self.state_dir
+                        )
                     await self._setup_backend(root)
                     await self._start_irc(root)
                     await self._start_models(root)
@@ -177,7 +184,7 @@ class Supervisor:
                     log.error("%s", self.startup_error)
                     root.cancel_scope.cancel()
                     return
-                except (IrcdError, ModelServerError, SecretFileError) as exc:
+                except (IrcdError, ModelServerError, SecretFileError, HttpServerError) as exc:
                     self.startup_error = str(exc)
                     log.error("%s", exc)
                     root.cancel_scope.cancel()
@@ -587,6 +594,8 @@ class Supervisor:
             notes.append("irc changes take effect at the next start")
         if diff.network_changed:
             notes.append("network changes take effect at the next start")
+        if new.http != self.config.http:
+            notes.append("http changes take effect at the next start")
         old, self.config = self.config, new
         self.rt.control, self.rt.stop = new.control, new.stop
         self.budgets.update(new.budget)
@@ -688,6 +697,7 @@ class Supervisor:
             "state": self.store.health.status(),
             "irc": self._irc_status(),
             "models": self._models_status(),
+            "http": self.http_url,
         }
 
     def _models_status(self) -> dict[str, object] | None:

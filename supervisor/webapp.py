@@ -1,0 +1,562 @@
+"""The HTTP listener's app: the dashboard, ``/metrics`` and ``/v1`` over the fleet.
+
+A starlette app (``build_app``) that reads the fleet through the same
+``Controller`` the unix-socket API uses (supervisor/api.py), so both always
+agree; supervisor/web.py serves it.
+
+Routes::
+
+    GET  /login, POST /login, POST /logout    the login form (no token needed)
+    GET  /                                    the dashboard (static/index.html)
+    GET  /static/<file>                       its script and stylesheets
+    GET  /metrics                             Prometheus text format (supervisor/metrics.py)
+    GET  /v1/health | roles | agents | agents/{name} | tasks | events
+    GET  /v1/stream                           server-sent events: a fresh view on each change
+    GET  /v1/openapi.json                     this API (supervisor/web_openapi.py)
+    POST /v1/roles/{role}/scale  {"n"}        operators only
+    POST /v1/agents  {"role", "name"?}        operators only: invoke a named agent
+    DELETE /v1/agents/{name}                  operators only: destroy it
+
+Everything but the login page answers 401 without a token or a session
+(supervisor/webauth.py says who gets in); every action is recorded in the
+audit trail as an ``http_command`` event. Every answer carries the secure
+headers below: a CSP that allows no inline script, no framing, no Referer to
+other sites. No secret ever goes into an answer: the fleet's views carry
+none, and the tokens stay in the ``Auth`` object.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Any, Final, Protocol, TypeVar
+
+import msgspec
+import trio
+from fireclaw.config import Config
+from fireclaw.supervisor.api import Controller, ControllerError
+from fireclaw.supervisor.metrics import LoopLag
+from fireclaw.supervisor.overseer import Overseer
+from fireclaw.supervisor.state import StateUnwritable
+from fireclaw.supervisor.webauth import (
+    COOKIE,
+    CSRF_HEADER,
+    SESSION_TTL,
+    Auth,
+    Principal,
+    is_loopback,
+    same_origin,
+)
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "PUBLIC",
+    "SECURE_HEADERS",
+    "Fleet",
+    "allowed_hosts_for",
+    "build_app",
+    "fleet_view",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What every answer says about itself: scripts and styles only from files we
+#: serve, nothing framed, no Referer to other sites, nothing cached.
+SECURE_HEADERS: Final = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+        " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on
+    # our own form posts, which the CSRF check must refuse.
+    "referrer-policy": "same-origin",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+    "cache-control": "no-store",
+}
+#: Answered without a token: the login form and what it shows.
+PUBLIC: Final = frozenset({"/login", "/logout", "/static/login.css"})
+STATIC_FILES: Final = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "login.css": "text/css; charset=utf-8",
+}
+#: The dashboard gets at most one fresh view per this many seconds, however busy the fleet.
+STREAM_MIN_INTERVAL: Final = 0.5
+#: A stream with nothing new still says something this often, so proxies keep it.
+STREAM_KEEPALIVE: Final = 15.0
+#: Tasks and events a view carries.
+VIEW_TASKS: Final = 100
+VIEW_EVENTS: Final = 50
+VIEW_PROMPT_CHARS: Final = 200
+_MAX_EVENTS_LIMIT: Final = 1000
+_MAX_FORM_BYTES: Final = 4096
+_TASK_STATES: Final = ("queued", "claimed", "done", "failed")
+
+
+class Fleet(Controller, Protocol):
+    """What the listener reads and acts on: the controller, the config, the audit trail."""
+
+    config: Config
+    overseer: Overseer | None
+
+    def event(self, kind: str, subject: str, **detail: object) -> None: ...
+
+
+def _static(name: str) -> str:
+    return resources.files("fireclaw.supervisor").joinpath("static", name).read_text("utf-8")
+
+
+class _ScaleBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    n: int
+
+
+class _InvokeBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    role: str
+    name: str | None = None
+
+
+def _task_line(task: Mapping[str, Any]) -> dict[str, Any]:
+    """A task as the dashboard lists it: no result, the prompt cut short, so a
+    view stays small however much the agents wrote."""
+    prompt = str(task.get("prompt") or "")
+    return {
+        "id": task.get("id"),
+        "role": task.get("role"),
+        "state": task.get("state"),
+        "attempts": task.get("attempts"),
+        "owner": task.get("owner"),
+        "prompt": prompt if len(prompt) <= VIEW_PROMPT_CHARS else prompt[:VIEW_PROMPT_CHARS] + "…",
+    }
+
+
+def _same_site(request: Request) -> bool:
+    """No ``Origin``, or ours: a form another site posts carries its own."""
+    origin = request.headers.get("origin")
+    return origin is None or same_origin(origin, _own_origin(request))
+
+
+def _own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())[:1000] or "error"}, status)
+
+
+def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
+        raise ControllerError(f"query parameter {name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def _only(request: Request, *allowed: str) -> None:
+    for key in request.query_params:
+        if key not in allowed:
+            raise ControllerError(f"unknown query parameter {key!r}")
+
+
+def fleet_view(status: Mapping[str, Any], config: Config) -> dict[str, Any]:
+    """The roles and agents of ``status`` with what the config says of them
+    (memory, vCPUs, model), and nothing secret: no paths, no endpoints."""
+    roles: dict[str, Any] = {}
+    for name, counts in dict(status.get("roles") or {}).items():
+        role = config.roles.get(name)
+        roles[name] = {
+            **counts,
+            "description": role.description if role else "",
+            "model": role.model if role else None,
+            "memory_mib": role.resources.memory_mib if role else None,
+            "vcpus": role.resources.vcpus if role else None,
+        }
+    agents = []
+    for a in status.get("agents") or []:
+        role = config.roles.get(str(a.get("role")))
+        agents.append(
+            {
+                "name": a.get("name"),
+                "role": a.get("role"),
+                "state": a.get("state"),
+                "agent": a.get("agent"),
+                "uptime": a.get("for"),
+                "restarts": a.get("restarts"),
+                "backend": status.get("backend"),
+                "memory_mib": role.resources.memory_mib if role else None,
+                "reason": a.get("reason"),
+                "started_as": a.get("started_as"),
+            }
+        )
+    models = status.get("models") or {}
+    return {
+        "version": status.get("version"),
+        "backend": status.get("backend"),
+        "stopping": status.get("stopping"),
+        "roles": roles,
+        "agents": agents,
+        "tasks": status.get("tasks"),
+        "budget": models.get("budget") if isinstance(models, dict) else None,
+        "irc": {"enabled": bool((status.get("irc") or {}).get("enabled"))},
+    }
+
+
+class _Web:
+    def __init__(
+        self,
+        fleet: Fleet,
+        auth: Auth,
+        *,
+        allowed_hosts: frozenset[str] | None,
+        lag: LoopLag,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.fleet = fleet
+        self.auth = auth
+        self.allowed_hosts = allowed_hosts
+        self.lag = lag
+        self.clock = clock
+
+    # --- the gate --------------------------------------------------------------------
+
+    def who(self, request: Request) -> Principal | None:
+        return self.auth.authenticate(
+            authorization=request.headers.get("authorization"),
+            cookie=request.cookies.get(COOKIE),
+            peer=request.client.host if request.client else None,
+            now=self.clock(),
+        )
+
+    def gate(self, app: ASGIApp) -> ASGIApp:
+        """``app`` behind the host check, authentication and CSRF, with secure headers."""
+
+        async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+
+            async def secured(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = list(message.get("headers", []))
+                    headers += [(k.encode(), v.encode()) for k, v in SECURE_HEADERS.items()]
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            request = Request(scope)
+            refusal = self._refuse(request)
+            if refusal is not None:
+                await refusal(scope, receive, secured)
+                return
+            await app(scope, receive, secured)
+
+        return gated
+
+    def _refuse(self, request: Request) -> Response | None:
+        host = request.headers.get("host", "")
+        if self.allowed_hosts is not None and host.lower() not in self.allowed_hosts:
+            # A page of another site that made its name resolve to us (DNS rebinding).
+            return _error(421, f"unknown host {host[:100]!r}")
+        if request.url.path in PUBLIC:
+            return None
+        who = self.who(request)
+        if who is None:
+            return _error(401, "log in at /login or send Authorization: Bearer <token>")
+        request.scope["fireclaw.who"] = who
+        if request.method not in ("GET", "HEAD"):
+            why = self.auth.may_post(
+                who,
+                csrf=request.headers.get(CSRF_HEADER),
+                origin=request.headers.get("origin"),
+                own_origin=_own_origin(request),
+            )
+            if why is not None:
+                return _error(403, why)
+        return None
+
+    # --- pages -----------------------------------------------------------------------
+
+    async def login_page(self, request: Request) -> Response:
+        if request.method == "GET":
+            return HTMLResponse(_static("login.html").replace("{{error}}", ""))
+        if not _same_site(request):
+            return _error(403, "cross-site request refused")
+        wait = self.auth.login_wait(self.clock())
+        if wait > 0:
+            return _error(429, f"too many failed logins: try again in {math.ceil(wait)} s")
+        raw = await request.body()
+        if len(raw) > _MAX_FORM_BYTES:
+            return _error(413, "login form too large")
+        # The form is one urlencoded field; parsed here, without a multipart parser.
+        fields = urllib.parse.parse_qs(raw.decode("ascii", "replace"), max_num_fields=4)
+        made = self.auth.login((fields.get("token") or [""])[0], self.clock())
+        if made is None:
+            page = _static("login.html").replace(
+                "{{error}}", '<p class="error" role="alert">That token is not valid.</p>'
+            )
+            return HTMLResponse(page, 401)
+        sid, _ = made
+        self.fleet.event("http_login", "http", who=made[1].label, access=made[1].access)
+        response = RedirectResponse("/", 303)
+        # Not Secure: the listener speaks plain HTTP (loopback, or behind a proxy
+        # that adds TLS); HttpOnly and SameSite=Strict keep it from scripts and other sites.
+        response.set_cookie(
+            COOKIE, sid, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/"
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        if not _same_site(request):
+            return _error(403, "cross-site request refused")
+        sid = request.cookies.get(COOKIE)
+        if sid:
+            self.auth.logout(sid)
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    async def index(self, request: Request) -> Response:
+        who: Principal = request.scope["fireclaw.who"]
+        page = (
+            _static("index.html")
+            .replace("{{csrf}}", html.escape(who.csrf or "", quote=True))
+            .replace("{{access}}", html.escape(who.access, quote=True))
+        )
+        return HTMLResponse(page)
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        media = STATIC_FILES.get(name)
+        if media is None:
+            return _error(404, f"no such file: {name[:100]}")
+        return Response(_static(name), media_type=media)
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        _only(request)
+        status = await self.fleet.status()
+        return JSONResponse(
+            {"ok": not status.get("stopping"), "version": status["version"], "pid": status["pid"]}
+        )
+
+    async def roles(self, request: Request) -> Response:
+        _only(request)
+        view = fleet_view(await self.fleet.status(), self.fleet.config)
+        return JSONResponse({"roles": view["roles"]})
+
+    async def agents(self, request: Request) -> Response:
+        _only(request, "role", "state")
+        view = fleet_view(await self.fleet.status(), self.fleet.config)
+        agents = [
+            a
+            for a in view["agents"]
+            if request.query_params.get("role") in (None, a["role"])
+            and request.query_params.get("state") in (None, a["state"])
+        ]
+        return JSONResponse({"agents": agents})
+
+    async def agent(self, request: Request) -> Response:
+        _only(request)
+        name = request.path_params["name"]
+        view = fleet_view(await self.fleet.status(), self.fleet.config)
+        for a in view["agents"]:
+            if name in (a["name"], a["agent"]):
+                return JSONResponse(a)
+        return _error(404, f"no VM or agent named {name[:64]!r}")
+
+    async def tasks(self, request: Request) -> Response:
+        _only(request, "state")
+        state = request.query_params.get("state") or None
+        if state is not None and state not in _TASK_STATES:
+            raise ControllerError(f"query parameter state must be one of {', '.join(_TASK_STATES)}")
+        return JSONResponse({"tasks": await self.fleet.list_tasks(state)})
+
+    async def events(self, request: Request) -> Response:
+        _only(request, "after", "limit")
+        after = _int(request, "after", 0, 0, 2**63 - 1)
+        limit = _int(request, "limit", 100, 1, _MAX_EVENTS_LIMIT)
+        return JSONResponse({"events": await self.fleet.events(after, limit)})
+
+    async def openapi(self, request: Request) -> Response:
+        from fireclaw.supervisor.web_openapi import document  # built on first use
+
+        return JSONResponse(document())
+
+    async def metrics(self, request: Request) -> Response:
+        from fireclaw.supervisor.metrics import CONTENT_TYPE, scrape
+
+        return Response(await scrape(self.fleet, self.lag), media_type=CONTENT_TYPE)
+
+    async def stream(self, request: Request) -> Response:
+        """Server-sent events: a ``view`` (fleet, queue, newest events) at once and
+        after every change, at most one per ``STREAM_MIN_INTERVAL``."""
+        _only(request)
+        return StreamingResponse(
+            self._views(), media_type="text/event-stream", headers={"x-accel-buffering": "no"}
+        )
+
+    async def _views(self) -> AsyncIterator[bytes]:
+        version: int | None = None
+        recent: deque[dict[str, object]] = deque(maxlen=VIEW_EVENTS)
+        last_id = max(0, await self._last_event_id() - VIEW_EVENTS)
+        while True:
+            if version is None:
+                status = await self.fleet.status()
+            else:
+                status = await self.fleet.status(version, STREAM_KEEPALIVE)
+            if status["version"] == version:
+                yield b": keepalive\n\n"
+                continue
+            version = int(status["version"])  # type: ignore[call-overload]
+            view = fleet_view(status, self.fleet.config)
+            tasks = (await self.fleet.list_tasks(None))[:VIEW_TASKS]
+            view["queue"] = [_task_line(t) for t in tasks]
+            for event in await self.fleet.events(last_id, _MAX_EVENTS_LIMIT):
+                recent.append(event)
+                last_id = int(event["id"])  # type: ignore[call-overload]
+            view["events"] = list(recent)
+            yield b"event: view\ndata: " + msgspec.json.encode(view) + b"\n\n"
+            await trio.sleep(STREAM_MIN_INTERVAL)
+
+    async def _last_event_id(self) -> int:
+        """The newest event's id (0: none). The store pages oldest first, so this
+        probes ids exponentially, then bisects: a few indexed queries."""
+        lo, hi = 0, 1
+        while await self.fleet.events(hi - 1, 1):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if await self.fleet.events(mid - 1, 1):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    # --- acting (operators) ----------------------------------------------------------
+
+    def _audit(self, request: Request, command: str) -> None:
+        who: Principal = request.scope["fireclaw.who"]
+        self.fleet.event("http_command", "http", who=who.label, via=who.via, command=command)
+
+    async def scale(self, request: Request) -> Response:
+        _only(request)
+        role = request.path_params["role"]
+        body = await _body(request, _ScaleBody)
+        self._audit(request, f"scale {role} {body.n}")
+        return JSONResponse(await self.fleet.scale(role, body.n))
+
+    async def invoke(self, request: Request) -> Response:
+        _only(request)
+        body = await _body(request, _InvokeBody)
+        self._audit(request, f"invoke {body.role} {body.name or ''}".strip())
+        return JSONResponse(await self.fleet.invoke(body.role, body.name))
+
+    async def destroy(self, request: Request) -> Response:
+        _only(request)
+        name = request.path_params["name"]
+        self._audit(request, f"destroy {name}")
+        return JSONResponse(await self.fleet.destroy(name))
+
+
+_T = TypeVar("_T")
+
+
+async def _body(request: Request, kind: type[_T]) -> _T:
+    raw = await request.body()
+    if len(raw) > 64 * 1024:
+        raise ControllerError("request body too large", 413)
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.DecodeError as exc:
+        raise ControllerError(f"invalid request body: {exc}") from exc
+
+
+def _answering(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """``handler`` with every refusal turned into ``{"error": ...}`` and its status."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ControllerError as exc:
+            status = exc.status if 400 <= exc.status <= 599 else 500
+            return _error(status, exc.message)
+        except StateUnwritable as exc:
+            return _error(507, f"the state disk is {exc.why}: request not served")
+        except Exception as exc:
+            logger.exception("http: %s %s failed", request.method, request.url.path)
+            return _error(500, f"internal error: {type(exc).__name__}")
+
+    return answer
+
+
+def build_app(
+    fleet: Fleet,
+    auth: Auth,
+    *,
+    allowed_hosts: frozenset[str] | None = None,
+    lag: LoopLag | None = None,
+) -> ASGIApp:
+    """The listener's ASGI app over ``fleet``; ``allowed_hosts`` (lowercase
+    ``host:port``) refuses any other ``Host``, None accepts any."""
+    web = _Web(fleet, auth, allowed_hosts=allowed_hosts, lag=lag or LoopLag())
+    a = _answering
+    routes = [
+        Route("/login", a(web.login_page), methods=["GET", "POST"]),
+        Route("/logout", a(web.logout), methods=["POST"]),
+        Route("/", a(web.index), methods=["GET"]),
+        Route("/static/{name}", a(web.static), methods=["GET"]),
+        Route("/metrics", a(web.metrics), methods=["GET"]),
+        Route("/v1/health", a(web.health), methods=["GET"]),
+        Route("/v1/roles", a(web.roles), methods=["GET"]),
+        Route("/v1/roles/{role}/scale", a(web.scale), methods=["POST"]),
+        Route("/v1/agents", a(web.agents), methods=["GET"]),
+        Route("/v1/agents", a(web.invoke), methods=["POST"]),
+        Route("/v1/agents/{name}", a(web.agent), methods=["GET"]),
+        Route("/v1/agents/{name}", a(web.destroy), methods=["DELETE"]),
+        Route("/v1/tasks", a(web.tasks), methods=["GET"]),
+        Route("/v1/events", a(web.events), methods=["GET"]),
+        Route("/v1/stream", a(web.stream), methods=["GET"]),
+        Route("/v1/openapi.json", a(web.openapi), methods=["GET"]),
+    ]
+    return web.gate(Starlette(routes=routes, exception_handlers={HTTPException: _http_error}))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, wrong method) as ``{"error": ...}``."""
+    assert isinstance(exc, HTTPException)
+    headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else None
+    message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+    response = _error(exc.status_code, f"{message}: {request.method} {request.url.path[:200]}")
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def allowed_hosts_for(host: str, port: int) -> frozenset[str] | None:
+    """The ``Host`` values a loopback listener answers; None (any) for other binds,
+    where the operator's own names for the machine are not known here."""
+    if not is_loopback(host):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return frozenset({f"{shown}:{port}", f"localhost:{port}"})
