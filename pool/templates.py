@@ -40,9 +40,10 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
@@ -68,8 +69,6 @@ from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import VmRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from fireclaw.pool.vm import Runtime
 
 log = logging.getLogger("fireclaw.templates")
@@ -190,6 +189,8 @@ class Templates:
         self._entries: dict[str, _Entry] = {}
         self._wanted: dict[str, str] = {}  # role -> the key it asked for last
         self._nursery: trio.Nursery | None = None
+        #: How blocking file and cgroup work runs off the event loop.
+        self._run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync
 
     def key_for(self, role: Role) -> str:
         return template_key(self.driver, role)
@@ -199,7 +200,7 @@ class Templates:
     ) -> None:
         """Hold the nursery templates are made in; first remove the files of every
         template whose key is not in ``keep``."""
-        await trio.to_thread.run_sync(self._remove_all_but, {k[:16] for k in keep})
+        await self._run_sync(self._remove_all_but, {k[:16] for k in keep})
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -343,7 +344,7 @@ class Templates:
     async def _find_or_boot(self, key: str, role: Role) -> Template:
         """The template ``key`` left in the directory, or else a new one. Raises
         ``TemplateError``."""
-        found = await trio.to_thread.run_sync(self._load, key)
+        found: Template | None = await self._run_sync(self._load, key)
         if found is None:
             return await self._boot_and_snapshot(key, role)
         log.info("template %s for %s: reusing %s", found.short, role.name, found.snapshot)
@@ -393,16 +394,16 @@ class Templates:
         started = trio.current_time()
         try:
             try:
-                await trio.to_thread.run_sync(self._mkdir)
+                await self._run_sync(self._mkdir)
                 sock, link = await rt.network.attach(ns_name, CONTROL_PORT)
                 if cg is not None:
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
-                    cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                    cg = await self._run_sync(cgroup.create, vm_id, limit)
                 if disk is not None:
                     assert rt.base_disk is not None
                     await disks.create_overlay(disk, rt.base_disk, "raw")
                 # Fresh, and readable by root only: it will hold the guest's RAM.
-                await trio.to_thread.run_sync(_fresh_private_file, self._memory_path(key))
+                await self._run_sync(_fresh_private_file, self._memory_path(key))
                 spec = VmSpec(
                     vm_id=vm_id,
                     name=name,
@@ -504,7 +505,7 @@ class Templates:
                         made_at=time.time(),
                         boot_seconds=round(parked, 3),
                     )
-                    await trio.to_thread.run_sync(
+                    await self._run_sync(
                         _write_atomic, self._record_path(key), msgspec.json.encode(record)
                     )
                     snapshotting = True
@@ -568,7 +569,7 @@ class Templates:
                 sock.close()
             if cg is not None:
                 with contextlib.suppress(cgroup.CgroupError):
-                    await trio.to_thread.run_sync(cgroup.remove, cg)
+                    await self._run_sync(cgroup.remove, cg)
             if link is not None and self.rt.network is not None:
                 with contextlib.suppress(netns.NetnsError):
                     await self.rt.network.detach(link)

@@ -8,9 +8,10 @@ second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import msgspec
 import pytest
@@ -34,13 +35,14 @@ from fireclaw.supervisor.state import Store
 #: Long enough for every retry a test waits for, short of a hang.
 DEADLINE = 3600.0
 
+T = TypeVar("T")
+
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    """pytest-trio's ``autojump_clock``, but the clock jumps only after 10 ms of real
-    idleness: ``Templates`` reads its directory in a worker thread, and with a
-    threshold of 0 the clock would jump to the test's deadline while it does."""
-    return trio.testing.MockClock(autojump_threshold=0.01)
+    """pytest-trio's ``autojump_clock``: ``ScriptedTemplates`` does its file work
+    on the event loop, so nothing runs while the clock jumps."""
+    return trio.testing.MockClock(autojump_threshold=0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class ScriptedTemplates(Templates):
         self.most_in_flight = 0
         self.began = trio.Event()
         self.gate: trio.Event | None = None
+        # Its file work runs on the event loop: a worker thread would let the fake
+        # clock jump (to a test's deadline) while the thread runs on a busy machine.
+        self._run_sync = _inline
 
     async def _boot_and_snapshot(self, key: str, role: Role) -> Template:
         times = self.attempts.setdefault(key, [])
@@ -116,6 +121,10 @@ class ScriptedTemplates(Templates):
             token="secret",
             port=CONTROL_PORT,
         )
+
+
+async def _inline(fn: Callable[..., T], *args: object) -> T:
+    return fn(*args)
 
 
 def make_templates(tmp_path: Path, *, fail: int) -> tuple[ScriptedTemplates, Role, Events]:
