@@ -134,9 +134,7 @@ def test_the_shipped_swarm_thinks_with_the_bundled_model() -> None:
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
-def test_the_echo_harness_each_template_documents_works(
-    name: str, tmp_path: pathlib.Path
-) -> None:
+def test_the_echo_harness_each_template_documents_works(name: str, tmp_path: pathlib.Path) -> None:
     """Each template keeps the command harness as a commented alternative: uncommented
     in place of the chat harness, it loads and echoes the agent and the prompt."""
     text = (REPO / "roles" / f"{name}.yaml").read_text()
@@ -146,7 +144,10 @@ def test_the_echo_harness_each_template_documents_works(
     alternative = [
         "  " + line.removeprefix("  #   ") for line in lines[start:end] if line.startswith("  #   ")
     ]
-    write(tmp_path / "roles" / f"{name}.yaml", "\n".join(lines[: start + 1] + alternative + lines[end:]))
+    write(
+        tmp_path / "roles" / f"{name}.yaml",
+        "\n".join(lines[: start + 1] + alternative + lines[end:]),
+    )
     role = load(tmp_path, f"version: 1\nroles:\n  {name}:\n").roles[name]
     assert role.harness.kind == "command"
     env = {**os.environ, "FIRECLAW_AGENT": "worker-1", "FIRECLAW_PROMPT": "hi: 100% -n"}
