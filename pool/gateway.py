@@ -473,7 +473,7 @@ async def _proxy(
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
             await upstream.send_all(data)
-            await _relay(guest, gconn, upstream, uconn, usage)
+            await _relay_until_hangup(guest, gconn, upstream, uconn, usage)
             return
     assert scope.cancelled_caught
     usage.outcome = "upstream_error"
@@ -483,6 +483,46 @@ async def _proxy(
             gconn,
             Refuse(504, f"no answer within {limits.call_timeout:g}s", "server_error", "timeout"),
         )
+
+
+async def _relay_until_hangup(
+    guest: trio.SocketStream,
+    gconn: h11.Connection,
+    upstream: trio.abc.Stream,
+    uconn: h11.Connection,
+    usage: UsageMeter,
+) -> None:
+    """``_relay``, ended early when the guest hangs up.
+
+    A guest sends nothing after its request, so its EOF means it went away (a
+    cancelled turn closes its stream): the upstream call is then closed at once,
+    rather than left generating until its next token or the call timeout. Raises
+    _GuestGone if the guest went away."""
+    gone = False
+    async with trio.open_nursery() as nursery:
+
+        async def relay() -> None:
+            nonlocal gone
+            try:
+                await _relay(guest, gconn, upstream, uconn, usage)
+            except _GuestGone:
+                gone = True
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while await guest.receive_some(_CHUNK):
+                    pass  # nothing is expected; whatever comes is not read as HTTP
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(relay)
+        nursery.start_soon(watch)
+    if gone:
+        raise _GuestGone
 
 
 async def _relay(
