@@ -3,8 +3,9 @@
 ``ScriptedModel`` answers each ``POST .../chat/completions`` with the next
 entry of its script, as a server-sent event stream (or whole JSON, or an
 error status), and ``GET /props`` with llama-server's ``chat_template_caps``.
-``GET .../models`` lists ``models``. It keeps every chat request body it got. It is a test double for llama-server,
-Ollama or vLLM: what it sends is what the script says, quirks included.
+``GET .../models`` lists ``models``. It keeps every chat request body it got.
+It is a test double for llama-server, Ollama or vLLM: what it sends is what the
+script says, quirks included.
 
     async with trio.open_nursery() as nursery:
         model = ScriptedModel([tool_call("run_shell", {"command": "id -u"}), text("done")])

@@ -133,7 +133,7 @@ def test_a_mention_gets_a_reply_the_model_wrote(tmp_path: Path) -> None:
         (row,) = [r for r in usage["rows"] if r["key"] == "alice"]
         calls = [e["detail"] for e in audit_of(swarm, "alice") if e["kind"] == "model_call"]
         assert 1 <= row["calls"] == len(calls) <= 2
-        assert all(c["outcome"] == "ok" and c["role"] == "worker" for c in calls)
+        assert all(c["outcome"] == "ok" and c["role"] == "worker" for c in calls), calls
         assert all(0 < c["completion_tokens"] <= max_tokens for c in calls)
         assert row["prompt_tokens"] == sum(c["prompt_tokens"] for c in calls) > 0
         assert row["completion_tokens"] == sum(c["completion_tokens"] for c in calls)
@@ -215,7 +215,9 @@ def test_tool_notice_long_answer_audit_and_stop(tmp_path: Path) -> None:
             notice = op.expect("alice's tool notice", lambda e: from_alice(e, "pubnotice"))
             assert notice.arguments[0].startswith("[run_shell] ")
             assert notice.arguments[0].endswith("-> exit 0")
-            last = op.expect("the answer's end", lambda e: from_alice(e) and "w299" in e.arguments[0])
+            last = op.expect(
+                "the answer's end", lambda e: from_alice(e) and "w299" in e.arguments[0]
+            )
             lines = [e for e in op.seen[: op.seen.index(last) + 1] if from_alice(e)]
             said = [e.arguments[0] for e in lines]
             assert said[:2] == ["op: It printed tool-says-42.", "Second line."]
