@@ -33,10 +33,14 @@ from fireclaw.guest_daemon.pacing import TokenBucket
 
 #: A host name a Welcome may carry (RFC 1123 label).
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: A tool name a ToolRan may carry: a word, so it reads as one in a log line.
+_TOOL: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 #: A run's output waiting to be taken; beyond this the reader waits (TCP backpressure).
 _RUN_BUFFER: Final = 64
 
 Emit = Callable[[dict[str, object]], Awaitable[None]]
+#: Where a guest's (checked) ``ToolRan`` reports go: the VM's audit trail.
+OnToolRan = Callable[[p.ToolRan], None]
 
 
 class GuestLost(Exception):
@@ -79,6 +83,8 @@ class ControlSession:
         self._lost: GuestLost | None = None
         self._closed = trio.Event()
         self.goodbye: p.Goodbye | None = None
+        #: Told of each tool run the guest reports, once it passed the checks.
+        self.on_tool_ran: OnToolRan | None = None
         # A resuming guest sends the results it held back first thing: each task it
         # says it holds has its place before the first frame is read.
         self._held: dict[int, trio.MemoryReceiveChannel[p.TaskDone]] = {}
@@ -185,6 +191,16 @@ class ControlSession:
                 if channel_t is None:
                     raise GuestViolation(f"result for unknown task {task_id}")
                 channel_t.send_nowait(msg)
+            case p.ToolRan(task_id=task_id, tool=tool):
+                # What the guest says about a tool run is its own word, kept as
+                # such: it may name only a task it holds (0: an IRC turn), never
+                # another VM's, and who ran it is the VM's identity, not a field.
+                if task_id and task_id not in self._tasks:
+                    raise GuestViolation(f"tool run for task {task_id}, which it does not hold")
+                if not _TOOL.fullmatch(tool):
+                    raise GuestViolation(f"tool run of {tool[:64]!r}, which is not a tool name")
+                if self.on_tool_ran is not None:
+                    self.on_tool_ran(msg)
             case p.Goodbye():
                 self.goodbye = msg
             case p.Hello():
@@ -294,6 +310,17 @@ class ControlSession:
                 return done
         self._check()
         raise ConnectionLost("guest went away before the task's result")
+
+    async def cancel(self, reason: str) -> None:
+        """End the agent's current turn(s): the guest closes their model streams and
+        kills their tool processes; a task so ended comes back as a ``TaskDone`` with
+        ``EXIT_CANCELLED``. ConnectionLost if the guest is gone."""
+        self._check()
+        try:
+            await _send(self._ws, p.Cancel(reason=reason[:1024]))
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            self._check()
+            raise ConnectionLost("guest went away before the cancel") from None
 
     async def ask_stop(self, reason: str) -> None:
         """Ask the guest to stop; never raises (the stop goes on by force anyway)."""

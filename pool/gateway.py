@@ -241,6 +241,9 @@ class UsageMeter:
         #: has not ended by itself. Set before the guest is told, so that a guest that
         #: hangs up at the last byte does not change what the ledger says.
         self.outcome = "cancelled"
+        #: A stream's ``data: [DONE]`` went by: the answer is whole, whatever the
+        #: HTTP framing after it.
+        self.done = False
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -263,7 +266,10 @@ class UsageMeter:
         self._buffer.clear()
 
     def _take(self, payload: bytes) -> None:
-        if not payload or payload == b"[DONE]":
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        if not payload:
             return
         try:
             data = _json_decode(payload)
@@ -473,7 +479,7 @@ async def _proxy(
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
             await upstream.send_all(data)
-            await _relay(guest, gconn, upstream, uconn, usage)
+            await _relay_until_hangup(guest, gconn, upstream, uconn, usage)
             return
     assert scope.cancelled_caught
     usage.outcome = "upstream_error"
@@ -485,13 +491,59 @@ async def _proxy(
         )
 
 
-async def _relay(
+async def _relay_until_hangup(
     guest: trio.SocketStream,
     gconn: h11.Connection,
     upstream: trio.abc.Stream,
     uconn: h11.Connection,
     usage: UsageMeter,
 ) -> None:
+    """``_relay``, ended early when the guest hangs up.
+
+    A guest sends nothing after its request, so its EOF means it went away (a
+    cancelled turn closes its stream): the upstream call is then closed at once,
+    rather than left generating until its next token or the call timeout. A guest
+    that hangs up once it has a stream's ``[DONE]`` had the whole answer: the call
+    is ``ok`` if the upstream said 2xx. Raises _GuestGone if the guest went away."""
+    gone = False
+    status: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def relay() -> None:
+            nonlocal gone
+            try:
+                await _relay(guest, gconn, upstream, uconn, usage, status)
+            except _GuestGone:
+                gone = True
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while await guest.receive_some(_CHUNK):
+                    pass  # nothing is expected; whatever comes is not read as HTTP
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(relay)
+        nursery.start_soon(watch)
+    if gone:
+        if usage.outcome == "cancelled" and usage.done and status and 200 <= status[0] < 300:
+            usage.outcome = "ok"
+        raise _GuestGone
+
+
+async def _relay(
+    guest: trio.SocketStream,
+    gconn: h11.Connection,
+    upstream: trio.abc.Stream,
+    uconn: h11.Connection,
+    usage: UsageMeter,
+    seen: list[int],
+) -> None:
+    """Pass the upstream's answer to the guest; its status goes into ``seen``."""
     status = 502
     while True:
         try:
@@ -513,6 +565,7 @@ async def _relay(
             continue
         if isinstance(event, h11.Response):
             status = event.status_code
+            seen.append(status)
             kept = [
                 (k, v) for k, v in event.headers if k.lower() in (b"content-type", b"cache-control")
             ]

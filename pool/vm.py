@@ -8,8 +8,12 @@ boot, or a restore from its role's snapshot template when the runtime has
 templates), waits for the guest's Hello and serves the control session until
 the VM ends. Inside the VM's namespace it also opens the IRC forwarder and
 the model gateway (``pool/gateway.py``), whose calls it attributes to
-``who``. Whatever happens, a shielded, bounded teardown stops the VMM
-(TERM, then KILL) and releases every resource the incarnation created. A
+``who``. The audit trail of the agent's work is the child's events: each model
+call through its gateway (``model_call``), each tool run its guest reports
+(``tool_ran``), each turn an operator cancels (``turn_cancelled``), all under
+the identity the supervisor gave the VM. Whatever happens, a shielded, bounded
+teardown stops the VMM (TERM, then KILL) and releases every resource the
+incarnation created. A
 named agent's VM also gets the agent's workspace disk before each promotion.
 
 A child may begin with a VM a previous supervisor left running (``adopt``, its
@@ -30,6 +34,7 @@ breaker opens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -54,12 +59,12 @@ from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, Hea
 from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
 from fireclaw.pool.forward import forward
-from fireclaw.pool.gateway import ModelRoute, Who, serve_gateway
+from fireclaw.pool.gateway import Meter, ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.supervisor.state import Store, VmRecord
+from fireclaw.supervisor.state import CallRecord, Store, VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.group import RoleGroup
@@ -160,6 +165,37 @@ class Runtime:
         """Return once ``version`` is past ``since``."""
         while self.version <= since:
             await self._change.wait()
+
+
+@dataclass(frozen=True)
+class AuditedMeter:
+    """A gateway's meter that also writes each finished call into the event log:
+    whose it was (as the supervisor knows it), the tokens, the time, the outcome."""
+
+    meter: Meter
+    rt: Runtime
+
+    def refusal(self, role: str) -> str | None:
+        return self.meter.refusal(role)
+
+    def record(self, call: CallRecord) -> None:
+        self.meter.record(call)
+        self.rt.event(
+            "model_call",
+            call.agent or call.vm,
+            agent=call.agent,
+            role=call.role,
+            vm=call.vm,
+            task=call.task,
+            model=call.model,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            duration=call.duration,
+            outcome=call.outcome,
+        )
+
+    async def wait_changed(self) -> None:
+        await self.meter.wait_changed()
 
 
 @dataclass
@@ -616,7 +652,8 @@ class Child:
             log.warning("%s: no model gateway for this VM: %s", self.name, exc)
             return None
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        nursery.start_soon(serve_gateway, listener, self.who, route)
+        audited = dataclasses.replace(route, meter=AuditedMeter(route.meter, self.rt))
+        nursery.start_soon(serve_gateway, listener, self.who, audited)
         return (self.rt.listen_host, sock.getsockname()[1])
 
     def _boot_done(self) -> None:
@@ -657,6 +694,7 @@ class Child:
                 with trio.fail_after(self.rt.control.boot_timeout):
                     session = await self._accept(ws_nursery, listener, vm_id, token)
                 await listener.aclose()  # one connection per VM: nobody else may dial in
+                session.on_tool_ran = self._tool_ran
                 self.session = session
                 self.ready_seconds = trio.current_time() - started
                 if template is not None:
@@ -827,6 +865,41 @@ class Child:
         self.promoted_as = msg.name
         self._fire(Event.PROMOTED)
         self._register()  # a later supervisor adopts it as this agent
+
+    async def cancel_turn(self, reason: str) -> None:
+        """End the current turn(s) of this VM's agent (``Cancel``), and record it.
+
+        GuestLost if no guest is connected."""
+        if self.session is None:
+            raise GuestLost(f"{self.name} has no guest connected")
+        await self.session.cancel(reason)
+        self.rt.event(
+            "turn_cancelled",
+            self.promoted_as or self.name,
+            agent=self.promoted_as,
+            role=self.group.name,
+            vm=self.name,
+            task=self.who.task,
+            reason=reason,
+        )
+
+    def _tool_ran(self, msg: p.ToolRan) -> None:
+        """One tool run of the agent, for the audit trail. Who ran it is this VM's
+        agent; only what ran and how comes from the guest (checked by the session)."""
+        self.rt.event(
+            "tool_ran",
+            self.promoted_as or self.name,
+            agent=self.promoted_as,
+            role=self.group.name,
+            vm=self.name,
+            task=msg.task_id or None,
+            tool=msg.tool,
+            arguments=msg.arguments,
+            exit_code=msg.code,
+            duration=round(msg.duration, 3),
+            output=msg.output,
+            truncated=msg.truncated,
+        )
 
     async def _attach_workspace(self) -> bool:
         """Give a named agent's VM its workspace disk (once per VM); True if it has it.

@@ -19,6 +19,7 @@ Routes::
     POST /agents  {"role", "name"?, "model"?}   controller.invoke()    a named agent
     POST /agents/<name> {"model"?, "persona"?}  controller.retune()
     DELETE /agents/<name>             controller.destroy()
+    POST /agents/<name>/stop (no body or {})  controller.cancel(): end its current turn
     POST /reload  (no body or {})     controller.reload()
     GET  /events[?after=N&limit=N]    {"events": controller.events(after, limit)}
     GET  /usage[?by=B&since=T&key=K]  controller.usage(): the model-call ledger summed per B
@@ -166,6 +167,10 @@ class Controller(Protocol):
 
     async def destroy(self, name: str) -> dict[str, object]: ...
 
+    async def cancel(self, name: str, reason: str) -> dict[str, object]:
+        """End the current turn(s) of the agent (or task-running VM) ``name``."""
+        ...
+
     async def events(self, after: int, limit: int) -> list[dict[str, object]]: ...
 
     async def usage(self, by: str, since: int, key: str | None) -> dict[str, object]: ...
@@ -215,7 +220,8 @@ class ResetRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 class EmptyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The body of POST /reload: nothing, or an empty JSON object."""
+    """The body of POST /reload and POST /agents/<name>/stop: nothing, or an empty
+    JSON object."""
 
 
 class DownRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -531,6 +537,7 @@ class _ApiServer:
                 re.compile(r"/agents/(?P<name>[^/]+)"),
                 {"POST": self._retune, "DELETE": self._destroy},
             ),
+            (re.compile(r"/agents/(?P<name>[^/]+)/stop"), {"POST": self._cancel}),
             (re.compile(r"/reload"), {"POST": self._reload}),
             (re.compile(r"/events"), {"GET": self._events}),
             (re.compile(r"/usage"), {"GET": self._usage}),
@@ -677,6 +684,11 @@ class _ApiServer:
     async def _destroy(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())
         return await self._controller.destroy(match["name"])
+
+    async def _cancel(self, request: _Request, match: re.Match[str]) -> object:
+        _query(request, frozenset())
+        _decode(_EMPTY_DECODER, request.body, optional=True)
+        return await self._controller.cancel(match["name"], "stopped through the API")
 
     async def _reload(self, request: _Request, match: re.Match[str]) -> object:
         _query(request, frozenset())

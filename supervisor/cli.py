@@ -11,7 +11,8 @@
     fireclaw-swarm reset NAME                            clear the failed state of a VM or role
     fireclaw-swarm reload                                re-read the config file
     fireclaw-swarm down                                  stop the supervisor and its VMs
-    fireclaw-swarm logs [--follow]                       the event log
+    fireclaw-swarm stop NAME                             end what an agent is doing now
+    fireclaw-swarm logs [--follow] [--agent NAME] [--json]  the event log (the audit trail)
     fireclaw-swarm doctor [--config PATH]                what the host offers; what swarms left
     fireclaw-swarm gc [--all]                            remove what a dead swarm left behind
     fireclaw-swarm version
@@ -383,6 +384,12 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    _client(args).post(f"/agents/{args.name}/stop", {})
+    print(f"{args.name}: stopped what it was doing")
+    return 0
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -443,7 +450,7 @@ def format_event(event: dict[str, Any]) -> str:
     parts = [str(event.get("id", "?")), when, _cell(event.get("kind")), _cell(event.get("subject"))]
     if isinstance(detail, dict):
         parts += [
-            f"{k}={v if isinstance(v, str) and v and ' ' not in v else json.dumps(v)}"
+            f"{k}={v if isinstance(v, str) and v.isprintable() and ' ' not in v else json.dumps(v)}"
             for k, v in detail.items()
         ]
     return _one_line(" ".join(parts))
@@ -518,6 +525,14 @@ def _since(text: str) -> float:
     return when.timestamp()
 
 
+def concerns(event: dict[str, Any], agent: str) -> bool:
+    """Whether ``event`` is about the agent (or VM) named ``agent``: its subject, or
+    the agent or VM its detail names."""
+    detail = event.get("detail")
+    named = (detail.get("agent"), detail.get("vm")) if isinstance(detail, dict) else ()
+    return event.get("subject") == agent or agent in named
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
     after = args.after
@@ -526,7 +541,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
         events = answer.get("events") or []
         for event in events:
             if isinstance(event, dict):
-                print(format_event(event))
+                if args.agent is None or concerns(event, args.agent):
+                    print(json.dumps(event, sort_keys=True) if args.json else format_event(event))
                 if isinstance(event.get("id"), int):
                     after = max(after, event["id"])
         sys.stdout.flush()
@@ -702,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="M", help="a model other than the role's")
     p = add("destroy", cmd_destroy, "stop a named agent for good")
     p.add_argument("name", metavar="NAME")
+    p = add("stop", cmd_stop, "end what an agent is doing now (its turn); the agent stays")
+    p.add_argument("name", metavar="NAME")
     p = sub.add_parser("image", help="guest images", description="guest images")
     image_cmds = p.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
     p = image_cmds.add_parser(
@@ -728,6 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--after", type=_positive_int, default=0, metavar="ID", help="only events after this id"
     )
+    p.add_argument(
+        "--agent", metavar="NAME", help="only the events of this agent (or VM), its audit trail"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line (JSON lines)")
     p = add("usage", cmd_usage, "show the model calls' token usage and the budgets")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.add_argument(

@@ -34,6 +34,13 @@ class Destroy:
 
 
 @dataclass(frozen=True)
+class Stop:
+    """``!stop NAME``: end the agent's current turn; the agent stays."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class List:
     pass
 
@@ -97,6 +104,7 @@ class UsageOf:
 Command = (
     Invoke
     | Destroy
+    | Stop
     | List
     | Status
     | Templates
@@ -122,6 +130,7 @@ class Usage:
 HELP: Final[dict[str, tuple[str, str]]] = {
     "invoke": ("!invoke ROLE [NAME] [model=M]", "bring up a named agent of ROLE"),
     "destroy": ("!destroy NAME", "stop a named agent for good"),
+    "stop": ("!stop NAME", "end what an agent is doing now (its turn); it stays"),
     "list": ("!list", "list the agents and VMs"),
     "status": ("!status", "one line per role: idle, active, failed"),
     "templates": ("!templates", "the roles this swarm runs"),
@@ -208,7 +217,7 @@ def _invoke(args: list[str], rest: str) -> Command:
     return Invoke(role=role, name=name, model=model)
 
 
-def _one_name(make: type[Destroy | Reset]) -> _Parser:
+def _one_name(make: type[Destroy | Stop | Reset]) -> _Parser:
     def parse_it(args: list[str], rest: str) -> Command:
         if len(args) != 1:
             raise _Bad("name one agent")
@@ -264,6 +273,7 @@ def _help(args: list[str], rest: str) -> Command:
 _PARSERS: Final[dict[str, _Parser]] = {
     "invoke": _invoke,
     "destroy": _one_name(Destroy),
+    "stop": _one_name(Stop),
     "list": _no_args(List),
     "status": _no_args(Status),
     "templates": _no_args(Templates),

@@ -904,6 +904,27 @@ class Supervisor:
         await child.stop("destroyed")
         return {"name": name, "destroyed": True}
 
+    async def cancel(self, name: str, reason: str) -> dict[str, object]:
+        """End the current turn(s) of the agent ``name`` (a named agent, or the VM
+        running a task): its model streams close, its tool processes are killed,
+        a task so ended fails with exit 130. The VM and the agent stay."""
+        child = next(
+            (c for g in self.groups.values() if (c := g.find_agent(name)) is not None), None
+        )
+        if child is None:
+            child = next(
+                (g.children[name] for g in self.groups.values() if name in g.children), None
+            )
+        if child is None:
+            raise ControllerError(f"no agent or VM named {name!r}", 404)
+        if child.promoted_as is None:
+            raise ControllerError(f"{name} is not at work: it has no turn to stop", 409)
+        try:
+            await child.cancel_turn(reason)
+        except GuestLost as exc:
+            raise ControllerError(f"{name}: {exc.reason}", 409) from None
+        return {"name": name, "vm": child.name, "cancelled": True}
+
     async def retune(
         self, name: str, *, model: str | None = None, persona: str | None = None
     ) -> dict[str, object]:

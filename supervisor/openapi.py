@@ -235,6 +235,18 @@ def document() -> dict[str, Any]:
                 errors=(404, 507),
             ),
         },
+        "/agents/{name}/stop": {
+            "post": _operation(
+                "End the current turn of an agent (or of the VM running a task): its model"
+                " stream is closed, its tool processes are killed, a task so ended fails"
+                " with exit 130. The agent stays.",
+                _OBJECT,
+                body="EmptyRequest",
+                body_required=False,
+                params=[_path("name", name)],
+                errors=(404, 409),
+            )
+        },
         "/reload": {
             "post": _operation(
                 "Reload swarm.yaml; a file that does not load changes nothing.",

@@ -186,6 +186,9 @@ class Overseer:
             case c.Destroy(name=name):
                 await sup.destroy(name)
                 return [f"{name} is gone"]
+            case c.Stop(name=name):
+                await sup.cancel(name, "stopped by an operator on IRC")
+                return [f"{name}: stopped what it was doing"]
             case c.List():
                 return self._list()
             case c.Status():

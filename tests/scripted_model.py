@@ -3,8 +3,9 @@
 ``ScriptedModel`` answers each ``POST .../chat/completions`` with the next
 entry of its script, as a server-sent event stream (or whole JSON, or an
 error status), and ``GET /props`` with llama-server's ``chat_template_caps``.
-It keeps every request body it got. It is a test double for llama-server,
-Ollama or vLLM: what it sends is what the script says, quirks included.
+``GET .../models`` lists ``models``. It keeps every chat request body it got.
+It is a test double for llama-server, Ollama or vLLM: what it sends is what the
+script says, quirks included.
 
     async with trio.open_nursery() as nursery:
         model = ScriptedModel([tool_call("run_shell", {"command": "id -u"}), text("done")])
@@ -93,8 +94,15 @@ class ScriptedModel:
     """See the module docstring. ``stream_closed`` is set when a client closes a
     hanging stream; ``requests`` holds every chat request body."""
 
-    def __init__(self, script: Sequence[Entry], *, supports_tools: bool | None = None) -> None:
+    def __init__(
+        self,
+        script: Sequence[Entry],
+        *,
+        supports_tools: bool | None = None,
+        models: Sequence[str] = ("scripted",),
+    ) -> None:
         self.script = list(script)
+        self.models = list(models)
         self.supports_tools = supports_tools
         self.requests: list[dict[str, Any]] = []
         self.stream_closed = trio.Event()
@@ -131,6 +139,10 @@ class ScriptedModel:
                 if self.supports_tools is not None:
                     props["chat_template_caps"] = {"supports_tool_calls": self.supports_tools}
                 await self._send_json(stream, conn, 200, props)
+                return
+            if request.method == b"GET" and request.target.endswith(b"/models"):
+                listing = [{"id": m, "object": "model", "owned_by": "test"} for m in self.models]
+                await self._send_json(stream, conn, 200, {"object": "list", "data": listing})
                 return
             self.requests.append(json.loads(body))
             entry = self.script.pop(0) if self.script else Status(500, {"error": "script ended"})

@@ -63,7 +63,20 @@ FAST_RESTART = f"""
 """
 
 
+#: The echo harness: the agent's name and the prompt, back. The shipped roles ask a
+#: model; tests of the supervision machinery need no model server, so their roles
+#: say they echo.
+ECHO = (
+    "harness: {kind: command, timeout: 600, command:"
+    """ [sh, -c, 'printf "%s: %s\\n" "$FIRECLAW_AGENT" "$FIRECLAW_PROMPT"']}\n"""
+)
+
+
 def role_yaml(name: str, *, min_idle: int = 1, max_active: int = 4, extra: str = "") -> str:
+    """A role of the worker template that restarts fast and echoes (``ECHO``),
+    unless ``extra`` gives it a harness of its own."""
+    if "harness:" not in extra:
+        extra = ECHO + extra
     body = f"""
   {name}:
     template: worker

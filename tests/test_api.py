@@ -119,6 +119,12 @@ class FakeController:
     async def down(self, leave_vms: bool = False) -> dict[str, object]:
         return {"stopping": True, "leaving_vms": leave_vms}
 
+    async def cancel(self, name: str, reason: str) -> dict[str, object]:
+        self.calls.append(("cancel", (name, reason)))
+        if name == "idle-0":
+            raise ControllerError("idle-0 is not at work: it has no turn to stop", 409)
+        return {"name": name, "vm": "worker-1", "cancelled": True}
+
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run a blocking client call in a thread, with a deadline."""
@@ -286,6 +292,26 @@ async def test_a_long_run_does_not_block_other_requests(served: Served) -> None:
             await fake.run_started.wait()
         assert (await in_thread(client.get, "/health"))["ok"] is True
         nursery.cancel_scope.cancel()
+
+
+async def test_stop_ends_an_agents_turn_through_the_controller(served: Served) -> None:
+    fake, client, _ = served
+    answer = {"name": "alice", "vm": "worker-1", "cancelled": True}
+    assert await in_thread(client.post, "/agents/alice/stop") == answer  # no body
+    assert await in_thread(client.post, "/agents/alice/stop", {}) == answer
+    assert fake.calls.count(("cancel", ("alice", "stopped through the API"))) == 2
+    with pytest.raises(ApiError) as info:
+        await in_thread(client.post, "/agents/idle-0/stop")
+    assert (info.value.status, str(info.value)) == (
+        409,
+        "idle-0 is not at work: it has no turn to stop",
+    )
+    with pytest.raises(ApiError) as info:
+        await in_thread(client.post, "/agents/alice/stop", {"now": True})
+    assert info.value.status == 400 and "unknown field `now`" in str(info.value)
+    with pytest.raises(ApiError) as info:
+        await in_thread(client.get, "/agents/alice/stop")
+    assert info.value.status == 405
 
 
 async def test_controller_error_is_one_line_with_its_status(served: Served) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import pathlib
 import subprocess
 import sys
 import types
+from typing import cast
 
 import pytest
 import trio
@@ -284,15 +286,46 @@ class FakeController:
         return {"ok": False, "error": "swarm.yaml: roles: expected a mapping", "applied": None}
 
     async def events(self, after: int, limit: int) -> list[dict[str, object]]:
-        if after >= 2:
-            return []
-        return [
+        started: list[dict[str, object]] = [
             {"id": i, "at": 1.0, "kind": "started", "subject": "supervisor", "detail": {}}
-            for i in range(after + 1, 3)
+            for i in (1, 2)
         ]
+        return [e for e in started + AUDIT if cast(int, e["id"]) > after][:limit]
+
+    async def cancel(self, name: str, reason: str) -> dict[str, object]:
+        if name != "alice":
+            raise ControllerError(f"no agent or VM named {name!r}", 404)
+        return {"name": name, "vm": "worker-1", "cancelled": True}
 
     async def down(self, leave_vms: bool = False) -> dict[str, object]:
         return {"stopping": True}
+
+
+#: An agent's audit trail, after the two ``started`` events: alice's tool run and
+#: model call, and bob's (whose tool output would rewrite a terminal).
+AUDIT: list[dict[str, object]] = [
+    {
+        "id": 3,
+        "at": 2.0,
+        "kind": "tool_ran",
+        "subject": "alice",
+        "detail": {"agent": "alice", "vm": "worker-1", "tool": "run_shell", "exit_code": 0},
+    },
+    {
+        "id": 4,
+        "at": 3.0,
+        "kind": "tool_ran",
+        "subject": "bob",
+        "detail": {"agent": "bob", "vm": "worker-2", "tool": "run_shell", "output": "\x1b[2J"},
+    },
+    {
+        "id": 5,
+        "at": 4.0,
+        "kind": "model_call",
+        "subject": "alice",
+        "detail": {"agent": "alice", "vm": "worker-1", "prompt_tokens": 30},
+    },
+]
 
 
 async def fireclaw_swarm(state_dir: pathlib.Path, *argv: str) -> subprocess.CompletedProcess[bytes]:
@@ -351,7 +384,16 @@ async def test_other_commands_end_to_end(state_dir: pathlib.Path) -> None:
     )
     done = await fireclaw_swarm(state_dir, "logs")
     assert done.returncode == 0
-    assert [line.split()[0] for line in done.stdout.splitlines()] == [b"1", b"2"]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [b"1", b"2", b"3", b"4", b"5"]
+    assert b"\x1b" not in done.stdout  # a guest's bytes never reach the terminal raw
+    done = await fireclaw_swarm(state_dir, "logs", "--agent", "alice")
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [b"3", b"5"]
+    done = await fireclaw_swarm(state_dir, "logs", "--agent", "worker-2", "--json")
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [AUDIT[1]]
+    done = await fireclaw_swarm(state_dir, "stop", "alice")
+    assert (done.returncode, done.stdout) == (0, b"alice: stopped what it was doing\n")
+    done = await fireclaw_swarm(state_dir, "stop", "nobody")
+    assert (done.returncode, done.stderr) == (1, b"fireclaw-swarm: no agent or VM named 'nobody'\n")
     done = await fireclaw_swarm(state_dir, "down")
     assert (done.returncode, done.stdout) == (0, b"stopping\n")
 

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
         ("!invoke coder alice model=qwen2.5:7b", c.Invoke("coder", "alice", "qwen2.5:7b")),
         ("!INVOKE coder model=m alice", c.Invoke("coder", "alice", "m")),
         ("!destroy alice", c.Destroy("alice")),
+        ("!stop alice", c.Stop("alice")),
+        ("!STOP worker-3", c.Stop("worker-3")),
         ("!list", c.List()),
         ("  !status  ", c.Status()),
         ("!templates", c.Templates()),
@@ -48,6 +50,9 @@ def test_not_commands(text: str) -> None:
         ("!invoke coder a b", "unexpected 'b'"),
         ("!invoke coder model=x model=y", "model= given twice"),
         ("!destroy", "name one agent"),
+        ("!stop", "name one agent (usage: !stop NAME)"),
+        ("!stop alice bob", "name one agent"),
+        ("!stop #agents", "'#agents' is not an agent name"),
         ("!task worker", "give a role and a prompt"),
         ("!status now", "takes no arguments"),
         ("!help nothing", "no command 'nothing'"),
@@ -65,6 +70,7 @@ def test_every_command_has_help() -> None:
     assert set(c.HELP) == {
         "invoke",
         "destroy",
+        "stop",
         "list",
         "status",
         "templates",
@@ -94,7 +100,7 @@ def test_any_input_parses_without_raising(text: str) -> None:
     assert result is None or isinstance(result, c.Usage | c.Command)
     if isinstance(result, c.Usage):
         assert len(result.message) < 300
-    if isinstance(result, c.Invoke | c.Destroy | c.Model | c.Persona | c.Reset):
+    if isinstance(result, c.Invoke | c.Destroy | c.Stop | c.Model | c.Persona | c.Reset):
         name = getattr(result, "name", None)
         assert name is None or not any(ch in name for ch in "\r\n\x00 ")
 

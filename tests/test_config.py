@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import textwrap
 
 import pytest
@@ -30,6 +31,7 @@ from fireclaw.config import (
     role_hash,
 )
 from fireclaw.config.load import MAX_FILE_BYTES
+from fireclaw.config.model import ManagedModelSpec
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATES = ("worker", "coder", "researcher", "quick", "creative")
@@ -98,28 +100,56 @@ def test_default_swarm_yaml_loads() -> None:
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_every_packaged_template_loads(name: str, tmp_path: pathlib.Path) -> None:
     # No roles/ beside this file: the templates shipped in fireclaw.roles are used.
-    config = load(tmp_path, f"version: 1\nroles:\n  {name}:\n")
+    config = load(tmp_path, f"version: 1\nmodels: {{server: managed}}\nroles:\n  {name}:\n")
     role = config.roles[name]
     assert role.name == name
     assert role.nick_pattern == f"{name}-{{n}}"
     assert role.persona and role.model and role.description
-    assert role.harness.kind == "command"
-    assert role.harness.command[0] == "sh"
+    # Every shipped role thinks with the model the managed server serves.
+    assert role.harness.kind == "chat"
+    assert role.model == ManagedModelSpec().name
+    # Without a model server it asks for one, in one line.
+    with pytest.raises(ConfigError, match=f"roles.{name}.harness.kind: chat asks a model"):
+        load(tmp_path, f"version: 1\nroles:\n  {name}:\n")
 
 
 def test_templates_are_distinct() -> None:
     config = parse_config(
-        "version: 1\nroles: {" + ", ".join(f"{n}: {{}}" for n in TEMPLATES) + "}\n",
+        "version: 1\nmodels: {server: managed}\nroles: {"
+        + ", ".join(f"{n}: {{}}" for n in TEMPLATES)
+        + "}\n",
         path=REPO / "swarm.yaml",
     )
     assert len({r.persona for r in config.roles.values()}) == len(TEMPLATES)
-    assert len({r.model for r in config.roles.values()}) == len(TEMPLATES)
+    assert len({r.harness for r in config.roles.values()}) == len(TEMPLATES)
 
 
-def test_template_harness_echoes_agent_and_prompt() -> None:
-    import subprocess
+def test_the_shipped_swarm_thinks_with_the_bundled_model() -> None:
+    config = load_config(REPO / "swarm.yaml")
+    assert config.models is not None and config.models.is_managed
+    assert config.model_path is None  # the GGUF file that ships with the install
+    for role in config.roles.values():
+        assert role.harness.kind == "chat"
+        assert role.model == config.models.managed.name
 
-    role = load_config(REPO / "swarm.yaml").roles["worker"]
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_the_echo_harness_each_template_documents_works(name: str, tmp_path: pathlib.Path) -> None:
+    """Each template keeps the command harness as a commented alternative: uncommented
+    in place of the chat harness, it loads and echoes the agent and the prompt."""
+    text = (REPO / "roles" / f"{name}.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("harness:")
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+    alternative = [
+        "  " + line.removeprefix("  #   ") for line in lines[start:end] if line.startswith("  #   ")
+    ]
+    write(
+        tmp_path / "roles" / f"{name}.yaml",
+        "\n".join(lines[: start + 1] + alternative + lines[end:]),
+    )
+    role = load(tmp_path, f"version: 1\nroles:\n  {name}:\n").roles[name]
+    assert role.harness.kind == "command"
     env = {**os.environ, "FIRECLAW_AGENT": "worker-1", "FIRECLAW_PROMPT": "hi: 100% -n"}
     out = subprocess.run(role.harness.command, env=env, capture_output=True, text=True, check=True)
     assert out.stdout == "worker-1: hi: 100% -n\n"

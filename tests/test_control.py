@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -174,6 +175,108 @@ async def test_promotion_times_out(autojump_clock: trio.testing.MockClock) -> No
             await session.promote(p.Promote(name="a", role="r", harness=p.Harness(argv=["x"])))
         assert trio.current_time() - start == pytest.approx(3.0)
         nursery.cancel_scope.cancel()
+
+
+def tool_ran(task_id: int = 0, tool: str = "run_shell") -> p.ToolRan:
+    return p.ToolRan(
+        task_id=task_id, tool=tool, arguments='{"command": "ls"}', code=0, duration=0.5, output="x"
+    )
+
+
+async def test_tool_runs_of_its_own_turns_reach_the_audit_trail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        heard: list[p.ToolRan] = []
+        session.on_tool_ran = heard.append
+        nursery.start_soon(session.serve)
+
+        async def guest_side() -> None:
+            task = p.decode_host(await guest.get_message())
+            assert isinstance(task, p.Task)
+            await guest.send_message(p.encode(tool_ran()))  # an IRC turn's (task 0)
+            await guest.send_message(p.encode(tool_ran(task.task_id, "read_file")))
+            await guest.send_message(p.encode(p.TaskDone(task_id=task.task_id, code=0, output="")))
+
+        nursery.start_soon(guest_side)
+        await session.task(7, "go")
+        assert [(r.task_id, r.tool) for r in heard] == [(0, "run_shell"), (7, "read_file")]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("report", "match"),
+    [
+        (tool_ran(task_id=8), "tool run for task 8, which it does not hold"),
+        (tool_ran(tool="run shell\x1b[2J"), "which is not a tool name"),
+        (tool_ran(tool=""), "which is not a tool name"),
+    ],
+)
+async def test_a_tool_run_it_cannot_claim_is_a_violation(
+    autojump_clock: trio.testing.MockClock, report: p.ToolRan, match: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        heard: list[p.ToolRan] = []
+        session.on_tool_ran = heard.append
+        await guest.send_message(p.encode(report))
+        with pytest.raises(GuestViolation, match=match):
+            await session.serve()
+        assert heard == []
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"arguments": "a" * (p.MAX_TOOL_ARGUMENTS + 1)},
+        {"output": "o" * (p.MAX_TOOL_OUTPUT + 1)},
+        {"tool": "t" * 65},
+        {"duration": -1.0},
+        {"agent": "someone-else"},  # it cannot say whose run it was
+    ],
+)
+async def test_a_tool_run_over_the_caps_is_refused_by_the_schema(
+    autojump_clock: trio.testing.MockClock, fields: dict[str, object]
+) -> None:
+    # Encoded by hand, past the Struct's checks, as a hostile guest would send it.
+    body: dict[str, object] = {
+        "type": "tool_ran",
+        "task_id": 0,
+        "tool": "run_shell",
+        "arguments": "{}",
+        "code": 0,
+        "duration": 0.1,
+        "output": "",
+    }
+    body.update(fields)
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+        await guest.send_message(msgspec.msgpack.encode(body))
+        with pytest.raises(GuestViolation, match="invalid message|too large"):
+            await session.serve()
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_reaches_the_guest_and_fails_once_it_is_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        session, guest = await connected(nursery)
+
+        async def serve() -> None:
+            with pytest.raises(ConnectionLost):
+                await session.serve()
+
+        nursery.start_soon(serve)
+        await session.cancel("stopped by an operator")
+        msg = p.decode_host(await guest.get_message())
+        assert msg == p.Cancel(reason="stopped by an operator")
+        await guest.aclose()
+        await session.closed()
+        with pytest.raises(ConnectionLost):
+            await session.cancel("again")
 
 
 async def _heartbeats(guest: trio_websocket.WebSocketConnection) -> None:

@@ -440,6 +440,82 @@ async def test_a_stream_reaches_the_guest_event_by_event() -> None:
     assert (ledger.calls[0].prompt_tokens, ledger.calls[0].completion_tokens) == (2, 1)
 
 
+#: A stream's end as a guest sees it: the usage chunk, then ``[DONE]``.
+STREAM_END = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "outcome", "tokens"),
+    [
+        # Mid-answer: the model is still thinking.
+        (b'data: {"choices":[]}\n\n', "cancelled", (0, 0)),
+        # The whole answer, the HTTP message not ended yet: nothing was cut.
+        (STREAM_END, "ok", (7, 2)),
+    ],
+)
+async def test_a_guest_that_hangs_up_mid_stream_closes_the_upstream_call(
+    sent: bytes, outcome: str, tokens: tuple[int, int]
+) -> None:
+    """A cancelled turn closes its stream while the model is still thinking: the
+    upstream call is closed at once (not at its next token, nor at the call timeout,
+    an hour here), and the ledger says the call was cancelled. A guest that hangs up
+    once it has ``[DONE]`` got the whole answer: that call is ``ok``."""
+    ledger = Ledger()
+    upstream_closed = trio.Event()
+    thinking = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=sent)))
+        thinking.set()
+        while await stream.receive_some(65536):
+            pass
+        upstream_closed.set()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            up_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            up_port = up_listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, silent, up_listeners)
+            route = ModelRoute(
+                upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+                meter=ledger,
+                limits=Limits(call_timeout=3600.0),
+            )
+            port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+            guest = await trio.open_tcp_stream("127.0.0.1", port)
+            body = json.dumps({**CHAT, "stream": True}).encode()
+            conn = h11.Connection(h11.CLIENT)
+            head = [("Host", "gw"), ("Content-Length", str(len(body)))]
+            await guest.send_all(
+                conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+                + conn.send(h11.Data(data=body))
+                + conn.send(h11.EndOfMessage())
+            )
+            await thinking.wait()
+            got = b""
+            while sent[-10:] not in got:  # the guest has what was sent
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await guest.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    got += event.data
+            await guest.aclose()
+            await upstream_closed.wait()
+            while not ledger.calls:
+                await ledger.recorded.wait()
+            nursery.cancel_scope.cancel()
+    assert [c.outcome for c in ledger.calls] == [outcome]
+    assert (ledger.calls[0].prompt_tokens, ledger.calls[0].completion_tokens) == tokens
+
+
 async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

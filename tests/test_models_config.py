@@ -8,7 +8,8 @@ import pytest
 from fireclaw.config import ConfigError, parse_config
 from fireclaw.config.model import MODEL_SERVER_RESTART, parse_base_url
 
-ROLES = "roles:\n  worker: {}\n"
+#: A role that asks no model (the shipped worker chats): its harness is a command.
+ROLES = "roles:\n  worker: {harness: {command: ['true']}}\n"
 
 
 def load(tmp_path: Path, text: str) -> object:

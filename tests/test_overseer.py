@@ -561,7 +561,7 @@ def test_model_and_persona_change_without_a_restart(tmp_path: Path) -> None:
 def test_list_and_templates(swarm: Swarm, op: Person) -> None:
     overseer_in_channel(op)
     op.say(CONTROL, "!templates")
-    op.said(CONTROL, "op: worker: General-purpose agent for everyday tasks (model qwen2.5:7b)")
+    op.said(CONTROL, "op: worker: General-purpose agent for everyday tasks (model smollm2)")
     op.say(CONTROL, "!list")
     op.said(CONTROL, "op: worker-0 (worker, idle, restarts 0)")
     op.say(CONTROL, "!invoke worker alice")

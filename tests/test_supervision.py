@@ -71,6 +71,7 @@ def make_group(tmp_path: Path, driver: ScriptedDriver, restart: str) -> RoleGrou
     config = parse_config(
         "version: 1\ncontrol: {boot_timeout: 1000}\n"
         "roles:\n  worker:\n    pool: {min_idle: 1, max_active: 1}\n"
+        "    harness: {command: ['true']}\n"  # no model server here
         f"    restart: {restart}\n",
         path=tmp_path / "swarm.yaml",
     )

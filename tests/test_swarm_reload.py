@@ -16,6 +16,7 @@ from pathlib import Path
 from ircperson import Person
 from swarmctl import (
     BACKOFF_MAX,
+    ECHO,
     WAIT,
     Swarm,
     gone,
@@ -188,6 +189,8 @@ def test_a_reload_of_another_role_keeps_backoff_state(make_swarm) -> None:  # ty
     pool: {min_idle: 1}
     restart: {stable_after: 600, backoff: {base: 3600, max: 3600}}
     """
+        + ECHO
+        + "    "
         + CRASH
     )
     swarm = make_swarm(swarm_yaml(*config, slow))

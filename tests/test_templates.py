@@ -128,7 +128,10 @@ async def _inline(fn: Callable[..., T], *args: object) -> T:
 
 
 def make_templates(tmp_path: Path, *, fail: int) -> tuple[ScriptedTemplates, Role, Events]:
-    config = parse_config("version: 1\nroles:\n  worker: {}\n", path=tmp_path / "swarm.yaml")
+    config = parse_config(
+        "version: 1\nroles:\n  worker: {harness: {command: ['true']}}\n",  # no model server
+        path=tmp_path / "swarm.yaml",
+    )
     events = Events()
     rt = Runtime(
         driver=cast(QemuDriver, FakeDriver()),
