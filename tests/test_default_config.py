@@ -95,8 +95,9 @@ POOL_WAIT: Final = {"process": 3 * BOOT_TIMEOUT, "qemu": 300.0}
 REACH_TIMEOUT: Final = 30.0
 #: How long a supervisor is waited for after SIGTERM: its fleet deadline, twice.
 STOP_WAIT: Final = 2 * FLEET_DEADLINE + 10
-#: The longest backoff a child of a shipped role waits before a restart.
-BACKOFF_MAX: Final = 60.0
+#: After its SIGKILL, how long a loaded machine may take to reap a VM and the test
+#: to see it gone.
+REAP_HEADROOM: Final = 5.0
 
 QEMU_MISSING = not all(shutil.which(t) for t in ("mmdebstrap", "mke2fs", QEMU, "nsenter"))
 BACKENDS: Final = [
@@ -188,6 +189,8 @@ def swarm(
         swarm.start(timeout=swarm.start_wait)
         yield swarm
     finally:
+        if swarm.proc is not None and swarm.proc.poll() is None:
+            swarm.stop(timeout=STOP_WAIT)
         swarm.close()
         left = swarm.leftovers()
         found = swarm_leftovers.find(swarm.state).items()
@@ -478,7 +481,7 @@ def flooding(swarm: DefaultSwarm, tmp_path: Path, others: dict[str, int]) -> Non
     swarm.wait_for(
         "evil-0 killed and started again",
         lambda s: any(a["name"] == "evil-0" and a["restarts"] >= 1 for a in s["agents"]),
-        timeout=swarm.pool_wait + BACKOFF_MAX,
+        timeout=swarm.pool_wait + swarm.loaded.roles["evil"].restart.backoff.max,
     )
     (crashed, *_) = [
         e for e in swarm.events("crashed") if e["id"] > seen and e["subject"] == "evil-0"
@@ -516,9 +519,11 @@ def test_a_crash_loop_ends_failed_and_reset_from_irc_brings_it_back(
     seen = swarm.events()[-1]["id"]
 
     # Killed each time it is up (within stable_after, so no crash is forgiven):
-    # max_restarts restarts, then the crash that opens the circuit.
+    # max_restarts restarts, then the crash that opens the circuit. (On a loaded
+    # machine an incarnation may also crash by itself, a TCG boot that misses
+    # boot_timeout: every crash counts, whoever caused it.)
     killed = []
-    longest = BACKOFF_MAX + swarm.pool_wait
+    longest = policy.backoff.max + swarm.pool_wait
     while True:
         st = swarm.wait_for(
             f"{victim} up again or failed",
@@ -535,17 +540,32 @@ def test_a_crash_loop_ends_failed_and_reset_from_irc_brings_it_back(
         assert len(killed) <= policy.max_restarts, killed
         os.kill(agent["pid"], signal.SIGKILL)
         killed.append(agent["pid"])
-    assert len(killed) == policy.max_restarts + 1
+    assert 1 <= len(killed) <= policy.max_restarts + 1
     assert (agent["pid"], agent["restarts"]) == (None, policy.max_restarts)
     assert "not restarted" in agent["reason"], agent
-    new = [e for e in swarm.events() if e["id"] > seen and e["subject"] == victim]
-    assert [e["kind"] for e in new] == ["crashed"] * (policy.max_restarts + 1) + ["failed"]
+    mine = [e for e in swarm.events() if e["subject"] == victim]
+    *crashes, failed = [e for e in mine if e["id"] > seen and e["kind"] in ("crashed", "failed")]
+    assert failed["kind"] == "failed" and {e["kind"] for e in crashes} == {"crashed"}, mine
+    assert [e["detail"]["restart"] for e in crashes] == [True] * (len(crashes) - 1) + [False]
+    # The circuit opened at the crash that made more than max_restarts within
+    # window, counting those of this supervisor's life before the test (a slow
+    # boot at start, say).
+    started = max(e["id"] for e in swarm.events("started") if e["subject"] == "supervisor")
+    last = crashes[-1]["at"]
+    counted = [
+        e
+        for e in mine
+        if e["kind"] == "crashed" and e["id"] > started and e["at"] >= last - policy.window
+    ]
+    assert len(counted) == policy.max_restarts + 1, counted
     assert st["roles"][name]["failed"] == 1
     # The rest of the swarm went on untouched.
     assert {a["name"]: a["pid"] for a in st["agents"] if a["name"] in others} == others
 
-    # The breaker holds: for longer than the first backoffs, no restart.
-    for status in swarm.quiet_for(2 * policy.backoff.base + 2):
+    # It stays failed meanwhile, its VMM gone. (That the breaker holds for many
+    # times the longest backoff is shown with fast backoffs in test_swarm.py: the
+    # shipped one jitters up to a minute.)
+    for status in swarm.quiet_for(HEARTBEAT_TIMEOUT):
         assert [(a["state"], a["pid"]) for a in status["agents"] if a["name"] == victim] == [
             ("failed", None)
         ]
@@ -672,7 +692,7 @@ def test_a_deaf_guest_is_killed_within_grace_and_term_and_the_fleet_stops_in_tim
     assert deaf_gone is not None
     # Killed within both waits, with headroom for a loaded machine's reaping (but
     # well inside the fleet deadline, which did not have to cut anything short).
-    assert deaf_gone < GRACE_PERIOD + TERM_TIMEOUT + 5, deaf_gone
+    assert deaf_gone < GRACE_PERIOD + TERM_TIMEOUT + REAP_HEADROOM, deaf_gone
     if swarm.backend == "process":
         # It heartbeats, so only the escalation ended it: after both waits.
         assert deaf_gone >= GRACE_PERIOD + TERM_TIMEOUT, deaf_gone
