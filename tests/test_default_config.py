@@ -63,7 +63,7 @@ from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
 from fireclaw.supervisor import leftovers as swarm_leftovers
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.procid import process_identity, still_running
-from fireclaw.supervisor.state import Store
+from fireclaw.supervisor.state import Store, VmRecord
 from swarmctl import NOTHING, PY, Swarm, gone, leftovers
 from test_crash_restart import free_port, ircd_pid, serves
 from test_overseer import CONTROL, operator, overseer_in_channel
@@ -135,7 +135,6 @@ class DefaultSwarm(Swarm):
         if backend == "qemu":
             net = f"10.{240 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24"
             raw.setdefault("network", {})["subnet"] = net
-        self.raw = raw
         super().__init__(root, yaml.safe_dump(raw, sort_keys=False))
         self.start_wait = START_WAIT[backend]
         self.pool_wait = POOL_WAIT[backend]
@@ -158,8 +157,9 @@ class DefaultSwarm(Swarm):
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     def full(self, st: dict[str, Any]) -> bool:
-        """Every role of the file in status, with its pool of idle VMs full."""
-        return all(
+        """Settled: every role of the file in status with its pool of idle VMs full,
+        and no other VM (a run's, say, on its way out) left."""
+        return all(a["state"] == "idle" for a in st["agents"]) and all(
             name in st["roles"] and st["roles"][name]["idle"] >= role.pool.min_idle
             for name, role in self.loaded.roles.items()
         )
@@ -167,7 +167,7 @@ class DefaultSwarm(Swarm):
     def wait_full(self, what: str = "the pools full") -> dict[str, Any]:
         return self.wait_for(what, self.full, timeout=self.pool_wait)
 
-    def vms(self) -> list[Any]:
+    def vms(self) -> list[VmRecord]:
         """The registry's rows, read from the state database while it runs."""
         with Store.open(self.state / DB_NAME) as store:
             return store.vms()
