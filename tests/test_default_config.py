@@ -36,6 +36,11 @@ full, so any of them also runs alone (``-k``):
 6. Stop escalation: a deaf guest (one that ignores Stop and SIGTERM: a
    hostile guest process on ``process``, a frozen QEMU on ``qemu``) is killed
    within grace_period + term_timeout; the fleet stops within fleet_deadline.
+   On ``process`` the deaf guest heartbeats, so it is the whole escalation
+   (both waits, then SIGKILL) that ends it. On ``qemu`` the frozen guest also
+   stops heartbeating, and the missed heartbeat (heartbeat_timeout, shorter
+   than grace_period) ends the wait early; its SIGTERM stays pending on the
+   stopped process, and only the SIGKILL after term_timeout ends it.
    This test ends the swarm; the fixture then checks that nothing of it is
    left: processes (VMs, ngircd), namespaces, taps and veths, nft tables,
    cgroups, sockets, run dirs, disks, registry rows.
