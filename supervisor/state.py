@@ -430,7 +430,15 @@ class Store:
         path = pathlib.Path(path)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # Create it 0600, but never open and close an existing file here: closing
+            # any descriptor of it drops every POSIX lock this process holds on it,
+            # those of a Store already open included (the supervisor opens a second
+            # one at start to look for leftovers). Without its locks, another
+            # process's connection believes itself the last, checkpoints and
+            # deletes the WAL, and every later write of this process goes to the
+            # unlinked file: invisible to others and lost on a crash.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise StateError(f"state database {path}: cannot open: {exc.strerror}") from exc
         conn: sqlite3.Connection | None = None

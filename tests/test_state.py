@@ -521,3 +521,39 @@ def test_a_version_2_database_gains_the_service_registry(db_path: pathlib.Path) 
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     conn.close()
+
+
+#: Another process (``doctor``, ``gc``, a second ``up``) opens the database and closes it.
+OTHER_PROCESS = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+print(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+conn.close()
+"""
+
+
+def test_a_second_store_in_the_same_process_keeps_the_first_ones_writes_visible(
+    db_path: pathlib.Path,
+) -> None:
+    def seen_by_another_process() -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", OTHER_PROCESS, str(db_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return int(done.stdout)
+
+    with Store.open(db_path) as store:
+        store.add_task("worker", "one")
+        # As the supervisor does at start (looking for leftovers): a second Store
+        # of the same file in the same process, opened and closed.
+        Store.open(db_path).close()
+        assert seen_by_another_process() == 1
+        # That process's close must not have taken the WAL from under the first
+        # Store: what it writes next reaches the file that others (and the next
+        # supervisor after a crash) read.
+        store.add_task("worker", "two")
+        assert seen_by_another_process() == 2
+        assert db_path.with_name(db_path.name + "-wal").exists()
