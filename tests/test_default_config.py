@@ -2,7 +2,8 @@
 
 Each swarm starts from the repository's own ``swarm.yaml``, loaded and changed
 only where a test must: the managed IRC server's port (6667 may be taken by a
-parallel run), the state dir (the test's own), the backend, and for ``qemu`` a
+parallel run) and the dashboard's (any free one, for the same reason), the
+state dir (the test's own), the backend, and for ``qemu`` a
 subnet of its own (two swarms on one host need different subnets). Everything
 else is as shipped: managed IRC on with the shipped operators and
 ``operator_auth``, the shipped control and stop timeouts, roles, restart
@@ -137,6 +138,8 @@ class DefaultSwarm(Swarm):
         raw["backend"] = backend
         raw["irc"]["managed"]["port"] = self.irc_port
         raw["state_dir"] = str(root / "state")
+        if raw.get("http"):
+            raw["http"]["listen"] = "127.0.0.1:0"  # a free port: 8470 may be in use
         if backend == "qemu":
             net = f"10.{240 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24"
             raw.setdefault("network", {})["subnet"] = net
