@@ -430,7 +430,13 @@ class Store:
         path = pathlib.Path(path)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # Created, never opened when it exists: closing any descriptor of the file
+            # drops every POSIX lock this process holds on it, those of a connection
+            # already open here (the supervisor's, when it looks for leftovers)
+            # included. Another process would then take itself for the last user,
+            # and remove the write-ahead log that connection still writes to.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise StateError(f"state database {path}: cannot open: {exc.strerror}") from exc
         conn: sqlite3.Connection | None = None
