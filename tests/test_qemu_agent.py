@@ -22,7 +22,7 @@ from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.modelserver import LOG_NAME, bundled_model
 from fireclaw.supervisor.state import CallRecord, Store
-from ircperson import Event
+from ircperson import Event, Person
 from swarmctl import Swarm, swarm_yaml
 from test_overseer import AGENTS, irc_yaml, joined, operator, overseer_in_channel
 from test_overseer import CONTROL as CONTROL_CHANNEL
@@ -110,9 +110,9 @@ def usage_rows(swarm: Swarm, by: str) -> list[dict[str, Any]]:
     return rows
 
 
-def reply_to(op: Any, nick: str, asker: str) -> Event:
+def reply_to(op: Person, nick: str, asker: str) -> Event:
     """The first line ``nick`` says to ``asker`` in the agents' channel."""
-    event: Event = op.expect(
+    return op.expect(
         f"{nick} answering {asker}",
         lambda e: (
             e.type == "pubmsg"
@@ -122,7 +122,6 @@ def reply_to(op: Any, nick: str, asker: str) -> Event:
         ),
         timeout=TURN_WAIT,
     )
-    return event
 
 
 def test_a_chat_agent_on_a_qemu_vm_answers_on_irc_with_the_model(
