@@ -16,7 +16,7 @@ DEB_COMMANDS := nsenter:util-linux ip:iproute2 ngircd:ngircd mmdebstrap:mmdebstr
 	busybox:busybox-static zstd:zstd mke2fs:e2fsprogs qemu-system-x86_64:qemu-system-x86 \
 	qemu-img:qemu-utils nft:nftables
 
-.PHONY: up test bench setup deb lint
+.PHONY: up test bench bench-llm setup deb lint
 
 up: setup
 	$(BIN)/fireclaw-swarm up --config swarm.yaml
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/process_driver.py
+
+# Agents that think: IRC answers by the bundled model, the model gateway, tokens/s, RSS.
+bench-llm: setup
+	$(BIN)/python bench/llm.py
 
 # mypy cannot follow the editable install's package mapping; it checks a view
 # of the fireclaw package made of links to the folders.

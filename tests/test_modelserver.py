@@ -118,71 +118,83 @@ async def test_a_missing_model_file_is_one_line(tmp_path: Path) -> None:
         await server.run()
 
 
+#: Run inside a VM's namespace: tries the model server and another VM's gateway
+#: straight, then asks its own gateway. argv: model server port, the other gateway's
+#: port, its own gateway's URL, the request body.
+PROBE = textwrap.dedent(
+    """
+    import json, socket, sys, urllib.request
+    for what, port in (("direct", sys.argv[1]), ("other", sys.argv[2])):
+        try:
+            socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+            print(what, "REACHED")
+        except OSError as exc:
+            print(what, "refused:", exc)
+    req = urllib.request.Request(
+        sys.argv[3], data=json.dumps(json.loads(sys.argv[4])).encode(),
+        headers={"Content-Type": "application/json"})
+    print(json.load(urllib.request.urlopen(req, timeout=200))["usage"])
+    """
+)
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 async def test_a_namespaced_guest_reaches_the_model_only_through_its_gateway(
     tmp_path: Path,
 ) -> None:
-    name = f"{netns.PREFIX}gwtest-{os.getpid()}"
+    """Two VMs, each in a namespace of its own with its gateway in it, as the
+    process backend makes them. The second VM's gateway takes another port than
+    the first's (in the swarm all take ``GATEWAY_PORT``) so that reaching it could
+    not be mistaken for reaching one's own: each VM reaches neither the model server
+    on the host's loopback nor the other's gateway, and its own answers, its calls
+    recorded under its own name."""
+    names = [f"{netns.PREFIX}gwtest-{os.getpid()}-{i}" for i in (0, 1)]
+    ports = [GATEWAY_PORT, GATEWAY_PORT + 1]
     with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
         server = ManagedModelServer(SPEC, None, tmp_path, registry=store)
         budgets = Budgets(BudgetSpec(), store)
-        sock = await netns.create_with_listener(name)
-        sock.close()
+        made: list[str] = []
+        results = []
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 up = upstream_of(server)
                 from fireclaw.pool.gateway import Who
 
-                gw = await netns.open_listener(name, "127.0.0.1", GATEWAY_PORT)
                 route = ModelRoute(upstream=lambda: up, meter=budgets, limits=Limits())
-                nursery.start_soon(
-                    serve_gateway,
-                    trio.SocketListener(trio.socket.from_stdlib_socket(gw)),
-                    Who(vm="v-0", role="worker", model="smollm2"),
-                    route,
-                )
-                probe = textwrap.dedent(
-                    """
-                    import json, socket, sys, urllib.request
-                    direct = socket.socket()
-                    direct.settimeout(5)
-                    try:
-                        direct.connect(("127.0.0.1", int(sys.argv[1])))
-                        print("DIRECT-REACHED")
-                    except OSError as exc:
-                        print("direct refused:", exc)
-                    req = urllib.request.Request(
-                        sys.argv[2], data=json.dumps(json.loads(sys.argv[3])).encode(),
-                        headers={"Content-Type": "application/json"})
-                    print(json.load(urllib.request.urlopen(req, timeout=200))["usage"])
-                    """
-                )
-                result = await trio.run_process(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        name,
-                        sys.executable,
-                        "-c",
-                        probe,
-                        str(up.port),
-                        f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions",
-                        json.dumps(SHORT),
-                    ],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
+                for i, (name, port) in enumerate(zip(names, ports, strict=True)):
+                    (await netns.create_with_listener(name)).close()
+                    made.append(name)
+                    gw = await netns.open_listener(name, "127.0.0.1", port)
+                    nursery.start_soon(
+                        serve_gateway,
+                        trio.SocketListener(trio.socket.from_stdlib_socket(gw)),
+                        Who(vm=f"v-{i}", role="worker", model="smollm2"),
+                        route,
+                    )
+                for name, own, other in ((names[0], *ports), (names[1], *reversed(ports))):
+                    argv = [sys.executable, "-c", PROBE, str(up.port), str(other)]
+                    argv += [f"http://127.0.0.1:{own}/v1/chat/completions", json.dumps(SHORT)]
+                    results.append(
+                        await trio.run_process(
+                            ["ip", "netns", "exec", name, *argv],
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                        )
+                    )
                 nursery.cancel_scope.cancel()
         finally:
-            await netns.remove(name)
-        out = result.stdout.decode()
-        assert "DIRECT-REACHED" not in out and "direct refused" in out, out
-        assert "completion_tokens" in out, (out, result.stderr.decode())
-        assert [c.vm for c in store.calls()] == ["v-0"]
+            for name in made:
+                await netns.remove(name)
+        for result in results:
+            out = result.stdout.decode()
+            assert "REACHED" not in out, out
+            assert "direct refused" in out and "other refused" in out, out
+            assert "completion_tokens" in out, (out, result.stderr.decode())
+        assert [c.vm for c in store.calls()] == ["v-0", "v-1"]
+    assert netns.leftovers(f"{netns.PREFIX}gwtest-{os.getpid()}-") == []
 
 
 def test_after_a_supervisor_is_killed_the_next_one_stops_its_model_server(
