@@ -8,6 +8,8 @@ read from ``Who`` (kept by the supervisor), never from the request. Behind it::
     guest --HTTP/1.1--> gateway --HTTP/1.1--> model server (loopback) or upstream URL
                         |  POST /v1/chat/completions   (streamed or not)
                         |  GET  /v1/models
+                        |  GET  /props                 (llama-server's; only whether
+                        |                               the model's template takes tools)
                         +- size cap, calls-at-once cap, budget check (429 + OpenAI error)
                         +- the upstream's API key added here; the guest never sees it
                         +- usage read from the upstream's answer -> one ledger row
@@ -42,6 +44,7 @@ __all__ = [
     "Meter",
     "ModelRoute",
     "Refuse",
+    "ToolCaps",
     "Upstream",
     "UpstreamError",
     "UsageMeter",
@@ -56,6 +59,8 @@ log = logging.getLogger("fireclaw.gateway")
 
 CHAT: Final = "/v1/chat/completions"
 MODELS: Final = "/v1/models"
+#: llama-server's own route beside ``/v1``: what a chat harness asks in ``tool_mode: auto``.
+PROPS: Final = "/props"
 #: Seconds a guest has to send its request (headers and body).
 REQUEST_TIMEOUT: Final = 30.0
 #: Connections one VM may hold open at once; beyond it they are closed unanswered.
@@ -148,7 +153,8 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Forward:
-    """Send ``method path`` with ``body`` upstream; ``stream``: the answer is SSE."""
+    """Send ``method path`` with ``body`` upstream; ``stream``: the answer is SSE.
+    ``path`` follows the upstream's ``/v1`` prefix, or its root with ``root``."""
 
     method: str
     path: str
@@ -156,6 +162,13 @@ class Forward:
     model: str
     stream: bool
     metered: bool  # a chat completion: a ledger row and a budget check
+    root: bool = False
+
+
+@dataclass(frozen=True)
+class ToolCaps:
+    """Answer with what the upstream's ``/props`` says of tool calls, and nothing
+    else of it (it names files and settings of the host)."""
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
@@ -163,11 +176,17 @@ def error_body(message: str, type_: str, code: str) -> bytes:
     return _json_encode({"error": {"message": message, "type": type_, "code": code}})
 
 
-def plan(method: str, target: str, body: bytes, who: Who, *, max_bytes: int) -> Forward | Refuse:
+def plan(
+    method: str, target: str, body: bytes, who: Who, *, max_bytes: int
+) -> Forward | ToolCaps | Refuse:
     """Decide what to do with one request the guest sent (its body read in full,
-    at most ``max_bytes`` + 1 bytes of it). Only the two routes are served; a chat
-    request must be a JSON object; a streamed one is made to report usage."""
+    at most ``max_bytes`` + 1 bytes of it). Only the three routes are served; a
+    chat request must be a JSON object; a streamed one is made to report usage."""
     path = target.split("?", 1)[0]
+    if path == PROPS:
+        if method != "GET":
+            return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
+        return ToolCaps()
     if path == MODELS:
         if method != "GET":
             return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
@@ -175,7 +194,7 @@ def plan(method: str, target: str, body: bytes, who: Who, *, max_bytes: int) -> 
     if path != CHAT:
         return Refuse(
             404,
-            f"no route {path[:100]!r}: the gateway serves {CHAT} and {MODELS}",
+            f"no route {path[:100]!r}: the gateway serves {CHAT}, {MODELS} and {PROPS}",
             "invalid_request_error",
             "not_found",
         )
@@ -221,7 +240,8 @@ def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
         headers += [("Content-Type", "application/json"), ("Content-Length", str(len(fwd.body)))]
     if upstream.api_key:
         headers.append(("Authorization", f"Bearer {upstream.api_key}"))
-    return h11.Request(method=fwd.method, target=upstream.prefix + fwd.path, headers=headers)
+    base = upstream.prefix.removesuffix("/v1") if fwd.root else upstream.prefix
+    return h11.Request(method=fwd.method, target=base + fwd.path, headers=headers)
 
 
 class UsageMeter:
@@ -351,6 +371,9 @@ async def _one_request(
             stream, conn, Refuse(503, "no model server is running", "server_error", "unavailable")
         )
         return
+    if isinstance(decision, ToolCaps):
+        await _answer_tool_caps(stream, conn, up, limits)
+        return
     busy = Refuse(
         429,
         f"{limits.max_concurrent} calls are already running for this VM",
@@ -437,6 +460,33 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, refuse: Refus
     ]
     with contextlib.suppress(h11.LocalProtocolError):
         await stream.send_all(conn.send(h11.Response(status_code=refuse.status, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+async def _answer_tool_caps(
+    stream: trio.SocketStream, conn: h11.Connection, up: Upstream, limits: Limits
+) -> None:
+    """``{"chat_template_caps": {...}}`` from the upstream's ``/props``; 404 where the
+    upstream has none (not llama-server: the harness then uses JSON actions)."""
+    caps: object = None
+    with trio.move_on_after(limits.call_timeout):
+        with contextlib.suppress(UpstreamError):
+            props = await _fetch_json(up, Forward("GET", PROPS, b"", "", False, False, root=True))
+            caps = props.get("chat_template_caps") if isinstance(props, dict) else None
+    if not isinstance(caps, dict):
+        refuse = Refuse(404, "the model server says nothing of tools", "not_found", "not_found")
+        await _answer(stream, conn, refuse)
+        return
+    flags = {k: v for k, v in caps.items() if isinstance(k, str) and isinstance(v, bool)}
+    body = _json_encode({"chat_template_caps": flags})
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    with contextlib.suppress(h11.LocalProtocolError):
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
@@ -596,11 +646,12 @@ class UpstreamError(Exception):
     """The model server could not be asked, or answered with an error. One line."""
 
 
-async def fetch_models(up: Upstream) -> list[str]:
-    """The ids of the models ``up`` serves (``GET /v1/models``); bound it at the call
-    site. Raises UpstreamError, one line without the key, when it cannot be asked."""
-    where = f"{up.scheme}://{up.host}:{up.port}{up.prefix}"
-    fwd = Forward("GET", "/models", b"", model="", stream=False, metered=False)
+async def _fetch_json(up: Upstream, fwd: Forward) -> Any:
+    """The JSON ``fwd`` gets from ``up``; bound it at the call site. Raises
+    UpstreamError, one line without the key, when it cannot be asked or answers
+    with an error or with something that is not JSON."""
+    base = up.prefix.removesuffix("/v1") if fwd.root else up.prefix
+    where = f"{up.scheme}://{up.host}:{up.port}{base}{fwd.path}"
     body = bytearray()
     status = 0
     try:
@@ -619,18 +670,27 @@ async def fetch_models(up: Upstream) -> list[str]:
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > _MAX_EVENT_BYTES:
-                        raise UpstreamError(f"{where}/models: answer too large")
+                        raise UpstreamError(f"{where}: answer too large")
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     break
     except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-        raise UpstreamError(f"cannot ask {where}/models: {exc}") from None
+        raise UpstreamError(f"cannot ask {where}: {exc}") from None
     if status != 200:
-        raise UpstreamError(f"{where}/models answered HTTP {status}")
+        raise UpstreamError(f"{where} answered HTTP {status}")
     try:
-        data = _json_decode(bytes(body))
+        return _json_decode(bytes(body))
     except msgspec.DecodeError:
-        raise UpstreamError(f"{where}/models did not answer JSON") from None
+        raise UpstreamError(f"{where} did not answer JSON") from None
+
+
+async def fetch_models(up: Upstream) -> list[str]:
+    """The ids of the models ``up`` serves (``GET /v1/models``); bound it at the call
+    site. Raises UpstreamError, one line without the key, when it cannot be asked."""
+    data = await _fetch_json(
+        up, Forward("GET", "/models", b"", model="", stream=False, metered=False)
+    )
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise UpstreamError(f"{where}/models: no 'data' list in the answer")
+        where = f"{up.scheme}://{up.host}:{up.port}{up.prefix}/models"
+        raise UpstreamError(f"{where}: no 'data' list in the answer")
     return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.config.model import BudgetSpec
+from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool.gateway import (
     Forward,
     Limits,
@@ -204,6 +205,9 @@ class ScriptedUpstream:
         if request.target.endswith(b"/models"):
             await self._send(stream, conn, b'{"object":"list","data":[{"id":"scripted"}]}')
             return
+        if request.target == b"/props":  # not llama-server: no such route
+            await self._send(stream, conn, b'{"error":"not found"}', status=404)
+            return
         self.arrived += 1
         self.arrival.set()
         self.arrival = trio.Event()
@@ -226,10 +230,15 @@ class ScriptedUpstream:
             await self._send(stream, conn, json.dumps(answer).encode())
 
     async def _send(
-        self, stream: trio.SocketStream, conn: h11.Connection, body: bytes, kind: str = ""
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        body: bytes,
+        kind: str = "",
+        status: int = 200,
     ) -> None:
         headers = [("Content-Type", kind or "application/json"), ("Content-Length", str(len(body)))]
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
 
 
@@ -316,6 +325,28 @@ async def test_gateway_meters_calls_from_the_upstream_answer_and_adds_the_key() 
     headers = dict(req.headers)
     assert headers[b"authorization"] == f"Bearer {KEY}".encode()  # the guest's own is dropped
     assert json.loads(sbody)["stream_options"] == {"include_usage": True}
+
+
+async def test_props_of_a_server_that_has_none_is_404_and_no_call() -> None:
+    upstream, ledger = ScriptedUpstream(), Ledger()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            up_port = await nursery.start(upstream.serve)
+            route = ModelRoute(
+                upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1", api_key=KEY),
+                meter=ledger,
+            )
+            port = await open_gateway(nursery, Who(vm="w-0", role="worker", model="m"), route)
+            status, body = await http(port, "GET", "/props")
+            assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+            assert await tool_support(f"http://127.0.0.1:{port}/v1") is False
+            status, _ = await http(port, "POST", "/props", CHAT)
+            assert status == 405
+            nursery.cancel_scope.cancel()
+    # Asked at the upstream's root (beside /v1), with its key; never a chat call.
+    targets = [(r.target, dict(r.headers).get(b"authorization")) for r, _ in upstream.requests]
+    assert targets == [(b"/props", f"Bearer {KEY}".encode())] * 2
+    assert ledger.calls == [] and upstream.arrived == 0
 
 
 async def test_over_budget_a_call_gets_429_with_an_openai_error() -> None:

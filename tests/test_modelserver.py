@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.config.model import BudgetSpec, ManagedModelSpec
+from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool import netns
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, serve_gateway
 from fireclaw.pool.vm import GATEWAY_PORT
@@ -65,6 +66,19 @@ async def test_the_real_server_answers_through_a_gateway_and_the_ledger_has_its_
                 serve_gateway, listeners[0], who, ModelRoute(upstream=lambda: up, meter=budgets)
             )
             port = listeners[0].socket.getsockname()[1]
+            # tool_mode auto asks /props through the gateway: it gets what the server
+            # says of tools, and nothing else of it (the server names host paths).
+            status, props = await http(up.port, "GET", "/props")
+            caps = json.loads(props)["chat_template_caps"]
+            assert status == 200 and str(bundled_model()).encode() in props
+            status, body = await http(port, "GET", "/props")
+            assert status == 200, body
+            assert json.loads(body) == {
+                "chat_template_caps": {k: v for k, v in caps.items() if isinstance(v, bool)}
+            }
+            assert await tool_support(f"http://127.0.0.1:{port}/v1") == bool(
+                caps.get("supports_tool_calls") or caps.get("supports_tools")
+            )
             status, body = await http(port, "POST", "/v1/chat/completions", SHORT)
             assert status == 200, body
             answer = json.loads(body)
