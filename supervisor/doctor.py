@@ -151,9 +151,9 @@ def examine(config: Config, state_dir: Path) -> Report:
         qemu_chosen = choice.name == "qemu"
         if config.backend == "qemu":
             # What open_backend checks before a configured qemu starts (and fails on).
-            from fireclaw.pool.drivers import _why_not_qemu
+            from fireclaw.pool.drivers import why_not_qemu
 
-            why = _why_not_qemu(images, ns_why)
+            why = why_not_qemu(images, ns_why)
             if why is not None:
                 problems.append(f"backend: qemu cannot run here: {why}")
 

@@ -55,6 +55,7 @@ __all__ = [
     "choose",
     "open_backend",
     "why_not_firecracker",
+    "why_not_qemu",
 ]
 
 #: Drivers this build has, in the order ``auto`` tries them (see ``POOL_NOT_READY``).
@@ -115,7 +116,7 @@ def _cached_image(images: Path) -> Path | None:
     return next((f for f in folders if f.is_dir() and load_image(f) is not None), None)
 
 
-def _why_not_qemu(images: Path, netns_why: str | None) -> str | None:
+def why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     """None if qemu can run here, else one line saying why not."""
     for tool in (QEMU, "qemu-img", "nft"):
         if shutil.which(tool) is None:
@@ -162,7 +163,7 @@ def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
         raise BackendUnavailable(f"firecracker cannot run here: {host_lacks or POOL_NOT_READY}")
     if backend == "auto":
         passed = "" if why_not_firecracker(netns_why) else f"; not firecracker: {POOL_NOT_READY}"
-        why_not = _why_not_qemu(images, netns_why)
+        why_not = why_not_qemu(images, netns_why)
         if why_not is not None:
             return Choice("process", f"auto: process (not qemu: {why_not}{passed})", auto=True)
         found = _cached_image(images)
@@ -188,7 +189,7 @@ async def open_backend(
             if not choice.auto:
                 raise
             why = f"not firecracker: {exc}"
-            if _why_not_qemu(images, netns_why) is not None:
+            if why_not_qemu(images, netns_why) is not None:
                 return Backend(driver=ProcessDriver(), reason=f"auto: process ({why})")
             choice = Choice("qemu", f"auto: qemu ({why})", auto=True)
             try:
@@ -214,7 +215,7 @@ async def _open_qemu(
     from fireclaw.pool.image import ImageError, ImageSpec, build_image, prune_images
 
     if not choice.auto:
-        why_not = _why_not_qemu(images, netns_why)
+        why_not = why_not_qemu(images, netns_why)
         if why_not is not None:
             raise BackendUnavailable(f"qemu cannot run here: {why_not}")
     try:
