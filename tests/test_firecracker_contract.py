@@ -260,8 +260,9 @@ async def test_a_firecracker_that_never_answers_is_killed_at_the_startup_timeout
     assert str(caught.value) == "worker-0: Firecracker did not answer within 10s"
     assert trio.current_time() - started == fc.STARTUP_TIMEOUT
     assert not driver.jail_for(spec).directory.exists()
-    record = json.loads((logs / "jailer.json").read_text())
-    assert record["problems"] == []  # it was started, and then killed
+    # Whether the fake jailer got as far as writing its record before the kill is
+    # up to the machine's load (the clock jumps while it starts): its arguments are
+    # checked by the boot tests, where it runs to the end.
 
 
 async def test_a_vmm_that_exits_at_start_is_reported_at_once(tmp_path: Path, image: Image) -> None:
