@@ -28,12 +28,13 @@ lines, the last saying how many more there were (``reply_lines``), so a
 runaway harness cannot flood a channel. An answer that writes to its
 ``Draft`` while it is worked on (a chat turn, as the model streams) has each
 line sent as soon as it is complete (``answer_stream.AnswerLines``); what it
-returns at the end is the whole answer, of which the rest is then sent. One answer is worked on at a time;
-when ``QUEUE_SIZE`` more are waiting, a person is told ``busy, try again
-shortly`` once (again only after a question of theirs was queued, or the queue
-emptied) and the question is dropped; an agent is not told. An answer that
-raises or takes longer than ``answer_timeout`` becomes a one-line apology
-(after the lines already sent, if any): nothing about the failure goes to IRC.
+returns at the end is the whole answer, of which the rest is then sent.
+One answer is worked on at a time; when ``QUEUE_SIZE`` more are waiting, a
+person is told ``busy, try again shortly`` once (again only after a question
+of theirs was queued, or the queue emptied) and the question is dropped; an
+agent is not told. An answer that raises or takes longer than
+``answer_timeout`` becomes a one-line apology (after the lines already sent,
+if any): nothing about the failure goes to IRC.
 
 Agents and loops: the client tells agents by their username, ``agent``
 (``~agent`` on servers without ident); ``ReplyPolicy`` decides when another
@@ -64,6 +65,7 @@ from typing import Final
 
 import trio
 
+from .answer_stream import NO_ANSWER, AnswerLines, Draft
 from .irc import (
     Connect,
     Disconnected,
@@ -81,7 +83,6 @@ from .irc import (
     open_tcp,
     paginate,
 )
-from .answer_stream import NO_ANSWER, AnswerLines, Draft
 from .irc_session import HOST_GUESS
 from .protocol import IrcPresence
 
@@ -466,9 +467,7 @@ class AgentPresence:
             nursery.start_soon(self._send_lines, question, draft)
             try:
                 with trio.fail_after(self.answer_timeout):
-                    text = await self._answer(
-                        question.sender, question.where, question.text, draft
-                    )
+                    text = await self._answer(question.sender, question.where, question.text, draft)
             except trio.TooSlowError:
                 log.warning(
                     "answer to %s took over %gs; gave up", question.sender, self.answer_timeout

@@ -39,7 +39,16 @@ NO_ANSWER: Final = "(no answer)"
 MAX_OPENING: Final = 128
 #: What may stand before the object: a Markdown fence a server let through.
 _FENCE: Final = "```json"
-_ESCAPES: Final = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_ESCAPES: Final = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+}
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 
 
@@ -282,7 +291,9 @@ class AnswerLines:
         self._written += text
         *lines, self._line = _NEWLINES.split(self._line + text)
         for line in lines:
-            self._page(line.rstrip())  # trailing blanks: nothing to see, and cut like the last line's
+            self._page(
+                line.rstrip()
+            )  # trailing blanks: nothing to see, and cut like the last line's
         self._overflow()
 
     def discard(self) -> None:

@@ -81,7 +81,7 @@ def test_the_answer_grows_as_the_string_does() -> None:
         '{"final": "bad \\u12g4 escape"}',
         "Hello, I am not JSON at all",
         '["final", "x"]',
-        "`` {\"final\": \"x\"}",
+        '`` {"final": "x"}',
     ],
 )
 def test_what_is_not_a_final_answer_gives_nothing(raw: str) -> None:
@@ -146,7 +146,8 @@ def stream_lines(pieces: list[str], *, budget: int, max_lines: int = 10, **kw: s
 
 
 def random_text(rng: random.Random) -> str:
-    words = ["a", "word", "é", "中文字", "😀", "x" * 70, " ", "  ", "\n", "\r\n", "\n\n", "\x01", "\t"]
+    words = ["a", "word", "é", "中文字", "😀", "x" * 70, " ", "  ", "\t", "\x01", "\x00"]
+    words += ["\n", "\r\n", "\r", "\n\n"]
     return "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(0, 120)))
 
 
