@@ -696,3 +696,38 @@ def test_an_answer_line_is_one_wire_line() -> None:
     for line in lines:
         wire = privmsg("#agents", line)
         assert wire.count(b"\r\n") == 1 and len(wire) <= MAX_LINE
+
+
+async def test_lines_written_to_the_draft_go_out_before_the_answer_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def streaming(sender: str, where: str, text: str, draft: Draft) -> str:
+        draft.write("first line\nsecond ")
+        await trio.sleep(100)
+        if text == "fail":
+            draft.write("line\nthird, never finished")
+            await trio.sleep(100)
+            raise RuntimeError("the model went away")
+        draft.write("line\n")
+        return "first line\nsecond line\nlast"
+
+    async with fake_network() as (ircd, nursery):
+        ircd.person("carol", "#agents")
+        await start(ircd, nursery, "alice", streaming)
+        t0 = trio.current_time()
+        await ircd.say("carol", "#agents", "alice: go")
+        await ircd.until(lambda: len(ircd.said(t0)) == 4)
+        assert [entry for entry in ircd.said(t0) if entry[1] == "alice"] == [
+            (0.0, "alice", "#agents", "carol: first line"),
+            (100.0, "alice", "#agents", "second line"),
+            (100.0, "alice", "#agents", "last"),
+        ]
+        # A failure after lines went out: they stay, the apology ends the answer.
+        await ircd.say("carol", "alice", "fail")
+        await ircd.until(lambda: len(ircd.said(t0)) == 8)
+        t1 = ircd.said(t0)[4][0]
+        assert ircd.said(t0)[5:] == [
+            (t1, "alice", "carol", "first line"),
+            (t1 + 100, "alice", "carol", "second line"),
+            (t1 + 200, "alice", "carol", FAILED),
+        ]
