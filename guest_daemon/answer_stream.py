@@ -17,8 +17,8 @@ ends (a newline) or fills the byte budget of a page, cut as ``paginate`` cuts
 it; the unfinished line waits for ``close``. At most ``max_lines`` lines go
 out: the last one allowed waits until the end, to become ``(… N more lines)``
 when more followed. The first line starts with a prefix (``sender:`` in a
-channel), unless it already addresses that sender. Whole answers (``close`` alone) and
-streamed ones give the same lines, wherever the text was split.
+channel), unless it already addresses that sender. Whole answers (``close``
+alone) and streamed ones give the same lines, wherever the text was split.
 
 This module imports only the standard library and ``irc_wire``: it ships
 inside VM images.
@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Final, Protocol
 
-from .irc_wire import _NEWLINES, casefold, paginate
+from .irc_wire import casefold, paginate
 
 __all__ = ["NO_ANSWER", "AnswerLines", "Draft", "FinalDecoder", "ReplyText", "starts_addressing"]
 
@@ -50,6 +51,8 @@ _ESCAPES: Final = {
     "t": "\t",
 }
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
+#: Where lines end, as ``paginate`` splits them.
+_NEWLINES: Final = re.compile(r"\r\n|\r|\n")
 
 
 class Draft(Protocol):
