@@ -14,7 +14,9 @@ that runs (``Children.track``), and gets the cancellation, not an outcome.
 Given a ``Draft`` (an IRC question), a turn writes each reply's answer text
 to it as the model streams it (``answer_stream.ReplyText``), and discards it
 when the reply turns out not to be the final answer (a tool call, a failed
-step): the final answer reaches IRC line by line before the turn ends.
+step): the final answer reaches IRC line by line before the turn ends. Lines
+of such a reply that were complete are out already, as the model's words (a
+native model's preface to its tool call); a JSON tool call writes nothing.
 
 The tool mode ``auto`` asks the server once per base URL and model (cached
 in ``ToolModes``) and falls back to the JSON action mode.
