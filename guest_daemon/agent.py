@@ -11,6 +11,13 @@ at the call site); each tool run ``harness.tool_timeout`` (in ``tools``).
 A caller cancelling the turn closes the model's stream and kills the tool
 that runs (``Children.track``), and gets the cancellation, not an outcome.
 
+Given a ``Draft`` (an IRC question), a turn writes each reply's answer text
+to it as the model streams it (``answer_stream.ReplyText``), and discards it
+when the reply turns out not to be the final answer (a tool call, a failed
+step): the final answer reaches IRC line by line before the turn ends. Lines
+of such a reply that were complete are out already, as the model's words (a
+native model's preface to its tool call); a JSON tool call writes nothing.
+
 The tool mode ``auto`` asks the server once per base URL and model (cached
 in ``ToolModes``) and falls back to the JSON action mode.
 """
@@ -24,6 +31,7 @@ from typing import Any
 
 import trio
 
+from .answer_stream import Draft, ReplyText
 from .chat import Answer, Calls, Failed, Reply, Retry, ToolCall, Turn
 from .openai_client import ModelError, complete, tool_support
 from .protocol import ChatHarness
@@ -32,7 +40,8 @@ from .tools import Toolbox, ToolResult, read_memory
 log = logging.getLogger("fireclaw.guest_daemon")
 
 #: ``await model(base_url, body)`` -> the reply; ``openai_client.complete`` by default.
-Model = Callable[[str, dict[str, Any]], Awaitable[Reply]]
+#: A turn with a draft passes ``on_chunk=`` too, as ``complete`` takes it.
+Model = Callable[..., Awaitable[Reply]]
 #: ``await probe(base_url)`` -> whether native tools are supported.
 Probe = Callable[[str], Awaitable[bool]]
 #: ``await report(call, result)`` for every tool run: the audit trail, an IRC notice.
@@ -106,8 +115,10 @@ class ChatAgent:
         *,
         report: Report,
         history: Sequence[Mapping[str, str]] = (),
+        draft: Draft | None = None,
     ) -> TurnOutcome:
-        """Run one turn on ``prompt`` within the harness's timeout."""
+        """Run one turn on ``prompt`` within the harness's timeout; the answer is
+        written to ``draft`` as it streams, when there is one."""
         harness = self.harness
         with trio.move_on_after(harness.timeout):
             native = await self._modes.native(harness)
@@ -123,19 +134,22 @@ class ChatAgent:
                 max_tokens=harness.max_tokens,
                 history=history,
             )
-            return await self._drive(turn, report)
+            return await self._drive(turn, report, draft)
         return TurnOutcome(False, f"no final answer within {harness.timeout:g}s", 0)
 
-    async def _drive(self, turn: Turn, report: Report) -> TurnOutcome:
+    async def _drive(self, turn: Turn, report: Report, draft: Draft | None) -> TurnOutcome:
         while True:
             body = turn.request()
             if isinstance(body, Failed):
                 return TurnOutcome(False, body.reason, turn.steps)
             try:
-                reply = await self._model(self.harness.base_url, body)
+                reply = await self._ask(body, turn.native, draft)
             except ModelError as exc:
                 return TurnOutcome(False, str(exc), turn.steps)
-            match turn.on_reply(reply):
+            action = turn.on_reply(reply)
+            if draft is not None and not isinstance(action, Answer):
+                draft.discard()
+            match action:
                 case Answer(text=text):
                     return TurnOutcome(True, text, turn.steps)
                 case Failed(reason=reason):
@@ -147,3 +161,15 @@ class ChatAgent:
                         result = await self.toolbox.run(call)
                         await report(call, result)
                         turn.on_result(call, result.for_model())
+
+    async def _ask(self, body: dict[str, Any], native: bool, draft: Draft | None) -> Reply:
+        """One model call; its answer text streamed to ``draft`` as it comes."""
+        if draft is None:
+            return await self._model(self.harness.base_url, body)
+        text = ReplyText(native=native)
+
+        def on_chunk(chunk: object) -> None:
+            if piece := text.feed(chunk):
+                draft.write(piece)
+
+        return await self._model(self.harness.base_url, body, on_chunk=on_chunk)

@@ -6,8 +6,9 @@ what is put to it with an ``Answer`` function, which the guest daemon backs
 with the agent's harness::
 
     AgentPresence.run()                 nursery.start(): started() once registered
-    ├─ worker            one question at a time: answer(sender, where, text)
-    │                    bounded by answer_timeout, then the reply (paginated, capped)
+    ├─ worker            one question at a time: answer(sender, where, text, draft)
+    │                    bounded by answer_timeout; its lines go out as the
+    │                    answer writes them to the draft, the rest at its end
     └─ per connection    (a retune to another nick or server starts a new one)
        ├─ IrcClient.run  connects, registers, reconnects with backoff
        ├─ events         Message -> a question queued (at most QUEUE_SIZE waiting)
@@ -24,12 +25,16 @@ What it answers:
 
 How much: an answer is paginated to fit IRC lines and cut to ``max_lines``
 lines, the last saying how many more there were (``reply_lines``), so a
-runaway harness cannot flood a channel. One answer is worked on at a time;
-when ``QUEUE_SIZE`` more are waiting, a person is told ``busy, try again
-shortly`` once (again only after a question of theirs was queued, or the queue
-emptied) and the question is dropped; an agent is not told. An answer that
-raises or takes longer than ``answer_timeout`` becomes a one-line apology:
-nothing about the failure goes to IRC.
+runaway harness cannot flood a channel. An answer that writes to its
+``Draft`` while it is worked on (a chat turn, as the model streams) has each
+line sent as soon as it is complete (``answer_stream.AnswerLines``); what it
+returns at the end is the whole answer, of which the rest is then sent.
+One answer is worked on at a time; when ``QUEUE_SIZE`` more are waiting, a
+person is told ``busy, try again shortly`` once (again only after a question
+of theirs was queued, or the queue emptied) and the question is dropped; an
+agent is not told. An answer that raises or takes longer than
+``answer_timeout`` becomes a one-line apology (after the lines already sent,
+if any): nothing about the failure goes to IRC.
 
 Agents and loops: the client tells agents by their username, ``agent``
 (``~agent`` on servers without ident); ``ReplyPolicy`` decides when another
@@ -60,6 +65,7 @@ from typing import Final
 
 import trio
 
+from .answer_stream import NO_ANSWER, AnswerLines, Draft
 from .irc import (
     Connect,
     Disconnected,
@@ -89,6 +95,7 @@ __all__ = [
     "AgentIrcError",
     "AgentPresence",
     "Answer",
+    "Draft",
     "InvalidPresence",
     "ReplyPolicy",
     "addressed_to",
@@ -100,9 +107,10 @@ __all__ = [
 
 log = logging.getLogger("fireclaw.agent_irc")
 
-#: ``await answer(sender_nick, where, text)`` -> the reply; ``where`` is the
-#: channel the question was asked in, or ``"private"``.
-Answer = Callable[[str, str, str], Awaitable[str]]
+#: ``await answer(sender_nick, where, text, draft)`` -> the reply; ``where`` is
+#: the channel the question was asked in, or ``"private"``. What the answer
+#: writes to ``draft`` while it runs goes out line by line at once.
+Answer = Callable[[str, str, str, Draft], Awaitable[str]]
 
 #: Every agent registers with this username; it is how agents know each other.
 AGENT_USERNAME: Final = "agent"
@@ -122,7 +130,6 @@ CALM: Final = 300.0
 RETUNE_QUIT_TIMEOUT: Final = 5.0
 
 BUSY: Final = "busy, try again shortly"
-NO_ANSWER: Final = "(no answer)"
 FAILED: Final = "sorry, something went wrong while answering that"
 
 # Characters a nick may hold (RFC 2812), folded: a mention is a nick not touching one.
@@ -234,14 +241,9 @@ def reply_lines(
     is ``(no answer)``. When the answer is longer, the last line allowed says
     ``(… N more lines)`` instead.
     """
-    if max_lines < 2:
-        raise ValueError(f"max_lines must be at least 2, not {max_lines}")
-    body = text.replace("\x01", "").strip() or NO_ANSWER  # \x01 would make it a CTCP
-    pages = paginate(prefix + body, budget)
-    if len(pages) > max_lines:
-        rest = len(pages) - (max_lines - 1)
-        pages = [*pages[: max_lines - 1], f"(… {rest} more lines)"]
-    return pages
+    lines = AnswerLines(prefix=prefix, budget=budget, max_lines=max_lines)
+    lines.close(text)
+    return lines.take()
 
 
 def irc_config(presence: IrcPresence) -> IrcConfig:
@@ -460,37 +462,63 @@ class AgentPresence:
         ):
             log.info("not answering agent %s in %s: cooling down", question.sender, question.where)
             return
-        try:
-            with trio.fail_after(self.answer_timeout):
-                text = await self._answer(question.sender, question.where, question.text)
-        except trio.TooSlowError:
-            log.warning("answer to %s took over %gs; gave up", question.sender, self.answer_timeout)
-            text = f"sorry, that took too long (over {self.answer_timeout:g}s)"
-        except Exception:
-            log.exception("answer to %s failed", question.sender)
-            text = FAILED
-        await self._reply(question, text)
+        draft = _Draft(self._lines(question))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_lines, question, draft)
+            try:
+                with trio.fail_after(self.answer_timeout):
+                    text = await self._answer(question.sender, question.where, question.text, draft)
+            except trio.TooSlowError:
+                log.warning(
+                    "answer to %s took over %gs; gave up", question.sender, self.answer_timeout
+                )
+                text = f"sorry, that took too long (over {self.answer_timeout:g}s)"
+            except Exception:
+                log.exception("answer to %s failed", question.sender)
+                text = FAILED
+            draft.close(text)
         self.policy.answered(trio.current_time(), to_agent=question.from_agent)
 
-    async def _reply(self, question: _Question, text: str) -> None:
-        client = self._client
-        if client is None:
-            return
-        prefix = f"{question.sender}: "
-        if question.where == PRIVATE or _starts_addressing(text, question.sender):
-            prefix = ""
+    def _lines(self, question: _Question) -> AnswerLines:
+        """The IRC lines of an answer to ``question``, to be written."""
+        nick = self._client.nick if self._client is not None else ""
         budget = message_budget(
-            nick="x" * max(len(client.nick), len(self.presence.nick)),
+            nick="x" * max(len(nick), len(self.presence.nick)),
             username=AGENT_USERNAME,
             host="x" * HOST_GUESS,
             command="PRIVMSG",
             target=question.reply_to,
         )
-        lines = reply_lines(text, prefix=prefix, budget=budget, max_lines=self.max_lines)
+        return AnswerLines(
+            prefix="" if question.where == PRIVATE else f"{question.sender}: ",
+            addressee=question.sender,
+            budget=budget,
+            max_lines=self.max_lines,
+        )
+
+    async def _send_lines(self, question: _Question, draft: _Draft) -> None:
+        """Send the answer's lines as they become ready, until it is closed."""
+        while True:
+            await draft.changed()
+            while lines := draft.lines.take():
+                for line in lines:
+                    await self._say(question.reply_to, line)
+            if draft.lines.closed:
+                return
+
+    async def _reply(self, question: _Question, text: str) -> None:
+        lines = self._lines(question)
+        lines.close(text)
+        await self._say(question.reply_to, "\n".join(lines.take()))
+
+    async def _say(self, target: str, text: str) -> None:
+        client = self._client
+        if client is None:
+            return
         try:
-            await client.privmsg(question.reply_to, "\n".join(lines))
+            await client.privmsg(target, text)
         except InvalidParameter as exc:
-            log.warning("cannot reply to %s: %s", question.reply_to, exc)
+            log.warning("cannot reply to %s: %s", target, exc)
 
     async def notice(self, sender: str, where: str, text: str) -> None:
         """One NOTICE line about the answer being worked on for ``sender`` in ``where``
@@ -513,8 +541,26 @@ class AgentPresence:
             log.warning("cannot send a notice to %s: %s", target, exc)
 
 
-def _starts_addressing(text: str, nick: str) -> bool:
-    """Whether ``text`` already begins with ``nick:`` or ``nick,``."""
-    body = text.lstrip()
-    head = casefold(body[: len(nick)])
-    return head == casefold(nick) and body[len(nick) : len(nick) + 1] in (":", ",")
+class _Draft:
+    """The ``Draft`` an answer writes to: its ``AnswerLines``, and a wake-up for
+    the task that sends them."""
+
+    def __init__(self, lines: AnswerLines) -> None:
+        self.lines = lines
+        self._changed = trio.Event()
+
+    def write(self, text: str) -> None:
+        self.lines.write(text)
+        self._changed.set()
+
+    def discard(self) -> None:
+        self.lines.discard()
+
+    def close(self, text: str) -> None:
+        self.lines.close(text)
+        self._changed.set()
+
+    async def changed(self) -> None:
+        """Until something was written (or the draft closed) since the last call."""
+        await self._changed.wait()
+        self._changed = trio.Event()

@@ -462,8 +462,10 @@ class Turn:
             return "not JSON"
         if not isinstance(value, dict):
             return "not a JSON object"
-        if isinstance(value.get("final"), str) and "tool" not in value:
-            return Answer(value["final"].strip())
+        # A final answer is sent on as it streams when "final" comes first: then it wins.
+        final = value.get("final")
+        if isinstance(final, str) and ("tool" not in value or next(iter(value)) == "final"):
+            return Answer(final.strip())
         tool = value.get("tool")
         if not isinstance(tool, str):
             return 'neither "tool" nor "final"'

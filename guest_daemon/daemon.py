@@ -71,7 +71,7 @@ from trio_websocket import (
 )
 
 from . import users, workspace
-from .agent_irc import AgentPresence
+from .agent_irc import AgentPresence, Draft
 from .harness import Children, Identity, one_line, run_command
 from .protocol import (
     MAX_FRAME_BYTES,
@@ -519,15 +519,16 @@ class Session:
                 return
 
 
-async def _answer(work: Work, sender: str, where: str, text: str) -> str:
-    """What the agent says on IRC: its harness (or its model), asked the message;
-    a tool call shows beside the answer as one NOTICE line."""
+async def _answer(work: Work, sender: str, where: str, text: str, draft: Draft) -> str:
+    """What the agent says on IRC: its harness (or its model), asked the message,
+    its answer written to ``draft`` as the model streams it; a tool call shows
+    beside the answer as one NOTICE line."""
 
     async def notice(to: str, where: str, line: str) -> None:
         if work.presence is not None:
             await work.presence.notice(to, where, line)
 
-    return await work.turns.answer(sender, where, text, notice)
+    return await work.turns.answer(sender, where, text, notice, draft)
 
 
 def _why(exc: ConnectionClosed) -> str:

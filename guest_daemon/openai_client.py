@@ -6,7 +6,8 @@ call closes its stream, which tells the server to stop generating.
 
 ``complete(base_url, body)`` posts a chat completion and reads the answer,
 streamed (server-sent events, merged by ``chat.ReplyMerger``) or whole, into
-a ``chat.Reply``. ``tool_support(base_url)`` asks llama-server's ``/props``
+a ``chat.Reply``; ``on_chunk`` sees each decoded chunk as it arrives (the
+answer sent on as it is written). ``tool_support(base_url)`` asks llama-server's ``/props``
 whether the model's chat template takes tools.
 
 Errors::
@@ -22,6 +23,7 @@ a cancel scope (the turn's deadline).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -124,11 +126,18 @@ def _error_message(body: bytes) -> str:
     return text if len(text) <= _MAX_QUOTE else text[:_MAX_QUOTE] + "..."
 
 
-async def complete(base_url: str, body: dict[str, Any]) -> Reply:
+#: ``on_chunk(chunk)``: one decoded JSON chunk of the reply, as it arrives.
+OnChunk = Callable[[object], None]
+
+
+async def complete(
+    base_url: str, body: dict[str, Any], *, on_chunk: OnChunk | None = None
+) -> Reply:
     """POST ``body`` to ``{base_url}/chat/completions``; the model's reply.
 
     Reads an event stream when the server sends one (``text/event-stream``),
-    a whole JSON response otherwise. Raises ModelError."""
+    a whole JSON response otherwise; each chunk goes to ``on_chunk`` too, before
+    the next is read. Raises ModelError."""
     response, stream, conn = await _exchange(
         base_url, "POST", "/chat/completions", json.dumps(body).encode()
     )
@@ -142,24 +151,30 @@ async def complete(base_url: str, body: dict[str, Any]) -> Reply:
             decoder = SseDecoder()
             try:
                 async for piece in _body_chunks(stream, conn):
-                    if _feed_events(decoder.feed(piece), merger):
+                    if _feed_events(decoder.feed(piece), merger, on_chunk):
                         break
                 else:
-                    _feed_events(decoder.close(), merger)
+                    _feed_events(decoder.close(), merger, on_chunk)
             except ModelReplyError as exc:
                 raise ModelError(str(exc)) from exc
         else:
             data = b"".join([piece async for piece in _body_chunks(stream, conn)])
-            merger.feed(_json(data.decode("utf-8", errors="replace")))
+            whole = _json(data.decode("utf-8", errors="replace"))
+            merger.feed(whole)
+            if on_chunk is not None:
+                on_chunk(whole)
         return merger.reply()
 
 
-def _feed_events(events: list[str], merger: ReplyMerger) -> bool:
-    """Feed event payloads to ``merger``; true once ``[DONE]`` was seen."""
+def _feed_events(events: list[str], merger: ReplyMerger, on_chunk: OnChunk | None) -> bool:
+    """Feed event payloads to ``merger`` (and ``on_chunk``); true once ``[DONE]`` was seen."""
     for event in events:
         if event.strip() == "[DONE]":
             return True
-        merger.feed(_json(event))
+        chunk = _json(event)
+        merger.feed(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
     return False
 
 

@@ -15,7 +15,9 @@ hands it every ``Promote`` (``retune``), ``Task``, IRC question and
   reported done with ``EXIT_CANCELLED``.
 
 Every tool run is reported to the host as a ``ToolRan`` (the audit trail) and,
-for an IRC question, shown as one NOTICE line.
+for an IRC question, shown as one NOTICE line. A chat turn on an IRC question
+writes its answer to the question's ``Draft`` as the model streams it; a
+command harness answers whole, at its end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import trio
 
 from .agent import ChatAgent, Model, ToolModes
 from .agent_irc import PRIVATE
+from .answer_stream import Draft
 from .chat import ToolCall
 from .harness import (
     Children,
@@ -196,8 +199,11 @@ class Turns:
             TaskDone(task_id=msg.task_id, code=code, output=output, truncated=truncated)
         )
 
-    async def answer(self, sender: str, where: str, text: str, notice: Notice) -> str:
-        """What the agent says on IRC to ``text`` from ``sender`` in ``where``."""
+    async def answer(
+        self, sender: str, where: str, text: str, notice: Notice, draft: Draft | None = None
+    ) -> str:
+        """What the agent says on IRC to ``text`` from ``sender`` in ``where``; a chat
+        turn writes it to ``draft`` too, as it streams."""
         identity, agent = self.identity, self.agent
         if identity is None:
             return "I am not an agent yet"
@@ -222,7 +228,9 @@ class Turns:
         question = f"{sender}: {text}"
         outcome = None
         with self._turn() as scope:
-            outcome = await agent.answer(question, report=report, history=list(history))
+            outcome = await agent.answer(
+                question, report=report, history=list(history), draft=draft
+            )
         if outcome is None or scope.cancelled_caught:
             return self._cancel_note(scope)
         if not outcome.ok:

@@ -27,10 +27,13 @@ import trio
 class Stream:
     """An SSE answer: each chunk one ``data:`` event (a string is sent as it is),
     then ``[DONE]`` unless ``hang`` (then the server keeps the stream open until
-    the client closes it)."""
+    the client closes it). With ``hold``, the server stops after ``hold_after``
+    chunks, sets ``ScriptedModel.holding``, and sends the rest once ``hold`` is set."""
 
     chunks: list[dict[str, Any] | str]
     hang: bool = False
+    hold: trio.Event | None = None
+    hold_after: int = 0
 
 
 @dataclass
@@ -107,6 +110,7 @@ class ScriptedModel:
         self.requests: list[dict[str, Any]] = []
         self.stream_closed = trio.Event()
         self.hanging = trio.Event()
+        self.holding = trio.Event()
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -151,10 +155,13 @@ class ScriptedModel:
                     await self._send_json(stream, conn, code, error)
                 case Whole(body=whole):
                     await self._send_json(stream, conn, 200, whole)
-                case Stream(chunks=chunks, hang=hang):
+                case Stream(chunks=chunks, hang=hang, hold=hold, hold_after=hold_after):
                     headers = [("Content-Type", "text/event-stream")]
                     await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
-                    for chunk in chunks:
+                    for n, chunk in enumerate(chunks):
+                        if hold is not None and n == hold_after:
+                            self.holding.set()
+                            await hold.wait()
                         data = chunk if isinstance(chunk, str) else json.dumps(chunk)
                         line = f"data: {data}\r\n\r\n".encode()
                         await stream.send_all(conn.send(h11.Data(data=line)))

@@ -20,6 +20,7 @@ from fireclaw.guest_daemon.agent_irc import (
     NO_ANSWER,
     AgentPresence,
     Answer,
+    Draft,
     InvalidPresence,
     ReplyPolicy,
     addressed_to,
@@ -199,7 +200,7 @@ def test_irc_config_of_a_presence() -> None:
         AgentPresence(presence("1alice"), echo)
 
 
-async def echo(sender: str, where: str, text: str) -> str:
+async def echo(sender: str, where: str, text: str, draft: Draft) -> str:
     return text
 
 
@@ -356,11 +357,11 @@ async def start(
 def pinger(delay: float) -> tuple[Answer, Answer]:
     """alice asks bob, bob answers alice; each takes ``delay`` seconds."""
 
-    async def alice(sender: str, where: str, text: str) -> str:
+    async def alice(sender: str, where: str, text: str, draft: Draft) -> str:
         await trio.sleep(delay)
         return "bob: ping"
 
-    async def bob(sender: str, where: str, text: str) -> str:
+    async def bob(sender: str, where: str, text: str, draft: Draft) -> str:
         await trio.sleep(delay)
         return "ok" if sender == "carol" else "alice: pong"
 
@@ -424,7 +425,7 @@ async def test_one_answer_at_a_time_then_busy_once_per_sender(
     taken = trio.Event()
     release = trio.Event()
 
-    async def slow(sender: str, where: str, text: str) -> str:
+    async def slow(sender: str, where: str, text: str, draft: Draft) -> str:
         taken.set()
         await release.wait()
         return f"re {text}"
@@ -455,7 +456,7 @@ async def test_one_answer_at_a_time_then_busy_once_per_sender(
 async def test_failures_become_one_line_apologies(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def troubled(sender: str, where: str, text: str) -> str:
+    async def troubled(sender: str, where: str, text: str, draft: Draft) -> str:
         if text == "crash":
             raise RuntimeError("Traceback (most recent call last): secret")
         await trio.sleep_forever()
@@ -477,7 +478,7 @@ async def test_failures_become_one_line_apologies(
 async def test_a_runaway_answer_is_cut_to_ten_lines(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async def chatty(sender: str, where: str, text: str) -> str:
+    async def chatty(sender: str, where: str, text: str, draft: Draft) -> str:
         return "\n".join(f"line {n}" for n in range(1000))
 
     async with fake_network() as (ircd, nursery):
@@ -575,7 +576,7 @@ async def joined(someone: Person, *nicks: str) -> None:
 async def test_ngircd_answers_mentions_and_private_messages(ircd: Ircd) -> None:
     calls: list[tuple[str, str, str]] = []
 
-    async def answer(sender: str, where: str, text: str) -> str:
+    async def answer(sender: str, where: str, text: str, draft: Draft) -> str:
         calls.append((sender, where, text))
         return f"you said {text}"
 
@@ -669,7 +670,7 @@ async def test_ngircd_two_agents_do_not_loop(ircd: Ircd) -> None:
 
 @needs_ngircd
 async def test_ngircd_line_breaks_cannot_make_commands(ircd: Ircd) -> None:
-    async def unescape(sender: str, where: str, text: str) -> str:
+    async def unescape(sender: str, where: str, text: str, draft: Draft) -> str:
         # A harness whose output has every kind of line break and a NUL.
         return text.replace(" | ", "\r\n").replace(" / ", "\r").replace(" ~ ", "\n\x00")
 
@@ -695,3 +696,38 @@ def test_an_answer_line_is_one_wire_line() -> None:
     for line in lines:
         wire = privmsg("#agents", line)
         assert wire.count(b"\r\n") == 1 and len(wire) <= MAX_LINE
+
+
+async def test_lines_written_to_the_draft_go_out_before_the_answer_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def streaming(sender: str, where: str, text: str, draft: Draft) -> str:
+        draft.write("first line\nsecond ")
+        await trio.sleep(100)
+        if text == "fail":
+            draft.write("line\nthird, never finished")
+            await trio.sleep(100)
+            raise RuntimeError("the model went away")
+        draft.write("line\n")
+        return "first line\nsecond line\nlast"
+
+    async with fake_network() as (ircd, nursery):
+        ircd.person("carol", "#agents")
+        await start(ircd, nursery, "alice", streaming)
+        t0 = trio.current_time()
+        await ircd.say("carol", "#agents", "alice: go")
+        await ircd.until(lambda: len(ircd.said(t0)) == 4)
+        assert [entry for entry in ircd.said(t0) if entry[1] == "alice"] == [
+            (0.0, "alice", "#agents", "carol: first line"),
+            (100.0, "alice", "#agents", "second line"),
+            (100.0, "alice", "#agents", "last"),
+        ]
+        # A failure after lines went out: they stay, the apology ends the answer.
+        await ircd.say("carol", "alice", "fail")
+        await ircd.until(lambda: len(ircd.said(t0)) == 8)
+        t1 = ircd.said(t0)[4][0]
+        assert ircd.said(t0)[5:] == [
+            (t1, "alice", "carol", "first line"),
+            (t1 + 100, "alice", "carol", "second line"),
+            (t1 + 200, "alice", "carol", FAILED),
+        ]

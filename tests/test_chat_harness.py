@@ -668,3 +668,64 @@ async def test_podman_run_runs_a_networkless_container_as_the_agent(
     ]  # fmt: skip
     bad = await toolbox.run(ToolCall("d", "podman_run", {"image": "-v /:/h", "command": "x"}, ""))
     assert bad.code == 2 and "invalid arguments" in bad.output
+
+
+# --- the answer written to a draft as it streams ---------------------------------------
+
+
+class Written:
+    """A ``Draft`` that keeps what a turn wrote, one entry per reply (a discard
+    closes an entry)."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = [""]
+
+    def write(self, text: str) -> None:
+        self.replies[-1] += text
+
+    def discard(self) -> None:
+        self.replies.append("")
+
+
+async def draft_turn(rig: Rig, model: ScriptedModel, mode: str) -> tuple[TurnOutcome, Written]:
+    agent = await rig.agent(model, tool_mode=mode, tools=["run_shell"])
+    written = Written()
+    with trio.fail_after(WAIT):
+        outcome = await agent.answer("go", report=rig.report, draft=written)
+    return outcome, written
+
+
+async def test_json_mode_writes_the_final_string_and_nothing_of_a_tool_call(rig: Rig) -> None:
+    final = 'It is "42".\nYes — sure 😀'
+    model = ScriptedModel(
+        [
+            action({"tool": "run_shell", "arguments": {"command": "echo '{\"final\": 1}'"}}),
+            text('{"final": "cut short', finish="length"),
+            action({"final": final}),
+        ]
+    )
+    outcome, written = await draft_turn(rig, model, "json")
+    assert outcome == TurnOutcome(True, final, 3)
+    # The tool call wrote nothing; the reply cut off wrote its start, then was
+    # discarded; the final answer was written whole.
+    assert written.replies == ["", "cut short", final]
+    assert [call.name for call, _ in rig.reports] == ["run_shell"]
+
+
+async def test_native_mode_writes_the_content_until_a_tool_call(rig: Rig) -> None:
+    call = {
+        "index": 0,
+        "id": "c1",
+        "function": {"name": "run_shell", "arguments": '{"command": "true"}'},
+    }
+    preface = Stream(
+        [
+            {"choices": [{"index": 0, "delta": {"content": "Let me look. "}}]},
+            {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        ]
+    )
+    model = ScriptedModel([preface, text("Done.\nBye.")])
+    outcome, written = await draft_turn(rig, model, "native")
+    assert outcome == TurnOutcome(True, "Done.\nBye.", 2)
+    assert written.replies == ["Let me look. ", "Done.\nBye."]

@@ -8,7 +8,8 @@ played by the independent ``irc`` library.
 * With a SCRIPTED OpenAI-compatible server (``scripted_model.py``, a test double
   named as such) for what a 135M model does not do on cue: a tool call, shown on
   IRC as a one-line notice and audited; a long answer sent line by line within
-  IRC's 512 bytes; ``!stop`` ending a turn whose model never finishes.
+  IRC's 512 bytes; ``!stop`` ending a turn whose model never finishes; an
+  answer whose first line is on IRC while the model still holds the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 from fireclaw.guest_daemon.agent_irc import BUSY, FAILED
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
 from ircperson import Event, Person
-from scripted_model import ScriptedModel, Stream, text, tool_call
+from scripted_model import ScriptedModel, Stream, action, text, tool_call
 from swarmctl import NOTHING, WAIT, Swarm, idle, swarm_yaml
 from test_swarm import free_port
 
@@ -268,6 +269,68 @@ def test_tool_notice_long_answer_audit_and_stop(tmp_path: Path) -> None:
             trio.from_thread.run_sync(model.script.append, text("Still here."), trio_token=token)
             op.say(AGENTS, "alice: still there?")
             op.said(AGENTS, "op: Still here.")
+            assert swarm.stop() == 0
+            assert swarm.leftovers() == NOTHING
+        finally:
+            if op is not None:
+                op.stop()
+            swarm.close()
+
+
+def content(piece: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+
+
+def test_an_answer_streams_to_irc_line_by_line(tmp_path: Path) -> None:
+    """JSON action mode: the tool call's action goes out as a notice only; the final
+    string's first line is on IRC while the model holds the rest of its stream."""
+    first = "The first line, sent before the model is done."
+    rest = "Second line.\n" + " ".join(WORDS)
+    final = json.dumps({"final": f"{first}\n{rest}"})
+    cut = final.index("Second") + 3  # the stream holds in the middle of the second line
+    release = trio.Event()
+    held = Stream(
+        [content(final[:9]), content(final[9:cut]), content(final[cut:]), content("")],
+        hold=release,
+        hold_after=2,
+    )
+    model = ScriptedModel([action({"tool": "run_shell", "arguments": {"command": "true"}}), held])
+    port = free_port()
+    harness = (
+        "{kind: chat, tool_mode: json, tools: [run_shell], max_steps: 4,"
+        " max_tokens: 256, timeout: 600}"
+    )
+    op: Person | None = None
+    with served(model) as (url, token):
+        config = f"models:\n  server: {url}\n" + swarm_yaml(
+            chat_role("scripted", harness), irc=irc_yaml(port)
+        )
+        swarm = Swarm(tmp_path, config)
+        try:
+            swarm.start()
+            op = Person(("127.0.0.1", port), "op").start(CONTROL, AGENTS)
+            invoke_alice(op, swarm, WAIT)
+            op.say(AGENTS, "alice: tell me, slowly")
+            notice = op.expect("alice's tool notice", lambda e: from_alice(e, "pubnotice"))
+            assert notice.arguments[0].startswith("[run_shell] ")
+            line = op.expect("the first line", from_alice)
+            assert line.arguments[0] == f"op: {first}"
+            # The turn has not ended: its model stream is still held, unfinished.
+            wait_event(token, model.holding, "the final answer's request")
+            assert not release.is_set() and not model.script
+            trio.from_thread.run_sync(release.set, trio_token=token)
+            last = op.expect(
+                "the answer's end", lambda e: from_alice(e) and "w299" in e.arguments[0]
+            )
+            lines = [e for e in op.seen[: op.seen.index(last) + 1] if from_alice(e)]
+            said = [e.arguments[0] for e in lines]
+            assert said[:2] == [f"op: {first}", "Second line."]
+            assert re.findall(r"w\d+", " ".join(said[2:])) == WORDS  # nothing lost or cut
+            assert len(said) > 3  # the long line went out as several
+            assert all(wire_bytes(e) <= IRC_LINE for e in [notice, *lines])
+            # Nothing of the tool call's JSON went to the channel as text.
+            assert not [e for e in op.seen if from_alice(e) and "{" in e.arguments[0]]
+            print(f"\n{transcript(op)}")
             assert swarm.stop() == 0
             assert swarm.leftovers() == NOTHING
         finally:
