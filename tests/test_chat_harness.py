@@ -42,8 +42,7 @@ from fireclaw.guest_daemon.protocol import (
 from fireclaw.guest_daemon.tools import EXIT_TIMEOUT, MEMORY_FILE, Toolbox, ToolResult
 from fireclaw.guest_daemon.turns import Turns, cut_bytes
 from fireclaw.guest_daemon.users import AgentDir, RunAs, agent_user
-
-from tests.scripted_model import ScriptedModel, Status, Stream, action, text, tool_call
+from scripted_model import ScriptedModel, Status, Stream, action, text, tool_call
 
 WAIT = 30.0  # generous: tools are fresh processes on a possibly busy machine
 
