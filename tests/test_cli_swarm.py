@@ -7,6 +7,7 @@ and its output is read the way a person reads it: headers, rows, columns.
 
 from __future__ import annotations
 
+import json
 import queue
 import subprocess
 import threading
@@ -217,3 +218,43 @@ def test_a_handover_on_the_process_backend_is_a_clean_restart(make_swarm) -> Non
     assert ok(swarm, "down", "--leave-vms") == "stopping\n"
     assert swarm.proc.wait(timeout=STOP_WAIT) == 0
     assert swarm.leftovers() == NOTHING
+
+
+def test_stop_ends_a_turn_and_logs_gives_one_agents_trail_as_json(make_swarm) -> None:  # type: ignore[no-untyped-def]
+    """`stop NAME`: the task a VM works on, whose command would run for an hour,
+    ends at once with exit 130 and the VM stays. `logs --agent NAME --json`:
+    that VM's events, one JSON object a line, and nobody else's."""
+    forever = 'harness: {kind: command, command: ["sh", "-c", "exec sleep 3600"]}\n'
+    swarm = make_swarm(swarm_yaml(role_yaml("worker", min_idle=1, extra=forever)))
+    swarm.wait_for("1 idle worker", idle("worker", 1))
+    task = swarm.api.post("/tasks", {"role": "worker", "prompt": "never ends"})
+    st = swarm.wait_for(
+        "the task at work",
+        lambda s: s["tasks"]["claimed"] == 1 and any(a["state"] == "active" for a in s["agents"]),
+    )
+    (vm,) = [a for a in st["agents"] if a["state"] == "active"]
+    claimed = [e for e in swarm.events("task_claimed") if e["detail"]["task_id"] == task["id"]]
+    assert [e["subject"] for e in claimed] == [vm["name"]]
+
+    assert ok(swarm, "stop", vm["name"]) == f"{vm['name']}: stopped what it was doing\n"
+    swarm.wait_for("the task failed", lambda s: s["tasks"]["failed"] == 1)
+    row = swarm.api.get(f"/tasks/{task['id']}")
+    assert (row["state"], row["exit_code"], row["attempts"]) == ("failed", 130, 0), row
+    assert row["result"] == "cancelled: stopped through the API"
+    assert any(a["name"] == vm["name"] and a["pid"] == vm["pid"] for a in swarm.agents())
+
+    lines = ok(swarm, "logs", "--agent", vm["name"], "--json").splitlines()
+    trail = [json.loads(line) for line in lines]
+    named = vm["name"]
+    mine = [
+        e
+        for e in swarm.events()
+        if named in (e["subject"], e["detail"].get("agent"), e["detail"].get("vm"))
+    ]
+    assert [e["id"] for e in trail] == [e["id"] for e in mine]
+    assert {"task_claimed", "turn_cancelled"} <= {e["kind"] for e in trail}, trail
+    others = {a["name"] for a in swarm.agents()} - {vm["name"]}
+    assert not any(e["subject"] in others for e in trail)
+    out = swarm.cli("stop", "nobody-here")
+    assert out.returncode == 1
+    assert out.stderr.decode() == "fireclaw-swarm: no agent or VM named 'nobody-here'\n"
