@@ -129,11 +129,23 @@ def test_a_mention_gets_a_reply_the_model_wrote(tmp_path: Path) -> None:
         assert answer and question not in answer, said
         assert answer not in (FAILED, BUSY) and not answer.startswith("sorry, that took"), said
         print(f"\n{transcript(op)}")
+
         # The ledger holds the turn's calls under alice, with the server's counts;
         # the audit trail has one model_call event per ledger row, with the same counts.
-        usage = json.loads(swarm.cli("usage", "--by", "agent", "--json").stdout)
-        (row,) = [r for r in usage["rows"] if r["key"] == "alice"]
-        calls = [e["detail"] for e in audit_of(swarm, "alice") if e["kind"] == "model_call"]
+        # The answer streams: its first line is out before its call ends and is
+        # written down, so that is awaited (each event wakes the status long-poll).
+        def ledger() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            usage = json.loads(swarm.cli("usage", "--by", "agent", "--json").stdout)
+            rows = [r for r in usage["rows"] if r["key"] == "alice"]
+            calls = [e["detail"] for e in audit_of(swarm, "alice") if e["kind"] == "model_call"]
+            return rows, calls
+
+        def written(_: dict[str, Any]) -> bool:
+            rows, calls = ledger()
+            return len(rows) == 1 and rows[0]["calls"] == len(calls) >= 1
+
+        swarm.wait_for("alice's model calls in the ledger", written, timeout=MODEL_WAIT)
+        (row,), calls = ledger()
         assert 1 <= row["calls"] == len(calls) <= shipped["max_steps"]
         assert all(c["outcome"] == "ok" and c["role"] == "worker" for c in calls), calls
         assert all(0 < c["completion_tokens"] <= shipped["max_tokens"] for c in calls)
