@@ -105,6 +105,8 @@ QUESTIONS = (
     "What is two plus two?",
     "Name a fruit that is yellow.",
     "Say hello to the channel.",
+    # An answer of several lines: streaming shows as a first line ahead of the last.
+    "List three animals, one per line.",
 )
 #: Seconds a chat turn may take (the harness's bound); SmolLM2 on a loaded 2-core
 #: host has written 1.5 tokens/s.
@@ -315,6 +317,7 @@ def bench_swarm(
         out["first_line"] = summary_ms(first, digits=1)
         out["last_line"] = summary_ms(last, digits=1)
         out["turns"] = turns
+        out["lines_per_answer"] = sorted(len(t["said"]) for t in turns)
         print(
             f"  mention to first line p50 {out['first_line']['p50_ms']:.0f} ms,"
             f" to last line p50 {out['last_line']['p50_ms']:.0f} ms",
@@ -475,6 +478,13 @@ def table(results: dict[str, Any]) -> str:
                     f" {_ratio(chat[key]['p50_ms'], cmd[key]['p50_ms'])} at p50",
                 )
             )
+    if lines := chat.get("lines_per_answer"):
+        rows.append(
+            (
+                f"lines in an answer, min / median / max (n={len(lines)})",
+                f"{lines[0]} / {lines[len(lines) // 2]} / {lines[-1]}",
+            )
+        )
     if "ledger" in chat:
         led = chat["ledger"]
         rows.append(
