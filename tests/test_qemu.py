@@ -57,17 +57,19 @@ from fireclaw.pool.accel import (
 )
 from fireclaw.pool.drivers import choose as choose_backend
 from fireclaw.pool.drivers import qemu as qemu_mod
-from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
-from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
-from fireclaw.pool.drivers.qemu import (
+from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
-    QemuDriver,
-    QemuVm,
-    guest_control_url,
+    WORKSPACE_BYTES,
+    WORKSPACE_SERIAL,
+    Driver,
+    DriverError,
+    VmHandle,
+    VmSpec,
     info_path,
-    kernel_cmdline,
-    qemu_argv,
 )
+from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
+from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
+from fireclaw.pool.drivers.qemu_argv import guest_control_url, kernel_cmdline, qemu_argv
 from fireclaw.pool.drivers.spawn import in_netns
 from fireclaw.pool.image import Image, ImageSpec, build_image
 from fireclaw.pool.qmp import open_qmp
@@ -186,12 +188,12 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
     )  # fmt: skip
     assert "file=/d/vm.qcow2,if=none,format=qcow2,id=root,discard=unmap" in argv
     assert "tap,id=n0,ifname=tap0,script=no,downscript=no" in argv
-    spare = f"virtio-blk-device,drive=ws,serial={qemu_mod.WORKSPACE_SERIAL}"
+    spare = f"virtio-blk-device,drive=ws,serial={WORKSPACE_SERIAL}"
     # The root disk comes first, then the spare the guest finds by its serial.
     assert argv.index("virtio-blk-device,drive=root") < argv.index(spare)
-    assert f"size={qemu_mod.WORKSPACE_BYTES}," in argv[argv.index(spare) - 4]
+    assert f"size={WORKSPACE_BYTES}," in argv[argv.index(spare) - 4]
     # The guest looks for the serial the driver gives.
-    assert guest_workspace.SERIAL == qemu_mod.WORKSPACE_SERIAL
+    assert guest_workspace.SERIAL == WORKSPACE_SERIAL
     cmdline = kernel_cmdline(
         "base", _spec(control_url="ws://172.16.0.1:7000/", tap="tap0", disk=Path("/d")), TCG,
         tsc_khz=None,

@@ -34,24 +34,38 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
-from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import (
+    Capability,
+    Driver,
+    DriverError,
+    DriverInfo,
+    Running,
+    Unsupported,
+    VmHandle,
+    VmmCommandError,
+    VmSpec,
+)
 from fireclaw.pool.drivers.process import ProcessDriver
 
 __all__ = [
     "AVAILABLE",
     "Backend",
     "BackendUnavailable",
+    "Capability",
     "Choice",
     "Driver",
     "DriverError",
+    "DriverInfo",
     "POOL_NOT_READY",
     "NotReady",
     "ProcessDriver",
     "QEMU",
     "QEMU_OVERHEAD_MIB",
     "Running",
+    "Unsupported",
     "VmHandle",
     "VmSpec",
+    "VmmCommandError",
     "choose",
     "open_backend",
     "why_not_firecracker",
@@ -99,7 +113,17 @@ class NotReady:
     name = "not-ready"
     outlives_supervisor = False
 
+    def describe(self) -> DriverInfo:
+        return DriverInfo(
+            name=self.name,
+            capabilities=frozenset(),
+            unavailable="the VMM backend is not set up yet",
+        )
+
     async def start(self, spec: VmSpec) -> VmHandle:
+        raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> VmHandle:
         raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
 
     async def adopt(self, spec: VmSpec, running: Running) -> VmHandle:
