@@ -56,7 +56,6 @@ from fireclaw.pool.accel import (
     tsc_khz,
 )
 from fireclaw.pool.drivers import choose as choose_backend
-from fireclaw.pool.drivers import qemu as qemu_mod
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     WORKSPACE_BYTES,
@@ -69,7 +68,12 @@ from fireclaw.pool.drivers.base import (
 )
 from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
 from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
-from fireclaw.pool.drivers.qemu_argv import guest_control_url, kernel_cmdline, qemu_argv
+from fireclaw.pool.drivers.qemu_argv import (
+    guest_control_url,
+    kernel_cmdline,
+    make_run_dir,
+    qemu_argv,
+)
 from fireclaw.pool.drivers.spawn import in_netns
 from fireclaw.pool.image import Image, ImageSpec, build_image
 from fireclaw.pool.qmp import open_qmp
@@ -205,10 +209,10 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
 
 
 def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:
-    short = qemu_mod._make_run_dir(_spec(log_path=tmp_path / "w.log"))
+    short = make_run_dir(_spec(log_path=tmp_path / "w.log"))
     assert short == tmp_path / "run" / "worker-0-abc123" and short.is_dir()
     deep = tmp_path / ("d" * 100)
-    fallback = qemu_mod._make_run_dir(_spec(log_path=deep / "w.log"))
+    fallback = make_run_dir(_spec(log_path=deep / "w.log"))
     try:
         assert fallback.parent == Path(tempfile.gettempdir())
         assert len(os.fsencode(fallback / "qmp.sock")) <= 107

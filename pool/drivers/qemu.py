@@ -55,8 +55,7 @@ import contextlib
 import os
 import shutil
 import socket
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Final, TypeVar
@@ -76,7 +75,16 @@ from fireclaw.pool.drivers.base import (
     VmSpec,
     info_path,
 )
-from fireclaw.pool.drivers.qemu_argv import WS_EMPTY, WS_FILE, WS_NODE, kernel_cmdline, qemu_argv
+from fireclaw.pool.drivers.qemu_argv import (
+    WS_EMPTY,
+    WS_FILE,
+    WS_NODE,
+    kernel_cmdline,
+    make_run_dir,
+    opened,
+    qemu_argv,
+    qmp_listener,
+)
 from fireclaw.pool.drivers.qemu_migration import (
     SnapshotInfo,
     load_snapshot_info,
@@ -99,7 +107,6 @@ _UNDO_TIMEOUT: Final = 5.0
 STARTUP_TIMEOUT: Final = 10.0
 #: Host variables QEMU may see; the rest of the supervisor's environment stays out.
 _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
-_UNIX_PATH_MAX: Final = 107
 
 # --- the VM ------------------------------------------------------------------------------
 
@@ -331,17 +338,9 @@ class QemuDriver:
             log_offset = spec.log_path.stat().st_size
         except OSError:
             log_offset = 0
-        vm = QemuVm(
-            proc,
-            spec,
-            qemu=self.qemu,
-            image=self.image,
-            accel=self.accel,
-            cmdline="",  # not known here; only a snapshot would need it
-            run_dir=running.control_socket.parent,
-            log_offset=log_offset,
-            restored=True,  # its RAM, if in a file, is not ours to snapshot
-        )
+        # Its command line is not known here (only a snapshot would need it), and its
+        # RAM, if in a file, is not ours to snapshot.
+        vm = self._vm(proc, spec, "", running.control_socket.parent, log_offset, restored=True)
         try:
             with trio.fail_after(STARTUP_TIMEOUT):
                 state = await vm._over_qmp(run_state)
@@ -394,6 +393,28 @@ class QemuDriver:
         vm.restored_from = snapshot
         return vm
 
+    def _vm(
+        self,
+        proc: trio.Process | AdoptedProcess,
+        spec: VmSpec,
+        cmdline: str,
+        run_dir: Path,
+        log_offset: int,
+        *,
+        restored: bool,
+    ) -> QemuVm:
+        return QemuVm(
+            proc,
+            spec,
+            qemu=self.qemu,
+            image=self.image,
+            accel=self.accel,
+            cmdline=cmdline,
+            run_dir=run_dir,
+            log_offset=log_offset,
+            restored=restored,
+        )
+
     async def _launch(
         self,
         spec: VmSpec,
@@ -404,13 +425,13 @@ class QemuDriver:
     ) -> QemuVm:
         """Start QEMU for ``spec``: a boot, or a restore of ``incoming`` (whose RAM is
         ``private_memory``, mapped privately, when the snapshot left it out)."""
-        run_dir = _make_run_dir(spec)
+        run_dir = make_run_dir(spec)
         try:
             qmp_sock = qmp_listener(run_dir / "qmp.sock")
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"{spec.name}: QMP socket in {run_dir}: {exc.strerror}") from exc
-        with qmp_sock, _opened(incoming) as snapshot_fd:
+        with qmp_sock, opened(incoming) as snapshot_fd:
             return await self._spawn(
                 spec, cmdline, run_dir, qmp_sock.fileno(), snapshot_fd, private_memory
             )
@@ -458,17 +479,7 @@ class QemuDriver:
             raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
         finally:
             os.close(log_fd)
-        vm = QemuVm(
-            proc,
-            spec,
-            qemu=self.qemu,
-            image=self.image,
-            accel=self.accel,
-            cmdline=cmdline,
-            run_dir=run_dir,
-            log_offset=log_offset,
-            restored=incoming,
-        )
+        vm = self._vm(proc, spec, cmdline, run_dir, log_offset, restored=incoming)
         try:
             if spec.cgroup is not None:
                 await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
@@ -500,44 +511,3 @@ class QemuDriver:
 
 def _no_answer(spec: VmSpec) -> DriverError:
     return DriverError(f"{spec.name}: QEMU did not answer on QMP within {STARTUP_TIMEOUT:g}s")
-
-
-def qmp_listener(path: Path) -> socket.socket:
-    """A unix socket listening at ``path``, for QEMU to inherit as its QMP server."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        sock.listen(8)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-@contextlib.contextmanager
-def _opened(path: Path | None) -> Iterator[int | None]:
-    """``path`` open for reading (None: nothing), closed on the way out."""
-    if path is None:
-        yield None
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DriverError(f"snapshot {path}: {exc.strerror}") from exc
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _make_run_dir(spec: VmSpec) -> Path:
-    """A fresh private directory for the VM's sockets."""
-    run_dir = spec.log_path.absolute().parent / "run" / spec.vm_id
-    if len(os.fsencode(run_dir / "qmp.sock")) > _UNIX_PATH_MAX:
-        return Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id[:32]}-"))
-    try:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a leftover of a crashed supervisor
-        run_dir.mkdir(parents=True, mode=0o700)
-    except OSError as exc:
-        raise DriverError(f"{spec.name}: run directory {run_dir}: {exc.strerror}") from exc
-    return run_dir

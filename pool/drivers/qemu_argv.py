@@ -1,4 +1,5 @@
-"""QEMU's command line for one ``-M microvm`` VM, and the kernel's: pure functions.
+"""How one QEMU ``-M microvm`` process is set up: its command line and the kernel's
+(pure functions), its run directory and the QMP socket it inherits.
 
 The machine: the image's PVH vmlinux and initramfs; a root disk (the VM's own
 qcow2 overlay over the image, mounted read-write; or the image's root
@@ -11,7 +12,13 @@ inherits. See ``fireclaw.pool.drivers.qemu`` for how the networks are reached.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +39,7 @@ NETWORK: Final = "10.0.2.0/24"
 MACHINE: Final = "microvm,x-option-roms=off,rtc=on"
 _HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost"})
+_UNIX_PATH_MAX: Final = 107
 
 
 def guest_control_url(url: str, *, tap: bool = False) -> str:
@@ -160,3 +168,44 @@ def qemu_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
+
+
+def qmp_listener(path: Path) -> socket.socket:
+    """A unix socket listening at ``path``, for QEMU to inherit as its QMP server."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(8)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def opened(path: Path | None) -> Iterator[int | None]:
+    """``path`` open for reading (None: nothing), closed on the way out."""
+    if path is None:
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DriverError(f"snapshot {path}: {exc.strerror}") from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def make_run_dir(spec: VmSpec) -> Path:
+    """A fresh private directory for the VM's sockets."""
+    run_dir = spec.log_path.absolute().parent / "run" / spec.vm_id
+    if len(os.fsencode(run_dir / "qmp.sock")) > _UNIX_PATH_MAX:
+        return Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id[:32]}-"))
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a leftover of a crashed supervisor
+        run_dir.mkdir(parents=True, mode=0o700)
+    except OSError as exc:
+        raise DriverError(f"{spec.name}: run directory {run_dir}: {exc.strerror}") from exc
+    return run_dir
