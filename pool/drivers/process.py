@@ -56,7 +56,8 @@ def _unsupported(capability: Capability) -> NoReturn:
 
 
 class ProcessVm(VmmProcess):
-    """The guest daemon's process; ``kill`` also takes whatever it started."""
+    """The guest daemon's process; ``kill`` also takes whatever it started (its
+    descendants, and with a cgroup whatever is in it)."""
 
     vmm_name = "the guest process"
 
@@ -64,10 +65,8 @@ class ProcessVm(VmmProcess):
     def control_socket(self) -> None:
         return None
 
-    async def kill(self) -> None:
-        if not self.gone():
-            await trio.to_thread.run_sync(self._kill_tree)
-        await self.wait()
+    async def kill_process(self) -> None:
+        await trio.to_thread.run_sync(self._kill_tree)
 
     def _kill_tree(self) -> None:
         # Processes the guest started in sessions of their own are not in our process
@@ -81,8 +80,6 @@ class ProcessVm(VmmProcess):
         for child in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-        if self._spec.cgroup is not None:
-            cgroup.kill_all(self._spec.cgroup)
 
     def info(self) -> dict[str, object]:
         return {"driver": "process", "pid": self.pid, "netns": self._spec.netns}

@@ -78,12 +78,19 @@ class VmmProcess:
 
     async def kill(self) -> None:
         if not self.gone():
-            # The signal from the event loop: trio's process handle (its returncode,
-            # its pidfd) is not to be touched from a worker thread.
-            self.signal(signal.SIGKILL)
-            if self._spec.cgroup is not None:
-                await trio.to_thread.run_sync(cgroup.kill_all, self._spec.cgroup)
+            await self.kill_process()
+        if self._spec.cgroup is not None:
+            # Also once the VMM has exited by itself: what it started may live on
+            # in its cgroup (having left its session, so no signal to the group
+            # reached it).
+            await trio.to_thread.run_sync(cgroup.kill_all, self._spec.cgroup)
         await self.wait()
+
+    async def kill_process(self) -> None:
+        """SIGKILL to the VMM (its group, when it is our child)."""
+        # The signal from the event loop: trio's process handle (its returncode, its
+        # pidfd) is not to be touched from a worker thread.
+        self.signal(signal.SIGKILL)
 
     def signal(self, sig: signal.Signals) -> None:
         """``sig`` to the VMM's process group, or to an adopted VMM itself (VMMs
