@@ -8,7 +8,6 @@ the test playing the supervisor's control listener for the real guest daemon.
 
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import shutil
@@ -20,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,11 +60,9 @@ from fireclaw.pool.drivers.base import (
     WORKSPACE_SERIAL,
     Driver,
     DriverError,
-    VmHandle,
     VmSpec,
     info_path,
 )
-from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
 from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
 from fireclaw.pool.drivers.qemu_argv import (
     guest_control_url,
@@ -219,37 +215,6 @@ def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Pat
         assert fallback.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(fallback)
-
-
-def _protocol_members(proto: type) -> list[str]:
-    return sorted(
-        {n for n in vars(proto) if not n.startswith("_")}
-        | set(vars(proto).get("__annotations__", {}))
-    )
-
-
-@pytest.mark.parametrize(
-    ("proto", "impl"),
-    [(Driver, QemuDriver), (VmHandle, QemuVm), (Driver, ProcessDriver), (VmHandle, ProcessVm)],
-)
-def test_the_driver_fits_the_protocol(proto: type, impl: type) -> None:
-    """Every member the supervisor uses through the protocol is there, of the same
-    kind (property, plain or async method) and with the same parameters."""
-    members = _protocol_members(proto)
-    assert members, proto
-    for name in members:
-        want = inspect.getattr_static(proto, name, None)
-        got = inspect.getattr_static(impl, name, None)
-        if want is None:  # an annotated attribute, such as Driver.name
-            assert isinstance(got, typing.get_type_hints(proto)[name]), (impl, name)
-            continue
-        assert got is not None, f"{impl.__name__} has no {name}"
-        assert isinstance(got, property) == isinstance(want, property), (impl, name)
-        if isinstance(want, property):
-            continue
-        assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(want), (impl, name)
-        params = [(p.name, p.kind) for p in inspect.signature(want).parameters.values()]
-        assert [(p.name, p.kind) for p in inspect.signature(got).parameters.values()] == params
 
 
 def test_the_driver_is_the_backend_the_config_names(tmp_path: Path) -> None:
