@@ -4,7 +4,7 @@ A ``Driver`` boots a VM from a ``VmSpec`` (``start``), restores a clone from a
 snapshot (``restore``) or takes over one a previous supervisor left running
 (``adopt``), and hands back a ``VmHandle`` for the one VMM process behind it.
 The handle pauses and resumes the VM, snapshots it, attaches a named agent's
-workspace disk, asks it to stop, kills it and waits for it. Everything else
+workspace disk, asks it to stop (``terminate``), kills it and waits for it. Everything else
 (the control channel, health, restarts, templates) lives above the driver and
 names no driver class, so a new driver changes none of it.
 
