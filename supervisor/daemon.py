@@ -331,8 +331,10 @@ class Supervisor:
 
         For qemu: build the guest image into ``<state_dir>/images`` or find it
         there (a first build takes about a minute; its steps are logged), pick
-        KVM or TCG (a boot probe, cached), create the driver, and start the
-        snapshot templates the warm pools restore from. Raises
+        KVM or TCG (a boot probe, cached) and create the driver. Then, as the
+        driver describes itself: for real VMs the swarm's network and disks,
+        workspaces where it can attach them, and the snapshot templates the
+        warm pools restore from where it can snapshot. Raises
         BackendUnavailable (one line) when a configured backend cannot run."""
         choice = self.backend_choice
         if choice.name != "process":
@@ -350,7 +352,7 @@ class Supervisor:
         self.rt.vmm_overhead_mib = backend.memory_overhead_mib
         self.backend_reason = backend.reason
         described = backend.driver.describe()
-        if described.root_disk is not None and described.can(Capability.SNAPSHOT):
+        if described.root_disk is not None:  # real VMs: a network, disks of their own
             spec = self.config.network
             network = Network(
                 instance=self.rt.instance,
@@ -374,10 +376,11 @@ class Supervisor:
             self.rt.base_disk = described.root_disk
             if described.can(Capability.WORKSPACE):
                 self.rt.workspaces_dir = self.state_dir / WORKSPACES_NAME
-            templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
-            keep = {templates.key_for(role) for role in self.config.roles.values()}
-            await root.start(templates.run, keep)
-            self.rt.templates = templates
+            if described.can(Capability.SNAPSHOT):
+                templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
+                keep = {templates.key_for(role) for role in self.config.roles.values()}
+                await root.start(templates.run, keep)
+                self.rt.templates = templates
         log.info("backend: %s", self.backend_reason)
 
     async def _start_models(self, root: trio.Nursery) -> None:
