@@ -52,14 +52,15 @@ from fireclaw.config import Role
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.control import ControlSession, GuestLost
-from fireclaw.pool.drivers.base import DriverError, VmSpec
-from fireclaw.pool.drivers.qemu import (
+from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     WORKSPACE_BYTES,
     WORKSPACE_SERIAL,
-    QemuDriver,
-    QemuVm,
+    Driver,
+    DriverError,
     Snapshot,
+    VmHandle,
+    VmSpec,
     info_path,
 )
 from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link
@@ -146,12 +147,11 @@ def retry_delay(failures: int, uniform: Callable[[float, float], float]) -> floa
     return uniform(0.0, min(RETRY_MAX, RETRY_BASE * 2.0**exponent))
 
 
-def template_key(driver: QemuDriver, role: Role) -> str:
-    """The hash of everything a clone of ``role``'s template shares with it."""
+def template_key(driver: Driver, role: Role) -> str:
+    """The hash of everything a clone of ``role``'s template shares with it: what
+    the driver says a snapshot of it depends on, and the pool's own choices."""
     inputs = {
-        "image": driver.image.key,
-        "accel": driver.accel.name,
-        "qemu": driver.qemu,
+        **driver.describe().key_inputs,
         "vcpus": role.resources.vcpus,
         "memory_mib": role.resources.memory_mib,
         "control_port": CONTROL_PORT,
@@ -182,7 +182,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class Templates:
     """The templates of one supervisor, in ``directory``. Start ``run`` first."""
 
-    def __init__(self, rt: Runtime, driver: QemuDriver, directory: Path) -> None:
+    def __init__(self, rt: Runtime, driver: Driver, directory: Path) -> None:
         self.rt = rt
         self.driver = driver
         self.directory = directory
@@ -235,7 +235,7 @@ class Templates:
     def broken(self, template: Template, reason: str) -> None:
         """A clone could not be restored from ``template``: make it again on the next ask.
 
-        Its files go at once: a clone that runs no longer needs them (QEMU has
+        Its files go at once: a clone that runs no longer needs them (its VMM has
         read the whole state before the clone runs)."""
         entry = self._entries.get(template.key)
         if entry is None or entry.template is not template:
@@ -270,7 +270,7 @@ class Templates:
         if self._wanted.pop(role_name, None) is not None:
             self._prune()
 
-    async def restore(self, spec: VmSpec, template: Template) -> QemuVm:
+    async def restore(self, spec: VmSpec, template: Template) -> VmHandle:
         return await self.driver.restore(spec, template.snapshot)
 
     # --- making one ---------------------------------------------------------------
@@ -383,7 +383,7 @@ class Templates:
         ns_name = netns.PREFIX + vm_id
         cg = cgroup.path_for(vm_id) if rt.use_cgroups else None
         log_path = rt.state_dir / "logs" / f"{name}.log"
-        handle: QemuVm | None = None
+        handle: VmHandle | None = None
         sock: socket.socket | None = None
         link: Link | None = None
         disk = self._disk_path(key) if rt.base_disk is not None else None
@@ -459,14 +459,14 @@ class Templates:
 
     async def _park_and_snapshot(
         self,
-        handle: QemuVm,
+        handle: VmHandle,
         listener: trio.SocketListener,
         key: str,
         spec: VmSpec,
     ) -> tuple[float, Snapshot]:
         """Wait for the template's guest to say Hello, welcome it and see its first
         heartbeat (then it is parked), and snapshot it while its connection is still
-        open. Returns the seconds from QEMU's start to parked, and the snapshot."""
+        open. Returns the seconds from the VMM's start to parked, and the snapshot."""
         started = trio.current_time()
         boot_timeout = self.rt.control.boot_timeout
         control = msgspec.structs.replace(self.rt.control, heartbeat_interval=TEMPLATE_HEARTBEAT)
@@ -535,7 +535,7 @@ class Templates:
             error = f"the template VM ended while booting: {handle.exit_text()}"
         raise TemplateError(error or "the template VM ended while booting")
 
-    async def _snapshot(self, vm: QemuVm, spec: VmSpec, path: Path) -> Snapshot:
+    async def _snapshot(self, vm: VmHandle, spec: VmSpec, path: Path) -> Snapshot:
         """Pause ``vm`` and write its state to ``path`` (and ``PATH.json``), atomically."""
         return await vm.snapshot(path)
 
@@ -557,7 +557,7 @@ class Templates:
     async def _teardown(
         self,
         name: str,
-        handle: QemuVm | None,
+        handle: VmHandle | None,
         sock: socket.socket | None,
         cg: Path | None,
         link: Link | None,

@@ -56,8 +56,15 @@ from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns, workspaces
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
-from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
-from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
+from fireclaw.pool.drivers.base import (
+    WORKSPACE_BYTES,
+    Capability,
+    Driver,
+    DriverError,
+    Running,
+    VmHandle,
+    VmSpec,
+)
 from fireclaw.pool.forward import forward
 from fireclaw.pool.gateway import Meter, ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
@@ -124,17 +131,18 @@ class Runtime:
     leaving: bool = False
     irc: IrcRoute | None = None  # None: agents stay off IRC
     models: ModelRoute | None = None  # None: no model gateways
-    #: Snapshot templates to restore pool VMs from (qemu); None: every VM cold-boots.
+    #: Snapshot templates to restore pool VMs from (a driver that can snapshot);
+    #: None: every VM cold-boots.
     templates: Templates | None = None
     #: Memory the VMM needs above the guest's RAM, added to each VM's cgroup limit.
     vmm_overhead_mib: int = 0
-    #: The swarm's bridge (qemu as root): each VM's namespace gets a tap and a veth,
+    #: The swarm's bridge (real VMs, as root): each VM's namespace gets a tap and a veth,
     #: and the supervisor's listeners there are on the tap's address.
     network: Network | None = None
-    #: Where each VM's own overlay disk goes, and the image it sits on (qemu).
+    #: Where each VM's own overlay disk goes, and the image it sits on (real VMs).
     disks_dir: Path | None = None
     base_disk: Path | None = None
-    #: Named agents' workspace images (qemu); None: agents have none.
+    #: Named agents' workspace images (a driver that can attach them); None: none.
     workspaces_dir: Path | None = None
     uniform: Callable[[float, float], float] = random.uniform  # backoff jitter
     #: VMs booting at once. Boots compete for CPU: unbounded, 200 of them all finish
@@ -474,11 +482,12 @@ class Child:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
             ident = process_identity(self.handle.pid)
+            control = self.handle.control_socket
             self._register(
                 pid=self.handle.pid,
                 start_time=ident.start_time if ident else 0,
                 boot_id=ident.boot_id if ident else "",
-                socket=self.handle.info().get("qmp"),
+                socket=str(control) if control is not None else None,
                 port=port,
                 started_as=self.started_as,
             )
@@ -493,7 +502,7 @@ class Child:
     async def _incarnate_adopted(self, rec: VmRecord) -> Outcome:
         """The VM ``rec`` names, left running by a previous supervisor, taken over.
 
-        Its QEMU, namespace, tap, veth, cgroup, overlay and workspace are kept;
+        Its VMM, namespace, tap, veth, cgroup, overlay and workspace are kept;
         the control listener (and the IRC forwarder) are opened again in its
         namespace on the same address and port, where its guest dials again, and
         its guest must say Hello as it did (a clone: its template's id and
@@ -704,7 +713,7 @@ class Child:
                         role=self.group.name,
                         template=template.short,
                         seconds=round(self.ready_seconds, 3),
-                        # of which: QEMU up with the state loaded and running
+                        # of which: the VMM up with the state loaded and running
                         vmm_seconds=round(self.vmm_seconds, 3),
                     )
                 self._boot_done()
@@ -904,10 +913,12 @@ class Child:
     async def _attach_workspace(self) -> bool:
         """Give a named agent's VM its workspace disk (once per VM); True if it has it.
 
-        Without one (no qemu, or it could not be attached) the agent works
-        without: that is logged and evented, not fatal."""
+        Without one (a driver that cannot attach one, or it could not be
+        attached) the agent works without: that is logged and evented, not fatal."""
         agent, handle, directory = self.agent, self.handle, self.rt.workspaces_dir
-        if agent is None or directory is None or not isinstance(handle, QemuVm):
+        if agent is None or directory is None or handle is None:
+            return False
+        if not self.rt.driver.describe().can(Capability.WORKSPACE):
             return False
         if self._workspace_in is handle:
             return True

@@ -41,8 +41,7 @@ from fireclaw.config.model import parse_base_url
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
-from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
-from fireclaw.pool.drivers.qemu import QemuDriver
+from fireclaw.pool.drivers import BackendUnavailable, Capability, NotReady, choose, open_backend
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
@@ -332,8 +331,10 @@ class Supervisor:
 
         For qemu: build the guest image into ``<state_dir>/images`` or find it
         there (a first build takes about a minute; its steps are logged), pick
-        KVM or TCG (a boot probe, cached), create the driver, and start the
-        snapshot templates the warm pools restore from. Raises
+        KVM or TCG (a boot probe, cached) and create the driver. Then, as the
+        driver describes itself: for real VMs the swarm's network and disks,
+        workspaces where it can attach them, and the snapshot templates the
+        warm pools restore from where it can snapshot. Raises
         BackendUnavailable (one line) when a configured backend cannot run."""
         choice = self.backend_choice
         if choice.name != "process":
@@ -350,7 +351,8 @@ class Supervisor:
         self.rt.driver = backend.driver
         self.rt.vmm_overhead_mib = backend.memory_overhead_mib
         self.backend_reason = backend.reason
-        if isinstance(backend.driver, QemuDriver):
+        described = backend.driver.describe()
+        if described.root_disk is not None:  # real VMs: a network, disks of their own
             spec = self.config.network
             network = Network(
                 instance=self.rt.instance,
@@ -371,12 +373,14 @@ class Supervisor:
             root.start_soon(_hold_network, network, self.rt)
             self.rt.network = network
             self.rt.disks_dir = self.state_dir / DISKS_NAME
-            self.rt.base_disk = backend.driver.image.rootfs
-            self.rt.workspaces_dir = self.state_dir / WORKSPACES_NAME
-            templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
-            keep = {templates.key_for(role) for role in self.config.roles.values()}
-            await root.start(templates.run, keep)
-            self.rt.templates = templates
+            self.rt.base_disk = described.root_disk
+            if described.can(Capability.WORKSPACE):
+                self.rt.workspaces_dir = self.state_dir / WORKSPACES_NAME
+            if described.can(Capability.SNAPSHOT):
+                templates = Templates(self.rt, backend.driver, self.state_dir / TEMPLATES_NAME)
+                keep = {templates.key_for(role) for role in self.config.roles.values()}
+                await root.start(templates.run, keep)
+                self.rt.templates = templates
         log.info("backend: %s", self.backend_reason)
 
     async def _start_models(self, root: trio.Nursery) -> None:

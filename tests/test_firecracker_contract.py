@@ -35,6 +35,7 @@ from fireclaw.pool.drivers import (
 )
 from fireclaw.pool.drivers import firecracker as fc
 from fireclaw.pool.drivers import firecracker_api as api
+from fireclaw.pool.drivers.base import VmmCommandError
 from fireclaw.pool.drivers.firecracker_host import why_image_unfit
 from fireclaw.pool.drivers.firecracker_http import ApiClient, connect, exchange
 from fireclaw.pool.drivers.firecracker_jail import (
@@ -45,7 +46,6 @@ from fireclaw.pool.drivers.firecracker_jail import (
     jailer_argv,
     uid_for,
 )
-from fireclaw.pool.drivers.qemu import VmmCommandError
 from fireclaw.pool.image import BASE_CMDLINE, Image
 from fireclaw.pool.network import GATEWAY
 from fireclaw.supervisor import leftovers

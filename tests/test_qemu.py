@@ -8,7 +8,6 @@ the test playing the supervisor's control listener for the real guest daemon.
 
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import shutil
@@ -20,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -56,16 +54,20 @@ from fireclaw.pool.accel import (
     tsc_khz,
 )
 from fireclaw.pool.drivers import choose as choose_backend
-from fireclaw.pool.drivers import qemu as qemu_mod
-from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
-from fireclaw.pool.drivers.process import ProcessDriver, ProcessVm
-from fireclaw.pool.drivers.qemu import (
+from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
-    QemuDriver,
-    QemuVm,
-    guest_control_url,
+    WORKSPACE_BYTES,
+    WORKSPACE_SERIAL,
+    Driver,
+    DriverError,
+    VmSpec,
     info_path,
+)
+from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
+from fireclaw.pool.drivers.qemu_argv import (
+    guest_control_url,
     kernel_cmdline,
+    make_run_dir,
     qemu_argv,
 )
 from fireclaw.pool.drivers.spawn import in_netns
@@ -186,12 +188,12 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
     )  # fmt: skip
     assert "file=/d/vm.qcow2,if=none,format=qcow2,id=root,discard=unmap" in argv
     assert "tap,id=n0,ifname=tap0,script=no,downscript=no" in argv
-    spare = f"virtio-blk-device,drive=ws,serial={qemu_mod.WORKSPACE_SERIAL}"
+    spare = f"virtio-blk-device,drive=ws,serial={WORKSPACE_SERIAL}"
     # The root disk comes first, then the spare the guest finds by its serial.
     assert argv.index("virtio-blk-device,drive=root") < argv.index(spare)
-    assert f"size={qemu_mod.WORKSPACE_BYTES}," in argv[argv.index(spare) - 4]
+    assert f"size={WORKSPACE_BYTES}," in argv[argv.index(spare) - 4]
     # The guest looks for the serial the driver gives.
-    assert guest_workspace.SERIAL == qemu_mod.WORKSPACE_SERIAL
+    assert guest_workspace.SERIAL == WORKSPACE_SERIAL
     cmdline = kernel_cmdline(
         "base", _spec(control_url="ws://172.16.0.1:7000/", tap="tap0", disk=Path("/d")), TCG,
         tsc_khz=None,
@@ -203,47 +205,16 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
 
 
 def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:
-    short = qemu_mod._make_run_dir(_spec(log_path=tmp_path / "w.log"))
+    short = make_run_dir(_spec(log_path=tmp_path / "w.log"))
     assert short == tmp_path / "run" / "worker-0-abc123" and short.is_dir()
     deep = tmp_path / ("d" * 100)
-    fallback = qemu_mod._make_run_dir(_spec(log_path=deep / "w.log"))
+    fallback = make_run_dir(_spec(log_path=deep / "w.log"))
     try:
         assert fallback.parent == Path(tempfile.gettempdir())
         assert len(os.fsencode(fallback / "qmp.sock")) <= 107
         assert fallback.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(fallback)
-
-
-def _protocol_members(proto: type) -> list[str]:
-    return sorted(
-        {n for n in vars(proto) if not n.startswith("_")}
-        | set(vars(proto).get("__annotations__", {}))
-    )
-
-
-@pytest.mark.parametrize(
-    ("proto", "impl"),
-    [(Driver, QemuDriver), (VmHandle, QemuVm), (Driver, ProcessDriver), (VmHandle, ProcessVm)],
-)
-def test_the_driver_fits_the_protocol(proto: type, impl: type) -> None:
-    """Every member the supervisor uses through the protocol is there, of the same
-    kind (property, plain or async method) and with the same parameters."""
-    members = _protocol_members(proto)
-    assert members, proto
-    for name in members:
-        want = inspect.getattr_static(proto, name, None)
-        got = inspect.getattr_static(impl, name, None)
-        if want is None:  # an annotated attribute, such as Driver.name
-            assert isinstance(got, typing.get_type_hints(proto)[name]), (impl, name)
-            continue
-        assert got is not None, f"{impl.__name__} has no {name}"
-        assert isinstance(got, property) == isinstance(want, property), (impl, name)
-        if isinstance(want, property):
-            continue
-        assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(want), (impl, name)
-        params = [(p.name, p.kind) for p in inspect.signature(want).parameters.values()]
-        assert [(p.name, p.kind) for p in inspect.signature(got).parameters.values()] == params
 
 
 def test_the_driver_is_the_backend_the_config_names(tmp_path: Path) -> None:

@@ -32,6 +32,10 @@ class ScriptedVm:
     def pid(self) -> int:
         return 4242
 
+    @property
+    def control_socket(self) -> None:
+        return None
+
     async def wait(self) -> int:
         if self.code is not None:
             return self.code

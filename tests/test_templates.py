@@ -9,7 +9,6 @@ second.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -19,7 +18,7 @@ import trio
 import trio.testing
 from fireclaw.config import Role, parse_config
 from fireclaw.config.model import Resources
-from fireclaw.pool.drivers.qemu import CONTROL_PORT, QemuDriver
+from fireclaw.pool.drivers.base import CONTROL_PORT, Capability, Driver, DriverInfo
 from fireclaw.pool.templates import (
     RETRY_BASE,
     RETRY_MAX,
@@ -45,23 +44,18 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-@dataclass(frozen=True)
-class FakeImage:
-    key: str = "image-1"
-
-
-@dataclass(frozen=True)
-class FakeAccel:
-    name: str = "tcg"
-
-
-@dataclass(frozen=True)
 class FakeDriver:
-    """What ``template_key`` reads of a ``QemuDriver``."""
+    """What ``Templates`` reads of a driver here: its description (the key's inputs)."""
 
-    image: FakeImage = field(default_factory=FakeImage)
-    accel: FakeAccel = field(default_factory=FakeAccel)
-    qemu: str = "qemu-system-x86_64"
+    name = "fake"
+    outlives_supervisor = False
+
+    def describe(self) -> DriverInfo:
+        return DriverInfo(
+            name=self.name,
+            capabilities=frozenset(Capability),
+            key_inputs={"image": "image-1", "accel": "tcg"},
+        )
 
 
 class Events:
@@ -89,7 +83,7 @@ class ScriptedTemplates(Templates):
     while ``gate`` is an event not set yet, attempts wait for it."""
 
     def __init__(self, rt: Runtime, directory: Path, *, fail: int) -> None:
-        super().__init__(rt, cast(QemuDriver, FakeDriver()), directory)
+        super().__init__(rt, cast(Driver, FakeDriver()), directory)
         self.fail = fail
         self.attempts: dict[str, list[float]] = {}
         self.in_flight = 0
@@ -134,7 +128,7 @@ def make_templates(tmp_path: Path, *, fail: int) -> tuple[ScriptedTemplates, Rol
     )
     events = Events()
     rt = Runtime(
-        driver=cast(QemuDriver, FakeDriver()),
+        driver=cast(Driver, FakeDriver()),
         store=Store.open(tmp_path / "db"),
         state_dir=tmp_path,
         control=config.control,

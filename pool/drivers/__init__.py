@@ -4,7 +4,7 @@ Two steps. ``choose(backend, ...)`` decides at once, without side effects,
 which driver will run the VMs and says why in one line. ``open_backend`` then
 makes it ready: for ``qemu`` it builds the guest image (or finds it in the
 image cache: a first build takes about a minute), picks KVM or TCG with the
-accelerator's cached boot probe and creates the QemuDriver.
+accelerator's cached boot probe and creates the qemu driver.
 
 ``firecracker`` needs the ``firecracker`` and ``jailer`` binaries, KVM, root
 and network namespaces; ``open_backend`` then also needs an image whose kernel
@@ -34,24 +34,38 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
-from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import (
+    Capability,
+    Driver,
+    DriverError,
+    DriverInfo,
+    Running,
+    Unsupported,
+    VmHandle,
+    VmmCommandError,
+    VmSpec,
+)
 from fireclaw.pool.drivers.process import ProcessDriver
 
 __all__ = [
     "AVAILABLE",
     "Backend",
     "BackendUnavailable",
+    "Capability",
     "Choice",
     "Driver",
     "DriverError",
+    "DriverInfo",
     "POOL_NOT_READY",
     "NotReady",
     "ProcessDriver",
     "QEMU",
     "QEMU_OVERHEAD_MIB",
     "Running",
+    "Unsupported",
     "VmHandle",
     "VmSpec",
+    "VmmCommandError",
     "choose",
     "open_backend",
     "why_not_firecracker",
@@ -99,7 +113,17 @@ class NotReady:
     name = "not-ready"
     outlives_supervisor = False
 
+    def describe(self) -> DriverInfo:
+        return DriverInfo(
+            name=self.name,
+            capabilities=frozenset(),
+            unavailable="the VMM backend is not set up yet",
+        )
+
     async def start(self, spec: VmSpec) -> VmHandle:
+        raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> VmHandle:
         raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
 
     async def adopt(self, spec: VmSpec, running: Running) -> VmHandle:
@@ -132,10 +156,11 @@ def why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     return None
 
 
-#: Why no VM runs on Firecracker yet, even where it is installed: the pool's taps,
-#: snapshot templates, overlays and adoption are wired for QEMU alone.
+#: Why no VM runs on Firecracker yet, even where it is installed: the pool reaches
+#: every driver through one protocol, but gives each VM a qcow2 overlay as its own
+#: disk (QEMU opens it; Firecracker takes raw files only).
 POOL_NOT_READY: Final = (
-    "the pool does not drive it yet (taps, snapshot templates and disk overlays are QEMU's alone)"
+    "the pool does not drive it yet (each VM's own disk is a qcow2 overlay, which it cannot open)"
 )
 
 

@@ -34,8 +34,9 @@ tests run, and that KVM boots no stock guest kernel).
 Errors::
 
     DriverError             (drivers.base) a VM could not be started or restored
-    └── VmmCommandError     (drivers.qemu) a running VM could not be paused, resumed
-                            or snapshotted
+    ├── VmmCommandError     (drivers.base) a running VM could not be paused, resumed
+    │                       or snapshotted
+    └── Unsupported         (drivers.base) a workspace: no spare drive to swap yet
 """
 
 from __future__ import annotations
@@ -43,24 +44,33 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Final
 
 import msgspec
 import trio
-from fireclaw.pool import cgroup
 from fireclaw.pool.accel import Accel
 from fireclaw.pool.drivers import firecracker_api as api
 from fireclaw.pool.drivers import firecracker_jail as jail_files
 from fireclaw.pool.drivers.adopted import AdoptedProcess
-from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
+from fireclaw.pool.drivers.base import (
+    Capability,
+    DriverError,
+    DriverInfo,
+    Running,
+    Snapshot,
+    VmmCommandError,
+    VmSpec,
+    info_path,
+    load_info,
+    unsupported,
+)
 from fireclaw.pool.drivers.firecracker_http import ApiClient
 from fireclaw.pool.drivers.firecracker_jail import Jail, jailer_argv
-from fireclaw.pool.drivers.qemu import Snapshot, VmmCommandError, info_path, kernel_cmdline
+from fireclaw.pool.drivers.qemu_argv import kernel_cmdline
 from fireclaw.pool.drivers.spawn import open_log, open_vmm
+from fireclaw.pool.drivers.vmm import VmmExited, VmmProcess
 from fireclaw.pool.image import Image
 
 #: ``start`` and ``restore`` give Firecracker this long to answer on its API socket.
@@ -75,6 +85,9 @@ _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
 _UNDO_TIMEOUT: Final = 5.0
 #: Firecracker runs only under KVM: the guest's command line is built as for a KVM guest.
 _KVM: Final = Accel("kvm", "firecracker runs under KVM")
+_LACKING: Final = {
+    Capability.WORKSPACE: "its VMs have no spare drive a workspace could be swapped under"
+}
 
 
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -95,62 +108,40 @@ _info_decoder: Final = msgspec.json.Decoder(SnapshotInfo)
 # --- the VM ------------------------------------------------------------------------------
 
 
-class FirecrackerVm:
+class FirecrackerVm(VmmProcess):
     """One Firecracker process. ``wait``/``kill`` reap it and remove its jail."""
+
+    vmm_name = "Firecracker"
 
     def __init__(
         self, proc: trio.Process | AdoptedProcess, spec: VmSpec, jail: Jail, client: ApiClient
     ) -> None:
-        self._proc = proc
-        self._spec = spec
+        super().__init__(proc, spec)
         self.jail = jail
         self.client = client
         self.image_key = ""
         self.restored_from: Path | None = None
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def control_socket(self) -> Path:
+        return self.client.socket_path
 
-    def _gone(self) -> bool:
-        if isinstance(self._proc, AdoptedProcess):
-            return self._proc.exited
-        return self._proc.returncode is not None
+    def release(self) -> None:
+        jail_files.remove(self.jail)
 
-    async def wait(self) -> int | None:
-        code = await self._proc.wait()
-        if isinstance(self._proc, AdoptedProcess):
-            self._proc.close()
-        await trio.to_thread.run_sync(jail_files.remove, self.jail)
-        return code
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    async def kill(self) -> None:
-        if not self._gone():
-            self._signal(signal.SIGKILL)
-            if self._spec.cgroup is not None:
-                await trio.to_thread.run_sync(cgroup.kill_all, self._spec.cgroup)
-        await self.wait()
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if isinstance(self._proc, AdoptedProcess):
-            self._proc.send_signal(sig)
-        elif self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, sig)
+    def exit_text(self) -> str:
+        return f"{super().exit_text()} (its log: {self._spec.log_path})"
 
     def info(self) -> dict[str, object]:
         return {
             "driver": "firecracker",
-            "pid": self._proc.pid,
+            "pid": self.pid,
             "netns": self._spec.netns,
             "jail": str(self.jail.root),
             "uid": self.jail.uid,
             "api": str(self.client.socket_path),
             "restored_from": str(self.restored_from) if self.restored_from else None,
-            "adopted": isinstance(self._proc, AdoptedProcess),
+            "adopted": self.adopted,
         }
 
     async def command(self, what: str, request: api.Request) -> bytes:
@@ -165,6 +156,9 @@ class FirecrackerVm:
 
     async def resume(self) -> None:
         await self.command("resume", api.resume())
+
+    async def attach_workspace(self, path: Path) -> None:
+        raise unsupported("firecracker", Capability.WORKSPACE, _LACKING[Capability.WORKSPACE])
 
     async def ask_to_stop(self) -> None:
         """Ctrl+Alt+Del to the guest: it shuts down, and Firecracker exits."""
@@ -250,6 +244,22 @@ class FirecrackerDriver:
         self.firecracker = firecracker
         self.jailer = jailer
         self._chroot_base = chroot_base
+
+    def describe(self) -> DriverInfo:
+        """Snapshots and pause, no workspaces; unavailable where the binaries, KVM
+        or root are missing or the image's kernel cannot boot under Firecracker
+        (whether this host's KVM boots it at all is ``open_driver``'s slower probe)."""
+        from fireclaw.pool.drivers.firecracker_host import why_image_unfit, why_not_here
+
+        found = why_not_here(shutil.which(self.firecracker), shutil.which(self.jailer))
+        return DriverInfo(
+            name=self.name,
+            capabilities=frozenset({Capability.SNAPSHOT, Capability.PAUSE}),
+            lacking=_LACKING,
+            unavailable=found or why_image_unfit(self.image),
+            key_inputs={"image": self.image.key, "firecracker": self.firecracker},
+            root_disk=self.image.rootfs,
+        )
 
     def jail_for(self, spec: VmSpec) -> Jail:
         base = self._chroot_base or spec.log_path.absolute().parent / "run" / spec.vm_id
@@ -409,7 +419,7 @@ class FirecrackerDriver:
         try:
             with trio.fail_after(STARTUP_TIMEOUT):
                 for request in calls:
-                    await _while_running(proc, partial(vm.client.call, request))
+                    await vm.while_running(partial(vm.client.call, request))
         except BaseException as exc:
             # Failed or cancelled before the hand-over: nobody else knows this VMM yet.
             with trio.CancelScope(shield=True):
@@ -419,42 +429,12 @@ class FirecrackerDriver:
                 raise DriverError(
                     f"{spec.name}: Firecracker did not answer within {STARTUP_TIMEOUT:g}s"
                 ) from None
-            if isinstance(exc, _Exited):
-                raise DriverError(
-                    f"{spec.name}: {what}: Firecracker exited with code {proc.returncode}"
-                    f" (its log: {spec.log_path})"
-                ) from None
+            if isinstance(exc, VmmExited):
+                raise DriverError(f"{spec.name}: {what}: {vm.exit_text()}") from None
             if isinstance(exc, api.ApiError):
                 raise DriverError(f"{spec.name}: {what}: {exc}") from exc
             raise
         return vm
-
-
-class _Exited(Exception):
-    """Firecracker exited while we were talking to it."""
-
-
-async def _while_running(proc: trio.Process, call: Callable[[], Awaitable[object]]) -> None:
-    """``call()`` unless ``proc`` exits first (then _Exited)."""
-    done = False
-    error: api.ApiError | None = None
-    async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            await proc.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        try:
-            await call()
-            done = True
-        except api.ApiError as exc:  # carried out by hand: the nursery would wrap it
-            error = exc
-        nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if not done:
-        raise _Exited
 
 
 def _metadata(spec: VmSpec) -> dict[str, object]:
@@ -463,15 +443,7 @@ def _metadata(spec: VmSpec) -> dict[str, object]:
 
 
 def _load_info(snapshot: Path) -> SnapshotInfo:
-    if not snapshot.is_absolute():
-        raise DriverError(f"snapshot path {snapshot} is not absolute")
-    where = info_path(snapshot)
-    try:
-        info = _info_decoder.decode(where.read_bytes())
-    except OSError as exc:
-        raise DriverError(f"snapshot {snapshot}: {exc.strerror} ({where})") from exc
-    except msgspec.DecodeError as exc:
-        raise DriverError(f"snapshot {snapshot}: unreadable {where}: {exc}") from exc
+    info = load_info(snapshot, _info_decoder)
     if info.driver != "firecracker" or "/" in info.memory:
         raise DriverError(f"snapshot {snapshot} is not a Firecracker snapshot")
     return info

@@ -9,7 +9,9 @@ host's loopback.
 Its guests cannot be adopted by a restarted supervisor: a guest daemon that
 is not in a VM ends when its control connection is lost (it has no VM to keep
 running in), so a supervisor's crash ends them and the next start reclaims
-what is left.
+what is left. Nor can they be paused, snapshotted or given a workspace disk:
+there is no VM to hold that state (``describe`` says so, and those calls raise
+``Unsupported``).
 """
 
 from __future__ import annotations
@@ -18,39 +20,53 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Final, NoReturn
 
 import psutil
 import trio
 from fireclaw.pool import cgroup
-from fireclaw.pool.drivers.base import DriverError, Running, VmSpec
+from fireclaw.pool.drivers.base import (
+    Capability,
+    DriverError,
+    DriverInfo,
+    Running,
+    Snapshot,
+    VmSpec,
+    unsupported,
+)
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
+from fireclaw.pool.drivers.vmm import VmmProcess
 
 #: Host variables a guest process may see; the rest of the supervisor's environment stays out.
 #: FIRECLAW_AGENT_USER names the user agent work runs as (guest_daemon/users.py).
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "FIRECLAW_AGENT_USER")
 
 
-class ProcessVm:
-    def __init__(self, proc: trio.Process, spec: VmSpec) -> None:
-        self._proc = proc
-        self._spec = spec
+#: What a guest that is a host process cannot do, and why.
+_LACKING: Final = {
+    Capability.SNAPSHOT: "a host process has no VM state to save or restore",
+    Capability.PAUSE: "a host process has no vCPUs to stop",
+    Capability.WORKSPACE: "a host process has no disks",
+}
+
+
+def _unsupported(capability: Capability) -> NoReturn:
+    raise unsupported("process", capability, _LACKING[capability])
+
+
+class ProcessVm(VmmProcess):
+    """The guest daemon's process; ``kill`` also takes whatever it started (its
+    descendants, and with a cgroup whatever is in it)."""
+
+    vmm_name = "the guest process"
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def control_socket(self) -> None:
+        return None
 
-    async def wait(self) -> int:
-        return await self._proc.wait()
-
-    def terminate(self) -> None:
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGTERM)
-
-    async def kill(self) -> None:
-        if self._proc.returncode is None:
-            await trio.to_thread.run_sync(self._kill_tree)
-        await self._proc.wait()
+    async def kill_process(self) -> None:
+        await trio.to_thread.run_sync(self._kill_tree)
 
     def _kill_tree(self) -> None:
         # Processes the guest started in sessions of their own are not in our process
@@ -64,11 +80,21 @@ class ProcessVm:
         for child in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-        if self._spec.cgroup is not None:
-            cgroup.kill_all(self._spec.cgroup)
 
     def info(self) -> dict[str, object]:
-        return {"driver": "process", "pid": self._proc.pid, "netns": self._spec.netns}
+        return {"driver": "process", "pid": self.pid, "netns": self._spec.netns}
+
+    async def pause(self) -> None:
+        _unsupported(Capability.PAUSE)
+
+    async def resume(self) -> None:
+        _unsupported(Capability.PAUSE)
+
+    async def snapshot(self, path: Path) -> Snapshot:
+        _unsupported(Capability.SNAPSHOT)
+
+    async def attach_workspace(self, path: Path) -> None:
+        _unsupported(Capability.WORKSPACE)
 
 
 class ProcessDriver:
@@ -79,12 +105,24 @@ class ProcessDriver:
     def __init__(self, python: str = sys.executable) -> None:
         self._python = python
 
+    def describe(self) -> DriverInfo:
+        """No capabilities beyond boot, stop, kill and wait; runs everywhere."""
+        return DriverInfo(
+            name=self.name,
+            capabilities=frozenset(),
+            lacking=_LACKING,
+            key_inputs={"python": self._python},
+        )
+
     def argv(self, spec: VmSpec) -> list[str]:
         argv = list(spec.guest_command or (self._python, "-m", "fireclaw.guest_daemon"))
         return in_netns(argv, spec.netns)
 
     async def adopt(self, spec: VmSpec, running: Running) -> ProcessVm:
         raise DriverError(f"{spec.name}: process guests end with their connection: reclaimed")
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> ProcessVm:
+        _unsupported(Capability.SNAPSHOT)
 
     async def start(self, spec: VmSpec) -> ProcessVm:
         env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
