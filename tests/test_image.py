@@ -624,12 +624,15 @@ VM_ID = "vm-image-1"
 BOOT_DEADLINE = 60.0
 # An orphan is adopted by PID 1 (the init script), which must reap it: its
 # /proc entry has to go (bounded wait inside the guest) or it is a zombie.
+#: An orphan that lives until it is told to end (a timed one may be gone, and reaped,
+#: before a slow guest reads its PPid), then is seen reaped by the init (pid 1).
 ORPHAN = """
-(sleep 0.2 & echo $! >/tmp/orphan)
+(sleep 600 & echo $! >/tmp/orphan)
 pid=$(cat /tmp/orphan)
 grep PPid /proc/$pid/status
+kill $pid
 i=0
-while [ -e /proc/$pid ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+while [ -e /proc/$pid ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i + 1)); done
 [ -e /proc/$pid ] || echo reaped
 """
 STEP_DEADLINE = 30.0
