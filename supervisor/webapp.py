@@ -41,6 +41,7 @@ import trio
 from fireclaw.config import Config
 from fireclaw.supervisor.api import Controller, ControllerError
 from fireclaw.supervisor.metrics import LoopLag
+from fireclaw.supervisor.metrics_events import EventMetrics
 from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.state import StateUnwritable
 from fireclaw.supervisor.webauth import (
@@ -119,6 +120,8 @@ class Fleet(Controller, Protocol):
     overseer: Overseer | None
 
     def event(self, kind: str, subject: str, **detail: object) -> None: ...
+
+    def watch(self) -> trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]: ...
 
 
 def _static(name: str) -> str:
@@ -228,12 +231,14 @@ class _Web:
         *,
         allowed_hosts: frozenset[str] | None,
         lag: LoopLag,
+        events: EventMetrics | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.fleet = fleet
         self.auth = auth
         self.allowed_hosts = allowed_hosts
         self.lag = lag
+        self.event_metrics = events
         self.clock = clock
 
     # --- the gate --------------------------------------------------------------------
@@ -404,7 +409,8 @@ class _Web:
     async def metrics(self, request: Request) -> Response:
         from fireclaw.supervisor.metrics import CONTENT_TYPE, scrape
 
-        return Response(await scrape(self.fleet, self.lag), media_type=CONTENT_TYPE)
+        body = await scrape(self.fleet, self.lag, self.event_metrics)
+        return Response(body, media_type=CONTENT_TYPE)
 
     async def stream(self, request: Request) -> Response:
         """Server-sent events: a ``view`` (fleet, queue, newest events) at once and
@@ -516,10 +522,12 @@ def build_app(
     *,
     allowed_hosts: frozenset[str] | None = None,
     lag: LoopLag | None = None,
+    events: EventMetrics | None = None,
 ) -> ASGIApp:
     """The listener's ASGI app over ``fleet``; ``allowed_hosts`` (lowercase
-    ``host:port``) refuses any other ``Host``, None accepts any."""
-    web = _Web(fleet, auth, allowed_hosts=allowed_hosts, lag=lag or LoopLag())
+    ``host:port``) refuses any other ``Host``, None accepts any. ``/metrics``
+    adds the families of ``events`` when given."""
+    web = _Web(fleet, auth, allowed_hosts=allowed_hosts, lag=lag or LoopLag(), events=events)
     a = _answering
     routes = [
         Route("/login", a(web.login_page), methods=["GET", "POST"]),
