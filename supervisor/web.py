@@ -100,7 +100,12 @@ async def serve_http(
         lag = LoopLag()
         events = EventMetrics(models=lambda: config_models(fleet.config))
         app = build_app(
-            fleet, auth, allowed_hosts=allowed_hosts_for(host, port), lag=lag, events=events
+            fleet,
+            auth,
+            allowed_hosts=allowed_hosts_for(host, port),
+            lag=lag,
+            events=events,
+            secrets=tuple(token for token, _ in tokens),
         )
         config = HyperConfig()
         config.accesslog = None  # requests are not logged; actions are in the audit trail
