@@ -129,8 +129,8 @@ class Overseer:
         return tuple(b.password for b in blocks)
 
     async def run(self) -> None:
-        self._oper_passwords = await trio.to_thread.run_sync(self._read_oper_passwords)
         feed = self.sup.watch()
+        self._oper_passwords = await trio.to_thread.run_sync(self._read_oper_passwords)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.client.run)
             nursery.start_soon(self._announce, feed)
