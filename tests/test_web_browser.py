@@ -156,9 +156,16 @@ def _see_the_fleet_live(
         )
     expect(page.locator("#task-counts")).to_contain_text("done 2")
 
-    # An operator scales a role from the page (its CSRF token goes along).
+    # An operator scales a role from the page (its CSRF token goes along). What they
+    # typed survives the live views that redraw the table before they click.
     coder = page.locator('#roles tr[data-role="coder"]')
     coder.locator("input.scale").fill("2")
+    third = swarm.api.post("/tasks", {"role": "worker", "prompt": "third"})
+    expect(page.locator(f'#tasks tr[data-task="{third["id"]}"]')).to_have_attribute(
+        "data-state", "done"
+    )
+    expect(coder.locator("input.scale")).to_have_value("2")
+    expect(coder.locator("td.target")).to_have_text("1")
     coder.locator("button").click()
     expect(coder.locator("td.target")).to_have_text("2")
     expect(coder.locator("td.idle")).to_have_text("2")

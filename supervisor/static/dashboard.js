@@ -35,12 +35,18 @@ function duration(seconds) {
   return Math.floor(s / 3600) + "h" + Math.floor((s % 3600) / 60) + "m";
 }
 
+// What an operator typed into a role's scale box, until it is set: a live view
+// redraws the table and must not put the old target back under their fingers.
+const scaleDrafts = new Map();
+
 function scaleCell(role, target) {
   const td = document.createElement("td");
   td.className = "op";
   const input = document.createElement("input");
-  input.type = "number"; input.min = "0"; input.max = "1000"; input.value = target;
+  input.type = "number"; input.min = "0"; input.max = "1000";
+  input.value = scaleDrafts.has(role) ? scaleDrafts.get(role) : target;
   input.className = "scale";
+  input.addEventListener("input", () => scaleDrafts.set(role, input.value));
   const button = document.createElement("button");
   button.textContent = "set";
   button.addEventListener("click", async () => {
@@ -49,7 +55,8 @@ function scaleCell(role, target) {
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify({ n: Number(input.value) }),
     });
-    if (!res.ok) alert((await res.json()).error);
+    if (res.ok) scaleDrafts.delete(role);
+    else alert((await res.json()).error);
   });
   td.append(input, button);
   return td;
