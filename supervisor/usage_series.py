@@ -18,8 +18,9 @@ from typing import Any, Final, Protocol
 
 __all__ = ["MAX_BUCKETS", "UsageSource", "bucket_edges", "buckets_from_totals", "usage_series"]
 
-#: The most buckets one answer holds; a chart has no room for more.
-MAX_BUCKETS: Final = 120
+#: The most buckets one answer holds: a chart has no room for more, and each is
+#: one read of the ledger, done on the supervisor's event loop.
+MAX_BUCKETS: Final = 60
 
 
 class UsageSource(Protocol):

@@ -118,8 +118,9 @@ _MAX_EVENTS_LIMIT: Final = 1000
 CHAT_LINES: Final = 200
 #: The longest a reader of #agents may wait for a new line in one request.
 CHAT_MAX_WAIT: Final = 30
-#: The longest window the usage chart may ask for: 31 days.
-_MAX_USAGE_WINDOW: Final = 31 * 86400
+#: The longest window the usage chart may ask for: 7 days (each bucket's read of
+#: the ledger covers the rest of the window, so a longer one costs more).
+_MAX_USAGE_WINDOW: Final = 7 * 86400
 _MAX_FORM_BYTES: Final = 4096
 _TASK_STATES: Final = ("queued", "claimed", "done", "failed")
 

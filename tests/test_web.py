@@ -422,8 +422,8 @@ def test_usage_and_chat_answer_off_irc_and_refuse_bad_queries_in_one_line(
     chat = requests.get(f"{url}/v1/chat?wait=30", headers=bearer(READ), timeout=TIMEOUT).json()
     assert chat == {"channel": None, "last": 0, "lines": []}  # off IRC: at once, not waited
     for path, message in [
-        ("/v1/usage?window=59", "query parameter window must be an integer from 60 to 2678400"),
-        ("/v1/usage?buckets=121", "query parameter buckets must be an integer from 1 to 120"),
+        ("/v1/usage?window=59", "query parameter window must be an integer from 60 to 604800"),
+        ("/v1/usage?buckets=61", "query parameter buckets must be an integer from 1 to 60"),
         ("/v1/chat?wait=31", "query parameter wait must be an integer from 0 to 30"),
         (
             "/v1/chat?after=-1",
