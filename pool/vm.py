@@ -320,6 +320,7 @@ class Child:
             role=self.group.name,
             reason=outcome.reason,
             exit_code=outcome.code,
+            cause=exit_class.value,
             restart=decision.restart,
             delay=round(decision.delay, 3),
             failed=decision.failed,

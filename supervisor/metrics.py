@@ -27,6 +27,11 @@ Families::
     fireclaw_supervisor_resident_memory_bytes
     fireclaw_event_loop_lag_seconds, fireclaw_event_loop_lag_max_seconds
 
+and those of supervisor/metrics_events.py (claims, claim latency, task
+duration, crashes by cause, gateway latency), counted as events happen.
+A ``model`` label is a model the config names or ``other``: a guest may ask
+its gateway for any name, and a label must not grow with what it asks.
+
 The event-loop lag comes from ``LoopLag``, a probe the listener runs beside
 the app: how late the loop wakes a sleeper is how busy it is.
 """
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psutil
 import trio
+from fireclaw.supervisor.metrics_events import OTHER_MODEL
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -50,6 +56,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from fireclaw.config import Config
     from fireclaw.supervisor.webapp import Fleet
 
 __all__ = [
@@ -58,6 +65,7 @@ __all__ = [
     "FleetCollector",
     "LoopLag",
     "Snapshot",
+    "config_models",
     "scrape",
 ]
 
@@ -99,6 +107,7 @@ class Snapshot:
         lag: float,
         lag_max: float,
         irc_connected: bool | None,
+        models: frozenset[str] = frozenset(),
     ) -> None:
         self.status = status
         self.by_role = by_role
@@ -107,13 +116,15 @@ class Snapshot:
         self.lag = lag
         self.lag_max = lag_max
         self.irc_connected = irc_connected
+        self.models = models
 
 
 class FleetCollector(Collector):
     """Metric families from one ``Snapshot``; no state of its own."""
 
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, events: Collector | None = None) -> None:
         self.snap = snap
+        self.events = events
 
     def collect(self) -> Iterator[Metric]:
         status = self.snap.status
@@ -174,7 +185,7 @@ class FleetCollector(Collector):
         yield tasks
 
         yield from _ledger("role", self.snap.by_role)
-        yield from _ledger("model", self.snap.by_model)
+        yield from _ledger("model", _known_models(self.snap.by_model, self.snap.models))
         yield from _budget(status)
 
         irc = status.get("irc") or {}
@@ -213,6 +224,8 @@ class FleetCollector(Collector):
             "The worst event loop lag since the listener started",
             self.snap.lag_max,
         )
+        if self.events is not None:
+            yield from self.events.collect()
 
 
 def _le(bound: float) -> str:
@@ -240,6 +253,26 @@ def _ledger(by: str, usage: Mapping[str, Any]) -> Iterator[Metric]:
         tokens.add_metric([str(key), "completion"], float(row.get("completion_tokens") or 0))
     yield calls
     yield tokens
+
+
+def _known_models(usage: Mapping[str, Any], models: frozenset[str]) -> dict[str, Any]:
+    """``usage`` by model with every model not in ``models`` summed as ``other``."""
+    rows: dict[str, dict[str, int]] = {}
+    for row in usage.get("rows") or []:
+        key = row.get("key")
+        name = key if key in models else OTHER_MODEL
+        into = rows.setdefault(name, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        for field in into:
+            into[field] += int(row.get(field) or 0)
+    return {"rows": [{"key": k, **v} for k, v in rows.items()]}
+
+
+def config_models(config: Config) -> frozenset[str]:
+    """The model names the config uses: the roles' and the managed server's."""
+    names = {role.model for role in config.roles.values() if role.model}
+    if config.models is not None and config.models.is_managed:
+        names.add(config.models.managed.name)
+    return frozenset(names)
 
 
 def _budget(status: Mapping[str, Any]) -> Iterator[Metric]:
@@ -271,8 +304,9 @@ def _rss() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
-async def scrape(fleet: Fleet, lag: LoopLag) -> bytes:
-    """The fleet now, in the Prometheus text format."""
+async def scrape(fleet: Fleet, lag: LoopLag, events: Collector | None = None) -> bytes:
+    """The fleet now, with ``events`` (supervisor/metrics_events.py), in the
+    Prometheus text format."""
     status = await fleet.status()
     by_role = await fleet.usage("role", 0, None)
     by_model = await fleet.usage("model", 0, None)
@@ -287,7 +321,8 @@ async def scrape(fleet: Fleet, lag: LoopLag) -> bytes:
         lag=lag.last,
         lag_max=lag.worst,
         irc_connected=connected,
+        models=config_models(fleet.config),
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(snap))
+    registry.register(FleetCollector(snap, events))
     return generate_latest(registry)

@@ -10,6 +10,10 @@ one (``!invoke`` waits for a VM) never holds up the others.
 
 It announces from the supervisor's event feed: crashes and restarts, failed
 VMs, degraded and recovered roles, named agents coming back, finished tasks.
+
+It also sits, silent, in the agents' channel and keeps what is said there in
+``agents_log`` (supervisor/chatlog.py), which the dashboard shows, with every
+secret the supervisor holds redacted.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from typing import TYPE_CHECKING, Final
 import trio
 from fireclaw.config import IrcSpec
 from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Message
+from fireclaw.guest_daemon.irc_wire import casefold
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.budget import period_bounds
+from fireclaw.supervisor.chatlog import ChatLog
 from fireclaw.supervisor.irc_credentials import IrcCredentials
+from fireclaw.supervisor.ircd_operators import operator_blocks
 from fireclaw.supervisor.operators import (
     Action,
     Obey,
@@ -36,6 +43,7 @@ from fireclaw.supervisor.operators import (
     Throttle,
     Whois,
 )
+from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import UsageBy
 
 if TYPE_CHECKING:
@@ -76,9 +84,13 @@ class Overseer:
                 password=credentials.password,
                 sasl_username=credentials.sasl_username,
                 sasl_password=credentials.sasl_password,
-                channels=(spec.control_channel,),
+                channels=(spec.control_channel, spec.agents_channel),
             )
         )
+        self._credentials = credentials
+        self._oper_passwords: tuple[str, ...] = ()
+        self.agents_log = ChatLog(spec.agents_channel, secrets=self._secrets)
+        self._said = trio.Event()  # set, and replaced, at each line kept in agents_log
         self.gate = OperatorGate(spec)
         # WHOIS questions go out in the order asked: answers are matched in order. The
         # gate keeps at most operators.MAX_WAITING questions open, and those not sent when the
@@ -90,8 +102,35 @@ class Overseer:
                 " matching irc.operators can command the swarm"
             )
 
+    async def wait_said(self, after: int) -> None:
+        """Return once ``agents_log`` holds a line with an id above ``after``;
+        bound it at the call site."""
+        while self.agents_log.last_id <= after:
+            await self._said.wait()
+
+    def _secrets(self) -> list[str]:
+        """Every secret a line said in the agents' channel might carry."""
+        upstream = self.sup.upstream()
+        found = [
+            self._credentials.password,
+            self._credentials.sasl_password,
+            upstream.api_key if upstream is not None else None,
+        ]
+        return [s for s in found if s] + list(self._oper_passwords)
+
+    def _read_oper_passwords(self) -> tuple[str, ...]:
+        """The managed server's operator passwords (from their files): for redaction."""
+        if not self.spec.is_managed:
+            return ()
+        try:
+            blocks = operator_blocks(self.spec.managed.operators, self.sup.state_dir)
+        except SecretFileError:
+            return ()  # the managed server refused them too, and said so
+        return tuple(b.password for b in blocks)
+
     async def run(self) -> None:
         feed = self.sup.watch()
+        self._oper_passwords = await trio.to_thread.run_sync(self._read_oper_passwords)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.client.run)
             nursery.start_soon(self._announce, feed)
@@ -116,6 +155,10 @@ class Overseer:
     # --- commands ------------------------------------------------------------------
 
     def _on_message(self, msg: Message, nursery: trio.Nursery) -> None:
+        if not msg.private and casefold(msg.target) == casefold(self.agents_log.channel):
+            self.agents_log.add(msg.source, msg.text, time.time(), action=msg.action)
+            self._said.set()
+            self._said = trio.Event()
         if not msg.private and msg.target.lower() != self.channel.lower():
             return
         command = c.parse(msg.text)

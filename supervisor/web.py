@@ -22,7 +22,8 @@ from typing import Final
 
 import trio
 from fireclaw.config.http import DEFAULT_TOKEN_NAME, Access, HttpSpec
-from fireclaw.supervisor.metrics import LoopLag
+from fireclaw.supervisor.metrics import LoopLag, config_models
+from fireclaw.supervisor.metrics_events import EventMetrics, follow
 from fireclaw.supervisor.secretfile import SecretFileError, ensure_secret, read_secret
 from fireclaw.supervisor.webapp import Fleet, allowed_hosts_for, build_app
 from fireclaw.supervisor.webauth import Auth
@@ -97,7 +98,15 @@ async def serve_http(
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}"
         lag = LoopLag()
-        app = build_app(fleet, auth, allowed_hosts=allowed_hosts_for(host, port), lag=lag)
+        events = EventMetrics(models=lambda: config_models(fleet.config))
+        app = build_app(
+            fleet,
+            auth,
+            allowed_hosts=allowed_hosts_for(host, port),
+            lag=lag,
+            events=events,
+            secrets=tuple(token for token, _ in tokens),
+        )
         config = HyperConfig()
         config.accesslog = None  # requests are not logged; actions are in the audit trail
         config.errorlog = logger
@@ -105,6 +114,7 @@ async def serve_http(
         sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lag.run)
+            nursery.start_soon(follow, events, fleet.watch())
             await nursery.start(
                 partial(
                     worker_serve,

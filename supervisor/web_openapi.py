@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from fireclaw.supervisor.metrics import POOL_STATES
 from fireclaw.supervisor.openapi import _errors, _operation, _path, _query
+from fireclaw.supervisor.usage_series import MAX_BUCKETS
 
 __all__ = ["document"]
 
@@ -71,6 +72,17 @@ def document() -> dict[str, Any]:
             "kind": {"type": "string"},
             "subject": {"type": "string"},
             "detail": _OBJECT,
+        },
+    }
+    chat_line = {
+        "type": "object",
+        "required": ["id", "at", "nick", "text", "action"],
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "at": {"type": "number"},
+            "nick": {"type": "string"},
+            "text": {"type": "string"},
+            "action": {"type": "boolean"},
         },
     }
     id_param = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
@@ -133,6 +145,64 @@ def document() -> dict[str, Any]:
                     "limit",
                     {"type": "integer", "minimum": 1, "maximum": webapp._MAX_EVENTS_LIMIT},
                     "at most this many",
+                ),
+            ],
+        ),
+        "/v1/usage": get(
+            "Tokens per role over time, from the usage ledger: `buckets` buckets of"
+            " `step` seconds from `start` (UNIX time), the last one holding now.",
+            {
+                "type": "object",
+                "required": ["start", "step", "buckets", "roles"],
+                "properties": {
+                    "start": {"type": "integer"},
+                    "step": {"type": "integer", "minimum": 1},
+                    "buckets": {"type": "integer", "minimum": 1},
+                    "roles": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "array",
+                            "items": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                },
+            },
+            params=[
+                _query(
+                    "window",
+                    {"type": "integer", "minimum": 60, "maximum": webapp._MAX_USAGE_WINDOW},
+                    "seconds the buckets cover at least (default 3600)",
+                ),
+                _query(
+                    "buckets",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_BUCKETS},
+                    "how many buckets (default 30)",
+                ),
+            ],
+        ),
+        "/v1/chat": get(
+            "What was said in the agents' IRC channel lately, oldest first, after a"
+            " line id; plain text, secrets redacted. `channel` is null off IRC.",
+            {
+                "type": "object",
+                "required": ["channel", "last", "lines"],
+                "properties": {
+                    "channel": {"type": ["string", "null"]},
+                    "last": {"type": "integer", "minimum": 0},
+                    "lines": {"type": "array", "items": chat_line},
+                },
+            },
+            params=[
+                _query("after", id_param, "the last line id seen"),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": webapp.CHAT_LINES},
+                    "at most this many (the newest)",
+                ),
+                _query(
+                    "wait",
+                    {"type": "integer", "minimum": 0, "maximum": webapp.CHAT_MAX_WAIT},
+                    "seconds to wait for a line after `after` (a long poll)",
                 ),
             ],
         ),

@@ -12,6 +12,8 @@ Routes::
     GET  /metrics                             Prometheus text format (supervisor/metrics.py)
     GET  /v1/health | roles | agents | agents/{name} | tasks | events
     GET  /v1/stream                           server-sent events: a fresh view on each change
+    GET  /v1/usage                            tokens per role over time (supervisor/usage_series.py)
+    GET  /v1/chat                             what #agents said lately (supervisor/chatlog.py)
     GET  /v1/openapi.json                     this API (supervisor/web_openapi.py)
     POST /v1/roles/{role}/scale  {"n"}        operators only
     POST /v1/agents  {"role", "name"?}        operators only: invoke a named agent
@@ -30,6 +32,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,9 +43,12 @@ import msgspec
 import trio
 from fireclaw.config import Config
 from fireclaw.supervisor.api import Controller, ControllerError
+from fireclaw.supervisor.chatlog import redact
 from fireclaw.supervisor.metrics import LoopLag
+from fireclaw.supervisor.metrics_events import EventMetrics
 from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.state import StateUnwritable
+from fireclaw.supervisor.usage_series import MAX_BUCKETS, usage_series
 from fireclaw.supervisor.webauth import (
     COOKIE,
     CSRF_HEADER,
@@ -108,6 +114,13 @@ VIEW_TASKS: Final = 100
 VIEW_EVENTS: Final = 50
 VIEW_PROMPT_CHARS: Final = 200
 _MAX_EVENTS_LIMIT: Final = 1000
+#: Lines of #agents one answer holds at most (the overseer keeps as many).
+CHAT_LINES: Final = 200
+#: The longest a reader of #agents may wait for a new line in one request.
+CHAT_MAX_WAIT: Final = 30
+#: The longest window the usage chart may ask for: 7 days (each bucket's read of
+#: the ledger covers the rest of the window, so a longer one costs more).
+_MAX_USAGE_WINDOW: Final = 7 * 86400
 _MAX_FORM_BYTES: Final = 4096
 _TASK_STATES: Final = ("queued", "claimed", "done", "failed")
 
@@ -119,6 +132,8 @@ class Fleet(Controller, Protocol):
     overseer: Overseer | None
 
     def event(self, kind: str, subject: str, **detail: object) -> None: ...
+
+    def watch(self) -> trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]: ...
 
 
 def _static(name: str) -> str:
@@ -228,12 +243,16 @@ class _Web:
         *,
         allowed_hosts: frozenset[str] | None,
         lag: LoopLag,
+        events: EventMetrics | None = None,
+        secrets: tuple[str, ...] = (),
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.fleet = fleet
         self.auth = auth
         self.allowed_hosts = allowed_hosts
         self.lag = lag
+        self.event_metrics = events
+        self.secrets = secrets
         self.clock = clock
 
     # --- the gate --------------------------------------------------------------------
@@ -396,6 +415,39 @@ class _Web:
         limit = _int(request, "limit", 100, 1, _MAX_EVENTS_LIMIT)
         return JSONResponse({"events": await self.fleet.events(after, limit)})
 
+    async def usage(self, request: Request) -> Response:
+        _only(request, "window", "buckets")
+        window = _int(request, "window", 3600, 60, _MAX_USAGE_WINDOW)
+        buckets = _int(request, "buckets", 30, 1, MAX_BUCKETS)
+        return JSONResponse(await usage_series(self.fleet, time.time(), window, buckets))
+
+    async def chat(self, request: Request) -> Response:
+        """The newest lines of the agents' channel after ``after``; none when the
+        swarm is not on IRC. With ``wait``, a long poll: the answer comes once
+        there is a line after ``after``, or after ``wait`` seconds. Redacted again
+        with the listener's own tokens, which the overseer does not know."""
+        _only(request, "after", "limit", "wait")
+        after = _int(request, "after", 0, 0, 2**63 - 1)
+        limit = _int(request, "limit", CHAT_LINES, 1, CHAT_LINES)
+        wait = _int(request, "wait", 0, 0, CHAT_MAX_WAIT)
+        overseer = self.fleet.overseer
+        if overseer is None:
+            return JSONResponse({"channel": None, "last": 0, "lines": []})
+        with trio.move_on_after(wait):
+            await overseer.wait_said(after)
+        log = overseer.agents_log
+        lines = [
+            {
+                "id": line.id,
+                "at": line.at,
+                "nick": redact(line.nick, self.secrets),
+                "text": redact(line.text, self.secrets),
+                "action": line.action,
+            }
+            for line in log.after(after, limit)
+        ]
+        return JSONResponse({"channel": log.channel, "last": log.last_id, "lines": lines})
+
     async def openapi(self, request: Request) -> Response:
         from fireclaw.supervisor.web_openapi import document  # built on first use
 
@@ -404,7 +456,8 @@ class _Web:
     async def metrics(self, request: Request) -> Response:
         from fireclaw.supervisor.metrics import CONTENT_TYPE, scrape
 
-        return Response(await scrape(self.fleet, self.lag), media_type=CONTENT_TYPE)
+        body = await scrape(self.fleet, self.lag, self.event_metrics)
+        return Response(body, media_type=CONTENT_TYPE)
 
     async def stream(self, request: Request) -> Response:
         """Server-sent events: a ``view`` (fleet, queue, newest events) at once and
@@ -516,10 +569,21 @@ def build_app(
     *,
     allowed_hosts: frozenset[str] | None = None,
     lag: LoopLag | None = None,
+    events: EventMetrics | None = None,
+    secrets: tuple[str, ...] = (),
 ) -> ASGIApp:
     """The listener's ASGI app over ``fleet``; ``allowed_hosts`` (lowercase
-    ``host:port``) refuses any other ``Host``, None accepts any."""
-    web = _Web(fleet, auth, allowed_hosts=allowed_hosts, lag=lag or LoopLag())
+    ``host:port``) refuses any other ``Host``, None accepts any. ``/metrics``
+    adds the families of ``events`` when given; ``secrets`` (the listener's
+    tokens) are redacted from what others said in #agents."""
+    web = _Web(
+        fleet,
+        auth,
+        allowed_hosts=allowed_hosts,
+        lag=lag or LoopLag(),
+        events=events,
+        secrets=secrets,
+    )
     a = _answering
     routes = [
         Route("/login", a(web.login_page), methods=["GET", "POST"]),
@@ -537,6 +601,8 @@ def build_app(
         Route("/v1/tasks", a(web.tasks), methods=["GET"]),
         Route("/v1/events", a(web.events), methods=["GET"]),
         Route("/v1/stream", a(web.stream), methods=["GET"]),
+        Route("/v1/usage", a(web.usage), methods=["GET"]),
+        Route("/v1/chat", a(web.chat), methods=["GET"]),
         Route("/v1/openapi.json", a(web.openapi), methods=["GET"]),
     ]
     return web.gate(Starlette(routes=routes, exception_handlers={HTTPException: _http_error}))

@@ -411,3 +411,25 @@ def test_a_token_file_others_may_read_stops_the_start_in_one_line(tmp_path: Path
     assert READ not in swarm.tail(200)
     swarm.close()
     assert swarm.leftovers() == NOTHING
+
+
+def test_usage_and_chat_answer_off_irc_and_refuse_bad_queries_in_one_line(
+    web: tuple[Swarm, str],
+) -> None:
+    _, url = web
+    usage = requests.get(f"{url}/v1/usage", headers=bearer(READ), timeout=TIMEOUT).json()
+    assert usage["roles"] == {} and usage["buckets"] == 30 and usage["step"] == 120
+    chat = requests.get(f"{url}/v1/chat?wait=30", headers=bearer(READ), timeout=TIMEOUT).json()
+    assert chat == {"channel": None, "last": 0, "lines": []}  # off IRC: at once, not waited
+    for path, message in [
+        ("/v1/usage?window=59", "query parameter window must be an integer from 60 to 604800"),
+        ("/v1/usage?buckets=61", "query parameter buckets must be an integer from 1 to 60"),
+        ("/v1/chat?wait=31", "query parameter wait must be an integer from 0 to 30"),
+        (
+            "/v1/chat?after=-1",
+            "query parameter after must be an integer from 0 to 9223372036854775807",
+        ),
+        ("/v1/chat?since=1", "unknown query parameter 'since'"),
+    ]:
+        answer = requests.get(url + path, headers=bearer(READ), timeout=TIMEOUT)
+        assert (answer.status_code, answer.json()) == (400, {"error": message}), path

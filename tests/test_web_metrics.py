@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import requests
@@ -44,8 +45,12 @@ def test_metrics_match_status_json_during_a_run(tmp_path: Path) -> None:
             "2 idle workers, 1 idle coder", lambda s: idle("worker", 2)(s) and idle("coder", 1)(s)
         )
         # Something to count: a finished task and a crash, restarted.
+        at_rest = scrape(url)
+        sent = time.monotonic()
         task = swarm.api.post("/tasks", {"role": "worker", "prompt": "count me"})
         swarm.wait_for("the task done", lambda s: (s["tasks"] or {}).get("done") == 1)
+        took = time.monotonic() - sent
+        after_task = scrape(url)
         before = pids(swarm, "coder")
         os.kill(before["coder-0"], signal.SIGKILL)
         swarm.wait_for(
@@ -79,6 +84,22 @@ def test_metrics_match_status_json_during_a_run(tmp_path: Path) -> None:
         assert metrics["fireclaw_tasks"][(("state", state),)] == n
     assert metrics["fireclaw_tasks"][(("state", "done"),)] == 1 and task["id"] == 1
 
+    # What happened moved the event-fed series: one claim, its wait and its run, one crash.
+    worker = (("role", "worker"),)
+    done = (("outcome", "done"), *worker)
+    assert "fireclaw_task_claims_total" not in at_rest  # nothing claimed yet: no series
+    assert after_task["fireclaw_task_claims_total"] == {worker: 1.0}
+    assert after_task["fireclaw_task_claim_latency_seconds_count"] == {worker: 1.0}
+    assert 0 <= after_task["fireclaw_task_claim_latency_seconds_sum"][worker] <= took
+    assert after_task["fireclaw_task_duration_seconds_count"] == {done: 1.0}
+    assert 0 < after_task["fireclaw_task_duration_seconds_sum"][done] <= took
+    assert after_task["fireclaw_task_duration_seconds_bucket"][(("le", "+Inf"), *done)] == 1.0
+    assert "fireclaw_vm_crashes_total" not in after_task
+    # SIGKILL: no exit code a guest chose, so the exit class is a failure.
+    crashes = metrics["fireclaw_vm_crashes_total"]
+    assert crashes == {(("cause", "failure"), ("role", "coder")): 1.0}
+    assert metrics["fireclaw_task_claims_total"] == {worker: 1.0}  # a crash claims nothing
+
     # The gauge histogram holds one observation per live VM that says how fast it was ready.
     ready = [a for a in status["agents"] if a["ready_seconds"] is not None]
     counts = metrics["fireclaw_vm_ready_seconds_gcount"]
@@ -99,5 +120,15 @@ def test_metrics_match_status_json_during_a_run(tmp_path: Path) -> None:
     for name, samples in metrics.items():
         for labels in samples:
             for key, value in labels:
-                assert key in {"role", "state", "start", "le", "model", "kind", "scope"}, name
+                assert key in {
+                    "role",
+                    "state",
+                    "start",
+                    "le",
+                    "model",
+                    "kind",
+                    "scope",
+                    "cause",
+                    "outcome",
+                }, name
                 assert not re.fullmatch(r"(worker|coder)-\d+", value), (name, value)

@@ -4,8 +4,9 @@ A real swarm with every kind of secret it knows: the upstream model server's
 API key (a real model server outside the swarm that refuses calls without it),
 the managed IRC server's password and its operator's password, and the HTTP
 tokens themselves. A task makes a real model call, so the ledger, the budgets
-and the IRC state all have something to show. Then everything the listener
-serves is fetched, the live stream included, and searched for each secret.
+and the IRC state all have something to show, and someone pastes every secret
+into #agents. Then everything the listener serves is fetched, the live stream
+and #agents included, and searched for each secret.
 The ledger's metrics are also checked against ``usage --json`` here, where
 there is a ledger.
 """
@@ -21,11 +22,13 @@ import pytest
 import requests
 import test_models_swarm
 from fireclaw.supervisor.modelserver import bundled_model
+from ircperson import Person
 from swarmctl import NOTHING, Swarm, idle, swarm_yaml
 from test_models_swarm import AS_ROOT, ASK, DEADLINE, KEY, asker, usage_of, wait_task
 from test_overseer import irc_yaml, oper_password
 from test_swarm import free_port
 from test_web import OPERATE, READ, TIMEOUT, bearer, http_yaml, login, url_of
+from test_web_live import chat_until
 from test_web_metrics import scrape
 
 #: A real model server outside the swarm that answers only calls bearing KEY.
@@ -47,7 +50,8 @@ def test_no_secret_in_any_page_answer_or_metric(tmp_path: Path, model_server: st
     key_file = tmp_path / "model.key"
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
-    irc = irc_yaml(free_port(), extra="\n  password_file: irc-server.pw")
+    irc_port = free_port()
+    irc = irc_yaml(irc_port, extra="\n  password_file: irc-server.pw")
     config = (
         f"models:\n  server: {model_server}\n  api_key_file: model.key\n"
         "budget: {period: day, roles: {asker: 100000}}\n"
@@ -73,6 +77,16 @@ def test_no_secret_in_any_page_answer_or_metric(tmp_path: Path, model_server: st
             "the read token": READ,
             "the operator token": OPERATE,
         }
+        # Someone pastes every one of them into #agents, which the dashboard shows.
+        paster = Person(("127.0.0.1", irc_port), "paster", password=irc_password)
+        paster.start("#agents")
+        try:
+            paster.say("#agents", "look: " + " ".join(secret_values.values()))
+            (pasted,) = chat_until(url, lambda ls: len(ls) > 0, "the pasted line")
+        finally:
+            paster.stop()
+        assert pasted["nick"] == "paster"
+        assert pasted["text"] == "look: " + " ".join(["[redacted]"] * len(secret_values))
         served = _everything_served(swarm, url)
         assert len(served) > 10
         for where, text in served.items():
@@ -123,6 +137,8 @@ def _everything_served(swarm: Swarm, url: str) -> dict[str, str]:
         "/v1/tasks",
         "/v1/events?limit=1000",
         "/v1/openapi.json",
+        "/v1/usage",
+        "/v1/chat",
         *(f"/v1/agents/{n}" for n in names),
     ]
     served: dict[str, str] = {}

@@ -1,6 +1,16 @@
 // The dashboard: one EventSource on /v1/stream; each "view" message redraws
-// the tables. Text goes in with textContent only, never as HTML.
+// the tables. The usage chart (/v1/usage) is polled and #agents (/v1/chat)
+// long-polled: neither changes the fleet's state, so neither wakes the stream. Text goes in
+// with textContent only, never as HTML.
 "use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const USAGE_EVERY_MS = 15000;
+const CHAT_WAIT_S = 25;
+const CHAT_RETRY_MS = 5000;
+const CHAT_OFF_IRC_MS = 60000;
+const CHAT_KEEP = 200;
+const SERIES_CLASSES = 6; // .series-0 .. .series-5 in dashboard.css
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
 const operator = document.querySelector('meta[name="access"]').content === "operate";
@@ -25,12 +35,18 @@ function duration(seconds) {
   return Math.floor(s / 3600) + "h" + Math.floor((s % 3600) / 60) + "m";
 }
 
+// What an operator typed into a role's scale box, until it is set: a live view
+// redraws the table and must not put the old target back under their fingers.
+const scaleDrafts = new Map();
+
 function scaleCell(role, target) {
   const td = document.createElement("td");
   td.className = "op";
   const input = document.createElement("input");
-  input.type = "number"; input.min = "0"; input.max = "1000"; input.value = target;
+  input.type = "number"; input.min = "0"; input.max = "1000";
+  input.value = scaleDrafts.has(role) ? scaleDrafts.get(role) : target;
   input.className = "scale";
+  input.addEventListener("input", () => scaleDrafts.set(role, input.value));
   const button = document.createElement("button");
   button.textContent = "set";
   button.addEventListener("click", async () => {
@@ -39,7 +55,8 @@ function scaleCell(role, target) {
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
       body: JSON.stringify({ n: Number(input.value) }),
     });
-    if (!res.ok) alert((await res.json()).error);
+    if (res.ok) scaleDrafts.delete(role);
+    else alert((await res.json()).error);
   });
   td.append(input, button);
   return td;
@@ -104,6 +121,117 @@ function render(view) {
   }));
 }
 
+function svg(tag, attrs) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  return el;
+}
+
+// Tokens per role over the last hour: each role a band stacked on those before it,
+// colours from the stylesheet.
+function drawUsage(usage) {
+  const W = 400, H = 140, PAD = 16;
+  const roles = Object.entries(usage.roles);
+  const stacked = [];
+  let below = new Array(usage.buckets).fill(0);
+  for (const [role, values] of roles) {
+    const above = below.map((v, i) => v + values[i]);
+    stacked.push([role, values, below, above]);
+    below = above;
+  }
+  const top = Math.max(1, ...below);
+  const x = (i) => (PAD + (i * (W - 2 * PAD)) / Math.max(1, usage.buckets - 1)).toFixed(1);
+  const y = (v) => (H - PAD - (v * (H - 2 * PAD)) / top).toFixed(1);
+  const parts = [svg("line", { x1: PAD, y1: H - PAD, x2: W - PAD, y2: H - PAD, class: "axis" })];
+  const peak = svg("text", { x: PAD, y: 11, class: "axis" });
+  peak.textContent = roles.length ? "peak " + top + " tokens per " + duration(usage.step) : "";
+  parts.push(peak);
+  const legend = [];
+  stacked.forEach(([role, values, lower, upper], n) => {
+    const series = "series-" + (n % SERIES_CLASSES);
+    const total = values.reduce((a, b) => a + b, 0);
+    const edge = upper.map((v, i) => x(i) + "," + y(v));
+    const base = lower.map((v, i) => x(i) + "," + y(v)).reverse();
+    const band = svg("polygon", {
+      points: edge.concat(base).join(" "),
+      class: "series " + series,
+      "data-role": role,
+      "data-tokens": total,
+    });
+    const title = svg("title", {});
+    title.textContent = role + ": " + total + " tokens";
+    band.append(title);
+    parts.push(band);
+    const key = document.createElement("span");
+    key.className = series;
+    key.dataset.role = role;
+    key.textContent = "\u25a0 " + role + " " + total;
+    legend.push(key, " ");
+  });
+  document.getElementById("usage-chart").replaceChildren(...parts);
+  legend.push(roles.length ? "tokens in the last hour" : "No model calls in the last hour.");
+  document.getElementById("usage-legend").replaceChildren(...legend);
+}
+
+async function pollUsage() {
+  try {
+    const res = await fetch("/v1/usage?window=3600&buckets=30");
+    if (res.ok) drawUsage(await res.json());
+  } catch (e) {
+    // offline for a moment: the next poll draws it
+  }
+  setTimeout(pollUsage, USAGE_EVERY_MS);
+}
+
+// #agents: the lines after the newest one shown, appended; the oldest dropped.
+let chatLast = 0;
+
+function chatLine(line) {
+  const li = document.createElement("li");
+  li.dataset.id = String(line.id);
+  const at = new Date(line.at * 1000).toLocaleTimeString();
+  const time = document.createElement("span");
+  time.className = "muted";
+  time.textContent = at + " ";
+  const who = document.createElement("span");
+  who.className = "nick";
+  who.textContent = line.action ? "* " + line.nick + " " : "<" + line.nick + "> ";
+  const text = document.createElement("span");
+  text.className = "said";
+  text.textContent = line.text;
+  li.append(time, who, text);
+  return li;
+}
+
+async function pollChat() {
+  let again = CHAT_RETRY_MS;
+  try {
+    // A long poll: answered at once when there is something new, else when a line comes.
+    const res = await fetch("/v1/chat?after=" + chatLast + "&wait=" + CHAT_WAIT_S);
+    if (res.ok) {
+      const chat = await res.json();
+      const list = document.getElementById("chat");
+      if (chat.last < chatLast) { list.replaceChildren(); chatLast = 0; } // a new supervisor
+      if (chat.channel) document.getElementById("chat-channel").textContent = chat.channel;
+      const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
+      for (const line of chat.lines) {
+        list.append(chatLine(line));
+        chatLast = Math.max(chatLast, line.id);
+      }
+      while (list.children.length > CHAT_KEEP) list.firstElementChild.remove();
+      if (atBottom) list.scrollTop = list.scrollHeight;
+      document.getElementById("chat-none").textContent =
+        chat.channel ? "Nothing said yet." : "The swarm is not on IRC.";
+      document.getElementById("chat-none").hidden = list.children.length > 0;
+      // Off IRC the answer comes at once: ask again only now and then.
+      again = chat.channel ? 0 : CHAT_OFF_IRC_MS;
+    }
+  } catch (e) {
+    // offline for a moment: the next poll catches up from chatLast
+  }
+  setTimeout(pollChat, again);
+}
+
 function connect() {
   const live = document.getElementById("live");
   const source = new EventSource("/v1/stream");
@@ -121,3 +249,5 @@ function tick() {
 
 connect();
 setInterval(tick, 1000);
+pollUsage();
+pollChat();
