@@ -95,9 +95,6 @@ def bench(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> N
     root = workdir / "swarm"
     root.mkdir()
     text = role_swarm_yaml(role, min_idle=args.idle, control=f"  boot_timeout: {BOOT_TIMEOUT:g}\n")
-    # The shipped worker asks a model; what is measured here is the dashboard, so
-    # the role's tasks echo (the line continues the role's block).
-    text += "    harness: {kind: command, command: [sh, -c, 'echo \"$FIRECLAW_PROMPT\"']}\n"
     text += 'http: {listen: "127.0.0.1:0"}\n'
     sup = Supervisor(root, text)
     out: dict[str, Any] = {"n": args.idle, "pages": PAGES}

@@ -128,6 +128,9 @@ def swarm_yaml(role: str, *, min_idle: int, control: str) -> str:
         f"  {role}:\n"
         "    template: worker\n"
         f"    pool: {{min_idle: {min_idle}, max_active: {MAX_ACTIVE}}}\n"
+        # The shipped worker asks a model; what is measured here is the VMs, so the
+        # role's tasks echo, as the worker did before it thought.
+        "    harness: {kind: command, command: [sh, -c, 'echo \"$FIRECLAW_PROMPT\"']}\n"
     )
 
 

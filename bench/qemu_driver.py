@@ -149,6 +149,9 @@ def swarm_yaml(role: str, *, min_idle: int, subnet: str) -> str:
         "    template: worker\n"
         f"    pool: {{min_idle: {min_idle}, max_active: {MAX_ACTIVE}}}\n"
         f"    resources: {{vcpus: 1, memory_mib: {MEMORY_MIB}}}\n"
+        # The shipped worker asks a model; what is measured here is the VMs, so the
+        # role's tasks echo, as the worker did before it thought.
+        "    harness: {kind: command, command: [sh, -c, 'echo \"$FIRECLAW_PROMPT\"']}\n"
     )
 
 
