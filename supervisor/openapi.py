@@ -15,6 +15,7 @@ import functools
 from typing import Any, Final
 
 import msgspec
+from fireclaw.supervisor import api_requests
 
 __all__ = ["document"]
 
@@ -80,17 +81,15 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document of the control API served on ``<state_dir>/api.sock``."""
-    from fireclaw.supervisor import api
-
     structs = (
-        api.RunRequest,
-        api.TaskRequest,
-        api.ScaleRequest,
-        api.InvokeRequest,
-        api.RetuneRequest,
-        api.ResetRequest,
-        api.EmptyRequest,
-        api.DownRequest,
+        api_requests.RunRequest,
+        api_requests.TaskRequest,
+        api_requests.ScaleRequest,
+        api_requests.InvokeRequest,
+        api_requests.RetuneRequest,
+        api_requests.ResetRequest,
+        api_requests.EmptyRequest,
+        api_requests.DownRequest,
     )
     _, components = msgspec.json.schema_components(
         structs, ref_template="#/components/schemas/{name}"
@@ -107,7 +106,7 @@ def document() -> dict[str, Any]:
             "id": {"type": "integer"},
             "role": {"type": "string"},
             "prompt": {"type": "string"},
-            "state": {"enum": sorted(api._TASK_STATES)},
+            "state": {"enum": sorted(api_requests.TASK_STATES)},
             "attempts": {"type": "integer", "minimum": 0},
         },
     }
@@ -147,7 +146,7 @@ def document() -> dict[str, Any]:
             "detail": _OBJECT,
         },
     }
-    seconds = {"type": "number", "minimum": 0, "maximum": api._MAX_STATUS_WAIT}
+    seconds = {"type": "number", "minimum": 0, "maximum": api_requests.MAX_STATUS_WAIT}
     id_param = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
     name = {"type": "string", "minLength": 1, "maxLength": 64}
     paths: dict[str, Any] = {
@@ -182,7 +181,9 @@ def document() -> dict[str, Any]:
                 "The most recent tasks, newest first.",
                 {"type": "object", "required": ["tasks"], "properties": {
                     "tasks": {"type": "array", "items": task}}},
-                params=[_query("state", {"enum": sorted(api._TASK_STATES)}, "only this state")],
+                params=[
+                    _query("state", {"enum": sorted(api_requests.TASK_STATES)}, "only this state")
+                ],
             ),
             "post": _operation(
                 "Queue a durable task for a role; 507 while the state disk is full.",
@@ -263,7 +264,8 @@ def document() -> dict[str, Any]:
                 params=[
                     _query("after", id_param, "the last event id seen"),
                     _query("limit", {"type": "integer", "minimum": 1,
-                                     "maximum": api._MAX_EVENTS_LIMIT}, "at most this many"),
+                                     "maximum": api_requests.MAX_EVENTS_LIMIT},
+                           "at most this many"),
                 ],
             )
         },
@@ -275,7 +277,7 @@ def document() -> dict[str, Any]:
                     "rows": {"type": "array", "items": {"type": "object", "required": [
                         "key", "calls", "prompt_tokens", "completion_tokens", "tokens"]}}}},
                 params=[
-                    _query("by", {"enum": list(api.USAGE_BY)}, "sum per (default agent)"),
+                    _query("by", {"enum": list(api_requests.USAGE_BY)}, "sum per (default agent)"),
                     _query("since", id_param, "unix time; only calls from then on"),
                     _query("key", {"type": "string", "minLength": 1, "maxLength": 200},
                            "only this agent, role, task, model or VM"),
