@@ -97,7 +97,8 @@ def test_usage_since_takes_unix_seconds_dates_and_ages() -> None:
     import datetime as dt
     import time
 
-    from fireclaw.supervisor.cli import UsageError, build_parser
+    from fireclaw.supervisor.cli import build_parser
+    from fireclaw.supervisor.cli_commands import UsageError
 
     def since(text: str) -> float:
         args = build_parser().parse_args(["usage", "--since", text])
