@@ -27,7 +27,7 @@ from pathlib import Path
 
 import h11
 import trio
-from fireclaw.config.model import BudgetSpec, ManagedModelSpec
+from fireclaw.config.llm import BudgetSpec, ManagedModelSpec
 from fireclaw.pool.gateway import ModelRoute, Upstream, Who, serve_gateway
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import ManagedModelServer

@@ -84,7 +84,7 @@ from common import (
     supervised,
     supervisor_stopped,
 )
-from fireclaw.config.model import BudgetSpec
+from fireclaw.config.llm import BudgetSpec
 from fireclaw.pool.gateway import ModelRoute, Upstream, Who, serve_gateway
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.daemon import DB_NAME

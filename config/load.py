@@ -20,7 +20,8 @@ Exceptions::
                     range or inconsistent, an unknown template. str() is one
                     line: "<file>: <field.path>: <what>".
 
-A program that gives up because of a ConfigError exits with ``EX_CONFIG``.
+A program that gives up because of a ConfigError exits with ``EX_CONFIG``
+(guest_daemon/exits.py, also ``fireclaw.config.EX_CONFIG``).
 """
 
 from __future__ import annotations
@@ -36,23 +37,11 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import msgspec
 import msgspec.inspect as mi
 import yaml
+from fireclaw.config.common import ROLE_NAME_PATTERN, NonEmptyStr
 from fireclaw.config.http import HttpSpec
-from fireclaw.config.model import (
-    IRC_RESTART,
-    MODEL_SERVER_RESTART,
-    PATTERN_WORDS,
-    ROLE_NAME_PATTERN,
-    Backend,
-    BudgetSpec,
-    Config,
-    ControlSpec,
-    IrcSpec,
-    ModelsSpec,
-    NetworkSpec,
-    NonEmptyStr,
-    Role,
-    StopSpec,
-)
+from fireclaw.config.irc import IRC_RESTART, PATTERN_WORDS, IrcSpec
+from fireclaw.config.llm import MODEL_SERVER_RESTART, BudgetSpec, ModelsSpec
+from fireclaw.config.model import Backend, Config, ControlSpec, NetworkSpec, Role, StopSpec
 from msgspec import Meta
 
 try:
@@ -60,10 +49,7 @@ try:
 except ImportError:  # PyYAML built without libyaml
     from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
 
-__all__ = ["EX_CONFIG", "ConfigError", "load_config", "parse_config"]
-
-EX_CONFIG: Final = 78
-"""sysexits.h EX_CONFIG: the exit status of a program stopped by a bad config."""
+__all__ = ["ConfigError", "load_config", "parse_config"]
 
 # Far above any real config; keeps a wrong path (a log, an image) from being slurped.
 MAX_FILE_BYTES: Final = 1 << 20

@@ -59,6 +59,7 @@ from trio_websocket import (
 
 from . import users, workspace
 from .agent_irc import AgentPresence, Draft
+from .exits import EX_CONFIG
 from .harness import Children, Identity, one_line, run_command
 from .machine import mix_entropy, set_clock, set_hostname
 from .protocol import (
@@ -81,7 +82,7 @@ from .protocol import (
     decode_host,
     encode,
 )
-from .settings import EX_CONFIG, Config, ConfigError, load_config
+from .settings import Config, ConfigError, load_config
 from .work import KILL_GRACE, REPORT_GRACE, Work
 
 log = logging.getLogger("fireclaw.guest_daemon")

@@ -5,7 +5,7 @@ Lowest precedence first: the environment (``FIRECLAW_CONTROL_URL``,
 ``--cmdline FILE`` (``fireclaw.url=``, ``fireclaw.vm_id=``, ``fireclaw.token=``),
 then ``--url``, ``--vm-id`` and ``--token``. ``load_config`` checks all of it
 and raises ``ConfigError`` with one line naming what is missing or wrong (never
-the token itself); the daemon then exits with ``EX_CONFIG``.
+the token itself); the daemon then exits with ``exits.EX_CONFIG``.
 
 Exceptions::
 
@@ -32,17 +32,12 @@ from .protocol import Name, Token
 from .users import RunAs
 
 __all__ = [
-    "EX_CONFIG",
     "Config",
     "ConfigError",
     "GuestDaemonError",
     "load_config",
     "parse_cmdline",
 ]
-
-#: sysexits.h EX_CONFIG. The host's is ``fireclaw.config.EX_CONFIG``; the guest
-#: daemon ships alone into VM images and cannot import it.
-EX_CONFIG: Final = 78
 
 
 class GuestDaemonError(Exception):

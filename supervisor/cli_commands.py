@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_format import (
     PROG,
     cell,
@@ -63,7 +64,6 @@ __all__ = [
     "version",
 ]
 
-EX_CONFIG = 78
 DEFAULT_CONFIG = "swarm.yaml"
 #: ``down`` waits for the fleet to stop (the config's fleet_deadline is 60 s by default).
 DOWN_TIMEOUT = 180.0

@@ -37,7 +37,7 @@ from typing import Final
 
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config, role_hash
-from fireclaw.config.model import parse_base_url
+from fireclaw.config.llm import parse_base_url
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost

@@ -14,7 +14,7 @@ import h11
 import pytest
 import trio
 import trio.testing
-from fireclaw.config.model import BudgetSpec
+from fireclaw.config.llm import BudgetSpec
 from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool.gateway import (
     Forward,

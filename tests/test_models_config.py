@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.config import ConfigError, parse_config
-from fireclaw.config.model import MODEL_SERVER_RESTART, parse_base_url
+from fireclaw.config.llm import MODEL_SERVER_RESTART, parse_base_url
 
 #: A role that asks no model (the shipped worker chats): its harness is a command.
 ROLES = "roles:\n  worker: {harness: {command: ['true']}}\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from fireclaw.config.model import BudgetSpec, ManagedModelSpec
+from fireclaw.config.llm import BudgetSpec, ManagedModelSpec
 from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool import netns
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, serve_gateway
@@ -222,7 +222,7 @@ def test_after_a_supervisor_is_killed_the_next_one_stops_its_model_server(
         f"""
         import sys, trio
         from pathlib import Path
-        from fireclaw.config.model import ManagedModelSpec
+        from fireclaw.config.llm import ManagedModelSpec
         from fireclaw.supervisor.modelserver import ManagedModelServer
         from fireclaw.supervisor.state import Store
 
