@@ -18,6 +18,7 @@ __all__ = [
     "ENV_NAME_PATTERN",
     "HOSTNAME_RE",
     "MANAGED",
+    "POLICY_ALIASES",
     "ROLE_NAME_PATTERN",
     "Argv",
     "Backoff",
@@ -35,6 +36,8 @@ ROLE_NAME_PATTERN: Final = r"^[a-z][a-z0-9-]{0,30}$"
 """Role names double as nick prefixes, file names and metric labels."""
 
 PolicyName = Literal["permanent", "transient", "temporary"]
+#: The systemd spellings of the restart policies, accepted as aliases.
+POLICY_ALIASES: Final = {"always": "permanent", "on-failure": "transient", "no": "temporary"}
 
 PositiveSeconds = Annotated[float, Meta(gt=0, le=86_400)]
 Seconds = Annotated[float, Meta(ge=0, le=86_400)]
