@@ -43,7 +43,8 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
-from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
+from fireclaw.pool.gateway import UpstreamError, fetch_models
+from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates
