@@ -41,8 +41,8 @@ __all__ = [
     "query_params",
 ]
 
-#: The states ``GET /tasks?state=`` may filter on.
-TASK_STATES: Final = frozenset({"queued", "claimed", "done", "failed"})
+#: The states ``GET /tasks?state=`` may filter on, in the order a task goes through them.
+TASK_STATES: Final = ("queued", "claimed", "done", "failed")
 #: Most events one ``GET /events`` answers with.
 MAX_EVENTS_LIMIT: Final = 1000
 #: Longest a status long-poll may wait, well inside the connection's idle timeout.

@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 from fireclaw.supervisor import api_requests
 
-__all__ = ["document"]
+__all__ = ["EVENT", "TASK", "document"]
 
 _ERROR: Final = {
     "type": "object",
@@ -26,6 +26,31 @@ _ERROR: Final = {
 }
 _OBJECT: Final = {"type": "object"}
 _REF: Final = "#/components/schemas/"
+
+#: A task as both APIs answer with it (this one and the HTTP listener's /v1).
+TASK: Final = {
+    "type": "object",
+    "required": ["id", "role", "prompt", "state", "attempts"],
+    "properties": {
+        "id": {"type": "integer"},
+        "role": {"type": "string"},
+        "prompt": {"type": "string"},
+        "state": {"enum": list(api_requests.TASK_STATES)},
+        "attempts": {"type": "integer", "minimum": 0},
+    },
+}
+#: An event of the log, as both APIs answer with it.
+EVENT: Final = {
+    "type": "object",
+    "required": ["id", "at", "kind", "subject", "detail"],
+    "properties": {
+        "id": {"type": "integer"},
+        "at": {"type": "number"},
+        "kind": {"type": "string"},
+        "subject": {"type": "string"},
+        "detail": _OBJECT,
+    },
+}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -99,17 +124,6 @@ def document() -> dict[str, Any]:
         {"required": [field], "properties": {field: {"type": "string"}}}
         for field in ("model", "persona")
     ]
-    task = {
-        "type": "object",
-        "required": ["id", "role", "prompt", "state", "attempts"],
-        "properties": {
-            "id": {"type": "integer"},
-            "role": {"type": "string"},
-            "prompt": {"type": "string"},
-            "state": {"enum": sorted(api_requests.TASK_STATES)},
-            "attempts": {"type": "integer", "minimum": 0},
-        },
-    }
     status = {
         "type": "object",
         "required": ["version", "pid", "backend", "roles", "agents", "tasks"],
@@ -133,17 +147,6 @@ def document() -> dict[str, Any]:
                     "pending_writes": {"type": "integer"},
                 },
             },
-        },
-    }
-    event = {
-        "type": "object",
-        "required": ["id", "at", "kind", "subject", "detail"],
-        "properties": {
-            "id": {"type": "integer"},
-            "at": {"type": "number"},
-            "kind": {"type": "string"},
-            "subject": {"type": "string"},
-            "detail": _OBJECT,
         },
     }
     seconds = {"type": "number", "minimum": 0, "maximum": api_requests.MAX_STATUS_WAIT}
@@ -180,14 +183,14 @@ def document() -> dict[str, Any]:
             "get": _operation(
                 "The most recent tasks, newest first.",
                 {"type": "object", "required": ["tasks"], "properties": {
-                    "tasks": {"type": "array", "items": task}}},
+                    "tasks": {"type": "array", "items": TASK}}},
                 params=[
-                    _query("state", {"enum": sorted(api_requests.TASK_STATES)}, "only this state")
+                    _query("state", {"enum": list(api_requests.TASK_STATES)}, "only this state")
                 ],
             ),
             "post": _operation(
                 "Queue a durable task for a role; 507 while the state disk is full.",
-                task,
+                TASK,
                 body="TaskRequest",
                 errors=(404, 507),
             ),
@@ -195,7 +198,7 @@ def document() -> dict[str, Any]:
         "/tasks/{id}": {
             "get": _operation(
                 "One task.",
-                task,
+                TASK,
                 params=[_path("id", {"type": "integer", "minimum": 1, "maximum": 10**18 - 1})],
                 errors=(404,),
             )
@@ -260,7 +263,7 @@ def document() -> dict[str, Any]:
             "get": _operation(
                 "The audit trail, oldest first, after an event id.",
                 {"type": "object", "required": ["events"], "properties": {
-                    "events": {"type": "array", "items": event}}},
+                    "events": {"type": "array", "items": EVENT}}},
                 params=[
                     _query("after", id_param, "the last event id seen"),
                     _query("limit", {"type": "integer", "minimum": 1,
