@@ -14,7 +14,6 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Final, TypeVar
 
 import psutil
 from fireclaw.pool import cgroup, netns
+from fireclaw.pool.runner import ProgramFailed, run_program
 from fireclaw.pool.vm import kill_recorded
 from fireclaw.supervisor import services
 from fireclaw.supervisor.state import ServiceRecord, StateError, Store, VmRecord
@@ -166,17 +166,9 @@ def remove_links(names: list[str], done: list[Removal]) -> None:
 def delete_table(table: str) -> None:
     """``nft delete table`` of ``table`` (\"inet fireclaw_<inst>\"); OSError with nft's line."""
     try:
-        result = subprocess.run(
-            ["nft", "delete", "table", *table.split()],
-            capture_output=True,
-            timeout=NFT_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise OSError(f"nft: {exc}") from exc
-    if result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"nft: {lines[0] if lines else f'exit code {result.returncode}'}")
+        run_program(["nft", "delete", "table", *table.split()], timeout=NFT_TIMEOUT)
+    except ProgramFailed as exc:
+        raise OSError(str(exc)) from exc
 
 
 def rmtree(path: Path) -> None:
