@@ -63,7 +63,6 @@ _MergeSpec = Mapping[str, "_MergeSpec"]
 _MERGED: Final[_MergeSpec] = {"resources": {}, "restart": {"backoff": {}}, "pool": {}}
 
 
-
 class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """swarm.yaml as written. Role entries stay raw until merged with their template."""
 

@@ -37,7 +37,6 @@ class ModelReplyError(Exception):
     """What the server sent cannot be a chat completion (one line)."""
 
 
-
 @dataclass
 class ToolCall:
     """One call the model asked for. ``arguments`` is None when they were not a

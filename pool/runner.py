@@ -29,8 +29,9 @@ class ProgramFailed(Exception):
     could not start, or it was killed at its timeout); ``stderr_line`` is its most
     telling stderr line, empty when it wrote none; ``why`` says it in one line."""
 
-    def __init__(self, program: str, why: str, *, returncode: int | None = None,
-                 stderr_line: str = "") -> None:  # fmt: skip
+    def __init__(
+        self, program: str, why: str, *, returncode: int | None = None, stderr_line: str = ""
+    ) -> None:
         super().__init__(program, why)
         self.program = program
         self.why = why

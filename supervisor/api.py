@@ -134,7 +134,6 @@ class ControllerError(Exception):
         self.status = status
 
 
-
 class Controller(Protocol):
     """What the API needs from the supervisor. Raise ``ControllerError`` to refuse a request."""
 
@@ -388,9 +387,7 @@ class _ApiServer:
 
     # -- /run
 
-    async def _run(
-        self, conn: h11.Connection, stream: trio.SocketStream, request: Request
-    ) -> None:
+    async def _run(self, conn: h11.Connection, stream: trio.SocketStream, request: Request) -> None:
         try:
             query_params(request, frozenset())
             body = decode_body(RUN_DECODER, request.body)

@@ -90,6 +90,8 @@ class ApiServerError(Exception):
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
+    """One request as the routes see it: the path unquoted, the query parsed."""
+
     method: str
     path: str
     query: dict[str, str]
@@ -97,11 +99,13 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def one_line(text: str, limit: int = 1000) -> str:
+    """``text`` on one line (blanks collapsed), cut to ``limit`` characters."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def error_body(message: str) -> bytes:
+    """The JSON body of an error answer: ``{"error": "<one line>"}``."""
     return _ENCODER.encode({"error": one_line(message) or "error"})
 
 
@@ -110,7 +114,6 @@ def _reason(status: int) -> bytes:
         return http.HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
-
 
 
 def _parse_target(target: bytes) -> tuple[str, dict[str, str]]:
@@ -171,6 +174,7 @@ async def respond(
     *,
     allow: str | None = None,
 ) -> None:
+    """Send a whole JSON answer (``body`` and a newline) with ``Connection: close``."""
     data = conn.send(_head(status, "application/json", len(body) + 1, allow=allow)) or b""
     data += conn.send(h11.Data(data=body + b"\n")) or b""
     data += conn.send(h11.EndOfMessage()) or b""
@@ -234,6 +238,7 @@ async def read_request(
 
 
 async def linger(stream: trio.SocketStream) -> None:
+    """Half-close, then read and drop what the client still sends, for a bounded time."""
     with trio.move_on_after(_LINGER_TIMEOUT):
         try:
             await stream.send_eof()
@@ -245,7 +250,6 @@ async def linger(stream: trio.SocketStream) -> None:
                 received += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
-
 
 
 # ---------------------------------------------------------------- /run streaming
@@ -308,6 +312,7 @@ class NdjsonWriter:
 
 
 async def cancel_on_disconnect(stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once the client's end reaches EOF or breaks."""
     # The client sends nothing after its request; EOF or a reset means it left.
     try:
         while await stream.receive_some(_RECV_SIZE):
@@ -367,9 +372,9 @@ async def listen(path: pathlib.Path) -> tuple[trio.socket.SocketType, int]:
 
 
 def unlink_if_ours(path: pathlib.Path, inode: int) -> None:
+    """Remove the socket at ``path`` unless another server has replaced it since."""
     try:
         if os.stat(path).st_ino == inode:
             os.unlink(path)
     except OSError:
         pass
-

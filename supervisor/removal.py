@@ -181,4 +181,3 @@ def one_line(exc: BaseException) -> str:
     """The first line of what ``exc`` says, or its type's name."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
