@@ -42,9 +42,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_commands import (
     DEFAULT_CONFIG,
-    EX_CONFIG,
     CliError,
     UsageError,
     cmd_destroy,

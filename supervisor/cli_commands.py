@@ -36,7 +36,6 @@ from fireclaw.supervisor.client import ApiClient
 __all__ = [
     "DEFAULT_CONFIG",
     "DOWN_TIMEOUT",
-    "EX_CONFIG",
     "CliError",
     "UsageError",
     "cmd_destroy",
