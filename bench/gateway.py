@@ -27,8 +27,9 @@ from pathlib import Path
 
 import h11
 import trio
-from fireclaw.config.model import BudgetSpec, ManagedModelSpec
-from fireclaw.pool.gateway import ModelRoute, Upstream, Who, serve_gateway
+from fireclaw.config.llm import BudgetSpec, ManagedModelSpec
+from fireclaw.pool.gateway import serve_gateway
+from fireclaw.pool.gateway_core import ModelRoute, Upstream, Who
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import ManagedModelServer
 from fireclaw.supervisor.state import Store

@@ -84,8 +84,9 @@ from common import (
     supervised,
     supervisor_stopped,
 )
-from fireclaw.config.model import BudgetSpec
-from fireclaw.pool.gateway import ModelRoute, Upstream, Who, serve_gateway
+from fireclaw.config.llm import BudgetSpec
+from fireclaw.pool.gateway import serve_gateway
+from fireclaw.pool.gateway_core import ModelRoute, Upstream, Who
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model

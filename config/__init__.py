@@ -5,28 +5,30 @@ line, naming the file and the field); ``diff_config`` says what a reload would
 change.
 """
 
+from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
-from fireclaw.config.load import EX_CONFIG, ConfigError, load_config, parse_config
-from fireclaw.config.model import (
-    AnyHarnessSpec,
-    Backoff,
-    ChatHarnessSpec,
+from fireclaw.config.irc import (
     CommandRateSpec,
-    Config,
-    ControlSpec,
-    HarnessSpec,
     IrcOperatorSpec,
     IrcSpec,
     ManagedIrcSpec,
+    SaslSpec,
+    parse_server,
+)
+from fireclaw.config.load import ConfigError, load_config, parse_config
+from fireclaw.config.model import (
+    AnyHarnessSpec,
+    ChatHarnessSpec,
+    Config,
+    ControlSpec,
+    HarnessSpec,
     NetworkSpec,
     PoolSpec,
     Resources,
-    RestartPolicy,
     Role,
-    SaslSpec,
     StopSpec,
-    parse_server,
 )
+from fireclaw.guest_daemon.exits import EX_CONFIG
 
 __all__ = [
     "EX_CONFIG",

@@ -65,7 +65,7 @@ class HttpSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def address(self) -> tuple[str, int]:
         """(host, port) to bind; port 0 takes any free port (``status`` shows which)."""
         # Imported here: config.model holds this section, so it cannot be imported first.
-        from fireclaw.config.model import parse_server
+        from fireclaw.config.irc import parse_server
 
         host, sep, port = self.listen.rpartition(":")
         if sep and port == "0":

@@ -32,7 +32,8 @@ from typing import Any
 import trio
 
 from .answer_stream import Draft, ReplyText
-from .chat import Answer, Calls, Failed, Reply, Retry, ToolCall, Turn
+from .chat import Answer, Calls, Failed, Retry, Turn
+from .model_reply import Reply, ToolCall
 from .openai_client import ModelError, complete, tool_support
 from .protocol import ChatHarness
 from .tools import Toolbox, ToolResult, read_memory

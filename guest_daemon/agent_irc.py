@@ -66,24 +66,19 @@ from typing import Final
 import trio
 
 from .answer_stream import NO_ANSWER, AnswerLines, Draft
-from .irc import (
-    Connect,
+from .irc import Connect, IrcClient, open_tcp
+from .irc_events import (
     Disconnected,
-    InvalidParameter,
     Invited,
-    IrcClient,
     IrcConfig,
     Joined,
     Kicked,
     Message,
     NickChanged,
     Registered,
-    casefold,
-    message_budget,
-    open_tcp,
-    paginate,
 )
 from .irc_session import HOST_GUESS
+from .irc_wire import InvalidParameter, casefold, message_budget, paginate
 from .protocol import IrcPresence
 
 __all__ = [

@@ -19,20 +19,17 @@ returns the process exit code:
      next Hello says what it is and the results held back are sent then.
 * 78 missing or invalid configuration (EX_CONFIG), one line on stderr.
 
-Configuration, lowest precedence first: the environment
+Configuration (settings.py), lowest precedence first: the environment
 (``FIRECLAW_CONTROL_URL``, ``FIRECLAW_VM_ID``, ``FIRECLAW_TOKEN``), then a
 kernel command line read with ``--cmdline FILE`` (``fireclaw.url=``,
 ``fireclaw.vm_id=``, ``fireclaw.token=``), then ``--url``, ``--vm-id`` and
-``--token``. The clock is set from ``Welcome`` only when
-``FIRECLAW_SET_CLOCK=1``, which only a VM image sets. Agent work runs as the
-user ``users.agent_user`` picks (``FIRECLAW_AGENT_USER`` names one; a name
-that does not exist is a configuration error).
+``--token``. What a ``Welcome`` asks of the machine is in machine.py. The
+clock is set from ``Welcome`` only when ``FIRECLAW_SET_CLOCK=1``, which only a
+VM image sets. Agent work runs as the user ``users.agent_user`` picks
+(``FIRECLAW_AGENT_USER`` names one; a name that does not exist is a
+configuration error).
 
-Exceptions::
-
-    GuestDaemonError
-    └── ConfigError      bad or missing configuration (exit 78)
-
+Exceptions: ``settings.ConfigError`` for bad or missing configuration (exit 78).
 Everything that goes wrong after configuration is an exit code, not an
 exception: ``protocol.ProtocolError`` and trio-websocket's errors are caught
 where they happen and end the session.
@@ -42,25 +39,15 @@ The daemon imports nothing from the host side: it ships into VM images.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import logging
 import math
 import os
-import random
-import re
 import signal
-import socket
 import sys
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Final, NoReturn
-from urllib.parse import urlsplit
+from typing import Final
 
-import msgspec
 import trio
 from trio_websocket import (
     CloseReason,
@@ -72,7 +59,9 @@ from trio_websocket import (
 
 from . import users, workspace
 from .agent_irc import AgentPresence, Draft
+from .exits import EX_CONFIG
 from .harness import Children, Identity, one_line, run_command
+from .machine import mix_entropy, set_clock, set_hostname
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -82,7 +71,6 @@ from .protocol import (
     Heartbeat,
     Hello,
     HostMessage,
-    Name,
     Promote,
     Promoted,
     ProtocolError,
@@ -90,19 +78,17 @@ from .protocol import (
     Stop,
     Task,
     TaskDone,
-    Token,
     Welcome,
     decode_host,
     encode,
 )
-from .users import RunAs
+from .settings import Config, ConfigError, load_config
 from .work import KILL_GRACE, REPORT_GRACE, Work
 
 log = logging.getLogger("fireclaw.guest_daemon")
 
 EXIT_STOPPED: Final = 0
 EXIT_FAILED: Final = 1
-EX_CONFIG: Final = 78
 
 #: Messages queued for the writer before senders wait: the backpressure.
 OUTBOX_SIZE: Final = 16
@@ -115,189 +101,11 @@ BACKOFF_FIRST: Final = 0.1
 #: Inside a VM, how long to dial again after a lost connection before giving up
 #: (the VM then powers off): long enough for a supervisor to restart and adopt it.
 REDIAL_TIMEOUT: Final = 300.0
-#: ioctl(2) on /dev/urandom: reseed the kernel's CRNG from its input pool now.
-RNDRESEEDCRNG: Final = 0x5207
 BACKOFF_MAX: Final = 2.0
 
 # WebSocket close codes (RFC 6455).
 _CLOSE_NORMAL: Final = 1000
 _CLOSE_PROTOCOL_ERROR: Final = 1002
-
-
-class GuestDaemonError(Exception):
-    """Base of the guest daemon's own errors."""
-
-
-class ConfigError(GuestDaemonError):
-    """Missing or invalid configuration; ``str()`` is one line."""
-
-
-# --- configuration -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    url: str
-    vm_id: str
-    token: str
-    connect_timeout: float = 30.0
-    set_clock: bool = False
-    redial: bool = False  # dial again after a lost connection (inside a VM)
-    agent_user: RunAs | None = None  # who runs agent work (None: as the daemon)
-
-
-_ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
-_CMDLINE: Final = {"url": "fireclaw.url", "vm_id": "fireclaw.vm_id", "token": "fireclaw.token"}
-_FLAG: Final = {"url": "--url", "vm_id": "--vm-id", "token": "--token"}
-# A kernel command line word: runs of non-blanks, where "..." may hold blanks.
-_CMDLINE_WORD: Final = re.compile(r'(?:[^\s"]+|"[^"]*")+')
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        prog="python -m fireclaw.guest_daemon",
-        description="fireclaw guest daemon: serves the host's control channel inside a VM.",
-    )
-    parser.add_argument("--url", help=f"control endpoint, ws://HOST:PORT/ (${_ENV['url']})")
-    parser.add_argument("--vm-id", help=f"this VM's id (${_ENV['vm_id']})")
-    parser.add_argument("--token", help=f"this VM's secret token (${_ENV['token']})")
-    parser.add_argument(
-        "--cmdline",
-        metavar="FILE",
-        help="read fireclaw.url=, fireclaw.vm_id=, fireclaw.token= from a kernel command line",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="give up when the host cannot be reached for this long (default 30)",
-    )
-    return parser
-
-
-def parse_cmdline(text: str) -> dict[str, str]:
-    """The ``key=value`` words of a kernel command line (quotes removed)."""
-    params: dict[str, str] = {}
-    for word in _CMDLINE_WORD.findall(text):
-        key, sep, value = word.replace('"', "").partition("=")
-        if sep:
-            params[key] = value
-    return params
-
-
-def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Build the configuration from flags, a kernel command line and the environment.
-
-    Raises ConfigError (one line) when something is missing or invalid.
-    """
-    args = _parser().parse_args(list(argv))
-    values = {field: environ.get(var) or None for field, var in _ENV.items()}
-    if args.cmdline:
-        try:
-            with open(args.cmdline, encoding="utf-8", errors="replace") as file:
-                params = parse_cmdline(file.read())
-        except OSError as exc:
-            raise ConfigError(f"--cmdline {args.cmdline}: {exc.strerror or exc}") from exc
-        for field, key in _CMDLINE.items():
-            values[field] = params.get(key) or values[field]
-    for field in _ENV:
-        values[field] = getattr(args, field) or values[field]
-
-    for field, value in values.items():
-        if value is None:
-            raise ConfigError(
-                f"missing {field}: set {_ENV[field]}, pass {_FLAG[field]}"
-                f" or put {_CMDLINE[field]}= on the kernel command line"
-            )
-    url, vm_id, token = values["url"], values["vm_id"], values["token"]
-    assert url is not None and vm_id is not None and token is not None
-    _check_url(url)
-    try:
-        msgspec.convert(vm_id, Name)
-    except msgspec.ValidationError:
-        raise ConfigError(
-            f"invalid vm_id {vm_id!r}: 1-64 of letters, digits and _.-[]{{}}|^`\\"
-        ) from None
-    try:
-        msgspec.convert(token, Token)
-    except msgspec.ValidationError:
-        # The token is a secret: say what is wrong with it, never what it is.
-        raise ConfigError(
-            f"invalid token ({len(token)} characters): 16-128 of letters, digits, _ and -"
-        ) from None
-    timeout = args.connect_timeout
-    if not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"invalid --connect-timeout {timeout}: must be a positive number")
-    try:
-        user = users.agent_user(environ)
-    except users.UnknownUser as exc:
-        raise ConfigError(f"agent user: {exc} (set {users.ENV_USER} to one that exists)") from None
-    return Config(
-        url=url,
-        vm_id=vm_id,
-        token=token,
-        connect_timeout=timeout,
-        set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
-        redial=bool(args.cmdline),
-        agent_user=user,
-    )
-
-
-def _check_url(url: str) -> None:
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("ws", "wss") and bool(parts.hostname) and parts.port != 0
-    except ValueError as exc:  # a port that is not a number in 0-65535
-        raise ConfigError(f"invalid url {url!r}: {exc}") from None
-    if not valid:
-        raise ConfigError(f"invalid url {url!r}: expected ws://HOST:PORT/ or wss://HOST:PORT/")
-
-
-# --- what a Welcome asks of the machine ----------------------------------------
-
-
-def mix_entropy(entropy: bytes) -> None:
-    """Stir ``entropy`` into the kernel pool, reseed the kernel CRNG, reseed ``random``.
-
-    A clone restored from a snapshot shares its RNG state with every sibling;
-    this is what makes them diverge. Writing to /dev/urandom mixes into the
-    input pool without crediting and needs no privilege, but the CRNG that
-    /dev/urandom and getrandom() read only draws on that pool when it next
-    reseeds (up to a minute later): so, where permitted (root, as in a VM),
-    force the reseed at once.
-    """
-    try:
-        with open("/dev/urandom", "wb", buffering=0) as pool:
-            pool.write(entropy)
-            with contextlib.suppress(OSError):  # not root, or an old kernel
-                fcntl.ioctl(pool, RNDRESEEDCRNG)
-    except OSError as exc:
-        log.info("cannot write /dev/urandom (%s); kernel pool not mixed", exc.strerror)
-    random.seed(os.urandom(32) + entropy)
-
-
-def set_hostname(name: str) -> None:
-    """The VM's own name (a clone of a snapshot wakes up with the template's)."""
-    try:
-        socket.sethostname(name)
-    except OSError as exc:
-        log.warning("cannot set the hostname (%s)", exc.strerror)
-
-
-def set_clock(unix_time: float) -> None:
-    """Set CLOCK_REALTIME; a restored snapshot wakes up with the time it was taken."""
-    try:
-        time.clock_settime(time.CLOCK_REALTIME, unix_time)
-    except OSError as exc:
-        log.warning("cannot set the clock (%s); keeping %.3f", exc.strerror, time.time())
-    else:
-        log.info("clock set to %.3f", unix_time)
 
 
 #: Seconds an IRC answer may take beyond the harness timeout.

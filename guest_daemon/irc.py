@@ -1,6 +1,7 @@
 """The shared IRC client of the overseer and the agents: a thin trio adapter.
 
-The protocol lives in ``irc_session`` (sans-I/O); this module moves bytes::
+The protocol lives in ``irc_session`` (sans-I/O; its config and events in
+``irc_events``, registration in ``irc_registration``); this module moves bytes::
 
     IrcClient.run()                     nursery.start(): started() once first registered
     └─ forever, until quit() or cancelled
@@ -49,81 +50,34 @@ from typing import Final
 
 import trio
 
-from .irc_session import (
-    MAX_INCOMING,
-    MAX_LINE,
-    TRANSITIONS,
+from .irc_events import (
     Disconnected,
     Event,
-    IllegalTransition,
-    InvalidParameter,
-    Invited,
     IrcConfig,
-    IrcError,
-    IrcSession,
-    Joined,
     Kicked,
-    LineReader,
-    Message,
-    Names,
-    NickChanged,
-    RegEvent,
     Registered,
-    RegState,
-    TokenBucket,
-    UserJoined,
-    UserParted,
-    UserQuit,
-    UserRenamed,
-    WhoisReply,
-    alternate_nick,
+)
+from .irc_session import IrcSession
+from .irc_wire import (
+    InvalidParameter,
     casefold,
-    clean,
     encode,
     is_channel,
     loggable,
     message_budget,
     paginate,
-    privmsg,
 )
+from .pacing import TokenBucket
 
 __all__ = [
-    "MAX_INCOMING",
-    "MAX_LINE",
-    "TRANSITIONS",
+    "CONNECT_TIMEOUT",
+    "EVENT_BUFFER",
+    "OUTBOX_SIZE",
+    "QUIT_TIMEOUT",
+    "RECEIVE_SIZE",
     "Connect",
-    "Disconnected",
-    "Event",
-    "IllegalTransition",
-    "InvalidParameter",
-    "Invited",
     "IrcClient",
-    "IrcConfig",
-    "IrcError",
-    "IrcSession",
-    "Joined",
-    "Kicked",
-    "LineReader",
-    "Message",
-    "Names",
-    "NickChanged",
-    "RegEvent",
-    "RegState",
-    "Registered",
-    "TokenBucket",
-    "UserJoined",
-    "UserParted",
-    "UserQuit",
-    "UserRenamed",
-    "WhoisReply",
-    "alternate_nick",
-    "casefold",
-    "clean",
-    "encode",
-    "is_channel",
-    "message_budget",
-    "paginate",
-    "privmsg",
+    "open_tcp",
 ]
 
 log = logging.getLogger("fireclaw.irc")

@@ -1,25 +1,15 @@
-"""Sans-I/O IRC client core: one client session, its registration as a table.
+"""Sans-I/O IRC client core: one client session.
 
 Nothing here awaits, reads a clock or touches a socket: bytes go in with the
 time they arrived (``now``), events and lines to send come out. The trio
 adapter in ``irc.py`` drives it; the tests drive it line by line. Lines are
-read and written with ``irc_wire`` (the hardening at the edge is there).
-
-Registration is a transition table (``TRANSITIONS[state][event]``)::
-
-    CONNECTING --OPEN--------> REGISTERING --WELCOME--> REGISTERED
-        |                          ^
-        +--OPEN_CAP--> NEGOTIATING-+ CAP_END (sasl not offered, NAK, SASL done or failed)
-                           |       ^
-                           +--SASL_ACK--> AUTHENTICATING
-    any state --CLOSE--> CLOSED (ERROR from the server, timeouts, no nick accepted)
-
-A server without CAP may answer NICK/USER with 001 while we negotiate, so
-NEGOTIATING --WELCOME--> REGISTERED is allowed too.
+read and written with ``irc_wire`` (the hardening at the edge is there); the
+config and the events are in ``irc_events``; registration moves through the
+transition table of ``irc_registration``.
 
 Exceptions::
 
-    IrcError
+    IrcError                (irc_wire)
     ├── InvalidParameter    a command or parameter that cannot be put on the wire
     └── IllegalTransition   a registration move the table does not allow (a bug)
 
@@ -33,72 +23,50 @@ siblings: it ships inside VM images.
 from __future__ import annotations
 
 import base64
-import enum
 import logging
 import math
-import re
 from collections.abc import Iterable
-from typing import Annotated, Final
+from typing import Final
 
 import msgspec
 from irctokens.hostmask import hostmask
 from irctokens.line import Line
-from msgspec import Meta
 
+from .irc_events import (
+    Event,
+    Invited,
+    IrcConfig,
+    Joined,
+    Kicked,
+    Message,
+    Names,
+    NickChanged,
+    Registered,
+    UserJoined,
+    UserParted,
+    UserQuit,
+    UserRenamed,
+    WhoisReply,
+)
+from .irc_registration import TRANSITIONS, IllegalTransition, RegEvent, RegState
 from .irc_wire import (
-    MAX_INCOMING,
     MAX_LINE,
-    InvalidParameter,
-    IrcError,
     LineReader,
     alternate_nick,
     casefold,
     clean,
     encode,
     is_channel,
-    loggable,
     message_budget,
-    paginate,
-    privmsg,
 )
-from .pacing import TokenBucket
 
 __all__ = [
-    "MAX_INCOMING",
-    "MAX_LINE",
-    "TRANSITIONS",
-    "Disconnected",
-    "Event",
-    "IllegalTransition",
-    "Invited",
-    "InvalidParameter",
-    "IrcConfig",
-    "IrcError",
+    "DEFAULT_NICKLEN",
+    "HOST_GUESS",
+    "MAX_NICK_ATTEMPTS",
+    "MAX_WHOIS",
+    "SASL_CHUNK",
     "IrcSession",
-    "Joined",
-    "Kicked",
-    "LineReader",
-    "Message",
-    "Names",
-    "NickChanged",
-    "RegEvent",
-    "RegState",
-    "Registered",
-    "TokenBucket",
-    "UserJoined",
-    "UserParted",
-    "UserQuit",
-    "UserRenamed",
-    "WhoisReply",
-    "alternate_nick",
-    "casefold",
-    "clean",
-    "encode",
-    "is_channel",
-    "loggable",
-    "message_budget",
-    "paginate",
-    "privmsg",
 ]
 
 log = logging.getLogger("fireclaw.irc")
@@ -116,221 +84,10 @@ MAX_WHOIS: Final = 64
 #: Channel membership prefixes NAMES may put before a nick (ISUPPORT PREFIX).
 _MEMBER_PREFIXES: Final = "~&@%+"
 
-_NICK_START: Final = r"A-Za-z\[\]\\`_^{|}"
-_NICK: Final = re.compile(rf"[{_NICK_START}][{_NICK_START}0-9\-]*")
-_USERNAME: Final = re.compile(r"[^\s@!:\x00]+")
 # Replies that refuse a nick: in use, collision, erroneous, temporarily unavailable.
 _NICK_REFUSED: Final = frozenset({"433", "436", "432", "437"})
 # SASL failures: 902 nick locked, 904 failed, 905 too long, 906 aborted, 908 mechanisms.
 _SASL_FAILED: Final = frozenset({"902", "904", "905", "906", "908"})
-
-
-class IllegalTransition(IrcError):
-    """The registration table has no such move from the current state."""
-
-
-# --- configuration ------------------------------------------------------------------
-
-
-Seconds = Annotated[float, Meta(gt=0, le=86400)]
-
-
-class IrcConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything one client needs. Checked at construction (``ValueError``)."""
-
-    host: Annotated[str, Meta(min_length=1, max_length=255)]
-    port: Annotated[int, Meta(ge=1, le=65535)]
-    nick: Annotated[str, Meta(min_length=1, max_length=64)]
-    username: Annotated[str, Meta(min_length=1, max_length=64)] = "fireclaw"
-    realname: Annotated[str, Meta(max_length=256)] = "fireclaw-swarm"
-    password: str | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = None
-    channels: tuple[str, ...] = ()
-    ping_idle: Seconds = 60.0
-    ping_timeout: Seconds = 120.0
-    send_rate: Annotated[float, Meta(gt=0, le=1000)] = 2.0
-    send_burst: Annotated[int, Meta(ge=1, le=1000)] = 5
-    reconnect_base: Seconds = 1.0
-    reconnect_max: Seconds = 60.0
-    #: With an alternate nick, try the configured one again this often.
-    nick_regain: Seconds = 30.0
-
-    def __post_init__(self) -> None:
-        if not _NICK.fullmatch(self.nick):
-            raise ValueError(f"invalid nick {self.nick!r}: letters, digits and -[]\\`_^{{|}}")
-        if not _USERNAME.fullmatch(self.username):
-            raise ValueError(f"invalid username {self.username!r}: no blanks, '@', '!' or ':'")
-        for channel in self.channels:
-            if not is_channel(channel):
-                raise ValueError(f"invalid channel {channel!r}: #name without blanks or commas")
-        if (self.sasl_username is None) != (self.sasl_password is None):
-            raise ValueError("sasl_username and sasl_password go together")
-        for name in ("ping_idle", "ping_timeout", "send_rate", "reconnect_base", "reconnect_max"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
-        if self.send_burst < 1:
-            raise ValueError(f"send_burst must be at least 1, not {self.send_burst}")
-        if self.reconnect_max < self.reconnect_base:
-            raise ValueError("reconnect_max must not be below reconnect_base")
-
-
-# --- events -------------------------------------------------------------------------
-
-
-class Registered(msgspec.Struct, frozen=True, kw_only=True):
-    """The server accepted us (001), after SASL if configured. ``nick`` may be an alternate."""
-
-    nick: str
-
-
-class Message(msgspec.Struct, frozen=True, kw_only=True):
-    """A PRIVMSG to a channel we are in or to us (``private``). CTCP ACTION is ``action``."""
-
-    source: str
-    user: str
-    host: str
-    target: str
-    text: str
-    private: bool
-    action: bool = False
-
-
-class Invited(msgspec.Struct, frozen=True, kw_only=True):
-    channel: str
-    by: str
-
-
-class Joined(msgspec.Struct, frozen=True, kw_only=True):
-    """Our own JOIN, confirmed by the server."""
-
-    channel: str
-
-
-class Kicked(msgspec.Struct, frozen=True, kw_only=True):
-    """We were kicked; the channel is no longer rejoined unless ``join`` is called again."""
-
-    channel: str
-    by: str
-    reason: str
-
-
-class NickChanged(msgspec.Struct, frozen=True, kw_only=True):
-    """Our own nick changed (a regained nick, or a server-forced change)."""
-
-    old: str
-    new: str
-
-
-class Disconnected(msgspec.Struct, frozen=True, kw_only=True):
-    """The connection ended; the client reconnects on its own."""
-
-    reason: str
-
-
-class UserJoined(msgspec.Struct, frozen=True, kw_only=True):
-    """Someone else joined a channel we are in."""
-
-    nick: str
-    user: str
-    host: str
-    channel: str
-
-
-class UserParted(msgspec.Struct, frozen=True, kw_only=True):
-    """Someone else left a channel we are in (PART, or KICKed by anyone)."""
-
-    nick: str
-    channel: str
-
-
-class UserQuit(msgspec.Struct, frozen=True, kw_only=True):
-    """Someone who shares a channel with us left the server."""
-
-    nick: str
-
-
-class UserRenamed(msgspec.Struct, frozen=True, kw_only=True):
-    """Someone who shares a channel with us changed nick."""
-
-    old: str
-    new: str
-
-
-class Names(msgspec.Struct, frozen=True, kw_only=True):
-    """One NAMES line (353): members of ``channel``, prefixes such as ``@`` removed."""
-
-    channel: str
-    nicks: tuple[str, ...]
-
-
-class WhoisReply(msgspec.Struct, frozen=True, kw_only=True):
-    """The end of a WHOIS answer (318) and what it said about ``nick``.
-
-    ``user`` and ``host`` are None when the server knows no such nick (401);
-    ``operator`` is RPL_WHOISOPERATOR (313), ``account`` RPL_WHOISACCOUNT (330).
-    """
-
-    nick: str
-    user: str | None = None
-    host: str | None = None
-    operator: bool = False
-    account: str | None = None
-
-
-Event = (
-    Registered
-    | Message
-    | Invited
-    | Joined
-    | Kicked
-    | NickChanged
-    | Disconnected
-    | UserJoined
-    | UserParted
-    | UserQuit
-    | UserRenamed
-    | Names
-    | WhoisReply
-)
-
-
-# --- registration state machine --------------------------------------------------------
-
-
-class RegState(enum.Enum):
-    CONNECTING = "connecting"
-    NEGOTIATING = "negotiating"
-    AUTHENTICATING = "authenticating"
-    REGISTERING = "registering"
-    REGISTERED = "registered"
-    CLOSED = "closed"
-
-
-class RegEvent(enum.Enum):
-    OPEN = "open"  # NICK/USER sent, no CAP
-    OPEN_CAP = "open_cap"  # CAP LS sent with NICK/USER
-    SASL_ACK = "sasl_ack"  # the server acknowledged CAP REQ sasl
-    CAP_END = "cap_end"  # CAP END sent
-    WELCOME = "welcome"  # 001
-    CLOSE = "close"
-
-
-_S, _E = RegState, RegEvent
-TRANSITIONS: Final[dict[RegState, dict[RegEvent, RegState]]] = {
-    _S.CONNECTING: {_E.OPEN: _S.REGISTERING, _E.OPEN_CAP: _S.NEGOTIATING, _E.CLOSE: _S.CLOSED},
-    _S.NEGOTIATING: {
-        _E.SASL_ACK: _S.AUTHENTICATING,
-        _E.CAP_END: _S.REGISTERING,
-        _E.WELCOME: _S.REGISTERED,
-        _E.CLOSE: _S.CLOSED,
-    },
-    _S.AUTHENTICATING: {_E.CAP_END: _S.REGISTERING, _E.CLOSE: _S.CLOSED},
-    _S.REGISTERING: {_E.WELCOME: _S.REGISTERED, _E.CLOSE: _S.CLOSED},
-    _S.REGISTERED: {_E.CLOSE: _S.CLOSED},
-    _S.CLOSED: {},
-}
 
 
 # --- the session ---------------------------------------------------------------------

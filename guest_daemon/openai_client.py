@@ -5,8 +5,8 @@ connection per call, closed when the call ends however it ends: cancelling a
 call closes its stream, which tells the server to stop generating.
 
 ``complete(base_url, body)`` posts a chat completion and reads the answer,
-streamed (server-sent events, merged by ``chat.ReplyMerger``) or whole, into
-a ``chat.Reply``; ``on_chunk`` sees each decoded chunk as it arrives (the
+streamed (server-sent events, merged by ``model_reply.ReplyMerger``) or whole, into
+a ``model_reply.Reply``; ``on_chunk`` sees each decoded chunk as it arrives (the
 answer sent on as it is written). ``tool_support(base_url)`` asks llama-server's ``/props``
 whether the model's chat template takes tools.
 
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from .chat import ModelReplyError, Reply, ReplyMerger, SseDecoder
+from .model_reply import ModelReplyError, Reply, ReplyMerger, SseDecoder
 
 #: Largest response body read (a chat completion is far smaller).
 MAX_BODY: Final = 8 << 20

@@ -35,7 +35,7 @@ import trio
 from msgspec import Meta
 
 from . import confine
-from .chat import ToolCall, ToolSpec
+from .chat import ToolSpec
 from .harness import (
     REAP_TIMEOUT,
     Children,
@@ -44,6 +44,7 @@ from .harness import (
     spawn,
     spawn_failure,
 )
+from .model_reply import ToolCall
 from .protocol import MAX_OUTPUT_CHUNK
 from .users import RunAs, python_for
 

@@ -34,7 +34,6 @@ import trio
 from .agent import ChatAgent, Model, ToolModes
 from .agent_irc import PRIVATE
 from .answer_stream import Draft
-from .chat import ToolCall
 from .harness import (
     Children,
     Identity,
@@ -44,6 +43,7 @@ from .harness import (
     run_task,
     task_output,
 )
+from .model_reply import ToolCall
 from .openai_client import complete
 from .protocol import (
     EXIT_CANCELLED,

@@ -15,11 +15,11 @@ Errors::
 from __future__ import annotations
 
 import contextlib
-import subprocess
 from pathlib import Path
 from typing import Final, Literal
 
 import trio
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 SUFFIX: Final = ".qcow2"
 QEMU_IMG: Final = "qemu-img"
@@ -47,16 +47,12 @@ def _create(path: Path, backing: Path, backing_format: str) -> None:
     ]  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(argv, capture_output=True, timeout=_TIMEOUT, check=False)
+        run_program(argv, timeout=_TIMEOUT)
     except OSError as exc:
         raise DiskError(f"overlay {path.name}: {exc.strerror or exc}") from exc
-    except subprocess.TimeoutExpired:
+    except ProgramFailed as exc:
         remove(path)
-        raise DiskError(f"overlay {path.name}: {QEMU_IMG} took over {_TIMEOUT:g}s") from None
-    if done.returncode != 0:
-        remove(path)
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise DiskError(f"overlay {path.name}: {lines[-1] if lines else done.returncode}")
+        raise DiskError(f"overlay {path.name}: {exc}") from exc
     path.chmod(0o600)
 
 

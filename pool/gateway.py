@@ -14,8 +14,8 @@ read from ``Who`` (kept by the supervisor), never from the request. Behind it::
                         +- the upstream's API key added here; the guest never sees it
                         +- usage read from the upstream's answer -> one ledger row
 
-The request handling is sans-I/O (``plan``, ``UsageMeter``): bytes and values
-in, decisions out. ``serve_gateway`` is the thin trio adapter: one request per
+The request handling is sans-I/O (``plan``, ``UsageMeter``: pool/gateway_core.py):
+bytes and values in, decisions out. ``serve_gateway`` is the thin trio adapter: one request per
 connection, h11 on both sides, the upstream's body passed to the guest chunk by
 chunk as it arrives (server-sent events included).
 
@@ -30,280 +30,41 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import h11
 import msgspec
 import trio
+from fireclaw.pool.gateway_core import (
+    MAX_EVENT_BYTES,
+    PROPS,
+    Forward,
+    Limits,
+    Meter,
+    ModelRoute,
+    Refuse,
+    ToolCaps,
+    Upstream,
+    UsageMeter,
+    Who,
+    plan,
+    upstream_request,
+)
 from fireclaw.supervisor.state import CallRecord
 
-__all__ = [
-    "Forward",
-    "Limits",
-    "Meter",
-    "ModelRoute",
-    "Refuse",
-    "ToolCaps",
-    "Upstream",
-    "UpstreamError",
-    "UsageMeter",
-    "fetch_models",
-    "Who",
-    "error_body",
-    "plan",
-    "serve_gateway",
-]
+__all__ = ["REQUEST_TIMEOUT", "UpstreamError", "fetch_models", "serve_gateway"]
 
 log = logging.getLogger("fireclaw.gateway")
 
-CHAT: Final = "/v1/chat/completions"
-MODELS: Final = "/v1/models"
-#: llama-server's own route beside ``/v1``: what a chat harness asks in ``tool_mode: auto``.
-PROPS: Final = "/props"
 #: Seconds a guest has to send its request (headers and body).
 REQUEST_TIMEOUT: Final = 30.0
 #: Connections one VM may hold open at once; beyond it they are closed unanswered.
 MAX_CONNECTIONS_FACTOR: Final = 4
 _MAX_HEADER_BYTES: Final = 16 * 1024
 _CHUNK: Final = 64 * 1024
-#: Of an SSE stream, the longest line kept for reading usage (a chunk of JSON).
-_MAX_EVENT_BYTES: Final = 1 << 20
 
 _json_decode = msgspec.json.Decoder(Any).decode
 _json_encode = msgspec.json.Encoder().encode
-
-
-@dataclass
-class Who:
-    """Whose calls a gateway carries now. Mutable: promotion and task code update it
-    as the VM becomes an agent or takes a task; ``model`` is the role's or the
-    agent's, used when a request names none."""
-
-    vm: str
-    role: str
-    agent: str | None = None
-    task: int | None = None
-    model: str = ""
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where calls go: an OpenAI-compatible API at ``scheme://host:port{prefix}``.
-    ``prefix`` ends at ``/v1`` (``/v1/models`` is ``prefix + '/models'``).
-    ``api_key`` is sent as a bearer token; it never reaches a guest."""
-
-    scheme: str
-    host: str
-    port: int
-    prefix: str
-    api_key: str | None = None
-
-    def __repr__(self) -> str:  # the key never shows up in a log or a traceback
-        return f"Upstream({self.scheme}://{self.host}:{self.port}{self.prefix})"
-
-
-class Meter(Protocol):
-    """What a gateway (and a role group) asks of the supervisor: budgets and the ledger."""
-
-    def refusal(self, role: str) -> str | None:
-        """Why ``role`` may not call now (its budget or the swarm's is spent), or None."""
-
-    def record(self, call: CallRecord) -> None:
-        """Keep the record of one finished call."""
-
-    async def wait_changed(self) -> None:
-        """Return when what ``refusal`` says may have changed."""
-
-
-@dataclass
-class Limits:
-    """Per VM: request size, calls at once, and how long a call may take."""
-
-    max_request_bytes: int = 1 << 20
-    max_concurrent: int = 2
-    call_timeout: float = 300.0
-
-
-@dataclass
-class ModelRoute:
-    """What every VM's gateway shares: where calls go, who meters them, the limits.
-    ``upstream()`` is asked at each call (None: no model server now)."""
-
-    upstream: Callable[[], Upstream | None]
-    meter: Meter
-    limits: Limits = field(default_factory=Limits)
-
-
-# --- the sans-I/O core -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refuse:
-    """Answer the guest with ``status`` and an OpenAI-style error; nothing goes upstream."""
-
-    status: int
-    message: str
-    type: str
-    code: str
-
-    def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code)
-
-
-@dataclass(frozen=True)
-class Forward:
-    """Send ``method path`` with ``body`` upstream; ``stream``: the answer is SSE.
-    ``path`` follows the upstream's ``/v1`` prefix, or its root with ``root``."""
-
-    method: str
-    path: str
-    body: bytes
-    model: str
-    stream: bool
-    metered: bool  # a chat completion: a ledger row and a budget check
-    root: bool = False
-
-
-@dataclass(frozen=True)
-class ToolCaps:
-    """Answer with what the upstream's ``/props`` says of tool calls, and nothing
-    else of it (it names files and settings of the host)."""
-
-
-def error_body(message: str, type_: str, code: str) -> bytes:
-    """The error JSON OpenAI's API and its clients use."""
-    return _json_encode({"error": {"message": message, "type": type_, "code": code}})
-
-
-def plan(
-    method: str, target: str, body: bytes, who: Who, *, max_bytes: int
-) -> Forward | ToolCaps | Refuse:
-    """Decide what to do with one request the guest sent (its body read in full,
-    at most ``max_bytes`` + 1 bytes of it). Only the three routes are served; a
-    chat request must be a JSON object; a streamed one is made to report usage."""
-    path = target.split("?", 1)[0]
-    if path == PROPS:
-        if method != "GET":
-            return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
-        return ToolCaps()
-    if path == MODELS:
-        if method != "GET":
-            return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
-        return Forward("GET", "/models", b"", model="", stream=False, metered=False)
-    if path != CHAT:
-        return Refuse(
-            404,
-            f"no route {path[:100]!r}: the gateway serves {CHAT}, {MODELS} and {PROPS}",
-            "invalid_request_error",
-            "not_found",
-        )
-    if method != "POST":
-        return Refuse(405, f"{path} takes POST", "invalid_request_error", "method_not_allowed")
-    if len(body) > max_bytes:
-        return Refuse(
-            413,
-            f"request larger than {max_bytes} bytes",
-            "invalid_request_error",
-            "request_too_large",
-        )
-    try:
-        request = _json_decode(body)
-    except msgspec.DecodeError as exc:
-        return Refuse(400, f"body is not JSON: {exc}", "invalid_request_error", "invalid_json")
-    if not isinstance(request, dict):
-        return Refuse(400, "body must be a JSON object", "invalid_request_error", "invalid_json")
-    model = request.get("model") or who.model
-    if not isinstance(model, str) or not model:
-        return Refuse(400, "model must be a string", "invalid_request_error", "invalid_model")
-    request["model"] = model
-    stream = request.get("stream") is True
-    if stream:
-        # Usage is read from the upstream's own answer, so it must send it.
-        options = request.get("stream_options")
-        options = dict(options) if isinstance(options, dict) else {}
-        options["include_usage"] = True
-        request["stream_options"] = options
-    return Forward("POST", "/chat/completions", _json_encode(request), model, stream, True)
-
-
-def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
-    """The request line and headers sent upstream: built anew, nothing of the guest's
-    headers passes (its own Authorization, cookies, Host) except what the body says."""
-    headers = [
-        ("Host", f"{upstream.host}:{upstream.port}"),
-        ("Connection", "close"),
-        ("Accept", "text/event-stream" if fwd.stream else "application/json"),
-        ("User-Agent", "fireclaw-gateway"),
-    ]
-    if fwd.method == "POST":
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(fwd.body)))]
-    if upstream.api_key:
-        headers.append(("Authorization", f"Bearer {upstream.api_key}"))
-    base = upstream.prefix.removesuffix("/v1") if fwd.root else upstream.prefix
-    return h11.Request(method=fwd.method, target=base + fwd.path, headers=headers)
-
-
-class UsageMeter:
-    """Reads the token counts out of an upstream answer, fed as it arrives.
-
-    For a JSON answer, the ``usage`` object of the whole body; for server-sent
-    events, the last ``usage`` any ``data:`` event carried (with
-    ``include_usage`` the last chunk before ``[DONE]``). Counts that are not
-    non-negative integers are taken as 0."""
-
-    def __init__(self, *, stream: bool) -> None:
-        self.stream = stream
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.found = False
-        #: How the call ended: ``ok``, ``upstream_error``, or ``cancelled`` while it
-        #: has not ended by itself. Set before the guest is told, so that a guest that
-        #: hangs up at the last byte does not change what the ledger says.
-        self.outcome = "cancelled"
-        #: A stream's ``data: [DONE]`` went by: the answer is whole, whatever the
-        #: HTTP framing after it.
-        self.done = False
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-        if not self.stream:
-            return
-        *lines, rest = bytes(self._buffer).split(b"\n")
-        self._buffer = bytearray(rest[-_MAX_EVENT_BYTES:])
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                self._take(line[5:].strip())
-
-    def close(self) -> None:
-        """The body has ended."""
-        if self.stream:
-            self.feed(b"\n")
-        else:
-            self._take(bytes(self._buffer))
-        self._buffer.clear()
-
-    def _take(self, payload: bytes) -> None:
-        if payload == b"[DONE]":
-            self.done = True
-            return
-        if not payload:
-            return
-        try:
-            data = _json_decode(payload)
-        except msgspec.DecodeError:
-            return
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict):
-            self.found = True
-            self.prompt_tokens = _count(usage.get("prompt_tokens"))
-            self.completion_tokens = _count(usage.get("completion_tokens"))
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 # --- the trio adapter -----------------------------------------------------------------
@@ -669,7 +430,7 @@ async def _fetch_json(up: Upstream, fwd: Forward) -> Any:
                     status = event.status_code
                 elif isinstance(event, h11.Data):
                     body += event.data
-                    if len(body) > _MAX_EVENT_BYTES:
+                    if len(body) > MAX_EVENT_BYTES:
                         raise UpstreamError(f"{where}: answer too large")
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     break

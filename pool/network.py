@@ -41,7 +41,6 @@ import hashlib
 import ipaddress
 import os
 import socket
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Final
 
 import trio
 from fireclaw.pool import netns
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 #: Inside every VM namespace: the tap QEMU attaches to and the veth's end.
 TAP: Final = "tap0"
@@ -152,14 +152,9 @@ def _nft(rules: str, *, netns_name: str | None = None) -> None:
     if netns_name is not None:
         argv = ["nsenter", f"--net={netns.NETNS_DIR / netns_name}", "--", *argv]
     try:
-        done = subprocess.run(
-            argv, input=rules.encode(), capture_output=True, timeout=NFT_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NetworkError(f"nft: {exc}") from exc
-    if done.returncode != 0:
-        text = done.stderr.decode(errors="replace").strip().splitlines()
-        raise NetworkError(f"nft: {text[0] if text else f'exit code {done.returncode}'}")
+        run_program(argv, input=rules.encode(), timeout=NFT_TIMEOUT, name="nft")
+    except ProgramFailed as exc:
+        raise NetworkError(str(exc)) from exc
 
 
 def _ip_forward(path: Path, value: str | None = None) -> str:
@@ -411,13 +406,11 @@ def _is_ours(name: str) -> bool:
 def tables() -> list[str]:
     """Names of the host's nftables tables a swarm made."""
     try:
-        done = subprocess.run(
-            ["nft", "list", "tables"], capture_output=True, timeout=NFT_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        listed = run_program(["nft", "list", "tables"], timeout=NFT_TIMEOUT)
+    except ProgramFailed:
         return []
     found = []
-    for line in done.stdout.decode(errors="replace").splitlines():
+    for line in listed.decode(errors="replace").splitlines():
         words = line.split()
         if len(words) == 3 and words[0] == "table" and words[2].startswith("fireclaw_"):
             found.append(f"{words[1]} {words[2]}")

@@ -66,7 +66,8 @@ from fireclaw.pool.drivers.base import (
     VmSpec,
 )
 from fireclaw.pool.forward import forward
-from fireclaw.pool.gateway import Meter, ModelRoute, Who, serve_gateway
+from fireclaw.pool.gateway import serve_gateway
+from fireclaw.pool.gateway_core import Meter, ModelRoute, Who
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit

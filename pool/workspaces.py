@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Final
 
 import trio
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 SUFFIX: Final = ".ext4"
 #: The guest's ``agent`` user (fireclaw.pool.image.rootfs.AGENT_UID).
@@ -71,14 +71,10 @@ def _ensure(path: Path, agent: str, size: int) -> None:
             "-E", f"root_owner={AGENT_UID}:{AGENT_UID}",
             "-d", str(seed), str(aside), f"{size // 1024}k",
         ]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, timeout=_TIMEOUT, check=False)
-        if done.returncode != 0:
-            lines = done.stderr.decode(errors="replace").strip().splitlines()
-            why = lines[-1] if lines else "mke2fs failed"
-            raise WorkspaceError(f"workspace {path.name}: {why}")
+        run_program(argv, timeout=_TIMEOUT)
         aside.chmod(0o600)
         os.replace(aside, path)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except (OSError, ProgramFailed) as exc:
         raise WorkspaceError(f"workspace {path.name}: {exc}") from exc
     finally:
         shutil.rmtree(seed, ignore_errors=True)

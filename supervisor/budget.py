@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Final
 
 import trio
-from fireclaw.config.model import BudgetSpec, Period
+from fireclaw.config.llm import BudgetSpec, Period
 from fireclaw.supervisor.state import CallRecord, Store
 
 __all__ = ["SWARM", "Budgets", "period_bounds"]

@@ -37,12 +37,13 @@ from typing import Final
 
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, diff_config, load_config, role_hash
-from fireclaw.config.model import parse_base_url
+from fireclaw.config.llm import parse_base_url
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, Capability, NotReady, choose, open_backend
-from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
+from fireclaw.pool.gateway import UpstreamError, fetch_models
+from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
 from fireclaw.pool.templates import Templates

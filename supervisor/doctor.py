@@ -12,7 +12,6 @@ import ipaddress
 import os
 import shutil
 import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -21,6 +20,7 @@ import msgspec
 from fireclaw.config import Config
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose, why_not_firecracker
+from fireclaw.pool.runner import ProgramFailed, run_program
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd_operators import operator_password_path
@@ -292,10 +292,8 @@ def accel_status(images: Path) -> str:
 def _qemu_version() -> str | None:
     """The first line of ``qemu -version`` (part of the probe's cache key)."""
     try:
-        done = subprocess.run(
-            [QEMU, "-version"], capture_output=True, timeout=_VERSION_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        out = run_program([QEMU, "-version"], timeout=_VERSION_TIMEOUT)
+    except ProgramFailed:
         return None
-    lines = done.stdout.decode(errors="replace").splitlines()
-    return lines[0].strip() if done.returncode == 0 and lines else None
+    lines = out.decode(errors="replace").splitlines()
+    return lines[0].strip() if lines else None

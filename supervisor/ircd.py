@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Final
 
 import trio
-from fireclaw.config.model import IrcSpec, connect_host
+from fireclaw.config.irc import IrcSpec, connect_host
 from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
 from fireclaw.supervisor.managed import Exit, ManagedService, OnEvent, describe_exit, stop
 from fireclaw.supervisor.secretfile import SecretFileError

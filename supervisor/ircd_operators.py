@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from fireclaw.config.model import IrcOperatorSpec
+from fireclaw.config.irc import IrcOperatorSpec
 from fireclaw.supervisor.secretfile import SecretFileError, ensure_secret, read_secret
 
 __all__ = ["SECRETS_DIR", "OperatorBlock", "operator_blocks", "operator_password_path"]

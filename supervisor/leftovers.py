@@ -28,21 +28,16 @@ processes (``running_instances``). Anything else is "unknown".
 
 Everything here blocks (procfs, netlink, nft, SQLite): call it from a thread
 under trio. Nothing raises for one item: ``find`` notes what it could not look
-at in ``Leftovers.errors`` and ``remove`` reports each failure as one line.
+at in ``Leftovers.errors`` and ``remove`` reports each failure as one line. How
+each kind is removed is in supervisor/removal.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,10 +46,20 @@ from typing import Final, Literal, TypeVar
 
 import psutil
 from fireclaw.pool import cgroup, disks, netns, network
-from fireclaw.pool.vm import instance_id, kill_recorded
+from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import pidfile, services
 from fireclaw.supervisor.procid import ProcessIdentity, process_identity
-from fireclaw.supervisor.state import ServiceRecord, StateError, Store, VmRecord
+from fireclaw.supervisor.removal import (
+    Removal,
+    delete_table,
+    kill_process,
+    one_line,
+    remove_links,
+    remove_service_rows,
+    remove_vm_rows,
+    rmtree,
+)
+from fireclaw.supervisor.state import ServiceRecord, Store, VmRecord
 
 __all__ = [
     "Leftovers",
@@ -77,9 +82,6 @@ DB_NAME: Final = "swarm.db"
 DISKS_NAME: Final = "disks"
 RUN_DIRS: Final = Path("logs") / "run"
 
-#: How long a SIGKILLed process may take to die before it is reported as stuck.
-KILL_DEADLINE: Final = 5.0
-NFT_TIMEOUT: Final = 10.0
 
 _INSTANCE: Final = re.compile(r"[0-9a-f]{6}")
 #: A VM id: the instance, a dash, the rest (the VM's name and a random tag).
@@ -199,21 +201,6 @@ class Owner:
         return "supervisor not found"
 
 
-@dataclass(frozen=True)
-class Removal:
-    """One item ``remove`` dealt with; ``str()`` is the line to show."""
-
-    item: str
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def __str__(self) -> str:
-        return f"removed {self.item}" if self.ok else f"cannot remove {self.item}: {self.error}"
-
-
 # ---------------------------------------------------------------- finding
 
 
@@ -275,7 +262,7 @@ def _look(what: str, fn: Callable[[], Iterable[T]], errors: list[str]) -> list[T
     try:
         return list(fn())
     except Exception as exc:  # one source failing must not hide the others
-        errors.append(f"cannot list {what}: {_one_line(exc)}")
+        errors.append(f"cannot list {what}: {one_line(exc)}")
         return []
 
 
@@ -452,149 +439,30 @@ def remove(found: Leftovers) -> list[Removal]:
         try:
             fn()
         except Exception as exc:
-            done.append(Removal(item, _one_line(exc)))
+            done.append(Removal(item, one_line(exc)))
         else:
             done.append(Removal(item))
 
     for proc in found.processes:
-        attempt(str(proc), partial(_kill, proc))
+        attempt(str(proc), partial(kill_process, proc.pid, proc.started))
     for service in found.services:
         attempt(str(service), partial(services.stop, service.ident))
     if found.vms and found.state_dir is not None:
-        _remove_rows(found.state_dir, found.vms, done)
+        remove_vm_rows(found.state_dir / DB_NAME, found.vms, done)
     if found.service_rows and found.state_dir is not None:
-        _remove_service_rows(found.state_dir, found.service_rows, done)
+        remove_service_rows(found.state_dir / DB_NAME, found.service_rows, done)
     for path in found.cgroups:
         attempt(f"cgroup {path}", partial(cgroup.remove, path))
     for name in found.netns:
         attempt(f"netns {name}", partial(netns.remove_sync, name))
     if found.links:
-        _remove_links(found.links, done)
+        remove_links(found.links, done)
         if network.restore_forwarding():
             done.append(Removal("IPv4 forwarding turned on for swarms (restored)"))
     for table in found.tables:
-        attempt(f"nft table {table}", partial(_delete_table, table))
+        attempt(f"nft table {table}", partial(delete_table, table))
     for path in found.disks:
         attempt(f"disk {path}", partial(disks.remove, path))
     for path in found.run_dirs:
-        attempt(f"run dir {path}", partial(_rmtree, path))
+        attempt(f"run dir {path}", partial(rmtree, path))
     return done
-
-
-def _kill(proc: Process) -> None:
-    try:
-        live = psutil.Process(proc.pid)
-        if live.create_time() != proc.started:
-            return  # it is gone and its pid was reused
-        pgid = os.getpgid(proc.pid)
-        # A VMM leads its own process group (guest commands included); anything
-        # else, or a group we are in ourselves, gets the signal alone.
-        if pgid == proc.pid and pgid != os.getpgrp():
-            os.killpg(pgid, signal.SIGKILL)
-        else:
-            os.kill(proc.pid, signal.SIGKILL)
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return
-    deadline = time.monotonic() + KILL_DEADLINE
-    while True:
-        try:
-            if live.status() == psutil.STATUS_ZOMBIE:
-                return  # dead; its parent reaps it
-        except psutil.NoSuchProcess:
-            return
-        if time.monotonic() > deadline:
-            raise ProcessLookupError(f"still alive {KILL_DEADLINE:g}s after SIGKILL")
-        time.sleep(0.01)
-
-
-def _remove_rows(state_dir: Path, rows: list[VmRecord], done: list[Removal]) -> None:
-    """As ``Supervisor.reclaim`` does at start: kill, remove its cgroup and namespace,
-    forget it."""
-    try:
-        store = Store.open(state_dir / DB_NAME)
-    except StateError as exc:
-        done += [Removal(f"registry row {r.name}", _one_line(exc)) for r in rows]
-        return
-    try:
-        for rec in rows:
-            item = f"registry row {rec.name} (pid {rec.pid})"
-            try:
-                kill_recorded(rec)
-                if rec.cgroup:
-                    cgroup.remove(Path(rec.cgroup))
-                if rec.netns:
-                    netns.remove_sync(rec.netns)
-                store.drop_vm(rec.name)
-            except Exception as exc:
-                done.append(Removal(item, _one_line(exc)))
-            else:
-                done.append(Removal(item))
-    finally:
-        store.close()
-
-
-def _remove_service_rows(state_dir: Path, rows: list[ServiceRecord], done: list[Removal]) -> None:
-    """As ``Supervisor.reclaim_services`` does at start: stop it, forget it."""
-    try:
-        store = Store.open(state_dir / DB_NAME)
-    except StateError as exc:
-        done += [Removal(f"registry row service {r.name}", _one_line(exc)) for r in rows]
-        return
-    try:
-        for rec in rows:
-            item = f"registry row service {rec.name} (pid {rec.pid})"
-            try:
-                services.reclaim(store, rec)
-            except Exception as exc:
-                done.append(Removal(item, _one_line(exc)))
-            else:
-                done.append(Removal(item))
-    finally:
-        store.close()
-
-
-def _remove_links(names: list[str], done: list[Removal]) -> None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        ipr = IPRoute()
-    except Exception as exc:
-        done += [Removal(f"link {n}", f"netlink: {_one_line(exc)}") for n in names]
-        return
-    with ipr:
-        # veths before the bridge; a veth may go by itself once its namespace is gone.
-        for name in sorted(names, key=lambda n: n.endswith("br")):
-            try:
-                for index in ipr.link_lookup(ifname=name):
-                    ipr.link("del", index=index)
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
-                    done.append(Removal(f"link {name}", _one_line(exc)))
-                    continue
-            done.append(Removal(f"link {name}"))
-
-
-def _delete_table(table: str) -> None:
-    try:
-        result = subprocess.run(
-            ["nft", "delete", "table", *table.split()],
-            capture_output=True,
-            timeout=NFT_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise OSError(f"nft: {exc}") from exc
-    if result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"nft: {lines[0] if lines else f'exit code {result.returncode}'}")
-
-
-def _rmtree(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Final
 
 import trio
-from fireclaw.config.load import EX_CONFIG
-from fireclaw.config.model import BUNDLED_MODEL, ManagedModelSpec
+from fireclaw.config.llm import BUNDLED_MODEL, ManagedModelSpec
+from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.managed import (
     Exit,
     ManagedService,

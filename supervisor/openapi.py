@@ -15,8 +15,9 @@ import functools
 from typing import Any, Final
 
 import msgspec
+from fireclaw.supervisor import api_requests
 
-__all__ = ["document"]
+__all__ = ["EVENT", "TASK", "document"]
 
 _ERROR: Final = {
     "type": "object",
@@ -25,6 +26,31 @@ _ERROR: Final = {
 }
 _OBJECT: Final = {"type": "object"}
 _REF: Final = "#/components/schemas/"
+
+#: A task as both APIs answer with it (this one and the HTTP listener's /v1).
+TASK: Final = {
+    "type": "object",
+    "required": ["id", "role", "prompt", "state", "attempts"],
+    "properties": {
+        "id": {"type": "integer"},
+        "role": {"type": "string"},
+        "prompt": {"type": "string"},
+        "state": {"enum": list(api_requests.TASK_STATES)},
+        "attempts": {"type": "integer", "minimum": 0},
+    },
+}
+#: An event of the log, as both APIs answer with it.
+EVENT: Final = {
+    "type": "object",
+    "required": ["id", "at", "kind", "subject", "detail"],
+    "properties": {
+        "id": {"type": "integer"},
+        "at": {"type": "number"},
+        "kind": {"type": "string"},
+        "subject": {"type": "string"},
+        "detail": _OBJECT,
+    },
+}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -80,17 +106,15 @@ def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document of the control API served on ``<state_dir>/api.sock``."""
-    from fireclaw.supervisor import api
-
     structs = (
-        api.RunRequest,
-        api.TaskRequest,
-        api.ScaleRequest,
-        api.InvokeRequest,
-        api.RetuneRequest,
-        api.ResetRequest,
-        api.EmptyRequest,
-        api.DownRequest,
+        api_requests.RunRequest,
+        api_requests.TaskRequest,
+        api_requests.ScaleRequest,
+        api_requests.InvokeRequest,
+        api_requests.RetuneRequest,
+        api_requests.ResetRequest,
+        api_requests.EmptyRequest,
+        api_requests.DownRequest,
     )
     _, components = msgspec.json.schema_components(
         structs, ref_template="#/components/schemas/{name}"
@@ -100,17 +124,6 @@ def document() -> dict[str, Any]:
         {"required": [field], "properties": {field: {"type": "string"}}}
         for field in ("model", "persona")
     ]
-    task = {
-        "type": "object",
-        "required": ["id", "role", "prompt", "state", "attempts"],
-        "properties": {
-            "id": {"type": "integer"},
-            "role": {"type": "string"},
-            "prompt": {"type": "string"},
-            "state": {"enum": sorted(api._TASK_STATES)},
-            "attempts": {"type": "integer", "minimum": 0},
-        },
-    }
     status = {
         "type": "object",
         "required": ["version", "pid", "backend", "roles", "agents", "tasks"],
@@ -136,18 +149,7 @@ def document() -> dict[str, Any]:
             },
         },
     }
-    event = {
-        "type": "object",
-        "required": ["id", "at", "kind", "subject", "detail"],
-        "properties": {
-            "id": {"type": "integer"},
-            "at": {"type": "number"},
-            "kind": {"type": "string"},
-            "subject": {"type": "string"},
-            "detail": _OBJECT,
-        },
-    }
-    seconds = {"type": "number", "minimum": 0, "maximum": api._MAX_STATUS_WAIT}
+    seconds = {"type": "number", "minimum": 0, "maximum": api_requests.MAX_STATUS_WAIT}
     id_param = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
     name = {"type": "string", "minLength": 1, "maxLength": 64}
     paths: dict[str, Any] = {
@@ -181,12 +183,14 @@ def document() -> dict[str, Any]:
             "get": _operation(
                 "The most recent tasks, newest first.",
                 {"type": "object", "required": ["tasks"], "properties": {
-                    "tasks": {"type": "array", "items": task}}},
-                params=[_query("state", {"enum": sorted(api._TASK_STATES)}, "only this state")],
+                    "tasks": {"type": "array", "items": TASK}}},
+                params=[
+                    _query("state", {"enum": list(api_requests.TASK_STATES)}, "only this state")
+                ],
             ),
             "post": _operation(
                 "Queue a durable task for a role; 507 while the state disk is full.",
-                task,
+                TASK,
                 body="TaskRequest",
                 errors=(404, 507),
             ),
@@ -194,7 +198,7 @@ def document() -> dict[str, Any]:
         "/tasks/{id}": {
             "get": _operation(
                 "One task.",
-                task,
+                TASK,
                 params=[_path("id", {"type": "integer", "minimum": 1, "maximum": 10**18 - 1})],
                 errors=(404,),
             )
@@ -259,11 +263,12 @@ def document() -> dict[str, Any]:
             "get": _operation(
                 "The audit trail, oldest first, after an event id.",
                 {"type": "object", "required": ["events"], "properties": {
-                    "events": {"type": "array", "items": event}}},
+                    "events": {"type": "array", "items": EVENT}}},
                 params=[
                     _query("after", id_param, "the last event id seen"),
                     _query("limit", {"type": "integer", "minimum": 1,
-                                     "maximum": api._MAX_EVENTS_LIMIT}, "at most this many"),
+                                     "maximum": api_requests.MAX_EVENTS_LIMIT},
+                           "at most this many"),
                 ],
             )
         },
@@ -275,7 +280,7 @@ def document() -> dict[str, Any]:
                     "rows": {"type": "array", "items": {"type": "object", "required": [
                         "key", "calls", "prompt_tokens", "completion_tokens", "tokens"]}}}},
                 params=[
-                    _query("by", {"enum": list(api.USAGE_BY)}, "sum per (default agent)"),
+                    _query("by", {"enum": list(api_requests.USAGE_BY)}, "sum per (default agent)"),
                     _query("since", id_param, "unix time; only calls from then on"),
                     _query("key", {"type": "string", "minLength": 1, "maxLength": 200},
                            "only this agent, role, task, model or VM"),

@@ -40,20 +40,20 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from fireclaw.config import IrcSpec
-from fireclaw.guest_daemon.irc import (
+from fireclaw.guest_daemon.irc_events import (
     Disconnected,
     Event,
     Joined,
     Kicked,
     Message,
     Names,
-    TokenBucket,
     UserJoined,
     UserParted,
     UserQuit,
     UserRenamed,
     WhoisReply,
 )
+from fireclaw.guest_daemon.pacing import TokenBucket
 from fireclaw.supervisor import commands as c
 
 __all__ = [

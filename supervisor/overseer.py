@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 from fireclaw.config import IrcSpec
-from fireclaw.guest_daemon.irc import Disconnected, IrcClient, IrcConfig, Message
+from fireclaw.guest_daemon.irc import IrcClient
+from fireclaw.guest_daemon.irc_events import Disconnected, IrcConfig, Message
 from fireclaw.guest_daemon.irc_wire import casefold
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError

@@ -11,7 +11,7 @@ import functools
 from typing import Any, Final
 
 from fireclaw.supervisor.metrics import POOL_STATES
-from fireclaw.supervisor.openapi import _errors, _operation, _path, _query
+from fireclaw.supervisor.openapi import EVENT, TASK, _errors, _operation, _path, _query
 from fireclaw.supervisor.usage_series import MAX_BUCKETS
 
 __all__ = ["document"]
@@ -50,28 +50,6 @@ def document() -> dict[str, Any]:
             "restarts": {"type": "integer", "minimum": 0},
             "backend": {"type": "string"},
             "memory_mib": _NULLABLE_INT,
-        },
-    }
-    task = {
-        "type": "object",
-        "required": ["id", "role", "prompt", "state", "attempts"],
-        "properties": {
-            "id": {"type": "integer"},
-            "role": {"type": "string"},
-            "prompt": {"type": "string"},
-            "state": {"enum": list(webapp._TASK_STATES)},
-            "attempts": {"type": "integer", "minimum": 0},
-        },
-    }
-    event = {
-        "type": "object",
-        "required": ["id", "at", "kind", "subject", "detail"],
-        "properties": {
-            "id": {"type": "integer"},
-            "at": {"type": "number"},
-            "kind": {"type": "string"},
-            "subject": {"type": "string"},
-            "detail": _OBJECT,
         },
     }
     chat_line = {
@@ -133,12 +111,12 @@ def document() -> dict[str, Any]:
         ),
         "/v1/tasks": get(
             "The most recent tasks.",
-            listed("tasks", task),
+            listed("tasks", TASK),
             params=[_query("state", {"enum": list(webapp._TASK_STATES)}, "only this state")],
         ),
         "/v1/events": get(
             "The audit trail, oldest first, after an event id.",
-            listed("events", event),
+            listed("events", EVENT),
             params=[
                 _query("after", id_param, "the last event id seen"),
                 _query(

@@ -32,7 +32,7 @@ from typing import Final, Literal
 
 import msgspec
 from fireclaw.config.http import Access
-from fireclaw.guest_daemon.irc_session import TokenBucket
+from fireclaw.guest_daemon.pacing import TokenBucket
 
 __all__ = [
     "COOKIE",

@@ -29,7 +29,7 @@ from fireclaw.guest_daemon.agent_irc import (
     mentions,
     reply_lines,
 )
-from fireclaw.guest_daemon.irc import MAX_LINE, casefold, privmsg
+from fireclaw.guest_daemon.irc_wire import MAX_LINE, casefold, privmsg
 from fireclaw.guest_daemon.protocol import IrcPresence
 from ircd import NGIRCD, Ircd, ircd_server
 from ircperson import Person, person

@@ -13,13 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from fireclaw.supervisor.api import (
-    MAX_BODY_BYTES,
-    ApiServerError,
-    ControllerError,
-    Emit,
-    serve_api,
-)
+from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.supervisor.api_http import MAX_BODY_BYTES, ApiServerError
 from fireclaw.supervisor.client import ApiClient, ApiError, SwarmNotRunning
 
 T = TypeVar("T")

@@ -20,18 +20,9 @@ import pytest
 import trio
 from fireclaw.guest_daemon import confine
 from fireclaw.guest_daemon.agent import ChatAgent, ToolModes, TurnOutcome
-from fireclaw.guest_daemon.chat import (
-    REPEAT_LIMIT,
-    Answer,
-    Reply,
-    ReplyMerger,
-    SseDecoder,
-    ToolCall,
-    Turn,
-    TurnStateError,
-    truncate_middle,
-)
+from fireclaw.guest_daemon.chat import REPEAT_LIMIT, Answer, Turn, TurnStateError, truncate_middle
 from fireclaw.guest_daemon.harness import Children, Identity
+from fireclaw.guest_daemon.model_reply import Reply, ReplyMerger, SseDecoder, ToolCall
 from fireclaw.guest_daemon.protocol import (
     EXIT_CANCELLED,
     ChatHarness,

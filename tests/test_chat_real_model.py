@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import trio
 from fireclaw.guest_daemon.agent import ChatAgent, ToolModes
-from fireclaw.guest_daemon.chat import Reply, ToolCall
 from fireclaw.guest_daemon.harness import Children
+from fireclaw.guest_daemon.model_reply import Reply, ToolCall
 from fireclaw.guest_daemon.openai_client import complete, tool_support
 from fireclaw.guest_daemon.protocol import ChatHarness
 from fireclaw.guest_daemon.tools import Toolbox, ToolResult

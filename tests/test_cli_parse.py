@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 import trio
-from fireclaw.supervisor import cli
+from fireclaw.supervisor import cli, cli_commands, cli_format
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 
 ENTRY = "from fireclaw.supervisor.cli import main; raise SystemExit(main())"
@@ -106,13 +106,13 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     [(0, 0), (1, 1), (3, 3), (255, 255), (300, 255), (-9, 137), (-15, 143), (-2, 130)],
 )
 def test_exit_status(code: int, status: int) -> None:
-    assert cli.exit_status(code) == status
+    assert cli_commands.exit_status(code) == status
 
 
 def test_socket_path_from_option_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIRECLAW_STATE_DIR", "/from/env")
-    assert cli.socket_path(parse("status", "--state-dir", "/opt")) == "/opt/api.sock"
-    assert cli.socket_path(parse("status")) == "/from/env/api.sock"
+    assert cli_commands.socket_path(parse("status", "--state-dir", "/opt")) == "/opt/api.sock"
+    assert cli_commands.socket_path(parse("status")) == "/from/env/api.sock"
 
 
 def test_socket_path_from_config(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
@@ -126,8 +126,8 @@ def test_socket_path_from_config(monkeypatch: pytest.MonkeyPatch, tmp_path: path
         return types.SimpleNamespace(state_dir=tmp_path / "state")
 
     monkeypatch.setattr(fireclaw.config, "load_config", load_config)
-    assert cli.socket_path(parse("status")) == os.fspath(tmp_path / "state" / "api.sock")
-    assert cli.socket_path(parse("status", "--config", "other.yaml"))
+    assert cli_commands.socket_path(parse("status")) == os.fspath(tmp_path / "state" / "api.sock")
+    assert cli_commands.socket_path(parse("status", "--config", "other.yaml"))
     assert seen == ["swarm.yaml", "other.yaml"]
 
 
@@ -170,7 +170,7 @@ def test_unexpected_errors_are_one_line(
 
 
 def test_status_table() -> None:
-    text = cli.format_status(
+    text = cli_format.format_status(
         {
             "pid": 12,
             "backend": "process",
@@ -202,7 +202,7 @@ def test_status_table() -> None:
 
 
 def test_event_line() -> None:
-    line = cli.format_event(
+    line = cli_format.format_event(
         {
             "id": 3,
             "at": 0,

@@ -30,8 +30,8 @@ from fireclaw.config import (
     parse_server,
     role_hash,
 )
+from fireclaw.config.llm import ManagedModelSpec
 from fireclaw.config.load import MAX_FILE_BYTES
-from fireclaw.config.model import ManagedModelSpec
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TEMPLATES = ("worker", "coder", "researcher", "quick", "creative")

@@ -37,7 +37,7 @@ from typing import Any
 from unittest import mock
 
 from fireclaw.config import CommandRateSpec, IrcSpec
-from fireclaw.guest_daemon.irc import (
+from fireclaw.guest_daemon.irc_events import (
     Disconnected,
     Event,
     Joined,

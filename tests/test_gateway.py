@@ -14,9 +14,10 @@ import h11
 import pytest
 import trio
 import trio.testing
-from fireclaw.config.model import BudgetSpec
+from fireclaw.config.llm import BudgetSpec
 from fireclaw.guest_daemon.openai_client import tool_support
-from fireclaw.pool.gateway import (
+from fireclaw.pool.gateway import serve_gateway
+from fireclaw.pool.gateway_core import (
     Forward,
     Limits,
     ModelRoute,
@@ -25,7 +26,6 @@ from fireclaw.pool.gateway import (
     UsageMeter,
     Who,
     plan,
-    serve_gateway,
 )
 from fireclaw.supervisor.budget import Budgets, period_bounds
 from fireclaw.supervisor.state import CallRecord, Store

@@ -19,7 +19,7 @@ from typing import BinaryIO, TypeVar
 import psutil
 import pytest
 import trio
-from fireclaw.guest_daemon.daemon import EX_CONFIG, ConfigError, load_config, parse_cmdline
+from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.guest_daemon.harness import (
     Identity,
     OutputCap,
@@ -56,6 +56,7 @@ from fireclaw.guest_daemon.protocol import (
     decode_guest,
     encode,
 )
+from fireclaw.guest_daemon.settings import ConfigError, load_config, parse_cmdline
 from fireclaw.guest_daemon.users import agent_user, python_for
 from ircd import NGIRCD, ircd_server
 from ircperson import person

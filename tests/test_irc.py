@@ -18,38 +18,38 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.guest_daemon import irc as irc_module
-from fireclaw.guest_daemon import irc_session as irc_session_module
-from fireclaw.guest_daemon.irc import (
-    MAX_LINE,
-    TRANSITIONS,
+from fireclaw.guest_daemon import irc_wire as irc_wire_module
+from fireclaw.guest_daemon.irc import IrcClient
+from fireclaw.guest_daemon.irc_events import (
     Disconnected,
     Event,
-    IllegalTransition,
-    InvalidParameter,
     Invited,
-    IrcClient,
     IrcConfig,
-    IrcSession,
     Joined,
     Kicked,
-    LineReader,
     Message,
     Names,
     NickChanged,
     Registered,
-    RegState,
-    TokenBucket,
     UserJoined,
     UserParted,
     UserQuit,
     UserRenamed,
     WhoisReply,
+)
+from fireclaw.guest_daemon.irc_registration import TRANSITIONS, IllegalTransition, RegState
+from fireclaw.guest_daemon.irc_session import IrcSession
+from fireclaw.guest_daemon.irc_wire import (
+    MAX_LINE,
+    InvalidParameter,
+    LineReader,
     alternate_nick,
     clean,
     encode,
     paginate,
     privmsg,
 )
+from fireclaw.guest_daemon.pacing import TokenBucket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ircd import NGIRCD, Ircd, ircd_server
@@ -1094,4 +1094,4 @@ async def test_ngircd_server_password(caplog: pytest.LogCaptureFixture) -> None:
     ],
 )
 def test_a_logged_line_hides_what_carries_a_password(line: bytes, logged: bytes) -> None:
-    assert irc_session_module.loggable(line) == logged
+    assert irc_wire_module.loggable(line) == logged

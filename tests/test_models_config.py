@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.config import ConfigError, parse_config
-from fireclaw.config.model import MODEL_SERVER_RESTART, parse_base_url
+from fireclaw.config.llm import MODEL_SERVER_RESTART, parse_base_url
 
 #: A role that asks no model (the shipped worker chats): its harness is a command.
 ROLES = "roles:\n  worker: {harness: {command: ['true']}}\n"
@@ -97,7 +97,8 @@ def test_usage_since_takes_unix_seconds_dates_and_ages() -> None:
     import datetime as dt
     import time
 
-    from fireclaw.supervisor.cli import UsageError, build_parser
+    from fireclaw.supervisor.cli import build_parser
+    from fireclaw.supervisor.cli_commands import UsageError
 
     def since(text: str) -> float:
         args = build_parser().parse_args(["usage", "--since", text])

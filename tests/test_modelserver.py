@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from fireclaw.config.model import BudgetSpec, ManagedModelSpec
+from fireclaw.config.llm import BudgetSpec, ManagedModelSpec
 from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool import netns
-from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, serve_gateway
+from fireclaw.pool.gateway import serve_gateway
+from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor import leftovers, services
 from fireclaw.supervisor.budget import Budgets
@@ -59,7 +60,7 @@ async def test_the_real_server_answers_through_a_gateway_and_the_ledger_has_its_
             status, body = await http(up.port, "GET", "/v1/models")
             assert status == 200 and "smollm2" in [m["id"] for m in json.loads(body)["data"]]
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            from fireclaw.pool.gateway import Who
+            from fireclaw.pool.gateway_core import Who
 
             who = Who(vm="worker-0", role="worker", agent="alice", model="smollm2")
             nursery.start_soon(
@@ -174,7 +175,7 @@ async def test_a_namespaced_guest_reaches_the_model_only_through_its_gateway(
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run)
                 up = upstream_of(server)
-                from fireclaw.pool.gateway import Who
+                from fireclaw.pool.gateway_core import Who
 
                 route = ModelRoute(upstream=lambda: up, meter=budgets, limits=Limits())
                 for i, (name, port) in enumerate(zip(names, ports, strict=True)):
@@ -222,7 +223,7 @@ def test_after_a_supervisor_is_killed_the_next_one_stops_its_model_server(
         f"""
         import sys, trio
         from pathlib import Path
-        from fireclaw.config.model import ManagedModelSpec
+        from fireclaw.config.llm import ManagedModelSpec
         from fireclaw.supervisor.modelserver import ManagedModelServer
         from fireclaw.supervisor.state import Store
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 from fireclaw.config import CommandRateSpec, IrcSpec
-from fireclaw.guest_daemon.irc import (
+from fireclaw.guest_daemon.irc_events import (
     Disconnected,
     Joined,
     Kicked,

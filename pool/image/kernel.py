@@ -20,11 +20,12 @@ import lzma
 import re
 import shutil
 import struct
-import subprocess
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 from .errors import KernelError, StepFailed
 from .tools import require, run
@@ -186,13 +187,11 @@ def decompress(codec: str, payload: bytes) -> bytes:
         raise KernelError(f"cannot decompress the {codec} kernel payload: {exc}") from exc
     argv = _CODEC_PROGRAMS[codec]
     require(argv[0])
-    # The program would read the size trailer as a truncated second frame.
-    proc = subprocess.run(argv, input=payload[:-4], capture_output=True, check=False)
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        reason = lines[-1] if lines else f"exit {proc.returncode}"
-        raise KernelError(f"{argv[0]} cannot decompress the kernel payload: {reason}")
-    return proc.stdout
+    try:
+        # The program would read the size trailer as a truncated second frame.
+        return run_program(argv, input=payload[:-4], timeout=None)
+    except ProgramFailed as exc:
+        raise KernelError(f"{argv[0]} cannot decompress the kernel payload: {exc.why}") from exc
 
 
 def to_vmlinux(data: bytes, *, name: str = "kernel") -> bytes:
@@ -294,10 +293,10 @@ def read_module(path: Path) -> bytes:
         return gzip.decompress(data)
     if path.name.endswith(".ko.zst"):
         require("zstd")
-        proc = subprocess.run(["zstd", "-d", "-c", "-q"], input=data, capture_output=True)
-        if proc.returncode != 0:
-            raise KernelError(f"{path}: zstd cannot decompress it")
-        return proc.stdout
+        try:
+            return run_program(["zstd", "-d", "-c", "-q"], input=data, timeout=None)
+        except ProgramFailed as exc:
+            raise KernelError(f"{path}: zstd cannot decompress it") from exc
     return data
 
 

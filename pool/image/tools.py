@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 from .errors import StepFailed, ToolMissing
 
@@ -46,38 +47,9 @@ def run(
     """
     program = require(argv[0])
     try:
-        proc = subprocess.Popen(
-            [program, *argv[1:]],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    except OSError as exc:
-        raise StepFailed(f"{step}: cannot run {argv[0]}: {exc.strerror or exc}") from exc
-    if on_line is None:
-        out, err = proc.communicate()
-        lines = err.decode(errors="replace").splitlines()
-    else:
-        # Stream stderr for progress; stdout is small for every streamed step.
-        assert proc.stderr is not None and proc.stdout is not None
-        lines = []
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            on_line(line)
-        out = proc.stdout.read()
-        proc.wait()
-    if proc.returncode != 0:
-        raise StepFailed(f"{step}: {argv[0]} exited with {proc.returncode}: {_telling(lines)}")
-    return out
-
-
-def _telling(lines: list[str]) -> str:
-    """The stderr line most likely to say what went wrong."""
-    text = [line.strip() for line in lines if line.strip()]
-    for prefix in ("E:", "ERROR:", "error:", "Error:"):
-        errors = [line for line in text if line.startswith(prefix)]
-        if errors:
-            return errors[-1]
-    return text[-1] if text else "no error output"
+        return run_program([program, *argv[1:]], timeout=None, cwd=cwd, on_line=on_line)
+    except ProgramFailed as exc:
+        if exc.returncode is None:
+            raise StepFailed(f"{step}: cannot run {argv[0]}: {exc.why}") from exc
+        why = exc.stderr_line or "no error output"
+        raise StepFailed(f"{step}: {argv[0]} exited with {exc.returncode}: {why}") from exc
