@@ -204,7 +204,6 @@ class RunState:
     step_text: list[str] = field(default_factory=list)
     #: The text of the last step that had any.
     last_text: str = ""
-    scratch: dict[str, Any] = field(default_factory=dict)
 
     def add_text(self, text: str) -> Text:
         self.step_text.append(text)

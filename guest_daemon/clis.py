@@ -67,6 +67,8 @@ from .cli_stream import (
 STATE_ROOT: Final = ".cli"
 #: What a model name must look like to go into a CLI's argv or config.
 MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
+#: The gateway's root URL as the guest knows it: it goes into TOML and JSON unquoted.
+GATEWAY_URL: Final = re.compile(r"^http://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?$")
 #: The API key a CLI is given when its traffic goes through the gateway: the
 #: gateway holds the real one and puts it on the upstream call itself.
 GATEWAY_KEY: Final = "fireclaw-gateway"
@@ -88,6 +90,8 @@ class Gateway(msgspec.Struct, frozen=True, kw_only=True):
     wire: WireApi
     argv: tuple[str, ...] = ()
     env: Mapping[str, str] = {}
+    #: Files written under the CLI's state dir before it starts: path -> content.
+    files: Mapping[str, str] = {}
 
 
 class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,6 +153,8 @@ class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError(f"{self.name}: session id {clip(session, 40)!r} is not one to resume")
         if model and not MODEL_NAME.match(model):
             raise SpecError(f"{self.name}: model name {clip(model, 40)!r} is not one to pass on")
+        if gateway and not GATEWAY_URL.match(gateway):
+            raise SpecError(f"{self.name}: gateway {clip(gateway, 60)!r} is not http://HOST:PORT")
         if gateway and self.gateway is not None and not model:
             raise SpecError(f"{self.name}: a run through the gateway needs a model name")
         if turns is not None and turns < 1:
@@ -171,10 +177,15 @@ class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
             head = list(self.run)
         extra: list[str] = []
         env = {**self.quiet, **self.state_env(workspace)}
+        files: dict[str, str] = {}
         via_gateway = bool(gateway) and self.gateway is not None
         if via_gateway and self.gateway is not None:
             extra += self.gateway.argv
             env.update(self.gateway.env)
+            files = {
+                posixpath.join(values["state"], rel): body
+                for rel, body in self.gateway.files.items()
+            }
             if self.key_env:
                 env[self.key_env] = GATEWAY_KEY
         elif api_key and self.key_env:
@@ -189,6 +200,7 @@ class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
         return Invocation(
             argv=[_fill(arg, values) for arg in argv],
             env={var: _fill(value, values) for var, value in env.items()},
+            files={path: _fill(body, values) for path, body in files.items()},
             metered=via_gateway,
         )
 
@@ -204,11 +216,13 @@ class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Invocation(msgspec.Struct, frozen=True, kw_only=True):
-    """One run of a CLI. ``metered``: its model traffic goes through the gateway;
-    otherwise its ``Usage`` events are all the swarm learns (the guest's claim)."""
+    """One run of a CLI: start ``argv`` with ``env`` added, once ``files`` (absolute
+    path -> content) are written. ``metered``: its model traffic goes through the
+    gateway; otherwise its ``Usage`` events are all the swarm learns (the guest's claim)."""
 
     argv: list[str]
     env: dict[str, str]
+    files: dict[str, str]
     metered: bool
 
 
@@ -606,7 +620,8 @@ OPENCODE: Final = CliSpec(
 #: Lines aider prints about itself before and around the answer.
 _AIDER_CHATTER: Final = re.compile(
     r"^(Aider v|Model: |Git repo: |Repo-map: |Added .* to the chat|Restored previous conversation"
-    r"|Use /help|Warning: |Weak model: |Editor model: |https://aider\.chat/)"
+    r"|Use /help|Warning: |Weak model: |Editor model: |https://aider\.chat/"
+    r"|Analytics have been permanently disabled)"
 )
 _AIDER_TOKENS: Final = re.compile(
     r"^Tokens: ([\d.]+k?) sent(?:, ([\d.]+k?) cache write)?(?:, ([\d.]+k?) cache hit)?"
@@ -648,49 +663,49 @@ def _aider(line: str, state: RunState) -> list[CliEvent]:
     return [state.add_text(line + "\n")]
 
 
+#: Every aider run: headless, no git, no network of its own, its files under its state dir.
+_AIDER_RUN: Final = (
+    "--yes-always",
+    "--no-git",
+    "--no-auto-commits",
+    "--no-pretty",
+    "--no-stream",
+    "--no-fancy-input",
+    "--analytics-disable",
+    "--no-check-update",
+    "--no-show-release-notes",
+    "--no-show-model-warnings",
+    "--chat-history-file",
+    "{state}/history.md",
+    "--input-history-file",
+    "{state}/input.history",
+)
+#: What aider would otherwise fetch from the network for a model it does not
+#: know (and print the failure of into its output): the gateway's model's
+#: limits, at no cost of its own (the gateway meters it).
+_AIDER_METADATA: Final = (
+    '{"openai/{model}": {"max_input_tokens": 8192, "max_output_tokens": 1024,'
+    ' "input_cost_per_token": 0, "output_cost_per_token": 0,'
+    ' "litellm_provider": "openai", "mode": "chat"}}'
+)
+
 AIDER: Final = CliSpec(
     name="aider",
     program="aider",
     package="pypi:aider-chat",
-    run=(
-        "--yes-always",
-        "--no-git",
-        "--no-auto-commits",
-        "--no-pretty",
-        "--no-stream",
-        "--no-fancy-input",
-        "--analytics-disable",
-        "--no-check-update",
-        "--no-show-model-warnings",
-        "--chat-history-file",
-        "{state}/history.md",
-        "--input-history-file",
-        "{state}/input.history",
-        "--message={prompt}",
-    ),
+    run=(*_AIDER_RUN, "--message={prompt}"),
     # aider has no session id: a resume reads back the chat history file.
-    resume=(
-        "--yes-always",
-        "--no-git",
-        "--no-auto-commits",
-        "--no-pretty",
-        "--no-stream",
-        "--no-fancy-input",
-        "--analytics-disable",
-        "--no-check-update",
-        "--no-show-model-warnings",
-        "--chat-history-file",
-        "{state}/history.md",
-        "--input-history-file",
-        "{state}/input.history",
-        "--restore-chat-history",
-        "--message={prompt}",
-    ),
+    resume=(*_AIDER_RUN, "--restore-chat-history", "--message={prompt}"),
     model=("--model", "openai/{model}"),
     state={"HOME": "home"},
     quiet={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},
     key_env="OPENAI_API_KEY",
-    gateway=Gateway(wire="openai-chat", env={"OPENAI_API_BASE": "{v1}"}),
+    gateway=Gateway(
+        wire="openai-chat",
+        argv=("--model-metadata-file", "{state}/model-metadata.json"),
+        env={"OPENAI_API_BASE": "{v1}"},
+        files={"model-metadata.json": _AIDER_METADATA},
+    ),
     stream="text",
     decode=_aider,
 )
