@@ -299,10 +299,11 @@ class StreamParser:
     def _line(self, raw: bytes) -> list[CliEvent]:
         number = self.state.line
         text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        if not text.strip():
-            return []
         if self._stream == "text":
+            # A blank line of text may be a paragraph break of the answer.
             decoded = self._decode(text, self.state)
+        elif not text.strip():
+            return []
         else:
             try:
                 obj = msgspec.json.decode(text)

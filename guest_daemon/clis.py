@@ -628,6 +628,8 @@ _AIDER_TOKENS: Final = re.compile(
     r", ([\d.]+k?) received\.(?: Cost: \$([\d.]+) message)?"
 )
 _AIDER_ERROR: Final = re.compile(r"^litellm\.(\w+):\s*(.*)$")
+#: A failed fetch of its own (a price list, a release note), printed as it is.
+_AIDER_FETCH: Final = re.compile(r"^HTTPS?ConnectionPool\(")
 
 
 def _aider_count(text: str | None) -> tuple[int, bool]:
@@ -642,6 +644,8 @@ def _aider_count(text: str | None) -> tuple[int, bool]:
 def _aider(line: str, state: RunState) -> list[CliEvent]:
     if _AIDER_CHATTER.match(line) or line.startswith("─"):
         return []
+    if not line.strip():
+        return [] if not state.step_text else [state.add_text("\n")]
     if tokens := _AIDER_TOKENS.match(line):
         sent, exact_in = _aider_count(tokens.group(1))
         written, exact_w = _aider_count(tokens.group(2))
@@ -656,6 +660,8 @@ def _aider(line: str, state: RunState) -> list[CliEvent]:
             exact=exact_in and exact_w and exact_hit and exact_out,
         )
         return [usage, Result(text=state.end_step().strip())]
+    if _AIDER_FETCH.match(line):
+        return [Failure(kind="error", message=clip(line), fatal=False)]
     if error := _AIDER_ERROR.match(line):
         message = clip(f"{error.group(1)}: {error.group(2)}")
         kind = "rate_limit" if error.group(1) == "RateLimitError" else failure_kind(message)

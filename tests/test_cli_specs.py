@@ -187,6 +187,54 @@ def test_gemini_turn_limit_is_a_question_and_quota_is_exhaustion() -> None:
     assert not only(quota, Result)
 
 
+AIDER_ANSWER = (
+    "To share files, please provide a file listing with the filename, and I'll be \n"
+    "happy to help you with your requests."
+)
+
+
+def test_aider_plain_text_reads_as_answer_and_usage_without_its_chatter() -> None:
+    events = recorded("aider", "first.txt")
+    assert the(events, Usage) == Usage(input_tokens=673, output_tokens=26, exact=True)
+    assert the(events, Result) == Result(text=AIDER_ANSWER)
+    assert not only(events, Session)  # aider has no session id
+    assert not only(events, Failure)
+    said = "".join(t.text for t in only(events, Text))
+    assert "Aider v0.86.2" not in said and "Repo-map" not in said
+
+
+def test_aider_resume_restored_the_history_and_sent_it_again() -> None:
+    raw = (STREAMS / "aider" / "resume.txt").read_text()
+    assert "Restored previous conversation history." in raw
+    first = the(recorded("aider", "first.txt"), Usage)
+    again = the(recorded("aider", "resume.txt"), Usage)
+    # The new prompt is a dozen tokens; the rest is the first question and answer.
+    assert again.input_tokens > first.input_tokens + first.output_tokens
+
+
+def test_aider_without_model_metadata_fetched_and_failed_but_the_answer_is_clean() -> None:
+    events = recorded("aider", "no-model-metadata.txt")
+    fetches = only(events, Failure)
+    assert len(fetches) == 4 and all(not f.fatal for f in fetches)
+    assert all("raw.githubusercontent.com" in f.message for f in fetches)
+    assert the(events, Result) == Result(text=AIDER_ANSWER)
+
+
+def test_aider_rounded_counts_are_marked_inexact_and_errors_classified() -> None:
+    text = (
+        b"Aider v0.86.2\n\nHello there.\n\nSecond paragraph.\n\n"
+        b"Tokens: 2.2k sent, 1.1k cache hit, 12 received. Cost: $0.01 message, $0.02 session.\n"
+        b"litellm.RateLimitError: RateLimitError: OpenAIException - slow down\n"
+    )
+    events = parse("aider", text)
+    assert the(events, Usage) == Usage(
+        input_tokens=2200, output_tokens=12, cached_tokens=1100, cost_usd=0.01, exact=False
+    )
+    assert the(events, Result).text == "Hello there.\n\nSecond paragraph."
+    failure = the(events, Failure)
+    assert failure.kind == "rate_limit" and failure.line == 8
+
+
 # --- argv and environment --------------------------------------------------------
 
 
@@ -420,7 +468,10 @@ def test_texts_are_capped() -> None:
     assert len(the(events, Text).text) <= MAX_TEXT + 3
 
 
-@pytest.mark.parametrize(("cli", "name"), [(c, n) for c, n, *_ in RUNS])
+@pytest.mark.parametrize(
+    ("cli", "name"),
+    [(c, n) for c, n, *_ in RUNS] + [("aider", "first.txt"), ("aider", "no-model-metadata.txt")],
+)
 def test_a_stream_read_byte_by_byte_gives_the_same_events(cli: str, name: str) -> None:
     data = (STREAMS / cli / name).read_bytes()
     parser = SPECS[cli].parser()
