@@ -7,7 +7,7 @@ those bytes as they come and gives back ``CliEvent`` values::
     parser = StreamParser(spec)
     parser.feed(chunk) -> [Session | Text | ToolUse | Usage | Question | Result | Failure | Unknown]
     parser.close()     -> the events of a last line with no newline, and a
-                          Failure if the run ended with neither a Result nor a Failure
+                          Failure if the run ended with no Result, Question or Failure
 
 Everything on that stream is untrusted (the CLI speaks for a model), so the
 parser is bounded and never raises for what it reads: a line longer than
@@ -246,7 +246,7 @@ class StreamParser:
         self._max_line = max_line
         self._buffer = bytearray()
         self._skipping = False  # inside a line already reported as too long
-        self._ended = False  # a Result or a fatal Failure was given
+        self._ended = False  # a Result, a Question or a fatal Failure was given
         self.state = RunState()
 
     def feed(self, data: bytes) -> list[CliEvent]:
@@ -273,7 +273,7 @@ class StreamParser:
 
     def close(self) -> list[CliEvent]:
         """The end of the stream: the last unterminated line, and a Failure if the
-        run never came to a Result or a fatal Failure."""
+        run never came to a Result, a Question or a fatal Failure."""
         events: list[CliEvent] = []
         if self._buffer and not self._skipping:
             self.state.line += 1
@@ -337,7 +337,8 @@ class StreamParser:
                 self.state.session_id = event.session_id
             elif isinstance(event, Failure) and line and not event.line:
                 event = msgspec.structs.replace(event, line=line)
-            if isinstance(event, Result) or (isinstance(event, Failure) and event.fatal):
+            # A question ends the run too: the CLI stopped to wait for an answer.
+            if isinstance(event, Result | Question) or (isinstance(event, Failure) and event.fatal):
                 self._ended = True
             out.append(event)
         return out

@@ -273,8 +273,8 @@ def _claude(obj: Any, state: RunState) -> list[CliEvent] | None:
                     )
                 )
         return events
-    if kind == "user":
-        return []  # tool results, which the CLI already acted on
+    if kind in ("user", "stream_event"):
+        return []  # tool results it acted on; pieces of messages that come whole later
     if kind == "rate_limit_event":
         info = get(obj, "rate_limit_info")
         if get(info, "status") == "rejected":
@@ -316,8 +316,10 @@ def _claude_result(obj: Any, state: RunState) -> list[CliEvent]:
     elif subtype == "error_max_budget_usd":
         events.append(Failure(kind="exhausted", message="claude-code reached its budget"))
     elif obj.get("is_error") is True or subtype.startswith("error"):
+        # A failed API call ends as subtype "success" with is_error set.
         message = text or subtype or "claude-code failed"
-        events.append(Failure(kind=failure_kind(message), message=message))
+        status = int_at(obj, "api_error_status") or None
+        events.append(Failure(kind=failure_kind(message, status), message=message))
     else:
         events.append(Result(text=text))
     return events

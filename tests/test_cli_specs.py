@@ -235,6 +235,41 @@ def test_aider_rounded_counts_are_marked_inexact_and_errors_classified() -> None
     assert failure.kind == "rate_limit" and failure.line == 8
 
 
+def test_claude_denied_permission_and_turn_limit_are_questions() -> None:
+    events = recorded("claude-code", "doc-max-turns-denied.jsonl")
+    tool = the(events, ToolUse)
+    assert (tool.name, tool.call_id, json.loads(tool.arguments)) == (
+        "Bash",
+        "toolu_01",
+        {"command": "rm -rf build"},
+    )
+    questions = only(events, Question)
+    assert [q.kind for q in questions] == ["permission", "turn_limit"]
+    assert questions[0].text == 'allow Bash {"command":"rm -rf build"}'
+    assert "2 turns" in questions[1].text
+    assert the(events, Usage) == Usage(
+        input_tokens=3500, output_tokens=80, cached_tokens=1100, cost_usd=0.0123
+    )
+    # Stopped for an answer: neither a result nor a failure.
+    assert not only(events, Result) and not only(events, Failure)
+
+
+def test_codex_command_is_a_tool_use_and_the_answer_comes_after_it() -> None:
+    events = recorded("codex", "doc-command.jsonl")
+    tool = the(events, ToolUse)
+    assert (tool.name, tool.call_id) == ("shell", "item_1")
+    assert json.loads(tool.arguments) == {"command": "bash -lc ls"}
+    assert the(events, Result).text == "Two files: README.md and main.py."
+    assert the(events, Usage).cached_tokens == 24448
+
+
+def test_codex_usage_limit_is_exhaustion_that_ends_the_run() -> None:
+    events = recorded("codex", "doc-usage-limit.jsonl")
+    failures = only(events, Failure)
+    assert [(f.kind, f.fatal) for f in failures] == [("exhausted", False), ("exhausted", True)]
+    assert "Try again in 4 days" in failures[-1].message and events[-1] is failures[-1]
+
+
 # --- argv and environment --------------------------------------------------------
 
 
@@ -250,6 +285,8 @@ def test_every_state_dir_is_under_the_workspace(cli: str) -> None:
         assert run.env[var] == path
         assert posixpath.isabs(path) and posixpath.normpath(path) == path
         assert path.startswith(f"/workspace/.cli/{cli}/"), (var, path)
+    for path in run.files:
+        assert posixpath.normpath(path).startswith(f"/workspace/.cli/{cli}/"), path
     with pytest.raises(SpecError, match="not an absolute path"):
         spec.invocation("hi", workspace="workspace")
 
