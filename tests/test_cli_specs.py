@@ -62,6 +62,31 @@ def the(events: list[CliEvent], kind: type[E]) -> E:
 #: (cli, stream file, session id, usage, answer). usage: (input, output, cached, cost).
 RUNS = [
     (
+        "claude-code",
+        "first.jsonl",
+        "cd394b29-2b41-4608-b321-f6d5c6a02f50",
+        (169, 47, 61, 0.0017454999999999999),
+        'You should add "Bridul" to your name in the context. You can add a nickname, like '
+        '"Bridal-Raven" or "Bridal-Raven-Lad" in the context.',
+    ),
+    (
+        "claude-code",
+        "resume.jsonl",
+        "cd394b29-2b41-4608-b321-f6d5c6a02f50",
+        (238, 39, 215, 0.0011975),
+        'You should add "How to" to your previous message. You can add a brief explanation of '
+        'the answer, like "In this context, how to ask a question in a concise manner."',
+    ),
+    (
+        "claude-code",
+        "output-cap-resume.jsonl",
+        "725053b8-a2bb-46cc-b52c-0a20c6a6d8b8",
+        (2178, 186, 1840, 0.00726),
+        "This is a great example of how we can work together to create new tasks. I'm happy "
+        "to continue creating new tasks.\n\nI'm happy to continue creating tasks and helping "
+        "people. The cut is",
+    ),
+    (
         "opencode",
         "first.jsonl",
         "ses_dd1f8fcf1ffeR2JXYhoSmyMKpA",
@@ -122,19 +147,46 @@ def test_a_recorded_run_reads_as_session_usage_and_answer(
     assert not [e for e in only(events, Failure) if e.fatal]
 
 
-@pytest.mark.parametrize("cli", ["opencode", "codex", "gemini-cli"])
-def test_a_resumed_run_names_the_same_session_and_its_argv_carries_it(cli: str) -> None:
-    first = the(
-        recorded(cli, "first.jsonl" if cli != "gemini-cli" else "doc-tool-run.jsonl"), Session
-    )
-    again = the(
-        recorded(cli, "resume.jsonl" if cli != "gemini-cli" else "doc-resume.jsonl"), Session
-    )
+@pytest.mark.parametrize(
+    ("cli", "first_run", "resumed_run"),
+    [
+        ("claude-code", "first.jsonl", "resume.jsonl"),
+        ("claude-code", "output-cap.jsonl", "output-cap-resume.jsonl"),
+        ("opencode", "first.jsonl", "resume.jsonl"),
+        ("codex", "first.jsonl", "resume.jsonl"),
+        ("gemini-cli", "doc-tool-run.jsonl", "doc-resume.jsonl"),
+    ],
+)
+def test_a_resumed_run_names_the_same_session_and_its_argv_carries_it(
+    cli: str, first_run: str, resumed_run: str
+) -> None:
+    first = the(recorded(cli, first_run), Session)
+    again = the(recorded(cli, resumed_run), Session)
     assert first.session_id == again.session_id
     run = SPECS[cli].invocation("go on", workspace="/workspace", session=first.session_id)
     assert first.session_id in run.argv
     new = SPECS[cli].invocation("go on", workspace="/workspace")
     assert first.session_id not in new.argv
+
+
+def test_claude_failed_call_is_a_failure_and_its_resume_read_the_earlier_turn() -> None:
+    capped = recorded("claude-code", "output-cap.jsonl")
+    failure = the(capped, Failure)
+    assert failure.fatal and failure.kind == "error" and failure.line == 7
+    assert "exceeded the 48 output token maximum" in failure.message
+    assert not only(capped, Result)
+    # Claude's usage is its own account: 930 of 1246 prompt tokens read from the cache.
+    assert the(capped, Usage) == Usage(
+        input_tokens=1246, output_tokens=192, cached_tokens=930, cost_usd=0.006845
+    )
+    again = the(recorded("claude-code", "output-cap-resume.jsonl"), Usage)
+    assert again.cached_tokens > the(capped, Usage).input_tokens  # the whole first run, cached
+
+
+def test_claude_killed_mid_run_ends_without_a_result() -> None:
+    events = recorded("claude-code", "killed.jsonl")
+    assert the(events, Session).model == "smollm2"
+    assert events[-1] == Failure(kind="error", message="claude-code ended without a result")
 
 
 def test_a_resumed_codex_run_sent_the_earlier_turn_again() -> None:
