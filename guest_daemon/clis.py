@@ -12,16 +12,20 @@ and the bounds). Adding a CLI is adding a spec to ``SPECS``.
 ``spec.invocation(prompt, workspace=..., ...)`` gives the argv and the
 environment of one run; ``spec.parser()`` a parser for its stdout.
 
-What each CLI does, as checked against its recorded streams
-(tests/data/cli_streams/)::
+What each CLI does, as its recorded streams show (tests/data/cli_streams/;
+gemini-cli's are written from its docs)::
 
-    kind         resume            usage          cost        questions           gateway
-    claude-code  --resume ID       result         total_cost  permission denials, anthropic-messages
-                                                              turn limit
-    codex        exec resume ID    turn.completed none        none in exec mode    openai-responses
-    gemini-cli   --resume ID       result.stats   none        turn limit (exit 53) none (Gemini API)
-    opencode     run --session ID  step_finish    part.cost   none in run mode     openai-chat
-    aider        chat history file "Tokens:" line "Cost:" line none with --yes-always openai-chat
+    kind         resume            usage           cost            questions     wire API
+    claude-code  --resume ID       result.usage    total_cost_usd  permissions,  anthropic-messages
+                                                   (its estimate)  turn limit
+    codex        exec resume ID    turn.completed  -               -             openai-responses
+    gemini-cli   --resume ID       result.stats    -               turn limit    - (Gemini only)
+    opencode     run --session ID  step_finish     part.cost       -             openai-chat
+    aider        its history file  "Tokens:" line  "Cost:" line    -             openai-chat
+                 (no session id)   (2.2k: rounded)
+
+Usage is always the CLI's own claim; where the gateway carries its traffic
+(``Invocation.metered``) the gateway's own count is what the budget holds.
 
 A prompt never lands where the CLI could read it as an option: it follows
 ``--`` or is glued to its flag (``--message=...``). A session id comes from

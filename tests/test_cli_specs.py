@@ -322,6 +322,37 @@ def test_codex_usage_limit_is_exhaustion_that_ends_the_run() -> None:
     assert "Try again in 4 days" in failures[-1].message and events[-1] is failures[-1]
 
 
+#: Runs started with exactly the argv, environment and files of ``invocation()``:
+#: (cli, first run, its resume, the first run's usage, the resume's usage).
+SPEC_RUNS = [
+    ("codex", "spec-first.jsonl", "spec-resume.jsonl", (4583, 99, 3911), (9287, 648, 8592)),
+]
+
+
+@pytest.mark.parametrize(("cli", "first_run", "resumed_run", "usage", "resumed_usage"), SPEC_RUNS)
+def test_a_cli_started_as_its_spec_says_answers_and_resumes_its_session(
+    cli: str,
+    first_run: str,
+    resumed_run: str,
+    usage: tuple[int, int, int],
+    resumed_usage: tuple[int, int, int],
+) -> None:
+    first, again = recorded(cli, first_run), recorded(cli, resumed_run)
+    for events, (tokens_in, tokens_out, cached) in ((first, usage), (again, resumed_usage)):
+        got = the(events, Usage)
+        assert (got.input_tokens, got.output_tokens, got.cached_tokens) == (
+            tokens_in,
+            tokens_out,
+            cached,
+        )
+        assert the(events, Result).text.strip()
+        assert not [f for f in only(events, Failure) if f.fatal]
+    sessions = only(first, Session) + only(again, Session)
+    assert len({s.session_id for s in sessions}) == len(sessions) // 2 == 1
+    # The resume carried the first run's prompt and answer.
+    assert resumed_usage[0] > usage[0] + usage[1]
+
+
 # --- argv and environment --------------------------------------------------------
 
 
