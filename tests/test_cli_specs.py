@@ -354,6 +354,19 @@ def test_a_cli_started_as_its_spec_says_answers_and_resumes_its_session(
     assert resumed_usage[0] > usage[0] + usage[1]
 
 
+def test_aider_started_as_its_spec_says_fetches_nothing_and_restores_its_history() -> None:
+    first, again = recorded("aider", "spec-first.txt"), recorded("aider", "spec-resume.txt")
+    assert the(first, Usage) == Usage(input_tokens=673, output_tokens=26)
+    assert the(again, Usage) == Usage(input_tokens=724, output_tokens=27)
+    # The model metadata file kept it from looking for a price list on the network.
+    assert not only(first, Failure) and not only(again, Failure)
+    assert the(first, Result) == Result(text=AIDER_ANSWER)
+    assert (
+        "Restored previous conversation history."
+        in (STREAMS / "aider" / "spec-resume.txt").read_text()
+    )
+
+
 # --- argv and environment --------------------------------------------------------
 
 
