@@ -325,6 +325,7 @@ def test_codex_usage_limit_is_exhaustion_that_ends_the_run() -> None:
 #: Runs started with exactly the argv, environment and files of ``invocation()``:
 #: (cli, first run, its resume, the first run's usage, the resume's usage).
 SPEC_RUNS = [
+    ("claude-code", "spec-first.jsonl", "spec-resume.jsonl", (3065, 11, 3), (3098, 29, 3075)),
     ("codex", "spec-first.jsonl", "spec-resume.jsonl", (4583, 99, 3911), (9287, 648, 8592)),
     ("opencode", "spec-first.jsonl", "spec-resume.jsonl", (2216, 21, 1979), (2260, 71, 2236)),
 ]
