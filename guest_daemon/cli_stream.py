@@ -206,7 +206,10 @@ class RunState:
     last_text: str = ""
 
     def add_text(self, text: str) -> Text:
-        self.step_text.append(text)
+        """``text`` as an event, kept for the step's answer up to ``MAX_TEXT`` in all."""
+        kept = sum(map(len, self.step_text))
+        if kept < MAX_TEXT:
+            self.step_text.append(text[: MAX_TEXT - kept])
         return Text(text=text)
 
     def end_step(self) -> str:

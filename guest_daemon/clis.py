@@ -629,9 +629,10 @@ _AIDER_CHATTER: Final = re.compile(
     r"|Use /help|Warning: |Weak model: |Editor model: |https://aider\.chat/"
     r"|Analytics have been permanently disabled)"
 )
+_COUNT: Final = r"(\d{1,12}(?:\.\d{1,6})?k?)"
 _AIDER_TOKENS: Final = re.compile(
-    r"^Tokens: ([\d.]+k?) sent(?:, ([\d.]+k?) cache write)?(?:, ([\d.]+k?) cache hit)?"
-    r", ([\d.]+k?) received\.(?: Cost: \$([\d.]+) message)?"
+    rf"^Tokens: {_COUNT} sent(?:, {_COUNT} cache write)?(?:, {_COUNT} cache hit)?"
+    rf", {_COUNT} received\.(?: Cost: \$(\d{{1,12}}(?:\.\d{{1,6}})?) message)?"
 )
 _AIDER_ERROR: Final = re.compile(r"^litellm\.(\w+):\s*(.*)$")
 #: A failed fetch of its own (a price list, a release note), printed as it is.

@@ -13,6 +13,7 @@ made here, named as such.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +22,7 @@ import msgspec
 import pytest
 from fireclaw.guest_daemon.cli_stream import (
     MAX_TEXT,
+    SESSION_ID,
     CliEvent,
     Failure,
     Question,
@@ -33,6 +35,8 @@ from fireclaw.guest_daemon.cli_stream import (
     failure_kind,
 )
 from fireclaw.guest_daemon.clis import GATEWAY_KEY, SPECS, CliSpec, SpecError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 STREAMS = Path(__file__).parent / "data" / "cli_streams"
 E = TypeVar("E", bound=CliEvent)  # type: ignore[misc]
@@ -596,6 +600,21 @@ def test_a_stream_that_stops_without_a_result_ends_in_a_failure() -> None:
     )
 
 
+def test_an_answer_in_many_pieces_is_capped_as_a_whole() -> None:
+    piece = json.dumps({"type": "message", "role": "assistant", "content": "w" * 1000}).encode()
+    stream = b'{"type":"init","session_id":"s-1"}\n' + (piece + b"\n") * 200
+    stream += b'{"type":"result","status":"success","stats":{}}\n'
+    events = parse("gemini-cli", stream)
+    assert len(only(events, Text)) == 200
+    assert len(the(events, Result).text) == MAX_TEXT
+
+
+def test_aider_lines_that_only_look_like_its_counts_are_text() -> None:
+    odd = b"Tokens: 1.2.3 sent, 4 received.\nTokens: 1..k sent, 4 received. Cost: $1.. message\n"
+    events = parse("aider", odd)
+    assert len(only(events, Text)) == 2 and not only(events, Usage)
+
+
 def test_texts_are_capped() -> None:
     text = "z" * (MAX_TEXT * 2)
     line = json.dumps({"type": "item.completed", "item": {"type": "agent_message", "text": text}})
@@ -632,3 +651,80 @@ def test_a_stream_read_byte_by_byte_gives_the_same_events(cli: str, name: str) -
 )
 def test_refusals_are_told_apart(message: str, status: int | None, kind: str) -> None:
     assert failure_kind(message, status) == kind
+
+
+# --- anything at all on the stream (fuzzed) ----------------------------------------
+
+EXAMPLES = int(os.environ.get("FIRECLAW_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: The names the decoders look for, so that the fuzzer reaches past the first branch.
+FIELDS = (
+    "type subtype session_id thread_id sessionID model message content text usage input_tokens "
+    "output_tokens cached_input_tokens cache_read_input_tokens cache_creation_input_tokens "
+    "total_cost_usd result is_error permission_denials tool_name tool_input num_turns error "
+    "api_error_status item command server tool arguments part tokens input output reasoning "
+    "cache read write cost reason callID state stats cached status role tool_id parameters "
+    "severity id name data statusCode rate_limit_info resetsAt"
+).split()
+TYPES = (
+    "system assistant user result rate_limit_event stream_event thread.started turn.started "
+    "item.completed turn.completed turn.failed error init message tool_use tool_result "
+    "step_start text step_finish agent_message command_execution mcp_tool_call init "
+    "error_max_turns error_max_budget_usd success tool-calls"
+).split()
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(TYPES)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=6)
+    ),
+    max_leaves=25,
+)
+events_json = st.builds(
+    lambda kind, body: {**body, "type": kind},
+    st.sampled_from(TYPES),
+    st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+)
+
+
+def check_events(events: list[CliEvent]) -> None:
+    for event in events:
+        assert isinstance(
+            event, Session | Text | ToolUse | Usage | Question | Result | Failure | Unknown
+        )
+        if isinstance(event, Session):
+            assert SESSION_ID.match(event.session_id)
+        if isinstance(event, Usage):
+            assert min(event.input_tokens, event.output_tokens, event.cached_tokens) >= 0
+        if isinstance(event, Text | Result):
+            assert len(event.text) <= MAX_TEXT + 3 or isinstance(event, Result)
+
+
+@pytest.mark.parametrize(
+    "cli", sorted(name for name, spec in SPECS.items() if spec.stream == "jsonl")
+)
+@FUZZ
+@given(lines=st.lists(events_json | st.binary(max_size=60), max_size=12), cut=st.integers(1, 64))
+def test_any_json_lines_read_without_raising(cli: str, lines: list[object], cut: int) -> None:
+    data = b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()).replace(b"\n", b" ")
+        + b"\n"
+        for line in lines
+    )
+    parser = SPECS[cli].parser(max_line=4096)
+    events: list[CliEvent] = []
+    for start in range(0, len(data), cut):
+        events += parser.feed(data[start : start + cut])
+    events += parser.close()
+    check_events(events)
+    assert len([e for e in events if isinstance(e, Failure) and "ended without" in e.message]) <= 1
+
+
+@FUZZ
+@given(text=st.text(max_size=400))
+def test_any_text_reads_as_aider_without_raising(text: str) -> None:
+    check_events(parse("aider", text.encode("utf-8", errors="surrogatepass")))
