@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import subprocess
+import sys
 from pathlib import Path
 from typing import TypeVar
 
@@ -509,6 +511,24 @@ def test_an_unsafe_session_id_or_model_never_reaches_argv(bad: str) -> None:
 def test_a_run_through_the_gateway_needs_a_model() -> None:
     with pytest.raises(SpecError, match="needs a model"):
         SPECS["codex"].invocation("hi", workspace="/w", gateway="http://10.0.2.2:8080")
+
+
+def test_the_specs_import_only_the_standard_library_and_msgspec() -> None:
+    """They ship into VM images: nothing from the host side, no third-party package but msgspec."""
+    probe = (  # what importing the specs adds, besides msgspec and what it needs itself
+        "import sys, msgspec; before = set(sys.modules); import fireclaw.guest_daemon.clis; "
+        "print(*(m for m in set(sys.modules) - before "
+        "if m.split('.')[0] not in sys.stdlib_module_names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert set(done.stdout.split()) == {
+        "fireclaw",
+        "fireclaw.guest_daemon",
+        "fireclaw.guest_daemon.clis",
+        "fireclaw.guest_daemon.cli_stream",
+    }
 
 
 # --- the parser's bounds (streams made here) -------------------------------------
