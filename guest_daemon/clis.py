@@ -517,6 +517,9 @@ GEMINI_CLI: Final = CliSpec(
     model=("--model", "{model}"),
     state={"HOME": "home"},
     key_env="GEMINI_API_KEY",
+    # It takes another base URL (GOOGLE_GEMINI_BASE_URL) but speaks only the
+    # Gemini API there, which the gateway does not; its turn limit is a
+    # settings.json key (model.maxSessionTurns), not a flag.
     gateway=None,
     decode=_gemini,
 )

@@ -226,6 +226,15 @@ def test_opencode_unreachable_endpoint_is_one_fatal_failure() -> None:
     assert "Cannot connect to API" in failure.message
 
 
+def test_gemini_captured_start_matches_the_documented_init_and_never_ends_unreachable() -> None:
+    events = recorded("gemini-cli", "unreachable.jsonl")
+    assert the(events, Session) == Session(
+        session_id="b81f09a1-8d09-46ca-bf74-af21f0cdb657", model="auto"
+    )
+    assert not only(events, Text)  # the user's own message is not the model's text
+    assert events[-1] == Failure(kind="error", message="gemini-cli ended without a result")
+
+
 def test_gemini_tool_call_and_thinking_aloud_are_not_the_answer() -> None:
     events = recorded("gemini-cli", "doc-tool-run.jsonl")
     tool = the(events, ToolUse)
