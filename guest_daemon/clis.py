@@ -1,0 +1,732 @@
+"""Coding-agent CLIs as harnesses: one declarative spec per CLI.
+
+A ``CliSpec`` says everything the guest needs to run one CLI headless and to
+understand it: the program and the registry package it comes from, the argv
+of a run with a prompt and of a resume of a session, the environment that
+keeps its state under the agent's workspace (so a named agent's session
+outlives its VM), how to point it at the VM's model gateway where it can be,
+which of its own limits (turns, budget) it takes on the command line, and the
+decoder that reads its stream (``cli_stream.StreamParser`` does the framing
+and the bounds). Adding a CLI is adding a spec to ``SPECS``.
+
+``spec.invocation(prompt, workspace=..., ...)`` gives the argv and the
+environment of one run; ``spec.parser()`` a parser for its stdout.
+
+What each CLI does, as its recorded streams show (tests/data/cli_streams/;
+gemini-cli's are written from its docs)::
+
+    kind         resume            usage           cost            questions     wire API
+    claude-code  --resume ID       result.usage    total_cost_usd  permissions,  anthropic-messages
+                                                   (its estimate)  turn limit
+    codex        exec resume ID    turn.completed  -               -             openai-responses
+    gemini-cli   --resume ID       result.stats    -               turn limit    - (Gemini only)
+    opencode     run --session ID  step_finish     part.cost       -             openai-chat
+    aider        its history file  "Tokens:" line  "Cost:" line    -             openai-chat
+                 (no session id)   (2.2k: rounded)
+
+Usage is always the CLI's own claim; where the gateway carries its traffic
+(``Invocation.metered``) the gateway's own count is what the budget holds.
+
+A prompt never lands where the CLI could read it as an option: it follows
+``--`` or is glued to its flag (``--message=...``). A session id comes from
+the CLI's stream and goes back on its command line only if it matches
+``cli_stream.SESSION_ID``.
+
+This module imports only the standard library and msgspec: it ships inside
+VM images.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import msgspec
+
+from .cli_stream import (
+    SESSION_ID,
+    CliEvent,
+    Decoder,
+    Failure,
+    Question,
+    Result,
+    RunState,
+    Session,
+    StreamParser,
+    ToolUse,
+    Usage,
+    clip,
+    failure_kind,
+    float_at,
+    get,
+    int_at,
+    json_text,
+    text_at,
+)
+
+#: Where, under the workspace, each CLI keeps its state (``<STATE_ROOT>/<cli>/...``).
+STATE_ROOT: Final = ".cli"
+#: What a model name must look like to go into a CLI's argv or config.
+MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
+#: The gateway's root URL as the guest knows it: it goes into TOML and JSON unquoted.
+GATEWAY_URL: Final = re.compile(r"^http://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?$")
+#: The API key a CLI is given when its traffic goes through the gateway: the
+#: gateway holds the real one and puts it on the upstream call itself.
+GATEWAY_KEY: Final = "fireclaw-gateway"
+
+WireApi = Literal["openai-chat", "openai-responses", "anthropic-messages"]
+
+
+class SpecError(Exception):
+    """A run was asked of a spec with what it cannot take (one line)."""
+
+
+class Gateway(msgspec.Struct, frozen=True, kw_only=True):
+    """How a CLI is pointed at an OpenAI- or Anthropic-compatible base URL.
+
+    In ``argv`` and ``env`` values, ``{base}`` is the gateway's root URL
+    (``http://HOST:PORT``), ``{v1}`` that root plus ``/v1``, and ``{model}`` the
+    model it asks for."""
+
+    wire: WireApi
+    argv: tuple[str, ...] = ()
+    env: Mapping[str, str] = {}
+    #: Files written under the CLI's state dir before it starts: path -> content.
+    files: Mapping[str, str] = {}
+
+
+class CliSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One CLI as a harness; see the module docstring. Placeholders in argv
+    elements: ``{prompt}``, ``{session}``, ``{model}``, ``{turns}``, ``{budget}``,
+    ``{state}`` (its state dir), and the gateway's ``{base}`` and ``{v1}``."""
+
+    name: str
+    program: str
+    package: str  # "npm:NAME" or "pypi:NAME": what the image installs
+    run: tuple[str, ...]  # a new session with a prompt
+    #: The same session with a prompt; None: it cannot resume. Without
+    #: ``{session}`` it finds its session by itself (aider's history file).
+    resume: tuple[str, ...] | None
+    model: tuple[str, ...] = ()  # added when a model is named
+    turns: tuple[str, ...] = ()  # its own turn limit, if it takes one on the command line
+    budget: tuple[str, ...] = ()  # its own spending limit in USD, likewise
+    #: Environment variable -> path under ``<workspace>/.cli/<name>/``.
+    state: Mapping[str, str] = {}
+    #: Environment it always gets: no update checks, no telemetry.
+    quiet: Mapping[str, str] = {}
+    key_env: str = ""  # the variable its provider's API key goes in
+    gateway: Gateway | None = None  # None: it speaks an API the gateway does not
+    stream: Literal["jsonl", "text"] = "jsonl"
+    report_unknown: bool = True
+    decode: Decoder
+
+    def state_dir(self, workspace: str) -> str:
+        return posixpath.join(workspace, STATE_ROOT, self.name)
+
+    def state_env(self, workspace: str) -> dict[str, str]:
+        """Each state variable as an absolute path under this CLI's state dir."""
+        if not posixpath.isabs(workspace):
+            raise SpecError(f"{self.name}: workspace {workspace!r} is not an absolute path")
+        root = self.state_dir(posixpath.normpath(workspace))
+        return {var: posixpath.join(root, rel) for var, rel in self.state.items()}
+
+    def invocation(
+        self,
+        prompt: str,
+        *,
+        workspace: str,
+        model: str = "",
+        session: str | None = None,
+        gateway: str = "",
+        turns: int | None = None,
+        budget_usd: float | None = None,
+        api_key: str = "",
+    ) -> Invocation:
+        """The argv and environment of one run.
+
+        ``session``: resume that session (an id this CLI's stream gave; any
+        value for a CLI that resumes without one). ``gateway``: the VM's
+        gateway root URL; ignored by a CLI that cannot use it, whose own
+        ``api_key`` (from the role's secrets) is passed instead. Raises
+        SpecError for a session id, a model name or a limit it cannot take."""
+        takes_id = self.resume is not None and any("{session}" in arg for arg in self.resume)
+        if session is not None and takes_id and not SESSION_ID.match(session):
+            raise SpecError(f"{self.name}: session id {clip(session, 40)!r} is not one to resume")
+        if model and not MODEL_NAME.match(model):
+            raise SpecError(f"{self.name}: model name {clip(model, 40)!r} is not one to pass on")
+        if gateway and not GATEWAY_URL.match(gateway):
+            raise SpecError(f"{self.name}: gateway {clip(gateway, 60)!r} is not http://HOST:PORT")
+        if gateway and self.gateway is not None and not model:
+            raise SpecError(f"{self.name}: a run through the gateway needs a model name")
+        if turns is not None and turns < 1:
+            raise SpecError(f"{self.name}: turn limit {turns} is below 1")
+        if budget_usd is not None and not budget_usd > 0:
+            raise SpecError(f"{self.name}: budget {budget_usd} USD is not above 0")
+        values = {
+            "prompt": prompt,
+            "session": session or "",
+            "state": self.state_dir(posixpath.normpath(workspace)),
+            "model": model,
+            "turns": str(turns or ""),
+            "budget": f"{budget_usd:.4f}" if budget_usd is not None else "",
+            "base": gateway.rstrip("/"),
+            "v1": gateway.rstrip("/") + "/v1",
+        }
+        if session is not None and self.resume is not None:
+            head = list(self.resume)
+        else:
+            head = list(self.run)
+        extra: list[str] = []
+        env = {**self.quiet, **self.state_env(workspace)}
+        files: dict[str, str] = {}
+        via_gateway = bool(gateway) and self.gateway is not None
+        if via_gateway and self.gateway is not None:
+            extra += self.gateway.argv
+            env.update(self.gateway.env)
+            files = {
+                posixpath.join(values["state"], rel): body
+                for rel, body in self.gateway.files.items()
+            }
+            if self.key_env:
+                env[self.key_env] = GATEWAY_KEY
+        elif api_key and self.key_env:
+            env[self.key_env] = api_key
+        if model:
+            extra += self.model
+        if turns is not None:
+            extra += self.turns
+        if budget_usd is not None:
+            extra += self.budget
+        argv = [self.program, *_options_first(head, extra)]
+        return Invocation(
+            argv=[_fill(arg, values) for arg in argv],
+            env={var: _fill(value, values) for var, value in env.items()},
+            files={path: _fill(body, values) for path, body in files.items()},
+            metered=via_gateway,
+        )
+
+    def parser(self, *, max_line: int | None = None) -> StreamParser:
+        extra = {} if max_line is None else {"max_line": max_line}
+        return StreamParser(
+            cli=self.name,
+            decode=self.decode,
+            stream=self.stream,
+            report_unknown=self.report_unknown,
+            **extra,
+        )
+
+
+class Invocation(msgspec.Struct, frozen=True, kw_only=True):
+    """One run of a CLI: start ``argv`` with ``env`` added, once ``files`` (absolute
+    path -> content) are written. ``metered``: its model traffic goes through the
+    gateway; otherwise its ``Usage`` events are all the swarm learns (the guest's claim)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    files: dict[str, str]
+    metered: bool
+
+
+_PLACEHOLDER = re.compile(r"\{(prompt|session|model|turns|budget|base|v1|state)\}")
+
+
+def _fill(arg: str, values: Mapping[str, str]) -> str:
+    # One pass: a prompt that itself holds "{model}" stays as written.
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], arg)
+
+
+def _options_first(head: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """``head`` with ``extra`` options put before its ``--`` (the prompt comes after it)."""
+    if "--" in head:
+        cut = list(head).index("--")
+        return [*head[:cut], *extra, *head[cut:]]
+    return [*head, *extra]
+
+
+# --- claude-code: claude -p --output-format stream-json --------------------------
+
+
+def _claude(obj: Any, state: RunState) -> list[CliEvent] | None:
+    kind = obj.get("type")
+    if kind == "system":
+        if obj.get("subtype") == "init":
+            return [Session(session_id=text_at(obj, "session_id"), model=text_at(obj, "model"))]
+        if obj.get("subtype") == "api_retry":
+            why = text_at(obj, "error") or "retrying the API call"
+            return [
+                Failure(
+                    kind=failure_kind(why, int_at(obj, "error_status")), message=why, fatal=False
+                )
+            ]
+        return []
+    if kind == "assistant":
+        events: list[CliEvent] = []
+        content = get(obj, "message", "content")
+        for block in content if isinstance(content, list) else []:
+            if get(block, "type") == "text" and text_at(block, "text"):
+                events.append(state.add_text(text_at(block, "text")))
+            elif get(block, "type") == "tool_use":
+                events.append(
+                    ToolUse(
+                        name=text_at(block, "name"),
+                        call_id=text_at(block, "id"),
+                        arguments=json_text(get(block, "input")),
+                    )
+                )
+        return events
+    if kind in ("user", "stream_event"):
+        return []  # tool results it acted on; pieces of messages that come whole later
+    if kind == "rate_limit_event":
+        info = get(obj, "rate_limit_info")
+        if get(info, "status") == "rejected":
+            resets = int_at(info, "resetsAt")
+            return [Failure(kind="rate_limit", message=f"rate limited until {resets}")]
+        return []
+    if kind == "result":
+        return _claude_result(obj, state)
+    return None
+
+
+def _claude_result(obj: Any, state: RunState) -> list[CliEvent]:
+    usage = Usage(  # its input_tokens leave out what was read from or written to the cache
+        input_tokens=int_at(obj, "usage", "input_tokens")
+        + int_at(obj, "usage", "cache_creation_input_tokens")
+        + int_at(obj, "usage", "cache_read_input_tokens"),
+        output_tokens=int_at(obj, "usage", "output_tokens"),
+        cached_tokens=int_at(obj, "usage", "cache_read_input_tokens"),
+        cost_usd=float_at(obj, "total_cost_usd"),
+    )
+    events: list[CliEvent] = [usage]
+    denials = get(obj, "permission_denials")
+    for denial in denials if isinstance(denials, list) else []:
+        tool = text_at(denial, "tool_name") or "a tool"
+        events.append(
+            Question(
+                kind="permission",
+                text=f"allow {tool} {json_text(get(denial, 'tool_input'))}".strip(),
+            )
+        )
+    subtype = text_at(obj, "subtype")
+    text = text_at(obj, "result") or state.end_step()
+    if subtype == "error_max_turns":
+        events.append(
+            Question(
+                kind="turn_limit", text=f"stopped after {int_at(obj, 'num_turns')} turns: go on?"
+            )
+        )
+    elif subtype == "error_max_budget_usd":
+        events.append(Failure(kind="exhausted", message="claude-code reached its budget"))
+    elif obj.get("is_error") is True or subtype.startswith("error"):
+        # A failed API call ends as subtype "success" with is_error set.
+        message = text or subtype or "claude-code failed"
+        status = int_at(obj, "api_error_status") or None
+        events.append(Failure(kind=failure_kind(message, status), message=message))
+    else:
+        events.append(Result(text=text))
+    return events
+
+
+CLAUDE_CODE: Final = CliSpec(
+    name="claude-code",
+    program="claude",
+    package="npm:@anthropic-ai/claude-code",
+    run=("-p", "--output-format", "stream-json", "--verbose", "--", "{prompt}"),
+    resume=(
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--resume",
+        "{session}",
+        "--",
+        "{prompt}",
+    ),
+    model=("--model", "{model}"),
+    turns=("--max-turns", "{turns}"),
+    budget=("--max-budget-usd", "{budget}"),
+    state={"CLAUDE_CONFIG_DIR": "config", "HOME": "home"},
+    quiet={
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    },
+    key_env="ANTHROPIC_API_KEY",
+    gateway=Gateway(
+        wire="anthropic-messages",
+        env={
+            "ANTHROPIC_BASE_URL": "{base}",
+            # Its background calls (titles, summaries) go to the same model.
+            "ANTHROPIC_SMALL_FAST_MODEL": "{model}",
+            "ANTHROPIC_DEFAULT_HAIKU_MODEL": "{model}",
+        },
+    ),
+    decode=_claude,
+)
+
+
+# --- codex: codex exec --json -------------------------------------------------------
+
+
+def _codex(obj: Any, state: RunState) -> list[CliEvent] | None:
+    kind = obj.get("type")
+    if kind == "thread.started":
+        return [Session(session_id=text_at(obj, "thread_id"))]
+    if kind in ("turn.started", "item.started", "item.updated"):
+        return []
+    if kind == "item.completed":
+        item = get(obj, "item")
+        item_type = get(item, "type")
+        if item_type == "agent_message":
+            state.end_step()  # each message is whole: the answer is the last one
+            return [state.add_text(text_at(item, "text"))]
+        if item_type == "command_execution":
+            return [
+                ToolUse(
+                    name="shell",
+                    call_id=text_at(item, "id"),
+                    arguments=json_text({"command": get(item, "command")}),
+                )
+            ]
+        if item_type == "mcp_tool_call":
+            return [
+                ToolUse(
+                    name=f"{text_at(item, 'server')}.{text_at(item, 'tool')}",
+                    call_id=text_at(item, "id"),
+                    arguments=json_text(get(item, "arguments")),
+                )
+            ]
+        if item_type in ("file_change", "web_search"):
+            return [
+                ToolUse(
+                    name=str(item_type),
+                    call_id=text_at(item, "id"),
+                    arguments=json_text(get(item, "changes") or get(item, "query")),
+                )
+            ]
+        if item_type == "error":
+            # Warnings (an ignored setting, unknown model metadata); the turn goes on.
+            return [Failure(kind="error", message=text_at(item, "message"), fatal=False)]
+        return []  # reasoning, todo lists
+    if kind == "turn.completed":
+        usage = Usage(
+            input_tokens=int_at(obj, "usage", "input_tokens"),
+            output_tokens=int_at(obj, "usage", "output_tokens"),
+            cached_tokens=int_at(obj, "usage", "cached_input_tokens"),
+        )
+        return [usage, Result(text=state.end_step())]
+    if kind == "turn.failed":
+        message = text_at(obj, "error", "message") or "codex: the turn failed"
+        return [Failure(kind=failure_kind(message), message=message)]
+    if kind == "error":
+        # "Reconnecting... n/5": codex retries by itself; turn.failed ends the run.
+        message = text_at(obj, "message") or "codex reported an error"
+        return [Failure(kind=failure_kind(message), message=message, fatal=False)]
+    return None
+
+
+CODEX: Final = CliSpec(
+    name="codex",
+    program="codex",
+    package="npm:@openai/codex",
+    run=("exec", "--json", "--skip-git-repo-check", "--", "{prompt}"),
+    resume=("exec", "--json", "--skip-git-repo-check", "resume", "{session}", "--", "{prompt}"),
+    model=("--model", "{model}"),
+    state={"CODEX_HOME": "codex", "HOME": "home"},
+    key_env="OPENAI_API_KEY",
+    gateway=Gateway(
+        wire="openai-responses",
+        argv=(
+            "-c",
+            'model_provider="fireclaw"',
+            "-c",
+            'model_providers.fireclaw.name="fireclaw gateway"',
+            "-c",
+            'model_providers.fireclaw.base_url="{v1}"',
+            "-c",
+            'model_providers.fireclaw.wire_api="responses"',
+            "-c",
+            'model_providers.fireclaw.env_key="OPENAI_API_KEY"',
+            "-c",
+            "analytics.enabled=false",
+            "-c",
+            "check_for_update_on_startup=false",
+        ),
+    ),
+    decode=_codex,
+)
+
+
+# --- gemini-cli: gemini -p ... --output-format stream-json ----------------------------
+
+
+def _gemini(obj: Any, state: RunState) -> list[CliEvent] | None:
+    kind = obj.get("type")
+    if kind == "init":
+        return [Session(session_id=text_at(obj, "session_id"), model=text_at(obj, "model"))]
+    if kind == "message":
+        if get(obj, "role") == "assistant" and text_at(obj, "content"):
+            return [state.add_text(text_at(obj, "content"))]
+        return []
+    if kind == "tool_use":
+        state.end_step()
+        return [
+            ToolUse(
+                name=text_at(obj, "tool_name"),
+                call_id=text_at(obj, "tool_id"),
+                arguments=json_text(get(obj, "parameters")),
+            )
+        ]
+    if kind == "tool_result":
+        return []
+    if kind == "error":
+        # Even an error of severity "error" is followed by the result, which ends the run.
+        message = text_at(obj, "message") or "gemini-cli reported an error"
+        return [Failure(kind=failure_kind(message), message=message, fatal=False)]
+    if kind == "result":
+        usage = Usage(
+            input_tokens=int_at(obj, "stats", "input_tokens"),
+            output_tokens=int_at(obj, "stats", "output_tokens"),
+            cached_tokens=int_at(obj, "stats", "cached"),
+        )
+        if get(obj, "status") == "success":
+            return [usage, Result(text=state.end_step())]
+        message = text_at(obj, "error", "message") or "gemini-cli failed"
+        if "turn" in text_at(obj, "error", "type").lower():
+            return [usage, Question(kind="turn_limit", text=message)]
+        return [usage, Failure(kind=failure_kind(message), message=message)]
+    return None
+
+
+GEMINI_CLI: Final = CliSpec(
+    name="gemini-cli",
+    program="gemini",
+    package="npm:@google/gemini-cli",
+    run=("--output-format", "stream-json", "--skip-trust", "--prompt={prompt}"),
+    resume=(
+        "--output-format",
+        "stream-json",
+        "--skip-trust",
+        "--resume",
+        "{session}",
+        "--prompt={prompt}",
+    ),
+    model=("--model", "{model}"),
+    state={"HOME": "home"},
+    key_env="GEMINI_API_KEY",
+    # It takes another base URL (GOOGLE_GEMINI_BASE_URL) but speaks only the
+    # Gemini API there, which the gateway does not; its turn limit is a
+    # settings.json key (model.maxSessionTurns), not a flag.
+    gateway=None,
+    decode=_gemini,
+)
+
+
+# --- opencode: opencode run --format json ----------------------------------------------
+
+
+def _opencode(obj: Any, state: RunState) -> list[CliEvent] | None:
+    kind = obj.get("type")
+    events: list[CliEvent] = []
+    if text_at(obj, "sessionID"):
+        events.append(Session(session_id=text_at(obj, "sessionID")))
+    part = get(obj, "part")
+    if kind == "step_start":
+        pass
+    elif kind == "text":
+        if text_at(part, "text"):
+            events.append(state.add_text(text_at(part, "text")))
+    elif kind == "tool_use":
+        events.append(
+            ToolUse(
+                name=text_at(part, "tool"),
+                call_id=text_at(part, "callID"),
+                arguments=json_text(get(part, "state", "input")),
+            )
+        )
+    elif kind == "step_finish":
+        tokens = get(part, "tokens")
+        events.append(
+            Usage(  # its input leaves the cache out
+                input_tokens=int_at(tokens, "input")
+                + int_at(tokens, "cache", "write")
+                + int_at(tokens, "cache", "read"),
+                output_tokens=int_at(tokens, "output") + int_at(tokens, "reasoning"),
+                cached_tokens=int_at(tokens, "cache", "read"),
+                cost_usd=float_at(part, "cost"),
+            )
+        )
+        text = state.end_step()
+        if get(part, "reason") != "tool-calls":  # a tool step is followed by another
+            events.append(Result(text=text))
+    elif kind == "error":
+        message = text_at(obj, "error", "data", "message") or text_at(obj, "error", "name")
+        status = int_at(obj, "error", "data", "statusCode") or None
+        events.append(
+            Failure(kind=failure_kind(message, status), message=message or "opencode failed")
+        )
+    else:
+        return None
+    return events
+
+
+def _opencode_config(model: str) -> str:
+    """OPENCODE_CONFIG_CONTENT: the gateway as an OpenAI-compatible provider."""
+    return json.dumps(
+        {
+            "provider": {
+                "fireclaw": {
+                    "npm": "@ai-sdk/openai-compatible",
+                    "name": "fireclaw gateway",
+                    "options": {"baseURL": "{v1}", "apiKey": GATEWAY_KEY},
+                    "models": {model: {"name": model}},
+                }
+            },
+            "model": f"fireclaw/{model}",
+            "autoupdate": False,
+            "share": "disabled",
+        },
+        separators=(",", ":"),
+    )
+
+
+OPENCODE: Final = CliSpec(
+    name="opencode",
+    program="opencode",
+    package="npm:opencode-ai",
+    run=("run", "--format", "json", "--", "{prompt}"),
+    resume=("run", "--format", "json", "--session", "{session}", "--", "{prompt}"),
+    model=("--model", "fireclaw/{model}"),
+    state={
+        "HOME": "home",
+        "XDG_CONFIG_HOME": "config",
+        "XDG_DATA_HOME": "data",
+        "XDG_CACHE_HOME": "cache",
+        "XDG_STATE_HOME": "state",
+    },
+    quiet={
+        "OPENCODE_DISABLE_AUTOUPDATE": "1",
+        "OPENCODE_DISABLE_MODELS_FETCH": "1",
+        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+        "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
+        "OPENCODE_DISABLE_SHARE": "1",
+    },
+    key_env="",
+    # The provider is named in the config; a model of another provider cannot
+    # be reached through the gateway, so the model is always "fireclaw/...".
+    gateway=Gateway(
+        wire="openai-chat", env={"OPENCODE_CONFIG_CONTENT": _opencode_config("{model}")}
+    ),
+    decode=_opencode,
+)
+
+
+# --- aider: aider --message ... (plain text) ---------------------------------------------
+
+#: Lines aider prints about itself before and around the answer.
+_AIDER_CHATTER: Final = re.compile(
+    r"^(Aider v|Model: |Git repo: |Repo-map: |Added .* to the chat|Restored previous conversation"
+    r"|Use /help|Warning: |Weak model: |Editor model: |https://aider\.chat/"
+    r"|Analytics have been permanently disabled)"
+)
+_COUNT: Final = r"(\d{1,12}(?:\.\d{1,6})?k?)"
+_AIDER_TOKENS: Final = re.compile(
+    rf"^Tokens: {_COUNT} sent(?:, {_COUNT} cache write)?(?:, {_COUNT} cache hit)?"
+    rf", {_COUNT} received\.(?: Cost: \$(\d{{1,12}}(?:\.\d{{1,6}})?) message)?"
+)
+_AIDER_ERROR: Final = re.compile(r"^litellm\.(\w+):\s*(.*)$")
+#: A failed fetch of its own (a price list, a release note), printed as it is.
+_AIDER_FETCH: Final = re.compile(r"^HTTPS?ConnectionPool\(")
+
+
+def _aider_count(text: str | None) -> tuple[int, bool]:
+    """aider's ``2.2k`` as ``(2200, False)``; ``12`` as ``(12, True)``."""
+    if not text:
+        return 0, True
+    if text.endswith("k"):
+        return int(float(text[:-1]) * 1000), False
+    return int(float(text)), True
+
+
+def _aider(line: str, state: RunState) -> list[CliEvent]:
+    if _AIDER_CHATTER.match(line) or line.startswith("─"):
+        return []
+    if not line.strip():
+        return [] if not state.step_text else [state.add_text("\n")]
+    if tokens := _AIDER_TOKENS.match(line):
+        sent, exact_in = _aider_count(tokens.group(1))
+        written, exact_w = _aider_count(tokens.group(2))
+        hit, exact_hit = _aider_count(tokens.group(3))
+        received, exact_out = _aider_count(tokens.group(4))
+        cost = float(tokens.group(5)) if tokens.group(5) else None
+        usage = Usage(
+            input_tokens=sent + written,
+            output_tokens=received,
+            cached_tokens=hit,
+            cost_usd=cost,
+            exact=exact_in and exact_w and exact_hit and exact_out,
+        )
+        return [usage, Result(text=state.end_step().strip())]
+    if _AIDER_FETCH.match(line):
+        return [Failure(kind="error", message=clip(line), fatal=False)]
+    if error := _AIDER_ERROR.match(line):
+        message = clip(f"{error.group(1)}: {error.group(2)}")
+        kind = "rate_limit" if error.group(1) == "RateLimitError" else failure_kind(message)
+        return [Failure(kind=kind, message=message)]
+    return [state.add_text(line + "\n")]
+
+
+#: Every aider run: headless, no git, no network of its own, its files under its state dir.
+_AIDER_RUN: Final = (
+    "--yes-always",
+    "--no-git",
+    "--no-auto-commits",
+    "--no-pretty",
+    "--no-stream",
+    "--no-fancy-input",
+    "--analytics-disable",
+    "--no-check-update",
+    "--no-show-release-notes",
+    "--no-show-model-warnings",
+    "--chat-history-file",
+    "{state}/history.md",
+    "--input-history-file",
+    "{state}/input.history",
+)
+#: What aider would otherwise fetch from the network for a model it does not
+#: know (and print the failure of into its output): the gateway's model's
+#: limits, at no cost of its own (the gateway meters it).
+_AIDER_METADATA: Final = (
+    '{"openai/{model}": {"max_input_tokens": 8192, "max_output_tokens": 1024,'
+    ' "input_cost_per_token": 0, "output_cost_per_token": 0,'
+    ' "litellm_provider": "openai", "mode": "chat"}}'
+)
+
+AIDER: Final = CliSpec(
+    name="aider",
+    program="aider",
+    package="pypi:aider-chat",
+    run=(*_AIDER_RUN, "--message={prompt}"),
+    # aider has no session id: a resume reads back the chat history file.
+    resume=(*_AIDER_RUN, "--restore-chat-history", "--message={prompt}"),
+    model=("--model", "openai/{model}"),
+    state={"HOME": "home"},
+    quiet={"LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    key_env="OPENAI_API_KEY",
+    gateway=Gateway(
+        wire="openai-chat",
+        argv=("--model-metadata-file", "{state}/model-metadata.json"),
+        env={"OPENAI_API_BASE": "{v1}"},
+        files={"model-metadata.json": _AIDER_METADATA},
+    ),
+    stream="text",
+    decode=_aider,
+)
+
+
+SPECS: Final[Mapping[str, CliSpec]] = {
+    spec.name: spec for spec in (CLAUDE_CODE, CODEX, GEMINI_CLI, OPENCODE, AIDER)
+}
