@@ -129,7 +129,8 @@ def swarm_yaml(role: str, *, irc_port: int, chat: bool, max_tokens: int) -> str:
         f"    harness: {{kind: chat, tool_mode: json, tools: [], max_steps: 2,"
         f" max_tokens: {max_tokens}, timeout: {TURN_TIMEOUT:g}}}\n"
         if chat
-        else ""
+        # The floor: the same agent, its answer an echo (the shipped worker asks a model).
+        else "    harness: {kind: command, command: [sh, -c, 'echo \"$FIRECLAW_PROMPT\"']}\n"
     )
     return (
         "version: 1\nbackend: process\n"
