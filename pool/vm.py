@@ -55,6 +55,7 @@ import trio_websocket
 from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns, workspaces
+from fireclaw.pool.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import Driver, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.drivers.qemu import WORKSPACE_BYTES, QemuVm
@@ -62,8 +63,7 @@ from fireclaw.pool.forward import forward
 from fireclaw.pool.gateway import Meter, ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
-from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
+from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import CallRecord, Store, VmRecord
 
 if TYPE_CHECKING:

@@ -46,6 +46,7 @@ from fireclaw.pool.drivers.qemu import QemuDriver
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
+from fireclaw.pool.procid import ProcessIdentity, still_running
 from fireclaw.pool.templates import Templates
 from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_id, kill_recorded
 from fireclaw.supervisor import ballast, leftovers, sdnotify, services
@@ -57,7 +58,6 @@ from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
 from fireclaw.supervisor.overseer import Overseer
 from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock
-from fireclaw.supervisor.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import AgentRecord, StateError, StateUnwritable, Store, TaskRow
 from fireclaw.supervisor.web import HttpServerError, serve_http

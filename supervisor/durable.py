@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 
 import trio
 from fireclaw.config import Backoff
-from fireclaw.supervisor.backoff import backoff_delay
+from fireclaw.pool.backoff import backoff_delay
 from fireclaw.supervisor.state import StateUnwritable, WriteHealth
 
 T = TypeVar("T")

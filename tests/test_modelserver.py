@@ -18,6 +18,7 @@ from fireclaw.config.model import BudgetSpec, ManagedModelSpec
 from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool import netns
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, serve_gateway
+from fireclaw.pool.procid import still_running
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor import leftovers, services
 from fireclaw.supervisor.budget import Budgets
@@ -28,7 +29,6 @@ from fireclaw.supervisor.modelserver import (
     ModelServerError,
     bundled_model,
 )
-from fireclaw.supervisor.procid import still_running
 from fireclaw.supervisor.state import Store
 from test_gateway import CHAT, http
 
