@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol
 import h11
 import msgspec
 import trio
-from fireclaw.supervisor.state import CallRecord
+from fireclaw.pool.store import CallRecord
 
 __all__ = [
     "Forward",

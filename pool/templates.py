@@ -65,8 +65,8 @@ from fireclaw.pool.drivers.qemu import (
 )
 from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link
 from fireclaw.pool.procid import process_identity
+from fireclaw.pool.store import VmRecord
 from fireclaw.pool.vm import SETUP_ERRORS
-from fireclaw.supervisor.state import VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.vm import Runtime

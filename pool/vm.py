@@ -64,7 +64,7 @@ from fireclaw.pool.gateway import Meter, ModelRoute, Who, serve_gateway
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
 from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.supervisor.state import CallRecord, Store, VmRecord
+from fireclaw.pool.store import CallRecord, StateStore, VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.group import RoleGroup
@@ -111,7 +111,7 @@ class Runtime:
     """What every VM of the swarm shares; owned by the supervisor."""
 
     driver: Driver
-    store: Store
+    store: StateStore
     state_dir: Path
     control: ControlSpec
     stop: StopSpec

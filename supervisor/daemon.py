@@ -43,6 +43,7 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers import BackendUnavailable, NotReady, choose, open_backend
 from fireclaw.pool.drivers.qemu import QemuDriver
+from fireclaw.pool.durable import until_written
 from fireclaw.pool.gateway import Limits, ModelRoute, Upstream, UpstreamError, fetch_models
 from fireclaw.pool.group import Adoptee, PoolError, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError, bridge_name, table_name
@@ -52,7 +53,6 @@ from fireclaw.pool.vm import AgentIdentity, Child, IrcRoute, Runtime, instance_i
 from fireclaw.supervisor import ballast, leftovers, sdnotify, services
 from fireclaw.supervisor.api import ControllerError, Emit, serve_api
 from fireclaw.supervisor.budget import Budgets
-from fireclaw.supervisor.durable import until_written
 from fireclaw.supervisor.irc_credentials import read_irc_credentials
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError

@@ -52,55 +52,52 @@ import pathlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import msgspec
+from fireclaw.pool.store import (
+    TASK_STATES,
+    CallRecord,
+    StateError,
+    StateUnwritable,
+    TaskConflict,
+    TaskNotFound,
+    TaskRow,
+    TaskState,
+    VmRecord,
+)
+
+if TYPE_CHECKING:
+    from fireclaw.pool.store import StateStore
+
+# The records and errors the pool writes and handles are declared by the pool
+# (``pool/store.py``); they are part of this store's interface all the same.
+__all__ = [
+    "BUSY_TIMEOUT",
+    "SCHEMA_VERSION",
+    "TASK_STATES",
+    "AgentRecord",
+    "CallRecord",
+    "EventRow",
+    "ServiceRecord",
+    "StateError",
+    "StateUnwritable",
+    "Store",
+    "TaskConflict",
+    "TaskNotFound",
+    "TaskRow",
+    "TaskState",
+    "UsageBy",
+    "UsageRow",
+    "VmRecord",
+    "WriteHealth",
+]
 
 log = logging.getLogger("fireclaw.state")
 
 SCHEMA_VERSION: Final = 5
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
-
-TaskState = Literal["queued", "claimed", "done", "failed"]
-TASK_STATES: Final[tuple[TaskState, ...]] = ("queued", "claimed", "done", "failed")
-
-
-class StateError(Exception):
-    pass
-
-
-class StateUnwritable(StateError):
-    """The disk under the database refused a write; ``why`` says how, in a word
-    or two ("full", "read-only", "failing"). It passes once the disk has room again."""
-
-    def __init__(self, message: str, why: str, path: pathlib.Path) -> None:
-        super().__init__(message)
-        self.why = why
-        self.path = path
-
-
-class TaskNotFound(StateError):
-    pass
-
-
-class TaskConflict(StateError):
-    pass
-
-
-class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    id: int
-    role: str
-    prompt: str
-    state: TaskState
-    attempts: int
-    #: The VM (agent name) that claimed it; kept on a failed task for the record.
-    owner: str | None
-    exit_code: int | None
-    #: Output of a finished task, or why it was last requeued or failed.
-    result: str | None
-    created_at: float
-    updated_at: float
 
 
 class EventRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -118,43 +115,6 @@ class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     role: str
     model: str | None = None
     persona: str | None = None
-
-
-class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One running VM, as needed to adopt or reclaim it after a supervisor crash.
-
-    The row holds the guest's token (``guest_token``): the database is root's
-    and 0600, like the state dir it is in."""
-
-    name: str
-    role: str
-    pid: int
-    start_time: int
-    boot_id: str
-    spec_hash: str
-    netns: str | None = None
-    cgroup: str | None = None
-    #: The VMM's control socket (qemu: its QMP socket), for a later supervisor.
-    socket: str | None = None
-    log: str | None = None
-    #: The incarnation's id: its namespace, cgroup and overlay are named after it.
-    vm_id: str = ""
-    #: Where the guest dials in its namespace (the control listener's port) and
-    #: where its IRC client does (the forwarder's; 0: none).
-    port: int = 0
-    irc_port: int = 0
-    #: The namespace's link to the swarm's bridge (qemu): host end and address.
-    veth: str | None = None
-    address: str | None = None
-    disk: str | None = None  # its own overlay
-    #: Who the guest says it is in its Hello: a clone says its template's id and token.
-    guest_id: str = ""
-    guest_token: str = ""
-    #: Handed out of the pool: a named agent (``agent``), or serving a task or a run.
-    claimed: bool = False
-    agent: str | None = None
-    workspace: bool = False  # the agent's workspace disk is attached
-    started_as: str = ""
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -175,25 +135,6 @@ class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     boot_id: str = ""
     #: Where it serves, ``host:port``, if it listens.
     address: str | None = None
-
-
-class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One model call through a VM's gateway: who made it (as the supervisor knows
-    it, never as the guest says), and the tokens the model server reported.
-
-    ``outcome`` is ``ok``, ``refused`` (budget, size, concurrency), ``upstream_error``
-    (the server failed or answered an error) or ``cancelled`` (the VM hung up)."""
-
-    at: float
-    agent: str | None
-    role: str
-    vm: str
-    task: int | None
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    duration: float
-    outcome: str
 
 
 UsageBy = Literal["agent", "role", "task", "model", "vm"]
@@ -907,3 +848,10 @@ class Store:
 def _check_max_attempts(max_attempts: int) -> None:
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+
+
+if TYPE_CHECKING:
+
+    def _as_pool_sees_it(store: Store) -> StateStore:
+        """mypy checks here that the store has every method the pool calls."""
+        return store
