@@ -147,6 +147,8 @@ class Reloads:
             log.warning("scale override of %s not cleared: %s", role, exc)
 
     async def reload(self) -> dict[str, object]:
+        """Reload as SIGHUP does, and return what that reload did (or why it was
+        rejected); a reload already running is followed by one more."""
         done = self._reload_done
         self.request_reload()
         await done.wait()
