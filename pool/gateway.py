@@ -50,7 +50,7 @@ from fireclaw.pool.gateway_core import (
     plan,
     upstream_request,
 )
-from fireclaw.supervisor.state import CallRecord
+from fireclaw.pool.store import CallRecord
 
 __all__ = ["REQUEST_TIMEOUT", "UpstreamError", "fetch_models", "serve_gateway"]
 

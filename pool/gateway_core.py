@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 import h11
 import msgspec
-from fireclaw.supervisor.state import CallRecord
+from fireclaw.pool.store import CallRecord
 
 __all__ = [
     "CHAT",

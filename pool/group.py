@@ -33,10 +33,10 @@ import trio
 from fireclaw.config import HarnessSpec, Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
+from fireclaw.pool.durable import until_written
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
+from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
 from fireclaw.pool.vm import AgentIdentity, Child, Runtime
-from fireclaw.supervisor.durable import until_written
-from fireclaw.supervisor.state import StateError, TaskConflict, TaskNotFound, VmRecord
 
 log = logging.getLogger("fireclaw.pool")
 

@@ -51,6 +51,7 @@ import trio_websocket
 from fireclaw.config import Role
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool.backoff import MAX_EXPONENT
 from fireclaw.pool.control import ControlSession, GuestLost
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
@@ -64,10 +65,9 @@ from fireclaw.pool.drivers.base import (
     info_path,
 )
 from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link
+from fireclaw.pool.procid import process_identity
+from fireclaw.pool.store import VmRecord
 from fireclaw.pool.vm import SETUP_ERRORS
-from fireclaw.supervisor.backoff import MAX_EXPONENT
-from fireclaw.supervisor.procid import process_identity
-from fireclaw.supervisor.state import VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.vm import Runtime

@@ -55,6 +55,7 @@ import trio_websocket
 from fireclaw.config import ControlSpec, StopSpec
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import cgroup, disks, netns, workspaces
+from fireclaw.pool.backoff import ExitClass, RestartTracker, classify_exit
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import (
     WORKSPACE_BYTES,
@@ -70,9 +71,8 @@ from fireclaw.pool.gateway import serve_gateway
 from fireclaw.pool.gateway_core import Meter, ModelRoute, Who
 from fireclaw.pool.lifecycle import Event, Lifecycle, State
 from fireclaw.pool.network import GATEWAY, TAP, Link, Network, NetworkError
-from fireclaw.supervisor.backoff import ExitClass, RestartTracker, classify_exit
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.supervisor.state import CallRecord, Store, VmRecord
+from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
+from fireclaw.pool.store import CallRecord, StateStore, VmRecord
 
 if TYPE_CHECKING:
     from fireclaw.pool.group import RoleGroup
@@ -119,7 +119,7 @@ class Runtime:
     """What every VM of the swarm shares; owned by the supervisor."""
 
     driver: Driver
-    store: Store
+    store: StateStore
     state_dir: Path
     control: ControlSpec
     stop: StopSpec

@@ -46,9 +46,9 @@ from typing import Final, Literal, TypeVar
 
 import psutil
 from fireclaw.pool import cgroup, disks, netns, network
+from fireclaw.pool.procid import ProcessIdentity, process_identity
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import pidfile, services
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity
 from fireclaw.supervisor.removal import (
     Removal,
     delete_table,

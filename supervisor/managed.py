@@ -33,8 +33,8 @@ from typing import ClassVar, Final, Literal
 
 import trio
 from fireclaw.config import RestartPolicy
-from fireclaw.supervisor.backoff import RestartTracker, classify_exit
-from fireclaw.supervisor.procid import process_identity
+from fireclaw.pool.backoff import RestartTracker, classify_exit
+from fireclaw.pool.procid import process_identity
 from fireclaw.supervisor.state import ServiceRecord, Store
 
 __all__ = ["TERM_TIMEOUT", "Exit", "ManagedService", "OnEvent", "State", "describe_exit", "stop"]

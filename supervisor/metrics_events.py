@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 __all__ = ["CAUSES", "OTHER_MODEL", "EventMetrics", "follow"]
 
-#: How a VM's end is classified (supervisor/backoff.py ``ExitClass``), and
+#: How a VM's end is classified (pool/backoff.py ``ExitClass``), and
 #: ``unknown`` for an event that does not say.
 CAUSES: Final = ("clean", "failure", "fatal", "unknown")
 #: The ``model`` label of a call for a model the config does not name.

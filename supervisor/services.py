@@ -28,7 +28,7 @@ import select
 import signal
 from typing import Final, Literal
 
-from fireclaw.supervisor.procid import ProcessIdentity, still_running
+from fireclaw.pool.procid import ProcessIdentity, still_running
 from fireclaw.supervisor.state import ServiceRecord, Store
 
 __all__ = [

@@ -28,9 +28,10 @@ from fireclaw.pool.drivers.base import DriverError, Running
 from fireclaw.pool.drivers.qemu import QemuDriver
 from fireclaw.pool.group import Adoptee
 from fireclaw.pool.image import Image
+from fireclaw.pool.procid import process_identity
 from fireclaw.supervisor import leftovers
-from fireclaw.supervisor.daemon import Supervisor, _sparing
-from fireclaw.supervisor.procid import process_identity
+from fireclaw.supervisor.adoption import _sparing
+from fireclaw.supervisor.daemon import Supervisor
 from fireclaw.supervisor.state import AgentRecord, Store, VmRecord
 from swarmctl import role_yaml, swarm_yaml
 from test_control import SPEC, TOKEN, pair

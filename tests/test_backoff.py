@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import pytest
-from fireclaw.supervisor.backoff import (
+from fireclaw.pool.backoff import (
     MAX_EXPONENT,
     Decision,
     ExitClass,

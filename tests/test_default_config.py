@@ -66,9 +66,9 @@ import yaml
 from fireclaw.config import Config, load_config
 from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
+from fireclaw.pool.procid import process_identity, still_running
 from fireclaw.supervisor import leftovers as swarm_leftovers
 from fireclaw.supervisor.daemon import DB_NAME
-from fireclaw.supervisor.procid import process_identity, still_running
 from fireclaw.supervisor.state import Store, VmRecord
 from swarmctl import NOTHING, PY, Swarm, gone, leftovers
 from test_crash_restart import free_port, ircd_pid, serves

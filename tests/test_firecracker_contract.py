@@ -48,8 +48,8 @@ from fireclaw.pool.drivers.firecracker_jail import (
 )
 from fireclaw.pool.image import BASE_CMDLINE, Image
 from fireclaw.pool.network import GATEWAY
+from fireclaw.pool.procid import process_identity
 from fireclaw.supervisor import leftovers
-from fireclaw.supervisor.procid import process_identity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from firecracker_fake import write_fakes  # noqa: E402

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import trio
 from fireclaw.config import Backoff, IrcOperatorSpec, IrcSpec, ManagedIrcSpec, RestartPolicy
+from fireclaw.pool.procid import process_identity
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd import (
     START_TIMEOUT,
@@ -22,7 +23,6 @@ from fireclaw.supervisor.ircd import (
     server_ids,
 )
 from fireclaw.supervisor.ircd_operators import OperatorBlock
-from fireclaw.supervisor.procid import process_identity
 from fireclaw.supervisor.state import ServiceRecord, Store
 
 #: How long a test waits for ngircd to be up (or restarted, after a backoff of at

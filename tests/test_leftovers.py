@@ -25,12 +25,12 @@ import pytest
 import trio
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.network import Network
+from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.pool.vm import instance_id
 from fireclaw.supervisor import leftovers, pidfile
 from fireclaw.supervisor.doctor import Report
 from fireclaw.supervisor.ircd import render_config
 from fireclaw.supervisor.leftovers import Leftovers, Owner, Process, ServiceProcess
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import ServiceRecord, Store, VmRecord
 from swarmctl import FIRECLAW, Swarm, idle, role_yaml, swarm_yaml
 from test_services import identity_of, running

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fireclaw.pool.procid import process_identity, still_running
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
-from fireclaw.supervisor.procid import process_identity, still_running
 from ircperson import Person
 from swarmctl import FIRECLAW, NOTHING, PY, Swarm, idle, swarm_yaml
 from test_swarm import free_port

@@ -19,6 +19,7 @@ from fireclaw.guest_daemon.openai_client import tool_support
 from fireclaw.pool import netns
 from fireclaw.pool.gateway import serve_gateway
 from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
+from fireclaw.pool.procid import still_running
 from fireclaw.pool.vm import GATEWAY_PORT
 from fireclaw.supervisor import leftovers, services
 from fireclaw.supervisor.budget import Budgets
@@ -29,7 +30,6 @@ from fireclaw.supervisor.modelserver import (
     ModelServerError,
     bundled_model,
 )
-from fireclaw.supervisor.procid import still_running
 from fireclaw.supervisor.state import Store
 from test_gateway import CHAT, http
 

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
-from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock, PidLockError
-from fireclaw.supervisor.procid import (
+from fireclaw.pool.procid import (
     ProcessIdentity,
     parse_stat,
     process_identity,
     still_running,
 )
+from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock, PidLockError
 
 # A child that holds whatever it is told to, says "ready" and then waits for its
 # stdin to close: the test decides when it exits, without sleeping.

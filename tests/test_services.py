@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor import services
-from fireclaw.supervisor.procid import ProcessIdentity, process_identity, still_running
 from fireclaw.supervisor.state import ServiceRecord, Store
 
 #: Says it is ready (after ignoring SIGTERM, or starting a helper in its process

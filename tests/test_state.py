@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from fireclaw.supervisor import state
+from fireclaw.supervisor import state_schema
 from fireclaw.supervisor.state import (
     SCHEMA_VERSION,
     AgentRecord,
@@ -482,7 +482,7 @@ def test_named_agents_round_trip_and_update(store: Store) -> None:
 def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -> None:
     db_path.parent.mkdir()
     conn = sqlite3.connect(db_path)
-    for statement in state._MIGRATIONS[0]:  # the version 1 schema, as it shipped
+    for statement in state_schema.MIGRATIONS[0]:  # the version 1 schema, as it shipped
         conn.execute(statement)
     conn.execute("INSERT INTO scales VALUES ('worker', 3)")
     conn.execute(
@@ -507,7 +507,7 @@ def test_a_version_1_database_is_migrated_with_its_data(db_path: pathlib.Path) -
 def test_a_version_2_database_gains_the_service_registry(db_path: pathlib.Path) -> None:
     db_path.parent.mkdir()
     conn = sqlite3.connect(db_path)
-    for migration in state._MIGRATIONS[:2]:  # the schema as version 2 made it
+    for migration in state_schema.MIGRATIONS[:2]:  # the schema as version 2 made it
         for statement in migration:
             conn.execute(statement)
     conn.execute("INSERT INTO agents VALUES ('alice', 'coder', NULL, NULL, 1.0)")

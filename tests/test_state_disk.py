@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from fireclaw.supervisor.durable import RETRY, until_written
+from fireclaw.pool.durable import RETRY, until_written
 from fireclaw.supervisor.state import (
     ServiceRecord,
     StateError,

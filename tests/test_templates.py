@@ -18,6 +18,7 @@ import trio
 import trio.testing
 from fireclaw.config import Role, parse_config
 from fireclaw.config.model import Resources
+from fireclaw.pool.backoff import MAX_EXPONENT
 from fireclaw.pool.drivers.base import CONTROL_PORT, Capability, Driver, DriverInfo
 from fireclaw.pool.templates import (
     RETRY_BASE,
@@ -28,7 +29,6 @@ from fireclaw.pool.templates import (
     retry_delay,
 )
 from fireclaw.pool.vm import Runtime
-from fireclaw.supervisor.backoff import MAX_EXPONENT
 from fireclaw.supervisor.state import Store
 
 #: Long enough for every retry a test waits for, short of a hang.

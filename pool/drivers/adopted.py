@@ -20,7 +20,7 @@ import signal
 
 import trio
 from fireclaw.pool.drivers.base import DriverError, Running
-from fireclaw.supervisor.procid import ProcessIdentity, still_running
+from fireclaw.pool.procid import ProcessIdentity, still_running
 
 
 class AdoptedProcess:

@@ -19,8 +19,8 @@ from typing import Final, TypeVar
 
 import trio
 from fireclaw.config import Backoff
-from fireclaw.supervisor.backoff import backoff_delay
-from fireclaw.supervisor.state import StateUnwritable, WriteHealth
+from fireclaw.pool.backoff import backoff_delay
+from fireclaw.pool.store import PendingWrites, StateUnwritable
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ RETRY: Final = Backoff(base=0.5, max=10.0)
 
 async def until_written(
     write: Callable[[], T],
-    health: WriteHealth,
+    health: PendingWrites,
     *,
     backoff: Backoff = RETRY,
     uniform: Callable[[float, float], float] = random.uniform,

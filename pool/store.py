@@ -1,0 +1,165 @@
+"""The state store as the pool sees it: the records the pool writes, the errors
+it handles, and ``StateStore``, the protocol naming exactly the store methods
+the pool calls. The supervisor's SQLite database satisfies it; the pool never
+names that implementation, so it can be swapped (a PostgreSQL store for a
+cluster) or faked in a test without the pool knowing.
+
+Exceptions (raised by the store, handled by the pool)::
+
+    StateError              any failure of the database, one line naming the file
+     +-- StateUnwritable    the disk refused a write (full, read-only, failing)
+     +-- TaskNotFound       no task with that id
+     +-- TaskConflict       the task is not in a state that allows the move
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Final, Literal, Protocol
+
+import msgspec
+
+TaskState = Literal["queued", "claimed", "done", "failed"]
+TASK_STATES: Final[tuple[TaskState, ...]] = ("queued", "claimed", "done", "failed")
+
+
+class StateError(Exception):
+    pass
+
+
+class StateUnwritable(StateError):
+    """The disk under the database refused a write; ``why`` says how, in a word
+    or two ("full", "read-only", "failing"). It passes once the disk has room again."""
+
+    def __init__(self, message: str, why: str, path: pathlib.Path) -> None:
+        super().__init__(message)
+        self.why = why
+        self.path = path
+
+
+class TaskNotFound(StateError):
+    pass
+
+
+class TaskConflict(StateError):
+    pass
+
+
+class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: int
+    role: str
+    prompt: str
+    state: TaskState
+    attempts: int
+    #: The VM (agent name) that claimed it; kept on a failed task for the record.
+    owner: str | None
+    exit_code: int | None
+    #: Output of a finished task, or why it was last requeued or failed.
+    result: str | None
+    created_at: float
+    updated_at: float
+
+
+class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One running VM, as needed to adopt or reclaim it after a supervisor crash.
+
+    The row holds the guest's token (``guest_token``): the database is root's
+    and 0600, like the state dir it is in."""
+
+    name: str
+    role: str
+    pid: int
+    start_time: int
+    boot_id: str
+    spec_hash: str
+    netns: str | None = None
+    cgroup: str | None = None
+    #: The VMM's control socket (qemu: its QMP socket), for a later supervisor.
+    socket: str | None = None
+    log: str | None = None
+    #: The incarnation's id: its namespace, cgroup and overlay are named after it.
+    vm_id: str = ""
+    #: Where the guest dials in its namespace (the control listener's port) and
+    #: where its IRC client does (the forwarder's; 0: none).
+    port: int = 0
+    irc_port: int = 0
+    #: The namespace's link to the swarm's bridge (qemu): host end and address.
+    veth: str | None = None
+    address: str | None = None
+    disk: str | None = None  # its own overlay
+    #: Who the guest says it is in its Hello: a clone says its template's id and token.
+    guest_id: str = ""
+    guest_token: str = ""
+    #: Handed out of the pool: a named agent (``agent``), or serving a task or a run.
+    claimed: bool = False
+    agent: str | None = None
+    workspace: bool = False  # the agent's workspace disk is attached
+    started_as: str = ""
+
+
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One model call through a VM's gateway: who made it (as the supervisor knows
+    it, never as the guest says), and the tokens the model server reported.
+
+    ``outcome`` is ``ok``, ``refused`` (budget, size, concurrency), ``upstream_error``
+    (the server failed or answered an error) or ``cancelled`` (the VM hung up)."""
+
+    at: float
+    agent: str | None
+    role: str
+    vm: str
+    task: int | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    duration: float
+    outcome: str
+
+
+class PendingWrites(Protocol):
+    """What a held write reports to the store's health: how many writes are held
+    in memory, waiting for the disk to take them."""
+
+    pending: int
+
+
+class StateStore(Protocol):
+    """The store methods the pool calls. Task moves are durable once they return
+    and raise ``StateUnwritable`` when the disk refuses them; the VM registry and
+    restart records are best effort (a refused write is dropped, never raised)."""
+
+    @property
+    def health(self) -> PendingWrites: ...
+
+    def count_queued(self, role: str) -> int:
+        """Number of tasks of ``role`` waiting for an agent."""
+        ...
+
+    def claim_task(self, role: str, owner: str) -> TaskRow | None:
+        """Atomically move the oldest queued task of ``role`` to claimed by
+        ``owner``; ``None`` if there is none."""
+        ...
+
+    def finish_task(self, task_id: int, *, ok: bool, exit_code: int | None, result: str) -> TaskRow:
+        """A claimed task ran to the end: done if ``ok``, else failed. Raises
+        ``TaskNotFound``, or ``TaskConflict`` if it is not claimed."""
+        ...
+
+    def requeue_task(self, task_id: int, *, reason: str, max_attempts: int) -> TaskRow:
+        """Give a claimed task back to the queue (failed at ``max_attempts``).
+        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed."""
+        ...
+
+    def record_restart(
+        self, name: str, role: str, *, reason: str, exit_code: int | None, delay: float
+    ) -> None:
+        """Note that the VM ``name`` is restarted after ``delay`` seconds."""
+        ...
+
+    def put_vm(self, rec: VmRecord) -> None:
+        """Insert or replace the registry row named ``rec.name``."""
+        ...
+
+    def drop_vm(self, name: str) -> None:
+        """Forget ``name``; no error if it is not there."""
+        ...

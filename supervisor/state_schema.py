@@ -1,0 +1,120 @@
+"""The state database's schema, as the migrations that make it.
+
+``MIGRATIONS[i]`` takes a database from schema version ``i`` (SQLite's
+``user_version``) to ``i + 1``, in one transaction; a database of a newer
+version than ``SCHEMA_VERSION`` is refused (``state_db.Database.open``).
+Shipped entries are never edited: a change is a new entry.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Each entry migrates the schema from version i to i + 1, in one transaction.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            role TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'claimed', 'done', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            owner TEXT,
+            exit_code INTEGER,
+            result TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX tasks_by_role_state ON tasks (role, state, id)",
+        "CREATE INDEX tasks_by_state ON tasks (state, id)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        """CREATE TABLE restarts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            exit_code INTEGER,
+            delay REAL NOT NULL
+        )""",
+        "CREATE INDEX restarts_by_name ON restarts (name)",
+        """CREATE TABLE vms (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            start_time INTEGER NOT NULL,
+            boot_id TEXT NOT NULL,
+            spec_hash TEXT NOT NULL,
+            netns TEXT,
+            cgroup TEXT,
+            socket TEXT,
+            log TEXT
+        )""",
+        """CREATE TABLE scales (
+            role TEXT PRIMARY KEY,
+            n INTEGER NOT NULL CHECK (n >= 0)
+        )""",
+    ),
+    # 2: named agents (!invoke), so they come back after a supervisor restart.
+    (
+        """CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            model TEXT,
+            persona TEXT,
+            created_at REAL NOT NULL
+        )""",
+    ),
+    # 3: managed services (ngircd, ...) in the crash-only registry, as VMs are.
+    (
+        """CREATE TABLE services (
+            name TEXT PRIMARY KEY,
+            command TEXT NOT NULL,
+            pid INTEGER NOT NULL CHECK (pid >= 0),
+            start_time INTEGER NOT NULL,
+            boot_id TEXT NOT NULL,
+            address TEXT
+        )""",
+    ),
+    # 4: what a restarted supervisor needs to adopt a VM that still runs.
+    (
+        "ALTER TABLE vms ADD COLUMN vm_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN port INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN irc_port INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN veth TEXT",
+        "ALTER TABLE vms ADD COLUMN address TEXT",
+        "ALTER TABLE vms ADD COLUMN disk TEXT",
+        "ALTER TABLE vms ADD COLUMN guest_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN guest_token TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE vms ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN agent TEXT",
+        "ALTER TABLE vms ADD COLUMN workspace INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE vms ADD COLUMN started_as TEXT NOT NULL DEFAULT ''",
+    ),
+    # 5: the ledger of model calls, metered by the gateways; budgets sum it.
+    (
+        """CREATE TABLE model_calls (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            agent TEXT,
+            role TEXT NOT NULL,
+            vm TEXT NOT NULL,
+            task INTEGER,
+            model TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+            completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+            duration REAL NOT NULL,
+            outcome TEXT NOT NULL
+        )""",
+        "CREATE INDEX model_calls_by_at ON model_calls (at)",
+        "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
+    ),
+)
+
+SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,169 @@
+"""The task queue of the state store (see ``supervisor/state.py`` for the task
+states and the store's contract). Every task move commits with
+``synchronous=FULL``: once it has returned, it survives a crash of the machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, NoReturn
+
+from fireclaw.pool.store import TASK_STATES, TaskConflict, TaskNotFound, TaskRow
+from fireclaw.supervisor.state_db import Database
+
+_TASK_COLUMNS: Final = (
+    "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at"
+)
+
+
+def _task(row: tuple[Any, ...]) -> TaskRow:
+    return TaskRow(
+        id=row[0],
+        role=row[1],
+        prompt=row[2],
+        state=row[3],
+        attempts=row[4],
+        owner=row[5],
+        exit_code=row[6],
+        result=row[7],
+        created_at=row[8],
+        updated_at=row[9],
+    )
+
+
+class TaskQueue(Database):
+    """Tasks: queued, claimed by a VM, done or failed."""
+
+    def add_task(self, role: str, prompt: str) -> TaskRow:
+        """Queue a new task for ``role``."""
+        now = self._clock()
+        with self._errors(write=True), self._durable():
+            row = self._conn.execute(
+                "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
+                f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {_TASK_COLUMNS}",
+                (role, prompt, now, now),
+            ).fetchone()
+        return _task(row)
+
+    def claim_task(self, role: str, owner: str) -> TaskRow | None:
+        """Atomically move the oldest queued task of ``role`` to claimed by
+        ``owner``; ``None`` if there is none. Two claims never get the same task,
+        also from different processes."""
+        with self._errors(write=True), self._durable(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = 'claimed', owner = ?, updated_at = ?"
+                " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
+                "             ORDER BY id LIMIT 1)"
+                f" RETURNING {_TASK_COLUMNS}",
+                (owner, self._clock(), role),
+            ).fetchone()
+        return None if row is None else _task(row)
+
+    def finish_task(self, task_id: int, *, ok: bool, exit_code: int | None, result: str) -> TaskRow:
+        """A claimed task ran to the end: done if ``ok``, else failed.
+
+        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed
+        (already finished, or requeued after its VM was declared gone).
+        """
+        with self._errors(write=True), self._durable(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
+                f" WHERE id = ? AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
+                ("done" if ok else "failed", exit_code, result, self._clock(), task_id),
+            ).fetchone()
+            if row is None:
+                self._not_claimed(task_id)
+        return _task(row)
+
+    def requeue_task(self, task_id: int, *, reason: str, max_attempts: int) -> TaskRow:
+        """Give a claimed task back: ``attempts`` grows by one; the task goes back
+        to queued, or to failed once ``attempts`` reaches ``max_attempts``.
+        ``reason`` is stored in ``result`` either way.
+
+        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed.
+        """
+        _check_max_attempts(max_attempts)
+        with self._errors(write=True), self._durable(), self._write():
+            row = self._requeue(task_id, reason, max_attempts, self._clock())
+            if row is None:
+                self._not_claimed(task_id)
+        return _task(row)
+
+    def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
+        """Requeue (as ``requeue_task``) every claimed task whose owner is not in
+        ``live_owners``: its VM is gone. Returns the tasks as they are now."""
+        _check_max_attempts(max_attempts)
+        now = self._clock()
+        out: list[TaskRow] = []
+        with self._errors(write=True), self._durable(), self._write():
+            claimed = self._conn.execute(
+                "SELECT id, owner FROM tasks WHERE state = 'claimed' ORDER BY id"
+            ).fetchall()
+            for task_id, owner in claimed:
+                if owner in live_owners:
+                    continue
+                row = self._requeue(task_id, f"owner {owner} is gone", max_attempts, now)
+                if row is not None:
+                    out.append(_task(row))
+        return out
+
+    def get_task(self, task_id: int) -> TaskRow | None:
+        with self._errors():
+            row = self._conn.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        return None if row is None else _task(row)
+
+    def list_tasks(self, *, state: str | None = None, limit: int = 100) -> list[TaskRow]:
+        """The most recent ``limit`` tasks (of ``state``, if given), newest first."""
+        with self._errors():
+            if state is None:
+                rows = self._conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (state, limit),
+                ).fetchall()
+        return [_task(r) for r in rows]
+
+    def count_tasks(self) -> dict[str, int]:
+        """Number of tasks in each state; every state is present, 0 if empty."""
+        counts: dict[str, int] = {state: 0 for state in TASK_STATES}
+        with self._errors():
+            for state, n in self._conn.execute("SELECT state, count(*) FROM tasks GROUP BY state"):
+                counts[state] = n
+        return counts
+
+    def count_queued(self, role: str) -> int:
+        """Number of tasks of ``role`` waiting for an agent."""
+        with self._errors():
+            row = self._conn.execute(
+                "SELECT count(*) FROM tasks WHERE state = 'queued' AND role = ?", (role,)
+            ).fetchone()
+        return int(row[0])
+
+    def _requeue(
+        self, task_id: int, reason: str, max_attempts: int, now: float
+    ) -> tuple[Any, ...] | None:
+        # SET expressions all see the old row, so ``attempts + 1`` is the new count.
+        row: tuple[Any, ...] | None = self._conn.execute(
+            "UPDATE tasks SET attempts = attempts + 1,"
+            " state = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'queued' END,"
+            " owner = CASE WHEN attempts + 1 >= :max THEN owner ELSE NULL END,"
+            " result = :reason, updated_at = :now"
+            f" WHERE id = :id AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
+            {"max": max_attempts, "reason": reason, "now": now, "id": task_id},
+        ).fetchone()
+        return row
+
+    def _not_claimed(self, task_id: int) -> NoReturn:
+        row = self._conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id}")
+        raise TaskConflict(f"task {task_id} is {row[0]}, not claimed")
+
+
+def _check_max_attempts(max_attempts: int) -> None:
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
