@@ -15,6 +15,7 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Final, Literal
 
@@ -76,3 +77,12 @@ def sweep(directory: Path) -> list[Path]:
     for path in found:
         remove(path)
     return found
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ from typing import Final, Literal
 
 import msgspec
 import trio
+from fireclaw.pool.disks import fsync_path
 from fireclaw.pool.drivers.base import load_info
 from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure
 
@@ -105,16 +106,8 @@ async def migrate_to_socket(
         raise OSError(failed[0])
     if memory_file is not None:
         # The RAM is the file: on disk before the snapshot is called whole.
-        await trio.to_thread.run_sync(_fsync_path, memory_file)
+        await trio.to_thread.run_sync(fsync_path, memory_file)
     return qmp.greeting.version
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def _receive_state(listener: trio.socket.SocketType, target: Path, failed: list[str]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 
 import msgspec
+from fireclaw.pool.disks import fsync_path
 from msgspec import Meta
 
 from . import initramfs, kernel, rootfs
@@ -275,14 +276,14 @@ def _build_image(spec: ImageSpec, cache_dir: Path, progress: Progress) -> Image:
         work.mkdir()
         try:
             _build(spec, sources, key, work, cache_dir, progress, started)
-            _fsync_dir(work)
+            fsync_path(work)
             if final.exists():  # an incomplete leftover under the final name
                 rootfs.remove_tree(final)
             held = _open_dir(work)
             fcntl.flock(held, fcntl.LOCK_SH)  # the lock follows the directory's rename
             _keep_held(held)
             os.rename(work, final)
-            _fsync_dir(cache_dir)
+            fsync_path(cache_dir)
         except BaseException:
             rootfs.remove_tree(work)
             raise
@@ -356,7 +357,7 @@ def _build(
         )
     progress(f"rootfs: writing {ROOTFS} ({size_mib} MiB, {content / 2**20:.0f} MiB of files)")
     rootfs.make_ext4(tree, work / ROOTFS, size_mib=size_mib, inodes=inodes + max(inodes // 4, 4096))
-    _fsync(work / ROOTFS)
+    fsync_path(work / ROOTFS)
     rootfs.remove_tree(tree)
 
     manifest = Manifest(
@@ -444,15 +445,3 @@ def _write(path: Path, data: bytes) -> None:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
