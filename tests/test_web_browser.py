@@ -23,7 +23,7 @@ import pytest
 from ircperson import Person
 from scripted_model import ScriptedModel, text
 from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
-from test_chat_irc import AGENTS, CONTROL, invoke_alice, served
+from test_chat_irc import AGENTS, CONTROL, served
 from test_chat_irc import irc_yaml as chat_irc_yaml
 from test_swarm import free_port
 from test_web import OPERATE, READ, http_yaml, start_web, url_of
@@ -205,7 +205,13 @@ def test_the_dashboard_shows_usage_over_time_and_agents_talking(tmp_path: Path) 
             )
             url = url_of(swarm)
             op = Person(("127.0.0.1", port), "op").start(CONTROL, AGENTS)
-            invoke_alice(op, swarm, WAIT)
+            op.say(CONTROL, "!invoke worker alice")
+            op.said(CONTROL, "op: alice is up: a worker agent on ", timeout=WAIT)
+            op.expect(
+                "alice joining #agents",
+                lambda e: e.type == "join" and e.source.nick == "alice" and e.target == AGENTS,
+                timeout=WAIT,
+            )
             # A chat call before the page opens: the chart draws it when the page loads.
             op.say(AGENTS, "alice: hello")
             op.said(AGENTS, "op: Hello from alice.")
