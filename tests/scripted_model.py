@@ -167,8 +167,11 @@ class ScriptedModel:
                         await stream.send_all(conn.send(h11.Data(data=line)))
                     if hang:
                         self.hanging.set()
-                        while await stream.receive_some(65536):
-                            pass  # nothing is expected: wait for the close
+                        try:
+                            while await stream.receive_some(65536):
+                                pass  # nothing is expected: wait for the close
+                        except trio.BrokenResourceError:
+                            pass  # a reset (the client closed with bytes unread) is a close too
                         self.stream_closed.set()
                         return
                     await stream.send_all(conn.send(h11.Data(data=b"data: [DONE]\n\n")))
