@@ -6,13 +6,20 @@ that listener is that VM: which VM, role, agent and task a call belongs to is
 read from ``Who`` (kept by the supervisor), never from the request. Behind it::
 
     guest --HTTP/1.1--> gateway --HTTP/1.1--> model server (loopback) or upstream URL
-                        |  POST /v1/chat/completions   (streamed or not)
+                        |  POST /v1/chat/completions   (OpenAI chat; streamed or not)
+                        |  POST /v1/responses          (OpenAI Responses: codex)
+                        |  POST /v1/messages           (Anthropic Messages: claude-code)
+                        |  POST /v1/messages/count_tokens   (not metered)
                         |  GET  /v1/models
                         |  GET  /props                 (llama-server's; only whether
                         |                               the model's template takes tools)
-                        +- size cap, calls-at-once cap, budget check (429 + OpenAI error)
+                        +- size cap, calls-at-once cap, budget check (429 + the
+                        |  error of the guest's API: OpenAI's or Anthropic's)
                         +- the upstream's API key added here; the guest never sees it
                         +- usage read from the upstream's answer -> one ledger row
+
+Each POST route goes to the same path upstream, untranslated: llama.cpp's
+server speaks all of them (pool/gateway_formats.py says what differs).
 
 The request handling is sans-I/O (``plan``, ``UsageMeter``: pool/gateway_core.py):
 bytes and values in, decisions out. ``serve_gateway`` is the thin trio adapter: one request per
@@ -30,6 +37,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Final
 
 import h11
@@ -50,6 +58,7 @@ from fireclaw.pool.gateway_core import (
     plan,
     upstream_request,
 )
+from fireclaw.pool.gateway_formats import CHAT, ErrorShape
 from fireclaw.pool.store import CallRecord
 
 __all__ = ["REQUEST_TIMEOUT", "UpstreamError", "fetch_models", "serve_gateway"]
@@ -65,6 +74,8 @@ _CHUNK: Final = 64 * 1024
 
 _json_decode = msgspec.json.Decoder(Any).decode
 _json_encode = msgspec.json.Encoder().encode
+
+_NO_SERVER: Final = Refuse(503, "no model server is running", "server_error", "unavailable")
 
 
 # --- the trio adapter -----------------------------------------------------------------
@@ -126,27 +137,31 @@ async def _one_request(
     if isinstance(decision, Refuse):
         await _answer(stream, conn, decision)
         return
+    if isinstance(decision, ToolCaps):
+        up = upstream_of()
+        if up is None:
+            await _answer(stream, conn, _NO_SERVER)
+            return
+        await _answer_tool_caps(stream, conn, up, limits)
+        return
+    shape = decision.errors
     up = upstream_of()
     if up is None:
-        await _answer(
-            stream, conn, Refuse(503, "no model server is running", "server_error", "unavailable")
-        )
-        return
-    if isinstance(decision, ToolCaps):
-        await _answer_tool_caps(stream, conn, up, limits)
+        await _answer(stream, conn, replace(_NO_SERVER, errors=shape))
         return
     busy = Refuse(
         429,
         f"{limits.max_concurrent} calls are already running for this VM",
         "rate_limit_exceeded",
         "too_many_concurrent_calls",
+        shape,
     )
     if not decision.metered:
         if calls.available_tokens == 0:
             await _answer(stream, conn, busy)
             return
         async with calls:
-            await _proxy(stream, conn, decision, up, limits, UsageMeter(stream=False))
+            await _proxy(stream, conn, decision, up, limits, UsageMeter(stream=decision.stream))
         return
     started = trio.current_time()
     # Who made the call is fixed when it starts: a task that ends meanwhile does
@@ -156,12 +171,13 @@ async def _one_request(
     if why is not None:
         # Recorded before the answer: once the guest has it, the ledger says so.
         _record(meter, record, None, "refused", 0.0)
-        await _answer(stream, conn, Refuse(429, why, "insufficient_quota", "budget_exceeded"))
+        refuse = Refuse(429, why, "insufficient_quota", "budget_exceeded", shape)
+        await _answer(stream, conn, refuse)
         return
     if calls.available_tokens == 0:
         await _answer(stream, conn, busy)  # no call was made: nothing for the ledger
         return
-    usage = UsageMeter(stream=decision.stream)
+    usage = UsageMeter(stream=decision.stream, api=decision.api or CHAT)
     try:
         async with calls:
             await _proxy(stream, conn, decision, up, limits, usage)
@@ -271,6 +287,7 @@ async def _proxy(
 ) -> None:
     """Send ``fwd`` upstream and pass its answer back as it arrives; how it ended goes
     into ``usage.outcome``."""
+    shape = fwd.errors
     with trio.move_on_after(limits.call_timeout) as scope:
         try:
             upstream = await _open_upstream(up)
@@ -280,7 +297,9 @@ async def _proxy(
             await _answer(
                 guest,
                 gconn,
-                Refuse(502, "the model server is unreachable", "server_error", "bad_gateway"),
+                Refuse(
+                    502, "the model server is unreachable", "server_error", "bad_gateway", shape
+                ),
             )
             return
         async with upstream:
@@ -290,7 +309,7 @@ async def _proxy(
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
             await upstream.send_all(data)
-            await _relay_until_hangup(guest, gconn, upstream, uconn, usage)
+            await _relay_until_hangup(guest, gconn, upstream, uconn, usage, shape)
             return
     assert scope.cancelled_caught
     usage.outcome = "upstream_error"
@@ -298,7 +317,9 @@ async def _proxy(
         await _answer(
             guest,
             gconn,
-            Refuse(504, f"no answer within {limits.call_timeout:g}s", "server_error", "timeout"),
+            Refuse(
+                504, f"no answer within {limits.call_timeout:g}s", "server_error", "timeout", shape
+            ),
         )
 
 
@@ -308,13 +329,14 @@ async def _relay_until_hangup(
     upstream: trio.abc.Stream,
     uconn: h11.Connection,
     usage: UsageMeter,
+    shape: ErrorShape,
 ) -> None:
     """``_relay``, ended early when the guest hangs up.
 
     A guest sends nothing after its request, so its EOF means it went away (a
     cancelled turn closes its stream): the upstream call is then closed at once,
     rather than left generating until its next token or the call timeout. A guest
-    that hangs up once it has a stream's ``[DONE]`` had the whole answer: the call
+    that hangs up once it has a stream's last event had the whole answer: the call
     is ``ok`` if the upstream said 2xx. Raises _GuestGone if the guest went away."""
     gone = False
     status: list[int] = []
@@ -323,7 +345,7 @@ async def _relay_until_hangup(
         async def relay() -> None:
             nonlocal gone
             try:
-                await _relay(guest, gconn, upstream, uconn, usage, status)
+                await _relay(guest, gconn, upstream, uconn, usage, status, shape)
             except _GuestGone:
                 gone = True
             nursery.cancel_scope.cancel()
@@ -353,6 +375,7 @@ async def _relay(
     uconn: h11.Connection,
     usage: UsageMeter,
     seen: list[int],
+    shape: ErrorShape,
 ) -> None:
     """Pass the upstream's answer to the guest; its status goes into ``seen``."""
     status = 502
@@ -365,7 +388,13 @@ async def _relay(
                 await _answer(
                     guest,
                     gconn,
-                    Refuse(502, "bad answer from the model server", "server_error", "bad_gateway"),
+                    Refuse(
+                        502,
+                        "bad answer from the model server",
+                        "server_error",
+                        "bad_gateway",
+                        shape,
+                    ),
                 )
             return
         if event is h11.NEED_DATA:

@@ -2,11 +2,12 @@
 
 ``plan`` reads one guest request (method, target, headers, body) with what the
 gateway knows (``Who`` calls, the ``Upstream``, the ``Limits``, the ``Meter``'s
-budgets) and decides: ``Refuse`` it with an OpenAI-style error, answer
-``ToolCaps`` itself, or ``Forward`` it upstream with the key added
+budgets) and decides: ``Refuse`` it with an error in the shape of the guest's
+API, answer ``ToolCaps`` itself, or ``Forward`` it upstream with the key added
 (``upstream_request``). ``UsageMeter`` reads the tokens a call used from the
-upstream's answer, streamed or whole. Values in, decisions out: no sockets, no
-clock; pool/gateway.py is the trio adapter that moves the bytes.
+upstream's answer, streamed or whole, in any of the formats of
+pool/gateway_formats.py. Values in, decisions out: no sockets, no clock;
+pool/gateway.py is the trio adapter that moves the bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Final, Protocol
 
 import h11
 import msgspec
+from fireclaw.pool.gateway_formats import APIS, Api, ErrorShape, Tokens, error_body
+from fireclaw.pool.gateway_formats import CHAT as CHAT_API
 from fireclaw.pool.store import CallRecord
 
 __all__ = [
@@ -115,29 +118,39 @@ class ModelRoute:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Answer the guest with ``status`` and an OpenAI-style error; nothing goes upstream."""
+    """Answer the guest with ``status`` and an error in its API's shape (``errors``);
+    nothing goes upstream. ``type`` and ``code`` are OpenAI's; an Anthropic error
+    takes its type from ``status``."""
 
     status: int
     message: str
     type: str
     code: str
+    errors: ErrorShape = "openai"
 
     def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code)
+        return error_body(self.message, self.type, self.code, status=self.status, shape=self.errors)
 
 
 @dataclass(frozen=True)
 class Forward:
     """Send ``method path`` with ``body`` upstream; ``stream``: the answer is SSE.
-    ``path`` follows the upstream's ``/v1`` prefix, or its root with ``root``."""
+    ``path`` follows the upstream's ``/v1`` prefix, or its root with ``root``.
+    ``api``: the format of a POST route (how its usage reads, its errors' shape);
+    None for the GET routes, whose errors are OpenAI's."""
 
     method: str
     path: str
     body: bytes
     model: str
     stream: bool
-    metered: bool  # a chat completion: a ledger row and a budget check
+    metered: bool  # a model call: a ledger row and a budget check
     root: bool = False
+    api: Api | None = None
+
+    @property
+    def errors(self) -> ErrorShape:
+        return self.api.errors if self.api is not None else "openai"
 
 
 @dataclass(frozen=True)
@@ -146,60 +159,71 @@ class ToolCaps:
     else of it (it names files and settings of the host)."""
 
 
-def error_body(message: str, type_: str, code: str) -> bytes:
-    """The error JSON OpenAI's API and its clients use."""
-    return _json_encode({"error": {"message": message, "type": type_, "code": code}})
-
-
 def plan(
     method: str, target: str, body: bytes, who: Who, *, max_bytes: int
 ) -> Forward | ToolCaps | Refuse:
     """Decide what to do with one request the guest sent (its body read in full,
-    at most ``max_bytes`` + 1 bytes of it). Only the three routes are served; a
-    chat request must be a JSON object; a streamed one is made to report usage."""
+    at most ``max_bytes`` + 1 bytes of it). Only the routes of ``APIS``, ``MODELS``
+    and ``PROPS`` are served. A POST body must be a JSON object; its query string
+    is dropped. The chat route keeps the model the guest names (the role's when it
+    names none); the routes the coding CLIs use are held to the role's model, as
+    they name their vendors' models. A streamed chat call is made to report usage
+    (the other formats always do)."""
     path = target.split("?", 1)[0]
-    if path == PROPS:
+    if path in (PROPS, MODELS):
         if method != "GET":
             return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
-        return ToolCaps()
-    if path == MODELS:
-        if method != "GET":
-            return Refuse(405, f"{path} takes GET", "invalid_request_error", "method_not_allowed")
+        if path == PROPS:
+            return ToolCaps()
         return Forward("GET", "/models", b"", model="", stream=False, metered=False)
-    if path != CHAT:
+    api = APIS.get(path)
+    if api is None:
+        routes = ", ".join([*APIS, MODELS, PROPS])
         return Refuse(
             404,
-            f"no route {path[:100]!r}: the gateway serves {CHAT}, {MODELS} and {PROPS}",
+            f"no route {path[:100]!r}: the gateway serves {routes}",
             "invalid_request_error",
             "not_found",
         )
     if method != "POST":
-        return Refuse(405, f"{path} takes POST", "invalid_request_error", "method_not_allowed")
+        return Refuse(
+            405, f"{path} takes POST", "invalid_request_error", "method_not_allowed", api.errors
+        )
     if len(body) > max_bytes:
         return Refuse(
             413,
             f"request larger than {max_bytes} bytes",
             "invalid_request_error",
             "request_too_large",
+            api.errors,
         )
     try:
         request = _json_decode(body)
     except msgspec.DecodeError as exc:
-        return Refuse(400, f"body is not JSON: {exc}", "invalid_request_error", "invalid_json")
+        return Refuse(
+            400, f"body is not JSON: {exc}", "invalid_request_error", "invalid_json", api.errors
+        )
     if not isinstance(request, dict):
-        return Refuse(400, "body must be a JSON object", "invalid_request_error", "invalid_json")
-    model = request.get("model") or who.model
+        return Refuse(
+            400, "body must be a JSON object", "invalid_request_error", "invalid_json", api.errors
+        )
+    if api is CHAT_API:
+        model = request.get("model") or who.model
+    else:
+        model = who.model or request.get("model")
     if not isinstance(model, str) or not model:
-        return Refuse(400, "model must be a string", "invalid_request_error", "invalid_model")
+        return Refuse(
+            400, "model must be a string", "invalid_request_error", "invalid_model", api.errors
+        )
     request["model"] = model
     stream = request.get("stream") is True
-    if stream:
+    if stream and api is CHAT_API:
         # Usage is read from the upstream's own answer, so it must send it.
         options = request.get("stream_options")
         options = dict(options) if isinstance(options, dict) else {}
         options["include_usage"] = True
         request["stream_options"] = options
-    return Forward("POST", "/chat/completions", _json_encode(request), model, stream, True)
+    return Forward("POST", api.upstream, _json_encode(request), model, stream, api.metered, api=api)
 
 
 def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
@@ -220,15 +244,17 @@ def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
 
 
 class UsageMeter:
-    """Reads the token counts out of an upstream answer, fed as it arrives.
+    """Reads the token counts out of an upstream answer, fed as it arrives, in the
+    format of ``api`` (pool/gateway_formats.py: chat by default).
 
-    For a JSON answer, the ``usage`` object of the whole body; for server-sent
-    events, the last ``usage`` any ``data:`` event carried (with
-    ``include_usage`` the last chunk before ``[DONE]``). Counts that are not
-    non-negative integers are taken as 0."""
+    For a JSON answer, the usage of the whole body; for server-sent events, what
+    the ``data:`` events say of it, read in order (``event:`` lines are not needed:
+    every event's JSON names its type). Counts that are not non-negative integers
+    are taken as 0; an answer without usage counts 0 (``found`` stays False)."""
 
-    def __init__(self, *, stream: bool) -> None:
+    def __init__(self, *, stream: bool, api: Api = CHAT_API) -> None:
         self.stream = stream
+        self.api = api
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.found = False
@@ -236,9 +262,11 @@ class UsageMeter:
         #: has not ended by itself. Set before the guest is told, so that a guest that
         #: hangs up at the last byte does not change what the ledger says.
         self.outcome = "cancelled"
-        #: A stream's ``data: [DONE]`` went by: the answer is whole, whatever the
-        #: HTTP framing after it.
+        #: The stream's last event went by (chat's ``data: [DONE]``, Responses'
+        #: ``response.completed``, Messages' ``message_stop``): the answer is whole,
+        #: whatever the HTTP framing after it.
         self.done = False
+        self._tokens: Tokens | None = None
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -270,12 +298,10 @@ class UsageMeter:
             data = _json_decode(payload)
         except msgspec.DecodeError:
             return
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict):
+        if self.api.ends(data):
+            self.done = True
+        tokens = self.api.usage(data, self._tokens)
+        if tokens is not None:
+            self._tokens = tokens
             self.found = True
-            self.prompt_tokens = _count(usage.get("prompt_tokens"))
-            self.completion_tokens = _count(usage.get("completion_tokens"))
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+            self.prompt_tokens, self.completion_tokens = tokens.prompt, tokens.completion
