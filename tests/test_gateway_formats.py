@@ -1,0 +1,235 @@
+"""fireclaw.pool.gateway_formats and the routes of ``plan``: each API's usage read
+from bytes, its stream's end, its errors' shape; on the real llama.cpp answers in
+tests/data/model_answers/ and the real CLIs' requests in tests/data/cli_requests/
+(see the README of each). No sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fireclaw.pool.gateway_core import Forward, Refuse, UsageMeter, Who, plan
+from fireclaw.pool.gateway_formats import (
+    CHAT,
+    COUNT_TOKENS,
+    MESSAGES,
+    RESPONSES,
+    Api,
+    Tokens,
+    messages_usage,
+    responses_usage,
+)
+
+DATA = Path(__file__).parent / "data"
+WHO = Who(vm="coder-0", role="coder", agent="alice", model="smollm2")
+MAX = 1 << 20
+
+
+def request_of(name: str) -> tuple[str, bytes]:
+    record = json.loads((DATA / "cli_requests" / name).read_text())
+    return record["target"], record["body"].encode()
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "api", "upstream"),
+    [
+        ("codex-responses.json", RESPONSES, "/responses"),
+        ("claude-code-messages.json", MESSAGES, "/messages"),
+    ],
+)
+def test_a_real_cli_request_goes_upstream_whole_under_the_roles_model(
+    name: str, api: Api, upstream: str
+) -> None:
+    target, body = request_of(name)
+    sent = json.loads(body)
+    sent["model"] = "gpt-5-codex" if api is RESPONSES else "claude-sonnet-4-5"
+    fwd = plan("POST", target, json.dumps(sent).encode(), WHO, max_bytes=MAX)
+    assert isinstance(fwd, Forward)
+    assert (fwd.path, fwd.api, fwd.stream, fwd.metered, fwd.model) == (
+        upstream,
+        api,
+        True,
+        True,
+        "smollm2",
+    )
+    # Nothing else is changed: no stream_options (these APIs always report usage).
+    assert json.loads(fwd.body) == {**sent, "model": "smollm2"}
+
+
+def test_the_chat_route_keeps_the_model_the_guest_names() -> None:
+    body = json.dumps({"model": "other", "messages": []}).encode()
+    fwd = plan("POST", "/v1/chat/completions", body, WHO, max_bytes=MAX)
+    assert isinstance(fwd, Forward) and fwd.model == "other" and fwd.api is CHAT
+
+
+def test_count_tokens_is_forwarded_unmetered_and_its_query_dropped() -> None:
+    body = json.dumps({"model": "claude-haiku", "messages": []}).encode()
+    fwd = plan("POST", "/v1/messages/count_tokens?beta=true", body, WHO, max_bytes=MAX)
+    assert isinstance(fwd, Forward)
+    assert (fwd.path, fwd.metered, fwd.model, fwd.api) == (
+        "/messages/count_tokens",
+        False,
+        "smollm2",
+        COUNT_TOKENS,
+    )
+
+
+def test_without_a_role_model_the_cli_routes_keep_the_guests() -> None:
+    body = json.dumps({"model": "m", "input": "hi"}).encode()
+    fwd = plan("POST", "/v1/responses", body, Who(vm="v", role="r"), max_bytes=MAX)
+    assert isinstance(fwd, Forward) and fwd.model == "m"
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "status", "code", "kind"),
+    [
+        ("GET", "/v1/messages", b"", 405, "method_not_allowed", "invalid_request_error"),
+        ("POST", "/v1/messages", b"x" * 2000, 413, "request_too_large", "request_too_large"),
+        ("POST", "/v1/messages?beta=true", b"{nope", 400, "invalid_json", "invalid_request_error"),
+        ("POST", "/v1/messages/count_tokens", b"[]", 400, "invalid_json", "invalid_request_error"),
+        ("POST", "/v1/responses", b"x" * 2000, 413, "request_too_large", None),
+        ("GET", "/v1/responses", b"", 405, "method_not_allowed", None),
+        ("POST", "/v1/responses/input_tokens", b"{}", 404, "not_found", None),
+    ],
+)
+def test_a_refusal_takes_the_shape_of_the_routes_api(
+    method: str, target: str, body: bytes, status: int, code: str, kind: str | None
+) -> None:
+    """Anthropic's ``{"type": "error", "error": {type, message}}`` on the Messages
+    routes (``kind`` its type), OpenAI's ``{"error": {...}}`` elsewhere."""
+    out = plan(method, target, body, WHO, max_bytes=1024)
+    assert isinstance(out, Refuse) and (out.status, out.code) == (status, code)
+    error = json.loads(out.body())
+    if kind is None:
+        assert error == {"error": {"message": out.message, "type": out.type, "code": code}}
+    else:
+        assert error == {"type": "error", "error": {"type": kind, "message": out.message}}
+
+
+def test_a_budget_refusal_reads_as_each_apis_rate_limit() -> None:
+    why = "role coder's budget of 100 tokens per day is spent (120 used)"
+    openai = Refuse(429, why, "insufficient_quota", "budget_exceeded")
+    anthropic = Refuse(429, why, "insufficient_quota", "budget_exceeded", "anthropic")
+    assert json.loads(openai.body())["error"]["type"] == "insufficient_quota"
+    assert json.loads(anthropic.body()) == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": why},
+    }
+
+
+# --- usage, from the real server's answers ------------------------------------------------
+
+
+def answer(name: str) -> bytes:
+    return (DATA / "model_answers" / name).read_bytes()
+
+
+def sse_events(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(x[5:]) for x in data.split(b"\n") if x.startswith(b"data: {")]
+
+
+def expected(name: str) -> tuple[int, int]:
+    """The figures of a recorded answer, read here by hand from its JSON."""
+    data = answer(name)
+    if name == "responses.json":
+        usage = json.loads(data)["usage"]
+        return usage["input_tokens"], usage["output_tokens"]
+    if name == "responses.sse":
+        (last,) = [e for e in sse_events(data) if e["type"] == "response.completed"]
+        return last["response"]["usage"]["input_tokens"], last["response"]["usage"]["output_tokens"]
+    if name == "messages.json":
+        usage = json.loads(data)["usage"]
+    else:
+        events = sse_events(data)
+        usage = dict(events[0]["message"]["usage"])
+        usage.update(next(e for e in events if e["type"] == "message_delta")["usage"])
+    return usage["input_tokens"] + usage["cache_read_input_tokens"], usage["output_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("name", "api"),
+    [
+        ("responses.json", RESPONSES),
+        ("responses.sse", RESPONSES),
+        ("messages.json", MESSAGES),
+        ("messages.sse", MESSAGES),
+    ],
+)
+@pytest.mark.parametrize("piece", [1, 7, 1 << 20])
+def test_usage_of_a_real_answer_split_anywhere(name: str, api: Api, piece: int) -> None:
+    data = answer(name)
+    meter = UsageMeter(stream=name.endswith(".sse"), api=api)
+    for i in range(0, len(data), piece):
+        meter.feed(data[i : i + piece])
+    meter.close()
+    assert meter.found
+    assert (meter.prompt_tokens, meter.completion_tokens) == expected(name)
+    assert meter.completion_tokens > 0 and meter.prompt_tokens > 0
+    assert meter.done is name.endswith(".sse")  # a stream's last event went by
+
+
+@pytest.mark.parametrize(
+    ("name", "api"), [("responses.sse", RESPONSES), ("messages.sse", MESSAGES)]
+)
+def test_a_stream_cut_before_its_last_event_is_not_done(name: str, api: Api) -> None:
+    data = answer(name)
+    cut = data[: data.rindex(b"event: ")]  # up to the last event
+    meter = UsageMeter(stream=True, api=api)
+    meter.feed(cut)
+    meter.close()
+    assert not meter.done
+
+
+def test_messages_usage_follows_the_running_totals_of_message_delta() -> None:
+    """Anthropic's API (not llama.cpp) also sends input counts in ``message_delta``,
+    and counts a prompt written to its cache apart; the events as its documentation
+    shows them, written here."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "usage": {
+                "input_tokens": 12,
+                "cache_creation_input_tokens": 300,
+                "cache_read_input_tokens": 2000,
+                "output_tokens": 1,
+            }
+        },
+    }
+    seen = messages_usage(start, None)
+    assert seen == Tokens(2312, 1)
+    seen = messages_usage({"type": "content_block_delta", "usage": {"output_tokens": 99}}, seen)
+    assert seen == Tokens(2312, 1)  # only message_start and message_delta carry usage
+    seen = messages_usage({"type": "message_delta", "usage": {"output_tokens": 40}}, seen)
+    assert seen == Tokens(2312, 40)
+    final = {"type": "message_delta", "usage": {"input_tokens": 15, "output_tokens": 42}}
+    assert messages_usage(final, seen) == Tokens(15, 42)
+
+
+def test_responses_usage_ends_with_any_terminal_event() -> None:
+    for kind in ("response.completed", "response.incomplete", "response.failed"):
+        event = {"type": kind, "response": {"usage": {"input_tokens": 9, "output_tokens": 2}}}
+        assert responses_usage(event, None) == Tokens(9, 2)
+        assert RESPONSES.ends(event)
+    assert responses_usage({"type": "response.output_text.delta", "delta": "x"}, None) is None
+
+
+@pytest.mark.parametrize("api", [RESPONSES, MESSAGES])
+def test_an_answer_without_usage_counts_nothing(api: Api) -> None:
+    meter = UsageMeter(stream=True, api=api)
+    meter.feed(b'event: x\ndata: {not json\n\ndata: [1, 2]\n\ndata: {"type": "ping"}\n\n')
+    meter.close()
+    assert (meter.found, meter.prompt_tokens, meter.completion_tokens) == (False, 0, 0)
+
+
+@pytest.mark.parametrize("api", [RESPONSES, MESSAGES])
+def test_counts_that_are_not_counts_are_zero(api: Api) -> None:
+    meter = UsageMeter(stream=False, api=api)
+    usage = {"input_tokens": -3, "output_tokens": "7", "cache_read_input_tokens": True}
+    meter.feed(json.dumps({"usage": usage}).encode())
+    meter.close()
+    assert (meter.found, meter.prompt_tokens, meter.completion_tokens) == (True, 0, 0)
