@@ -171,7 +171,8 @@ async def _one_request(
     if why is not None:
         # Recorded before the answer: once the guest has it, the ledger says so.
         _record(meter, record, None, "refused", 0.0)
-        refuse = Refuse(429, why, "insufficient_quota", "budget_exceeded", shape)
+        # A budget comes back with the next period or a reload, not in seconds.
+        refuse = Refuse(429, why, "insufficient_quota", "budget_exceeded", shape, final=True)
         await _answer(stream, conn, refuse)
         return
     if calls.available_tokens == 0:
@@ -235,6 +236,8 @@ async def _answer(stream: trio.SocketStream, conn: h11.Connection, refuse: Refus
         ("Content-Length", str(len(body))),
         ("Connection", "close"),
     ]
+    if refuse.final:
+        headers.append(("x-should-retry", "false"))
     with contextlib.suppress(h11.LocalProtocolError):
         await stream.send_all(conn.send(h11.Response(status_code=refuse.status, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=body)))

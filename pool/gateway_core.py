@@ -120,13 +120,16 @@ class ModelRoute:
 class Refuse:
     """Answer the guest with ``status`` and an error in its API's shape (``errors``);
     nothing goes upstream. ``type`` and ``code`` are OpenAI's; an Anthropic error
-    takes its type from ``status``."""
+    takes its type from ``status``. ``final``: asking again soon gets the same
+    answer, which the ``x-should-retry: false`` header tells the OpenAI and
+    Anthropic clients (claude-code would otherwise retry a 429 ten times)."""
 
     status: int
     message: str
     type: str
     code: str
     errors: ErrorShape = "openai"
+    final: bool = False
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, status=self.status, shape=self.errors)

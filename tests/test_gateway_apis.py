@@ -120,9 +120,14 @@ async def model_server(tmp_path: Path, key: str) -> AsyncIterator[Upstream]:
 
 
 async def call(
-    port: int, target: str, body: bytes, headers: list[tuple[str, str]] = GUEST_HEADERS
+    port: int,
+    target: str,
+    body: bytes,
+    headers: list[tuple[str, str]] = GUEST_HEADERS,
+    seen: dict[bytes, bytes] | None = None,
 ) -> tuple[int, bytes]:
-    """One POST to 127.0.0.1:port as a guest sends it; (status, body)."""
+    """One POST to 127.0.0.1:port as a guest sends it; (status, body). The answer's
+    headers go into ``seen``."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
@@ -137,6 +142,8 @@ async def call(
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.Response):
                 status = event.status_code
+                if seen is not None:
+                    seen.update(event.headers)
             elif isinstance(event, h11.Data):
                 got += event.data
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
@@ -218,9 +225,12 @@ async def test_a_cli_request_through_the_gateway_to_the_real_server(
             # Within the cap, the budget holds before the call: one call, then refused.
             status, answer = await call(capped, target, json.dumps(request).encode())
             assert status == 200, answer[:500]
-            status, refused = await call(capped, target, json.dumps(request).encode())
+            head: dict[bytes, bytes] = {}
+            status, refused = await call(capped, target, json.dumps(request).encode(), seen=head)
             assert status == 429
             assert "1 tokens per day" in is_error_of(cli, refused, 429)
+            # Without it, claude-code asks ten times more over three minutes.
+            assert head[b"x-should-retry"] == b"false"
             # The CLI's whole first request is larger than this gateway takes.
             record = json.loads((DATA / f"{cli}-{target.split('?')[0][4:]}.json").read_text())
             status, too_big = await call(worker, target, record["body"].encode())
