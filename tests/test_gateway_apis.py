@@ -252,7 +252,7 @@ async def test_a_cli_request_through_the_gateway_to_the_real_server(
     assert (calls[3].prompt_tokens, calls[3].completion_tokens) == (0, 0)
 
 
-async def test_count_tokens_passes_unmetered_with_the_roles_model(tmp_path: Path) -> None:
+async def test_count_tokens_passes_unmetered_even_over_budget(tmp_path: Path) -> None:
     """claude-code's token count: the server's own answer, no ledger row, no budget."""
     key = secrets.token_hex(16)
     target, request = trimmed("claude-code")
