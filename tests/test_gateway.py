@@ -477,17 +477,34 @@ STREAM_END = (
 )
 
 
+#: The same for the Messages API: its usage in message_start and message_delta.
+MESSAGES_END = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+    b'{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":0}}}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":2}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
 @pytest.mark.parametrize(
-    ("sent", "outcome", "tokens"),
+    ("path", "sent", "outcome", "tokens"),
     [
         # Mid-answer: the model is still thinking.
-        (b'data: {"choices":[]}\n\n', "cancelled", (0, 0)),
+        ("/v1/chat/completions", b'data: {"choices":[]}\n\n', "cancelled", (0, 0)),
         # The whole answer, the HTTP message not ended yet: nothing was cut.
-        (STREAM_END, "ok", (7, 2)),
+        ("/v1/chat/completions", STREAM_END, "ok", (7, 2)),
+        # Its last event not yet sent: what was counted so far stays counted.
+        (
+            "/v1/messages",
+            MESSAGES_END[: MESSAGES_END.index(b"event: message_stop")],
+            "cancelled",
+            (7, 2),
+        ),
+        ("/v1/messages", MESSAGES_END, "ok", (7, 2)),
     ],
 )
 async def test_a_guest_that_hangs_up_mid_stream_closes_the_upstream_call(
-    sent: bytes, outcome: str, tokens: tuple[int, int]
+    path: str, sent: bytes, outcome: str, tokens: tuple[int, int]
 ) -> None:
     """A cancelled turn closes its stream while the model is still thinking: the
     upstream call is closed at once (not at its next token, nor at the call timeout,
@@ -526,7 +543,7 @@ async def test_a_guest_that_hangs_up_mid_stream_closes_the_upstream_call(
             conn = h11.Connection(h11.CLIENT)
             head = [("Host", "gw"), ("Content-Length", str(len(body)))]
             await guest.send_all(
-                conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+                conn.send(h11.Request(method="POST", target=path, headers=head))
                 + conn.send(h11.Data(data=body))
                 + conn.send(h11.EndOfMessage())
             )
