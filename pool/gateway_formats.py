@@ -69,7 +69,7 @@ class Tokens:
 
 #: Reads one decoded answer (a whole body or one streamed event) with what was read
 #: before it: the tokens so far, or None while no usage has been seen.
-UsageReader = Callable[[object, "Tokens | None"], "Tokens | None"]
+UsageReader = Callable[[object, Tokens | None], Tokens | None]
 
 
 def _count(value: object) -> int:
