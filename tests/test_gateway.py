@@ -620,3 +620,40 @@ async def test_a_hostile_request_is_answered_or_dropped_and_the_gateway_serves_o
             assert status == 200
             nursery.cancel_scope.cancel()
     assert [c.outcome for c in ledger.calls] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        ("/v1/responses", {"input": "hi"}),
+    ],
+)
+async def test_the_gateways_own_errors_take_the_shape_of_the_guests_api(
+    path: str, body: dict[str, Any]
+) -> None:
+    """No model server, then one that does not answer: a 503 and a 502 that
+    claude-code reads as Anthropic errors and codex as OpenAI's; no ledger row for
+    a call never made, an ``upstream_error`` row for one that failed."""
+    ledger = Ledger()
+    closed = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    dead_port = closed[0].socket.getsockname()[1]
+    await closed[0].aclose()  # nothing listens there now
+    servers: list[Upstream | None] = [None, Upstream("http", "127.0.0.1", dead_port, "/v1")]
+    answers = []
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            route = ModelRoute(upstream=lambda: servers[0], meter=ledger)
+            port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+            answers.append(await http(port, "POST", path, body))
+            servers.pop(0)
+            answers.append(await http(port, "POST", path, body))
+            nursery.cancel_scope.cancel()
+    assert [status for status, _ in answers] == [503, 502]
+    errors = [json.loads(got) for _, got in answers]
+    if path == "/v1/messages":
+        assert [e["type"] for e in errors] == ["error", "error"]
+        assert [e["error"]["type"] for e in errors] == ["overloaded_error", "api_error"]
+    else:
+        assert [e["error"]["code"] for e in errors] == ["unavailable", "bad_gateway"]
+    assert [c.outcome for c in ledger.calls] == ["upstream_error"]
