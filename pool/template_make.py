@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -46,12 +46,9 @@ from fireclaw.pool.drivers.base import (
 )
 from fireclaw.pool.network import GATEWAY, GUEST_CIDR, TAP, TAP_MAC, Link
 from fireclaw.pool.procid import process_identity
-from fireclaw.pool.runtime import SETUP_ERRORS
+from fireclaw.pool.runtime import SETUP_ERRORS, Runtime
 from fireclaw.pool.store import VmRecord
 from fireclaw.pool.teardown import release
-
-if TYPE_CHECKING:
-    from fireclaw.pool.runtime import Runtime
 
 log = logging.getLogger("fireclaw.templates")
 

@@ -39,32 +39,33 @@ class ChildWork(ChildBase):
         if self.session is None:
             raise GuestLost(f"{self.name} has no guest connected")
         await self.session.cancel(reason)
-        self.rt.event(
-            "turn_cancelled",
-            self.promoted_as or self.name,
-            agent=self.promoted_as,
-            role=self.group.name,
-            vm=self.name,
-            task=self.who.task,
-            reason=reason,
-        )
+        self._audit("turn_cancelled", self.who.task, reason=reason)
 
     def _tool_ran(self, msg: p.ToolRan) -> None:
         """One tool run of the agent, for the audit trail. Who ran it is this VM's
         agent; only what ran and how comes from the guest (checked by the session)."""
-        self.rt.event(
+        self._audit(
             "tool_ran",
-            self.promoted_as or self.name,
-            agent=self.promoted_as,
-            role=self.group.name,
-            vm=self.name,
-            task=msg.task_id or None,
+            msg.task_id or None,
             tool=msg.tool,
             arguments=msg.arguments,
             exit_code=msg.code,
             duration=round(msg.duration, 3),
             output=msg.output,
             truncated=msg.truncated,
+        )
+
+    def _audit(self, kind: str, task: int | None, **detail: object) -> None:
+        """An event of the agent's audit trail, under the identity the supervisor gave
+        this VM (its agent's name, else the VM's)."""
+        self.rt.event(
+            kind,
+            self.promoted_as or self.name,
+            agent=self.promoted_as,
+            role=self.group.name,
+            vm=self.name,
+            task=task,
+            **detail,
         )
 
     async def _attach_workspace(self) -> bool:

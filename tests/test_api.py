@@ -250,42 +250,49 @@ async def test_run_flushes_each_line_as_it_is_emitted(served: Served) -> None:
     ]
 
 
-async def test_run_refused_before_output_is_an_error_status(served: Served) -> None:
+@pytest.mark.parametrize(
+    ("mode", "status", "error"),
+    [
+        ("refuse", 404, "no role named 'nope'"),  # a ControllerError
+        ("no-vm", 503, "no worker VM became ready within 30s"),  # the pool's NotReady
+    ],
+)
+async def test_run_refused_before_output_is_an_error_status(
+    served: Served, mode: str, status: int, error: str
+) -> None:
     _, client, _ = served
     with pytest.raises(ApiError) as info:
-        await in_thread(lambda: list(client.stream("/run", {"argv": ["refuse"]})))
-    assert info.value.status == 404
-    assert str(info.value) == "no role named 'nope'"
+        await in_thread(lambda: list(client.stream("/run", {"argv": [mode]})))
+    assert (info.value.status, str(info.value)) == (status, error)
 
 
-async def test_run_refused_after_output_ends_with_an_error_line(served: Served) -> None:
+@pytest.mark.parametrize(
+    ("mode", "lines", "error"),
+    [
+        # A ControllerError once output was written.
+        ("fail-late", [out("stdout", "partial\n")], "worker-0 was lost during the run"),
+        # The pool's RunFailed: the VM named from the run's first line.
+        (
+            "lost",
+            [{"vm": "worker-0"}, out("stdout", "partial\n")],
+            "worker-0 was lost during the run: control connection closed (code 1006)",
+        ),
+    ],
+)
+async def test_run_failing_after_output_ends_with_one_error_line(
+    served: Served, mode: str, lines: list[dict[str, object]], error: str
+) -> None:
     _, client, _ = served
     seen: list[dict[str, Any]] = []
 
     def consume() -> None:
-        for item in client.stream("/run", {"argv": ["fail-late"]}):
+        for item in client.stream("/run", {"argv": [mode]}):
             seen.append(item)
 
     with pytest.raises(ApiError) as info:
         await in_thread(consume)
-    assert seen == [out("stdout", "partial\n")]
-    assert str(info.value) == "worker-0 was lost during the run"
-
-
-async def test_run_of_a_lost_vm_ends_with_one_error_line_naming_it(served: Served) -> None:
-    _, client, _ = served
-    seen: list[dict[str, Any]] = []
-
-    def consume() -> None:
-        for item in client.stream("/run", {"argv": ["lost"]}):
-            seen.append(item)
-
-    with pytest.raises(ApiError) as info:
-        await in_thread(consume)
-    assert seen == [{"vm": "worker-0"}, out("stdout", "partial\n")]
-    assert str(info.value) == (
-        "worker-0 was lost during the run: control connection closed (code 1006)"
-    )
+    assert seen == lines
+    assert str(info.value) == error
 
 
 async def test_run_that_could_not_start_says_why_on_stderr(served: Served) -> None:
@@ -296,16 +303,6 @@ async def test_run_that_could_not_start_says_why_on_stderr(served: Served) -> No
         out("stderr", "no-such-binary: not found\n"),
         {"exit": 127},
     ]
-
-
-async def test_run_with_no_vm_ready_is_a_503(served: Served) -> None:
-    _, client, _ = served
-    with pytest.raises(ApiError) as info:
-        await in_thread(lambda: list(client.stream("/run", {"argv": ["no-vm"]})))
-    assert (info.value.status, str(info.value)) == (
-        503,
-        "no worker VM became ready within 30s",
-    )
 
 
 async def test_run_crash_is_a_500(served: Served) -> None:
