@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
-from fireclaw.config import Role
+from fireclaw.config import Backoff, Role
 from fireclaw.pool import disks
-from fireclaw.pool.backoff import MAX_EXPONENT
+from fireclaw.pool.backoff import backoff_delay
 from fireclaw.pool.drivers.base import Driver, VmHandle, VmSpec
 from fireclaw.pool.template_make import (
     MEMORY_SUFFIX,
@@ -67,6 +67,7 @@ log = logging.getLogger("fireclaw.templates")
 #: try, but not a VM booting all the time when it never works.
 RETRY_BASE: Final = 5.0
 RETRY_MAX: Final = 300.0
+RETRY: Final = Backoff(base=RETRY_BASE, max=RETRY_MAX)
 
 
 @dataclass
@@ -86,8 +87,7 @@ def retry_delay(failures: int, uniform: Callable[[float, float], float]) -> floa
     """Seconds to wait before the next attempt after ``failures`` (1 or more)
     failed ones in a row: full jitter over ``RETRY_BASE * 2**(failures - 1)``,
     capped at ``RETRY_MAX``."""
-    exponent = min(max(failures - 1, 0), MAX_EXPONENT)
-    return uniform(0.0, min(RETRY_MAX, RETRY_BASE * 2.0**exponent))
+    return backoff_delay(RETRY, max(failures - 1, 0), uniform)
 
 
 class Templates(TemplateMaker):

@@ -149,7 +149,7 @@ class Child(ChildIncarnation):
         self.stopping = True
         self._scope.cancel()
 
-    # --- one incarnation ------------------------------------------------------------
+    # --- what status shows -----------------------------------------------------------
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -273,7 +273,7 @@ class ChildIncarnation(ChildServing):
         )
 
     def _left_running(self, handle: VmHandle | None) -> bool:
-        """Whether a handover leaves this incarnation's VM running (see ``leaving``)."""
+        """Whether a handover leaves this incarnation's VM running (``Runtime.leaving``)."""
         return (
             self.rt.leaving
             and self.rt.driver.outlives_supervisor
