@@ -16,13 +16,12 @@ Errors::
 
 from __future__ import annotations
 
-import base64
 import itertools
 import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Final
 
 import trio
@@ -38,7 +37,6 @@ _TOOL: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 #: A run's output waiting to be taken; beyond this the reader waits (TCP backpressure).
 _RUN_BUFFER: Final = 64
 
-Emit = Callable[[dict[str, object]], Awaitable[None]]
 #: Where a guest's (checked) ``ToolRan`` reports go: the VM's audit trail.
 OnToolRan = Callable[[p.ToolRan], None]
 
@@ -233,9 +231,13 @@ class ControlSession:
 
     # --- requests, called by the pool while serve() runs ---------------------
 
-    async def run(self, argv: list[str], emit: Emit, *, user: str = "") -> int:
-        """Run argv in the guest as ``user`` (empty: the agent user), emitting output
-        lines as they come; its exit code."""
+    async def run(
+        self, argv: list[str], *, user: str = ""
+    ) -> AsyncGenerator[p.Output | p.Exited, None]:
+        """Run argv in the guest as ``user`` (empty: the agent user): its output as
+        it comes, and last its ``Exited``. ConnectionLost if the guest goes away
+        first. Leaving early, close it (``contextlib.aclosing``): the request is
+        forgotten, and more output for it is a violation, so the VM serves no more."""
         self._check()
         req = next(self._req_ids)
         send, receive = trio.open_memory_channel[p.Output | p.Exited](_RUN_BUFFER)
@@ -244,15 +246,9 @@ class ControlSession:
             await _send(self._ws, p.Run(req=req, argv=argv, user=user))
             async with receive:
                 async for msg in receive:
-                    if isinstance(msg, p.Output):
-                        data = base64.b64encode(msg.data).decode("ascii")
-                        await emit({"stream": msg.stream, "data": data})
-                    else:
-                        if msg.error:
-                            # Like a shell: the reason on stderr, the code (126/127) as the status.
-                            line = base64.b64encode(f"{msg.error}\n".encode()).decode("ascii")
-                            await emit({"stream": "stderr", "data": line})
-                        return msg.code
+                    yield msg
+                    if isinstance(msg, p.Exited):
+                        return
         except trio_websocket.ConnectionClosed:
             pass
         finally:

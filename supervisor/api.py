@@ -11,7 +11,7 @@ Routes::
 
     GET  /health                      {"ok": true, "pid": N}   (answered here, no controller call)
     GET  /status[?since=V&wait=S]     controller.status(), after a change past version V
-    POST /run     {"role", "argv"}    ndjson stream, see below
+    POST /run     {"role", "argv", "user"?}   controller.run(): an ndjson stream, see below
     POST /tasks   {"role", "prompt"}  controller.submit_task()
     GET  /tasks[?state=S]             {"tasks": controller.list_tasks(S)}
     GET  /tasks/<id>                  controller.get_task(id)
@@ -39,41 +39,43 @@ it has room; 500 for anything unexpected (logged; the server keeps serving).
 One request per connection: every response says ``Connection: close``.
 
 ``POST /run`` answers ``200`` with ``Content-Type: application/x-ndjson``, chunked.
-Each ``await emit(obj)`` by the controller writes one JSON line and flushes it
-before returning; when ``run`` returns, a last line ``{"exit": code}`` ends the
-stream. The response head is only sent with the first line, so a
-``ControllerError`` raised before anything was emitted (an unknown role, say) is
-an ordinary error response with its status; raised later it becomes a last line
-``{"error": "..."}``.
+The controller's ``run`` gives the pool's typed run events (``pool/runs.py``);
+each becomes its line (``api_run.py``), written and flushed before the next event
+is taken, and the run's exit code (or why its VM was lost) is the last line. The
+response head is only sent with the first line, so a ``ControllerError`` or
+``PoolError`` raised before the first event (an unknown role; no VM ready: 503)
+is an ordinary error response with its status; a ``ControllerError`` raised
+later becomes a last line ``{"error": "..."}``.
 
-A client that goes away mid-run cancels the run: the run is called inside a cancel
-scope, which is cancelled when the client's end of the socket reaches EOF (a
-client that half-closes its side counts as gone) or when a write to it fails or
-stalls for the idle timeout. The controller therefore sees ``trio.Cancelled`` at
-its next checkpoint, typically inside ``emit``, and must let it propagate so its
-``finally`` blocks stop the command. An ``emit`` from a task outside the run's
-scope (one the controller started elsewhere) raises ``StreamClosed`` instead.
+A client that goes away mid-run cancels the run: the events are taken inside a
+cancel scope, which is cancelled when the client's end of the socket reaches EOF
+(a client that half-closes its side counts as gone) or when a write to it fails
+or stalls for the idle timeout; the events' iterator is then closed, which ends
+the command (the pool retires its VM).
 
 Exceptions::
 
     ControllerError     raised by a Controller: the request is refused (status + one line)
-    StreamClosed        emit() after the /run client went away, from outside the run's scope
-                        (api_http.py)
+    StreamClosed        a /run line written after its client went away (api_http.py)
     ApiServerError      the socket cannot be set up (serve_api; api_http.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import h11
 import msgspec
 import trio
+from fireclaw.pool.group import PoolError
+from fireclaw.pool.runs import RunEvent
 from fireclaw.supervisor.api_http import (
     IDLE_TIMEOUT,
     MAX_HEAD_BYTES,
@@ -108,19 +110,17 @@ from fireclaw.supervisor.api_requests import (
     int_param,
     query_params,
 )
+from fireclaw.supervisor.api_run import RunLines
 from fireclaw.supervisor.state import StateUnwritable
 
 __all__ = [
     "Controller",
     "ControllerError",
-    "Emit",
     "serve_api",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-Emit = Callable[[dict[str, object]], Awaitable[None]]
 
 _ENCODER: Final = msgspec.json.Encoder()
 
@@ -142,7 +142,13 @@ class Controller(Protocol):
         to ``wait`` seconds for anything to change after it: a long poll."""
         ...
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int: ...
+    def run(
+        self, role: str | None, argv: list[str], user: str = ""
+    ) -> AsyncGenerator[RunEvent, None]:
+        """``argv`` run as ``user`` in a VM of ``role`` (None: the first role): the
+        run's events. It may raise ``ControllerError`` at once, and ``PoolError``
+        before its first event."""
+        ...
 
     async def submit_task(self, role: str, prompt: str) -> dict[str, object]: ...
 
@@ -182,14 +188,21 @@ class Controller(Protocol):
 _Handler = Callable[[Request, "re.Match[str]"], Awaitable[object]]
 
 
+@dataclass(frozen=True)
+class _Streamed:
+    """A route that writes its own answer, as it goes, instead of returning a body."""
+
+    serve: Callable[[h11.Connection, trio.SocketStream, Request], Awaitable[None]]
+
+
 class _ApiServer:
     def __init__(self, controller: Controller, idle_timeout: float) -> None:
         self._controller = controller
         self._timeout = idle_timeout
-        self._routes: list[tuple[re.Pattern[str], dict[str, _Handler]]] = [
+        self._routes: list[tuple[re.Pattern[str], dict[str, _Handler | _Streamed]]] = [
             (re.compile(r"/health"), {"GET": self._health}),
             (re.compile(r"/status"), {"GET": self._status}),
-            (re.compile(r"/run"), {"POST": self._streamed}),
+            (re.compile(r"/run"), {"POST": _Streamed(self._run)}),
             (re.compile(r"/tasks"), {"GET": self._list_tasks, "POST": self._submit_task}),
             (re.compile(r"/tasks/(?P<id>[^/]+)"), {"GET": self._get_task}),
             (re.compile(r"/scale"), {"POST": self._scale}),
@@ -241,13 +254,13 @@ class _ApiServer:
                 conn, stream, exc.status, error_body(exc.message), self._timeout, allow=exc.allow
             )
             return
-        if request.path == "/run":
-            await self._run(conn, stream, request)
+        if isinstance(handler, _Streamed):
+            await handler.serve(conn, stream, request)
             return
         status, body = await self._call(handler, request, match)
         await respond(conn, stream, status, body, self._timeout)
 
-    def _route(self, request: Request) -> tuple[_Handler, re.Match[str]]:
+    def _route(self, request: Request) -> tuple[_Handler | _Streamed, re.Match[str]]:
         for pattern, methods in self._routes:
             match = pattern.fullmatch(request.path)
             if match is None:
@@ -298,9 +311,6 @@ class _ApiServer:
         if not 0 <= wait <= MAX_STATUS_WAIT:
             raise HttpError(400, f"wait: expected 0..{MAX_STATUS_WAIT:g} seconds, got {wait:g}")
         return await self._controller.status(since, wait)
-
-    async def _streamed(self, request: Request, match: re.Match[str]) -> object:
-        raise AssertionError("streamed routes are answered by their own method")
 
     async def _submit_task(self, request: Request, match: re.Match[str]) -> object:
         query_params(request, frozenset())
@@ -397,18 +407,26 @@ class _ApiServer:
 
         run_scope = trio.CancelScope()
         writer = NdjsonWriter(conn, stream, run_scope, self._timeout)
-        code: int | None = None
+        lines = RunLines()
         failure: tuple[int, str] | None = None
         with run_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cancel_on_disconnect, stream, run_scope)
                 try:
-                    code = await self._controller.run(
-                        body.role, list(body.argv), writer.emit, user=body.user
-                    )
+                    events = self._controller.run(body.role, list(body.argv), user=body.user)
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            for line in lines.lines(event):
+                                await writer.emit(line)
+                            if lines.last is not None:
+                                break  # the run is over
+                    if lines.last is None:
+                        failure = (500, "internal error: the run ended without its exit code")
                 except ControllerError as exc:
                     status = exc.status if 400 <= exc.status <= 599 else 500
                     failure = (status, exc.message)
+                except PoolError as exc:
+                    failure = (503, str(exc))  # no VM for it: try again later
                 except StreamClosed:
                     pass
                 except Exception as exc:
@@ -416,17 +434,16 @@ class _ApiServer:
                     failure = (500, f"internal error: {type(exc).__name__}: {exc}")
                 finally:
                     nursery.cancel_scope.cancel()
-        if run_scope.cancelled_caught or writer.gone or (code is None and failure is None):
+        if run_scope.cancelled_caught or writer.gone or (lines.last is None and failure is None):
             raise ClientGone("client of POST /run went away; the run was cancelled")
 
         if failure is not None and not writer.started:
             await respond(conn, stream, failure[0], error_body(failure[1]), self._timeout)
             return
-        last: dict[str, object]
+        last = lines.last
         if failure is not None:
             last = {"error": one_line(failure[1]) or "error"}
-        else:
-            last = {"exit": code}
+        assert last is not None
         try:
             await writer.finish(last)
         except StreamClosed as exc:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -21,8 +22,11 @@ from fireclaw.config import Config
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.vm import AgentIdentity, Child, Runtime
-from fireclaw.supervisor.api import ControllerError, Emit
+from fireclaw.pool.runs import RunEvent, run_command
+from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.vm import Child
+from fireclaw.pool.vm_base import AgentIdentity
+from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.ircd import ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer
@@ -141,29 +145,14 @@ class SupervisorController:
             status["managed"] = self.ircd.status()
         return status
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
+    def run(
+        self, role: str | None, argv: list[str], user: str = ""
+    ) -> AsyncGenerator[RunEvent, None]:
+        """``argv`` run in a VM of ``role`` (None: the first role), as the pool's events."""
         if not argv:
             raise ControllerError("nothing to run: give a command after --")
         group = self._group(role or next(iter(self.groups), ""))
-        boot_timeout = self.config.control.boot_timeout
-        child = None
-        with trio.move_on_after(boot_timeout):
-            try:
-                child = await group.claim()
-            except PoolError as exc:
-                raise ControllerError(str(exc), 503) from None
-        if child is None:
-            raise ControllerError(f"no {group.name} VM became ready within {boot_timeout:g}s", 503)
-        try:
-            await emit({"vm": child.name})
-            assert child.session is not None
-            return await child.session.run(argv, emit, user=user)
-        except GuestLost as exc:
-            raise ControllerError(
-                f"{child.name} was lost during the run: {exc.reason}", 502
-            ) from None
-        finally:
-            group.retire(child, "run finished")
+        return run_command(group, argv, user=user)
 
     async def submit_task(self, role: str, prompt: str) -> dict[str, object]:
         group = self._group(role)

@@ -8,12 +8,13 @@ import os
 import pathlib
 import socket
 import stat
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Literal, TypeVar
 
 import pytest
 import trio
-from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.pool.runs import NotReady, RunEvent, RunExited, RunFailed, RunOutput, RunStarted
+from fireclaw.supervisor.api import ControllerError, serve_api
 from fireclaw.supervisor.api_http import MAX_BODY_BYTES, ApiServerError
 from fireclaw.supervisor.client import ApiClient, ApiError, SwarmNotRunning
 
@@ -21,7 +22,12 @@ T = TypeVar("T")
 
 
 def out(stream: str, text: str) -> dict[str, object]:
+    """The line the API writes for ``output(stream, text)``."""
     return {"stream": stream, "data": base64.b64encode(text.encode()).decode()}
+
+
+def output(stream: Literal["stdout", "stderr"], text: str) -> RunOutput:
+    return RunOutput(stream=stream, data=text.encode())
 
 
 class FakeController:
@@ -44,28 +50,41 @@ class FakeController:
             ],
         }
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
+    async def run(
+        self, role: str | None, argv: list[str], user: str = ""
+    ) -> AsyncGenerator[RunEvent, None]:
         self.calls.append(("run", (role, argv, user) if user else (role, argv)))
         match argv[0]:
             case "chunks":
                 for i in range(5):
-                    await emit(out("stdout" if i % 2 == 0 else "stderr", f"line {i}\n"))
-                return 3
+                    yield output("stdout" if i % 2 == 0 else "stderr", f"line {i}\n")
+                yield RunExited(code=3)
+                return
             case "gated":
-                await emit(out("stdout", "first\n"))
+                yield output("stdout", "first\n")
                 await self.release.wait()
-                await emit(out("stdout", "second\n"))
-                return 0
+                yield output("stdout", "second\n")
             case "refuse":
                 raise ControllerError("no role named 'nope'", 404)
+            case "no-vm":
+                raise NotReady("worker", 30.0)
             case "fail-late":
-                await emit(out("stdout", "partial\n"))
+                yield output("stdout", "partial\n")
                 raise ControllerError("worker-0 was lost\nduring the run", 502)
+            case "lost":
+                yield RunStarted(vm="worker-0")
+                yield output("stdout", "partial\n")
+                yield RunFailed(reason="control connection closed (code 1006)")
+                return
+            case "no-such-binary":
+                yield RunStarted(vm="worker-0")
+                yield RunExited(code=127, error="no-such-binary: not found")
+                return
             case "crash":
                 raise RuntimeError("boom")
             case "hang":
                 try:
-                    await emit(out("stdout", "started\n"))
+                    yield output("stdout", "started\n")
                     self.run_started.set()
                     await trio.sleep_forever()
                 finally:
@@ -73,10 +92,10 @@ class FakeController:
             case "spam":
                 try:
                     while True:
-                        await emit(out("stdout", "x" * 1000 + "\n"))
+                        yield output("stdout", "x" * 1000 + "\n")
                 finally:
                     self.run_ended.set()
-        return 0
+        yield RunExited(code=0)
 
     async def submit_task(self, role: str, prompt: str) -> dict[str, object]:
         self.calls.append(("submit_task", (role, prompt)))
@@ -231,26 +250,59 @@ async def test_run_flushes_each_line_as_it_is_emitted(served: Served) -> None:
     ]
 
 
-async def test_run_refused_before_output_is_an_error_status(served: Served) -> None:
+@pytest.mark.parametrize(
+    ("mode", "status", "error"),
+    [
+        ("refuse", 404, "no role named 'nope'"),  # a ControllerError
+        ("no-vm", 503, "no worker VM became ready within 30s"),  # the pool's NotReady
+    ],
+)
+async def test_run_refused_before_output_is_an_error_status(
+    served: Served, mode: str, status: int, error: str
+) -> None:
     _, client, _ = served
     with pytest.raises(ApiError) as info:
-        await in_thread(lambda: list(client.stream("/run", {"argv": ["refuse"]})))
-    assert info.value.status == 404
-    assert str(info.value) == "no role named 'nope'"
+        await in_thread(lambda: list(client.stream("/run", {"argv": [mode]})))
+    assert (info.value.status, str(info.value)) == (status, error)
 
 
-async def test_run_refused_after_output_ends_with_an_error_line(served: Served) -> None:
+@pytest.mark.parametrize(
+    ("mode", "lines", "error"),
+    [
+        # A ControllerError once output was written.
+        ("fail-late", [out("stdout", "partial\n")], "worker-0 was lost during the run"),
+        # The pool's RunFailed: the VM named from the run's first line.
+        (
+            "lost",
+            [{"vm": "worker-0"}, out("stdout", "partial\n")],
+            "worker-0 was lost during the run: control connection closed (code 1006)",
+        ),
+    ],
+)
+async def test_run_failing_after_output_ends_with_one_error_line(
+    served: Served, mode: str, lines: list[dict[str, object]], error: str
+) -> None:
     _, client, _ = served
     seen: list[dict[str, Any]] = []
 
     def consume() -> None:
-        for item in client.stream("/run", {"argv": ["fail-late"]}):
+        for item in client.stream("/run", {"argv": [mode]}):
             seen.append(item)
 
     with pytest.raises(ApiError) as info:
         await in_thread(consume)
-    assert seen == [out("stdout", "partial\n")]
-    assert str(info.value) == "worker-0 was lost during the run"
+    assert seen == lines
+    assert str(info.value) == error
+
+
+async def test_run_that_could_not_start_says_why_on_stderr(served: Served) -> None:
+    _, client, _ = served
+    items = await in_thread(lambda: list(client.stream("/run", {"argv": ["no-such-binary"]})))
+    assert items == [
+        {"vm": "worker-0"},
+        out("stderr", "no-such-binary: not found\n"),
+        {"exit": 127},
+    ]
 
 
 async def test_run_crash_is_a_500(served: Served) -> None:

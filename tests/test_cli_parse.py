@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import types
+from collections.abc import AsyncGenerator
 from typing import cast
 
 import pytest
 import trio
+from fireclaw.pool.runs import RunEvent, RunExited, RunOutput, RunStarted
 from fireclaw.supervisor import cli, cli_commands, cli_format
-from fireclaw.supervisor.api import ControllerError, Emit, serve_api
+from fireclaw.supervisor.api import ControllerError, serve_api
 
 ENTRY = "from fireclaw.supervisor.cli import main; raise SystemExit(main())"
 
@@ -218,10 +219,6 @@ def test_event_line() -> None:
 # ---------------------------------------------------------------- end to end
 
 
-def chunk(stream: str, data: bytes) -> dict[str, object]:
-    return {"stream": stream, "data": base64.b64encode(data).decode()}
-
-
 class FakeController:
     def __init__(self) -> None:
         self.polls = 0
@@ -241,20 +238,24 @@ class FakeController:
             ],
         }
 
-    async def run(self, role: str | None, argv: list[str], emit: Emit, user: str = "") -> int:
+    async def run(
+        self, role: str | None, argv: list[str], user: str = ""
+    ) -> AsyncGenerator[RunEvent, None]:
         if user:
-            await emit(chunk("stdout", f"as {user}\n".encode()))
-            return 0
+            yield RunOutput(stream="stdout", data=f"as {user}\n".encode())
+            yield RunExited(code=0)
+            return
         if role == "nope":
             raise ControllerError("no role named 'nope'", 404)
-        await emit({"vm": "worker-0"})
+        yield RunStarted(vm="worker-0")
         if argv == ["sh", "-c", "exit 3"]:
-            await emit(chunk("stdout", b"hello \x00\xff\n"))
-            await emit(chunk("stderr", b"oops\n"))
-            return 3
-        if argv == ["kill-me"]:
-            return -9
-        return 0
+            yield RunOutput(stream="stdout", data=b"hello \x00\xff\n")
+            yield RunOutput(stream="stderr", data=b"oops\n")
+            yield RunExited(code=3)
+        elif argv == ["kill-me"]:
+            yield RunExited(code=-9)
+        else:
+            yield RunExited(code=0)
 
     async def submit_task(self, role: str, prompt: str) -> dict[str, object]:
         return {"id": 5, "role": role, "prompt": prompt, "state": "queued"}

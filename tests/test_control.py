@@ -120,16 +120,12 @@ async def test_flooding_is_a_violation(autojump_clock: trio.testing.MockClock) -
         nursery.cancel_scope.cancel()
 
 
-async def test_run_streams_output_and_returns_the_code(
+async def test_run_yields_the_output_then_the_exit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
         session, guest = await connected(nursery)
         nursery.start_soon(session.serve)
-        emitted: list[dict[str, object]] = []
-
-        async def emit(obj: dict[str, object]) -> None:
-            emitted.append(obj)
 
         async def guest_side() -> None:
             run = p.decode_host(await guest.get_message())
@@ -138,8 +134,11 @@ async def test_run_streams_output_and_returns_the_code(
             await guest.send_message(p.encode(p.Exited(req=run.req, code=3)))
 
         nursery.start_soon(guest_side)
-        assert await session.run(["echo", "hi"], emit) == 3
-        assert emitted == [{"stream": "stdout", "data": "aGkK"}]
+        got = [msg async for msg in session.run(["echo", "hi"])]
+        assert got == [
+            p.Output(req=1, stream="stdout", data=b"hi\n"),
+            p.Exited(req=1, code=3),
+        ]
         nursery.cancel_scope.cancel()
 
 
@@ -153,16 +152,14 @@ async def test_a_lost_guest_fails_the_pending_run(autojump_clock: trio.testing.M
 
         nursery.start_soon(serve)
 
-        async def emit(obj: dict[str, object]) -> None:
-            pass
-
         async def guest_side() -> None:
             await guest.get_message()  # the Run
             await guest.aclose()
 
         nursery.start_soon(guest_side)
         with pytest.raises(ConnectionLost):
-            await session.run(["sleep", "100"], emit)
+            async for _ in session.run(["sleep", "100"]):
+                pass
 
 
 async def test_promotion_times_out(autojump_clock: trio.testing.MockClock) -> None:

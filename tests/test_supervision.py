@@ -14,10 +14,11 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.config import parse_config
+from fireclaw.pool.drivers import ProcessDriver
 from fireclaw.pool.drivers.base import VmSpec
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor.state import Store
 
 
@@ -71,7 +72,7 @@ class ScriptedDriver:
         return vm
 
 
-def make_group(tmp_path: Path, driver: ScriptedDriver, restart: str) -> RoleGroup:
+def make_group(tmp_path: Path, driver: ScriptedDriver | ProcessDriver, restart: str) -> RoleGroup:
     config = parse_config(
         "version: 1\ncontrol: {boot_timeout: 1000}\n"
         "roles:\n  worker:\n    pool: {min_idle: 1, max_active: 1}\n"
