@@ -6,8 +6,9 @@ to (supervisor/client.py), prints what it got (supervisor/cli_format.py) and
 returns the exit status. A command that fails raises ``CliError`` (one line and
 its exit status) or ``UsageError`` (exit 2); ``cli.main`` prints them.
 
-Standard library only at import: the config package, the pool and the
-supervisor itself are imported by the commands that need them.
+Standard library only at import, and little of it: the API client, the config
+package, the pool and the supervisor itself are imported by the commands that
+need them, since every module a command imports adds to its start-up time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_format import (
@@ -31,7 +32,9 @@ from fireclaw.supervisor.cli_format import (
     summary,
     table,
 )
-from fireclaw.supervisor.client import ApiClient
+
+if TYPE_CHECKING:
+    from fireclaw.supervisor.client import ApiClient
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -109,6 +112,8 @@ def socket_path(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from fireclaw.supervisor.client import ApiClient
+
     return ApiClient(socket_path(args))
 
 
