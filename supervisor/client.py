@@ -81,8 +81,13 @@ class _Answer:
                 event = self._conn.next_event()
                 if event is not h11.NEED_DATA:
                     return event
-                self._conn.receive_data(self._sock.recv(_READ_SIZE))
+                data = self._sock.recv(_READ_SIZE)
+                if not data and self._conn.their_state is h11.SEND_RESPONSE:
+                    raise _BadAnswer("the daemon closed the connection without answering")
+                self._conn.receive_data(data)
         except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:  # h11's word for a head over the limit
+                raise _BadAnswer(f"answer head over {_MAX_HEAD} bytes") from None
             raise _BadAnswer(str(exc)) from None
 
     def chunks(self) -> Iterator[bytes]:
