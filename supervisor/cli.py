@@ -44,10 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
 
-from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_commands import (
     DEFAULT_CONFIG,
     CliError,
@@ -73,6 +70,13 @@ from fireclaw.supervisor.cli_commands import (
     version,
 )
 from fireclaw.supervisor.cli_format import PROG, one_line
+
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -292,12 +296,13 @@ def _no_arguments(p: _Parser) -> None:
     pass
 
 
-#: A command as the parser adds it: its name, its help line, what adds its own
-#: arguments and the function that runs it; both None for ``image``, a group of
-#: commands.
-_Entry = tuple[
-    str, str, Callable[[_Parser], None] | None, Callable[[argparse.Namespace], int] | None
-]
+if TYPE_CHECKING:
+    #: A command as the parser adds it: its name, its help line, what adds its own
+    #: arguments and the function that runs it; both None for ``image``, a group
+    #: of commands.
+    _Entry = tuple[
+        str, str, Callable[[_Parser], None] | None, Callable[[argparse.Namespace], int] | None
+    ]
 
 
 def _commands() -> list[_Entry]:
@@ -456,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(str(exc))
             return 1
         if _is_error(exc, "fireclaw.config", "ConfigError"):
+            from fireclaw.guest_daemon.exits import EX_CONFIG
+
             _fail(str(exc))
             return EX_CONFIG
         if os.environ.get("FIRECLAW_DEBUG"):

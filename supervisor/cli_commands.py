@@ -18,9 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
-from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_format import (
     PROG,
     cell,
@@ -33,7 +31,12 @@ from fireclaw.supervisor.cli_format import (
     table,
 )
 
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from fireclaw.supervisor.client import ApiClient
 
 __all__ = [
@@ -98,6 +101,7 @@ def state_dir(args: argparse.Namespace) -> str:
     if given:
         return str(given)
     from fireclaw.config import ConfigError, load_config
+    from fireclaw.guest_daemon.exits import EX_CONFIG
 
     try:
         config = load_config(args.config or DEFAULT_CONFIG)
@@ -301,6 +305,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _dict(_client(args).post("/reload", timeout=DOWN_TIMEOUT), "reload result")
     if not result.get("ok", True):
+        from fireclaw.guest_daemon.exits import EX_CONFIG
+
         raise CliError(f"reload rejected: {result.get('error') or 'no reason given'}", EX_CONFIG)
     applied = result.get("applied")
     print("reloaded" + (f": {summary(applied)}" if applied else ""))
@@ -360,6 +366,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fireclaw.config import ConfigError, load_config
+    from fireclaw.guest_daemon.exits import EX_CONFIG
     from fireclaw.supervisor.doctor import examine
 
     try:

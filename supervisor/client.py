@@ -1,12 +1,16 @@
 """A small synchronous client for the control API (see ``api.py`` for the routes).
 
-It serves the command line, so it is built to start fast: a blocking unix
-socket from the standard library framed by h11 (as the server is,
-supervisor/api_http.py), and nothing else. The commands that never reach the
-daemon do not import this module. One connection per request, as the server
-closes every connection after its response. Whoever can
-open ``<state_dir>/api.sock`` (mode 0600) controls the swarm: the client adds
-nothing to that and needs nothing else.
+It serves the command line, which must start fast, so it uses the standard
+library only (socket, json) and reads the daemon's answers itself. Neither HTTP
+library would do here: h11 (which the server uses) imports dataclasses and with
+it inspect and ast, and http.client the email package and ssl; either one took
+as long to import as the rest of a ``run`` command's start together (about
+20 ms of CPU on the development machine). The answers to read are the ones
+supervisor/api_http.py writes: HTTP/1.1, ``Connection: close``, a
+``Content-Length`` or a chunked body; anything else is refused as a lost
+connection. One connection per request, as the server closes every connection
+after its response. Whoever can open ``<state_dir>/api.sock`` (mode 0600)
+controls the swarm: the client adds nothing to that and needs nothing else.
 
 Exceptions (every message is one line)::
 
@@ -20,10 +24,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Generator, Iterator, Mapping
-from typing import Any
 
-import h11
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Generator, Iterator, Mapping
+    from typing import Any
 
 __all__ = ["DEFAULT_TIMEOUT", "ApiClient", "ApiError", "SwarmNotRunning"]
 
@@ -32,7 +39,7 @@ DEFAULT_TIMEOUT = 30.0
 # A /run output line carries at most one base64-encoded chunk, well below this.
 _MAX_LINE = 1024 * 1024
 _MAX_HEAD = 16 * 1024
-_READ_SIZE = 65536
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class ApiError(Exception):
@@ -57,49 +64,67 @@ class _BadAnswer(Exception):
     """The daemon's answer is not the HTTP/1.1 it speaks."""
 
 
-class _Answer:
-    """The daemon's answer to one request, read off the socket through h11.
+class _Response:
+    """An HTTP/1.1 answer read straight off the socket: its head at once (at most
+    ``_MAX_HEAD`` bytes), its body as it arrives. A malformed answer raises
+    ``_BadAnswer``, a dead or silent socket ``OSError`` (``TimeoutError`` past
+    the socket's timeout)."""
 
-    Made once the response head is in; the body is read as it arrives. A
-    malformed answer raises ``_BadAnswer``, a dead or silent socket ``OSError``
-    (``TimeoutError`` past the socket's timeout)."""
-
-    def __init__(self, sock: socket.socket, conn: h11.Connection) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._conn = conn
-        event = self._next_event()
-        while isinstance(event, h11.InformationalResponse):
-            event = self._next_event()
-        if not isinstance(event, h11.Response):
-            raise _BadAnswer("the connection ended before the answer")
-        self.status = event.status_code
-        self.reason = event.reason.decode("latin-1")
-
-    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        try:
-            while True:
-                event = self._conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                data = self._sock.recv(_READ_SIZE)
-                if not data and self._conn.their_state is h11.SEND_RESPONSE:
-                    raise _BadAnswer("the daemon closed the connection without answering")
-                self._conn.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            if exc.error_status_hint == 431:  # h11's word for a head over the limit
-                raise _BadAnswer(f"answer head over {_MAX_HEAD} bytes") from None
-            raise _BadAnswer(str(exc)) from None
+        self._file = sock.makefile("rb")
+        line = self._file.readline(_MAX_HEAD)
+        if not line:
+            raise _BadAnswer("the daemon closed the connection without answering")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise _BadAnswer(f"bad status line {line[:60]!r}")
+        self.status = int(parts[1])
+        self.reason = parts[2].strip().decode("latin-1") if len(parts) > 2 else ""
+        self._headers: dict[str, str] = {}
+        size = len(line)
+        while True:
+            line = self._file.readline(_MAX_HEAD)
+            size += len(line)
+            if size > _MAX_HEAD or not line.endswith(b"\n"):
+                raise _BadAnswer("answer head too long or cut short")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise _BadAnswer(f"bad header line {line[:60]!r}")
+            self._headers[name.strip().lower()] = value.strip()
 
     def chunks(self) -> Iterator[bytes]:
         """The body, piece by piece as it arrives."""
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
+        if self._headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = self._file.readline(_MAX_HEAD)
+                digits = size_line.split(b";", 1)[0].strip()
+                if not size_line:
+                    raise _BadAnswer("answer cut short")
+                if not digits or digits.strip(_HEX_DIGITS):
+                    raise _BadAnswer(f"bad chunk size {size_line[:20]!r}")
+                size = int(digits, 16)
+                if size == 0:
+                    return
+                data = self._file.read(size + 2)
+                if len(data) != size + 2:
+                    raise _BadAnswer("answer cut short")
+                if not data.endswith(b"\r\n"):
+                    raise _BadAnswer("a chunk longer than its size")
+                yield data[:-2]
+        elif "content-length" in self._headers:
+            if not self._headers["content-length"].isdigit():
+                raise _BadAnswer(f"bad Content-Length {self._headers['content-length'][:20]!r}")
+            length = int(self._headers["content-length"])
+            data = self._file.read(length)
+            if len(data) != length:
                 raise _BadAnswer("answer cut short")
+            yield data
+        else:
+            while data := self._file.read1(65536):
+                yield data
 
     def read(self) -> bytes:
         return b"".join(self.chunks())
@@ -118,12 +143,8 @@ class _Answer:
             yield pending
 
     def close(self) -> None:
+        self._file.close()
         self._sock.close()
-
-
-def _frame(conn: h11.Connection, *events: h11.Event) -> bytes:
-    """The bytes that send ``events`` (none of them ConnectionClosed) on ``conn``."""
-    return b"".join(conn.send(event) or b"" for event in events)
 
 
 def _error_message(status: int, reason: str, data: bytes) -> str:
@@ -217,7 +238,7 @@ class ApiClient:
 
     def _open(
         self, method: str, target: str, body: Mapping[str, Any] | None, timeout: float | None
-    ) -> _Answer:
+    ) -> _Response:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -228,28 +249,21 @@ class ApiClient:
         except OSError as exc:
             sock.close()
             raise ApiError(f"cannot connect to {self.path}: {exc.strerror or exc}") from exc
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-        headers = [("Host", "localhost"), ("Accept", "application/json")]
         data = b""
+        head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
-            headers.append(("Content-Type", "application/json"))
-        if body is not None or method == "POST":
-            headers.append(("Content-Length", str(len(data))))
-        request = _frame(
-            conn,
-            h11.Request(method=method, target=target, headers=headers),
-            *([h11.Data(data=data)] if data else []),
-            h11.EndOfMessage(),
-        )
+            head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        elif method == "POST":
+            head += "Content-Length: 0\r\n"
         try:
             try:
-                sock.sendall(request)
+                sock.sendall(head.encode() + b"\r\n" + data)
             except (BrokenPipeError, ConnectionResetError):
                 # The daemon may have refused the request before reading all of it
                 # (a body over its limit); its answer is still there to read.
                 pass
-            return _Answer(sock, conn)
+            return _Response(sock)
         except TimeoutError as exc:
             sock.close()
             raise _no_answer(timeout) from exc
