@@ -31,12 +31,15 @@ shell. Every error is one line on stderr starting with ``fireclaw-swarm: ``.
 This module holds the parser and ``main``; the commands are in
 supervisor/cli_commands.py, what they print in supervisor/cli_format.py.
 
-A command costs little more than the interpreter's own start: at start only
-argparse, json and the command modules are imported; the API client (socket and
-h11), the config package and the supervisor are imported by the commands that
-need them, and a command line that names its command plainly gets a parser
-holding that command alone (``parse_args``). tests/test_cli_startup.py keeps
-the heavy modules off the ``run`` and ``status`` path.
+A command should cost little more than the interpreter's own start. At start
+only argparse, json and the command modules are imported (not even typing: the
+modules name their types for the type checker alone); the API client (socket,
+and its own HTTP reader), the config package and the supervisor are imported
+by the commands that need them; a command line that names its command plainly
+gets a parser holding that command alone (``parse_args``), and ``--version``
+looks the version up only when asked. tests/test_cli_startup.py keeps the
+heavy modules off the ``run`` and ``status`` path; bench/process_driver.py
+measures the cost against ``python -c pass``.
 """
 
 from __future__ import annotations
