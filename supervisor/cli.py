@@ -309,8 +309,9 @@ if TYPE_CHECKING:
 
 
 def _commands() -> list[_Entry]:
-    """Every command, in the order ``--help`` lists them. A function (built when
-    asked for, so that the command functions are looked up when a parser is)."""
+    """Every command, in the order ``--help`` lists them: a function rather than a
+    constant, so that a parser takes the command functions this module holds
+    when the parser is built."""
     return [
         ("up", "run the supervisor in the foreground", _up, cmd_up),
         ("status", "show roles and agents", _json, cmd_status),
