@@ -18,8 +18,14 @@ What it measures, on this machine:
    ``fireclaw-swarm --state-dir S run -- true`` from spawn to exit: the
    operator's end-to-end, the CLI's Python start-up included. Interleaved with
    those, the same number of runs through ``ApiClient.stream("/run")``, timed
-   until the stream is consumed, give the latency without the CLI start-up.
-   Every run must exit 0.
+   until the stream is consumed, give the latency without the CLI start-up,
+   and the same number of ``python -c pass`` (this interpreter, the CLI's own,
+   spawned and timed as the CLI is) give the floor no command can go below.
+   Reported beside them: the CLI's p50 over (floor p50 + API p50), whose aim
+   is at most 2, the load average before and after, and the CPU time of the
+   CLI's and the floor's processes (user + system, from the kernel's account
+   of the reaped child), which a loaded machine stretches far less than their
+   wall times. Every run must exit 0.
 3. An idle fleet. The same supervisor is scaled to 200 VMs (``POST /scale``);
    the bench reports how long the pool took to reach 200 idle (and 90% of
    it), with the restarts and the crash reasons the event log gives for VMs
@@ -64,9 +70,12 @@ was left behind; 1 otherwise; 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import os
+import resource
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +115,7 @@ from fireclaw.pool.drivers import ProcessDriver
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
 from fireclaw.pool.runtime import Runtime
+from fireclaw.supervisor import cli as fireclaw_cli
 from fireclaw.supervisor.state import Store
 
 HERE = Path(__file__).resolve().parent
@@ -118,6 +128,10 @@ SETTLE_S = 5.0
 # Boots of a whole fleet at once share a few cores: far above one boot's time.
 BOOT_TIMEOUT = 120.0
 FILL_TIMEOUT = 900.0
+#: The aim for ``run -- true`` through the CLI: p50 at most this many times the
+#: interpreter's start plus the API call, both measured in the same run.
+CLI_RATIO_AIM = 2.0
+FLOOR_SHOWN = "python -c pass"
 
 
 def swarm_yaml(role: str, *, min_idle: int, control: str) -> str:
@@ -309,17 +323,56 @@ def pool_settled(role: str, n: int) -> Callable[[dict[str, Any]], bool]:
 # ---------------------------------------------------------------- 2. run -- true
 
 
+def child_cpu_ms(call: Callable[[], Any]) -> tuple[Any, float]:
+    """``call()``'s result and the CPU time (user + system, ms) of the children it
+    reaped: the one process it ran (the supervisor, not yet reaped, is not counted)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = call()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result, used * 1000
+
+
+def timed_floor() -> int:
+    """``python -c pass`` with this interpreter (the CLI's: the bench runs with the
+    venv's python), spawned and timed from spawn to exit as ``timed_cli_run``
+    times the CLI: nanoseconds."""
+    start = time.perf_counter_ns()
+    done = subprocess.run(
+        [sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+    )
+    took = time.perf_counter_ns() - start
+    if done.returncode != 0:
+        raise BenchError(f"{FLOOR_SHOWN} exited {done.returncode}: {done.stderr.decode()!r}")
+    return took
+
+
 def bench_runs(sup: Supervisor, role: str, n: int, out: dict[str, Any]) -> None:
-    print(f"[2/3] run -- true: {n} runs through the CLI, {n} through the API", flush=True)
+    print(
+        f"[2/3] run -- true: {n} runs through the CLI, {n} through the API, {n} {FLOOR_SHOWN}",
+        flush=True,
+    )
     out["cli_command"] = CLI_RUN_SHOWN
+    out["floor_command"] = f"{sys.executable} -c pass"
+    # The CLI runs as installed: from byte code, even where PYTHONDONTWRITEBYTECODE
+    # has left it stale (each run would compile the changed modules again).
+    compileall.compile_dir(Path(fireclaw_cli.__file__).parents[1], quiet=1)
+    out["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
     cli: list[int] = []
     api: list[int] = []
+    floor: list[int] = []
+    cli_cpu: list[float] = []
+    floor_cpu: list[float] = []
     failures: list[str] = []
     t0 = time.perf_counter()
     for i in range(n):
         sup.wait_for("a settled pool", pool_settled(role, RUN_POOL), BOOT_TIMEOUT)
-        took, problem = timed_cli_run(sup, timeout=120)
+        took_floor, cpu = child_cpu_ms(timed_floor)
+        floor.append(took_floor)
+        floor_cpu.append(cpu)
+        (took, problem), cpu = child_cpu_ms(lambda: timed_cli_run(sup, timeout=120))
         cli.append(took)
+        cli_cpu.append(cpu)
         if problem is not None:
             failures.append(f"cli run {i}: {problem}")
 
@@ -331,11 +384,25 @@ def bench_runs(sup: Supervisor, role: str, n: int, out: dict[str, Any]) -> None:
         if (i + 1) % max(1, n // 5) == 0:
             print(f"  {i + 1}/{n} runs", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     out.update(
         cli_and_api(
             summary_ms([s / 1e6 for s in cli], digits=4, samples=True),
             summary_ms([s / 1e6 for s in api], digits=4, samples=True),
         )
+    )
+    out["floor"] = summary_ms([s / 1e6 for s in floor], digits=4, samples=True)
+    out["cli_cpu"] = summary_ms(cli_cpu, digits=1, samples=True)
+    out["floor_cpu"] = summary_ms(floor_cpu, digits=1, samples=True)
+    out["cli_ratio_p50"] = round(
+        out["cli"]["p50_ms"] / (out["floor"]["p50_ms"] + out["api"]["p50_ms"]), 3
+    )
+    out["cli_ratio_aim"] = CLI_RATIO_AIM
+    print(
+        f"  p50: CLI {out['cli']['p50_ms']:.1f} ms, API {out['api']['p50_ms']:.1f} ms,"
+        f" {FLOOR_SHOWN} {out['floor']['p50_ms']:.1f} ms;"
+        f" CLI / (floor + API) = {out['cli_ratio_p50']:.2f}",
+        flush=True,
     )
     out["failures"] = failures
     if failures:
@@ -501,12 +568,29 @@ def table(results: dict[str, Any]) -> str:
         ]
     r = results.get("run", {})
     if "cli" in r:
+        ratio, aim = r["cli_ratio_p50"], r["cli_ratio_aim"]
+        verdict = "met" if ratio <= aim else f"missed by {ratio / aim - 1:.0%}"
         rows += [
             (f"run -- true, CLI p50 / p99 / max (n={r['cli']['n']})", _ms3(r["cli"], 1)),
             (f"run -- true, API p50 / p99 / max (n={r['api']['n']})", _ms3(r["api"], 1)),
+            (f"{FLOOR_SHOWN} p50 / p99 / max (n={r['floor']['n']})", _ms3(r["floor"], 1)),
+            (
+                "run: CLI / (floor + API), p50",
+                f"{ratio:.2f} (aim <= {aim:g}: {verdict})",
+            ),
             (
                 "run: CLI start-up share (p50 CLI - p50 API)",
                 f"{r['cli_startup_share_p50_ms']:.1f} ms",
+            ),
+            (
+                "run: CPU of the process, p50 / max: CLI; floor",
+                f"{r['cli_cpu']['p50_ms']:.1f} / {r['cli_cpu']['max_ms']:.1f} ms;"
+                f" {r['floor_cpu']['p50_ms']:.1f} / {r['floor_cpu']['max_ms']:.1f} ms",
+            ),
+            (
+                "run: load average (1 / 5 / 15 min) before; after",
+                f"{' / '.join(map(str, r['loadavg_before']))};"
+                f" {' / '.join(map(str, r['loadavg_after']))}",
             ),
             ("run: exit codes", "all 0" if not r["failures"] else f"{len(r['failures'])} not 0"),
         ]

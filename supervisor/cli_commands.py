@@ -6,8 +6,9 @@ to (supervisor/client.py), prints what it got (supervisor/cli_format.py) and
 returns the exit status. A command that fails raises ``CliError`` (one line and
 its exit status) or ``UsageError`` (exit 2); ``cli.main`` prints them.
 
-Standard library only at import: the config package, the pool and the
-supervisor itself are imported by the commands that need them.
+Standard library only at import, and little of it: the API client, the config
+package, the pool and the supervisor itself are imported by the commands that
+need them, since every module a command imports adds to its start-up time.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
-from fireclaw.guest_daemon.exits import EX_CONFIG
 from fireclaw.supervisor.cli_format import (
     PROG,
     cell,
@@ -31,7 +30,14 @@ from fireclaw.supervisor.cli_format import (
     summary,
     table,
 )
-from fireclaw.supervisor.client import ApiClient
+
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from fireclaw.supervisor.client import ApiClient
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -95,6 +101,7 @@ def state_dir(args: argparse.Namespace) -> str:
     if given:
         return str(given)
     from fireclaw.config import ConfigError, load_config
+    from fireclaw.guest_daemon.exits import EX_CONFIG
 
     try:
         config = load_config(args.config or DEFAULT_CONFIG)
@@ -109,6 +116,8 @@ def socket_path(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from fireclaw.supervisor.client import ApiClient
+
     return ApiClient(socket_path(args))
 
 
@@ -296,6 +305,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _dict(_client(args).post("/reload", timeout=DOWN_TIMEOUT), "reload result")
     if not result.get("ok", True):
+        from fireclaw.guest_daemon.exits import EX_CONFIG
+
         raise CliError(f"reload rejected: {result.get('error') or 'no reason given'}", EX_CONFIG)
     applied = result.get("applied")
     print("reloaded" + (f": {summary(applied)}" if applied else ""))
@@ -355,6 +366,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fireclaw.config import ConfigError, load_config
+    from fireclaw.guest_daemon.exits import EX_CONFIG
     from fireclaw.supervisor.doctor import examine
 
     try:

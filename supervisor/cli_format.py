@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from typing import Any
 
 __all__ = [
     "PROG",

@@ -1,8 +1,16 @@
 """A small synchronous client for the control API (see ``api.py`` for the routes).
 
-It uses the standard library only (socket, json) so that the CLI,
-which is all it serves, starts fast. One connection per request, as the server
-closes every connection after its response.
+It serves the command line, which must start fast, so it uses the standard
+library only (socket, json) and reads the daemon's answers itself. Neither HTTP
+library would do here: h11 (which the server uses) imports dataclasses and with
+it inspect and ast, and http.client the email package and ssl; either one took
+as long to import as the rest of a ``run`` command's start together (about
+20 ms of CPU on the development machine). The answers to read are the ones
+supervisor/api_http.py writes: HTTP/1.1, ``Connection: close``, a
+``Content-Length`` or a chunked body; anything else is refused as a lost
+connection. One connection per request, as the server closes every connection
+after its response. Whoever can open ``<state_dir>/api.sock`` (mode 0600)
+controls the swarm: the client adds nothing to that and needs nothing else.
 
 Exceptions (every message is one line)::
 
@@ -16,8 +24,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Generator, Iterator, Mapping
-from typing import Any
+
+# Names for the type checker alone: importing ``typing`` costs a command's start
+# a few milliseconds (tests/test_cli_startup.py keeps it off the run path).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Generator, Iterator, Mapping
+    from typing import Any
 
 __all__ = ["DEFAULT_TIMEOUT", "ApiClient", "ApiError", "SwarmNotRunning"]
 
@@ -26,6 +39,7 @@ DEFAULT_TIMEOUT = 30.0
 # A /run output line carries at most one base64-encoded chunk, well below this.
 _MAX_LINE = 1024 * 1024
 _MAX_HEAD = 16 * 1024
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class ApiError(Exception):
@@ -51,17 +65,17 @@ class _BadAnswer(Exception):
 
 
 class _Response:
-    """An HTTP/1.1 answer read straight off the socket.
-
-    ``http.client`` would do, but it imports the ``email`` package, which is
-    most of a CLI command's start-up time. The daemon's answers are simple
-    (``Connection: close``; a ``Content-Length`` or a chunked body), so a
-    reader for exactly those is small."""
+    """An HTTP/1.1 answer read straight off the socket: its head at once (at most
+    ``_MAX_HEAD`` bytes), its body as it arrives. A malformed answer raises
+    ``_BadAnswer``, a dead or silent socket ``OSError`` (``TimeoutError`` past
+    the socket's timeout)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._file = sock.makefile("rb")
         line = self._file.readline(_MAX_HEAD)
+        if not line:
+            raise _BadAnswer("the daemon closed the connection without answering")
         parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise _BadAnswer(f"bad status line {line[:60]!r}")
@@ -86,17 +100,23 @@ class _Response:
         if self._headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
                 size_line = self._file.readline(_MAX_HEAD)
-                try:
-                    size = int(size_line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise _BadAnswer("bad chunk size") from None
+                digits = size_line.split(b";", 1)[0].strip()
+                if not size_line:
+                    raise _BadAnswer("answer cut short")
+                if not digits or digits.strip(_HEX_DIGITS):
+                    raise _BadAnswer(f"bad chunk size {size_line[:20]!r}")
+                size = int(digits, 16)
                 if size == 0:
                     return
                 data = self._file.read(size + 2)
                 if len(data) != size + 2:
                     raise _BadAnswer("answer cut short")
+                if not data.endswith(b"\r\n"):
+                    raise _BadAnswer("a chunk longer than its size")
                 yield data[:-2]
         elif "content-length" in self._headers:
+            if not self._headers["content-length"].isdigit():
+                raise _BadAnswer(f"bad Content-Length {self._headers['content-length'][:20]!r}")
             length = int(self._headers["content-length"])
             data = self._file.read(length)
             if len(data) != length:
