@@ -217,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="one more Debian package (podman: chat agents get the podman_run tool)",
     )
+    p.add_argument(
+        "--with",
+        dest="clis",
+        default="",
+        metavar="CLI,...",
+        help="coding-agent CLIs to install: claude-code, codex, gemini-cli, opencode, aider",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
     add("reload", cmd_reload, "re-read the config file and apply the changes")
     p = add("down", cmd_down, "stop the supervisor and all its VMs")
