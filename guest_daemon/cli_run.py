@@ -121,13 +121,16 @@ class Collector:
             case Unknown(type=kind):
                 log.info("cli: an event of type %s, not known to its spec", kind[:40])
 
-    def claim(self, cli: str, metered: bool) -> str:
-        """The usage report as the audit trail keeps it: marked as the CLI's own."""
+    def claim(self, cli: str, metered: bool, resumed: str | None) -> str:
+        """The usage report as the audit trail keeps it: marked as the CLI's own,
+        with the session it ran in and the one it was started to resume."""
         usage = self.usage or Usage()
         return json.dumps(
             {
                 "cli": cli,
                 "claim": "the CLI's own report; budgets count what the gateway metered",
+                "session": self.session,
+                "resumed": resumed,
                 "through_gateway": metered,
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
@@ -304,7 +307,7 @@ async def run_cli(
             with trio.move_on_after(REAP_TIMEOUT):
                 await proc.wait()
     elapsed = trio.current_time() - started
-    await audit(USAGE_TOOL, seen.claim(spec.name, run.metered), code, elapsed, "")
+    await audit(USAGE_TOOL, seen.claim(spec.name, run.metered, resumed), code, elapsed, "")
     text_err = stderr.kept.decode("utf-8", errors="replace")
     code, text = seen.outcome(spec.name, code, note=note, stderr=text_err)
     session = await _keep_session(spec, seen, code, root=root, user=user, env=env)

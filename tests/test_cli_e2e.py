@@ -100,6 +100,7 @@ def test_a_task_on_irc_is_answered_by_the_cli_through_the_gateway(tmp_path: Path
 
         # The gateway carried the CLI's model calls and wrote them to the ledger
         # under this task, with the server's own counts.
+        print(swarm.cli("usage", "--by", "task").stdout.decode())
         usage = json.loads(swarm.cli("usage", "--by", "task", "--json").stdout)
         rows = [r for r in usage["rows"] if r["key"] == task_id]
         assert len(rows) == 1 and rows[0]["calls"] >= 1, usage
@@ -111,6 +112,7 @@ def test_a_task_on_irc_is_answered_by_the_cli_through_the_gateway(tmp_path: Path
         ]
         assert len(events) == 1, events
         claim = json.loads(events[0]["detail"]["arguments"])
+        print(f"usage_claim: {json.dumps(claim)}")
         assert claim["cli"] == cli and claim["through_gateway"] is True
         assert "claim" in claim
         assert claim["input_tokens"] > 0

@@ -161,6 +161,11 @@ async def test_opencode_answers_keeps_its_session_and_resumes_it(opencode: Bench
 
     second = await opencode.run(cli, "What did I ask you?")
     assert second.code == 0 and second.session == first.session
+    claims = [json.loads(args) for tool, args, _ in opencode.audit if tool == USAGE_TOOL]
+    assert [(c["session"], c["resumed"]) for c in claims] == [
+        (first.session, None),
+        (first.session, first.session),
+    ]
     run1, run2 = opencode.runs()
     assert "--session" not in run1["argv"]  # type: ignore[operator]
     argv2 = run2["argv"]
