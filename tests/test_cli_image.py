@@ -29,6 +29,7 @@ from fireclaw.supervisor.harness_checks import (
     read_role_secrets,
 )
 from fireclaw.supervisor.secretfile import SecretFileError
+from swarmctl import NOTHING, WAIT, Swarm, role_yaml, swarm_yaml
 
 PINS = ("msgspec==0.22.0", "trio==0.35.0")
 
@@ -205,3 +206,54 @@ def test_secret_file_errors_never_hold_the_value(keys: Path) -> None:
     with pytest.raises(SecretFileError) as info:
         read_role_secrets(keys, ["BAD"])
     assert "sk-value" not in str(info.value) and str(bad) in str(info.value)
+
+
+# --- at start and reload, for real ------------------------------------------------------
+
+
+def gemini_role(secrets_dir: Path) -> str:
+    # gemini-cli needs no model server (it cannot use the gateway): only its own key.
+    return role_yaml(
+        "gem",
+        min_idle=0,
+        extra=f"harness: {{kind: gemini-cli, secrets_dir: {secrets_dir},"
+        " secrets: [GEMINI_API_KEY]}\n",
+    )
+
+
+def test_a_missing_secret_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "keys" / "GEMINI_API_KEY"
+    swarm = Swarm(tmp_path, swarm_yaml(gemini_role(tmp_path / "keys")))
+    with pytest.raises(AssertionError, match="no READY=1"):
+        swarm.start(timeout=WAIT)
+    assert swarm.proc is not None and swarm.proc.wait(WAIT) != 0
+    assert f"fireclaw-swarm: roles.gem.harness.secrets: {missing}: no such file" in swarm.tail()
+    swarm.close()
+    assert swarm.leftovers() == NOTHING
+
+
+def test_a_reload_to_a_role_whose_secret_is_open_is_rejected(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=0)))
+    swarm.start(timeout=WAIT)
+    try:
+        keys = tmp_path / "keys"
+        keys.mkdir()
+        (keys / "GEMINI_API_KEY").write_text("AIza-test\n")
+        (keys / "GEMINI_API_KEY").chmod(0o640)
+        swarm.config.write_text(swarm_yaml(role_yaml("worker", min_idle=0), gemini_role(keys)))
+        out = swarm.cli("reload")
+        assert out.returncode != 0
+        error = out.stderr.decode().strip()
+        assert error.startswith(
+            "fireclaw-swarm: reload rejected: roles.gem.harness.secrets:"
+            f" {keys / 'GEMINI_API_KEY'}: group or others may use it"
+        ), error
+        assert "AIza" not in error
+        assert "gem" not in swarm.status()["roles"]
+        (keys / "GEMINI_API_KEY").chmod(0o600)
+        assert swarm.cli("reload").returncode == 0
+        assert "gem" in swarm.status()["roles"]
+        assert swarm.stop() == 0
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
