@@ -31,7 +31,7 @@ import posixpath
 import re
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -69,6 +69,9 @@ USAGE_TOOL: Final = "usage_claim"
 EXIT_NO_ANSWER: Final = 1
 #: Exit code of a run that could not be set up (a spec that refuses what it was given).
 EXIT_SETUP: Final = 78
+#: Tool uses of one run put on the audit trail; a CLI that says it used more is
+#: still read to its end, its further tool uses counted but not sent.
+MAX_AUDITED_TOOLS: Final = 1000
 #: Seconds the agent user's helper may take to make a folder or write a file.
 HELPER_TIMEOUT: Final = 30.0
 
@@ -93,13 +96,13 @@ def tool_name(name: str) -> str:
 @dataclass
 class Collector:
     """What a run's events add up to (no I/O): its session, answer, failure or
-    question, the tools it used, and the sum of its own usage reports."""
+    question, how many tools it used, and the sum of its own usage reports."""
 
     session: str | None = None
     answer: Result | None = None
     failure: Failure | None = None
     question: Question | None = None
-    tools: list[ToolUse] = field(default_factory=list)
+    tools: int = 0  # how many it used
     usage: Usage | None = None
 
     def take(self, event: CliEvent) -> None:
@@ -115,7 +118,7 @@ class Collector:
             case Failure(message=message):
                 log.info("cli: %s", one_line(message, 200))
             case ToolUse():
-                self.tools.append(event)
+                self.tools += 1
             case Usage():
                 self.usage = event if self.usage is None else _add(self.usage, event)
             case Unknown(type=kind):
@@ -137,6 +140,7 @@ class Collector:
                 "cached_tokens": usage.cached_tokens,
                 "cost_usd": usage.cost_usd,
                 "exact": usage.exact,
+                "tool_uses": self.tools,
             }
         )
 
@@ -283,7 +287,7 @@ async def run_cli(
         while chunk := await proc.stdout.receive_some(MAX_OUTPUT_CHUNK):
             for event in parser.feed(bytes(chunk)):
                 seen.take(event)
-                if isinstance(event, ToolUse):
+                if isinstance(event, ToolUse) and seen.tools <= MAX_AUDITED_TOOLS:
                     await audit(tool_name(event.name), event.arguments, 0, 0.0, "")
         for event in parser.close():
             seen.take(event)

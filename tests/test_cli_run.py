@@ -23,6 +23,7 @@ import pytest
 import trio
 from fireclaw.guest_daemon.cli_run import (
     EXIT_SETUP,
+    MAX_AUDITED_TOOLS,
     RESUMABLE,
     SESSION_FILE,
     USAGE_TOOL,
@@ -245,6 +246,42 @@ async def test_secrets_reach_the_cli_but_the_gateway_key_wins_its_key_variable(
     assert "--restore-chat-history" not in run1["argv"]  # type: ignore[operator]
     assert "--restore-chat-history" in run2["argv"]  # type: ignore[operator]
     assert "sk-real-upstream" not in repr(cli)
+
+
+async def test_the_tools_it_says_it_used_are_audited(tmp: Path) -> None:
+    codex = Bench(tmp, "codex", agent_user())
+    codex.streams(STREAMS / "codex" / "doc-command.jsonl")
+    ran = await codex.run(CliHarness(cli="codex", gateway=GATEWAY))
+    assert (ran.code, ran.text) == (0, "Two files: README.md and main.py.")
+    (tool, arguments, code), (claim_tool, claim, _) = codex.audit
+    assert (tool, json.loads(arguments), code) == ("cli_shell", {"command": "bash -lc ls"}, 0)
+    assert claim_tool == USAGE_TOOL
+    assert json.loads(claim)["tool_uses"] == 1
+    assert json.loads(claim)["input_tokens"] == 24763
+
+
+async def test_a_flood_of_tool_uses_is_counted_but_audited_only_so_far(tmp: Path) -> None:
+    flood = tmp / "flood.jsonl"
+    line = {"type": "tool_use", "sessionID": "ses_flood", "part": {"tool": "bash", "callID": "c"}}
+    finish = {
+        "type": "step_finish",
+        "sessionID": "ses_flood",
+        "part": {"reason": "stop", "tokens": {"input": 1, "output": 1}},
+    }
+    flood.write_text(
+        "".join(json.dumps(line) + "\n" for _ in range(MAX_AUDITED_TOOLS + 5))
+        + json.dumps(finish)
+        + "\n"
+    )
+    flood.chmod(0o644)
+    bench = Bench(tmp, "opencode", agent_user())
+    bench.streams(flood)
+    ran = await bench.run(CliHarness(cli="opencode", gateway=GATEWAY))
+    assert ran.code == 0
+    tools = [t for t, _, _ in bench.audit if t == "cli_bash"]
+    assert len(tools) == MAX_AUDITED_TOOLS
+    (claim,) = [json.loads(a) for t, a, _ in bench.audit if t == USAGE_TOOL]
+    assert claim["tool_uses"] == MAX_AUDITED_TOOLS + 5
 
 
 async def test_a_cli_that_hangs_is_killed_with_its_group_at_its_timeout(tmp: Path) -> None:
