@@ -5,6 +5,13 @@ line, naming the file and the field); ``diff_config`` says what a reload would
 change.
 """
 
+from fireclaw.config.cli_harness import (
+    CLI_KINDS,
+    ClaudeCodeHarnessSpec,
+    CliHarnessBase,
+    CliHarnessSpec,
+    CliKind,
+)
 from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.irc import (
@@ -31,10 +38,15 @@ from fireclaw.config.model import (
 from fireclaw.guest_daemon.exits import EX_CONFIG
 
 __all__ = [
+    "CLI_KINDS",
     "EX_CONFIG",
     "AnyHarnessSpec",
     "Backoff",
     "ChatHarnessSpec",
+    "ClaudeCodeHarnessSpec",
+    "CliHarnessBase",
+    "CliHarnessSpec",
+    "CliKind",
     "CommandRateSpec",
     "Config",
     "ConfigDiff",

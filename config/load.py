@@ -36,12 +36,14 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import yaml
+from fireclaw.config.cli_harness import CliHarnessBase
 from fireclaw.config.common import POLICY_ALIASES, ROLE_NAME_PATTERN, NonEmptyStr
 from fireclaw.config.errors import ConfigError, convert, show
 from fireclaw.config.http import HttpSpec
 from fireclaw.config.irc import IRC_RESTART, IrcSpec
 from fireclaw.config.llm import MODEL_SERVER_RESTART, BudgetSpec, ModelsSpec
 from fireclaw.config.model import Backend, Config, ControlSpec, NetworkSpec, Role, StopSpec
+from fireclaw.guest_daemon.clis import SPECS
 from msgspec import Meta
 
 try:
@@ -156,6 +158,12 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
                 f"roles.{name}.harness.kind",
                 "chat asks a model: add a models: section (server: managed runs one here)",
             )
+        if isinstance(role.harness, CliHarnessBase):
+            _check_cli(role.harness, models is not None, shown, f"roles.{name}.harness")
+            if role.harness.secrets_dir is not None:
+                folder = (base / pathlib.Path(role.harness.secrets_dir).expanduser()).resolve()
+                harness = msgspec.structs.replace(role.harness, secrets_dir=str(folder))
+                roles[name] = msgspec.structs.replace(role, harness=harness)
     api_key_path = model_path = None
     if models is not None and models.api_key_file is not None:
         api_key_path = (base / pathlib.Path(models.api_key_file).expanduser()).resolve()
@@ -177,6 +185,26 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         api_key_path=api_key_path,
         model_path=model_path,
     )
+
+
+def _check_cli(harness: CliHarnessBase, has_models: bool, shown: str, where: str) -> None:
+    """A CLI harness the swarm can run: a model server for a CLI that goes through
+    the gateway, its own key among ``secrets`` for one that cannot."""
+    spec = SPECS[harness.kind]
+    if spec.gateway is not None and not has_models:
+        raise ConfigError(
+            shown,
+            f"{where}.kind",
+            f"{harness.kind} asks a model through the VM's gateway: add a models: section"
+            " (server: managed runs one here)",
+        )
+    if spec.gateway is None and spec.key_env and spec.key_env not in harness.secrets:
+        raise ConfigError(
+            shown,
+            f"{where}.secrets",
+            f"{harness.kind} cannot go through the VM's gateway and needs its own key:"
+            f" name {spec.key_env} in secrets and put its file in secrets_dir",
+        )
 
 
 _INLINE_SECRET: Final = (

@@ -23,6 +23,7 @@ import re
 from typing import Annotated, Final, Literal
 
 import msgspec
+from fireclaw.config.cli_harness import CliHarnessSpec
 from fireclaw.config.common import (
     ROLE_NAME_PATTERN,
     Argv,
@@ -121,8 +122,9 @@ class ChatHarnessSpec(
         return "chat"
 
 
-#: What ``harness:`` holds; a harness without ``kind`` is a ``command`` one.
-AnyHarnessSpec = HarnessSpec | ChatHarnessSpec
+#: What ``harness:`` holds; a harness without ``kind`` is a ``command`` one. The
+#: coding-agent CLIs' kinds are in cli_harness.py.
+AnyHarnessSpec = HarnessSpec | ChatHarnessSpec | CliHarnessSpec
 
 
 class ControlSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

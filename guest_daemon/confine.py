@@ -13,6 +13,7 @@ so that the kernel checks that user's permissions too::
     python -I confine.py write ROOT PATH           stdin becomes the file (parents made)
     python -I confine.py append ROOT PATH LIMIT    stdin appended unless the file would
                                                    outgrow LIMIT bytes
+    python -I confine.py mkdir ROOT PATH...        each folder made, with its parents
 
 Exit status 0, or 1 with one line on stderr. It imports only the standard
 library and nothing of its package, so it runs with ``-I`` from any directory.
@@ -84,6 +85,31 @@ def open_in(root: str, path: str, flags: int, *, make_parents: bool = False) -> 
     return file_fd
 
 
+def mkdir_in(root: str, path: str) -> None:
+    """Make the folder ``path`` under ``root`` and its parents, each step taken as
+    ``open_in`` takes them; a folder already there is fine."""
+    parts = parts_in(root, path)
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        raise Refused(f"{root}: {exc.strerror}") from None
+    try:
+        for part in parts:
+            try:
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Refused(f"{path}: a symlink or non-directory on the way") from None
+        raise Refused(f"{path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def read_in(root: str, path: str, limit: int) -> bytes:
     """At most ``limit`` bytes of ``path`` under ``root``."""
     fd = open_in(root, path, os.O_RDONLY)
@@ -111,13 +137,16 @@ def main(argv: list[str]) -> int:
                     raise Refused(f"{path} would outgrow {limit} bytes: nothing saved")
                 file.write(data)
             sys.stdout.write(f"saved to {path}\n")
+        elif op == "mkdir":
+            for each in argv[2:]:
+                mkdir_in(root, each)
         else:
             raise Refused(f"unknown operation {op!r}")
     except Refused as exc:
         print(exc, file=sys.stderr)
         return EXIT_REFUSED
     except (IndexError, ValueError):
-        print("usage: confine.py read|write|append ROOT PATH [LIMIT]", file=sys.stderr)
+        print("usage: confine.py read|write|append|mkdir ROOT PATH [LIMIT]", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"{exc.strerror or exc}", file=sys.stderr)

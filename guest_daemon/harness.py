@@ -33,8 +33,10 @@ from .protocol import (
     MAX_OUTPUT_CHUNK,
     MAX_RESULT_BYTES,
     ChatHarness,
+    CliHarness,
     Exited,
     GuestMessage,
+    Harness,
     Output,
     Promote,
     Run,
@@ -73,23 +75,25 @@ class Identity:
     role: str
     persona: str
     model: str
-    argv: tuple[str, ...]  # empty for a chat harness
+    argv: tuple[str, ...]  # empty for a chat or CLI harness
     timeout: float
     workspace: str | None = None  # where its workspace disk is mounted: the harness runs there
     chat: ChatHarness | None = None
+    cli: CliHarness | None = None
 
     @classmethod
     def from_promote(cls, msg: Promote, *, workspace: str | None = None) -> Identity:
-        chat = msg.harness if isinstance(msg.harness, ChatHarness) else None
+        harness = msg.harness
         return cls(
             name=msg.name,
             role=msg.role,
             persona=msg.persona,
             model=msg.model,
-            argv=() if isinstance(msg.harness, ChatHarness) else tuple(msg.harness.argv),
-            timeout=msg.harness.timeout,
+            argv=tuple(harness.argv) if isinstance(harness, Harness) else (),
+            timeout=harness.timeout,
             workspace=workspace,
-            chat=chat,
+            chat=harness if isinstance(harness, ChatHarness) else None,
+            cli=harness if isinstance(harness, CliHarness) else None,
         )
 
 
@@ -265,9 +269,11 @@ async def spawn(
     merge_stderr: bool,
     user: RunAs | None = None,
     stdin: bool = False,
+    overrides: Mapping[str, str] | None = None,
 ) -> trio.Process:
     """Start ``argv`` (no shell) as the leader of a new session, as ``user`` when
-    given (its HOME, USER and LOGNAME set), with a stdin pipe when ``stdin``.
+    given (its HOME, USER and LOGNAME set, then ``overrides``: a CLI's own HOME),
+    with a stdin pipe when ``stdin``.
 
     Raises OSError or ValueError when it cannot be started.
     """
@@ -286,7 +292,7 @@ async def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         cwd=cwd or None,
-        env={**env, **(user.env() if user is not None else {})},
+        env={**env, **(user.env() if user is not None else {}), **(overrides or {})},
         start_new_session=True,
         **options,
     )

@@ -49,7 +49,8 @@ _T = TypeVar("_T")
 
 #: 2: ``Hello.resume`` (a guest that outlived its supervisor says what it holds).
 #: 3: the chat harness (``ChatHarness``, ``Cancel``, ``ToolRan``, ``Run.user``).
-PROTOCOL_VERSION: Final = 3
+#: 4: the coding-agent CLI harness (``CliHarness``).
+PROTOCOL_VERSION: Final = 4
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -217,6 +218,39 @@ class ChatHarness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, t
     tool_timeout: Annotated[float, Meta(gt=0, le=3600)] = 60.0
 
 
+#: The coding-agent CLIs a ``CliHarness`` may name (one spec each in ``clis.py``).
+CliName = Literal["claude-code", "codex", "gemini-cli", "opencode", "aider"]
+EnvVar = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class SecretEnv(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Environment variables read from the role's secrets folder on the host, for
+    the CLI's process only. Its repr names the variables, never their values."""
+
+    values: Annotated[dict[EnvVar, Annotated[str, Meta(max_length=4096)]], Meta(max_length=32)] = (
+        msgspec.field(default_factory=dict)
+    )
+
+    def __repr__(self) -> str:
+        return f"SecretEnv({', '.join(sorted(self.values))})"
+
+
+class CliHarness(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="cli"):
+    """A coding-agent CLI harness: the spec ``cli`` run headless on each task or turn.
+
+    ``gateway`` is the VM's model gateway root as the guest reaches it
+    (``http://HOST:PORT``), or empty for a CLI that cannot go through it. The
+    CLI's own limits are passed where it takes them; ``timeout`` kills its
+    process group."""
+
+    cli: CliName
+    gateway: Annotated[str, Meta(max_length=1024, pattern=r"^(http://[^\s/?#]+)?$")] = ""
+    timeout: Annotated[float, Meta(gt=0, le=86400)] = 900.0
+    max_turns: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    max_budget_usd: Annotated[float, Meta(gt=0, le=100_000)] | None = None
+    secrets: SecretEnv = msgspec.field(default_factory=SecretEnv)
+
+
 class IrcPresence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where and how a named agent appears on IRC, as seen from inside its VM."""
 
@@ -235,7 +269,7 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
     role: Name
     persona: Annotated[str, Meta(max_length=16384)] = ""
     model: Annotated[str, Meta(max_length=256)] = ""
-    harness: Harness | ChatHarness
+    harness: Harness | ChatHarness | CliHarness
     irc: IrcPresence | None = None
     #: The agent's persistent workspace disk is attached: mount it and work in it.
     workspace: bool = False

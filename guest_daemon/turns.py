@@ -34,6 +34,7 @@ import trio
 from .agent import ChatAgent, Model, ToolModes
 from .agent_irc import PRIVATE
 from .answer_stream import Draft
+from .cli_run import CliOutcome, run_cli
 from .harness import (
     Children,
     Identity,
@@ -49,6 +50,7 @@ from .protocol import (
     EXIT_CANCELLED,
     MAX_TOOL_ARGUMENTS,
     MAX_TOOL_OUTPUT,
+    CliHarness,
     Task,
     TaskDone,
     ToolRan,
@@ -167,6 +169,23 @@ class Turns:
     async def task(self, msg: Task) -> None:
         """Serve a ``Task`` with one ``TaskDone``, whatever happens to the turn."""
         identity, agent = self.identity, self.agent
+        if identity is not None and identity.cli is not None:
+            ran: CliOutcome | None = None
+            with self._turn() as scope:
+                ran = await self._run_cli(identity, identity.cli, msg.prompt, msg.task_id)
+            if ran is None or scope.cancelled_caught:
+                note = self._cancel_note(scope)
+                await self._send(TaskDone(task_id=msg.task_id, code=EXIT_CANCELLED, output=note))
+                return
+            await self._send(
+                TaskDone(
+                    task_id=msg.task_id,
+                    code=max(-255, min(255, ran.code)),
+                    output=ran.text,
+                    truncated=ran.truncated,
+                )
+            )
+            return
         if agent is None:
             with self._turn() as scope:
                 await run_task(
@@ -207,6 +226,13 @@ class Turns:
         identity, agent = self.identity, self.agent
         if identity is None:
             return "I am not an agent yet"
+        if identity.cli is not None:
+            ran: CliOutcome | None = None
+            with self._turn() as scope:
+                ran = await self._run_cli(identity, identity.cli, f"{sender}: {text}", 0)
+            if ran is None or scope.cancelled_caught:
+                return self._cancel_note(scope)
+            return ran.text if ran.code == 0 else f"{ran.text}\n(exit {ran.code})"
         if agent is None:
             with self._turn() as scope:
                 code, output, _ = await run_harness(
@@ -238,6 +264,35 @@ class Turns:
         history.append({"role": "user", "content": question})
         history.append({"role": "assistant", "content": outcome.text})
         return outcome.text
+
+    async def _run_cli(
+        self, identity: Identity, cli: CliHarness, prompt: str, task_id: int
+    ) -> CliOutcome:
+        """One run of the agent's CLI, its tools and usage claim on the audit trail."""
+
+        async def audit(tool: str, arguments: str, code: int, duration: float, out: str) -> None:
+            await self._send(
+                ToolRan(
+                    task_id=task_id,
+                    tool=tool,
+                    arguments=cut_bytes(arguments, MAX_TOOL_ARGUMENTS)[0],
+                    code=max(-255, min(255, code)),
+                    duration=max(0.0, min(duration, 86400.0)),
+                    output=cut_bytes(out, MAX_TOOL_OUTPUT)[0],
+                )
+            )
+
+        return await run_cli(
+            cli,
+            prompt,
+            self._children,
+            self._env,
+            root=self.workdir,
+            model=identity.model,
+            user=self.user,
+            audit=audit,
+            label=f"task {task_id}" if task_id else "question",
+        )
 
     async def _audit(self, task_id: int, call: ToolCall, result: ToolResult) -> None:
         arguments, _ = cut_bytes(

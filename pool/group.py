@@ -30,10 +30,11 @@ from functools import partial
 from typing import Final, TypeVar
 
 import trio
-from fireclaw.config import HarnessSpec, Role, role_hash
+from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
+from fireclaw.pool.harness_message import PromotionError, SecretReader, harness_message
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.runtime import Runtime
 from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
@@ -74,8 +75,11 @@ class RoleGroup:
         max_attempts: int,
         scale: int | None,
         adopt: Sequence[Adoptee] = (),
+        secrets: SecretReader | None = None,
     ) -> None:
         self.role = role
+        #: Reads a CLI harness's secrets from the host at each promotion.
+        self.secrets = secrets
         self.rt = runtime
         self.max_attempts = max_attempts
         self.scale_override = scale
@@ -396,25 +400,12 @@ class RoleGroup:
                 cooldown=irc.cooldown,
             )
         model = role.model if agent is None or agent.model is None else agent.model
-        spec = role.harness
-        harness: p.Harness | p.ChatHarness
-        if isinstance(spec, HarnessSpec):
-            harness = p.Harness(argv=list(spec.command), timeout=spec.timeout)
-        elif child.model_endpoint is None:
-            raise GuestLost(f"{child.name} has no model gateway for its chat harness")
-        else:
-            # The guest reaches its model only through the gateway in its own namespace.
-            host, port = child.model_endpoint
-            harness = p.ChatHarness(
-                base_url=f"http://{host}:{port}/v1",
-                model=model,
-                tools=list(spec.tools),
-                tool_mode=spec.tool_mode,
-                max_steps=spec.max_steps,
-                timeout=spec.timeout,
-                max_tokens=spec.max_tokens,
-                tool_timeout=spec.tool_timeout,
+        try:
+            harness = harness_message(
+                role.harness, model=model, gateway=child.model_endpoint, secrets=self.secrets
             )
+        except PromotionError as exc:
+            raise GuestLost(f"{child.name}: {exc}") from None
         return p.Promote(
             name=agent.name if agent is not None else child.name,
             role=role.name,

@@ -251,6 +251,13 @@ def _image_build(p: _Parser) -> None:
         default=[],
         help="one more Debian package (podman: chat agents get the podman_run tool)",
     )
+    p.add_argument(
+        "--with",
+        dest="clis",
+        default="",
+        metavar="CLI,...",
+        help="coding-agent CLIs to install: claude-code, codex, gemini-cli, opencode, aider",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where images go (<state_dir>/images)")
 
 

@@ -288,7 +288,12 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
     try:
         spec = msgspec.convert(
-            {"kernel": args.kernel, "packages": [*DEFAULT_PACKAGES, *args.package]}, ImageSpec
+            {
+                "kernel": args.kernel,
+                "packages": [*DEFAULT_PACKAGES, *args.package],
+                "clis": [name.strip() for name in args.clis.split(",") if name.strip()],
+            },
+            ImageSpec,
         )
     except msgspec.ValidationError as exc:
         raise CliError(f"image build: {exc}") from exc

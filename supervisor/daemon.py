@@ -44,6 +44,13 @@ from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.controller import SupervisorController
+from fireclaw.supervisor.harness_checks import (
+    HarnessUnavailable,
+    check_image_clis,
+    check_role_secrets,
+    needed_clis,
+    read_role_secrets,
+)
 from fireclaw.supervisor.irc_credentials import read_irc_credentials
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
 from fireclaw.supervisor.model_side import ModelSide
@@ -90,6 +97,8 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
         #: VMs left running by a previous supervisor, by name, until their group takes them.
         self._adoptees: dict[str, Adoptee] = {}
         self.modelserver: ManagedModelServer | None = None
+        #: The coding-agent CLIs the guest image has; None: no image (process backend).
+        self.image_clis: tuple[str, ...] | None = None
         self.budgets = Budgets(config.budget, store, on_event=self._on_event)
         self._upstream: Upstream | None = None  # an external model server
         self.overseer: Overseer | None = None
@@ -174,12 +183,19 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
                     await self._setup_backend(root)
                     await self._start_irc(root)
                     await self._start_models(root)
+                    self._check_harnesses(self.config)
                 except BackendUnavailable as exc:
                     self.startup_error = f"backend {self.backend_choice.name}: {exc}"
                     log.error("%s", self.startup_error)
                     root.cancel_scope.cancel()
                     return
-                except (IrcdError, ModelServerError, SecretFileError, HttpServerError) as exc:
+                except (
+                    IrcdError,
+                    ModelServerError,
+                    SecretFileError,
+                    HttpServerError,
+                    HarnessUnavailable,
+                ) as exc:
                     self.startup_error = str(exc)
                     log.error("%s", exc)
                     root.cancel_scope.cancel()
@@ -232,7 +248,9 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
             images=self.state_dir / IMAGES_NAME,
             netns_why=self._netns_why,
             progress=lambda line: log.info("%s", line),
+            clis=needed_clis(self.config),
         )
+        self.image_clis = backend.clis
         self.rt.driver = backend.driver
         self.rt.vmm_overhead_mib = backend.memory_overhead_mib
         self.backend_reason = backend.reason
@@ -267,6 +285,16 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
                 await root.start(templates.run, keep)
                 self.rt.templates = templates
         log.info("backend: %s", self.backend_reason)
+
+    def harness_problem(self, config: Config) -> str | None:
+        """One line naming what the config's CLI harnesses lack here (a CLI the
+        guest image does not have, a secret that cannot be read); None if nothing."""
+        return check_image_clis(config, self.image_clis) or check_role_secrets(config)
+
+    def _check_harnesses(self, config: Config) -> None:
+        problem = self.harness_problem(config)
+        if problem is not None:
+            raise HarnessUnavailable(problem)
 
     async def _start_irc(self, root: trio.Nursery) -> None:
         """Bring up the IRC side: the managed server if the config asks for one."""
@@ -303,6 +331,7 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
             max_attempts=self.config.task_max_attempts,
             scale=self.store.scales().get(name),
             adopt=adopt,
+            secrets=read_role_secrets,
         )
         for adoptee in adopt:
             del self._adoptees[adoptee.record.name]

@@ -1,6 +1,7 @@
 """Reloading ``swarm.yaml`` (SIGHUP, ``reload``, ``!reload``): one at a time;
 requests arriving meanwhile collapse into one more run. A file that does not
-load, or names a model the server does not serve, changes nothing and is
+load, names a model the server does not serve, or a CLI harness the guest
+image lacks or a secret that cannot be read, changes nothing and is
 reported; otherwise only the difference is applied: roles added, removed,
 rescaled, rolled or hot-reloaded.
 """
@@ -42,6 +43,8 @@ class Reloads:
 
         async def check_models(self, config: Config, extra: str | None = None) -> str | None: ...
 
+        def harness_problem(self, config: Config) -> str | None: ...
+
         async def _start_group(self, name: str) -> RoleGroup: ...
 
         def _status_line(self) -> str: ...
@@ -69,6 +72,7 @@ class Reloads:
             sdnotify.ready(f"reload rejected: {exc}")
             return {"ok": False, "error": str(exc)}
         problem = await self.check_models(new) if new.models == self.config.models else None
+        problem = problem or self.harness_problem(new)
         if problem is not None:
             self.last_reload_error = problem
             log.error("reload rejected: %s", problem)

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import msgspec
 import pytest
+from fireclaw.guest_daemon.cli_spec import GATEWAY_KEY, CliSpec, SpecError
 from fireclaw.guest_daemon.cli_stream import (
     MAX_TEXT,
     SESSION_ID,
@@ -36,7 +37,7 @@ from fireclaw.guest_daemon.cli_stream import (
     Usage,
     failure_kind,
 )
-from fireclaw.guest_daemon.clis import GATEWAY_KEY, SPECS, CliSpec, SpecError
+from fireclaw.guest_daemon.clis import SPECS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -536,6 +537,7 @@ def test_the_specs_import_only_the_standard_library_and_msgspec() -> None:
         "fireclaw",
         "fireclaw.guest_daemon",
         "fireclaw.guest_daemon.clis",
+        "fireclaw.guest_daemon.cli_spec",
         "fireclaw.guest_daemon.cli_stream",
     }
 

@@ -968,7 +968,11 @@ def test_chat_harness_override_replaces_the_command_harness(swarm_dir: pathlib.P
 @pytest.mark.parametrize(
     ("harness", "expected"),
     [
-        ("{kind: robot}", "roles.alpha.harness.kind: expected one of: command, chat; got 'robot'"),
+        (
+            "{kind: robot}",
+            "roles.alpha.harness.kind: expected one of: command, chat, claude-code, codex,"
+            " gemini-cli, opencode, aider; got 'robot'",
+        ),
         (
             "{kind: chat, tools: [run_shell, rm_rf]}",
             "roles.alpha.harness.tools[1]: expected one of: podman_run, read_file, run_shell,"

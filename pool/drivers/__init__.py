@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
+import msgspec
 import trio
 from fireclaw.pool.drivers.base import (
     Capability,
@@ -105,6 +106,9 @@ class Backend:
     reason: str  # one line, shown by ``status``
     #: Memory the VMM needs above the guest's RAM (added to each VM's cgroup limit).
     memory_overhead_mib: int = 0
+    #: The coding-agent CLIs its guest image has; None: no image (the process
+    #: driver's guests run the CLIs of the host).
+    clis: tuple[str, ...] | None = None
 
 
 class NotReady:
@@ -199,9 +203,15 @@ def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
 
 
 async def open_backend(
-    choice: Choice, *, images: Path, netns_why: str | None, progress: Callable[[str], None]
+    choice: Choice,
+    *,
+    images: Path,
+    netns_why: str | None,
+    progress: Callable[[str], None],
+    clis: Sequence[str] = (),
 ) -> Backend:
-    """Make ``choice`` ready. ``progress`` gets one line per image build step.
+    """Make ``choice`` ready. ``progress`` gets one line per image build step; the
+    QEMU guest image is built with the coding-agent CLIs ``clis``.
 
     Raises BackendUnavailable (one line) when a configured ``qemu`` or
     ``firecracker`` cannot run."""
@@ -219,13 +229,15 @@ async def open_backend(
             choice = Choice("qemu", f"auto: qemu ({why})", auto=True)
             try:
                 opened = await _open_qemu(
-                    choice, images=images, netns_why=netns_why, progress=progress
+                    choice, images=images, netns_why=netns_why, progress=progress, clis=clis
                 )
             except BackendUnavailable as qemu_exc:
                 return Backend(driver=ProcessDriver(), reason=f"auto: process (qemu: {qemu_exc})")
             return replace(opened, reason=f"{opened.reason}; {why}")
     try:
-        return await _open_qemu(choice, images=images, netns_why=netns_why, progress=progress)
+        return await _open_qemu(
+            choice, images=images, netns_why=netns_why, progress=progress, clis=clis
+        )
     except BackendUnavailable as exc:
         if not choice.auto:
             raise
@@ -233,7 +245,12 @@ async def open_backend(
 
 
 async def _open_qemu(
-    choice: Choice, *, images: Path, netns_why: str | None, progress: Callable[[str], None]
+    choice: Choice,
+    *,
+    images: Path,
+    netns_why: str | None,
+    progress: Callable[[str], None],
+    clis: Sequence[str],
 ) -> Backend:
     from fireclaw.pool.accel import AccelError, choose_accel
     from fireclaw.pool.drivers.qemu import QemuDriver
@@ -243,10 +260,9 @@ async def _open_qemu(
         why_not = why_not_qemu(images, netns_why)
         if why_not is not None:
             raise BackendUnavailable(f"qemu cannot run here: {why_not}")
+    spec = msgspec.convert({"clis": list(clis)}, ImageSpec)
     try:
-        image = await trio.to_thread.run_sync(
-            lambda: build_image(ImageSpec(), images, progress=progress)
-        )
+        image = await trio.to_thread.run_sync(lambda: build_image(spec, images, progress=progress))
     except ImageError as exc:
         raise BackendUnavailable(f"guest image: {exc}") from exc
     # Each change of the guest daemon makes a new image: drop the old ones (never fails).
@@ -260,6 +276,7 @@ async def _open_qemu(
         driver=QemuDriver(image, accel, qemu=QEMU),
         reason=f"auto: {running}" if choice.auto else running,
         memory_overhead_mib=QEMU_OVERHEAD_MIB,
+        clis=image.clis,
     )
 
 
@@ -273,4 +290,5 @@ async def _open_firecracker(
         driver = await open_driver(images, progress=progress, qemu=QEMU)
     except DriverError as exc:
         raise BackendUnavailable(f"firecracker cannot run here: {exc}") from exc
-    return Backend(driver=driver, reason=choice.reason, memory_overhead_mib=OVERHEAD_MIB)
+    # Its image is the default one: no coding-agent CLIs.
+    return Backend(driver=driver, reason=choice.reason, memory_overhead_mib=OVERHEAD_MIB, clis=())

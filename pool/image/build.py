@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 
 import msgspec
+from fireclaw.guest_daemon.protocol import CliName
 from fireclaw.pool.disks import fsync_path
 from msgspec import Meta
 
-from . import initramfs, kernel, rootfs
+from . import clis, initramfs, kernel, rootfs
 from .errors import ImageError, KernelError
 from .tools import require
 
@@ -70,10 +71,17 @@ class ImageSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     modules: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
     size_mib: Annotated[int, Meta(ge=64, le=1 << 20)] | None = None
     hostname: Hostname = "fireclaw"
+    #: Coding-agent CLIs to install from their registry packages (clis.py).
+    clis: tuple[CliName, ...] = ()
 
 
-class KeyInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything an image is made from; its canonical encoding's sha256 is the image key."""
+class KeyInputs(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Everything an image is made from; its canonical encoding's sha256 is the image key.
+
+    A field with a default is left out of the encoding when it has that value, so
+    that adding one keeps the keys of the images that do not use it."""
 
     builder: int
     builder_files: dict[str, str]  # data file -> sha256
@@ -85,6 +93,7 @@ class KeyInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     modules: dict[str, str]  # a user kernel's module file -> sha256
     guest_daemon: dict[str, str]  # relative path -> sha256
     wheels: tuple[str, ...]  # name==version pins
+    clis: tuple[str, ...] = ()  # registry packages: "npm:opencode-ai", "pypi:aider-chat"
 
 
 class Image(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +106,7 @@ class Image(msgspec.Struct, frozen=True, kw_only=True):
     rootfs: Path
     kernel_release: str
     cmdline: str = BASE_CMDLINE
+    clis: tuple[str, ...] = ()  # the coding-agent CLIs installed in it
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -112,6 +122,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sizes: dict[str, int]
     built_at: float
     build_seconds: float
+    clis: tuple[str, ...] = ()
+    cli_versions: dict[str, str] = {}  # CLI -> version its registry gave
 
 
 class _StoredInputs(msgspec.Struct, frozen=True):
@@ -127,6 +139,7 @@ class _Stored(msgspec.Struct, frozen=True):
     cmdline: str
     built_at: float
     inputs: _StoredInputs
+    clis: tuple[str, ...] = ()
 
 
 _manifest_decoder = msgspec.json.Decoder(_Stored)
@@ -148,11 +161,13 @@ def image_key(inputs: KeyInputs) -> str:
 
 
 def checked(spec: ImageSpec) -> ImageSpec:
-    """``spec`` validated against its constraints (a Struct's constructor does not check)."""
+    """``spec`` validated against its constraints (a Struct's constructor does not check),
+    its CLIs sorted and each named once."""
     try:
-        return msgspec.convert(msgspec.to_builtins(spec), ImageSpec)
+        valid = msgspec.convert(msgspec.to_builtins(spec), ImageSpec)
     except msgspec.ValidationError as exc:
         raise ImageError(f"invalid image spec: {exc}") from None
+    return msgspec.structs.replace(valid, clis=tuple(sorted(set(valid.clis))))
 
 
 @dataclass(frozen=True)
@@ -201,13 +216,16 @@ def gather_inputs(
             "initramfs-init.sh": _sha256(initramfs.init_script()),
         },
         suite=spec.suite,
-        packages=tuple(sorted({*rootfs.REQUIRED_PACKAGES, *spec.packages})),
+        packages=tuple(
+            sorted({*rootfs.REQUIRED_PACKAGES, *spec.packages, *clis.runtime_packages(spec.clis)})
+        ),
         hostname=spec.hostname,
         size_mib=spec.size_mib,
         kernel=kernel_input,
         modules={name: _sha256(data) for name, data in modules},
         guest_daemon={path: _sha256(data) for path, data in daemon.items()},
         wheels=rootfs.wheel_pins() if pins is None else pins,
+        clis=clis.registry_packages(spec.clis),
     )
     return Sources(inputs=inputs, kernel=source, modules=modules, guest_daemon=daemon)
 
@@ -226,6 +244,7 @@ def load_image(directory: Path) -> Image | None:
         rootfs=directory / ROOTFS,
         kernel_release=manifest.kernel_release,
         cmdline=manifest.cmdline,
+        clis=manifest.clis,
     )
     if not all(path.is_file() for path in (image.vmlinux, image.initramfs, image.rootfs)):
         return None
@@ -341,6 +360,12 @@ def _build(
         sources=sources.guest_daemon,
         python_version=rootfs.SUITE_PYTHON[spec.suite],
     )
+    cli_versions = clis.install_clis(
+        tree,
+        spec.clis,
+        python_version=rootfs.SUITE_PYTHON[spec.suite],
+        progress=progress,
+    )
     rootfs.configure(tree, hostname=spec.hostname)
 
     busybox = (tree / "bin" / "busybox").read_bytes()
@@ -374,6 +399,8 @@ def _build(
         },
         built_at=time.time(),
         build_seconds=round(time.monotonic() - started, 3),
+        clis=spec.clis,
+        cli_versions=cli_versions,
     )
     _write(work / MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)) + b"\n")
 

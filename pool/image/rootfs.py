@@ -185,15 +185,12 @@ def install_guest_daemon(
     constraints.write_text("".join(f"{pin}\n" for pin in pins))
     wanted = {normalize(name) for name in top}
     requirements = [pin for pin in pins if pin.split("==")[0] in wanted]
-    abi = "cp" + python_version.replace(".", "")
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile"]
-    argv += ["--disable-pip-version-check", "--no-warn-script-location"]
-    argv += ["--target", str(lib), "--only-binary=:all:", "--implementation", "cp"]
-    argv += ["--python-version", python_version, "--abi", abi]
-    for platform in WHEEL_PLATFORMS:
-        argv += ["--platform", platform]
-    argv += ["-c", str(constraints), *requirements]
-    run(argv, step="pip install (guest wheels)")
+    cross_install(
+        lib,
+        ["-c", str(constraints), *requirements],
+        python_version=python_version,
+        step="pip install (guest wheels)",
+    )
     constraints.unlink()
 
     package = lib / "fireclaw" / "guest_daemon"
@@ -205,12 +202,28 @@ def install_guest_daemon(
     wrapper.parent.mkdir(parents=True, exist_ok=True)
     wrapper.write_text(_WRAPPER)
     wrapper.chmod(0o755)
-    # The root may be mounted read-only: compile now, with the guest's own Python.
-    run(
-        ["chroot", str(root), "python3", "-m", "compileall", "-q", f"{PREFIX}/lib"],
-        step="compiling the guest daemon",
-    )
+    compile_in(root, f"{PREFIX}/lib", step="compiling the guest daemon")
     return sorted(_dist_info(lib))
+
+
+def cross_install(
+    target: Path, requirements: Sequence[str], *, python_version: str, step: str
+) -> None:
+    """``pip install --target`` of wheels for the guest's Python and platform, by the
+    host's pip (the guest has none): ``requirements`` are pip's arguments."""
+    abi = "cp" + python_version.replace(".", "")
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile"]
+    argv += ["--disable-pip-version-check", "--no-warn-script-location"]
+    argv += ["--target", str(target), "--only-binary=:all:", "--implementation", "cp"]
+    argv += ["--python-version", python_version, "--abi", abi]
+    for platform in WHEEL_PLATFORMS:
+        argv += ["--platform", platform]
+    run([*argv, *requirements], step=step)
+
+
+def compile_in(root: Path, folder: str, *, step: str) -> None:
+    """Byte-compile ``folder`` with the guest's own Python: its root may be read-only."""
+    run(["chroot", str(root), "python3", "-m", "compileall", "-q", folder], step=step)
 
 
 def _dist_info(lib: Path) -> Iterable[str]:
