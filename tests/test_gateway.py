@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import h11
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -29,6 +31,7 @@ from fireclaw.pool.gateway_core import (
 )
 from fireclaw.supervisor.budget import Budgets, period_bounds
 from fireclaw.supervisor.state import CallRecord, Store
+from fireclaw.supervisor.state_schema import MIGRATIONS
 
 #: Generous for a loaded machine; nothing here waits for a model.
 DEADLINE = 30.0
@@ -107,6 +110,30 @@ def call(role: str, tokens: int, at: float) -> CallRecord:
         duration=0.1,
         outcome="ok",
     )
+
+
+def test_the_ledger_says_which_calls_the_gateway_counted(tmp_path: Path) -> None:
+    """A database of before the ``host_counted`` column keeps its rows, read as the
+    server's count; a new row says it was the gateway's."""
+    db = tmp_path / "swarm.db"
+    conn = sqlite3.connect(db)
+    for migration in MIGRATIONS[:5]:  # the schema as version 5 made it
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO model_calls (at, agent, role, vm, task, model, prompt_tokens,"
+        " completion_tokens, duration, outcome) VALUES (1, NULL, 'a', 'a-0', NULL, 'm', 5, 2,"
+        " 0.1, 'ok')"
+    )
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    with Store.open(db) as store:
+        store.record_call(msgspec.structs.replace(call("a", 9, 2.0), host_counted=True))
+        calls = store.calls()
+        spent = store.spent(since=0.0)
+    assert [(c.prompt_tokens, c.host_counted) for c in calls] == [(5, False), (9, True)]
+    assert spent == 5 + 2 + 9
 
 
 def test_period_bounds_are_utc_calendar_periods() -> None:
