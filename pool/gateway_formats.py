@@ -29,7 +29,8 @@ What differs per format is read here, by pure functions on decoded JSON:
 - **the final usage** of a stream: chat's usage chunk (``choices`` empty),
   Responses' terminal event, Messages' ``message_delta``. Before it, what the
   upstream said of usage is not its last word (Messages' ``message_start``
-  gives the prompt and 0 or 1 output token).
+  gives the prompt and 0 or 1 output token, as may Responses'
+  ``response.created``).
 - **content deltas**: the streamed events that carry a piece of the answer
   (text, reasoning, tool-call arguments). llama.cpp streams about one token per
   delta event, so counting them is what the gateway charges for a stream cut
@@ -105,10 +106,16 @@ def chat_usage(obj: object, seen: Tokens | None) -> Tokens | None:
 RESPONSE_ENDS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+#: The events that open a Responses stream; their ``response`` may carry a usage
+#: (the prompt's) before any output, or ``null``.
+RESPONSE_STARTS: Final = frozenset({"response.created", "response.in_progress"})
+
+
 def responses_usage(obj: object, seen: Tokens | None) -> Tokens | None:
     """OpenAI Responses: ``usage.input_tokens`` and ``output_tokens`` of a whole
-    response, or of the ``response`` a terminal stream event carries."""
-    if isinstance(obj, dict) and obj.get("type") in RESPONSE_ENDS:
+    response, or of the ``response`` a stream event carries: a terminal one, or an
+    opening one where the server says the prompt's count early."""
+    if isinstance(obj, dict) and obj.get("type") in RESPONSE_ENDS | RESPONSE_STARTS:
         obj = obj.get("response")
     usage = _usage(obj)
     if usage is None:

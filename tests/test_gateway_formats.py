@@ -385,6 +385,20 @@ def test_what_a_chat_call_is_charged_by_how_far_it_went(
     assert meter.charge() == charge
 
 
+def test_a_responses_stream_that_says_its_prompt_early_is_charged_that_prompt() -> None:
+    """llama.cpp's ``response.created`` carries no usage (the recorded stream); a
+    server whose does says the prompt's count, and a cut stream is charged it."""
+    created = {"type": "response.created", "response": {"usage": {"input_tokens": 321}}}
+    delta = {"type": "response.output_text.delta", "delta": "x"}
+    meter = UsageMeter(stream=True, api=RESPONSES, request_bytes=100)
+    meter.sent, meter.status = True, 200
+    meter.feed(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (created, delta)))
+    assert not meter.final
+    assert meter.charge() == Charge(321, 1, host_counted=True)
+    nulled = {"type": "response.in_progress", "response": {"usage": None}}
+    assert responses_usage(nulled, None) is None
+
+
 def test_a_whole_body_without_usage_is_charged_its_prompts_estimate() -> None:
     meter = UsageMeter(stream=False, api=CHAT, request_bytes=9)
     meter.sent, meter.status = True, 200
