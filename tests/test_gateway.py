@@ -730,6 +730,63 @@ async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
     )
 
 
+async def test_a_stream_cut_by_the_call_timeout_is_charged_what_went_by(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An upstream (written here) sends three pieces of an answer and then nothing, a
+    model stuck mid-answer: at the call timeout the gateway closes both sides, and
+    the ledger charges the three pieces and the prompt, counted by the gateway."""
+    ledger = Ledger()
+    received = bytearray()
+
+    async def stuck(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                received.extend(event.data)
+        headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=CHAT_PIECES)))
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        up_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        up_port = up_listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, stuck, up_listeners)
+        route = ModelRoute(
+            upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+            meter=ledger,
+            limits=Limits(call_timeout=300.0),
+        )
+        port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+        guest = await trio.open_tcp_stream("127.0.0.1", port)
+        body = json.dumps({**CHAT, "stream": True}).encode()
+        conn = h11.Connection(h11.CLIENT)
+        head = [("Host", "gw"), ("Content-Length", str(len(body)))]
+        started = trio.current_time()
+        await guest.send_all(
+            conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+        got = b""
+        while chunk := await guest.receive_some(65536):  # until the gateway closes
+            got += chunk
+        assert trio.current_time() - started == pytest.approx(300.0, abs=0.5)
+        await guest.aclose()
+        while not ledger.calls:
+            await ledger.recorded.wait()
+        nursery.cancel_scope.cancel()
+    assert got.count(b'"content":"') == 3 and b"[DONE]" not in got
+    (row,) = ledger.calls
+    assert (row.outcome, row.host_counted, row.completion_tokens) == ("upstream_error", True, 3)
+    assert row.prompt_tokens == -(-len(received) // 4) > 0
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
