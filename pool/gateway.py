@@ -16,7 +16,8 @@ read from ``Who`` (kept by the supervisor), never from the request. Behind it::
                         +- size cap, calls-at-once cap, budget check (429 + the
                         |  error of the guest's API: OpenAI's or Anthropic's)
                         +- the upstream's API key added here; the guest never sees it
-                        +- usage read from the upstream's answer -> one ledger row
+                        +- usage read from the upstream's answer -> one ledger row;
+                           a stream cut before it is counted by the gateway
 
 Each POST route goes to the same path upstream, untranslated: llama.cpp's
 server speaks all of them (pool/gateway_formats.py says what differs).
@@ -46,6 +47,7 @@ import trio
 from fireclaw.pool.gateway_core import (
     MAX_EVENT_BYTES,
     PROPS,
+    Charge,
     Forward,
     Limits,
     Meter,
@@ -178,7 +180,9 @@ async def _one_request(
     if calls.available_tokens == 0:
         await _answer(stream, conn, busy)  # no call was made: nothing for the ledger
         return
-    usage = UsageMeter(stream=decision.stream, api=decision.api or CHAT)
+    usage = UsageMeter(
+        stream=decision.stream, api=decision.api or CHAT, request_bytes=len(decision.body)
+    )
     try:
         async with calls:
             await _proxy(stream, conn, decision, up, limits, usage)
@@ -189,13 +193,15 @@ async def _one_request(
 def _record(
     meter: Meter, who: dict[str, Any], usage: UsageMeter | None, outcome: str, duration: float
 ) -> None:
+    charge = usage.charge() if usage else Charge(0, 0)
     meter.record(
         CallRecord(
             at=time.time(),
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            prompt_tokens=charge.prompt,
+            completion_tokens=charge.completion,
             duration=round(duration, 3),
             outcome=outcome,
+            host_counted=charge.host_counted,
             **who,
         )
     )
@@ -311,6 +317,8 @@ async def _proxy(
             if fwd.body:
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
+            # From here the upstream may be reading the prompt: a call cut now is charged.
+            usage.sent = True
             await upstream.send_all(data)
             await _relay_until_hangup(guest, gconn, upstream, uconn, usage, shape)
             return
@@ -409,6 +417,7 @@ async def _relay(
         if isinstance(event, h11.Response):
             status = event.status_code
             seen.append(status)
+            usage.status = status
             kept = [
                 (k, v) for k, v in event.headers if k.lower() in (b"content-type", b"cache-control")
             ]

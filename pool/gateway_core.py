@@ -6,7 +6,9 @@ budgets) and decides: ``Refuse`` it with an error in the shape of the guest's
 API, answer ``ToolCaps`` itself, or ``Forward`` it upstream with the key added
 (``upstream_request``). ``UsageMeter`` reads the tokens a call used from the
 upstream's answer, streamed or whole, in any of the formats of
-pool/gateway_formats.py. Values in, decisions out: no sockets, no clock;
+pool/gateway_formats.py, and says what the ledger ``charge``s: the upstream's
+own figures, or, for a stream cut before its final usage, what the gateway
+counted itself. Values in, decisions out: no sockets, no clock;
 pool/gateway.py is the trio adapter that moves the bytes.
 """
 
@@ -23,10 +25,12 @@ from fireclaw.pool.gateway_formats import CHAT as CHAT_API
 from fireclaw.pool.store import CallRecord
 
 __all__ = [
+    "BYTES_PER_TOKEN",
     "CHAT",
     "MAX_EVENT_BYTES",
     "MODELS",
     "PROPS",
+    "Charge",
     "Forward",
     "Limits",
     "Meter",
@@ -38,6 +42,7 @@ __all__ = [
     "Who",
     "error_body",
     "plan",
+    "prompt_estimate",
     "upstream_request",
 ]
 
@@ -47,6 +52,8 @@ MODELS: Final = "/v1/models"
 PROPS: Final = "/props"
 #: Of an SSE stream, the longest line kept for reading usage (a chunk of JSON).
 MAX_EVENT_BYTES: Final = 1 << 20
+#: Bytes of a request body taken as one prompt token when the upstream never said.
+BYTES_PER_TOKEN: Final = 4
 
 _json_decode = msgspec.json.Decoder(Any).decode
 _json_encode = msgspec.json.Encoder().encode
@@ -246,6 +253,28 @@ def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
     return h11.Request(method=fwd.method, target=base + fwd.path, headers=headers)
 
 
+def prompt_estimate(request_bytes: int) -> int:
+    """The prompt tokens charged for a request whose upstream never said how many it
+    read: the body's bytes / ``BYTES_PER_TOKEN`` (4), rounded up, so at least 1 for
+    any non-empty body. Four bytes a token is the usual measure of English text,
+    and the JSON around the messages (keys, roles, tool schemas) counts as well:
+    codex's real first request, 40459 bytes, is charged 10115 where llama.cpp
+    read 4577 tokens. Text of fewer bytes a token (code, non-Latin scripts) can
+    be charged less than it read."""
+    return -(-max(0, request_bytes) // BYTES_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What the ledger records of one call: its tokens, and ``host_counted`` when
+    the gateway counted them itself because the upstream's final usage never came
+    (see ``UsageMeter.charge``)."""
+
+    prompt: int
+    completion: int
+    host_counted: bool = False
+
+
 class UsageMeter:
     """Reads the token counts out of an upstream answer, fed as it arrives, in the
     format of ``api`` (pool/gateway_formats.py: chat by default).
@@ -253,14 +282,28 @@ class UsageMeter:
     For a JSON answer, the usage of the whole body; for server-sent events, what
     the ``data:`` events say of it, read in order (``event:`` lines are not needed:
     every event's JSON names its type). Counts that are not non-negative integers
-    are taken as 0; an answer without usage counts 0 (``found`` stays False)."""
+    are taken as 0; an answer without usage counts 0 (``found`` stays False).
+    ``prompt_tokens`` and ``completion_tokens`` are the upstream's word; what the
+    ledger records is ``charge()``.
 
-    def __init__(self, *, stream: bool, api: Api = CHAT_API) -> None:
+    The adapter tells it what only the sockets know: ``sent`` once the request
+    goes upstream, ``status`` once the upstream answers. ``request_bytes`` is the
+    size of the body sent upstream."""
+
+    def __init__(self, *, stream: bool, api: Api = CHAT_API, request_bytes: int = 0) -> None:
         self.stream = stream
         self.api = api
+        self.request_bytes = request_bytes
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.found = False
+        #: The upstream's last word on usage went by: a whole body's, or a stream's
+        #: final usage event (pool/gateway_formats.py ``Api.final``).
+        self.final = False
+        #: Streamed events passed on that carry a piece of the answer.
+        self.deltas = 0
+        self.sent = False
+        self.status: int | None = None
         #: How the call ended: ``ok``, ``upstream_error``, or ``cancelled`` while it
         #: has not ended by itself. Set before the guest is told, so that a guest that
         #: hangs up at the last byte does not change what the ledger says.
@@ -303,8 +346,32 @@ class UsageMeter:
             return
         if self.api.ends(data):
             self.done = True
+        self.deltas += self.api.deltas(data)
         tokens = self.api.usage(data, self._tokens)
         if tokens is not None:
             self._tokens = tokens
             self.found = True
             self.prompt_tokens, self.completion_tokens = tokens.prompt, tokens.completion
+            if not self.stream or self.api.final(data):
+                self.final = True
+
+    def charge(self) -> Charge:
+        """What the ledger records for the call, as far as the answer went.
+
+        The upstream's own figures when its final usage came, or when the call never
+        reached it (``sent`` False) or it answered with an error status: then it
+        said what it used, normally nothing. Otherwise the upstream took the call
+        and its answer stopped before its final usage (the guest hung up just
+        before it, the call timed out, the upstream broke off or reports no
+        usage), and the host counts, so that no guest decides what its budget
+        counts: completion tokens are the content deltas passed on (or the
+        upstream's running count, if higher), prompt tokens the upstream's
+        figure when it gave one (Messages' ``message_start``), else
+        ``prompt_estimate`` of the request. Each delta of llama.cpp's streams is
+        at least one token, so the completion count only grows as more of a
+        stream is fed, up to the upstream's own figure."""
+        refused = self.status is not None and not 200 <= self.status < 300
+        if self.final or not self.sent or refused:
+            return Charge(self.prompt_tokens, self.completion_tokens)
+        prompt = self.prompt_tokens or prompt_estimate(self.request_bytes)
+        return Charge(prompt, max(self.completion_tokens, self.deltas), host_counted=True)

@@ -26,6 +26,15 @@ What differs per format is read here, by pure functions on decoded JSON:
 - **the end of a stream**: chat's ``data: [DONE]``, Responses' terminal
   ``response.*`` event, Messages' ``message_stop``. A guest that hangs up after
   it had the whole answer did not cancel the call.
+- **the final usage** of a stream: chat's usage chunk (``choices`` empty),
+  Responses' terminal event, Messages' ``message_delta``. Before it, what the
+  upstream said of usage is not its last word (Messages' ``message_start``
+  gives the prompt and 0 or 1 output token, as may Responses'
+  ``response.created``).
+- **content deltas**: the streamed events that carry a piece of the answer
+  (text, reasoning, tool-call arguments). llama.cpp streams about one token per
+  delta event, so counting them is what the gateway charges for a stream cut
+  before its final usage (pool/gateway_core.py ``UsageMeter.charge``).
 - **errors**: OpenAI's ``{"error": {"message", "type", "code"}}``, or Anthropic's
   ``{"type": "error", "error": {"type", "message"}}``, so that each client
   reads a refusal (a spent budget, a body too large) as its own API's error.
@@ -48,9 +57,12 @@ __all__ = [
     "Api",
     "ErrorShape",
     "Tokens",
+    "chat_deltas",
     "chat_usage",
     "error_body",
+    "messages_deltas",
     "messages_usage",
+    "responses_deltas",
     "responses_usage",
 ]
 
@@ -94,10 +106,16 @@ def chat_usage(obj: object, seen: Tokens | None) -> Tokens | None:
 RESPONSE_ENDS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+#: The events that open a Responses stream; their ``response`` may carry a usage
+#: (the prompt's) before any output, or ``null``.
+RESPONSE_STARTS: Final = frozenset({"response.created", "response.in_progress"})
+
+
 def responses_usage(obj: object, seen: Tokens | None) -> Tokens | None:
     """OpenAI Responses: ``usage.input_tokens`` and ``output_tokens`` of a whole
-    response, or of the ``response`` a terminal stream event carries."""
-    if isinstance(obj, dict) and obj.get("type") in RESPONSE_ENDS:
+    response, or of the ``response`` a stream event carries: a terminal one, or an
+    opening one where the server says the prompt's count early."""
+    if isinstance(obj, dict) and obj.get("type") in RESPONSE_ENDS | RESPONSE_STARTS:
         obj = obj.get("response")
     usage = _usage(obj)
     if usage is None:
@@ -148,12 +166,98 @@ def _no_usage(obj: object, seen: Tokens | None) -> Tokens | None:
     return seen
 
 
+# --- content deltas: what a stream cut before its usage is charged by -----------------
+
+
+def _piece(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def chat_deltas(obj: object) -> int:
+    """OpenAI chat: of one streamed chunk, the choices whose ``delta`` carries a piece
+    of the answer: ``content``, ``reasoning_content`` (llama.cpp's and DeepSeek's
+    thinking) or ``tool_calls``. The first chunk's ``{"role": "assistant",
+    "content": null}`` and the last one's ``{}`` carry none."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    n = 0
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        calls = delta.get("tool_calls")
+        text = _piece(delta.get("content")) or _piece(delta.get("reasoning_content"))
+        if text or (isinstance(calls, list) and calls):
+            n += 1
+    return n
+
+
+#: The Responses events that carry a piece of the answer in their ``delta``.
+RESPONSE_DELTAS: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.refusal.delta",
+    }
+)
+
+
+def responses_deltas(obj: object) -> int:
+    """OpenAI Responses: 1 for an event of ``RESPONSE_DELTAS`` with a non-empty
+    ``delta`` (text, function-call arguments, reasoning), else 0."""
+    if not isinstance(obj, dict) or obj.get("type") not in RESPONSE_DELTAS:
+        return 0
+    return 1 if _piece(obj.get("delta")) else 0
+
+
+def messages_deltas(obj: object) -> int:
+    """Anthropic Messages: 1 for a ``content_block_delta`` whose ``delta`` carries
+    text, a tool call's ``partial_json`` or ``thinking``, else 0 (a thinking
+    block's ``signature_delta`` is not generated text)."""
+    if not isinstance(obj, dict) or obj.get("type") != "content_block_delta":
+        return 0
+    delta = obj.get("delta")
+    if not isinstance(delta, dict):
+        return 0
+    return 1 if any(_piece(delta.get(k)) for k in ("text", "partial_json", "thinking")) else 0
+
+
+def _no_deltas(obj: object) -> int:
+    return 0
+
+
+# --- the final usage of a stream ---------------------------------------------------------
+
+
+def _chat_final(obj: object) -> bool:
+    # OpenAI's usage chunk has no choices; a server streaming running usage
+    # (vLLM's continuous_usage_stats) puts it on chunks that still have some.
+    return _usage(obj) is not None and not (isinstance(obj, dict) and obj.get("choices"))
+
+
+def _responses_final(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and obj.get("type") in RESPONSE_ENDS
+        and _usage(obj.get("response")) is not None
+    )
+
+
+def _messages_final(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("type") == "message_delta" and _usage(obj) is not None
+
+
 @dataclass(frozen=True)
 class Api:
     """One route of the gateway: the guest's ``path``, the ``upstream`` path under
     the upstream's ``/v1`` prefix, whether a call is ``metered`` (a budget check
     and a ledger row), how its usage reads, what ends its stream, and the shape of
-    its errors."""
+    its errors. Of a streamed event: ``final``, whether it carries the upstream's
+    last word on usage; ``deltas``, how many pieces of the answer it carries."""
 
     name: str
     path: str
@@ -162,6 +266,8 @@ class Api:
     errors: ErrorShape
     usage: UsageReader
     ends: Callable[[object], bool]
+    final: Callable[[object], bool]
+    deltas: Callable[[object], int]
 
 
 def _chat_ends(obj: object) -> bool:
@@ -177,24 +283,50 @@ def _messages_ends(obj: object) -> bool:
 
 
 CHAT: Final = Api(
-    "chat", "/v1/chat/completions", "/chat/completions", True, "openai", chat_usage, _chat_ends
+    name="chat",
+    path="/v1/chat/completions",
+    upstream="/chat/completions",
+    metered=True,
+    errors="openai",
+    usage=chat_usage,
+    ends=_chat_ends,
+    final=_chat_final,
+    deltas=chat_deltas,
 )
 RESPONSES: Final = Api(
-    "responses", "/v1/responses", "/responses", True, "openai", responses_usage, _responses_ends
+    name="responses",
+    path="/v1/responses",
+    upstream="/responses",
+    metered=True,
+    errors="openai",
+    usage=responses_usage,
+    ends=_responses_ends,
+    final=_responses_final,
+    deltas=responses_deltas,
 )
 MESSAGES: Final = Api(
-    "messages", "/v1/messages", "/messages", True, "anthropic", messages_usage, _messages_ends
+    name="messages",
+    path="/v1/messages",
+    upstream="/messages",
+    metered=True,
+    errors="anthropic",
+    usage=messages_usage,
+    ends=_messages_ends,
+    final=_messages_final,
+    deltas=messages_deltas,
 )
 #: Counting a prompt's tokens generates nothing: not metered, but size-capped,
 #: its model forced and its calls counted among the VM's calls at once.
 COUNT_TOKENS: Final = Api(
-    "count_tokens",
-    "/v1/messages/count_tokens",
-    "/messages/count_tokens",
-    False,
-    "anthropic",
-    _no_usage,
-    _messages_ends,
+    name="count_tokens",
+    path="/v1/messages/count_tokens",
+    upstream="/messages/count_tokens",
+    metered=False,
+    errors="anthropic",
+    usage=_no_usage,
+    ends=_messages_ends,
+    final=_messages_final,
+    deltas=_no_deltas,
 )
 #: The POST routes, by the guest's path.
 APIS: Final = {api.path: api for api in (CHAT, RESPONSES, MESSAGES, COUNT_TOKENS)}

@@ -102,7 +102,9 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     it, never as the guest says), and the tokens the model server reported.
 
     ``outcome`` is ``ok``, ``refused`` (budget, size, concurrency), ``upstream_error``
-    (the server failed or answered an error) or ``cancelled`` (the VM hung up)."""
+    (the server failed or answered an error) or ``cancelled`` (the VM hung up).
+    ``host_counted``: the server's final usage never came (the stream was cut
+    before it), so the tokens are the gateway's own count of what it passed on."""
 
     at: float
     agent: str | None
@@ -114,6 +116,7 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     completion_tokens: int
     duration: float
     outcome: str
+    host_counted: bool = False
 
 
 class PendingWrites(Protocol):

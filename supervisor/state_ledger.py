@@ -92,7 +92,8 @@ class Ledger(Database):
         with self._errors():
             self._conn.execute(
                 "INSERT INTO model_calls (at, agent, role, vm, task, model, prompt_tokens,"
-                " completion_tokens, duration, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " completion_tokens, duration, outcome, host_counted)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.at,
                     rec.agent,
@@ -104,6 +105,7 @@ class Ledger(Database):
                     rec.completion_tokens,
                     rec.duration,
                     rec.outcome,
+                    int(rec.host_counted),
                 ),
             )
 
@@ -146,7 +148,8 @@ class Ledger(Database):
         with self._errors():
             rows = self._conn.execute(
                 "SELECT at, agent, role, vm, task, model, prompt_tokens, completion_tokens,"
-                " duration, outcome FROM model_calls WHERE id > ? ORDER BY id LIMIT ?",
+                " duration, outcome, host_counted FROM model_calls WHERE id > ? ORDER BY id"
+                " LIMIT ?",
                 (after, limit),
             ).fetchall()
         return [
@@ -161,6 +164,7 @@ class Ledger(Database):
                 completion_tokens=r[7],
                 duration=r[8],
                 outcome=r[9],
+                host_counted=bool(r[10]),
             )
             for r in rows
         ]

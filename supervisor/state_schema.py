@@ -115,6 +115,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX model_calls_by_at ON model_calls (at)",
         "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
     ),
+    # 6: a call whose stream was cut before the server's usage is counted by the
+    # gateway itself; the ledger says which rows are.
+    (
+        "ALTER TABLE model_calls ADD COLUMN host_counted INTEGER NOT NULL DEFAULT 0"
+        " CHECK (host_counted IN (0, 1))",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

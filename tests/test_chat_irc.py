@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import yaml
@@ -265,18 +266,27 @@ def test_tool_notice_long_answer_audit_and_stop(tmp_path: Path) -> None:
             assert ran["output"].strip() != "tool-says-42 as uid 0"  # not root: the agent user
             calls = [e["detail"] for e in audit if e["kind"] == "model_call"]
             assert [c["outcome"] for c in calls] == ["ok", "ok", "cancelled"]
-            # What the scripted server reported, each time: nothing with the tool
-            # call, 10 + 5 with the answer.
-            assert [(c["prompt_tokens"], c["completion_tokens"]) for c in calls[:2]] == [
-                (0, 0),
+            # 10 + 5 with the answer, as the scripted server reported. It reported
+            # nothing with the tool call, nor before the stop: the gateway counted
+            # those, one token a piece of the answer (the call's name and its
+            # arguments in three; "Let me "), the prompt by the size of the request
+            # it forwarded (its bytes / 4, rounded up).
+            sent = [len(msgspec.json.encode(r)) for r in model.requests]
+            assert [(c["prompt_tokens"], c["completion_tokens"]) for c in calls] == [
+                (-(-sent[0] // 4), 4),
                 (10, 5),
+                (-(-sent[2] // 4), 1),
             ]
             (stopped,) = [e["detail"] for e in audit if e["kind"] == "turn_cancelled"]
             assert stopped["reason"] == "stopped by an operator on IRC"
             # The ledger agrees with the audit trail.
             usage = json.loads(swarm.cli("usage", "--by", "agent", "--json").stdout)
             (row,) = [r for r in usage["rows"] if r["key"] == "alice"]
-            assert (row["calls"], row["prompt_tokens"], row["completion_tokens"]) == (3, 10, 5)
+            assert (row["calls"], row["prompt_tokens"], row["completion_tokens"]) == (
+                3,
+                sum(c["prompt_tokens"] for c in calls),
+                4 + 5 + 1,
+            )
             # Stopped, not gone: alice answers again.
             trio.from_thread.run_sync(model.script.append, text("Still here."), trio_token=token)
             op.say(AGENTS, "alice: still there?")

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import h11
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -29,6 +31,7 @@ from fireclaw.pool.gateway_core import (
 )
 from fireclaw.supervisor.budget import Budgets, period_bounds
 from fireclaw.supervisor.state import CallRecord, Store
+from fireclaw.supervisor.state_schema import MIGRATIONS
 
 #: Generous for a loaded machine; nothing here waits for a model.
 DEADLINE = 30.0
@@ -107,6 +110,30 @@ def call(role: str, tokens: int, at: float) -> CallRecord:
         duration=0.1,
         outcome="ok",
     )
+
+
+def test_the_ledger_says_which_calls_the_gateway_counted(tmp_path: Path) -> None:
+    """A database of before the ``host_counted`` column keeps its rows, read as the
+    server's count; a new row says it was the gateway's."""
+    db = tmp_path / "swarm.db"
+    conn = sqlite3.connect(db)
+    for migration in MIGRATIONS[:5]:  # the schema as version 5 made it
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO model_calls (at, agent, role, vm, task, model, prompt_tokens,"
+        " completion_tokens, duration, outcome) VALUES (1, NULL, 'a', 'a-0', NULL, 'm', 5, 2,"
+        " 0.1, 'ok')"
+    )
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    with Store.open(db) as store:
+        store.record_call(msgspec.structs.replace(call("a", 9, 2.0), host_counted=True))
+        calls = store.calls()
+        spent = store.spent(since=0.0)
+    assert [(c.prompt_tokens, c.host_counted) for c in calls] == [(5, False), (9, True)]
+    assert spent == 5 + 2 + 9
 
 
 def test_period_bounds_are_utc_calendar_periods() -> None:
@@ -486,11 +513,18 @@ MESSAGES_END = (
 )
 
 
+#: Chat pieces of an answer, before its usage chunk.
+CHAT_PIECES = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n' * 3
+
+
 @pytest.mark.parametrize(
     ("path", "sent", "outcome", "tokens"),
     [
-        # Mid-answer: the model is still thinking.
-        ("/v1/chat/completions", b'data: {"choices":[]}\n\n', "cancelled", (0, 0)),
+        # Mid-answer: the model is still thinking. Its prompt is charged (the body's
+        # bytes / 4, rounded up), not the guest's choice to hang up.
+        ("/v1/chat/completions", b'data: {"choices":[]}\n\n', "cancelled", None),
+        # Three pieces of the answer went to the guest: three tokens.
+        ("/v1/chat/completions", CHAT_PIECES, "cancelled", None),
         # The whole answer, the HTTP message not ended yet: nothing was cut.
         ("/v1/chat/completions", STREAM_END, "ok", (7, 2)),
         # Its last event not yet sent: what was counted so far stays counted.
@@ -504,21 +538,26 @@ MESSAGES_END = (
     ],
 )
 async def test_a_guest_that_hangs_up_mid_stream_closes_the_upstream_call(
-    path: str, sent: bytes, outcome: str, tokens: tuple[int, int]
+    path: str, sent: bytes, outcome: str, tokens: tuple[int, int] | None
 ) -> None:
     """A cancelled turn closes its stream while the model is still thinking: the
     upstream call is closed at once (not at its next token, nor at the call timeout,
     an hour here), and the ledger says the call was cancelled. A guest that hangs up
-    once it has ``[DONE]`` got the whole answer: that call is ``ok``."""
+    once it has ``[DONE]`` got the whole answer: that call is ``ok``. Without the
+    upstream's final usage (``tokens`` None) the gateway counts: the prompt by the
+    size of the request the upstream received, one token a piece of the answer."""
     ledger = Ledger()
     upstream_closed = trio.Event()
     thinking = trio.Event()
+    received = bytearray()
 
     async def silent(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         while not isinstance(event := conn.next_event(), h11.EndOfMessage):
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                received.extend(event.data)
         headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
         await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=sent)))
@@ -561,7 +600,106 @@ async def test_a_guest_that_hangs_up_mid_stream_closes_the_upstream_call(
                 await ledger.recorded.wait()
             nursery.cancel_scope.cancel()
     assert [c.outcome for c in ledger.calls] == [outcome]
-    assert (ledger.calls[0].prompt_tokens, ledger.calls[0].completion_tokens) == tokens
+    (row,) = ledger.calls
+    if tokens is None:
+        assert row.host_counted
+        pieces = sent.count(b'"content":"')
+        assert (row.prompt_tokens, row.completion_tokens) == (-(-len(received) // 4), pieces)
+    else:
+        assert not row.host_counted
+        assert (row.prompt_tokens, row.completion_tokens) == tokens
+
+
+ANSWERS = Path(__file__).parent / "data" / "model_answers"
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "usage_event", "piece"),
+    [
+        ("/v1/chat/completions", "chat.sse", b'data: {"choices":[],', b'"delta":{"content":"'),
+        (
+            "/v1/responses",
+            "responses.sse",
+            b"event: response.completed",
+            b'"type":"response.output_text.delta"',
+        ),
+        ("/v1/messages", "messages.sse", b"event: message_delta", b'"type":"content_block_delta"'),
+    ],
+)
+async def test_a_guest_that_hangs_up_right_before_the_usage_event_is_charged_what_it_read(
+    path: str, name: str, usage_event: bytes, piece: bytes
+) -> None:
+    """A replaying upstream (written here) sends a real llama.cpp answer
+    (tests/data/model_answers) up to its usage event and holds the rest; the guest
+    reads all of it and hangs up. The ledger charges every piece of the answer the
+    guest read, counted by the gateway, and a prompt: the upstream's where it said
+    it (Messages' message_start), else the request's bytes / 4, rounded up."""
+    recorded = (ANSWERS / name).read_bytes()
+    before = recorded[: recorded.index(usage_event)]
+    ledger = Ledger()
+    upstream_closed = trio.Event()
+    received = bytearray()
+
+    async def replay(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                received.extend(event.data)
+        headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        for event_bytes in before.split(b"\n\n"):  # one event a write, as llama.cpp does
+            await stream.send_all(conn.send(h11.Data(data=event_bytes + b"\n\n")))
+        while await stream.receive_some(65536):
+            pass
+        upstream_closed.set()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            up_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            up_port = up_listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, replay, up_listeners)
+            route = ModelRoute(
+                upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+                meter=ledger,
+                limits=Limits(call_timeout=3600.0),
+            )
+            port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+            guest = await trio.open_tcp_stream("127.0.0.1", port)
+            body = json.dumps({**CHAT, "input": "hi", "max_tokens": 24, "stream": True}).encode()
+            conn = h11.Connection(h11.CLIENT)
+            head = [("Host", "gw"), ("Content-Length", str(len(body)))]
+            await guest.send_all(
+                conn.send(h11.Request(method="POST", target=path, headers=head))
+                + conn.send(h11.Data(data=body))
+                + conn.send(h11.EndOfMessage())
+            )
+            got = b""
+            while len(got) < len(before) + 2:  # every event before the usage event
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await guest.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    got += event.data
+            await guest.aclose()
+            await upstream_closed.wait()
+            while not ledger.calls:
+                await ledger.recorded.wait()
+            nursery.cancel_scope.cancel()
+    # All of the answer before its usage event, and nothing of that event.
+    assert got == before + b"\n\n"
+    read = got.count(piece)
+    assert read > 0
+    (row,) = ledger.calls
+    assert (row.outcome, row.host_counted) == ("cancelled", True)
+    assert row.completion_tokens >= read
+    if name == "messages.sse":
+        start = json.loads(before.split(b"data: ", 2)[1].split(b"\n")[0])
+        usage = start["message"]["usage"]
+        assert row.prompt_tokens == usage["input_tokens"] + usage["cache_read_input_tokens"]
+    else:
+        assert row.prompt_tokens == -(-len(received) // 4) > 0
 
 
 async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
@@ -582,6 +720,71 @@ async def test_a_call_past_its_timeout_gets_504_and_a_ledger_row(
         nursery.cancel_scope.cancel()
     assert status == 504 and json.loads(body)["error"]["code"] == "timeout"
     assert [c.outcome for c in ledger.calls] == ["upstream_error"]
+    # The upstream had the request for 300 s: its prompt is charged, by its size.
+    ((_, sent),) = upstream.requests
+    (row,) = ledger.calls
+    assert (row.prompt_tokens, row.completion_tokens, row.host_counted) == (
+        -(-len(sent) // 4),
+        0,
+        True,
+    )
+
+
+async def test_a_stream_cut_by_the_call_timeout_is_charged_what_went_by(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An upstream (written here) sends three pieces of an answer and then nothing, a
+    model stuck mid-answer: at the call timeout the gateway closes both sides, and
+    the ledger charges the three pieces and the prompt, counted by the gateway."""
+    ledger = Ledger()
+    received = bytearray()
+
+    async def stuck(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                received.extend(event.data)
+        headers = [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")]
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
+        await stream.send_all(conn.send(h11.Data(data=CHAT_PIECES)))
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        up_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        up_port = up_listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, stuck, up_listeners)
+        route = ModelRoute(
+            upstream=lambda: Upstream("http", "127.0.0.1", up_port, "/v1"),
+            meter=ledger,
+            limits=Limits(call_timeout=300.0),
+        )
+        port = await open_gateway(nursery, Who(vm="v-0", role="r", model="m"), route)
+        guest = await trio.open_tcp_stream("127.0.0.1", port)
+        body = json.dumps({**CHAT, "stream": True}).encode()
+        conn = h11.Connection(h11.CLIENT)
+        head = [("Host", "gw"), ("Content-Length", str(len(body)))]
+        started = trio.current_time()
+        await guest.send_all(
+            conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+        got = b""
+        while chunk := await guest.receive_some(65536):  # until the gateway closes
+            got += chunk
+        assert trio.current_time() - started == pytest.approx(300.0, abs=0.5)
+        await guest.aclose()
+        while not ledger.calls:
+            await ledger.recorded.wait()
+        nursery.cancel_scope.cancel()
+    assert got.count(b'"content":"') == 3 and b"[DONE]" not in got
+    (row,) = ledger.calls
+    assert (row.outcome, row.host_counted, row.completion_tokens) == ("upstream_error", True, 3)
+    assert row.prompt_tokens == -(-len(received) // 4) > 0
 
 
 @pytest.mark.parametrize(
@@ -656,4 +859,7 @@ async def test_the_gateways_own_errors_take_the_shape_of_the_guests_api(
         assert [e["error"]["type"] for e in errors] == ["overloaded_error", "api_error"]
     else:
         assert [e["error"]["code"] for e in errors] == ["unavailable", "bad_gateway"]
-    assert [c.outcome for c in ledger.calls] == ["upstream_error"]
+    # Nothing reached a model server: nothing is charged.
+    assert [(c.outcome, c.prompt_tokens, c.host_counted) for c in ledger.calls] == [
+        ("upstream_error", 0, False)
+    ]

