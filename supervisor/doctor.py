@@ -21,7 +21,7 @@ from fireclaw.config import Config
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose, why_not_firecracker
 from fireclaw.pool.runner import ProgramFailed, run_program
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd_operators import operator_password_path
 from fireclaw.supervisor.leftovers import Leftovers, Owner

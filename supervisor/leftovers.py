@@ -47,7 +47,7 @@ from typing import Final, Literal, TypeVar
 import psutil
 from fireclaw.pool import cgroup, disks, netns, network
 from fireclaw.pool.procid import ProcessIdentity, process_identity
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import pidfile, services
 from fireclaw.supervisor.removal import (
     Removal,
