@@ -28,15 +28,17 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
-import trio_websocket
 from fireclaw.config import Role
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import ChannelClosed
 from fireclaw.pool import cgroup, disks, netns
-from fireclaw.pool.control import ControlSession, GuestLost
+from fireclaw.pool.channel import accept_dialled, attach
+from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     WORKSPACE_BYTES,
     WORKSPACE_SERIAL,
+    ChannelKind,
     Driver,
     DriverError,
     Snapshot,
@@ -284,17 +286,21 @@ class TemplateMaker:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
+            port: trio.abc.Stream | None = None
             try:
                 with trio.fail_after(boot_timeout):
-                    stream = await listener.accept()
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, max_message_size=control.max_message_bytes
-                    )
-                    ws = await request.accept()
-                    await ControlSession.handshake(
-                        ws, vm_id=spec.vm_id, token=spec.token, spec=control
-                    )
-                    beat = p.decode_guest(await ws.get_message())
+                    # The snapshot is taken with the host still on the channel: a
+                    # clone's guest, whose new host is there as it wakes, sees no change.
+                    if self.driver.describe().channel is ChannelKind.DIALLED:
+                        session = await accept_dialled(
+                            nursery, listener, vm_id=spec.vm_id, token=spec.token, spec=control
+                        )
+                    else:
+                        port = await handle.open_channel()
+                        session = await attach(
+                            port, vm_id=spec.vm_id, token=spec.token, spec=control
+                        )
+                    beat = p.decode_guest(await session.channel.get_message())
                 parked = trio.current_time() - started
                 if not isinstance(beat, p.Heartbeat):
                     error = f"the template's guest sent {type(beat).__name__}, not a heartbeat"
@@ -321,16 +327,14 @@ class TemplateMaker:
                     if snapshotting
                     else f"the template's guest did not connect within {boot_timeout:g}s"
                 )
-            except (
-                GuestLost,
-                p.ProtocolError,
-                trio_websocket.HandshakeError,
-                trio_websocket.ConnectionClosed,
-                trio.BrokenResourceError,
-            ) as exc:
+            except (GuestLost, p.ProtocolError, ChannelClosed, trio.BrokenResourceError) as exc:
                 error = f"the template's guest: {_one_line(exc)}"
             except (DriverError, OSError) as exc:
                 error = _one_line(exc)
+            finally:
+                if port is not None:
+                    with trio.CancelScope(shield=True):
+                        await port.aclose()
             nursery.cancel_scope.cancel()
         if done:
             return done[0]
