@@ -3,8 +3,9 @@
 Each test is parametrised over the drivers (process, qemu, firecracker) and
 checks what the pool relies on through the driver protocol alone: a driver
 describes itself truthfully, boots a VM whose guest reaches the test (dials
-in, or serves the channel device the test attaches to) and runs a command, snapshots it and restores clones that are told apart, sees a killed
-VMM through ``wait``, and leaves no process, file or namespace behind once a
+in, or serves the channel device the test attaches to) and runs a command,
+snapshots it and restores clones that are told apart, sees a killed VMM
+through ``wait``, and leaves no process, file or namespace behind once a
 VM is stopped. The VMs are real: the guest daemon as a subprocess, QEMU/TCG on
 the real guest image, each in a network namespace of its own, on a tap the
 way the pool attaches real VMs (``fireclaw.pool.network``), inside a cgroup
