@@ -180,10 +180,17 @@ class QemuVm(VmmProcess):
                 f"{self._spec.name}: control port {self.channel_path}: {exc.strerror or exc}"
             ) from exc
 
+    async def wait(self) -> int | None:
+        """As ``VmmProcess.wait``; also closes the port's connection if it was never
+        handed over."""
+        try:
+            return await super().wait()
+        finally:
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                channel.socket.close()
+
     def release(self) -> None:
-        if self._channel is not None:  # never handed over
-            with contextlib.suppress(OSError):
-                self._channel.socket.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def info(self) -> dict[str, object]:
