@@ -7,6 +7,12 @@ cold-boots, or on top of its template's frozen overlay when it is restored
 overlay is removed with its VM; a supervisor starting up removes every
 overlay a crashed one left (``sweep``), since no VM outlives its supervisor.
 
+An empty overlay is the same file for every VM on one backing file (qcow2
+holds no identity, only the backing's path and size): ``qemu-img`` makes it
+once per backing (``.blank-<hash>.qcow2`` beside the overlays, swept with
+them), and each VM's overlay is a copy of it, made in a thread. No process
+per VM, on the restore path or anywhere.
+
 Errors::
 
     DiskError       an overlay could not be created
@@ -15,7 +21,9 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Final, Literal
 
@@ -36,12 +44,39 @@ async def create_overlay(
 ) -> Path:
     """Create ``path``, an empty qcow2 overlay on ``backing``; return it.
 
-    Readable by root only: it will hold what the guest writes."""
-    await trio.to_thread.run_sync(_create, path, backing, backing_format)
+    Readable by root only: it will hold what the guest writes. A copy of the
+    blank overlay of ``backing``, made first if there is none yet."""
+    await trio.to_thread.run_sync(_copy_blank, path, backing, backing_format)
     return path
 
 
-def _create(path: Path, backing: Path, backing_format: str) -> None:
+def blank_path(directory: Path, backing: Path, backing_format: str) -> Path:
+    """Where the blank overlay of ``backing`` is kept: named by the backing's path,
+    format, size and change time, so a backing rewritten in place gets a new one."""
+    st = backing.stat()
+    identity = f"{backing.absolute()}\0{backing_format}\0{st.st_size}\0{st.st_mtime_ns}"
+    return directory / f".blank-{hashlib.sha256(identity.encode()).hexdigest()[:16]}{SUFFIX}"
+
+
+def _copy_blank(path: Path, backing: Path, backing_format: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blank = blank_path(path.parent, backing, backing_format)
+        if not blank.exists():
+            # Made aside and renamed: VMs starting at once each see a whole one.
+            aside = blank.with_name(f"{blank.name}.{os.getpid()}.{os.urandom(4).hex()}")
+            _create(aside, backing, backing_format, name=path.name)
+            os.replace(aside, blank)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(blank, "rb") as source, open(fd, "wb") as target:
+            shutil.copyfileobj(source, target)
+    except OSError as exc:
+        remove(path)
+        raise DiskError(f"overlay {path.name}: {exc.strerror or exc}") from exc
+
+
+def _create(path: Path, backing: Path, backing_format: str, *, name: str) -> None:
+    """``qemu-img create`` of ``path``; errors name the overlay ``name`` it is for."""
     argv = [
         QEMU_IMG, "create", "-q", "-f", "qcow2",
         "-F", backing_format, "-b", str(backing.absolute()), str(path),
@@ -50,10 +85,10 @@ def _create(path: Path, backing: Path, backing_format: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         run_program(argv, timeout=_TIMEOUT)
     except OSError as exc:
-        raise DiskError(f"overlay {path.name}: {exc.strerror or exc}") from exc
+        raise DiskError(f"overlay {name}: {exc.strerror or exc}") from exc
     except ProgramFailed as exc:
         remove(path)
-        raise DiskError(f"overlay {path.name}: {exc}") from exc
+        raise DiskError(f"overlay {name}: {exc}") from exc
     path.chmod(0o600)
 
 
@@ -64,7 +99,11 @@ def remove(path: Path) -> None:
 
 
 def leftovers(directory: Path) -> list[Path]:
-    """Overlays in ``directory``."""
+    """VMs' overlays in ``directory`` (not the blanks they are copied from)."""
+    return [p for p in _overlays(directory) if not p.name.startswith(".")]
+
+
+def _overlays(directory: Path) -> list[Path]:
     try:
         return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
     except OSError:
@@ -72,9 +111,9 @@ def leftovers(directory: Path) -> list[Path]:
 
 
 def sweep(directory: Path) -> list[Path]:
-    """Remove every overlay in ``directory``; the ones removed."""
+    """Remove every overlay in ``directory``, and the blanks; the VMs' ones removed."""
     found = leftovers(directory)
-    for path in found:
+    for path in _overlays(directory):
         remove(path)
     return found
 

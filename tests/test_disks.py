@@ -45,6 +45,32 @@ async def test_an_overlay_sits_on_its_backing_file_and_goes_with_sweep(tmp_path:
     assert disks.leftovers(tmp_path / "disks") == []
 
 
+async def test_overlays_on_one_backing_are_copies_of_one_blank_made_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu-img runs once per backing file; every later overlay on it is a copy made
+    without starting a process, and is an overlay on that backing all the same."""
+    base = tmp_path / "rootfs.ext4"
+    base.write_bytes(b"\0" * (1 << 20))
+    first = await disks.create_overlay(tmp_path / "disks" / "vm-1.qcow2", base, "raw")
+    monkeypatch.setattr(disks, "QEMU_IMG", str(tmp_path / "no-qemu-img-here"))
+    second = await disks.create_overlay(tmp_path / "disks" / "vm-2.qcow2", base, "raw")
+    assert info(second)["backing-filename"] == str(base)
+    assert info(second)["virtual-size"] == 1 << 20
+    assert second.read_bytes() == first.read_bytes()
+    assert second.stat().st_mode & 0o777 == 0o600
+    # Another backing needs its own blank: that one cannot be made now.
+    other = tmp_path / "other.ext4"
+    other.write_bytes(b"\0" * (2 << 20))
+    with pytest.raises(disks.DiskError, match="^overlay vm-3.qcow2: "):
+        await disks.create_overlay(tmp_path / "disks" / "vm-3.qcow2", other, "raw")
+    assert not (tmp_path / "disks" / "vm-3.qcow2").exists()
+    # The blank is no VM's leftover, and goes with the sweep all the same.
+    assert disks.leftovers(tmp_path / "disks") == [first, second]
+    assert disks.sweep(tmp_path / "disks") == [first, second]
+    assert list((tmp_path / "disks").iterdir()) == []
+
+
 async def test_an_overlay_on_a_missing_file_is_one_line_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
