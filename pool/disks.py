@@ -33,6 +33,7 @@ from fireclaw.pool.runner import ProgramFailed, run_program
 SUFFIX: Final = ".qcow2"
 QEMU_IMG: Final = "qemu-img"
 _TIMEOUT: Final = 30.0
+_PREREAD_CHUNK: Final = 1 << 20
 
 
 class DiskError(Exception):
@@ -116,6 +117,21 @@ def sweep(directory: Path) -> list[Path]:
     for path in _overlays(directory):
         remove(path)
     return found
+
+
+def preread(paths: list[Path]) -> int:
+    """Read each of ``paths`` through, so that what restores read next (a template's
+    state, RAM and disk) comes from the page cache; the bytes read. Missing or
+    unreadable files are passed over: this only ever saves time."""
+    total = 0
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as file:
+                while chunk := file.read(_PREREAD_CHUNK):
+                    total += len(chunk)
+        except OSError:
+            continue
+    return total
 
 
 def fsync_path(path: Path) -> None:

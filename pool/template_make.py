@@ -8,6 +8,11 @@ disk, ``<key>.qcow2`` (its root overlay, frozen at the snapshot). What is
 done with them (which roles want which, retries, removal) is
 ``pool/templates.py``.
 
+The template's guest is snapshotted parked (welcomed, beating) with its host
+still on the control channel. On a channel device (QEMU's virtio-serial port)
+that is what every clone wakes up to: its new host is already on the port,
+says Attach, and the guest answers at once, without a dial.
+
 Errors::
 
     TemplateError       a template could not be made (one line)
@@ -58,8 +63,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fireclaw.templates")
 
 #: The template's guest beats this often while parked, and so does every clone
-#: until its new Welcome: a clone finds its dead connection at its first beat
-#: after restore and dials again, so this bounds restore-to-connected.
+#: until its new Welcome: on a dialled channel a clone finds its dead connection
+#: at its first beat after restore and dials again, so this bounds
+#: restore-to-connected (on a port the new host comes to the guest instead).
 TEMPLATE_HEARTBEAT: Final = 0.025
 #: Pausing the VM and writing its state (tens of MiB) to a local file.
 SNAPSHOT_TIMEOUT: Final = 120.0
@@ -145,6 +151,11 @@ class TemplateMaker:
         self.directory = directory
         #: How blocking file and cgroup work runs off the event loop.
         self._run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync
+
+    def _files(self, template: Template) -> list[Path]:
+        """What a clone of ``template`` reads: its state, its RAM, its disk."""
+        disk = [template.disk] if template.disk is not None else []
+        return [template.snapshot, self._memory_path(template.key), *disk]
 
     def _load(self, key: str) -> Template | None:
         """The complete template ``key`` left in the directory, if there is one."""

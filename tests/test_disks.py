@@ -71,6 +71,34 @@ async def test_overlays_on_one_backing_are_copies_of_one_blank_made_once(
     assert list((tmp_path / "disks").iterdir()) == []
 
 
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache, as fincore(1) counts them."""
+    done = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_preread_puts_a_template_s_files_in_the_page_cache(tmp_path: Path) -> None:
+    files = [tmp_path / "t.snap", tmp_path / "t.mem"]
+    for n, path in enumerate(files):
+        path.write_bytes(os.urandom((n + 1) << 20))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # clean pages: the kernel may drop them when told
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if any(_resident(path) for path in files):
+        pytest.skip("the kernel kept the pages cached (DONTNEED is advice)")
+    gone = tmp_path / "gone.qcow2"  # passed over
+    assert disks.preread([*files, gone]) == 3 << 20
+    assert [_resident(path) for path in files] == [1 << 20, 2 << 20]
+
+
 async def test_an_overlay_on_a_missing_file_is_one_line_and_leaves_nothing(
     tmp_path: Path,
 ) -> None:
