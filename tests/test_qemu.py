@@ -26,6 +26,7 @@ import psutil
 import pytest
 import trio
 import trio_websocket
+from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import workspace as guest_workspace
 from fireclaw.guest_daemon.channel import Channel, ChannelClosed, FramedChannel, WsChannel
 from fireclaw.guest_daemon.protocol import (
@@ -55,6 +56,8 @@ from fireclaw.pool.accel import (
     probe_boot,
     tsc_khz,
 )
+from fireclaw.pool.channel import attach
+from fireclaw.pool.control import ConnectionLost
 from fireclaw.pool.drivers import choose as choose_backend
 from fireclaw.pool.drivers.base import (
     WORKSPACE_BYTES,
@@ -833,6 +836,32 @@ async def test_snapshot_then_clones_served_on_their_port_without_a_dial(
             out, _ = await guest.run(3, ["hostname"])
             assert out.strip() == f"clone-{n}"
         assert len(randoms) == 2, "each clone's RNG was reseeded from its own Attach"
+
+        # A QEMU that dies as its clone wakes: the host attaching to it learns it from
+        # the port's EOF at once, not from the boot timeout.
+        doomed_ns, _ = await namespaces.create()
+        doomed = await driver.restore(
+            _spec(
+                vm_id=f"clone-2-{secrets.token_hex(3)}",
+                name="clone-2",
+                netns=doomed_ns,
+                log_path=tmp_path / "logs" / "clone-2.log",
+            ),
+            snap.path,
+        )
+        vms.append(doomed)
+        port = await doomed.open_channel()
+        os.kill(doomed.pid, signal.SIGKILL)
+        control = ControlSpec()
+        started = time.monotonic()
+        with trio.fail_after(control.boot_timeout):
+            with pytest.raises(ConnectionLost, match="control (port|connection) closed"):
+                await attach(
+                    port, vm_id=template_spec.vm_id, token=template_spec.token, spec=control
+                )
+        noticed = time.monotonic() - started
+        print(f"a QEMU killed as its clone woke: noticed in {noticed:.3f} s")
+        assert noticed < control.boot_timeout / 4
 
         # kill -9 of a clone's QEMU: its host sees the port's EOF at once, and wait() the exit.
         killed, killed_guest, _, _ = clones[0]
