@@ -25,20 +25,37 @@ from fireclaw.guest_daemon import protocol as p
 from fireclaw.guest_daemon.channel import ChannelClosed, FramedChannel, WsChannel
 from fireclaw.pool.control import STALE_BEATS, ConnectionLost, ControlSession, GuestViolation
 
-__all__ = ["accept_dialled", "attach"]
+__all__ = ["accept_dialled", "answer_hello", "attach", "say_attach"]
 
 
 async def attach(
     stream: trio.abc.Stream, *, vm_id: str, token: str, spec: ControlSpec, hostname: str = ""
 ) -> ControlSession:
-    """Open a session on ``stream``, the host's end of a guest's port: Attach (fresh
-    entropy, mixed in by the guest before anything else), then its Hello, then
-    Welcome. ConnectionLost when the port closes first (the VMM is gone)."""
+    """Open a session on ``stream``, the host's end of a guest's port: ``say_attach``,
+    then ``answer_hello``."""
+    channel = await say_attach(stream, spec)
+    return await answer_hello(channel, vm_id=vm_id, token=token, spec=spec, hostname=hostname)
+
+
+async def say_attach(stream: trio.abc.Stream, spec: ControlSpec) -> FramedChannel:
+    """Say Attach on ``stream`` (fresh entropy, mixed in by the guest before anything
+    else); the channel it is on. Said as soon as the VM runs, the guest gets to
+    its Hello while the host makes the rest of the VM ready. ConnectionLost when
+    the port is closed (the VMM is gone)."""
     channel = FramedChannel(stream, spec.max_message_bytes)
     try:
         await channel.send_message(p.encode(p.Attach(entropy=os.urandom(64))))
     except ChannelClosed as exc:
         raise ConnectionLost(f"control port closed ({exc.reason})") from None
+    return channel
+
+
+async def answer_hello(
+    channel: FramedChannel, *, vm_id: str, token: str, spec: ControlSpec, hostname: str = ""
+) -> ControlSession:
+    """Read the Hello that answers the Attach said on ``channel`` (passing over the
+    heartbeats a restored guest sent its template's host) and answer Welcome.
+    ConnectionLost when the port closes first (the VMM is gone)."""
     return await ControlSession.handshake(
         channel, vm_id=vm_id, token=token, spec=spec, hostname=hostname, stale_beats=STALE_BEATS
     )

@@ -44,6 +44,7 @@ from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     Capability,
+    ChannelKind,
     Driver,
     DriverInfo,
     Unsupported,
@@ -75,6 +76,12 @@ CLASSES = {
     "process": (ProcessDriver, ProcessVm),
     "qemu": (QemuDriver, QemuVm),
     "firecracker": (FirecrackerDriver, FirecrackerVm),
+}
+#: The channel each driver offers its guests.
+CHANNEL = {
+    "process": ChannelKind.DIALLED,
+    "qemu": ChannelKind.VIRTIO_SERIAL,
+    "firecracker": ChannelKind.DIALLED,
 }
 #: What a VMM needs above its guest's RAM in the VM's cgroup.
 OVERHEAD_MIB = {"process": 0, "qemu": QEMU_OVERHEAD_MIB, "firecracker": FIRECRACKER_OVERHEAD_MIB}
@@ -119,6 +126,9 @@ def test_the_driver_describes_itself(name: str) -> None:
     if name != "process":
         assert info.key_inputs["image"] == "k" * 64  # a snapshot is of one image
         assert info.root_disk == _fake_image().rootfs
+    # How the guest reaches its host: QEMU offers a port (test_qemu's clones use it);
+    # the process and Firecracker guests dial.
+    assert info.channel is CHANNEL[name]
 
 
 @pytest.mark.parametrize("name", DRIVERS)
