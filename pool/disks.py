@@ -8,10 +8,11 @@ overlay is removed with its VM; a supervisor starting up removes every
 overlay a crashed one left (``sweep``), since no VM outlives its supervisor.
 
 An empty overlay is the same file for every VM on one backing file (qcow2
-holds no identity, only the backing's path and size): ``qemu-img`` makes it
-once per backing (``.blank-<hash>.qcow2`` beside the overlays, swept with
-them), and each VM's overlay is a copy of it, made in a thread. No process
-per VM, on the restore path or anywhere.
+holds no identity, only the backing's path, format and size): ``qemu-img``
+makes it once per backing, beside the backing (``.NAME.blank-<hash>.qcow2``:
+it lives and goes with the image or template it belongs to), and each VM's
+overlay is a copy of it, made in a thread. No process per VM, on the restore
+path or anywhere.
 
 Errors::
 
@@ -31,6 +32,8 @@ import trio
 from fireclaw.pool.runner import ProgramFailed, run_program
 
 SUFFIX: Final = ".qcow2"
+#: ``.NAME.blank-<hash>.qcow2``: the blank overlay of the backing file NAME.
+BLANK_INFIX: Final = ".blank-"
 QEMU_IMG: Final = "qemu-img"
 _TIMEOUT: Final = 30.0
 _PREREAD_CHUNK: Final = 1 << 20
@@ -51,18 +54,19 @@ async def create_overlay(
     return path
 
 
-def blank_path(directory: Path, backing: Path, backing_format: str) -> Path:
-    """Where the blank overlay of ``backing`` is kept: named by the backing's path,
-    format, size and change time, so a backing rewritten in place gets a new one."""
-    st = backing.stat()
-    identity = f"{backing.absolute()}\0{backing_format}\0{st.st_size}\0{st.st_mtime_ns}"
-    return directory / f".blank-{hashlib.sha256(identity.encode()).hexdigest()[:16]}{SUFFIX}"
+def blank_path(backing: Path, backing_format: str) -> Path:
+    """Where the blank overlay of ``backing`` is kept: beside it, named by what an
+    overlay holds of it (its format and size: a backing rewritten to another size
+    gets another blank)."""
+    identity = f"{backing_format}\0{backing.stat().st_size}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return backing.with_name(f".{backing.name}{BLANK_INFIX}{digest}{SUFFIX}")
 
 
 def _copy_blank(path: Path, backing: Path, backing_format: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        blank = blank_path(path.parent, backing, backing_format)
+        blank = blank_path(backing, backing_format)
         if not blank.exists():
             # Made aside and renamed: VMs starting at once each see a whole one.
             aside = blank.with_name(f"{blank.name}.{os.getpid()}.{os.urandom(4).hex()}")
@@ -100,11 +104,7 @@ def remove(path: Path) -> None:
 
 
 def leftovers(directory: Path) -> list[Path]:
-    """VMs' overlays in ``directory`` (not the blanks they are copied from)."""
-    return [p for p in _overlays(directory) if not p.name.startswith(".")]
-
-
-def _overlays(directory: Path) -> list[Path]:
+    """Overlays in ``directory``."""
     try:
         return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
     except OSError:
@@ -112,9 +112,9 @@ def _overlays(directory: Path) -> list[Path]:
 
 
 def sweep(directory: Path) -> list[Path]:
-    """Remove every overlay in ``directory``, and the blanks; the VMs' ones removed."""
+    """Remove every overlay in ``directory``; the ones removed."""
     found = leftovers(directory)
-    for path in _overlays(directory):
+    for path in found:
         remove(path)
     return found
 

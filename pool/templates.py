@@ -285,6 +285,10 @@ class Templates(TemplateMaker):
         ):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / f"{short}{suffix}").unlink()
+        # The blank its clones' overlays were copied from (``disks.blank_path``).
+        for blank in self.directory.glob(f".{short}{disks.SUFFIX}{disks.BLANK_INFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                blank.unlink()
 
     def _remove_all_but(self, keep: set[str]) -> None:
         """Remove every template file whose key is not in ``keep``, and every file

@@ -34,14 +34,16 @@ def debugfs(image: Path, request: str) -> str:
 async def test_an_overlay_sits_on_its_backing_file_and_goes_with_sweep(tmp_path: Path) -> None:
     base = tmp_path / "rootfs.ext4"
     base.write_bytes(b"\0" * (1 << 20))
-    first = await disks.create_overlay(tmp_path / "disks" / "vm-1.qcow2", base, "raw")
+    # As a template's overlay on the image, and a clone's on the template's.
+    first = await disks.create_overlay(tmp_path / "templates" / "t.qcow2", base, "raw")
     second = await disks.create_overlay(tmp_path / "disks" / "vm-2.qcow2", first, "qcow2")
+    third = await disks.create_overlay(tmp_path / "disks" / "vm-3.qcow2", base, "raw")
     assert info(first)["backing-filename"] == str(base)
     assert info(second)["backing-filename"] == str(first)
     assert info(second)["format"] == "qcow2"
     assert first.stat().st_mode & 0o777 == 0o600
-    assert disks.leftovers(tmp_path / "disks") == [first, second]
-    assert disks.sweep(tmp_path / "disks") == [first, second]
+    assert disks.leftovers(tmp_path / "disks") == [second, third]
+    assert disks.sweep(tmp_path / "disks") == [second, third]
     assert disks.leftovers(tmp_path / "disks") == []
 
 
@@ -65,8 +67,9 @@ async def test_overlays_on_one_backing_are_copies_of_one_blank_made_once(
     with pytest.raises(disks.DiskError, match="^overlay vm-3.qcow2: "):
         await disks.create_overlay(tmp_path / "disks" / "vm-3.qcow2", other, "raw")
     assert not (tmp_path / "disks" / "vm-3.qcow2").exists()
-    # The blank is no VM's leftover, and goes with the sweep all the same.
-    assert disks.leftovers(tmp_path / "disks") == [first, second]
+    # The blank lives beside its backing file, not among the VMs' overlays.
+    assert disks.blank_path(base, "raw").parent == tmp_path
+    assert disks.blank_path(base, "raw").is_file()
     assert disks.sweep(tmp_path / "disks") == [first, second]
     assert list((tmp_path / "disks").iterdir()) == []
 
