@@ -55,9 +55,11 @@ async def create_overlay(
 
 
 def blank_path(backing: Path, backing_format: str) -> Path:
-    """Where the blank overlay of ``backing`` is kept: beside it, named by what an
-    overlay holds of it (its format and size: a backing rewritten to another size
-    gets another blank)."""
+    """Where the blank overlay of ``backing`` (resolved: the blank names it so, and
+    is shared by everyone reaching it through any link) is kept: beside it, named
+    by what an overlay holds of it besides the path (its format and size: a
+    backing rewritten to another size gets another blank)."""
+    backing = backing.resolve()
     identity = f"{backing_format}\0{backing.stat().st_size}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return backing.with_name(f".{backing.name}{BLANK_INFIX}{digest}{SUFFIX}")
@@ -84,7 +86,7 @@ def _create(path: Path, backing: Path, backing_format: str, *, name: str) -> Non
     """``qemu-img create`` of ``path``; errors name the overlay ``name`` it is for."""
     argv = [
         QEMU_IMG, "create", "-q", "-f", "qcow2",
-        "-F", backing_format, "-b", str(backing.absolute()), str(path),
+        "-F", backing_format, "-b", str(backing.resolve()), str(path),
     ]  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,12 @@ async def test_overlays_on_one_backing_are_copies_of_one_blank_made_once(
     assert info(second)["virtual-size"] == 1 << 20
     assert second.read_bytes() == first.read_bytes()
     assert second.stat().st_mode & 0o777 == 0o600
+    # The same backing reached through a link: the same blank, naming the file itself.
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    third = await disks.create_overlay(
+        tmp_path / "disks" / "vm-4.qcow2", tmp_path / "link" / "rootfs.ext4", "raw"
+    )
+    assert info(third)["backing-filename"] == str(base.resolve())
     # Another backing needs its own blank: that one cannot be made now.
     other = tmp_path / "other.ext4"
     other.write_bytes(b"\0" * (2 << 20))
@@ -70,7 +76,7 @@ async def test_overlays_on_one_backing_are_copies_of_one_blank_made_once(
     # The blank lives beside its backing file, not among the VMs' overlays.
     assert disks.blank_path(base, "raw").parent == tmp_path
     assert disks.blank_path(base, "raw").is_file()
-    assert disks.sweep(tmp_path / "disks") == [first, second]
+    assert disks.sweep(tmp_path / "disks") == [first, second, third]
     assert list((tmp_path / "disks").iterdir()) == []
 
 
