@@ -57,10 +57,10 @@ async def create_overlay(
 def blank_path(backing: Path, backing_format: str) -> Path:
     """Where the blank overlay of ``backing`` (resolved: the blank names it so, and
     is shared by everyone reaching it through any link) is kept: beside it, named
-    by what an overlay holds of it besides the path (its format and size: a
-    backing rewritten to another size gets another blank)."""
+    by all an overlay holds of it: its path, format and size (a backing moved or
+    rewritten to another size gets another blank)."""
     backing = backing.resolve()
-    identity = f"{backing_format}\0{backing.stat().st_size}"
+    identity = f"{backing}\0{backing_format}\0{backing.stat().st_size}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return backing.with_name(f".{backing.name}{BLANK_INFIX}{digest}{SUFFIX}")
 
