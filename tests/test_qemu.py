@@ -72,6 +72,7 @@ from fireclaw.pool.drivers.base import (
 from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
 from fireclaw.pool.drivers.qemu_argv import (
     CONTROL_PORT_NAME,
+    guest_control_url,
     kernel_cmdline,
     make_run_dir,
     qemu_argv,
@@ -122,14 +123,28 @@ def _fake_image(directory: Path = Path("/images/k")) -> Image:
 # --- pure functions ---------------------------------------------------------------------
 
 
+def test_guest_control_url_names_the_namespace_loopback() -> None:
+    assert guest_control_url("ws://127.0.0.1:7000/") == "ws://10.0.2.2:7000/"
+    assert guest_control_url("ws://localhost:41234") == "ws://10.0.2.2:41234/"
+    assert guest_control_url("wss://127.0.0.1:9/ctl") == "wss://10.0.2.2:9/ctl"
+    for bad in ("ws://10.1.2.3:7000/", "http://127.0.0.1:7000/", "ws://127.0.0.1/", "ws://[::1"):
+        with pytest.raises(DriverError, match="control url") as info:
+            guest_control_url(bad)
+        assert "\n" not in str(info.value)
+
+
 def test_kernel_cmdline() -> None:
     base = "console=ttyS0 panic=-1 root=/dev/vda ro"
-    line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148)
+    line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148, port=CONTROL_PORT_NAME)
     assert line == (
         f"{base} fireclaw.port=fireclaw.control fireclaw.vm_id=worker-0-abc123"
         f" fireclaw.token={TOKEN} fireclaw.ip=10.0.2.15/24 fireclaw.gw=10.0.2.2 loglevel=4"
         " fireclaw.hostname=worker-0 tsc_early_khz=2596148"
     )
+    # A guest with no port to serve (Firecracker's) dials the URL instead.
+    dials = kernel_cmdline(base, _spec(), TCG, tsc_khz=None)
+    assert "fireclaw.url=ws://10.0.2.2:7000/" in dials and "fireclaw.port" not in dials
+    assert QemuDriver(_fake_image(), TCG).cmdline(_spec()).count("fireclaw.port=") == 1
     kvm = kernel_cmdline(base, _spec(name="Not_A_Hostname"), Accel("kvm", ""), tsc_khz=2596148)
     assert "tsc_early_khz" not in kvm and "fireclaw.hostname" not in kvm
     assert "tsc_early_khz" not in kernel_cmdline(base, _spec(), TCG, tsc_khz=None)
@@ -198,8 +213,10 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
         "base", _spec(control_url="ws://172.16.0.1:7000/", tap="tap0", disk=Path("/d")), TCG,
         tsc_khz=None,
     )  # fmt: skip
-    assert "fireclaw.url" not in cmdline  # the guest reaches its host through its port
+    assert "fireclaw.url=ws://172.16.0.1:7000/" in cmdline
     assert "fireclaw.ip=172.16.0.2/30 fireclaw.gw=172.16.0.1 rw" in cmdline
+    with pytest.raises(DriverError, match="a guest on a tap dials"):
+        guest_control_url("ws://127.0.0.1:7000/", tap=True)
 
 
 def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:

@@ -368,7 +368,9 @@ class QemuDriver:
         )
 
     def cmdline(self, spec: VmSpec) -> str:
-        return kernel_cmdline(self.image.cmdline, spec, self.accel, tsc_khz=self._tsc_khz)
+        return kernel_cmdline(
+            self.image.cmdline, spec, self.accel, tsc_khz=self._tsc_khz, port=CONTROL_PORT_NAME
+        )
 
     async def start(self, spec: VmSpec) -> QemuVm:
         """Boot a VM; returns once QEMU answers on QMP (the guest is still booting)."""

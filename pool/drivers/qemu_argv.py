@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit, urlunsplit
 
 from fireclaw.pool.accel import Accel, accel_argv
 from fireclaw.pool.drivers.base import WORKSPACE_BYTES, WORKSPACE_SERIAL, DriverError, VmSpec
@@ -41,15 +42,44 @@ NETWORK: Final = "10.0.2.0/24"
 MACHINE: Final = "microvm,x-option-roms=off,rtc=on"
 #: The virtio-serial port the guest daemon serves (``fireclaw.port=`` tells it which).
 CONTROL_PORT_NAME: Final = "fireclaw.control"
+_LOOPBACK: Final = frozenset({"127.0.0.1", "localhost"})
 _HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _UNIX_PATH_MAX: Final = 107
 
 
-def kernel_cmdline(base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None) -> str:
-    """The image's command line plus what the guest's init and daemon read."""
+def guest_control_url(url: str, *, tap: bool = False) -> str:
+    """``url`` as the guest reaches it: on a tap, as is (it must name ``GATEWAY``);
+    on user networking, 127.0.0.1 becomes 10.0.2.2."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise DriverError(f"control url {url!r}: {exc}") from None
+    if tap:
+        if parts.scheme not in ("ws", "wss") or parts.hostname != GATEWAY or port is None:
+            raise DriverError(f"control url {url!r}: a guest on a tap dials ws://{GATEWAY}:PORT/")
+        return urlunsplit((parts.scheme, f"{GATEWAY}:{port}", parts.path or "/", "", ""))
+    if parts.scheme not in ("ws", "wss") or parts.hostname not in _LOOPBACK or port is None:
+        raise DriverError(
+            f"control url {url!r}: the qemu driver needs ws://127.0.0.1:PORT/"
+            f" (the guest reaches its namespace's loopback as {HOST_ALIAS})"
+        )
+    return urlunsplit((parts.scheme, f"{HOST_ALIAS}:{port}", parts.path or "/", "", ""))
+
+
+def kernel_cmdline(
+    base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None, port: str | None = None
+) -> str:
+    """The image's command line plus what the guest's init and daemon read: the
+    control ``port`` the daemon serves, or (None) the URL it dials."""
     tap = spec.tap is not None
+    control = (
+        f"fireclaw.port={port}"
+        if port is not None
+        else f"fireclaw.url={guest_control_url(spec.control_url, tap=tap)}"
+    )
     words = [
-        f"fireclaw.port={CONTROL_PORT_NAME}",
+        control,
         f"fireclaw.vm_id={spec.vm_id}",
         f"fireclaw.token={spec.token}",
         f"fireclaw.ip={GUEST_CIDR if tap else GUEST_ADDR}",
