@@ -507,11 +507,15 @@ class QemuDriver:
         channel: socket.socket,
         private_memory: Path | None,
     ) -> QemuVm:
-        """Start QEMU with ``listeners`` (QMP's and the control port's sockets, closed
-        here once QEMU has them: from then on, QEMU's end is the only end, and
-        its exit closes our connections at once) and the snapshot to load (None:
-        a boot); ``channel``, our connection queued on the control port's
-        socket, is ours to close whatever happens."""
+        """Start QEMU with ``listeners`` (QMP's and the control port's sockets) and the
+        snapshot to load (None: a boot); ``channel``, our connection queued on
+        the control port's socket, is ours to close whatever happens.
+
+        Our copy of the control port's socket is closed once QEMU has it: from
+        then on QEMU's end is the only end, and its exit closes ``channel`` at
+        once. QMP's stays open until the caller is done starting QEMU: a QMP
+        client then waits on it, and a QEMU that exits at start is seen as an
+        exit (``VmmExited``), not as a reset QMP connection."""
         qmp_fd, control_fd = (sock.fileno() for sock in listeners)
         incoming = snapshot_fd is not None
         argv = qemu_argv(
@@ -544,8 +548,7 @@ class QemuDriver:
             proc = await open_vmm(
                 in_netns(argv, spec.netns), log_fd=log_fd, env=env, pass_fds=passed
             )
-            for sock in listeners:
-                sock.close()
+            listeners[1].close()
         except OSError as exc:
             channel.close()
             shutil.rmtree(run_dir, ignore_errors=True)
