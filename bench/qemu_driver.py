@@ -23,9 +23,18 @@ taken from the supervisor's status. What it measures, on this machine:
    consumes one clone with ``run -- true`` (through the API, untimed) and waits
    until the pool is full and settled again; the ``seconds`` of the
    ``restored`` event of the replacement (QEMU's start with ``-incoming``,
-   the state read, the guest's reconnect and Hello) is one sample. The
-   restores of the first fill (several at once) and those that overlap the
-   timed runs of part 3 are reported apart.
+   the state read, the host's Attach on the control port and the guest's
+   Hello) is one sample. The restores of the first fill (several at once) and
+   those that overlap the timed runs of part 3 are reported apart; the first
+   fill also gives the refill rate (clones restored per second, from the
+   template made to the last of them ready).
+   The bare floor, in the same run, once the supervisor has stopped (its
+   template stays): as many restores of the same snapshot with no supervisor,
+   one at a time: the driver's restore (QEMU with ``-incoming``, the state
+   loaded over QMP from the file QEMU inherits, ``cont``), Attach on the port,
+   until the guest's first byte on it. Each in a fresh namespace (QEMU makes
+   the tap) on a fresh overlay, both made before the clock starts. Printed
+   with the ratio of restore-to-connected p50 to it.
 3. ``run -- true`` from a warm pool. Before each run the bench waits, untimed,
    until the pool is full and settled (``--idle`` idle clones, nothing
    starting, nothing draining), then times
@@ -299,9 +308,13 @@ def trouble(events: list[dict[str, Any]], role: str, kinds: frozenset[str] = TRO
     ]
 
 
-def restored_seconds(events: list[dict[str, Any]], role: str) -> list[float]:
+def restored_seconds(
+    events: list[dict[str, Any]], role: str, field: str = "seconds"
+) -> list[float]:
+    """Of each ``restored`` event of ``role``: ``seconds`` (to connected) or
+    ``vmm_seconds`` (of them, until QEMU ran with the state loaded)."""
     return [
-        float(e["detail"]["seconds"])
+        float(e["detail"][field])
         for e in events
         if e["kind"] == "restored" and e["detail"].get("role") == role
     ]
@@ -364,6 +377,12 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         }
         fill = restored_seconds(events, role)
         info["fill_restores_s"] = fill
+        # Refill rate: the first fill, all at once from the moment the template is made.
+        ends = [
+            e["at"] for e in events if e["kind"] == "restored" and e["detail"].get("role") == role
+        ]
+        if ends and max(ends) > made[0]["at"]:
+            info["refill_per_s"] = round(len(ends) / (max(ends) - made[0]["at"]), 2)
         info["fill_trouble"] = trouble(events, role)
         print(
             f"  template: cold boot to parked {detail['boot_seconds']:.2f} s, snapshot"
@@ -385,6 +404,7 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
 def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
     print(f"[2/4] restore to connected: {n} restores, one at a time", flush=True)
     samples: list[float] = []
+    vmm: list[float] = []
     problems: list[str] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -400,6 +420,7 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
         if len(found) != 1:
             problems.append(f"step {i}: {len(found)} restored events")
         samples += found
+        vmm += restored_seconds(events, role, "vmm_seconds")
         if (i + 1) % max(1, n // 5) == 0:
             print(f"  {i + 1}/{n} restores", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -407,6 +428,7 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
     if not samples:
         raise BenchError(f"no restore was seen: {problems[:3]}")
     out.update(summary_ms([s * 1000 for s in samples], samples=True))
+    out["qemu_part"] = summary_ms([s * 1000 for s in vmm], samples=True)
     if problems:
         raise BenchError(f"{len(problems)} problems during the restores: {problems[:3]}")
 
@@ -563,6 +585,118 @@ def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         supervisor_stopped(sup, out, say=False)
 
 
+# ---------------------------------------------------------------- the bare floor
+
+
+async def _floor_once(
+    driver: Any, snap: Path, template_disk: Path, workdir: Path, i: int
+) -> tuple[float, float]:
+    """One bare restore of ``snap``, no supervisor: QEMU with ``-incoming`` in a fresh
+    namespace (QEMU makes the tap itself), the state loaded over QMP, ``cont``, the
+    host on the control port saying Attach; seconds until the guest's first byte
+    on the port, and of them until the driver's restore returned (QEMU's part:
+    the rest is the guest's). The namespace and the overlay are made before the
+    clock starts."""
+    import trio
+    from fireclaw.guest_daemon import protocol as gp
+    from fireclaw.guest_daemon.channel import frame
+    from fireclaw.pool import netns
+    from fireclaw.pool.drivers.base import VmSpec
+    from fireclaw.pool.network import TAP
+
+    ns_name = f"{netns.PREFIX}floor-{os.getpid()}-{i}"
+    overlay = workdir / "floor" / f"floor-{i}{disks.SUFFIX}"
+    (await netns.create_with_listener(ns_name)).close()
+    vm = None
+    try:
+        await disks.create_overlay(overlay, template_disk, "qcow2")
+        spec = VmSpec(
+            vm_id=f"floor-{i}",
+            name=f"floor-{i}",
+            role="floor",
+            vcpus=1,
+            memory_mib=MEMORY_MIB,
+            control_url="",
+            token="floor-token-0123456789",
+            netns=ns_name,
+            cgroup=None,
+            log_path=workdir / "floor" / f"floor-{i}.log",
+            tap=TAP,
+            disk=overlay,
+        )
+        with trio.fail_after(BOOT_TIMEOUT):
+            t0 = time.perf_counter()
+            vm = await driver.restore(spec, snap)
+            running = time.perf_counter() - t0
+            port = await vm.open_channel()
+            await port.send_all(frame(gp.encode(gp.Attach(entropy=os.urandom(64)))))
+            first = await port.receive_some(1)
+            took = time.perf_counter() - t0
+            await port.aclose()
+        if not first:
+            raise BenchError(f"floor {i}: the control port closed before the guest spoke")
+        return took, running
+    finally:
+        with trio.CancelScope(shield=True):
+            if vm is not None:
+                await vm.kill()
+            await netns.remove(ns_name)
+            disks.remove(overlay)
+
+
+def bench_floor(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
+    """The bare floor of a restore, on the pool's own template, after its supervisor
+    stopped (the template's files stay): see ``_floor_once``."""
+    import trio
+    from fireclaw.pool.accel import Accel
+    from fireclaw.pool.drivers.qemu import QemuDriver
+    from fireclaw.pool.drivers.qemu_migration import load_snapshot_info
+    from fireclaw.pool.image import load_image
+
+    n = args.restores
+    out: dict[str, Any] = {}
+    results["floor"] = out
+    print(f"[+] bare floor: {n} restores of the same snapshot, no supervisor", flush=True)
+    templates = workdir / "pool" / "state" / "templates"
+    snaps = sorted(templates.glob("*.snap"))
+    if len(snaps) != 1:
+        raise BenchError(f"expected the pool's one template in {templates}, found {snaps}")
+    snap = snaps[0]
+    info = load_snapshot_info(snap)
+    image = next(
+        (
+            img
+            for d in sorted(args.images.iterdir())
+            if (img := load_image(d)) is not None and img.key == info.image_key
+        ),
+        None,
+    )
+    if image is None:
+        raise BenchError(f"the image {info.image_key[:16]} of {snap.name} is not in {args.images}")
+    driver = QemuDriver(image, Accel(info.accel, "as the template was taken"), qemu=QEMU)
+    disk = snap.with_suffix(disks.SUFFIX)
+    samples: list[float] = []
+    qemu_part: list[float] = []
+
+    async def all_of_them() -> None:
+        for i in range(n):
+            took, running = await _floor_once(driver, snap, disk, workdir, i)
+            samples.append(took)
+            qemu_part.append(running)
+
+    trio.run(all_of_them)
+    out.update(summary_ms([s * 1000 for s in samples], samples=True))
+    out["qemu_part"] = summary_ms([s * 1000 for s in qemu_part], samples=True)
+    restore = results.get("restore", {})
+    if "p50_ms" in restore:
+        out["ratio_p50"] = round(restore["p50_ms"] / out["p50_ms"], 2)
+    print(
+        f"  floor p50 {out['p50_ms'] / 1000:.3f} s"
+        + (f"; restore to connected is {out['ratio_p50']}x that" if "ratio_p50" in out else ""),
+        flush=True,
+    )
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -626,6 +760,23 @@ def table(results: dict[str, Any]) -> str:
     r = results.get("restore", {})
     if "p50_ms" in r:
         rows.append((f"restore to connected, one at a time (n={r['n']}) p50/p99/max", _s3(r)))
+        if "qemu_part" in r:
+            rows.append(
+                ("  of which QEMU up with the state loaded and running", _s3(r["qemu_part"]))
+            )
+    f = results.get("floor", {})
+    if "p50_ms" in f:
+        rows.append((f"bare floor: QEMU -incoming to first byte (n={f['n']}) p50/p99/max", _s3(f)))
+        rows.append(("  of which QEMU up with the state loaded and running", _s3(f["qemu_part"])))
+        if "ratio_p50" in f:
+            rows.append(("restore to connected / bare floor, p50", f"{f['ratio_p50']:.2f}x"))
+    if "refill_per_s" in pool:
+        rows.append(
+            (
+                f"pool refill, first fill of {pool['pool_min_idle']} from the template",
+                f"{pool['refill_per_s']:.2f} VMs restored/s",
+            )
+        )
     run = results.get("run", {})
     if "cli" in run:
         rows += [
@@ -722,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             raise BenchError("VMs run in network namespaces: run as root")
         bench_pool(args, workdir, results)
+        if args.restores > 0:
+            bench_floor(args, workdir, results)
         if args.cold > 0:
             bench_cold(args, workdir, results)
 
@@ -729,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     return finish(
         results,
         status,
-        parts=("pool", "cold"),
+        parts=("pool", "floor", "cold"),
         started=started,
         path=RESULTS,
         table=table,

@@ -19,6 +19,14 @@ returns the process exit code:
      next Hello says what it is and the results held back are sent then.
 * 78 missing or invalid configuration (EX_CONFIG), one line on stderr.
 
+With a virtio-serial port (``fireclaw.port=NAME``, under QEMU) the daemon
+dials nothing: it opens the port once and hosts come to it. Each host that
+connects says ``Attach`` first and gets a Hello; a host that goes away (EOF)
+or is replaced by another (a VM restored from a snapshot: its new QEMU's host
+attaches before the guest runs again) ends the session as a lost connection
+does above, and the daemon serves the next host on the same port. ``Hello.dials``
+says how often the channel was opened: one, for the life of a port.
+
 Configuration (settings.py), lowest precedence first: the environment
 (``FIRECLAW_CONTROL_URL``, ``FIRECLAW_VM_ID``, ``FIRECLAW_TOKEN``), then a
 kernel command line read with ``--cmdline FILE`` (``fireclaw.url=``,
@@ -49,22 +57,19 @@ from functools import partial
 from typing import Final
 
 import trio
-from trio_websocket import (
-    CloseReason,
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from trio_websocket import HandshakeError, open_websocket_url
 
 from . import users, workspace
 from .agent_irc import AgentPresence, Draft
+from .channel import Channel, ChannelClosed, FramedChannel, WsChannel
 from .exits import EX_CONFIG
 from .harness import Children, Identity, one_line, run_command
 from .machine import mix_entropy, set_clock, set_hostname
+from .port import Port, PortError, open_port
 from .protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Attach,
     Cancel,
     Goodbye,
     GuestMessage,
@@ -116,18 +121,22 @@ ANSWER_MARGIN: Final = 5.0
 
 
 class Session:
-    """One conversation with the host over an open WebSocket.
+    """One conversation with the host over an open channel.
 
     Every outgoing message goes through one memory channel to one writer
     task, so frames never interleave and a slow host slows the senders down.
     ``run()`` returns the exit code; it does not raise for anything the host
-    or the children do.
+    or the children do. ``dials``: how often this daemon has opened a channel
+    (said in Hello). On a port, an ``Attach`` (a new host) ends the session as
+    lost and is kept in ``attach`` for the next one.
     """
 
-    def __init__(self, ws: WebSocketConnection, config: Config, work: Work):
+    def __init__(self, ws: Channel, config: Config, work: Work, *, dials: int = 1):
         self._ws = ws
         self._config = config
         self._work = work
+        self._dials = dials
+        self.attach: Attach | None = None
         self._send, self._outbox = trio.open_memory_channel[GuestMessage](OUTBOX_SIZE)
         self._runs = Children()  # this host's commands: they end with the session
         self._talk = trio.CancelScope()
@@ -185,6 +194,7 @@ class Session:
                         version=PROTOCOL_VERSION,
                         pid=os.getpid(),
                         resume=self._work.resume(),
+                        dials=self._dials,
                     )
                 )
                 first: HostMessage | None = None
@@ -214,15 +224,24 @@ class Session:
         """The next host message, or None once the session has ended."""
         try:
             frame = await self._ws.get_message()
-        except ConnectionClosed as exc:
+        except ChannelClosed as exc:
             self.lost = self.lost or self._outcome is None
-            self._end(EXIT_FAILED, f"connection closed by the host without stop ({_why(exc)})")
+            self._end(EXIT_FAILED, f"connection closed by the host without stop ({exc.reason})")
             return None
         try:
-            return decode_host(frame)
+            msg = decode_host(frame)
         except ProtocolError as exc:
             self._end(EXIT_FAILED, one_line(f"bad frame from the host: {exc}"))
             return None
+        if isinstance(msg, Attach):
+            # Another host on the port (this VM was restored, or its supervisor
+            # restarted): diverge at once, then start over with it.
+            mix_entropy(msg.entropy)
+            self.attach = msg
+            self.lost = self.lost or self._outcome is None
+            self._end(EXIT_FAILED, "another host attached to the port")
+            return None
+        return msg
 
     async def _dispatch(self, msg: HostMessage, jobs: trio.Nursery) -> None:
         match msg:
@@ -312,10 +331,10 @@ class Session:
                     try:
                         await self._ws.send_message(encode(msg))
                         continue
-                    except ConnectionClosed as exc:
+                    except ChannelClosed as exc:
                         self._connected = False
                         self.lost = self.lost or self._outcome is None
-                        self._end(EXIT_FAILED, f"connection lost ({_why(exc)})")
+                        self._end(EXIT_FAILED, f"connection lost ({exc.reason})")
                 if isinstance(msg, TaskDone):
                     self._work.undelivered(msg)
 
@@ -339,38 +358,92 @@ async def _answer(work: Work, sender: str, where: str, text: str, draft: Draft) 
     return await work.turns.answer(sender, where, text, notice, draft)
 
 
-def _why(exc: ConnectionClosed) -> str:
-    reason: CloseReason | None = exc.reason
-    if reason is None:
-        return "no close reason"
-    return f"{reason.code} {reason.name}" + (f": {reason.reason}" if reason.reason else "")
-
-
 # --- connecting and main -------------------------------------------------------
 
 
 async def serve(config: Config, environ: Mapping[str, str]) -> int:
-    """Dial the host and run a session; inside a VM, again after each lost connection."""
+    """Dial the host and run a session; inside a VM, again after each lost connection.
+    With a port, open it once and serve each host that attaches to it."""
     async with trio.open_nursery() as jobs:
         user = config.agent_user or users.lookup_self()
         work = Work(environ, jobs, keep=config.redial, user=user)
-        patience = config.connect_timeout
-        while True:
-            code, lost = await _dial_and_run(config, work, patience)
-            if not (lost and config.redial):
-                break
-            log.warning("connection to %s lost; dialling again", config.url)
-            patience = max(patience, REDIAL_TIMEOUT)
+        if config.port is not None:
+            code = await _serve_port(config, config.port, work)
+        else:
+            code = await _dial(config, work)
         await work.end("lost the supervisor")  # already done unless dialling gave up
         jobs.cancel_scope.cancel()
     return code
 
 
-async def _dial_and_run(config: Config, work: Work, patience: float) -> tuple[int, bool]:
+async def _dial(config: Config, work: Work) -> int:
+    patience = config.connect_timeout
+    dials = 0
+    while True:
+        code, lost, dials = await _dial_and_run(config, work, patience, dials)
+        if not (lost and config.redial):
+            return code
+        log.warning("connection to %s lost; dialling again", config.url)
+        patience = max(patience, REDIAL_TIMEOUT)
+
+
+async def _serve_port(config: Config, name: str, work: Work) -> int:
+    """Open the port ``name`` once and run a session with each host that attaches;
+    never dial. A session ends as lost when its host goes (EOF: the supervisor
+    died, or the VM's QEMU was replaced) or another host attaches (a restored
+    clone: its new host is there before the guest runs again)."""
+    try:
+        async with open_port(name) as port:
+            log.info("serving port %s", name)
+            channel = FramedChannel(port.stream, MAX_FRAME_BYTES, owns_stream=False)
+            attach: Attach | None = None
+            patience = config.connect_timeout
+            while True:
+                if attach is None:
+                    with trio.move_on_after(patience):
+                        attach, channel = await _next_host(port, channel)
+                    if attach is None:
+                        log.error("no host attached to port %s within %gs", name, patience)
+                        return EXIT_FAILED
+                session = Session(channel, config, work, dials=1)
+                code = await session.run()
+                if not (session.lost and config.redial):
+                    return code
+                attach = session.attach
+                log.warning("host on port %s %s", name, "replaced" if attach else "lost")
+                patience = max(patience, REDIAL_TIMEOUT)
+    except PortError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+
+
+async def _next_host(port: Port, channel: FramedChannel) -> tuple[Attach, FramedChannel]:
+    """Wait for a host to attach to ``port``; its Attach and the channel it is on.
+
+    What comes before an Attach is the rest of a host that has gone: passed over."""
+    while True:
+        await port.host_here()
+        try:
+            frame = await channel.get_message()
+        except ChannelClosed:  # that host went away; the next starts on a frame boundary
+            channel = FramedChannel(port.stream, MAX_FRAME_BYTES, owns_stream=False)
+            continue
+        try:
+            msg = decode_host(frame)
+        except ProtocolError:
+            continue
+        if isinstance(msg, Attach):
+            mix_entropy(msg.entropy)
+            return msg, channel
+
+
+async def _dial_and_run(
+    config: Config, work: Work, patience: float, dials: int
+) -> tuple[int, bool, int]:
     """Dial the host (retrying for ``patience`` seconds), then run one session.
 
-    Returns the exit code and whether the session ended because the connection
-    was lost.
+    Returns the exit code, whether the session ended because the connection
+    was lost, and the dials made so far (``dials`` before this call).
     """
     deadline = trio.current_time() + patience
     delay = BACKOFF_FIRST
@@ -391,14 +464,15 @@ async def _dial_and_run(config: Config, work: Work, patience: float) -> tuple[in
                     disconnect_timeout=CLOSE_TIMEOUT,
                 ) as ws:
                     connecting.deadline = math.inf
+                    dials += 1
                     log.info("connected to %s", config.url)
-                    session = Session(ws, config, work)
+                    session = Session(WsChannel(ws), config, work, dials=dials)
                     code = await session.run()
             if connecting.cancelled_caught and code is None:
                 raise TimeoutError(f"no WebSocket upgrade within {attempt:g}s")
         except (HandshakeError, OSError) as exc:
             if code is not None:
-                return code, session.lost  # the session is over; only the close was untidy
+                return code, session.lost, dials  # the session is over; only the close was untidy
             error = one_line(str(exc.__cause__ or exc) or type(exc).__name__, 200)
             left = deadline - trio.current_time()
             if left <= 0:
@@ -409,13 +483,13 @@ async def _dial_and_run(config: Config, work: Work, patience: float) -> tuple[in
                     patience,
                     error,
                 )
-                return EXIT_FAILED, False
+                return EXIT_FAILED, False, dials
             log.debug("dial %s failed (%s); retrying in %.1fs", config.url, error, delay)
             await trio.sleep(min(delay, left))
             delay = min(delay * 2, BACKOFF_MAX)
         else:
             assert code is not None
-            return code, session.lost
+            return code, session.lost, dials
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,10 @@
 """The control protocol between the supervisor (host) and a guest daemon (VM).
 
-One WebSocket connection per VM; the guest dials, the host listens. Every
-message is one binary frame holding one msgpack-encoded Struct from the tagged
-unions below (the tag field is ``type``). Nothing else is accepted: text frames,
+One channel per VM (``channel.py``): a WebSocket the guest dials, or a port
+the guest keeps open and the host connects to (a virtio-serial port under
+QEMU). Every message is one binary frame holding one msgpack-encoded Struct
+from the tagged unions below (the tag field is ``type``). Nothing else is
+accepted: text frames,
 unknown message types, unknown fields, out-of-range values and frames larger
 than ``MAX_FRAME_BYTES`` are protocol violations.
 
@@ -13,6 +15,7 @@ that breaks the protocol. The guest trusts the host.
 Conversation::
 
     guest                              host
+      | <----------- Attach(entropy) -- |   on a port only: a host is here
       | -- Hello(id, token, resume?) -> |   within boot_timeout of the VM starting
       | <------- Welcome(entropy, now) -- |   guest reseeds its RNG, sets its clock
       | -- Heartbeat ------------------> |   every heartbeat_interval
@@ -27,6 +30,15 @@ Conversation::
       | -- TaskDone(id, code, output) --> |
       | <--------------- Stop(reason) --- |   asks the guest to stop
       | -- Goodbye(reason) -------------> |   then the guest exits 0
+
+On a port the host speaks first: the guest cannot see a new host arrive
+(a VM restored from a snapshot wakes up on the port its template had open,
+with a new QEMU and a new host behind it), so each host that connects says
+``Attach``, and the guest answers with a new Hello whatever it was doing. The
+guest mixes ``Attach.entropy`` into its RNG at once: a restored clone diverges
+from its siblings before anything else runs, however late its Welcome. Bytes
+the guest wrote before the Attach may reach the new host: before its Hello,
+the host passes over heartbeats.
 
 A guest that was already at work when its connection was lost (its
 supervisor crashed or was upgraded; the VM kept running) says so in its next
@@ -50,7 +62,8 @@ _T = TypeVar("_T")
 #: 2: ``Hello.resume`` (a guest that outlived its supervisor says what it holds).
 #: 3: the chat harness (``ChatHarness``, ``Cancel``, ``ToolRan``, ``Run.user``).
 #: 4: the coding-agent CLI harness (``CliHarness``).
-PROTOCOL_VERSION: Final = 4
+#: 5: the port channel (``Attach``, ``Hello.dials``).
+PROTOCOL_VERSION: Final = 5
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -104,6 +117,9 @@ class Hello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="he
     pid: Annotated[int, Meta(ge=0, le=2**31)] = 0
     #: Set by a promoted guest dialling again after a lost connection.
     resume: Resume | None = None
+    #: How many times this daemon has opened its channel: dialled a WebSocket, or
+    #: opened its port (once for its whole life: hosts come to it).
+    dials: Annotated[int, Meta(ge=0, le=2**31)] = 0
 
 
 class Heartbeat(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="heartbeat"):
@@ -161,6 +177,12 @@ GuestMessage = Hello | Heartbeat | Output | Exited | Promoted | TaskDone | ToolR
 
 
 # --- host -> guest -----------------------------------------------------------
+
+
+class Attach(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="attach"):
+    """A host connected to the guest's port; the guest answers with Hello."""
+
+    entropy: Annotated[bytes, Meta(min_length=32, max_length=512)]
 
 
 class Welcome(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="welcome"):
@@ -291,7 +313,7 @@ class Stop(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="sto
     reason: ShortText = ""
 
 
-HostMessage = Welcome | Run | Promote | Task | Cancel | Stop
+HostMessage = Attach | Welcome | Run | Promote | Task | Cancel | Stop
 
 
 class ProtocolError(Exception):

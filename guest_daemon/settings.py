@@ -3,9 +3,11 @@
 Lowest precedence first: the environment (``FIRECLAW_CONTROL_URL``,
 ``FIRECLAW_VM_ID``, ``FIRECLAW_TOKEN``), then a kernel command line read with
 ``--cmdline FILE`` (``fireclaw.url=``, ``fireclaw.vm_id=``, ``fireclaw.token=``),
-then ``--url``, ``--vm-id`` and ``--token``. ``load_config`` checks all of it
-and raises ``ConfigError`` with one line naming what is missing or wrong (never
-the token itself); the daemon then exits with ``exits.EX_CONFIG``.
+then ``--url``, ``--vm-id`` and ``--token``. Instead of a URL to dial, a
+virtio-serial port to serve: ``fireclaw.port=NAME`` or ``--port NAME``.
+``load_config`` checks all of it and raises ``ConfigError`` with one line
+naming what is missing or wrong (never the token itself); the daemon then
+exits with ``exits.EX_CONFIG``.
 
 Exceptions::
 
@@ -53,9 +55,11 @@ class ConfigError(GuestDaemonError):
 
 @dataclass(frozen=True)
 class Config:
-    url: str
+    url: str  # empty with a port
     vm_id: str
     token: str
+    #: The virtio-serial port to serve (the host attaches to it), instead of dialling.
+    port: str | None = None
     connect_timeout: float = 30.0
     set_clock: bool = False
     redial: bool = False  # dial again after a lost connection (inside a VM)
@@ -65,6 +69,8 @@ class Config:
 _ENV: Final = {"url": "FIRECLAW_CONTROL_URL", "vm_id": "FIRECLAW_VM_ID", "token": "FIRECLAW_TOKEN"}
 _CMDLINE: Final = {"url": "fireclaw.url", "vm_id": "fireclaw.vm_id", "token": "fireclaw.token"}
 _FLAG: Final = {"url": "--url", "vm_id": "--vm-id", "token": "--token"}
+_PORT_PARAM: Final = "fireclaw.port"
+_PORT_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A kernel command line word: runs of non-blanks, where "..." may hold blanks.
 _CMDLINE_WORD: Final = re.compile(r'(?:[^\s"]+|"[^"]*")+')
 
@@ -82,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", help=f"control endpoint, ws://HOST:PORT/ (${_ENV['url']})")
     parser.add_argument("--vm-id", help=f"this VM's id (${_ENV['vm_id']})")
     parser.add_argument("--token", help=f"this VM's secret token (${_ENV['token']})")
+    parser.add_argument("--port", help="serve this virtio-serial port instead of dialling")
     parser.add_argument(
         "--cmdline",
         metavar="FILE",
@@ -114,6 +121,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """
     args = _parser().parse_args(list(argv))
     values = {field: environ.get(var) or None for field, var in _ENV.items()}
+    port: str | None = None
     if args.cmdline:
         try:
             with open(args.cmdline, encoding="utf-8", errors="replace") as file:
@@ -122,8 +130,14 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             raise ConfigError(f"--cmdline {args.cmdline}: {exc.strerror or exc}") from exc
         for field, key in _CMDLINE.items():
             values[field] = params.get(key) or values[field]
+        port = params.get(_PORT_PARAM) or None
     for field in _ENV:
         values[field] = getattr(args, field) or values[field]
+    port = args.port or port
+    if port is not None:
+        if not _PORT_NAME.fullmatch(port):
+            raise ConfigError(f"invalid port name {port[:64]!r}: 1-64 of letters, digits and ._-")
+        values["url"] = values["url"] or ""
 
     for field, value in values.items():
         if value is None:
@@ -133,7 +147,8 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             )
     url, vm_id, token = values["url"], values["vm_id"], values["token"]
     assert url is not None and vm_id is not None and token is not None
-    _check_url(url)
+    if port is None:
+        _check_url(url)
     try:
         msgspec.convert(vm_id, Name)
     except msgspec.ValidationError:
@@ -158,6 +173,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         url=url,
         vm_id=vm_id,
         token=token,
+        port=port,
         connect_timeout=timeout,
         set_clock=environ.get("FIRECLAW_SET_CLOCK") == "1",
         redial=bool(args.cmdline),

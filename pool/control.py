@@ -1,7 +1,10 @@
 """The host side of one guest's control channel.
 
-The guest is untrusted. Every frame it sends is size-capped (by the WebSocket
-layer, ``max_message_bytes``), rate-limited (a token bucket of
+The session runs over a ``Channel`` (``guest_daemon.channel``): a WebSocket
+the guest dialled, or the frames of a port the host attached to
+(``pool.channel``). The guest is untrusted. Every frame it sends is
+size-capped (``max_message_bytes``, by the WebSocket layer or the frame
+decoder), rate-limited (a token bucket of
 ``max_messages_per_second``), decoded against the protocol schema, and checked
 against what the conversation allows. Any breach ends the session with
 ``GuestViolation``; the VM above then kills and replaces the guest.
@@ -25,9 +28,9 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Final
 
 import trio
-import trio_websocket
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import Channel, ChannelClosed
 from fireclaw.guest_daemon.pacing import TokenBucket
 
 #: A host name a Welcome may carry (RFC 1123 label).
@@ -36,6 +39,9 @@ _HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TOOL: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 #: A run's output waiting to be taken; beyond this the reader waits (TCP backpressure).
 _RUN_BUFFER: Final = 64
+#: Heartbeats a guest on a port may have sent its previous host, passed over
+#: before its Hello to this one.
+STALE_BEATS: Final = 64
 
 #: Where a guest's (checked) ``ToolRan`` reports go: the VM's audit trail.
 OnToolRan = Callable[[p.ToolRan], None]
@@ -64,9 +70,7 @@ class ConnectionLost(GuestLost):
 class ControlSession:
     """One connected, authenticated guest. Create with ``handshake``, then ``serve``."""
 
-    def __init__(
-        self, ws: trio_websocket.WebSocketConnection, hello: p.Hello, spec: ControlSpec
-    ) -> None:
+    def __init__(self, ws: Channel, hello: p.Hello, spec: ControlSpec) -> None:
         self._ws = ws
         self.hello = hello
         self._spec = spec
@@ -90,21 +94,33 @@ class ControlSession:
             send, self._held[task_id] = trio.open_memory_channel[p.TaskDone](1)
             self._tasks[task_id] = send
 
+    @property
+    def channel(self) -> Channel:
+        """What the session runs over (to read the first frames before ``serve``)."""
+        return self._ws
+
     @classmethod
     async def handshake(
         cls,
-        ws: trio_websocket.WebSocketConnection,
+        ws: Channel,
         *,
         vm_id: str,
         token: str,
         spec: ControlSpec,
         hostname: str = "",
+        stale_beats: int = 0,
     ) -> ControlSession:
         """Read the guest's Hello, check who it is, answer with Welcome.
 
         ``hostname`` is the name a guest in a VM takes (clones of one snapshot
-        each get their own); one that is not a valid host name is not sent."""
+        each get their own); one that is not a valid host name is not sent.
+        Up to ``stale_beats`` heartbeats before the Hello are passed over (a
+        port's guest may have sent them to the host before this one)."""
         msg = p.decode_guest(await _receive(ws))  # ProtocolError handled by the caller
+        for _ in range(stale_beats):
+            if not isinstance(msg, p.Heartbeat):
+                break
+            msg = p.decode_guest(await _receive(ws))
         if not isinstance(msg, p.Hello):
             raise GuestViolation(f"first message was {type(msg).__name__}, not Hello")
         if msg.vm_id != vm_id or not secrets.compare_digest(msg.token, token):
@@ -145,7 +161,7 @@ class ControlSession:
         while True:
             try:
                 frame = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
+            except ChannelClosed as exc:
                 raise _closed_reason(exc, self.goodbye) from None
             now = trio.current_time()
             self._last_seen = now
@@ -249,7 +265,7 @@ class ControlSession:
                     yield msg
                     if isinstance(msg, p.Exited):
                         return
-        except trio_websocket.ConnectionClosed:
+        except ChannelClosed:
             pass
         finally:
             self._runs.pop(req, None)
@@ -269,7 +285,7 @@ class ControlSession:
                 raise GuestViolation(
                     f"no answer to promotion within {self._spec.promote_timeout:g}s"
                 )
-        except trio_websocket.ConnectionClosed:
+        except ChannelClosed:
             self._check()
             raise ConnectionLost("guest went away during promotion") from None
         finally:
@@ -284,7 +300,7 @@ class ControlSession:
             async with receive:
                 async for done in receive:
                     return done
-        except trio_websocket.ConnectionClosed:
+        except ChannelClosed:
             pass
         finally:
             self._tasks.pop(task_id, None)
@@ -314,7 +330,7 @@ class ControlSession:
         self._check()
         try:
             await _send(self._ws, p.Cancel(reason=reason[:1024]))
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+        except (ChannelClosed, trio.BrokenResourceError):
             self._check()
             raise ConnectionLost("guest went away before the cancel") from None
 
@@ -323,29 +339,27 @@ class ControlSession:
         if self._lost is None:
             try:
                 await _send(self._ws, p.Stop(reason=reason[:1024]))
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            except (ChannelClosed, trio.BrokenResourceError):
                 pass
 
     async def closed(self) -> None:
         await self._closed.wait()
 
 
-async def _receive(ws: trio_websocket.WebSocketConnection) -> bytes | str:
+async def _receive(ws: Channel) -> bytes | str:
     try:
         return await ws.get_message()
-    except trio_websocket.ConnectionClosed as exc:
+    except ChannelClosed as exc:
         raise _closed_reason(exc, None) from None
 
 
-async def _send(ws: trio_websocket.WebSocketConnection, msg: p.HostMessage) -> None:
+async def _send(ws: Channel, msg: p.HostMessage) -> None:
     await ws.send_message(p.encode(msg))
 
 
-def _closed_reason(exc: trio_websocket.ConnectionClosed, goodbye: p.Goodbye | None) -> GuestLost:
-    reason = exc.reason
-    if reason is not None and reason.code == 1009:
-        return GuestViolation(f"message too large ({reason.reason or 'over the limit'})")
+def _closed_reason(exc: ChannelClosed, goodbye: p.Goodbye | None) -> GuestLost:
+    if exc.too_large:
+        return GuestViolation(f"message too large ({exc.reason})")
     if goodbye is not None:
         return ConnectionLost(f"guest said goodbye: {goodbye.reason or 'no reason'}")
-    code = reason.code if reason is not None else "none"
-    return ConnectionLost(f"control connection closed (code {code})")
+    return ConnectionLost(f"control connection closed ({exc.reason})")

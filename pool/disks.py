@@ -7,6 +7,13 @@ cold-boots, or on top of its template's frozen overlay when it is restored
 overlay is removed with its VM; a supervisor starting up removes every
 overlay a crashed one left (``sweep``), since no VM outlives its supervisor.
 
+An empty overlay is the same file for every VM on one backing file (qcow2
+holds no identity, only the backing's path, format and size): ``qemu-img``
+makes it once per backing, beside the backing (``.NAME.blank-<hash>.qcow2``:
+it lives and goes with the image or template it belongs to), and each VM's
+overlay is a copy of it, made in a thread. No process per VM, on the restore
+path or anywhere.
+
 Errors::
 
     DiskError       an overlay could not be created
@@ -15,7 +22,9 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Final, Literal
 
@@ -23,8 +32,11 @@ import trio
 from fireclaw.pool.runner import ProgramFailed, run_program
 
 SUFFIX: Final = ".qcow2"
+#: ``.NAME.blank-<hash>.qcow2``: the blank overlay of the backing file NAME.
+BLANK_INFIX: Final = ".blank-"
 QEMU_IMG: Final = "qemu-img"
 _TIMEOUT: Final = 30.0
+_PREREAD_CHUNK: Final = 1 << 20
 
 
 class DiskError(Exception):
@@ -36,24 +48,54 @@ async def create_overlay(
 ) -> Path:
     """Create ``path``, an empty qcow2 overlay on ``backing``; return it.
 
-    Readable by root only: it will hold what the guest writes."""
-    await trio.to_thread.run_sync(_create, path, backing, backing_format)
+    Readable by root only: it will hold what the guest writes. A copy of the
+    blank overlay of ``backing``, made first if there is none yet."""
+    await trio.to_thread.run_sync(_copy_blank, path, backing, backing_format)
     return path
 
 
-def _create(path: Path, backing: Path, backing_format: str) -> None:
+def blank_path(backing: Path, backing_format: str) -> Path:
+    """Where the blank overlay of ``backing`` (resolved: the blank names it so, and
+    is shared by everyone reaching it through any link) is kept: beside it, named
+    by all an overlay holds of it: its path, format and size (a backing moved or
+    rewritten to another size gets another blank)."""
+    backing = backing.resolve()
+    identity = f"{backing}\0{backing_format}\0{backing.stat().st_size}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return backing.with_name(f".{backing.name}{BLANK_INFIX}{digest}{SUFFIX}")
+
+
+def _copy_blank(path: Path, backing: Path, backing_format: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blank = blank_path(backing, backing_format)
+        if not blank.exists():
+            # Made aside and renamed: VMs starting at once each see a whole one.
+            aside = blank.with_name(f"{blank.name}.{os.getpid()}.{os.urandom(4).hex()}")
+            _create(aside, backing, backing_format, name=path.name)
+            os.replace(aside, blank)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(blank, "rb") as source, open(fd, "wb") as target:
+            shutil.copyfileobj(source, target)
+    except OSError as exc:
+        remove(path)
+        raise DiskError(f"overlay {path.name}: {exc.strerror or exc}") from exc
+
+
+def _create(path: Path, backing: Path, backing_format: str, *, name: str) -> None:
+    """``qemu-img create`` of ``path``; errors name the overlay ``name`` it is for."""
     argv = [
         QEMU_IMG, "create", "-q", "-f", "qcow2",
-        "-F", backing_format, "-b", str(backing.absolute()), str(path),
+        "-F", backing_format, "-b", str(backing.resolve()), str(path),
     ]  # fmt: skip
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         run_program(argv, timeout=_TIMEOUT)
     except OSError as exc:
-        raise DiskError(f"overlay {path.name}: {exc.strerror or exc}") from exc
+        raise DiskError(f"overlay {name}: {exc.strerror or exc}") from exc
     except ProgramFailed as exc:
         remove(path)
-        raise DiskError(f"overlay {path.name}: {exc}") from exc
+        raise DiskError(f"overlay {name}: {exc}") from exc
     path.chmod(0o600)
 
 
@@ -77,6 +119,21 @@ def sweep(directory: Path) -> list[Path]:
     for path in found:
         remove(path)
     return found
+
+
+def preread(paths: list[Path]) -> int:
+    """Read each of ``paths`` through, so that what restores read next (a template's
+    state, RAM and disk) comes from the page cache; the bytes read. Missing or
+    unreadable files are passed over: this only ever saves time."""
+    total = 0
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as file:
+                while chunk := file.read(_PREREAD_CHUNK):
+                    total += len(chunk)
+        except OSError:
+            continue
+    return total
 
 
 def fsync_path(path: Path) -> None:

@@ -8,6 +8,11 @@ disk, ``<key>.qcow2`` (its root overlay, frozen at the snapshot). What is
 done with them (which roles want which, retries, removal) is
 ``pool/templates.py``.
 
+The template's guest is snapshotted parked (welcomed, beating) with its host
+still on the control channel. On a channel device (QEMU's virtio-serial port)
+that is what every clone wakes up to: its new host is already on the port,
+says Attach, and the guest answers at once, without a dial.
+
 Errors::
 
     TemplateError       a template could not be made (one line)
@@ -28,15 +33,17 @@ from typing import Any, Final
 
 import msgspec
 import trio
-import trio_websocket
 from fireclaw.config import Role
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import ChannelClosed
 from fireclaw.pool import cgroup, disks, netns
-from fireclaw.pool.control import ControlSession, GuestLost
+from fireclaw.pool.channel import accept_dialled, attach
+from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     WORKSPACE_BYTES,
     WORKSPACE_SERIAL,
+    ChannelKind,
     Driver,
     DriverError,
     Snapshot,
@@ -53,8 +60,9 @@ from fireclaw.pool.teardown import release
 log = logging.getLogger("fireclaw.templates")
 
 #: The template's guest beats this often while parked, and so does every clone
-#: until its new Welcome: a clone finds its dead connection at its first beat
-#: after restore and dials again, so this bounds restore-to-connected.
+#: until its new Welcome: on a dialled channel a clone finds its dead connection
+#: at its first beat after restore and dials again, so this bounds
+#: restore-to-connected (on a port the new host comes to the guest instead).
 TEMPLATE_HEARTBEAT: Final = 0.025
 #: Pausing the VM and writing its state (tens of MiB) to a local file.
 SNAPSHOT_TIMEOUT: Final = 120.0
@@ -140,6 +148,11 @@ class TemplateMaker:
         self.directory = directory
         #: How blocking file and cgroup work runs off the event loop.
         self._run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync
+
+    def _files(self, template: Template) -> list[Path]:
+        """What a clone of ``template`` reads: its state, its RAM, its disk."""
+        disk = [template.disk] if template.disk is not None else []
+        return [template.snapshot, self._memory_path(template.key), *disk]
 
     def _load(self, key: str) -> Template | None:
         """The complete template ``key`` left in the directory, if there is one."""
@@ -281,17 +294,21 @@ class TemplateMaker:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
+            port: trio.abc.Stream | None = None
             try:
                 with trio.fail_after(boot_timeout):
-                    stream = await listener.accept()
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, max_message_size=control.max_message_bytes
-                    )
-                    ws = await request.accept()
-                    await ControlSession.handshake(
-                        ws, vm_id=spec.vm_id, token=spec.token, spec=control
-                    )
-                    beat = p.decode_guest(await ws.get_message())
+                    # The snapshot is taken with the host still on the channel: a
+                    # clone's guest, whose new host is there as it wakes, sees no change.
+                    if self.driver.describe().channel is ChannelKind.DIALLED:
+                        session = await accept_dialled(
+                            nursery, listener, vm_id=spec.vm_id, token=spec.token, spec=control
+                        )
+                    else:
+                        port = await handle.open_channel()
+                        session = await attach(
+                            port, vm_id=spec.vm_id, token=spec.token, spec=control
+                        )
+                    beat = p.decode_guest(await session.channel.get_message())
                 parked = trio.current_time() - started
                 if not isinstance(beat, p.Heartbeat):
                     error = f"the template's guest sent {type(beat).__name__}, not a heartbeat"
@@ -318,16 +335,14 @@ class TemplateMaker:
                     if snapshotting
                     else f"the template's guest did not connect within {boot_timeout:g}s"
                 )
-            except (
-                GuestLost,
-                p.ProtocolError,
-                trio_websocket.HandshakeError,
-                trio_websocket.ConnectionClosed,
-                trio.BrokenResourceError,
-            ) as exc:
+            except (GuestLost, p.ProtocolError, ChannelClosed, trio.BrokenResourceError) as exc:
                 error = f"the template's guest: {_one_line(exc)}"
             except (DriverError, OSError) as exc:
                 error = _one_line(exc)
+            finally:
+                if port is not None:
+                    with trio.CancelScope(shield=True):
+                        await port.aclose()
             nursery.cancel_scope.cancel()
         if done:
             return done[0]

@@ -253,9 +253,13 @@ class Templates(TemplateMaker):
         ``TemplateError``."""
         found: Template | None = await self._run_sync(self._load, key)
         if found is None:
-            return await self._boot_and_snapshot(key, role)
+            made = await self._boot_and_snapshot(key, role)
+            await self._run_sync(disks.preread, self._files(made))
+            return made
         log.info("template %s for %s: reusing %s", found.short, role.name, found.snapshot)
         self.rt.event("template_reused", f"template-{found.short}", role=role.name)
+        # Every clone reads these: from the page cache, not the disk, from the first on.
+        await self._run_sync(disks.preread, self._files(found))
         return found
 
     # --- removing the unwanted ------------------------------------------------------
@@ -281,6 +285,10 @@ class Templates(TemplateMaker):
         ):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / f"{short}{suffix}").unlink()
+        # The blank its clones' overlays were copied from (``disks.blank_path``).
+        for blank in self.directory.glob(f".{short}{disks.SUFFIX}{disks.BLANK_INFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                blank.unlink()
 
     def _remove_all_but(self, keep: set[str]) -> None:
         """Remove every template file whose key is not in ``keep``, and every file

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
+from fireclaw.guest_daemon.channel import FramedChannel
 from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers.base import DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.lifecycle import Event
 from fireclaw.pool.network import TAP, Link
@@ -66,6 +68,7 @@ class ChildIncarnation(ChildServing):
         )
         listener_sock: socket.socket | None = None
         link: Link | None = None
+        attached: FramedChannel | None = None  # the VM's control port, Attach said on it
         await rt.boots.acquire_on_behalf_of(self)
         self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
@@ -123,8 +126,12 @@ class ChildIncarnation(ChildServing):
                     self.handle = await self.rt.driver.start(spec)
                     self.started_as = "booted"
                 self.group.changed()  # a new pid to show
+                attached = await self._say_attach()
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not start: {exc}"
+                return outcome
+            except GuestLost as exc:
+                outcome.reason = exc.reason
                 return outcome
             ident = process_identity(self.handle.pid)
             control = self.handle.control_socket
@@ -137,9 +144,14 @@ class ChildIncarnation(ChildServing):
                 started_as=self.started_as,
             )
             sock, listener_sock = listener_sock, None  # the listener owns it now
-            await self._serve_vm(sock, ns_name, expect_id, expect_token, outcome, started, template)
+            await self._serve_vm(
+                sock, ns_name, expect_id, expect_token, outcome, started, template, port=attached
+            )
             return outcome
         finally:
+            if attached is not None:
+                with trio.CancelScope(shield=True):
+                    await attached.aclose()
             self._boot_done()
             with trio.CancelScope(shield=True):
                 await self._teardown(outcome, ns_name, cg, listener_sock, link, disk)

@@ -1,5 +1,9 @@
 """Serving a running VM: its control channel, its IRC forwarder and its model
-gateway, from the guest's Hello until the VM ends."""
+gateway, from the guest's Hello until the VM ends.
+
+The control session comes as the driver offers it (``pool.channel``): on the
+listener in the VM's namespace, where the guest dials; or on the VM's channel
+device, the host attaching to it (the listener is then closed unused)."""
 
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import trio
-import trio_websocket
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import FramedChannel
 from fireclaw.pool import netns
+from fireclaw.pool.channel import accept_dialled, answer_hello, attach, say_attach
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
+from fireclaw.pool.drivers.base import ChannelKind, DriverError
 from fireclaw.pool.forward import forward
 from fireclaw.pool.gateway import serve_gateway
 from fireclaw.pool.lifecycle import Event
@@ -45,9 +51,11 @@ class ChildServing(ChildWork):
         *,
         irc_port: int = 0,
         adopted: bool = False,
+        port: FramedChannel | None = None,
     ) -> None:
         """Serve the running VM through ``sock``, its control listener (owned
-        from here), until it ends; the IRC forwarder runs beside it."""
+        from here), or ``port``, its control port with Attach said on it
+        (``_say_attach``), until it ends; the IRC forwarder runs beside it."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as ws_nursery, listener:
             self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name, irc_port)
@@ -55,7 +63,15 @@ class ChildServing(ChildWork):
             if self.irc_endpoint is not None and ns_name is not None:
                 self._register(irc_port=self.irc_endpoint[1])
             await self._serve(
-                ws_nursery, listener, expect_id, expect_token, outcome, started, template, adopted
+                ws_nursery,
+                listener,
+                expect_id,
+                expect_token,
+                outcome,
+                started,
+                template,
+                adopted,
+                port=port,
             )
             ws_nursery.cancel_scope.cancel()
 
@@ -112,6 +128,8 @@ class ChildServing(ChildWork):
         started: float,
         template: Template | None,
         adopted: bool = False,
+        *,
+        port: FramedChannel | None = None,
     ) -> None:
         assert self.handle is not None
         handle = self.handle
@@ -131,9 +149,18 @@ class ChildServing(ChildWork):
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_vmm)
+            opened: trio.abc.Stream | None = None
             try:
                 with trio.fail_after(self.rt.control.boot_timeout):
-                    session = await self._accept(ws_nursery, listener, vm_id, token)
+                    if port is not None:
+                        session = await answer_hello(
+                            port, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
+                        )
+                    elif self.rt.driver.describe().channel is ChannelKind.DIALLED:
+                        session = await self._accept(ws_nursery, listener, vm_id, token)
+                    else:  # adopted: attach anew
+                        opened = await handle.open_channel()
+                        session = await self._attach(opened, vm_id, token)
                 await listener.aclose()  # one connection per VM: nobody else may dial in
                 session.on_tool_ran = self._tool_ran
                 self.session = session
@@ -179,6 +206,12 @@ class ChildServing(ChildWork):
             except p.ProtocolError as exc:
                 outcome.reason = str(exc)
                 outcome.broke_protocol = True
+            except DriverError as exc:  # the channel device could not be opened
+                outcome.reason = str(exc)
+            finally:
+                if opened is not None:
+                    with trio.CancelScope(shield=True):
+                        await opened.aclose()
             nursery.cancel_scope.cancel()
 
     def _take_back(self, resume: p.Resume | None) -> bool:
@@ -196,19 +229,22 @@ class ChildServing(ChildWork):
     async def _accept(
         self, ws_nursery: trio.Nursery, listener: trio.SocketListener, vm_id: str, token: str
     ) -> ControlSession:
-        stream = await listener.accept()
-        try:
-            request = await trio_websocket.wrap_server_stream(
-                ws_nursery, stream, max_message_size=self.rt.control.max_message_bytes
-            )
-            ws = await request.accept()
-        except (trio_websocket.HandshakeError, trio.BrokenResourceError, OSError) as exc:
-            await stream.aclose()
-            raise GuestViolation(f"bad WebSocket handshake: {exc}") from None
-        except trio_websocket.ConnectionClosed as exc:
-            raise GuestViolation(f"connection closed during the handshake: {exc}") from None
-        return await ControlSession.handshake(
-            ws, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
+        return await accept_dialled(
+            ws_nursery, listener, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
+        )
+
+    async def _say_attach(self) -> FramedChannel | None:
+        """On a channel device, the VM's port with Attach said on it, at once: the
+        guest answers while the host opens the VM's listeners. None for a guest
+        that dials."""
+        if self.rt.driver.describe().channel is ChannelKind.DIALLED:
+            return None
+        assert self.handle is not None
+        return await say_attach(await self.handle.open_channel(), self.rt.control)
+
+    async def _attach(self, port: trio.abc.Stream, vm_id: str, token: str) -> ControlSession:
+        return await attach(
+            port, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
         )
 
     async def _promote_again(self, outcome: Outcome, scope: trio.CancelScope) -> None:

@@ -21,6 +21,7 @@ import trio.testing
 import trio_websocket
 from fireclaw.config import load_config, role_hash
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import WsChannel
 from fireclaw.pool import netns
 from fireclaw.pool.control import ConnectionLost, ControlSession, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.adopted import AdoptedProcess
@@ -147,7 +148,7 @@ async def resumed(
     host, guest = await pair(nursery)
     hello = p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION, resume=resume)
     await guest.send_message(p.encode(hello))
-    session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+    session = await ControlSession.handshake(WsChannel(host), vm_id="w-0", token=TOKEN, spec=SPEC)
     assert isinstance(p.decode_host(await guest.get_message()), p.Welcome)
     return session, guest
 

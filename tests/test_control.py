@@ -9,6 +9,7 @@ import trio.testing
 import trio_websocket
 from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import WsChannel
 from fireclaw.guest_daemon.pacing import TokenBucket
 from fireclaw.pool.control import (
     ConnectionLost,
@@ -56,7 +57,7 @@ async def connected(
     await guest.send_message(
         p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION))
     )
-    session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+    session = await ControlSession.handshake(WsChannel(host), vm_id="w-0", token=TOKEN, spec=SPEC)
     welcome = p.decode_host(await guest.get_message())
     assert isinstance(welcome, p.Welcome) and welcome.heartbeat_interval == 1.0
     return session, guest
@@ -69,7 +70,7 @@ async def test_wrong_token_is_refused(autojump_clock: trio.testing.MockClock) ->
             p.encode(p.Hello(vm_id="w-0", token="x" * 24, version=p.PROTOCOL_VERSION))
         )
         with pytest.raises(GuestViolation, match="wrong identity or token"):
-            await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+            await ControlSession.handshake(WsChannel(host), vm_id="w-0", token=TOKEN, spec=SPEC)
         nursery.cancel_scope.cancel()
 
 

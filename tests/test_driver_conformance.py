@@ -2,9 +2,10 @@
 
 Each test is parametrised over the drivers (process, qemu, firecracker) and
 checks what the pool relies on through the driver protocol alone: a driver
-describes itself truthfully, boots a VM whose guest dials in and runs a
-command, snapshots it and restores clones that are told apart, sees a killed
-VMM through ``wait``, and leaves no process, file or namespace behind once a
+describes itself truthfully, boots a VM whose guest reaches the test (dials
+in, or serves the channel device the test attaches to) and runs a command,
+snapshots it and restores clones that are told apart, sees a killed VMM
+through ``wait``, and leaves no process, file or namespace behind once a
 VM is stopped. The VMs are real: the guest daemon as a subprocess, QEMU/TCG on
 the real guest image, each in a network namespace of its own, on a tap the
 way the pool attaches real VMs (``fireclaw.pool.network``), inside a cgroup
@@ -43,6 +44,7 @@ from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     Capability,
+    ChannelKind,
     Driver,
     DriverInfo,
     Unsupported,
@@ -65,7 +67,7 @@ from test_qemu import (  # the QEMU tests' image cache, deadlines and guest help
     TEST_CACHE,
     Guest,
     _fake_image,
-    accept_guest,
+    guest_of,
 )
 
 DRIVERS = ("process", "qemu", "firecracker")
@@ -74,6 +76,12 @@ CLASSES = {
     "process": (ProcessDriver, ProcessVm),
     "qemu": (QemuDriver, QemuVm),
     "firecracker": (FirecrackerDriver, FirecrackerVm),
+}
+#: The channel each driver offers its guests.
+CHANNEL = {
+    "process": ChannelKind.DIALLED,
+    "qemu": ChannelKind.VIRTIO_SERIAL,
+    "firecracker": ChannelKind.DIALLED,
 }
 #: What a VMM needs above its guest's RAM in the VM's cgroup.
 OVERHEAD_MIB = {"process": 0, "qemu": QEMU_OVERHEAD_MIB, "firecracker": FIRECRACKER_OVERHEAD_MIB}
@@ -118,6 +126,9 @@ def test_the_driver_describes_itself(name: str) -> None:
     if name != "process":
         assert info.key_inputs["image"] == "k" * 64  # a snapshot is of one image
         assert info.root_disk == _fake_image().rootfs
+    # How the guest reaches its host: QEMU offers a port (test_qemu's clones use it);
+    # the process and Firecracker guests dial.
+    assert info.channel is CHANNEL[name]
 
 
 @pytest.mark.parametrize("name", DRIVERS)
@@ -339,7 +350,7 @@ async def _booted(
     vm = await driver.start(spec)
     try:
         with trio.fail_after(BOOT[driver.name]):
-            guest = await accept_guest(nursery, seat.listener)
+            guest = await guest_of(driver, vm, nursery, seat.listener)
             hello = await guest.recv()
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(STEP_DEADLINE):
@@ -506,7 +517,7 @@ async def test_clones_restored_from_one_snapshot_are_told_apart(
             with trio.fail_after(BOOT[driver.name]):
                 clone = await driver.restore(spec, taken.path)
                 vms.append(clone)
-                clone_guest = await accept_guest(nursery, clone_seat.listener)
+                clone_guest = await guest_of(driver, clone, nursery, clone_seat.listener)
                 hello = await clone_guest.recv()
             # A clone is its template: the identity it was booted with.
             assert isinstance(hello, Hello)

@@ -32,6 +32,7 @@ import trio.testing
 import yaml
 from fireclaw.config import EX_CONFIG, Config, ConfigError, parse_config
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.guest_daemon.channel import WsChannel
 from fireclaw.pool.control import ControlSession, GuestLost
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -284,7 +285,9 @@ def test_a_hostile_guest_ends_its_session_in_an_orderly_way(sequence: list[bytes
             await guest.send_message(
                 p.encode(p.Hello(vm_id="w-0", token=TOKEN, version=p.PROTOCOL_VERSION))
             )
-            session = await ControlSession.handshake(host, vm_id="w-0", token=TOKEN, spec=SPEC)
+            session = await ControlSession.handshake(
+                WsChannel(host), vm_id="w-0", token=TOKEN, spec=SPEC
+            )
 
             async def serve() -> None:
                 try:

@@ -210,6 +210,7 @@ def module_tree(tmp_path: Path) -> Path:
     )
     (tree / "kernel" / "drivers" / "virtio_blk.ko").write_bytes(_module("virtio,virtio_ring"))
     (tree / "kernel" / "drivers" / "virtio-net.ko").write_bytes(_module("virtio,failover"))
+    (tree / "kernel" / "drivers" / "virtio_console.ko").write_bytes(_module("virtio,virtio_ring"))
     (tree / "modules.builtin").write_text("kernel/drivers/virtio_mmio.ko\nkernel/net/failover.ko\n")
     return tree
 
@@ -414,6 +415,7 @@ def test_user_kernel_modules_are_inputs(
         "virtio.ko",
         "virtio_blk.ko",
         "virtio_net.ko",
+        "virtio_console.ko",
     ]
     key = image_key(sources.inputs)
     assert _key(ImageSpec(kernel=str(vmlinux)), daemon_dir) != key

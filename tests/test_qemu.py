@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,12 @@ import psutil
 import pytest
 import trio
 import trio_websocket
+from fireclaw.config import ControlSpec
 from fireclaw.guest_daemon import workspace as guest_workspace
+from fireclaw.guest_daemon.channel import Channel, ChannelClosed, FramedChannel, WsChannel
 from fireclaw.guest_daemon.protocol import (
+    MAX_FRAME_BYTES,
+    Attach,
     Exited,
     Goodbye,
     GuestMessage,
@@ -53,18 +56,22 @@ from fireclaw.pool.accel import (
     probe_boot,
     tsc_khz,
 )
+from fireclaw.pool.channel import attach
+from fireclaw.pool.control import ConnectionLost
 from fireclaw.pool.drivers import choose as choose_backend
 from fireclaw.pool.drivers.base import (
-    CONTROL_PORT,
     WORKSPACE_BYTES,
     WORKSPACE_SERIAL,
+    ChannelKind,
     Driver,
     DriverError,
+    VmHandle,
     VmSpec,
     info_path,
 )
 from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
 from fireclaw.pool.drivers.qemu_argv import (
+    CONTROL_PORT_NAME,
     guest_control_url,
     kernel_cmdline,
     make_run_dir,
@@ -128,12 +135,16 @@ def test_guest_control_url_names_the_namespace_loopback() -> None:
 
 def test_kernel_cmdline() -> None:
     base = "console=ttyS0 panic=-1 root=/dev/vda ro"
-    line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148)
+    line = kernel_cmdline(base, _spec(), TCG, tsc_khz=2596148, port=CONTROL_PORT_NAME)
     assert line == (
-        f"{base} fireclaw.url=ws://10.0.2.2:7000/ fireclaw.vm_id=worker-0-abc123"
+        f"{base} fireclaw.port=fireclaw.control fireclaw.vm_id=worker-0-abc123"
         f" fireclaw.token={TOKEN} fireclaw.ip=10.0.2.15/24 fireclaw.gw=10.0.2.2 loglevel=4"
         " fireclaw.hostname=worker-0 tsc_early_khz=2596148"
     )
+    # A guest with no port to serve (Firecracker's) dials the URL instead.
+    dials = kernel_cmdline(base, _spec(), TCG, tsc_khz=None)
+    assert "fireclaw.url=ws://10.0.2.2:7000/" in dials and "fireclaw.port" not in dials
+    assert QemuDriver(_fake_image(), TCG).cmdline(_spec()).count("fireclaw.port=") == 1
     kvm = kernel_cmdline(base, _spec(name="Not_A_Hostname"), Accel("kvm", ""), tsc_khz=2596148)
     assert "tsc_early_khz" not in kvm and "fireclaw.hostname" not in kvm
     assert "tsc_early_khz" not in kernel_cmdline(base, _spec(), TCG, tsc_khz=None)
@@ -152,6 +163,7 @@ def test_qemu_argv() -> None:
         cmdline="console=ttyS0 x=1",
         log_path=Path("/logs/w.log"),
         qmp_fd=7,
+        control_fd=8,
     )
     pairs = list(zip(argv[1::2], argv[2::2], strict=False))
     assert argv[0] == QEMU
@@ -168,10 +180,13 @@ def test_qemu_argv() -> None:
     assert "virtio-net-device,netdev=n0" in argv
     assert "file,id=console,path=/logs/w.log,append=on" in argv
     assert "socket,id=qmp,fd=7,server=on,wait=off" in argv
+    # The control port: QEMU takes the connection already queued on it as it starts.
+    assert "socket,id=control,fd=8,server=on,wait=on" in argv
+    assert f"virtserialport,chardev=control,name={CONTROL_PORT_NAME}" in argv
     assert "-incoming" not in argv
     incoming = qemu_argv(
         QEMU, image, Accel("kvm", ""), vcpus=1, memory_mib=256, cmdline="c",
-        log_path=Path("/l"), qmp_fd=7, incoming=True,
+        log_path=Path("/l"), qmp_fd=7, control_fd=8, incoming=True,
     )  # fmt: skip
     assert incoming[-2:] == ["-incoming", "defer"]
     assert accel_argv(Accel("kvm", "")) == ["-accel", "kvm", "-cpu", "host"]
@@ -184,7 +199,7 @@ def test_qemu_argv() -> None:
 def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
     argv = qemu_argv(
         QEMU, _fake_image(Path("/images/i")), TCG, vcpus=1, memory_mib=256, cmdline="c",
-        log_path=Path("/l"), qmp_fd=7, tap="tap0", disk=Path("/d/vm.qcow2"),
+        log_path=Path("/l"), qmp_fd=7, control_fd=8, tap="tap0", disk=Path("/d/vm.qcow2"),
     )  # fmt: skip
     assert "file=/d/vm.qcow2,if=none,format=qcow2,id=root,discard=unmap" in argv
     assert "tap,id=n0,ifname=tap0,script=no,downscript=no" in argv
@@ -410,9 +425,9 @@ def no_leftovers(tmp_path: Path) -> Iterator[None]:
 
 
 class Guest:
-    """The host's side of one guest daemon's control connection."""
+    """The host's side of one guest daemon's control channel."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def __init__(self, ws: Channel) -> None:
         self.ws = ws
 
     async def send(self, msg: HostMessage) -> None:
@@ -425,10 +440,12 @@ class Guest:
                 if heartbeats or not isinstance(msg, Heartbeat):
                     return msg
 
-    async def welcome(self, heartbeat_interval: float = 1.0, hostname: str = "") -> None:
+    async def welcome(
+        self, heartbeat_interval: float = 1.0, hostname: str = "", entropy: bytes | None = None
+    ) -> None:
         await self.send(
             Welcome(
-                entropy=os.urandom(64),
+                entropy=entropy or os.urandom(64),
                 unix_time=time.time(),
                 heartbeat_interval=heartbeat_interval,
                 hostname=hostname,
@@ -447,9 +464,27 @@ class Guest:
 
 
 async def accept_guest(nursery: trio.Nursery, listener: trio.SocketListener) -> Guest:
+    """The guest that dials ``listener`` (a dialled channel)."""
     stream = await listener.accept()
     request = await trio_websocket.wrap_server_stream(nursery, stream)
-    return Guest(await request.accept())
+    return Guest(WsChannel(await request.accept()))
+
+
+async def attach_guest(vm: VmHandle) -> Guest:
+    """The guest on ``vm``'s channel device: the host's end, and Attach said on it."""
+    channel = FramedChannel(await vm.open_channel(), MAX_FRAME_BYTES)
+    await channel.send_message(encode(Attach(entropy=os.urandom(64))))
+    return Guest(channel)
+
+
+async def guest_of(
+    driver: Driver, vm: VmHandle, nursery: trio.Nursery, listener: trio.SocketListener
+) -> Guest:
+    """``vm``'s guest, reached as ``driver`` offers it: dialling ``listener``, or on
+    the VM's channel device."""
+    if driver.describe().channel is ChannelKind.DIALLED:
+        return await accept_guest(nursery, listener)
+    return await attach_guest(vm)
 
 
 def _fixed_port_listener(name: str, port: int) -> socket.socket:
@@ -666,8 +701,7 @@ async def test_cold_boot_in_a_namespace_then_graceful_stop(
     namespaces: Namespaces,
     tmp_path: Path,
 ) -> None:
-    ns_name, listener = await namespaces.create()
-    port = listener.socket.getsockname()[1]
+    ns_name, _ = await namespaces.create()
     cg = None
     if cgroup.probe() is None:
         # QEMU holds the guest's RAM plus its own (and TCG's code cache): room above the guest.
@@ -675,7 +709,6 @@ async def test_cold_boot_in_a_namespace_then_graceful_stop(
     log_path = tmp_path / "logs" / "worker-0.log"
     spec = _spec(
         vm_id=f"worker-0-{secrets.token_hex(3)}",
-        control_url=f"ws://127.0.0.1:{port}/",
         netns=ns_name,
         cgroup=cg,
         log_path=log_path,
@@ -689,13 +722,13 @@ async def test_cold_boot_in_a_namespace_then_graceful_stop(
             assert vm.pid in cgroup.pids(cg)
         try:
             with trio.fail_after(BOOT_DEADLINE):
-                guest = await accept_guest(nursery, listener)
+                guest = await attach_guest(vm)
                 hello = await guest.recv()
         except trio.TooSlowError:
             pytest.fail(f"no Hello within {BOOT_DEADLINE:g}s; console:\n{_console_tail(log_path)}")
         print(f"cold boot to Hello ({accel.name}): {time.monotonic() - started:.2f} s")
         assert isinstance(hello, Hello)
-        assert (hello.vm_id, hello.token) == (spec.vm_id, spec.token)
+        assert (hello.vm_id, hello.token, hello.dials) == (spec.vm_id, spec.token, 1)
         await guest.welcome()
         out, code = await guest.run(1, ["cat", "/proc/sys/kernel/random/boot_id"])
         assert code == 0 and len(out.strip()) == 36, out
@@ -730,20 +763,22 @@ async def test_cold_boot_in_a_namespace_then_graceful_stop(
 @needs_root
 @needs_tools
 @pytest.mark.usefixtures("no_leftovers")
-async def test_snapshot_then_three_clones_each_in_its_own_namespace(
+async def test_snapshot_then_clones_served_on_their_port_without_a_dial(
     image: Image,
     accel: Accel,
     nursery: trio.Nursery,
     namespaces: Namespaces,
     tmp_path: Path,
 ) -> None:
+    """A template snapshotted with its host on its port; clones restored at the same
+    moment each answer their new host on the same port, with the daemon the
+    template started: it never dials (``Hello.dials`` stays 1). Given the same
+    Welcome, they still diverge: each mixed its own host's ``Attach`` in first."""
     driver = QemuDriver(image, accel)
-    url = f"ws://127.0.0.1:{CONTROL_PORT}/"
-    template_ns, listener = await namespaces.create(port=CONTROL_PORT)
+    template_ns, _ = await namespaces.create()
     template_spec = _spec(
         vm_id=f"template-{secrets.token_hex(3)}",
         name="template",
-        control_url=url,
         netns=template_ns,
         log_path=tmp_path / "logs" / "template.log",
     )
@@ -752,10 +787,11 @@ async def test_snapshot_then_three_clones_each_in_its_own_namespace(
         template = await driver.start(template_spec)
         vms.append(template)
         with trio.fail_after(BOOT_DEADLINE):
-            guest = await accept_guest(nursery, listener)
+            guest = await attach_guest(template)
             hello = await guest.recv()
         assert isinstance(hello, Hello) and hello.vm_id == template_spec.vm_id
-        # A short heartbeat: a clone finds its dead connection at its next beat.
+        assert hello.dials == 1
+        template_pid = hello.pid
         await guest.welcome(heartbeat_interval=0.2)
         assert isinstance(await guest.recv(heartbeats=True), Heartbeat)  # parked and beating
 
@@ -767,64 +803,94 @@ async def test_snapshot_then_three_clones_each_in_its_own_namespace(
         assert info_path(snapshot_path).exists()
         with trio.fail_after(STEP_DEADLINE):
             await template.kill()
-        await listener.aclose()
 
         with pytest.raises(DriverError, match="taken with memory_mib 256 \\(this VM: 512\\)"):
             await driver.restore(
                 _spec(memory_mib=512, log_path=tmp_path / "logs" / "x.log"), snap.path
             )
 
-        clones: list[tuple[QemuVm, Guest]] = []
-        to_hello: list[float] = []
-        for n in range(3):
-            ns_name, listener = await namespaces.create(port=CONTROL_PORT)
+        restored: dict[int, tuple[QemuVm, Guest, Hello, float]] = {}
+
+        async def restore(n: int) -> None:
+            ns_name, _ = await namespaces.create()
             spec = _spec(
                 vm_id=f"clone-{n}-{secrets.token_hex(3)}",
                 name=f"clone-{n}",
-                control_url=url,
                 netns=ns_name,
                 log_path=tmp_path / "logs" / f"clone-{n}.log",
             )
             started = time.monotonic()
-            with trio.fail_after(STEP_DEADLINE):
-                clone = await driver.restore(spec, snap.path)
-                vms.append(clone)
-                guest = await accept_guest(nursery, listener)
-                hello = await guest.recv()
-            to_hello.append(time.monotonic() - started)
-            await listener.aclose()
+            clone = await driver.restore(spec, snap.path)
+            vms.append(clone)
+            guest = await attach_guest(clone)
+            hello = await guest.recv()
             assert isinstance(hello, Hello)
-            # A clone is its template: the identity baked into the kernel command line.
+            restored[n] = (clone, guest, hello, time.monotonic() - started)
+
+        with trio.fail_after(STEP_DEADLINE * 2):
+            async with trio.open_nursery() as restoring:  # both at the same moment
+                for n in range(2):
+                    restoring.start_soon(restore, n)
+        clones = [restored[n] for n in sorted(restored)]
+        same_welcome = os.urandom(64)
+        for n, (clone, guest, hello, to_hello) in enumerate(clones):
+            # A clone is its template, down to its guest daemon: the same process,
+            # still on its first channel (no dial), identity from the command line.
             assert (hello.vm_id, hello.token) == (template_spec.vm_id, template_spec.token)
+            assert (hello.pid, hello.dials) == (template_pid, 1)
             print(
                 f"clone {n}: restore (QMP, migration, cont) {clone.restore_seconds:.3f} s,"
-                f" restore to Hello {to_hello[-1]:.3f} s"
+                f" restore to Hello {to_hello:.3f} s"
             )
-            await guest.welcome(hostname=f"clone-{n}")
-            clones.append((clone, guest))
+            await guest.welcome(hostname=f"clone-{n}", entropy=same_welcome)
 
         randoms = set()
-        for n, (_clone, guest) in enumerate(clones):
+        for n, (_clone, guest, _hello, _t) in enumerate(clones):
             out, code = await guest.run(1, ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])
             assert code == 0 and len(out.split()) == 16
             randoms.add(out)
             # Each clone woke with the template's name and took its own from its Welcome.
             out, _ = await guest.run(3, ["hostname"])
             assert out.strip() == f"clone-{n}"
-        assert len(randoms) == 3, "each clone's RNG was reseeded from its own Welcome"
-        print(
-            f"restore to Hello p50 over {len(to_hello)} clones: {statistics.median(to_hello):.3f} s"
-        )
+        assert len(randoms) == 2, "each clone's RNG was reseeded from its own Attach"
 
-        # kill -9 of a clone's QEMU is seen by wait().
-        killed, _ = clones[0]
+        # A QEMU that dies as its clone wakes: the host attaching to it learns it from
+        # the port's EOF at once, not from the boot timeout.
+        doomed_ns, _ = await namespaces.create()
+        doomed = await driver.restore(
+            _spec(
+                vm_id=f"clone-2-{secrets.token_hex(3)}",
+                name="clone-2",
+                netns=doomed_ns,
+                log_path=tmp_path / "logs" / "clone-2.log",
+            ),
+            snap.path,
+        )
+        vms.append(doomed)
+        port = await doomed.open_channel()
+        os.kill(doomed.pid, signal.SIGKILL)
+        control = ControlSpec()
+        started = time.monotonic()
+        with trio.fail_after(control.boot_timeout):
+            with pytest.raises(ConnectionLost, match="control (port|connection) closed"):
+                await attach(
+                    port, vm_id=template_spec.vm_id, token=template_spec.token, spec=control
+                )
+        noticed = time.monotonic() - started
+        print(f"a QEMU killed as its clone woke: noticed in {noticed:.3f} s")
+        assert noticed < control.boot_timeout / 4
+
+        # kill -9 of a clone's QEMU: its host sees the port's EOF at once, and wait() the exit.
+        killed, killed_guest, _, _ = clones[0]
         os.kill(killed.pid, signal.SIGKILL)
         with trio.fail_after(STEP_DEADLINE):
+            with pytest.raises(ChannelClosed, match="end of stream"):
+                await killed_guest.recv()
             assert await killed.wait() == -signal.SIGKILL
         assert not killed.qmp_path.parent.exists()
 
         # A restored clone stops gracefully like a booted VM.
-        clone, guest = clones[1]
+        clone, guest, _, _ = clones[1]
         await guest.send(Stop(reason="test done"))
         assert isinstance(await guest.recv(), Goodbye)
         with trio.fail_after(STEP_DEADLINE):

@@ -8,6 +8,14 @@ workspace disk, asks it to stop (``terminate``), kills it and waits for it. Ever
 (the control channel, health, restarts, templates) lives above the driver and
 names no driver class, so a new driver changes none of it.
 
+How the supervisor and the guest daemon reach each other is the driver's to
+say (``DriverInfo.channel``, a ``ChannelKind``): the guest dials a WebSocket on
+the VM's network (``DIALLED``), or the VMM offers a device the guest keeps
+open and the host connects to through ``VmHandle.open_channel``: a
+virtio-serial port (``VIRTIO_SERIAL``, QEMU), or vsock (``VSOCK``, as
+Firecracker offers it through its unix socket). On a device, a VM restored
+from a snapshot carries on where its template was, and the host comes to it.
+
 A driver says what it is through ``describe()``: its name, what it can do
 (``Capability``; a call it cannot serve raises ``Unsupported`` naming why),
 whether it can run on this host at all, and what of it a snapshot depends on
@@ -39,6 +47,7 @@ from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 import msgspec
+import trio
 
 T = TypeVar("T")
 
@@ -64,6 +73,14 @@ class Unsupported(DriverError):
     """The driver cannot do this at all; its ``describe()`` says so beforehand."""
 
 
+class ChannelKind(enum.Enum):
+    """How the supervisor and a VM's guest daemon reach each other."""
+
+    DIALLED = "dialled"  # the guest dials spec.control_url (a WebSocket)
+    VIRTIO_SERIAL = "virtio-serial"  # a port the host connects to (open_channel)
+    VSOCK = "vsock"  # a vsock port the host connects to (open_channel)
+
+
 class Capability(enum.Enum):
     """What a driver may or may not be able to do beyond boot, stop, kill and wait."""
 
@@ -87,6 +104,9 @@ class DriverInfo:
     #: The image's root filesystem each VM's own overlay disk sits on (None: the
     #: driver's VMs have no disks of their own).
     root_disk: Path | None = None
+    #: How its guests reach the supervisor: dialling, or through a device the host
+    #: connects to (``VmHandle.open_channel``).
+    channel: ChannelKind = ChannelKind.DIALLED
 
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
@@ -108,7 +128,9 @@ class VmSpec:
     role: str
     vcpus: int
     memory_mib: int
-    control_url: str  # where the guest daemon dials, as seen from inside the VM
+    #: Where the guest daemon dials, as seen from inside the VM (``ChannelKind.DIALLED``
+    #: only; a driver with a channel device does not use it).
+    control_url: str
     token: str  # the guest proves it is this VM with it
     netns: str | None  # namespace to run in, None for the host's
     cgroup: Path | None  # cgroup to place the VMM in, None for none
@@ -215,6 +237,13 @@ class VmHandle(Protocol):
         """Put the image at ``path`` (absolute, ``WORKSPACE_BYTES`` long) under the
         VM's spare disk, the one with ``WORKSPACE_SERIAL``; once per VM
         (``Capability.WORKSPACE``)."""
+        ...
+
+    async def open_channel(self) -> trio.abc.Stream:
+        """The host's end of the guest's control channel device (a driver whose
+        ``channel`` is not ``DIALLED``): a byte stream whose EOF means the VMM is
+        gone. One at a time; after a stream is closed, the next call connects
+        anew (a supervisor that adopts the VM). Unsupported for a dialled channel."""
         ...
 
     def info(self) -> dict[str, object]: ...

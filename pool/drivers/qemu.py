@@ -8,16 +8,22 @@ private one under the temporary directory when that path is too long for a
 socket), removed once the VM is reaped. KVM or TCG as ``fireclaw.pool.accel``
 decided.
 
+The control channel (``Channel.VIRTIO_SERIAL``): a virtio-serial port the
+guest daemon opens once and serves for its whole life, on a unix socket
+(``control.sock`` in the run directory) we create and connect to before QEMU
+starts; QEMU inherits it and takes our connection as it starts.
+``QemuVm.open_channel`` hands that connection over; its EOF is QEMU's end,
+seen at once. A later supervisor (adoption) connects to the socket anew.
+
 Networking, with ``spec.tap`` (the pool's way, see ``fireclaw.pool.network``):
 the guest's eth0 is on that tap inside the VM's namespace, as
 ``GUEST_CIDR`` behind the gateway ``GATEWAY``, where the supervisor's
-listeners are; ``spec.control_url`` names ``GATEWAY`` and the guest dials it
-as is. Without a tap, QEMU's user networking (slirp) runs inside QEMU, in
-QEMU's namespace (``spec.netns``, entered through ``nsenter``): the guest is
-10.0.2.15/24 and 10.0.2.2 is that namespace's loopback, so
-``spec.control_url`` must name 127.0.0.1 (the guest is given the same URL
-with 10.0.2.2). Without a namespace either, slirp lets the guest reach
+listeners (IRC, the model gateway) are. Without a tap, QEMU's user
+networking (slirp) runs inside QEMU, in QEMU's namespace (``spec.netns``,
+entered through ``nsenter``): the guest is 10.0.2.15/24 and 10.0.2.2 is that
+namespace's loopback. Without a namespace either, slirp lets the guest reach
 whatever the host reaches: only probes and tests run that way.
+``spec.control_url`` is not used: the guest reaches its host through its port.
 
 Snapshots: ``QemuVm.snapshot(path)`` pauses the VM and migrates its state to
 ``path`` and writes ``PATH.json`` recording what it was taken with
@@ -25,22 +31,20 @@ Snapshots: ``QemuVm.snapshot(path)`` pauses the VM and migrates its state to
 ``-incoming defer``, feeds it that state and continues it.
 
 A clone IS its template: the kernel command line, and with it the guest's
-vm_id, token and control URL, are the template's. So the supervisor knows a
-clone by the namespace it runs in (one VM and one control listener per
-namespace), not by the vm_id in its Hello; and it must listen on the same
-fixed port in every namespace (``CONTROL_PORT`` unless it picks another for
-all of them), so that the URL baked into the template works in each clone.
-The guest daemon finds its old connection dead (its next heartbeat is
-answered with a reset), dials the same URL again, says Hello and takes the new
-Welcome: fresh entropy, the current time.
+vm_id and token, are the template's. So the supervisor knows a clone by the
+QEMU it started (its port), not by the vm_id in its Hello. The guest daemon
+carries on reading its port, where the new host is before the guest runs
+again: the host says ``Attach`` (fresh entropy, mixed in at once), the guest
+answers Hello and takes the new Welcome (the current time, its name). No
+dial, no dead connection to notice.
 
 Adoption: ``QemuDriver.adopt`` takes over a QEMU a previous supervisor started
 (after a crash or an upgrade of the supervisor, the VM ran on): it checks the
 process is still that one (pid + start time + boot id) and watches it through
 a pidfd (``adopted.AdoptedProcess``: it is not our child, its exit status is
 unknowable), and checks over its QMP socket, still in its run directory, that
-the guest runs. Its guest dials the same URL again, like a restored clone,
-and the supervisor listens there again.
+the guest runs. The supervisor attaches to its port anew; the guest, which
+saw its old host go (EOF), takes the new one.
 
 Errors::
 
@@ -67,6 +71,7 @@ from fireclaw.pool.accel import Accel, host_tsc_khz
 from fireclaw.pool.drivers.adopted import AdoptedProcess
 from fireclaw.pool.drivers.base import (
     Capability,
+    ChannelKind,
     DriverError,
     DriverInfo,
     Running,
@@ -76,9 +81,11 @@ from fireclaw.pool.drivers.base import (
     info_path,
 )
 from fireclaw.pool.drivers.qemu_argv import (
+    CONTROL_PORT_NAME,
     WS_EMPTY,
     WS_FILE,
     WS_NODE,
+    control_pair,
     kernel_cmdline,
     make_run_dir,
     opened,
@@ -105,6 +112,8 @@ T = TypeVar("T")
 _UNDO_TIMEOUT: Final = 5.0
 #: ``start`` and ``restore`` give QEMU this long to answer on QMP.
 STARTUP_TIMEOUT: Final = 10.0
+#: The control port's unix socket, in the VM's run directory.
+CHANNEL_SOCKET: Final = "control.sock"
 #: Host variables QEMU may see; the rest of the supervisor's environment stays out.
 _PASSED_ENV: Final = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -128,8 +137,11 @@ class QemuVm(VmmProcess):
         run_dir: Path,
         log_offset: int,
         restored: bool = False,
+        channel: trio.SocketStream | None = None,
     ) -> None:
         super().__init__(proc, spec)
+        #: The control port's connection made before QEMU started, until handed over.
+        self._channel = channel
         self._qemu = qemu
         self._image = image
         self._accel = accel
@@ -149,6 +161,35 @@ class QemuVm(VmmProcess):
     def control_socket(self) -> Path:
         return self.qmp_path
 
+    @property
+    def channel_path(self) -> Path:
+        """The unix socket of the guest's control port (QEMU is its server)."""
+        return self._run_dir / CHANNEL_SOCKET
+
+    async def open_channel(self) -> trio.abc.Stream:
+        """The host's end of the control port: the connection made before QEMU
+        started, the first time; a new one after that (QEMU takes one client at
+        a time: close the last first). DriverError when QEMU does not take it."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            return channel
+        try:
+            return await trio.open_unix_socket(str(self.channel_path))
+        except OSError as exc:
+            raise DriverError(
+                f"{self._spec.name}: control port {self.channel_path}: {exc.strerror or exc}"
+            ) from exc
+
+    async def wait(self) -> int | None:
+        """As ``VmmProcess.wait``; also closes the port's connection if it was never
+        handed over."""
+        try:
+            return await super().wait()
+        finally:
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                channel.socket.close()
+
     def release(self) -> None:
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -159,6 +200,7 @@ class QemuVm(VmmProcess):
             "netns": self._spec.netns,
             "accel": self._accel.name,
             "qmp": str(self.qmp_path),
+            "channel": str(self.channel_path),
             "restored_from": str(self.restored_from) if self.restored_from else None,
             "restore_seconds": self.restore_seconds,
             "adopted": self.adopted,
@@ -315,12 +357,20 @@ class QemuDriver:
             name=self.name,
             capabilities=frozenset(Capability),
             unavailable=f"{self.qemu} is not installed" if missing else None,
-            key_inputs={"image": self.image.key, "accel": self.accel.name, "qemu": self.qemu},
+            key_inputs={
+                "image": self.image.key,
+                "accel": self.accel.name,
+                "qemu": self.qemu,
+                "channel": f"{ChannelKind.VIRTIO_SERIAL.value} {CONTROL_PORT_NAME}",
+            },
             root_disk=self.image.rootfs,
+            channel=ChannelKind.VIRTIO_SERIAL,
         )
 
     def cmdline(self, spec: VmSpec) -> str:
-        return kernel_cmdline(self.image.cmdline, spec, self.accel, tsc_khz=self._tsc_khz)
+        return kernel_cmdline(
+            self.image.cmdline, spec, self.accel, tsc_khz=self._tsc_khz, port=CONTROL_PORT_NAME
+        )
 
     async def start(self, spec: VmSpec) -> QemuVm:
         """Boot a VM; returns once QEMU answers on QMP (the guest is still booting)."""
@@ -402,6 +452,7 @@ class QemuDriver:
         log_offset: int,
         *,
         restored: bool,
+        channel: trio.SocketStream | None = None,
     ) -> QemuVm:
         return QemuVm(
             proc,
@@ -413,6 +464,7 @@ class QemuDriver:
             run_dir=run_dir,
             log_offset=log_offset,
             restored=restored,
+            channel=channel,
         )
 
     async def _launch(
@@ -431,20 +483,40 @@ class QemuDriver:
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"{spec.name}: QMP socket in {run_dir}: {exc.strerror}") from exc
-        with qmp_sock, opened(incoming) as snapshot_fd:
-            return await self._spawn(
-                spec, cmdline, run_dir, qmp_sock.fileno(), snapshot_fd, private_memory
-            )
+        with qmp_sock:
+            try:
+                control_sock, channel = control_pair(run_dir / CHANNEL_SOCKET)
+            except OSError as exc:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise DriverError(
+                    f"{spec.name}: control socket in {run_dir}: {exc.strerror}"
+                ) from exc
+            with control_sock, opened(incoming) as snapshot_fd:
+                listeners = (qmp_sock, control_sock)
+                return await self._spawn(
+                    spec, cmdline, run_dir, listeners, snapshot_fd, channel, private_memory
+                )
 
     async def _spawn(
         self,
         spec: VmSpec,
         cmdline: str,
         run_dir: Path,
-        qmp_fd: int,
+        listeners: tuple[socket.socket, socket.socket],
         snapshot_fd: int | None,
+        channel: socket.socket,
         private_memory: Path | None,
     ) -> QemuVm:
+        """Start QEMU with ``listeners`` (QMP's and the control port's sockets) and the
+        snapshot to load (None: a boot); ``channel``, our connection queued on
+        the control port's socket, is ours to close whatever happens.
+
+        Our copy of the control port's socket is closed once QEMU has it: from
+        then on QEMU's end is the only end, and its exit closes ``channel`` at
+        once. QMP's stays open until the caller is done starting QEMU: a QMP
+        client then waits on it, and a QEMU that exits at start is seen as an
+        exit (``VmmExited``), not as a reset QMP connection."""
+        qmp_fd, control_fd = (sock.fileno() for sock in listeners)
         incoming = snapshot_fd is not None
         argv = qemu_argv(
             self.qemu,
@@ -455,6 +527,7 @@ class QemuDriver:
             cmdline=cmdline,
             log_path=spec.log_path.absolute(),
             qmp_fd=qmp_fd,
+            control_fd=control_fd,
             incoming=incoming,
             tap=spec.tap,
             disk=spec.disk,
@@ -466,20 +539,24 @@ class QemuDriver:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = open_log(spec.log_path)
         except OSError as exc:
+            channel.close()
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"{spec.name}: log {spec.log_path}: {exc.strerror}") from exc
         try:
             log_offset = os.fstat(log_fd).st_size
-            passed = (qmp_fd,) if snapshot_fd is None else (qmp_fd, snapshot_fd)
+            passed = (qmp_fd, control_fd) + (() if snapshot_fd is None else (snapshot_fd,))
             proc = await open_vmm(
                 in_netns(argv, spec.netns), log_fd=log_fd, env=env, pass_fds=passed
             )
+            listeners[1].close()
         except OSError as exc:
+            channel.close()
             shutil.rmtree(run_dir, ignore_errors=True)
             raise DriverError(f"starting {spec.name}: {exc.strerror or exc}") from exc
         finally:
             os.close(log_fd)
-        vm = self._vm(proc, spec, cmdline, run_dir, log_offset, restored=incoming)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(channel))
+        vm = self._vm(proc, spec, cmdline, run_dir, log_offset, restored=incoming, channel=stream)
         try:
             if spec.cgroup is not None:
                 await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)

@@ -7,7 +7,10 @@ filesystem itself, shared READ-ONLY) as a virtio-blk-device, and with its own
 disk a spare one a named agent's workspace is later swapped under; one
 virtio-net-device, on a tap or on QEMU's user network; the serial console
 and QEMU's own messages appended to the VM's log; QMP on a socket QEMU
-inherits. See ``fireclaw.pool.drivers.qemu`` for how the networks are reached.
+inherits; the guest daemon's control port, a virtio-serial port named
+``CONTROL_PORT_NAME`` on a unix socket QEMU inherits too, whose one client is
+the supervisor. See ``fireclaw.pool.drivers.qemu`` for how the networks are
+reached.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ GUEST_ADDR: Final = "10.0.2.15/24"
 HOST_ALIAS: Final = "10.0.2.2"
 NETWORK: Final = "10.0.2.0/24"
 MACHINE: Final = "microvm,x-option-roms=off,rtc=on"
-_HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+#: The virtio-serial port the guest daemon serves (``fireclaw.port=`` tells it which).
+CONTROL_PORT_NAME: Final = "fireclaw.control"
 _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost"})
+_HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _UNIX_PATH_MAX: Final = 107
 
 
@@ -62,11 +67,19 @@ def guest_control_url(url: str, *, tap: bool = False) -> str:
     return urlunsplit((parts.scheme, f"{HOST_ALIAS}:{port}", parts.path or "/", "", ""))
 
 
-def kernel_cmdline(base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None) -> str:
-    """The image's command line plus what the guest's init and daemon read."""
+def kernel_cmdline(
+    base: str, spec: VmSpec, accel: Accel, *, tsc_khz: int | None, port: str | None = None
+) -> str:
+    """The image's command line plus what the guest's init and daemon read: the
+    control ``port`` the daemon serves, or (None) the URL it dials."""
     tap = spec.tap is not None
+    control = (
+        f"fireclaw.port={port}"
+        if port is not None
+        else f"fireclaw.url={guest_control_url(spec.control_url, tap=tap)}"
+    )
     words = [
-        f"fireclaw.url={guest_control_url(spec.control_url, tap=tap)}",
+        control,
         f"fireclaw.vm_id={spec.vm_id}",
         f"fireclaw.token={spec.token}",
         f"fireclaw.ip={GUEST_CIDR if tap else GUEST_ADDR}",
@@ -104,6 +117,7 @@ def qemu_argv(
     cmdline: str,
     log_path: Path,
     qmp_fd: int,
+    control_fd: int,
     incoming: bool = False,
     tap: str | None = None,
     disk: Path | None = None,
@@ -114,7 +128,10 @@ def qemu_argv(
 
     ``qmp_fd``: a unix socket already listening (``qmp_listener``), inherited
     under that number: QMP clients connect at once, without waiting for QEMU
-    to create it.
+    to create it. ``control_fd``: the same for the control port, whose client
+    is already queued on it: QEMU takes it as it starts (``wait=on``), so the
+    port has its host from the first instruction the guest runs (a restored
+    clone's never sees its host go).
 
     ``tap``: attach the guest to that tap (None: user networking). ``disk``: the
     VM's writable qcow2 root (None: the image's root, read-only).
@@ -158,6 +175,9 @@ def qemu_argv(
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"socket,id=control,fd={control_fd},server=on,wait=on",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-device", f"virtserialport,chardev=control,name={CONTROL_PORT_NAME}",
         "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline,
         "-drive", root,
         "-device", "virtio-blk-device,drive=root",
@@ -171,7 +191,8 @@ def qemu_argv(
 
 
 def qmp_listener(path: Path) -> socket.socket:
-    """A unix socket listening at ``path``, for QEMU to inherit as its QMP server."""
+    """A unix socket listening at ``path``, for QEMU to inherit as a server (its
+    QMP, or the control port's socket)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
@@ -180,6 +201,21 @@ def qmp_listener(path: Path) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def control_pair(path: Path) -> tuple[socket.socket, socket.socket]:
+    """A unix socket listening at ``path`` for QEMU to inherit as the control port's
+    server, and our client connection already queued on it (a connect to a
+    listening unix socket completes at once; QEMU accepts it as it starts)."""
+    listener = qmp_listener(path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        client.connect(str(path))
+    except OSError:
+        client.close()
+        listener.close()
+        raise
+    return listener, client
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import ClassVar, TypeVar
 import trio
 from fireclaw.pool import cgroup
 from fireclaw.pool.drivers.adopted import AdoptedProcess
-from fireclaw.pool.drivers.base import VmSpec
+from fireclaw.pool.drivers.base import Unsupported, VmSpec
 
 T = TypeVar("T")
 
@@ -100,6 +100,10 @@ class VmmProcess:
         elif self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
+
+    async def open_channel(self) -> trio.abc.Stream:
+        """Unsupported unless the driver offers a channel device (its guest dials)."""
+        raise Unsupported(f"{self._spec.name}: its guest dials the supervisor; no channel device")
 
     def exit_text(self) -> str:
         """How the VMM ended, or that it runs."""

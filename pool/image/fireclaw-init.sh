@@ -8,7 +8,9 @@
 #   fireclaw.ip=ADDR/PREFIX  address for eth0 (no address: eth0 stays down)
 #   fireclaw.gw=ADDR         default route
 #   fireclaw.dns=ADDR        nameserver written to /run/resolv.conf
-# The guest daemon itself reads fireclaw.url=, fireclaw.vm_id=, fireclaw.token=.
+#   fireclaw.port=NAME       the daemon's virtio-serial port: waited for (named) first
+# The guest daemon itself reads fireclaw.url= or fireclaw.port=, fireclaw.vm_id=,
+# fireclaw.token=.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
@@ -52,12 +54,14 @@ hostname=$(cat /etc/hostname 2>/dev/null)
 ip_addr=
 gateway=
 dns=
+port=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         fireclaw.hostname=*) hostname=${word#*=} ;;
         fireclaw.ip=*) ip_addr=${word#*=} ;;
         fireclaw.gw=*) gateway=${word#*=} ;;
         fireclaw.dns=*) dns=${word#*=} ;;
+        fireclaw.port=*) port=${word#*=} ;;
     esac
 done
 [ -n "$hostname" ] && echo "$hostname" >/proc/sys/kernel/hostname
@@ -74,6 +78,20 @@ if [ -n "$ip_addr" ]; then
 fi
 : >/run/resolv.conf
 [ -n "$dns" ] && echo "nameserver $dns" >/run/resolv.conf
+
+# The port's driver names it in the background once loaded; bounded like the
+# initramfs's wait for the root disk.
+port_named() {
+    grep -qx "$1" /sys/class/virtio-ports/*/name 2>/dev/null
+}
+if [ -n "$port" ]; then
+    tries=0
+    while ! port_named "$port" && [ "$tries" -lt 200 ]; do
+        sleep 0.05
+        tries=$((tries + 1))
+    done
+    port_named "$port" || say "no virtio-serial port named $port after 10 s"
+fi
 
 # The daemon runs as root (it mounts the workspace and sets the clock); what it
 # starts for an agent or a run (harness, tools, commands) runs as the agent user.

@@ -32,9 +32,9 @@ from .tools import require, run
 
 DEBIAN_META_PACKAGE = "linux-image-cloud-amd64"
 
-#: The drivers a guest needs for its root disk and network on virtio-mmio.
+#: The drivers a guest needs for its root disk, network and control port on virtio-mmio.
 #: Their dependencies (virtio, virtio_ring, failover, net_failover) follow.
-VIRTIO_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net")
+VIRTIO_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console")
 
 #: XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit PVH entry point QEMU and Firecracker jump to.
 _PVH_NOTE_TYPE = 18
