@@ -18,8 +18,9 @@ import pytest
 from fireclaw.supervisor.daemon import DB_NAME
 from pg import PgCluster
 from scripted_model import ScriptedModel, text
-from swarmctl import NOTHING, WAIT, Swarm, idle, swarm_yaml
+from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
 from test_chat_irc import served
+from test_swarm import open_dir  # noqa: F401  (a fixture)
 
 pytestmark = [
     pytest.mark.root,
@@ -95,3 +96,43 @@ def test_tasks_events_and_the_ledger_live_in_postgresql(
     finally:
         local.close()
     assert shared == [0, 0, 0, 0]
+
+
+def test_a_task_claimed_by_a_killed_host_is_done_once_after_its_restart(
+    tmp_path: Path, pg_cluster: PgCluster, pg_dsn: str, request: pytest.FixtureRequest
+) -> None:
+    """``kill -9`` of the host's supervisor while its VM runs a task: the next start
+    on the same state dir reclaims the VM and requeues the task (its own, by host
+    name), which then runs again under a new epoch and is done once."""
+    gate = request.getfixturevalue("open_dir") / "gate"  # the agent user can see it there
+    harness = (
+        'harness: {kind: command, command: ["sh", "-c", '
+        f'"while [ ! -e {gate} ]; do sleep 0.05; done; echo done: $FIRECLAW_PROMPT"]}}\n'
+    )
+    config = swarm_yaml(role_yaml("worker", min_idle=1, extra=harness)) + cluster_yaml(
+        pg_dsn, pg_cluster.password_file
+    )
+    swarm = Swarm(tmp_path, config)
+    try:
+        swarm.start()
+        task = swarm.api.post("/tasks", {"role": "worker", "prompt": "survive"})
+        swarm.wait_for("the task claimed", lambda s: s["tasks"]["claimed"] == 1)
+        swarm.kill9()
+        gate.touch()
+        swarm.start()
+        swarm.wait_for("the task done", lambda s: s["tasks"]["done"] == 1)
+        assert swarm.stop() == 0
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
+    with pg_cluster.connect(pg_dsn.rsplit("/", 1)[1].split("?")[0]) as conn:
+        row = conn.execute(
+            "SELECT state, attempts, epoch, host, result FROM tasks WHERE id = %s", (task["id"],)
+        ).fetchone()
+        kinds = [k for (k,) in conn.execute("SELECT kind FROM events ORDER BY id")]
+    assert row is not None
+    state, attempts, epoch, host, result = row
+    assert (state, attempts, epoch, host) == ("done", 1, 2, HOST)
+    assert result.strip() == "done: survive"
+    assert kinds.count("task_done") == 1
+    assert "reclaimed" in kinds and "task_requeued" in kinds
