@@ -44,6 +44,7 @@ from fireclaw.supervisor import ballast, leftovers, sdnotify
 from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api
 from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.cluster import ClusterSide
 from fireclaw.supervisor.controller import SupervisorController
 from fireclaw.supervisor.irc_credentials import read_irc_credentials
 from fireclaw.supervisor.ircd import IrcdError, ManagedIrcd
@@ -72,11 +73,12 @@ WORKSPACES_NAME: Final = "workspaces"
 HANDOVER_MARGIN: Final = 30.0
 
 
-class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
+class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide):
     """The supervisor's process tree: it starts, holds and stops the API, the
     services and the role groups. Its commands (``controller.py``), reload
-    (``reload.py``), adoption and reclaim at start (``adoption.py``) and model
-    side (``model_side.py``) are parts of the same object, a module each.
+    (``reload.py``), adoption and reclaim at start (``adoption.py``), model
+    side (``model_side.py``) and cluster side (``cluster.py``) are parts of the
+    same object, a module each.
     """
 
     def __init__(self, config: Config, state_dir: Path, store: Store) -> None:
@@ -193,6 +195,8 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
                 for rec in self.store.agents():
                     root.start_soon(self._restore_agent, rec)
                 root.start_soon(self._watchdog)
+                if self.config.cluster is not None:
+                    root.start_soon(self._hear_tasks)
                 self.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
                 log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
                 sdnotify.ready(self._status_line())

@@ -99,6 +99,7 @@ class PgDatabase:
         self._clock = clock
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._lock = threading.Lock()
+        self._listener: psycopg.Connection[tuple[Any, ...]] | None = None  # see listen()
 
     @classmethod
     def open(
@@ -138,11 +139,14 @@ class PgDatabase:
         return db
 
     def close(self) -> None:
-        """Close the connection. Idempotent."""
+        """Close the connections. Idempotent."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         extra: dict[str, Any] = dict(_TCP_OPTIONS)
@@ -206,6 +210,31 @@ class PgDatabase:
                 self._health.dropped_events,
                 self._health.dropped_writes,
             )
+
+    def listen(self, channel: str, timeout: float) -> set[str]:
+        """The payloads of notifications on ``channel`` heard within ``timeout``
+        seconds: returns at the first (with any others already there), or empty
+        at the deadline. Blocking, on a connection of its own (listening from the
+        first call on), so call it from one worker thread at a time. A
+        notification sent while this connection was down is lost: callers poll
+        as well. Raises ``StateUnwritable`` ("unreachable") if the database
+        cannot be reached; the next call connects anew."""
+        heard: set[str] = set()
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._connect()
+                self._listener.execute(f'LISTEN "{channel}"')
+            for notice in self._listener.notifies(timeout=timeout, stop_after=1):
+                heard.add(notice.payload)
+            if heard:  # what else already arrived, without waiting
+                heard.update(n.payload for n in self._listener.notifies(timeout=0))
+        except psycopg.Error as exc:
+            if self._listener is not None:
+                self._listener.close()
+            self._listener = None
+            message = f"state database {self.label}: {first_line(exc)}"
+            raise StateUnwritable(message, "unreachable", self.label) from exc
+        return heard
 
     def _why_unwritable(self, exc: psycopg.Error) -> str | None:
         for kind, why in _UNWRITABLE.items():

@@ -140,6 +140,13 @@ class PgTasks:
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, role))
         return out
 
+    def wait_tasks(self, timeout: float) -> set[str]:
+        """Roles that any host queued (or requeued) tasks for, heard within
+        ``timeout`` seconds (empty: none heard; poll). Blocking: call it from a
+        worker thread, one at a time. Raises ``StateUnwritable`` while the
+        database cannot be reached."""
+        return self._pg.listen(CHANNEL, timeout)
+
     def get_task(self, task_id: int) -> TaskRow | None:
         with self._pg.transaction() as cur:
             row = cur.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = %s", (task_id,)).fetchone()

@@ -117,6 +117,12 @@ class TaskQueue(Database):
                     out.append(_task(row))
         return out
 
+    def wait_tasks(self, timeout: float) -> set[str]:
+        """Roles other hosts queued tasks for, heard within ``timeout`` seconds.
+        One host hears nothing: its own supervisor queues every task, and wakes
+        its groups as it does; returns an empty set at once."""
+        return set()
+
     def get_task(self, task_id: int) -> TaskRow | None:
         with self._errors():
             row = self._conn.execute(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.supervisor.daemon import DB_NAME
+from fireclaw.supervisor.state_pg import PgStore
 from pg import PgCluster
 from scripted_model import ScriptedModel, text
 from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
@@ -136,3 +137,30 @@ def test_a_task_claimed_by_a_killed_host_is_done_once_after_its_restart(
     assert result.strip() == "done: survive"
     assert kinds.count("task_done") == 1
     assert "reclaimed" in kinds and "task_requeued" in kinds
+
+
+def test_tasks_another_host_queues_are_run_here(
+    tmp_path: Path, pg_cluster: PgCluster, pg_dsn: str
+) -> None:
+    """Host beta (here the test, with the store a supervisor uses) queues tasks in
+    the shared database; alpha's supervisor hears of them and runs them."""
+    config = swarm_yaml(role_yaml("worker", min_idle=1)) + cluster_yaml(
+        pg_dsn, pg_cluster.password_file
+    )
+    swarm = Swarm(tmp_path, config)
+    try:
+        swarm.start()
+        swarm.wait_for("an idle worker", idle("worker", 1))
+        with PgStore.connect(
+            pg_dsn, host="beta", local=tmp_path / "beta.db", password_file=pg_cluster.password_file
+        ) as beta:
+            ids = [beta.add_task("worker", f"from beta {i}").id for i in range(2)]
+            swarm.wait_for("beta's tasks done", lambda s: s["tasks"]["done"] == 2, WAIT)
+            rows = [beta.get_task(i) for i in ids]
+        assert swarm.stop() == 0
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
+    for i, row in enumerate(rows):
+        assert row is not None and (row.state, row.host) == ("done", HOST)
+        assert row.result is not None and row.result.endswith(f": from beta {i}\n")

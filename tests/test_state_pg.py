@@ -302,3 +302,35 @@ def test_every_shared_method_has_its_postgresql_version() -> None:
     for name in sorted(local):
         owner = next(c for c in PgStore.__mro__ if name in vars(c))
         assert not owner.__module__.startswith("fireclaw.supervisor.state_pg"), (name, owner)
+
+
+def test_a_host_hears_the_roles_another_host_queues_tasks_for(
+    pg_cluster: PgCluster, pg_dsn: str, tmp_path: pathlib.Path
+) -> None:
+    with (
+        _connect(pg_cluster, pg_dsn, tmp_path, "a") as a,
+        _connect(pg_cluster, pg_dsn, tmp_path, "b") as b,
+    ):
+        assert a.wait_tasks(0) == set()  # listening from now on
+        heard: list[set[str]] = []
+        waiter = threading.Thread(target=lambda: heard.append(a.wait_tasks(120)))
+        began = time.monotonic()
+        waiter.start()
+        b.add_task("coder", "x")
+        b.add_task("reviewer", "y")
+        waiter.join(timeout=120)
+        assert not waiter.is_alive()
+        took = time.monotonic() - began
+        (roles,) = heard
+        assert "coder" in roles and roles <= {"coder", "reviewer"}
+        assert took < 60  # heard, not timed out
+        # A requeue is news too: the task is there to claim again.
+        a.wait_tasks(0)
+        task = b.claim_task("coder", "coder-0")
+        assert task is not None
+        b.requeue_task(task.id, epoch=task.epoch, reason="vm lost", max_attempts=3)
+        deadline = time.monotonic() + 120
+        got: set[str] = set()
+        while "coder" not in got and time.monotonic() < deadline:
+            got |= a.wait_tasks(deadline - time.monotonic())
+        assert "coder" in got

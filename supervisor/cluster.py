@@ -1,0 +1,51 @@
+"""The supervisor's side of a cluster: hearing the tasks other hosts queue.
+
+Every host's role groups claim from the one shared queue, but a group looks
+at the queue only when woken. A task queued through this supervisor wakes its
+group at once (``controller.py``); one queued through another host's wakes
+this one by PostgreSQL ``NOTIFY`` (``Store.wait_tasks``), and every ``POLL``
+seconds all groups look anyway, since a notification sent while this host
+was disconnected is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Final
+
+import trio
+from fireclaw.config import Config
+from fireclaw.pool.group import RoleGroup
+from fireclaw.supervisor.state import StateError, Store
+
+log = logging.getLogger("fireclaw.supervisor")
+
+#: Seconds between looks at the queue when no notification comes.
+POLL: Final = 5.0
+
+
+class ClusterSide:
+    """The cluster side of ``Supervisor`` (``daemon.py``). What it reads is the
+    supervisor's; the declarations below name it for the type checker."""
+
+    config: Config
+    store: Store
+    groups: dict[str, RoleGroup]
+
+    async def _hear_tasks(self) -> None:
+        """Wake the groups of the roles any host queued tasks for, and all of
+        them every ``POLL`` seconds. Runs for the supervisor's life in cluster mode."""
+        wait = partial(self.store.wait_tasks, POLL)
+        while True:
+            try:
+                roles = await trio.to_thread.run_sync(wait, abandon_on_cancel=True)
+            except StateError as exc:
+                # The task moves report an unreachable database; here it only
+                # means polling until it answers again.
+                log.debug("not hearing queued tasks: %s", exc)
+                roles = set()
+                await trio.sleep(POLL)
+            for name, group in list(self.groups.items()):
+                if not roles or name in roles:
+                    group.tasks_queued()
