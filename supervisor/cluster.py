@@ -1,4 +1,5 @@
-"""The supervisor's side of a cluster: hearing the tasks other hosts queue.
+"""The supervisor's side of a cluster: hearing the tasks other hosts queue,
+and saying that this host is alive.
 
 Every host's role groups claim from the one shared queue, but a group looks
 at the queue only when woken. A task queued through this supervisor wakes its
@@ -6,6 +7,9 @@ group at once (``controller.py``); one queued through another host's wakes
 this one by PostgreSQL ``NOTIFY`` (``Store.wait_tasks``), and every ``POLL``
 seconds all groups look anyway, since a notification sent while this host
 was disconnected is lost.
+
+Each ``HEARTBEAT`` seconds the host stamps its row in the hosts table with the
+database's clock, which is what tells the fleet which hosts are silent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ log = logging.getLogger("fireclaw.supervisor")
 
 #: Seconds between looks at the queue when no notification comes.
 POLL: Final = 5.0
+#: Seconds between this host's heartbeats.
+HEARTBEAT: Final = 5.0
 
 
 class ClusterSide:
@@ -49,3 +55,14 @@ class ClusterSide:
             for name, group in list(self.groups.items()):
                 if not roles or name in roles:
                     group.tasks_queued()
+
+    async def _heartbeats(self) -> None:
+        """Stamp this host alive now and every ``HEARTBEAT`` seconds, for the
+        supervisor's life in cluster mode. A beat the database does not take is
+        skipped: the next one says the same."""
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.store.heartbeat)
+            except StateError as exc:
+                log.debug("heartbeat not recorded: %s", exc)
+            await trio.sleep(HEARTBEAT)

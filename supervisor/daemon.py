@@ -197,6 +197,7 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
                 root.start_soon(self._watchdog)
                 if self.config.cluster is not None:
                     root.start_soon(self._hear_tasks)
+                    root.start_soon(self._heartbeats)
                 self.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
                 log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
                 sdnotify.ready(self._status_line())

@@ -157,10 +157,14 @@ def test_tasks_another_host_queues_are_run_here(
             ids = [beta.add_task("worker", f"from beta {i}").id for i in range(2)]
             swarm.wait_for("beta's tasks done", lambda s: s["tasks"]["done"] == 2, WAIT)
             rows = [beta.get_task(i) for i in ids]
+            hosts = {h.name: h for h in beta.hosts()}
         assert swarm.stop() == 0
     finally:
         swarm.close()
     assert swarm.leftovers() == NOTHING
+    # alpha beats (beta, which only queued, never did); stamped by the database's clock.
+    assert list(hosts) == [HOST]
+    assert hosts[HOST].age < WAIT
     for i, row in enumerate(rows):
         assert row is not None and (row.state, row.host) == ("done", HOST)
         assert row.result is not None and row.result.endswith(f": from beta {i}\n")
