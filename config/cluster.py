@@ -6,6 +6,7 @@
       database: postgresql://fireclaw@db.internal/fireclaw   # shared state
       host: alpha                      # this host's name in the fleet
       password_file: secrets/pg-password
+      silent_after: 30                 # seconds without a heartbeat: a host is lost
 
 No section: one host, its state in SQLite under ``state_dir``. With one, the
 hosts share their task queue, named agents, events and usage ledger in the
@@ -14,6 +15,9 @@ and registry to itself. ``host`` (default: the machine's host name) must be
 unique in the fleet: it is who claims a task. The password is never written
 here: ``password_file`` names a file only its owner may read (relative to
 swarm.yaml's folder), or libpq finds it in ``PGPASSWORD`` / ``PGPASSFILE``.
+A host whose heartbeat (every 5 s) is older than ``silent_after`` seconds is
+presumed dead: another host requeues its tasks, and fencing makes sure that
+what the lost host might still write changes nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     database: Annotated[str, Meta(min_length=1, max_length=2000)]
     host: Annotated[str, Meta(pattern=HOST_NAME_PATTERN)] | None = None
     password_file: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    #: Several heartbeats long, so that one slow beat does not cost a host its tasks.
+    silent_after: Annotated[float, Meta(ge=15, le=3600)] = 30.0
 
     def __post_init__(self) -> None:
         url = urllib.parse.urlsplit(self.database)

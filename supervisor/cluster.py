@@ -9,14 +9,16 @@ seconds all groups look anyway, since a notification sent while this host
 was disconnected is lost.
 
 Each ``HEARTBEAT`` seconds the host stamps its row in the hosts table with the
-database's clock, which is what tells the fleet which hosts are silent.
+database's clock, and requeues the tasks of hosts silent for longer than
+``cluster.silent_after`` (one host at a time does: ``Store.requeue_silent``).
+The lost host's late results are fenced off by the epoch of the new claim.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 from fireclaw.config import Config
@@ -39,6 +41,10 @@ class ClusterSide:
     store: Store
     groups: dict[str, RoleGroup]
 
+    if TYPE_CHECKING:
+
+        def event(self, kind: str, subject: str, **detail: object) -> None: ...
+
     async def _hear_tasks(self) -> None:
         """Wake the groups of the roles any host queued tasks for, and all of
         them every ``POLL`` seconds. Runs for the supervisor's life in cluster mode."""
@@ -57,12 +63,28 @@ class ClusterSide:
                     group.tasks_queued()
 
     async def _heartbeats(self) -> None:
-        """Stamp this host alive now and every ``HEARTBEAT`` seconds, for the
-        supervisor's life in cluster mode. A beat the database does not take is
-        skipped: the next one says the same."""
+        """Stamp this host alive now and every ``HEARTBEAT`` seconds, and take
+        back the tasks of hosts gone silent, for the supervisor's life in
+        cluster mode. A beat the database does not take is skipped: the next
+        one says the same."""
+        assert self.config.cluster is not None
+        silent_after = self.config.cluster.silent_after
+        requeue = partial(
+            self.store.requeue_silent,
+            silent_after=silent_after,
+            max_attempts=self.config.task_max_attempts,
+        )
         while True:
             try:
                 await trio.to_thread.run_sync(self.store.heartbeat)
+                taken = await trio.to_thread.run_sync(requeue)
             except StateError as exc:
                 log.debug("heartbeat not recorded: %s", exc)
+                taken = []
+            for task in taken:
+                log.warning("task %d requeued: %s", task.id, task.result)
+                self.event("task_requeued", f"task-{task.id}", reason=task.result, state=task.state)
+            if taken:
+                for group in list(self.groups.values()):
+                    group.tasks_queued()
             await trio.sleep(HEARTBEAT)

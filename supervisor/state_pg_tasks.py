@@ -27,6 +27,8 @@ _COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
     " epoch, host"
 )
+#: Held while one host requeues the tasks of silent ones (``requeue_silent``).
+SILENT_LOCK: Final = 0x66697265636C6177 + 1
 #: Wakes the hosts waiting for tasks (they poll as well: a notification is
 #: lost while a host reconnects).
 CHANNEL: Final = "fireclaw_tasks"
@@ -146,6 +148,36 @@ class PgTasks:
         worker thread, one at a time. Raises ``StateUnwritable`` while the
         database cannot be reached."""
         return self._pg.listen(CHANNEL, timeout)
+
+    def requeue_silent(self, *, silent_after: float, max_attempts: int) -> list[TaskRow]:
+        """Requeue (as ``requeue_task``) the claimed tasks of every other host
+        whose last heartbeat is more than ``silent_after`` seconds old by the
+        database's clock: that host is presumed dead, and the epoch fences
+        whatever it might still write. One host at a time does it (an advisory
+        lock; a host that finds it taken returns nothing). A host that never
+        heartbeat is not judged. Returns the tasks as they are now."""
+        check_max_attempts(max_attempts)
+        now = self._clock()
+        out: list[TaskRow] = []
+        with self._pg.transaction(write=True) as cur:
+            row = cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (SILENT_LOCK,)).fetchone()
+            if row is None or not row[0]:
+                return []
+            claimed = cur.execute(
+                "SELECT t.id, t.host, t.epoch FROM tasks t JOIN hosts h ON h.name = t.host"
+                " WHERE t.state = 'claimed' AND t.host <> %s"
+                " AND h.heartbeat_at < now() - make_interval(secs => %s)"
+                " ORDER BY t.id FOR UPDATE OF t",
+                (self.host, silent_after),
+            ).fetchall()
+            for task_id, host, epoch in claimed:
+                reason = f"host {host} is silent"
+                moved = _requeue(cur, task_id, epoch, reason, max_attempts, now)
+                if moved is not None:
+                    out.append(_task(moved))
+            for role in sorted({t.role for t in out if t.state == "queued"}):
+                cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, role))
+        return out
 
     def get_task(self, task_id: int) -> TaskRow | None:
         with self._pg.transaction() as cur:

@@ -117,6 +117,12 @@ class TaskQueue(Database):
                     out.append(_task(row))
         return out
 
+    def requeue_silent(self, *, silent_after: float, max_attempts: int) -> list[TaskRow]:
+        """Requeue the claimed tasks of other hosts gone silent. One host has no
+        other hosts: nothing to do."""
+        check_max_attempts(max_attempts)
+        return []
+
     def wait_tasks(self, timeout: float) -> set[str]:
         """Roles other hosts queued tasks for, heard within ``timeout`` seconds.
         One host hears nothing: its own supervisor queues every task, and wakes

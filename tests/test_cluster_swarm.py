@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.supervisor.daemon import DB_NAME
+from fireclaw.supervisor.state import TaskFenced
 from fireclaw.supervisor.state_pg import PgStore
 from pg import PgCluster
 from scripted_model import ScriptedModel, text
@@ -34,6 +35,13 @@ TASKS = 3
 
 def cluster_yaml(dsn: str, password_file: Path) -> str:
     return f"cluster:\n  database: '{dsn}'\n  host: {HOST}\n  password_file: {password_file}\n"
+
+
+def other_host(name: str, cluster: PgCluster, dsn: str, tmp_path: Path) -> PgStore:
+    """Another host of the fleet, as the store its supervisor would use."""
+    return PgStore.connect(
+        dsn, host=name, local=tmp_path / f"{name}.db", password_file=cluster.password_file
+    )
 
 
 def test_tasks_events_and_the_ledger_live_in_postgresql(
@@ -151,9 +159,7 @@ def test_tasks_another_host_queues_are_run_here(
     try:
         swarm.start()
         swarm.wait_for("an idle worker", idle("worker", 1))
-        with PgStore.connect(
-            pg_dsn, host="beta", local=tmp_path / "beta.db", password_file=pg_cluster.password_file
-        ) as beta:
+        with other_host("beta", pg_cluster, pg_dsn, tmp_path) as beta:
             ids = [beta.add_task("worker", f"from beta {i}").id for i in range(2)]
             swarm.wait_for("beta's tasks done", lambda s: s["tasks"]["done"] == 2, WAIT)
             rows = [beta.get_task(i) for i in ids]
@@ -168,3 +174,41 @@ def test_tasks_another_host_queues_are_run_here(
     for i, row in enumerate(rows):
         assert row is not None and (row.state, row.host) == ("done", HOST)
         assert row.result is not None and row.result.endswith(f": from beta {i}\n")
+
+
+def test_the_tasks_of_a_silent_host_are_run_here_and_its_late_result_is_fenced(
+    tmp_path: Path, pg_cluster: PgCluster, pg_dsn: str
+) -> None:
+    """Host ghost (here the test, with the store a supervisor uses) claims a task,
+    heartbeats once and falls silent. Past ``silent_after`` alpha's supervisor
+    requeues it and runs it; ghost's result, when it comes, changes nothing."""
+    silent_after = 15.0  # the least the config allows
+    config = swarm_yaml(role_yaml("worker", min_idle=1)) + cluster_yaml(
+        pg_dsn, pg_cluster.password_file
+    ).replace("\n  host:", f"\n  silent_after: {silent_after}\n  host:")
+    swarm = Swarm(tmp_path, config)
+    try:
+        with other_host("ghost", pg_cluster, pg_dsn, tmp_path) as ghost:
+            task = ghost.add_task("worker", "orphaned")
+            claim = ghost.claim_task("worker", "worker-0")
+            assert claim is not None and claim.host == "ghost"
+            ghost.heartbeat()
+            swarm.start()
+            # Silence, then alpha's next heartbeat round: with headroom for load.
+            swarm.wait_for(
+                "the ghost's task done here",
+                lambda s: s["tasks"]["done"] == 1,
+                silent_after + WAIT,
+            )
+            with pytest.raises(TaskFenced):
+                ghost.finish_task(task.id, epoch=claim.epoch, ok=True, exit_code=0, result="late")
+            row = ghost.get_task(task.id)
+        events = swarm.events("task_requeued")
+        assert swarm.stop() == 0
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
+    assert row is not None
+    assert (row.state, row.host, row.epoch, row.attempts) == ("done", HOST, 2, 1)
+    assert row.result is not None and row.result.endswith(": orphaned\n")
+    assert [e["detail"]["reason"] for e in events] == ["host ghost is silent"]

@@ -37,6 +37,7 @@ def test_a_cluster_with_its_password_file_anchored_at_the_config(tmp_path: pathl
         host="alpha.rack-1",
         password_file=str(tmp_path.resolve() / "secrets" / "pg"),
     )
+    assert spec.silent_after == 30.0
     bare = parse(tmp_path, "cluster: {database: 'postgres://f@/fleet?host=/run/postgresql'}\n")
     assert bare is not None and (bare.host, bare.password_file) == (None, None)
 
@@ -68,6 +69,11 @@ def test_an_inline_password_is_refused(tmp_path: pathlib.Path) -> None:
         ("cluster: {database: 'postgresql://f@db/x', host: 'a b'}", "cluster.host", ""),
         ("cluster: {database: 'postgresql://f@db/x', hosts: a}", "cluster", "hosts"),
         ("cluster: {host: a}", "cluster", "database"),
+        (
+            "cluster: {database: 'postgresql://f@db/x', silent_after: 5}",
+            "cluster.silent_after",
+            ">= 15",
+        ),
     ],
 )
 def test_bad_sections_name_the_field(

@@ -377,6 +377,19 @@ def test_requeue_orphans_leaves_other_hosts_tasks(
     assert there.count_queued("coder") == 1
 
 
+def test_a_live_host_keeps_its_tasks(stores: OpenStore, tmp_path: pathlib.Path) -> None:
+    here = stores("here", tmp_path / "here.db")
+    there = stores("there", tmp_path / "there.db")
+    here.add_task("coder", "x")
+    there.heartbeat()
+    assert there.claim_task("coder", "coder-0") is not None
+    here.heartbeat()
+    assert here.requeue_silent(silent_after=3600, max_attempts=3) == []
+    assert here.count_tasks()["claimed"] == 1
+    with pytest.raises(ValueError):
+        here.requeue_silent(silent_after=3600, max_attempts=0)
+
+
 def test_hosts_heartbeat(store: Store) -> None:
     assert store.hosts() == []
     store.heartbeat()

@@ -13,6 +13,7 @@ import pytest
 from fireclaw.supervisor.state import StateError, StateUnwritable, TaskFenced
 from fireclaw.supervisor.state_pg import PgStore
 from fireclaw.supervisor.state_pg_schema import SCHEMA_VERSION as PG_SCHEMA_VERSION
+from fireclaw.supervisor.state_pg_tasks import SILENT_LOCK
 from pg import USER, PgCluster, start_cluster
 
 
@@ -261,12 +262,13 @@ def test_a_host_presumed_dead_cannot_finish_a_task_taken_over(
         task = a.add_task("worker", "x")
         old = a.claim_task("worker", "worker-0")
         assert old is not None and (old.host, old.epoch) == ("a", 1)
-        # What the fleet's failover does for a silent host (its own test comes
-        # with it): the task is queued again, as it was claimed.
-        with pg_cluster.connect(_dbname(pg_dsn)) as conn:
-            conn.execute(
-                "UPDATE tasks SET state = 'queued', owner = NULL WHERE id = %s", (task.id,)
-            )
+        a.heartbeat()
+        b.heartbeat()
+        assert b.requeue_silent(silent_after=3600, max_attempts=3) == []  # a is not silent yet
+        # Any time at all is too long here: a's heartbeat is in the database's past.
+        (back,) = b.requeue_silent(silent_after=0, max_attempts=3)
+        assert (back.id, back.state, back.attempts, back.owner) == (task.id, "queued", 1, None)
+        assert back.result == "host a is silent"
         new = b.claim_task("worker", "worker-0")
         assert new is not None and (new.id, new.host, new.epoch) == (task.id, "b", 2)
         with pytest.raises(TaskFenced, match="claimed again"):
@@ -276,6 +278,31 @@ def test_a_host_presumed_dead_cannot_finish_a_task_taken_over(
         assert a.get_task(task.id) == new
         done = b.finish_task(task.id, epoch=new.epoch, ok=True, exit_code=0, result="once")
         assert (done.state, done.host, done.result) == ("done", "b", "once")
+
+
+def test_one_host_at_a_time_requeues_the_silent_ones_and_never_its_own(
+    pg_cluster: PgCluster, pg_dsn: str, tmp_path: pathlib.Path
+) -> None:
+    with (
+        _connect(pg_cluster, pg_dsn, tmp_path, "a") as a,
+        _connect(pg_cluster, pg_dsn, tmp_path, "b") as b,
+        _connect(pg_cluster, pg_dsn, tmp_path, "mute") as mute,
+    ):
+        for i in range(3):
+            a.add_task("worker", f"t{i}")
+        a.heartbeat()
+        b.heartbeat()
+        assert a.claim_task("worker", "worker-0") is not None
+        assert b.claim_task("worker", "worker-0") is not None
+        assert mute.claim_task("worker", "worker-0") is not None  # never heartbeat
+        # Another host holds the lock: this one leaves the work to it.
+        with pg_cluster.connect(_dbname(pg_dsn)) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", (SILENT_LOCK,))
+            assert b.requeue_silent(silent_after=0, max_attempts=3) == []
+            other.execute("SELECT pg_advisory_unlock(%s)", (SILENT_LOCK,))
+        taken = b.requeue_silent(silent_after=0, max_attempts=3)
+        assert [t.result for t in taken] == ["host a is silent"]  # not b's own, not mute's
+        assert b.count_tasks() == {"queued": 1, "claimed": 2, "done": 0, "failed": 0}
 
 
 def test_every_shared_method_has_its_postgresql_version() -> None:
