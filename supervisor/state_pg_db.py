@@ -13,8 +13,15 @@ one there): it comes from ``password_file`` (read as every secret is,
 
 A lost connection makes the write ``StateUnwritable`` ("unreachable"), as a
 full disk does for SQLite: the pool holds its task moves and tries again, and
-the next call connects anew. A database that refuses writes for want of room
+a later call connects anew. A database that refuses writes for want of room
 is "full"; one in read-only mode (a standby) is "read-only".
+
+The store is called on the supervisor's event loop, as the SQLite one is, so
+an unreachable database must cost little time per call: connecting gives up
+after ``CONNECT_TIMEOUT``, a silent peer drops the connection after
+``CONNECT_TIMEOUT`` too (TCP user timeout and keepalives), and for
+``RECONNECT_AFTER`` seconds after a failed attempt calls fail at once instead
+of trying again.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any, Final, Self
 import psycopg
 from fireclaw.pool.store import StateError, StateUnwritable
 from fireclaw.supervisor.secretfile import SecretFileError, read_secret
-from fireclaw.supervisor.state_db import BUSY_TIMEOUT, WriteHealth
+from fireclaw.supervisor.state_db import WriteHealth
 from fireclaw.supervisor.state_pg_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION
 from psycopg.conninfo import conninfo_to_dict
 
@@ -42,13 +49,15 @@ PASSWORD_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
 _PASSWORD_WHAT: Final = "the database password (one line)"
 
 #: How long a connection attempt, and a silent TCP peer, may take before the
-#: database counts as unreachable (seconds; libpq wants whole ones for the first).
-CONNECT_TIMEOUT: Final = int(BUSY_TIMEOUT)
+#: database counts as unreachable (seconds; libpq's least for the first is 2).
+CONNECT_TIMEOUT: Final = 3
+#: Seconds after a failed connection attempt during which calls fail at once.
+RECONNECT_AFTER: Final = 2.0
 _TCP_OPTIONS: Final[dict[str, Any]] = {
     "connect_timeout": CONNECT_TIMEOUT,
     "keepalives": 1,
     "keepalives_idle": 5,
-    "keepalives_interval": 2,
+    "keepalives_interval": 1,
     "keepalives_count": 3,
     "tcp_user_timeout": CONNECT_TIMEOUT * 1000,
     "application_name": "fireclaw-swarm",
@@ -100,6 +109,8 @@ class PgDatabase:
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._lock = threading.Lock()
         self._listener: psycopg.Connection[tuple[Any, ...]] | None = None  # see listen()
+        #: ``time.monotonic()`` before which no new connection is tried (see above).
+        self._retry_at = 0.0
 
     @classmethod
     def open(
@@ -187,7 +198,13 @@ class PgDatabase:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = self._connect()
+                    if time.monotonic() < self._retry_at:
+                        raise psycopg.OperationalError("not connected (tried again shortly)")
+                    try:
+                        self._conn = self._connect()
+                    except psycopg.Error:
+                        self._retry_at = time.monotonic() + RECONNECT_AFTER
+                        raise
                 with self._conn.transaction(), self._conn.cursor() as cur:
                     yield cur
             except psycopg.Error as exc:

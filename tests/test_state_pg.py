@@ -361,3 +361,25 @@ def test_a_host_hears_the_roles_another_host_queues_tasks_for(
         while "coder" not in got and time.monotonic() < deadline:
             got |= a.wait_tasks(deadline - time.monotonic())
         assert "coder" in got
+
+
+def test_a_database_gone_for_good_costs_little_time_per_call(tmp_path: pathlib.Path) -> None:
+    """The server stops: calls fail as ``StateUnwritable`` (the pool holds its
+    moves), and right after a failed reconnect they fail at once rather than
+    each waiting for a connection attempt of its own."""
+    cluster = start_cluster()
+    try:
+        cluster_dsn = cluster.dsn(cluster.create_database())
+        store = _connect(cluster, cluster_dsn, tmp_path)
+    finally:
+        cluster.stop()
+    with store:
+        with pytest.raises(StateUnwritable):  # the connection it had is gone
+            store.count_queued("worker")
+        with pytest.raises(StateUnwritable, match="No such file|connection"):  # tried anew
+            store.count_queued("worker")
+        with pytest.raises(StateUnwritable, match="not connected .tried again shortly."):
+            store.add_task("worker", "x")
+        assert store.health.why == "unreachable"
+        store.event("still", "here")  # best effort: dropped and counted, never raised
+        assert store.health.dropped_events == 1
