@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,9 @@ log = logging.getLogger("fireclaw.state")
 
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
+#: The one host of a swarm without a cluster. A fixed name, not the machine's:
+#: a renamed machine still finds its claimed tasks its own after a restart.
+LOCAL_HOST: Final = "local"
 
 # SQLite's primary result codes (the low byte of an extended one) that mean the
 # disk, not the statement, is at fault: the same write succeeds once it has room.
@@ -95,8 +97,8 @@ class Database:
         self._conn = conn
         self.path = path
         self._clock = clock
-        #: The host this store claims tasks for (one host here: this machine's name).
-        self.host = host or socket.gethostname()
+        #: The host this store claims tasks for (``LOCAL_HOST`` unless told).
+        self.host = host or LOCAL_HOST
         self.health = WriteHealth()
 
     @classmethod
@@ -111,7 +113,7 @@ class Database:
 
         The parent directory is created with mode 0700 and a new file with 0600.
         ``clock`` gives the unix time stamped on rows; ``host`` names this host
-        on the tasks it claims (default: the machine's host name). Raises
+        on the tasks it claims (default ``LOCAL_HOST``). Raises
         ``StateError`` if the file cannot be opened, is not a database, or has
         a newer schema.
         """

@@ -144,6 +144,14 @@ def test_task_changes_commit_fully_synced_and_the_rest_normally(sqlite_store: St
     assert store._conn.execute("PRAGMA synchronous").fetchone() == (1,)
 
 
+def test_one_host_claims_under_a_fixed_name_not_the_machines(sqlite_store: Store) -> None:
+    """A renamed machine must still find the tasks it claimed its own."""
+    sqlite_store.add_task("worker", "x")
+    claim = sqlite_store.claim_task("worker", "worker-0")
+    assert claim is not None and claim.host == "local"
+    assert [t.id for t in sqlite_store.requeue_orphans(set(), max_attempts=3)] == [claim.id]
+
+
 def test_reopen_keeps_data_and_does_not_migrate_again(db_path: pathlib.Path) -> None:
     with Store.open(db_path) as store:
         task = store.add_task("coder", "hello")
