@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+import psycopg
 from fireclaw.pool.store import TASK_STATES, TaskRow
 from fireclaw.supervisor.state_pg_db import PgDatabase
 from fireclaw.supervisor.state_tasks import check_max_attempts, refusal
@@ -27,6 +28,8 @@ _COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
     " epoch, host"
 )
+Cursor = psycopg.Cursor[tuple[Any, ...]]
+
 #: Held while one host requeues the tasks of silent ones (``requeue_silent``).
 SILENT_LOCK: Final = 0x66697265636C6177 + 1
 #: Wakes the hosts waiting for tasks (they poll as well: a notification is
@@ -97,13 +100,13 @@ class PgTasks:
         """The task claimed at ``epoch`` ran to the end: done if ``ok``, else failed.
         Raises ``TaskNotFound``, ``TaskFenced`` (claimed again since) or
         ``TaskConflict`` (not claimed)."""
+        state = "done" if ok else "failed"
         with self._pg.transaction(write=True) as cur:
             row = cur.execute(
                 "UPDATE tasks SET state = %s, exit_code = %s, result = %s, updated_at = %s"
                 " WHERE id = %s AND state = 'claimed' AND epoch = %s"
                 f" RETURNING {_COLUMNS}",
-                ("done" if ok else "failed", exit_code, pg_text(result), self._clock(), task_id,
-                 epoch),  # fmt: skip
+                (state, exit_code, pg_text(result), self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
                 refusal(task_id, epoch, _state_of(cur, task_id))
@@ -217,7 +220,7 @@ class PgTasks:
 
 
 def _requeue(
-    cur: Any, task_id: int, epoch: int, reason: str, max_attempts: int, now: float
+    cur: Cursor, task_id: int, epoch: int, reason: str, max_attempts: int, now: float
 ) -> tuple[Any, ...] | None:
     # SET expressions all see the old row, so ``attempts + 1`` is the new count.
     row: tuple[Any, ...] | None = cur.execute(
@@ -227,13 +230,18 @@ def _requeue(
         " result = %(reason)s, updated_at = %(now)s"
         " WHERE id = %(id)s AND state = 'claimed' AND epoch = %(epoch)s"
         f" RETURNING {_COLUMNS}",
-        {"max": max_attempts, "reason": pg_text(reason), "now": now, "id": task_id,
-         "epoch": epoch},  # fmt: skip
+        {
+            "max": max_attempts,
+            "reason": pg_text(reason),
+            "now": now,
+            "id": task_id,
+            "epoch": epoch,
+        },
     ).fetchone()
     return row
 
 
-def _state_of(cur: Any, task_id: int) -> tuple[Any, ...] | None:
+def _state_of(cur: Cursor, task_id: int) -> tuple[Any, ...] | None:
     row: tuple[Any, ...] | None = cur.execute(
         "SELECT state, epoch FROM tasks WHERE id = %s", (task_id,)
     ).fetchone()
