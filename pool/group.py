@@ -246,6 +246,15 @@ class RoleGroup:
         if self._nursery is not None and not self._handing_over and not child.stopping:
             self._nursery.start_soon(child.stop, reason)
 
+    def stop_task_runners(self, reason: str) -> int:
+        """Stop every VM running a task, in the background; how many. Their tasks
+        go back to the queue as any lost VM's do (a cluster host that lost its
+        database does this: another host is about to run them)."""
+        runners = [c for c in self.children.values() if c.who.task is not None and not c.stopping]
+        for child in runners:
+            self.retire(child, reason)
+        return len(runners)
+
     @property
     def _handing_over(self) -> bool:
         """The supervisor is leaving its VMs to the next one (``Runtime.leaving``)."""

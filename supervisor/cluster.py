@@ -11,7 +11,10 @@ was disconnected is lost.
 Each ``HEARTBEAT`` seconds the host stamps its row in the hosts table with the
 database's clock, and requeues the tasks of hosts silent for longer than
 ``cluster.silent_after`` (one host at a time does: ``Store.requeue_silent``).
-The lost host's late results are fenced off by the epoch of the new claim.
+The lost host's late results are fenced off by the epoch of the new claim,
+and the lost host fences itself too: out of the database for nearly
+``silent_after`` (``SelfFence``), it stops the VMs running tasks, which other
+hosts are about to run again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,28 @@ log = logging.getLogger("fireclaw.supervisor")
 POLL: Final = 5.0
 #: Seconds between this host's heartbeats.
 HEARTBEAT: Final = 5.0
+
+
+class SelfFence:
+    """When a host out of the shared database must stop its task runners: once
+    its last heartbeat is ``silent_after - HEARTBEAT`` seconds old, a beat before
+    any other host may presume it dead, and once per outage. Sans-I/O: the
+    caller passes the time of each heartbeat and whether it went through."""
+
+    def __init__(self, silent_after: float, now: float) -> None:
+        self.limit = silent_after - HEARTBEAT
+        self.last_ok = now
+        self.fenced = False
+
+    def beat(self, now: float, *, ok: bool) -> bool:
+        """A heartbeat at ``now``; True when the task runners must stop now."""
+        if ok:
+            self.last_ok, self.fenced = now, False
+            return False
+        if self.fenced or now - self.last_ok < self.limit:
+            return False
+        self.fenced = True
+        return True
 
 
 class ClusterSide:
@@ -74,13 +99,18 @@ class ClusterSide:
             silent_after=silent_after,
             max_attempts=self.config.task_max_attempts,
         )
+        fence = SelfFence(silent_after, trio.current_time())
         while True:
             try:
                 await trio.to_thread.run_sync(self.store.heartbeat)
                 taken = await trio.to_thread.run_sync(requeue)
+                fence.beat(trio.current_time(), ok=True)
             except StateError as exc:
                 log.debug("heartbeat not recorded: %s", exc)
                 taken = []
+                now = trio.current_time()
+                if fence.beat(now, ok=False):
+                    self._fence_self(exc, now - fence.last_ok)
             for task in taken:
                 log.warning("task %d requeued: %s", task.id, task.result)
                 self.event("task_requeued", f"task-{task.id}", reason=task.result, state=task.state)
@@ -88,3 +118,18 @@ class ClusterSide:
                 for group in list(self.groups.values()):
                     group.tasks_queued()
             await trio.sleep(HEARTBEAT)
+
+    def _fence_self(self, why: StateError, out_for: float) -> None:
+        """Out of the database nearly long enough for other hosts to take this
+        one's tasks: stop running them here, so that none runs on two hosts."""
+        stopped = sum(
+            group.stop_task_runners("this host lost the shared database")
+            for group in list(self.groups.values())
+        )
+        log.warning(
+            "out of the shared database for %.0f s (%s): stopped %d VMs running tasks,"
+            " which other hosts will run",
+            out_for,
+            why,
+            stopped,
+        )

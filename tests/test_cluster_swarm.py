@@ -13,12 +13,13 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import TaskFenced
 from fireclaw.supervisor.state_pg import PgStore
-from pg import PgCluster
+from pg import PgCluster, start_cluster
 from scripted_model import ScriptedModel, text
 from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
 from test_chat_irc import served
@@ -212,3 +213,41 @@ def test_the_tasks_of_a_silent_host_are_run_here_and_its_late_result_is_fenced(
     assert (row.state, row.host, row.epoch, row.attempts) == ("done", HOST, 2, 1)
     assert row.result is not None and row.result.endswith(": orphaned\n")
     assert [e["detail"]["reason"] for e in events] == ["host ghost is silent"]
+
+
+def test_a_host_out_of_its_database_stops_its_task_runners(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The database goes away under a running task: a beat before other hosts
+    may take that task, this host stops the VM running it, so that it never
+    runs on two hosts; the rest of the supervisor runs on, and stops cleanly."""
+    silent_after = 15.0
+    gate = request.getfixturevalue("open_dir") / "never"  # the task runs until stopped
+    harness = (
+        'harness: {kind: command, command: ["sh", "-c", '
+        f'"while [ ! -e {gate} ]; do sleep 0.05; done"]}}\n'
+    )
+    cluster = start_cluster()  # its own: this test stops it
+    swarm: Swarm | None = None
+    try:
+        dsn = cluster.dsn(cluster.create_database())
+        config = swarm_yaml(role_yaml("worker", min_idle=1, extra=harness)) + cluster_yaml(
+            dsn, cluster.password_file
+        ).replace("\n  host:", f"\n  silent_after: {silent_after}\n  host:")
+        swarm = Swarm(tmp_path, config)
+        swarm.start()
+        swarm.api.post("/tasks", {"role": "worker", "prompt": "long"})
+        swarm.wait_for("the task running", lambda s: bool(active(s)))
+        cluster.stop()
+        swarm.wait_for("its runner stopped", lambda s: not active(s), silent_after + WAIT)
+        assert "stopped 1 VMs running tasks, which other hosts will run" in swarm.tail(200)
+        assert swarm.stop() == 0
+    finally:
+        if swarm is not None:
+            swarm.close()
+        cluster.stop()
+    assert swarm.leftovers() == NOTHING
+
+
+def active(status: dict[str, Any]) -> list[str]:
+    return [a["name"] for a in status["agents"] if a["state"] == "active"]
