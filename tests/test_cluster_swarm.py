@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fireclaw.supervisor.cluster import HEARTBEAT
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import TaskFenced
 from fireclaw.supervisor.state_pg import PgStore
@@ -194,6 +196,7 @@ def test_the_tasks_of_a_silent_host_are_run_here_and_its_late_result_is_fenced(
             claim = ghost.claim_task("worker", "worker-0")
             assert claim is not None and claim.host == "ghost"
             ghost.heartbeat()
+            silent_since = time.monotonic()
             swarm.start()
             # Silence, then alpha's next heartbeat round: with headroom for load.
             swarm.wait_for(
@@ -201,6 +204,12 @@ def test_the_tasks_of_a_silent_host_are_run_here_and_its_late_result_is_fenced(
                 lambda s: s["tasks"]["done"] == 1,
                 silent_after + WAIT,
             )
+            took = time.monotonic() - silent_since
+            print(
+                f"\nfrom a host's last heartbeat to its task done elsewhere: {took:.1f} s"
+                f" (silent_after {silent_after:.0f} s, heartbeats every {HEARTBEAT:.0f} s)"
+            )
+            assert took >= silent_after  # not before the host was silent long enough
             with pytest.raises(TaskFenced):
                 ghost.finish_task(task.id, epoch=claim.epoch, ok=True, exit_code=0, result="late")
             row = ghost.get_task(task.id)
