@@ -1,10 +1,11 @@
 """A real PostgreSQL for the tests: Debian's server, started by the test itself.
 
 ``pg_cluster`` (one per test session) runs ``initdb`` and ``postgres`` as the
-unprivileged user ``nobody`` (both refuse root) in a temporary folder that
-user owns. The server listens on a unix socket in that folder only (no TCP),
-and asks for a password (scram-sha-256), so the store's ``password_file`` is
-exercised for real. ``pg_dsn`` gives each test a fresh database and drops it
+unprivileged user ``nobody`` (both refuse root; a test run that is not root
+runs them as itself) in a temporary folder that user owns. The server
+listens on a unix socket in that folder only (no TCP), and asks for a
+password (scram-sha-256), so the store's ``password_file`` is exercised for
+real. ``pg_dsn`` gives each test a fresh database and drops it
 afterwards. The server is stopped, and its folder removed, on every exit path
 of the session; ``start_cluster``/``PgCluster.stop`` are there for a test that
 checks exactly that. Should the test process itself be killed (``kill -9``),
@@ -118,13 +119,13 @@ def start_cluster() -> PgCluster:
     bindir = server_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server installed (Debian package postgresql)")
+    root_user = os.geteuid() == 0
     nobody = pwd.getpwnam("nobody")
-    group = grp.getgrgid(nobody.pw_gid).gr_name
-    as_nobody: dict[str, object] = {
-        "user": nobody.pw_uid,
-        "group": nobody.pw_gid,
-        "extra_groups": [],
-    }
+    uid, gid = (nobody.pw_uid, nobody.pw_gid) if root_user else (os.getuid(), os.getgid())
+    group = grp.getgrgid(gid).gr_name
+    as_nobody: dict[str, object] = (
+        {"user": uid, "group": gid, "extra_groups": []} if root_user else {}
+    )
     _remove_left_behind()
     root = pathlib.Path(tempfile.mkdtemp(prefix=_PREFIX))
     try:
@@ -136,11 +137,11 @@ def start_cluster() -> PgCluster:
         own = root / "nobody"  # the server's folder: data, socket, initdb's password
         for d in (own, own / "socket"):
             d.mkdir(mode=0o700)
-            shutil.chown(d, nobody.pw_uid, group)
+            shutil.chown(d, uid, group)
         pwfile = own / "pwfile"
         pwfile.write_text(password + "\n")
         pwfile.chmod(0o600)
-        shutil.chown(pwfile, nobody.pw_uid, group)
+        shutil.chown(pwfile, uid, group)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         made = subprocess.run(
             [
@@ -177,7 +178,7 @@ def start_cluster() -> PgCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_as_nobody_dying_with_us,
+            preexec_fn=_as_nobody_dying_with_us if root_user else _dying_with_us,
         )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -214,6 +215,10 @@ def _as_nobody_dying_with_us() -> None:
     os.setgroups([])
     os.setgid(nobody.pw_gid)
     os.setuid(nobody.pw_uid)
+    _dying_with_us()
+
+
+def _dying_with_us() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 

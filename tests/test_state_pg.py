@@ -4,6 +4,7 @@ The behaviour both stores share is checked on both in ``test_state.py``."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import threading
 import time
@@ -34,6 +35,7 @@ def _processes_under(root: pathlib.Path) -> list[int]:
     return found
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to nobody needs root")
 def test_a_cluster_runs_as_nobody_on_a_socket_only_and_leaves_nothing() -> None:
     cluster: PgCluster = start_cluster()
     root = cluster.root
