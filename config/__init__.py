@@ -12,6 +12,7 @@ from fireclaw.config.cli_harness import (
     CliHarnessSpec,
     CliKind,
 )
+from fireclaw.config.cluster import ClusterSpec
 from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.irc import (
@@ -47,6 +48,7 @@ __all__ = [
     "CliHarnessBase",
     "CliHarnessSpec",
     "CliKind",
+    "ClusterSpec",
     "CommandRateSpec",
     "Config",
     "ConfigDiff",

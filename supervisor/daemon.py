@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Final
@@ -43,6 +44,7 @@ from fireclaw.supervisor import ballast, leftovers, sdnotify
 from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api
 from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.cluster import ClusterSide
 from fireclaw.supervisor.controller import SupervisorController
 from fireclaw.supervisor.harness_checks import (
     HarnessUnavailable,
@@ -78,11 +80,12 @@ WORKSPACES_NAME: Final = "workspaces"
 HANDOVER_MARGIN: Final = 30.0
 
 
-class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
+class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide):
     """The supervisor's process tree: it starts, holds and stops the API, the
     services and the role groups. Its commands (``controller.py``), reload
-    (``reload.py``), adoption and reclaim at start (``adoption.py``) and model
-    side (``model_side.py``) are parts of the same object, a module each.
+    (``reload.py``), adoption and reclaim at start (``adoption.py``), model
+    side (``model_side.py``) and cluster side (``cluster.py``) are parts of the
+    same object, a module each.
     """
 
     def __init__(self, config: Config, state_dir: Path, store: Store) -> None:
@@ -208,6 +211,9 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
                 for rec in self.store.agents():
                     root.start_soon(self._restore_agent, rec)
                 root.start_soon(self._watchdog)
+                if self.config.cluster is not None:
+                    root.start_soon(self._hear_tasks)
+                    root.start_soon(self._heartbeats)
                 self.event("started", "supervisor", pid=os.getpid(), backend=self.backend_reason)
                 log.info("ready: backend %s; roles %s", self.backend_reason, ", ".join(self.groups))
                 sdnotify.ready(self._status_line())
@@ -452,7 +458,7 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
         return 1
     try:
         try:
-            store = _open_store(sdir)
+            store = _open_store(sdir, config)
         except StateError as exc:
             print(f"fireclaw-swarm: {exc}", file=sys.stderr)
             return 1
@@ -473,9 +479,24 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
     return 0
 
 
-def _open_store(state_dir: Path) -> Store:
+def _open_store(state_dir: Path, config: Config) -> Store:
     """The state database, opened in the ballast's room if the disk is full
-    (see ``ballast``); the ballast made again when there is room for it."""
+    (see ``ballast``); the ballast made again when there is room for it. In a
+    cluster, the shared state is in PostgreSQL, over this host's own database."""
+    if config.cluster is not None:
+        # Imported here: a single host runs without psycopg ever being loaded.
+        from fireclaw.supervisor.state_pg import PgStore
+
+        cluster = config.cluster
+        password = None if cluster.password_file is None else Path(cluster.password_file)
+        shared = PgStore.connect(
+            cluster.database,
+            host=cluster.host or socket.gethostname(),
+            local=state_dir / DB_NAME,
+            password_file=password,
+        )
+        log.info("cluster: host %s, shared state in %s", shared.host, shared.database)
+        return shared
     try:
         store = Store.open(state_dir / DB_NAME)
     except StateError:

@@ -24,6 +24,9 @@ log = logging.getLogger("fireclaw.state")
 
 #: Seconds a writer waits for another connection's write transaction.
 BUSY_TIMEOUT: Final = 10.0
+#: The one host of a swarm without a cluster. A fixed name, not the machine's:
+#: a renamed machine still finds its claimed tasks its own after a restart.
+LOCAL_HOST: Final = "local"
 
 # SQLite's primary result codes (the low byte of an extended one) that mean the
 # disk, not the statement, is at fault: the same write succeeds once it has room.
@@ -85,20 +88,34 @@ class Database:
     close with ``close()`` (or use it as a context manager)."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: pathlib.Path, clock: Callable[[], float]
+        self,
+        conn: sqlite3.Connection,
+        path: pathlib.Path,
+        clock: Callable[[], float],
+        host: str | None = None,
     ) -> None:
         self._conn = conn
         self.path = path
         self._clock = clock
+        #: The host this store claims tasks for (``LOCAL_HOST`` unless told).
+        self.host = host or LOCAL_HOST
         self.health = WriteHealth()
 
     @classmethod
-    def open(cls, path: pathlib.Path, *, clock: Callable[[], float] = time.time) -> Self:
+    def open(
+        cls,
+        path: pathlib.Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+    ) -> Self:
         """Open (creating if needed) the database at ``path``, migrating its schema.
 
         The parent directory is created with mode 0700 and a new file with 0600.
-        ``clock`` gives the unix time stamped on rows. Raises ``StateError`` if
-        the file cannot be opened, is not a database, or has a newer schema.
+        ``clock`` gives the unix time stamped on rows; ``host`` names this host
+        on the tasks it claims (default ``LOCAL_HOST``). Raises
+        ``StateError`` if the file cannot be opened, is not a database, or has
+        a newer schema.
         """
         path = pathlib.Path(path)
         try:
@@ -123,7 +140,7 @@ class Database:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            store = cls(conn, path, clock)
+            store = cls(conn, path, clock, host)
             store._migrate()
         except sqlite3.Error as exc:
             if conn is not None:

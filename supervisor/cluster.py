@@ -1,0 +1,135 @@
+"""The supervisor's side of a cluster: hearing the tasks other hosts queue,
+and saying that this host is alive.
+
+Every host's role groups claim from the one shared queue, but a group looks
+at the queue only when woken. A task queued through this supervisor wakes its
+group at once (``controller.py``); one queued through another host's wakes
+this one by PostgreSQL ``NOTIFY`` (``Store.wait_tasks``), and every ``POLL``
+seconds all groups look anyway, since a notification sent while this host
+was disconnected is lost.
+
+Each ``HEARTBEAT`` seconds the host stamps its row in the hosts table with the
+database's clock, and requeues the tasks of hosts silent for longer than
+``cluster.silent_after`` (one host at a time does: ``Store.requeue_silent``).
+The lost host's late results are fenced off by the epoch of the new claim,
+and the lost host fences itself too: out of the database for nearly
+``silent_after`` (``SelfFence``), it stops the VMs running tasks, which other
+hosts are about to run again.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+from fireclaw.config import Config
+from fireclaw.pool.group import RoleGroup
+from fireclaw.supervisor.state import StateError, Store
+
+log = logging.getLogger("fireclaw.supervisor")
+
+#: Seconds between looks at the queue when no notification comes.
+POLL: Final = 5.0
+#: Seconds between this host's heartbeats.
+HEARTBEAT: Final = 5.0
+
+
+class SelfFence:
+    """When a host out of the shared database must stop its task runners: once
+    its last heartbeat is ``silent_after - HEARTBEAT`` seconds old, a beat before
+    any other host may presume it dead, and once per outage. Sans-I/O: the
+    caller passes the time of each heartbeat and whether it went through."""
+
+    def __init__(self, silent_after: float, now: float) -> None:
+        self.limit = silent_after - HEARTBEAT
+        self.last_ok = now
+        self.fenced = False
+
+    def beat(self, now: float, *, ok: bool) -> bool:
+        """A heartbeat at ``now``; True when the task runners must stop now."""
+        if ok:
+            self.last_ok, self.fenced = now, False
+            return False
+        if self.fenced or now - self.last_ok < self.limit:
+            return False
+        self.fenced = True
+        return True
+
+
+class ClusterSide:
+    """The cluster side of ``Supervisor`` (``daemon.py``). What it reads is the
+    supervisor's; the declarations below name it for the type checker."""
+
+    config: Config
+    store: Store
+    groups: dict[str, RoleGroup]
+
+    if TYPE_CHECKING:
+
+        def event(self, kind: str, subject: str, **detail: object) -> None: ...
+
+    async def _hear_tasks(self) -> None:
+        """Wake the groups of the roles any host queued tasks for, and all of
+        them every ``POLL`` seconds. Runs for the supervisor's life in cluster mode."""
+        wait = partial(self.store.wait_tasks, POLL)
+        while True:
+            try:
+                roles = await trio.to_thread.run_sync(wait, abandon_on_cancel=True)
+            except StateError as exc:
+                # The task moves report an unreachable database; here it only
+                # means polling until it answers again.
+                log.debug("not hearing queued tasks: %s", exc)
+                roles = set()
+                await trio.sleep(POLL)
+            for name, group in list(self.groups.items()):
+                if not roles or name in roles:
+                    group.tasks_queued()
+
+    async def _heartbeats(self) -> None:
+        """Stamp this host alive now and every ``HEARTBEAT`` seconds, and take
+        back the tasks of hosts gone silent, for the supervisor's life in
+        cluster mode. A beat the database does not take is skipped: the next
+        one says the same."""
+        assert self.config.cluster is not None
+        silent_after = self.config.cluster.silent_after
+        requeue = partial(
+            self.store.requeue_silent,
+            silent_after=silent_after,
+            max_attempts=self.config.task_max_attempts,
+        )
+        fence = SelfFence(silent_after, trio.current_time())
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.store.heartbeat)
+                taken = await trio.to_thread.run_sync(requeue)
+                fence.beat(trio.current_time(), ok=True)
+            except StateError as exc:
+                log.debug("heartbeat not recorded: %s", exc)
+                taken = []
+                now = trio.current_time()
+                if fence.beat(now, ok=False):
+                    self._fence_self(exc, now - fence.last_ok)
+            for task in taken:
+                log.warning("task %d requeued: %s", task.id, task.result)
+                self.event("task_requeued", f"task-{task.id}", reason=task.result, state=task.state)
+            if taken:
+                for group in list(self.groups.values()):
+                    group.tasks_queued()
+            await trio.sleep(HEARTBEAT)
+
+    def _fence_self(self, why: StateError, out_for: float) -> None:
+        """Out of the database nearly long enough for other hosts to take this
+        one's tasks: stop running them here, so that none runs on two hosts."""
+        stopped = sum(
+            group.stop_task_runners("this host lost the shared database")
+            for group in list(self.groups.values())
+        )
+        log.warning(
+            "out of the shared database for %.0f s (%s): stopped %d VMs running tasks,"
+            " which other hosts will run",
+            out_for,
+            why,
+            stopped,
+        )
