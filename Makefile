@@ -12,9 +12,11 @@ STAMP  := $(VENV)/.installed
 #   nsenter runs process-driver guests in their namespaces; ngircd is the managed
 #   IRC server; mmdebstrap, busybox, zstd and mke2fs build guest images; QEMU
 #   boots them, qemu-img gives each its overlay disk, nft NATs their traffic.
+#   PostgreSQL is cluster mode's shared state store, and its tests start one
+#   (pg_ctlcluster is Debian's wrapper; the server's own programs are not on PATH).
 DEB_COMMANDS := nsenter:util-linux ip:iproute2 ngircd:ngircd mmdebstrap:mmdebstrap \
 	busybox:busybox-static zstd:zstd mke2fs:e2fsprogs qemu-system-x86_64:qemu-system-x86 \
-	qemu-img:qemu-utils nft:nftables
+	qemu-img:qemu-utils nft:nftables pg_ctlcluster:postgresql
 
 .PHONY: up test bench bench-llm setup deb lint
 
@@ -43,7 +45,9 @@ lint: setup
 setup: deb $(STAMP)
 
 # Debian starts its own ngircd service on 6667, where the swarm runs its managed
-# one: when this step installed ngircd, that service is stopped and disabled.
+# one: when this step installed ngircd, that service is stopped and disabled. So
+# is the PostgreSQL cluster Debian makes on install: the tests start their own,
+# and a fleet names its database in swarm.yaml.
 deb:
 	@missing=""; \
 	$(PYTHON) -m venv --help >/dev/null 2>&1 || missing="python3-venv"; \
@@ -55,6 +59,9 @@ deb:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  case " $$missing " in *" ngircd "*) \
 	    if command -v systemctl >/dev/null; then systemctl disable --now ngircd 2>/dev/null || true; fi;; \
+	  esac; \
+	  case " $$missing " in *" postgresql "*) \
+	    if command -v systemctl >/dev/null; then systemctl disable --now postgresql 2>/dev/null || true; fi;; \
 	  esac; \
 	fi
 

@@ -5,6 +5,7 @@ line, naming the file and the field); ``diff_config`` says what a reload would
 change.
 """
 
+from fireclaw.config.cluster import ClusterSpec
 from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.irc import (
@@ -35,6 +36,7 @@ __all__ = [
     "AnyHarnessSpec",
     "Backoff",
     "ChatHarnessSpec",
+    "ClusterSpec",
     "CommandRateSpec",
     "Config",
     "ConfigDiff",

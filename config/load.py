@@ -36,6 +36,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import yaml
+from fireclaw.config.cluster import ClusterSpec
 from fireclaw.config.common import POLICY_ALIASES, ROLE_NAME_PATTERN, NonEmptyStr
 from fireclaw.config.errors import ConfigError, convert, show
 from fireclaw.config.http import HttpSpec
@@ -78,6 +79,7 @@ class _SwarmFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     models: ModelsSpec | None = None
     budget: BudgetSpec = msgspec.field(default_factory=BudgetSpec)
     http: HttpSpec | None = None
+    cluster: ClusterSpec | None = None
     roles: dict[str, Any]
 
 
@@ -176,6 +178,7 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
         http=_anchor_http(swarm.http, base),
         api_key_path=api_key_path,
         model_path=model_path,
+        cluster=_anchor_cluster(swarm.cluster, base),
     )
 
 
@@ -188,6 +191,9 @@ _INLINE_SECRET: Final = (
 def _refuse_inline_secrets(raw: dict[str, Any], shown: str) -> None:
     """One clear line for a password written inline (``irc.password``,
     ``irc.sasl.password``, an operator's ``password``), saying what to use instead."""
+    cluster = raw.get("cluster")
+    if isinstance(cluster, dict) and "password" in cluster:
+        raise ConfigError(shown, "cluster.password", f"{_INLINE_SECRET}, or set PGPASSFILE")
     irc = raw.get("irc")
     if not isinstance(irc, dict):
         return
@@ -230,6 +236,14 @@ def _anchor_irc(irc: IrcSpec, base: pathlib.Path) -> IrcSpec:
         else msgspec.structs.replace(sasl, password_file=anchored(sasl.password_file)),
         managed=msgspec.structs.replace(managed, operators=operators),
     )
+
+
+def _anchor_cluster(cluster: ClusterSpec | None, base: pathlib.Path) -> ClusterSpec | None:
+    """``cluster`` with ``password_file`` made absolute, relative to ``base``."""
+    if cluster is None or cluster.password_file is None:
+        return cluster
+    path = (base / pathlib.Path(cluster.password_file).expanduser()).resolve()
+    return msgspec.structs.replace(cluster, password_file=str(path))
 
 
 def _anchor_http(http: HttpSpec | None, base: pathlib.Path) -> HttpSpec | None:

@@ -23,6 +23,7 @@ import re
 from typing import Annotated, Final, Literal
 
 import msgspec
+from fireclaw.config.cluster import ClusterSpec
 from fireclaw.config.common import (
     ROLE_NAME_PATTERN,
     Argv,
@@ -233,3 +234,5 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     #: ``models.api_key_file`` (and ``models.managed.model``) resolved against the file.
     api_key_path: pathlib.Path | None = None
     model_path: pathlib.Path | None = None
+    #: None: one host, its state in SQLite. ``password_file`` resolved against the file.
+    cluster: ClusterSpec | None = None

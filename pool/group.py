@@ -63,6 +63,7 @@ class Adoptee:
     record: VmRecord
     agent: AgentIdentity | None = None  # a named agent's VM
     task_id: int | None = None  # a task runner's task, still claimed by it
+    epoch: int = 0  # that task's claim, which every write for it carries
 
 
 class RoleGroup:
@@ -197,7 +198,7 @@ class RoleGroup:
         self.children[child.name] = child
         self._nursery.start_soon(child.run)
         if adoptee.task_id is not None:
-            self._nursery.start_soon(self._resume_task, child, adoptee.task_id)
+            self._nursery.start_soon(self._resume_task, child, adoptee.task_id, adoptee.epoch)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -281,13 +282,13 @@ class RoleGroup:
                     self.retire(child, "no task after all")
                     continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_task, child, task.id, task.prompt)
+                self._nursery.start_soon(self._run_task, child, task.id, task.epoch, task.prompt)
 
     async def _written(self, write: Callable[..., T], *args: object) -> T:
         """``write(*args)``, held and tried again while the state disk refuses it."""
         return await until_written(partial(write, *args), self.rt.store.health)
 
-    async def _run_task(self, child: Child, task_id: int, prompt: str) -> None:
+    async def _run_task(self, child: Child, task_id: int, epoch: int, prompt: str) -> None:
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
         finished = False
         child.who.task = task_id
@@ -296,23 +297,26 @@ class RoleGroup:
             assert child.session is not None
             done = await child.session.task(task_id, prompt)
             self.retire(child, "task finished")  # the result is held here, not in the VM
-            finished = await self._finish(child, task_id, done)
+            finished = await self._finish(child, task_id, epoch, done)
         except GuestLost as exc:
-            finished = await self._requeue(child, task_id, exc.reason)
+            finished = await self._requeue(child, task_id, epoch, exc.reason)
         finally:
             if not finished:
-                self._give_back(task_id)
+                self._give_back(task_id, epoch)
             self.retire(child, "task finished")
             self.tasks_queued()
 
-    async def _finish(self, child: Child, task_id: int, done: p.TaskDone) -> bool:
+    async def _finish(self, child: Child, task_id: int, epoch: int, done: p.TaskDone) -> bool:
         """Record a task's result, holding it until the disk takes it. True once
-        the task is no longer this supervisor's to give back."""
+        the task is no longer this supervisor's to give back (also when the
+        write is refused: the task was claimed again, ``TaskFenced``)."""
         store = self.rt.store
         ok = done.code == 0
         try:
             await self._written(
-                partial(store.finish_task, ok=ok, exit_code=done.code, result=done.output),
+                partial(
+                    store.finish_task, epoch=epoch, ok=ok, exit_code=done.code, result=done.output
+                ),
                 task_id,
             )
         except (TaskNotFound, TaskConflict) as exc:
@@ -321,13 +325,15 @@ class RoleGroup:
         self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
         return True
 
-    async def _requeue(self, child: Child, task_id: int, reason: str) -> bool:
+    async def _requeue(self, child: Child, task_id: int, epoch: int, reason: str) -> bool:
         """Give a task whose VM was lost back to the queue (or fail it, at its last
         attempt), holding the move until the disk takes it."""
         store = self.rt.store
         try:
             row = await self._written(
-                partial(store.requeue_task, reason=reason, max_attempts=self.max_attempts),
+                partial(
+                    store.requeue_task, epoch=epoch, reason=reason, max_attempts=self.max_attempts
+                ),
                 task_id,
             )
         except (TaskNotFound, TaskConflict) as exc:
@@ -336,7 +342,7 @@ class RoleGroup:
         self.rt.event("task_requeued", child.name, task_id=task_id, reason=reason, state=row.state)
         return True
 
-    def _give_back(self, task_id: int) -> None:
+    def _give_back(self, task_id: int, epoch: int) -> None:
         """Cancelled (shutdown): the task is not lost, it goes back to the queue.
         In a handover it stays claimed by its VM, which runs on: the next
         supervisor adopts both, or requeues the task if the VM is gone. So it does
@@ -346,12 +352,12 @@ class RoleGroup:
             return
         try:
             self.rt.store.requeue_task(
-                task_id, reason="supervisor stopped", max_attempts=self.max_attempts
+                task_id, epoch=epoch, reason="supervisor stopped", max_attempts=self.max_attempts
             )
         except StateError as exc:
             log.warning("task %d stays claimed for the next start to requeue: %s", task_id, exc)
 
-    async def _resume_task(self, child: Child, task_id: int) -> None:
+    async def _resume_task(self, child: Child, task_id: int, epoch: int) -> None:
         """Finish a task an adopted task runner holds: its result is awaited, once.
 
         The guest says in its Hello which tasks it holds; one it does not hold, or
@@ -368,12 +374,12 @@ class RoleGroup:
             self.rt.event("task_resumed", child.name, task_id=task_id, role=self.name)
             done = await session.result(task_id)
             self.retire(child, "task finished")
-            finished = await self._finish(child, task_id, done)
+            finished = await self._finish(child, task_id, epoch, done)
         except GuestLost as exc:
-            finished = await self._requeue(child, task_id, exc.reason)
+            finished = await self._requeue(child, task_id, epoch, exc.reason)
         finally:
             if not finished:
-                self._give_back(task_id)
+                self._give_back(task_id, epoch)
             self.retire(child, "task finished")
             self.tasks_queued()
 

@@ -1,15 +1,22 @@
 """The state store as the pool sees it: the records the pool writes, the errors
 it handles, and ``StateStore``, the protocol naming exactly the store methods
-the pool calls. The supervisor's SQLite database satisfies it; the pool never
-names that implementation, so it can be swapped (a PostgreSQL store for a
-cluster) or faked in a test without the pool knowing.
+the pool calls. The supervisor's SQLite database satisfies it, and so does the
+PostgreSQL store of a cluster; the pool names neither, so either can be used
+(or faked in a test) without the pool knowing.
+
+Fencing: each claim of a task gives it a new ``epoch``; every later write for
+that task (its result, a requeue) carries the epoch of the claim it belongs
+to, and changes nothing if the task was claimed again since (by another VM,
+or in a cluster by another host that took it over): ``TaskFenced``.
 
 Exceptions (raised by the store, handled by the pool)::
 
-    StateError              any failure of the database, one line naming the file
-     +-- StateUnwritable    the disk refused a write (full, read-only, failing)
+    StateError              any failure of the database, one line naming it
+     +-- StateUnwritable    the database refused a write (disk full, read-only,
+     |                      failing; a cluster's database unreachable)
      +-- TaskNotFound       no task with that id
      +-- TaskConflict       the task is not in a state that allows the move
+          +-- TaskFenced    the task was claimed again since: the write is stale
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ class StateError(Exception):
 
 class StateUnwritable(StateError):
     """The disk under the database refused a write; ``why`` says how, in a word
-    or two ("full", "read-only", "failing"). It passes once the disk has room again."""
+    or two ("full", "read-only", "failing", "unreachable"). It passes once the
+    disk has room again (or the database answers again). ``path`` names the
+    database: its file, or a cluster's ``host/dbname``."""
 
-    def __init__(self, message: str, why: str, path: pathlib.Path) -> None:
+    def __init__(self, message: str, why: str, path: pathlib.Path | str) -> None:
         super().__init__(message)
         self.why = why
         self.path = path
@@ -43,6 +52,11 @@ class TaskNotFound(StateError):
 
 class TaskConflict(StateError):
     pass
+
+
+class TaskFenced(TaskConflict):
+    """A write for a task carried the epoch of an older claim: the task has been
+    claimed again since, and this writer no longer owns it."""
 
 
 class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,6 +72,10 @@ class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     result: str | None
     created_at: float
     updated_at: float
+    #: Claims so far: the fencing token every write for the current claim carries.
+    epoch: int = 0
+    #: The host whose VM claimed it last (a cluster's host name; one host's own).
+    host: str | None = None
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -137,17 +155,20 @@ class StateStore(Protocol):
 
     def claim_task(self, role: str, owner: str) -> TaskRow | None:
         """Atomically move the oldest queued task of ``role`` to claimed by
-        ``owner``; ``None`` if there is none."""
+        ``owner`` on this host, with a new ``epoch``; ``None`` if there is none."""
         ...
 
-    def finish_task(self, task_id: int, *, ok: bool, exit_code: int | None, result: str) -> TaskRow:
-        """A claimed task ran to the end: done if ``ok``, else failed. Raises
-        ``TaskNotFound``, or ``TaskConflict`` if it is not claimed."""
+    def finish_task(
+        self, task_id: int, *, epoch: int, ok: bool, exit_code: int | None, result: str
+    ) -> TaskRow:
+        """The task claimed at ``epoch`` ran to the end: done if ``ok``, else
+        failed. Raises ``TaskNotFound``; ``TaskFenced`` if it was claimed again
+        since; ``TaskConflict`` if it is not claimed."""
         ...
 
-    def requeue_task(self, task_id: int, *, reason: str, max_attempts: int) -> TaskRow:
-        """Give a claimed task back to the queue (failed at ``max_attempts``).
-        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed."""
+    def requeue_task(self, task_id: int, *, epoch: int, reason: str, max_attempts: int) -> TaskRow:
+        """Give the task claimed at ``epoch`` back to the queue (failed at
+        ``max_attempts``). Raises as ``finish_task``."""
         ...
 
     def record_restart(

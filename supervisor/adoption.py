@@ -65,7 +65,11 @@ class Adoption:
         if self.backend_choice.name != "qemu" or self._netns_why is not None:
             return {}
         agents = {a.name: a for a in self.store.agents()}
-        tasks = {t.owner: t for t in self.store.list_tasks(state="claimed", limit=100_000)}
+        tasks = {
+            t.owner: t
+            for t in self.store.list_tasks(state="claimed", limit=100_000)
+            if t.host in (self.store.host, None)  # a cluster's other hosts run theirs
+        }
         subnet = ipaddress.IPv4Network(self.config.network.subnet)
         plan: dict[str, Adoptee] = {}
         for rec in self.store.vms():
@@ -87,7 +91,7 @@ class Adoption:
                 identity = AgentIdentity(name=agent.name, model=agent.model, persona=agent.persona)
                 plan[rec.name] = Adoptee(rec, agent=identity)
             elif rec.agent is None and task is not None and task.role == rec.role:
-                plan[rec.name] = Adoptee(rec, task_id=task.id)
+                plan[rec.name] = Adoptee(rec, task_id=task.id, epoch=task.epoch)
         return plan
 
     def reclaim(self) -> None:

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Final
@@ -423,7 +424,7 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
         return 1
     try:
         try:
-            store = _open_store(sdir)
+            store = _open_store(sdir, config)
         except StateError as exc:
             print(f"fireclaw-swarm: {exc}", file=sys.stderr)
             return 1
@@ -444,9 +445,24 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
     return 0
 
 
-def _open_store(state_dir: Path) -> Store:
+def _open_store(state_dir: Path, config: Config) -> Store:
     """The state database, opened in the ballast's room if the disk is full
-    (see ``ballast``); the ballast made again when there is room for it."""
+    (see ``ballast``); the ballast made again when there is room for it. In a
+    cluster, the shared state is in PostgreSQL, over this host's own database."""
+    if config.cluster is not None:
+        # Imported here: a single host runs without psycopg ever being loaded.
+        from fireclaw.supervisor.state_pg import PgStore
+
+        cluster = config.cluster
+        password = None if cluster.password_file is None else Path(cluster.password_file)
+        shared = PgStore.connect(
+            cluster.database,
+            host=cluster.host or socket.gethostname(),
+            local=state_dir / DB_NAME,
+            password_file=password,
+        )
+        log.info("cluster: host %s, shared state in %s", shared.host, shared.database)
+        return shared
     try:
         store = Store.open(state_dir / DB_NAME)
     except StateError:

@@ -79,6 +79,8 @@ class Reloads:
         notes: list[str] = []
         if new.models != self.config.models:
             notes.append("models changes take effect at the next start")
+        if new.cluster != self.config.cluster:
+            notes.append("cluster changes take effect at the next start")
         if diff.backend_changed:
             notes.append("backend changes take effect at the next start")
         if diff.state_dir_changed:

@@ -35,7 +35,8 @@ services, named agents, scales) and ``state_ledger`` (events, restarts, model
 calls). The records and errors the pool writes and handles, and the protocol
 of what it calls, are declared in ``pool/store.py``.
 
-Task states::
+Task states (each claim bumps the task's epoch; a result or requeue carrying an
+older epoch changes nothing and raises ``TaskFenced``)::
 
     queued --claim_task--> claimed --finish_task(ok)--> done
        ^                      |  \\--finish_task(not ok)--> failed
@@ -48,6 +49,9 @@ Exceptions::
      +-- StateUnwritable    the disk refused a write (full, read-only, failing)
      +-- TaskNotFound       no task with that id
      +-- TaskConflict       the task is not in a state that allows the move
+          +-- TaskFenced    the task was claimed again since: the write is stale
+
+A cluster keeps what its hosts share in PostgreSQL instead: ``state_pg.py``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from fireclaw.pool.store import (
     StateError,
     StateUnwritable,
     TaskConflict,
+    TaskFenced,
     TaskNotFound,
     TaskRow,
     TaskState,
@@ -67,7 +72,7 @@ from fireclaw.pool.store import (
 )
 from fireclaw.supervisor.state_db import BUSY_TIMEOUT, WriteHealth
 from fireclaw.supervisor.state_ledger import EventRow, Ledger, UsageBy, UsageRow
-from fireclaw.supervisor.state_registry import AgentRecord, Registry, ServiceRecord
+from fireclaw.supervisor.state_registry import AgentRecord, HostRow, Registry, ServiceRecord
 from fireclaw.supervisor.state_schema import SCHEMA_VERSION
 from fireclaw.supervisor.state_tasks import TaskQueue
 
@@ -83,11 +88,13 @@ __all__ = [
     "AgentRecord",
     "CallRecord",
     "EventRow",
+    "HostRow",
     "ServiceRecord",
     "StateError",
     "StateUnwritable",
     "Store",
     "TaskConflict",
+    "TaskFenced",
     "TaskNotFound",
     "TaskRow",
     "TaskState",

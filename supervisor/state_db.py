@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -85,20 +86,34 @@ class Database:
     close with ``close()`` (or use it as a context manager)."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: pathlib.Path, clock: Callable[[], float]
+        self,
+        conn: sqlite3.Connection,
+        path: pathlib.Path,
+        clock: Callable[[], float],
+        host: str | None = None,
     ) -> None:
         self._conn = conn
         self.path = path
         self._clock = clock
+        #: The host this store claims tasks for (one host here: this machine's name).
+        self.host = host or socket.gethostname()
         self.health = WriteHealth()
 
     @classmethod
-    def open(cls, path: pathlib.Path, *, clock: Callable[[], float] = time.time) -> Self:
+    def open(
+        cls,
+        path: pathlib.Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+    ) -> Self:
         """Open (creating if needed) the database at ``path``, migrating its schema.
 
         The parent directory is created with mode 0700 and a new file with 0600.
-        ``clock`` gives the unix time stamped on rows. Raises ``StateError`` if
-        the file cannot be opened, is not a database, or has a newer schema.
+        ``clock`` gives the unix time stamped on rows; ``host`` names this host
+        on the tasks it claims (default: the machine's host name). Raises
+        ``StateError`` if the file cannot be opened, is not a database, or has
+        a newer schema.
         """
         path = pathlib.Path(path)
         try:
@@ -123,7 +138,7 @@ class Database:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            store = cls(conn, path, clock)
+            store = cls(conn, path, clock, host)
             store._migrate()
         except sqlite3.Error as exc:
             if conn is not None:

@@ -37,8 +37,8 @@ class UsageRow(msgspec.Struct, frozen=True, kw_only=True):
 
 # Audit details are best effort: a value JSON cannot carry (a Path, an
 # exception) is recorded as its str() rather than failing the caller.
-_detail_encoder = msgspec.json.Encoder(enc_hook=str)
-_detail_decoder = msgspec.json.Decoder(dict[str, Any])
+detail_encoder = msgspec.json.Encoder(enc_hook=str)
+detail_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class Ledger(Database):
@@ -50,7 +50,7 @@ class Ledger(Database):
         with self._best_effort("event"):
             self._conn.execute(
                 "INSERT INTO events (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
-                (self._clock(), kind, subject, _detail_encoder.encode(detail).decode()),
+                (self._clock(), kind, subject, detail_encoder.encode(detail).decode()),
             )
 
     def events(self, *, after: int = 0, limit: int = 100) -> list[EventRow]:
@@ -61,7 +61,7 @@ class Ledger(Database):
                 (after, limit),
             ).fetchall()
         return [
-            EventRow(id=i, at=at, kind=kind, subject=subject, detail=_detail_decoder.decode(d))
+            EventRow(id=i, at=at, kind=kind, subject=subject, detail=detail_decoder.decode(d))
             for i, at, kind, subject, d in rows
         ]
 

@@ -1,6 +1,6 @@
 """What runs, and what to bring back: the registry of VMs and managed services
-(best effort, for a later supervisor to adopt or reclaim them), named agents
-and runtime scale overrides.
+(best effort, for a later supervisor to adopt or reclaim them), named agents,
+runtime scale overrides, and the hosts (here the one host, heartbeating).
 """
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     boot_id: str = ""
     #: Where it serves, ``host:port``, if it listens.
     address: str | None = None
+
+
+class HostRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A host of the swarm and its last sign of life. ``age`` is the seconds
+    since that heartbeat as the database's own clock counts them, so hosts whose
+    clocks disagree still agree on who is silent."""
+
+    name: str
+    started_at: float
+    heartbeat_at: float
+    age: float
 
 
 _VM_FIELDS: Final = VmRecord.__struct_fields__
@@ -143,3 +154,24 @@ class Registry(Database):
                 "SELECT name, role, model, persona FROM agents ORDER BY created_at, name"
             ).fetchall()
         return [AgentRecord(name=n, role=r, model=m, persona=p) for n, r, m, p in rows]
+
+    # --- hosts ---------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """This host is alive now (its row is made at the first heartbeat)."""
+        now = self._clock()
+        with self._errors(write=True):
+            self._conn.execute(
+                "INSERT INTO hosts (name, started_at, heartbeat_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.host, now, now),
+            )
+
+    def hosts(self) -> list[HostRow]:
+        """Every host that ever heartbeat, by name."""
+        now = self._clock()
+        with self._errors():
+            rows = self._conn.execute(
+                "SELECT name, started_at, heartbeat_at FROM hosts ORDER BY name"
+            ).fetchall()
+        return [HostRow(name=n, started_at=s, heartbeat_at=h, age=now - h) for n, s, h in rows]

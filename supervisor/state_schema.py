@@ -115,6 +115,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX model_calls_by_at ON model_calls (at)",
         "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
     ),
+    # 6: fencing (each claim a new epoch, carried by every later write of the
+    # task) and the host that claimed it, as a cluster's PostgreSQL store has;
+    # the hosts table holds the one host here, for the same interface.
+    (
+        "ALTER TABLE tasks ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN host TEXT",
+        """CREATE TABLE hosts (
+            name TEXT PRIMARY KEY,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )""",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

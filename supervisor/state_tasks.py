@@ -1,17 +1,20 @@
 """The task queue of the state store (see ``supervisor/state.py`` for the task
 states and the store's contract). Every task move commits with
 ``synchronous=FULL``: once it has returned, it survives a crash of the machine.
+Each claim bumps the task's epoch; a result or requeue carrying an older one
+changes nothing (``TaskFenced``, see ``pool/store.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Final, NoReturn
 
-from fireclaw.pool.store import TASK_STATES, TaskConflict, TaskNotFound, TaskRow
+from fireclaw.pool.store import TASK_STATES, TaskConflict, TaskFenced, TaskNotFound, TaskRow
 from fireclaw.supervisor.state_db import Database
 
 _TASK_COLUMNS: Final = (
-    "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at"
+    "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
+    " epoch, host"
 )
 
 
@@ -27,6 +30,8 @@ def _task(row: tuple[Any, ...]) -> TaskRow:
         result=row[7],
         created_at=row[8],
         updated_at=row[9],
+        epoch=row[10],
+        host=row[11],
     )
 
 
@@ -46,62 +51,68 @@ class TaskQueue(Database):
 
     def claim_task(self, role: str, owner: str) -> TaskRow | None:
         """Atomically move the oldest queued task of ``role`` to claimed by
-        ``owner``; ``None`` if there is none. Two claims never get the same task,
-        also from different processes."""
+        ``owner`` on this host, with the next epoch; ``None`` if there is none.
+        Two claims never get the same task, also from different processes."""
         with self._errors(write=True), self._durable(), self._write():
             row = self._conn.execute(
-                "UPDATE tasks SET state = 'claimed', owner = ?, updated_at = ?"
+                "UPDATE tasks SET state = 'claimed', owner = ?, host = ?, epoch = epoch + 1,"
+                " updated_at = ?"
                 " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
                 "             ORDER BY id LIMIT 1)"
                 f" RETURNING {_TASK_COLUMNS}",
-                (owner, self._clock(), role),
+                (owner, self.host, self._clock(), role),
             ).fetchone()
         return None if row is None else _task(row)
 
-    def finish_task(self, task_id: int, *, ok: bool, exit_code: int | None, result: str) -> TaskRow:
-        """A claimed task ran to the end: done if ``ok``, else failed.
+    def finish_task(
+        self, task_id: int, *, epoch: int, ok: bool, exit_code: int | None, result: str
+    ) -> TaskRow:
+        """The task claimed at ``epoch`` ran to the end: done if ``ok``, else failed.
 
-        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed
-        (already finished, or requeued after its VM was declared gone).
+        Raises ``TaskNotFound``; ``TaskFenced`` if it was claimed again since;
+        ``TaskConflict`` if it is not claimed (already finished, or requeued
+        after its VM was declared gone).
         """
         with self._errors(write=True), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
-                f" WHERE id = ? AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
-                ("done" if ok else "failed", exit_code, result, self._clock(), task_id),
+                f" WHERE id = ? AND state = 'claimed' AND epoch = ? RETURNING {_TASK_COLUMNS}",
+                ("done" if ok else "failed", exit_code, result, self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
-                self._not_claimed(task_id)
+                self._refused(task_id, epoch)
         return _task(row)
 
-    def requeue_task(self, task_id: int, *, reason: str, max_attempts: int) -> TaskRow:
-        """Give a claimed task back: ``attempts`` grows by one; the task goes back
-        to queued, or to failed once ``attempts`` reaches ``max_attempts``.
-        ``reason`` is stored in ``result`` either way.
+    def requeue_task(self, task_id: int, *, epoch: int, reason: str, max_attempts: int) -> TaskRow:
+        """Give the task claimed at ``epoch`` back: ``attempts`` grows by one; the
+        task goes back to queued, or to failed once ``attempts`` reaches
+        ``max_attempts``. ``reason`` is stored in ``result`` either way.
 
-        Raises ``TaskNotFound``, or ``TaskConflict`` if it is not claimed.
+        Raises as ``finish_task``.
         """
-        _check_max_attempts(max_attempts)
+        check_max_attempts(max_attempts)
         with self._errors(write=True), self._durable(), self._write():
-            row = self._requeue(task_id, reason, max_attempts, self._clock())
+            row = self._requeue(task_id, epoch, reason, max_attempts, self._clock())
             if row is None:
-                self._not_claimed(task_id)
+                self._refused(task_id, epoch)
         return _task(row)
 
     def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
-        """Requeue (as ``requeue_task``) every claimed task whose owner is not in
-        ``live_owners``: its VM is gone. Returns the tasks as they are now."""
-        _check_max_attempts(max_attempts)
+        """Requeue (as ``requeue_task``) every task this host claimed whose owner
+        is not in ``live_owners``: its VM is gone. Returns the tasks as they are now."""
+        check_max_attempts(max_attempts)
         now = self._clock()
         out: list[TaskRow] = []
         with self._errors(write=True), self._durable(), self._write():
             claimed = self._conn.execute(
-                "SELECT id, owner FROM tasks WHERE state = 'claimed' ORDER BY id"
+                "SELECT id, owner, epoch FROM tasks WHERE state = 'claimed'"
+                " AND (host = ? OR host IS NULL) ORDER BY id",
+                (self.host,),
             ).fetchall()
-            for task_id, owner in claimed:
+            for task_id, owner, epoch in claimed:
                 if owner in live_owners:
                     continue
-                row = self._requeue(task_id, f"owner {owner} is gone", max_attempts, now)
+                row = self._requeue(task_id, epoch, f"owner {owner} is gone", max_attempts, now)
                 if row is not None:
                     out.append(_task(row))
         return out
@@ -144,7 +155,7 @@ class TaskQueue(Database):
         return int(row[0])
 
     def _requeue(
-        self, task_id: int, reason: str, max_attempts: int, now: float
+        self, task_id: int, epoch: int, reason: str, max_attempts: int, now: float
     ) -> tuple[Any, ...] | None:
         # SET expressions all see the old row, so ``attempts + 1`` is the new count.
         row: tuple[Any, ...] | None = self._conn.execute(
@@ -152,18 +163,32 @@ class TaskQueue(Database):
             " state = CASE WHEN attempts + 1 >= :max THEN 'failed' ELSE 'queued' END,"
             " owner = CASE WHEN attempts + 1 >= :max THEN owner ELSE NULL END,"
             " result = :reason, updated_at = :now"
-            f" WHERE id = :id AND state = 'claimed' RETURNING {_TASK_COLUMNS}",
-            {"max": max_attempts, "reason": reason, "now": now, "id": task_id},
+            " WHERE id = :id AND state = 'claimed' AND epoch = :epoch"
+            f" RETURNING {_TASK_COLUMNS}",
+            {"max": max_attempts, "reason": reason, "now": now, "id": task_id, "epoch": epoch},
         ).fetchone()
         return row
 
-    def _not_claimed(self, task_id: int) -> NoReturn:
-        row = self._conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        if row is None:
-            raise TaskNotFound(f"no task {task_id}")
-        raise TaskConflict(f"task {task_id} is {row[0]}, not claimed")
+    def _refused(self, task_id: int, epoch: int) -> NoReturn:
+        row = self._conn.execute(
+            "SELECT state, epoch FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        refusal(task_id, epoch, row)
 
 
-def _check_max_attempts(max_attempts: int) -> None:
+def refusal(task_id: int, epoch: int, row: tuple[Any, ...] | None) -> NoReturn:
+    """Why a write for ``task_id`` at ``epoch`` changed nothing, given the task's
+    ``(state, epoch)`` now (``None``: no such task). Shared by both stores."""
+    if row is None:
+        raise TaskNotFound(f"no task {task_id}")
+    state, now = row
+    if now != epoch:
+        raise TaskFenced(
+            f"task {task_id} was claimed again (epoch {now}); this write is of epoch {epoch}"
+        )
+    raise TaskConflict(f"task {task_id} is {state}, not claimed")
+
+
+def check_max_attempts(max_attempts: int) -> None:
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")

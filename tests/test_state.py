@@ -1,3 +1,9 @@
+"""The state store's contract, checked on both implementations: the SQLite
+store of one host and the PostgreSQL store of a cluster (``store``, ``stores``
+are parametrised over both; ``pg.py`` starts a real server). What is about one
+of them only (SQLite's file, pragmas and migrations) takes ``sqlite_store`` or
+``db_path``; PostgreSQL's own tests are in ``test_state_pg.py``."""
+
 from __future__ import annotations
 
 import os
@@ -14,13 +20,16 @@ from fireclaw.supervisor import state_schema
 from fireclaw.supervisor.state import (
     SCHEMA_VERSION,
     AgentRecord,
+    CallRecord,
     ServiceRecord,
     StateError,
     Store,
     TaskConflict,
+    TaskFenced,
     TaskNotFound,
     VmRecord,
 )
+from fireclaw.supervisor.state_pg import PgStore
 
 
 class FakeClock:
@@ -41,8 +50,47 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+#: Opens a store of the same shared state as the host named ``host``, with its
+#: own local database at ``local``: another host of a cluster (one host, for SQLite,
+#: is the same file opened again).
+OpenStore = Callable[[str, pathlib.Path], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(
+    request: pytest.FixtureRequest, db_path: pathlib.Path, clock: FakeClock
+) -> Iterator[OpenStore]:
+    opened: list[Store] = []
+
+    def open_store(host: str, local: pathlib.Path) -> Store:
+        if request.param == "sqlite":
+            s = Store.open(db_path, clock=clock, host=host)
+        else:
+            cluster = request.getfixturevalue("pg_cluster")
+            s = PgStore.connect(
+                request.getfixturevalue("pg_dsn"),
+                host=host,
+                local=local,
+                password_file=cluster.password_file,
+                clock=clock,
+            )
+        opened.append(s)
+        return s
+
+    try:
+        yield open_store
+    finally:
+        for s in opened:
+            s.close()
+
+
 @pytest.fixture
-def store(db_path: pathlib.Path, clock: FakeClock) -> Iterator[Store]:
+def store(stores: OpenStore, db_path: pathlib.Path) -> Store:
+    return stores("here", db_path)
+
+
+@pytest.fixture
+def sqlite_store(db_path: pathlib.Path, clock: FakeClock) -> Iterator[Store]:
     with Store.open(db_path, clock=clock) as s:
         yield s
 
@@ -65,15 +113,16 @@ def test_open_creates_private_dir_file_and_schema(db_path: pathlib.Path) -> None
     assert {"tasks", "events", "restarts", "vms", "scales"} <= tables
 
 
-def test_connection_settings(store: Store) -> None:
-    conn = store._conn
+def test_connection_settings(sqlite_store: Store) -> None:
+    conn = sqlite_store._conn
     assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
     assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
 
 
-def test_task_changes_commit_fully_synced_and_the_rest_normally(store: Store) -> None:
+def test_task_changes_commit_fully_synced_and_the_rest_normally(sqlite_store: Store) -> None:
     """Each task change runs with synchronous=FULL; registry and events do not."""
+    store = sqlite_store
     seen: list[str] = []
     store._conn.set_trace_callback(seen.append)
 
@@ -85,7 +134,8 @@ def test_task_changes_commit_fully_synced_and_the_rest_normally(store: Store) ->
     task = store.add_task("worker", "p")
     assert levels(lambda: store.add_task("worker", "q")) == ["FULL", "NORMAL"]
     assert levels(lambda: store.claim_task("worker", "worker-0")) == ["FULL", "NORMAL"]
-    assert levels(lambda: store.finish_task(task.id, ok=True, exit_code=0, result="")) == [
+    finish = lambda: store.finish_task(task.id, epoch=1, ok=True, exit_code=0, result="")  # noqa: E731
+    assert levels(finish) == [
         "FULL",
         "NORMAL",
     ]
@@ -156,6 +206,7 @@ def test_task_round_trip(store: Store, clock: FakeClock) -> None:
     assert task.role == "coder" and task.prompt == "write a haiku"
     assert task.state == "queued" and task.attempts == 0
     assert task.owner is None and task.exit_code is None and task.result is None
+    assert (task.epoch, task.host) == (0, None)
     assert task.created_at == task.updated_at == 1000.0
     assert store.get_task(task.id) == task
     assert store.get_task(task.id + 1) is None
@@ -164,10 +215,11 @@ def test_task_round_trip(store: Store, clock: FakeClock) -> None:
     claimed = store.claim_task("coder", "coder-0")
     assert claimed is not None
     assert (claimed.id, claimed.state, claimed.owner) == (task.id, "claimed", "coder-0")
+    assert (claimed.epoch, claimed.host) == (1, "here")
     assert claimed.updated_at == 1001.0 and claimed.created_at == 1000.0
 
     clock.now = 1002.0
-    done = store.finish_task(task.id, ok=True, exit_code=0, result="five seven five")
+    done = store.finish_task(task.id, epoch=1, ok=True, exit_code=0, result="five seven five")
     assert (done.state, done.exit_code, done.result) == ("done", 0, "five seven five")
     assert done.owner == "coder-0" and done.updated_at == 1002.0
     assert store.get_task(task.id) == done
@@ -175,22 +227,44 @@ def test_task_round_trip(store: Store, clock: FakeClock) -> None:
 
 def test_failed_finish(store: Store) -> None:
     task = store.add_task("coder", "x")
-    store.claim_task("coder", "coder-0")
-    failed = store.finish_task(task.id, ok=False, exit_code=2, result="boom")
+    claim = store.claim_task("coder", "coder-0")
+    assert claim is not None
+    failed = store.finish_task(task.id, epoch=claim.epoch, ok=False, exit_code=2, result="boom")
     assert (failed.state, failed.exit_code, failed.result) == ("failed", 2, "boom")
 
 
 def test_finish_needs_a_claimed_task(store: Store) -> None:
     task = store.add_task("coder", "x")
     with pytest.raises(TaskConflict, match=f"task {task.id} is queued"):
-        store.finish_task(task.id, ok=True, exit_code=0, result="")
+        store.finish_task(task.id, epoch=0, ok=True, exit_code=0, result="")
     with pytest.raises(TaskNotFound):
-        store.finish_task(task.id + 100, ok=True, exit_code=0, result="")
+        store.finish_task(task.id + 100, epoch=0, ok=True, exit_code=0, result="")
     store.claim_task("coder", "coder-0")
-    store.finish_task(task.id, ok=True, exit_code=0, result="")
-    with pytest.raises(TaskConflict, match="is done"):
-        store.finish_task(task.id, ok=False, exit_code=1, result="late")
+    store.finish_task(task.id, epoch=1, ok=True, exit_code=0, result="")
+    with pytest.raises(TaskConflict, match="is done") as refused:
+        store.finish_task(task.id, epoch=1, ok=False, exit_code=1, result="late")
+    assert not isinstance(refused.value, TaskFenced)
     assert store.get_task(task.id).result == ""  # type: ignore[union-attr]
+
+
+def test_a_write_of_an_older_claim_is_fenced(store: Store) -> None:
+    """Each claim is a new epoch; the writer of an older one changes nothing."""
+    task = store.add_task("coder", "x")
+    first = store.claim_task("coder", "coder-0")
+    assert first is not None and first.epoch == 1
+    store.requeue_task(task.id, epoch=1, reason="vm lost", max_attempts=5)
+    second = store.claim_task("coder", "coder-1")
+    assert second is not None and (second.id, second.epoch) == (task.id, 2)
+    with pytest.raises(TaskFenced, match=f"task {task.id} was claimed again .epoch 2.*epoch 1"):
+        store.finish_task(task.id, epoch=1, ok=True, exit_code=0, result="stale")
+    with pytest.raises(TaskFenced):
+        store.requeue_task(task.id, epoch=1, reason="stale", max_attempts=5)
+    assert store.get_task(task.id) == second  # nothing changed
+    done = store.finish_task(task.id, epoch=2, ok=True, exit_code=0, result="fresh")
+    assert (done.state, done.owner, done.result) == ("done", "coder-1", "fresh")
+    with pytest.raises(TaskFenced):  # a fenced write is a conflict to those who ask no more
+        store.finish_task(task.id, epoch=1, ok=True, exit_code=0, result="stale")
+    assert issubclass(TaskFenced, TaskConflict)
 
 
 def test_claim_takes_the_oldest_of_the_role(store: Store) -> None:
@@ -202,6 +276,7 @@ def test_claim_takes_the_oldest_of_the_role(store: Store) -> None:
     assert store.claim_task("coder", "coder-1").id == b.id  # type: ignore[union-attr]
     assert store.claim_task("coder", "coder-2") is None
     assert store.claim_task("reviewer", "reviewer-0").id == r.id  # type: ignore[union-attr]
+    assert store.count_queued("coder") == 0
 
 
 def test_two_claimers_never_get_the_same_task(db_path: pathlib.Path) -> None:
@@ -233,12 +308,13 @@ def test_two_claimers_never_get_the_same_task(db_path: pathlib.Path) -> None:
 def test_requeue_counts_attempts_until_failed(store: Store) -> None:
     task = store.add_task("coder", "x")
     for attempt in (1, 2):
-        store.claim_task("coder", "coder-0")
-        again = store.requeue_task(task.id, reason="vm crashed", max_attempts=3)
+        claim = store.claim_task("coder", "coder-0")
+        assert claim is not None and claim.epoch == attempt
+        again = store.requeue_task(task.id, epoch=attempt, reason="vm crashed", max_attempts=3)
         assert (again.state, again.attempts, again.owner) == ("queued", attempt, None)
         assert again.result == "vm crashed"
     store.claim_task("coder", "coder-0")
-    final = store.requeue_task(task.id, reason="vm crashed again", max_attempts=3)
+    final = store.requeue_task(task.id, epoch=3, reason="vm crashed again", max_attempts=3)
     assert (final.state, final.attempts, final.result) == ("failed", 3, "vm crashed again")
     assert final.owner == "coder-0"
     assert store.claim_task("coder", "coder-1") is None
@@ -247,11 +323,11 @@ def test_requeue_counts_attempts_until_failed(store: Store) -> None:
 def test_requeue_needs_a_claimed_task(store: Store) -> None:
     task = store.add_task("coder", "x")
     with pytest.raises(TaskConflict):
-        store.requeue_task(task.id, reason="r", max_attempts=3)
+        store.requeue_task(task.id, epoch=0, reason="r", max_attempts=3)
     with pytest.raises(TaskNotFound):
-        store.requeue_task(999, reason="r", max_attempts=3)
+        store.requeue_task(999, epoch=0, reason="r", max_attempts=3)
     with pytest.raises(ValueError):
-        store.requeue_task(task.id, reason="r", max_attempts=0)
+        store.requeue_task(task.id, epoch=0, reason="r", max_attempts=0)
     assert store.get_task(task.id) == task
 
 
@@ -265,7 +341,7 @@ def test_requeue_orphans(store: Store) -> None:
     store.claim_task("coder", "coder-1")
     store.claim_task("coder", "coder-2")
     store.claim_task("reviewer", "coder-0")
-    store.finish_task(done.id, ok=True, exit_code=0, result="ok")
+    store.finish_task(done.id, epoch=1, ok=True, exit_code=0, result="ok")
 
     orphans = store.requeue_orphans({"coder-1"}, max_attempts=2)
     assert [(t.id, t.state, t.attempts, t.owner) for t in orphans] == [
@@ -282,6 +358,33 @@ def test_requeue_orphans(store: Store) -> None:
     (again,) = store.requeue_orphans({"coder-1"}, max_attempts=2)
     assert (again.id, again.state, again.attempts) == (a.id, "failed", 2)
     assert store.requeue_orphans({"coder-1"}, max_attempts=2) == []
+
+
+def test_requeue_orphans_leaves_other_hosts_tasks(
+    stores: OpenStore, tmp_path: pathlib.Path
+) -> None:
+    """A host starting again requeues the tasks of its own gone VMs only: the
+    same VM name on another host is another VM."""
+    here = stores("here", tmp_path / "here.db")
+    there = stores("there", tmp_path / "there.db")
+    mine = here.add_task("coder", "mine")
+    theirs = here.add_task("coder", "theirs")
+    assert here.claim_task("coder", "coder-0").id == mine.id  # type: ignore[union-attr]
+    claimed = there.claim_task("coder", "coder-0")
+    assert claimed is not None and (claimed.id, claimed.host) == (theirs.id, "there")
+    assert [t.id for t in here.requeue_orphans(set(), max_attempts=3)] == [mine.id]
+    assert here.get_task(theirs.id).state == "claimed"  # type: ignore[union-attr]
+    assert there.count_queued("coder") == 1
+
+
+def test_hosts_heartbeat(store: Store) -> None:
+    assert store.hosts() == []
+    store.heartbeat()
+    store.heartbeat()
+    (host,) = store.hosts()
+    assert host.name == "here"
+    assert host.started_at <= host.heartbeat_at
+    assert 0 <= host.age < 60  # counted by the database's clock, not the test's
 
 
 def test_list_and_count(store: Store) -> None:
@@ -356,6 +459,35 @@ def test_event_without_detail(store: Store) -> None:
     store.event("supervisor.up", "swarm")
     (event,) = store.events()
     assert event.detail == {}
+
+
+def test_the_ledger_sums_model_calls(store: Store) -> None:
+    def call(at: float, agent: str | None, role: str, task: int | None, p: int, c: int) -> None:
+        store.record_call(
+            CallRecord(
+                at=at, agent=agent, role=role, vm=f"{role}-0", task=task, model="m",
+                prompt_tokens=p, completion_tokens=c, duration=0.5, outcome="ok",
+            )  # fmt: skip
+        )
+
+    call(10.0, "alice", "coder", None, 100, 20)
+    call(20.0, None, "worker", 7, 5, 5)
+    call(30.0, "alice", "coder", None, 1, 2)
+    assert store.spent(since=0.0) == 133
+    assert store.spent(since=15.0) == 13
+    assert store.spent(since=0.0, role="worker") == 10
+    by_agent = store.usage(by="agent")
+    assert [(u.key, u.calls, u.tokens) for u in by_agent] == [("alice", 2, 123), (None, 1, 10)]
+    assert [(u.key, u.tokens) for u in store.usage(by="task", key="7")] == [("7", 10)]
+    assert store.usage(by="role", since=25.0)[0].key == "coder"
+    calls = store.calls()
+    assert [(c.at, c.agent, c.task) for c in calls] == [
+        (10.0, "alice", None),
+        (20.0, None, 7),
+        (30.0, "alice", None),
+    ]
+    assert calls[1].vm == "worker-0" and calls[1].duration == 0.5
+    assert store.calls(limit=1) == calls[:1]
 
 
 def test_restarts(store: Store) -> None:
