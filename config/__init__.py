@@ -5,7 +5,7 @@ line, naming the file and the field); ``diff_config`` says what a reload would
 change.
 """
 
-from fireclaw.config.cluster import ClusterSpec
+from fireclaw.config.cluster import ClusterSpec, IrcLinkSpec, IrcPeerSpec
 from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.irc import (
@@ -43,7 +43,9 @@ __all__ = [
     "ConfigError",
     "ControlSpec",
     "HarnessSpec",
+    "IrcLinkSpec",
     "IrcOperatorSpec",
+    "IrcPeerSpec",
     "IrcSpec",
     "ManagedIrcSpec",
     "NetworkSpec",
