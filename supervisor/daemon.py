@@ -277,12 +277,15 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide):
         address = spec.endpoint
         credentials = await trio.to_thread.run_sync(read_irc_credentials, spec)
         if spec.is_managed:
+            cluster = self.config.cluster
             self.ircd = ManagedIrcd(
                 spec,
                 self.state_dir,
                 on_event=self._on_event,
                 registry=self.store,
                 password=credentials.password,
+                link=None if cluster is None else cluster.irc,
+                host="" if cluster is None else cluster.host or socket.gethostname(),
             )
             address = await root.start(self.ircd.run)
         self.rt.irc = IrcRoute(
