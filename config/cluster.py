@@ -42,6 +42,7 @@ __all__ = [
     "ClusterSpec",
     "IrcLinkSpec",
     "IrcPeerSpec",
+    "fleet_nick",
 ]
 
 #: A host's name: what DNS allows in a label or name, dots and all.
@@ -54,6 +55,22 @@ IRC_LINK_PORT: Final = 6668
 SERVER_NAME_SUFFIX: Final = ".fireclaw"
 _MAX_PEERS: Final = 64
 _SERVER_NAME_RE: Final = re.compile(SERVER_NAME_PATTERN)
+
+
+def fleet_nick(nick: str, host: str, max_length: int) -> str:
+    """``nick`` made unique in the fleet's one IRC network: ``<nick>-<host>``.
+
+    Every host numbers its agents from 1, so two hosts would both make
+    ``worker-1``; the host's name, with each character a nick cannot hold
+    made ``-``, tells them apart. The nick is kept whole (its number is what
+    tells a host's own agents apart) and the host's name cut to fit in
+    ``max_length``: hosts whose names differ only past that point, or a nick
+    that leaves no room, are not told apart.
+    """
+    room = max_length - len(nick) - 1
+    if room < 1:
+        return nick
+    return f"{nick}-{re.sub(r'[^A-Za-z0-9_-]', '-', host)[:room]}"
 
 
 def _specific_address(text: str) -> str | None:

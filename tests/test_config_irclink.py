@@ -4,9 +4,13 @@ its peers, parsed, anchored, and refused in one line naming the field."""
 from __future__ import annotations
 
 import pathlib
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 from fireclaw.config import ConfigError, IrcLinkSpec, IrcPeerSpec, parse_config
+from fireclaw.config.cluster import fleet_nick
+from fireclaw.supervisor.controller import SupervisorController
 
 HEAD = "version: 1\nroles: {}\ncluster:\n  database: postgresql://f@db/fleet\n"
 
@@ -103,3 +107,52 @@ def test_each_mistake_is_one_line_naming_the_field(
 def test_a_host_name_that_makes_no_server_name_asks_for_one(tmp_path: pathlib.Path) -> None:
     message = refusal(tmp_path, "  irc: {}\n", host="rack_1")
     assert "swarm.yaml: cluster.irc: server_name: the default 'rack_1.fireclaw'" in message
+
+
+# --- agents' nicks in the one network ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nick", "host", "longest", "expected"),
+    [
+        ("worker-1", "alpha", 30, "worker-1-alpha"),
+        ("worker-1", "alpha.rack_1", 30, "worker-1-alpha-rack_1"),
+        ("researcher-12", "host-with-a-long-name", 30, "researcher-12-host-with-a-long"),
+        ("w-1", "x" * 63, 9, "w-1-xxxxx"),
+        ("a-nick-of-twenty-nine-letters", "alpha", 30, "a-nick-of-twenty-nine-letters"),
+    ],
+)  # fmt: skip
+def test_fleet_nick_keeps_the_host_and_fits(
+    nick: str, host: str, longest: int, expected: str
+) -> None:
+    made = fleet_nick(nick, host, longest)
+    assert made == expected and len(made) <= max(longest, len(nick))
+
+
+def test_two_hosts_never_make_the_same_nick() -> None:
+    made = {fleet_nick("worker-1", host, 30) for host in ("alpha", "beta", "alpha.rack-2")}
+    assert len(made) == 3
+
+
+def auto_names(tmp_path: pathlib.Path, cluster: str, host: str, taken: list[str]) -> str:
+    """The controller's name for a new agent of a stand-in role ``worker-{n}`` on a
+    stand-in host (the naming rule alone: no VMs, no store)."""
+    config = parse_config(f"version: 1\nroles: {{}}\n{cluster}", path=tmp_path / "swarm.yaml")
+    agents = [SimpleNamespace(agent=SimpleNamespace(name=name)) for name in taken]
+    group = SimpleNamespace(role=SimpleNamespace(nick=lambda n: f"worker-{n}"))
+    controller = SimpleNamespace(
+        config=config,
+        store=SimpleNamespace(host=host),
+        groups={"worker": SimpleNamespace(children=dict(enumerate(agents)))},
+    )
+    controller._auto_name = partial(SupervisorController._auto_name, controller)
+    return SupervisorController._free_agent_name(controller, group)  # type: ignore[arg-type]
+
+
+def test_the_controller_names_agents_for_their_host_in_a_cluster_only(
+    tmp_path: pathlib.Path,
+) -> None:
+    assert auto_names(tmp_path, "", "alpha", ["worker-1"]) == "worker-2"
+    cluster = "cluster: {database: 'postgresql://f@db/fleet', host: alpha}\n"
+    assert auto_names(tmp_path, cluster, "alpha", []) == "worker-1-alpha"
+    assert auto_names(tmp_path, cluster, "alpha", ["worker-1-alpha"]) == "worker-2-alpha"
