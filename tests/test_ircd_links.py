@@ -16,9 +16,8 @@ import trio
 from fireclaw.config import IrcLinkSpec, IrcPeerSpec, IrcSpec, ManagedIrcSpec
 from fireclaw.supervisor.ircd import CONNECT_RETRY, START_TIMEOUT, IrcdError, ManagedIrcd
 from fireclaw.supervisor.ircd_links import LinkBlock, dials, link_event
-
-from tests.ircperson import Person, person
-from tests.test_ircd import Events, free_port, ngircd_of
+from ircperson import Person, person
+from test_ircd import Events, free_port, ngircd_of
 
 NGIRCD = shutil.which("ngircd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 pytestmark = pytest.mark.skipif(NGIRCD is None, reason="ngircd is not installed")
