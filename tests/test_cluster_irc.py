@@ -1,8 +1,9 @@
 """Two real supervisors (``fireclaw-swarm up``, process backend) of one cluster
 on this machine, sharing a real PostgreSQL (``pg.py``), each with its managed
 ngircd linked to the other's by ``cluster.irc`` in its swarm.yaml: a person on
-one host's server sees the other host's overseer, and the link password, from
-a file, is in no log. Both on loopback, with distinct ports."""
+one host's server sees the other host's overseer; when that host stops, the
+netsplit is announced in #control and the first host goes on serving; the
+link password, from a file, is in no log. Both on loopback, distinct ports."""
 
 from __future__ import annotations
 
@@ -70,8 +71,25 @@ async def test_two_supervisors_link_their_servers(
                 LINK_WAIT,
             )
             assert seen is not None
-        for swarm in swarms.values():
-            assert await trio.to_thread.run_sync(swarm.stop) == 0
+            # beta's host stops: alpha's overseer says so in #control, beta's
+            # overseer quits in the netsplit, and alpha goes on serving.
+            assert await trio.to_thread.run_sync(swarms["beta"].stop) == 0
+            said = await alice.aexpect(
+                "the netsplit announced by ov-alpha",
+                lambda e: e.type == "pubmsg" and e.source.nick == "ov-alpha"
+                and "netsplit" in e.arguments[0],
+                LINK_WAIT,
+            )  # fmt: skip
+            assert "IRC server beta.fireclaw left the network" in said.arguments[0]
+            await alice.aexpect(
+                "ov-beta's quit", lambda e: e.type == "quit" and e.source.nick == "ov-beta"
+            )
+            async with person(("127.0.0.1", ports["alpha"][0]), "carol", "#control") as carol:
+                await carol.aexpect(
+                    "ov-alpha in #control",
+                    lambda e: e.type == "namreply" and "ov-alpha" in e.arguments[-1].split(),
+                )
+        assert await trio.to_thread.run_sync(swarms["alpha"].stop) == 0
     finally:
         for swarm in swarms.values():
             swarm.close()
