@@ -1,7 +1,7 @@
 """Two real supervisors (``fireclaw-swarm up``, process backend) of one cluster
 on this machine, sharing a real PostgreSQL (``pg.py``), each with its managed
 ngircd linked to the other's by ``cluster.irc`` in its swarm.yaml: a person on
-one host's server sees the other host's overseer; when that host stops, the
+one host's server sees the other host's overseer, named for its host; when that host stops, the
 netsplit is announced in #control and the first host goes on serving; the
 link password, from a file, is in no log. Both on loopback, distinct ports."""
 
@@ -34,7 +34,7 @@ def host_yaml(
 ) -> str:
     client_port, link_port = ports[name]
     (peer,) = (p for p in ports if p != name)
-    irc = f"overseer_nick: ov-{name}\n  managed: {{port: {client_port}}}"
+    irc = f"managed: {{port: {client_port}}}"
     return swarm_yaml(irc=irc).replace("roles:\n", "roles: {}\n") + (
         f"cluster:\n  database: '{dsn}'\n  host: {name}\n  password_file: {pg_password}\n"
         f"  irc:\n    port: {link_port}\n    peers:\n"
@@ -60,13 +60,13 @@ async def test_two_supervisors_link_their_servers(
         for swarm in swarms.values():
             await trio.to_thread.run_sync(swarm.start)
         async with person(("127.0.0.1", ports["alpha"][0]), "alice", "#control") as alice:
-            # ov-beta is in #control on beta's server: alice sees it join over the
+            # overseer-beta is in #control on beta's server: alice sees it join over the
             # link, or finds it there when she joined after the link came up.
             seen = await alice.aexpect(
                 "beta's overseer in #control",
                 lambda e: (
-                    (e.type == "join" and e.source.nick == "ov-beta")
-                    or (e.type == "namreply" and "ov-beta" in e.arguments[-1].split())
+                    (e.type == "join" and e.source.nick == "overseer-beta")
+                    or (e.type == "namreply" and "overseer-beta" in e.arguments[-1].split())
                 ),
                 LINK_WAIT,
             )
@@ -75,19 +75,20 @@ async def test_two_supervisors_link_their_servers(
             # overseer quits in the netsplit, and alpha goes on serving.
             assert await trio.to_thread.run_sync(swarms["beta"].stop) == 0
             said = await alice.aexpect(
-                "the netsplit announced by ov-alpha",
-                lambda e: e.type == "pubmsg" and e.source.nick == "ov-alpha"
+                "the netsplit announced by overseer-alpha",
+                lambda e: e.type == "pubmsg" and e.source.nick == "overseer-alpha"
                 and "netsplit" in e.arguments[0],
                 LINK_WAIT,
             )  # fmt: skip
             assert "IRC server beta.fireclaw left the network" in said.arguments[0]
             await alice.aexpect(
-                "ov-beta's quit", lambda e: e.type == "quit" and e.source.nick == "ov-beta"
+                "beta's overseer quitting",
+                lambda e: e.type == "quit" and e.source.nick == "overseer-beta",
             )
             async with person(("127.0.0.1", ports["alpha"][0]), "carol", "#control") as carol:
                 await carol.aexpect(
-                    "ov-alpha in #control",
-                    lambda e: e.type == "namreply" and "ov-alpha" in e.arguments[-1].split(),
+                    "overseer-alpha in #control",
+                    lambda e: e.type == "namreply" and "overseer-alpha" in e.arguments[-1].split(),
                 )
         assert await trio.to_thread.run_sync(swarms["alpha"].stop) == 0
     finally:
