@@ -465,8 +465,10 @@ class ManagedIrcd(ManagedService):
             operators = operator_blocks(managed.operators, self.workdir.parent)
             server_name = self.server_name
             links = [] if link is None else link_blocks(link, server_name)
-        except (SecretFileError, ValueError) as exc:
+        except SecretFileError as exc:
             raise IrcdError(str(exc)) from None
+        except ValueError as exc:  # only a cluster's server can be misnamed
+            raise IrcdError(f"cluster.irc.{exc}") from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)
         (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)

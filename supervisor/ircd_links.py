@@ -16,7 +16,7 @@ the peer and never the password).
 
 Exceptions: ``SecretFileError`` (from ``link_blocks``), one line naming the
 peer and its file; ``ValueError`` (from ``link_blocks``) when this server's
-name is one of its peers'.
+name is one of its peers', naming the field under ``cluster.irc``.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def link_blocks(link: IrcLinkSpec, server_name: str) -> list[LinkBlock]:
     blocks = []
     for peer in link.peers:
         if peer.name.lower() == server_name.lower():
-            raise ValueError(f"cluster.irc.peers: {peer.name!r} is this host's own server name")
+            raise ValueError(f"peers: {peer.name!r} is this host's own server name")
         try:
             password = read_secret(Path(peer.password_file), LINK_PASSWORD_RE, _PASSWORD_WORDS)
         except SecretFileError as exc:

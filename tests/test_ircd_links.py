@@ -261,3 +261,16 @@ def test_the_server_is_named_for_its_host(tmp_path: Path) -> None:
     assert ircd.server_name == "gamma.fireclaw"
     alone = ManagedIrcd(IrcSpec(), tmp_path)
     assert alone.server_name == "irc.fireclaw.local"
+
+
+async def test_a_host_named_like_its_peer_fails_the_first_start(tmp_path: Path) -> None:
+    """swarm.yaml without ``host`` leaves the name to the machine's: checked at start."""
+    password_file = secret_file(tmp_path / "link", PASSWORD)
+    ircd = Host(tmp_path, "beta").link_to(
+        IrcPeerSpec(name="beta.fireclaw", address="127.0.0.1", password_file=str(password_file))
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT), pytest.raises(IrcdError) as info:
+            await nursery.start(ircd.run)
+    assert str(info.value) == "cluster.irc.peers: 'beta.fireclaw' is this host's own server name"
+    assert not ircd.conf_path.exists()
