@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -274,3 +275,25 @@ async def test_a_host_named_like_its_peer_fails_the_first_start(tmp_path: Path) 
             await nursery.start(ircd.run)
     assert str(info.value) == "cluster.irc.peers: 'beta.fireclaw' is this host's own server name"
     assert not ircd.conf_path.exists()
+
+
+async def test_a_link_comes_back_after_a_peer_server_is_killed_and_restarted(
+    tmp_path: Path,
+) -> None:
+    """beta's ngircd killed: ManagedIrcd restarts it, and alpha (which dials)
+    links again within CONNECT_RETRY."""
+    alpha, beta = two_hosts(tmp_path, PASSWORD, PASSWORD)
+    assert alpha.ircd is not None and beta.ircd is not None
+    async with serving(beta.ircd), serving(alpha.ircd):
+        with trio.fail_after(WAIT):
+            await alpha.events.wait_for("ircd_link_up")
+            await beta.events.wait_for("ircd_link_up")
+        assert beta.ircd.pid is not None
+        os.kill(beta.ircd.pid, signal.SIGKILL)
+        with trio.fail_after(WAIT):
+            await alpha.events.wait_for("ircd_link_down")
+            await beta.events.wait_for("ircd_started", 2)
+            await alpha.events.wait_for("ircd_link_up", 2)
+            await beta.events.wait_for("ircd_link_up", 2)
+        assert alpha.events.of("ircd_link_up") == [{"peer": "beta.fireclaw"}] * 2
+        assert beta.events.of("ircd_link_up") == [{"peer": "alpha.fireclaw"}] * 2
