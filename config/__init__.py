@@ -12,7 +12,7 @@ from fireclaw.config.cli_harness import (
     CliHarnessSpec,
     CliKind,
 )
-from fireclaw.config.cluster import ClusterSpec
+from fireclaw.config.cluster import ClusterSpec, IrcLinkSpec, IrcPeerSpec
 from fireclaw.config.common import Backoff, RestartPolicy
 from fireclaw.config.diff import ConfigDiff, RoleChange, diff_config, role_hash
 from fireclaw.config.irc import (
@@ -55,7 +55,9 @@ __all__ = [
     "ConfigError",
     "ControlSpec",
     "HarnessSpec",
+    "IrcLinkSpec",
     "IrcOperatorSpec",
+    "IrcPeerSpec",
     "IrcSpec",
     "ManagedIrcSpec",
     "NetworkSpec",

@@ -35,7 +35,9 @@ __all__ = [
     "IrcSpec",
     "ManagedIrcSpec",
     "OperatorAuth",
+    "SERVER_NAME_PATTERN",
     "SaslSpec",
+    "ServerName",
     "connect_host",
     "parse_server",
 ]
@@ -47,7 +49,7 @@ _NICK_PATTERN: Final = r"^[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}$"
 # nick!user@host, each part a glob ('*', '?'); no whitespace.
 _HOSTMASK_PATTERN: Final = r"^[^\s!@]+![^\s!@]+@[^\s!@]+$"
 # What ngircd accepts as its server name (RFC 2812 section 2.3.1); a dot is checked apart.
-_SERVER_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"
+SERVER_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"
 _NETWORK_PATTERN: Final = r"^[A-Za-z0-9._-]{1,64}$"
 # An [Operator] name of the managed ngircd (the first word of /OPER); also a file name.
 _OPER_NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,30}$"
@@ -61,7 +63,7 @@ PATTERN_WORDS: Final = {
     _NICK_PATTERN: "a nick: up to 30 letters, digits and -[]\\`_^{|}, not starting"
     " with a digit or '-'",
     _HOSTMASK_PATTERN: "a hostmask glob nick!user@host, as in *!*@127.0.0.1",
-    _SERVER_NAME_PATTERN: "a server name: letters, digits, '.' and '-', up to 63",
+    SERVER_NAME_PATTERN: "a server name: letters, digits, '.' and '-', up to 63",
     _NETWORK_PATTERN: "a network name: 1 to 64 letters, digits, '.', '_' and '-'",
     _OPER_NAME_PATTERN: "an operator name: 1 to 30 letters, digits, '_' and '-'",
     _ACCOUNT_PATTERN: "an account name: 1 to 64 characters, no blanks, commas, '*?!@'",
@@ -76,6 +78,8 @@ Hostmask = Annotated[str, Meta(pattern=_HOSTMASK_PATTERN, max_length=200)]
 WireName = Annotated[str, Meta(min_length=1, max_length=400, pattern=r"^[^\x00\r\n]+$")]
 OperName = Annotated[str, Meta(pattern=_OPER_NAME_PATTERN)]
 Account = Annotated[str, Meta(pattern=_ACCOUNT_PATTERN)]
+#: An IRC server's name (ngircd's ``Name``); ngircd also wants a dot in it.
+ServerName = Annotated[str, Meta(pattern=SERVER_NAME_PATTERN)]
 
 OperatorAuth = Literal["oper", "account", "hostmask"]
 """How the overseer knows an operator (``irc.operator_auth``).
@@ -143,7 +147,7 @@ class ManagedIrcSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     listen: Annotated[str, Meta(min_length=1, max_length=64)] = "127.0.0.1"
     port: Port = 6667
-    server_name: Annotated[str, Meta(pattern=_SERVER_NAME_PATTERN)] = "irc.fireclaw.local"
+    server_name: ServerName = "irc.fireclaw.local"
     network: Annotated[str, Meta(pattern=_NETWORK_PATTERN)] = "fireclaw"
     max_nick_length: Annotated[int, Meta(ge=9, le=31)] = 30
     operators: Annotated[tuple[IrcOperatorSpec, ...], Meta(max_length=32)] = (DEFAULT_IRC_OPERATOR,)

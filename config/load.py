@@ -222,6 +222,11 @@ def _refuse_inline_secrets(raw: dict[str, Any], shown: str) -> None:
     cluster = raw.get("cluster")
     if isinstance(cluster, dict) and "password" in cluster:
         raise ConfigError(shown, "cluster.password", f"{_INLINE_SECRET}, or set PGPASSFILE")
+    link = cluster.get("irc") if isinstance(cluster, dict) else None
+    peers = link.get("peers") if isinstance(link, dict) else None
+    for n, peer in enumerate(peers if isinstance(peers, list) else ()):
+        if isinstance(peer, dict) and "password" in peer:
+            raise ConfigError(shown, f"cluster.irc.peers[{n}].password", _INLINE_SECRET)
     irc = raw.get("irc")
     if not isinstance(irc, dict):
         return
@@ -267,11 +272,23 @@ def _anchor_irc(irc: IrcSpec, base: pathlib.Path) -> IrcSpec:
 
 
 def _anchor_cluster(cluster: ClusterSpec | None, base: pathlib.Path) -> ClusterSpec | None:
-    """``cluster`` with ``password_file`` made absolute, relative to ``base``."""
-    if cluster is None or cluster.password_file is None:
-        return cluster
-    path = (base / pathlib.Path(cluster.password_file).expanduser()).resolve()
-    return msgspec.structs.replace(cluster, password_file=str(path))
+    """``cluster`` with ``password_file`` and each IRC peer's made absolute,
+    relative to ``base``."""
+    if cluster is None:
+        return None
+
+    def anchored(file: str) -> str:
+        return str((base / pathlib.Path(file).expanduser()).resolve())
+
+    link = cluster.irc
+    if link is not None:
+        peers = tuple(
+            msgspec.structs.replace(peer, password_file=anchored(peer.password_file))
+            for peer in link.peers
+        )
+        link = msgspec.structs.replace(link, peers=peers)
+    password_file = None if cluster.password_file is None else anchored(cluster.password_file)
+    return msgspec.structs.replace(cluster, password_file=password_file, irc=link)
 
 
 def _anchor_http(http: HttpSpec | None, base: pathlib.Path) -> HttpSpec | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 from fireclaw.config import Config
+from fireclaw.config.cluster import fleet_nick
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.group import PoolError, RoleGroup
@@ -34,6 +35,8 @@ from fireclaw.supervisor.state import AgentRecord, StateError, StateUnwritable, 
 
 log = logging.getLogger("fireclaw.supervisor")
 
+#: The longest agent name (an IRC nick) the guest protocol accepts.
+MAX_AGENT_NAME: Final = 30
 #: IRC nicks, as the guest protocol accepts them.
 _AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 
@@ -239,9 +242,19 @@ class SupervisorController:
     def _free_agent_name(self, group: RoleGroup) -> str:
         taken = {c.agent.name for g in self.groups.values() for c in g.children.values() if c.agent}
         n = 1
-        while group.role.nick(n) in taken:
+        while (name := self._auto_name(group, n)) in taken:
             n += 1
-        return group.role.nick(n)
+        return name
+
+    def _auto_name(self, group: RoleGroup, n: int) -> str:
+        """Replica ``n``'s nick; in a cluster with the host in it, as every host
+        counts from 1 and the hosts' IRC servers are one network."""
+        nick = group.role.nick(n)
+        if self.config.cluster is None:
+            return nick
+        irc = self.config.irc
+        longest = min(MAX_AGENT_NAME, irc.managed.max_nick_length) if irc.is_managed else None
+        return fleet_nick(nick, self.store.host, longest or MAX_AGENT_NAME)
 
     async def invoke(
         self, role: str, name: str | None = None, model: str | None = None

@@ -31,8 +31,10 @@ import sys
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, load_config
+from fireclaw.config.cluster import fleet_nick
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.drivers import BackendUnavailable, Capability, NotReady, choose, open_backend
 from fireclaw.pool.gateway_core import Upstream
@@ -45,7 +47,7 @@ from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.cluster import ClusterSide
-from fireclaw.supervisor.controller import SupervisorController
+from fireclaw.supervisor.controller import MAX_AGENT_NAME, SupervisorController
 from fireclaw.supervisor.harness_checks import (
     HarnessUnavailable,
     check_image_clis,
@@ -309,6 +311,7 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
             return
         address = spec.endpoint
         credentials = await trio.to_thread.run_sync(read_irc_credentials, spec)
+        cluster = self.config.cluster
         if spec.is_managed:
             self.ircd = ManagedIrcd(
                 spec,
@@ -316,6 +319,8 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
                 on_event=self._on_event,
                 registry=self.store,
                 password=credentials.password,
+                link=None if cluster is None else cluster.irc,
+                host=self.store.host,
             )
             address = await root.start(self.ircd.run)
         self.rt.irc = IrcRoute(
@@ -324,6 +329,11 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
             password=credentials.password,
             cooldown=spec.agent_cooldown,
         )
+        if cluster is not None:
+            # Each host runs an overseer on the fleet's one network: one nick each.
+            longest = spec.managed.max_nick_length if spec.is_managed else MAX_AGENT_NAME
+            nick = fleet_nick(spec.overseer_nick, self.store.host, longest)
+            spec = msgspec.structs.replace(spec, overseer_nick=nick)
         self.overseer = Overseer(self, spec, address, credentials)
         root.start_soon(self.overseer.run)
 

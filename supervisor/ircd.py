@@ -33,6 +33,10 @@ ngircd facts this module is built on (26.1):
   to 5, which would lock out the sixth agent behind one address.
 - The first channel member becomes channel operator. The swarm's channels are
   predefined (persistent, ``+P``) so that nobody holds operator status there.
+- Server links (``cluster.irc``, ``ircd_links``) arrive on any of its ``Ports``
+  on any ``Listen`` address: the link's address and port are added to the
+  clients' ones. A dialling side that finds its peer down tries again every
+  ``ConnectRetry`` seconds (5, ngircd's least; its default is 60).
 
 Exceptions::
 
@@ -57,7 +61,9 @@ from pathlib import Path
 from typing import Final
 
 import trio
+from fireclaw.config.cluster import IrcLinkSpec
 from fireclaw.config.irc import IrcSpec, connect_host
+from fireclaw.supervisor.ircd_links import LinkBlock, link_blocks, link_event
 from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
 from fireclaw.supervisor.managed import Exit, ManagedService, OnEvent, describe_exit, stop
 from fireclaw.supervisor.secretfile import SecretFileError
@@ -87,6 +93,8 @@ MAX_CONNECTIONS: Final = 4096
 MAX_JOINS: Final = 100
 PING_TIMEOUT: Final = 120
 PONG_TIMEOUT: Final = 30
+#: Seconds between a dialling server's attempts to bring a link up (ngircd's least).
+CONNECT_RETRY: Final = 5
 
 # Where ngircd looks when PATH lacks the sbin folders (it installs to /usr/sbin).
 _SBIN: Final = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -128,6 +136,8 @@ def render_config(
     max_nick_length: int,
     channels: Sequence[tuple[str, str]] = (),
     operators: Sequence[OperatorBlock] = (),
+    links: Sequence[LinkBlock] = (),
+    link_address: tuple[str, int] | None = None,
     server_uid: int | None = None,
     server_gid: int | None = None,
     max_connections: int = MAX_CONNECTIONS,
@@ -135,12 +145,13 @@ def render_config(
     """A complete ngircd.conf for the managed server.
 
     ``channels`` are (name, topic) pairs created at start as persistent ``+Ptn``
-    channels; ``operators`` become ``[Operator]`` blocks (the text then holds
-    their passwords: it is written root-only, and ngircd reads it before it
-    drops privileges). ``server_uid``/``server_gid`` default to
-    ``server_ids()``. The values are trusted to be valid (``IrcSpec`` and
-    ``read_secret`` check them): ngircd reads one unquoted value per line, so
-    none may hold a line break.
+    channels; ``operators`` become ``[Operator]`` blocks and ``links``
+    ``[Server]`` blocks (the text then holds their passwords: it is written
+    root-only, and ngircd reads it before it drops privileges).
+    ``link_address`` (IP, port), where peers link to, is listened on as well.
+    ``server_uid``/``server_gid`` default to ``server_ids()``. The values are
+    trusted to be valid (``IrcSpec`` and ``read_secret`` check them): ngircd
+    reads one unquoted value per line, so none may hold a line break.
     """
     if server_uid is None or server_gid is None:
         server_uid, server_gid = server_ids()
@@ -151,9 +162,11 @@ def render_config(
         password or "",
         *(c for ch in channels for c in ch),
         *(v for op in operators for v in (op.name, op.password, op.mask or "")),
+        *(v for ln in links for v in (ln.name, ln.host, ln.password)),
     )
     if any(ch in v for v in values for ch in "\r\n\x00"):
         raise ValueError("ngircd config values cannot hold line breaks or NUL")
+    addresses, ports = ((), ()) if link_address is None else zip(link_address, strict=True)
     lines = [
         "# The managed IRC server of fireclaw-swarm. Rewritten at every start:",
         "# change swarm.yaml (irc.managed) instead.",
@@ -163,8 +176,8 @@ def render_config(
         "AdminInfo1 = fireclaw-swarm managed IRC server",
         f"AdminInfo2 = network {network}",
         f"Network = {network}",
-        f"Listen = {listen}",
-        f"Ports = {port}",
+        f"Listen = {', '.join(dict.fromkeys((listen, *addresses)))}",
+        f"Ports = {', '.join(dict.fromkeys(str(p) for p in (port, *ports)))}",
         f"MotdPhrase = {network}: the fireclaw-swarm control plane",
         f"ServerUID = {server_uid}",
         f"ServerGID = {server_gid}",
@@ -181,6 +194,7 @@ def render_config(
         f"MaxNickLength = {max_nick_length}",
         f"PingTimeout = {PING_TIMEOUT}",
         f"PongTimeout = {PONG_TIMEOUT}",
+        f"ConnectRetry = {CONNECT_RETRY}",
         "",
         "[Options]",
         # Hostmasks stay IP addresses (the operator allowlist matches them), and a
@@ -197,23 +211,33 @@ def render_config(
         lines += ["", "[Operator]", f"Name = {op.name}", f"Password = {op.password}"]
         if op.mask is not None:
             lines.append(f"Mask = {op.mask}")
+    for ln in links:
+        lines += ["", "[Server]", f"Name = {ln.name}", f"Host = {ln.host}", f"Port = {ln.port}"]
+        # One password per link, the same on both ends: each sends it and expects it.
+        lines += [f"MyPassword = {ln.password}", f"PeerPassword = {ln.password}"]
+        if not ln.connect:
+            lines.append("Passive = yes")
     return "\n".join(lines) + "\n"
 
 
 class _Watcher:
-    """What an incarnation said on its way up: readiness, and its errors."""
+    """What an incarnation said on its way up (readiness, and its errors), and
+    about its server links at any time (to ``on_link(kind, detail)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_link: Callable[[str, dict[str, str]], None]) -> None:
         self.ready = trio.Event()
         self.errors: list[str] = []
         self.last = ""
+        self._on_link = on_link
 
     def feed(self, line: str) -> None:
         self.last = line or self.last
         m = _LOG_LINE_RE.match(line)
         if m is None:
             return
-        if _READY_RE.match(m["msg"]):
+        if (link := link_event(m["msg"])) is not None:
+            self._on_link(*link)
+        elif _READY_RE.match(m["msg"]):
             self.ready.set()
         elif int(m["level"]) <= _LOG_ERR and not self.ready.is_set():
             self.errors.append(m["msg"])
@@ -225,6 +249,10 @@ class ManagedIrcd(ManagedService):
     (host, port) clients on this host connect to.
     ``password``, read from where ``config`` names it (``irc_credentials``), is the
     server password every client must send; it goes into ngircd.conf alone.
+    With ``link`` (``cluster.irc``) the server is named for ``host`` in the
+    fleet (``server_name``) and links to the peers ``link`` lists; each link
+    that comes up, goes down or is refused is an event ``ircd_link_up``,
+    ``ircd_link_down`` or ``ircd_link_refused`` naming the ``peer``.
     """
 
     service = SERVICE
@@ -240,9 +268,13 @@ class ManagedIrcd(ManagedService):
         binary: str | None = None,
         uniform: Callable[[float, float], float] = random.uniform,
         registry: Store | None = None,
+        link: IrcLinkSpec | None = None,
+        host: str = "",
     ) -> None:
         self.config = config
         self._password = password
+        self._link = link
+        self._host = host
         state_dir = state_dir.absolute()  # ngircd runs in /
         self.workdir = state_dir / "ircd"
         self.log_path = state_dir / "logs" / LOG_NAME
@@ -250,6 +282,14 @@ class ManagedIrcd(ManagedService):
         self.pid_path = self.workdir / PID_NAME
         self._binary = binary
         super().__init__(config.restart, on_event, registry, uniform)
+
+    @property
+    def server_name(self) -> str:
+        """This server's name in its IRC network. Raises ValueError when
+        ``link`` names a peer so (see ``IrcLinkSpec.server_name_of``)."""
+        if self._link is None:
+            return self.config.managed.server_name
+        return self._link.server_name_of(self._host)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -297,7 +337,7 @@ class ManagedIrcd(ManagedService):
         """Start ngircd, wait until it is ready (then call ``on_ready``), then until
         it exits. On cancellation, stops it (TERM, then KILL) first."""
         binary = self._find_binary()
-        watcher = _Watcher()
+        watcher = _Watcher(self._link_changed)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         log_fd = os.open(self.log_path, flags, 0o640)
         try:
@@ -332,6 +372,12 @@ class ManagedIrcd(ManagedService):
                     self._forget()  # reaped: nothing of it is left to reclaim
         finally:
             os.close(log_fd)
+
+    def _link_changed(self, kind: str, detail: dict[str, str]) -> None:
+        """``ircd_link_up``, ``ircd_link_down`` or ``ircd_link_refused``: the peer
+        named, the password never (ngircd does not log it)."""
+        log.info("managed IRC server: %s %s", kind.replace("_", " "), " ".join(detail.values()))
+        self._event(kind, **detail)
 
     def _address_text(self) -> str:
         host, port = self.address
@@ -411,13 +457,18 @@ class ManagedIrcd(ManagedService):
     def _write_files(self) -> None:
         """The work folder (root-only: the config holds the operator passwords), an
         empty IncludeDir, the config and the log folder. Each operator's password
-        comes from its file (``ircd_operators``); one that cannot be used is an
-        ``IrcdError``."""
+        comes from its file (``ircd_operators``), and so does each peer's link
+        password (``ircd_links``); one that cannot be used is an ``IrcdError``."""
         managed = self.config.managed
+        link = self._link
         try:
             operators = operator_blocks(managed.operators, self.workdir.parent)
+            server_name = self.server_name
+            links = [] if link is None else link_blocks(link, server_name)
         except SecretFileError as exc:
             raise IrcdError(str(exc)) from None
+        except ValueError as exc:  # only a cluster's server can be misnamed
+            raise IrcdError(f"cluster.irc.{exc}") from None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o700)
         (self.workdir / INCLUDE_DIR).mkdir(exist_ok=True)
@@ -428,7 +479,7 @@ class ManagedIrcd(ManagedService):
             workdir=self.workdir,
             listen=managed.listen,
             port=managed.port,
-            server_name=managed.server_name,
+            server_name=server_name,
             network=managed.network,
             password=self._password,
             max_nick_length=managed.max_nick_length,
@@ -437,6 +488,8 @@ class ManagedIrcd(ManagedService):
                 (self.config.agents_channel, "fireclaw-swarm: the agents"),
             ),
             operators=operators,
+            links=links,
+            link_address=None if link is None else (link.listen, link.port),
             max_connections=max(16, min(MAX_CONNECTIONS, limit)),
         )
         tmp = self.conf_path.with_suffix(".tmp")

@@ -341,6 +341,15 @@ class Overseer:
                 return self._task_line(d.get("task_id"))
             case "ircd_crashed":
                 return None  # nobody is here to hear it
+            case "ircd_link_up":
+                return f"IRC server {d.get('peer')} joined the network"
+            case "ircd_link_down":
+                return (
+                    f"netsplit: IRC server {d.get('peer')} left the network ({d.get('reason')});"
+                    " its host's agents are out of reach from here"
+                )
+            case "ircd_link_refused":
+                return f"IRC server {d.get('peer')} was refused a link: {d.get('reason')}"
             case "budget_exhausted":
                 return (
                     f"budget {subject} is spent for this {d.get('period')}"
