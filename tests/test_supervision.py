@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from fireclaw.config import parse_config
 from fireclaw.pool.drivers import ProcessDriver
-from fireclaw.pool.drivers.base import VmSpec
+from fireclaw.pool.drivers.base import DriverInfo, VmSpec
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
 from fireclaw.pool.runtime import Runtime
@@ -64,6 +64,10 @@ class ScriptedDriver:
         self.codes = codes
         self.starts: list[float] = []
         self.vms: list[ScriptedVm] = []
+
+    def describe(self) -> DriverInfo:
+        """A driver with no capability beyond starting a VM, whose guests dial."""
+        return DriverInfo(name=self.name, capabilities=frozenset())
 
     async def start(self, spec: VmSpec) -> ScriptedVm:
         self.starts.append(trio.current_time())
