@@ -30,11 +30,12 @@ from functools import partial
 from typing import Final, TypeVar
 
 import trio
-from fireclaw.config import HarnessSpec, Role, role_hash
+from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
+from fireclaw.pool.promotion import promotion
 from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
 from fireclaw.pool.vm import AgentIdentity, Child, Runtime
 
@@ -376,50 +377,14 @@ class RoleGroup:
             self.tasks_queued()
 
     def promotion_for(self, child: Child) -> p.Promote:
-        """What makes ``child`` an agent of this role, from the current spec.
-
-        A named agent gets its own name, its overrides, and (when IRC is on and its
-        VM has a way there) its IRC presence; a task runner is named after its VM."""
-        role, agent, irc = self.role, child.agent, self.rt.irc
-        presence = None
-        if agent is not None and irc is not None and child.irc_endpoint is not None:
-            host, port = child.irc_endpoint
-            channels = [irc.agents_channel, *(c for c in role.channels if c != irc.agents_channel)]
-            presence = p.IrcPresence(
-                host=host,
-                port=port,
-                nick=agent.name,
-                channels=channels,
-                password=irc.password or "",
-                cooldown=irc.cooldown,
-            )
-        model = role.model if agent is None or agent.model is None else agent.model
-        spec = role.harness
-        harness: p.Harness | p.ChatHarness
-        if isinstance(spec, HarnessSpec):
-            harness = p.Harness(argv=list(spec.command), timeout=spec.timeout)
-        elif child.model_endpoint is None:
-            raise GuestLost(f"{child.name} has no model gateway for its chat harness")
-        else:
-            # The guest reaches its model only through the gateway in its own namespace.
-            host, port = child.model_endpoint
-            harness = p.ChatHarness(
-                base_url=f"http://{host}:{port}/v1",
-                model=model,
-                tools=list(spec.tools),
-                tool_mode=spec.tool_mode,
-                max_steps=spec.max_steps,
-                timeout=spec.timeout,
-                max_tokens=spec.max_tokens,
-                tool_timeout=spec.tool_timeout,
-            )
-        return p.Promote(
-            name=agent.name if agent is not None else child.name,
-            role=role.name,
-            persona=role.persona if agent is None or agent.persona is None else agent.persona,
-            model=model,
-            harness=harness,
-            irc=presence,
+        """What makes ``child`` an agent of this role, from the current spec."""
+        return promotion(
+            self.role,
+            vm_name=child.name,
+            agent=child.agent,
+            irc=self.rt.irc,
+            irc_endpoint=child.irc_endpoint,
+            model_endpoint=child.model_endpoint,
         )
 
     async def invoke(self, agent: AgentIdentity) -> Child:
