@@ -126,31 +126,29 @@ def probe_argv(image: Image, qemu: str, accel: Accel) -> list[str]:
     ]  # fmt: skip
 
 
-async def qemu_version(qemu: str) -> str:
-    """The first line of ``qemu -version``."""
+def _version(qemu: str) -> str:
+    """The first line of ``qemu -version``; AccelError (one line) when QEMU cannot be run."""
     try:
-        with trio.fail_after(PROBE_DEADLINE):
-            done = await trio.run_process(
-                [qemu, "-version"], capture_stdout=True, capture_stderr=True, check=False
-            )
-    except OSError as exc:
-        raise AccelError(f"cannot run {qemu}: {exc.strerror or exc}") from exc
-    except trio.TooSlowError:
-        raise AccelError(f"{qemu} -version did not answer within {PROBE_DEADLINE:g}s") from None
-    lines = done.stdout.decode(errors="replace").splitlines()
-    if done.returncode != 0 or not lines:
-        raise AccelError(f"{qemu} -version exited with {done.returncode}")
+        out = run_program([qemu, "-version"], timeout=PROBE_DEADLINE)
+    except ProgramFailed as exc:
+        raise AccelError(str(exc)) from exc
+    lines = out.decode(errors="replace").splitlines()
+    if not lines:
+        raise AccelError(f"{qemu} -version printed nothing")
     return lines[0].strip()
+
+
+async def qemu_version(qemu: str) -> str:
+    """The first line of ``qemu -version``; AccelError when QEMU cannot be run."""
+    return await trio.to_thread.run_sync(_version, qemu)
 
 
 def installed_version(qemu: str) -> str | None:
     """The first line of ``qemu -version``, without trio; None when it cannot be run."""
     try:
-        out = run_program([qemu, "-version"], timeout=PROBE_DEADLINE)
-    except ProgramFailed:
+        return _version(qemu)
+    except AccelError:
         return None
-    lines = out.decode(errors="replace").splitlines()
-    return lines[0].strip() if lines else None
 
 
 def _first_error(stderr: bytes, qemu: str, *, warnings: bool = True) -> str | None:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import msgspec
 from fireclaw.supervisor.api import ControllerError
+from fireclaw.supervisor.api_http import one_line
 from fireclaw.supervisor.state import StateUnwritable
 from fireclaw.supervisor.webauth import same_origin
 from starlette.exceptions import HTTPException
@@ -52,8 +53,9 @@ def own_origin(request: Request) -> str:
 
 
 def error(status: int, message: str) -> JSONResponse:
-    """``{"error": message}``, the message on one line and at most 1000 characters."""
-    return JSONResponse({"error": " ".join(message.split())[:1000] or "error"}, status)
+    """``{"error": message}``, the message on one line and at most 1000 characters,
+    as the unix-socket API words its refusals."""
+    return JSONResponse({"error": one_line(message) or "error"}, status)
 
 
 def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
