@@ -42,8 +42,8 @@ agent's message is answered. People are always answered. A person's client
 could use the username ``agent`` too; it is then only answered like an agent.
 
 The rules themselves (whom to answer, when, in how many lines) are pure
-functions in guest_daemon/agent_rules.py, re-exported here with its
-exceptions (``AgentIrcError``, ``InvalidPresence``: the presence cannot be used).
+functions in guest_daemon/agent_rules.py; its ``InvalidPresence`` is what a
+presence that cannot be used raises here.
 
 Nothing the server or anyone on it sends raises: bad input is logged and
 dropped, as in the client underneath.
@@ -64,16 +64,11 @@ import trio
 
 from .agent_rules import (
     AGENT_USERNAME,
-    CALM,
     MAX_ANSWER_LINES,
-    AgentIrcError,
-    InvalidPresence,
     ReplyPolicy,
     addressed_to,
     irc_config,
     is_agent,
-    mentions,
-    reply_lines,
 )
 from .answer_stream import NO_ANSWER, AnswerLines, Draft
 from .irc import Connect, IrcClient, open_tcp
@@ -90,24 +85,7 @@ from .irc_session import HOST_GUESS
 from .irc_wire import InvalidParameter, casefold, message_budget, paginate
 from .protocol import IrcPresence
 
-__all__ = [
-    "AGENT_USERNAME",
-    "BUSY",
-    "CALM",
-    "MAX_ANSWER_LINES",
-    "QUEUE_SIZE",
-    "AgentIrcError",
-    "AgentPresence",
-    "Answer",
-    "Draft",
-    "InvalidPresence",
-    "ReplyPolicy",
-    "addressed_to",
-    "irc_config",
-    "is_agent",
-    "mentions",
-    "reply_lines",
-]
+__all__ = ["BUSY", "FAILED", "PRIVATE", "QUEUE_SIZE", "AgentPresence", "Answer", "Draft"]
 
 log = logging.getLogger("fireclaw.agent_irc")
 

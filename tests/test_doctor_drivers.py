@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import msgspec
@@ -29,10 +28,9 @@ from fireclaw.pool.drivers import (
 )
 from fireclaw.pool.image import load_image
 from fireclaw.supervisor.doctor import driver_line
-from swarmctl import FIRECLAW
+from test_doctor_irc import doctor
 from test_image_prune import fake_image
 
-CLI_DEADLINE = 60.0  # seconds; doctor takes about one here
 KEY = "d" * 64
 NOT_BUILT = "its guest image is not built and probed here yet (a start does both)"
 
@@ -176,14 +174,7 @@ def test_doctor_prints_each_drivers_own_answer_and_a_configured_one_that_cannot_
     """The real command, with nothing on its PATH: no QEMU, no Firecracker."""
     config = tmp_path / "swarm.yaml"
     config.write_text(f"version: 1\nbackend: qemu\nstate_dir: {tmp_path / 'state'}\nroles: {{}}\n")
-    done = subprocess.run(
-        [FIRECLAW, "doctor", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_DEADLINE,
-        check=False,
-        env={**os.environ, "PATH": str(tmp_path / "empty")},
-    )
+    done = doctor(config, env={**os.environ, "PATH": str(tmp_path / "empty")})
     lines = done.stdout.splitlines()
     assert done.returncode == 1, done.stdout + done.stderr
     rows = [line for line in lines if line.split(" ", 1)[0] in AVAILABLE]
