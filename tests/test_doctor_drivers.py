@@ -32,7 +32,7 @@ from test_doctor_irc import doctor
 from test_image_prune import fake_image
 
 KEY = "d" * 64
-NOT_BUILT = "its guest image is not built and probed here yet (a start does both)"
+NOT_BUILT = "its guest image is not built and probed here yet: a start does both"
 
 
 def _kvm_usable() -> bool:

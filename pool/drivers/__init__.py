@@ -230,7 +230,7 @@ def _described(
     """``made.describe()`` with the host's reason first, else the pool's; a driver
     not made (no image yet) lacks everything."""
     if made is None:
-        not_yet = "its guest image is not built and probed here yet (a start does both)"
+        not_yet = "its guest image is not built and probed here yet: a start does both"
         return DriverInfo(
             name=name,
             capabilities=frozenset(),
