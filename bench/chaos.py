@@ -94,7 +94,7 @@ from common import (
     signals_held,
     summary_ms,
 )
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor.client import ApiError
 from qemu_driver import TEST_CACHE, backend_facts
 

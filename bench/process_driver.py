@@ -105,7 +105,7 @@ from fireclaw.pool import cgroup, netns
 from fireclaw.pool.drivers import ProcessDriver
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor.state import Store
 
 HERE = Path(__file__).resolve().parent

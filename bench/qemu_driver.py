@@ -117,7 +117,7 @@ from common import (
     timed_cli_run,
 )
 from fireclaw.pool import disks, network
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers as stale
 
 HERE = Path(__file__).resolve().parent

@@ -36,8 +36,10 @@ from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.promotion import promotion
+from fireclaw.pool.runtime import Runtime
 from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
-from fireclaw.pool.vm import AgentIdentity, Child, Runtime
+from fireclaw.pool.vm import Child
+from fireclaw.pool.vm_base import AgentIdentity, ChildBase
 
 log = logging.getLogger("fireclaw.pool")
 
@@ -376,7 +378,7 @@ class RoleGroup:
             self.retire(child, "task finished")
             self.tasks_queued()
 
-    def promotion_for(self, child: Child) -> p.Promote:
+    def promotion_for(self, child: ChildBase) -> p.Promote:
         """What makes ``child`` an agent of this role, from the current spec."""
         return promotion(
             self.role,

@@ -14,7 +14,8 @@ from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 
 if TYPE_CHECKING:
-    from fireclaw.pool.vm import AgentIdentity, IrcRoute
+    from fireclaw.pool.runtime import IrcRoute
+    from fireclaw.pool.vm_base import AgentIdentity
 
 __all__ = ["promotion"]
 

@@ -23,7 +23,9 @@ from fireclaw.pool.durable import until_written
 from fireclaw.pool.group import Adoptee, RoleGroup
 from fireclaw.pool.network import bridge_name, table_name
 from fireclaw.pool.procid import ProcessIdentity, still_running
-from fireclaw.pool.vm import AgentIdentity, Runtime, kill_recorded
+from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.teardown import kill_recorded
+from fireclaw.pool.vm_base import AgentIdentity
 from fireclaw.supervisor import leftovers, services
 from fireclaw.supervisor.state import StateUnwritable, Store, TaskRow
 

@@ -370,7 +370,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fireclaw.pool.vm import instance_id
+    from fireclaw.pool.runtime import instance_id
     from fireclaw.supervisor import leftovers
     from fireclaw.supervisor.pidfile import AlreadyRunning, PidLock, PidLockError
 

@@ -21,7 +21,9 @@ from fireclaw.config import Config
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.group import PoolError, RoleGroup
-from fireclaw.pool.vm import AgentIdentity, Child, Runtime
+from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.vm import Child
+from fireclaw.pool.vm_base import AgentIdentity
 from fireclaw.supervisor.api import ControllerError, Emit
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.ircd import ManagedIrcd

@@ -37,8 +37,8 @@ from fireclaw.pool.drivers import BackendUnavailable, Capability, NotReady, choo
 from fireclaw.pool.gateway_core import Upstream
 from fireclaw.pool.group import Adoptee, RoleGroup
 from fireclaw.pool.network import Link, Network, NetworkError
+from fireclaw.pool.runtime import IrcRoute, Runtime, instance_id
 from fireclaw.pool.templates import Templates
-from fireclaw.pool.vm import IrcRoute, Runtime, instance_id
 from fireclaw.supervisor import ballast, leftovers, sdnotify
 from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api

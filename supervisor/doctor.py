@@ -29,7 +29,7 @@ from fireclaw.pool.drivers import (
     choose,
     describe_here,
 )
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd_operators import operator_password_path
 from fireclaw.supervisor.leftovers import Leftovers, Owner

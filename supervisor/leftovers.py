@@ -48,7 +48,7 @@ import psutil
 from fireclaw.guest_daemon.lines import first_line
 from fireclaw.pool import cgroup, disks, netns, network
 from fireclaw.pool.procid import ProcessIdentity, process_identity
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import pidfile, services
 from fireclaw.supervisor.removal import (
     Removal,

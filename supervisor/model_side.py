@@ -15,7 +15,7 @@ from fireclaw.config import Config
 from fireclaw.config.llm import parse_base_url
 from fireclaw.pool.gateway import UpstreamError, fetch_models
 from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
 from fireclaw.supervisor.state import Store

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import trio
 from fireclaw.config import Config, ConfigError, diff_config, load_config
 from fireclaw.pool.group import RoleGroup
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor import sdnotify
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.state import StateError, Store

@@ -24,7 +24,7 @@ import psutil
 from fireclaw.guest_daemon.lines import first_line
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.runner import ProgramFailed, run_program
-from fireclaw.pool.vm import kill_recorded
+from fireclaw.pool.teardown import kill_recorded
 from fireclaw.supervisor import services
 from fireclaw.supervisor.state import ServiceRecord, StateError, Store, VmRecord
 

@@ -25,7 +25,7 @@ import msgspec
 import psutil
 import pytest
 from fireclaw.pool import cgroup, netns, network
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor.client import ApiClient
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import Store

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import ircd, leftovers, services
 from fireclaw.supervisor.state import ServiceRecord, Store
 from swarmctl import FIRECLAW, NOTHING, Swarm, idle, role_yaml, swarm_yaml

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fireclaw.config import IrcSpec, SaslSpec
-from fireclaw.pool.vm import IrcRoute
+from fireclaw.pool.runtime import IrcRoute
 from fireclaw.supervisor.irc_credentials import IrcCredentials, read_irc_credentials
 from fireclaw.supervisor.secretfile import SecretFileError
 

@@ -26,7 +26,7 @@ import trio
 from fireclaw.pool import cgroup, netns, network
 from fireclaw.pool.network import Network
 from fireclaw.pool.procid import ProcessIdentity, process_identity, still_running
-from fireclaw.pool.vm import instance_id
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers, pidfile
 from fireclaw.supervisor.doctor import Report
 from fireclaw.supervisor.ircd import render_config

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fireclaw.pool.procid import process_identity, still_running
-from fireclaw.pool.vm import GATEWAY_PORT
+from fireclaw.pool.vm_serve import GATEWAY_PORT
 from fireclaw.supervisor.modelserver import START_TIMEOUT, bundled_model
 from ircperson import Person
 from swarmctl import FIRECLAW, NOTHING, PY, Swarm, idle, swarm_yaml

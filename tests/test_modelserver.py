@@ -20,7 +20,7 @@ from fireclaw.pool import netns
 from fireclaw.pool.gateway import serve_gateway
 from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
 from fireclaw.pool.procid import still_running
-from fireclaw.pool.vm import GATEWAY_PORT
+from fireclaw.pool.vm_serve import GATEWAY_PORT
 from fireclaw.supervisor import leftovers, services
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import (

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fireclaw.pool.network import GATEWAY
-from fireclaw.pool.vm import GATEWAY_PORT
+from fireclaw.pool.vm_serve import GATEWAY_PORT
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.modelserver import LOG_NAME, bundled_model
 from fireclaw.supervisor.state import CallRecord, Store

@@ -17,7 +17,7 @@ from fireclaw.config import parse_config
 from fireclaw.pool.drivers.base import VmSpec
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.lifecycle import State
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor.state import Store
 
 

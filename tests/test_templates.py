@@ -20,15 +20,9 @@ from fireclaw.config import Role, parse_config
 from fireclaw.config.model import Resources
 from fireclaw.pool.backoff import MAX_EXPONENT
 from fireclaw.pool.drivers.base import CONTROL_PORT, Capability, Driver, DriverInfo
-from fireclaw.pool.templates import (
-    RETRY_BASE,
-    RETRY_MAX,
-    Template,
-    TemplateError,
-    Templates,
-    retry_delay,
-)
-from fireclaw.pool.vm import Runtime
+from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.template_make import Template, TemplateError
+from fireclaw.pool.templates import RETRY_BASE, RETRY_MAX, Templates, retry_delay
 from fireclaw.supervisor.state import Store
 
 #: Long enough for every retry a test waits for, short of a hang.

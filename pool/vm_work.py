@@ -1,0 +1,90 @@
+"""The work a VM child's guest does for whoever claimed it: promotion to an
+agent, cancelling its turn, the audit trail of its tool runs, and a named
+agent's workspace disk."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool import workspaces
+from fireclaw.pool.control import GuestLost
+from fireclaw.pool.drivers.base import WORKSPACE_BYTES, Capability, DriverError
+from fireclaw.pool.lifecycle import Event
+from fireclaw.pool.vm_base import ChildBase
+
+log = logging.getLogger("fireclaw.vm")
+
+
+class ChildWork(ChildBase):
+    """A child's work, once its guest is connected (``session``)."""
+
+    async def promote(self, msg: p.Promote) -> None:
+        if self.session is None:
+            raise GuestLost(f"{self.name} has no guest connected")
+        self._fire(Event.PROMOTE)
+        if await self._attach_workspace():
+            msg = msgspec.structs.replace(msg, workspace=True)
+        self.who.agent, self.who.model = msg.name, msg.model
+        await self.session.promote(msg)
+        self.promoted_as = msg.name
+        self._fire(Event.PROMOTED)
+        self._register()  # a later supervisor adopts it as this agent
+
+    async def cancel_turn(self, reason: str) -> None:
+        """End the current turn(s) of this VM's agent (``Cancel``), and record it.
+
+        GuestLost if no guest is connected."""
+        if self.session is None:
+            raise GuestLost(f"{self.name} has no guest connected")
+        await self.session.cancel(reason)
+        self.rt.event(
+            "turn_cancelled",
+            self.promoted_as or self.name,
+            agent=self.promoted_as,
+            role=self.group.name,
+            vm=self.name,
+            task=self.who.task,
+            reason=reason,
+        )
+
+    def _tool_ran(self, msg: p.ToolRan) -> None:
+        """One tool run of the agent, for the audit trail. Who ran it is this VM's
+        agent; only what ran and how comes from the guest (checked by the session)."""
+        self.rt.event(
+            "tool_ran",
+            self.promoted_as or self.name,
+            agent=self.promoted_as,
+            role=self.group.name,
+            vm=self.name,
+            task=msg.task_id or None,
+            tool=msg.tool,
+            arguments=msg.arguments,
+            exit_code=msg.code,
+            duration=round(msg.duration, 3),
+            output=msg.output,
+            truncated=msg.truncated,
+        )
+
+    async def _attach_workspace(self) -> bool:
+        """Give a named agent's VM its workspace disk (once per VM); True if it has it.
+
+        Without one (a driver that cannot attach one, or it could not be
+        attached) the agent works without: that is logged and evented, not fatal."""
+        agent, handle, directory = self.agent, self.handle, self.rt.workspaces_dir
+        if agent is None or directory is None or handle is None:
+            return False
+        if not self.rt.driver.describe().can(Capability.WORKSPACE):
+            return False
+        if self._workspace_in is handle:
+            return True
+        try:
+            path = await workspaces.ensure(directory, agent.name, WORKSPACE_BYTES)
+            await handle.attach_workspace(path)
+        except (workspaces.WorkspaceError, DriverError) as exc:
+            log.warning("%s: no workspace for %s: %s", self.name, agent.name, exc)
+            self.rt.event("workspace_failed", agent.name, vm=self.name, reason=str(exc))
+            return False
+        self._workspace_in = handle
+        return True
