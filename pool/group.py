@@ -24,7 +24,7 @@ Errors::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Final, TypeVar
@@ -290,12 +290,23 @@ class RoleGroup:
 
     async def _run_task(self, child: Child, task_id: int, prompt: str) -> None:
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
-        finished = False
         child.who.task = task_id
-        try:
+
+        async def result() -> p.TaskDone:
             await child.promote(self.promotion_for(child))
             assert child.session is not None
-            done = await child.session.task(task_id, prompt)
+            return await child.session.task(task_id, prompt)
+
+        await self._see_through(child, task_id, result)
+
+    async def _see_through(
+        self, child: Child, task_id: int, result: Callable[[], Awaitable[p.TaskDone]]
+    ) -> None:
+        """Record what ``result()`` gives, or requeue the task if the VM is lost
+        meanwhile; give it back if cancelled first. The child retires either way."""
+        finished = False
+        try:
+            done = await result()
             self.retire(child, "task finished")  # the result is held here, not in the VM
             finished = await self._finish(child, task_id, done)
         except GuestLost as exc:
@@ -357,8 +368,8 @@ class RoleGroup:
 
         The guest says in its Hello which tasks it holds; one it does not hold, or
         a VM lost before it reports, sends the task back to the queue."""
-        finished = False
-        try:
+
+        async def result() -> p.TaskDone:
             while child.session is None or child.state not in (State.IDLE, State.ACTIVE):
                 if child.done.is_set():
                     raise GuestLost(f"{child.name} was not adopted: {child.reason or 'gone'}")
@@ -367,16 +378,9 @@ class RoleGroup:
             if not session.holds(task_id):
                 raise GuestLost(f"{child.name}'s guest does not hold task {task_id}")
             self.rt.event("task_resumed", child.name, task_id=task_id, role=self.name)
-            done = await session.result(task_id)
-            self.retire(child, "task finished")
-            finished = await self._finish(child, task_id, done)
-        except GuestLost as exc:
-            finished = await self._requeue(child, task_id, exc.reason)
-        finally:
-            if not finished:
-                self._give_back(task_id)
-            self.retire(child, "task finished")
-            self.tasks_queued()
+            return await session.result(task_id)
+
+        await self._see_through(child, task_id, result)
 
     def promotion_for(self, child: ChildBase) -> p.Promote:
         """What makes ``child`` an agent of this role, from the current spec."""
