@@ -41,10 +41,9 @@ Agents and loops: the client tells agents by their username, ``agent``
 agent's message is answered. People are always answered. A person's client
 could use the username ``agent`` too; it is then only answered like an agent.
 
-Exceptions::
-
-    AgentIrcError
-    └── InvalidPresence   the IrcPresence cannot be used (a bad nick or channel)
+The rules themselves (whom to answer, when, in how many lines) are pure
+functions in guest_daemon/agent_rules.py; its ``InvalidPresence`` is what a
+presence that cannot be used raises here.
 
 Nothing the server or anyone on it sends raises: bad input is logged and
 dropped, as in the client underneath.
@@ -56,21 +55,26 @@ This module imports only the standard library, trio, msgspec and irctokens
 from __future__ import annotations
 
 import logging
-import math
 import random
-import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 import trio
 
+from .agent_rules import (
+    AGENT_USERNAME,
+    MAX_ANSWER_LINES,
+    ReplyPolicy,
+    addressed_to,
+    irc_config,
+    is_agent,
+)
 from .answer_stream import NO_ANSWER, AnswerLines, Draft
 from .irc import Connect, IrcClient, open_tcp
 from .irc_events import (
     Disconnected,
     Invited,
-    IrcConfig,
     Joined,
     Kicked,
     Message,
@@ -81,24 +85,7 @@ from .irc_session import HOST_GUESS
 from .irc_wire import InvalidParameter, casefold, message_budget, paginate
 from .protocol import IrcPresence
 
-__all__ = [
-    "AGENT_USERNAME",
-    "BUSY",
-    "CALM",
-    "MAX_ANSWER_LINES",
-    "QUEUE_SIZE",
-    "AgentIrcError",
-    "AgentPresence",
-    "Answer",
-    "Draft",
-    "InvalidPresence",
-    "ReplyPolicy",
-    "addressed_to",
-    "irc_config",
-    "is_agent",
-    "mentions",
-    "reply_lines",
-]
+__all__ = ["BUSY", "FAILED", "PRIVATE", "QUEUE_SIZE", "AgentPresence", "Answer", "Draft"]
 
 log = logging.getLogger("fireclaw.agent_irc")
 
@@ -107,157 +94,18 @@ log = logging.getLogger("fireclaw.agent_irc")
 #: writes to ``draft`` while it runs goes out line by line at once.
 Answer = Callable[[str, str, str, Draft], Awaitable[str]]
 
-#: Every agent registers with this username; it is how agents know each other.
-AGENT_USERNAME: Final = "agent"
-REALNAME: Final = "fireclaw agent"
 PRIVATE: Final = "private"
-#: Lines one answer may take on IRC, including the "(… N more lines)" line.
-MAX_ANSWER_LINES: Final = 10
 #: Questions waiting while one is answered; more than this are refused.
 QUEUE_SIZE: Final = 8
 #: How long an answer may take before it becomes an apology.
 ANSWER_TIMEOUT: Final = 600.0
 #: Channels the agent is in at most; invitations beyond that are declined.
 MAX_CHANNELS: Final = 32
-#: After this long without answering an agent, the cooldown is back to its base.
-CALM: Final = 300.0
 #: How long a retune waits for the old connection's QUIT to go out.
 RETUNE_QUIT_TIMEOUT: Final = 5.0
 
 BUSY: Final = "busy, try again shortly"
 FAILED: Final = "sorry, something went wrong while answering that"
-
-# Characters a nick may hold (RFC 2812), folded: a mention is a nick not touching one.
-_NICK_CHARS: Final = frozenset(casefold("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-[]\\`_^{|}"))
-_ADDRESS_END: Final = re.compile(r"\s*[:,]\s*")
-
-
-class AgentIrcError(Exception):
-    """Base of this module's errors."""
-
-
-class InvalidPresence(AgentIrcError, ValueError):
-    """An ``IrcPresence`` that cannot be used; ``str()`` is one line."""
-
-
-# --- the pure parts -------------------------------------------------------------------
-
-
-class ReplyPolicy:
-    """Whether the agent answers a message now; time is passed in as ``now``.
-
-    Messages from people are always answered. After answering another agent,
-    the agent answers no agent message for ``cooldown`` seconds. Each further
-    answer to an agent, with no person answered in between and less than
-    ``calm`` seconds after the previous one, doubles that quiet period (up to
-    ``calm``): so two agents whose round trip is slower than the cooldown
-    (a harness that takes longer than it) still fall silent after a few
-    exchanges instead of trading messages forever. The doubling starts over
-    once the agent answers a person, or after ``calm`` seconds without
-    answering an agent. A cooldown of 0 turns all of this off.
-    """
-
-    def __init__(self, cooldown: float, *, calm: float = CALM) -> None:
-        if not (math.isfinite(cooldown) and cooldown >= 0):
-            raise ValueError(f"cooldown must be a number of seconds >= 0, not {cooldown!r}")
-        self.cooldown = cooldown
-        self.calm = calm
-        self.quiet_until = -math.inf
-        self.streak = 0
-        self._last_agent_answer = -math.inf
-
-    def should_answer(self, now: float, from_agent: bool) -> bool:
-        return not from_agent or now >= self.quiet_until
-
-    def answered(self, now: float, to_agent: bool) -> None:
-        """The agent replied at ``now`` (an answer, or an apology in its place)."""
-        if not to_agent:
-            self.streak = 0
-            return
-        if now - self._last_agent_answer >= self.calm:
-            self.streak = 0
-        self.streak += 1
-        self._last_agent_answer = now
-        quiet = min(self.cooldown * 2 ** min(self.streak - 1, 32), max(self.calm, self.cooldown))
-        self.quiet_until = max(self.quiet_until, now + quiet)
-
-
-def is_agent(user: str) -> bool:
-    """Whether a message's username (``~agent`` without ident) is an agent's."""
-    return user.removeprefix("~").lower() == AGENT_USERNAME
-
-
-def _mentioned_at(folded: str, nick: str) -> Iterator[int]:
-    start = 0
-    while (index := folded.find(nick, start)) >= 0:
-        before = folded[index - 1 : index]
-        after = folded[index + len(nick) : index + len(nick) + 1]
-        if before not in _NICK_CHARS and after not in _NICK_CHARS:
-            yield index
-        start = index + 1
-
-
-def mentions(text: str, nick: str, casemapping: str = "rfc1459") -> bool:
-    """Whether ``nick`` occurs in ``text`` as a whole word (not inside a longer nick)."""
-    if not nick:
-        return False
-    folded = casefold(text, casemapping)
-    return next(_mentioned_at(folded, casefold(nick, casemapping)), None) is not None
-
-
-def addressed_to(text: str, nicks: Iterable[str], casemapping: str = "rfc1459") -> str | None:
-    """The question in ``text`` if it mentions one of ``nicks``, else None.
-
-    A leading ``nick:`` or ``nick,`` only says who is asked: it is removed
-    (unless nothing would be left). A mention anywhere else keeps the text whole.
-    """
-    folded = casefold(text, casemapping)
-    offset = len(text) - len(text.lstrip())
-    found = False
-    for nick in nicks:
-        if not nick:
-            continue
-        want = casefold(nick, casemapping)
-        for index in _mentioned_at(folded, want):
-            found = True
-            if index == offset:
-                end = _ADDRESS_END.match(text, index + len(want))
-                if end is not None and text[end.end() :].strip():
-                    return text[end.end() :]
-    return text if found else None
-
-
-def reply_lines(
-    text: str, *, prefix: str, budget: int, max_lines: int = MAX_ANSWER_LINES
-) -> list[str]:
-    """What an answer looks like on IRC: at most ``max_lines`` lines of ``budget`` bytes.
-
-    ``prefix`` starts the first line. Blank lines are dropped; an empty answer
-    is ``(no answer)``. When the answer is longer, the last line allowed says
-    ``(… N more lines)`` instead.
-    """
-    lines = AnswerLines(prefix=prefix, budget=budget, max_lines=max_lines)
-    lines.close(text)
-    return lines.take()
-
-
-def irc_config(presence: IrcPresence) -> IrcConfig:
-    """The client configuration of an agent; ``InvalidPresence`` if it cannot be one."""
-    try:
-        return IrcConfig(
-            host=presence.host,
-            port=presence.port,
-            nick=presence.nick,
-            username=AGENT_USERNAME,
-            realname=REALNAME,
-            password=presence.password or None,
-            channels=tuple(dict.fromkeys(presence.channels)),
-        )
-    except ValueError as exc:
-        raise InvalidPresence(f"IRC presence of {presence.nick}: {exc}") from exc
-
-
-# --- the trio part --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ from .irc_wire import (
     message_budget,
     paginate,
 )
-from .pacing import TokenBucket
+from .pacing import TokenBucket, full_jitter
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -295,8 +295,9 @@ class IrcClient:
                             break
                         log.warning("disconnected from %s:%d: %s", config.host, config.port, reason)
                         self._emit(Disconnected(reason=reason))
-                    cap = config.reconnect_base * 2 ** min(failures, 32)
-                    delay = self._uniform(0.0, min(config.reconnect_max, cap))
+                    delay = full_jitter(
+                        failures, config.reconnect_base, config.reconnect_max, self._uniform
+                    )
                     failures += 1
                     await trio.sleep(delay)
         finally:

@@ -1,12 +1,30 @@
 """Pacing, sans-I/O: a token bucket, the one every rate limit here uses (IRC
-output, operators' commands, a guest's control messages).
+output, operators' commands, a guest's control messages), and ``full_jitter``,
+the one retry delay (restarts, template attempts, IRC reconnects).
 
 It imports only the standard library: it ships inside VM images.
 """
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+import random
+from collections.abc import Callable
+from typing import Final
+
+__all__ = ["MAX_EXPONENT", "TokenBucket", "full_jitter"]
+
+#: ``n`` stops growing here: ``2.0**64`` is finite, and any sane cap is reached
+#: long before.
+MAX_EXPONENT: Final = 64
+
+
+def full_jitter(
+    n: int, base: float, cap: float, uniform: Callable[[float, float], float] = random.uniform
+) -> float:
+    """The wait before try ``n`` (from 0) after a failure: ``uniform(0, min(cap,
+    base * 2**n))``. Full jitter, so that many clients failing at once do not
+    come back at once."""
+    return uniform(0.0, min(cap, base * 2.0 ** min(max(n, 0), MAX_EXPONENT)))
 
 
 class TokenBucket:

@@ -35,6 +35,7 @@ from typing import Final, Literal
 import msgspec
 import trio
 from fireclaw.pool.image import Image
+from fireclaw.pool.runner import ProgramFailed, run_program
 
 #: How long the probe boot may take to print its marker. A working KVM boots
 #: the kernel to userspace in well under a second.
@@ -125,21 +126,29 @@ def probe_argv(image: Image, qemu: str, accel: Accel) -> list[str]:
     ]  # fmt: skip
 
 
-async def qemu_version(qemu: str) -> str:
-    """The first line of ``qemu -version``."""
+def _version(qemu: str) -> str:
+    """The first line of ``qemu -version``; AccelError (one line) when QEMU cannot be run."""
     try:
-        with trio.fail_after(PROBE_DEADLINE):
-            done = await trio.run_process(
-                [qemu, "-version"], capture_stdout=True, capture_stderr=True, check=False
-            )
-    except OSError as exc:
-        raise AccelError(f"cannot run {qemu}: {exc.strerror or exc}") from exc
-    except trio.TooSlowError:
-        raise AccelError(f"{qemu} -version did not answer within {PROBE_DEADLINE:g}s") from None
-    lines = done.stdout.decode(errors="replace").splitlines()
-    if done.returncode != 0 or not lines:
-        raise AccelError(f"{qemu} -version exited with {done.returncode}")
+        out = run_program([qemu, "-version"], timeout=PROBE_DEADLINE)
+    except ProgramFailed as exc:
+        raise AccelError(str(exc)) from exc
+    lines = out.decode(errors="replace").splitlines()
+    if not lines:
+        raise AccelError(f"{qemu} -version printed nothing")
     return lines[0].strip()
+
+
+async def qemu_version(qemu: str) -> str:
+    """The first line of ``qemu -version``; AccelError when QEMU cannot be run."""
+    return await trio.to_thread.run_sync(_version, qemu)
+
+
+def installed_version(qemu: str) -> str | None:
+    """The first line of ``qemu -version``, without trio; None when it cannot be run."""
+    try:
+        return _version(qemu)
+    except AccelError:
+        return None
 
 
 def _first_error(stderr: bytes, qemu: str, *, warnings: bool = True) -> str | None:
@@ -284,6 +293,26 @@ def _write_cache(path: Path, entries: dict[str, _Entry]) -> None:
     os.replace(tmp, path)
 
 
+def _kvm_unusable() -> Accel | None:
+    """TCG, and why, when this host has no KVM device we may use; None when it has."""
+    if not KVM_DEVICE.exists():
+        return Accel("tcg", f"kvm: {KVM_DEVICE} does not exist; using tcg")
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return Accel("tcg", f"kvm: no read/write access to {KVM_DEVICE}; using tcg")
+    return None
+
+
+def known_accel(image: Image, *, cache_path: Path, version: str) -> Accel | None:
+    """What ``choose_accel`` would answer for ``image`` under the QEMU whose
+    ``-version`` is ``version``, without a probe boot: None when it would probe
+    (never probed, or no settled answer in ``cache_path``). Reads one file."""
+    unusable = _kvm_unusable()
+    if unusable is not None:
+        return unusable
+    entry = _read_cache(cache_path).get(cache_key(image, version))
+    return Accel(entry.name, entry.reason) if entry is not None and entry.settled else None
+
+
 def cache_key(image: Image, version: str) -> str:
     try:
         mtime = image.vmlinux.stat().st_mtime_ns
@@ -302,10 +331,9 @@ async def choose_accel(
     only runs out of time. Raises AccelError when QEMU cannot be run.
     """
     version = await qemu_version(qemu)
-    if not KVM_DEVICE.exists():
-        return Accel("tcg", f"kvm: {KVM_DEVICE} does not exist; using tcg")
-    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
-        return Accel("tcg", f"kvm: no read/write access to {KVM_DEVICE}; using tcg")
+    unusable = _kvm_unusable()
+    if unusable is not None:
+        return unusable
     key = cache_key(image, version)
     cached = await trio.to_thread.run_sync(_read_cache, cache_path)
     previous = cached.get(key)

@@ -28,11 +28,11 @@ import random
 from collections import deque
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
-#: ``n`` stops growing here: ``2.0**64`` is finite, and any sane ``backoff.max``
-#: is reached long before.
-MAX_EXPONENT: Final = 64
+# MAX_EXPONENT: also where the tracker's ``n`` stops growing.
+from fireclaw.guest_daemon.pacing import MAX_EXPONENT as MAX_EXPONENT
+from fireclaw.guest_daemon.pacing import full_jitter
 
 
 class BackoffSpec(Protocol):
@@ -92,10 +92,9 @@ def backoff_delay(
     backoff: BackoffSpec, n: int, uniform: Callable[[float, float], float] = random.uniform
 ) -> float:
     """The wait before try ``n`` (from 0) after a failure: full jitter,
-    ``uniform(0, min(backoff.max, backoff.base * 2**n))``. The one formula for
-    every retry in the supervisor."""
-    cap = min(backoff.max, backoff.base * 2.0 ** min(n, MAX_EXPONENT))
-    return uniform(0.0, cap)
+    ``uniform(0, min(backoff.max, backoff.base * 2**n))`` (``full_jitter``, the
+    one retry formula, shared with the guest), with the bounds of ``backoff``."""
+    return full_jitter(n, backoff.base, backoff.max, uniform)
 
 
 @dataclass(frozen=True)

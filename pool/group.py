@@ -24,7 +24,7 @@ Errors::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Final, TypeVar
@@ -34,8 +34,9 @@ from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
-from fireclaw.pool.harness_message import PromotionError, SecretReader, harness_message
+from fireclaw.pool.harness_message import SecretReader
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
+from fireclaw.pool.promotion import promotion
 from fireclaw.pool.runtime import Runtime
 from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
 from fireclaw.pool.vm import Child
@@ -303,12 +304,27 @@ class RoleGroup:
 
     async def _run_task(self, child: Child, task_id: int, epoch: int, prompt: str) -> None:
         self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
-        finished = False
         child.who.task = task_id
-        try:
+
+        async def result() -> p.TaskDone:
             await child.promote(self.promotion_for(child))
             assert child.session is not None
-            done = await child.session.task(task_id, prompt)
+            return await child.session.task(task_id, prompt)
+
+        await self._see_through(child, task_id, epoch, result)
+
+    async def _see_through(
+        self,
+        child: Child,
+        task_id: int,
+        epoch: int,
+        result: Callable[[], Awaitable[p.TaskDone]],
+    ) -> None:
+        """Record what ``result()`` gives, or requeue the task if the VM is lost
+        meanwhile; give it back if cancelled first. The child retires either way."""
+        finished = False
+        try:
+            done = await result()
             self.retire(child, "task finished")  # the result is held here, not in the VM
             finished = await self._finish(child, task_id, epoch, done)
         except GuestLost as exc:
@@ -375,8 +391,8 @@ class RoleGroup:
 
         The guest says in its Hello which tasks it holds; one it does not hold, or
         a VM lost before it reports, sends the task back to the queue."""
-        finished = False
-        try:
+
+        async def result() -> p.TaskDone:
             while child.session is None or child.state not in (State.IDLE, State.ACTIVE):
                 if child.done.is_set():
                     raise GuestLost(f"{child.name} was not adopted: {child.reason or 'gone'}")
@@ -385,49 +401,20 @@ class RoleGroup:
             if not session.holds(task_id):
                 raise GuestLost(f"{child.name}'s guest does not hold task {task_id}")
             self.rt.event("task_resumed", child.name, task_id=task_id, role=self.name)
-            done = await session.result(task_id)
-            self.retire(child, "task finished")
-            finished = await self._finish(child, task_id, epoch, done)
-        except GuestLost as exc:
-            finished = await self._requeue(child, task_id, epoch, exc.reason)
-        finally:
-            if not finished:
-                self._give_back(task_id, epoch)
-            self.retire(child, "task finished")
-            self.tasks_queued()
+            return await session.result(task_id)
+
+        await self._see_through(child, task_id, epoch, result)
 
     def promotion_for(self, child: ChildBase) -> p.Promote:
-        """What makes ``child`` an agent of this role, from the current spec.
-
-        A named agent gets its own name, its overrides, and (when IRC is on and its
-        VM has a way there) its IRC presence; a task runner is named after its VM."""
-        role, agent, irc = self.role, child.agent, self.rt.irc
-        presence = None
-        if agent is not None and irc is not None and child.irc_endpoint is not None:
-            host, port = child.irc_endpoint
-            channels = [irc.agents_channel, *(c for c in role.channels if c != irc.agents_channel)]
-            presence = p.IrcPresence(
-                host=host,
-                port=port,
-                nick=agent.name,
-                channels=channels,
-                password=irc.password or "",
-                cooldown=irc.cooldown,
-            )
-        model = role.model if agent is None or agent.model is None else agent.model
-        try:
-            harness = harness_message(
-                role.harness, model=model, gateway=child.model_endpoint, secrets=self.secrets
-            )
-        except PromotionError as exc:
-            raise GuestLost(f"{child.name}: {exc}") from None
-        return p.Promote(
-            name=agent.name if agent is not None else child.name,
-            role=role.name,
-            persona=role.persona if agent is None or agent.persona is None else agent.persona,
-            model=model,
-            harness=harness,
-            irc=presence,
+        """What makes ``child`` an agent of this role, from the current spec."""
+        return promotion(
+            self.role,
+            vm_name=child.name,
+            agent=child.agent,
+            irc=self.rt.irc,
+            irc_endpoint=child.irc_endpoint,
+            model_endpoint=child.model_endpoint,
+            secrets=self.secrets,
         )
 
     async def invoke(self, agent: AgentIdentity) -> Child:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Final
 
 import trio
+from fireclaw.guest_daemon.lines import first_line
 from fireclaw.pool import netns
 from fireclaw.pool.runner import ProgramFailed, run_program
 
@@ -333,7 +334,7 @@ class Network:
             if made:
                 _remove_sync(link)
             if isinstance(exc, Exception):
-                raise NetworkError(f"namespace {link.ns_name}: {_one_line(exc)}") from exc
+                raise NetworkError(f"namespace {link.ns_name}: {first_line(exc)}") from exc
             raise
         finally:
             os.close(host_ns)
@@ -415,8 +416,3 @@ def tables() -> list[str]:
         if len(words) == 3 and words[0] == "table" and words[2].startswith("fireclaw_"):
             found.append(f"{words[1]} {words[2]}")
     return found
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -7,8 +7,8 @@ that runs past ``timeout`` (it is killed) or that exits non-zero raises
 stderr line most likely to say what went wrong (``telling``). With ``on_line``
 each stderr line is also handed over as it arrives, for progress.
 
-Blocking: call it from a thread under trio. The guest daemon has its own (it
-ships alone into VM images); trio's ``run_process`` serves the async callers.
+Blocking: call it from a thread under trio (``trio.to_thread.run_sync``). The
+guest daemon has its own (it ships alone into VM images).
 
 Exceptions::
 

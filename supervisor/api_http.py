@@ -28,6 +28,7 @@ from typing import Final
 import h11
 import msgspec
 import trio
+from fireclaw.guest_daemon.lines import one_line
 
 __all__ = [
     "IDLE_TIMEOUT",
@@ -96,12 +97,6 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     path: str
     query: dict[str, str]
     body: bytes
-
-
-def one_line(text: str, limit: int = 1000) -> str:
-    """``text`` on one line (blanks collapsed), cut to ``limit`` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def error_body(message: str) -> bytes:

@@ -19,16 +19,22 @@ from typing import Final
 import msgspec
 from fireclaw.config import Config
 from fireclaw.pool import cgroup, netns, network
-from fireclaw.pool.drivers import QEMU, BackendUnavailable, choose, why_not_firecracker
-from fireclaw.pool.runner import ProgramFailed, run_program
+from fireclaw.pool.accel import KVM_DEVICE, installed_version
+from fireclaw.pool.drivers import (
+    ACCEL_CACHE,
+    QEMU,
+    BackendUnavailable,
+    Capability,
+    DriverInfo,
+    choose,
+    describe_here,
+)
 from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers
 from fireclaw.supervisor.ircd_operators import operator_password_path
 from fireclaw.supervisor.leftovers import Leftovers, Owner
 
 IMAGES_NAME: Final = "images"  # as supervisor/daemon.py
-ACCEL_CACHE: Final = "accel.json"  # as pool/drivers: <images>/accel.json
-_VERSION_TIMEOUT: Final = 10.0
 _LABEL: Final = 14
 
 
@@ -47,8 +53,8 @@ class Report:
     mine: Leftovers
     #: Who may command the overseer over IRC, and how they prove it.
     irc: str = "off"
-    #: Whether the firecracker backend could run here, or why not.
-    firecracker: str = "not checked"
+    #: What each driver says of itself here: whether it can run, and why not.
+    drivers: list[DriverInfo] = field(default_factory=list)
     #: Said but not failed on: the swarm runs, less safely than it could.
     warnings: list[str] = field(default_factory=list)
     #: Other instances on the host: whether their supervisor runs, and what they have.
@@ -77,7 +83,7 @@ class Report:
             _row("supervisor", str(self.supervisor)),
             _row("backend", self.backend),
             _row("accel", self.accel),
-            _row("firecracker", self.firecracker),
+            *(_row(info.name, driver_line(info)) for info in self.drivers),
             _row("isolation", self.isolation),
             _row("network", self.network),
             _row("irc", self.irc),
@@ -123,6 +129,21 @@ def _row(label: str, text: str) -> str:
     return f"{label:<{_LABEL}}{text}".rstrip()
 
 
+def driver_line(info: DriverInfo) -> str:
+    """A driver as ``doctor`` shows it: ``no: why``, or ``yes`` and what it can do."""
+    if info.unavailable is not None:
+        return f"no: {info.unavailable}"
+    can = [c.value for c in Capability if info.can(c)]
+    cannot = [c.value for c in Capability if not info.can(c)]
+    text = "; ".join(["yes", *([", ".join(can)] if can else [])])
+    if cannot:
+        text += f"; not {', '.join(cannot)}"
+        whys = {info.lacking.get(c, "") for c in Capability if not info.can(c)}
+        if len(whys) == 1 and "" not in whys:  # one reason for all: say it
+            text += f" ({whys.pop()})"
+    return text
+
+
 def examine(config: Config, state_dir: Path) -> Report:
     """Look at the host for the swarm of ``config`` whose state dir is ``state_dir``."""
     state_dir = state_dir.resolve()
@@ -140,6 +161,8 @@ def examine(config: Config, state_dir: Path) -> Report:
         ]
     )
 
+    drivers = describe_here(images, ns_why)
+    described = {info.name: info for info in drivers}
     qemu_chosen = False
     try:
         choice = choose(config.backend, images=images, netns_why=ns_why)
@@ -149,20 +172,11 @@ def examine(config: Config, state_dir: Path) -> Report:
     else:
         backend = choice.reason
         qemu_chosen = choice.name == "qemu"
-        if config.backend == "qemu":
-            # What open_backend checks before a configured qemu starts (and fails on).
-            from fireclaw.pool.drivers import why_not_qemu
+        # What open_backend checks before a configured qemu starts (and fails on).
+        why = described["qemu"].unavailable
+        if config.backend == "qemu" and why is not None:
+            problems.append(f"backend: qemu cannot run here: {why}")
 
-            why = why_not_qemu(images, ns_why)
-            if why is not None:
-                problems.append(f"backend: qemu cannot run here: {why}")
-
-    fc_why = why_not_firecracker(ns_why)
-    firecracker = (
-        f"no: {fc_why}"
-        if fc_why is not None
-        else "binaries, KVM and root found (the image and a KVM boot are checked at start)"
-    )
     tools = "; ".join(
         f"{tool}: {'yes' if shutil.which(tool) else 'not installed'}"
         for tool in ("nft", "qemu-img")
@@ -201,7 +215,7 @@ def examine(config: Config, state_dir: Path) -> Report:
         supervisor=supervisor,
         backend=backend,
         accel=accel_status(images),
-        firecracker=firecracker,
+        drivers=drivers,
         isolation=isolation,
         network=net_text,
         mine=mine,
@@ -258,8 +272,6 @@ def subnet_overlaps(subnet: ipaddress.IPv4Network, *, skip: str = "") -> list[st
 
 def accel_status(images: Path) -> str:
     """KVM or TCG as the qemu backend would pick it, if the boot probe's cache says."""
-    from fireclaw.pool.accel import KVM_DEVICE
-
     if not KVM_DEVICE.exists():
         return f"tcg (kvm: {KVM_DEVICE} does not exist)"
     if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
@@ -271,7 +283,7 @@ def accel_status(images: Path) -> str:
         return "not probed yet"
     if not isinstance(entries, dict) or not entries:
         return "not probed yet"
-    version = _qemu_version()
+    version = installed_version(QEMU)
     release = os.uname().release
     for key, entry in sorted(entries.items()):
         # The probe's cache key: "vmlinux|mtime_ns|qemu version|host kernel release".
@@ -287,13 +299,3 @@ def accel_status(images: Path) -> str:
             continue
         return f"{entry.get('name', '?')} ({entry.get('reason', 'no reason cached')})"
     return "not probed yet for this kernel and QEMU"
-
-
-def _qemu_version() -> str | None:
-    """The first line of ``qemu -version`` (part of the probe's cache key)."""
-    try:
-        out = run_program([QEMU, "-version"], timeout=_VERSION_TIMEOUT)
-    except ProgramFailed:
-        return None
-    lines = out.decode(errors="replace").splitlines()
-    return lines[0].strip() if lines else None

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Final, Literal, TypeVar
 
 import psutil
+from fireclaw.guest_daemon.lines import first_line
 from fireclaw.pool import cgroup, disks, netns, network
 from fireclaw.pool.procid import ProcessIdentity, process_identity
 from fireclaw.pool.runtime import instance_id
@@ -53,7 +54,6 @@ from fireclaw.supervisor.removal import (
     Removal,
     delete_table,
     kill_process,
-    one_line,
     remove_links,
     remove_service_rows,
     remove_vm_rows,
@@ -262,7 +262,7 @@ def _look(what: str, fn: Callable[[], Iterable[T]], errors: list[str]) -> list[T
     try:
         return list(fn())
     except Exception as exc:  # one source failing must not hide the others
-        errors.append(f"cannot list {what}: {one_line(exc)}")
+        errors.append(f"cannot list {what}: {first_line(exc)}")
         return []
 
 
@@ -439,7 +439,7 @@ def remove(found: Leftovers) -> list[Removal]:
         try:
             fn()
         except Exception as exc:
-            done.append(Removal(item, one_line(exc)))
+            done.append(Removal(item, first_line(exc)))
         else:
             done.append(Removal(item))
 

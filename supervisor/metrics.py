@@ -57,7 +57,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from fireclaw.config import Config
-    from fireclaw.supervisor.webapp import Fleet
+    from fireclaw.supervisor.web_views import Fleet
 
 __all__ = [
     "CONTENT_TYPE",

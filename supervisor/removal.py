@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import psutil
+from fireclaw.guest_daemon.lines import first_line
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.runner import ProgramFailed, run_program
 from fireclaw.pool.teardown import kill_recorded
@@ -33,7 +34,6 @@ __all__ = [
     "Removal",
     "delete_table",
     "kill_process",
-    "one_line",
     "remove_links",
     "remove_service_rows",
     "remove_vm_rows",
@@ -126,14 +126,14 @@ def _sweep(
     try:
         store = Store.open(db)
     except StateError as exc:
-        done += [Removal(item(r), one_line(exc)) for r in rows]
+        done += [Removal(item(r), first_line(exc)) for r in rows]
         return
     try:
         for rec in rows:
             try:
                 reclaim(store, rec)
             except Exception as exc:
-                done.append(Removal(item(rec), one_line(exc)))
+                done.append(Removal(item(rec), first_line(exc)))
             else:
                 done.append(Removal(item(rec)))
     finally:
@@ -148,7 +148,7 @@ def remove_links(names: list[str], done: list[Removal]) -> None:
     try:
         ipr = IPRoute()
     except Exception as exc:
-        done += [Removal(f"link {n}", f"netlink: {one_line(exc)}") for n in names]
+        done += [Removal(f"link {n}", f"netlink: {first_line(exc)}") for n in names]
         return
     with ipr:
         # veths before the bridge; a veth may go by itself once its namespace is gone.
@@ -158,7 +158,7 @@ def remove_links(names: list[str], done: list[Removal]) -> None:
                     ipr.link("del", index=index)
             except NetlinkError as exc:
                 if exc.code != errno.ENODEV:
-                    done.append(Removal(f"link {name}", one_line(exc)))
+                    done.append(Removal(f"link {name}", first_line(exc)))
                     continue
             done.append(Removal(f"link {name}"))
 
@@ -175,9 +175,3 @@ def rmtree(path: Path) -> None:
     """Remove the tree at ``path``; one that is gone already is fine."""
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of what ``exc`` says, or its type's name."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -25,7 +25,8 @@ from fireclaw.config.http import DEFAULT_TOKEN_NAME, Access, HttpSpec
 from fireclaw.supervisor.metrics import LoopLag, config_models
 from fireclaw.supervisor.metrics_events import EventMetrics, follow
 from fireclaw.supervisor.secretfile import SecretFileError, ensure_secret, read_secret
-from fireclaw.supervisor.webapp import Fleet, allowed_hosts_for, build_app
+from fireclaw.supervisor.web_views import Fleet
+from fireclaw.supervisor.webapp import allowed_hosts_for, build_app
 from fireclaw.supervisor.webauth import Auth
 from hypercorn.config import Config as HyperConfig
 from hypercorn.config import Sockets

@@ -23,7 +23,7 @@ _NULLABLE_INT: Final = {"type": ["integer", "null"]}
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document of ``/v1`` on the HTTP listener."""
-    from fireclaw.supervisor import webapp
+    from fireclaw.supervisor import web_views, webapp
 
     role = {
         "type": "object",
@@ -121,7 +121,7 @@ def document() -> dict[str, Any]:
                 _query("after", id_param, "the last event id seen"),
                 _query(
                     "limit",
-                    {"type": "integer", "minimum": 1, "maximum": webapp._MAX_EVENTS_LIMIT},
+                    {"type": "integer", "minimum": 1, "maximum": web_views.MAX_EVENTS_LIMIT},
                     "at most this many",
                 ),
             ],

@@ -2,7 +2,9 @@
 
 A starlette app (``build_app``) that reads the fleet through the same
 ``Controller`` the unix-socket API uses (supervisor/api.py), so both always
-agree; supervisor/web.py serves it.
+agree; supervisor/web.py serves it. What it shows of the fleet is made in
+supervisor/web_views.py, how it reads requests and words refusals in
+supervisor/web_requests.py.
 
 Routes::
 
@@ -30,25 +32,31 @@ none, and the tokens stay in the ``Auth`` object.
 from __future__ import annotations
 
 import html
-import logging
 import math
 import time
 import urllib.parse
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Callable
 from importlib import resources
-from typing import Any, Final, Protocol, TypeVar
+from typing import Final
 
 import msgspec
 import trio
-from fireclaw.config import Config
-from fireclaw.supervisor.api import Controller, ControllerError
+from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.chatlog import redact
 from fireclaw.supervisor.metrics import LoopLag
 from fireclaw.supervisor.metrics_events import EventMetrics
-from fireclaw.supervisor.overseer import Overseer
-from fireclaw.supervisor.state import StateUnwritable
 from fireclaw.supervisor.usage_series import MAX_BUCKETS, usage_series
+from fireclaw.supervisor.web_requests import (
+    answering,
+    decode_body,
+    error,
+    http_error,
+    int_param,
+    only,
+    own_origin,
+    same_site,
+)
+from fireclaw.supervisor.web_views import MAX_EVENTS_LIMIT, Fleet, fleet_view, views
 from fireclaw.supervisor.webauth import (
     COOKIE,
     CSRF_HEADER,
@@ -56,7 +64,6 @@ from fireclaw.supervisor.webauth import (
     Auth,
     Principal,
     is_loopback,
-    same_origin,
 )
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -74,13 +81,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = [
     "PUBLIC",
     "SECURE_HEADERS",
-    "Fleet",
     "allowed_hosts_for",
     "build_app",
-    "fleet_view",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: What every answer says about itself: scripts and styles only from files we
 #: serve, nothing framed, no Referer to other sites, nothing cached.
@@ -105,15 +108,6 @@ STATIC_FILES: Final = {
     "dashboard.css": "text/css; charset=utf-8",
     "login.css": "text/css; charset=utf-8",
 }
-#: The dashboard gets at most one fresh view per this many seconds, however busy the fleet.
-STREAM_MIN_INTERVAL: Final = 0.5
-#: A stream with nothing new still says something this often, so proxies keep it.
-STREAM_KEEPALIVE: Final = 15.0
-#: Tasks and events a view carries.
-VIEW_TASKS: Final = 100
-VIEW_EVENTS: Final = 50
-VIEW_PROMPT_CHARS: Final = 200
-_MAX_EVENTS_LIMIT: Final = 1000
 #: Lines of #agents one answer holds at most (the overseer keeps as many).
 CHAT_LINES: Final = 200
 #: The longest a reader of #agents may wait for a new line in one request.
@@ -123,17 +117,6 @@ CHAT_MAX_WAIT: Final = 30
 _MAX_USAGE_WINDOW: Final = 7 * 86400
 _MAX_FORM_BYTES: Final = 4096
 _TASK_STATES: Final = ("queued", "claimed", "done", "failed")
-
-
-class Fleet(Controller, Protocol):
-    """What the listener reads and acts on: the controller, the config, the audit trail."""
-
-    config: Config
-    overseer: Overseer | None
-
-    def event(self, kind: str, subject: str, **detail: object) -> None: ...
-
-    def watch(self) -> trio.MemoryReceiveChannel[tuple[str, str, dict[str, object]]]: ...
 
 
 def _static(name: str) -> str:
@@ -147,92 +130,6 @@ class _ScaleBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class _InvokeBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: str
     name: str | None = None
-
-
-def _task_line(task: Mapping[str, Any]) -> dict[str, Any]:
-    """A task as the dashboard lists it: no result, the prompt cut short, so a
-    view stays small however much the agents wrote."""
-    prompt = str(task.get("prompt") or "")
-    return {
-        "id": task.get("id"),
-        "role": task.get("role"),
-        "state": task.get("state"),
-        "attempts": task.get("attempts"),
-        "owner": task.get("owner"),
-        "prompt": prompt if len(prompt) <= VIEW_PROMPT_CHARS else prompt[:VIEW_PROMPT_CHARS] + "…",
-    }
-
-
-def _same_site(request: Request) -> bool:
-    """No ``Origin``, or ours: a form another site posts carries its own."""
-    origin = request.headers.get("origin")
-    return origin is None or same_origin(origin, _own_origin(request))
-
-
-def _own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.headers.get('host', '')}"
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(message.split())[:1000] or "error"}, status)
-
-
-def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
-        raise ControllerError(f"query parameter {name} must be an integer from {lo} to {hi}")
-    return int(raw)
-
-
-def _only(request: Request, *allowed: str) -> None:
-    for key in request.query_params:
-        if key not in allowed:
-            raise ControllerError(f"unknown query parameter {key!r}")
-
-
-def fleet_view(status: Mapping[str, Any], config: Config) -> dict[str, Any]:
-    """The roles and agents of ``status`` with what the config says of them
-    (memory, vCPUs, model), and nothing secret: no paths, no endpoints."""
-    roles: dict[str, Any] = {}
-    for name, counts in dict(status.get("roles") or {}).items():
-        role = config.roles.get(name)
-        roles[name] = {
-            **counts,
-            "description": role.description if role else "",
-            "model": role.model if role else None,
-            "memory_mib": role.resources.memory_mib if role else None,
-            "vcpus": role.resources.vcpus if role else None,
-        }
-    agents = []
-    for a in status.get("agents") or []:
-        role = config.roles.get(str(a.get("role")))
-        agents.append(
-            {
-                "name": a.get("name"),
-                "role": a.get("role"),
-                "state": a.get("state"),
-                "agent": a.get("agent"),
-                "uptime": a.get("for"),
-                "restarts": a.get("restarts"),
-                "backend": status.get("backend"),
-                "memory_mib": role.resources.memory_mib if role else None,
-                "reason": a.get("reason"),
-                "started_as": a.get("started_as"),
-            }
-        )
-    models = status.get("models") or {}
-    return {
-        "version": status.get("version"),
-        "backend": status.get("backend"),
-        "stopping": status.get("stopping"),
-        "roles": roles,
-        "agents": agents,
-        "tasks": status.get("tasks"),
-        "budget": models.get("budget") if isinstance(models, dict) else None,
-        "irc": {"enabled": bool((status.get("irc") or {}).get("enabled"))},
-    }
 
 
 class _Web:
@@ -293,22 +190,22 @@ class _Web:
         host = request.headers.get("host", "")
         if self.allowed_hosts is not None and host.lower() not in self.allowed_hosts:
             # A page of another site that made its name resolve to us (DNS rebinding).
-            return _error(421, f"unknown host {host[:100]!r}")
+            return error(421, f"unknown host {host[:100]!r}")
         if request.url.path in PUBLIC:
             return None
         who = self.who(request)
         if who is None:
-            return _error(401, "log in at /login or send Authorization: Bearer <token>")
+            return error(401, "log in at /login or send Authorization: Bearer <token>")
         request.scope["fireclaw.who"] = who
         if request.method not in ("GET", "HEAD"):
             why = self.auth.may_post(
                 who,
                 csrf=request.headers.get(CSRF_HEADER),
                 origin=request.headers.get("origin"),
-                own_origin=_own_origin(request),
+                own_origin=own_origin(request),
             )
             if why is not None:
-                return _error(403, why)
+                return error(403, why)
         return None
 
     # --- pages -----------------------------------------------------------------------
@@ -316,14 +213,14 @@ class _Web:
     async def login_page(self, request: Request) -> Response:
         if request.method == "GET":
             return HTMLResponse(_static("login.html").replace("{{error}}", ""))
-        if not _same_site(request):
-            return _error(403, "cross-site request refused")
+        if not same_site(request):
+            return error(403, "cross-site request refused")
         wait = self.auth.login_wait(self.clock())
         if wait > 0:
-            return _error(429, f"too many failed logins: try again in {math.ceil(wait)} s")
+            return error(429, f"too many failed logins: try again in {math.ceil(wait)} s")
         raw = await request.body()
         if len(raw) > _MAX_FORM_BYTES:
-            return _error(413, "login form too large")
+            return error(413, "login form too large")
         # The form is one urlencoded field; parsed here, without a multipart parser.
         fields = urllib.parse.parse_qs(raw.decode("ascii", "replace"), max_num_fields=4)
         made = self.auth.login((fields.get("token") or [""])[0], self.clock())
@@ -343,8 +240,8 @@ class _Web:
         return response
 
     async def logout(self, request: Request) -> Response:
-        if not _same_site(request):
-            return _error(403, "cross-site request refused")
+        if not same_site(request):
+            return error(403, "cross-site request refused")
         sid = request.cookies.get(COOKIE)
         if sid:
             self.auth.logout(sid)
@@ -365,25 +262,25 @@ class _Web:
         name = request.path_params["name"]
         media = STATIC_FILES.get(name)
         if media is None:
-            return _error(404, f"no such file: {name[:100]}")
+            return error(404, f"no such file: {name[:100]}")
         return Response(_static(name), media_type=media)
 
     # --- reading ---------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        _only(request)
+        only(request)
         status = await self.fleet.status()
         return JSONResponse(
             {"ok": not status.get("stopping"), "version": status["version"], "pid": status["pid"]}
         )
 
     async def roles(self, request: Request) -> Response:
-        _only(request)
+        only(request)
         view = fleet_view(await self.fleet.status(), self.fleet.config)
         return JSONResponse({"roles": view["roles"]})
 
     async def agents(self, request: Request) -> Response:
-        _only(request, "role", "state")
+        only(request, "role", "state")
         view = fleet_view(await self.fleet.status(), self.fleet.config)
         agents = [
             a
@@ -394,31 +291,31 @@ class _Web:
         return JSONResponse({"agents": agents})
 
     async def agent(self, request: Request) -> Response:
-        _only(request)
+        only(request)
         name = request.path_params["name"]
         view = fleet_view(await self.fleet.status(), self.fleet.config)
         for a in view["agents"]:
             if name in (a["name"], a["agent"]):
                 return JSONResponse(a)
-        return _error(404, f"no VM or agent named {name[:64]!r}")
+        return error(404, f"no VM or agent named {name[:64]!r}")
 
     async def tasks(self, request: Request) -> Response:
-        _only(request, "state")
+        only(request, "state")
         state = request.query_params.get("state") or None
         if state is not None and state not in _TASK_STATES:
             raise ControllerError(f"query parameter state must be one of {', '.join(_TASK_STATES)}")
         return JSONResponse({"tasks": await self.fleet.list_tasks(state)})
 
     async def events(self, request: Request) -> Response:
-        _only(request, "after", "limit")
-        after = _int(request, "after", 0, 0, 2**63 - 1)
-        limit = _int(request, "limit", 100, 1, _MAX_EVENTS_LIMIT)
+        only(request, "after", "limit")
+        after = int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = int_param(request, "limit", 100, 1, MAX_EVENTS_LIMIT)
         return JSONResponse({"events": await self.fleet.events(after, limit)})
 
     async def usage(self, request: Request) -> Response:
-        _only(request, "window", "buckets")
-        window = _int(request, "window", 3600, 60, _MAX_USAGE_WINDOW)
-        buckets = _int(request, "buckets", 30, 1, MAX_BUCKETS)
+        only(request, "window", "buckets")
+        window = int_param(request, "window", 3600, 60, _MAX_USAGE_WINDOW)
+        buckets = int_param(request, "buckets", 30, 1, MAX_BUCKETS)
         return JSONResponse(await usage_series(self.fleet, time.time(), window, buckets))
 
     async def chat(self, request: Request) -> Response:
@@ -426,10 +323,10 @@ class _Web:
         swarm is not on IRC. With ``wait``, a long poll: the answer comes once
         there is a line after ``after``, or after ``wait`` seconds. Redacted again
         with the listener's own tokens, which the overseer does not know."""
-        _only(request, "after", "limit", "wait")
-        after = _int(request, "after", 0, 0, 2**63 - 1)
-        limit = _int(request, "limit", CHAT_LINES, 1, CHAT_LINES)
-        wait = _int(request, "wait", 0, 0, CHAT_MAX_WAIT)
+        only(request, "after", "limit", "wait")
+        after = int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = int_param(request, "limit", CHAT_LINES, 1, CHAT_LINES)
+        wait = int_param(request, "wait", 0, 0, CHAT_MAX_WAIT)
         overseer = self.fleet.overseer
         if overseer is None:
             return JSONResponse({"channel": None, "last": 0, "lines": []})
@@ -462,47 +359,10 @@ class _Web:
     async def stream(self, request: Request) -> Response:
         """Server-sent events: a ``view`` (fleet, queue, newest events) at once and
         after every change, at most one per ``STREAM_MIN_INTERVAL``."""
-        _only(request)
+        only(request)
         return StreamingResponse(
-            self._views(), media_type="text/event-stream", headers={"x-accel-buffering": "no"}
+            views(self.fleet), media_type="text/event-stream", headers={"x-accel-buffering": "no"}
         )
-
-    async def _views(self) -> AsyncIterator[bytes]:
-        version: int | None = None
-        recent: deque[dict[str, object]] = deque(maxlen=VIEW_EVENTS)
-        last_id = max(0, await self._last_event_id() - VIEW_EVENTS)
-        while True:
-            if version is None:
-                status = await self.fleet.status()
-            else:
-                status = await self.fleet.status(version, STREAM_KEEPALIVE)
-            if status["version"] == version:
-                yield b": keepalive\n\n"
-                continue
-            version = int(status["version"])  # type: ignore[call-overload]
-            view = fleet_view(status, self.fleet.config)
-            tasks = (await self.fleet.list_tasks(None))[:VIEW_TASKS]
-            view["queue"] = [_task_line(t) for t in tasks]
-            for event in await self.fleet.events(last_id, _MAX_EVENTS_LIMIT):
-                recent.append(event)
-                last_id = int(event["id"])  # type: ignore[call-overload]
-            view["events"] = list(recent)
-            yield b"event: view\ndata: " + msgspec.json.encode(view) + b"\n\n"
-            await trio.sleep(STREAM_MIN_INTERVAL)
-
-    async def _last_event_id(self) -> int:
-        """The newest event's id (0: none). The store pages oldest first, so this
-        probes ids exponentially, then bisects: a few indexed queries."""
-        lo, hi = 0, 1
-        while await self.fleet.events(hi - 1, 1):
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if await self.fleet.events(mid - 1, 1):
-                lo = mid
-            else:
-                hi = mid
-        return lo
 
     # --- acting (operators) ----------------------------------------------------------
 
@@ -511,56 +371,23 @@ class _Web:
         self.fleet.event("http_command", "http", who=who.label, via=who.via, command=command)
 
     async def scale(self, request: Request) -> Response:
-        _only(request)
+        only(request)
         role = request.path_params["role"]
-        body = await _body(request, _ScaleBody)
+        body = await decode_body(request, _ScaleBody)
         self._audit(request, f"scale {role} {body.n}")
         return JSONResponse(await self.fleet.scale(role, body.n))
 
     async def invoke(self, request: Request) -> Response:
-        _only(request)
-        body = await _body(request, _InvokeBody)
+        only(request)
+        body = await decode_body(request, _InvokeBody)
         self._audit(request, f"invoke {body.role} {body.name or ''}".strip())
         return JSONResponse(await self.fleet.invoke(body.role, body.name))
 
     async def destroy(self, request: Request) -> Response:
-        _only(request)
+        only(request)
         name = request.path_params["name"]
         self._audit(request, f"destroy {name}")
         return JSONResponse(await self.fleet.destroy(name))
-
-
-_T = TypeVar("_T")
-
-
-async def _body(request: Request, kind: type[_T]) -> _T:
-    raw = await request.body()
-    if len(raw) > 64 * 1024:
-        raise ControllerError("request body too large", 413)
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except msgspec.DecodeError as exc:
-        raise ControllerError(f"invalid request body: {exc}") from exc
-
-
-def _answering(
-    handler: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    """``handler`` with every refusal turned into ``{"error": ...}`` and its status."""
-
-    async def answer(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except ControllerError as exc:
-            status = exc.status if 400 <= exc.status <= 599 else 500
-            return _error(status, exc.message)
-        except StateUnwritable as exc:
-            return _error(507, f"the state disk is {exc.why}: request not served")
-        except Exception as exc:
-            logger.exception("http: %s %s failed", request.method, request.url.path)
-            return _error(500, f"internal error: {type(exc).__name__}")
-
-    return answer
 
 
 def build_app(
@@ -584,7 +411,7 @@ def build_app(
         events=events,
         secrets=secrets,
     )
-    a = _answering
+    a = answering
     routes = [
         Route("/login", a(web.login_page), methods=["GET", "POST"]),
         Route("/logout", a(web.logout), methods=["POST"]),
@@ -605,18 +432,7 @@ def build_app(
         Route("/v1/chat", a(web.chat), methods=["GET"]),
         Route("/v1/openapi.json", a(web.openapi), methods=["GET"]),
     ]
-    return web.gate(Starlette(routes=routes, exception_handlers={HTTPException: _http_error}))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own refusals (no such route, wrong method) as ``{"error": ...}``."""
-    assert isinstance(exc, HTTPException)
-    headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else None
-    message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
-    response = _error(exc.status_code, f"{message}: {request.method} {request.url.path[:200]}")
-    if headers:
-        response.headers.update(headers)
-    return response
+    return web.gate(Starlette(routes=routes, exception_handlers={HTTPException: http_error}))
 
 
 def allowed_hosts_for(host: str, port: int) -> frozenset[str] | None:

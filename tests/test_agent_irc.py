@@ -14,13 +14,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fireclaw.guest_daemon.agent_irc import (
-    BUSY,
-    FAILED,
-    NO_ANSWER,
-    AgentPresence,
-    Answer,
-    Draft,
+from fireclaw.guest_daemon.agent_irc import BUSY, FAILED, AgentPresence, Answer, Draft
+from fireclaw.guest_daemon.agent_rules import (
     InvalidPresence,
     ReplyPolicy,
     addressed_to,
@@ -29,6 +24,7 @@ from fireclaw.guest_daemon.agent_irc import (
     mentions,
     reply_lines,
 )
+from fireclaw.guest_daemon.answer_stream import NO_ANSWER
 from fireclaw.guest_daemon.irc_wire import MAX_LINE, casefold, privmsg
 from fireclaw.guest_daemon.protocol import IrcPresence
 from ircd import NGIRCD, Ircd, ircd_server

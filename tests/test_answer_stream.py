@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from fireclaw.guest_daemon.agent_irc import reply_lines
+from fireclaw.guest_daemon.agent_rules import reply_lines
 from fireclaw.guest_daemon.answer_stream import (
     MAX_OPENING,
     NO_ANSWER,

@@ -14,6 +14,18 @@ CLI_DEADLINE = 60.0  # seconds; doctor takes about one here
 BASE = "version: 1\nbackend: process\nroles: {}\n"
 
 
+def doctor(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``fireclaw-swarm doctor --config CONFIG``, the real command, run to its end."""
+    return subprocess.run(
+        [FIRECLAW, "doctor", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_DEADLINE,
+        check=False,
+        env=env,
+    )
+
+
 @pytest.mark.parametrize(
     ("irc", "summary", "warned"),
     [
@@ -56,13 +68,7 @@ def test_irc_operators_summary(tmp_path: Path, irc: str, summary: str, warned: b
 def test_doctor_warns_about_hostmask_operators(tmp_path: Path) -> None:
     config = tmp_path / "swarm.yaml"
     config.write_text(BASE + "irc: {operator_auth: hostmask}\n")
-    done = subprocess.run(
-        [FIRECLAW, "doctor", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_DEADLINE,
-        check=False,
-    )
+    done = doctor(config)
     lines = done.stdout.splitlines()
     assert [line for line in lines if line.startswith("warning")] == [
         "warning       irc.operator_auth is hostmask: anyone who can connect from an address"

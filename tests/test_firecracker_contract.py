@@ -54,7 +54,7 @@ from fireclaw.supervisor import leftovers
 sys.path.insert(0, str(Path(__file__).parent))
 from firecracker_fake import write_fakes  # noqa: E402
 from firecracker_spec import SPEC_PATH, Exchange, SpecChecker, load_spec, read_log  # noqa: E402
-from swarmctl import FIRECLAW  # noqa: E402
+from test_doctor_irc import doctor  # noqa: E402
 
 needs_spec = pytest.mark.skipif(
     not SPEC_PATH.exists(), reason=f"Firecracker's API spec is not at {SPEC_PATH}"
@@ -62,7 +62,7 @@ needs_spec = pytest.mark.skipif(
 #: Two Python starts (fake jailer, fake firecracker) and a YAML load before the first
 #: answer: on a loaded machine, well past the driver's own start-up timeout.
 DEADLINE = fc.STARTUP_TIMEOUT * 6
-CLI_DEADLINE = 60.0  # seconds; doctor takes about one here
+CLI_DEADLINE = 60.0  # seconds; a program run here takes well under one
 
 
 @pytest.fixture
@@ -621,14 +621,7 @@ def test_doctor_says_why_firecracker_cannot_run_here(tmp_path: Path) -> None:
     config = tmp_path / "swarm.yaml"
     config.write_text("version: 1\nbackend: firecracker\nroles: {}\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
-    done = subprocess.run(
-        [FIRECLAW, "doctor", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=CLI_DEADLINE,
-        check=False,
-        env=env,
-    )
+    done = doctor(config, env)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "firecracker   no: firecracker is not installed" in lines

@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import msgspec
 import trio
@@ -48,7 +48,11 @@ from fireclaw.pool.drivers.base import (
 )
 from fireclaw.pool.drivers.process import ProcessDriver
 
+if TYPE_CHECKING:
+    from fireclaw.pool.image import Image
+
 __all__ = [
+    "ACCEL_CACHE",
     "AVAILABLE",
     "Backend",
     "BackendUnavailable",
@@ -68,6 +72,7 @@ __all__ = [
     "VmSpec",
     "VmmCommandError",
     "choose",
+    "describe_here",
     "open_backend",
     "why_not_firecracker",
     "why_not_qemu",
@@ -81,6 +86,8 @@ QEMU: Final = "qemu-system-x86_64"
 #: cgroup limit of guest RAM alone would OOM-kill QEMU as the guest touches its
 #: memory; 256 MiB of headroom covers that with room for a larger code cache.
 QEMU_OVERHEAD_MIB: Final = 256
+#: The accelerator's boot probe answers, in the image cache.
+ACCEL_CACHE: Final = "accel.json"
 #: Programs a fresh image build runs (besides Python).
 _BUILD_TOOLS: Final = ("mmdebstrap", "mke2fs", "chroot", "dpkg-deb", "apt-get", "zstd")
 
@@ -134,14 +141,15 @@ class NotReady:
         raise DriverError(f"{spec.name}: the VMM backend is not set up yet")
 
 
-def _cached_image(images: Path) -> Path | None:
+def _cached_image(images: Path) -> Image | None:
     from fireclaw.pool.image import load_image
 
     try:
         folders = sorted(images.iterdir())
     except OSError:
         return None
-    return next((f for f in folders if f.is_dir() and load_image(f) is not None), None)
+    found = (load_image(f) for f in folders if f.is_dir())
+    return next((image for image in found if image is not None), None)
 
 
 def why_not_qemu(images: Path, netns_why: str | None) -> str | None:
@@ -176,6 +184,65 @@ def why_not_firecracker(netns_why: str | None) -> str | None:
     if why is None and netns_why is not None:
         return f"no network namespaces: {netns_why}"
     return why
+
+
+def describe_here(images: Path, netns_why: str | None) -> list[DriverInfo]:
+    """What each driver of this build says of itself on this host (its
+    ``describe()``), in the order ``auto`` tries them. Nothing is built, probed
+    or booted: ``doctor`` asks this.
+
+    Each driver is made as ``open_backend`` would make it, over the guest image
+    cached in ``images`` (qemu also over the accelerator its boot probe
+    settled), and what ``open_backend`` checks before making it comes first in
+    ``unavailable``: programs, root, network namespaces, and for firecracker
+    that the pool does not drive it yet. One that needs an image while none is
+    cached (a start builds it) lacks every capability until then."""
+    from fireclaw.pool.accel import installed_version, known_accel
+    from fireclaw.pool.drivers.firecracker import FirecrackerDriver
+    from fireclaw.pool.drivers.qemu import QemuDriver
+
+    image = _cached_image(images)
+    version = installed_version(QEMU) if image is not None else None
+    accel = (
+        known_accel(image, cache_path=images / ACCEL_CACHE, version=version)
+        if image is not None and version is not None
+        else None
+    )
+    qemu: Driver | None = (
+        QemuDriver(image, accel, qemu=QEMU) if image is not None and accel is not None else None
+    )
+    firecracker: Driver | None = (
+        FirecrackerDriver(
+            image,
+            firecracker=shutil.which("firecracker") or "firecracker",
+            jailer=shutil.which("jailer") or "jailer",
+        )
+        if image is not None
+        else None
+    )
+    fc_why = why_not_firecracker(netns_why)
+    return [
+        _described("firecracker", firecracker, fc_why, POOL_NOT_READY),
+        _described("qemu", qemu, why_not_qemu(images, netns_why)),
+        ProcessDriver().describe(),
+    ]
+
+
+def _described(
+    name: str, made: Driver | None, host_why: str | None, pool_why: str | None = None
+) -> DriverInfo:
+    """``made.describe()`` with the host's reason first, else the pool's; a driver
+    not made (no image yet) lacks everything."""
+    if made is None:
+        not_yet = "its guest image is not built and probed here yet: a start does both"
+        return DriverInfo(
+            name=name,
+            capabilities=frozenset(),
+            lacking=dict.fromkeys(Capability, not_yet),
+            unavailable=host_why or pool_why,
+        )
+    info = made.describe()
+    return replace(info, unavailable=host_why or info.unavailable or pool_why)
 
 
 def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
@@ -268,7 +335,7 @@ async def _open_qemu(
     # Each change of the guest daemon makes a new image: drop the old ones (never fails).
     await trio.to_thread.run_sync(prune_images, images, image.key, progress)
     try:
-        accel = await choose_accel(image, cache_path=images / "accel.json", qemu=QEMU)
+        accel = await choose_accel(image, cache_path=images / ACCEL_CACHE, qemu=QEMU)
     except AccelError as exc:
         raise BackendUnavailable(str(exc)) from exc
     running = f"qemu ({accel.name}: {accel.reason})"

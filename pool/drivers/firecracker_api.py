@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
+from fireclaw.guest_daemon.lines import one_line
 from msgspec import Meta
 
 #: Firecracker's answers are small (a fault message, a version, instance info).
@@ -295,19 +296,13 @@ def describe() -> Request:
     return Request("GET", "/", b"", Kind.DESCRIBE)
 
 
-def one_line(text: str) -> str:
-    """``text`` on one line, control characters out, cut to a readable length."""
-    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return flat if len(flat) <= _FAULT_CHARS else flat[: _FAULT_CHARS - 3] + "..."
-
-
 def fault_message(status: int, body: bytes) -> str:
     """What an error answer says: its ``fault_message``, else the start of its body."""
     try:
         found = _fault_decoder.decode(body[:MAX_RESPONSE_BYTES]).fault_message
     except msgspec.DecodeError:
         found = body[:_FAULT_CHARS].decode(errors="replace")
-    return one_line(found) or f"no fault message (HTTP {status})"
+    return one_line(found, _FAULT_CHARS) or f"no fault message (HTTP {status})"
 
 
 def instance_info(body: bytes) -> InstanceInfo:
@@ -315,7 +310,7 @@ def instance_info(body: bytes) -> InstanceInfo:
     try:
         return _info_decoder.decode(body[:MAX_RESPONSE_BYTES])
     except msgspec.DecodeError as exc:
-        raise ApiError(f"instance info: {one_line(str(exc))}") from None
+        raise ApiError(f"instance info: {one_line(str(exc), _FAULT_CHARS)}") from None
 
 
 class FirecrackerApi:

@@ -17,6 +17,7 @@ from typing import Final
 import msgspec
 import trio
 from fireclaw.pool.accel import KVM_DEVICE, AccelError, choose_accel
+from fireclaw.pool.drivers import ACCEL_CACHE
 from fireclaw.pool.drivers.base import DriverError
 from fireclaw.pool.drivers.firecracker import FirecrackerDriver
 from fireclaw.pool.image import Image, ImageError, ImageSpec, build_image
@@ -90,7 +91,7 @@ async def open_driver(
     if shutil.which(qemu) is None:
         raise DriverError(f"cannot tell whether KVM boots the guest: its boot probe needs {qemu}")
     try:
-        accel = await choose_accel(image, cache_path=images / "accel.json", qemu=qemu)
+        accel = await choose_accel(image, cache_path=images / ACCEL_CACHE, qemu=qemu)
     except AccelError as exc:
         raise DriverError(str(exc)) from exc
     if accel.name != "kvm":
