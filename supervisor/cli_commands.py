@@ -128,7 +128,7 @@ def _dict(value: object, what: str) -> dict[str, Any]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from fireclaw.supervisor.daemon import run_up
+    from fireclaw.supervisor.up import run_up
 
     state_dir = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR") or None
     return run_up(args.config or DEFAULT_CONFIG, state_dir, handover=args.handover)
