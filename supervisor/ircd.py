@@ -38,6 +38,8 @@ ngircd facts this module is built on (26.1):
   clients' ones. A dialling side that finds its peer down tries again every
   ``ConnectRetry`` seconds (5, ngircd's least; its default is 60).
 
+The config it is given is ``ircd_conf``'s.
+
 Exceptions::
 
     IrcdError       the first start failed: ngircd missing, the port taken, a config
@@ -50,26 +52,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pwd
 import random
 import re
 import resource
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import trio
 from fireclaw.config.cluster import IrcLinkSpec
 from fireclaw.config.irc import IrcSpec, connect_host
-from fireclaw.supervisor.ircd_links import LinkBlock, link_blocks, link_event
-from fireclaw.supervisor.ircd_operators import OperatorBlock, operator_blocks
+from fireclaw.supervisor.ircd_conf import (
+    CONNECT_RETRY,
+    INCLUDE_DIR,
+    MAX_CONNECTIONS,
+    render_config,
+    server_ids,
+)
+from fireclaw.supervisor.ircd_links import link_blocks, link_event
+from fireclaw.supervisor.ircd_operators import operator_blocks
 from fireclaw.supervisor.managed import Exit, ManagedService, OnEvent, describe_exit, stop
 from fireclaw.supervisor.secretfile import SecretFileError
 from fireclaw.supervisor.state import Store
 
-__all__ = ["IrcdError", "ManagedIrcd", "render_config", "server_ids"]
+__all__ = ["CONNECT_RETRY", "IrcdError", "ManagedIrcd", "render_config", "server_ids"]
 
 log = logging.getLogger("fireclaw.supervisor.ircd")
 
@@ -78,7 +86,6 @@ SERVICE: Final = "ircd"
 """Its name in the registry of managed services."""
 CONF_NAME: Final = "ngircd.conf"
 PID_NAME: Final = "ngircd.pid"
-INCLUDE_DIR: Final = "conf.d"
 LOG_NAME: Final = "ircd.log"
 
 START_TIMEOUT: Final = 10.0
@@ -87,14 +94,6 @@ DRAIN_TIMEOUT: Final = 1.0
 """Seconds to read the rest of its output after it exited."""
 
 MAX_LINE: Final = 4096
-#: Enough for hundreds of agents, capped below the open-file limit it inherits so
-#: that ngircd refuses extra clients itself instead of failing accept().
-MAX_CONNECTIONS: Final = 4096
-MAX_JOINS: Final = 100
-PING_TIMEOUT: Final = 120
-PONG_TIMEOUT: Final = 30
-#: Seconds between a dialling server's attempts to bring a link up (ngircd's least).
-CONNECT_RETRY: Final = 5
 
 # Where ngircd looks when PATH lacks the sbin folders (it installs to /usr/sbin).
 _SBIN: Final = "/usr/local/sbin:/usr/sbin:/sbin"
@@ -108,116 +107,6 @@ _LOG_ERR: Final = 3  # syslog LOG_ERR: this and lower numbers are errors
 
 class IrcdError(Exception):
     """The managed IRC server could not be started. str() is one line."""
-
-
-def server_ids() -> tuple[int, int]:
-    """(uid, gid) ngircd should run as: ours, or as root an unprivileged account.
-
-    ngircd refuses to keep root, so as root we choose: Debian's ``irc`` system
-    account (what the packaged ngircd uses), else ``nobody``.
-    """
-    if os.getuid() != 0:
-        return os.getuid(), os.getgid()
-    for name in ("irc", "nobody"):
-        with contextlib.suppress(KeyError):
-            entry = pwd.getpwnam(name)
-            return entry.pw_uid, entry.pw_gid
-    return 65534, 65534
-
-
-def render_config(
-    *,
-    workdir: Path,
-    listen: str,
-    port: int,
-    server_name: str,
-    network: str,
-    password: str | None,
-    max_nick_length: int,
-    channels: Sequence[tuple[str, str]] = (),
-    operators: Sequence[OperatorBlock] = (),
-    links: Sequence[LinkBlock] = (),
-    link_address: tuple[str, int] | None = None,
-    server_uid: int | None = None,
-    server_gid: int | None = None,
-    max_connections: int = MAX_CONNECTIONS,
-) -> str:
-    """A complete ngircd.conf for the managed server.
-
-    ``channels`` are (name, topic) pairs created at start as persistent ``+Ptn``
-    channels; ``operators`` become ``[Operator]`` blocks and ``links``
-    ``[Server]`` blocks (the text then holds their passwords: it is written
-    root-only, and ngircd reads it before it drops privileges).
-    ``link_address`` (IP, port), where peers link to, is listened on as well.
-    ``server_uid``/``server_gid`` default to ``server_ids()``. The values are
-    trusted to be valid (``IrcSpec`` and ``read_secret`` check them): ngircd
-    reads one unquoted value per line, so none may hold a line break.
-    """
-    if server_uid is None or server_gid is None:
-        server_uid, server_gid = server_ids()
-    values = (
-        listen,
-        server_name,
-        network,
-        password or "",
-        *(c for ch in channels for c in ch),
-        *(v for op in operators for v in (op.name, op.password, op.mask or "")),
-        *(v for ln in links for v in (ln.name, ln.host, ln.password)),
-    )
-    if any(ch in v for v in values for ch in "\r\n\x00"):
-        raise ValueError("ngircd config values cannot hold line breaks or NUL")
-    addresses, ports = ((), ()) if link_address is None else zip(link_address, strict=True)
-    lines = [
-        "# The managed IRC server of fireclaw-swarm. Rewritten at every start:",
-        "# change swarm.yaml (irc.managed) instead.",
-        "[Global]",
-        f"Name = {server_name}",
-        "Info = fireclaw-swarm",
-        "AdminInfo1 = fireclaw-swarm managed IRC server",
-        f"AdminInfo2 = network {network}",
-        f"Network = {network}",
-        f"Listen = {', '.join(dict.fromkeys((listen, *addresses)))}",
-        f"Ports = {', '.join(dict.fromkeys(str(p) for p in (port, *ports)))}",
-        f"MotdPhrase = {network}: the fireclaw-swarm control plane",
-        f"ServerUID = {server_uid}",
-        f"ServerGID = {server_gid}",
-    ]
-    if password is not None:
-        lines.append(f"Password = {password}")
-    lines += [
-        "",
-        "[Limits]",
-        # Every agent of a host may come from one address: no per-address cap.
-        "MaxConnectionsIP = 0",
-        f"MaxConnections = {max_connections}",
-        f"MaxJoins = {MAX_JOINS}",
-        f"MaxNickLength = {max_nick_length}",
-        f"PingTimeout = {PING_TIMEOUT}",
-        f"PongTimeout = {PONG_TIMEOUT}",
-        f"ConnectRetry = {CONNECT_RETRY}",
-        "",
-        "[Options]",
-        # Hostmasks stay IP addresses (the operator allowlist matches them), and a
-        # client never waits for a lookup.
-        "DNS = no",
-        "Ident = no",
-        "PAM = no",
-        "AllowRemoteOper = no",
-        f"IncludeDir = {workdir / INCLUDE_DIR}",
-    ]
-    for name, topic in channels:
-        lines += ["", "[Channel]", f"Name = {name}", "Modes = tn", f"Topic = {topic}"]
-    for op in operators:
-        lines += ["", "[Operator]", f"Name = {op.name}", f"Password = {op.password}"]
-        if op.mask is not None:
-            lines.append(f"Mask = {op.mask}")
-    for ln in links:
-        lines += ["", "[Server]", f"Name = {ln.name}", f"Host = {ln.host}", f"Port = {ln.port}"]
-        # One password per link, the same on both ends: each sends it and expects it.
-        lines += [f"MyPassword = {ln.password}", f"PeerPassword = {ln.password}"]
-        if not ln.connect:
-            lines.append("Passive = yes")
-    return "\n".join(lines) + "\n"
 
 
 class _Watcher:
