@@ -6,7 +6,7 @@ virtio-net-device, the console appended to ``spec.log_path``. QMP listens on
 a unix socket in a per-VM run directory (``<log dir>/run/<vm id>/``, or a
 private one under the temporary directory when that path is too long for a
 socket), removed once the VM is reaped. KVM or TCG as ``fireclaw.pool.accel``
-decided.
+decided. The VM, once started, is a ``QemuVm`` (``qemu_vm``).
 
 The control channel (``Channel.VIRTIO_SERIAL``): a virtio-serial port the
 guest daemon opens once and serves for its whole life, on a unix socket
