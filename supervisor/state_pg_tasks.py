@@ -22,12 +22,13 @@ from typing import Any, Final
 import psycopg
 from fireclaw.pool.store import TASK_STATES, TaskRow
 from fireclaw.supervisor.state_pg_db import PgDatabase
-from fireclaw.supervisor.state_tasks import check_max_attempts, refusal
-
-_COLUMNS: Final = (
-    "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
-    " epoch, host"
+from fireclaw.supervisor.state_tasks import (
+    TASK_COLUMNS,
+    check_max_attempts,
+    refusal,
+    task_row,
 )
+
 Cursor = psycopg.Cursor[tuple[Any, ...]]
 
 #: Held while one host requeues the tasks of silent ones (``requeue_silent``).
@@ -40,23 +41,6 @@ CHANNEL: Final = "fireclaw_tasks"
 def pg_text(value: str) -> str:
     """``value`` as PostgreSQL text can hold it: NUL becomes U+FFFD."""
     return value.replace("\x00", "\ufffd")
-
-
-def _task(row: tuple[Any, ...]) -> TaskRow:
-    return TaskRow(
-        id=row[0],
-        role=row[1],
-        prompt=row[2],
-        state=row[3],
-        attempts=row[4],
-        owner=row[5],
-        exit_code=row[6],
-        result=row[7],
-        created_at=row[8],
-        updated_at=row[9],
-        epoch=row[10],
-        host=row[11],
-    )
 
 
 class PgTasks:
@@ -72,12 +56,12 @@ class PgTasks:
         with self._pg.transaction(write=True) as cur:
             row = cur.execute(
                 "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
-                f" VALUES (%s, %s, 'queued', 0, %s, %s) RETURNING {_COLUMNS}",
+                f" VALUES (%s, %s, 'queued', 0, %s, %s) RETURNING {TASK_COLUMNS}",
                 (role, pg_text(prompt), now, now),
             ).fetchone()
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, role))
         assert row is not None
-        return _task(row)
+        return task_row(row)
 
     def claim_task(self, role: str, owner: str) -> TaskRow | None:
         """Atomically move the oldest queued task of ``role`` that nobody else is
@@ -89,10 +73,10 @@ class PgTasks:
                 " epoch = epoch + 1, updated_at = %s"
                 " WHERE id = (SELECT id FROM tasks WHERE role = %s AND state = 'queued'"
                 "             ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1)"
-                f" RETURNING {_COLUMNS}",
+                f" RETURNING {TASK_COLUMNS}",
                 (owner, self.host, self._clock(), role),
             ).fetchone()
-        return None if row is None else _task(row)
+        return None if row is None else task_row(row)
 
     def finish_task(
         self, task_id: int, *, epoch: int, ok: bool, exit_code: int | None, result: str
@@ -105,12 +89,12 @@ class PgTasks:
             row = cur.execute(
                 "UPDATE tasks SET state = %s, exit_code = %s, result = %s, updated_at = %s"
                 " WHERE id = %s AND state = 'claimed' AND epoch = %s"
-                f" RETURNING {_COLUMNS}",
+                f" RETURNING {TASK_COLUMNS}",
                 (state, exit_code, pg_text(result), self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
                 refusal(task_id, epoch, _state_of(cur, task_id))
-        return _task(row)
+        return task_row(row)
 
     def requeue_task(self, task_id: int, *, epoch: int, reason: str, max_attempts: int) -> TaskRow:
         """Give the task claimed at ``epoch`` back (failed once ``attempts``
@@ -121,7 +105,7 @@ class PgTasks:
             if row is None:
                 refusal(task_id, epoch, _state_of(cur, task_id))
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row[1]))
-        return _task(row)
+        return task_row(row)
 
     def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
         """Requeue every task this host claimed whose owner is not in
@@ -140,7 +124,7 @@ class PgTasks:
                     continue
                 row = _requeue(cur, task_id, epoch, f"owner {owner} is gone", max_attempts, now)
                 if row is not None:
-                    out.append(_task(row))
+                    out.append(task_row(row))
             for role in sorted({t.role for t in out if t.state == "queued"}):
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, role))
         return out
@@ -177,29 +161,31 @@ class PgTasks:
                 reason = f"host {host} is silent"
                 moved = _requeue(cur, task_id, epoch, reason, max_attempts, now)
                 if moved is not None:
-                    out.append(_task(moved))
+                    out.append(task_row(moved))
             for role in sorted({t.role for t in out if t.state == "queued"}):
                 cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, role))
         return out
 
     def get_task(self, task_id: int) -> TaskRow | None:
         with self._pg.transaction() as cur:
-            row = cur.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id = %s", (task_id,)).fetchone()
-        return None if row is None else _task(row)
+            row = cur.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = %s", (task_id,)
+            ).fetchone()
+        return None if row is None else task_row(row)
 
     def list_tasks(self, *, state: str | None = None, limit: int = 100) -> list[TaskRow]:
         """The most recent ``limit`` tasks (of ``state``, if given), newest first."""
         with self._pg.transaction() as cur:
             if state is None:
                 rows = cur.execute(
-                    f"SELECT {_COLUMNS} FROM tasks ORDER BY id DESC LIMIT %s", (limit,)
+                    f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id DESC LIMIT %s", (limit,)
                 ).fetchall()
             else:
                 rows = cur.execute(
-                    f"SELECT {_COLUMNS} FROM tasks WHERE state = %s ORDER BY id DESC LIMIT %s",
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = %s ORDER BY id DESC LIMIT %s",
                     (state, limit),
                 ).fetchall()
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def count_tasks(self) -> dict[str, int]:
         """Number of tasks in each state; every state is present, 0 if empty."""
@@ -229,7 +215,7 @@ def _requeue(
         " owner = CASE WHEN attempts + 1 >= %(max)s THEN owner ELSE NULL END,"
         " result = %(reason)s, updated_at = %(now)s"
         " WHERE id = %(id)s AND state = 'claimed' AND epoch = %(epoch)s"
-        f" RETURNING {_COLUMNS}",
+        f" RETURNING {TASK_COLUMNS}",
         {
             "max": max_attempts,
             "reason": pg_text(reason),

@@ -12,13 +12,14 @@ from typing import Any, Final, NoReturn
 from fireclaw.pool.store import TASK_STATES, TaskConflict, TaskFenced, TaskNotFound, TaskRow
 from fireclaw.supervisor.state_db import Database
 
-_TASK_COLUMNS: Final = (
+TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
     " epoch, host"
 )
 
 
-def _task(row: tuple[Any, ...]) -> TaskRow:
+def task_row(row: tuple[Any, ...]) -> TaskRow:
+    """A task from a row of ``TASK_COLUMNS``, as both stores select them."""
     return TaskRow(
         id=row[0],
         role=row[1],
@@ -44,10 +45,10 @@ class TaskQueue(Database):
         with self._errors(write=True), self._durable():
             row = self._conn.execute(
                 "INSERT INTO tasks (role, prompt, state, attempts, created_at, updated_at)"
-                f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {_TASK_COLUMNS}",
+                f" VALUES (?, ?, 'queued', 0, ?, ?) RETURNING {TASK_COLUMNS}",
                 (role, prompt, now, now),
             ).fetchone()
-        return _task(row)
+        return task_row(row)
 
     def claim_task(self, role: str, owner: str) -> TaskRow | None:
         """Atomically move the oldest queued task of ``role`` to claimed by
@@ -59,10 +60,10 @@ class TaskQueue(Database):
                 " updated_at = ?"
                 " WHERE id = (SELECT id FROM tasks WHERE role = ? AND state = 'queued'"
                 "             ORDER BY id LIMIT 1)"
-                f" RETURNING {_TASK_COLUMNS}",
+                f" RETURNING {TASK_COLUMNS}",
                 (owner, self.host, self._clock(), role),
             ).fetchone()
-        return None if row is None else _task(row)
+        return None if row is None else task_row(row)
 
     def finish_task(
         self, task_id: int, *, epoch: int, ok: bool, exit_code: int | None, result: str
@@ -76,12 +77,12 @@ class TaskQueue(Database):
         with self._errors(write=True), self._durable(), self._write():
             row = self._conn.execute(
                 "UPDATE tasks SET state = ?, exit_code = ?, result = ?, updated_at = ?"
-                f" WHERE id = ? AND state = 'claimed' AND epoch = ? RETURNING {_TASK_COLUMNS}",
+                f" WHERE id = ? AND state = 'claimed' AND epoch = ? RETURNING {TASK_COLUMNS}",
                 ("done" if ok else "failed", exit_code, result, self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
                 self._refused(task_id, epoch)
-        return _task(row)
+        return task_row(row)
 
     def requeue_task(self, task_id: int, *, epoch: int, reason: str, max_attempts: int) -> TaskRow:
         """Give the task claimed at ``epoch`` back: ``attempts`` grows by one; the
@@ -95,7 +96,7 @@ class TaskQueue(Database):
             row = self._requeue(task_id, epoch, reason, max_attempts, self._clock())
             if row is None:
                 self._refused(task_id, epoch)
-        return _task(row)
+        return task_row(row)
 
     def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
         """Requeue (as ``requeue_task``) every task this host claimed whose owner
@@ -114,7 +115,7 @@ class TaskQueue(Database):
                     continue
                 row = self._requeue(task_id, epoch, f"owner {owner} is gone", max_attempts, now)
                 if row is not None:
-                    out.append(_task(row))
+                    out.append(task_row(row))
         return out
 
     def requeue_silent(self, *, silent_after: float, max_attempts: int) -> list[TaskRow]:
@@ -132,23 +133,23 @@ class TaskQueue(Database):
     def get_task(self, task_id: int) -> TaskRow | None:
         with self._errors():
             row = self._conn.execute(
-                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
-        return None if row is None else _task(row)
+        return None if row is None else task_row(row)
 
     def list_tasks(self, *, state: str | None = None, limit: int = 100) -> list[TaskRow]:
         """The most recent ``limit`` tasks (of ``state``, if given), newest first."""
         with self._errors():
             if state is None:
                 rows = self._conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
+                    f"SELECT {TASK_COLUMNS} FROM tasks ORDER BY id DESC LIMIT ?", (limit,)
                 ).fetchall()
             else:
                 rows = self._conn.execute(
-                    f"SELECT {_TASK_COLUMNS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? ORDER BY id DESC LIMIT ?",
                     (state, limit),
                 ).fetchall()
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def count_tasks(self) -> dict[str, int]:
         """Number of tasks in each state; every state is present, 0 if empty."""
@@ -176,7 +177,7 @@ class TaskQueue(Database):
             " owner = CASE WHEN attempts + 1 >= :max THEN owner ELSE NULL END,"
             " result = :reason, updated_at = :now"
             " WHERE id = :id AND state = 'claimed' AND epoch = :epoch"
-            f" RETURNING {_TASK_COLUMNS}",
+            f" RETURNING {TASK_COLUMNS}",
             {"max": max_attempts, "reason": reason, "now": now, "id": task_id, "epoch": epoch},
         ).fetchone()
         return row
