@@ -109,6 +109,8 @@ class PgDatabase:
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._lock = threading.Lock()
         self._listener: psycopg.Connection[tuple[Any, ...]] | None = None  # see listen()
+        self._holder: psycopg.Connection[tuple[Any, ...]] | None = None  # see hold_lock()
+        self._holding = False
         #: ``time.monotonic()`` before which no new connection is tried (see above).
         self._retry_at = 0.0
 
@@ -158,6 +160,10 @@ class PgDatabase:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+            self._holding = False
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         extra: dict[str, Any] = dict(_TCP_OPTIONS)
@@ -252,6 +258,29 @@ class PgDatabase:
             message = f"state database {self.label}: {first_line(exc)}"
             raise StateUnwritable(message, "unreachable", self.label) from exc
         return heard
+
+    def hold_lock(self, key: int) -> bool:
+        """Whether this process holds the session-level advisory lock ``key``,
+        trying to take it if not. It is held on a connection of its own, kept
+        for that: the lock lasts as long as that connection, so a host that dies
+        or loses the database frees it for another. One key per database object.
+        Blocking, so call it from one worker thread at a time. False while the
+        database cannot be reached; the next call connects anew."""
+        try:
+            if self._holder is None or self._holder.closed:
+                self._holding = False
+                self._holder = self._connect()
+            if self._holding:
+                self._holder.execute("SELECT 1")  # still connected: still held
+            else:
+                row = self._holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                self._holding = row is not None and bool(row[0])
+        except psycopg.Error as exc:
+            log.debug("state database %s: advisory lock: %s", self.label, first_line(exc))
+            if self._holder is not None:
+                self._holder.close()
+            self._holder, self._holding = None, False
+        return self._holding
 
     def _why_unwritable(self, exc: psycopg.Error) -> str | None:
         for kind, why in _UNWRITABLE.items():
