@@ -123,17 +123,10 @@ class PgLedger:
             ).fetchall()
         return [
             CallRecord(
-                at=r[0],
-                agent=r[1],
-                role=r[2],
-                vm=r[3],
-                task=r[4],
-                model=r[5],
-                prompt_tokens=r[6],
-                completion_tokens=r[7],
-                duration=r[8],
-                outcome=r[9],
+                at=r[0], agent=r[1], role=r[2], vm=r[3], task=r[4], model=r[5],
+                prompt_tokens=r[6], completion_tokens=r[7], duration=r[8], outcome=r[9],
                 host_counted=r[10],
             )  # fmt: skip
             for r in rows
         ]
+
