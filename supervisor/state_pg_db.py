@@ -63,6 +63,17 @@ _TCP_OPTIONS: Final[dict[str, Any]] = {
     "application_name": "fireclaw-swarm",
 }
 
+#: The server's side of a lock-holding connection (``hold_lock``): a holder cut
+#: off the network must lose its lock in seconds, not after the kernel's two
+#: hours of silence, so the server probes it as this side probes the server.
+#: Over a Unix socket these change nothing.
+_HOLDER_SETTINGS: Final = (
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 1",
+    "SET tcp_keepalives_count = 3",
+    f"SET tcp_user_timeout = {CONNECT_TIMEOUT * 1000}",
+)
+
 # SQLSTATE classes that mean the server, not the statement, refuses writes now.
 _UNWRITABLE: Final[dict[type[psycopg.Error], str]] = {
     psycopg.errors.DiskFull: "full",
@@ -270,6 +281,8 @@ class PgDatabase:
             if self._holder is None or self._holder.closed:
                 self._holding = False
                 self._holder = self._connect()
+                for statement in _HOLDER_SETTINGS:
+                    self._holder.execute(statement)
             if self._holding:
                 self._holder.execute("SELECT 1")  # still connected: still held
             else:
