@@ -15,18 +15,28 @@ The lost host's late results are fenced off by the epoch of the new claim,
 and the lost host fences itself too: out of the database for nearly
 ``silent_after`` (``SelfFence``), it stops the VMs running tasks, which other
 hosts are about to run again.
+
+One host at a time leads the fleet's overseers: the one holding an advisory
+lock on a PostgreSQL connection kept for it (``Store.lead_fleet``), which the
+others try every ``LEAD_RETRY`` seconds. Each host's overseer sits in the
+linked control channel, but only the leader's obeys what is said there, so a
+command given once is carried out once. A host that dies, or loses the
+database, loses the connection and with it the lock.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 from fireclaw.config import Config
 from fireclaw.pool.group import RoleGroup
 from fireclaw.supervisor.state import StateError, Store
+
+if TYPE_CHECKING:
+    from fireclaw.supervisor.overseer import Overseer
 
 log = logging.getLogger("fireclaw.supervisor")
 
@@ -34,6 +44,9 @@ log = logging.getLogger("fireclaw.supervisor")
 POLL: Final = 5.0
 #: Seconds between this host's heartbeats.
 HEARTBEAT: Final = 5.0
+#: Seconds between tries of the lead lock by the hosts not leading (and checks
+#: by the leader that it still holds it).
+LEAD_RETRY: Final = 3.0
 
 
 class SelfFence:
@@ -56,6 +69,22 @@ class SelfFence:
             return False
         self.fenced = True
         return True
+
+
+class Leadership:
+    """Whether this host's overseer leads the fleet, from each look at the lead
+    lock. Sans-I/O: the caller says whether the lock is held now; the answer is
+    the change to act on, if any. Nobody leads until the lock is first held."""
+
+    def __init__(self) -> None:
+        self.leading = False
+
+    def held(self, held: bool) -> Literal["took", "lost"] | None:
+        """The lock is (or is not) held now: "took" the lead, "lost" it, or None."""
+        if held == self.leading:
+            return None
+        self.leading = held
+        return "took" if held else "lost"
 
 
 class ClusterSide:
@@ -118,6 +147,22 @@ class ClusterSide:
                 for group in list(self.groups.values()):
                     group.tasks_queued()
             await trio.sleep(HEARTBEAT)
+
+    async def _lead_overseers(self, overseer: Overseer) -> None:
+        """Try for the fleet's lead every ``LEAD_RETRY`` seconds, and let this
+        host's overseer obey commands only while it holds it. Runs for the
+        supervisor's life in cluster mode with IRC."""
+        lead = Leadership()
+        while True:
+            held = await trio.to_thread.run_sync(self.store.lead_fleet)
+            match lead.held(held):
+                case "took":
+                    self.event("fleet_lead", overseer.nick)
+                    await overseer.take_lead()
+                case "lost":
+                    self.event("fleet_lead_lost", overseer.nick)
+                    await overseer.lose_lead()
+            await trio.sleep(LEAD_RETRY)
 
     def _fence_self(self, why: StateError, out_for: float) -> None:
         """Out of the database nearly long enough for other hosts to take this

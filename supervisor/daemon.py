@@ -329,8 +329,10 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
             longest = spec.managed.max_nick_length if spec.is_managed else MAX_AGENT_NAME
             nick = fleet_nick(spec.overseer_nick, self.store.host, longest)
             spec = msgspec.structs.replace(spec, overseer_nick=nick)
-        self.overseer = Overseer(self, spec, address, credentials)
+        self.overseer = Overseer(self, spec, address, credentials, leads=cluster is None)
         root.start_soon(self.overseer.run)
+        if cluster is not None:
+            root.start_soon(self._lead_overseers, self.overseer)
 
     async def _start_group(self, name: str) -> RoleGroup:
         assert self._root is not None

@@ -14,6 +14,10 @@ VMs, degraded and recovered roles, named agents coming back, finished tasks.
 It also sits, silent, in the agents' channel and keeps what is said there in
 ``agents_log`` (supervisor/chatlog.py), which the dashboard shows, with every
 secret the supervisor holds redacted.
+
+In cluster mode every host runs one, and all sit in the one linked control
+channel; only the leader's (``cluster.py``) obeys commands there, or answers
+them. The others stay silent until their host takes the lead.
 """
 
 from __future__ import annotations
@@ -70,9 +74,14 @@ class Overseer:
         spec: IrcSpec,
         address: tuple[str, int],
         credentials: IrcCredentials | None = None,
+        *,
+        leads: bool = True,
     ) -> None:
+        """``leads``: whether it obeys commands from the start (a single host's
+        does; in a fleet, only once ``take_lead`` is called)."""
         credentials = credentials or IrcCredentials()
         self.sup = supervisor
+        self.leads = leads
         self.spec = spec
         self.channel = spec.control_channel
         self.client = IrcClient(
@@ -102,6 +111,25 @@ class Overseer:
                 "irc.operator_auth is hostmask: anyone who can connect from an address"
                 " matching irc.operators can command the swarm"
             )
+
+    @property
+    def nick(self) -> str:
+        return self.spec.overseer_nick
+
+    async def take_lead(self) -> None:
+        """Obey commands from now on, and say so in the control channel (once
+        connected, if it is not yet)."""
+        self.leads = True
+        log.info("%s leads the fleet now", self.nick)
+        await self.client.privmsg(self.channel, f"{self.nick} leads the fleet now")
+
+    async def lose_lead(self) -> None:
+        """Stop obeying commands: another host's overseer is about to lead."""
+        self.leads = False
+        log.warning("%s no longer leads the fleet: it lost the shared database", self.nick)
+        await self.client.privmsg(
+            self.channel, f"{self.nick} no longer leads the fleet: its host lost the database"
+        )
 
     async def wait_said(self, after: int) -> None:
         """Return once ``agents_log`` holds a line with an id above ``after``;
@@ -162,6 +190,8 @@ class Overseer:
             self._said = trio.Event()
         if not msg.private and msg.target.lower() != self.channel.lower():
             return
+        if not self.leads:
+            return  # another host's overseer answers
         command = c.parse(msg.text)
         if command is None:
             return

@@ -63,6 +63,17 @@ _TCP_OPTIONS: Final[dict[str, Any]] = {
     "application_name": "fireclaw-swarm",
 }
 
+#: The server's side of a lock-holding connection (``hold_lock``): a holder cut
+#: off the network must lose its lock in seconds, not after the kernel's two
+#: hours of silence, so the server probes it as this side probes the server.
+#: Over a Unix socket these change nothing.
+_HOLDER_SETTINGS: Final = (
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 1",
+    "SET tcp_keepalives_count = 3",
+    f"SET tcp_user_timeout = {CONNECT_TIMEOUT * 1000}",
+)
+
 # SQLSTATE classes that mean the server, not the statement, refuses writes now.
 _UNWRITABLE: Final[dict[type[psycopg.Error], str]] = {
     psycopg.errors.DiskFull: "full",
@@ -109,6 +120,8 @@ class PgDatabase:
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._lock = threading.Lock()
         self._listener: psycopg.Connection[tuple[Any, ...]] | None = None  # see listen()
+        self._holder: psycopg.Connection[tuple[Any, ...]] | None = None  # see hold_lock()
+        self._holding = False
         #: ``time.monotonic()`` before which no new connection is tried (see above).
         self._retry_at = 0.0
 
@@ -158,6 +171,10 @@ class PgDatabase:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
+            self._holding = False
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         extra: dict[str, Any] = dict(_TCP_OPTIONS)
@@ -252,6 +269,31 @@ class PgDatabase:
             message = f"state database {self.label}: {first_line(exc)}"
             raise StateUnwritable(message, "unreachable", self.label) from exc
         return heard
+
+    def hold_lock(self, key: int) -> bool:
+        """Whether this process holds the session-level advisory lock ``key``,
+        trying to take it if not. It is held on a connection of its own, kept
+        for that: the lock lasts as long as that connection, so a host that dies
+        or loses the database frees it for another. One key per database object.
+        Blocking, so call it from one worker thread at a time. False while the
+        database cannot be reached; the next call connects anew."""
+        try:
+            if self._holder is None or self._holder.closed:
+                self._holding = False
+                self._holder = self._connect()
+                for statement in _HOLDER_SETTINGS:
+                    self._holder.execute(statement)
+            if self._holding:
+                self._holder.execute("SELECT 1")  # still connected: still held
+            else:
+                row = self._holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                self._holding = row is not None and bool(row[0])
+        except psycopg.Error as exc:
+            log.debug("state database %s: advisory lock: %s", self.label, first_line(exc))
+            if self._holder is not None:
+                self._holder.close()
+            self._holder, self._holding = None, False
+        return self._holding
 
     def _why_unwritable(self, exc: psycopg.Error) -> str | None:
         for kind, why in _UNWRITABLE.items():

@@ -7,9 +7,15 @@ database's clock, so hosts whose clocks disagree still agree on who is silent.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from fireclaw.supervisor.state_pg_db import PgDatabase
+from fireclaw.supervisor.state_pg_schema import MIGRATION_LOCK
 from fireclaw.supervisor.state_registry import AgentRecord, HostRow
+
+#: Held, for as long as its connection lasts, by the host whose overseer leads
+#: the fleet (``lead_fleet``).
+LEAD_LOCK: Final = MIGRATION_LOCK + 2
 
 
 class PgRegistry:
@@ -50,6 +56,12 @@ class PgRegistry:
                 " ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
                 (self.host,),
             )
+
+    def lead_fleet(self) -> bool:
+        """Whether this host leads the fleet's overseers: it holds, or has just
+        taken, an advisory lock on a connection kept for it, which its death or
+        loss of the database frees. Blocking; one worker thread at a time."""
+        return self._pg.hold_lock(LEAD_LOCK)
 
     def hosts(self) -> list[HostRow]:
         """Every host that ever heartbeat, by name; ``age`` by the database's clock."""

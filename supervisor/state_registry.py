@@ -167,6 +167,10 @@ class Registry(Database):
                 (self.host, now, now),
             )
 
+    def lead_fleet(self) -> bool:
+        """Whether this host's overseer leads the fleet. One host leads itself."""
+        return True
+
     def hosts(self) -> list[HostRow]:
         """Every host that ever heartbeat, by name."""
         now = self._clock()
