@@ -71,7 +71,10 @@ from fireclaw.pool.drivers.base import (
 )
 from fireclaw.pool.drivers.qemu import QemuDriver, QemuVm
 from fireclaw.pool.drivers.qemu_argv import (
+    CHANNEL_SOCKET,
     CONTROL_PORT_NAME,
+    QMP_SOCKET,
+    RUN_DIR_SOCKETS,
     guest_control_url,
     kernel_cmdline,
     make_run_dir,
@@ -222,14 +225,21 @@ def test_qemu_argv_on_a_tap_with_its_own_disk_and_a_spare() -> None:
 def test_run_dir_falls_back_when_the_socket_path_would_be_too_long(tmp_path: Path) -> None:
     short = make_run_dir(_spec(log_path=tmp_path / "w.log"))
     assert short == tmp_path / "run" / "worker-0-abc123" and short.is_dir()
-    deep = tmp_path / ("d" * 100)
-    fallback = make_run_dir(_spec(log_path=deep / "w.log"))
-    try:
-        assert fallback.parent == Path(tempfile.gettempdir())
-        assert len(os.fsencode(fallback / "qmp.sock")) <= 107
-        assert fallback.stat().st_mode & 0o777 == 0o700
-    finally:
-        shutil.rmtree(fallback)
+    # Deep enough that "qmp.sock" would still fit but the control port's socket not.
+    base = tmp_path / "run" / "worker-0-abc123"
+    pad = 107 - len(os.fsencode(base / QMP_SOCKET)) - 1
+    deep = tmp_path / ("d" * pad)
+    assert len(os.fsencode(deep / "run" / "worker-0-abc123" / QMP_SOCKET)) <= 107
+    assert len(os.fsencode(deep / "run" / "worker-0-abc123" / CHANNEL_SOCKET)) > 107
+    for log_dir in (deep, tmp_path / ("d" * 100)):
+        fallback = make_run_dir(_spec(log_path=log_dir / "w.log"))
+        try:
+            assert fallback.parent == Path(tempfile.gettempdir())
+            for name in RUN_DIR_SOCKETS:
+                assert len(os.fsencode(fallback / name)) <= 107
+            assert fallback.stat().st_mode & 0o777 == 0o700
+        finally:
+            shutil.rmtree(fallback)
 
 
 def test_the_driver_is_the_backend_the_config_names(tmp_path: Path) -> None:

@@ -75,7 +75,9 @@ from fireclaw.pool.drivers.base import (
     VmSpec,
 )
 from fireclaw.pool.drivers.qemu_argv import (
+    CHANNEL_SOCKET,
     CONTROL_PORT_NAME,
+    QMP_SOCKET,
     control_pair,
     kernel_cmdline,
     make_run_dir,
@@ -89,7 +91,7 @@ from fireclaw.pool.drivers.qemu_migration import (
     query_status,
     run_state,
 )
-from fireclaw.pool.drivers.qemu_vm import CHANNEL_SOCKET, QemuVm
+from fireclaw.pool.drivers.qemu_vm import QemuVm
 from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.drivers.vmm import VmmExited
 from fireclaw.pool.image import Image
@@ -243,17 +245,19 @@ class QemuDriver:
         ``private_memory``, mapped privately, when the snapshot left it out)."""
         run_dir = make_run_dir(spec)
         try:
-            qmp_sock = qmp_listener(run_dir / "qmp.sock")
+            qmp_sock = qmp_listener(run_dir / QMP_SOCKET)
         except OSError as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
-            raise DriverError(f"{spec.name}: QMP socket in {run_dir}: {exc.strerror}") from exc
+            raise DriverError(
+                f"{spec.name}: QMP socket in {run_dir}: {exc.strerror or exc}"
+            ) from exc
         with qmp_sock:
             try:
                 control_sock, channel = control_pair(run_dir / CHANNEL_SOCKET)
             except OSError as exc:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise DriverError(
-                    f"{spec.name}: control socket in {run_dir}: {exc.strerror}"
+                    f"{spec.name}: control socket in {run_dir}: {exc.strerror or exc}"
                 ) from exc
             with control_sock, opened(incoming) as snapshot_fd:
                 listeners = (qmp_sock, control_sock)

@@ -45,6 +45,11 @@ CONTROL_PORT_NAME: Final = "fireclaw.control"
 _LOOPBACK: Final = frozenset({"127.0.0.1", "localhost"})
 _HOSTNAME: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _UNIX_PATH_MAX: Final = 107
+#: The sockets a VM's run directory holds: QMP's, the control port's, a snapshot's stream.
+QMP_SOCKET: Final = "qmp.sock"
+CHANNEL_SOCKET: Final = "control.sock"
+MIGRATE_SOCKET: Final = "migrate.sock"
+RUN_DIR_SOCKETS: Final = (QMP_SOCKET, CHANNEL_SOCKET, MIGRATE_SOCKET)
 
 
 def guest_control_url(url: str, *, tap: bool = False) -> str:
@@ -237,7 +242,7 @@ def opened(path: Path | None) -> Iterator[int | None]:
 def make_run_dir(spec: VmSpec) -> Path:
     """A fresh private directory for the VM's sockets."""
     run_dir = spec.log_path.absolute().parent / "run" / spec.vm_id
-    if len(os.fsencode(run_dir / "qmp.sock")) > _UNIX_PATH_MAX:
+    if any(len(os.fsencode(run_dir / name)) > _UNIX_PATH_MAX for name in RUN_DIR_SOCKETS):
         return Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id[:32]}-"))
     try:
         shutil.rmtree(run_dir, ignore_errors=True)  # a leftover of a crashed supervisor

@@ -28,7 +28,14 @@ from fireclaw.pool.drivers.base import (
     VmSpec,
     info_path,
 )
-from fireclaw.pool.drivers.qemu_argv import WS_EMPTY, WS_FILE, WS_NODE
+from fireclaw.pool.drivers.qemu_argv import (
+    CHANNEL_SOCKET,
+    MIGRATE_SOCKET,
+    QMP_SOCKET,
+    WS_EMPTY,
+    WS_FILE,
+    WS_NODE,
+)
 from fireclaw.pool.drivers.qemu_migration import (
     SnapshotInfo,
     migrate_to_socket,
@@ -43,7 +50,6 @@ T = TypeVar("T")
 #: Cancelling an unfinished snapshot and resuming the VM.
 _UNDO_TIMEOUT: Final = 5.0
 #: The control port's unix socket, in the VM's run directory.
-CHANNEL_SOCKET: Final = "control.sock"
 
 
 class QemuVm(VmmProcess):
@@ -81,7 +87,7 @@ class QemuVm(VmmProcess):
 
     @property
     def qmp_path(self) -> Path:
-        return self._run_dir / "qmp.sock"
+        return self._run_dir / QMP_SOCKET
 
     @property
     def control_socket(self) -> Path:
@@ -156,7 +162,7 @@ class QemuVm(VmmProcess):
         if not path.is_absolute():
             raise VmmCommandError(f"{self._spec.name}: snapshot path {path} is not absolute")
         partial_path = path.with_name(f".{path.name}.partial")
-        sock_path = self.qmp_path.with_name("migrate.sock")  # in the VM's own run directory
+        sock_path = self.qmp_path.with_name(MIGRATE_SOCKET)  # in the VM's own run directory
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         started = trio.current_time()
         try:
