@@ -46,7 +46,7 @@ import trio
 from fireclaw.config import Backoff, Role
 from fireclaw.pool import disks
 from fireclaw.pool.backoff import backoff_delay
-from fireclaw.pool.drivers.base import Driver, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.template_make import (
     MEMORY_SUFFIX,
     RECORD_SUFFIX,
@@ -78,6 +78,9 @@ class _Entry:
     error: str | None = None  # why the last attempt failed
     making: bool = True  # an attempt is under way
     users: int = 0  # clones restored from it that are still running
+    pending: int = 0  # of those, the ones still setting up or restoring: they need its files
+    broken: str | None = None  # why a clone could not be restored from it
+    retired: trio.Event = field(default_factory=trio.Event)  # broken, and its files gone
     failures: int = 0  # failed attempts in a row
     retry_at: float | None = None  # trio time of the next attempt, while waiting for it
     dropped: trio.Event = field(default_factory=trio.Event)  # by _prune: no more attempts
@@ -119,9 +122,11 @@ class Templates(TemplateMaker):
         """``role``'s template, made first if need be; None if its first attempt
         failed and it is not made yet (the VM then cold-boots; later attempts are
         not waited for). Give it back with ``release`` once the clone ends."""
-        key = self.key_for(role)
-        self._wanted[role.name] = key
+        key = self._wanted[role.name] = self.key_for(role)
         entry = self._entries.get(key)
+        while entry is not None and entry.broken is not None:
+            await entry.retired.wait()  # made again once no clone needs its files
+            entry = self._entries.get(key)
         if entry is None:
             assert self._nursery is not None, "Templates.run is not running"
             entry = self._entries[key] = _Entry(key)
@@ -131,27 +136,47 @@ class Templates(TemplateMaker):
         if entry.template is None:
             return None
         entry.users += 1
+        entry.pending += 1
         return entry.template
 
-    def release(self, template: Template) -> None:
+    def release(self, template: Template, *, settled: bool = True) -> None:
+        """A clone of ``template`` has ended; ``settled``: it got as far as its restore
+        (else it still counted as needing the files)."""
         entry = self._entries.get(template.key)
         if entry is not None and entry.template is template:
             entry.users -= 1
+            if not settled:
+                self._settle(entry)
             self._prune()
 
     def broken(self, template: Template, reason: str) -> None:
         """A clone could not be restored from ``template``: make it again on the next ask.
 
-        Its files go at once: a clone that runs no longer needs them (its VMM has
-        read the whole state before the clone runs)."""
+        Its files go once no other clone is still setting up or restoring from it
+        (another role's clone may be, when roles share a key); a clone that runs no
+        longer needs them (its VMM has read the whole state before the clone runs).
+        Until then, asking for this key waits."""
         entry = self._entries.get(template.key)
-        if entry is None or entry.template is not template:
+        if entry is None or entry.template is not template or entry.broken is not None:
             return  # dropped already, and perhaps made again since
-        del self._entries[template.key]
+        entry.broken = reason
         log.warning("template %s dropped: %s", template.short, reason)
         self.rt.event("template_dropped", f"template-{template.short}", reason=reason)
-        self._remove_files(template.short)
+        self._retire_if_settled(entry)
         self.rt.bump()
+
+    def _settle(self, entry: _Entry) -> None:
+        entry.pending -= 1
+        self._retire_if_settled(entry)
+
+    def _retire_if_settled(self, entry: _Entry) -> None:
+        if entry.broken is None or entry.pending > 0 or entry.retired.is_set():
+            return
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        assert entry.template is not None
+        self._remove_files(entry.template.short)
+        entry.retired.set()
 
     def describe(self, role: Role) -> str:
         """One line for ``status``: how this role's VMs start."""
@@ -161,6 +186,8 @@ class Templates(TemplateMaker):
             return "snapshot template: not made yet"
         if entry.making and entry.error is None:
             return f"snapshot template {key[:16] if key else ''}: being made"
+        if entry.broken is not None:
+            return f"snapshot template {key[:16] if key else ''}: dropped, made again once unused"
         if entry.template is None:
             if entry.making:
                 retry = "; retrying now"
@@ -178,7 +205,18 @@ class Templates(TemplateMaker):
             self._prune()
 
     async def restore(self, spec: VmSpec, template: Template) -> VmHandle:
-        return await self.driver.restore(spec, template.snapshot)
+        """Restore a clone of ``template`` (which ``get`` gave it); a restore that
+        fails drops the template (``broken``). Either way the clone no longer
+        needs the template's files: ``release`` it with ``settled=True``."""
+        entry = self._entries.get(template.key)
+        try:
+            return await self.driver.restore(spec, template.snapshot)
+        except DriverError as exc:
+            self.broken(template, str(exc))
+            raise
+        finally:
+            if entry is not None and entry.template is template:
+                self._settle(entry)
 
     # --- making one ---------------------------------------------------------------
 

@@ -40,11 +40,12 @@ class ChildIncarnation(ChildServing):
         template = None
         if templates is not None and self.rt.isolate_net:
             template = await templates.get(self.group.role)  # None: cold boot
+        self._template_settled = False
         try:
             return await self._incarnate_from(template)
         finally:
             if templates is not None and template is not None:
-                templates.release(template)
+                templates.release(template, settled=self._template_settled)
 
     async def _incarnate_from(self, template: Template | None) -> Outcome:
         """One VM: cold-booted, or restored from ``template``."""
@@ -115,11 +116,8 @@ class ChildIncarnation(ChildServing):
                 started = trio.current_time()
                 if template is not None:
                     assert self.rt.templates is not None
-                    try:
-                        self.handle = await self.rt.templates.restore(spec, template)
-                    except DriverError as exc:
-                        self.rt.templates.broken(template, str(exc))
-                        raise
+                    self._template_settled = True  # restore settles it, whatever happens
+                    self.handle = await self.rt.templates.restore(spec, template)
                     self.started_as = f"restored {template.short}"
                     self.vmm_seconds = trio.current_time() - started
                 else:

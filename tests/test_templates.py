@@ -19,7 +19,15 @@ import trio.testing
 from fireclaw.config import Role, parse_config
 from fireclaw.config.model import Resources
 from fireclaw.pool.backoff import MAX_EXPONENT
-from fireclaw.pool.drivers.base import CONTROL_PORT, Capability, Driver, DriverInfo
+from fireclaw.pool.drivers.base import (
+    CONTROL_PORT,
+    Capability,
+    Driver,
+    DriverError,
+    DriverInfo,
+    VmHandle,
+    VmSpec,
+)
 from fireclaw.pool.runtime import Runtime
 from fireclaw.pool.template_make import Template, TemplateError
 from fireclaw.pool.templates import RETRY_BASE, RETRY_MAX, Templates, retry_delay
@@ -43,6 +51,17 @@ class FakeDriver:
 
     name = "fake"
     outlives_supervisor = False
+
+    def __init__(self) -> None:
+        #: A restore of the spec named here fails with that reason, or waits for that event.
+        self.restores: dict[str, str | trio.Event] = {}
+
+    async def restore(self, spec: VmSpec, snapshot: Path) -> VmHandle:
+        outcome = self.restores[cast(str, spec)]
+        if isinstance(outcome, str):
+            raise DriverError(outcome)
+        await outcome.wait()
+        return cast(VmHandle, object())
 
     def describe(self) -> DriverInfo:
         return DriverInfo(
@@ -270,6 +289,63 @@ async def test_a_key_nobody_wants_any_more_is_not_retried(
         assert len(templates.attempts[new_key]) == attempts
         assert templates.describe(role) == "snapshot template: not made yet"
         assert templates.most_in_flight == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_template_keeps_its_files_while_another_clone_still_needs_them(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """Two roles of one shape share a key: one's clone failing to restore (perhaps
+    for a reason of its own) must not pull the files from under the other's."""
+    templates, role, events = make_templates(tmp_path, fail=0)
+    driver = cast(FakeDriver, templates.driver)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(templates.run, set())
+        with trio.fail_after(DEADLINE):
+            first = await templates.get(role)
+            second = await templates.get(role)
+        assert first is not None and first is second
+        first.snapshot.parent.mkdir(parents=True, exist_ok=True)
+        first.snapshot.write_bytes(b"device state")
+        driver.restores = {"a": "no room for its socket", "b": trio.Event()}
+
+        with pytest.raises(DriverError):
+            await templates.restore(cast(VmSpec, "a"), first)
+        templates.release(first)
+        assert [d["reason"] for _, d in events.of("template_dropped")] == ["no room for its socket"]
+        assert first.snapshot.exists()  # the second clone has not restored yet
+        assert "dropped" in templates.describe(role)
+
+        # Asking for the key now waits for the broken template to go, then makes it anew.
+        asked: list[Template | None] = []
+        answered = trio.Event()
+
+        async def ask() -> None:
+            asked.append(await templates.get(role))
+            answered.set()
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == [] and len(templates.attempts[first.key]) == 1
+
+        async def restore_second() -> None:
+            await templates.restore(cast(VmSpec, "b"), first)
+
+        nursery.start_soon(restore_second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.snapshot.exists()  # restoring from it
+        driver_gate = driver.restores["b"]
+        assert isinstance(driver_gate, trio.Event)
+        driver_gate.set()
+        with trio.fail_after(DEADLINE):
+            await answered.wait()
+        assert not first.snapshot.exists()  # nobody needed it any more
+        again = asked[0]
+        assert again is not None and again is not first
+        assert len(templates.attempts[first.key]) == 2
+        templates.release(first)  # the second clone ends: the new template is not touched
+        assert templates.describe(role) == f"restored from snapshot template {again.short}"
+        templates.release(again, settled=False)  # its clone never got to restore
         nursery.cancel_scope.cancel()
 
 
