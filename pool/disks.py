@@ -1,10 +1,11 @@
-"""Thin disks for real VMs: a disk of its own per VM over the shared image.
+"""Disks of real VMs: one of its own per VM, over the shared image.
 
 Which kind the driver says (``DriverInfo.disk``); ``create_disk`` makes either.
 A qcow2 overlay (QEMU) is described here; a raw copy (a VMM that opens raw
 files only, ``<vm id>.raw``) is a reflink or sparse copy of the image's root
 or of the template's frozen disk (``pool.disk_copy``), made in a thread, no
-process either. Both are removed with their VM and swept alike.
+process either: thin where the file system shares extents, else holding the
+image's data. Both are removed with their VM and swept alike.
 
 The image's root filesystem is never written: each VM gets its own overlay
 (``<directory>/<vm id>.qcow2``), created empty on top of the image when it
