@@ -1,4 +1,11 @@
-"""Thin disks for real VMs: a qcow2 overlay per VM over the shared image.
+"""Disks of real VMs: one of its own per VM, over the shared image.
+
+Which kind the driver says (``DriverInfo.disk``); ``create_disk`` makes either.
+A qcow2 overlay (QEMU) is described here; a raw copy (a VMM that opens raw
+files only, ``<vm id>.raw``) is a reflink or sparse copy of the image's root
+or of the template's frozen disk (``pool.disk_copy``), made in a thread, no
+process either: thin where the file system shares extents, else holding the
+image's data. Both are removed with their VM and swept alike.
 
 The image's root filesystem is never written: each VM gets its own overlay
 (``<directory>/<vm id>.qcow2``), created empty on top of the image when it
@@ -16,7 +23,7 @@ path or anywhere.
 
 Errors::
 
-    DiskError       an overlay could not be created
+    DiskError       a VM's disk could not be created
 """
 
 from __future__ import annotations
@@ -29,9 +36,14 @@ from pathlib import Path
 from typing import Final, Literal
 
 import trio
+from fireclaw.pool.disk_copy import copy_raw
+from fireclaw.pool.drivers.base import DiskFormat
 from fireclaw.pool.runner import ProgramFailed, run_program
 
 SUFFIX: Final = ".qcow2"
+RAW_SUFFIX: Final = ".raw"
+#: The file name ending of a VM's own disk of each kind.
+SUFFIXES: Final = {DiskFormat.QCOW2_OVERLAY: SUFFIX, DiskFormat.RAW_COPY: RAW_SUFFIX}
 #: ``.NAME.blank-<hash>.qcow2``: the blank overlay of the backing file NAME.
 BLANK_INFIX: Final = ".blank-"
 QEMU_IMG: Final = "qemu-img"
@@ -40,7 +52,29 @@ _PREREAD_CHUNK: Final = 1 << 20
 
 
 class DiskError(Exception):
-    """An overlay could not be created."""
+    """A VM's disk could not be created."""
+
+
+async def create_disk(
+    path: Path, source: Path, disk_format: DiskFormat, *, from_template: bool
+) -> Path:
+    """Create ``path``, a VM's own disk of ``disk_format`` made from ``source``:
+    the image's root (raw), or a template's frozen disk, of the same format
+    (``from_template``); return it.
+
+    A qcow2 overlay is empty, backed by ``source``; a raw copy holds all of
+    ``source``, sharing its blocks where the file system can."""
+    if disk_format is DiskFormat.RAW_COPY:
+        await trio.to_thread.run_sync(_copy_raw, path, source)
+        return path
+    return await create_overlay(path, source, "qcow2" if from_template else "raw")
+
+
+def _copy_raw(path: Path, source: Path) -> None:
+    try:
+        copy_raw(path, source)
+    except OSError as exc:
+        raise DiskError(f"raw disk {path.name}: {exc.strerror or exc}") from exc
 
 
 async def create_overlay(
@@ -106,15 +140,15 @@ def remove(path: Path) -> None:
 
 
 def leftovers(directory: Path) -> list[Path]:
-    """Overlays in ``directory``."""
+    """VMs' own disks (overlays and raw copies) in ``directory``."""
     try:
-        return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+        return sorted(p for p in directory.iterdir() if p.name.endswith((SUFFIX, RAW_SUFFIX)))
     except OSError:
         return []
 
 
 def sweep(directory: Path) -> list[Path]:
-    """Remove every overlay in ``directory``; the ones removed."""
+    """Remove every VM's disk in ``directory``; the ones removed."""
     found = leftovers(directory)
     for path in found:
         remove(path)

@@ -4,7 +4,8 @@ A template's files in the templates directory, named by the first 16 hex
 digits of its key: ``<key>.snap`` and the driver's ``<key>.snap.json`` (the
 device state and what it was taken with), ``<key>.json`` (``TemplateRecord``:
 who the guest inside says it is), ``<key>.mem`` (its RAM) and, on an image
-disk, ``<key>.qcow2`` (its root overlay, frozen at the snapshot). What is
+disk, its own root disk frozen at the snapshot: ``<key>.qcow2`` (an overlay)
+or ``<key>.raw`` (a raw copy), as the driver takes disks. What is
 done with them (which roles want which, retries, removal) is
 ``pool/templates.py``.
 
@@ -98,8 +99,9 @@ class Template:
     vm_id: str  # the template's: every clone says Hello with it
     token: str
     port: int  # every clone dials GATEWAY:port, so it listens there in each namespace
-    #: The template's root overlay, frozen at the snapshot: each clone's overlay sits
-    #: on it (None: the template ran on the image's read-only root).
+    #: The template's root disk, frozen at the snapshot: each clone's overlay sits
+    #: on it, or each clone's raw disk is a copy of it (None: the template ran on
+    #: the image's read-only root).
     disk: Path | None = None
 
     @property
@@ -110,13 +112,14 @@ class Template:
 def template_key(driver: Driver, role: Role) -> str:
     """The hash of everything a clone of ``role``'s template shares with it: what
     the driver says a snapshot of it depends on, and the pool's own choices."""
+    described = driver.describe()
     inputs = {
-        **driver.describe().key_inputs,
+        **described.key_inputs,
         "vcpus": role.resources.vcpus,
         "memory_mib": role.resources.memory_mib,
         "control_port": CONTROL_PORT,
         "network": f"tap {TAP} {TAP_MAC} {GUEST_CIDR} via {GATEWAY}",
-        "disk": f"qcow2 overlay, rw; spare {WORKSPACE_BYTES} {WORKSPACE_SERIAL}",
+        "disk": f"{described.disk.value}, rw; spare {WORKSPACE_BYTES} {WORKSPACE_SERIAL}",
         "memory": "file, mapped privately by clones",
         "heartbeat": TEMPLATE_HEARTBEAT,
         "protocol": p.PROTOCOL_VERSION,
@@ -204,7 +207,9 @@ class TemplateMaker:
                     cg = await self._run_sync(cgroup.create, vm_id, limit)
                 if disk is not None:
                     assert rt.base_disk is not None
-                    await disks.create_overlay(disk, rt.base_disk, "raw")
+                    await disks.create_disk(
+                        disk, rt.base_disk, self.driver.describe().disk, from_template=False
+                    )
                 # Fresh, and readable by root only: it will hold the guest's RAM.
                 await self._run_sync(_fresh_private_file, self._memory_path(key))
                 spec = VmSpec(
@@ -364,7 +369,7 @@ class TemplateMaker:
         return self.directory / f"{key[:16]}{MEMORY_SUFFIX}"
 
     def _disk_path(self, key: str) -> Path:
-        return self.directory / f"{key[:16]}{disks.SUFFIX}"
+        return self.directory / f"{key[:16]}{disks.SUFFIXES[self.driver.describe().disk]}"
 
     def _record_path(self, key: str) -> Path:
         return self.directory / f"{key[:16]}{RECORD_SUFFIX}"

@@ -48,9 +48,6 @@ from fireclaw.pool import disks
 from fireclaw.pool.backoff import backoff_delay
 from fireclaw.pool.drivers.base import Driver, DriverError, VmHandle, VmSpec
 from fireclaw.pool.template_make import (
-    MEMORY_SUFFIX,
-    RECORD_SUFFIX,
-    SNAP_SUFFIX,
     Template,
     TemplateError,
     TemplateMaker,
@@ -314,15 +311,12 @@ class Templates(TemplateMaker):
                 self._remove_files(entry.template.short)
 
     def _remove_files(self, short: str) -> None:
-        for suffix in (
-            SNAP_SUFFIX,
-            SNAP_SUFFIX + ".json",
-            RECORD_SUFFIX,
-            disks.SUFFIX,
-            MEMORY_SUFFIX,
-        ):
+        # Every file named by the key: the pool's (record, RAM, root disk) and
+        # whatever the driver wrote beside its snapshot (``PATH.json``, its own
+        # memory file).
+        for path in self.directory.glob(f"{short}.*"):
             with contextlib.suppress(FileNotFoundError):
-                (self.directory / f"{short}{suffix}").unlink()
+                path.unlink()
         # The blank its clones' overlays were copied from (``disks.blank_path``).
         for blank in self.directory.glob(f".{short}{disks.SUFFIX}{disks.BLANK_INFIX}*"):
             with contextlib.suppress(FileNotFoundError):

@@ -62,8 +62,9 @@ class ChildIncarnation(ChildServing):
         ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
         cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
         rt = self.rt
+        disk_format = rt.driver.describe().disk
         disk = (
-            rt.disks_dir / f"{vm_id}{disks.SUFFIX}"
+            rt.disks_dir / f"{vm_id}{disks.SUFFIXES[disk_format]}"
             if rt.disks_dir is not None and rt.base_disk is not None
             else None
         )
@@ -105,11 +106,16 @@ class ChildIncarnation(ChildServing):
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
                 if disk is not None:
+                    # Made before the VM is in the pool: a claim never waits for a disk.
                     assert rt.base_disk is not None
                     if template is not None and template.disk is not None:
-                        await disks.create_overlay(disk, template.disk, "qcow2")
+                        await disks.create_disk(
+                            disk, template.disk, disk_format, from_template=True
+                        )
                     else:
-                        await disks.create_overlay(disk, rt.base_disk, "raw")
+                        await disks.create_disk(
+                            disk, rt.base_disk, disk_format, from_template=False
+                        )
                 port = listener_sock.getsockname()[1]
                 spec = self._spec(vm_id, ns_name, cg, disk, link, port=port, token=token)
                 self.ready_seconds = None

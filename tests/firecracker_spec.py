@@ -17,8 +17,11 @@ one checks the other.
 
 File paths in bodies are resolved against ``root`` (the jail's root, where a
 real Firecracker would be chrooted) and must exist; a snapshot it is asked to
-create is written there, recording the interfaces the VM had, so that a load
-can check its ``network_overrides`` against them.
+create is written there, recording the interfaces the VM had and the disk
+paths its drives were given, so that a load can check its
+``network_overrides`` against the one, and find each disk at the same path
+in its own root (as Firecracker reopens them: a snapshot cannot rename a
+disk) by the other.
 
 ``serve(sock_path, checker, log)`` runs it on a unix socket (http.server in
 this thread) and appends each exchange to ``log`` as one JSON line.
@@ -89,6 +92,8 @@ class VmModel:
     boot_source: bool = False
     ifaces: list[str] = field(default_factory=list)
     mmds: Any = None
+    #: drive id -> path_on_host, as configured (or as the loaded snapshot had them).
+    drives: dict[str, str] = field(default_factory=dict)
 
 
 def load_spec(path: Path = SPEC_PATH) -> dict[str, Any]:
@@ -237,6 +242,8 @@ class SpecChecker:
             vm.boot_source = True
         if template == "/network-interfaces/{iface_id}" and body["iface_id"] not in vm.ifaces:
             vm.ifaces.append(body["iface_id"])
+        if template == "/drives/{drive_id}" and "path_on_host" in body:
+            vm.drives[body["drive_id"]] = body["path_on_host"]
         if template == "/mmds":
             vm.mmds = body
         if template == "/actions" and body["action_type"] == "InstanceStart":
@@ -244,10 +251,12 @@ class SpecChecker:
         if template == "/vm":
             vm.state = "Paused" if body["state"] == "Paused" else "Running"
         if template == "/snapshot/create" and self.root is not None:
-            state = {"ifaces": vm.ifaces}
+            state = {"ifaces": vm.ifaces, "drives": vm.drives}
             (self.root / body["snapshot_path"]).write_text(json.dumps(state))
             (self.root / body["mem_file_path"]).write_bytes(b"\0" * 4096)
         if template == "/snapshot/load":
+            if self.root is not None:
+                vm.drives = json.loads((self.root / body["snapshot_path"]).read_text())["drives"]
             vm.loaded = True
             vm.state = "Running" if body.get("resume_vm") else "Paused"
 
@@ -258,6 +267,9 @@ class SpecChecker:
         for override in body.get("network_overrides", []):
             if override["iface_id"] not in saved["ifaces"]:
                 raise Violation(f"network_overrides: the snapshot has no {override['iface_id']}")
+        for drive, path in saved.get("drives", {}).items():
+            if not (self.root / path.lstrip("/")).is_file():
+                raise Violation(f"snapshot/load: drive {drive}: {path}: no such file (in the jail)")
 
     # --- answers -----------------------------------------------------------------------
 

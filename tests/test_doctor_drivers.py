@@ -20,7 +20,6 @@ from fireclaw.pool.accel import KVM_DEVICE, cache_key, installed_version
 from fireclaw.pool.drivers import (
     ACCEL_CACHE,
     AVAILABLE,
-    POOL_NOT_READY,
     QEMU,
     Capability,
     DriverInfo,
@@ -126,20 +125,22 @@ def test_an_image_never_probed_leaves_qemu_not_made(tmp_path: Path) -> None:
     assert set(qemu.lacking.values()) == {NOT_BUILT}
 
 
-def test_firecracker_installed_is_still_not_driven_by_the_pool(
+def test_firecracker_installed_is_available_until_its_image_says_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where the binaries, KVM and root are found, firecracker is still
-    unavailable: the pool does not drive it yet, and doctor says that."""
+    """Where the (FAKE) binaries, KVM and root are found, nothing the host shows
+    stands in firecracker's way; with no image built yet it can do nothing so
+    far, and doctor says why."""
     if os.geteuid() != 0 or not _kvm_usable():
-        pytest.skip("needs root and KVM, so that only the pool is missing")
+        pytest.skip("needs root and KVM, so that only the binaries decide")
     from firecracker_fake import write_fakes
 
     bin_dir = tmp_path / "bin"
     write_fakes(bin_dir, tmp_path / "logs")  # only found on PATH, never run here
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     found = _by_name(describe_here(tmp_path / "images", None))
-    assert found["firecracker"].unavailable == POOL_NOT_READY
+    assert found["firecracker"].unavailable is None
+    assert set(found["firecracker"].lacking.values()) == {NOT_BUILT}
 
 
 # --- how doctor words it ----------------------------------------------------------------

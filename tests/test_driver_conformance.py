@@ -45,6 +45,7 @@ from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     Capability,
     ChannelKind,
+    DiskFormat,
     Driver,
     DriverInfo,
     Unsupported,
@@ -83,6 +84,8 @@ CHANNEL = {
     "qemu": ChannelKind.VIRTIO_SERIAL,
     "firecracker": ChannelKind.DIALLED,
 }
+#: Each VM's own disk, as the pool makes it for the driver (None: no disks of its own).
+DISK = {"process": None, "qemu": DiskFormat.QCOW2_OVERLAY, "firecracker": DiskFormat.RAW_COPY}
 #: What a VMM needs above its guest's RAM in the VM's cgroup.
 OVERHEAD_MIB = {"process": 0, "qemu": QEMU_OVERHEAD_MIB, "firecracker": FIRECRACKER_OVERHEAD_MIB}
 #: A guest that is a host process starts in a second or two; a guest kernel under
@@ -126,6 +129,8 @@ def test_the_driver_describes_itself(name: str) -> None:
     if name != "process":
         assert info.key_inputs["image"] == "k" * 64  # a snapshot is of one image
         assert info.root_disk == _fake_image().rootfs
+    # QEMU opens a qcow2 overlay on the image; Firecracker opens raw files only.
+    assert (info.disk if info.root_disk is not None else None) is DISK[name]
     # How the guest reaches its host: QEMU offers a port (test_qemu's clones use it);
     # the process and Firecracker guests dial.
     assert info.channel is CHANNEL[name]

@@ -24,7 +24,6 @@ import pytest
 import trio
 import trio.testing
 from fireclaw.pool.drivers import (
-    POOL_NOT_READY,
     BackendUnavailable,
     Choice,
     DriverError,
@@ -628,26 +627,6 @@ def test_doctor_says_why_firecracker_cannot_run_here(tmp_path: Path) -> None:
     assert (
         "problem       backend: firecracker cannot run here: firecracker is not installed" in lines
     )
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs root and KVM"
-)
-def test_where_firecracker_is_installed_the_pool_says_it_does_not_drive_it_yet(
-    tmp_path: Path, logs: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    write_fakes(tmp_path / "bin", logs)  # only found on PATH, never run here
-    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    auto = choose("auto", images=tmp_path, netns_why=None)
-    assert auto.name != "firecracker"
-    assert auto.reason.endswith(f"; not firecracker: {POOL_NOT_READY})"), auto.reason
-    with pytest.raises(BackendUnavailable) as caught:
-        choose("firecracker", images=tmp_path, netns_why=None)
-    assert str(caught.value) == f"firecracker cannot run here: {POOL_NOT_READY}"
-    no_netns = choose("auto", images=tmp_path, netns_why="unshare: not permitted")
-    assert no_netns.name != "firecracker"
-    with pytest.raises(BackendUnavailable, match="no network namespaces: unshare"):
-        choose("firecracker", images=tmp_path, netns_why="unshare: not permitted")
 
 
 @pytest.mark.root

@@ -9,15 +9,15 @@ accelerator's cached boot probe and creates the qemu driver.
 ``firecracker`` needs the ``firecracker`` and ``jailer`` binaries, KVM, root
 and network namespaces; ``open_backend`` then also needs an image whose kernel
 Firecracker boots and a KVM that boots it (the accelerator's boot probe).
-The driver is whole, but the pool does not drive it yet (``POOL_NOT_READY``):
-so ``backend: firecracker`` is refused in one line, and ``auto`` passes over
-it and says so where Firecracker is installed.
+A configured ``firecracker`` that lacks any of it is refused in one line
+saying which.
 
-``auto`` picks ``qemu`` when ``qemu-system-x86_64`` is installed, we are root
-with working network namespaces (every QEMU VM runs in one), and the image is
-cached or can be built here; else ``process``. If ``qemu`` then cannot be made
-ready, ``auto`` falls back to ``process`` and says why; a configured ``qemu``
-fails instead.
+``auto`` picks ``firecracker`` where all that ``choose`` can see is there;
+else ``qemu`` when ``qemu-system-x86_64`` is installed, we are root with
+working network namespaces (every QEMU VM runs in one), and the image is
+cached or can be built here; else ``process``. If the one picked then cannot
+be made ready, ``auto`` falls back to the next and says why; a configured
+backend fails instead.
 
 Errors::
 
@@ -61,7 +61,6 @@ __all__ = [
     "Driver",
     "DriverError",
     "DriverInfo",
-    "POOL_NOT_READY",
     "NotReady",
     "ProcessDriver",
     "QEMU",
@@ -78,7 +77,7 @@ __all__ = [
     "why_not_qemu",
 ]
 
-#: Drivers this build has, in the order ``auto`` tries them (see ``POOL_NOT_READY``).
+#: Drivers this build has, in the order ``auto`` tries them.
 AVAILABLE: Final = ("firecracker", "qemu", "process")
 QEMU: Final = "qemu-system-x86_64"
 #: What a QEMU process needs above its guest's RAM. Measured: ~110 MiB RSS above a
@@ -168,14 +167,6 @@ def why_not_qemu(images: Path, netns_why: str | None) -> str | None:
     return None
 
 
-#: Why no VM runs on Firecracker yet, even where it is installed: the pool reaches
-#: every driver through one protocol, but gives each VM a qcow2 overlay as its own
-#: disk (QEMU opens it; Firecracker takes raw files only).
-POOL_NOT_READY: Final = (
-    "the pool does not drive it yet (each VM's own disk is a qcow2 overlay, which it cannot open)"
-)
-
-
 def why_not_firecracker(netns_why: str | None) -> str | None:
     """None if firecracker could run here (before its image and KVM boot checks)."""
     from fireclaw.pool.drivers.firecracker_host import why_not_here
@@ -194,9 +185,9 @@ def describe_here(images: Path, netns_why: str | None) -> list[DriverInfo]:
     Each driver is made as ``open_backend`` would make it, over the guest image
     cached in ``images`` (qemu also over the accelerator its boot probe
     settled), and what ``open_backend`` checks before making it comes first in
-    ``unavailable``: programs, root, network namespaces, and for firecracker
-    that the pool does not drive it yet. One that needs an image while none is
-    cached (a start builds it) lacks every capability until then."""
+    ``unavailable``: programs, root, network namespaces. One that needs an
+    image while none is cached (a start builds it) lacks every capability
+    until then."""
     from fireclaw.pool.accel import installed_version, known_accel
     from fireclaw.pool.drivers.firecracker import FirecrackerDriver
     from fireclaw.pool.drivers.qemu import QemuDriver
@@ -222,27 +213,25 @@ def describe_here(images: Path, netns_why: str | None) -> list[DriverInfo]:
     )
     fc_why = why_not_firecracker(netns_why)
     return [
-        _described("firecracker", firecracker, fc_why, POOL_NOT_READY),
+        _described("firecracker", firecracker, fc_why),
         _described("qemu", qemu, why_not_qemu(images, netns_why)),
         ProcessDriver().describe(),
     ]
 
 
-def _described(
-    name: str, made: Driver | None, host_why: str | None, pool_why: str | None = None
-) -> DriverInfo:
-    """``made.describe()`` with the host's reason first, else the pool's; a driver
-    not made (no image yet) lacks everything."""
+def _described(name: str, made: Driver | None, host_why: str | None) -> DriverInfo:
+    """``made.describe()`` with the host's reason first; a driver not made (no
+    image yet) lacks everything."""
     if made is None:
         not_yet = "its guest image is not built and probed here yet: a start does both"
         return DriverInfo(
             name=name,
             capabilities=frozenset(),
             lacking=dict.fromkeys(Capability, not_yet),
-            unavailable=host_why or pool_why,
+            unavailable=host_why,
         )
     info = made.describe()
-    return replace(info, unavailable=host_why or info.unavailable or pool_why)
+    return replace(info, unavailable=host_why or info.unavailable)
 
 
 def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
@@ -256,15 +245,20 @@ def choose(backend: str, *, images: Path, netns_why: str | None) -> Choice:
         return Choice("qemu", "qemu (configured)", auto=False)
     if backend == "firecracker":
         host_lacks = why_not_firecracker(netns_why)
-        raise BackendUnavailable(f"firecracker cannot run here: {host_lacks or POOL_NOT_READY}")
+        if host_lacks is not None:
+            raise BackendUnavailable(f"firecracker cannot run here: {host_lacks}")
+        return Choice("firecracker", "firecracker (configured)", auto=False)
     if backend == "auto":
-        passed = "" if why_not_firecracker(netns_why) else f"; not firecracker: {POOL_NOT_READY}"
+        if why_not_firecracker(netns_why) is None:
+            # Whether KVM boots its guest is the boot probe's, when it is made ready.
+            found = "firecracker and jailer found, KVM, root, network namespaces"
+            return Choice("firecracker", f"auto: firecracker ({found})", auto=True)
         why_not = why_not_qemu(images, netns_why)
         if why_not is not None:
-            return Choice("process", f"auto: process (not qemu: {why_not}{passed})", auto=True)
-        found = _cached_image(images)
-        image = "an image is cached" if found is not None else "the image can be built"
-        return Choice("qemu", f"auto: qemu ({QEMU} found, root, {image}{passed})", auto=True)
+            return Choice("process", f"auto: process (not qemu: {why_not})", auto=True)
+        cached = _cached_image(images)
+        image = "an image is cached" if cached is not None else "the image can be built"
+        return Choice("qemu", f"auto: qemu ({QEMU} found, root, {image})", auto=True)
     available = ", ".join((*AVAILABLE, "auto"))
     raise BackendUnavailable(f"backend {backend!r} is not available in this build ({available})")
 

@@ -20,7 +20,9 @@ A driver says what it is through ``describe()``: its name, what it can do
 (``Capability``; a call it cannot serve raises ``Unsupported`` naming why),
 whether it can run on this host at all, and what of it a snapshot depends on
 (``key_inputs``: a template taken under one QEMU binary or accelerator is no
-template for another).
+template for another). It also says what each VM's own root disk must be
+(``DiskFormat``): a qcow2 overlay on the image, or a raw file of its own;
+the pool makes that disk and never asks which driver it is talking to.
 
 An adopted VMM is not the supervisor's child: its exit status is unknowable,
 and ``wait`` says so with None. A driver whose VMs cannot outlive their
@@ -81,6 +83,17 @@ class ChannelKind(enum.Enum):
     VSOCK = "vsock"  # a vsock port the host connects to (open_channel)
 
 
+class DiskFormat(enum.Enum):
+    """What a VM's own writable root disk is, as its VMM opens it."""
+
+    #: A qcow2 file whose backing is the image's root (or its template's overlay):
+    #: empty at first, it holds only what this VM writes.
+    QCOW2_OVERLAY = "qcow2 overlay"
+    #: A raw file of the whole disk (a VMM that opens raw files only): a reflink
+    #: or sparse copy of the image's root, or of its template's disk.
+    RAW_COPY = "raw copy"
+
+
 class Capability(enum.Enum):
     """What a driver may or may not be able to do beyond boot, stop, kill and wait."""
 
@@ -101,9 +114,11 @@ class DriverInfo:
     unavailable: str | None = None
     #: Everything of this driver a snapshot depends on; part of every template key.
     key_inputs: Mapping[str, object] = field(default_factory=dict)
-    #: The image's root filesystem each VM's own overlay disk sits on (None: the
+    #: The image's root filesystem each VM's own disk is made from (None: the
     #: driver's VMs have no disks of their own).
     root_disk: Path | None = None
+    #: What each VM's own disk is (with a ``root_disk``).
+    disk: DiskFormat = DiskFormat.QCOW2_OVERLAY
     #: How its guests reach the supervisor: dialling, or through a device the host
     #: connects to (``VmHandle.open_channel``).
     channel: ChannelKind = ChannelKind.DIALLED
@@ -138,7 +153,7 @@ class VmSpec:
     guest_command: tuple[str, ...] | None = None  # process driver: argv instead of the daemon
     #: The tap in ``netns`` to attach the guest to (None: the driver's own user network).
     tap: str | None = None
-    #: This VM's own writable root disk, an overlay over the image (None: the
+    #: This VM's own writable root disk, as ``DriverInfo.disk`` says (None: the
     #: image's root filesystem, shared read-only).
     disk: Path | None = None
     #: The guest's RAM lives in this file, shared. A snapshot then leaves RAM out

@@ -56,6 +56,7 @@ from fireclaw.pool.drivers import firecracker_jail as jail_files
 from fireclaw.pool.drivers.adopted import AdoptedProcess
 from fireclaw.pool.drivers.base import (
     Capability,
+    DiskFormat,
     DriverError,
     DriverInfo,
     Running,
@@ -246,9 +247,10 @@ class FirecrackerDriver:
         self._chroot_base = chroot_base
 
     def describe(self) -> DriverInfo:
-        """Snapshots and pause, no workspaces; unavailable where the binaries, KVM
-        or root are missing or the image's kernel cannot boot under Firecracker
-        (whether this host's KVM boots it at all is ``open_driver``'s slower probe)."""
+        """Snapshots and pause, no workspaces, a raw disk per VM; unavailable where
+        the binaries, KVM or root are missing or the image's kernel cannot boot
+        under Firecracker (whether this host's KVM boots it at all is
+        ``open_driver``'s slower probe)."""
         from fireclaw.pool.drivers.firecracker_host import why_image_unfit, why_not_here
 
         found = why_not_here(shutil.which(self.firecracker), shutil.which(self.jailer))
@@ -259,6 +261,9 @@ class FirecrackerDriver:
             unavailable=found or why_image_unfit(self.image),
             key_inputs={"image": self.image.key, "firecracker": self.firecracker},
             root_disk=self.image.rootfs,
+            # Firecracker opens raw files only, and a snapshot names the disk files
+            # it was taken with: each VM's disk is a raw copy at the jail's DISK.
+            disk=DiskFormat.RAW_COPY,
         )
 
     def jail_for(self, spec: VmSpec) -> Jail:

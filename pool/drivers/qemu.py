@@ -69,6 +69,7 @@ from fireclaw.pool.drivers.adopted import AdoptedProcess
 from fireclaw.pool.drivers.base import (
     Capability,
     ChannelKind,
+    DiskFormat,
     DriverError,
     DriverInfo,
     Running,
@@ -130,6 +131,7 @@ class QemuDriver:
                 "channel": f"{ChannelKind.VIRTIO_SERIAL.value} {CONTROL_PORT_NAME}",
             },
             root_disk=self.image.rootfs,
+            disk=DiskFormat.QCOW2_OVERLAY,
             channel=ChannelKind.VIRTIO_SERIAL,
         )
 
