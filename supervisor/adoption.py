@@ -59,10 +59,11 @@ class Adoption:
         needs (a row of an older schema has not), its address is in the
         configured subnet, and it was either idle, a named agent that still
         exists, or a task runner whose task is still claimed by it. Only the
-        qemu backend's VMs are adopted: a process guest ends with its control
-        connection, so nothing of it is left to adopt. Whether the guest says
-        Hello again is only known later: a VM that does not is reclaimed then."""
-        if self.backend_choice.name != "qemu" or self._netns_why is not None:
+        VMs of a driver whose VMs outlive the supervisor are adopted: a process
+        guest ends with its control connection, so nothing of it is left to adopt.
+        Whether the guest says Hello again is only known later: a VM that does
+        not is reclaimed then."""
+        if not self.backend_choice.outlives_supervisor or self._netns_why is not None:
             return {}
         agents = {a.name: a for a in self.store.agents()}
         tasks = {

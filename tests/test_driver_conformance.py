@@ -40,7 +40,7 @@ import trio
 from fireclaw.guest_daemon.protocol import Hello
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.accel import choose_accel
-from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
+from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB, Choice
 from fireclaw.pool.drivers.base import (
     CONTROL_PORT,
     Capability,
@@ -542,3 +542,14 @@ async def test_clones_restored_from_one_snapshot_are_told_apart(
         with trio.CancelScope(shield=True), trio.move_on_after(STEP_DEADLINE):
             for vm in vms:
                 await vm.kill()
+
+
+@pytest.mark.parametrize(
+    "driver_class", [ProcessDriver, QemuDriver, FirecrackerDriver], ids=lambda c: c.name
+)
+def test_the_backend_choice_knows_before_the_driver_exists_whether_its_vms_outlive_it(
+    driver_class: type[ProcessDriver | QemuDriver | FirecrackerDriver],
+) -> None:
+    """Adoption is planned before the driver is made: the choice must agree with it."""
+    choice = Choice(name=driver_class.name, reason="test", auto=False)  # type: ignore[arg-type]
+    assert choice.outlives_supervisor is driver_class.outlives_supervisor

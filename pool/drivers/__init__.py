@@ -103,6 +103,12 @@ class Choice:
     reason: str  # one line: why this one
     auto: bool  # picked by ``auto``: fall back to the next if it cannot be made ready
 
+    @property
+    def outlives_supervisor(self) -> bool:
+        """Whether this driver's VMs go on running without the supervisor (as its
+        driver's ``outlives_supervisor`` will say): only those can be adopted."""
+        return self.name != "process"
+
 
 @dataclass(frozen=True)
 class Backend:
