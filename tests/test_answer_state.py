@@ -9,6 +9,7 @@ import pathlib
 import sqlite3
 
 import pytest
+import test_state
 from fireclaw.pool.task_states import (
     FINAL,
     TASK_STATES,
@@ -19,7 +20,14 @@ from fireclaw.pool.task_states import (
 )
 from fireclaw.supervisor import state_schema
 from fireclaw.supervisor.state import SCHEMA_VERSION, Store, TaskConflict, TaskFenced, TaskNotFound
-from test_state import clock, db_path, store, stores  # noqa: F401  (fixtures)
+
+# The stores' fixtures: each test taking ``store`` runs on SQLite and on PostgreSQL.
+clock, db_path, stores, store = (
+    test_state.clock,
+    test_state.db_path,
+    test_state.stores,
+    test_state.store,
+)
 
 SESSION = "3f0c9a52-7d1e-4b8a-9c6f-2e5d4a1b0c9d"
 
@@ -83,7 +91,8 @@ def test_ask_keeps_session_and_owner_then_an_answer_requeues_it(store: Store) ->
 
 def test_answering_a_task_not_waiting_or_unknown_is_one_line(store: Store) -> None:
     task = store.add_task("coder", "p")
-    with pytest.raises(TaskConflict, match=rf"^task {task.id} is queued, not waiting for an answer$"):
+    not_waiting = rf"^task {task.id} is queued, not waiting for an answer$"
+    with pytest.raises(TaskConflict, match=not_waiting):
         store.answer_task(task.id, "x")
     with pytest.raises(TaskNotFound, match="^no task 999$"):
         store.answer_task(999, "x")
@@ -122,7 +131,7 @@ def test_a_new_question_forgets_the_last_answer(store: Store) -> None:
 # --- SQLite's migration ---------------------------------------------------------
 
 
-def test_a_version_7_database_keeps_its_tasks_and_ids(db_path: pathlib.Path) -> None:  # noqa: F811
+def test_a_version_7_database_keeps_its_tasks_and_ids(db_path: pathlib.Path) -> None:
     db_path.parent.mkdir()
     conn = sqlite3.connect(db_path)
     for migration in state_schema.MIGRATIONS[:7]:
@@ -138,15 +147,15 @@ def test_a_version_7_database_keeps_its_tasks_and_ids(db_path: pathlib.Path) -> 
     conn.execute("PRAGMA user_version = 7")
     conn.commit()
     conn.close()
-    with Store.open(db_path) as store:
-        assert [(t.id, t.prompt, t.state, t.epoch) for t in store.list_tasks()] == [
+    with Store.open(db_path) as migrated:
+        assert [(t.id, t.prompt, t.state, t.epoch) for t in migrated.list_tasks()] == [
             (2, "p1", "done", 1),
             (1, "p0", "done", 1),
         ]
-        assert store.add_task("coder", "new").id == 4  # no id is given twice
-        claimed = store.claim_task("coder", "coder-0")
+        assert migrated.add_task("coder", "new").id == 4  # no id is given twice
+        claimed = migrated.claim_task("coder", "coder-0")
         assert claimed is not None
-        store.ask_task(claimed.id, epoch=claimed.epoch, question="q", session=SESSION)
+        migrated.ask_task(claimed.id, epoch=claimed.epoch, question="q", session=SESSION)
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
