@@ -32,6 +32,7 @@ from typing import Final, TypeVar
 import trio
 from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool import workspaces
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
 from fireclaw.pool.harness_message import SecretReader
@@ -361,6 +362,7 @@ class RoleGroup:
             log.warning("task %d: result from %s not recorded: %s", task_id, child.name, exc)
             return True
         self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+        await self._discard_workspace(task_id)
         return True
 
     async def _wait_for_input(
@@ -406,7 +408,19 @@ class RoleGroup:
             log.warning("task %d: not requeued: %s", task_id, exc)
             return True
         self.rt.event("task_requeued", child.name, task_id=task_id, reason=reason, state=row.state)
+        if row.state == "failed":
+            await self._discard_workspace(task_id)
         return True
+
+    async def _discard_workspace(self, task_id: int) -> None:
+        """The task is over: its CLI's session will not be resumed, its workspace goes."""
+        directory = self.rt.workspaces_dir
+        if directory is None:
+            return
+        try:
+            await trio.to_thread.run_sync(workspaces.discard_task, directory, task_id)
+        except (OSError, workspaces.WorkspaceError) as exc:
+            log.warning("task %d: its workspace stays: %s", task_id, exc)
 
     def _give_back(self, task_id: int, epoch: int) -> None:
         """Cancelled (shutdown): the task is not lost, it goes back to the queue.
