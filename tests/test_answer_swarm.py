@@ -182,10 +182,11 @@ def test_a_waiting_task_outlives_a_stop_and_a_kill_of_the_supervisor(
             assert [t["id"] for t in waiting(swarm)] == [task_id]
             assert len(runs(log)) == 1  # nothing ran it meanwhile
 
-            # Answered by the name of the agent that asked, from the restarted swarm.
+            # Answered from the command line, by the name of the agent that asked.
             op = operator(port)
-            op.say(CONTROL, f"!answer {asked_by} go ahead")
-            op.said(CONTROL, f"op: task {task_id} resumes with your answer")
+            answered = swarm.cli("answer", asked_by, "go ahead")
+            assert answered.returncode == 0, answered.stderr
+            assert answered.stdout.decode() == f"task {task_id} resumes with the answer\n"
             said = resumed_done(op, task_id)
             print(f"\n{transcript(op)}")
             assert RESUMED_ANSWER in said, said
