@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -376,7 +376,7 @@ class Overseer:
             case "task_done":
                 return self._task_line(d.get("task_id"))
             case "task_waiting":
-                return self._question_line(subject, d)
+                return question_line(subject, d, self._secrets())
             case "task_requeued" if d.get("state") == "failed":
                 return self._task_line(d.get("task_id"))
             case "ircd_crashed":
@@ -412,18 +412,18 @@ class Overseer:
         verdict = "done" if task.state == "done" else f"{task.state} (exit {task.exit_code})"
         return f"task {task.id} ({task.role}) {verdict}: {result or '(no output)'}"
 
-    def _question_line(self, asked_by: str, d: dict[str, object]) -> str | None:
-        """One line: which task asks what, and how to answer it. The question is
-        the guest's word: made one plain line, cut, every secret the supervisor
-        holds taken out."""
-        task_id, question = d.get("task_id"), d.get("question")
-        if not isinstance(task_id, int) or not isinstance(question, str):
-            return None
-        text = one_line(redact(question, self._secrets()), MAX_QUESTION_SHOWN)
-        return (
-            f"task {task_id} ({d.get('role')}) on {asked_by} asks: {text}"
-            f" (!answer task-{task_id} TEXT)"
-        )
+
+def question_line(asked_by: str, d: Mapping[str, object], secrets: Iterable[str]) -> str | None:
+    """The announcement of a ``task_waiting`` event: which task asks what, and how
+    to answer it. The question is the guest's word: made one plain line, cut to
+    ``MAX_QUESTION_SHOWN``, every one of ``secrets`` taken out."""
+    task_id, question = d.get("task_id"), d.get("question")
+    if not isinstance(task_id, int) or not isinstance(question, str):
+        return None
+    text = one_line(redact(question, secrets), MAX_QUESTION_SHOWN)
+    return (
+        f"task {task_id} ({d.get('role')}) on {asked_by} asks: {text} (!answer task-{task_id} TEXT)"
+    )
 
 
 def _mask(msg: Message) -> str:
