@@ -14,6 +14,10 @@ hands it every ``Promote`` (``retune``), ``Task``, IRC question and
   model streams closed and tool processes killed, and a task so ended is
   reported done with ``EXIT_CANCELLED``.
 
+A task whose CLI stopped to ask something is reported done with the question
+and the CLI's session (``TaskDone.waiting``); the task's next ``Task``, with
+``resume``, gives the operator's answer to that session.
+
 Every tool run is reported to the host as a ``ToolRan`` (the audit trail) and,
 for an IRC question, shown as one NOTICE line. A chat turn on an IRC question
 writes its answer to the question's ``Draft`` as the model streams it; a
@@ -94,7 +98,7 @@ def waiting(ran: CliOutcome, secrets: Iterable[str] = ()) -> Waiting | None:
     if ran.code == 0 or ran.question is None or ran.session is None:
         return None
     if not SESSION_ID.match(ran.session):
-        return None  # a CLI that resumes without an id (aider) does not ask
+        return None  # the host would refuse the message (the wire checks it)
     text = lines.one_line(lines.redact(ran.question.text, secrets), MAX_QUESTION_CHARS)
     if not text:
         return None
