@@ -15,6 +15,11 @@ names and are adopted before the pool is refilled. A task runner's task is
 not sent again: its result is awaited from the guest that holds it, or the
 task goes back to the queue when the guest does not hold it or the VM is lost.
 
+A task runner whose CLI stopped to ask retires as after any result; the task
+waits for input in the store (``pool/task_states.py``). Answered, it is
+queued again, and the runner that claims it next resumes the CLI's session
+with the answer, on the task's own workspace where the driver has them.
+
 Errors::
 
     PoolError
