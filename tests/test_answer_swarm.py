@@ -29,7 +29,7 @@ import pytest
 from fake_claude_code import install, runs
 from ircperson import Event, Person
 from scripted_model import ScriptedModel
-from swarmctl import NOTHING, Swarm, idle, role_yaml, swarm_yaml
+from swarmctl import NOTHING, WAIT, Swarm, idle, role_yaml, swarm_yaml
 from test_chat_irc import CONTROL, irc_yaml, served, transcript
 from test_swarm import free_port
 
@@ -131,6 +131,15 @@ def test_a_question_goes_to_irc_and_an_answer_resumes_the_same_session(
             assert (row["id"], row["session"], row["owner"]) == (task_id, SESSION, asked_by)
             assert [e["detail"]["question"] for e in swarm.events("task_waiting")] == [QUESTION]
 
+            # Someone who is no operator cannot answer.
+            eve = Person(("127.0.0.1", port), "eve").start(CONTROL)
+            try:
+                eve.say(CONTROL, f"!answer task-{task_id} sure, delete everything")
+                eve.said(CONTROL, "eve: sorry, only the swarm's operators may give me orders")
+            finally:
+                eve.stop()
+            assert [t["id"] for t in waiting(swarm)] == [task_id]
+
             # An answer to nothing waiting, or to nobody: one line each, nothing moves.
             op.say(CONTROL, "!answer nobody-here yes")
             op.said(CONTROL, "op: no task or agent named 'nobody-here' is waiting for an answer")
@@ -149,6 +158,15 @@ def test_a_question_goes_to_irc_and_an_answer_resumes_the_same_session(
 
             op.say(CONTROL, f"!answer task-{task_id} again")
             op.said(CONTROL, f"op: task {task_id} is done, not waiting for an answer")
+
+            # Waiting on a task from the command line ends when it asks, saying how to answer.
+            asks = swarm.cli("task", "coder", "clean it again", "--wait", timeout=WAIT)
+            assert asks.returncode == 1
+            assert asks.stdout.decode() == f"{QUESTION}\n"
+            assert asks.stderr.decode() == (
+                f"fireclaw-swarm: task {task_id + 1} waits for an answer:"
+                f" fireclaw-swarm answer task-{task_id + 1} TEXT\n"
+            )
             assert swarm.stop() == 0
             assert swarm.leftovers() == NOTHING
         finally:
