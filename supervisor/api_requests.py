@@ -78,7 +78,7 @@ class AnswerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     agent that asked; ``text`` the answer its CLI session resumes with."""
 
     name: _Name
-    text: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES)]
+    text: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES, pattern=r"\S")]
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -42,6 +42,7 @@ async def test_an_answer_reaches_the_controller_whole(client: ApiClient) -> None
     [
         ({"name": "task-7"}, 400, "missing required field `text`"),
         ({"name": "task-7", "text": ""}, 400, "Expected `str` of length >= 1"),
+        ({"name": "task-7", "text": " \t\n"}, 400, "Expected `str` matching regex"),
         ({"name": "task-7", "text": "y", "force": True}, 400, "unknown field `force`"),
         ({"name": "", "text": "y"}, 400, "length >= 1"),
         ({"name": "bob", "text": "y"}, 404, "no task or agent named 'bob' is waiting"),
