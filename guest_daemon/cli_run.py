@@ -2,10 +2,11 @@
 
 ``run_cli(cli, prompt, ...)`` does, for the spec ``cli.cli`` names (clis.py):
 
-1. reads the session id the last run left in ``<workspace>/.cli/<cli>/session``
-   (through ``confine``: a symlink planted there is not followed) and resumes
-   that session; a CLI that resumes without an id (aider reads its history
-   file back) resumes once a run of it has answered;
+1. resumes the session it is given (a waiting task's, answered), else the one
+   the last run left in ``<workspace>/.cli/<cli>/session`` (read through
+   ``confine``: a symlink planted there is not followed); a CLI that resumes
+   without an id (aider reads its history file back) resumes once a run of it
+   has answered;
 2. makes the CLI's state folders and files under the workspace as the agent
    user (``confine.py mkdir`` and ``write``), so that a named agent's CLI state
    lives on its workspace disk and outlives its VM;
@@ -17,7 +18,10 @@
    ``audit`` each tool it says it used and, once it ends, its own usage
    report, as the tool ``usage_claim``: the guest's claim, never what a budget
    counts (the gateway meters what it carried itself);
-5. keeps the session id it named for the next run.
+5. keeps the session id it named for the next run;
+6. when the CLI stopped to ask something (``cli_stream.Question``: a
+   permission it was denied, its turn limit), gives the question and the
+   session with the outcome, for the task to wait for an answer.
 
 Nothing the CLI does makes it raise: a failure is the outcome's code and text.
 """
@@ -31,7 +35,7 @@ import posixpath
 import re
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -85,6 +89,8 @@ class CliOutcome:
     text: str
     truncated: bool
     session: str | None = None  # what the next run resumes
+    #: It stopped to ask this (the questions of the run, as one).
+    question: Question | None = None
 
 
 def tool_name(name: str) -> str:
@@ -101,7 +107,7 @@ class Collector:
     session: str | None = None
     answer: Result | None = None
     failure: Failure | None = None
-    question: Question | None = None
+    questions: list[Question] = field(default_factory=list)
     tools: int = 0  # how many it used
     usage: Usage | None = None
 
@@ -112,7 +118,7 @@ class Collector:
             case Result():
                 self.answer = event
             case Question():
-                self.question = event
+                self.questions.append(event)
             case Failure(fatal=True) if self.failure is None:
                 self.failure = event
             case Failure(message=message):
@@ -123,6 +129,15 @@ class Collector:
                 self.usage = event if self.usage is None else _add(self.usage, event)
             case Unknown(type=kind):
                 log.info("cli: an event of type %s, not known to its spec", kind[:40])
+
+    @property
+    def question(self) -> Question | None:
+        """What the run stopped to ask, its questions joined (a denied permission
+        and the turn limit it then hit), of the first one's kind."""
+        if not self.questions:
+            return None
+        text = "; ".join(dict.fromkeys(q.text for q in self.questions))
+        return Question(kind=self.questions[0].kind, text=text)
 
     def claim(self, cli: str, metered: bool, resumed: str | None) -> str:
         """The usage report as the audit trail keeps it: marked as the CLI's own,
@@ -151,11 +166,8 @@ class Collector:
             return code, f"{partial}\n{note}".strip()
         if self.answer is not None and self.answer.ok and code == 0:
             return 0, self.answer.text
-        if self.question is not None:
-            return (
-                EXIT_NO_ANSWER,
-                f"{cli} stopped to ask ({self.question.kind}): {self.question.text}",
-            )
+        if (question := self.question) is not None:
+            return EXIT_NO_ANSWER, f"{cli} stopped to ask ({question.kind}): {question.text}"
         if self.failure is not None:
             return code or EXIT_NO_ANSWER, f"{cli}: {self.failure.message}"
         if self.answer is not None:
@@ -186,22 +198,25 @@ def read_session(spec: CliSpec, root: str) -> str | None:
 
 
 def plan(
-    spec: CliSpec, cli: CliHarness, prompt: str, *, root: str, model: str
+    spec: CliSpec,
+    cli: CliHarness,
+    prompt: str,
+    *,
+    root: str,
+    model: str,
+    resume: str | None = None,
 ) -> tuple[Invocation, str | None]:
-    """The run to make, and the session it resumes: the last one, when there is
-    one the spec can take. Raises SpecError for what the spec cannot take."""
+    """The run to make, and the session it resumes: ``resume`` (an answered
+    question's), else the last one, when there is one the spec can take.
+    Raises SpecError for what the spec cannot take, ``resume`` included."""
+    if resume is not None:
+        if spec.resume is None:
+            raise SpecError(f"{spec.name} cannot resume a session")
+        return invocation_for(spec, cli, prompt, root=root, model=model, session=resume), resume
     session = read_session(spec, root)
 
     def invocation(session: str | None) -> Invocation:
-        return spec.invocation(
-            prompt,
-            workspace=root,
-            model=model,
-            session=session,
-            gateway=cli.gateway,
-            turns=cli.max_turns,
-            budget_usd=cli.max_budget_usd,
-        )
+        return invocation_for(spec, cli, prompt, root=root, model=model, session=session)
 
     if session is not None:
         try:
@@ -209,6 +224,20 @@ def plan(
         except SpecError as exc:
             log.info("%s: not resuming: %s", spec.name, exc)
     return invocation(None), None
+
+
+def invocation_for(
+    spec: CliSpec, cli: CliHarness, prompt: str, *, root: str, model: str, session: str | None
+) -> Invocation:
+    return spec.invocation(
+        prompt,
+        workspace=root,
+        model=model,
+        session=session,
+        gateway=cli.gateway,
+        turns=cli.max_turns,
+        budget_usd=cli.max_budget_usd,
+    )
 
 
 async def _as_agent(
@@ -256,12 +285,14 @@ async def run_cli(
     user: RunAs,
     audit: Audit,
     label: str = "turn",
+    resume: str | None = None,
 ) -> CliOutcome:
-    """Run the CLI ``cli`` names on ``prompt`` in ``root``; see the module docstring."""
+    """Run the CLI ``cli`` names on ``prompt`` in ``root``, resuming the session
+    ``resume`` if given; see the module docstring."""
     spec = SPECS[cli.cli]
     env = child_env(base_env)
     try:
-        run, resumed = plan(spec, cli, prompt, root=root, model=model)
+        run, resumed = plan(spec, cli, prompt, root=root, model=model, resume=resume)
     except SpecError as exc:
         return CliOutcome(EXIT_SETUP, str(exc), False)
     complaint = await prepare(spec, run, root=root, user=user, env=env)
@@ -318,7 +349,7 @@ async def run_cli(
     await trio.to_thread.run_sync(os.sync)  # its state is on the disk before the answer goes
     output, truncated = task_output(text.encode(), truncated=False)
     log.info("%s: %s exited %d after %.1fs", label, spec.name, code, elapsed)
-    return CliOutcome(code, output, truncated, session)
+    return CliOutcome(code, output, truncated, session, seen.question)
 
 
 async def _keep_session(

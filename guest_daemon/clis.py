@@ -21,6 +21,25 @@ gemini-cli's are written from its docs)::
 Usage is always the CLI's own claim; where the gateway carries its traffic
 (``Invocation.metered``) the gateway's own count is what the budget holds.
 
+How each shows that it stopped for input (a ``Question``: the task then waits
+for an operator's ``!answer``, which resumes the same session)::
+
+    claude-code  its result's ``permission_denials`` (a tool it was not allowed;
+                 headless, it denies rather than asks) and subtype
+                 ``error_max_turns`` (``--max-turns`` reached). From its SDK's
+                 documented result message; tests/data's stream of it is
+                 written from those docs (doc-max-turns-denied.jsonl), the
+                 captured runs never hit either.
+    gemini-cli   a result whose error type names the turn limit (from its docs:
+                 doc-turn-limit.jsonl).
+    codex        none: ``codex exec`` never asks (its approval policy is
+                 ``never`` there) and takes no turn limit; the captured streams
+                 show none.
+    opencode     none on its stream: ``opencode run`` rejects a permission that
+                 would be asked, logging it but not on stdout, and ends its
+                 turn (older versions hang: its ``timeout`` ends those).
+    aider        none: ``--yes-always`` answers its confirmation prompts.
+
 This module imports only the standard library and msgspec: it ships inside
 VM images.
 """

@@ -27,7 +27,8 @@ Conversation::
       | <------------ Task(id, prompt) -- |
       | -- ToolRan(task, tool, ...) ----> |   a chat harness's tool call: the audit trail
       | <------------------- Cancel ---- |   ends the agent's current turn(s)
-      | -- TaskDone(id, code, output) --> |
+      | -- TaskDone(id, code, output) --> |   or, its CLI stopped to ask: TaskDone(waiting)
+      | <- Task(id, answer, resume=session) |   an operator's answer resumes that session
       | <--------------- Stop(reason) --- |   asks the guest to stop
       | -- Goodbye(reason) -------------> |   then the guest exits 0
 
@@ -63,7 +64,8 @@ _T = TypeVar("_T")
 #: 3: the chat harness (``ChatHarness``, ``Cancel``, ``ToolRan``, ``Run.user``).
 #: 4: the coding-agent CLI harness (``CliHarness``).
 #: 5: the port channel (``Attach``, ``Hello.dials``).
-PROTOCOL_VERSION: Final = 5
+#: 6: questions (``TaskDone.waiting``, ``Task.resume``).
+PROTOCOL_VERSION: Final = 6
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -79,6 +81,8 @@ MAX_RESUMED_TASKS: Final = 64
 MAX_TOOL_OUTPUT: Final = 16 * 1024
 #: Largest tool arguments (as JSON text) carried by one ``ToolRan``.
 MAX_TOOL_ARGUMENTS: Final = 8 * 1024
+#: Longest question a waiting task carries: it goes to IRC as one line.
+MAX_QUESTION_CHARS: Final = 400
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-\[\]{}|^`\\]+$")]
 Token = Annotated[str, Meta(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
@@ -146,11 +150,31 @@ class Promoted(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag=
     name: Name
 
 
+#: A CLI's session id as it may go back on its command line (``cli_stream.SESSION_ID``).
+SessionId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+QuestionKind = Literal["permission", "question", "turn_limit"]
+
+
+class Waiting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A task's CLI stopped for something only a person can give (a permission, a
+    question, its turn limit). ``question`` is one printable line; an answer
+    resumes ``session`` (``Task.resume``)."""
+
+    kind: QuestionKind
+    question: Annotated[
+        str, Meta(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ]
+    session: SessionId
+
+
 class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task_done"):
+    """A task's turn ended: its result, or (``waiting``) the question it stopped at."""
+
     task_id: TaskId
     code: ExitCode
     output: Annotated[str, Meta(max_length=MAX_RESULT_BYTES)]
     truncated: bool = False
+    waiting: Waiting | None = None
 
 
 class ToolRan(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="tool_ran"):
@@ -298,8 +322,12 @@ class Promote(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="
 
 
 class Task(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task"):
+    """Serve ``prompt``; with ``resume``, it is an operator's answer to the question
+    the task stopped at, given to the same CLI session."""
+
     task_id: TaskId
     prompt: Annotated[str, Meta(max_length=MAX_PROMPT_CHARS)]
+    resume: SessionId | None = None
 
 
 class Cancel(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="cancel"):

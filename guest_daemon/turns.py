@@ -14,6 +14,10 @@ hands it every ``Promote`` (``retune``), ``Task``, IRC question and
   model streams closed and tool processes killed, and a task so ended is
   reported done with ``EXIT_CANCELLED``.
 
+A task whose CLI stopped to ask something is reported done with the question
+and the CLI's session (``TaskDone.waiting``); the task's next ``Task``, with
+``resume``, gives the operator's answer to that session.
+
 Every tool run is reported to the host as a ``ToolRan`` (the audit trail) and,
 for an IRC question, shown as one NOTICE line. A chat turn on an IRC question
 writes its answer to the question's ``Draft`` as the model streams it; a
@@ -25,16 +29,18 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
 
 import trio
 
+from . import lines
 from .agent import ChatAgent, Model, ToolModes
 from .agent_irc import PRIVATE
 from .answer_stream import Draft
 from .cli_run import CliOutcome, run_cli
+from .cli_stream import SESSION_ID
 from .harness import (
     Children,
     Identity,
@@ -48,12 +54,14 @@ from .model_reply import ToolCall
 from .openai_client import complete
 from .protocol import (
     EXIT_CANCELLED,
+    MAX_QUESTION_CHARS,
     MAX_TOOL_ARGUMENTS,
     MAX_TOOL_OUTPUT,
     CliHarness,
     Task,
     TaskDone,
     ToolRan,
+    Waiting,
 )
 from .tools import Toolbox, ToolResult
 from .users import AgentDir, RunAs
@@ -80,6 +88,21 @@ def cut_bytes(text: str, limit: int) -> tuple[str, bool]:
     head = data[: keep // 2].decode("utf-8", errors="ignore")
     tail = data[len(data) - (keep - keep // 2) :].decode("utf-8", errors="ignore")
     return head + marker + tail, True
+
+
+def waiting(ran: CliOutcome, secrets: Iterable[str] = ()) -> Waiting | None:
+    """What a task waits for: the question its CLI stopped at, as one printable
+    line of at most ``MAX_QUESTION_CHARS`` without the CLI's ``secrets`` (it may
+    quote a command it wanted to run), with the session an answer resumes;
+    None when it answered, or left no session to resume."""
+    if ran.code == 0 or ran.question is None or ran.session is None:
+        return None
+    if not SESSION_ID.match(ran.session):
+        return None  # the host would refuse the message (the wire checks it)
+    text = lines.one_line(lines.redact(ran.question.text, secrets), MAX_QUESTION_CHARS)
+    if not text:
+        return None
+    return Waiting(kind=ran.question.kind, question=text, session=ran.session)
 
 
 class Turns:
@@ -172,7 +195,9 @@ class Turns:
         if identity is not None and identity.cli is not None:
             ran: CliOutcome | None = None
             with self._turn() as scope:
-                ran = await self._run_cli(identity, identity.cli, msg.prompt, msg.task_id)
+                ran = await self._run_cli(
+                    identity, identity.cli, msg.prompt, msg.task_id, resume=msg.resume
+                )
             if ran is None or scope.cancelled_caught:
                 note = self._cancel_note(scope)
                 await self._send(TaskDone(task_id=msg.task_id, code=EXIT_CANCELLED, output=note))
@@ -183,6 +208,7 @@ class Turns:
                     code=max(-255, min(255, ran.code)),
                     output=ran.text,
                     truncated=ran.truncated,
+                    waiting=waiting(ran, identity.cli.secrets.values.values()),
                 )
             )
             return
@@ -266,7 +292,13 @@ class Turns:
         return outcome.text
 
     async def _run_cli(
-        self, identity: Identity, cli: CliHarness, prompt: str, task_id: int
+        self,
+        identity: Identity,
+        cli: CliHarness,
+        prompt: str,
+        task_id: int,
+        *,
+        resume: str | None = None,
     ) -> CliOutcome:
         """One run of the agent's CLI, its tools and usage claim on the audit trail."""
 
@@ -292,6 +324,7 @@ class Turns:
             user=self.user,
             audit=audit,
             label=f"task {task_id}" if task_id else "question",
+            resume=resume,
         )
 
     async def _audit(self, task_id: int, call: ToolCall, result: ToolResult) -> None:

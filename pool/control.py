@@ -291,12 +291,14 @@ class ControlSession:
         finally:
             self._promoted.pop(promote.name, None)
 
-    async def task(self, task_id: int, prompt: str) -> p.TaskDone:
+    async def task(self, task_id: int, prompt: str, resume: str | None = None) -> p.TaskDone:
+        """Have the guest serve a task; with ``resume``, ``prompt`` answers the
+        question the task's CLI session ``resume`` stopped at."""
         self._check()
         send, receive = trio.open_memory_channel[p.TaskDone](1)
         self._tasks[task_id] = send
         try:
-            await _send(self._ws, p.Task(task_id=task_id, prompt=prompt))
+            await _send(self._ws, p.Task(task_id=task_id, prompt=prompt, resume=resume))
             async with receive:
                 async for done in receive:
                     return done

@@ -15,6 +15,11 @@ names and are adopted before the pool is refilled. A task runner's task is
 not sent again: its result is awaited from the guest that holds it, or the
 task goes back to the queue when the guest does not hold it or the VM is lost.
 
+A task runner whose CLI stopped to ask retires as after any result; the task
+waits for input in the store (``pool/task_states.py``). Answered, it is
+queued again, and the runner that claims it next resumes the CLI's session
+with the answer, on the task's own workspace where the driver has them.
+
 Errors::
 
     PoolError
@@ -32,13 +37,14 @@ from typing import Final, TypeVar
 import trio
 from fireclaw.config import Role, role_hash
 from fireclaw.guest_daemon import protocol as p
+from fireclaw.pool import workspaces
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
 from fireclaw.pool.harness_message import SecretReader
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.promotion import promotion
 from fireclaw.pool.runtime import Runtime
-from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
+from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, TaskRow, VmRecord
 from fireclaw.pool.vm import Child
 from fireclaw.pool.vm_base import AgentIdentity, ChildBase
 
@@ -296,22 +302,29 @@ class RoleGroup:
                     self.retire(child, "no task after all")
                     continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_task, child, task.id, task.epoch, task.prompt)
+                self._nursery.start_soon(self._run_task, child, task)
 
     async def _written(self, write: Callable[..., T], *args: object) -> T:
         """``write(*args)``, held and tried again while the state disk refuses it."""
         return await until_written(partial(write, *args), self.rt.store.health)
 
-    async def _run_task(self, child: Child, task_id: int, epoch: int, prompt: str) -> None:
-        self.rt.event("task_claimed", child.name, task_id=task_id, role=self.name)
+    async def _run_task(self, child: Child, task: TaskRow) -> None:
+        """Run ``task`` on ``child``: its prompt, or, for a task an operator answered,
+        the answer given to the CLI session it stopped in."""
+        task_id = task.id
+        resume = task.session if task.answer is not None else None
+        prompt = task.answer if task.answer is not None and resume is not None else task.prompt
+        self.rt.event(
+            "task_claimed", child.name, task_id=task_id, role=self.name, resumed=resume is not None
+        )
         child.who.task = task_id
 
         async def result() -> p.TaskDone:
             await child.promote(self.promotion_for(child))
             assert child.session is not None
-            return await child.session.task(task_id, prompt)
+            return await child.session.task(task_id, prompt, resume)
 
-        await self._see_through(child, task_id, epoch, result)
+        await self._see_through(child, task_id, task.epoch, result)
 
     async def _see_through(
         self,
@@ -340,6 +353,8 @@ class RoleGroup:
         the task is no longer this supervisor's to give back (also when the
         write is refused: the task was claimed again, ``TaskFenced``)."""
         store = self.rt.store
+        if done.waiting is not None:
+            return await self._wait_for_input(child, task_id, epoch, done.waiting)
         ok = done.code == 0
         try:
             await self._written(
@@ -352,6 +367,35 @@ class RoleGroup:
             log.warning("task %d: result from %s not recorded: %s", task_id, child.name, exc)
             return True
         self.rt.event("task_done", child.name, task_id=task_id, exit_code=done.code)
+        await self._discard_workspace(task_id)
+        return True
+
+    async def _wait_for_input(
+        self, child: Child, task_id: int, epoch: int, waiting: p.Waiting
+    ) -> bool:
+        """The task's CLI stopped to ask: the task waits for an operator's answer,
+        holding no VM (``child`` retires as after any result)."""
+        try:
+            await self._written(
+                partial(
+                    self.rt.store.ask_task,
+                    epoch=epoch,
+                    question=waiting.question,
+                    session=waiting.session,
+                ),
+                task_id,
+            )
+        except (TaskNotFound, TaskConflict) as exc:
+            log.warning("task %d: question from %s not recorded: %s", task_id, child.name, exc)
+            return True
+        self.rt.event(
+            "task_waiting",
+            child.name,
+            task_id=task_id,
+            role=self.name,
+            asks=waiting.kind,
+            question=waiting.question,
+        )
         return True
 
     async def _requeue(self, child: Child, task_id: int, epoch: int, reason: str) -> bool:
@@ -369,7 +413,19 @@ class RoleGroup:
             log.warning("task %d: not requeued: %s", task_id, exc)
             return True
         self.rt.event("task_requeued", child.name, task_id=task_id, reason=reason, state=row.state)
+        if row.state == "failed":
+            await self._discard_workspace(task_id)
         return True
+
+    async def _discard_workspace(self, task_id: int) -> None:
+        """The task is over: its CLI's session will not be resumed, its workspace goes."""
+        directory = self.rt.workspaces_dir
+        if directory is None:
+            return
+        try:
+            await trio.to_thread.run_sync(workspaces.discard_task, directory, task_id)
+        except (OSError, workspaces.WorkspaceError) as exc:
+            log.warning("task %d: its workspace stays: %s", task_id, exc)
 
     def _give_back(self, task_id: int, epoch: int) -> None:
         """Cancelled (shutdown): the task is not lost, it goes back to the queue.

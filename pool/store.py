@@ -22,12 +22,12 @@ Exceptions (raised by the store, handled by the pool)::
 from __future__ import annotations
 
 import pathlib
-from typing import Final, Literal, Protocol
+from typing import Protocol
 
 import msgspec
+from fireclaw.pool.task_states import TASK_STATES, TaskState
 
-TaskState = Literal["queued", "claimed", "done", "failed"]
-TASK_STATES: Final[tuple[TaskState, ...]] = ("queued", "claimed", "done", "failed")
+__all__ = ["TASK_STATES", "TaskState"]
 
 
 class StateError(Exception):
@@ -76,6 +76,10 @@ class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     epoch: int = 0
     #: The host whose VM claimed it last (a cluster's host name; one host's own).
     host: str | None = None
+    #: The CLI session it stopped in to ask (``waiting_for_input``; then kept).
+    session: str | None = None
+    #: An operator's answer to its question: the prompt its next run resumes with.
+    answer: str | None = None
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -172,6 +176,12 @@ class StateStore(Protocol):
     def requeue_task(self, task_id: int, *, epoch: int, reason: str, max_attempts: int) -> TaskRow:
         """Give the task claimed at ``epoch`` back to the queue (failed at
         ``max_attempts``). Raises as ``finish_task``."""
+        ...
+
+    def ask_task(self, task_id: int, *, epoch: int, question: str, session: str) -> TaskRow:
+        """The task claimed at ``epoch`` stopped to ask ``question`` in the CLI
+        session ``session``: it waits for input, holding no VM (its question is
+        its ``result`` meanwhile). Raises as ``finish_task``."""
         ...
 
     def record_restart(

@@ -24,7 +24,7 @@ class ChildWork(ChildBase):
         if self.session is None:
             raise GuestLost(f"{self.name} has no guest connected")
         self._fire(Event.PROMOTE)
-        if await self._attach_workspace():
+        if await self._attach_workspace(isinstance(msg.harness, p.CliHarness)):
             msg = msgspec.structs.replace(msg, workspace=True)
         self.who.agent, self.who.model = msg.name, msg.model
         await self.session.promote(msg)
@@ -68,24 +68,31 @@ class ChildWork(ChildBase):
             **detail,
         )
 
-    async def _attach_workspace(self) -> bool:
-        """Give a named agent's VM its workspace disk (once per VM); True if it has it.
+    async def _attach_workspace(self, cli: bool) -> bool:
+        """Give a named agent's VM its workspace disk, or a VM running a task with a
+        CLI (``cli``) the task's (``workspaces.for_work``), once per VM; True if
+        it has it.
 
         Without one (a driver that cannot attach one, or it could not be
         attached) the agent works without: that is logged and evented, not fatal."""
-        agent, handle, directory = self.agent, self.handle, self.rt.workspaces_dir
-        if agent is None or directory is None or handle is None:
+        handle, directory = self.handle, self.rt.workspaces_dir
+        if directory is None or handle is None:
             return False
+        agent = self.agent.name if self.agent is not None else None
+        work = workspaces.for_work(directory, agent=agent, task=self.who.task, cli=cli)
+        if work is None:
+            return False
+        directory, owner = work
         if not self.rt.driver.describe().can(Capability.WORKSPACE):
             return False
         if self._workspace_in is handle:
             return True
         try:
-            path = await workspaces.ensure(directory, agent.name, WORKSPACE_BYTES)
+            path = await workspaces.ensure(directory, owner, WORKSPACE_BYTES)
             await handle.attach_workspace(path)
         except (workspaces.WorkspaceError, DriverError) as exc:
-            log.warning("%s: no workspace for %s: %s", self.name, agent.name, exc)
-            self.rt.event("workspace_failed", agent.name, vm=self.name, reason=str(exc))
+            log.warning("%s: no workspace for %s: %s", self.name, owner, exc)
+            self.rt.event("workspace_failed", owner, vm=self.name, reason=str(exc))
             return False
         self._workspace_in = handle
         return True

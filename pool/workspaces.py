@@ -7,6 +7,11 @@ it swapped under its spare disk before its promotion, so whatever the agent
 wrote survives its VM's crashes, restarts of the supervisor and re-invokes
 under the same name. ``destroy`` stops the agent but keeps its workspace.
 
+A task run by a coding-agent CLI gets one too, ``<directory>/tasks/task-N.ext4``
+(``for_work``): the CLI keeps its session there, so when the task stops to
+ask and an answer resumes it on another VM, the session is still there. It
+goes once the task is done or failed (``discard_task``).
+
 Errors::
 
     WorkspaceError      the image could not be made (one line)
@@ -39,6 +44,28 @@ def path_for(directory: Path, agent: str) -> Path:
     if not _NAME.fullmatch(agent) or agent.startswith("-"):
         raise WorkspaceError(f"agent name {agent!r} cannot name a workspace file")
     return directory / f"{agent}{SUFFIX}"
+
+
+#: Under the workspaces directory: the workspaces of tasks (apart from agents',
+#: whatever an agent is called).
+TASKS: Final = "tasks"
+
+
+def for_work(
+    directory: Path, *, agent: str | None, task: int | None, cli: bool
+) -> tuple[Path, str] | None:
+    """Where the workspace of a VM's work is and its name: a named agent's own;
+    a task's, when a CLI runs it; else None (a task of another harness, a run)."""
+    if agent is not None:
+        return directory, agent
+    if task is not None and cli:
+        return directory / TASKS, f"task-{task}"
+    return None
+
+
+def discard_task(directory: Path, task: int) -> None:
+    """Remove the workspace of ``task`` (done or failed), if it had one."""
+    path_for(directory / TASKS, f"task-{task}").unlink(missing_ok=True)
 
 
 def first_memory(agent: str) -> str:

@@ -13,6 +13,7 @@ Routes::
     GET  /status[?since=V&wait=S]     controller.status(), after a change past version V
     POST /run     {"role", "argv", "user"?}   controller.run(): an ndjson stream, see below
     POST /tasks   {"role", "prompt"}  controller.submit_task()
+    POST /answers {"name", "text"}    controller.answer(): resume a task waiting for input
     GET  /tasks[?state=S]             {"tasks": controller.list_tasks(S)}
     GET  /tasks/<id>                  controller.get_task(id)
     POST /scale   {"role", "n"}       controller.scale()
@@ -94,6 +95,7 @@ from fireclaw.supervisor.api_http import (
     unlink_if_ours,
 )
 from fireclaw.supervisor.api_requests import (
+    ANSWER_DECODER,
     DOWN_DECODER,
     EMPTY_DECODER,
     INVOKE_DECODER,
@@ -154,6 +156,11 @@ class Controller(Protocol):
 
     async def get_task(self, task_id: int) -> dict[str, object]: ...
 
+    async def answer(self, name: str, text: str) -> dict[str, object]:
+        """Queue the task waiting for input that ``name`` names (``task-N``, or the
+        agent that asked) again, to resume its CLI session with ``text``."""
+        ...
+
     async def list_tasks(self, state: str | None) -> list[dict[str, object]]: ...
 
     async def scale(self, role: str, n: int) -> dict[str, object]: ...
@@ -205,6 +212,7 @@ class _ApiServer:
             (re.compile(r"/run"), {"POST": _Streamed(self._run)}),
             (re.compile(r"/tasks"), {"GET": self._list_tasks, "POST": self._submit_task}),
             (re.compile(r"/tasks/(?P<id>[^/]+)"), {"GET": self._get_task}),
+            (re.compile(r"/answers"), {"POST": self._answer}),
             (re.compile(r"/scale"), {"POST": self._scale}),
             (re.compile(r"/reset"), {"POST": self._reset}),
             (re.compile(r"/agents"), {"POST": self._invoke}),
@@ -330,6 +338,11 @@ class _ApiServer:
         if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
             raise HttpError(400, f"task id must be a positive integer, not {raw!r}")
         return await self._controller.get_task(int(raw))
+
+    async def _answer(self, request: Request, match: re.Match[str]) -> object:
+        query_params(request, frozenset())
+        body = decode_body(ANSWER_DECODER, request.body)
+        return await self._controller.answer(body.name, body.text)
 
     async def _scale(self, request: Request, match: re.Match[str]) -> object:
         query_params(request, frozenset())

@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Annotated, Final, TypeVar
 
 import msgspec
+from fireclaw.pool.task_states import TASK_STATES as _TASK_STATES
 from fireclaw.supervisor.api_http import MAX_BODY_BYTES, HttpError, Request
 from msgspec import Meta
 
 __all__ = [
+    "ANSWER_DECODER",
     "DOWN_DECODER",
     "EMPTY_DECODER",
     "INVOKE_DECODER",
@@ -28,6 +30,7 @@ __all__ = [
     "TASK_DECODER",
     "TASK_STATES",
     "USAGE_BY",
+    "AnswerRequest",
     "DownRequest",
     "EmptyRequest",
     "InvokeRequest",
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 #: The states ``GET /tasks?state=`` may filter on, in the order a task goes through them.
-TASK_STATES: Final = ("queued", "claimed", "done", "failed")
+TASK_STATES: Final = _TASK_STATES
 #: Most events one ``GET /events`` answers with.
 MAX_EVENTS_LIMIT: Final = 1000
 #: Longest a status long-poll may wait, well inside the connection's idle timeout.
@@ -68,6 +71,14 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     role: _Name
     prompt: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES)]
+
+
+class AnswerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of POST /answers: ``name`` is a waiting task (``task-N``) or the
+    agent that asked; ``text`` the answer its CLI session resumes with."""
+
+    name: _Name
+    text: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES, pattern=r"\S")]
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -104,6 +115,7 @@ class DownRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 RUN_DECODER: Final = msgspec.json.Decoder(RunRequest)
 TASK_DECODER: Final = msgspec.json.Decoder(TaskRequest)
+ANSWER_DECODER: Final = msgspec.json.Decoder(AnswerRequest)
 # Lax: JSON may write a whole number as 4.0 (or a client "4"); either is the number 4.
 SCALE_DECODER: Final = msgspec.json.Decoder(ScaleRequest, strict=False)
 RESET_DECODER: Final = msgspec.json.Decoder(ResetRequest)

@@ -21,15 +21,13 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 import msgspec
+from fireclaw.guest_daemon.lines import MIN_SECRET, REDACTED, redact
 
-__all__ = ["MAX_TEXT", "REDACTED", "ChatLine", "ChatLog", "redact"]
+__all__ = ["MAX_TEXT", "MIN_SECRET", "REDACTED", "ChatLine", "ChatLog", "redact"]
 
 #: An IRC line is at most 512 bytes; a nick at most what the server allows.
 MAX_TEXT: Final = 512
 MAX_NICK: Final = 64
-REDACTED: Final = "[redacted]"
-#: Secrets this short would redact ordinary words; the swarm never makes one.
-MIN_SECRET: Final = 6
 #: C0 and C1 controls (IRC bold, colour, reverse, CTCP's \x01), DEL, and the
 #: Unicode marks that reorder or hide text.
 _CONTROLS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
@@ -46,14 +44,6 @@ class ChatLine(msgspec.Struct, frozen=True, kw_only=True):
     nick: str
     text: str
     action: bool = False
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret of ``secrets`` (at least ``MIN_SECRET`` long)
-    replaced by ``REDACTED``; longest first, so none survives in part."""
-    for secret in sorted((s for s in secrets if len(s) >= MIN_SECRET), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
 
 
 def _plain(text: str) -> str:

@@ -7,6 +7,7 @@
     fireclaw-swarm run [--role R] -- CMD...              run CMD in a pooled VM, stream its output
     fireclaw-swarm task ROLE PROMPT [--wait]             queue a task, print its id (or result)
     fireclaw-swarm tasks [--state S] [--json]            list tasks
+    fireclaw-swarm answer NAME TEXT                      resume a task waiting for input
     fireclaw-swarm scale ROLE N                          set the number of VMs of a role
     fireclaw-swarm reset NAME                            clear the failed state of a VM or role
     fireclaw-swarm reload                                re-read the config file
@@ -52,6 +53,7 @@ from fireclaw.supervisor.cli_commands import (
     DEFAULT_CONFIG,
     CliError,
     UsageError,
+    cmd_answer,
     cmd_destroy,
     cmd_doctor,
     cmd_down,
@@ -224,8 +226,13 @@ def _task(p: _Parser) -> None:
 
 
 def _tasks(p: _Parser) -> None:
-    p.add_argument("--state", choices=["queued", "claimed", "done", "failed"])
+    p.add_argument("--state", choices=["queued", "claimed", "waiting_for_input", "done", "failed"])
     _json(p)
+
+
+def _answer(p: _Parser) -> None:
+    p.add_argument("name", metavar="NAME", help="the waiting task (task-N) or the agent that asked")
+    p.add_argument("text", metavar="TEXT", help="the answer its CLI session resumes with")
 
 
 def _scale(p: _Parser) -> None:
@@ -325,6 +332,7 @@ def _commands() -> list[_Entry]:
         ("run", "run a command in a pooled VM and stream its output", _run, cmd_run),
         ("task", "queue a task for a role", _task, cmd_task),
         ("tasks", "list tasks", _tasks, cmd_tasks),
+        ("answer", "answer the question a task stopped at", _answer, cmd_answer),
         ("scale", "set the number of VMs of a role", _scale, cmd_scale),
         ("reset", "clear the failed state of a VM or a role", _name, cmd_reset),
         ("invoke", "bring up a named agent that stays until destroyed", _invoke, cmd_invoke),

@@ -195,7 +195,7 @@ def cmd_task(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     delay = 0.2
-    while task.get("state") not in ("done", "failed"):
+    while task.get("state") not in ("done", "failed", "waiting_for_input"):
         if time.monotonic() >= deadline:
             raise CliError(f"task {task_id} still {task.get('state')} after {args.timeout:g} s")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -207,6 +207,17 @@ def cmd_task(args: argparse.Namespace) -> int:
         print(text, end="" if text.endswith("\n") else "\n")
     if task.get("state") == "failed":
         raise CliError(f"task {task_id} failed (exit code {cell(task.get('exit_code'))})")
+    if task.get("state") == "waiting_for_input":
+        raise CliError(
+            f"task {task_id} waits for an answer: fireclaw-swarm answer task-{task_id} TEXT"
+        )
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    body = {"name": args.name, "text": args.text}
+    task = _dict(_client(args).post("/answers", body), "answer result")
+    print(f"task {task.get('id')} resumes with the answer")
     return 0
 
 

@@ -68,6 +68,15 @@ class Task:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """``!answer NAME TEXT``: resume the task waiting for input that NAME names
+    (``task-N``, or the agent that asked) with TEXT."""
+
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Model:
     name: str
     model: str
@@ -110,6 +119,7 @@ Command = (
     | Templates
     | Scale
     | Task
+    | Answer
     | Model
     | Persona
     | Reset
@@ -136,6 +146,7 @@ HELP: Final[dict[str, tuple[str, str]]] = {
     "templates": ("!templates", "the roles this swarm runs"),
     "scale": ("!scale ROLE N", "keep N idle VMs of ROLE"),
     "task": ("!task ROLE PROMPT", "queue a task; its result is announced here"),
+    "answer": ("!answer NAME TEXT", "answer the question a task stopped at (NAME: task-N)"),
     "model": ("!model NAME MODEL", "give an agent another model"),
     "persona": ("!persona NAME TEXT", "give an agent another persona"),
     "reset": ("!reset NAME", "clear a failed VM or role so it is tried again"),
@@ -241,6 +252,12 @@ def _task(args: list[str], rest: str) -> Command:
     return Task(role=role, prompt=rest[len(args[0]) :].strip())
 
 
+def _answer(args: list[str], rest: str) -> Command:
+    if len(args) < 2:
+        raise _Bad("give a task (or agent) and the answer")
+    return Answer(name=_name(args[0]), text=rest[len(args[0]) :].strip())
+
+
 def _model(args: list[str], rest: str) -> Command:
     if len(args) != 2:
         raise _Bad("give an agent and a model")
@@ -279,6 +296,7 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "templates": _no_args(Templates),
     "scale": _scale,
     "task": _task,
+    "answer": _answer,
     "model": _model,
     "persona": _persona,
     "reset": _one_name(Reset),

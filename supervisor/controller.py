@@ -31,7 +31,15 @@ from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.ircd import ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer
-from fireclaw.supervisor.state import AgentRecord, StateError, StateUnwritable, Store
+from fireclaw.supervisor.state import (
+    AgentRecord,
+    StateError,
+    StateUnwritable,
+    Store,
+    TaskConflict,
+    TaskNotFound,
+    TaskRow,
+)
 
 log = logging.getLogger("fireclaw.supervisor")
 
@@ -39,6 +47,10 @@ log = logging.getLogger("fireclaw.supervisor")
 MAX_AGENT_NAME: Final = 30
 #: IRC nicks, as the guest protocol accepts them.
 _AGENT_NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
+#: A task by its name (``task-N``), as the events and the question name it.
+_TASK_NAME: Final = re.compile(r"task-([1-9][0-9]{0,15})")
+#: Waiting tasks looked through for the one an agent's name gives.
+MAX_WAITING_LISTED: Final = 1000
 
 
 class SupervisorController:
@@ -172,6 +184,61 @@ class SupervisorController:
         self.event("task_queued", f"task-{task.id}", role=role)
         group.tasks_queued()
         return _task_dict(task)
+
+    async def answer(self, name: str, text: str) -> dict[str, object]:
+        """Queue the task waiting for input that ``name`` names (``task-N``, or the
+        agent that asked, when one task of it waits) again: its next run resumes
+        its CLI session with ``text`` as the prompt, on whichever VM claims it."""
+        if not text.strip():
+            raise ControllerError("answer: the answer is empty")
+        if len(text) > p.MAX_PROMPT_CHARS:
+            raise ControllerError(
+                f"answer: it has {len(text)} characters, at most {p.MAX_PROMPT_CHARS}"
+            )
+        task = self._waiting_task(name)
+        try:
+            row = self.store.answer_task(task.id, text)
+        except StateUnwritable as exc:
+            raise _unwritable(exc, f"task {task.id} not answered") from None
+        except TaskNotFound as exc:
+            raise ControllerError(str(exc), 404) from None
+        except TaskConflict as exc:
+            raise ControllerError(str(exc), 409) from None
+        self.event("task_answered", f"task-{row.id}", role=row.role, asked_by=task.owner)
+        group = self.groups.get(row.role)
+        if group is not None:
+            group.tasks_queued()
+        return _task_dict(row)
+
+    def _waiting_task(self, name: str) -> TaskRow:
+        """The task ``name`` names, waiting for input; one line saying why not."""
+        if (numbered := _TASK_NAME.fullmatch(name)) is not None:
+            task = self.store.get_task(int(numbered[1]))
+            if task is None:
+                raise ControllerError(f"no task {numbered[1]}", 404)
+            if task.state != "waiting_for_input":
+                raise ControllerError(
+                    f"task {task.id} is {task.state}, not waiting for an answer", 409
+                )
+            return task
+        waiting = [
+            t
+            for t in self.store.list_tasks(state="waiting_for_input", limit=MAX_WAITING_LISTED)
+            if t.owner == name
+        ]
+        if len(waiting) == 1:
+            return waiting[0]
+        if waiting:
+            names = ", ".join(f"task-{t.id}" for t in sorted(waiting, key=lambda t: t.id))
+            raise ControllerError(
+                f"{name} has {len(waiting)} tasks waiting for an answer; name one: {names}", 409
+            )
+        known = name in self.groups or any(
+            g.find_agent(name) is not None or name in g.children for g in self.groups.values()
+        )
+        if known:
+            raise ControllerError(f"{name} has no task waiting for an answer", 409)
+        raise ControllerError(f"no task or agent named {name!r} is waiting for an answer", 404)
 
     async def get_task(self, task_id: int) -> dict[str, object]:
         task = self.store.get_task(task_id)

@@ -109,6 +109,7 @@ def document() -> dict[str, Any]:
     structs = (
         api_requests.RunRequest,
         api_requests.TaskRequest,
+        api_requests.AnswerRequest,
         api_requests.ScaleRequest,
         api_requests.InvokeRequest,
         api_requests.RetuneRequest,
@@ -206,6 +207,14 @@ def document() -> dict[str, Any]:
         "/scale": {
             "post": _operation(
                 "Keep N idle VMs for a role.", _OBJECT, body="ScaleRequest", errors=(404, 507)
+            )
+        },
+        "/answers": {
+            "post": _operation(
+                "Answer the question a task stopped at: its CLI session resumes with it.",
+                TASK,
+                body="AnswerRequest",
+                errors=(404, 409, 507),
             )
         },
         "/reset": {

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -34,10 +34,11 @@ from fireclaw.config import IrcSpec
 from fireclaw.guest_daemon.irc import IrcClient
 from fireclaw.guest_daemon.irc_events import Disconnected, IrcConfig, Message
 from fireclaw.guest_daemon.irc_wire import casefold
+from fireclaw.guest_daemon.lines import one_line
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.budget import period_bounds
-from fireclaw.supervisor.chatlog import ChatLog
+from fireclaw.supervisor.chatlog import ChatLog, redact
 from fireclaw.supervisor.irc_credentials import IrcCredentials
 from fireclaw.supervisor.ircd_operators import operator_blocks
 from fireclaw.supervisor.operators import (
@@ -58,6 +59,8 @@ log = logging.getLogger("fireclaw.overseer")
 
 #: Lines one answer may take in the channel; the rest is summarised.
 MAX_ANSWER_LINES: Final = 12
+#: Characters of a waiting task's question shown: its line stays one IRC line.
+MAX_QUESTION_SHOWN: Final = 300
 
 #: What a refused sender is told, per ``irc.operator_auth``.
 REFUSAL: Final = {
@@ -278,6 +281,11 @@ class Overseer:
             case c.Task(role=role, prompt=prompt):
                 task = await sup.submit_task(role, prompt)
                 return [f"task {task['id']} queued for {role}; I will say here when it is done"]
+            case c.Answer(name=name, text=text):
+                task = await sup.answer(name, text)
+                return [
+                    f"task {task['id']} resumes with your answer; I will say here when it is done"
+                ]
             case c.Model(name=name, model=model):
                 await sup.retune(name, model=model)
                 return [f"{name} now uses {model}"]
@@ -367,6 +375,8 @@ class Overseer:
                 return f"{d.get('agent')} is back on {subject}"
             case "task_done":
                 return self._task_line(d.get("task_id"))
+            case "task_waiting":
+                return question_line(subject, d, self._secrets())
             case "task_requeued" if d.get("state") == "failed":
                 return self._task_line(d.get("task_id"))
             case "ircd_crashed":
@@ -401,6 +411,19 @@ class Overseer:
             result = result[:300] + "..."
         verdict = "done" if task.state == "done" else f"{task.state} (exit {task.exit_code})"
         return f"task {task.id} ({task.role}) {verdict}: {result or '(no output)'}"
+
+
+def question_line(asked_by: str, d: Mapping[str, object], secrets: Iterable[str]) -> str | None:
+    """The announcement of a ``task_waiting`` event: which task asks what, and how
+    to answer it. The question is the guest's word: made one plain line, cut to
+    ``MAX_QUESTION_SHOWN``, every one of ``secrets`` taken out."""
+    task_id, question = d.get("task_id"), d.get("question")
+    if not isinstance(task_id, int) or not isinstance(question, str):
+        return None
+    text = one_line(redact(question, secrets), MAX_QUESTION_SHOWN)
+    return (
+        f"task {task_id} ({d.get('role')}) on {asked_by} asks: {text} (!answer task-{task_id} TEXT)"
+    )
 
 
 def _mask(msg: Message) -> str:

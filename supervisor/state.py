@@ -41,7 +41,11 @@ older epoch changes nothing and raises ``TaskFenced``)::
     queued --claim_task--> claimed --finish_task(ok)--> done
        ^                      |  \\--finish_task(not ok)--> failed
        +----requeue_task------+
-            requeue_orphans   \\--(attempts reach max_attempts)--> failed
+       |    requeue_orphans   \\--(attempts reach max_attempts)--> failed
+       |                      \\--ask_task--> waiting_for_input
+       +----answer_task------------------------------+
+
+(the table itself: ``pool/task_states.py``)
 
 Exceptions::
 

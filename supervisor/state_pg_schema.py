@@ -80,6 +80,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX model_calls_by_at ON model_calls (at)",
         "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
     ),
+    # 2: a task whose CLI stopped to ask waits for an answer (pool/task_states.py),
+    # keeping the CLI's session and then the answer its next run resumes with.
+    (
+        "ALTER TABLE tasks DROP CONSTRAINT tasks_state_check",
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_state_check CHECK (state IN"
+        " ('queued', 'claimed', 'waiting_for_input', 'done', 'failed'))",
+        "ALTER TABLE tasks ADD COLUMN session TEXT",
+        "ALTER TABLE tasks ADD COLUMN answer TEXT",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -21,10 +21,12 @@ from typing import Any, Final
 
 import psycopg
 from fireclaw.pool.store import TASK_STATES, TaskRow
+from fireclaw.pool.task_states import next_state
 from fireclaw.supervisor.state_pg_db import PgDatabase
 from fireclaw.supervisor.state_tasks import (
     TASK_COLUMNS,
     check_max_attempts,
+    not_waiting,
     refusal,
     task_row,
 )
@@ -104,6 +106,47 @@ class PgTasks:
             row = _requeue(cur, task_id, epoch, reason, max_attempts, self._clock())
             if row is None:
                 refusal(task_id, epoch, _state_of(cur, task_id))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row[1]))
+        return task_row(row)
+
+    def ask_task(self, task_id: int, *, epoch: int, question: str, session: str) -> TaskRow:
+        """As ``state_tasks.TaskQueue.ask_task``."""
+        with self._pg.transaction(write=True) as cur:
+            row = cur.execute(
+                "UPDATE tasks SET state = %s, result = %s, session = %s, answer = NULL,"
+                " exit_code = NULL, updated_at = %s"
+                " WHERE id = %s AND state = 'claimed' AND epoch = %s"
+                f" RETURNING {TASK_COLUMNS}",
+                (
+                    next_state("claimed", "ask"),
+                    pg_text(question),
+                    pg_text(session),
+                    self._clock(),
+                    task_id,
+                    epoch,
+                ),
+            ).fetchone()
+            if row is None:
+                refusal(task_id, epoch, _state_of(cur, task_id))
+        return task_row(row)
+
+    def answer_task(self, task_id: int, answer: str) -> TaskRow:
+        """As ``state_tasks.TaskQueue.answer_task``; wakes the hosts waiting for tasks."""
+        with self._pg.transaction(write=True) as cur:
+            row = cur.execute(
+                "UPDATE tasks SET state = %s, answer = %s, owner = NULL, updated_at = %s"
+                " WHERE id = %s AND state = 'waiting_for_input'"
+                f" RETURNING {TASK_COLUMNS}",
+                (
+                    next_state("waiting_for_input", "answer"),
+                    pg_text(answer),
+                    self._clock(),
+                    task_id,
+                ),
+            ).fetchone()
+            if row is None:
+                found = cur.execute("SELECT state FROM tasks WHERE id = %s", (task_id,)).fetchone()
+                not_waiting(task_id, None if found is None else found[0])
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, row[1]))
         return task_row(row)
 

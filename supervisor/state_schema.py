@@ -133,6 +133,40 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             heartbeat_at REAL NOT NULL
         )""",
     ),
+    # 8: a task whose CLI stopped to ask waits for an answer (pool/task_states.py),
+    # keeping the CLI's session and then the answer its next run resumes with.
+    # SQLite cannot change a CHECK: the table is made again, ids and their
+    # sequence kept.
+    (
+        """CREATE TABLE tasks_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            role TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('queued', 'claimed', 'waiting_for_input', 'done', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            owner TEXT,
+            exit_code INTEGER,
+            result TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            host TEXT,
+            session TEXT,
+            answer TEXT
+        )""",
+        "INSERT INTO tasks_new (id, role, prompt, state, attempts, owner, exit_code, result,"
+        " created_at, updated_at, epoch, host)"
+        " SELECT id, role, prompt, state, attempts, owner, exit_code, result,"
+        " created_at, updated_at, epoch, host FROM tasks",
+        "DELETE FROM sqlite_sequence WHERE name = 'tasks_new'",
+        "INSERT INTO sqlite_sequence (name, seq)"
+        " SELECT 'tasks_new', seq FROM sqlite_sequence WHERE name = 'tasks'",
+        "DROP TABLE tasks",
+        "ALTER TABLE tasks_new RENAME TO tasks",
+        "CREATE INDEX tasks_by_role_state ON tasks (role, state, id)",
+        "CREATE INDEX tasks_by_state ON tasks (state, id)",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Final, NoReturn
 
 from fireclaw.pool.store import TASK_STATES, TaskConflict, TaskFenced, TaskNotFound, TaskRow
+from fireclaw.pool.task_states import TaskState, next_state
 from fireclaw.supervisor.state_db import Database
 
 TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
-    " epoch, host"
+    " epoch, host, session, answer"
 )
 
 
@@ -33,6 +34,8 @@ def task_row(row: tuple[Any, ...]) -> TaskRow:
         updated_at=row[9],
         epoch=row[10],
         host=row[11],
+        session=row[12],
+        answer=row[13],
     )
 
 
@@ -96,6 +99,47 @@ class TaskQueue(Database):
             row = self._requeue(task_id, epoch, reason, max_attempts, self._clock())
             if row is None:
                 self._refused(task_id, epoch)
+        return task_row(row)
+
+    def ask_task(self, task_id: int, *, epoch: int, question: str, session: str) -> TaskRow:
+        """The task claimed at ``epoch`` stopped to ask ``question`` in the CLI
+        session ``session``: it waits for input, its owner kept (the name an
+        answer may give), its question its result meanwhile. Raises as
+        ``finish_task``."""
+        with self._errors(write=True), self._durable(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = ?, result = ?, session = ?, answer = NULL,"
+                " exit_code = NULL, updated_at = ?"
+                f" WHERE id = ? AND state = 'claimed' AND epoch = ? RETURNING {TASK_COLUMNS}",
+                (
+                    next_state("claimed", "ask"),
+                    question,
+                    session,
+                    self._clock(),
+                    task_id,
+                    epoch,
+                ),
+            ).fetchone()
+            if row is None:
+                self._refused(task_id, epoch)
+        return task_row(row)
+
+    def answer_task(self, task_id: int, answer: str) -> TaskRow:
+        """Queue a waiting task again with ``answer``, the prompt its next run
+        resumes its session with. Raises ``TaskNotFound``; ``TaskConflict`` if it
+        is not waiting for input (one line naming its state)."""
+        with self._errors(write=True), self._durable(), self._write():
+            row = self._conn.execute(
+                "UPDATE tasks SET state = ?, answer = ?, owner = NULL, updated_at = ?"
+                " WHERE id = ? AND state = 'waiting_for_input'"
+                f" RETURNING {TASK_COLUMNS}",
+                (next_state("waiting_for_input", "answer"), answer, self._clock(), task_id),
+            ).fetchone()
+            if row is None:
+                found = self._conn.execute(
+                    "SELECT state FROM tasks WHERE id = ?", (task_id,)
+                ).fetchone()
+                not_waiting(task_id, None if found is None else found[0])
         return task_row(row)
 
     def requeue_orphans(self, live_owners: set[str], *, max_attempts: int) -> list[TaskRow]:
@@ -200,6 +244,13 @@ def refusal(task_id: int, epoch: int, row: tuple[Any, ...] | None) -> NoReturn:
             f"task {task_id} was claimed again (epoch {now}); this write is of epoch {epoch}"
         )
     raise TaskConflict(f"task {task_id} is {state}, not claimed")
+
+
+def not_waiting(task_id: int, state: TaskState | None) -> NoReturn:
+    """Why an answer to ``task_id`` changed nothing. Shared by both stores."""
+    if state is None:
+        raise TaskNotFound(f"no task {task_id}")
+    raise TaskConflict(f"task {task_id} is {state}, not waiting for an answer")
 
 
 def check_max_attempts(max_attempts: int) -> None:

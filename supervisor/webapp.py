@@ -41,6 +41,7 @@ from typing import Final
 
 import msgspec
 import trio
+from fireclaw.pool.task_states import TASK_STATES
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.chatlog import redact
 from fireclaw.supervisor.metrics import LoopLag
@@ -116,7 +117,7 @@ CHAT_MAX_WAIT: Final = 30
 #: the ledger covers the rest of the window, so a longer one costs more).
 _MAX_USAGE_WINDOW: Final = 7 * 86400
 _MAX_FORM_BYTES: Final = 4096
-_TASK_STATES: Final = ("queued", "claimed", "done", "failed")
+_TASK_STATES: Final = TASK_STATES
 
 
 def _static(name: str) -> str:

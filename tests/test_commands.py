@@ -68,6 +68,7 @@ def test_usage_lines(text: str, says: str) -> None:
 
 def test_every_command_has_help() -> None:
     assert set(c.HELP) == {
+        "answer",
         "invoke",
         "destroy",
         "stop",

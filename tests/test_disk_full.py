@@ -114,7 +114,13 @@ def test_the_supervisor_survives_a_full_state_disk(
     assert st["pid"] == pid and swarm.proc.poll() is None
     assert st["state"]["writable"] is False and st["state"]["why"] == "full"
     assert st["state"]["dropped_events"] >= 1 and st["state"]["dropped_writes"] >= 1
-    assert st["tasks"] == {"queued": 1, "claimed": 1, "done": 0, "failed": 0}
+    assert st["tasks"] == {
+        "queued": 1,
+        "claimed": 1,
+        "waiting_for_input": 0,
+        "done": 0,
+        "failed": 0,
+    }
     # The VM held for "waiting" is handed out but not promoted (no agent in it).
     held_for = [a for a in st["agents"] if a["state"] == "active"]
     assert len(held_for) == 1 and held_for[0]["agent"] is None

@@ -409,10 +409,11 @@ def test_hosts_heartbeat(store: Store) -> None:
 
 
 def test_list_and_count(store: Store) -> None:
-    assert store.count_tasks() == {"queued": 0, "claimed": 0, "done": 0, "failed": 0}
+    none = {"queued": 0, "claimed": 0, "waiting_for_input": 0, "done": 0, "failed": 0}
+    assert store.count_tasks() == none
     tasks = [store.add_task("coder", str(i)) for i in range(5)]
     store.claim_task("coder", "coder-0")
-    assert store.count_tasks() == {"queued": 4, "claimed": 1, "done": 0, "failed": 0}
+    assert store.count_tasks() == {**none, "queued": 4, "claimed": 1}
     assert [t.id for t in store.list_tasks()] == [t.id for t in reversed(tasks)]
     assert [t.id for t in store.list_tasks(limit=2)] == [tasks[4].id, tasks[3].id]
     assert [t.id for t in store.list_tasks(state="claimed")] == [tasks[0].id]

@@ -156,7 +156,8 @@ def test_a_newer_schema_is_refused(
     _connect(pg_cluster, pg_dsn, tmp_path).close()
     with pg_cluster.connect(_dbname(pg_dsn)) as conn:
         conn.execute("UPDATE fireclaw_schema SET version = version + 1")
-    with pytest.raises(StateError, match="schema version 2 is newer than this fireclaw-swarm"):
+    newer = f"schema version {PG_SCHEMA_VERSION + 1} is newer than this fireclaw-swarm"
+    with pytest.raises(StateError, match=newer):
         _connect(pg_cluster, pg_dsn, tmp_path)
 
 
@@ -238,7 +239,13 @@ def test_concurrent_claimers_take_each_task_exactly_once(
     assert len(every) == len(set(every)) == n_tasks  # none twice
     assert set(every) == ids  # none lost
     with _connect(pg_cluster, pg_dsn, tmp_path, "queue") as queue:
-        assert queue.count_tasks() == {"queued": 0, "claimed": 0, "done": n_tasks, "failed": 0}
+        assert queue.count_tasks() == {
+            "queued": 0,
+            "claimed": 0,
+            "waiting_for_input": 0,
+            "done": n_tasks,
+            "failed": 0,
+        }
     # The floor, in the same run: bare round trips on one connection.
     with pg_cluster.connect(_dbname(pg_dsn)) as conn:
         began = time.monotonic()
@@ -304,7 +311,13 @@ def test_one_host_at_a_time_requeues_the_silent_ones_and_never_its_own(
             other.execute("SELECT pg_advisory_unlock(%s)", (SILENT_LOCK,))
         taken = b.requeue_silent(silent_after=0, max_attempts=3)
         assert [t.result for t in taken] == ["host a is silent"]  # not b's own, not mute's
-        assert b.count_tasks() == {"queued": 1, "claimed": 2, "done": 0, "failed": 0}
+        assert b.count_tasks() == {
+            "queued": 1,
+            "claimed": 2,
+            "waiting_for_input": 0,
+            "done": 0,
+            "failed": 0,
+        }
 
 
 def test_every_shared_method_has_its_postgresql_version() -> None:
