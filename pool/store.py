@@ -76,6 +76,8 @@ class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     epoch: int = 0
     #: The host whose VM claimed it last (a cluster's host name; one host's own).
     host: str | None = None
+    #: The account of its role's provider it last ran on (a role with accounts).
+    account: str | None = None
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -135,6 +137,8 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     duration: float
     outcome: str
     host_counted: bool = False
+    #: The account whose key the gateway sent upstream (a role with accounts).
+    account: str | None = None
 
 
 class PendingWrites(Protocol):

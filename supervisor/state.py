@@ -31,8 +31,8 @@ loop, or one ``trio.to_thread.run_sync`` call at a time).
 The store is one class made of its parts, a module each: ``state_db`` (the
 connection, transactions, error translation, ``WriteHealth``), ``state_schema``
 (the migrations), ``state_tasks`` (the task queue), ``state_registry`` (VMs,
-services, named agents, scales) and ``state_ledger`` (events, restarts, model
-calls). The records and errors the pool writes and handles, and the protocol
+services, named agents, scales), ``state_ledger`` (events, restarts, model
+calls) and ``state_accounts`` (the accounts tasks ran on, their exhaustion). The records and errors the pool writes and handles, and the protocol
 of what it calls, are declared in ``pool/store.py``.
 
 Task states (each claim bumps the task's epoch; a result or requeue carrying an
@@ -70,6 +70,7 @@ from fireclaw.pool.store import (
     TaskState,
     VmRecord,
 )
+from fireclaw.supervisor.state_accounts import Accounts
 from fireclaw.supervisor.state_db import BUSY_TIMEOUT, WriteHealth
 from fireclaw.supervisor.state_ledger import EventRow, Ledger, UsageBy, UsageRow
 from fireclaw.supervisor.state_registry import AgentRecord, HostRow, Registry, ServiceRecord
@@ -105,7 +106,7 @@ __all__ = [
 ]
 
 
-class Store(TaskQueue, Registry, Ledger):
+class Store(TaskQueue, Registry, Ledger, Accounts):
     """The state database: its task queue, registry and ledger over one
     connection. Open with ``Store.open(path)``; close with ``close()`` (or use
     it as a context manager)."""

@@ -14,7 +14,7 @@ from fireclaw.supervisor.state_db import Database
 
 TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
-    " epoch, host"
+    " epoch, host, account"
 )
 
 
@@ -33,6 +33,7 @@ def task_row(row: tuple[Any, ...]) -> TaskRow:
         updated_at=row[9],
         epoch=row[10],
         host=row[11],
+        account=row[12],
     )
 
 
