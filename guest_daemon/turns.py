@@ -183,6 +183,7 @@ class Turns:
                     code=max(-255, min(255, ran.code)),
                     output=ran.text,
                     truncated=ran.truncated,
+                    limited=ran.limited,
                 )
             )
             return
