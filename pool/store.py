@@ -178,6 +178,28 @@ class StateStore(Protocol):
         ``max_attempts``). Raises as ``finish_task``."""
         ...
 
+    def assign_account(self, task_id: int, *, epoch: int, account: str) -> TaskRow:
+        """Record that the task claimed at ``epoch`` runs on ``account``. Raises as
+        ``finish_task``."""
+        ...
+
+    def defer_task(self, task_id: int, *, epoch: int, reason: str) -> TaskRow:
+        """Give the task claimed at ``epoch`` back to the queue without counting an
+        attempt (its account was refused, not the task). Raises as ``finish_task``."""
+        ...
+
+    def exhaust_account(self, role: str, name: str, *, until: float, reason: str) -> None:
+        """Mark ``role``'s account ``name`` exhausted until ``until`` (unix time)."""
+        ...
+
+    def exhausted_accounts(self, role: str) -> dict[str, float]:
+        """``{account: exhausted until}`` of ``role``, past times included."""
+        ...
+
+    def account_spent(self, role: str, *, since: float) -> dict[str, int]:
+        """Tokens the ledger holds of each of ``role``'s accounts since ``since``."""
+        ...
+
     def record_restart(
         self, name: str, role: str, *, reason: str, exit_code: int | None, delay: float
     ) -> None:

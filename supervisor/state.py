@@ -32,8 +32,9 @@ The store is one class made of its parts, a module each: ``state_db`` (the
 connection, transactions, error translation, ``WriteHealth``), ``state_schema``
 (the migrations), ``state_tasks`` (the task queue), ``state_registry`` (VMs,
 services, named agents, scales), ``state_ledger`` (events, restarts, model
-calls) and ``state_accounts`` (the accounts tasks ran on, their exhaustion). The records and errors the pool writes and handles, and the protocol
-of what it calls, are declared in ``pool/store.py``.
+calls) and ``state_accounts`` (the accounts tasks ran on, their exhaustion).
+The records and errors the pool writes and handles, and the protocol of what
+it calls, are declared in ``pool/store.py``.
 
 Task states (each claim bumps the task's epoch; a result or requeue carrying an
 older epoch changes nothing and raises ``TaskFenced``)::

@@ -10,9 +10,11 @@ the queue without counting an attempt: the task did not fail, the account did.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from fireclaw.pool.store import TaskRow
 from fireclaw.supervisor.state_db import Database
-from fireclaw.supervisor.state_tasks import TASK_COLUMNS, task_row
+from fireclaw.supervisor.state_tasks import TASK_COLUMNS, refusal, task_row
 
 
 class Accounts(Database):
@@ -28,7 +30,7 @@ class Accounts(Database):
                 (account, self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
-                self._refused(task_id, epoch)
+                self._refusal(task_id, epoch)
         return task_row(row)
 
     def defer_task(self, task_id: int, *, epoch: int, reason: str) -> TaskRow:
@@ -42,8 +44,14 @@ class Accounts(Database):
                 (reason, self._clock(), task_id, epoch),
             ).fetchone()
             if row is None:
-                self._refused(task_id, epoch)
+                self._refusal(task_id, epoch)
         return task_row(row)
+
+    def _refusal(self, task_id: int, epoch: int) -> NoReturn:
+        row = self._conn.execute(
+            "SELECT state, epoch FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
+        refusal(task_id, epoch, row)
 
     def exhaust_account(self, role: str, name: str, *, until: float, reason: str) -> None:
         """Mark ``role``'s account ``name`` exhausted until ``until`` (wall-clock
@@ -51,8 +59,8 @@ class Accounts(Database):
         with self._errors(write=True), self._durable():
             self._conn.execute(
                 "INSERT INTO accounts (role, name, exhausted_until, reason) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (role, name) DO UPDATE SET exhausted_until = excluded.exhausted_until,"
-                " reason = excluded.reason",
+                " ON CONFLICT (role, name) DO UPDATE"
+                " SET exhausted_until = excluded.exhausted_until, reason = excluded.reason",
                 (role, name, until, reason),
             )
 

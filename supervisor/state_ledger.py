@@ -149,8 +149,8 @@ class Ledger(Database):
         with self._errors():
             rows = self._conn.execute(
                 "SELECT at, agent, role, vm, task, model, prompt_tokens, completion_tokens,"
-                " duration, outcome, host_counted, account FROM model_calls WHERE id > ? ORDER BY id"
-                " LIMIT ?",
+                " duration, outcome, host_counted, account FROM model_calls WHERE id > ?"
+                " ORDER BY id LIMIT ?",
                 (after, limit),
             ).fetchall()
         return [

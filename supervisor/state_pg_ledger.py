@@ -129,4 +129,3 @@ class PgLedger:
             )  # fmt: skip
             for r in rows
         ]
-
