@@ -2,12 +2,14 @@
 (fireclaw.pool.accounts), the book over a real state store under trio's
 MockClock, and how a CLI's stream says its account was refused (recorded
 streams under tests/data/cli_streams/: codex's and gemini-cli's from their
-docs, claude-code's shapes from its issue tracker's reports)."""
+docs, claude-code's shapes from its issue tracker's reports); and the one line
+``image build --with`` gives for a CLI it does not know."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from fireclaw.pool.accounts import (
     rest_until,
 )
 from fireclaw.supervisor.state import Store
+from swarmctl import FIRECLAW
 from test_cli_specs import parse, recorded
 
 BACKOFF = Backoff(base=60.0, max=3600.0)
@@ -294,3 +297,31 @@ def test_its_own_budget_flag_or_a_good_run_is_no_accounts_refusal() -> None:
 )
 def test_reset_times_in_a_providers_words(words: str, at: float | None) -> None:
     assert reset_hint(words, 1_000_000.0) == at
+
+
+# --- image build --with: which CLIs there are -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "said"),
+    [
+        ("nope", "nope is not a CLI it installs"),
+        ("aider,nope,zed", "nope, zed are not CLIs it installs"),
+    ],
+)
+def test_image_build_with_an_unknown_cli_names_the_ones_there_are(
+    tmp_path: Path, names: str, said: str
+) -> None:
+    cache = tmp_path / "images"
+    out = subprocess.run(
+        [FIRECLAW, "image", "build", "--with", names, "--cache-dir", str(cache)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode != 0 and out.stdout == b""
+    assert out.stderr.decode().splitlines() == [
+        f"fireclaw-swarm: image build --with: {said}"
+        " (it installs: claude-code, codex, gemini-cli, opencode, aider)"
+    ]
+    assert not cache.exists()  # refused before anything was built
