@@ -69,6 +69,7 @@ class Adoptee:
     agent: AgentIdentity | None = None  # a named agent's VM
     task_id: int | None = None  # a task runner's task, still claimed by it
     epoch: int = 0  # that task's claim, which every write for it carries
+    account: str | None = None  # the account that task runs on
 
 
 class RoleGroup:
@@ -229,6 +230,13 @@ class RoleGroup:
         rec = adoptee.record
         child = Child(rec.name, self, self.rt, now=trio.current_time(), adopt=rec)
         child.agent = adoptee.agent
+        if adoptee.account is not None:
+            # Its CLI runs on: its calls still go with that account's key, and a
+            # refusal it reports rests that account.
+            try:
+                self._account_for(child, adoptee.account)
+            except GuestLost as exc:
+                log.warning("%s: its account's key is not at hand: %s", child.name, exc)
         self.children[child.name] = child
         self._nursery.start_soon(child.run)
         if adoptee.task_id is not None:
@@ -581,13 +589,14 @@ class RoleGroup:
             account=account,
         )
 
-    def _account_for(self, child: ChildBase) -> Account | None:
-        """The account ``child`` runs on (chosen now if it has none), with its key
-        given to the child's gateway for a CLI that goes through it."""
+    def _account_for(self, child: ChildBase, name: str | None = None) -> Account | None:
+        """The account ``child`` runs on (``name``, else the one it has, else one
+        chosen now), with its key given to the child's gateway for a CLI that goes
+        through it. GuestLost when there is none to be had, or its key cannot be read."""
         harness, book = self.role.harness, self.accounts
         if book is None or not isinstance(harness, CliHarnessBase):
             return None
-        name = child.who.account
+        name = name or child.who.account
         account = harness.account(name) if name is not None else None
         if account is None:
             account = book.take()

@@ -278,6 +278,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import msgspec
+    from fireclaw.config import CLI_KINDS
     from fireclaw.pool.image import (
         DEFAULT_PACKAGES,
         ImageError,
@@ -285,8 +286,6 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         build_image,
         prune_images,
     )
-
-    from fireclaw.config import CLI_KINDS
 
     wanted = [name.strip() for name in args.clis.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in CLI_KINDS]

@@ -25,7 +25,7 @@ from fireclaw.pool.accounts import (
     next_return,
     rest_until,
 )
-from fireclaw.supervisor.state import Store
+from fireclaw.supervisor.state import CallRecord, Store
 from swarmctl import FIRECLAW
 from test_cli_specs import parse, recorded
 
@@ -141,64 +141,40 @@ async def test_refused_accounts_rest_until_their_time_and_come_back(
         assert again.take() is WORK
 
 
+def spend(store: Store, account: str, tokens: int) -> None:
+    """One model call of ``account`` in the ledger, as the gateway records it."""
+    store.record_call(
+        CallRecord(
+            at=trio.current_time(),
+            agent=None,
+            role="coder",
+            vm="coder-0",
+            task=None,
+            model="m",
+            prompt_tokens=tokens,
+            completion_tokens=0,
+            duration=0.1,
+            outcome="ok",
+            account=account,
+        )
+    )
+
+
 async def test_an_accounts_own_budget_is_what_the_ledger_holds_of_it(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from fireclaw.supervisor.state import CallRecord
-
     small = Account(name="small", secrets_dir="/s/small", budget=100)
     with Store.open(tmp_path / "swarm.db", clock=trio.current_time) as store:
         accounts = book(store, small, WORK)
-        store.record_call(
-            CallRecord(
-                at=trio.current_time(),
-                agent=None,
-                role="coder",
-                vm="coder-0",
-                task=1,
-                model="m",
-                prompt_tokens=90,
-                completion_tokens=5,
-                duration=0.1,
-                outcome="ok",
-                account="small",
-            )  # fmt: skip
-        )
+        spend(store, "small", 95)
         assert [s.spent for s in accounts.states()] == [95, 0]
         assert accounts.take() is WORK  # least used
         assert accounts.take() is WORK  # small has 95 of 100: still more used
-        store.record_call(
-            CallRecord(
-                at=trio.current_time(),
-                agent=None,
-                role="coder",
-                vm="coder-0",
-                task=2,
-                model="m",
-                prompt_tokens=200,
-                completion_tokens=0,
-                duration=0.1,
-                outcome="ok",
-                account="work",
-            )  # fmt: skip
-        )
+        spend(store, "work", 200)
         assert accounts.take() is small
-        store.record_call(
-            CallRecord(
-                at=trio.current_time(),
-                agent=None,
-                role="coder",
-                vm="coder-0",
-                task=3,
-                model="m",
-                prompt_tokens=5,
-                completion_tokens=0,
-                duration=0.1,
-                outcome="ok",
-                account="small",
-            )  # fmt: skip
-        )
+        spend(store, "small", 5)
         assert accounts.take() is WORK  # small's budget is spent (100 of 100)
+        assert accounts.states()[0].over_budget()
 
 
 # --- what a CLI's stream says of its account ----------------------------------------------
