@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from fireclaw.config import Account, Backoff
+from fireclaw.config import Account, Backoff, CliHarnessBase, Config, ConfigError, load_config
 from fireclaw.guest_daemon.cli_run import Collector
 from fireclaw.guest_daemon.cli_stream import reset_hint
 from fireclaw.pool.accounts import (
@@ -25,6 +25,7 @@ from fireclaw.pool.accounts import (
     next_return,
     rest_until,
 )
+from fireclaw.supervisor.harness_checks import check_role_secrets
 from fireclaw.supervisor.state import CallRecord, Store
 from swarmctl import FIRECLAW
 from test_cli_specs import parse, recorded
@@ -301,3 +302,85 @@ def test_image_build_with_an_unknown_cli_names_the_ones_there_are(
         " (it installs: claude-code, codex, gemini-cli, opencode, aider)"
     ]
     assert not cache.exists()  # refused before anything was built
+
+
+# --- the config ------------------------------------------------------------------------------
+
+
+def load_accounts(tmp_path: Path, harness: str) -> Config:
+    path = tmp_path / "swarm.yaml"
+    path.write_text(
+        "version: 1\nbackend: process\nmodels: {server: managed}\n"
+        f"roles:\n  coder:\n    template: worker\n    harness: {harness}\n"
+    )
+    return load_config(path)
+
+
+def config_error(tmp_path: Path, harness: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_accounts(tmp_path, harness)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"{tmp_path / 'swarm.yaml'}: roles.coder")
+    return text
+
+
+def test_accounts_folders_are_resolved_against_swarm_yaml(tmp_path: Path) -> None:
+    config = load_accounts(
+        tmp_path,
+        "{kind: codex, secrets: [OPENAI_API_KEY], accounts: [{name: work, secrets_dir: k/w},"
+        " {name: home, secrets_dir: /abs/h, budget: 5000}]}",
+    )
+    harness = config.roles["coder"].harness
+    assert isinstance(harness, CliHarnessBase)
+    assert harness.accounts == (
+        Account(name="work", secrets_dir=str((tmp_path / "k" / "w").resolve())),
+        Account(name="home", secrets_dir="/abs/h", budget=5000),
+    )
+    assert harness.account("home") is harness.accounts[1] and harness.account("x") is None
+
+
+@pytest.mark.parametrize(
+    ("harness", "said"),
+    [
+        (
+            "{kind: codex, secrets_dir: k, secrets: [OPENAI_API_KEY],"
+            " accounts: [{name: a, secrets_dir: k}]}",
+            "each account has its own secrets_dir; remove this one",
+        ),
+        (
+            "{kind: codex, accounts: [{name: a, secrets_dir: k}]}",
+            "name in secrets the files each account's folder holds",
+        ),
+        (
+            "{kind: codex, secrets: [OPENAI_API_KEY],"
+            " accounts: [{name: a, secrets_dir: k}, {name: a, secrets_dir: j}]}",
+            "accounts: 'a' is named twice",
+        ),
+        (
+            "{kind: codex, secrets: [OPENAI_API_KEY],"
+            " accounts: [{name: 'Bad Name', secrets_dir: k}]}",
+            "accounts[0].name",
+        ),
+    ],
+)
+def test_a_wrong_account_is_one_line(tmp_path: Path, harness: str, said: str) -> None:
+    assert said in config_error(tmp_path, harness)
+
+
+def test_a_missing_secret_of_one_account_names_that_account(tmp_path: Path) -> None:
+    for name in ("work", "home"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "work" / "OPENAI_API_KEY").write_text("sk-work\n")
+    (tmp_path / "work" / "OPENAI_API_KEY").chmod(0o600)
+    config = load_accounts(
+        tmp_path,
+        "{kind: codex, secrets: [OPENAI_API_KEY], accounts: [{name: work, secrets_dir: work},"
+        " {name: home, secrets_dir: home}]}",
+    )
+    missing = tmp_path / "home" / "OPENAI_API_KEY"
+    assert check_role_secrets(config) == (
+        f"roles.coder.harness.accounts[1] (home): {missing}: no such file"
+    )
+    missing.write_text("sk-home\n")
+    missing.chmod(0o600)
+    assert check_role_secrets(config) is None
