@@ -347,6 +347,7 @@ class RoleGroup:
                     )
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_task, child, task.id, task.epoch, task.prompt)
+            self.waiting_for_account = None  # no task is left to wait
 
     async def _wait_for_account(self) -> None:
         """Every account rests (or is past its budget): wait until the first is back,
