@@ -249,6 +249,18 @@ def test_claude_code_api_429_and_overloaded_are_rate_limits_without_a_time() -> 
         assert (limited.kind, limited.retry_after) == ("rate_limit", None)  # type: ignore[attr-defined]
 
 
+def test_claude_code_out_of_credit_is_exhausted() -> None:
+    result = {
+        "type": "result",
+        "subtype": "success",
+        "is_error": True,
+        "result": "Credit balance is too low",
+    }
+    limited = limited_of(claude(INIT, result))
+    assert limited is not None
+    assert (limited.kind, limited.retry_after) == ("exhausted", None)  # type: ignore[attr-defined]
+
+
 def test_its_own_budget_flag_or_a_good_run_is_no_accounts_refusal() -> None:
     spent = {"type": "result", "subtype": "error_max_budget_usd", "is_error": True}
     assert limited_of(claude(INIT, spent)) is None
