@@ -43,6 +43,7 @@ older epoch changes nothing and raises ``TaskFenced``)::
        ^                      |  \\--finish_task(not ok)--> failed
        +----requeue_task------+
             requeue_orphans   \\--(attempts reach max_attempts)--> failed
+            defer_task        (its account was refused: no attempt counted)
 
 Exceptions::
 
