@@ -7,6 +7,7 @@ change.
 
 from fireclaw.config.cli_harness import (
     CLI_KINDS,
+    Account,
     ClaudeCodeHarnessSpec,
     CliHarnessBase,
     CliHarnessSpec,
@@ -41,6 +42,7 @@ from fireclaw.guest_daemon.exits import EX_CONFIG
 __all__ = [
     "CLI_KINDS",
     "EX_CONFIG",
+    "Account",
     "AnyHarnessSpec",
     "Backoff",
     "ChatHarnessSpec",

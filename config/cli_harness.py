@@ -12,6 +12,17 @@ beside ``command`` and ``chat``. The fields they share (``CliHarnessBase``):
   traffic goes through the VM's gateway is given the gateway's key in its
   key variable whatever the folder holds: the gateway holds the real one.
 
+- ``accounts``: several accounts of the CLI's provider instead of one
+  ``secrets_dir``: each a ``name``, its own ``secrets_dir`` holding the files
+  ``secrets`` names, and optionally its own ``budget`` (tokens per the swarm's
+  budget period, as the ledger counts them). Each task runs on one of them,
+  chosen by the supervisor; one its provider refuses (a rate limit, a spent
+  quota) rests until the time the provider gave, else for ``account_backoff``
+  (the restart backoff's formula, doubling with each refusal in a row), and
+  the task runs again on another. A CLI that goes through the gateway has the
+  account's key (its ``key_env`` file) sent upstream by the gateway; one that
+  cannot is given it.
+
 A CLI's own limits are fields of its kind only where the CLI takes them on its
 command line (claude-code's ``max_turns`` and ``max_budget_usd``); any other
 field is refused, naming it. How each CLI is run is its spec in
@@ -23,11 +34,13 @@ from __future__ import annotations
 from typing import Annotated, Final, Literal
 
 import msgspec
-from fireclaw.config.common import EnvName, PositiveSeconds
+from fireclaw.config.common import Backoff, EnvName, PositiveSeconds
 from msgspec import Meta
 
 __all__ = [
+    "ACCOUNT_NAME_PATTERN",
     "CLI_KINDS",
+    "Account",
     "AiderHarnessSpec",
     "ClaudeCodeHarnessSpec",
     "CliHarnessBase",
@@ -43,22 +56,49 @@ CliKind = Literal["claude-code", "codex", "gemini-cli", "opencode", "aider"]
 CLI_KINDS: Final[tuple[CliKind, ...]] = ("claude-code", "codex", "gemini-cli", "opencode", "aider")
 
 
+#: An account's name: it goes into events, #control lines and the ledger.
+ACCOUNT_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+SecretsDir = Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One account of a CLI's provider: its secrets folder and its own budget."""
+
+    name: Annotated[str, Meta(pattern=ACCOUNT_NAME_PATTERN)]
+    secrets_dir: SecretsDir
+    budget: Annotated[int, Meta(ge=0, le=10**15)] | None = None
+
+
 class CliHarnessBase(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"
 ):
     """What every CLI harness takes; see the module docstring."""
 
     timeout: PositiveSeconds = 900.0
-    secrets_dir: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    secrets_dir: SecretsDir | None = None
     secrets: Annotated[tuple[EnvName, ...], Meta(max_length=32)] = ()
+    accounts: Annotated[tuple[Account, ...], Meta(max_length=64)] = ()
+    account_backoff: Backoff = Backoff(base=60.0, max=3600.0)
 
     def __post_init__(self) -> None:
-        if self.secrets and self.secrets_dir is None:
+        if self.accounts and self.secrets_dir is not None:
+            raise ValueError("secrets_dir: each account has its own secrets_dir; remove this one")
+        if self.accounts and not self.secrets:
+            raise ValueError("accounts: name in secrets the files each account's folder holds")
+        if self.secrets and self.secrets_dir is None and not self.accounts:
             raise ValueError(
                 f"secrets: {list(self.secrets)} name files of a folder: add secrets_dir"
             )
         if len(set(self.secrets)) != len(self.secrets):
             raise ValueError(f"secrets: {list(self.secrets)} names a variable twice")
+        names = [a.name for a in self.accounts]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"accounts: {twice!r} is named twice")
+
+    def account(self, name: str) -> Account | None:
+        """The account called ``name``, if this harness has it."""
+        return next((a for a in self.accounts if a.name == name), None)
 
     @property
     def kind(self) -> CliKind:

@@ -166,6 +166,18 @@ def parse_config(text: str, *, path: str | os.PathLike[str]) -> Config:
                 folder = (base / pathlib.Path(role.harness.secrets_dir).expanduser()).resolve()
                 harness = msgspec.structs.replace(role.harness, secrets_dir=str(folder))
                 roles[name] = msgspec.structs.replace(role, harness=harness)
+            if role.harness.accounts:
+                accounts = tuple(
+                    msgspec.structs.replace(
+                        a,
+                        secrets_dir=str(
+                            (base / pathlib.Path(a.secrets_dir).expanduser()).resolve()
+                        ),
+                    )
+                    for a in role.harness.accounts
+                )
+                harness = msgspec.structs.replace(role.harness, accounts=accounts)
+                roles[name] = msgspec.structs.replace(role, harness=harness)
     api_key_path = model_path = None
     if models is not None and models.api_key_file is not None:
         api_key_path = (base / pathlib.Path(models.api_key_file).expanduser()).resolve()

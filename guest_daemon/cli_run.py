@@ -34,6 +34,7 @@ import os
 import posixpath
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -42,7 +43,17 @@ import trio
 
 from . import confine
 from .cli_spec import CliSpec, Invocation, SpecError
-from .cli_stream import CliEvent, Failure, Question, Result, Session, ToolUse, Unknown, Usage
+from .cli_stream import (
+    CliEvent,
+    Failure,
+    Question,
+    Result,
+    Session,
+    ToolUse,
+    Unknown,
+    Usage,
+    reset_hint,
+)
 from .clis import SPECS
 from .harness import (
     REAP_TIMEOUT,
@@ -55,7 +66,7 @@ from .harness import (
     spawn_failure,
     task_output,
 )
-from .protocol import MAX_OUTPUT_CHUNK, CliHarness
+from .protocol import MAX_OUTPUT_CHUNK, MAX_RETRY_AFTER, CliHarness, Limited
 from .users import RunAs, python_for
 
 log = logging.getLogger("fireclaw.guest_daemon")
@@ -91,6 +102,9 @@ class CliOutcome:
     session: str | None = None  # what the next run resumes
     #: It stopped to ask this (the questions of the run, as one).
     question: Question | None = None
+    #: It failed because its provider refused its account: the host may retry
+    #: the task on another account.
+    limited: Limited | None = None
 
 
 def tool_name(name: str) -> str:
@@ -158,6 +172,19 @@ class Collector:
                 "tool_uses": self.tools,
             }
         )
+
+    def limited(self, code: int, now: float) -> Limited | None:
+        """Whether a run that ended with ``code`` failed on its provider's refusal
+        of the account (a rate limit, a spent quota), and until when, as the
+        CLI said (``now``: unix time, for a relative "try again in ...")."""
+        failure = self.failure
+        if code == 0 or failure is None or failure.own:
+            return None
+        if failure.kind not in ("rate_limit", "exhausted"):
+            return None
+        resets = failure.resets_at or reset_hint(failure.message, now)
+        wait = None if resets is None else min(MAX_RETRY_AFTER, max(0.0, resets - now))
+        return Limited(kind=failure.kind, retry_after=wait, message=one_line(failure.message, 300))
 
     def outcome(self, cli: str, code: int, *, note: str, stderr: str) -> tuple[int, str]:
         """The run's ``(exit code, text)`` from what it said and how it exited."""
@@ -345,11 +372,12 @@ async def run_cli(
     await audit(USAGE_TOOL, seen.claim(spec.name, run.metered, resumed), code, elapsed, "")
     text_err = stderr.kept.decode("utf-8", errors="replace")
     code, text = seen.outcome(spec.name, code, note=note, stderr=text_err)
+    limited = seen.limited(code, time.time())
     session = await _keep_session(spec, seen, code, root=root, user=user, env=env)
     await trio.to_thread.run_sync(os.sync)  # its state is on the disk before the answer goes
     output, truncated = task_output(text.encode(), truncated=False)
     log.info("%s: %s exited %d after %.1fs", label, spec.name, code, elapsed)
-    return CliOutcome(code, output, truncated, session, seen.question)
+    return CliOutcome(code, output, truncated, session, seen.question, limited)
 
 
 async def _keep_session(

@@ -112,6 +112,11 @@ class Failure(_Event, frozen=True, kw_only=True, tag="failure"):
     message: str
     line: int = 0
     fatal: bool = True
+    #: When the provider said it takes calls again (unix seconds), if it said.
+    resets_at: float | None = None
+    #: The CLI's own limit (its budget flag), not its provider's: no other
+    #: account would do better.
+    own: bool = False
 
 
 class Unknown(_Event, frozen=True, kw_only=True, tag="unknown"):
@@ -141,6 +146,39 @@ def failure_kind(message: str, status: int | None = None) -> FailureKind:
     if status == 429 or _RATE_LIMIT.search(message):
         return "rate_limit"
     return "error"
+
+
+# How the CLIs say when an account takes calls again, from their providers' words:
+# claude-code's "Claude AI usage limit reached|1753088400" (unix time), the
+# Codex backend's usage_limit_reached error ("resets_at":1777936568,
+# "resets_in_seconds":13872), codex's own "Try again in 4 days 20 hours 9
+# minutes." and an OpenAI-style "Please try again in 20s".
+_RESETS_AT = re.compile(r'(?:limit reached\||"?resets_?at"?\s*[:=]\s*)(\d{9,11})\b', re.I)
+_RESETS_IN = re.compile(r'"?resets_in_seconds"?\s*[:=]\s*(\d{1,9})\b', re.I)
+_TRY_AGAIN = re.compile(
+    r"try again in\s+((?:\d{1,6}(?:\.\d+)?\s*[a-z]+[\s,]*(?:and\s+)?){1,4})", re.I
+)
+_PART = re.compile(r"(\d{1,6}(?:\.\d+)?)\s*([a-z]+)", re.I)
+_UNIT_SECONDS: Final = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+
+
+def reset_hint(message: str, now: float) -> float | None:
+    """When (unix seconds) the provider's words in ``message`` say the account
+    takes calls again, reading relative times from ``now``; None if they do not say."""
+    if found := _RESETS_AT.search(message):
+        return float(found.group(1))
+    if found := _RESETS_IN.search(message):
+        return now + float(found.group(1))
+    if found := _TRY_AGAIN.search(message):
+        parts = _PART.findall(found.group(1))
+        if all(unit.lower() in _UNIT_SECONDS for _, unit in parts):
+            return now + sum(float(n) * _UNIT_SECONDS[unit.lower()] for n, unit in parts)
+    return None
 
 
 def clip(text: str, limit: int = MAX_TEXT) -> str:

@@ -107,7 +107,13 @@ def _claude(obj: Any, state: RunState) -> list[CliEvent] | None:
         info = get(obj, "rate_limit_info")
         if get(info, "status") == "rejected":
             resets = int_at(info, "resetsAt")
-            return [Failure(kind="rate_limit", message=f"rate limited until {resets}")]
+            return [
+                Failure(
+                    kind="rate_limit",
+                    message=f"rate limited until {resets}",
+                    resets_at=float(resets) if resets > 0 else None,
+                )
+            ]
         return []
     if kind == "result":
         return _claude_result(obj, state)
@@ -142,7 +148,7 @@ def _claude_result(obj: Any, state: RunState) -> list[CliEvent]:
             )
         )
     elif subtype == "error_max_budget_usd":
-        events.append(Failure(kind="exhausted", message="claude-code reached its budget"))
+        events.append(Failure(kind="exhausted", message="claude-code reached its budget", own=True))
     elif obj.get("is_error") is True or subtype.startswith("error"):
         # A failed API call ends as subtype "success" with is_error set.
         message = text or subtype or "claude-code failed"

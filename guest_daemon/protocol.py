@@ -65,7 +65,8 @@ _T = TypeVar("_T")
 #: 4: the coding-agent CLI harness (``CliHarness``).
 #: 5: the port channel (``Attach``, ``Hello.dials``).
 #: 6: questions (``TaskDone.waiting``, ``Task.resume``).
-PROTOCOL_VERSION: Final = 6
+#: 7: a task refused by its account's provider (``TaskDone.limited``).
+PROTOCOL_VERSION: Final = 7
 
 #: Largest frame either side accepts. Output is chunked well below this.
 MAX_FRAME_BYTES: Final = 64 * 1024
@@ -165,6 +166,19 @@ class Waiting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         str, Meta(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")
     ]
     session: SessionId
+#: The longest wait a guest may say its provider asked for (a week).
+MAX_RETRY_AFTER: Final = 7 * 86400.0
+
+
+class Limited(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A CLI's provider refused the account it ran on: ``rate_limit`` (try later)
+    or ``exhausted`` (its quota or credit is spent). ``retry_after``: seconds
+    until the provider said it takes calls again, if it said. The guest's word:
+    the host bounds it and only ever marks the account the task ran on."""
+
+    kind: Literal["rate_limit", "exhausted"]
+    retry_after: Annotated[float, Meta(ge=0, le=MAX_RETRY_AFTER)] | None = None
+    message: ShortText = ""
 
 
 class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="task_done"):
@@ -175,6 +189,8 @@ class TaskDone(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag=
     output: Annotated[str, Meta(max_length=MAX_RESULT_BYTES)]
     truncated: bool = False
     waiting: Waiting | None = None
+    #: The run failed because its account was refused (a coding-agent CLI's).
+    limited: Limited | None = None
 
 
 class ToolRan(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="tool_ran"):

@@ -209,6 +209,7 @@ class Turns:
                     output=ran.text,
                     truncated=ran.truncated,
                     waiting=waiting(ran, identity.cli.secrets.values.values()),
+                    limited=ran.limited,
                 )
             )
             return

@@ -15,7 +15,10 @@ read from ``Who`` (kept by the supervisor), never from the request. Behind it::
                         |                               the model's template takes tools)
                         +- size cap, calls-at-once cap, budget check (429 + the
                         |  error of the guest's API: OpenAI's or Anthropic's)
-                        +- the upstream's API key added here; the guest never sees it
+                        +- the upstream's API key added here (an account's, when the
+                        |  VM's task runs on one: x-api-key on /v1/messages, else
+                        |  Bearer); the guest never sees it; a 429 to an account's
+                        |  key is told to the supervisor (``on_refused``)
                         +- usage read from the upstream's answer -> one ledger row;
                            a stream cut before it is counted by the gateway
 
@@ -47,6 +50,7 @@ import trio
 from fireclaw.pool.gateway_core import (
     MAX_EVENT_BYTES,
     PROPS,
+    AccountRefused,
     Charge,
     Forward,
     Limits,
@@ -58,6 +62,7 @@ from fireclaw.pool.gateway_core import (
     UsageMeter,
     Who,
     plan,
+    retry_after,
     upstream_request,
 )
 from fireclaw.pool.gateway_formats import CHAT, ErrorShape
@@ -100,7 +105,9 @@ async def serve_gateway(listener: trio.SocketListener, who: Who, route: ModelRou
                 return  # a flood: close at once rather than queue
             async with connections:
                 try:
-                    await _one_request(stream, who, upstream, meter, limits, calls)
+                    await _one_request(
+                        stream, who, upstream, meter, limits, calls, route.on_refused
+                    )
                 except (_GuestGone, trio.BrokenResourceError):
                     pass
                 except Exception:
@@ -118,6 +125,7 @@ async def _one_request(
     meter: Meter,
     limits: Limits,
     calls: trio.CapacityLimiter,
+    on_refused: AccountRefused | None = None,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
     with trio.move_on_after(REQUEST_TIMEOUT) as scope:
@@ -158,17 +166,28 @@ async def _one_request(
         "too_many_concurrent_calls",
         shape,
     )
+    # The account whose key the call is made with is fixed when it starts.
+    account, key = who.account, who.account_key
     if not decision.metered:
         if calls.available_tokens == 0:
             await _answer(stream, conn, busy)
             return
         async with calls:
-            await _proxy(stream, conn, decision, up, limits, UsageMeter(stream=decision.stream))
+            await _proxy(
+                stream, conn, decision, up, limits, UsageMeter(stream=decision.stream), key
+            )
         return
     started = trio.current_time()
     # Who made the call is fixed when it starts: a task that ends meanwhile does
     # not move the call to the next one.
-    record = dict(agent=who.agent, role=who.role, vm=who.vm, task=who.task, model=decision.model)
+    record = dict(
+        agent=who.agent,
+        role=who.role,
+        vm=who.vm,
+        task=who.task,
+        model=decision.model,
+        account=account,
+    )
     why = meter.refusal(who.role)
     if why is not None:
         # Recorded before the answer: once the guest has it, the ledger says so.
@@ -185,9 +204,13 @@ async def _one_request(
     )
     try:
         async with calls:
-            await _proxy(stream, conn, decision, up, limits, usage)
+            await _proxy(stream, conn, decision, up, limits, usage, key)
     finally:
         _record(meter, record, usage, usage.outcome, trio.current_time() - started)
+        if usage.status == 429 and account is not None and on_refused is not None:
+            # The upstream refused this account's key: it rests, and its task
+            # runs again on another (the role group decides).
+            on_refused(who.role, account, usage.retry_after)
 
 
 def _record(
@@ -293,9 +316,10 @@ async def _proxy(
     up: Upstream,
     limits: Limits,
     usage: UsageMeter,
+    key: str | None = None,
 ) -> None:
-    """Send ``fwd`` upstream and pass its answer back as it arrives; how it ended goes
-    into ``usage.outcome``."""
+    """Send ``fwd`` upstream (with ``key``, an account's, else the upstream's own)
+    and pass its answer back as it arrives; how it ended goes into ``usage.outcome``."""
     shape = fwd.errors
     with trio.move_on_after(limits.call_timeout) as scope:
         try:
@@ -313,7 +337,7 @@ async def _proxy(
             return
         async with upstream:
             uconn = h11.Connection(h11.CLIENT)
-            data = uconn.send(upstream_request(fwd, up))
+            data = uconn.send(upstream_request(fwd, up, key))
             if fwd.body:
                 data += uconn.send(h11.Data(data=fwd.body))
             data += uconn.send(h11.EndOfMessage())
@@ -418,6 +442,9 @@ async def _relay(
             status = event.status_code
             seen.append(status)
             usage.status = status
+            if status == 429:
+                waits = [v for k, v in event.headers if k.lower() == b"retry-after"]
+                usage.retry_after = retry_after(waits[0], time.time()) if waits else None
             kept = [
                 (k, v) for k, v in event.headers if k.lower() in (b"content-type", b"cache-control")
             ]

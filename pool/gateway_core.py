@@ -14,6 +14,7 @@ pool/gateway.py is the trio adapter that moves the bytes.
 
 from __future__ import annotations
 
+import email.utils
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -25,11 +26,13 @@ from fireclaw.pool.gateway_formats import CHAT as CHAT_API
 from fireclaw.pool.store import CallRecord
 
 __all__ = [
+    "ANTHROPIC_VERSION",
     "BYTES_PER_TOKEN",
     "CHAT",
     "MAX_EVENT_BYTES",
     "MODELS",
     "PROPS",
+    "AccountRefused",
     "Charge",
     "Forward",
     "Limits",
@@ -43,6 +46,7 @@ __all__ = [
     "error_body",
     "plan",
     "prompt_estimate",
+    "retry_after",
     "upstream_request",
 ]
 
@@ -70,13 +74,18 @@ class Who:
     agent: str | None = None
     task: int | None = None
     model: str = ""
+    #: The account of the role's provider its calls are made with, and that
+    #: account's key, sent upstream instead of the swarm's (never shown).
+    account: str | None = None
+    account_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Upstream:
     """Where calls go: an OpenAI-compatible API at ``scheme://host:port{prefix}``.
     ``prefix`` ends at ``/v1`` (``/v1/models`` is ``prefix + '/models'``).
-    ``api_key`` is sent as a bearer token; it never reaches a guest."""
+    ``api_key`` is sent as the API of the route wants it (``upstream_request``);
+    it never reaches a guest."""
 
     scheme: str
     host: str
@@ -110,14 +119,21 @@ class Limits:
     call_timeout: float = 300.0
 
 
+#: Told when the upstream answers 429 to a call made with an account's key:
+#: ``(role, account, retry_after)``, the seconds its ``Retry-After`` gave, if any.
+AccountRefused = Callable[[str, str, float | None], None]
+
+
 @dataclass
 class ModelRoute:
-    """What every VM's gateway shares: where calls go, who meters them, the limits.
+    """What every VM's gateway shares: where calls go, who meters them, the limits,
+    and who hears of an account the upstream refused (``on_refused``).
     ``upstream()`` is asked at each call (None: no model server now)."""
 
     upstream: Callable[[], Upstream | None]
     meter: Meter
     limits: Limits = field(default_factory=Limits)
+    on_refused: AccountRefused | None = None
 
 
 # --- the sans-I/O core -------------------------------------------------------------
@@ -236,9 +252,17 @@ def plan(
     return Forward("POST", api.upstream, _json_encode(request), model, stream, api.metered, api=api)
 
 
-def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
+#: The Messages API version sent to an Anthropic-style upstream (its one stable one).
+ANTHROPIC_VERSION: Final = "2023-06-01"
+
+
+def upstream_request(fwd: Forward, upstream: Upstream, key: str | None = None) -> h11.Request:
     """The request line and headers sent upstream: built anew, nothing of the guest's
-    headers passes (its own Authorization, cookies, Host) except what the body says."""
+    headers passes (its own Authorization, cookies, Host) except what the body says.
+
+    The key (``key``, an account's, else the upstream's own) goes as the route's
+    API wants it: ``x-api-key`` with ``anthropic-version`` for an Anthropic-style
+    route (``/v1/messages``), a bearer token for an OpenAI-style one."""
     headers = [
         ("Host", f"{upstream.host}:{upstream.port}"),
         ("Connection", "close"),
@@ -247,10 +271,30 @@ def upstream_request(fwd: Forward, upstream: Upstream) -> h11.Request:
     ]
     if fwd.method == "POST":
         headers += [("Content-Type", "application/json"), ("Content-Length", str(len(fwd.body)))]
-    if upstream.api_key:
-        headers.append(("Authorization", f"Bearer {upstream.api_key}"))
+    key = key or upstream.api_key
+    if fwd.errors == "anthropic":
+        headers.append(("anthropic-version", ANTHROPIC_VERSION))
+        if key:
+            headers.append(("x-api-key", key))
+    elif key:
+        headers.append(("Authorization", f"Bearer {key}"))
     base = upstream.prefix.removesuffix("/v1") if fwd.root else upstream.prefix
     return h11.Request(method=fwd.method, target=base + fwd.path, headers=headers)
+
+
+def retry_after(value: bytes, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header value asks to wait (delay-seconds or an
+    HTTP-date, read against unix time ``now``); None for one that is neither."""
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(int(text[:12]))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 def prompt_estimate(request_bytes: int) -> int:
@@ -304,6 +348,8 @@ class UsageMeter:
         self.deltas = 0
         self.sent = False
         self.status: int | None = None
+        #: What a refusal's ``Retry-After`` asked (seconds), set by the adapter.
+        self.retry_after: float | None = None
         #: How the call ended: ``ok``, ``upstream_error``, or ``cancelled`` while it
         #: has not ended by itself. Set before the guest is told, so that a guest that
         #: hangs up at the last byte does not change what the ledger says.

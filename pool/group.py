@@ -29,6 +29,8 @@ Errors::
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +42,7 @@ from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool import workspaces
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.durable import until_written
+from fireclaw.pool.group_accounts import GroupAccounts
 from fireclaw.pool.harness_message import SecretReader
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.promotion import promotion
@@ -72,9 +75,10 @@ class Adoptee:
     agent: AgentIdentity | None = None  # a named agent's VM
     task_id: int | None = None  # a task runner's task, still claimed by it
     epoch: int = 0  # that task's claim, which every write for it carries
+    account: str | None = None  # the account that task runs on
 
 
-class RoleGroup:
+class RoleGroup(GroupAccounts):
     def __init__(
         self,
         role: Role,
@@ -84,10 +88,16 @@ class RoleGroup:
         scale: int | None,
         adopt: Sequence[Adoptee] = (),
         secrets: SecretReader | None = None,
+        clock: Callable[[], float] = time.time,
+        period: Callable[[], tuple[float, float]] | None = None,
     ) -> None:
         self.role = role
         #: Reads a CLI harness's secrets from the host at each promotion.
         self.secrets = secrets
+        self.clock = clock
+        self.period = period if period is not None else (lambda: (0.0, math.inf))
+        self.accounts = None
+        self.waiting_for_account = None
         self.rt = runtime
         self.max_attempts = max_attempts
         self.scale_override = scale
@@ -101,6 +111,7 @@ class RoleGroup:
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
         self._adopt = list(adopt)
+        self._book()
 
     @property
     def name(self) -> str:
@@ -143,6 +154,7 @@ class RoleGroup:
             "failed": states.count(State.FAILED),
             "draining": states.count(State.DRAINING),
             "degraded": self.degraded,
+            **self._account_counts(),
         }
 
     # --- change notification --------------------------------------------------------
@@ -206,6 +218,13 @@ class RoleGroup:
         rec = adoptee.record
         child = Child(rec.name, self, self.rt, now=trio.current_time(), adopt=rec)
         child.agent = adoptee.agent
+        if adoptee.account is not None:
+            # Its CLI runs on: its calls still go with that account's key, and a
+            # refusal it reports rests that account.
+            try:
+                self._account_for(child, adoptee.account)
+            except GuestLost as exc:
+                log.warning("%s: its account's key is not at hand: %s", child.name, exc)
         self.children[child.name] = child
         self._nursery.start_soon(child.run)
         if adoptee.task_id is not None:
@@ -289,6 +308,13 @@ class RoleGroup:
                     # Over budget: the tasks stay queued until a reload or a new period.
                     await meter.wait_changed()
                     continue
+                account = None
+                if self.accounts is not None:
+                    account = await self._written(self.accounts.take)
+                    if account is None:
+                        await self._wait_for_account()
+                        continue
+                    self.waiting_for_account = None
                 try:
                     child = await self.claim()
                 except PoolError as exc:
@@ -301,8 +327,15 @@ class RoleGroup:
                 if task is None:
                     self.retire(child, "no task after all")
                     continue
+                if account is not None:
+                    child.who.account = account.name
+                    await self._written(
+                        partial(store.assign_account, epoch=task.epoch, account=account.name),
+                        task.id,
+                    )
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_task, child, task)
+            self.waiting_for_account = None  # no task is left to wait
 
     async def _written(self, write: Callable[..., T], *args: object) -> T:
         """``write(*args)``, held and tried again while the state disk refuses it."""
@@ -314,8 +347,15 @@ class RoleGroup:
         task_id = task.id
         resume = task.session if task.answer is not None else None
         prompt = task.answer if task.answer is not None and resume is not None else task.prompt
+        account = child.who.account
+        extra = {"account": account} if account is not None else {}
         self.rt.event(
-            "task_claimed", child.name, task_id=task_id, role=self.name, resumed=resume is not None
+            "task_claimed",
+            child.name,
+            task_id=task_id,
+            role=self.name,
+            resumed=resume is not None,
+            **extra,
         )
         child.who.task = task_id
 
@@ -339,7 +379,10 @@ class RoleGroup:
         try:
             done = await result()
             self.retire(child, "task finished")  # the result is held here, not in the VM
-            finished = await self._finish(child, task_id, epoch, done)
+            if self._account_refused(child, task_id, done):
+                finished = await self._defer(child, task_id, epoch, done)
+            else:
+                finished = await self._finish(child, task_id, epoch, done)
         except GuestLost as exc:
             finished = await self._requeue(child, task_id, epoch, exc.reason)
         finally:
@@ -462,7 +505,10 @@ class RoleGroup:
         await self._see_through(child, task_id, epoch, result)
 
     def promotion_for(self, child: ChildBase) -> p.Promote:
-        """What makes ``child`` an agent of this role, from the current spec."""
+        """What makes ``child`` an agent of this role, from the current spec. A role
+        with accounts runs it on the account its task was given, else (a named
+        agent) on one chosen now; GuestLost when none is usable."""
+        account = self._account_for(child)
         return promotion(
             self.role,
             vm_name=child.name,
@@ -471,6 +517,7 @@ class RoleGroup:
             irc_endpoint=child.irc_endpoint,
             model_endpoint=child.model_endpoint,
             secrets=self.secrets,
+            account=account,
         )
 
     async def invoke(self, agent: AgentIdentity) -> Child:
@@ -518,6 +565,7 @@ class RoleGroup:
         """Take a new spec for this role (reload); new incarnations use it."""
         self.role = role
         self.spec_hash = role_hash(role)
+        self._book()
         for child in self.children.values():
             child.tracker.policy = role.restart
         self.changed()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fireclaw.config import Role
+from fireclaw.config import Account, Role
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.harness_message import PromotionError, SecretReader, harness_message
@@ -30,6 +30,7 @@ def promotion(
     irc_endpoint: tuple[str, int] | None,
     model_endpoint: tuple[str, int] | None,
     secrets: SecretReader | None,
+    account: Account | None = None,
 ) -> p.Promote:
     """What makes the VM ``vm_name`` an agent of ``role``.
 
@@ -37,8 +38,9 @@ def promotion(
     on and its VM has a way there, ``irc_endpoint``) its IRC presence; a task
     runner is named after its VM. A chat or CLI harness talks to its model only
     through ``model_endpoint``, the gateway in the VM's own namespace, and a
-    CLI's secrets are read with ``secrets`` at each promotion: GuestLost when the
-    VM has no gateway or a secret cannot be read."""
+    CLI's secrets are read with ``secrets`` at each promotion (from ``account``'s
+    folder for a role with accounts): GuestLost when the VM has no gateway or a
+    secret cannot be read."""
     presence = None
     if agent is not None and irc is not None and irc_endpoint is not None:
         host, port = irc_endpoint
@@ -54,7 +56,7 @@ def promotion(
     model = role.model if agent is None or agent.model is None else agent.model
     try:
         harness = harness_message(
-            role.harness, model=model, gateway=model_endpoint, secrets=secrets
+            role.harness, model=model, gateway=model_endpoint, secrets=secrets, account=account
         )
     except PromotionError as exc:
         raise GuestLost(f"{vm_name}: {exc}") from None

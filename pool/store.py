@@ -80,6 +80,8 @@ class TaskRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     session: str | None = None
     #: An operator's answer to its question: the prompt its next run resumes with.
     answer: str | None = None
+    #: The account of its role's provider it last ran on (a role with accounts).
+    account: str | None = None
 
 
 class VmRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -139,6 +141,8 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     duration: float
     outcome: str
     host_counted: bool = False
+    #: The account whose key the gateway sent upstream (a role with accounts).
+    account: str | None = None
 
 
 class PendingWrites(Protocol):
@@ -182,6 +186,28 @@ class StateStore(Protocol):
         """The task claimed at ``epoch`` stopped to ask ``question`` in the CLI
         session ``session``: it waits for input, holding no VM (its question is
         its ``result`` meanwhile). Raises as ``finish_task``."""
+        ...
+
+    def assign_account(self, task_id: int, *, epoch: int, account: str) -> TaskRow:
+        """Record that the task claimed at ``epoch`` runs on ``account``. Raises as
+        ``finish_task``."""
+        ...
+
+    def defer_task(self, task_id: int, *, epoch: int, reason: str) -> TaskRow:
+        """Give the task claimed at ``epoch`` back to the queue without counting an
+        attempt (its account was refused, not the task). Raises as ``finish_task``."""
+        ...
+
+    def exhaust_account(self, role: str, name: str, *, until: float, reason: str) -> None:
+        """Mark ``role``'s account ``name`` exhausted until ``until`` (unix time)."""
+        ...
+
+    def exhausted_accounts(self, role: str) -> dict[str, float]:
+        """``{account: exhausted until}`` of ``role``, past times included."""
+        ...
+
+    def account_spent(self, role: str, *, since: float) -> dict[str, int]:
+        """Tokens the ledger holds of each of ``role``'s accounts since ``since``."""
         ...
 
     def record_restart(

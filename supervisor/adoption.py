@@ -92,7 +92,9 @@ class Adoption:
                 identity = AgentIdentity(name=agent.name, model=agent.model, persona=agent.persona)
                 plan[rec.name] = Adoptee(rec, agent=identity)
             elif rec.agent is None and task is not None and task.role == rec.role:
-                plan[rec.name] = Adoptee(rec, task_id=task.id, epoch=task.epoch)
+                plan[rec.name] = Adoptee(
+                    rec, task_id=task.id, epoch=task.epoch, account=task.account
+                )
         return plan
 
     def reclaim(self) -> None:

@@ -289,6 +289,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import msgspec
+    from fireclaw.config import CLI_KINDS
     from fireclaw.pool.image import (
         DEFAULT_PACKAGES,
         ImageError,
@@ -297,12 +298,20 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         prune_images,
     )
 
+    wanted = [name.strip() for name in args.clis.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in CLI_KINDS]
+    if unknown:
+        what = "is not a CLI" if len(unknown) == 1 else "are not CLIs"
+        raise CliError(
+            f"image build --with: {', '.join(unknown)} {what} it installs"
+            f" (it installs: {', '.join(CLI_KINDS)})"
+        )
     try:
         spec = msgspec.convert(
             {
                 "kernel": args.kernel,
                 "packages": [*DEFAULT_PACKAGES, *args.package],
-                "clis": [name.strip() for name in args.clis.split(",") if name.strip()],
+                "clis": wanted,
             },
             ImageSpec,
         )

@@ -9,6 +9,7 @@ Standard library only, as the command's start must stay light.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 # Names for the type checker alone: importing ``typing`` costs a command's start
@@ -135,6 +136,8 @@ def format_status(status: dict[str, Any]) -> str:
                 ),
             )
         )
+    if isinstance(roles, dict):
+        lines += _account_lines(roles)
     agents = status.get("agents") or []
     if isinstance(agents, list) and agents:
         lines.append("")
@@ -156,6 +159,28 @@ def format_status(status: dict[str, Any]) -> str:
             )
         )
     return "\n".join(lines).strip("\n") or "(empty status)"
+
+
+def _account_lines(roles: dict[str, Any]) -> list[str]:
+    """Under the roles: each role's accounts that rest and until when, and whether
+    its tasks wait for one."""
+    lines: list[str] = []
+    for name, r in roles.items():
+        if not isinstance(r, dict) or not r.get("accounts"):
+            continue
+        resting = r.get("accounts_resting")
+        for account, until in resting.items() if isinstance(resting, dict) else ():
+            lines.append(f"account {name}/{account}: resting until {_clock(until)}")
+        waiting = r.get("waiting_for_account")
+        if waiting is not None:
+            lines.append(f"tasks of {name} wait for an account until {_clock(waiting)}")
+    return [""] + lines if lines else []
+
+
+def _clock(at: object) -> str:
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        return "its budget period ends"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def shorten(text: str, width: int) -> str:

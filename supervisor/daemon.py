@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Final
 
@@ -43,7 +44,7 @@ from fireclaw.pool.templates import Templates
 from fireclaw.supervisor import leftovers, sdnotify
 from fireclaw.supervisor.adoption import Adoption
 from fireclaw.supervisor.api import serve_api
-from fireclaw.supervisor.budget import Budgets
+from fireclaw.supervisor.budget import Budgets, period_bounds
 from fireclaw.supervisor.cluster import ClusterSide
 from fireclaw.supervisor.controller import MAX_AGENT_NAME, SupervisorController
 from fireclaw.supervisor.harness_checks import (
@@ -345,6 +346,7 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
             scale=self.store.scales().get(name),
             adopt=adopt,
             secrets=read_role_secrets,
+            period=lambda: period_bounds(self.budgets.spec.period, time.time()),
         )
         for adoptee in adopt:
             del self._adoptees[adoptee.record.name]

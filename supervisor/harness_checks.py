@@ -4,8 +4,8 @@
   its ``harness.secrets_dir``, read through ``secretfile`` (a regular file,
   ours, chmod 600); what ``RoleGroup`` reads again at each promotion.
 - ``check_role_secrets``: one line naming the first secret a role names that
-  cannot be read, so a missing key is reported when the config is loaded,
-  not found by a task.
+  cannot be read (in its folder, or in any of its accounts' folders), so a
+  missing key is reported when the config is loaded, not found by a task.
 - ``check_image_clis``: one line naming a role whose CLI the guest image
   lacks, with the command that builds one that has it.
 - ``needed_clis``: the CLIs a config's roles run, which the image is built with.
@@ -54,8 +54,14 @@ def check_role_secrets(config: Config) -> str | None:
     """One line for the first role secret that cannot be read; None when all can."""
     for role in config.roles.values():
         harness = role.harness
-        if isinstance(harness, CliHarnessBase) and harness.secrets:
-            assert harness.secrets_dir is not None  # the config refuses secrets without it
+        if not isinstance(harness, CliHarnessBase) or not harness.secrets:
+            continue
+        for n, account in enumerate(harness.accounts):
+            try:
+                read_role_secrets(Path(account.secrets_dir), harness.secrets)
+            except SecretFileError as exc:
+                return f"roles.{role.name}.harness.accounts[{n}] ({account.name}): {exc}"
+        if harness.secrets_dir is not None:
             try:
                 read_role_secrets(Path(harness.secrets_dir), harness.secrets)
             except SecretFileError as exc:

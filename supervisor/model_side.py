@@ -15,6 +15,7 @@ from fireclaw.config import Config
 from fireclaw.config.llm import parse_base_url
 from fireclaw.pool.gateway import UpstreamError, fetch_models
 from fireclaw.pool.gateway_core import Limits, ModelRoute, Upstream
+from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.modelserver import ManagedModelServer, ModelServerError
@@ -37,6 +38,7 @@ class ModelSide:
     budgets: Budgets
     modelserver: ManagedModelServer | None
     _upstream: Upstream | None
+    groups: dict[str, RoleGroup]
 
     if TYPE_CHECKING:
 
@@ -75,7 +77,14 @@ class ModelSide:
                 max_concurrent=spec.max_concurrent,
                 call_timeout=spec.call_timeout,
             ),
+            on_refused=self._account_refused,
         )
+
+    def _account_refused(self, role: str, account: str, retry_after: float | None) -> None:
+        """A gateway's upstream answered 429 to ``role``'s ``account``: it rests."""
+        group = self.groups.get(role)
+        if group is not None:
+            group.account_refused(account, retry_after=retry_after, kind="rate_limit")
 
     def _read_api_key(self) -> str | None:
         """The upstream's API key, from the file or the environment variable the config

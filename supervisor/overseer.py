@@ -398,6 +398,17 @@ class Overseer:
                 )
             case "budget_resumed":
                 return f"budget {subject} is open again: its work resumes"
+            case "account_exhausted":
+                kind = "rate-limited" if d.get("refusal") == "rate_limit" else "out of quota"
+                said = "as its provider said" if d.get("said") else "by the swarm's backoff"
+                return (
+                    f"account {d.get('account')} of role {subject} is {kind}: it rests until"
+                    f" {_utc(d.get('until'))} ({said}); tasks run on the role's other accounts"
+                )
+            case "accounts_resting":
+                back = d.get("until")
+                when = f"until {_utc(back)}" if back is not None else "until its budgets reopen"
+                return f"every account of role {subject} rests: its tasks wait {when}"
         return None
 
     def _task_line(self, task_id: object) -> str | None:
@@ -424,6 +435,11 @@ def question_line(asked_by: str, d: Mapping[str, object], secrets: Iterable[str]
     return (
         f"task {task_id} ({d.get('role')}) on {asked_by} asks: {text} (!answer task-{task_id} TEXT)"
     )
+def _utc(at: object) -> str:
+    """A unix time as an operator reads it on IRC: ``2026-12-01 03:04:05 UTC``."""
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        return "a time not known"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
 def _mask(msg: Message) -> str:

@@ -31,9 +31,10 @@ loop, or one ``trio.to_thread.run_sync`` call at a time).
 The store is one class made of its parts, a module each: ``state_db`` (the
 connection, transactions, error translation, ``WriteHealth``), ``state_schema``
 (the migrations), ``state_tasks`` (the task queue), ``state_registry`` (VMs,
-services, named agents, scales) and ``state_ledger`` (events, restarts, model
-calls). The records and errors the pool writes and handles, and the protocol
-of what it calls, are declared in ``pool/store.py``.
+services, named agents, scales), ``state_ledger`` (events, restarts, model
+calls) and ``state_accounts`` (the accounts tasks ran on, their exhaustion).
+The records and errors the pool writes and handles, and the protocol of what
+it calls, are declared in ``pool/store.py``.
 
 Task states (each claim bumps the task's epoch; a result or requeue carrying an
 older epoch changes nothing and raises ``TaskFenced``)::
@@ -43,6 +44,7 @@ older epoch changes nothing and raises ``TaskFenced``)::
        +----requeue_task------+
        |    requeue_orphans   \\--(attempts reach max_attempts)--> failed
        |                      \\--ask_task--> waiting_for_input
+       |    defer_task        (its account was refused: no attempt counted)
        +----answer_task------------------------------+
 
 (the table itself: ``pool/task_states.py``)
@@ -74,6 +76,7 @@ from fireclaw.pool.store import (
     TaskState,
     VmRecord,
 )
+from fireclaw.supervisor.state_accounts import Accounts
 from fireclaw.supervisor.state_db import BUSY_TIMEOUT, WriteHealth
 from fireclaw.supervisor.state_ledger import EventRow, Ledger, UsageBy, UsageRow
 from fireclaw.supervisor.state_registry import AgentRecord, HostRow, Registry, ServiceRecord
@@ -109,7 +112,7 @@ __all__ = [
 ]
 
 
-class Store(TaskQueue, Registry, Ledger):
+class Store(TaskQueue, Registry, Ledger, Accounts):
     """The state database: its task queue, registry and ledger over one
     connection. Open with ``Store.open(path)``; close with ``close()`` (or use
     it as a context manager)."""

@@ -92,8 +92,8 @@ class Ledger(Database):
         with self._errors():
             self._conn.execute(
                 "INSERT INTO model_calls (at, agent, role, vm, task, model, prompt_tokens,"
-                " completion_tokens, duration, outcome, host_counted)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " completion_tokens, duration, outcome, host_counted, account)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.at,
                     rec.agent,
@@ -106,6 +106,7 @@ class Ledger(Database):
                     rec.duration,
                     rec.outcome,
                     int(rec.host_counted),
+                    rec.account,
                 ),
             )
 
@@ -148,8 +149,8 @@ class Ledger(Database):
         with self._errors():
             rows = self._conn.execute(
                 "SELECT at, agent, role, vm, task, model, prompt_tokens, completion_tokens,"
-                " duration, outcome, host_counted FROM model_calls WHERE id > ? ORDER BY id"
-                " LIMIT ?",
+                " duration, outcome, host_counted, account FROM model_calls WHERE id > ?"
+                " ORDER BY id LIMIT ?",
                 (after, limit),
             ).fetchall()
         return [
@@ -165,6 +166,7 @@ class Ledger(Database):
                 duration=r[8],
                 outcome=r[9],
                 host_counted=bool(r[10]),
+                account=r[11],
             )
             for r in rows
         ]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from fireclaw.supervisor.state import Store
+from fireclaw.supervisor.state_pg_accounts import PgAccounts
 from fireclaw.supervisor.state_pg_db import PgDatabase
 from fireclaw.supervisor.state_pg_ledger import PgLedger
 from fireclaw.supervisor.state_pg_registry import PgRegistry
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["PgStore"]
 
 
-class PgStore(PgTasks, PgRegistry, PgLedger, Store):
+class PgStore(PgTasks, PgRegistry, PgLedger, PgAccounts, Store):
     """The shared state in PostgreSQL over this host's SQLite database. Open
     with ``PgStore.connect``; close with ``close()`` (or as a context manager)."""
 

@@ -21,7 +21,7 @@ from fireclaw.supervisor.state_pg_tasks import pg_text
 
 _CALL_COLUMNS = (
     "at, agent, role, vm, task, model, prompt_tokens, completion_tokens, duration, outcome,"
-    " host_counted"
+    " host_counted, account"
 )
 _USAGE_COLUMN: dict[UsageBy, str] = {
     "agent": "agent",
@@ -72,10 +72,10 @@ class PgLedger:
         with self._pg.transaction(write=True) as cur:
             cur.execute(
                 f"INSERT INTO model_calls (host, {_CALL_COLUMNS})"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (self.host, rec.at, rec.agent, rec.role, rec.vm, rec.task, rec.model,
                  rec.prompt_tokens, rec.completion_tokens, rec.duration, rec.outcome,
-                 rec.host_counted),
+                 rec.host_counted, rec.account),
             )  # fmt: skip
 
     def spent(self, *, since: float, role: str | None = None) -> int:
@@ -125,8 +125,7 @@ class PgLedger:
             CallRecord(
                 at=r[0], agent=r[1], role=r[2], vm=r[3], task=r[4], model=r[5],
                 prompt_tokens=r[6], completion_tokens=r[7], duration=r[8], outcome=r[9],
-                host_counted=r[10],
+                host_counted=r[10], account=r[11],
             )  # fmt: skip
             for r in rows
         ]
-

@@ -89,6 +89,19 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE tasks ADD COLUMN session TEXT",
         "ALTER TABLE tasks ADD COLUMN answer TEXT",
     ),
+    # 3: accounts (as SQLite's migration 9): the account of a task and of a call,
+    # and each account's exhaustion, shared by the hosts.
+    (
+        "ALTER TABLE tasks ADD COLUMN account TEXT",
+        "ALTER TABLE model_calls ADD COLUMN account TEXT",
+        """CREATE TABLE accounts (
+            role TEXT NOT NULL,
+            name TEXT NOT NULL,
+            exhausted_until DOUBLE PRECISION NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (role, name)
+        )""",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

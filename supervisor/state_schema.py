@@ -167,6 +167,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX tasks_by_role_state ON tasks (role, state, id)",
         "CREATE INDEX tasks_by_state ON tasks (state, id)",
     ),
+    # 9: accounts. The account a task ran on and a call was made with, and each
+    # account's exhaustion (a provider's rate limit or spent credit): until
+    # when it is not to be used, which survives a restart.
+    (
+        "ALTER TABLE tasks ADD COLUMN account TEXT",
+        "ALTER TABLE model_calls ADD COLUMN account TEXT",
+        """CREATE TABLE accounts (
+            role TEXT NOT NULL,
+            name TEXT NOT NULL,
+            exhausted_until REAL NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (role, name)
+        )""",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

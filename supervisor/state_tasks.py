@@ -15,7 +15,7 @@ from fireclaw.supervisor.state_db import Database
 
 TASK_COLUMNS: Final = (
     "id, role, prompt, state, attempts, owner, exit_code, result, created_at, updated_at,"
-    " epoch, host, session, answer"
+    " epoch, host, session, answer, account"
 )
 
 
@@ -36,6 +36,7 @@ def task_row(row: tuple[Any, ...]) -> TaskRow:
         host=row[11],
         session=row[12],
         answer=row[13],
+        account=row[14],
     )
 
 

@@ -361,6 +361,7 @@ def test_help_and_usage_lines(swarm: Swarm, op: Person) -> None:
 
 def test_crashes_are_announced(swarm: Swarm, op: Person) -> None:
     overseer_in_channel(op)
+    swarm.wait_for("an idle worker", idle("worker", 1))  # the overseer may be up first
     (vm,) = swarm.agents("worker", "idle")
     os.kill(vm["pid"], signal.SIGKILL)
     op.said(CONTROL, "worker-0 crashed (VMM exited with code -9); restarting in")

@@ -512,6 +512,59 @@ def test_the_ledger_sums_model_calls(store: Store) -> None:
     assert store.calls(limit=1) == calls[:1]
 
 
+def test_a_task_names_its_account_and_a_deferral_costs_no_attempt(store: Store) -> None:
+    task = store.add_task("coder", "fix it")
+    assert task.account is None
+    claimed = store.claim_task("coder", "coder-0")
+    assert claimed is not None
+    assert store.assign_account(task.id, epoch=claimed.epoch, account="work").account == "work"
+    back = store.defer_task(task.id, epoch=claimed.epoch, reason="account work rate-limited")
+    assert (back.state, back.attempts, back.owner) == ("queued", 0, None)
+    assert back.account == "work" and back.result == "account work rate-limited"
+    with pytest.raises(TaskConflict):
+        store.defer_task(task.id, epoch=claimed.epoch, reason="again")
+    again = store.claim_task("coder", "coder-1")
+    assert again is not None and again.epoch == claimed.epoch + 1
+    with pytest.raises(TaskFenced):
+        store.assign_account(task.id, epoch=claimed.epoch, account="home")
+    store.assign_account(task.id, epoch=again.epoch, account="home")
+    done = store.finish_task(task.id, epoch=again.epoch, ok=True, exit_code=0, result="ok")
+    assert (done.state, done.account) == ("done", "home")
+    assert store.get_task(task.id) == done
+
+
+def test_account_exhaustion_is_kept_and_replaced(stores: OpenStore, db_path: pathlib.Path) -> None:
+    store = stores("here", db_path)
+    assert store.exhausted_accounts("coder") == {}
+    store.exhaust_account("coder", "work", until=2000.0, reason="429")
+    store.exhaust_account("worker", "work", until=3000.0, reason="credit")
+    store.exhaust_account("coder", "work", until=2500.0, reason="429 again")
+    assert store.exhausted_accounts("coder") == {"work": 2500.0}
+    store.close()
+    # Another opening of the same state (a restarted supervisor) sees it.
+    assert stores("here", db_path).exhausted_accounts("worker") == {"work": 3000.0}
+
+
+def test_the_ledger_sums_each_account(store: Store) -> None:
+    def call(at: float, role: str, account: str | None, tokens: int) -> None:
+        store.record_call(
+            CallRecord(
+                at=at, agent=None, role=role, vm=f"{role}-0", task=None, model="m",
+                prompt_tokens=tokens, completion_tokens=1, duration=0.1, outcome="ok",
+                account=account,
+            )  # fmt: skip
+        )
+
+    call(10.0, "coder", "work", 10)
+    call(20.0, "coder", "home", 20)
+    call(30.0, "coder", "work", 30)
+    call(30.0, "worker", "work", 99)
+    call(30.0, "coder", None, 99)
+    assert store.account_spent("coder", since=0.0) == {"work": 42, "home": 21}
+    assert store.account_spent("coder", since=15.0) == {"work": 31, "home": 21}
+    assert [c.account for c in store.calls()] == ["work", "home", "work", "work", None]
+
+
 def test_restarts(store: Store) -> None:
     assert store.restart_count("coder-0") == 0
     store.record_restart("coder-0", "coder", reason="backoff", exit_code=1, delay=2.0)
