@@ -80,6 +80,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX model_calls_by_at ON model_calls (at)",
         "CREATE INDEX model_calls_by_role ON model_calls (role, at)",
     ),
+    # 2: operating a fleet: a host told to drain, and the load its heartbeat reports.
+    (
+        "ALTER TABLE hosts ADD COLUMN draining BOOLEAN NOT NULL DEFAULT false",
+        "ALTER TABLE hosts ADD COLUMN load TEXT NOT NULL DEFAULT '{}'",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)
