@@ -64,7 +64,7 @@ class Adoption:
         Hello again is only known later: a VM that does not is reclaimed then."""
         if self.backend_choice.name != "qemu" or self._netns_why is not None:
             return {}
-        agents = {a.name: a for a in self.store.agents()}
+        agents = {a.name: a for a in self.store.agents() if a.host is None}  # this host's
         tasks = {
             t.owner: t
             for t in self.store.list_tasks(state="claimed", limit=100_000)

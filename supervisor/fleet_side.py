@@ -31,6 +31,7 @@ from fireclaw.config.cluster import HOST_NAME_PATTERN, fleet_nick
 from fireclaw.pool.group import RoleGroup
 from fireclaw.supervisor.api import ControllerError
 from fireclaw.supervisor.cluster import HEARTBEAT
+from fireclaw.supervisor.controller import MAX_AGENT_NAME
 from fireclaw.supervisor.fleet import NoRoom, fleet_line, host_state, host_status, place
 from fireclaw.supervisor.state import (
     AgentExists,
@@ -74,6 +75,8 @@ class FleetSide:
         ) -> dict[str, object]: ...
 
         async def _restore_agent(self, rec: AgentRecord) -> None: ...
+
+        async def destroy(self, name: str) -> dict[str, object]: ...
 
     # --- what a heartbeat says ------------------------------------------------------
 
@@ -252,16 +255,37 @@ class FleetSide:
         if spec is None:
             raise ControllerError(f"no role {role!r} here to name its agent: give a name", 400)
         irc = self.config.irc
-        longest = min(30, irc.managed.max_nick_length) if irc.is_managed else 30
+        longest = (
+            min(MAX_AGENT_NAME, irc.managed.max_nick_length) if irc.is_managed else MAX_AGENT_NAME
+        )
         n = 1
         while (name := fleet_nick(spec.nick(n), host, longest)) in taken:
             n += 1
         return name
 
+    async def destroy_anywhere(self, name: str) -> dict[str, object]:
+        """``!destroy`` in a fleet: a named agent here is stopped now; one on
+        another host is dropped from the agents table, and that host stops it
+        at its next heartbeat."""
+        if self.config.cluster is None or any(g.find_agent(name) for g in self.groups.values()):
+            return await self.destroy(name)
+        rec = next((a for a in self.store.agents() if a.name == name), None)
+        if rec is None or rec.host is None:
+            return await self.destroy(name)  # not here either: its one line
+        try:
+            self.store.drop_agent(name)
+        except StateUnwritable as exc:
+            raise ControllerError(
+                f"the shared state is {exc.why}: {name} not destroyed", 507
+            ) from None
+        self.event("agent_dropped", name, role=rec.role, host=rec.host)
+        return {"name": name, "host": rec.host, "destroyed": True}
+
     def bring_up_placed(self) -> None:
         """Start bringing up every named agent the agents table has on this
         host that does not run here (placed by the leader, or left by this
-        host's previous supervisor), one attempt each at a time."""
+        host's previous supervisor), one attempt each at a time; in a fleet,
+        stop those the table no longer has (destroyed from another host)."""
         if self._root is None:
             return
         try:
@@ -270,13 +294,26 @@ class FleetSide:
             log.debug("named agents not read: %s", exc)
             return
         here = self.store.host
+        mine = {rec.name for rec in agents if (rec.host or here) == here}
         for rec in agents:
-            if (rec.host or here) != here or rec.name in self._placing:
+            if rec.name not in mine or rec.name in self._placing:
                 continue
             if any(g.find_agent(rec.name) for g in self.groups.values()):
                 continue
             self._placing.add(rec.name)
             self._root.start_soon(self._bring_up, rec)
+        if self.config.cluster is None:
+            return  # one host's agents are destroyed here, never behind its back
+        for group in self.groups.values():
+            for child in list(group.children.values()):
+                agent = child.agent
+                if agent is None or child.stopping or agent.name in mine:
+                    continue
+                if agent.name in self._placing:
+                    continue  # being invoked here: its row is about to be, or was just, written
+                log.info("agent %s was destroyed from another host: stopping it", agent.name)
+                self.event("destroyed", agent.name, role=group.name, vm=child.name)
+                self._root.start_soon(child.stop, "destroyed")
 
     async def _bring_up(self, rec: AgentRecord) -> None:
         try:

@@ -258,7 +258,11 @@ class Overseer:
                 done = await sup.place_agent(role, name, model)
                 return [_invoked(done)]
             case c.Destroy(name=name):
-                await sup.destroy(name)
+                done = await sup.destroy_anywhere(name)
+                if "host" in done:
+                    return [
+                        f"{name} is gone from host {done['host']} (it stops within a heartbeat)"
+                    ]
                 return [f"{name} is gone"]
             case c.Stop(name=name):
                 await sup.cancel(name, "stopped by an operator on IRC")

@@ -256,6 +256,23 @@ def test_invoke_places_a_named_agent_on_the_less_loaded_host(
         with pg_cluster.connect(_dbname(pg_dsn)) as conn:
             placed = dict(conn.execute("SELECT name, host FROM agents").fetchall())
         assert placed == {"ada": "alpha", "bob": "beta"}
+        # carol, on the host not leading, is destroyed from IRC: the leader drops
+        # her row, and her host stops her.
+        other = "alpha" if leader == "beta" else "beta"
+        swarms[other].api.post("/agents", {"role": "worker", "name": "carol"}, timeout=WAIT)
+        alice.say("#control", "!destroy carol")
+        answer = alice.expect("the answer to !destroy", _overseer_said("alice: carol "))
+        assert answer.arguments[0] == (
+            f"alice: carol is gone from host {other} (it stops within a heartbeat)"
+        )
+        swarms[other].wait_for(
+            "carol gone",
+            lambda s: not any(a["agent"] == "carol" for a in s["agents"]),
+            BEAT_WAIT,
+        )
+        # Stopped by its host (the leader only dropped the row: agent_dropped).
+        assert [e["subject"] for e in swarms[other].events("destroyed")] == ["carol"]
+        assert [e["subject"] for e in swarms[other].events("agent_dropped")] == ["carol"]
 
         # alpha stops: ada's workspace is there, so !invoke says that host is gone.
         assert alpha.stop() == 0
