@@ -314,6 +314,16 @@ def test_up_cluster_runs_a_host_without_a_cluster_section(
         )
         gamma = _host(status, "gamma")
         assert gamma is not None and gamma["state"] == "up"
+        # Drains name a host of the fleet, in one line when they do not.
+        with pytest.raises(ApiError) as unknown:
+            swarm.api.post("/hosts/nowhere/drain", {})
+        assert (unknown.value.status, str(unknown.value)) == (
+            404,
+            "no host named 'nowhere' in the fleet (hosts: gamma)",
+        )
+        bad = swarm.cli("drain", "no/such")
+        assert bad.returncode == 2
+        assert bad.stderr.decode().startswith("fireclaw-swarm: 'no/such' is not a host name")
         swarm.api.post("/tasks", {"role": "worker", "prompt": "from the flags"})
         swarm.wait_for("the task done", lambda s: s["tasks"]["done"] == 1)
         assert _tasks(pg_cluster, pg_dsn)["from the flags"] == ("done", "gamma")
@@ -343,3 +353,21 @@ def test_up_cluster_refuses_a_password_on_the_command_line(tmp_path: Path, dsn: 
         " --cluster-password-file, or set PGPASSWORD or PGPASSFILE"
     ]
     assert not (tmp_path / "state" / "api.sock").exists()
+
+
+def test_one_host_has_no_hosts_to_show_or_drain(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path, swarm_yaml(role_yaml("worker", min_idle=0)))
+    try:
+        swarm.start()
+        assert swarm.api.get("/hosts") == {"hosts": None}
+        assert swarm.status()["hosts"] is None
+        refused = swarm.cli("drain", "localhost")
+        assert refused.returncode == 1
+        assert refused.stderr.decode().splitlines() == [
+            "fireclaw-swarm: this swarm is one host (swarm.yaml has no cluster: section):"
+            " there is no other host to drain it to"
+        ]
+        assert swarm.stop() == 0
+    finally:
+        swarm.close()
+    assert swarm.leftovers() == NOTHING
