@@ -104,16 +104,14 @@ def test_draining_silent_and_fenced_hosts_are_not_chosen() -> None:
     with pytest.raises(NoRoom) as caught:
         place_in(rows[:3])
     assert str(caught.value) == (
-        "no host of role worker can take an agent now"
-        " (alpha draining, beta silent, gamma fenced)"
+        "no host of role worker can take an agent now (alpha draining, beta silent, gamma fenced)"
     )
 
 
 def test_fleet_lines() -> None:
     alpha = row("alpha", age=2.4, roles={"worker": (2, 1), "coder": (0, 2)}, tasks=1)
     assert fleet_line(alpha, late=LATE, silent_after=SILENT_AFTER) == (
-        "alpha: up; roles coder 0/2, worker 2/1 (active/target); 1 task running;"
-        " heartbeat 2 s ago"
+        "alpha: up; roles coder 0/2, worker 2/1 (active/target); 1 task running; heartbeat 2 s ago"
     )
     beta = row("beta", age=600, draining=True, tasks=3)
     assert fleet_line(beta, late=LATE, silent_after=SILENT_AFTER) == (

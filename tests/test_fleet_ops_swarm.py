@@ -208,9 +208,14 @@ def test_fleet_lists_both_hosts_and_a_drained_host_hands_the_queue_over(
             BEAT_WAIT,
         )
         assert st["roles"]["worker"]["idle"] == 0 and st["roles"]["worker"]["starting"] == 0
-        # undrain brings its pool back.
-        alice.say("#control", "!undrain alpha")
+        # undrain brings its pool back. (From the command line: the lead may be
+        # between hosts now, as alpha held it perhaps, and a command said in
+        # #control meanwhile is nobody's to answer.)
+        undrained = beta.cli("undrain", "alpha")
+        assert undrained.returncode == 0, undrained.stderr
         alpha.wait_for("alpha's pool back", idle("worker", 1), BEAT_WAIT)
+        undrains = [e["subject"] for e in beta.events("host_undrained")]
+        assert undrains == ["beta", "alpha"]
         for swarm in swarms.values():
             assert swarm.stop() == 0
     finally:
