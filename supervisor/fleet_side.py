@@ -21,8 +21,10 @@ in ``fleet.py``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -40,7 +42,6 @@ from fireclaw.supervisor.state import (
     HostRow,
     RoleLoad,
     StateError,
-    StateUnwritable,
     Store,
 )
 
@@ -49,6 +50,18 @@ log = logging.getLogger("fireclaw.supervisor")
 _HOST_NAME: Final = re.compile(HOST_NAME_PATTERN.strip("^$"))
 #: A host whose heartbeat is older than this (two missed beats) is silent.
 LATE = 2 * HEARTBEAT
+
+
+@contextlib.contextmanager
+def _shared(what: str) -> Iterator[None]:
+    """A command's store calls: the shared database failing is its one line
+    (503, to be tried again), naming what was not done."""
+    try:
+        yield
+    except AgentExists as exc:
+        raise ControllerError(str(exc), 409) from None
+    except StateError as exc:
+        raise ControllerError(f"{what}: {exc}", 503) from None
 
 
 class FleetSide:
@@ -147,15 +160,11 @@ class FleetSide:
             )
         if not _HOST_NAME.fullmatch(host):
             raise ControllerError(f"{host[:64]!r} is not a host name")
-        try:
+        with _shared(f"{host} not changed"):
             found = self.store.set_draining(host, draining)
-        except StateUnwritable as exc:
-            raise ControllerError(
-                f"the shared state is {exc.why}: {host} not changed", 507
-            ) from None
-        if not found:
-            names = ", ".join(r.name for r in self.store.hosts()) or "none"
-            raise ControllerError(f"no host named {host!r} in the fleet (hosts: {names})", 404)
+            if not found:
+                names = ", ".join(r.name for r in self.store.hosts()) or "none"
+                raise ControllerError(f"no host named {host!r} in the fleet (hosts: {names})", 404)
         if host == self.store.host:
             self.drain_told(draining)
         return {"host": host, "draining": draining}
@@ -182,7 +191,8 @@ class FleetSide:
         """``!fleet``: one line per host."""
         if self.config.cluster is None:
             return ["this swarm is one host (no cluster: section in swarm.yaml)"]
-        rows = self.store.hosts()
+        with _shared("the hosts not read"):
+            rows = self.store.hosts()
         after = self._silent_after()
         return [fleet_line(r, late=LATE, silent_after=after) for r in rows] or ["no hosts yet"]
 
@@ -196,8 +206,9 @@ class FleetSide:
         ``host``; ``vm`` only when it came up here."""
         if self.config.cluster is None:
             return await self.invoke(role, name, model)
-        rows = self.store.hosts()
-        agents = self.store.agents()
+        with _shared("not placed"):
+            rows = self.store.hosts()
+            agents = self.store.agents()
         here = self.store.host
         if name is not None:
             existing = next((a for a in agents if a.name == name), None)
@@ -212,14 +223,8 @@ class FleetSide:
             return {**await self.invoke(role, name, model), "host": here}
         if name is None:
             name = self._free_fleet_name(role, host, {a.name for a in agents})
-        try:
+        with _shared(f"{name} not placed"):
             self.store.add_agent(AgentRecord(name=name, role=role, model=model, host=host))
-        except AgentExists as exc:
-            raise ControllerError(str(exc), 409) from None
-        except StateUnwritable as exc:
-            raise ControllerError(
-                f"the shared state is {exc.why}: {name} not placed", 507
-            ) from None
         self.event("agent_placed", name, role=role, host=host)
         return {"name": name, "role": role, "host": host}
 
@@ -269,15 +274,12 @@ class FleetSide:
         at its next heartbeat."""
         if self.config.cluster is None or any(g.find_agent(name) for g in self.groups.values()):
             return await self.destroy(name)
-        rec = next((a for a in self.store.agents() if a.name == name), None)
+        with _shared(f"{name} not destroyed"):
+            rec = next((a for a in self.store.agents() if a.name == name), None)
         if rec is None or rec.host is None:
             return await self.destroy(name)  # not here either: its one line
-        try:
+        with _shared(f"{name} not destroyed"):
             self.store.drop_agent(name)
-        except StateUnwritable as exc:
-            raise ControllerError(
-                f"the shared state is {exc.why}: {name} not destroyed", 507
-            ) from None
         self.event("agent_dropped", name, role=rec.role, host=rec.host)
         return {"name": name, "host": rec.host, "destroyed": True}
 
