@@ -120,11 +120,12 @@ class FleetSide:
         host = self.store.host
         if draining != self.draining:
             self.draining, self._drained_said = draining, False
+            # Counted first: what there was to finish and to stop.
+            tasks = sum(g.running_tasks() for g in self.groups.values())
+            warm = sum(len(g.pool_children()) for g in self.groups.values())
             for group in self.groups.values():
                 group.set_draining(draining)
             if draining:
-                tasks = sum(g.running_tasks() for g in self.groups.values())
-                warm = sum(len(g.pool_children()) for g in self.groups.values())
                 log.warning("host %s drains: %d tasks to finish, %d warm VMs", host, tasks, warm)
                 self.event("host_draining", host, tasks=tasks, warm=warm)
             else:

@@ -11,7 +11,7 @@ from fireclaw.config.cluster import ClusterFlags, ClusterSpec, IrcLinkSpec
 from fireclaw.supervisor import commands as c
 from fireclaw.supervisor.cluster import HEARTBEAT
 from fireclaw.supervisor.fleet import NoRoom, fleet_line, host_state, host_status, place
-from fireclaw.supervisor.fleet_side import LATE
+from fireclaw.supervisor.fleet_side import LATE, FleetSide
 from fireclaw.supervisor.state import HostLoad, HostRow, RoleLoad
 
 SILENT_AFTER = 30.0
@@ -212,3 +212,59 @@ def test_a_password_on_the_command_line_is_refused(dsn: str) -> None:
 def test_bad_flags_are_one_line_naming_the_flag(flags: ClusterFlags, says: str) -> None:
     with pytest.raises(ValueError, match="^" + says.replace("?", r"\?")):
         flags.spec(None)
+
+
+# --- a host told to drain (FleetSide.drain_told), over stand-in role groups -------
+
+
+class _Group:
+    """A stand-in for a role group: VMs running tasks and warm ones."""
+
+    def __init__(self, tasks: int, warm: int) -> None:
+        self.tasks, self.warm, self.draining = tasks, warm, False
+
+    def running_tasks(self) -> int:
+        return self.tasks
+
+    def pool_children(self) -> list[object]:
+        return [object()] * self.warm
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        if draining:
+            self.warm = 0  # what the real group's reconciler then does
+
+
+class _Host(FleetSide):
+    def __init__(self, groups: dict[str, _Group]) -> None:
+        self.groups = groups  # type: ignore[assignment]
+        self.store = type("S", (), {"host": "alpha"})()  # type: ignore[assignment]
+        self.draining, self._drained_said = False, False
+        self.said: list[tuple[str, dict[str, object]]] = []
+
+    def event(self, kind: str, subject: str, **detail: object) -> None:
+        assert subject == "alpha"
+        self.said.append((kind, detail))
+
+
+def test_a_drain_is_said_once_when_told_and_once_when_done() -> None:
+    worker, coder = _Group(tasks=2, warm=1), _Group(tasks=0, warm=2)
+    host = _Host({"worker": worker, "coder": coder})
+    host.drain_told(False)
+    assert host.said == [] and not worker.draining
+    host.drain_told(True)
+    assert worker.draining and coder.draining
+    assert host.said == [("host_draining", {"tasks": 2, "warm": 3})]
+    host.drain_told(True)  # the next heartbeats, tasks still running
+    host.drain_told(True)
+    assert len(host.said) == 1
+    worker.tasks = 0
+    host.drain_told(True)
+    host.drain_told(True)
+    assert host.said[1:] == [("host_drained", {})]
+    host.drain_told(False)
+    assert not worker.draining and not coder.draining
+    assert host.said[2:] == [("host_undrained", {})]
+    # Told again: it says so again, and again when empty.
+    host.drain_told(True)
+    assert [kind for kind, _ in host.said[3:]] == ["host_draining", "host_drained"]
