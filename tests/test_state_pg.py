@@ -156,7 +156,8 @@ def test_a_newer_schema_is_refused(
     _connect(pg_cluster, pg_dsn, tmp_path).close()
     with pg_cluster.connect(_dbname(pg_dsn)) as conn:
         conn.execute("UPDATE fireclaw_schema SET version = version + 1")
-    with pytest.raises(StateError, match="schema version 2 is newer than this fireclaw-swarm"):
+    newer = f"schema version {PG_SCHEMA_VERSION + 1} is newer than this fireclaw-swarm"
+    with pytest.raises(StateError, match=newer):
         _connect(pg_cluster, pg_dsn, tmp_path)
 
 
