@@ -6,9 +6,11 @@ host's own restart, and a named agent's name is unique across hosts."""
 from __future__ import annotations
 
 import pathlib
+import sqlite3
 
 import pytest
 import test_state
+from fireclaw.supervisor import state_schema
 from fireclaw.supervisor.state import (
     AgentExists,
     AgentRecord,
@@ -96,3 +98,21 @@ def test_one_host_stores_no_host_for_its_agents(stores: OpenStore, db_path: path
     here.add_agent(AgentRecord(name="ada", role="worker"))
     (ada,) = here.agents()
     assert ada.host is None
+
+
+def test_a_version_7_database_gains_the_drain_flag_and_load(db_path: pathlib.Path) -> None:
+    """A host row written before migration 8 reads as not draining, with no load."""
+    db_path.parent.mkdir()
+    conn = sqlite3.connect(db_path)
+    for migration in state_schema.MIGRATIONS[:7]:  # the schema as version 7 made it
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("INSERT INTO hosts VALUES ('here', 1.0, 2.0)")
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    with Store.open(db_path, host="here") as store:
+        (row,) = store.hosts()
+        assert (row.name, row.draining, row.load) == ("here", False, HostLoad())
+        assert store.set_draining("here", True) is True
+        assert store.heartbeat() is True
