@@ -210,7 +210,7 @@ class ClusterFlags(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 " user sees it: put it in a file only its owner may read (chmod 600) and"
                 " name it with --cluster-password-file, or set PGPASSWORD or PGPASSFILE"
             )
-        if self.host is not None and not _HOST_NAME_RE.match(self.host):
+        if self.host is not None and not _HOST_NAME_RE.fullmatch(self.host):
             raise ValueError(
                 f"--host: {self.host[:64]!r} is not a host name (letters, digits, '.', '_'"
                 " and '-', up to 63)"

@@ -272,8 +272,11 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 def _host_name(text: str) -> str:
     """A fleet host's name as ``drain`` takes it (it goes into the request's path)."""
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-    if not text or len(text) > 63 or not set(text) <= allowed or not text[0].isalnum():
+    import re
+
+    from fireclaw.config.cluster import HOST_NAME_PATTERN
+
+    if not re.fullmatch(HOST_NAME_PATTERN, text):
         raise UsageError(f"{text[:64]!r} is not a host name (letters, digits, '.', '_', '-')")
     return text
 

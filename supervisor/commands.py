@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from fireclaw.config.cluster import HOST_NAME_PATTERN
+
 PREFIX: Final = "!"
 #: Longest command text looked at; IRC lines are shorter anyway.
 MAX_TEXT: Final = 1024
@@ -19,8 +21,7 @@ MAX_TEXT: Final = 1024
 _ROLE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 _MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
-#: A fleet host's name (``config.cluster.HOST_NAME_PATTERN``).
-_HOST: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_HOST: Final = re.compile(HOST_NAME_PATTERN)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ from fireclaw.supervisor.state import (
 
 log = logging.getLogger("fireclaw.supervisor")
 
-_HOST_NAME: Final = re.compile(HOST_NAME_PATTERN.strip("^$"))
+_HOST_NAME: Final = re.compile(HOST_NAME_PATTERN)
 #: A host whose heartbeat is older than this (two missed beats) is silent.
-LATE = 2 * HEARTBEAT
+LATE: Final = 2 * HEARTBEAT
 
 
 @contextlib.contextmanager

@@ -207,6 +207,10 @@ def test_a_password_on_the_command_line_is_refused(dsn: str) -> None:
     [
         (ClusterFlags(database="mysql://db/x"), "--cluster: database: expected a postgresql://"),
         (ClusterFlags(database="postgresql://db/x", host="a b"), "--host: 'a b' is not a host"),
+        (
+            ClusterFlags(database="postgresql://db/x", host="a\n"),
+            "--host: 'a.n' is not a host",
+        ),  # shown as its repr
     ],
 )
 def test_bad_flags_are_one_line_naming_the_flag(flags: ClusterFlags, says: str) -> None:
