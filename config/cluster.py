@@ -30,6 +30,7 @@ what the lost host might still write changes nothing.
 from __future__ import annotations
 
 import ipaddress
+import pathlib
 import re
 import urllib.parse
 from typing import Annotated, Final
@@ -43,6 +44,7 @@ __all__ = [
     "HOST_NAME_PATTERN",
     "IRC_LINK_PORT",
     "SERVER_NAME_SUFFIX",
+    "ClusterFlags",
     "ClusterSpec",
     "IrcLinkSpec",
     "IrcPeerSpec",
@@ -59,6 +61,7 @@ IRC_LINK_PORT: Final = 6668
 SERVER_NAME_SUFFIX: Final = ".fireclaw"
 _MAX_PEERS: Final = 64
 _SERVER_NAME_RE: Final = re.compile(SERVER_NAME_PATTERN)
+_HOST_NAME_RE: Final = re.compile(HOST_NAME_PATTERN)
 
 
 def fleet_nick(nick: str, host: str, max_length: int) -> str:
@@ -183,3 +186,48 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
                 self.irc.server_name_of(self.host)
             except ValueError as exc:
                 raise ValueError(f"irc: {exc}") from None
+
+
+class ClusterFlags(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``up --cluster DSN --host NAME [--cluster-password-file PATH]``: the
+    command-line form of ``cluster:``. It takes the place of the file's
+    ``database``, ``host`` and ``password_file`` (at start and at every reload)
+    and keeps the rest of the file's section (``silent_after``, ``irc``)."""
+
+    database: str
+    host: str | None = None
+    password_file: str | None = None
+
+    def spec(self, base: ClusterSpec | None) -> ClusterSpec:
+        """The cluster section these flags make of the file's ``base``.
+
+        Raises ValueError, one line naming the flag: a password is refused in the
+        DSN, where every user of the machine would see it in the process list."""
+        url = urllib.parse.urlsplit(self.database)
+        if url.password is not None or "password" in urllib.parse.parse_qs(url.query):
+            raise ValueError(
+                "--cluster: a password is never given on the command line, where every"
+                " user sees it: put it in a file only its owner may read (chmod 600) and"
+                " name it with --cluster-password-file, or set PGPASSWORD or PGPASSFILE"
+            )
+        if self.host is not None and not _HOST_NAME_RE.fullmatch(self.host):
+            raise ValueError(
+                f"--host: {self.host[:64]!r} is not a host name (letters, digits, '.', '_'"
+                " and '-', up to 63)"
+            )
+        password_file = base.password_file if base is not None else None
+        if self.password_file is not None:
+            password_file = str(pathlib.Path(self.password_file).expanduser().resolve())
+        try:
+            if base is None:
+                return ClusterSpec(
+                    database=self.database, host=self.host, password_file=password_file
+                )
+            return msgspec.structs.replace(
+                base,
+                database=self.database,
+                host=self.host if self.host is not None else base.host,
+                password_file=password_file,
+            )
+        except ValueError as exc:
+            raise ValueError(f"--cluster: {exc}") from None

@@ -104,6 +104,8 @@ class RoleGroup(GroupAccounts):
         self.spec_hash = role_hash(role)
         self.children: dict[str, Child] = {}
         self.stopping = False
+        #: The host is draining: claim no tasks, keep no warm VMs (``set_draining``).
+        self.draining = False
         self._changed = trio.Event()
         self._was_degraded = False
         self._claim_waiters = 0
@@ -195,6 +197,8 @@ class RoleGroup(GroupAccounts):
         pool = self.pool_children()
         room = self.role.pool.max_active - len(self.active_children())
         want = max(self.target, min(self._claim_waiters, max(room, 0)))
+        if self.draining:
+            want = min(self._claim_waiters, max(room, 0))  # a named agent's, coming back
         if len(pool) < want and not self.degraded:
             for _ in range(want - len(pool)):
                 self._spawn()
@@ -302,7 +306,11 @@ class RoleGroup(GroupAccounts):
         while True:
             await self._tasks_queued.wait()
             self._tasks_queued = trio.Event()
-            while not self.stopping and await self._written(store.count_queued, self.name) > 0:
+            while (
+                not self.stopping
+                and not self.draining
+                and await self._written(store.count_queued, self.name) > 0
+            ):
                 meter = self.rt.models.meter if self.rt.models is not None else None
                 if meter is not None and meter.refusal(self.name) is not None:
                     # Over budget: the tasks stay queued until a reload or a new period.
@@ -320,6 +328,9 @@ class RoleGroup(GroupAccounts):
                 except PoolError as exc:
                     log.warning("tasks for %s wait: %s", self.name, exc)
                     await self.wait_changed()
+                    continue
+                if self.draining:  # told while it waited for the VM
+                    self.retire(child, "the host is draining")
                     continue
                 # Held, unpromoted, until the claim is recorded; should it die
                 # meanwhile, its promotion fails and the task is requeued.
@@ -556,6 +567,19 @@ class RoleGroup(GroupAccounts):
                 self.rt.event("hot_reloaded", child.name, role=self.name)
 
     # --- changes from outside -----------------------------------------------------------
+
+    def set_draining(self, draining: bool) -> None:
+        """Drain (claim no tasks, stop the warm VMs; those at work finish, and
+        a named agent may still come back) or stop draining (claim again,
+        refill the pool)."""
+        self.draining = draining
+        self.changed()
+        if not draining:
+            self.tasks_queued()
+
+    def running_tasks(self) -> int:
+        """VMs of this group running a task now."""
+        return sum(1 for c in self.children.values() if c.who.task is not None)
 
     def set_scale(self, n: int | None) -> None:
         self.scale_override = n

@@ -65,7 +65,7 @@ class Adoption:
         not is reclaimed then."""
         if not self.backend_choice.outlives_supervisor or self._netns_why is not None:
             return {}
-        agents = {a.name: a for a in self.store.agents()}
+        agents = {a.name: a for a in self.store.agents() if a.host is None}  # this host's
         tasks = {
             t.owner: t
             for t in self.store.list_tasks(state="claimed", limit=100_000)

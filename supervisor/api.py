@@ -27,6 +27,9 @@ Routes::
     GET  /usage[?by=B&since=T&key=K]  controller.usage(): the model-call ledger summed per B
                                       (agent, role, task, model or vm) since unix time T
     POST /down    {"leave_vms"?}      controller.down(): stop the fleet, or hand it over
+    GET  /hosts                       {"hosts": controller.hosts_status()}: a cluster's hosts
+    POST /hosts/<name>/drain (no body or {})    controller.drain(name, True)
+    POST /hosts/<name>/undrain (no body or {})  controller.drain(name, False)
     GET  /openapi.json                this API as an OpenAPI 3.1 document (supervisor/openapi.py)
 
 Every error is ``{"error": "<one line>"}`` with its status: 400 bad JSON, wrong
@@ -189,6 +192,15 @@ class Controller(Protocol):
 
     async def down(self, leave_vms: bool = False) -> dict[str, object]: ...
 
+    def hosts_status(self) -> list[dict[str, object]] | None:
+        """A cluster's hosts (state, roles with their load, tasks, heartbeat
+        age); None for one host."""
+        ...
+
+    async def drain(self, host: str, draining: bool) -> dict[str, object]:
+        """Tell a cluster's host to drain (or to stop draining)."""
+        ...
+
 
 # ---------------------------------------------------------------- the server
 
@@ -225,6 +237,9 @@ class _ApiServer:
             (re.compile(r"/events"), {"GET": self._events}),
             (re.compile(r"/usage"), {"GET": self._usage}),
             (re.compile(r"/down"), {"POST": self._down}),
+            (re.compile(r"/hosts"), {"GET": self._hosts}),
+            (re.compile(r"/hosts/(?P<name>[^/]+)/drain"), {"POST": self._drain}),
+            (re.compile(r"/hosts/(?P<name>[^/]+)/undrain"), {"POST": self._undrain}),
             (re.compile(r"/openapi\.json"), {"GET": self._openapi}),
         ]
 
@@ -407,6 +422,20 @@ class _ApiServer:
         query_params(request, frozenset())
         body = decode_body(DOWN_DECODER, request.body, optional=True)
         return await self._controller.down(body.leave_vms)
+
+    async def _hosts(self, request: Request, match: re.Match[str]) -> object:
+        query_params(request, frozenset())
+        return {"hosts": self._controller.hosts_status()}
+
+    async def _drain(self, request: Request, match: re.Match[str]) -> object:
+        query_params(request, frozenset())
+        decode_body(EMPTY_DECODER, request.body, optional=True)
+        return await self._controller.drain(match["name"], True)
+
+    async def _undrain(self, request: Request, match: re.Match[str]) -> object:
+        query_params(request, frozenset())
+        decode_body(EMPTY_DECODER, request.body, optional=True)
+        return await self._controller.drain(match["name"], False)
 
     # -- /run
 

@@ -3,6 +3,7 @@
 ::
 
     fireclaw-swarm up [--config PATH] [--state-dir DIR]   run the supervisor in the foreground
+                      [--cluster DSN --host NAME]        ... as a host of a fleet
     fireclaw-swarm status [--json]                       roles and agents
     fireclaw-swarm run [--role R] -- CMD...              run CMD in a pooled VM, stream its output
     fireclaw-swarm task ROLE PROMPT [--wait]             queue a task, print its id (or result)
@@ -12,6 +13,7 @@
     fireclaw-swarm reset NAME                            clear the failed state of a VM or role
     fireclaw-swarm reload                                re-read the config file
     fireclaw-swarm down                                  stop the supervisor and its VMs
+    fireclaw-swarm drain HOST / undrain HOST             a fleet's host stops (resumes) claiming
     fireclaw-swarm stop NAME                             end what an agent is doing now
     fireclaw-swarm logs [--follow] [--agent NAME] [--json]  the event log (the audit trail)
     fireclaw-swarm doctor [--config PATH]                what the host offers; what swarms left
@@ -57,6 +59,7 @@ from fireclaw.supervisor.cli_commands import (
     cmd_destroy,
     cmd_doctor,
     cmd_down,
+    cmd_drain,
     cmd_gc,
     cmd_image_build,
     cmd_invoke,
@@ -69,6 +72,7 @@ from fireclaw.supervisor.cli_commands import (
     cmd_stop,
     cmd_task,
     cmd_tasks,
+    cmd_undrain,
     cmd_up,
     cmd_usage,
     cmd_version,
@@ -196,6 +200,22 @@ def _up(p: _Parser) -> None:
         action="store_true",
         help="if a supervisor runs on this state dir, take its VMs over without stopping them",
     )
+    p.add_argument(
+        "--cluster",
+        metavar="DSN",
+        help="run as a host of a fleet sharing this PostgreSQL database (postgresql://...,"
+        " no password in it), as swarm.yaml's cluster: does",
+    )
+    p.add_argument("--host", metavar="NAME", help="this host's name in the fleet")
+    p.add_argument(
+        "--cluster-password-file",
+        metavar="PATH",
+        help="the database password's file (owner-only); else PGPASSWORD or PGPASSFILE",
+    )
+
+
+def _host(p: _Parser) -> None:
+    p.add_argument("host", metavar="HOST")
 
 
 def _json(p: _Parser) -> None:
@@ -346,6 +366,13 @@ def _commands() -> list[_Entry]:
         ("image", "guest images", None, None),
         ("reload", "re-read the config file and apply the changes", _no_arguments, cmd_reload),
         ("down", "stop the supervisor and all its VMs", _down, cmd_down),
+        (
+            "drain",
+            "a fleet's host claims no tasks, finishes its own, stops its warm VMs",
+            _host,
+            cmd_drain,
+        ),
+        ("undrain", "a drained host claims tasks and keeps warm VMs again", _host, cmd_undrain),
         ("logs", "print the event log", _logs, cmd_logs),
         ("usage", "show the model calls' token usage and the budgets", _usage, cmd_usage),
         ("doctor", "check the host and list what swarms left on it", _no_arguments, cmd_doctor),

@@ -128,10 +128,18 @@ def _dict(value: object, what: str) -> dict[str, Any]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from fireclaw.config.cluster import ClusterFlags
     from fireclaw.supervisor.up import run_up
 
     state_dir = args.state_dir or os.environ.get("FIRECLAW_STATE_DIR") or None
-    return run_up(args.config or DEFAULT_CONFIG, state_dir, handover=args.handover)
+    cluster = None
+    if args.cluster is not None or args.host is not None or args.cluster_password_file:
+        if args.cluster is None:
+            raise UsageError("up: --host and --cluster-password-file go with --cluster DSN")
+        cluster = ClusterFlags(
+            database=args.cluster, host=args.host, password_file=args.cluster_password_file
+        )
+    return run_up(args.config or DEFAULT_CONFIG, state_dir, handover=args.handover, cluster=cluster)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -270,6 +278,29 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         body["model"] = args.model
     result = _dict(_client(args).post("/agents", body, timeout=DOWN_TIMEOUT), "invoke result")
     print(f"{result.get('name')}: up as a {result.get('role')} agent on {result.get('vm')}")
+    return 0
+
+
+def _host_name(text: str) -> str:
+    """A fleet host's name as ``drain`` takes it (it goes into the request's path)."""
+    import re
+
+    from fireclaw.config.cluster import HOST_NAME_PATTERN
+
+    if not re.fullmatch(HOST_NAME_PATTERN, text):
+        raise UsageError(f"{text[:64]!r} is not a host name (letters, digits, '.', '_', '-')")
+    return text
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    _client(args).post(f"/hosts/{_host_name(args.host)}/drain", {})
+    print(f"{args.host}: draining (it finishes its tasks; `{PROG} status` shows when)")
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    _client(args).post(f"/hosts/{_host_name(args.host)}/undrain", {})
+    print(f"{args.host}: no longer draining")
     return 0
 
 

@@ -67,7 +67,8 @@ def summary(result: object) -> str:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The human view of GET /status: a header, a table of roles, a table of agents."""
+    """The human view of GET /status: a header, a table of roles, in a cluster
+    a table of its hosts, and a table of agents."""
     lines: list[str] = []
     head = [f"pid {status['pid']}"] if "pid" in status else []
     if status.get("backend"):
@@ -138,6 +139,24 @@ def format_status(status: dict[str, Any]) -> str:
         )
     if isinstance(roles, dict):
         lines += _account_lines(roles)
+    hosts = status.get("hosts")
+    if isinstance(hosts, list) and hosts:
+        lines.append("")
+        lines.append(table(["HOST", "STATE", "ROLES (ACTIVE/TARGET)", "TASKS", "HEARTBEAT"], (
+            [
+                h.get("name"),
+                h.get("state"),
+                ", ".join(
+                    f"{name} {r.get('active')}/{r.get('target')}"
+                    for name, r in (h.get("roles") or {}).items()
+                    if isinstance(r, dict)
+                ) or "-",
+                h.get("tasks"),
+                f"{h.get('heartbeat_age')} s ago",
+            ]
+            for h in hosts
+            if isinstance(h, dict)
+        )))  # fmt: skip
     agents = status.get("agents") or []
     if isinstance(agents, list) and agents:
         lines.append("")

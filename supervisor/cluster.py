@@ -9,7 +9,8 @@ seconds all groups look anyway, since a notification sent while this host
 was disconnected is lost.
 
 Each ``HEARTBEAT`` seconds the host stamps its row in the hosts table with the
-database's clock, and requeues the tasks of hosts silent for longer than
+database's clock and its load, reads whether it is told to drain
+(``fleet_side.py``), and requeues the tasks of hosts silent for longer than
 ``cluster.silent_after`` (one host at a time does: ``Store.requeue_silent``).
 The lost host's late results are fenced off by the epoch of the new claim,
 and the lost host fences itself too: out of the database for nearly
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import trio
 from fireclaw.config import Config
 from fireclaw.pool.group import RoleGroup
-from fireclaw.supervisor.state import StateError, Store
+from fireclaw.supervisor.state import HostLoad, StateError, Store
 
 if TYPE_CHECKING:
     from fireclaw.supervisor.overseer import Overseer
@@ -99,6 +100,10 @@ class ClusterSide:
 
         def event(self, kind: str, subject: str, **detail: object) -> None: ...
 
+        def host_load(self) -> HostLoad: ...
+
+        def beaten(self, draining: bool) -> None: ...
+
     async def _hear_tasks(self) -> None:
         """Wake the groups of the roles any host queued tasks for, and all of
         them every ``POLL`` seconds. Runs for the supervisor's life in cluster mode."""
@@ -131,9 +136,11 @@ class ClusterSide:
         fence = SelfFence(silent_after, trio.current_time())
         while True:
             try:
-                await trio.to_thread.run_sync(self.store.heartbeat)
+                beat = partial(self.store.heartbeat, self.host_load())
+                draining = await trio.to_thread.run_sync(beat)
                 taken = await trio.to_thread.run_sync(requeue)
                 fence.beat(trio.current_time(), ok=True)
+                self.beaten(draining)
             except StateError as exc:
                 log.debug("heartbeat not recorded: %s", exc)
                 taken = []

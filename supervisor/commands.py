@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from fireclaw.config.cluster import HOST_NAME_PATTERN
+
 PREFIX: Final = "!"
 #: Longest command text looked at; IRC lines are shorter anyway.
 MAX_TEXT: Final = 1024
@@ -19,6 +21,7 @@ MAX_TEXT: Final = 1024
 _ROLE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _NAME: Final = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}")
 _MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+_HOST: Final = re.compile(HOST_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,19 @@ class Reload:
 
 
 @dataclass(frozen=True)
+class Fleet:
+    """``!fleet``: one line per host of the fleet."""
+
+
+@dataclass(frozen=True)
+class Drain:
+    """``!drain HOST`` (``draining``) or ``!undrain HOST``."""
+
+    host: str
+    draining: bool = True
+
+
+@dataclass(frozen=True)
 class Help:
     topic: str | None = None
 
@@ -126,6 +142,8 @@ Command = (
     | Reload
     | Help
     | UsageOf
+    | Fleet
+    | Drain
 )
 
 
@@ -152,6 +170,9 @@ HELP: Final[dict[str, tuple[str, str]]] = {
     "reset": ("!reset NAME", "clear a failed VM or role so it is tried again"),
     "reload": ("!reload", "re-read swarm.yaml"),
     "usage": ("!usage [NAME]", "model tokens used today, per agent, or by one agent or role"),
+    "fleet": ("!fleet", "one line per host: state, roles with their load, tasks, heartbeat"),
+    "drain": ("!drain HOST", "a host claims no tasks, finishes its own, stops its warm VMs"),
+    "undrain": ("!undrain HOST", "a drained host claims tasks and keeps warm VMs again"),
     "help": ("!help [COMMAND]", "this list, or one command"),
 }
 
@@ -185,7 +206,7 @@ class _Bad(Exception):
 _Parser = Callable[[list[str], str], Command]
 
 
-def _no_args(make: type[List | Status | Templates | Reload]) -> _Parser:
+def _no_args(make: type[List | Status | Templates | Reload | Fleet]) -> _Parser:
     def parse_it(args: list[str], rest: str) -> Command:
         if args:
             raise _Bad("takes no arguments")
@@ -278,6 +299,17 @@ def _usage(args: list[str], rest: str) -> Command:
     return UsageOf(name=_name(args[0]) if args else None)
 
 
+def _drain(draining: bool) -> _Parser:
+    def parse_it(args: list[str], rest: str) -> Command:
+        if len(args) != 1:
+            raise _Bad("name one host")
+        if not _HOST.fullmatch(args[0]):
+            raise _Bad(f"{_show(args[0])} is not a host name")
+        return Drain(host=args[0], draining=draining)
+
+    return parse_it
+
+
 def _help(args: list[str], rest: str) -> Command:
     if len(args) > 1:
         raise _Bad("at most one command")
@@ -302,5 +334,8 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "reset": _one_name(Reset),
     "reload": _no_args(Reload),
     "usage": _usage,
+    "fleet": _no_args(Fleet),
+    "drain": _drain(True),
+    "undrain": _drain(False),
     "help": _help,
 }

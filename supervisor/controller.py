@@ -32,6 +32,7 @@ from fireclaw.supervisor.budget import Budgets
 from fireclaw.supervisor.ircd import ManagedIrcd
 from fireclaw.supervisor.modelserver import ManagedModelServer
 from fireclaw.supervisor.state import (
+    AgentExists,
     AgentRecord,
     StateError,
     StateUnwritable,
@@ -77,6 +78,8 @@ class SupervisorController:
 
         async def check_models(self, config: Config, extra: str | None = None) -> str | None: ...
 
+        def hosts_status(self) -> list[dict[str, object]] | None: ...
+
     def _group(self, role: str) -> RoleGroup:
         group = self.groups.get(role)
         if group is None:
@@ -120,6 +123,7 @@ class SupervisorController:
             "irc": self._irc_status(),
             "models": self._models_status(),
             "http": self.http_url,
+            "hosts": self.hosts_status(),
         }
 
     def _models_status(self) -> dict[str, object] | None:
@@ -339,9 +343,16 @@ class SupervisorController:
             problem = await self.check_models(self.config, model)
             if problem is not None:
                 raise ControllerError(problem)
-        # Remembered first: an agent the disk cannot remember is not made.
+        # Remembered first: an agent the disk cannot remember is not made. The
+        # name is the table's key, so it is unique across a cluster's hosts too.
+        record = AgentRecord(name=name, role=role, model=model)
         try:
-            self.store.put_agent(AgentRecord(name=name, role=role, model=model))
+            try:
+                self.store.add_agent(record)
+            except AgentExists as exc:
+                if exc.host not in (None, self.store.host):
+                    raise ControllerError(str(exc), 409) from None
+                self.store.put_agent(record)  # this host's, whose restore failed: again
         except StateUnwritable as exc:
             raise _unwritable(exc, f"agent {name} not invoked") from None
         boot_timeout = self.config.control.boot_timeout

@@ -33,7 +33,7 @@ from typing import Final
 import msgspec
 import trio
 from fireclaw.config import Config
-from fireclaw.config.cluster import fleet_nick
+from fireclaw.config.cluster import ClusterFlags, fleet_nick
 from fireclaw.pool import cgroup, netns
 from fireclaw.pool.drivers import BackendUnavailable, Capability, NotReady, choose, open_backend
 from fireclaw.pool.gateway_core import Upstream
@@ -47,6 +47,7 @@ from fireclaw.supervisor.api import serve_api
 from fireclaw.supervisor.budget import Budgets, period_bounds
 from fireclaw.supervisor.cluster import ClusterSide
 from fireclaw.supervisor.controller import MAX_AGENT_NAME, SupervisorController
+from fireclaw.supervisor.fleet_side import FleetSide
 from fireclaw.supervisor.harness_checks import (
     HarnessUnavailable,
     check_image_clis,
@@ -78,7 +79,7 @@ DISKS_NAME: Final = leftovers.DISKS_NAME
 WORKSPACES_NAME: Final = "workspaces"
 
 
-class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide):
+class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide, FleetSide):
     """The supervisor's process tree: it starts, holds and stops the API, the
     services and the role groups. Its commands (``controller.py``), reload
     (``reload.py``), adoption and reclaim at start (``adoption.py``), model
@@ -86,8 +87,17 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
     same object, a module each.
     """
 
-    def __init__(self, config: Config, state_dir: Path, store: Store) -> None:
+    def __init__(
+        self,
+        config: Config,
+        state_dir: Path,
+        store: Store,
+        *,
+        cluster_flags: ClusterFlags | None = None,
+    ) -> None:
         self.config = config
+        #: ``up --cluster``: kept in place of the file's cluster section at each reload.
+        self.cluster_flags = cluster_flags
         self.state_dir = state_dir
         self.store = store
         self.groups: dict[str, RoleGroup] = {}
@@ -108,6 +118,9 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
         self._reload_done = trio.Event()
         self._reload_result: dict[str, object] = {}
         self._root: trio.Nursery | None = None
+        self.draining = False  # read from the hosts table before the groups start
+        self._drained_said = False
+        self._placing: set[str] = set()
         self._watchers: list[trio.MemorySendChannel[tuple[str, str, dict[str, object]]]] = []
         #: Claimed tasks of VMs gone with a previous supervisor, not yet requeued
         #: because the state disk refused it at start: requeued once it takes writes.
@@ -201,13 +214,15 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
                     log.error("%s", exc)
                     root.cancel_scope.cancel()
                     return
+                if self.config.cluster is not None:
+                    # A drained host starts drained: no warm VMs, no claims.
+                    self.draining = self._told_to_drain()
                 for role in self.config.roles.values():
                     await self._start_group(role.name)
                 root.start_soon(self._reloader)
                 if self._orphans is not None:
                     root.start_soon(self._requeue_orphans_later, self._orphans)
-                for rec in self.store.agents():
-                    root.start_soon(self._restore_agent, rec)
+                self.bring_up_placed()
                 root.start_soon(self._watchdog)
                 if self.config.cluster is not None:
                     root.start_soon(self._hear_tasks)
@@ -350,6 +365,7 @@ class Supervisor(SupervisorController, Reloads, Adoption, ModelSide, ClusterSide
         )
         for adoptee in adopt:
             del self._adoptees[adoptee.record.name]
+        group.draining = self.draining
         self.groups[name] = group
         await self._root.start(self._run_group, group)
         group.tasks_queued()  # tasks left from before a restart

@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 from fireclaw.supervisor import api_requests
 
-__all__ = ["EVENT", "TASK", "document"]
+__all__ = ["EVENT", "HOST", "TASK", "document"]
 
 _ERROR: Final = {
     "type": "object",
@@ -49,6 +49,20 @@ EVENT: Final = {
         "kind": {"type": "string"},
         "subject": {"type": "string"},
         "detail": _OBJECT,
+    },
+}
+
+#: A cluster's host, as ``/hosts`` and ``/status`` answer with it (``fleet.host_status``).
+HOST: Final = {
+    "type": "object",
+    "required": ["name", "state", "draining", "roles", "tasks", "heartbeat_age"],
+    "properties": {
+        "name": {"type": "string"},
+        "state": {"enum": ["up", "draining", "silent", "fenced"]},
+        "draining": {"type": "boolean"},
+        "roles": _OBJECT,
+        "tasks": {"type": "integer", "minimum": 0},
+        "heartbeat_age": {"type": "number"},
     },
 }
 
@@ -136,6 +150,8 @@ def document() -> dict[str, Any]:
             "agents": {"type": "array", "items": _OBJECT},
             # null when a failing state disk cannot even be read
             "tasks": {"type": ["object", "null"]},
+            # null for one host, or while a cluster's database does not answer
+            "hosts": {"type": ["array", "null"], "items": HOST},
             "state": {
                 "type": "object",
                 "description": "Whether the state disk takes writes; what was dropped meanwhile.",
@@ -303,6 +319,35 @@ def document() -> dict[str, Any]:
                 _OBJECT,
                 body="DownRequest",
                 body_required=False,
+            )
+        },
+        "/hosts": {
+            "get": _operation(
+                "A cluster's hosts: state (up, draining, silent, fenced), roles with their"
+                " load, tasks running, heartbeat age; null for one host.",
+                {"type": "object", "required": ["hosts"], "properties": {
+                    "hosts": {"type": ["array", "null"], "items": HOST}}},
+            )
+        },
+        "/hosts/{name}/drain": {
+            "post": _operation(
+                "Tell a cluster's host to drain: it claims no tasks, finishes its running"
+                " ones and stops its warm VMs; it stays drained across its restarts.",
+                _OBJECT,
+                body="EmptyRequest",
+                body_required=False,
+                params=[_path("name", name)],
+                errors=(404, 409, 507),
+            )
+        },
+        "/hosts/{name}/undrain": {
+            "post": _operation(
+                "Tell a drained host to claim tasks and keep warm VMs again.",
+                _OBJECT,
+                body="EmptyRequest",
+                body_required=False,
+                params=[_path("name", name)],
+                errors=(404, 409, 507),
             )
         },
         "/openapi.json": {"get": _operation("This document.", _OBJECT)},

@@ -258,10 +258,14 @@ class Overseer:
                 usage, what = c.HELP[topic]
                 return [f"{usage}: {what}"]
             case c.Invoke(role=role, name=name, model=model):
-                done = await sup.invoke(role, name, model)
-                return [f"{done['name']} is up: a {done['role']} agent on {done['vm']}"]
+                done = await sup.place_agent(role, name, model)
+                return [_invoked(done)]
             case c.Destroy(name=name):
-                await sup.destroy(name)
+                done = await sup.destroy_anywhere(name)
+                if "host" in done:
+                    return [
+                        f"{name} is gone from host {done['host']} (it stops within a heartbeat)"
+                    ]
                 return [f"{name} is gone"]
             case c.Stop(name=name):
                 await sup.cancel(name, "stopped by an operator on IRC")
@@ -306,6 +310,13 @@ class Overseer:
                 return [f"reloaded; changed: {changed}"]
             case c.UsageOf(name=name):
                 return self._usage(name)
+            case c.Fleet():
+                return sup.fleet_lines()
+            case c.Drain(host=host, draining=draining):
+                await sup.drain(host, draining)
+                if draining:
+                    return [f"host {host} drains: it says here when it starts and when it is done"]
+                return [f"host {host} is told to stop draining"]
         return ["I do not know that one; try !help"]
 
     def _usage(self, name: str | None) -> list[str]:
@@ -396,6 +407,20 @@ class Overseer:
                     f" ({d.get('spent')} of {d.get('limit')} tokens): its model calls are"
                     " refused and its tasks wait; raise it in swarm.yaml and !reload"
                 )
+            case "host_draining":
+                return (
+                    f"host {subject} drains: it claims no new tasks, finishes its"
+                    f" {d.get('tasks')} running and stops its {d.get('warm')} warm VMs"
+                )
+            case "host_drained":
+                return (
+                    f"host {subject} is drained: no tasks running, no warm VMs (!undrain {subject})"
+                )
+            case "host_undrained":
+                return f"host {subject} no longer drains: it claims tasks and keeps warm VMs again"
+            case "agent_up":
+                role, vm = d.get("role"), d.get("vm")
+                return f"{subject} is up on host {d.get('host')}: a {role} agent on {vm}"
             case "budget_resumed":
                 return f"budget {subject} is open again: its work resumes"
             case "account_exhausted":
@@ -435,11 +460,27 @@ def question_line(asked_by: str, d: Mapping[str, object], secrets: Iterable[str]
     return (
         f"task {task_id} ({d.get('role')}) on {asked_by} asks: {text} (!answer task-{task_id} TEXT)"
     )
+
+
 def _utc(at: object) -> str:
     """A unix time as an operator reads it on IRC: ``2026-12-01 03:04:05 UTC``."""
     if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
         return "a time not known"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def _invoked(done: dict[str, object]) -> str:
+    """The answer to ``!invoke``: up here, placed on another host, or an
+    existing agent left on the host with its workspace."""
+    name, role, host = done["name"], done["role"], done.get("host")
+    if "vm" in done:
+        on = f" on host {host}" if host is not None else ""
+        return f"{name} is up{on}: a {role} agent on {done['vm']}"
+    if done.get("existing"):
+        return f"{name} lives on host {host} with its workspace: it comes back there"
+    return (
+        f"{name} goes to host {host}, the least loaded of role {role}: it says here when it is up"
+    )
 
 
 def _mask(msg: Message) -> str:

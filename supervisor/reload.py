@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 from fireclaw.config import Config, ConfigError, diff_config, load_config
+from fireclaw.config.cluster import ClusterFlags
 from fireclaw.pool.group import RoleGroup
 from fireclaw.pool.runtime import Runtime
 from fireclaw.supervisor import sdnotify
@@ -32,6 +34,7 @@ class Reloads:
     groups: dict[str, RoleGroup]
     budgets: Budgets
     last_reload_error: str | None
+    cluster_flags: ClusterFlags | None
     _root: trio.Nursery | None
     _reload_wanted: trio.Event
     _reload_done: trio.Event
@@ -65,7 +68,9 @@ class Reloads:
         sdnotify.reloading()
         try:
             new = load_config(self.config.path)
-        except ConfigError as exc:
+            if self.cluster_flags is not None:  # up --cluster: the command line's
+                new = msgspec.structs.replace(new, cluster=self.cluster_flags.spec(new.cluster))
+        except (ConfigError, ValueError) as exc:  # ValueError: the flags on the file's section
             self.last_reload_error = str(exc)
             log.error("reload rejected: %s", exc)
             self.event("reload_rejected", "supervisor", error=str(exc))

@@ -53,6 +53,7 @@ Exceptions::
 
     StateError              any failure of the database, one line naming the file
      +-- StateUnwritable    the disk refused a write (full, read-only, failing)
+     +-- AgentExists        a named agent of that name exists (on some host)
      +-- TaskNotFound       no task with that id
      +-- TaskConflict       the task is not in a state that allows the move
           +-- TaskFenced    the task was claimed again since: the write is stale
@@ -79,7 +80,15 @@ from fireclaw.pool.store import (
 from fireclaw.supervisor.state_accounts import Accounts
 from fireclaw.supervisor.state_db import BUSY_TIMEOUT, WriteHealth
 from fireclaw.supervisor.state_ledger import EventRow, Ledger, UsageBy, UsageRow
-from fireclaw.supervisor.state_registry import AgentRecord, HostRow, Registry, ServiceRecord
+from fireclaw.supervisor.state_registry import (
+    AgentExists,
+    AgentRecord,
+    HostLoad,
+    HostRow,
+    Registry,
+    RoleLoad,
+    ServiceRecord,
+)
 from fireclaw.supervisor.state_schema import SCHEMA_VERSION
 from fireclaw.supervisor.state_tasks import TaskQueue
 
@@ -92,10 +101,13 @@ __all__ = [
     "BUSY_TIMEOUT",
     "SCHEMA_VERSION",
     "TASK_STATES",
+    "AgentExists",
     "AgentRecord",
     "CallRecord",
     "EventRow",
+    "HostLoad",
     "HostRow",
+    "RoleLoad",
     "ServiceRecord",
     "StateError",
     "StateUnwritable",

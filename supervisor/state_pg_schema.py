@@ -102,6 +102,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (role, name)
         )""",
     ),
+    # 4: operating a fleet: a host told to drain, and the load its heartbeat reports.
+    (
+        "ALTER TABLE hosts ADD COLUMN draining BOOLEAN NOT NULL DEFAULT false",
+        "ALTER TABLE hosts ADD COLUMN load TEXT NOT NULL DEFAULT '{}'",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,6 +1,12 @@
 """What runs, and what to bring back: the registry of VMs and managed services
 (best effort, for a later supervisor to adopt or reclaim them), named agents,
-runtime scale overrides, and the hosts (here the one host, heartbeating).
+runtime scale overrides, and the hosts (here the one host, heartbeating, with
+its load and whether it is draining).
+
+Exceptions (besides those of ``pool/store.py``)::
+
+    StateError
+     +-- AgentExists        a named agent of that name exists (on some host)
 """
 
 from __future__ import annotations
@@ -8,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import msgspec
-from fireclaw.pool.store import VmRecord
+from fireclaw.pool.store import StateError, VmRecord
 from fireclaw.supervisor.state_db import Database
 
 
@@ -19,6 +25,52 @@ class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     role: str
     model: str | None = None
     persona: str | None = None
+    #: The host it lives on, with its workspace, as another host's name; None: this one.
+    host: str | None = None
+
+
+class AgentExists(StateError):
+    """A named agent of that name is already stored: names are unique in the
+    swarm (across every host of a cluster). ``host`` is where it lives (None:
+    this one)."""
+
+    def __init__(self, name: str, host: str | None) -> None:
+        where = f" on host {host}" if host is not None else ""
+        super().__init__(f"an agent named {name!r} already exists{where}")
+        self.name = name
+        self.host = host
+
+
+class RoleLoad(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One role on one host: VMs at work (tasks and named agents) and the idle
+    VMs its pool keeps."""
+
+    active: int = 0
+    target: int = 0
+
+
+class HostLoad(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a host runs, as its heartbeat reports it: each of its roles, and
+    how many tasks it is running."""
+
+    roles: dict[str, RoleLoad] = {}
+    tasks: int = 0
+
+
+_encode_load = msgspec.json.Encoder().encode
+_decode_load = msgspec.json.Decoder(HostLoad).decode
+
+
+def encode_load(load: HostLoad) -> str:
+    return _encode_load(load).decode()
+
+
+def decode_load(text: str) -> HostLoad:
+    """A stored load; an unreadable one (an older or newer host wrote it) is none."""
+    try:
+        return _decode_load(text)
+    except msgspec.DecodeError:
+        return HostLoad()
 
 
 class ServiceRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -50,6 +102,9 @@ class HostRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     started_at: float
     heartbeat_at: float
     age: float
+    #: Told to drain (``drain HOST``): it claims nothing and keeps no warm VMs.
+    draining: bool = False
+    load: HostLoad = HostLoad()
 
 
 _VM_FIELDS: Final = VmRecord.__struct_fields__
@@ -143,6 +198,17 @@ class Registry(Database):
                 (rec.name, rec.role, rec.model, rec.persona, self._clock()),
             )
 
+    def add_agent(self, rec: AgentRecord) -> None:
+        """Remember a new named agent; ``AgentExists`` if the name is taken."""
+        with self._errors():
+            cur = self._conn.execute(
+                "INSERT INTO agents (name, role, model, persona, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (rec.name, rec.role, rec.model, rec.persona, self._clock()),
+            )
+        if cur.rowcount == 0:
+            raise AgentExists(rec.name, None)
+
     def drop_agent(self, name: str) -> None:
         with self._errors():
             self._conn.execute("DELETE FROM agents WHERE name = ?", (name,))
@@ -157,15 +223,27 @@ class Registry(Database):
 
     # --- hosts ---------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """This host is alive now (its row is made at the first heartbeat)."""
+    def heartbeat(self, load: HostLoad | None = None) -> bool:
+        """This host is alive now, running ``load`` (its row is made at the
+        first heartbeat); whether it is told to drain."""
         now = self._clock()
         with self._errors(write=True):
-            self._conn.execute(
-                "INSERT INTO hosts (name, started_at, heartbeat_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (self.host, now, now),
+            (draining,) = self._conn.execute(
+                "INSERT INTO hosts (name, started_at, heartbeat_at, load) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,"
+                " load = excluded.load RETURNING draining",
+                (self.host, now, now, encode_load(load or HostLoad())),
+            ).fetchone()
+        return bool(draining)
+
+    def set_draining(self, name: str, draining: bool) -> bool:
+        """Tell the host ``name`` to drain (or to stop draining); False if no
+        such host ever heartbeat. The host reads it at its next heartbeat."""
+        with self._errors(write=True):
+            cur = self._conn.execute(
+                "UPDATE hosts SET draining = ? WHERE name = ?", (int(draining), name)
             )
+        return cur.rowcount > 0
 
     def lead_fleet(self) -> bool:
         """Whether this host's overseer leads the fleet. One host leads itself."""
@@ -176,6 +254,16 @@ class Registry(Database):
         now = self._clock()
         with self._errors():
             rows = self._conn.execute(
-                "SELECT name, started_at, heartbeat_at FROM hosts ORDER BY name"
+                "SELECT name, started_at, heartbeat_at, draining, load FROM hosts ORDER BY name"
             ).fetchall()
-        return [HostRow(name=n, started_at=s, heartbeat_at=h, age=now - h) for n, s, h in rows]
+        return [
+            HostRow(
+                name=n,
+                started_at=s,
+                heartbeat_at=h,
+                age=now - h,
+                draining=bool(d),
+                load=decode_load(ld),
+            )
+            for n, s, h, d, ld in rows
+        ]

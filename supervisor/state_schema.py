@@ -181,6 +181,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (role, name)
         )""",
     ),
+    # 10: operating a fleet: a host told to drain, and the load its heartbeat reports.
+    (
+        "ALTER TABLE hosts ADD COLUMN draining INTEGER NOT NULL DEFAULT 0"
+        " CHECK (draining IN (0, 1))",
+        "ALTER TABLE hosts ADD COLUMN load TEXT NOT NULL DEFAULT '{}'",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Final
 
+import msgspec
 import trio
 from fireclaw.config import EX_CONFIG, Config, ConfigError, load_config
+from fireclaw.config.cluster import ClusterFlags
 from fireclaw.pool.drivers import BackendUnavailable
 from fireclaw.supervisor import ballast
 from fireclaw.supervisor.daemon import API_NAME, DB_NAME, LOCK_NAME, Supervisor
@@ -30,20 +32,31 @@ log = logging.getLogger("fireclaw.supervisor")
 HANDOVER_MARGIN: Final = 30.0
 
 
-def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -> int:
+def run_up(
+    config_path: str,
+    state_dir: str | None,
+    *,
+    handover: bool = False,
+    cluster: ClusterFlags | None = None,
+) -> int:
     """``fireclaw-swarm up``: run the supervisor in the foreground until stopped.
 
     With ``handover``, a supervisor already running on the state dir is asked to
     exit and leave its VMs running (``down --leave-vms``); this one waits for its
-    lock, then starts and adopts them: an upgrade without stopping the fleet."""
+    lock, then starts and adopts them: an upgrade without stopping the fleet.
+    With ``cluster`` (``--cluster DSN --host NAME``), it runs as a host of a
+    fleet, as the config's ``cluster:`` section would say."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        config = load_config(config_path)
+        config = with_cluster_flags(load_config(config_path), cluster)
     except ConfigError as exc:
+        print(f"fireclaw-swarm: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as exc:  # the command line's cluster flags
         print(f"fireclaw-swarm: {exc}", file=sys.stderr)
         return EX_CONFIG
     sdir = Path(state_dir).resolve() if state_dir else config.state_dir
@@ -71,7 +84,7 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
             print(f"fireclaw-swarm: {exc}", file=sys.stderr)
             return 1
         try:
-            supervisor = Supervisor(config, sdir, store)
+            supervisor = Supervisor(config, sdir, store, cluster_flags=cluster)
         except BackendUnavailable as exc:
             print(f"fireclaw-swarm: {config.path.name}: backend: {exc}", file=sys.stderr)
             return EX_CONFIG
@@ -85,6 +98,14 @@ def run_up(config_path: str, state_dir: str | None, *, handover: bool = False) -
     finally:
         lock.release()
     return 0
+
+
+def with_cluster_flags(config: Config, flags: ClusterFlags | None) -> Config:
+    """``config`` with the command line's cluster flags in its ``cluster:``
+    section. Raises ValueError (one line naming the flag)."""
+    if flags is None:
+        return config
+    return msgspec.structs.replace(config, cluster=flags.spec(config.cluster))
 
 
 def _open_store(state_dir: Path, config: Config) -> Store:

@@ -11,7 +11,7 @@ import functools
 from typing import Any, Final
 
 from fireclaw.supervisor.metrics import POOL_STATES
-from fireclaw.supervisor.openapi import EVENT, TASK, _errors, _operation, _path, _query
+from fireclaw.supervisor.openapi import EVENT, HOST, TASK, _errors, _operation, _path, _query
 from fireclaw.supervisor.usage_series import MAX_BUCKETS
 
 __all__ = ["document"]
@@ -108,6 +108,15 @@ def document() -> dict[str, Any]:
             agent,
             params=[_path("name", name)],
             errors=(404,),
+        ),
+        "/v1/hosts": get(
+            "A cluster's hosts: state (up, draining, silent, fenced), roles with their load,"
+            " tasks running, heartbeat age; null for one host.",
+            {
+                "type": "object",
+                "required": ["hosts"],
+                "properties": {"hosts": {"type": ["array", "null"], "items": HOST}},
+            },
         ),
         "/v1/tasks": get(
             "The most recent tasks.",

@@ -12,7 +12,7 @@ Routes::
     GET  /                                    the dashboard (static/index.html)
     GET  /static/<file>                       its script and stylesheets
     GET  /metrics                             Prometheus text format (supervisor/metrics.py)
-    GET  /v1/health | roles | agents | agents/{name} | tasks | events
+    GET  /v1/health | roles | agents | agents/{name} | tasks | events | hosts
     GET  /v1/stream                           server-sent events: a fresh view on each change
     GET  /v1/usage                            tokens per role over time (supervisor/usage_series.py)
     GET  /v1/chat                             what #agents said lately (supervisor/chatlog.py)
@@ -300,6 +300,10 @@ class _Web:
                 return JSONResponse(a)
         return error(404, f"no VM or agent named {name[:64]!r}")
 
+    async def hosts(self, request: Request) -> Response:
+        only(request)
+        return JSONResponse({"hosts": self.fleet.hosts_status()})
+
     async def tasks(self, request: Request) -> Response:
         only(request, "state")
         state = request.query_params.get("state") or None
@@ -426,6 +430,7 @@ def build_app(
         Route("/v1/agents", a(web.invoke), methods=["POST"]),
         Route("/v1/agents/{name}", a(web.agent), methods=["GET"]),
         Route("/v1/agents/{name}", a(web.destroy), methods=["DELETE"]),
+        Route("/v1/hosts", a(web.hosts), methods=["GET"]),
         Route("/v1/tasks", a(web.tasks), methods=["GET"]),
         Route("/v1/events", a(web.events), methods=["GET"]),
         Route("/v1/stream", a(web.stream), methods=["GET"]),

@@ -60,7 +60,7 @@ def test_status_reads_as_a_table_of_roles_and_vms(make_swarm) -> None:  # type: 
     text = ok(swarm, "status")
     assert text.splitlines()[0] == (
         f"fireclaw-swarm: pid {swarm.proc.pid}; backend process (configured); "
-        "tasks claimed 0, done 0, failed 0, queued 0"
+        "tasks claimed 0, done 0, failed 0, queued 0, waiting_for_input 0"
     )
     assert table(text, ["ROLE", "IDLE", "ACTIVE", "FAILED", "DEGRADED"]) == [
         {"ROLE": "worker", "IDLE": "2", "ACTIVE": "0", "FAILED": "0", "DEGRADED": "no"},

@@ -82,6 +82,9 @@ def test_every_command_has_help() -> None:
         "reset",
         "reload",
         "usage",
+        "fleet",
+        "drain",
+        "undrain",
         "help",
     }
 
