@@ -242,3 +242,87 @@ def test_a_person_sees_the_whole_fleet_and_500_tasks_run_once_each(fleet: Fleet)
     )
     assert done == {i: 1 for i in ids}
     assert fleet.ran() == {f"task {i}": 1 for i in range(TASKS)}
+
+
+#: Tasks held running at once: every host's every slot (max_active 4), so that
+#: the lost host surely holds some.
+HELD = 4 * len(HOSTS)
+
+
+def hold_tasks(fleet: Fleet) -> dict[int, str]:
+    """``HELD`` tasks that wait for the gate, queued through each host in turn and
+    all claimed: task id to the host running it."""
+    names = list(fleet.hosts)
+    ids = [
+        fleet.hosts[names[i % len(names)]].api.post(
+            "/tasks", {"role": "worker", "prompt": f"hold {i}"}
+        )["id"]
+        for i in range(HELD)
+    ]
+    fleet.hosts["alpha"].wait_for(
+        f"{HELD} tasks running", lambda s: s["tasks"]["claimed"] == HELD, WAIT
+    )
+    held = dict(fleet.sql("SELECT id, host FROM tasks WHERE state = 'claimed'"))
+    assert sorted(held) == ids
+    return held
+
+
+def leader(fleet: Fleet) -> str:
+    """The host whose overseer leads the fleet now (its last ``fleet_lead`` event)."""
+    rows = fleet.sql(
+        "SELECT host, kind FROM events WHERE kind IN ('fleet_lead', 'fleet_lead_lost')"
+        " ORDER BY id DESC LIMIT 1"
+    )
+    assert rows and rows[0][1] == "fleet_lead", rows
+    return str(rows[0][0])
+
+
+def done_once(fleet: Fleet, ids: list[int]) -> collections.Counter[int]:
+    """task_done events by task, among ``ids``."""
+    return collections.Counter(
+        task
+        for (d,) in fleet.sql("SELECT detail FROM events WHERE kind = 'task_done'")
+        if (task := json.loads(d)["task_id"]) in ids
+    )
+
+
+def test_a_host_killed_mid_task_has_its_tasks_done_elsewhere_and_finishes_none_twice(
+    fleet: Fleet,
+) -> None:
+    held = hold_tasks(fleet)
+    lost = leader(fleet)
+    lost_tasks = sorted(i for i, h in held.items() if h == lost)
+    assert len(lost_tasks) == 4, held
+    bob_host = next(h for h in HOSTS if h != lost)
+    bob = fleet.person(bob_host, "bob", "#control")
+
+    other = fleet.hosts[bob_host]
+    fleet.hosts[lost].kill9()
+    killed = time.monotonic()
+    # Past silent_after another host requeues the lost host's tasks (every slot
+    # left is busy: they wait in the queue).
+    other.wait_for(
+        f"{lost}'s tasks requeued", lambda s: s["tasks"]["queued"] == len(lost_tasks), REQUEUE_WAIT
+    )
+    took = bob.expect(
+        "another overseer taking the lead",
+        lambda e: e.type == "pubmsg" and "leads the fleet now" in e.arguments[0],
+        LEAD_WAIT,
+    )
+    assert took.source.nick != f"overseer-{lost}"
+    fleet.gate.touch()
+    other.wait_for("every held task done", lambda s: s["tasks"]["done"] == HELD, WAIT)
+    rows = fleet.sql("SELECT id, state, host, epoch FROM tasks ORDER BY id")
+    print(f"\nkill -9 of {lost} to its {len(lost_tasks)} tasks done elsewhere: {time.monotonic() - killed:.1f} s")
+    for task_id, state, host, epoch in rows:
+        if task_id in lost_tasks:
+            assert host != lost and epoch == 2, rows
+        else:
+            assert (host, epoch) == (held[task_id], 1), rows
+
+    # Back on the same state dir: it reclaims what it left, and finishes nothing again.
+    fleet.hosts[lost].start()
+    fleet.hosts[lost].wait_for("its pool refilled", lambda s: s["roles"]["worker"]["idle"] == 2)
+    assert fleet.sql("SELECT id, state, host, epoch FROM tasks ORDER BY id") == rows
+    assert done_once(fleet, list(held)) == {i: 1 for i in held}
+    assert fleet.ran() == {f"hold {i}": 1 for i in range(HELD)}
