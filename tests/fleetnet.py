@@ -14,7 +14,7 @@ A program joins a member's namespace with ``nsenter --net`` (``command``):
 only its network changes, so it sees the machine's files, ``/run/netns`` and
 cgroups as any other would. The test process itself stays where it is: what
 it says to a member goes over unix sockets, or through sockets made in a
-thread that joined that member's namespace (``in_netns``, ``PersonIn``).
+thread that joined that member's namespace (``PersonIn``, ``served_in``).
 
 ``close`` removes every namespace made here, killing what still runs in one
 first, and returns what it found running or left, so that a test can insist
@@ -27,20 +27,21 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import queue
 import re
 import secrets
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
+import trio
 from fireclaw.supervisor.doctor import subnet_overlaps
 from ircperson import Person
-
-T = TypeVar("T")
+from scripted_model import ScriptedModel
 
 NETNS_DIR: Final = Path("/run/netns")
 #: Namespaces made here are named ``fleet<pid>-<member>``: the pid tells whose they
@@ -48,6 +49,8 @@ NETNS_DIR: Final = Path("/run/netns")
 _NAME_RE: Final = re.compile(r"^fleet(\d+)-")
 _BRIDGE: Final = "br0"
 _IP_TIMEOUT: Final = 30.0
+#: A model server's start and stop, on a loaded machine.
+_SERVE_TIMEOUT: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ def pick_subnet() -> ipaddress.IPv4Network:
     test the swarm's network makes at start), so that a member's address is
     never mistaken for one of the machine's."""
     while True:
-        subnet = ipaddress.IPv4Network(f"10.{200 + secrets.randbelow(40)}.{secrets.randbelow(256)}.0/24")
+        subnet = ipaddress.IPv4Network(
+            f"10.{200 + secrets.randbelow(40)}.{secrets.randbelow(256)}.0/24"
+        )
         if not subnet_overlaps(subnet):
             return subnet
 
@@ -150,20 +155,12 @@ class FleetNet:
                     os.kill(pid, signal.SIGKILL)
         for netns in reversed(self._made):
             with contextlib.suppress(RuntimeError):
-                _delete(netns)
+                ip("netns", "del", netns)
         left = [n for n in self._made if (NETNS_DIR / n).exists()]
         return {
             "processes": [f"{netns}: {pid}" for netns, pids in running.items() for pid in pids],
             "netns": left,
         }
-
-
-def _delete(netns: str) -> None:
-    """Remove ``netns`` once nothing runs in it (a killed process takes a moment to go)."""
-    for pid in netns_pids(netns):
-        with contextlib.suppress(ChildProcessError, ProcessLookupError, OSError):
-            os.waitpid(pid, 0)  # ours: reap it; another's: it is gone when waitpid fails
-    ip("netns", "del", netns)
 
 
 def _remove_left_behind() -> None:
@@ -180,19 +177,6 @@ def _remove_left_behind() -> None:
                 ip("netns", "del", path.name)
 
 
-def in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """``fn()`` run in a fresh thread that joined ``netns`` and ends afterwards: a
-    socket made there stays in ``netns`` wherever it is used later."""
-    from fireclaw.pool.netns import in_fresh_thread
-    from pyroute2.netns import setns
-
-    def joined() -> T:
-        setns(netns, flags=0)
-        return fn()
-
-    return in_fresh_thread(joined)
-
-
 class PersonIn(Person):
     """Someone on IRC (``ircperson.Person``) whose connection is made in namespace
     ``netns``: their thread joins it before connecting, and is theirs alone."""
@@ -207,3 +191,31 @@ class PersonIn(Person):
         assert threading.current_thread() is self._thread
         setns(self._netns, flags=0)
         super()._loop()
+
+
+@contextlib.contextmanager
+def served_in(netns: str, model: ScriptedModel) -> Iterator[str]:
+    """``model`` served on the loopback of namespace ``netns`` (a host's own model
+    server), from a trio run in a thread of its own that joined ``netns``; its
+    base URL, as that host reaches it."""
+    from pyroute2.netns import setns
+
+    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(model.serve)
+            ready.put((url, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    def run() -> None:
+        setns(netns, flags=0)  # this thread only, for its whole life
+        trio.run(main)
+
+    thread = threading.Thread(target=run, name=f"model-{netns}", daemon=True)
+    thread.start()
+    url, token, scope = ready.get(timeout=_SERVE_TIMEOUT)
+    try:
+        yield url
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(_SERVE_TIMEOUT)

@@ -6,10 +6,11 @@ runs them as itself) in a temporary folder that user owns. The server
 listens on a unix socket in that folder only (no TCP) unless the test asks for
 TCP on one address (``start_cluster(listen=..., netns=...)``: inside a network
 namespace the test made, for clients of one network), and asks for a password
-(scram-sha-256), so the store's ``password_file`` is exercised for real. ``pg_dsn`` gives each test a fresh database and drops it
-afterwards. The server is stopped, and its folder removed, on every exit path
-of the session; ``start_cluster``/``PgCluster.stop`` are there for a test that
-checks exactly that. Should the test process itself be killed (``kill -9``),
+(scram-sha-256), so the store's ``password_file`` is exercised for real.
+``pg_dsn`` gives each test a fresh database and drops it afterwards. The
+server is stopped, and its folder removed, on every exit path of the session;
+``start_cluster``/``PgCluster.stop`` are there for a test that checks exactly
+that. Should the test process itself be killed (``kill -9``),
 the server gets SIGKILL from the kernel (its parent-death signal) and the
 next session removes the folder it left.
 
