@@ -101,14 +101,18 @@ class FleetNet:
         self.members: dict[str, Member] = {}
         self._made: list[str] = []
         self._addresses = self.subnet.hosts()
-        next(self._addresses)  # the first is left to the bridge, unused
-        self._make_netns(self.bridge_ns)
-        ip("-n", self.bridge_ns, "link", "add", _BRIDGE, "type", "bridge")
-        ip("-n", self.bridge_ns, "link", "set", _BRIDGE, "up")
+        next(self._addresses)  # .1 stays free, as a gateway's would be (the bridge has none)
+        try:
+            self._make_netns(self.bridge_ns)
+            ip("-n", self.bridge_ns, "link", "add", _BRIDGE, "type", "bridge")
+            ip("-n", self.bridge_ns, "link", "set", _BRIDGE, "up")
+        except BaseException:
+            self.close()
+            raise
 
     def _make_netns(self, netns: str) -> None:
+        self._made.append(netns)  # before: close() removes what a failed add left
         ip("netns", "add", netns)
-        self._made.append(netns)
         ip("-n", netns, "link", "set", "lo", "up")
 
     def add(self, name: str) -> Member:
@@ -141,7 +145,7 @@ class FleetNet:
 
     def running(self) -> dict[str, list[int]]:
         """What runs in each namespace made here, by namespace; empty ones left out."""
-        found = {netns: netns_pids(netns) for netns in self._made}
+        found = {n: netns_pids(n) for n in self._made if (NETNS_DIR / n).exists()}
         return {netns: pids for netns, pids in found.items() if pids}
 
     def close(self) -> dict[str, list[str]]:
@@ -154,8 +158,9 @@ class FleetNet:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for netns in reversed(self._made):
-            with contextlib.suppress(RuntimeError):
-                ip("netns", "del", netns)
+            if (NETNS_DIR / netns).exists():
+                with contextlib.suppress(RuntimeError):  # reported below as left
+                    ip("netns", "del", netns)
         left = [n for n in self._made if (NETNS_DIR / n).exists()]
         return {
             "processes": [f"{netns}: {pid}" for netns, pids in running.items() for pid in pids],
