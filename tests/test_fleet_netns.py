@@ -45,6 +45,7 @@ from fireclaw.supervisor.cluster import HEARTBEAT, LEAD_RETRY
 from fireclaw.supervisor.ircd import CONNECT_RETRY
 from fireclaw.supervisor.ircd import START_TIMEOUT as IRCD_START
 from fireclaw.supervisor.ircd_conf import PING_TIMEOUT, PONG_TIMEOUT
+from fireclaw.supervisor.state_pg_db import HOLDER_SILENCE
 from fleetnet import FleetNet, PersonIn, served_in
 from ircperson import Event, Person
 from pg import PgCluster, start_cluster
@@ -73,8 +74,9 @@ LINK_WAIT = 3 * (IRCD_START + CONNECT_RETRY)
 #: round of a surviving host, a VM to run each task in; with room for load.
 REQUEUE_WAIT = SILENT_AFTER + 2 * HEARTBEAT + WAIT
 #: The lead moves once the database server has dropped the leader's connection
-#: (its keepalives: under 10 s of silence) and another host's next try.
-LEAD_WAIT = SILENT_AFTER + 3 * LEAD_RETRY + LINK_WAIT
+#: (HOLDER_SILENCE, and a keepalive probe) and at another host's next try; its
+#: words reach the watcher on that host's server. Tripled, for a loaded machine.
+LEAD_WAIT = 3 * (HOLDER_SILENCE + 1 + LEAD_RETRY) + LINK_WAIT
 #: A server cut off is known gone once silent for PingTimeout + PongTimeout.
 SPLIT_WAIT = 2 * (PING_TIMEOUT + PONG_TIMEOUT)
 #: 500 tasks, each in a VM of its own, on two busy cores.
