@@ -23,11 +23,20 @@ others try every ``LEAD_RETRY`` seconds. Each host's overseer sits in the
 linked control channel, but only the leader's obeys what is said there, so a
 command given once is carried out once. A host that dies, or loses the
 database, loses the connection and with it the lock.
+
+A leader cut off the network cannot be told it lost the lock: the database
+frees it once that connection has been silent long enough (the server's
+keepalives on it, ``state_pg_db.HOLDER_SILENCE``), and another host takes it
+at its next try. So a lead is a lease (``LEAD_LEASE``): good from the start of
+the look that found the lock held, for less time than the server waits, and
+the overseer stops obeying when it runs out, whether or not its next look
+has answered. The old leader has stopped before a new one can start.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -48,6 +57,11 @@ HEARTBEAT: Final = 5.0
 #: Seconds between tries of the lead lock by the hosts not leading (and checks
 #: by the leader that it still holds it).
 LEAD_RETRY: Final = 3.0
+#: Seconds a look that found the lock held lets the overseer lead, from the start
+#: of that look: a retry period and a look that takes as long again. Shorter
+#: than the silence after which the database frees the lock of a host cut off
+#: (``state_pg_db.HOLDER_SILENCE``), so that two overseers never lead at once.
+LEAD_LEASE: Final = 2 * LEAD_RETRY
 
 
 class SelfFence:
@@ -74,18 +88,38 @@ class SelfFence:
 
 class Leadership:
     """Whether this host's overseer leads the fleet, from each look at the lead
-    lock. Sans-I/O: the caller says whether the lock is held now; the answer is
-    the change to act on, if any. Nobody leads until the lock is first held."""
+    lock and the lease each look that found it held gives (``LEAD_LEASE``).
+    Sans-I/O: the caller says what a look found and when it started, and asks
+    when the lease runs out; each answer is the change to act on, if any.
+    Nobody leads until the lock is first held."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease: float = LEAD_LEASE) -> None:
+        self.lease = lease
         self.leading = False
+        #: When the lead lapses unless a look renews it.
+        self.until = -math.inf
 
-    def held(self, held: bool) -> Literal["took", "lost"] | None:
-        """The lock is (or is not) held now: "took" the lead, "lost" it, or None."""
-        if held == self.leading:
+    def held(self, held: bool, asked: float, now: float) -> Literal["took", "lost"] | None:
+        """A look started at ``asked`` and answered at ``now`` found the lock held
+        (or not): "took" the lead, "lost" it, or None. An answer that comes after
+        the lease it would give has run out gives none."""
+        if held and now < asked + self.lease:
+            self.until = asked + self.lease
+            return self._be(True)
+        return self._be(False)
+
+    def expire(self, now: float) -> Literal["lost"] | None:
+        """The lead "lost" when the lease ran out by ``now`` with no look renewing it."""
+        if self.leading and now >= self.until:
+            self._be(False)
+            return "lost"
+        return None
+
+    def _be(self, leading: bool) -> Literal["took", "lost"] | None:
+        if leading == self.leading:
             return None
-        self.leading = held
-        return "took" if held else "lost"
+        self.leading = leading
+        return "took" if leading else "lost"
 
 
 class ClusterSide:
@@ -157,19 +191,32 @@ class ClusterSide:
 
     async def _lead_overseers(self, overseer: Overseer) -> None:
         """Try for the fleet's lead every ``LEAD_RETRY`` seconds, and let this
-        host's overseer obey commands only while it holds it. Runs for the
-        supervisor's life in cluster mode with IRC."""
+        host's overseer obey commands only while it holds it, and its lease
+        lasts. Runs for the supervisor's life in cluster mode with IRC."""
         lead = Leadership()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_lapsed_leads, lead, overseer)
+            while True:
+                asked = trio.current_time()
+                held = await trio.to_thread.run_sync(self.store.lead_fleet)
+                await self._lead_changed(lead.held(held, asked, trio.current_time()), overseer)
+                await trio.sleep(LEAD_RETRY)
+
+    async def _end_lapsed_leads(self, lead: Leadership, overseer: Overseer) -> None:
+        """Stop the overseer obeying when its lease runs out: a look at the lock
+        that hangs (a host cut off the network) must not extend the lead."""
         while True:
-            held = await trio.to_thread.run_sync(self.store.lead_fleet)
-            match lead.held(held):
-                case "took":
-                    self.event("fleet_lead", overseer.nick)
-                    await overseer.take_lead()
-                case "lost":
-                    self.event("fleet_lead_lost", overseer.nick)
-                    await overseer.lose_lead()
-            await trio.sleep(LEAD_RETRY)
+            await trio.sleep_until(lead.until if lead.leading else trio.current_time() + lead.lease)
+            await self._lead_changed(lead.expire(trio.current_time()), overseer)
+
+    async def _lead_changed(self, change: str | None, overseer: Overseer) -> None:
+        match change:
+            case "took":
+                self.event("fleet_lead", overseer.nick)
+                await overseer.take_lead()
+            case "lost":
+                self.event("fleet_lead_lost", overseer.nick)
+                await overseer.lose_lead()
 
     def _fence_self(self, why: StateError, out_for: float) -> None:
         """Out of the database nearly long enough for other hosts to take this

@@ -63,15 +63,20 @@ _TCP_OPTIONS: Final[dict[str, Any]] = {
     "application_name": "fireclaw-swarm",
 }
 
-#: The server's side of a lock-holding connection (``hold_lock``): a holder cut
-#: off the network must lose its lock in seconds, not after the kernel's two
-#: hours of silence, so the server probes it as this side probes the server.
-#: Over a Unix socket these change nothing.
+#: Seconds of silence from a lock-holding connection (``hold_lock``) after which
+#: the server drops it and frees its lock: a holder cut off the network must
+#: lose its lock in seconds, not after the kernel's two hours, so the server
+#: probes it (keepalives) and gives up on what it sent unanswered as long. Not
+#: sooner: the holder leads for a lease shorter than this (``cluster.LEAD_LEASE``),
+#: and stops before another host can take the lock.
+HOLDER_SILENCE: Final = 10
+#: The server's side of a lock-holding connection; over a Unix socket these
+#: change nothing.
 _HOLDER_SETTINGS: Final = (
-    "SET tcp_keepalives_idle = 5",
+    f"SET tcp_keepalives_idle = {HOLDER_SILENCE}",
     "SET tcp_keepalives_interval = 1",
     "SET tcp_keepalives_count = 3",
-    f"SET tcp_user_timeout = {CONNECT_TIMEOUT * 1000}",
+    f"SET tcp_user_timeout = {HOLDER_SILENCE * 1000}",
 )
 
 # SQLSTATE classes that mean the server, not the statement, refuses writes now.

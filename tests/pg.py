@@ -3,12 +3,14 @@
 ``pg_cluster`` (one per test session) runs ``initdb`` and ``postgres`` as the
 unprivileged user ``nobody`` (both refuse root; a test run that is not root
 runs them as itself) in a temporary folder that user owns. The server
-listens on a unix socket in that folder only (no TCP), and asks for a
-password (scram-sha-256), so the store's ``password_file`` is exercised for
-real. ``pg_dsn`` gives each test a fresh database and drops it
-afterwards. The server is stopped, and its folder removed, on every exit path
-of the session; ``start_cluster``/``PgCluster.stop`` are there for a test that
-checks exactly that. Should the test process itself be killed (``kill -9``),
+listens on a unix socket in that folder only (no TCP) unless the test asks for
+TCP on one address (``start_cluster(listen=..., netns=...)``: inside a network
+namespace the test made, for clients of one network), and asks for a password
+(scram-sha-256), so the store's ``password_file`` is exercised for real.
+``pg_dsn`` gives each test a fresh database and drops it afterwards. The
+server is stopped, and its folder removed, on every exit path of the session;
+``start_cluster``/``PgCluster.stop`` are there for a test that checks exactly
+that. Should the test process itself be killed (``kill -9``),
 the server gets SIGKILL from the kernel (its parent-death signal) and the
 next session removes the folder it left.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
+import ipaddress
 import itertools
 import os
 import pathlib
@@ -32,7 +35,8 @@ import subprocess
 import tempfile
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Final
 
 import psycopg
@@ -40,12 +44,15 @@ import pytest
 
 #: The superuser initdb makes, and the one the stores connect as.
 USER: Final = "fireclaw"
+#: The server's TCP port when it listens on an address (``start_cluster(listen=)``).
+PORT: Final = 5432
 #: Deadlines with room for a loaded machine (the server starts in ~1.5 s when idle).
 START_TIMEOUT: Final = 120.0
 STOP_TIMEOUT: Final = 60.0
 _READY: Final = "database system is ready to accept connections"
 _PREFIX: Final = "fireclaw-pg-"
 _PR_SET_PDEATHSIG: Final = 1
+_CLONE_NEWNET: Final = 0x40000000
 
 
 def server_bin() -> pathlib.Path | None:
@@ -67,8 +74,11 @@ class PgCluster:
         proc: subprocess.Popen[bytes],
         reader: threading.Thread,
         password_file: pathlib.Path,
+        listen: str | None = None,
     ) -> None:
         self.root = root
+        #: The address it takes TCP connections on, if any.
+        self.listen = listen
         self.socket_dir = socket_dir
         self.proc = proc
         self._reader = reader
@@ -81,6 +91,12 @@ class PgCluster:
         """The connection string for ``dbname``, without its password."""
         host = urllib.parse.quote(str(self.socket_dir), safe="")
         return f"postgresql://{USER}@/{dbname}?host={host}"
+
+    def tcp_dsn(self, dbname: str) -> str:
+        """The connection string for ``dbname`` over TCP (see ``listen``), without
+        its password."""
+        assert self.listen is not None, "this server listens on its unix socket only"
+        return f"postgresql://{USER}@{self.listen}:{PORT}/{dbname}"
 
     def connect(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
         """An autocommit connection as the superuser."""
@@ -113,9 +129,15 @@ class PgCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(
+    *, listen: ipaddress.IPv4Interface | None = None, netns: str | None = None
+) -> PgCluster:
     """Make and start a server in a new temporary folder (see the module docstring).
-    Skips the test where no PostgreSQL server is installed."""
+    Skips the test where no PostgreSQL server is installed.
+
+    With ``listen`` it also takes TCP connections on that address (port ``PORT``)
+    from the addresses of its network, password required; ``netns`` names the
+    network namespace (under ``/run/netns``) it runs in, where that address is."""
     bindir = server_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server installed (Debian package postgresql)")
@@ -163,12 +185,17 @@ def start_cluster() -> PgCluster:
         if made.returncode != 0:
             raise RuntimeError(f"initdb failed: {made.stderr.decode(errors='replace')[-2000:]}")
         pwfile.unlink()
+        if listen is not None:
+            with open(own / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all {USER} {listen.network} scram-sha-256\n")
+        enter = partial(_enter, netns)
         proc = subprocess.Popen(
             [
                 str(bindir / "postgres"),
                 "-D", str(own / "data"),
                 "-k", str(own / "socket"),
-                "-c", "listen_addresses=",
+                "-c", f"listen_addresses={listen.ip if listen is not None else ''}",
+                "-c", f"port={PORT}",
                 "-c", "fsync=off",
                 "-c", "logging_collector=off",
             ],  # fmt: skip
@@ -178,7 +205,7 @@ def start_cluster() -> PgCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_as_nobody_dying_with_us if root_user else _dying_with_us,
+            preexec_fn=lambda: enter(_as_nobody_dying_with_us if root_user else _dying_with_us),
         )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -200,12 +227,25 @@ def start_cluster() -> PgCluster:
 
     reader = threading.Thread(target=read_log, name="postgres-log", daemon=True)
     reader.start()
-    cluster = PgCluster(root, own / "socket", proc, reader, password_file)
+    address = str(listen.ip) if listen is not None else None
+    cluster = PgCluster(root, own / "socket", proc, reader, password_file, address)
     if not ready.wait(timeout=START_TIMEOUT) or proc.poll() is not None:
         log = log_path.read_text(errors="replace")[-2000:]
         cluster.stop()
         raise RuntimeError(f"postgres did not start within {START_TIMEOUT} s:\n{log}")
     return cluster
+
+
+def _enter(netns: str | None, then: Callable[[], None]) -> None:
+    """In the child before exec: join ``netns`` (while still root), then ``then``."""
+    if netns is not None:
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {netns}")
+        finally:
+            os.close(fd)
+    then()
 
 
 def _as_nobody_dying_with_us() -> None:
