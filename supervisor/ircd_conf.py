@@ -23,8 +23,12 @@ INCLUDE_DIR: Final = "conf.d"
 #: that ngircd refuses extra clients itself instead of failing accept().
 MAX_CONNECTIONS: Final = 4096
 MAX_JOINS: Final = 100
-PING_TIMEOUT: Final = 120
-PONG_TIMEOUT: Final = 30
+#: A connection silent this long is PINGed, and dropped without a PONG within
+#: PONG_TIMEOUT. For a linked server this is how a cut-off host is noticed (and
+#: the split announced), so it is kept well below ngircd's 120 s; every client
+#: here (agents, the overseer) answers a PING at once.
+PING_TIMEOUT: Final = 60
+PONG_TIMEOUT: Final = 20
 #: Seconds between a dialling server's attempts to bring a link up (ngircd's least).
 CONNECT_RETRY: Final = 5
 
