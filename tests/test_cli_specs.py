@@ -537,6 +537,7 @@ def test_the_specs_import_only_the_standard_library_and_msgspec() -> None:
         "fireclaw",
         "fireclaw.guest_daemon",
         "fireclaw.guest_daemon.clis",
+        "fireclaw.guest_daemon.cli_decoders",
         "fireclaw.guest_daemon.cli_spec",
         "fireclaw.guest_daemon.cli_stream",
     }
