@@ -51,6 +51,8 @@ from ircperson import Event, Person
 from pg import PgCluster, start_cluster
 from scripted_model import ScriptedModel, text
 from swarmctl import FIRECLAW, NOTHING, WAIT, Swarm, role_yaml, swarm_yaml
+from test_fleet_ops_swarm import _overseer_said
+from test_overseer import OPER_NAME, oper_password
 
 pytestmark = [
     pytest.mark.root,
@@ -257,6 +259,15 @@ def test_a_person_sees_the_whole_fleet_and_500_tasks_run_once_each(fleet: Fleet)
     hosts = fleet.sql("SELECT name, now() - heartbeat_at FROM hosts ORDER BY name")
     assert [name for name, _ in hosts] == sorted(HOSTS)
     assert all(age.total_seconds() < SILENT_AFTER for _, age in hosts), hosts
+    # ... and an operator on beta's server asking !fleet is told of every host, by
+    # the leading overseer, wherever it runs.
+    op = fleet.person("beta", "op")
+    op.oper(OPER_NAME, oper_password(fleet.hosts["beta"].state))
+    op.join("#control")
+    op.say("#control", "!fleet")
+    for name in HOSTS:
+        line = op.expect(f"!fleet's line for {name}", _overseer_said(f"op: {name}: up;"), LINK_WAIT)
+        assert "roles " in line.arguments[0] and line.arguments[0].endswith(" s ago")
 
     started = time.monotonic()
     names = list(fleet.hosts)
