@@ -48,6 +48,10 @@ T = TypeVar("T")
 
 #: Task result text kept in the state database.
 _RESULT_CAP: Final = p.MAX_RESULT_BYTES
+#: How long a VM whose work is done waits for the VMs booting to be up before it
+#: stops: longer than a restore takes even under TCG on busy cores (about 2 s at
+#: worst), shorter than a cold boot, which is not worth holding a finished VM for.
+RETIRE_WAIT: Final = 5.0
 
 
 class PoolError(Exception):
@@ -93,6 +97,7 @@ class RoleGroup:
         self._claim_waiters = 0
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._retiring: set[str] = set()  # children retire() has a stop scheduled for
         self._scope = trio.CancelScope()
         self._adopt = list(adopt)
 
@@ -247,11 +252,32 @@ class RoleGroup:
         finally:
             self._claim_waiters -= 1
 
-    def retire(self, child: Child, reason: str) -> None:
-        """Stop a claimed child in the background; its work is done. Once: a child
-        already stopping is left to it."""
-        if self._nursery is not None and not self._handing_over and not child.stopping:
-            self._nursery.start_soon(child.stop, reason)
+    def retire(self, child: Child, reason: str, *, done: bool = False) -> None:
+        """Stop a claimed child in the background. Once: a child already stopping,
+        or retiring, is left to it.
+
+        ``done``: its work is over and nobody waits for its stop, so the stop
+        gives way to the VMs booting now (for at most ``RETIRE_WAIT``): its guest
+        shutting down and its QEMU exiting would take the CPU from the restore
+        of the clone that replaces it."""
+        if (
+            self._nursery is not None
+            and not self._handing_over
+            and not child.stopping
+            and child.name not in self._retiring
+        ):
+            self._retiring.add(child.name)
+            self._nursery.start_soon(self._retire, child, reason, done)
+
+    async def _retire(self, child: Child, reason: str, done: bool) -> None:
+        try:
+            if done:
+                with trio.move_on_after(RETIRE_WAIT):
+                    await self.rt.no_boots()
+            if not self._handing_over:
+                await child.stop(reason)
+        finally:
+            self._retiring.discard(child.name)
 
     def stop_task_runners(self, reason: str) -> int:
         """Stop every VM running a task, in the background; how many. Their tasks
@@ -325,14 +351,15 @@ class RoleGroup:
         finished = False
         try:
             done = await result()
-            self.retire(child, "task finished")  # the result is held here, not in the VM
+            # The result is held here, not in the VM.
+            self.retire(child, "task finished", done=True)
             finished = await self._finish(child, task_id, epoch, done)
         except GuestLost as exc:
             finished = await self._requeue(child, task_id, epoch, exc.reason)
         finally:
             if not finished:
                 self._give_back(task_id, epoch)
-            self.retire(child, "task finished")
+            self.retire(child, "task finished", done=True)
             self.tasks_queued()
 
     async def _finish(self, child: Child, task_id: int, epoch: int, done: p.TaskDone) -> bool:
