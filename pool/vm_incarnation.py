@@ -13,7 +13,7 @@ import trio
 from fireclaw.guest_daemon.channel import FramedChannel
 from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.control import GuestLost
-from fireclaw.pool.drivers.base import DriverError, Running, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import ChannelKind, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.lifecycle import Event
 from fireclaw.pool.network import TAP, Link
 from fireclaw.pool.procid import process_identity
@@ -92,13 +92,17 @@ class ChildIncarnation(ChildServing):
         try:
             try:
                 # A clone dials the port baked into its template, in every namespace.
+                # A guest on a channel device dials nothing: no listener for it.
                 port = template.port if template is not None else 0
+                dialled = rt.driver.describe().channel is ChannelKind.DIALLED
                 if rt.network is not None and ns_name is not None:
-                    listener_sock, link = await rt.network.attach(ns_name, port)
+                    listener_sock, link = await rt.network.attach(ns_name, port, listen=dialled)
                     self._register(veth=link.veth, address=link.address)
-                elif ns_name is not None:
+                elif ns_name is not None and dialled:
                     listener_sock = await netns.create_with_listener(ns_name)
-                else:
+                elif ns_name is not None:
+                    await netns.create(ns_name)
+                elif dialled:
                     listener_sock = loopback_listener()
                 if cg is not None:
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
@@ -109,7 +113,7 @@ class ChildIncarnation(ChildServing):
                         await disks.create_overlay(disk, template.disk, "qcow2")
                     else:
                         await disks.create_overlay(disk, rt.base_disk, "raw")
-                port = listener_sock.getsockname()[1]
+                port = listener_sock.getsockname()[1] if listener_sock is not None else 0
                 spec = self._spec(vm_id, ns_name, cg, disk, link, port=port, token=token)
                 self.ready_seconds = None
                 started = trio.current_time()
@@ -160,8 +164,9 @@ class ChildIncarnation(ChildServing):
         """The VM ``rec`` names, left running by a previous supervisor, taken over.
 
         Its VMM, namespace, tap, veth, cgroup, overlay and workspace are kept;
-        the control listener (and the IRC forwarder) are opened again in its
-        namespace on the same address and port, where its guest dials again, and
+        the IRC forwarder is opened again in its namespace on the same address
+        and port, and so is the control listener where its guest dials (a guest
+        on a channel device is attached to anew instead), and
         its guest must say Hello as it did (a clone: its template's id and
         token) within ``boot_timeout``. When any of it fails the VM is reclaimed
         as a crashed one: killed, its resources released; the child goes on per
@@ -182,7 +187,13 @@ class ChildIncarnation(ChildServing):
         started = trio.current_time()
         try:
             try:
-                if ns_name is None or rec.socket is None or not rec.port or not rec.guest_token:
+                dialled = rt.driver.describe().channel is ChannelKind.DIALLED
+                if (
+                    ns_name is None
+                    or rec.socket is None
+                    or (dialled and not rec.port)
+                    or not rec.guest_token
+                ):
                     raise DriverError("its registry row lacks what adoption needs")
                 spec = self._spec(rec.vm_id, ns_name, cg, disk, link, port=rec.port, token="")
                 running = Running(
@@ -193,7 +204,8 @@ class ChildIncarnation(ChildServing):
                     started_as=rec.started_as,
                 )
                 self.handle = await rt.driver.adopt(spec, running)
-                listener_sock = await netns.open_listener(ns_name, rt.listen_host, rec.port)
+                if dialled:
+                    listener_sock = await netns.open_listener(ns_name, rt.listen_host, rec.port)
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not adopt: {exc}"
                 if self.handle is None:
