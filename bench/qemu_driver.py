@@ -115,6 +115,7 @@ from common import (
     machine_row,
     new_results,
     one_line,
+    percentile,
     remove_isolation,
     render_table,
     run_parts,
@@ -320,6 +321,45 @@ def restored_seconds(
     ]
 
 
+def restore_steps(events: list[dict[str, Any]], role: str) -> list[dict[str, float]]:
+    """The ``steps`` of each ``restored`` event of ``role``: ms from the start of
+    its incarnation to each mark (``fireclaw.pool.steps``)."""
+    return [
+        dict(e["detail"].get("steps") or {})
+        for e in events
+        if e["kind"] == "restored" and e["detail"].get("role") == role
+    ]
+
+
+def step_deltas(traces: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per mark, the p50 and max of the time since the mark before it (in the same
+    trace), in ms, in the order the marks were said."""
+    order: list[str] = []
+    deltas: dict[str, list[float]] = {}
+    for trace in traces:
+        before = 0.0
+        for name, at in trace.items():
+            if name not in deltas:
+                order.append(name)
+                deltas[name] = []
+            deltas[name].append(at - before)
+            before = at
+    return {
+        name: {
+            "p50_ms": round(percentile(deltas[name], 50), 1),
+            "max_ms": round(max(deltas[name]), 1),
+            "n": len(deltas[name]),
+        }
+        for name in order
+    }
+
+
+def print_steps(title: str, deltas: dict[str, dict[str, float]]) -> None:
+    print(f"  {title}: time since the mark before, p50 (max) ms", flush=True)
+    for name, d in deltas.items():
+        print(f"    {name:<16} {d['p50_ms']:8.1f}  ({d['max_ms']:.1f}, n={d['n']})", flush=True)
+
+
 def backend_facts(st: dict[str, Any]) -> dict[str, Any]:
     """The backend line of status, and the accelerator and its reason parsed from it."""
     backend = str(st["backend"])
@@ -392,7 +432,7 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         )
         if args.restores > 0:
             results["restore"] = {}
-            bench_restores(sup, role, n_idle, args.restores, results["restore"])
+            bench_restores(sup, role, n_idle, args.restores, results["restore"], trace=args.trace)
         if args.runs > 0:
             results["run"] = {}
             bench_runs(sup, role, n_idle, args.runs, results["run"])
@@ -401,10 +441,13 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         supervisor_stopped(sup, info)
 
 
-def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
+def bench_restores(
+    sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any], *, trace: bool
+) -> None:
     print(f"[2/4] restore to connected: {n} restores, one at a time", flush=True)
     samples: list[float] = []
     vmm: list[float] = []
+    traces: list[dict[str, float]] = []
     problems: list[str] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -421,6 +464,7 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
             problems.append(f"step {i}: {len(found)} restored events")
         samples += found
         vmm += restored_seconds(events, role, "vmm_seconds")
+        traces += restore_steps(events, role)
         if (i + 1) % max(1, n // 5) == 0:
             print(f"  {i + 1}/{n} restores", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -429,6 +473,10 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
         raise BenchError(f"no restore was seen: {problems[:3]}")
     out.update(summary_ms([s * 1000 for s in samples], samples=True))
     out["qemu_part"] = summary_ms([s * 1000 for s in vmm], samples=True)
+    if traces:
+        out["steps"] = step_deltas(traces)
+        if trace:
+            print_steps("supervised restore, from the incarnation's start", out["steps"])
     if problems:
         raise BenchError(f"{len(problems)} problems during the restores: {problems[:3]}")
 
@@ -590,17 +638,18 @@ def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
 
 async def _floor_once(
     driver: Any, snap: Path, template_disk: Path, workdir: Path, i: int
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     """One bare restore of ``snap``, no supervisor: QEMU with ``-incoming`` in a fresh
     namespace (QEMU makes the tap itself), the state loaded over QMP, ``cont``, the
     host on the control port saying Attach; seconds until the guest's first byte
     on the port, and of them until the driver's restore returned (QEMU's part:
-    the rest is the guest's). The namespace and the overlay are made before the
-    clock starts."""
+    the rest is the guest's), and the marks said on the way (``pool.steps``,
+    from the driver's restore on, as the supervisor's ``vmm start``). The
+    namespace and the overlay are made before the clock starts."""
     import trio
     from fireclaw.guest_daemon import protocol as gp
     from fireclaw.guest_daemon.channel import frame
-    from fireclaw.pool import netns
+    from fireclaw.pool import netns, steps
     from fireclaw.pool.drivers.base import VmSpec
     from fireclaw.pool.network import TAP
 
@@ -624,18 +673,20 @@ async def _floor_once(
             tap=TAP,
             disk=overlay,
         )
-        with trio.fail_after(BOOT_TIMEOUT):
+        with trio.fail_after(BOOT_TIMEOUT), steps.tracing() as traced:
             t0 = time.perf_counter()
             vm = await driver.restore(spec, snap)
             running = time.perf_counter() - t0
             port = await vm.open_channel()
             await port.send_all(frame(gp.encode(gp.Attach(entropy=os.urandom(64)))))
+            steps.mark("attach said")
             first = await port.receive_some(1)
             took = time.perf_counter() - t0
+            steps.mark("first byte")
             await port.aclose()
         if not first:
             raise BenchError(f"floor {i}: the control port closed before the guest spoke")
-        return took, running
+        return took, running, traced.as_ms()
     finally:
         with trio.CancelScope(shield=True):
             if vm is not None:
@@ -677,16 +728,21 @@ def bench_floor(args: argparse.Namespace, workdir: Path, results: dict[str, Any]
     disk = snap.with_suffix(disks.SUFFIX)
     samples: list[float] = []
     qemu_part: list[float] = []
+    traces: list[dict[str, float]] = []
 
     async def all_of_them() -> None:
         for i in range(n):
-            took, running = await _floor_once(driver, snap, disk, workdir, i)
+            took, running, marks = await _floor_once(driver, snap, disk, workdir, i)
             samples.append(took)
             qemu_part.append(running)
+            traces.append(marks)
 
     trio.run(all_of_them)
     out.update(summary_ms([s * 1000 for s in samples], samples=True))
     out["qemu_part"] = summary_ms([s * 1000 for s in qemu_part], samples=True)
+    out["steps"] = step_deltas(traces)
+    if args.trace:
+        print_steps("bare floor, from the driver's restore", out["steps"])
     restore = results.get("restore", {})
     if "p50_ms" in restore:
         out["ratio_p50"] = round(restore["p50_ms"] / out["p50_ms"], 2)
@@ -845,6 +901,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help="--restores 5 --runs 5 --idle 2 --cold 1"
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print where each restore's time goes, step by step, beside the floor's",
     )
     args = parser.parse_args(argv)
     fill_defaults(

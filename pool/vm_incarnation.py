@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 from fireclaw.guest_daemon.channel import FramedChannel
-from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool import cgroup, disks, netns, steps
 from fireclaw.pool.control import GuestLost
 from fireclaw.pool.drivers.base import ChannelKind, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.lifecycle import Event
@@ -48,13 +48,24 @@ class ChildIncarnation(ChildServing):
 
     async def _incarnate_from(self, template: Template | None) -> Outcome:
         """One VM: cold-booted, or restored from ``template``."""
-        role = self.group.role
         vm_id = f"{self.rt.instance}-{self.name}-{secrets.token_hex(3)}"
         token = secrets.token_urlsafe(24)
         # A clone says Hello with its template's vm_id and token, the same in every
         # clone: which VM dialled is known by the namespace it dialled from (one VM
         # and one listener per namespace), and the token still proves it is ours.
         expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
+        with steps.tracing():
+            return await self._incarnate_traced(template, vm_id, token, expect_id, expect_token)
+
+    async def _incarnate_traced(
+        self,
+        template: Template | None,
+        vm_id: str,
+        token: str,
+        expect_id: str,
+        expect_token: str,
+    ) -> Outcome:
+        role = self.group.role
         outcome = Outcome()
         self._exited = trio.Event()
         self._workspace_in = None
@@ -70,6 +81,7 @@ class ChildIncarnation(ChildServing):
         link: Link | None = None
         attached: FramedChannel | None = None  # the VM's control port, Attach said on it
         await rt.boots.acquire_on_behalf_of(self)
+        steps.mark("boot slot")
         self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
@@ -98,6 +110,7 @@ class ChildIncarnation(ChildServing):
                 if rt.network is not None and ns_name is not None:
                     listener_sock, link = await rt.network.attach(ns_name, port, listen=dialled)
                     self._register(veth=link.veth, address=link.address)
+                    steps.mark("namespace")
                 elif ns_name is not None and dialled:
                     listener_sock = await netns.create_with_listener(ns_name)
                 elif ns_name is not None:
@@ -107,16 +120,19 @@ class ChildIncarnation(ChildServing):
                 if cg is not None:
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                    steps.mark("cgroup")
                 if disk is not None:
                     assert rt.base_disk is not None
                     if template is not None and template.disk is not None:
                         await disks.create_overlay(disk, template.disk, "qcow2")
                     else:
                         await disks.create_overlay(disk, rt.base_disk, "raw")
+                    steps.mark("overlay")
                 port = listener_sock.getsockname()[1] if listener_sock is not None else 0
                 spec = self._spec(vm_id, ns_name, cg, disk, link, port=port, token=token)
                 self.ready_seconds = None
                 started = trio.current_time()
+                steps.mark("vmm start")
                 if template is not None:
                     assert self.rt.templates is not None
                     try:
@@ -131,6 +147,7 @@ class ChildIncarnation(ChildServing):
                     self.started_as = "booted"
                 self.group.changed()  # a new pid to show
                 attached = await self._say_attach()
+                steps.mark("attach said")
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome

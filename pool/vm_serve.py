@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.guest_daemon.channel import FramedChannel
-from fireclaw.pool import netns
+from fireclaw.pool import netns, steps
 from fireclaw.pool.channel import accept_dialled, answer_hello, attach, say_attach
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import ChannelKind, DriverError
@@ -96,6 +96,7 @@ class ChildServing(ChildWork):
             self.model_endpoint = await self._open_model_gateway(ws_nursery, ns_name)
             if self.irc_endpoint is not None and ns_name is not None:
                 self._register(irc_port=self.irc_endpoint[1])
+            steps.mark("listeners open")
             await self._serve(
                 ws_nursery,
                 listener,
@@ -200,7 +201,9 @@ class ChildServing(ChildWork):
                 session.on_tool_ran = self._tool_ran
                 self.session = session
                 self.ready_seconds = trio.current_time() - started
+                steps.mark("hello")
                 if template is not None:
+                    traced = steps.current()
                     self.rt.event(
                         "restored",
                         self.name,
@@ -209,6 +212,8 @@ class ChildServing(ChildWork):
                         seconds=round(self.ready_seconds, 3),
                         # of which: the VMM up with the state loaded and running
                         vmm_seconds=round(self.vmm_seconds, 3),
+                        # where the time went, in ms from the incarnation's start
+                        steps=traced.as_ms() if traced is not None else {},
                     )
                 self._boot_done()
                 self.tracker.ready(trio.current_time())

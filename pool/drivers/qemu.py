@@ -96,6 +96,7 @@ from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.drivers.vmm import VmmExited
 from fireclaw.pool.image import Image
 from fireclaw.pool.qmp import QmpFailure
+from fireclaw.pool.steps import mark
 
 #: ``start`` and ``restore`` give QEMU this long to answer on QMP.
 STARTUP_TIMEOUT: Final = 10.0
@@ -317,6 +318,7 @@ class QemuDriver:
                 in_netns(argv, spec.netns), log_fd=log_fd, env=env, pass_fds=passed
             )
             listeners[1].close()
+            mark("spawned")
         except OSError as exc:
             channel.close()
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -328,6 +330,7 @@ class QemuDriver:
         try:
             if spec.cgroup is not None:
                 await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
+                mark("cgroup joined")
             with trio.CancelScope(deadline=trio.current_time() + STARTUP_TIMEOUT) as startup:
                 if snapshot_fd is None:
                     await vm._over_qmp(query_status)
