@@ -55,6 +55,7 @@ Errors::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -328,9 +329,9 @@ class QemuDriver:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(channel))
         vm = self._vm(proc, spec, cmdline, run_dir, log_offset, restored=incoming, channel=stream)
         try:
-            if spec.cgroup is not None:
-                await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
-                mark("cgroup joined")
+            # Into its cgroup while QEMU starts, not before QMP is asked: the move can
+            # wait out the kernel's cgroup lock, and QEMU takes longer to answer.
+            joining = _Joining(spec.cgroup, proc.pid) if spec.cgroup is not None else None
             with trio.CancelScope(deadline=trio.current_time() + STARTUP_TIMEOUT) as startup:
                 if snapshot_fd is None:
                     await vm._over_qmp(query_status)
@@ -339,6 +340,9 @@ class QemuDriver:
                     vm.restore_seconds = await vm._over_qmp(restore)
             if startup.cancelled_caught:
                 raise trio.TooSlowError
+            if joining is not None:
+                await joining.wait()
+                mark("cgroup joined")
         except BaseException as exc:
             # Failed or cancelled between spawn and hand-over: nobody else knows this
             # process yet, so it is ours to kill.
@@ -355,6 +359,34 @@ class QemuDriver:
                 raise DriverError(f"{spec.name}: {what}: {exc}") from exc
             raise
         return vm
+
+
+class _Joining:
+    """``cgroup.join(path, pid)`` under way in a thread of its own, the caller going
+    on meanwhile; ``wait`` for its end (CgroupError if it failed). Not awaited,
+    it ends by itself."""
+
+    def __init__(self, path: Path, pid: int) -> None:
+        self._done = trio.Event()
+        self._error: cgroup.CgroupError | None = None
+        token = trio.lowlevel.current_trio_token()
+
+        def join() -> None:
+            try:
+                cgroup.join(path, pid)
+            except cgroup.CgroupError as exc:
+                self._error = exc
+
+        def deliver(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._done.set)
+
+        trio.lowlevel.start_thread_soon(join, deliver)
+
+    async def wait(self) -> None:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _no_answer(spec: VmSpec) -> DriverError:
