@@ -97,7 +97,7 @@ class RoleGroup:
         self._claim_waiters = 0
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._retiring: set[str] = set()  # children retire() has a stop scheduled for
+        self._retiring: set[Child] = set()  # children retire() has a stop scheduled for
         self._scope = trio.CancelScope()
         self._adopt = list(adopt)
 
@@ -264,9 +264,9 @@ class RoleGroup:
             self._nursery is not None
             and not self._handing_over
             and not child.stopping
-            and child.name not in self._retiring
+            and child not in self._retiring
         ):
-            self._retiring.add(child.name)
+            self._retiring.add(child)
             self._nursery.start_soon(self._retire, child, reason, done)
 
     async def _retire(self, child: Child, reason: str, done: bool) -> None:
@@ -277,7 +277,7 @@ class RoleGroup:
             if not self._handing_over:
                 await child.stop(reason)
         finally:
-            self._retiring.discard(child.name)
+            self._retiring.discard(child)
 
     def stop_task_runners(self, reason: str) -> int:
         """Stop every VM running a task, in the background; how many. Their tasks
