@@ -38,6 +38,7 @@ from fireclaw.pool.harness_message import SecretReader
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.promotion import promotion
 from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.spare import Spare
 from fireclaw.pool.store import StateError, TaskConflict, TaskNotFound, VmRecord
 from fireclaw.pool.vm import Child
 from fireclaw.pool.vm_base import AgentIdentity, ChildBase
@@ -98,6 +99,7 @@ class RoleGroup:
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._retiring: set[Child] = set()  # children retire() has a stop scheduled for
+        self.spare = Spare(self.rt, role.name)  # the next VM's namespace and cgroup, made ahead
         self._scope = trio.CancelScope()
         self._adopt = list(adopt)
 
@@ -174,7 +176,13 @@ class RoleGroup:
                     self._start_adopted(adoptee)
                 nursery.start_soon(self._reconcile_loop)
                 nursery.start_soon(self._task_loop)
+                if self.spare.wanted():
+                    nursery.start_soon(self.spare.run, self._cgroup_limit)
                 task_status.started()
+
+    def _cgroup_limit(self) -> int:
+        """A VM's cgroup memory limit in MiB: the role's RAM and the VMM's overhead."""
+        return self.role.resources.memory_mib + self.rt.vmm_overhead_mib
 
     def _reconcile(self) -> None:
         if self.stopping or self._nursery is None:

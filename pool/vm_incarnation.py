@@ -48,41 +48,39 @@ class ChildIncarnation(ChildServing):
 
     async def _incarnate_from(self, template: Template | None) -> Outcome:
         """One VM: cold-booted, or restored from ``template``."""
-        vm_id = f"{self.rt.instance}-{self.name}-{secrets.token_hex(3)}"
-        token = secrets.token_urlsafe(24)
-        # A clone says Hello with its template's vm_id and token, the same in every
-        # clone: which VM dialled is known by the namespace it dialled from (one VM
-        # and one listener per namespace), and the token still proves it is ours.
-        expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
         with steps.tracing():
-            return await self._incarnate_traced(template, vm_id, token, expect_id, expect_token)
+            return await self._incarnate_traced(template)
 
-    async def _incarnate_traced(
-        self,
-        template: Template | None,
-        vm_id: str,
-        token: str,
-        expect_id: str,
-        expect_token: str,
-    ) -> Outcome:
+    async def _incarnate_traced(self, template: Template | None) -> Outcome:
         role = self.group.role
         outcome = Outcome()
         self._exited = trio.Event()
         self._workspace_in = None
-        ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
-        cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
         rt = self.rt
-        disk = (
-            rt.disks_dir / f"{vm_id}{disks.SUFFIX}"
-            if rt.disks_dir is not None and rt.base_disk is not None
-            else None
-        )
         listener_sock: socket.socket | None = None
         link: Link | None = None
         attached: FramedChannel | None = None  # the VM's control port, Attach said on it
         await rt.boots.acquire_on_behalf_of(self)
         steps.mark("boot slot")
         self._booting = True
+        # Taken with no checkpoint before the registry names it: from here it is
+        # this incarnation's, released by its teardown like what it makes itself.
+        spare = self.group.spare.take()
+        vm_id = f"{rt.instance}-{self.name}-{secrets.token_hex(3)}"
+        if spare is not None:
+            vm_id = spare.vm_id
+        token = secrets.token_urlsafe(24)
+        # A clone says Hello with its template's vm_id and token, the same in every
+        # clone: which VM dialled is known by the namespace it dialled from (one VM
+        # and one listener per namespace), and the token still proves it is ours.
+        expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
+        ns_name = netns.PREFIX + vm_id if rt.isolate_net else None
+        cg = cgroup.path_for(vm_id) if rt.use_cgroups else None
+        disk = (
+            rt.disks_dir / f"{vm_id}{disks.SUFFIX}"
+            if rt.disks_dir is not None and rt.base_disk is not None
+            else None
+        )
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
         self._row = VmRecord(
@@ -107,7 +105,11 @@ class ChildIncarnation(ChildServing):
                 # A guest on a channel device dials nothing: no listener for it.
                 port = template.port if template is not None else 0
                 dialled = rt.driver.describe().channel is ChannelKind.DIALLED
-                if rt.network is not None and ns_name is not None:
+                if spare is not None:  # made ahead (``pool.spare``)
+                    link = spare.link
+                    self._register(veth=link.veth, address=link.address)
+                    steps.mark("namespace")
+                elif rt.network is not None and ns_name is not None:
                     listener_sock, link = await rt.network.attach(ns_name, port, listen=dialled)
                     self._register(veth=link.veth, address=link.address)
                     steps.mark("namespace")
@@ -117,8 +119,8 @@ class ChildIncarnation(ChildServing):
                     await netns.create(ns_name)
                 elif dialled:
                     listener_sock = loopback_listener()
-                if cg is not None:
-                    limit = role.resources.memory_mib + rt.vmm_overhead_mib
+                limit = role.resources.memory_mib + rt.vmm_overhead_mib
+                if cg is not None and (spare is None or spare.limit_mib != limit):
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
                     steps.mark("cgroup")
                 if disk is not None:
