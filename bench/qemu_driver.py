@@ -28,13 +28,24 @@ taken from the supervisor's status. What it measures, on this machine:
    those that overlap the timed runs of part 3 are reported apart; the first
    fill also gives the refill rate (clones restored per second, from the
    template made to the last of them ready).
-   The bare floor, in the same run, once the supervisor has stopped (its
-   template stays): as many restores of the same snapshot with no supervisor,
-   one at a time: the driver's restore (QEMU with ``-incoming``, the state
-   loaded over QMP from the file QEMU inherits, ``cont``), Attach on the port,
-   until the guest's first byte on it. Each in a fresh namespace (QEMU makes
-   the tap) on a fresh overlay, both made before the clock starts. Printed
-   with the ratio of restore-to-connected p50 to it.
+   The bare floor, in the same run: after each step, the pool settled again,
+   one restore of the same snapshot that no supervisor takes part in (it runs
+   in the bench's own process): the driver's restore (QEMU with
+   ``-incoming``, the state loaded over QMP from the file QEMU inherits,
+   ``cont``), Attach on the port, until the guest's Hello on it. Each in a
+   fresh namespace (QEMU makes the tap) on a fresh overlay, both made before
+   the clock starts. Interleaved, so that both run beside the same idle
+   clones and under the same moment's load from the rest of the host (on a
+   shared machine that load moves a lot within minutes). Printed with the
+   ratio of restore-to-connected p50 to the floor's p50, and the p50 of the
+   ratios of each restore to the floor sample right after it.
+   Where the time goes: each ``restored`` event carries the marks its
+   incarnation said on the way (``fireclaw.pool.steps``: the boot slot, the
+   namespace, cgroup and overlay made, QEMU spawned, QMP answering, the state
+   loaded, running, the cgroup joined, Attach said, the listeners open,
+   Hello), and the floor says the same marks from the driver's restore on;
+   the time between marks (p50 and max) goes into the results, and with
+   ``--trace`` is printed, the supervised restore's beside the floor's.
 3. ``run -- true`` from a warm pool. Before each run the bench waits, untimed,
    until the pool is full and settled (``--idle`` idle clones, nothing
    starting, nothing draining), then times
@@ -79,7 +90,8 @@ Run (from the repository root, as root: VMs run in network namespaces)::
 Defaults: ``--restores 20 --runs 20 --idle 4 --cold 3``; ``--quick`` means
 ``--restores 5 --runs 5 --idle 2 --cold 1``; flags given explicitly win.
 ``--cold 0`` skips the second supervisor. ``--keep`` keeps the work directory
-(configs, the supervisors' and the guests' logs).
+(configs, the supervisors' and the guests' logs). ``--trace`` prints each
+restore's steps (above).
 
 Exit status: 0 when every figure was measured, every run exited 0 and nothing
 was left behind; 1 otherwise; 130 when interrupted.
@@ -115,6 +127,7 @@ from common import (
     machine_row,
     new_results,
     one_line,
+    percentile,
     remove_isolation,
     render_table,
     run_parts,
@@ -320,6 +333,45 @@ def restored_seconds(
     ]
 
 
+def restore_steps(events: list[dict[str, Any]], role: str) -> list[dict[str, float]]:
+    """The ``steps`` of each ``restored`` event of ``role``: ms from the start of
+    its incarnation to each mark (``fireclaw.pool.steps``)."""
+    return [
+        dict(e["detail"].get("steps") or {})
+        for e in events
+        if e["kind"] == "restored" and e["detail"].get("role") == role
+    ]
+
+
+def step_deltas(traces: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per mark, the p50 and max of the time since the mark before it (in the same
+    trace), in ms, in the order the marks were said."""
+    order: list[str] = []
+    deltas: dict[str, list[float]] = {}
+    for trace in traces:
+        before = 0.0
+        for name, at in trace.items():
+            if name not in deltas:
+                order.append(name)
+                deltas[name] = []
+            deltas[name].append(at - before)
+            before = at
+    return {
+        name: {
+            "p50_ms": round(percentile(deltas[name], 50), 1),
+            "max_ms": round(max(deltas[name]), 1),
+            "n": len(deltas[name]),
+        }
+        for name in order
+    }
+
+
+def print_steps(title: str, deltas: dict[str, dict[str, float]]) -> None:
+    print(f"  {title}: time since the mark before, p50 (max) ms", flush=True)
+    for name, d in deltas.items():
+        print(f"    {name:<16} {d['p50_ms']:8.1f}  ({d['max_ms']:.1f}, n={d['n']})", flush=True)
+
+
 def backend_facts(st: dict[str, Any]) -> dict[str, Any]:
     """The backend line of status, and the accelerator and its reason parsed from it."""
     backend = str(st["backend"])
@@ -392,7 +444,15 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         )
         if args.restores > 0:
             results["restore"] = {}
-            bench_restores(sup, role, n_idle, args.restores, results["restore"])
+            floor = Floor(workdir, args.images)
+            try:
+                bench_restores(
+                    sup, role, n_idle, args.restores, results["restore"], floor, trace=args.trace
+                )
+            finally:
+                if floor.samples:
+                    print(f"[+] bare floor: {len(floor.samples)} restores", flush=True)
+                    results["floor"] = floor.report(results["restore"], trace=args.trace)
         if args.runs > 0:
             results["run"] = {}
             bench_runs(sup, role, n_idle, args.runs, results["run"])
@@ -401,10 +461,24 @@ def bench_pool(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
         supervisor_stopped(sup, info)
 
 
-def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[str, Any]) -> None:
-    print(f"[2/4] restore to connected: {n} restores, one at a time", flush=True)
+def bench_restores(
+    sup: Supervisor,
+    role: str,
+    n_idle: int,
+    n: int,
+    out: dict[str, Any],
+    floor: Floor,
+    *,
+    trace: bool,
+) -> None:
+    print(
+        f"[2/4] restore to connected: {n} restores, one at a time, each followed by"
+        " one of the bare floor",
+        flush=True,
+    )
     samples: list[float] = []
     vmm: list[float] = []
+    traces: list[dict[str, float]] = []
     problems: list[str] = []
     t0 = time.perf_counter()
     for i in range(n):
@@ -421,6 +495,8 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
             problems.append(f"step {i}: {len(found)} restored events")
         samples += found
         vmm += restored_seconds(events, role, "vmm_seconds")
+        traces += restore_steps(events, role)
+        floor.sample()  # the pool settled, as before this step's restore
         if (i + 1) % max(1, n // 5) == 0:
             print(f"  {i + 1}/{n} restores", flush=True)
     out["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -429,6 +505,10 @@ def bench_restores(sup: Supervisor, role: str, n_idle: int, n: int, out: dict[st
         raise BenchError(f"no restore was seen: {problems[:3]}")
     out.update(summary_ms([s * 1000 for s in samples], samples=True))
     out["qemu_part"] = summary_ms([s * 1000 for s in vmm], samples=True)
+    if traces:
+        out["steps"] = step_deltas(traces)
+        if trace:
+            print_steps("supervised restore, from the incarnation's start", out["steps"])
     if problems:
         raise BenchError(f"{len(problems)} problems during the restores: {problems[:3]}")
 
@@ -590,23 +670,25 @@ def bench_cold(args: argparse.Namespace, workdir: Path, results: dict[str, Any])
 
 async def _floor_once(
     driver: Any, snap: Path, template_disk: Path, workdir: Path, i: int
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     """One bare restore of ``snap``, no supervisor: QEMU with ``-incoming`` in a fresh
     namespace (QEMU makes the tap itself), the state loaded over QMP, ``cont``, the
-    host on the control port saying Attach; seconds until the guest's first byte
-    on the port, and of them until the driver's restore returned (QEMU's part:
-    the rest is the guest's). The namespace and the overlay are made before the
-    clock starts."""
+    host on the control port saying Attach; seconds until the guest's Hello on
+    the port (frames before it, left from the template's host, passed over as
+    the supervisor does), and of them until the driver's restore returned
+    (QEMU's part: the rest is the guest's), and the marks said on the way
+    (``pool.steps``, from the driver's restore on, as the supervisor's ``vmm
+    start``). The namespace and the overlay are made before the clock starts."""
     import trio
     from fireclaw.guest_daemon import protocol as gp
-    from fireclaw.guest_daemon.channel import frame
-    from fireclaw.pool import netns
+    from fireclaw.guest_daemon.channel import ChannelClosed, FramedChannel
+    from fireclaw.pool import netns, steps
     from fireclaw.pool.drivers.base import VmSpec
     from fireclaw.pool.network import TAP
 
     ns_name = f"{netns.PREFIX}floor-{os.getpid()}-{i}"
     overlay = workdir / "floor" / f"floor-{i}{disks.SUFFIX}"
-    (await netns.create_with_listener(ns_name)).close()
+    await netns.create(ns_name)
     vm = None
     try:
         await disks.create_overlay(overlay, template_disk, "qcow2")
@@ -624,18 +706,22 @@ async def _floor_once(
             tap=TAP,
             disk=overlay,
         )
-        with trio.fail_after(BOOT_TIMEOUT):
+        with trio.fail_after(BOOT_TIMEOUT), steps.tracing() as traced:
             t0 = time.perf_counter()
             vm = await driver.restore(spec, snap)
             running = time.perf_counter() - t0
-            port = await vm.open_channel()
-            await port.send_all(frame(gp.encode(gp.Attach(entropy=os.urandom(64)))))
-            first = await port.receive_some(1)
+            channel = FramedChannel(await vm.open_channel(), gp.MAX_FRAME_BYTES)
+            await channel.send_message(gp.encode(gp.Attach(entropy=os.urandom(64))))
+            steps.mark("attach said")
+            try:
+                while not isinstance(gp.decode_guest(await channel.get_message()), gp.Hello):
+                    pass
+            except ChannelClosed as exc:
+                raise BenchError(f"floor {i}: the control port closed: {exc.reason}") from None
             took = time.perf_counter() - t0
-            await port.aclose()
-        if not first:
-            raise BenchError(f"floor {i}: the control port closed before the guest spoke")
-        return took, running
+            steps.mark("hello")
+            await channel.aclose()
+        return took, running, traced.as_ms()
     finally:
         with trio.CancelScope(shield=True):
             if vm is not None:
@@ -644,57 +730,76 @@ async def _floor_once(
             disks.remove(overlay)
 
 
-def bench_floor(args: argparse.Namespace, workdir: Path, results: dict[str, Any]) -> None:
-    """The bare floor of a restore, on the pool's own template, after its supervisor
-    stopped (the template's files stay): see ``_floor_once``."""
-    import trio
-    from fireclaw.pool.accel import Accel
-    from fireclaw.pool.drivers.qemu import QemuDriver
-    from fireclaw.pool.drivers.qemu_migration import load_snapshot_info
-    from fireclaw.pool.image import load_image
+class Floor:
+    """Bare restores of the pool's own template (see ``_floor_once``), one sample
+    at a time, taken between the supervised restores: both then run beside the
+    same idle clones under the same moment's load from the rest of the host."""
 
-    n = args.restores
-    out: dict[str, Any] = {}
-    results["floor"] = out
-    print(f"[+] bare floor: {n} restores of the same snapshot, no supervisor", flush=True)
-    templates = workdir / "pool" / "state" / "templates"
-    snaps = sorted(templates.glob("*.snap"))
-    if len(snaps) != 1:
-        raise BenchError(f"expected the pool's one template in {templates}, found {snaps}")
-    snap = snaps[0]
-    info = load_snapshot_info(snap)
-    image = next(
-        (
-            img
-            for d in sorted(args.images.iterdir())
-            if (img := load_image(d)) is not None and img.key == info.image_key
-        ),
-        None,
-    )
-    if image is None:
-        raise BenchError(f"the image {info.image_key[:16]} of {snap.name} is not in {args.images}")
-    driver = QemuDriver(image, Accel(info.accel, "as the template was taken"), qemu=QEMU)
-    disk = snap.with_suffix(disks.SUFFIX)
-    samples: list[float] = []
-    qemu_part: list[float] = []
+    def __init__(self, workdir: Path, images: Path) -> None:
+        from fireclaw.pool.accel import Accel
+        from fireclaw.pool.drivers.qemu import QemuDriver
+        from fireclaw.pool.drivers.qemu_migration import load_snapshot_info
+        from fireclaw.pool.image import load_image
 
-    async def all_of_them() -> None:
-        for i in range(n):
-            took, running = await _floor_once(driver, snap, disk, workdir, i)
-            samples.append(took)
-            qemu_part.append(running)
+        templates = workdir / "pool" / "state" / "templates"
+        snaps = sorted(templates.glob("*.snap"))
+        if len(snaps) != 1:
+            raise BenchError(f"expected the pool's one template in {templates}, found {snaps}")
+        self.snap = snaps[0]
+        info = load_snapshot_info(self.snap)
+        image = next(
+            (
+                img
+                for d in sorted(images.iterdir())
+                if (img := load_image(d)) is not None and img.key == info.image_key
+            ),
+            None,
+        )
+        if image is None:
+            raise BenchError(
+                f"the image {info.image_key[:16]} of {self.snap.name} is not in {images}"
+            )
+        self.driver = QemuDriver(image, Accel(info.accel, "as the template was taken"), qemu=QEMU)
+        self.disk = self.snap.with_suffix(disks.SUFFIX)
+        self.workdir = workdir
+        self.samples: list[float] = []
+        self.qemu_part: list[float] = []
+        self.traces: list[dict[str, float]] = []
 
-    trio.run(all_of_them)
-    out.update(summary_ms([s * 1000 for s in samples], samples=True))
-    out["qemu_part"] = summary_ms([s * 1000 for s in qemu_part], samples=True)
-    restore = results.get("restore", {})
-    if "p50_ms" in restore:
-        out["ratio_p50"] = round(restore["p50_ms"] / out["p50_ms"], 2)
-    print(
-        f"  floor p50 {out['p50_ms'] / 1000:.3f} s"
-        + (f"; restore to connected is {out['ratio_p50']}x that" if "ratio_p50" in out else ""),
-        flush=True,
-    )
+    def sample(self) -> None:
+        import trio
+
+        i = len(self.samples)
+        took, running, marks = trio.run(
+            _floor_once, self.driver, self.snap, self.disk, self.workdir, i
+        )
+        self.samples.append(took)
+        self.qemu_part.append(running)
+        self.traces.append(marks)
+
+    def report(self, restore: dict[str, Any], *, trace: bool) -> dict[str, Any]:
+        """The floor's figures, and the ratios of ``restore`` (its samples paired
+        with these, in order) to them."""
+        out: dict[str, Any] = summary_ms([s * 1000 for s in self.samples], samples=True)
+        out["qemu_part"] = summary_ms([s * 1000 for s in self.qemu_part], samples=True)
+        out["steps"] = step_deltas(self.traces)
+        if trace:
+            print_steps("bare floor, from the driver's restore", out["steps"])
+        if "p50_ms" in restore:
+            out["ratio_p50"] = round(restore["p50_ms"] / out["p50_ms"], 2)
+            pairs = [r / f for r, f in zip(restore["samples_ms"], out["samples_ms"], strict=False)]
+            out["ratio_pairs_p50"] = round(percentile(pairs, 50), 2)
+        print(
+            f"  floor p50 {out['p50_ms'] / 1000:.3f} s"
+            + (
+                f"; restore to connected is {out['ratio_p50']}x that"
+                f" ({out['ratio_pairs_p50']}x, p50 of the pairs)"
+                if "ratio_p50" in out
+                else ""
+            ),
+            flush=True,
+        )
+        return out
 
 
 # ---------------------------------------------------------------- report
@@ -766,10 +871,15 @@ def table(results: dict[str, Any]) -> str:
             )
     f = results.get("floor", {})
     if "p50_ms" in f:
-        rows.append((f"bare floor: QEMU -incoming to first byte (n={f['n']}) p50/p99/max", _s3(f)))
+        rows.append((f"bare floor: QEMU -incoming to Hello (n={f['n']}) p50/p99/max", _s3(f)))
         rows.append(("  of which QEMU up with the state loaded and running", _s3(f["qemu_part"])))
         if "ratio_p50" in f:
-            rows.append(("restore to connected / bare floor, p50", f"{f['ratio_p50']:.2f}x"))
+            rows.append(
+                (
+                    "restore to connected / bare floor: of the p50s; p50 of the pairs",
+                    f"{f['ratio_p50']:.2f}x; {f['ratio_pairs_p50']:.2f}x",
+                )
+            )
     if "refill_per_s" in pool:
         rows.append(
             (
@@ -846,6 +956,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="--restores 5 --runs 5 --idle 2 --cold 1"
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print where each restore's time goes, step by step, beside the floor's",
+    )
     args = parser.parse_args(argv)
     fill_defaults(
         args,
@@ -873,8 +988,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             raise BenchError("VMs run in network namespaces: run as root")
         bench_pool(args, workdir, results)
-        if args.restores > 0:
-            bench_floor(args, workdir, results)
         if args.cold > 0:
             bench_cold(args, workdir, results)
 

@@ -8,7 +8,8 @@ Whether a host is on the other end: the port polls ``POLLHUP`` while none is,
 and a read then returns at once with nothing, so neither can wait for one.
 The kernel sends ``SIGIO`` to the port's owner (``F_SETOWN``, ``O_ASYNC``)
 when the host end opens or closes: ``Port.host_here`` waits for that signal
-and checks again, never spinning.
+and checks again, never spinning. ``O_ASYNC`` is on only while it waits: with
+a host on the port the kernel would also signal every frame the host sends.
 
 This module imports only trio and the standard library: it ships inside VM images.
 """
@@ -65,9 +66,23 @@ class Port:
         return not any(mask & select.POLLHUP for _, mask in poller.poll(0))
 
     async def host_here(self) -> None:
-        """Return once a host is on the other end (at once if one is)."""
-        while not self.host_connected():
-            await self._sigio.__anext__()
+        """Return once a host is on the other end (at once if one is).
+
+        ``O_ASYNC`` goes on before the first look, so a host that comes between
+        the look and the wait is still signalled, and off again on return."""
+        if self.host_connected():
+            return
+        self._signal_me(True)
+        try:
+            while not self.host_connected():
+                await self._sigio.__anext__()
+        finally:
+            self._signal_me(False)
+
+    def _signal_me(self, on: bool) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        flags = flags | os.O_ASYNC if on else flags & ~os.O_ASYNC
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
 
 
 @asynccontextmanager
@@ -82,10 +97,10 @@ async def open_port(name: str) -> AsyncIterator[Port]:
             fd = os.open(DEV / device, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise PortError(f"port {name} ({DEV / device}): {exc.strerror}") from None
-        # SIGIO tells us when the host end opens or closes (its receiver is open
-        # already: the signal's default action would end the daemon).
+        # SIGIO tells us when the host end opens or closes, to this process, while
+        # ``host_here`` asks for it (its receiver is open already: the signal's
+        # default action would end the daemon).
         fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
         port = Port(fd, sigio)
         async with port.stream:
             yield port

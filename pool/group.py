@@ -48,6 +48,7 @@ from fireclaw.pool.harness_message import SecretReader
 from fireclaw.pool.lifecycle import BUSY_STATES, POOL_STATES, State
 from fireclaw.pool.promotion import promotion
 from fireclaw.pool.runtime import Runtime
+from fireclaw.pool.spare import Spare
 from fireclaw.pool.store import VmRecord
 from fireclaw.pool.vm import Child
 from fireclaw.pool.vm_base import AgentIdentity, ChildBase
@@ -56,6 +57,10 @@ log = logging.getLogger("fireclaw.pool")
 
 #: Task result text kept in the state database.
 _RESULT_CAP: Final = p.MAX_RESULT_BYTES
+#: How long a VM whose work is done waits for the VMs booting to be up before it
+#: stops: longer than a restore takes even under TCG on busy cores (about 2 s at
+#: worst), shorter than a cold boot, which is not worth holding a finished VM for.
+RETIRE_WAIT: Final = 5.0
 
 
 class PoolError(Exception):
@@ -110,6 +115,8 @@ class RoleGroup(GroupTasks):
         self._claim_waiters = 0
         self._tasks_queued = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._retiring: set[Child] = set()  # children retire() has a stop scheduled for
+        self.spare = Spare(self.rt, role.name)  # the next VM's namespace and cgroup, made ahead
         self._scope = trio.CancelScope()
         self._adopt = list(adopt)
         self._book()
@@ -188,7 +195,13 @@ class RoleGroup(GroupTasks):
                     self._start_adopted(adoptee)
                 nursery.start_soon(self._reconcile_loop)
                 nursery.start_soon(self._task_loop)
+                if self.spare.wanted():
+                    nursery.start_soon(self.spare.run, self._cgroup_limit)
                 task_status.started()
+
+    def _cgroup_limit(self) -> int:
+        """A VM's cgroup memory limit in MiB: the role's RAM and the VMM's overhead."""
+        return self.role.resources.memory_mib + self.rt.vmm_overhead_mib
 
     def _reconcile(self) -> None:
         if self.stopping or self._nursery is None:
@@ -275,11 +288,32 @@ class RoleGroup(GroupTasks):
         finally:
             self._claim_waiters -= 1
 
-    def retire(self, child: Child, reason: str) -> None:
-        """Stop a claimed child in the background; its work is done. Once: a child
-        already stopping is left to it."""
-        if self._nursery is not None and not self._handing_over and not child.stopping:
-            self._nursery.start_soon(child.stop, reason)
+    def retire(self, child: Child, reason: str, *, done: bool = False) -> None:
+        """Stop a claimed child in the background. Once: a child already stopping,
+        or retiring, is left to it.
+
+        ``done``: its work is over and nobody waits for its stop, so the stop
+        gives way to the VMs booting now (for at most ``RETIRE_WAIT``): its guest
+        shutting down and its QEMU exiting would take the CPU from the restore
+        of the clone that replaces it."""
+        if (
+            self._nursery is not None
+            and not self._handing_over
+            and not child.stopping
+            and child not in self._retiring
+        ):
+            self._retiring.add(child)
+            self._nursery.start_soon(self._retire, child, reason, done)
+
+    async def _retire(self, child: Child, reason: str, done: bool) -> None:
+        try:
+            if done:
+                with trio.move_on_after(RETIRE_WAIT):
+                    await self.rt.no_boots()
+            if not self._handing_over:
+                await child.stop(reason)
+        finally:
+            self._retiring.discard(child)
 
     def stop_task_runners(self, reason: str) -> int:
         """Stop every VM running a task, in the background; how many. Their tasks

@@ -46,7 +46,7 @@ class GroupTasks(GroupAccounts):
 
     if TYPE_CHECKING:
 
-        def retire(self, child: Child, reason: str) -> None: ...
+        def retire(self, child: Child, reason: str, *, done: bool = False) -> None: ...
 
         def promotion_for(self, child: ChildBase) -> p.Promote: ...
 
@@ -94,7 +94,8 @@ class GroupTasks(GroupAccounts):
         finished = False
         try:
             done = await result()
-            self.retire(child, "task finished")  # the result is held here, not in the VM
+            # The result is held here, not in the VM.
+            self.retire(child, "task finished", done=True)
             if self._account_refused(child, task_id, done):
                 finished = await self._defer(child, task_id, epoch, done)
             else:
@@ -104,7 +105,7 @@ class GroupTasks(GroupAccounts):
         finally:
             if not finished:
                 self._give_back(task_id, epoch)
-            self.retire(child, "task finished")
+            self.retire(child, "task finished", done=True)
             self.tasks_queued()
 
     async def _finish(self, child: Child, task_id: int, epoch: int, done: p.TaskDone) -> bool:

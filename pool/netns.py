@@ -1,4 +1,5 @@
-"""Per-VM network namespaces, each holding that VM's own control listener.
+"""Per-VM network namespaces, each holding that VM's own control listener when
+its guest dials one.
 
 A VM can only reach the listener inside its namespace, so the namespace is its
 identity. The supervisor creates the namespace and opens the listening socket
@@ -137,6 +138,11 @@ def _remove(name: str) -> None:
             raise NetnsError(f"unmounting {path}: {os.strerror(err)}")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+async def create(name: str) -> None:
+    """Create namespace ``name`` with loopback up, and no listener in it."""
+    await trio.to_thread.run_sync(in_fresh_thread, lambda: enter_new(name))
 
 
 async def create_with_listener(name: str) -> socket.socket:

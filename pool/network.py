@@ -268,9 +268,12 @@ class Network:
 
     # --- one VM namespace ----------------------------------------------------------
 
-    async def attach(self, ns_name: str, port: int = 0) -> tuple[socket.socket, Link]:
+    async def attach(
+        self, ns_name: str, port: int = 0, *, listen: bool = True
+    ) -> tuple[socket.socket | None, Link]:
         """Create namespace ``ns_name`` with its tap, its veth on the bridge and its
-        rules, and a listener on ``GATEWAY:port`` in it (a free port for 0).
+        rules, and, with ``listen``, a listener on ``GATEWAY:port`` in it (a free
+        port for 0; None without: a guest on a channel device dials nothing).
 
         On any failure nothing of it is left."""
         index = self._take_index()
@@ -278,7 +281,7 @@ class Network:
         link = Link(ns_name=ns_name, veth=veth_name(self.instance, ns_name), address=address)
         try:
             sock = await trio.to_thread.run_sync(
-                netns.in_fresh_thread, lambda: self._make_namespace(link, port)
+                netns.in_fresh_thread, lambda: self._make_namespace(link, port, listen)
             )
         except BaseException:
             self._used.discard(index)
@@ -293,7 +296,7 @@ class Network:
                 return index
         raise NetworkError(f"network.subnet {self.subnet} has no address left")
 
-    def _make_namespace(self, link: Link, port: int) -> socket.socket:
+    def _make_namespace(self, link: Link, port: int, listen: bool) -> socket.socket | None:
         from pyroute2 import IPRoute
         from pyroute2.netns import setns
 
@@ -318,7 +321,7 @@ class Network:
                 ipr.link("set", index=eth, state="up")
                 ipr.route("add", dst="0.0.0.0/0", gateway=self.gateway)
             _ip_forward(_IP_FORWARD, "1")  # this namespace's: it routes for its guest
-            sock = netns.listen(GATEWAY, port)
+            sock = netns.listen(GATEWAY, port) if listen else None
             try:
                 _nft(namespace_rules(), netns_name=link.ns_name)
                 setns(host_ns)
@@ -328,7 +331,8 @@ class Network:
                     ipr.link("set", index=veth, master=bridge, state="up")
                     ipr.brport("set", index=veth, isolated=1)
             except BaseException:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 raise
         except BaseException as exc:
             if made:

@@ -101,4 +101,4 @@ async def run_command(
     except GuestLost as exc:
         yield RunFailed(reason=exc.reason)
     finally:
-        group.retire(child, "run finished")
+        group.retire(child, "run finished", done=True)

@@ -118,6 +118,13 @@ class Runtime:
         while self.version <= since:
             await self._change.wait()
 
+    async def no_boots(self) -> None:
+        """Return once no VM is booting or being restored (at once if none is): a
+        VM's boot slot is given back as it becomes ready, or fails, and either
+        changes its state (``bump``)."""
+        while self.boots.borrowed_tokens:
+            await self.wait_change(self.version)
+
 
 @dataclass(frozen=True)
 class AuditedMeter:

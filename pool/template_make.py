@@ -201,7 +201,9 @@ class TemplateMaker:
         try:
             try:
                 await self._run_sync(self._mkdir)
-                sock, link = await rt.network.attach(ns_name, CONTROL_PORT)
+                # A guest on a channel device dials nothing: no listener for it.
+                dialled = self.driver.describe().channel is ChannelKind.DIALLED
+                sock, link = await rt.network.attach(ns_name, CONTROL_PORT, listen=dialled)
                 if cg is not None:
                     limit = role.resources.memory_mib + rt.vmm_overhead_mib
                     cg = await self._run_sync(cgroup.create, vm_id, limit)
@@ -229,10 +231,17 @@ class TemplateMaker:
                 )
                 handle = await self.driver.start(spec)
                 self._register(name, role.name, ns_name, cg, log_path, pid=handle.pid)
-                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                listener = (
+                    trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                    if sock is not None
+                    else None
+                )
                 sock = None  # the listener owns it now
-                async with listener:
+                try:
                     boot_seconds, taken = await self._park_and_snapshot(handle, listener, key, spec)
+                finally:
+                    if listener is not None:
+                        await listener.aclose()
                 made = True
             except SETUP_ERRORS as exc:
                 raise TemplateError(_one_line(exc)) from exc
@@ -278,7 +287,7 @@ class TemplateMaker:
     async def _park_and_snapshot(
         self,
         handle: VmHandle,
-        listener: trio.SocketListener,
+        listener: trio.SocketListener | None,
         key: str,
         spec: VmSpec,
     ) -> tuple[float, Snapshot]:
@@ -304,7 +313,7 @@ class TemplateMaker:
                 with trio.fail_after(boot_timeout):
                     # The snapshot is taken with the host still on the channel: a
                     # clone's guest, whose new host is there as it wakes, sees no change.
-                    if self.driver.describe().channel is ChannelKind.DIALLED:
+                    if listener is not None:  # the guest dials
                         session = await accept_dialled(
                             nursery, listener, vm_id=spec.vm_id, token=spec.token, spec=control
                         )

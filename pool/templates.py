@@ -6,7 +6,8 @@ guest sees of the control channel (the fixed control port, the heartbeat it
 was welcomed with, the protocol version). The first VM of a role that asks
 for it makes it, once, in the background: a VM is cold-booted in a network
 namespace of its own (``fireclaw.pool.network``: a tap, a veth) with its
-control listener on ``GATEWAY:CONTROL_PORT``, on its own overlay disk
+control listener on ``GATEWAY:CONTROL_PORT`` (or, on a channel device, the
+host on its port), on its own overlay disk
 (``<key>.qcow2``) and with its RAM in a file (``<key>.mem``); its guest daemon
 says Hello, takes a Welcome and beats (parked: imports done, nothing to do),
 and the VM is paused and its device state migrated to ``<dir>/<key>.snap``.

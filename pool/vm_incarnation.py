@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import trio
 from fireclaw.guest_daemon.channel import FramedChannel
-from fireclaw.pool import cgroup, disks, netns
+from fireclaw.pool import cgroup, disks, netns, steps
 from fireclaw.pool.control import GuestLost
-from fireclaw.pool.drivers.base import DriverError, Running, VmHandle, VmSpec
+from fireclaw.pool.drivers.base import ChannelKind, DriverError, Running, VmHandle, VmSpec
 from fireclaw.pool.lifecycle import Event
 from fireclaw.pool.network import TAP, Link
 from fireclaw.pool.procid import process_identity
@@ -49,30 +49,40 @@ class ChildIncarnation(ChildServing):
 
     async def _incarnate_from(self, template: Template | None) -> Outcome:
         """One VM: cold-booted, or restored from ``template``."""
+        with steps.tracing():
+            return await self._incarnate_traced(template)
+
+    async def _incarnate_traced(self, template: Template | None) -> Outcome:
         role = self.group.role
-        vm_id = f"{self.rt.instance}-{self.name}-{secrets.token_hex(3)}"
+        outcome = Outcome()
+        self._exited = trio.Event()
+        self._workspace_in = None
+        rt = self.rt
+        listener_sock: socket.socket | None = None
+        link: Link | None = None
+        attached: FramedChannel | None = None  # the VM's control port, Attach said on it
+        await rt.boots.acquire_on_behalf_of(self)
+        steps.mark("boot slot")
+        self._booting = True
+        # Taken with no checkpoint before the registry names it: from here it is
+        # this incarnation's, released by its teardown like what it makes itself.
+        spare = self.group.spare.take()
+        vm_id = f"{rt.instance}-{self.name}-{secrets.token_hex(3)}"
+        if spare is not None:
+            vm_id = spare.vm_id
         token = secrets.token_urlsafe(24)
         # A clone says Hello with its template's vm_id and token, the same in every
         # clone: which VM dialled is known by the namespace it dialled from (one VM
         # and one listener per namespace), and the token still proves it is ours.
         expect_id, expect_token = (template.vm_id, template.token) if template else (vm_id, token)
-        outcome = Outcome()
-        self._exited = trio.Event()
-        self._workspace_in = None
-        ns_name = netns.PREFIX + vm_id if self.rt.isolate_net else None
-        cg = cgroup.path_for(vm_id) if self.rt.use_cgroups else None
-        rt = self.rt
+        ns_name = netns.PREFIX + vm_id if rt.isolate_net else None
+        cg = cgroup.path_for(vm_id) if rt.use_cgroups else None
         disk_format = rt.driver.describe().disk
         disk = (
             rt.disks_dir / f"{vm_id}{disks.SUFFIXES[disk_format]}"
             if rt.disks_dir is not None and rt.base_disk is not None
             else None
         )
-        listener_sock: socket.socket | None = None
-        link: Link | None = None
-        attached: FramedChannel | None = None  # the VM's control port, Attach said on it
-        await rt.boots.acquire_on_behalf_of(self)
-        self._booting = True
         # Write-ahead: the registry names what this incarnation will create before it
         # exists, so a supervisor killed at any point leaves nothing unaccounted for.
         self._row = VmRecord(
@@ -94,17 +104,27 @@ class ChildIncarnation(ChildServing):
         try:
             try:
                 # A clone dials the port baked into its template, in every namespace.
+                # A guest on a channel device dials nothing: no listener for it.
                 port = template.port if template is not None else 0
-                if rt.network is not None and ns_name is not None:
-                    listener_sock, link = await rt.network.attach(ns_name, port)
+                dialled = rt.driver.describe().channel is ChannelKind.DIALLED
+                if spare is not None:  # made ahead (``pool.spare``)
+                    link = spare.link
                     self._register(veth=link.veth, address=link.address)
-                elif ns_name is not None:
+                    steps.mark("namespace")
+                elif rt.network is not None and ns_name is not None:
+                    listener_sock, link = await rt.network.attach(ns_name, port, listen=dialled)
+                    self._register(veth=link.veth, address=link.address)
+                    steps.mark("namespace")
+                elif ns_name is not None and dialled:
                     listener_sock = await netns.create_with_listener(ns_name)
-                else:
+                elif ns_name is not None:
+                    await netns.create(ns_name)
+                elif dialled:
                     listener_sock = loopback_listener()
-                if cg is not None:
-                    limit = role.resources.memory_mib + rt.vmm_overhead_mib
+                limit = role.resources.memory_mib + rt.vmm_overhead_mib
+                if cg is not None and (spare is None or spare.limit_mib != limit):
                     cg = await trio.to_thread.run_sync(cgroup.create, vm_id, limit)
+                    steps.mark("cgroup")
                 if disk is not None:
                     # Made before the VM is in the pool: a claim never waits for a disk.
                     assert rt.base_disk is not None
@@ -116,10 +136,12 @@ class ChildIncarnation(ChildServing):
                         await disks.create_disk(
                             disk, rt.base_disk, disk_format, from_template=False
                         )
-                port = listener_sock.getsockname()[1]
+                    steps.mark("overlay")
+                port = listener_sock.getsockname()[1] if listener_sock is not None else 0
                 spec = self._spec(vm_id, ns_name, cg, disk, link, port=port, token=token)
                 self.ready_seconds = None
                 started = trio.current_time()
+                steps.mark("vmm start")
                 if template is not None:
                     assert self.rt.templates is not None
                     self._template_settled = True  # restore settles it, whatever happens
@@ -131,6 +153,7 @@ class ChildIncarnation(ChildServing):
                     self.started_as = "booted"
                 self.group.changed()  # a new pid to show
                 attached = await self._say_attach()
+                steps.mark("attach said")
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not start: {exc}"
                 return outcome
@@ -164,8 +187,9 @@ class ChildIncarnation(ChildServing):
         """The VM ``rec`` names, left running by a previous supervisor, taken over.
 
         Its VMM, namespace, tap, veth, cgroup, overlay and workspace are kept;
-        the control listener (and the IRC forwarder) are opened again in its
-        namespace on the same address and port, where its guest dials again, and
+        the IRC forwarder is opened again in its namespace on the same address
+        and port, and so is the control listener where its guest dials (a guest
+        on a channel device is attached to anew instead), and
         its guest must say Hello as it did (a clone: its template's id and
         token) within ``boot_timeout``. When any of it fails the VM is reclaimed
         as a crashed one: killed, its resources released; the child goes on per
@@ -186,7 +210,13 @@ class ChildIncarnation(ChildServing):
         started = trio.current_time()
         try:
             try:
-                if ns_name is None or rec.socket is None or not rec.port or not rec.guest_token:
+                dialled = rt.driver.describe().channel is ChannelKind.DIALLED
+                if (
+                    ns_name is None
+                    or rec.socket is None
+                    or (dialled and not rec.port)
+                    or not rec.guest_token
+                ):
                     raise DriverError("its registry row lacks what adoption needs")
                 spec = self._spec(rec.vm_id, ns_name, cg, disk, link, port=rec.port, token="")
                 running = Running(
@@ -197,7 +227,8 @@ class ChildIncarnation(ChildServing):
                     started_as=rec.started_as,
                 )
                 self.handle = await rt.driver.adopt(spec, running)
-                listener_sock = await netns.open_listener(ns_name, rt.listen_host, rec.port)
+                if dialled:
+                    listener_sock = await netns.open_listener(ns_name, rt.listen_host, rec.port)
             except SETUP_ERRORS as exc:
                 outcome.reason = f"could not adopt: {exc}"
                 if self.handle is None:

@@ -3,7 +3,7 @@ gateway, from the guest's Hello until the VM ends.
 
 The control session comes as the driver offers it (``pool.channel``): on the
 listener in the VM's namespace, where the guest dials; or on the VM's channel
-device, the host attaching to it (the listener is then closed unused)."""
+device, the host attaching to it (no listener is opened then)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from fireclaw.guest_daemon import protocol as p
 from fireclaw.guest_daemon.channel import FramedChannel
-from fireclaw.pool import netns
+from fireclaw.pool import netns, steps
 from fireclaw.pool.channel import accept_dialled, answer_hello, attach, say_attach
 from fireclaw.pool.control import ControlSession, GuestLost, GuestViolation, HeartbeatMissed
 from fireclaw.pool.drivers.base import ChannelKind, DriverError
@@ -41,7 +41,7 @@ class ChildServing(ChildWork):
 
     async def _serve_vm(
         self,
-        sock: socket.socket,
+        sock: socket.socket | None,
         ns_name: str | None,
         expect_id: str,
         expect_token: str,
@@ -54,14 +54,49 @@ class ChildServing(ChildWork):
         port: FramedChannel | None = None,
     ) -> None:
         """Serve the running VM through ``sock``, its control listener (owned
-        from here), or ``port``, its control port with Attach said on it
-        (``_say_attach``), until it ends; the IRC forwarder runs beside it."""
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        async with trio.open_nursery() as ws_nursery, listener:
+        from here; None on a channel device), or ``port``, its control port with
+        Attach said on it (``_say_attach``), until it ends; the IRC forwarder
+        runs beside it."""
+        listener = (
+            trio.SocketListener(trio.socket.from_stdlib_socket(sock)) if sock is not None else None
+        )
+        try:
+            await self._serve_routed(
+                listener,
+                ns_name,
+                expect_id,
+                expect_token,
+                outcome,
+                started,
+                template,
+                irc_port=irc_port,
+                adopted=adopted,
+                port=port,
+            )
+        finally:
+            if listener is not None:
+                await listener.aclose()
+
+    async def _serve_routed(
+        self,
+        listener: trio.SocketListener | None,
+        ns_name: str | None,
+        expect_id: str,
+        expect_token: str,
+        outcome: Outcome,
+        started: float,
+        template: Template | None,
+        *,
+        irc_port: int,
+        adopted: bool,
+        port: FramedChannel | None,
+    ) -> None:
+        async with trio.open_nursery() as ws_nursery:
             self.irc_endpoint = await self._open_irc_route(ws_nursery, ns_name, irc_port)
             self.model_endpoint = await self._open_model_gateway(ws_nursery, ns_name)
             if self.irc_endpoint is not None and ns_name is not None:
                 self._register(irc_port=self.irc_endpoint[1])
+            steps.mark("listeners open")
             await self._serve(
                 ws_nursery,
                 listener,
@@ -121,7 +156,7 @@ class ChildServing(ChildWork):
     async def _serve(
         self,
         ws_nursery: trio.Nursery,
-        listener: trio.SocketListener,
+        listener: trio.SocketListener | None,
         vm_id: str,
         token: str,
         outcome: Outcome,
@@ -156,16 +191,19 @@ class ChildServing(ChildWork):
                         session = await answer_hello(
                             port, vm_id=vm_id, token=token, spec=self.rt.control, hostname=self.name
                         )
-                    elif self.rt.driver.describe().channel is ChannelKind.DIALLED:
+                    elif listener is not None:  # the guest dials
                         session = await self._accept(ws_nursery, listener, vm_id, token)
                     else:  # adopted: attach anew
                         opened = await handle.open_channel()
                         session = await self._attach(opened, vm_id, token)
-                await listener.aclose()  # one connection per VM: nobody else may dial in
+                if listener is not None:  # one connection per VM: nobody else may dial in
+                    await listener.aclose()
                 session.on_tool_ran = self._tool_ran
                 self.session = session
                 self.ready_seconds = trio.current_time() - started
+                steps.mark("hello")
                 if template is not None:
+                    traced = steps.current()
                     self.rt.event(
                         "restored",
                         self.name,
@@ -174,6 +212,8 @@ class ChildServing(ChildWork):
                         seconds=round(self.ready_seconds, 3),
                         # of which: the VMM up with the state loaded and running
                         vmm_seconds=round(self.vmm_seconds, 3),
+                        # where the time went, in ms from the incarnation's start
+                        steps=traced.as_ms() if traced is not None else {},
                     )
                 self._boot_done()
                 self.tracker.ready(trio.current_time())

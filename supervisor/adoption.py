@@ -79,7 +79,7 @@ class Adoption:
             if (
                 role is None
                 or rec.spec_hash != role_hash(role)
-                or not (rec.start_time and rec.socket and rec.port and rec.guest_token)
+                or not (rec.start_time and rec.socket and rec.guest_token)
                 or rec.address is None
                 or ipaddress.IPv4Address(rec.address) not in subnet
                 or not still_running(ident)

@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,6 +68,7 @@ from fireclaw.config import Config, load_config
 from fireclaw.pool import cgroup, disks, netns
 from fireclaw.pool.drivers import QEMU_OVERHEAD_MIB
 from fireclaw.pool.procid import process_identity, still_running
+from fireclaw.pool.runtime import instance_id
 from fireclaw.supervisor import leftovers as swarm_leftovers
 from fireclaw.supervisor.daemon import DB_NAME
 from fireclaw.supervisor.state import Store, VmRecord
@@ -220,7 +222,9 @@ def running(swarm: DefaultSwarm) -> DefaultSwarm:
 
 def accounted(swarm: DefaultSwarm) -> None:
     """What the swarm holds on the host is what its running VMs need, nothing more:
-    one namespace, cgroup and overlay per registered VM, and only their processes.
+    one namespace, cgroup and overlay per registered VM, and only their processes
+    (and, on the swarm's network, each role's next namespace and cgroup, made
+    ahead: ``prepared``).
 
     A VM that just ended (a run's, say) may still be in its teardown: given the
     time a teardown may take (term_timeout, then its cleanup), with headroom."""
@@ -240,7 +244,8 @@ def unaccounted(swarm: DefaultSwarm) -> dict[str, Any]:
     st = swarm.status()
     rows = swarm.vms()
     left = swarm.leftovers()
-    ids = {r.vm_id for r in rows}
+    vm_ids = {r.vm_id for r in rows}
+    ids = vm_ids | prepared(swarm, left, st["roles"], vm_ids)
     running = sorted(a["pid"] for a in st["agents"] if a["pid"] is not None)
     held = {
         "netns": (sorted(left["netns"]), sorted(netns.PREFIX + i for i in ids)),
@@ -252,8 +257,27 @@ def unaccounted(swarm: DefaultSwarm) -> dict[str, Any]:
         "registry": (sorted(r.pid for r in rows), running),
     }
     if swarm.backend == "qemu":
-        held["disks"] = (sorted(left["disks"]), sorted(f"{i}{disks.SUFFIX}" for i in ids))
+        held["disks"] = (sorted(left["disks"]), sorted(f"{i}{disks.SUFFIX}" for i in vm_ids))
     return {kind: pair for kind, pair in held.items() if pair[0] != pair[1]}
+
+
+def prepared(
+    swarm: DefaultSwarm, left: dict[str, list[str]], roles: Iterable[str], vm_ids: set[str]
+) -> set[str]:
+    """The ids of the namespaces made ahead for each role's next VM (``pool.spare``),
+    named for it and no VM's yet (a VM that took one keeps its id): one a role at
+    most; any more stay unaccounted."""
+    mine = instance_id(swarm.state)
+    found: set[str] = set()
+    for role in roles:
+        pattern = re.compile(rf"{re.escape(mine)}-{re.escape(role)}-s[0-9a-f]{{6}}")
+        ahead = sorted(
+            vm_id
+            for name in left["netns"]
+            if pattern.fullmatch(vm_id := name.removeprefix(netns.PREFIX)) and vm_id not in vm_ids
+        )
+        found.update(ahead[:1])
+    return found
 
 
 # ------------------------------------------------------------------ 1. kill -9

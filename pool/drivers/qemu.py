@@ -55,6 +55,7 @@ Errors::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -97,6 +98,7 @@ from fireclaw.pool.drivers.spawn import in_netns, open_log, open_vmm
 from fireclaw.pool.drivers.vmm import VmmExited
 from fireclaw.pool.image import Image
 from fireclaw.pool.qmp import QmpFailure
+from fireclaw.pool.steps import mark
 
 #: ``start`` and ``restore`` give QEMU this long to answer on QMP.
 STARTUP_TIMEOUT: Final = 10.0
@@ -205,7 +207,9 @@ class QemuDriver:
         if mismatch:
             raise DriverError(f"snapshot {snapshot} was taken with " + ", ".join(mismatch))
         memory = Path(info.memory_file) if info.memory_file is not None else None
-        if memory is not None and not await trio.to_thread.run_sync(memory.is_file):
+        # A stat, read on the loop as the snapshot's .json above is: a thread hop
+        # would cost a restore more than the call itself.
+        if memory is not None and not memory.is_file():
             raise DriverError(f"snapshot {snapshot}: its memory file {memory} is gone")
         vm = await self._launch(spec, info.cmdline, incoming=snapshot, private_memory=memory)
         vm.restored_from = snapshot
@@ -319,6 +323,7 @@ class QemuDriver:
                 in_netns(argv, spec.netns), log_fd=log_fd, env=env, pass_fds=passed
             )
             listeners[1].close()
+            mark("spawned")
         except OSError as exc:
             channel.close()
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -328,8 +333,9 @@ class QemuDriver:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(channel))
         vm = self._vm(proc, spec, cmdline, run_dir, log_offset, restored=incoming, channel=stream)
         try:
-            if spec.cgroup is not None:
-                await trio.to_thread.run_sync(cgroup.join, spec.cgroup, proc.pid)
+            # Into its cgroup while QEMU starts, not before QMP is asked: the move can
+            # wait out the kernel's cgroup lock, and QEMU takes longer to answer.
+            joining = _Joining(spec.cgroup, proc.pid) if spec.cgroup is not None else None
             with trio.CancelScope(deadline=trio.current_time() + STARTUP_TIMEOUT) as startup:
                 if snapshot_fd is None:
                     await vm._over_qmp(query_status)
@@ -338,6 +344,9 @@ class QemuDriver:
                     vm.restore_seconds = await vm._over_qmp(restore)
             if startup.cancelled_caught:
                 raise trio.TooSlowError
+            if joining is not None:
+                await joining.wait()
+                mark("cgroup joined")
         except BaseException as exc:
             # Failed or cancelled between spawn and hand-over: nobody else knows this
             # process yet, so it is ours to kill.
@@ -354,6 +363,34 @@ class QemuDriver:
                 raise DriverError(f"{spec.name}: {what}: {exc}") from exc
             raise
         return vm
+
+
+class _Joining:
+    """``cgroup.join(path, pid)`` under way in a thread of its own, the caller going
+    on meanwhile; ``wait`` for its end (CgroupError if it failed). Not awaited,
+    it ends by itself."""
+
+    def __init__(self, path: Path, pid: int) -> None:
+        self._done = trio.Event()
+        self._error: cgroup.CgroupError | None = None
+        token = trio.lowlevel.current_trio_token()
+
+        def join() -> None:
+            try:
+                cgroup.join(path, pid)
+            except cgroup.CgroupError as exc:
+                self._error = exc
+
+        def deliver(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._done.set)
+
+        trio.lowlevel.start_thread_soon(join, deliver)
+
+    async def wait(self) -> None:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _no_answer(spec: VmSpec) -> DriverError:

@@ -24,6 +24,7 @@ import trio
 from fireclaw.pool.disks import fsync_path
 from fireclaw.pool.drivers.base import load_info
 from fireclaw.pool.qmp import Qmp, QmpError, QmpFailure
+from fireclaw.pool.steps import mark
 
 #: Migration of a paused VM to a local file: no reason to throttle it (QEMU's default
 #: is 128 MiB/s).
@@ -141,6 +142,7 @@ async def migrate_in(
     run; in the same QMP session as the check that QEMU is up, which lifts the
     ``startup`` deadline. Returns the seconds the restore took after that."""
     await query_status(qmp)
+    mark("qmp answered")
     startup.deadline = math.inf
     started = trio.current_time()
     await _events_on(qmp)
@@ -148,7 +150,9 @@ async def migrate_in(
         await _ignore_shared(qmp)
     await qmp.execute("migrate-incoming", {"uri": f"fd:{source_fd}"})
     await _migration_done(qmp)
+    mark("state loaded")
     await qmp.execute("cont")
+    mark("running")
     return trio.current_time() - started
 
 
