@@ -73,12 +73,18 @@ class TaskRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     prompt: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES)]
 
 
+#: Some character that is white space neither to Python's ``re`` (which checks it
+#: here) nor to ECMAScript's (which a client checking the OpenAPI document uses):
+#: ``\S`` alone differs between them on U+001C-U+001F, U+0085 and U+FEFF.
+_SOMETHING: Final = r"[^\s\x1c-\x1f\u0085\ufeff]"
+
+
 class AnswerRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of POST /answers: ``name`` is a waiting task (``task-N``) or the
     agent that asked; ``text`` the answer its CLI session resumes with."""
 
     name: _Name
-    text: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES, pattern=r"\S")]
+    text: Annotated[str, Meta(min_length=1, max_length=MAX_BODY_BYTES, pattern=_SOMETHING)]
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
