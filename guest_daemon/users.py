@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import stat
 import sys
@@ -121,11 +122,17 @@ def python_for(user: RunAs) -> str:
     return sys.executable
 
 
+_VM_ID: Final = re.compile(r"[0-9a-f]{6}-[A-Za-z0-9-]{1,80}")
+
+
 class AgentDir:
     """The agent's working directory when it has no workspace disk.
 
     Its home when that is a directory it owns (inside a VM); otherwise a fresh
-    private directory the daemon makes for it and removes in ``close``.
+    private directory the daemon makes for it and removes in ``close``. A guest
+    that is a host process (``FIRECLAW_VM_ID`` set) names it after its VM,
+    ``fireclaw-<vm id>-<user>-*``, so the host removes it with the VM even when
+    the daemon is killed before ``close``.
     """
 
     def __init__(self, user: RunAs) -> None:
@@ -133,7 +140,9 @@ class AgentDir:
         if os.path.isdir(user.home) and os.stat(user.home).st_uid == user.uid:
             self.path = user.home
             return
-        self.path = self._made = tempfile.mkdtemp(prefix=f"fireclaw-{user.name}-")
+        vm_id = os.environ.get("FIRECLAW_VM_ID", "")
+        owner = f"{vm_id}-{user.name}" if _VM_ID.fullmatch(vm_id) else user.name
+        self.path = self._made = tempfile.mkdtemp(prefix=f"fireclaw-{owner}-")
         if user.switch:
             os.chown(self.path, user.uid, user.gid)
 

@@ -719,3 +719,23 @@ async def test_native_mode_writes_the_content_until_a_tool_call(rig: Rig) -> Non
     outcome, written = await draft_turn(rig, model, "native")
     assert outcome == TurnOutcome(True, "Done.\nBye.", 2)
     assert written.replies == ["Let me look. ", "Done.\nBye."]
+
+
+def test_a_process_guest_names_its_agent_folder_for_its_vm(
+    user: RunAs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So the host can remove it with the VM (``ProcessVm.release``); a value that is
+    not a VM id is not put in a path."""
+    homeless = RunAs(user.name, user.uid, user.gid, "/nonexistent", user.switch)
+    monkeypatch.setenv("FIRECLAW_VM_ID", "0a1b2c-worker-3-d4e5f6")
+    made = AgentDir(homeless)
+    try:
+        assert Path(made.path).name.startswith(f"fireclaw-0a1b2c-worker-3-d4e5f6-{user.name}-")
+    finally:
+        made.close()
+    monkeypatch.setenv("FIRECLAW_VM_ID", "../../etc")
+    made = AgentDir(homeless)
+    try:
+        assert Path(made.path).name.startswith(f"fireclaw-{user.name}-")
+    finally:
+        made.close()

@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 import typing
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -553,3 +554,29 @@ def test_the_backend_choice_knows_before_the_driver_exists_whether_its_vms_outli
     """Adoption is planned before the driver is made: the choice must agree with it."""
     choice = Choice(name=driver_class.name, reason="test", auto=False)  # type: ignore[arg-type]
     assert choice.outlives_supervisor is driver_class.outlives_supervisor
+
+
+@pytest.mark.usefixtures("nothing_left")
+async def test_a_process_guest_killed_leaves_no_agent_folder_in_the_temp_dir(
+    driver: Driver, host: Host
+) -> None:
+    """A process guest's agent folder is named for its VM (``AgentDir``); a guest
+    killed before it removes it has the driver remove it once the guest is gone."""
+    if driver.name != "process":
+        pytest.skip("only a process guest makes its folders in the host's temp dir")
+    seat = await host.seat()
+    spec = host.spec(seat, "worker-0")
+    vm = await driver.start(spec)
+    folder = Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id}-nobody-"))
+    other = Path(tempfile.mkdtemp(prefix=f"fireclaw-{spec.vm_id}x-nobody-"))  # not its own
+    try:
+        (folder / "work").write_text("left by the agent")
+        os.kill(vm.pid, signal.SIGKILL)
+        with trio.fail_after(STEP_DEADLINE):
+            assert await vm.wait() == -signal.SIGKILL
+        assert not await trio.Path(folder).exists()
+        assert await trio.Path(other).exists()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+        with trio.CancelScope(shield=True), trio.move_on_after(STEP_DEADLINE):
+            await vm.kill()

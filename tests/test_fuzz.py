@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -179,23 +180,26 @@ def test_up_on_a_bad_file_exits_78_with_one_line(text: str) -> None:
     root = pathlib.Path(os.environ.get("TMPDIR", "/tmp"))
     work = root / f"fireclaw-fuzz-{os.getpid()}"
     work.mkdir(exist_ok=True)
-    where = work / "swarm.yaml"
-    where.write_text(text)
     try:
-        parse_config(text, path=where)
-    except ConfigError as exc:
-        expected = f"fireclaw-swarm: {exc}"
-    else:
-        return  # a file that loads would start a swarm: not what this test is about
-    done = subprocess.run(
-        [FIRECLAW, "up", "--config", str(where)],
-        capture_output=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == EX_CONFIG, done
-    assert done.stderr.decode().splitlines() == [expected]
-    assert not (work / "state").exists()
+        where = work / "swarm.yaml"
+        where.write_text(text)
+        try:
+            parse_config(text, path=where)
+        except ConfigError as exc:
+            expected = f"fireclaw-swarm: {exc}"
+        else:
+            return  # a file that loads would start a swarm: not what this test is about
+        done = subprocess.run(
+            [FIRECLAW, "up", "--config", str(where)],
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == EX_CONFIG, done
+        assert done.stderr.decode().splitlines() == [expected]
+        assert not (work / "state").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- the guest control protocol ----------------------------------------------------

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Final, NoReturn
 
@@ -40,7 +42,7 @@ from fireclaw.pool.drivers.vmm import VmmProcess
 
 #: Host variables a guest process may see; the rest of the supervisor's environment stays out.
 #: FIRECLAW_AGENT_USER names the user agent work runs as (guest_daemon/users.py).
-_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "FIRECLAW_AGENT_USER")
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "FIRECLAW_AGENT_USER")
 
 
 #: What a guest that is a host process cannot do, and why.
@@ -80,6 +82,12 @@ class ProcessVm(VmmProcess):
         for child in descendants:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+    def release(self) -> None:
+        """Remove the agent folders the guest made in the temp dir under its VM's
+        name (``guest_daemon.users.AgentDir``): a guest killed leaves them."""
+        for path in Path(tempfile.gettempdir()).glob(f"fireclaw-{self._spec.vm_id}-*"):
+            shutil.rmtree(path, ignore_errors=True)  # refuses a symlink: never followed
 
     def info(self) -> dict[str, object]:
         return {"driver": "process", "pid": self.pid, "netns": self._spec.netns}
