@@ -60,7 +60,12 @@ def test_metrics_match_status_json_during_a_run(tmp_path: Path) -> None:
                 for a in s["agents"]
             ),
         )
-        swarm.wait_for("2 idle workers again", idle("worker", 2))
+        # A finished VM stops once its replacement is up: wait for it to be gone too.
+        swarm.wait_for(
+            "2 idle workers again, and no other",
+            lambda s: idle("worker", 2)(s)
+            and sum(a["role"] == "worker" for a in s["agents"]) == 2,
+        )
         # The fleet is quiet now: one status, then one scrape.
         out = swarm.cli("status", "--json")
         assert out.returncode == 0, out.stderr
